@@ -1,1 +1,29 @@
-//! placeholder
+//! `vmm`: a KVM microVM monitor with an embedded default guest.
+//!
+//! A [`Vm`] owns guest RAM ([`memory::GuestRam`], one KVM memory slot per
+//! region, described by [`memory::RegionDesc`] for whoever mirrors it), an
+//! 8250 serial console, a report device, a userfaultfd fault handler
+//! ([`uffd::FaultHandler`]) and one thread per vCPU. The default guest
+//! ([`guest`]) is assembled from source in this crate; the VMM builds its page
+//! tables and descriptor tables and starts every vCPU directly in ring 3, so
+//! that nothing runs at CPL0 (which shadow-paging hosts emulate slowly).
+//!
+//! Memory release and demand faults: [`Vm::release_range`] drops the backing
+//! of a guest range and arms userfaultfd on it; the next touch faults into
+//! the handler, which installs zeros and tells a [`uffd::FaultHook`] (the
+//! stage-2 table) with a begin/commit protocol. [`Vm::destroy`] is the single
+//! teardown path.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod devices;
+pub mod guest;
+pub mod memory;
+pub mod proc_stats;
+pub mod uffd;
+pub mod vstate;
+
+pub use devices::serial::Console;
+pub use guest::Workload;
+pub use memory::{Backing, GuestRam, MemSize, MemoryError, PageSize, RegionDesc};
+pub use uffd::{FaultHook, FaultStats, FaultSummary, NoHook, UffdError};
+pub use vstate::vm::{Teardown, Vm, VmConfig, VmError};

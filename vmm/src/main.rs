@@ -1,0 +1,159 @@
+//! `vmm`: command-line front end. `vmm run` boots the embedded default guest,
+//! waits for it to verify its memory, tears the VM down and reports timings
+//! (human-readable, or one JSON object as the last stdout line with --json).
+
+use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vmm::proc_stats;
+use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig};
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+#[derive(Parser)]
+#[command(name = "vmm", about = "KVM microVM monitor", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot the embedded default guest, let it verify its RAM, tear down.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest RAM size, e.g. 256M, 1G (a multiple of 2M).
+    #[arg(long, default_value = "256M")]
+    mem: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// RAM backing: anon, memfd or hugetlb.
+    #[arg(long, default_value = "anon")]
+    backing: String,
+    /// Leaf size: 4K or 2M.
+    #[arg(long, default_value = "2M")]
+    page_size: String,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Give up on the guest after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+#[derive(serde::Serialize)]
+struct Summary {
+    guest_ok: bool,
+    vcpus: u32,
+    mem_bytes: u64,
+    backing: String,
+    page_size: String,
+    boot_ms: Option<f64>,
+    run_ms: f64,
+    teardown_ms: f64,
+    reclaim_ms: f64,
+    rss_peak_bytes: u64,
+    rss_after_teardown_bytes: u64,
+    rss_before_bytes: u64,
+    faults: u64,
+    fault_mean_latency_us: f64,
+    pages_verified: u64,
+    outcomes: Vec<vmm::vstate::vcpu::VcpuOutcome>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<bool> {
+    let t0 = *PROCESS_START.get_or_init(Instant::now);
+    let mem: MemSize = args.mem.parse()?;
+    let backing: Backing = args.backing.parse()?;
+    let page_size: PageSize = args.page_size.parse()?;
+    let rss_before = proc_stats::rss().rss;
+    let mut config = VmConfig::new(mem);
+    config.vcpus = args.vcpus;
+    config.backing = backing;
+    config.page_size = page_size;
+    config.console = Console::Stdout;
+    let mut vm = Vm::new(config).context("creating the microVM")?;
+    let t_start = Instant::now();
+    vm.start().context("starting vCPUs")?;
+    let finished = vm.wait(Duration::from_secs(args.timeout_secs));
+    let run_time = t_start.elapsed();
+    let (first_hello, results, _) = vm.reports();
+    let guest_ok = finished && vm.guest_ok();
+    let faults = vm.fault_stats().summary();
+    let rss_peak = proc_stats::rss().peak;
+    let teardown = vm.destroy();
+    let rss_after = proc_stats::rss().rss;
+    let summary = Summary {
+        guest_ok,
+        vcpus: args.vcpus,
+        mem_bytes: mem.bytes(),
+        backing: backing.to_string(),
+        page_size: page_size.to_string(),
+        boot_ms: first_hello.map(|h| ms(h - t0)),
+        run_ms: ms(run_time),
+        teardown_ms: teardown.teardown_ms,
+        reclaim_ms: teardown.reclaim_ms,
+        rss_peak_bytes: rss_peak,
+        rss_after_teardown_bytes: rss_after,
+        rss_before_bytes: rss_before,
+        faults: faults.faults,
+        fault_mean_latency_us: faults.mean_latency_us,
+        pages_verified: results.iter().filter(|r| r.ok()).map(|r| r.pages()).sum(),
+        outcomes: teardown.outcomes.clone(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        if !finished {
+            println!("vmm: guest did not finish within {} s", args.timeout_secs);
+        }
+        for (i, o) in summary.outcomes.iter().enumerate() {
+            println!("vmm: vcpu {i}: {o:?}");
+        }
+        println!(
+            "vmm: guest {} ({} vCPUs, {} {} RAM, {} pages verified)",
+            if guest_ok { "OK" } else { "FAILED" },
+            summary.vcpus,
+            mem,
+            backing,
+            summary.pages_verified
+        );
+        println!(
+            "vmm: boot {} ms, run {:.1} ms, teardown {:.2} ms, peak RSS {} MiB, RSS after teardown {} MiB",
+            summary
+                .boot_ms
+                .map_or_else(|| "n/a".to_string(), |b| format!("{b:.2}")),
+            summary.run_ms,
+            summary.teardown_ms,
+            summary.rss_peak_bytes >> 20,
+            summary.rss_after_teardown_bytes >> 20
+        );
+    }
+    Ok(guest_ok)
+}
+
+fn main() -> ExitCode {
+    PROCESS_START.get_or_init(Instant::now);
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(args) => match run(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("vmm: error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}

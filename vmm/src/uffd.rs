@@ -1,0 +1,497 @@
+//! Demand faults: a userfaultfd handler thread for released guest RAM.
+//!
+//! Only ranges whose backing was released are registered (missing mode), so
+//! memory that was never released keeps its transparent huge pages and never
+//! pays for a user-space fault. When the guest (through KVM) or the VMM
+//! touches a released page, the kernel queues a fault message; the handler
+//! thread resolves it with a zero page (`UFFDIO_ZEROPAGE`, or `UFFDIO_COPY`
+//! from a zero buffer for hugetlb, which has no zero-page ioctl), counts it
+//! and records its latency.
+//!
+//! Concurrency: releases and resolutions are serialised by one lock (release
+//! holds it exclusively, a resolution shared), so a resolution never
+//! interleaves with a release of the same range. On top of that a
+//! [`FaultHook`] (the stage-2 table) sees every resolution as
+//! begin → install (without waking the faulting thread) → commit; if commit
+//! says an unmap raced, the installed page is discarded again and the fault is
+//! retried, so a fault never resurrects a page an in-flight unmap released.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::memory::{Backing, GuestRam, MemoryError, RegionDesc, SIZE_2M};
+
+const UFFD_API: u64 = 0xAA;
+const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
+const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_MODE_DONTWAKE: u64 = 1;
+
+const fn iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
+}
+const fn ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+#[repr(C)]
+#[derive(Default)]
+struct UffdMsg {
+    event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    flags: u64,
+    address: u64,
+    ptid: u64,
+}
+
+const UFFDIO_API: u64 = iowr(0x3F, std::mem::size_of::<UffdioApi>());
+const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
+const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>());
+const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+
+/// Errors of the fault handler.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// userfaultfd(2) failed.
+    #[error(
+        "userfaultfd() failed: {0}; run as root or allow it with \
+         `sysctl vm.unprivileged_userfaultfd=1`"
+    )]
+    Create(std::io::Error),
+    /// UFFDIO_API failed.
+    #[error(
+        "UFFDIO_API failed (kernel lacks the needed userfaultfd features for this backing?): {0}"
+    )]
+    Api(std::io::Error),
+    /// UFFDIO_REGISTER failed.
+    #[error("registering [{0:#x}, +{1:#x}) with userfaultfd failed: {2}")]
+    Register(u64, u64, std::io::Error),
+    /// Discarding backing failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// eventfd / thread creation failed.
+    #[error("starting the fault handler failed: {0}")]
+    Start(std::io::Error),
+}
+
+/// The stage-2 table's view of demand faults. Default methods do nothing.
+///
+/// The handler calls, for each resolution of `[gpa, gpa+len)`:
+/// `fault_begin` (returns a sequence token), installs the page without
+/// waking the faulting thread, then `fault_commit`. Returning `false` from
+/// commit means an unmap of the range raced with the fault: the handler
+/// discards what it installed and starts again from `fault_begin`.
+pub trait FaultHook: Send + Sync {
+    /// Before installing backing for `[gpa, gpa+len)`.
+    fn fault_begin(&self, _gpa: u64, _len: u64) -> u64 {
+        0
+    }
+    /// After installing; `true` marks the range present and wakes the guest.
+    fn fault_commit(&self, _gpa: u64, _len: u64, _seq: u64) -> bool {
+        true
+    }
+}
+
+/// The hook used when nothing mirrors guest RAM.
+#[derive(Debug, Default)]
+pub struct NoHook;
+impl FaultHook for NoHook {}
+
+/// Counters of the fault handler.
+#[derive(Debug, Default)]
+pub struct FaultStats {
+    /// Faults resolved.
+    pub faults: AtomicU64,
+    /// Bytes installed.
+    pub bytes: AtomicU64,
+    /// Commits refused by the hook (retries).
+    pub retries: AtomicU64,
+    /// Sum of resolution latencies (message read to wake), ns.
+    pub latency_ns_total: AtomicU64,
+    /// Largest resolution latency, ns.
+    pub latency_ns_max: AtomicU64,
+    /// Ranges released.
+    pub releases: AtomicU64,
+}
+
+/// A snapshot of [`FaultStats`].
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct FaultSummary {
+    /// Faults resolved.
+    pub faults: u64,
+    /// Bytes installed.
+    pub bytes: u64,
+    /// Hook-refused commits.
+    pub retries: u64,
+    /// Mean latency, µs.
+    pub mean_latency_us: f64,
+    /// Max latency, µs.
+    pub max_latency_us: f64,
+    /// Ranges released.
+    pub releases: u64,
+}
+
+impl FaultStats {
+    /// A consistent-enough snapshot.
+    pub fn summary(&self) -> FaultSummary {
+        let faults = self.faults.load(Ordering::Acquire);
+        let total = self.latency_ns_total.load(Ordering::Relaxed);
+        #[allow(clippy::cast_precision_loss)]
+        let mean = if faults == 0 {
+            0.0
+        } else {
+            total as f64 / faults as f64 / 1e3
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let max = self.latency_ns_max.load(Ordering::Relaxed) as f64 / 1e3;
+        FaultSummary {
+            faults,
+            bytes: self.bytes.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            mean_latency_us: mean,
+            max_latency_us: max,
+            releases: self.releases.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// State shared by the handler thread and the releasing side.
+struct Shared {
+    uffd: OwnedFd,
+    regions: Vec<RegionDesc>,
+    /// Exclusive for release, shared for resolution.
+    lock: RwLock<()>,
+    /// Host ranges already registered (start, len).
+    registered: Mutex<Vec<(u64, u64)>>,
+    stats: FaultStats,
+    hook: Arc<dyn FaultHook>,
+    zero_buf: Option<ZeroBuf>,
+}
+
+/// A 2 MiB zero source for UFFDIO_COPY (hugetlb).
+struct ZeroBuf(usize);
+impl Drop for ZeroBuf {
+    fn drop(&mut self) {
+        // SAFETY: self.0 is a 2 MiB anonymous mapping owned by this value.
+        unsafe { libc::munmap(self.0 as *mut libc::c_void, SIZE_2M as usize) };
+    }
+}
+
+/// The userfaultfd fault handler of one VM.
+pub struct FaultHandler {
+    shared: Arc<Shared>,
+    stop_fd: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for FaultHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultHandler")
+            .field("stats", &self.shared.stats.summary())
+            .finish()
+    }
+}
+
+fn last_err() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+impl FaultHandler {
+    /// Creates the userfaultfd for `ram` and starts the handler thread.
+    pub fn start(ram: &GuestRam, hook: Arc<dyn FaultHook>) -> Result<Self, UffdError> {
+        // SAFETY: plain syscall with flag arguments; returns a new fd or -1.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(UffdError::Create(last_err()));
+        }
+        let fd = RawFd::try_from(fd).map_err(|_| UffdError::Create(last_err()))?;
+        // SAFETY: fd was just returned by userfaultfd and is owned by no one else.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let features = match ram.backing() {
+            Backing::Anon => 0,
+            Backing::Memfd => UFFD_FEATURE_MISSING_SHMEM,
+            Backing::Hugetlb => UFFD_FEATURE_MISSING_HUGETLBFS,
+        };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API takes a pointer to a uffdio_api that lives
+        // across the call; the layout matches the kernel's.
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            return Err(UffdError::Api(last_err()));
+        }
+        // SAFETY: eventfd with flags only; returns a new fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(UffdError::Start(last_err()));
+        }
+        // SAFETY: efd is a fresh fd owned by no one else.
+        let stop_fd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let zero_buf = if ram.backing() == Backing::Hugetlb {
+            // SAFETY: fresh anonymous mapping, not touching existing memory.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    SIZE_2M as usize,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(UffdError::Start(last_err()));
+            }
+            Some(ZeroBuf(p as usize))
+        } else {
+            None
+        };
+        let shared = Arc::new(Shared {
+            uffd,
+            regions: ram.regions(),
+            lock: RwLock::new(()),
+            registered: Mutex::new(Vec::new()),
+            stats: FaultStats::default(),
+            hook,
+            zero_buf,
+        });
+        let s2 = Arc::clone(&shared);
+        let stop_raw = stop_fd.as_raw_fd();
+        let thread = std::thread::Builder::new()
+            .name("uffd".into())
+            .spawn(move || s2.run(stop_raw))
+            .map_err(UffdError::Start)?;
+        Ok(Self {
+            shared,
+            stop_fd,
+            thread: Some(thread),
+        })
+    }
+
+    /// Releases the backing of `[gpa, gpa+len)` and arms demand faults on
+    /// it: the next touch faults into the handler and reads zeros.
+    pub fn release_range(&self, ram: &GuestRam, gpa: u64, len: u64) -> Result<(), UffdError> {
+        let d = ram.checked_region(gpa, len)?;
+        let _w = self.shared.lock.write().unwrap_or_else(|e| e.into_inner());
+        // Register first, then discard: a touch in between still finds the
+        // old page, a touch after the discard faults into the handler.
+        let host = d.host_of(gpa) as u64;
+        let mut reg = self
+            .shared
+            .registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let covered = reg.iter().any(|&(s, l)| host >= s && host + len <= s + l);
+        if !covered {
+            let mut r = UffdioRegister {
+                range: UffdioRange { start: host, len },
+                mode: UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            // SAFETY: the range lies in a guest RAM mapping that outlives the
+            // handler (Vm drops the handler first); the struct lives across
+            // the call.
+            if unsafe { libc::ioctl(self.shared.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut r) } != 0 {
+                return Err(UffdError::Register(gpa, len, last_err()));
+            }
+            reg.push((host, len));
+        }
+        drop(reg);
+        ram.discard(gpa, len)?;
+        self.shared.stats.releases.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &FaultStats {
+        &self.shared.stats
+    }
+
+    /// Stops the handler thread (also on drop).
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+            unsafe { libc::write(self.stop_fd.as_raw_fd(), (&raw const one).cast(), 8) };
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FaultHandler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Shared {
+    fn run(&self, stop_fd: RawFd) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: fds is a live array of two pollfd.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                if last_err().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            if fds[0].revents & libc::POLLIN == 0 {
+                continue;
+            }
+            let mut msg = UffdMsg::default();
+            let sz = std::mem::size_of::<UffdMsg>();
+            // SAFETY: reads at most sz bytes into a live UffdMsg of that size.
+            let r = unsafe { libc::read(self.uffd.as_raw_fd(), (&raw mut msg).cast(), sz) };
+            if r != isize::try_from(sz).unwrap_or(-1) {
+                continue; // EAGAIN: another wake-up raced us
+            }
+            if msg.event != UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let t0 = Instant::now();
+            self.resolve(msg.address);
+            let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.stats.faults.fetch_add(1, Ordering::AcqRel);
+            self.stats.latency_ns_total.fetch_add(ns, Ordering::Relaxed);
+            self.stats.latency_ns_max.fetch_max(ns, Ordering::Relaxed);
+        }
+    }
+
+    fn resolve(&self, addr: u64) {
+        let Some(d) = self
+            .regions
+            .iter()
+            .find(|d| addr >= d.host_addr as u64 && addr - (d.host_addr as u64) < d.len)
+        else {
+            return;
+        };
+        let granule = d.page_size.bytes();
+        let host = addr & !(granule - 1);
+        let gpa = d.gpa.0 + (host - d.host_addr as u64);
+        let _r = self.lock.read().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let seq = self.hook.fault_begin(gpa, granule);
+            let installed = self.install(d.backing, host, granule);
+            if self.hook.fault_commit(gpa, granule, seq) {
+                break;
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            if installed {
+                self.undo(d, host, granule);
+            }
+            std::thread::yield_now();
+        }
+        let range = UffdioRange {
+            start: host,
+            len: granule,
+        };
+        // SAFETY: UFFDIO_WAKE reads a live uffdio_range; waking a range with
+        // no waiters is harmless.
+        unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &range) };
+        self.stats.bytes.fetch_add(granule, Ordering::Relaxed);
+    }
+
+    /// Installs zeros at `[host, host+len)`; false if already present.
+    fn install(&self, backing: Backing, host: u64, len: u64) -> bool {
+        let r = if let (Backing::Hugetlb, Some(z)) = (backing, &self.zero_buf) {
+            let mut c = UffdioCopy {
+                dst: host,
+                src: z.0 as u64,
+                len,
+                mode: UFFDIO_MODE_DONTWAKE,
+                copy: 0,
+            };
+            // SAFETY: dst is a registered guest RAM range that outlives the
+            // handler; src is our 2 MiB zero mapping; the struct is live.
+            unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY, &mut c) }
+        } else {
+            let mut z = UffdioZeropage {
+                range: UffdioRange { start: host, len },
+                mode: UFFDIO_MODE_DONTWAKE,
+                zeropage: 0,
+            };
+            // SAFETY: the range is a registered guest RAM range that outlives
+            // the handler; the struct is live across the call.
+            unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) }
+        };
+        // EEXIST: another fault or a host write populated it first.
+        r == 0
+    }
+
+    /// Drops what `install` put at `[host, host+len)`.
+    fn undo(&self, d: &RegionDesc, host: u64, len: u64) {
+        let ulen = usize::try_from(len).unwrap_or(0);
+        match d.backing {
+            Backing::Anon => {
+                // SAFETY: the range is inside guest RAM owned by the VM,
+                // which outlives this handler; dropping pages is intended.
+                unsafe { libc::madvise(host as *mut libc::c_void, ulen, libc::MADV_DONTNEED) };
+            }
+            Backing::Memfd | Backing::Hugetlb => {
+                // SAFETY: as above; MADV_REMOVE punches the hole in the memfd.
+                unsafe { libc::madvise(host as *mut libc::c_void, ulen, libc::MADV_REMOVE) };
+            }
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! KVM state wrappers: the VM ([`vm`]) and its vCPU threads ([`vcpu`]).
+
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,355 @@
+//! vCPU threads: the `KVM_RUN` loop, exit dispatch, and kicking.
+//!
+//! Each vCPU runs on its own thread. To get a vCPU out of `KVM_RUN` (pause,
+//! shutdown), the controller first publishes the request in [`RunControl`],
+//! then sends the thread [`kick_signal`]. The signal handler sets
+//! `kvm_run.immediate_exit` through a thread-local pointer, so the request
+//! is seen whether the signal lands inside `KVM_RUN` (which returns `EINTR`)
+//! or just before it (the next `KVM_RUN` returns at once). The loop clears
+//! `immediate_exit` and re-reads the request after every `EINTR`.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::Instant;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::devices::report::{
+    has_error_code, GuestException, PatternReport, ProbeReport, EXC_PORT, OP_DONE, OP_HELLO,
+    OP_PROBE, OP_RESULT, REPORT_MMIO,
+};
+use crate::devices::serial::SerialDevice;
+
+thread_local! {
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal used to kick vCPU threads (SIGRTMIN).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Const-initialised thread local without destructor: no allocation, safe
+    // to touch from a signal handler.
+    let p = KVM_RUN_PTR.with(Cell::get);
+    if !p.is_null() {
+        // SAFETY: p points at this thread's vCPU kvm_run mapping; it is set
+        // while the VcpuFd is alive and cleared before it is dropped. A
+        // volatile byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&raw mut (*p).immediate_exit, 1) };
+    }
+}
+
+/// Installs the kick signal handler (once per process).
+pub fn install_kick_handler() -> Result<(), std::io::Error> {
+    static ONCE: Once = Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| {
+        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    res
+}
+
+/// What the controller asks of the vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Request {
+    /// Keep running.
+    Run = 0,
+    /// Leave `KVM_RUN` and wait.
+    Pause = 1,
+    /// Leave `KVM_RUN` and exit the thread.
+    Stop = 2,
+}
+
+/// Pause/stop requests and their acknowledgements.
+#[derive(Debug, Default)]
+pub struct RunControl {
+    request: AtomicU8,
+    /// Number of vCPU threads parked (paused or finished).
+    parked: Mutex<u32>,
+    cv: Condvar,
+}
+
+impl RunControl {
+    /// Publishes a request (the caller then kicks the threads).
+    pub fn set(&self, r: Request) {
+        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.request.store(r as u8, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    fn get(&self) -> Request {
+        match self.request.load(Ordering::SeqCst) {
+            0 => Request::Run,
+            1 => Request::Pause,
+            _ => Request::Stop,
+        }
+    }
+
+    /// Waits until `n` threads are parked.
+    pub fn wait_parked(&self, n: u32, timeout: std::time::Duration) -> bool {
+        let g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |p| *p < n)
+            .unwrap_or_else(|e| e.into_inner());
+        *g >= n
+    }
+
+    /// Marks a thread as parked for good (finished).
+    fn park_forever(&self) {
+        let mut g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *g += 1;
+        self.cv.notify_all();
+    }
+
+    /// Called by a vCPU thread: returns false if it must stop. Blocks while
+    /// paused.
+    fn check(&self) -> bool {
+        match self.get() {
+            Request::Run => true,
+            Request::Stop => false,
+            Request::Pause => {
+                let mut g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+                *g += 1;
+                self.cv.notify_all();
+                while self.get() == Request::Pause {
+                    g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+                *g -= 1;
+                self.get() == Request::Run
+            }
+        }
+    }
+}
+
+/// Why a vCPU thread ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum VcpuOutcome {
+    /// The guest reported done.
+    Done,
+    /// Stopped by the VMM before finishing.
+    Stopped,
+    /// A guest exception.
+    Exception(GuestException),
+    /// `hlt` outside the exception path.
+    Halted,
+    /// Triple fault.
+    Shutdown,
+    /// KVM could not run or emulate the guest.
+    KvmError(String),
+}
+
+/// Everything the guest reported, shared by all vCPU threads.
+#[derive(Debug, Default)]
+pub struct Reports {
+    /// First `OP_HELLO` seen.
+    pub first_hello: Option<Instant>,
+    /// Pattern results.
+    pub results: Vec<PatternReport>,
+    /// Probe answers.
+    pub probes: Vec<ProbeReport>,
+    /// Finished vCPUs with their outcome.
+    pub outcomes: Vec<(u32, VcpuOutcome)>,
+}
+
+/// Reports plus a condition variable to wait for new ones.
+#[derive(Debug, Default)]
+pub struct ReportBoard {
+    /// The reports.
+    pub reports: Mutex<Reports>,
+    /// Notified on every new report.
+    pub cv: Condvar,
+}
+
+impl ReportBoard {
+    fn update(&self, f: impl FnOnce(&mut Reports)) {
+        let mut g = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g);
+        self.cv.notify_all();
+    }
+
+    /// Waits until `pred` holds or `timeout` passes; returns whether it held.
+    pub fn wait_for(&self, timeout: std::time::Duration, pred: impl Fn(&Reports) -> bool) -> bool {
+        let g = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |r| !pred(r))
+            .unwrap_or_else(|e| e.into_inner());
+        pred(&g)
+    }
+}
+
+/// What a vCPU thread needs.
+pub struct VcpuContext {
+    /// vCPU index.
+    pub index: u32,
+    /// Pause/stop requests.
+    pub control: Arc<RunControl>,
+    /// Where reports go.
+    pub board: Arc<ReportBoard>,
+    /// The console.
+    pub serial: Arc<SerialDevice>,
+    /// Guest memory, to read exception frames. Valid while the thread runs:
+    /// the VM joins vCPU threads before unmapping guest RAM.
+    pub memory: GuestMemoryMmap,
+}
+
+enum Exit {
+    None,
+    Out(u16, u32),
+    Mmio(u64, u32),
+    Stop(VcpuOutcome),
+    Interrupted,
+}
+
+/// Runs vCPU `vcpu` until the guest finishes or the VMM stops it.
+pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuOutcome {
+    let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
+    KVM_RUN_PTR.with(|c| c.set(run_ptr));
+    let outcome = run_loop(&mut vcpu, &ctx);
+    KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+    ctx.board
+        .update(|r| r.outcomes.push((ctx.index, outcome.clone())));
+    ctx.control.park_forever();
+    outcome
+}
+
+fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
+    loop {
+        if !ctx.control.check() {
+            return VcpuOutcome::Stopped;
+        }
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) if SerialDevice::handles(port) => {
+                // String I/O (`rep outsb`) delivers every byte in one exit.
+                for &b in data {
+                    ctx.serial.write(port, b);
+                }
+                Exit::None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut v = [0u8; 4];
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                Exit::Out(port, u32::from_le_bytes(v))
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let mut v = [0u8; 4];
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                Exit::Mmio(addr, u32::from_le_bytes(v))
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0);
+                Exit::None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                let v = if SerialDevice::handles(port) {
+                    ctx.serial.read(port)
+                } else {
+                    0xff
+                };
+                data.fill(v);
+                Exit::None
+            }
+            Ok(VcpuExit::Hlt) => Exit::Stop(VcpuOutcome::Halted),
+            Ok(VcpuExit::Shutdown) => Exit::Stop(VcpuOutcome::Shutdown),
+            Ok(VcpuExit::InternalError) => {
+                let sub = vcpu.get_kvm_run().__bindgen_anon_1;
+                // SAFETY: on KVM_EXIT_INTERNAL_ERROR the kernel fills the
+                // `internal` member of the exit union.
+                let suberror = unsafe { sub.internal.suberror };
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                Exit::Stop(VcpuOutcome::KvmError(format!(
+                    "KVM internal error, suberror {suberror}, guest rip {rip:#x}"
+                )))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Stop(VcpuOutcome::KvmError(format!(
+                "VM entry failed: hardware reason {reason:#x} on cpu {cpu}"
+            ))),
+            Ok(VcpuExit::Intr) => Exit::Interrupted,
+            Ok(other) => Exit::Stop(VcpuOutcome::KvmError(format!("unexpected exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) => Exit::Stop(VcpuOutcome::KvmError(format!("KVM_RUN failed: {e}"))),
+        };
+        match exit {
+            Exit::None => {}
+            Exit::Interrupted => vcpu.set_kvm_immediate_exit(0),
+            Exit::Stop(o) => return o,
+            Exit::Mmio(addr, value) => {
+                if addr == REPORT_MMIO {
+                    if let Some(o) = report(vcpu, ctx, value) {
+                        return o;
+                    }
+                }
+            }
+            Exit::Out(port, value) => {
+                if port == EXC_PORT {
+                    return VcpuOutcome::Exception(exception(vcpu, ctx, value));
+                }
+            }
+        }
+    }
+}
+
+fn report(vcpu: &VcpuFd, ctx: &VcpuContext, op: u32) -> Option<VcpuOutcome> {
+    match op {
+        OP_HELLO => {
+            let now = Instant::now();
+            ctx.board.update(|r| {
+                r.first_hello.get_or_insert(now);
+            });
+            None
+        }
+        OP_RESULT | OP_PROBE => {
+            let regs = match vcpu.get_regs() {
+                Ok(r) => r,
+                Err(e) => return Some(VcpuOutcome::KvmError(format!("KVM_GET_REGS failed: {e}"))),
+            };
+            if op == OP_RESULT {
+                let rep = PatternReport {
+                    vcpu: ctx.index,
+                    share_start: regs.rdi,
+                    share_end: regs.rsi,
+                    bad_words: regs.r8,
+                    first_bad: (regs.r9 != u64::MAX).then_some(regs.r9),
+                };
+                ctx.board.update(|r| r.results.push(rep));
+            } else {
+                let rep = ProbeReport {
+                    seq: regs.rsi,
+                    gpa: regs.rdi,
+                    or_words: regs.r8,
+                    first_word: regs.r9,
+                };
+                ctx.board.update(|r| r.probes.push(rep));
+            }
+            None
+        }
+        OP_DONE => Some(VcpuOutcome::Done),
+        _ => Some(VcpuOutcome::KvmError(format!("unknown report opcode {op}"))),
+    }
+}
+
+fn exception(vcpu: &VcpuFd, ctx: &VcpuContext, vector: u32) -> GuestException {
+    let rsp = vcpu.get_regs().map(|r| r.rsp).unwrap_or(0);
+    let cr2 = vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
+    let rip_at = if has_error_code(vector) { rsp + 8 } else { rsp };
+    let rip = ctx
+        .memory
+        .read_obj::<u64>(GuestAddress(rip_at))
+        .unwrap_or(0);
+    GuestException {
+        vcpu: ctx.index,
+        vector,
+        rip,
+        cr2,
+    }
+}

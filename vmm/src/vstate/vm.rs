@@ -1,0 +1,496 @@
+//! The microVM: KVM VM, guest RAM slots, devices, vCPU threads, teardown.
+//!
+//! Life cycle: [`Vm::new`] creates the VM, guest RAM (registered as KVM
+//! memory slots), the default guest's set-up, the userfaultfd handler and the
+//! vCPUs; [`Vm::start`] runs one thread per vCPU; [`Vm::wait`] waits for the
+//! guest to finish; [`Vm::destroy`] tears everything down in order (stop and
+//! join vCPUs, drop the VM, stop the fault handler, unmap guest RAM) and
+//! reports how long that took. Dropping a `Vm` also destroys it.
+//!
+//! Threads: vCPU threads only touch shared state through `Arc`s
+//! ([`RunControl`], [`ReportBoard`], the serial device) and a clone of the
+//! guest memory view that is valid because `destroy` joins them before the
+//! unmap.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::vcpu::{self, ReportBoard, Reports, Request, RunControl, VcpuContext, VcpuOutcome};
+use crate::devices::report::{PatternReport, ProbeReport};
+use crate::devices::serial::{Console, SerialDevice};
+use crate::guest::{self, control, layout, EntryArgs, GuestError, Workload};
+use crate::memory::{Backing, GuestRam, MemSize, MemoryError, PageSize};
+use crate::uffd::{FaultHandler, FaultHook, FaultStats, NoHook, UffdError};
+
+/// Errors of VM creation and control.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error(
+        "cannot open /dev/kvm: {0}; check that KVM is enabled (kvm module loaded) \
+         and that you may read and write /dev/kvm"
+    )]
+    Kvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{0} failed: {1}")]
+    Ioctl(&'static str, kvm_ioctls::Error),
+    /// More vCPUs than KVM allows.
+    #[error("{0} vCPUs requested but KVM allows at most {1} per VM here: lower --vcpus")]
+    TooManyVcpus(u32, usize),
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Guest set-up.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// Fault handler.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// Thread or signal set-up.
+    #[error("starting vCPU threads failed: {0}")]
+    Thread(std::io::Error),
+    /// start() twice.
+    #[error("the VM was already started")]
+    AlreadyStarted,
+    /// Access to the control page failed.
+    #[error("accessing the guest control page failed: {0}")]
+    Control(String),
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, VmError>;
+
+/// How to build a VM.
+#[derive(Clone)]
+pub struct VmConfig {
+    /// Guest RAM size.
+    pub mem: MemSize,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// RAM backing.
+    pub backing: Backing,
+    /// Leaf size.
+    pub page_size: PageSize,
+    /// What the guest does.
+    pub workload: Workload,
+    /// Where the console goes.
+    pub console: Console,
+    /// Pattern seed.
+    pub seed: u64,
+    /// Told about every demand fault (the stage-2 table).
+    pub fault_hook: Arc<dyn FaultHook>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("mem", &self.mem)
+            .field("vcpus", &self.vcpus)
+            .field("backing", &self.backing)
+            .field("page_size", &self.page_size)
+            .field("workload", &self.workload)
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where KVM may put its real-mode TSS pages (VMX).
+const TSS_ADDR: u64 = 0xfffb_d000;
+
+/// The default pattern seed.
+pub const DEFAULT_SEED: u64 = 0x5eed_a5a5_0000_0000;
+
+impl VmConfig {
+    /// A config with 1 vCPU, anonymous 2M-page RAM, the verify workload and
+    /// the console on stdout.
+    pub fn new(mem: MemSize) -> Self {
+        Self {
+            mem,
+            vcpus: 1,
+            backing: Backing::Anon,
+            page_size: PageSize::Size2M,
+            workload: Workload::Verify,
+            console: Console::Stdout,
+            seed: DEFAULT_SEED,
+            fault_hook: Arc::new(NoHook),
+        }
+    }
+}
+
+/// How the VM ended and what teardown cost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Teardown {
+    /// Wall time of `destroy`, ms.
+    pub teardown_ms: f64,
+    /// Until guest RAM was back with the host, ms (unmapping is synchronous
+    /// today, so this is the same interval as `teardown_ms`).
+    pub reclaim_ms: f64,
+    /// Of which stopping and joining the vCPUs, ms.
+    pub stop_vcpus_ms: f64,
+    /// Of which unmapping guest RAM, ms.
+    pub unmap_ms: f64,
+    /// Bytes of guest RAM unmapped.
+    pub unmapped_bytes: u64,
+    /// Outcome of each vCPU, by index.
+    pub outcomes: Vec<VcpuOutcome>,
+}
+
+/// A microVM running the default guest.
+pub struct Vm {
+    config: VmConfig,
+    vm_fd: Option<VmFd>,
+    ram: Option<GuestRam>,
+    faults: Option<FaultHandler>,
+    control: Arc<RunControl>,
+    board: Arc<ReportBoard>,
+    serial: Arc<SerialDevice>,
+    vcpu_fds: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<VcpuOutcome>>,
+    probe_seq: u64,
+    destroyed: bool,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Vm {
+    /// Creates the VM, its RAM, the guest set-up and the vCPUs (not running).
+    pub fn new(config: VmConfig) -> Result<Self> {
+        let mem = config.mem.bytes();
+        guest::check_config(mem, config.vcpus)?;
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let max = kvm.get_max_vcpus();
+        if usize::try_from(config.vcpus).unwrap_or(usize::MAX) > max {
+            return Err(VmError::TooManyVcpus(config.vcpus, max));
+        }
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
+        // VMX hosts without unrestricted guest want a real-mode TSS area
+        // (three pages below 4 GiB, outside every slot). It must not overlap
+        // guest RAM, so only set it when RAM ends below it; the default
+        // guest never enters real mode, and other backends ignore it.
+        if mem <= TSS_ADDR {
+            let _ = vm_fd.set_tss_address(TSS_ADDR as usize);
+        }
+        let ram = GuestRam::new(config.mem, config.backing, config.page_size)?;
+        for r in ram.regions() {
+            let region = kvm_userspace_memory_region {
+                slot: r.slot,
+                flags: 0,
+                guest_phys_addr: r.gpa.0,
+                memory_size: r.len,
+                userspace_addr: r.host_addr as u64,
+            };
+            // SAFETY: the host range is a live mapping owned by `ram`, which
+            // the Vm keeps until after vm_fd (and with it the slot) is gone.
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        guest::setup(ram.guest_memory(), mem, config.vcpus)?;
+        let faults = FaultHandler::start(&ram, Arc::clone(&config.fault_hook))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut vcpu_fds = Vec::new();
+        for i in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
+            let mut id = cpuid.clone();
+            for e in id.as_mut_slice() {
+                if e.function == 1 {
+                    e.ebx = (e.ebx & 0x00ff_ffff) | (i << 24);
+                }
+            }
+            fd.set_cpuid2(&id)
+                .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
+            let mut sregs = fd
+                .get_sregs()
+                .map_err(|e| VmError::Ioctl("KVM_GET_SREGS", e))?;
+            guest::init_sregs(&mut sregs, i);
+            fd.set_sregs(&sregs)
+                .map_err(|e| VmError::Ioctl("KVM_SET_SREGS", e))?;
+            let (share_start, share_end) = guest::share(mem, config.vcpus, i);
+            let regs = guest::init_regs(&EntryArgs {
+                index: i,
+                share_start,
+                share_end,
+                seed: config.seed,
+                workload: config.workload,
+            });
+            fd.set_regs(&regs)
+                .map_err(|e| VmError::Ioctl("KVM_SET_REGS", e))?;
+            vcpu_fds.push(fd);
+        }
+        Ok(Self {
+            serial: Arc::new(SerialDevice::new(config.console.clone())),
+            config,
+            vm_fd: Some(vm_fd),
+            ram: Some(ram),
+            faults: Some(faults),
+            control: Arc::new(RunControl::default()),
+            board: Arc::new(ReportBoard::default()),
+            vcpu_fds,
+            threads: Vec::new(),
+            probe_seq: 0,
+            destroyed: false,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestRam {
+        self.ram
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("guest RAM lives until destroy"))
+    }
+
+    fn fault_handler(&self) -> &FaultHandler {
+        self.faults
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the fault handler lives until destroy"))
+    }
+
+    /// Demand-fault counters.
+    pub fn fault_stats(&self) -> &FaultStats {
+        self.fault_handler().stats()
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<()> {
+        if self.vcpu_fds.is_empty() {
+            return Err(VmError::AlreadyStarted);
+        }
+        vcpu::install_kick_handler().map_err(VmError::Thread)?;
+        let gm = self.memory().guest_memory().clone();
+        for (i, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
+            let ctx = VcpuContext {
+                index: i,
+                control: Arc::clone(&self.control),
+                board: Arc::clone(&self.board),
+                serial: Arc::clone(&self.serial),
+                memory: gm.clone(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu::run(fd, ctx))
+                .map_err(VmError::Thread)?;
+            self.threads.push(t);
+        }
+        Ok(())
+    }
+
+    /// Waits until every vCPU has finished; false on timeout.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let n = self.config.vcpus as usize;
+        self.board.wait_for(timeout, |r| r.outcomes.len() >= n)
+    }
+
+    /// Waits until every vCPU has reported its pattern result.
+    pub fn wait_results(&self, timeout: Duration) -> bool {
+        let n = self.config.vcpus as usize;
+        self.board.wait_for(timeout, |r| r.results.len() >= n)
+    }
+
+    /// A copy of what the guest reported so far.
+    pub fn reports(&self) -> (Option<Instant>, Vec<PatternReport>, Vec<ProbeReport>) {
+        let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+        (r.first_hello, r.results.clone(), r.probes.clone())
+    }
+
+    /// Outcomes of the vCPUs that finished, by index.
+    pub fn outcomes(&self) -> Vec<(u32, VcpuOutcome)> {
+        let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = r.outcomes.clone();
+        o.sort_by_key(|(i, _)| *i);
+        o
+    }
+
+    /// Whether every vCPU finished and verified its share.
+    pub fn guest_ok(&self) -> bool {
+        let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+        guest_ok(&r, self.config.vcpus)
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            // SAFETY: the pthread handle belongs to a thread we spawned and
+            // have not joined yet; the kick signal has a handler installed.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+        }
+    }
+
+    /// Takes every running vCPU out of `KVM_RUN` and holds it; returns once
+    /// all are parked (or false after `timeout`).
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.control.set(Request::Pause);
+        self.kick_all();
+        self.control.wait_parked(self.config.vcpus, timeout)
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.control.set(Request::Run);
+    }
+
+    /// Releases the backing of `[gpa, gpa+len)` while the guest may run: the
+    /// next access reads zeros through the fault handler.
+    pub fn release_range(&self, gpa: u64, len: u64) -> Result<()> {
+        if gpa < layout::WORKLOAD_START {
+            return Err(MemoryError::BadRange {
+                gpa,
+                len,
+                granule: self.config.page_size.bytes(),
+            }
+            .into());
+        }
+        Ok(self
+            .fault_handler()
+            .release_range(self.memory(), gpa, len)?)
+    }
+
+    fn post(&mut self, cmd: u64, arg: u64) -> Result<u64> {
+        self.probe_seq += 1;
+        let seq = self.probe_seq;
+        let gm = self.memory().guest_memory();
+        let err = |e: vm_memory::GuestMemoryError| VmError::Control(e.to_string());
+        gm.store(
+            arg,
+            GuestAddress(layout::CONTROL + control::ARG),
+            Ordering::Relaxed,
+        )
+        .map_err(err)?;
+        gm.store(
+            cmd,
+            GuestAddress(layout::CONTROL + control::CMD),
+            Ordering::Relaxed,
+        )
+        .map_err(err)?;
+        gm.store(
+            seq,
+            GuestAddress(layout::CONTROL + control::SEQ),
+            Ordering::Release,
+        )
+        .map_err(err)?;
+        Ok(seq)
+    }
+
+    /// Asks vCPU 0 (probe workload) to read the page at `gpa`; waits for the
+    /// answer.
+    pub fn probe(&mut self, gpa: u64, timeout: Duration) -> Result<Option<ProbeReport>> {
+        let seq = self.post(control::CMD_PROBE, gpa)?;
+        let found = self
+            .board
+            .wait_for(timeout, |r| r.probes.iter().any(|p| p.seq == seq));
+        if !found {
+            return Ok(None);
+        }
+        let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(r.probes.iter().find(|p| p.seq == seq).copied())
+    }
+
+    /// Tells vCPU 0 (probe workload) to finish.
+    pub fn finish_probes(&mut self) -> Result<()> {
+        self.post(control::CMD_EXIT, 0).map(|_| ())
+    }
+
+    /// Host-side check of the guest's pattern over `[start, end)`: returns
+    /// the number of words that differ from `gpa ^ seed`.
+    pub fn check_pattern(&self, start: u64, end: u64) -> Result<u64> {
+        let gm = self.memory().guest_memory();
+        let seed = self.config.seed;
+        let mut bad = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut gpa = start;
+        while gpa < end {
+            let n = (end - gpa).min(buf.len() as u64);
+            let chunk = &mut buf[..usize::try_from(n).unwrap_or(0)];
+            gm.read_slice(chunk, GuestAddress(gpa))
+                .map_err(|e| VmError::Control(e.to_string()))?;
+            for (k, w) in chunk.chunks_exact(8).enumerate() {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(w);
+                if u64::from_le_bytes(b) != guest::pattern(gpa + k as u64 * 8, seed) {
+                    bad += 1;
+                }
+            }
+            gpa += n;
+        }
+        Ok(bad)
+    }
+
+    /// Tears the VM down: stop and join the vCPUs, drop the VM (and its
+    /// memory slots), stop the fault handler, unmap guest RAM. This is the one
+    /// place where a stage-2 whole-VM gather plugs in.
+    pub fn destroy(mut self) -> Teardown {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Teardown {
+        let t0 = Instant::now();
+        self.destroyed = true;
+        self.control.set(Request::Stop);
+        self.kick_all();
+        let mut outcomes = vec![VcpuOutcome::Stopped; self.config.vcpus as usize];
+        for (i, t) in self.threads.drain(..).enumerate() {
+            if let Ok(o) = t.join() {
+                outcomes[i] = o;
+            }
+        }
+        self.vcpu_fds.clear();
+        let t_stopped = Instant::now();
+        self.vm_fd = None;
+        if let Some(mut f) = self.faults.take() {
+            f.stop();
+        }
+        let t_unmap = Instant::now();
+        let unmapped_bytes = self.ram.take().map_or(0, |mut r| r.unmap_all());
+        let t_end = Instant::now();
+        Teardown {
+            teardown_ms: ms(t_end - t0),
+            reclaim_ms: ms(t_end - t0),
+            stop_vcpus_ms: ms(t_stopped - t0),
+            unmap_ms: ms(t_end - t_unmap),
+            unmapped_bytes,
+            outcomes,
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.destroyed {
+            self.teardown();
+        }
+    }
+}
+
+/// Whether all `vcpus` finished with `Done` and verified their share.
+pub fn guest_ok(r: &Reports, vcpus: u32) -> bool {
+    let n = vcpus as usize;
+    r.results.len() == n
+        && r.results.iter().all(PatternReport::ok)
+        && r.outcomes.len() == n
+        && r.outcomes.iter().all(|(_, o)| *o == VcpuOutcome::Done)
+}
