@@ -1,1 +1,150 @@
-//! End-to-end tests live in tests/tests/.
+//! Helpers shared by the end-to-end tests in `tests/tests/`: KVM presence
+//! (tests print a loud SKIPPED line and return where `/dev/kvm` is missing),
+//! a guard that raises `vm.nr_hugepages` for hugetlb tests and restores it,
+//! and small VM builders.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
+
+/// True if `/dev/kvm` can be opened read-write; otherwise prints why the
+/// calling test is skipped.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM");
+            false
+        }
+    }
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Makes at least `pages` free 2 MiB huge pages available for the guard's
+/// lifetime, raising `vm.nr_hugepages` if needed and restoring it on drop.
+#[derive(Debug)]
+pub struct HugePages {
+    restore: Option<u64>,
+}
+
+impl HugePages {
+    /// Returns `None` (after printing SKIPPED) if the pages cannot be had.
+    pub fn reserve(test: &str, pages: u64) -> Option<Self> {
+        let free = vmm::memory::free_huge_pages();
+        if free >= pages {
+            return Some(Self { restore: None });
+        }
+        let cur: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let want = cur + (pages - free);
+        if let Err(e) = std::fs::write(NR_HUGEPAGES, want.to_string()) {
+            eprintln!(
+                "SKIPPED: {test}: needs {pages} free huge pages, host has {free} and raising \
+                 vm.nr_hugepages failed ({e}); run as root or set vm.nr_hugepages"
+            );
+            return None;
+        }
+        let guard = Self { restore: Some(cur) };
+        let now = vmm::memory::free_huge_pages();
+        if now < pages {
+            eprintln!(
+                "SKIPPED: {test}: raised vm.nr_hugepages to {want} but only {now} huge pages \
+                 are free (fragmented memory?)"
+            );
+            return None;
+        }
+        Some(guard)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Some(v) = self.restore {
+            let _ = std::fs::write(NR_HUGEPAGES, v.to_string());
+        }
+    }
+}
+
+/// A config with the console captured into the returned buffer.
+pub fn config(
+    mem: &str,
+    vcpus: u32,
+    backing: Backing,
+    page_size: PageSize,
+    workload: Workload,
+) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let mem: MemSize = mem.parse().expect("test sizes are valid");
+    let mut c = VmConfig::new(mem);
+    c.vcpus = vcpus;
+    c.backing = backing;
+    c.page_size = page_size;
+    c.workload = workload;
+    c.console = Console::Capture(Arc::clone(&buf));
+    (c, buf)
+}
+
+/// The captured console as text.
+pub fn console_text(buf: &Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&buf.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+}
+
+/// Generous limit for a guest of at most 256 MiB to finish.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Boots the verify workload to completion and checks everything the guest
+/// and the host can see; returns the VM (not yet destroyed).
+pub fn boot_and_verify(mem: &str, vcpus: u32, backing: Backing, page_size: PageSize) -> Vm {
+    let (c, console) = config(mem, vcpus, backing, page_size, Workload::Verify);
+    let mut vm = Vm::new(c).expect("VM creation");
+    vm.start().expect("vCPU start");
+    assert!(
+        vm.wait(GUEST_TIMEOUT),
+        "guest did not finish: {:?}",
+        vm.outcomes()
+    );
+    let text = console_text(&console);
+    assert!(
+        vm.guest_ok(),
+        "guest failed: {:?}\nconsole:\n{text}",
+        vm.outcomes()
+    );
+    let (hello, results, _) = vm.reports();
+    assert!(hello.is_some(), "no hello report");
+    assert_eq!(results.len(), vcpus as usize);
+    let mem_bytes = vm.config().mem.bytes();
+    let mut covered = 0;
+    for r in &results {
+        assert!(r.ok(), "vcpu {} reported {} bad words", r.vcpu, r.bad_words);
+        covered += r.share_end - r.share_start;
+        // Host-side check of what the guest wrote.
+        let bad = vm
+            .check_pattern(r.share_start, r.share_end)
+            .expect("host read");
+        assert_eq!(
+            bad, 0,
+            "host sees {bad} wrong words in vcpu {}'s share",
+            r.vcpu
+        );
+    }
+    assert_eq!(covered, mem_bytes - vmm::guest::layout::WORKLOAD_START);
+    for i in 0..vcpus {
+        assert!(
+            text.contains(&format!("guest: vcpu {i}: start")),
+            "missing start line of vcpu {i} in console:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("guest: vcpu {i}: pattern ok")),
+            "missing end line of vcpu {i} in console:\n{text}"
+        );
+    }
+    vm
+}
