@@ -27,6 +27,8 @@ pub mod fault;
 pub mod gather;
 pub mod notify;
 pub mod reclaim;
+#[cfg(not(loom))]
+pub mod stress;
 mod sync;
 pub mod table;
 pub mod walk;

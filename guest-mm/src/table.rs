@@ -541,7 +541,6 @@ impl Stage2Table {
         s.forced_flushes.fetch_add(g.forced_flushes, RELAXED);
         s.fallback_batches.fetch_add(g.fallback_batches, RELAXED);
         s.batch_allocs.fetch_add(g.batch_allocs, RELAXED);
-        s.pending_waits.fetch_add(g.pending_waits, RELAXED);
     }
 
     // ---- pending flushes (tlb_flush_pending) ----
@@ -595,6 +594,9 @@ impl Stage2Table {
         {
             waited = true;
             p = wait(&self.pending_cv, p);
+        }
+        if waited {
+            self.stats.pending_waits.fetch_add(1, RELAXED);
         }
         waited
     }
@@ -755,7 +757,6 @@ impl Stage2Table {
             if self.pending_overlaps(addr, end) {
                 drop(l);
                 self.wait_pending(addr, end, 0);
-                self.stats.pending_waits.fetch_add(1, RELAXED);
                 continue;
             }
             let mut budget = self.cfg.yield_entries;
@@ -860,6 +861,25 @@ impl Stage2Table {
             let _ = g.flush();
             self.wait_pending(start, end, g.id);
             return Err(UnmapError::NotMapped(Gpa(hole)));
+        }
+        self.unmap_inner(g, start, end, mode, true)
+    }
+
+    /// Like [`Stage2Table::unmap`], but pages of the range that are not
+    /// mapped are skipped instead of refused (balloon reports, teardown of
+    /// sparse ranges). Still waits for other unmappers' pending flushes
+    /// over the range before the gather's flush reports completion.
+    pub fn unmap_existing(
+        &self,
+        g: &mut Gather<'_>,
+        gpa: Gpa,
+        len: u64,
+        mode: UnmapMode,
+    ) -> Result<(), UnmapError> {
+        let (start, end) = check_range(gpa, len)?;
+        self.check_gather(g, false)?;
+        if self.is_dying() {
+            return Err(UnmapError::Dying);
         }
         self.unmap_inner(g, start, end, mode, true)
     }

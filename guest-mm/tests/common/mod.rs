@@ -1,0 +1,123 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use guest_mm::{
+    BackingKind, BackingRegion, Gpa, Hva, Invalidation, InvalidationSubscriber, Stage2Table,
+    TableConfig,
+};
+
+/// A fake host address range: never dereferenced by these tests.
+pub const FAKE_HVA: u64 = 0x1000_0000_0000;
+/// Length of the fake range.
+pub const FAKE_LEN: u64 = 64 << 30;
+
+/// Everything a flush did, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ev {
+    Start(u64, u64),
+    End(u64, u64),
+    Release(u64, u64),
+}
+
+pub type Log = Arc<Mutex<Vec<Ev>>>;
+
+pub struct Recorder(pub Log);
+
+impl InvalidationSubscriber for Recorder {
+    fn invalidate_range_start(&self, inv: &Invalidation) {
+        self.0.lock().unwrap().push(Ev::Start(inv.start.0, inv.end.0));
+    }
+    fn invalidate_range_end(&self, inv: &Invalidation) {
+        self.0.lock().unwrap().push(Ev::End(inv.start.0, inv.end.0));
+    }
+}
+
+/// A table over a simulated backing at FAKE_HVA whose releases and
+/// invalidations are logged.
+pub fn simulated_table(cfg: TableConfig) -> (Arc<Stage2Table>, Log) {
+    let t = Stage2Table::new(cfg).unwrap();
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let l2 = log.clone();
+    t.register_backing(BackingRegion {
+        hva: Hva(FAKE_HVA),
+        len: FAKE_LEN,
+        kind: BackingKind::Simulated {
+            hook: Some(Arc::new(move |h: Hva, len| {
+                l2.lock().unwrap().push(Ev::Release(h.0, len))
+            })),
+        },
+    })
+    .unwrap();
+    t.register_subscriber(Arc::new(Recorder(log.clone()))).unwrap();
+    (t, log)
+}
+
+/// Check the log: every release happens inside an open invalidation whose
+/// range covers the released pages' guest addresses (hva - FAKE_HVA + gpa_off).
+pub fn check_order(log: &[Ev], hva_to_gpa: impl Fn(u64) -> u64) {
+    let mut open: Option<(u64, u64)> = None;
+    for ev in log {
+        match *ev {
+            Ev::Start(s, e) => {
+                assert!(open.is_none(), "nested invalidation");
+                open = Some((s, e));
+            }
+            Ev::End(s, e) => {
+                assert_eq!(open, Some((s, e)), "end without matching start");
+                open = None;
+            }
+            Ev::Release(h, len) => {
+                let (s, e) = open.expect("release outside an invalidation: freed before invalidate");
+                let g = hva_to_gpa(h);
+                assert!(g >= s && g + len <= e, "release {g:#x}+{len:#x} not covered by invalidation {s:#x}..{e:#x}");
+            }
+        }
+    }
+    assert!(open.is_none(), "invalidation never ended");
+}
+
+/// An anonymous private mapping, unmapped on drop.
+pub struct Anon {
+    pub addr: u64,
+    pub len: u64,
+}
+
+impl Anon {
+    pub fn new(len: u64, huge: bool) -> Anon {
+        // SAFETY: plain anonymous mapping, checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize + (2 << 20),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let addr = (p as u64 + (2 << 20) - 1) & !((2 << 20) - 1);
+        let adv = if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+        // SAFETY: inside the mapping.
+        unsafe { libc::madvise(addr as *mut _, len as usize, adv) };
+        Anon { addr, len }
+    }
+    pub fn touch(&self) {
+        for off in (0..self.len).step_by(4096) {
+            // SAFETY: inside the mapping.
+            unsafe { ((self.addr + off) as *mut u64).write_volatile(off | 1) };
+        }
+    }
+    pub fn gpa(&self) -> Gpa {
+        Gpa(0)
+    }
+}
+
+impl Drop for Anon {
+    fn drop(&mut self) {
+        // SAFETY: our mapping (the over-mapped head/tail leak harmlessly).
+        unsafe { libc::munmap(self.addr as *mut _, self.len as usize) };
+    }
+}

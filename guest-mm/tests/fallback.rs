@@ -1,0 +1,110 @@
+//! Fault injection: every fallback path still frees everything, in order.
+
+mod common;
+
+use common::*;
+use guest_mm::*;
+
+const M2: u64 = 2 << 20;
+
+/// Map `pages` 4 KiB pages at GPA 0 to backing in reverse page order, so
+/// that no two neighbours coalesce into one release run.
+fn map_scattered(t: &Stage2Table, pages: u64) {
+    for i in 0..pages {
+        let hva = FAKE_HVA + (pages - 1 - i) * 8192;
+        t.map(Gpa(i * 4096), Hva(hva), 4096, Perms::RW, PageSize::Size4K).unwrap();
+    }
+}
+
+fn released(log: &[Ev]) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = log
+        .iter()
+        .filter_map(|e| if let Ev::Release(h, l) = e { Some((*h, *l)) } else { None })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn batch_allocation_failure_uses_on_stack_array_and_frees_everything_in_order() {
+    let (t, log) = simulated_table(TableConfig::default());
+    let pages = 3 * 512 + 17;
+    map_scattered(&t, pages);
+    let tables = t.stats().table_pages;
+    t.faults.batch_alloc.fail_always();
+    let mut g = t.gather();
+    t.unmap(&mut g, Gpa(0), pages * 4096, UnmapMode::Remove).unwrap();
+    let st = g.finish().unwrap();
+    assert!(st.fallback_batches > 0);
+    assert_eq!(st.batch_allocs, 0);
+    // 8 local slots less the reserve: many early flushes
+    assert!(st.flushes as u64 > pages / 8, "flushes {}", st.flushes);
+    let log = log.lock().unwrap().clone();
+    let rel = released(&log);
+    assert_eq!(rel.len() as u64, pages, "every page released exactly once");
+    let expect: Vec<(u64, u64)> = (0..pages).map(|i| (FAKE_HVA + i * 8192, 4096)).collect();
+    assert_eq!(rel, expect);
+    // hva -> gpa for the reversed mapping
+    check_order(&log, |h| (pages - 1 - (h - FAKE_HVA) / 8192) * 4096);
+    t.rcu_barrier();
+    assert!(t.stats().table_pages < tables);
+    assert_eq!(t.stats().table_pages, 1);
+}
+
+#[test]
+fn batch_cap_forces_a_flush() {
+    let (t, log) = simulated_table(TableConfig { yield_entries: 1 << 20 });
+    let pages = 12_000;
+    map_scattered(&t, pages);
+    let mut g = t.gather();
+    t.unmap(&mut g, Gpa(0), pages * 4096, UnmapMode::Remove).unwrap();
+    let st = g.finish().unwrap();
+    assert!(st.forced_flushes >= 1, "{st:?}");
+    assert!(st.batch_allocs as usize <= gather::MAX_BATCHES);
+    assert_eq!(released(&log.lock().unwrap()).len() as u64, pages);
+}
+
+#[test]
+fn deferred_free_failure_falls_back_to_synchronous_grace_period() {
+    let (t, _) = simulated_table(TableConfig::default());
+    t.map(Gpa(0), Hva(FAKE_HVA), 8 * M2, Perms::RW, PageSize::Size4K).unwrap();
+    t.faults.defer_alloc.fail_always();
+    let mut g = t.gather();
+    t.unmap(&mut g, Gpa(0), 8 * M2, UnmapMode::Remove).unwrap();
+    g.finish().unwrap();
+    let st = t.stats();
+    assert!(st.sync_fallbacks > 0);
+    assert_eq!(st.tables_retired_pending, 0);
+    assert_eq!(st.table_pages, 1, "freed synchronously, without a barrier");
+}
+
+#[test]
+fn table_page_allocation_failure_in_map_leaves_nothing_mapped() {
+    let (t, log) = simulated_table(TableConfig { yield_entries: 16 });
+    t.faults.table_alloc.fail_next(0);
+    // first few pages allocate fine, then fail mid-way
+    t.faults.table_alloc.fail_every(6);
+    let r = t.map(Gpa(0), Hva(FAKE_HVA), 16 * M2, Perms::RW, PageSize::Size4K);
+    assert!(matches!(r, Err(MapError::OutOfMemory(_))), "{r:?}");
+    t.faults.table_alloc.clear();
+    for i in 0..16 * 512 {
+        assert_eq!(t.query(Gpa(i * 4096)), PageState::Unmapped);
+    }
+    assert!(log.lock().unwrap().iter().all(|e| !matches!(e, Ev::Release(..))), "rollback must not release backing");
+    t.rcu_barrier();
+    assert_eq!(t.stats().table_pages, 1);
+    // and the table still works
+    t.map(Gpa(0), Hva(FAKE_HVA), 16 * M2, Perms::RW, PageSize::Size4K).unwrap();
+}
+
+#[test]
+fn split_allocation_failure_reports_progress() {
+    let (t, _) = simulated_table(TableConfig::default());
+    t.map(Gpa(0), Hva(FAKE_HVA), 4 * M2, Perms::RW, PageSize::Size2M).unwrap();
+    t.faults.table_alloc.fail_always();
+    let mut g = t.gather();
+    let r = t.unmap(&mut g, Gpa(M2 + 4096), 4096, UnmapMode::Remove);
+    assert_eq!(r, Err(UnmapError::OutOfMemory { at: Gpa(M2 + 4096) }));
+    g.finish().unwrap();
+    assert!(matches!(t.query(Gpa(M2 + 4096)), PageState::Present { size: PageSize::Size2M, .. }));
+}

@@ -1,0 +1,146 @@
+//! Two unmappers racing on one range (the kernel's tlb_flush_pending
+//! problem): the second must not report completion before the first has
+//! invalidated and released. Faults wait for pending releases too.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use common::*;
+use guest_mm::*;
+
+const M2: u64 = 2 << 20;
+
+/// Blocks the first invalidation until released.
+struct Gate {
+    entered: Barrier,
+    open: Mutex<bool>,
+    cv: std::sync::Condvar,
+    armed: AtomicBool,
+}
+
+impl InvalidationSubscriber for Gate {
+    fn invalidate_range_start(&self, _inv: &Invalidation) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.entered.wait();
+            let mut o = self.open.lock().unwrap();
+            while !*o {
+                o = self.cv.wait(o).unwrap();
+            }
+        }
+    }
+}
+
+fn setup() -> (Arc<Stage2Table>, Log, Arc<Gate>) {
+    let (t, log) = simulated_table(TableConfig::default());
+    t.map(Gpa(0), Hva(FAKE_HVA), 2 * M2, Perms::RW, PageSize::Size4K).unwrap();
+    let gate = Arc::new(Gate {
+        entered: Barrier::new(2),
+        open: Mutex::new(false),
+        cv: Default::default(),
+        armed: AtomicBool::new(true),
+    });
+    t.register_subscriber(gate.clone()).unwrap();
+    (t, log, gate)
+}
+
+fn released_first_range(log: &Log) -> bool {
+    log.lock().unwrap().iter().any(|e| matches!(e, Ev::Release(h, _) if *h == FAKE_HVA))
+}
+
+fn race(second_start: u64, second_len: u64, strict: bool) {
+    let (t, log, gate) = setup();
+    let t1 = t.clone();
+    let first = std::thread::spawn(move || {
+        let mut g = t1.gather();
+        t1.unmap(&mut g, Gpa(0), M2, UnmapMode::Remove).unwrap();
+        g.finish().unwrap();
+    });
+    gate.entered.wait(); // first has cleared, is inside its invalidation
+    let t2 = t.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = done.clone();
+    let log2 = log.clone();
+    let second = std::thread::spawn(move || {
+        let mut g = t2.gather();
+        let r = if strict {
+            t2.unmap(&mut g, Gpa(second_start), second_len, UnmapMode::Remove)
+        } else {
+            t2.unmap_existing(&mut g, Gpa(second_start), second_len, UnmapMode::Remove)
+        };
+        let _ = g.finish();
+        // the first unmapper's backing must be gone when we return
+        let ok = released_first_range(&log2);
+        d2.store(true, Ordering::SeqCst);
+        (r, ok)
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(!done.load(Ordering::SeqCst), "second unmapper completed before the first released");
+    *gate.open.lock().unwrap() = true;
+    gate.cv.notify_all();
+    first.join().unwrap();
+    let (r, released_before_return) = second.join().unwrap();
+    assert!(released_before_return);
+    if strict {
+        // the hole is the first unmapper's work: NotMapped, but only after it is done
+        assert!(matches!(r, Err(UnmapError::NotMapped(_))), "{r:?}");
+    } else {
+        r.unwrap();
+    }
+    assert!(t.stats().pending_waits >= 1);
+}
+
+#[test]
+fn second_unmapper_of_cleared_range_waits_for_first() {
+    // everything already cleared by the first: NotMapped, but only after
+    race(0, M2, true);
+}
+
+#[test]
+fn overlapping_unmapper_waits_for_first() {
+    // half cleared by the first (but still pending), half its own work
+    race(M2 / 2, M2, false);
+}
+
+#[test]
+fn strict_overlapping_unmapper_reports_hole_only_after_first() {
+    race(M2 / 2, M2, true);
+}
+
+#[test]
+fn fault_waits_for_pending_release() {
+    let (t, log, gate) = setup();
+    let t1 = t.clone();
+    let first = std::thread::spawn(move || {
+        let mut g = t1.gather();
+        t1.unmap(&mut g, Gpa(0), M2, UnmapMode::Discard).unwrap();
+        g.finish().unwrap();
+    });
+    gate.entered.wait();
+    let t2 = t.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = done.clone();
+    let log2 = log.clone();
+    let fault = std::thread::spawn(move || {
+        let r = t2.fault_in(Gpa(4096));
+        let ok = released_first_range(&log2);
+        d2.store(true, Ordering::SeqCst);
+        (r, ok)
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(!done.load(Ordering::SeqCst), "a fault resurrected a page whose release is in flight");
+    *gate.open.lock().unwrap() = true;
+    gate.cv.notify_all();
+    first.join().unwrap();
+    let (r, released_before) = fault.join().unwrap();
+    assert!(released_before);
+    assert!(matches!(r, Ok(FaultOutcome::Restored { .. })), "{r:?}");
+    // and with a sequence snapshot taken before, the fault must retry
+    let seq = t.invalidate_seq();
+    let mut g = t.gather();
+    t.unmap(&mut g, Gpa(4096), 4096, UnmapMode::Discard).unwrap();
+    g.finish().unwrap();
+    assert_eq!(t.fault_in_if_unchanged(Gpa(4096), seq), Err(FaultError::Retry(Gpa(4096))));
+}
