@@ -57,6 +57,15 @@ pub fn simulated_table(cfg: TableConfig) -> (Arc<Stage2Table>, Log) {
 /// Check the log: every release happens inside an open invalidation whose
 /// range covers the released pages' guest addresses (hva - FAKE_HVA + gpa_off).
 pub fn check_order(log: &[Ev], hva_to_gpa: impl Fn(u64) -> u64) {
+    check_order_with(log, |h, len, s, e| {
+        let g = hva_to_gpa(h);
+        g >= s && g + len <= e
+    })
+}
+
+/// Like [`check_order`] with a custom coverage predicate
+/// `(hva, len, inv_start, inv_end) -> covered`.
+pub fn check_order_with(log: &[Ev], covered: impl Fn(u64, u64, u64, u64) -> bool) {
     let mut open: Option<(u64, u64)> = None;
     for ev in log {
         match *ev {
@@ -70,8 +79,7 @@ pub fn check_order(log: &[Ev], hva_to_gpa: impl Fn(u64) -> u64) {
             }
             Ev::Release(h, len) => {
                 let (s, e) = open.expect("release outside an invalidation: freed before invalidate");
-                let g = hva_to_gpa(h);
-                assert!(g >= s && g + len <= e, "release {g:#x}+{len:#x} not covered by invalidation {s:#x}..{e:#x}");
+                assert!(covered(h, len, s, e), "release {h:#x}+{len:#x} not covered by invalidation {s:#x}..{e:#x}");
             }
         }
     }
