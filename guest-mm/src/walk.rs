@@ -151,19 +151,25 @@ pub struct Walker {
     counters: Counters,
 }
 
+#[cfg(not(loom))]
 impl Stage2Table {
     /// A walker for this table (registers an RCU reader; not a hot path).
     pub fn walker(self: &Arc<Self>) -> Walker {
-        Walker {
-            table: self.clone(),
-            reader: self.rcu.register(),
-            cache: TlbCache::new(self.inval_seq.load(Ordering::Acquire)),
-            counters: Counters::default(),
-        }
+        Walker::new(self)
     }
 }
 
 impl Walker {
+    /// A walker for `table` (registers an RCU reader; not a hot path).
+    pub fn new(table: &Arc<Stage2Table>) -> Walker {
+        Walker {
+            table: table.clone(),
+            reader: table.rcu.register(),
+            cache: TlbCache::new(table.inval_seq.load(Ordering::Acquire)),
+            counters: Counters::default(),
+        }
+    }
+
     /// Open a read section. Keep it short: unmaps wait for it to end
     /// before they release backing.
     #[inline]
