@@ -159,7 +159,11 @@ impl BackingRegistry {
             len: r.len,
         };
         let Some(end) = end else { return Err(invalid) };
-        if r.len == 0 || !align.is_power_of_two() || r.hva.0 % align != 0 || r.len % align != 0 {
+        if r.len == 0
+            || !align.is_power_of_two()
+            || !r.hva.0.is_multiple_of(align)
+            || !r.len.is_multiple_of(align)
+        {
             return Err(invalid);
         }
         let mut regions = lock(&self.regions);
@@ -262,7 +266,9 @@ impl BackingRegistry {
     fn release_in(&self, r: &mut Region, s: u64, e: u64) -> Result<(), ReleaseError> {
         match r.kind.clone() {
             BackingKind::Anonymous => self.madvise(s, e - s),
-            BackingKind::SharedFile { fd, offset } => self.punch(fd, offset + (s - r.start), s, e - s),
+            BackingKind::SharedFile { fd, offset } => {
+                self.punch(fd, offset + (s - r.start), s, e - s)
+            }
             BackingKind::Simulated { hook } => {
                 self.count(e - s);
                 if let Some(h) = hook {
@@ -327,7 +333,8 @@ impl BackingRegistry {
         // caller mapped and keeps mapped for the table's lifetime; the
         // table has unmapped it and waited for readers, so dropping its
         // contents is what every user of this range asked for.
-        let rc = unsafe { libc::madvise(s as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+        let rc =
+            unsafe { libc::madvise(s as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(ReleaseError {
                 hva: Hva(s),

@@ -46,7 +46,7 @@ impl FailPoint {
                 .is_ok()
         } else {
             let every = self.every.load(Ordering::Relaxed);
-            every != 0 && calls % every == 0
+            every != 0 && calls.is_multiple_of(every)
         };
         if fail {
             self.injected.fetch_add(1, Ordering::Relaxed);

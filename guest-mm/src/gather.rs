@@ -204,7 +204,10 @@ impl<'t> Gather<'t> {
     }
 
     fn push(&mut self, e: Entry) {
-        debug_assert!(self.room() > 0, "gather overflow: the reserve was miscounted");
+        debug_assert!(
+            self.room() > 0,
+            "gather overflow: the reserve was miscounted"
+        );
         if self.used_batches == 0 {
             self.local[self.local_len] = MaybeUninit::new(e);
             self.local_len += 1;

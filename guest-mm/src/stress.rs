@@ -200,7 +200,9 @@ impl Rng {
 pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
     const TWO_M: u64 = 2 << 20;
     if cfg.walkers == 0 || cfg.mutators == 0 {
-        return Err(StressError::Config("need at least one walker and one mutator".into()));
+        return Err(StressError::Config(
+            "need at least one walker and one mutator".into(),
+        ));
     }
     let slice = (cfg.mem_bytes / cfg.mutators as u64) & !(TWO_M - 1);
     if slice == 0 {
@@ -320,7 +322,7 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
             let mut iter = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 iter += 1;
-                if m == 0 && iter % 64 == 0 {
+                if m == 0 && iter.is_multiple_of(64) {
                     rss_peak.fetch_max(rss_bytes(), Ordering::Relaxed);
                 }
                 let p = rng.below(npages as u64) as usize;
@@ -333,7 +335,10 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
                 };
                 let s0 = st[p];
                 let mut q = p;
-                while q < npages && q - p < want && (st[q] == s0 || (s0 != Slot::Unmapped && st[q] != Slot::Unmapped)) {
+                while q < npages
+                    && q - p < want
+                    && (st[q] == s0 || (s0 != Slot::Unmapped && st[q] != Slot::Unmapped))
+                {
                     q += 1;
                 }
                 let gpa = lo + p as u64 * 4096;
@@ -342,9 +347,15 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
                     Slot::Unmapped => {
                         for off in (0..n).step_by(4096) {
                             // SAFETY: inside our mapping; unmapped in the table, so no walker reads it.
-                            unsafe { ((base + gpa + off) as *mut u64).write_volatile(stamp_of(gpa + off)) };
+                            unsafe {
+                                ((base + gpa + off) as *mut u64).write_volatile(stamp_of(gpa + off))
+                            };
                         }
-                        let leaf = if rng.below(2) == 0 { PageSize::Size2M } else { PageSize::Size4K };
+                        let leaf = if rng.below(2) == 0 {
+                            PageSize::Size2M
+                        } else {
+                            PageSize::Size4K
+                        };
                         match table.map(Gpa(gpa), Hva(base + gpa), n, Perms::RW, leaf) {
                             Ok(()) => st[p..q].iter_mut().for_each(|s| *s = Slot::Mapped),
                             Err(_) => {
@@ -365,7 +376,10 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
                         let leaf = gpa & !(size - 1);
                         for off in (0..size).step_by(4096) {
                             // SAFETY: inside our slice (leaves never cross slices: slices are 2 MiB aligned).
-                            unsafe { ((base + leaf + off) as *mut u64).write_volatile(stamp_of(leaf + off)) };
+                            unsafe {
+                                ((base + leaf + off) as *mut u64)
+                                    .write_volatile(stamp_of(leaf + off))
+                            };
                         }
                         match table.fault_in(Gpa(gpa)) {
                             Ok(_) => {
@@ -381,7 +395,11 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
                         faults += 1;
                     }
                     _ if rng.below(8) == 0 => {
-                        let perms = if rng.below(2) == 0 { Perms::R } else { Perms::RW };
+                        let perms = if rng.below(2) == 0 {
+                            Perms::R
+                        } else {
+                            Perms::RW
+                        };
                         let mut g = table.gather();
                         if table.protect(&mut g, Gpa(gpa), n, perms).is_err() {
                             mismatch.fetch_add(1, Ordering::Relaxed);
@@ -391,7 +409,11 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
                     }
                     _ => {
                         let discard = rng.below(2) == 0;
-                        let mode = if discard { UnmapMode::Discard } else { UnmapMode::Remove };
+                        let mode = if discard {
+                            UnmapMode::Discard
+                        } else {
+                            UnmapMode::Remove
+                        };
                         let mut g = table.gather();
                         let r = table.unmap(&mut g, Gpa(gpa), n, mode);
                         let _ = g.finish();
@@ -400,7 +422,11 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
                             mismatch.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
-                        let to = if discard { Slot::Discarded } else { Slot::Unmapped };
+                        let to = if discard {
+                            Slot::Discarded
+                        } else {
+                            Slot::Unmapped
+                        };
                         st[p..q].iter_mut().for_each(|s| *s = to);
                         // After unmap returns: no fresh walk translates it...
                         {

@@ -35,8 +35,7 @@ use thiserror::Error;
 use crate::addr::{Gpa, Hva, PageSize, Perms};
 use crate::backing::{BackingError, BackingId, BackingRegion, BackingRegistry};
 use crate::entry::{
-    index, level_size, Pte, ADDRESS_LIMIT, LEVELS, PAGE_SIZE, POISON, SW_BALLOONED,
-    SW_DISCARDED,
+    index, level_size, Pte, ADDRESS_LIMIT, LEVELS, PAGE_SIZE, POISON, SW_BALLOONED, SW_DISCARDED,
 };
 use crate::fault::FaultInjection;
 use crate::gather::{Gather, GatherStats};
@@ -95,7 +94,9 @@ pub enum MapError {
     #[error("mapping {0} without any of R/W/X would be invisible; give at least read permission")]
     NoPermissions(Gpa),
     /// The host range is not registered backing.
-    #[error("host range {hva} + {len:#x} is not inside registered backing; call register_backing first")]
+    #[error(
+        "host range {hva} + {len:#x} is not inside registered backing; call register_backing first"
+    )]
     NotBacked {
         /// Start.
         hva: Hva,
@@ -347,7 +348,8 @@ impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let ns = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let s = &self.t.stats;
-        s.lock_max_ns.fetch_max(ns, std::sync::atomic::Ordering::Relaxed);
+        s.lock_max_ns
+            .fetch_max(ns, std::sync::atomic::Ordering::Relaxed);
         let bucket = (63 - ns.max(1).leading_zeros()) as usize;
         s.lock_hist[bucket.min(s.lock_hist.len() - 1)]
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -358,13 +360,13 @@ fn check_range(gpa: Gpa, len: u64) -> Result<(u64, u64), RangeError> {
     if len == 0 {
         return Err(RangeError::Empty(gpa));
     }
-    if gpa.0 % PAGE_SIZE != 0 {
+    if !gpa.0.is_multiple_of(PAGE_SIZE) {
         return Err(RangeError::Unaligned {
             what: "guest-physical address",
             value: gpa.0,
         });
     }
-    if len % PAGE_SIZE != 0 {
+    if !len.is_multiple_of(PAGE_SIZE) {
         return Err(RangeError::Unaligned {
             what: "length",
             value: len,
@@ -726,7 +728,7 @@ impl Stage2Table {
         max_leaf: PageSize,
     ) -> Result<(), MapError> {
         let (start, end) = check_range(gpa, len)?;
-        if hva.0 % PAGE_SIZE != 0 {
+        if !hva.0.is_multiple_of(PAGE_SIZE) {
             return Err(RangeError::Unaligned {
                 what: "host address",
                 value: hva.0,
@@ -797,8 +799,8 @@ impl Stage2Table {
             let e = Pte(slot.load(Ordering::Relaxed));
             let fits = level <= max_level
                 && level < LEVELS
-                && addr % size == 0
-                && hva % size == 0
+                && addr.is_multiple_of(size)
+                && hva.is_multiple_of(size)
                 && remaining >= size;
             if fits && e.is_none() {
                 slot.store(Pte::leaf(hva, perms, level).0, Ordering::Release);
@@ -910,13 +912,15 @@ impl Stage2Table {
                 self.pending_add(g.id, start, end);
             }
             let mut budget = self.cfg.yield_entries;
-            let r = self.visit(self.root(), LEVELS, addr, end, g, &mut budget, &mut |slot,
-                                                                                    e,
-                                                                                    level,
-                                                                                    base,
-                                                                                    g| {
-                zap_leaf(slot, e, level, base, g, mode)
-            });
+            let r = self.visit(
+                self.root(),
+                LEVELS,
+                addr,
+                end,
+                g,
+                &mut budget,
+                &mut |slot, e, level, base, g| zap_leaf(slot, e, level, base, g, mode),
+            );
             drop(l);
             match r {
                 Ok(reached) => addr = reached,
@@ -958,23 +962,27 @@ impl Stage2Table {
         while addr < end {
             let l = self.lock();
             let mut budget = self.cfg.yield_entries;
-            let r = self.visit(self.root(), LEVELS, addr, end, g, &mut budget, &mut |slot,
-                                                                                    e: Pte,
-                                                                                    level,
-                                                                                    base,
-                                                                                    g: &mut Gather<'_>| {
-                if e.is_present() {
-                    if e.perms() != perms {
-                        slot.store(e.with_perms(perms).0, Ordering::Release);
-                        if !perms.contains(e.perms()) {
-                            g.note_invalidate(base, level_size(level), false);
+            let r = self.visit(
+                self.root(),
+                LEVELS,
+                addr,
+                end,
+                g,
+                &mut budget,
+                &mut |slot, e: Pte, level, base, g: &mut Gather<'_>| {
+                    if e.is_present() {
+                        if e.perms() != perms {
+                            slot.store(e.with_perms(perms).0, Ordering::Release);
+                            if !perms.contains(e.perms()) {
+                                g.note_invalidate(base, level_size(level), false);
+                            }
                         }
+                    } else {
+                        let m = Pte::marker(e.addr(), perms, level, e.markers());
+                        slot.store(m.0, Ordering::Release);
                     }
-                } else {
-                    let m = Pte::marker(e.addr(), perms, level, e.markers());
-                    slot.store(m.0, Ordering::Release);
-                }
-            });
+                },
+            );
             drop(l);
             match r {
                 Ok(reached) => addr = reached,
@@ -1146,7 +1154,10 @@ impl Stage2Table {
             let Some(slot) = slot else {
                 return Err(FaultError::NotMapped(gpa));
             };
-            slot.store(Pte::leaf(e.addr(), e.saved_perms(), level).0, Ordering::Release);
+            slot.store(
+                Pte::leaf(e.addr(), e.saved_perms(), level).0,
+                Ordering::Release,
+            );
             drop(l);
             self.backing.note_mapped(e.addr(), size);
             self.stats.faults_restored.fetch_add(1, RELAXED);
@@ -1172,17 +1183,21 @@ impl Stage2Table {
         while addr < end {
             let l = self.lock();
             let mut budget = self.cfg.yield_entries;
-            let r = self.visit(self.root(), LEVELS, addr, end, &mut g, &mut budget, &mut |slot,
-                                                                                         e: Pte,
-                                                                                         level,
-                                                                                         _base,
-                                                                                         _g: &mut Gather<'_>| {
-                if e.markers() & SW_BALLOONED != 0 {
-                    let m = Pte::marker(e.addr(), e.saved_perms(), level, SW_DISCARDED);
-                    slot.store(m.0, Ordering::Release);
-                    pages += level_size(level) / PAGE_SIZE;
-                }
-            });
+            let r = self.visit(
+                self.root(),
+                LEVELS,
+                addr,
+                end,
+                &mut g,
+                &mut budget,
+                &mut |slot, e: Pte, level, _base, _g: &mut Gather<'_>| {
+                    if e.markers() & SW_BALLOONED != 0 {
+                        let m = Pte::marker(e.addr(), e.saved_perms(), level, SW_DISCARDED);
+                        slot.store(m.0, Ordering::Release);
+                        pages += level_size(level) / PAGE_SIZE;
+                    }
+                },
+            );
             drop(l);
             match r {
                 Ok(reached) => addr = reached,
@@ -1244,10 +1259,12 @@ pub(crate) fn state_of(l: Lookup, gpa: u64) -> PageState {
             perms: pte.perms(),
             size: size(level),
         },
-        Lookup::Marker { pte, level } if pte.markers() & SW_BALLOONED != 0 => PageState::Ballooned {
-            hva: Hva(pte.addr() + off(level)),
-            size: size(level),
-        },
+        Lookup::Marker { pte, level } if pte.markers() & SW_BALLOONED != 0 => {
+            PageState::Ballooned {
+                hva: Hva(pte.addr() + off(level)),
+                size: size(level),
+            }
+        }
         Lookup::Marker { pte, level } => PageState::Discarded {
             hva: Hva(pte.addr() + off(level)),
             size: size(level),

@@ -290,7 +290,9 @@ impl<'w> WalkGuard<'w> {
                     let i = (gfn as usize) & (CACHE_SLOTS - 1);
                     self.cache.tags[i].set(gfn + 1);
                     self.cache.vals[i].set(
-                        (hva & !(PAGE_SIZE - 1)) | u64::from(perms.bits()) | (u64::from(level) << 3),
+                        (hva & !(PAGE_SIZE - 1))
+                            | u64::from(perms.bits())
+                            | (u64::from(level) << 3),
                     );
                 }
                 Ok(Translation {
@@ -344,9 +346,7 @@ impl<'w> WalkGuard<'w> {
             // that clears it waits for us); buf has room for n more bytes.
             // The guest may write concurrently: the copy may see a mix,
             // as with any DMA.
-            unsafe {
-                std::ptr::copy_nonoverlapping(hva.as_ptr(), buf.as_mut_ptr().add(done), n)
-            };
+            unsafe { std::ptr::copy_nonoverlapping(hva.as_ptr(), buf.as_mut_ptr().add(done), n) };
             done += n;
         })
     }

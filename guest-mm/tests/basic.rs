@@ -15,8 +15,14 @@ const G1: u64 = 1 << 30;
 fn map_picks_largest_leaves_and_translates() {
     let (t, _) = simulated_table(TableConfig::default());
     // 1 GiB + 2 MiB + 4 KiB, all aligned: one leaf of each size.
-    t.map(Gpa(G1), Hva(FAKE_HVA + G1), G1 + M2 + 4096, Perms::RW, PageSize::Size1G)
-        .unwrap();
+    t.map(
+        Gpa(G1),
+        Hva(FAKE_HVA + G1),
+        G1 + M2 + 4096,
+        Perms::RW,
+        PageSize::Size1G,
+    )
+    .unwrap();
     let cases = [
         (G1 + 12345 * 4096, PageSize::Size1G),
         (2 * G1 + 4096, PageSize::Size2M),
@@ -27,7 +33,11 @@ fn map_picks_largest_leaves_and_translates() {
     for (gpa, size) in cases {
         assert_eq!(
             t.query(Gpa(gpa)),
-            PageState::Present { hva: Hva(FAKE_HVA + gpa), perms: Perms::RW, size }
+            PageState::Present {
+                hva: Hva(FAKE_HVA + gpa),
+                perms: Perms::RW,
+                size
+            }
         );
         let tr = g.translate(Gpa(gpa + 8), Access::Write).unwrap();
         assert_eq!(tr.hva, Hva(FAKE_HVA + gpa + 8));
@@ -42,23 +52,57 @@ fn map_picks_largest_leaves_and_translates() {
 #[test]
 fn max_leaf_and_misaligned_backing_limit_leaf_size() {
     let (t, _) = simulated_table(TableConfig::default());
-    t.map(Gpa(0), Hva(FAKE_HVA), M2, Perms::RW, PageSize::Size4K).unwrap();
-    assert!(matches!(t.query(Gpa(0)), PageState::Present { size: PageSize::Size4K, .. }));
+    t.map(Gpa(0), Hva(FAKE_HVA), M2, Perms::RW, PageSize::Size4K)
+        .unwrap();
+    assert!(matches!(
+        t.query(Gpa(0)),
+        PageState::Present {
+            size: PageSize::Size4K,
+            ..
+        }
+    ));
     // GPA 2M-aligned but host address only 4K-aligned: 4K leaves.
-    t.map(Gpa(M2), Hva(FAKE_HVA + 3 * M2 + 4096), M2, Perms::RW, PageSize::Size1G).unwrap();
-    assert!(matches!(t.query(Gpa(M2)), PageState::Present { size: PageSize::Size4K, .. }));
+    t.map(
+        Gpa(M2),
+        Hva(FAKE_HVA + 3 * M2 + 4096),
+        M2,
+        Perms::RW,
+        PageSize::Size1G,
+    )
+    .unwrap();
+    assert!(matches!(
+        t.query(Gpa(M2)),
+        PageState::Present {
+            size: PageSize::Size4K,
+            ..
+        }
+    ));
 }
 
 #[test]
 fn partial_unmap_splits_huge_leaf_and_keeps_the_rest() {
     let (t, log) = simulated_table(TableConfig::default());
-    t.map(Gpa(0), Hva(FAKE_HVA), G1, Perms::RW, PageSize::Size1G).unwrap();
+    t.map(Gpa(0), Hva(FAKE_HVA), G1, Perms::RW, PageSize::Size1G)
+        .unwrap();
     let mut g = t.gather();
-    t.unmap(&mut g, Gpa(M2 + 4096), 4096, UnmapMode::Remove).unwrap();
+    t.unmap(&mut g, Gpa(M2 + 4096), 4096, UnmapMode::Remove)
+        .unwrap();
     g.finish().unwrap();
     assert_eq!(t.query(Gpa(M2 + 4096)), PageState::Unmapped);
-    assert!(matches!(t.query(Gpa(M2)), PageState::Present { size: PageSize::Size4K, .. }));
-    assert!(matches!(t.query(Gpa(4 * M2)), PageState::Present { size: PageSize::Size2M, .. }));
+    assert!(matches!(
+        t.query(Gpa(M2)),
+        PageState::Present {
+            size: PageSize::Size4K,
+            ..
+        }
+    ));
+    assert!(matches!(
+        t.query(Gpa(4 * M2)),
+        PageState::Present {
+            size: PageSize::Size2M,
+            ..
+        }
+    ));
     assert_eq!(t.stats().splits, 2);
     let log = log.lock().unwrap().clone();
     assert!(log.contains(&Ev::Release(FAKE_HVA + M2 + 4096, 4096)));
@@ -69,15 +113,23 @@ fn partial_unmap_splits_huge_leaf_and_keeps_the_rest() {
 fn unmap_releases_one_coalesced_run_and_frees_tables() {
     let (t, log) = simulated_table(TableConfig { yield_entries: 64 });
     let base_pages = t.stats().table_pages;
-    t.map(Gpa(0), Hva(FAKE_HVA), 64 * M2, Perms::RW, PageSize::Size4K).unwrap();
+    t.map(Gpa(0), Hva(FAKE_HVA), 64 * M2, Perms::RW, PageSize::Size4K)
+        .unwrap();
     assert!(t.stats().table_pages >= base_pages + 64);
     let mut g = t.gather();
     t.unmap(&mut g, Gpa(0), 64 * M2, UnmapMode::Remove).unwrap();
     let st = g.finish().unwrap();
-    assert_eq!(st.release_runs, 1, "contiguous backing must coalesce into one run");
+    assert_eq!(
+        st.release_runs, 1,
+        "contiguous backing must coalesce into one run"
+    );
     assert_eq!(st.released_bytes, 64 * M2);
     t.rcu_barrier();
-    assert_eq!(t.stats().table_pages, base_pages, "empty table pages must be freed");
+    assert_eq!(
+        t.stats().table_pages,
+        base_pages,
+        "empty table pages must be freed"
+    );
     let log = log.lock().unwrap().clone();
     check_order(&log, |h| h - FAKE_HVA);
     // the lock was yielded: many acquisitions for 32K entries at 64 per hold
@@ -87,18 +139,43 @@ fn unmap_releases_one_coalesced_run_and_frees_tables() {
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let (t, log) = simulated_table(TableConfig::default());
-    t.map(Gpa(0), Hva(FAKE_HVA), M2, Perms::RW, PageSize::Size2M).unwrap();
+    t.map(Gpa(0), Hva(FAKE_HVA), M2, Perms::RW, PageSize::Size2M)
+        .unwrap();
     let before = t.stats();
     let cases: Vec<Result<(), MapError>> = vec![
         t.map(Gpa(123), Hva(FAKE_HVA), 4096, Perms::RW, PageSize::Size4K),
         t.map(Gpa(M2), Hva(FAKE_HVA), 4095, Perms::RW, PageSize::Size4K),
-        t.map(Gpa(M2), Hva(FAKE_HVA + 1), 4096, Perms::RW, PageSize::Size4K),
+        t.map(
+            Gpa(M2),
+            Hva(FAKE_HVA + 1),
+            4096,
+            Perms::RW,
+            PageSize::Size4K,
+        ),
         t.map(Gpa(M2), Hva(FAKE_HVA), 0, Perms::RW, PageSize::Size4K),
-        t.map(Gpa(u64::MAX & !4095), Hva(FAKE_HVA), 8192, Perms::RW, PageSize::Size4K),
-        t.map(Gpa(entry::ADDRESS_LIMIT), Hva(FAKE_HVA), 4096, Perms::RW, PageSize::Size4K),
-        t.map(Gpa(M2), Hva(FAKE_HVA), 4096, Perms::default(), PageSize::Size4K),
+        t.map(Gpa(!4095), Hva(FAKE_HVA), 8192, Perms::RW, PageSize::Size4K),
+        t.map(
+            Gpa(entry::ADDRESS_LIMIT),
+            Hva(FAKE_HVA),
+            4096,
+            Perms::RW,
+            PageSize::Size4K,
+        ),
+        t.map(
+            Gpa(M2),
+            Hva(FAKE_HVA),
+            4096,
+            Perms::default(),
+            PageSize::Size4K,
+        ),
         t.map(Gpa(M2), Hva(0x1000), 4096, Perms::RW, PageSize::Size4K),
-        t.map(Gpa(M2), Hva(FAKE_HVA + FAKE_LEN - 4096), 8192, Perms::RW, PageSize::Size4K),
+        t.map(
+            Gpa(M2),
+            Hva(FAKE_HVA + FAKE_LEN - 4096),
+            8192,
+            Perms::RW,
+            PageSize::Size4K,
+        ),
         t.map(Gpa(4096), Hva(FAKE_HVA), 4096, Perms::RW, PageSize::Size4K),
     ];
     for (i, c) in cases.iter().enumerate() {
@@ -117,26 +194,49 @@ fn bad_input_is_refused_and_changes_nothing() {
         Err(UnmapError::Range(RangeError::Unaligned { .. }))
     ));
     assert!(matches!(
-        t.unmap(&mut g, Gpa(0), u64::MAX & !4095, UnmapMode::Remove),
+        t.unmap(&mut g, Gpa(0), !4095, UnmapMode::Remove),
         Err(UnmapError::Range(RangeError::OutOfRange { .. }))
     ));
     let (other, _) = simulated_table(TableConfig::default());
     let mut og = other.gather();
-    assert_eq!(t.unmap(&mut og, Gpa(0), 4096, UnmapMode::Remove), Err(UnmapError::WrongTable));
+    assert_eq!(
+        t.unmap(&mut og, Gpa(0), 4096, UnmapMode::Remove),
+        Err(UnmapError::WrongTable)
+    );
     drop(og);
     g.finish().unwrap();
-    assert!(matches!(t.query(Gpa(0)), PageState::Present { size: PageSize::Size2M, .. }));
+    assert!(matches!(
+        t.query(Gpa(0)),
+        PageState::Present {
+            size: PageSize::Size2M,
+            ..
+        }
+    ));
     assert_eq!(t.stats().splits, before.splits);
-    assert!(log.lock().unwrap().iter().all(|e| !matches!(e, Ev::Release(..))));
+    assert!(log
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|e| !matches!(e, Ev::Release(..))));
     // double registration
     let r: Arc<dyn InvalidationSubscriber> = Arc::new(Recorder(Default::default()));
     let id = t.register_subscriber(r.clone()).unwrap();
-    assert_eq!(t.register_subscriber(r), Err(SubscribeError::AlreadyRegistered(id)));
+    assert_eq!(
+        t.register_subscriber(r),
+        Err(SubscribeError::AlreadyRegistered(id))
+    );
     t.unregister_subscriber(id).unwrap();
-    assert_eq!(t.unregister_subscriber(id), Err(SubscribeError::NotRegistered(id)));
+    assert_eq!(
+        t.unregister_subscriber(id),
+        Err(SubscribeError::NotRegistered(id))
+    );
     // backing overlap
     assert!(matches!(
-        t.register_backing(BackingRegion { hva: Hva(FAKE_HVA + 4096), len: 4096, kind: BackingKind::Anonymous }),
+        t.register_backing(BackingRegion {
+            hva: Hva(FAKE_HVA + 4096),
+            len: 4096,
+            kind: BackingKind::Anonymous
+        }),
         Err(BackingError::Overlap { .. })
     ));
 }
@@ -144,7 +244,8 @@ fn bad_input_is_refused_and_changes_nothing() {
 #[test]
 fn discard_faults_back_in_and_balloon_deflates() {
     let (t, _) = simulated_table(TableConfig::default());
-    t.map(Gpa(0), Hva(FAKE_HVA), 2 * M2, Perms::RW, PageSize::Size2M).unwrap();
+    t.map(Gpa(0), Hva(FAKE_HVA), 2 * M2, Perms::RW, PageSize::Size2M)
+        .unwrap();
     let mut g = t.gather();
     t.unmap(&mut g, Gpa(0), M2, UnmapMode::Discard).unwrap();
     t.unmap(&mut g, Gpa(M2), M2, UnmapMode::Balloon).unwrap();
@@ -152,49 +253,86 @@ fn discard_faults_back_in_and_balloon_deflates() {
     let mut w = t.walker();
     {
         let p = w.pin();
-        assert_eq!(p.translate(Gpa(4096), Access::Read).unwrap_err(), WalkError::Discarded(Gpa(4096)));
-        assert_eq!(p.translate(Gpa(M2), Access::Read).unwrap_err(), WalkError::Ballooned(Gpa(M2)));
+        assert_eq!(
+            p.translate(Gpa(4096), Access::Read).unwrap_err(),
+            WalkError::Discarded(Gpa(4096))
+        );
+        assert_eq!(
+            p.translate(Gpa(M2), Access::Read).unwrap_err(),
+            WalkError::Ballooned(Gpa(M2))
+        );
     }
     assert_eq!(
         t.fault_in(Gpa(8192)),
-        Ok(FaultOutcome::Restored { leaf_gpa: Gpa(0), leaf_hva: Hva(FAKE_HVA), size: PageSize::Size2M })
+        Ok(FaultOutcome::Restored {
+            leaf_gpa: Gpa(0),
+            leaf_hva: Hva(FAKE_HVA),
+            size: PageSize::Size2M
+        })
     );
     assert_eq!(t.fault_in(Gpa(M2)), Err(FaultError::Ballooned(Gpa(M2))));
     assert_eq!(t.deflate(Gpa(M2), M2).unwrap(), 512);
-    assert!(matches!(t.fault_in(Gpa(M2)), Ok(FaultOutcome::Restored { .. })));
-    assert!(matches!(t.fault_in(Gpa(M2)), Ok(FaultOutcome::AlreadyPresent { .. })));
-    assert_eq!(t.fault_in(Gpa(4 * M2)), Err(FaultError::NotMapped(Gpa(4 * M2))));
+    assert!(matches!(
+        t.fault_in(Gpa(M2)),
+        Ok(FaultOutcome::Restored { .. })
+    ));
+    assert!(matches!(
+        t.fault_in(Gpa(M2)),
+        Ok(FaultOutcome::AlreadyPresent { .. })
+    ));
+    assert_eq!(
+        t.fault_in(Gpa(4 * M2)),
+        Err(FaultError::NotMapped(Gpa(4 * M2)))
+    );
     // fault with a stale sequence must retry
     let seq = t.invalidate_seq();
     let mut g = t.gather();
     t.unmap(&mut g, Gpa(0), 4096, UnmapMode::Discard).unwrap();
     g.finish().unwrap();
-    assert_eq!(t.fault_in_if_unchanged(Gpa(0), seq), Err(FaultError::Retry(Gpa(0))));
+    assert_eq!(
+        t.fault_in_if_unchanged(Gpa(0), seq),
+        Err(FaultError::Retry(Gpa(0)))
+    );
     assert!(t.fault_in_if_unchanged(Gpa(0), t.invalidate_seq()).is_ok());
 }
 
 #[test]
 fn protect_downgrade_invalidates_cached_write_translation() {
     let (t, log) = simulated_table(TableConfig::default());
-    t.map(Gpa(0), Hva(FAKE_HVA), M2, Perms::RW, PageSize::Size2M).unwrap();
+    t.map(Gpa(0), Hva(FAKE_HVA), M2, Perms::RW, PageSize::Size2M)
+        .unwrap();
     let mut w = t.walker();
     assert!(w.pin().translate(Gpa(0), Access::Write).is_ok());
     let mut g = t.gather();
     t.protect(&mut g, Gpa(0), 4096, Perms::R).unwrap();
     g.finish().unwrap();
     let p = w.pin();
-    assert!(matches!(p.translate(Gpa(0), Access::Write), Err(WalkError::PermissionDenied { .. })));
+    assert!(matches!(
+        p.translate(Gpa(0), Access::Write),
+        Err(WalkError::PermissionDenied { .. })
+    ));
     assert!(p.translate(Gpa(0), Access::Read).is_ok());
     assert!(p.translate(Gpa(4096), Access::Write).is_ok());
     drop(p);
     assert!(w.stats().shootdowns >= 1);
-    assert!(log.lock().unwrap().iter().all(|e| !matches!(e, Ev::Release(..))));
+    assert!(log
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|e| !matches!(e, Ev::Release(..))));
 }
 
 #[test]
 fn no_walk_yields_old_backing_after_unmap_returns() {
     let (t, _) = simulated_table(TableConfig::default());
-    t.map(Gpa(0), Hva(FAKE_HVA), 16 * 4096, Perms::RW, PageSize::Size4K).unwrap();
+    t.map(
+        Gpa(0),
+        Hva(FAKE_HVA),
+        16 * 4096,
+        Perms::RW,
+        PageSize::Size4K,
+    )
+    .unwrap();
     let mut w = t.walker();
     {
         let p = w.pin();
@@ -203,11 +341,15 @@ fn no_walk_yields_old_backing_after_unmap_returns() {
         }
     }
     let mut g = t.gather();
-    t.unmap(&mut g, Gpa(0), 8 * 4096, UnmapMode::Remove).unwrap();
+    t.unmap(&mut g, Gpa(0), 8 * 4096, UnmapMode::Remove)
+        .unwrap();
     g.finish().unwrap();
     let p = w.pin();
     for i in 0..8 {
-        assert_eq!(p.translate(Gpa(i * 4096), Access::Read), Err(WalkError::NotMapped(Gpa(i * 4096))));
+        assert_eq!(
+            p.translate(Gpa(i * 4096), Access::Read),
+            Err(WalkError::NotMapped(Gpa(i * 4096)))
+        );
     }
     assert!(p.translate(Gpa(8 * 4096), Access::Read).is_ok());
 }
@@ -219,15 +361,29 @@ fn real_anonymous_memory_comes_back() {
     mem.touch();
     assert_eq!(resident_bytes(mem.addr, len), len);
     let t = Stage2Table::new(TableConfig::default()).unwrap();
-    t.register_backing(BackingRegion { hva: Hva(mem.addr), len, kind: BackingKind::Anonymous }).unwrap();
-    t.map(Gpa(0), Hva(mem.addr), len, Perms::RW, PageSize::Size4K).unwrap();
+    t.register_backing(BackingRegion {
+        hva: Hva(mem.addr),
+        len,
+        kind: BackingKind::Anonymous,
+    })
+    .unwrap();
+    t.map(Gpa(0), Hva(mem.addr), len, Perms::RW, PageSize::Size4K)
+        .unwrap();
     let rss0 = guest_mm::stress::rss_bytes();
     let mut g = t.gather();
-    t.unmap(&mut g, Gpa(4096), len - 8192, UnmapMode::Remove).unwrap();
+    t.unmap(&mut g, Gpa(4096), len - 8192, UnmapMode::Remove)
+        .unwrap();
     g.finish().unwrap();
-    assert_eq!(resident_bytes(mem.addr, len), 8192, "first and last page stay");
+    assert_eq!(
+        resident_bytes(mem.addr, len),
+        8192,
+        "first and last page stay"
+    );
     let rss1 = guest_mm::stress::rss_bytes();
-    assert!(rss0.saturating_sub(rss1) >= len / 2, "RSS must drop by ~64 MiB: {rss0} -> {rss1}");
+    assert!(
+        rss0.saturating_sub(rss1) >= len / 2,
+        "RSS must drop by ~64 MiB: {rss0} -> {rss1}"
+    );
     // table overhead at 4 KiB leaves
     let st = t.stats();
     assert_eq!(st.release_calls, 1);
@@ -241,7 +397,14 @@ fn memfd_backing_is_punched() {
         let fd = libc::memfd_create(c"gmm-test".as_ptr(), 0);
         assert!(fd >= 0);
         assert_eq!(libc::ftruncate(fd, len as i64), 0);
-        let p = libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
         assert_ne!(p, libc::MAP_FAILED);
         (fd, p as u64)
     };
@@ -258,8 +421,14 @@ fn memfd_backing_is_punched() {
     };
     assert!(blocks(fd) >= len);
     let t = Stage2Table::new(TableConfig::default()).unwrap();
-    t.register_backing(BackingRegion { hva: Hva(addr), len, kind: BackingKind::SharedFile { fd, offset: 0 } }).unwrap();
-    t.map(Gpa(0), Hva(addr), len, Perms::RW, PageSize::Size2M).unwrap();
+    t.register_backing(BackingRegion {
+        hva: Hva(addr),
+        len,
+        kind: BackingKind::SharedFile { fd, offset: 0 },
+    })
+    .unwrap();
+    t.map(Gpa(0), Hva(addr), len, Perms::RW, PageSize::Size2M)
+        .unwrap();
     let mut g = t.gather();
     t.unmap(&mut g, Gpa(0), len, UnmapMode::Remove).unwrap();
     g.finish().unwrap();
@@ -280,17 +449,26 @@ fn hugetlb_releases_only_whole_huge_pages() {
     t.register_backing(BackingRegion {
         hva: Hva(mem.addr),
         len,
-        kind: BackingKind::Hugetlb { page_size: M2, file: None },
+        kind: BackingKind::Hugetlb {
+            page_size: M2,
+            file: None,
+        },
     })
     .unwrap();
-    t.map(Gpa(0), Hva(mem.addr), len, Perms::RW, PageSize::Size4K).unwrap();
+    t.map(Gpa(0), Hva(mem.addr), len, Perms::RW, PageSize::Size4K)
+        .unwrap();
     let mut g = t.gather();
     // half of huge page 0 and a quarter of page 1: nothing may be released
-    t.unmap(&mut g, Gpa(M2 / 2), M2 / 2 + M2 / 4, UnmapMode::Remove).unwrap();
+    t.unmap(&mut g, Gpa(M2 / 2), M2 / 2 + M2 / 4, UnmapMode::Remove)
+        .unwrap();
     g.finish().unwrap();
     assert_eq!(t.stats().release_calls, 0);
     assert_eq!(t.stats().partial_huge_pages, 2);
-    assert_eq!(resident_bytes(mem.addr, len), len, "a partial huge page must not be released");
+    assert_eq!(
+        resident_bytes(mem.addr, len),
+        len,
+        "a partial huge page must not be released"
+    );
     // the rest of page 0: now it goes, whole
     let mut g = t.gather();
     t.unmap(&mut g, Gpa(0), M2 / 2, UnmapMode::Remove).unwrap();

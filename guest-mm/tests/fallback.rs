@@ -12,14 +12,21 @@ const M2: u64 = 2 << 20;
 fn map_scattered(t: &Stage2Table, pages: u64) {
     for i in 0..pages {
         let hva = FAKE_HVA + (pages - 1 - i) * 8192;
-        t.map(Gpa(i * 4096), Hva(hva), 4096, Perms::RW, PageSize::Size4K).unwrap();
+        t.map(Gpa(i * 4096), Hva(hva), 4096, Perms::RW, PageSize::Size4K)
+            .unwrap();
     }
 }
 
 fn released(log: &[Ev]) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = log
         .iter()
-        .filter_map(|e| if let Ev::Release(h, l) = e { Some((*h, *l)) } else { None })
+        .filter_map(|e| {
+            if let Ev::Release(h, l) = e {
+                Some((*h, *l))
+            } else {
+                None
+            }
+        })
         .collect();
     v.sort();
     v
@@ -33,12 +40,13 @@ fn batch_allocation_failure_uses_on_stack_array_and_frees_everything_in_order() 
     let tables = t.stats().table_pages;
     t.faults.batch_alloc.fail_always();
     let mut g = t.gather();
-    t.unmap(&mut g, Gpa(0), pages * 4096, UnmapMode::Remove).unwrap();
+    t.unmap(&mut g, Gpa(0), pages * 4096, UnmapMode::Remove)
+        .unwrap();
     let st = g.finish().unwrap();
     assert!(st.fallback_batches > 0);
     assert_eq!(st.batch_allocs, 0);
     // 8 local slots less the reserve: many early flushes
-    assert!(st.flushes as u64 > pages / 8, "flushes {}", st.flushes);
+    assert!(st.flushes > pages / 8, "flushes {}", st.flushes);
     let log = log.lock().unwrap().clone();
     let rel = released(&log);
     assert_eq!(rel.len() as u64, pages, "every page released exactly once");
@@ -53,11 +61,14 @@ fn batch_allocation_failure_uses_on_stack_array_and_frees_everything_in_order() 
 
 #[test]
 fn batch_cap_forces_a_flush() {
-    let (t, log) = simulated_table(TableConfig { yield_entries: 1 << 20 });
+    let (t, log) = simulated_table(TableConfig {
+        yield_entries: 1 << 20,
+    });
     let pages = 12_000;
     map_scattered(&t, pages);
     let mut g = t.gather();
-    t.unmap(&mut g, Gpa(0), pages * 4096, UnmapMode::Remove).unwrap();
+    t.unmap(&mut g, Gpa(0), pages * 4096, UnmapMode::Remove)
+        .unwrap();
     let st = g.finish().unwrap();
     assert!(st.forced_flushes >= 1, "{st:?}");
     assert!(st.batch_allocs as usize <= gather::MAX_BATCHES);
@@ -67,7 +78,8 @@ fn batch_cap_forces_a_flush() {
 #[test]
 fn deferred_free_failure_falls_back_to_synchronous_grace_period() {
     let (t, _) = simulated_table(TableConfig::default());
-    t.map(Gpa(0), Hva(FAKE_HVA), 8 * M2, Perms::RW, PageSize::Size4K).unwrap();
+    t.map(Gpa(0), Hva(FAKE_HVA), 8 * M2, Perms::RW, PageSize::Size4K)
+        .unwrap();
     t.faults.defer_alloc.fail_always();
     let mut g = t.gather();
     t.unmap(&mut g, Gpa(0), 8 * M2, UnmapMode::Remove).unwrap();
@@ -90,21 +102,35 @@ fn table_page_allocation_failure_in_map_leaves_nothing_mapped() {
     for i in 0..16 * 512 {
         assert_eq!(t.query(Gpa(i * 4096)), PageState::Unmapped);
     }
-    assert!(log.lock().unwrap().iter().all(|e| !matches!(e, Ev::Release(..))), "rollback must not release backing");
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .all(|e| !matches!(e, Ev::Release(..))),
+        "rollback must not release backing"
+    );
     t.rcu_barrier();
     assert_eq!(t.stats().table_pages, 1);
     // and the table still works
-    t.map(Gpa(0), Hva(FAKE_HVA), 16 * M2, Perms::RW, PageSize::Size4K).unwrap();
+    t.map(Gpa(0), Hva(FAKE_HVA), 16 * M2, Perms::RW, PageSize::Size4K)
+        .unwrap();
 }
 
 #[test]
 fn split_allocation_failure_reports_progress() {
     let (t, _) = simulated_table(TableConfig::default());
-    t.map(Gpa(0), Hva(FAKE_HVA), 4 * M2, Perms::RW, PageSize::Size2M).unwrap();
+    t.map(Gpa(0), Hva(FAKE_HVA), 4 * M2, Perms::RW, PageSize::Size2M)
+        .unwrap();
     t.faults.table_alloc.fail_always();
     let mut g = t.gather();
     let r = t.unmap(&mut g, Gpa(M2 + 4096), 4096, UnmapMode::Remove);
     assert_eq!(r, Err(UnmapError::OutOfMemory { at: Gpa(M2 + 4096) }));
     g.finish().unwrap();
-    assert!(matches!(t.query(Gpa(M2 + 4096)), PageState::Present { size: PageSize::Size2M, .. }));
+    assert!(matches!(
+        t.query(Gpa(M2 + 4096)),
+        PageState::Present {
+            size: PageSize::Size2M,
+            ..
+        }
+    ));
 }

@@ -33,7 +33,8 @@ fn setup(pages: u64, leaf: PageSize) -> (Arc<Stage2Table>, Arc<AtomicUsize>) {
         },
     })
     .unwrap();
-    t.map(Gpa(0), Hva(FAKE), pages * PAGE, Perms::RW, leaf).unwrap();
+    t.map(Gpa(0), Hva(FAKE), pages * PAGE, Perms::RW, leaf)
+        .unwrap();
     (t, released)
 }
 
@@ -52,14 +53,19 @@ fn walker_vs_unmap_vs_deferred_free() {
             match g.translate(Gpa(PAGE), Access::Read) {
                 Ok(tr) => {
                     assert_eq!(tr.hva, Hva(FAKE + PAGE));
-                    assert_eq!(rel.load(Ordering::Relaxed) & 2, 0, "backing released under a reader");
+                    assert_eq!(
+                        rel.load(Ordering::Relaxed) & 2,
+                        0,
+                        "backing released under a reader"
+                    );
                 }
                 Err(WalkError::NotMapped(_)) => {}
                 Err(e) => panic!("walk failed: {e:?}"),
             }
         });
         let mut g = t.gather();
-        t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove).unwrap();
+        t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove)
+            .unwrap();
         g.finish().unwrap();
         t.rcu_barrier();
         assert_eq!(released.load(Ordering::Relaxed), 3);
@@ -80,12 +86,20 @@ fn racing_unmappers_complete_only_after_release() {
             let mut g = t2.gather();
             let _ = t2.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove);
             g.finish().unwrap();
-            assert_eq!(rel.load(Ordering::Relaxed), 3, "second unmapper completed early");
+            assert_eq!(
+                rel.load(Ordering::Relaxed),
+                3,
+                "second unmapper completed early"
+            );
         });
         let mut g = t.gather();
         let _ = t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove);
         g.finish().unwrap();
-        assert_eq!(released.load(Ordering::Relaxed), 3, "first unmapper completed early");
+        assert_eq!(
+            released.load(Ordering::Relaxed),
+            3,
+            "first unmapper completed early"
+        );
         b.join().unwrap();
     });
 }
@@ -107,7 +121,11 @@ fn cache_shootdown_vs_release() {
             let g = walker.pin();
             if let Ok(tr) = g.translate(Gpa(0), Access::Read) {
                 assert_eq!(tr.hva, Hva(FAKE));
-                assert_eq!(rel.load(Ordering::Relaxed), 0, "cached translation used after release");
+                assert_eq!(
+                    rel.load(Ordering::Relaxed),
+                    0,
+                    "cached translation used after release"
+                );
             }
         });
         let mut g = t.gather();
@@ -128,7 +146,9 @@ fn split_is_atomic_for_walkers() {
         let w = thread::spawn(move || {
             let mut walker = Walker::new(&t2);
             let g = walker.pin();
-            let tr = g.translate_uncached(Gpa(0), Access::Read).expect("page 0 must stay mapped");
+            let tr = g
+                .translate_uncached(Gpa(0), Access::Read)
+                .expect("page 0 must stay mapped");
             assert_eq!(tr.hva, Hva(FAKE));
         });
         let mut g = t.gather();

@@ -38,7 +38,13 @@ impl Oracle {
         if let Some((&s, &seg)) = self.m.range(..a).next_back() {
             if seg.end > a {
                 self.m.insert(s, Seg { end: a, ..seg });
-                self.m.insert(a, Seg { hva: seg.hva + (a - s), ..seg });
+                self.m.insert(
+                    a,
+                    Seg {
+                        hva: seg.hva + (a - s),
+                        ..seg
+                    },
+                );
             }
         }
     }
@@ -70,7 +76,15 @@ impl Oracle {
         }
     }
     fn insert(&mut self, s: u64, e: u64, hva: u64, perms: Perms) {
-        self.m.insert(s, Seg { end: e, hva, perms, kind: Kind::Present });
+        self.m.insert(
+            s,
+            Seg {
+                end: e,
+                hva,
+                perms,
+                kind: Kind::Present,
+            },
+        );
     }
     fn count(&self, s: u64, e: u64, kind: Kind) -> u64 {
         let first = self.m.range(..s).next_back().map(|(&k, _)| k).unwrap_or(s);
@@ -84,13 +98,40 @@ impl Oracle {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Map { gpa: u64, len: u64, hva_skew: bool, perms: Perms, leaf: PageSize },
-    Unmap { gpa: u64, len: u64, mode: UnmapMode, existing: bool },
-    Protect { gpa: u64, len: u64, perms: Perms },
-    Fault { gpa: u64 },
-    Deflate { gpa: u64, len: u64 },
+    Map {
+        gpa: u64,
+        len: u64,
+        hva_skew: bool,
+        perms: Perms,
+        leaf: PageSize,
+    },
+    Unmap {
+        gpa: u64,
+        len: u64,
+        mode: UnmapMode,
+        existing: bool,
+    },
+    Protect {
+        gpa: u64,
+        len: u64,
+        perms: Perms,
+    },
+    Fault {
+        gpa: u64,
+    },
+    Deflate {
+        gpa: u64,
+        len: u64,
+    },
     /// A sub-range of an earlier successful map (resolved at run time).
-    Prev { pick: u16, off: u16, len: u16, what: u8, mode: UnmapMode, perms: Perms },
+    Prev {
+        pick: u16,
+        off: u16,
+        len: u16,
+        what: u8,
+        mode: UnmapMode,
+        perms: Perms,
+    },
 }
 
 fn range() -> impl Strategy<Value = (u64, u64)> {
@@ -103,11 +144,20 @@ fn range() -> impl Strategy<Value = (u64, u64)> {
 }
 
 fn perms() -> impl Strategy<Value = Perms> {
-    prop_oneof![Just(Perms::R), Just(Perms::RW), Just(Perms::RWX), Just(Perms::RX)]
+    prop_oneof![
+        Just(Perms::R),
+        Just(Perms::RW),
+        Just(Perms::RWX),
+        Just(Perms::RX)
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let leaf = prop_oneof![Just(PageSize::Size4K), Just(PageSize::Size2M), Just(PageSize::Size1G)];
+    let leaf = prop_oneof![
+        Just(PageSize::Size4K),
+        Just(PageSize::Size2M),
+        Just(PageSize::Size1G)
+    ];
     let mode = prop_oneof![
         Just(UnmapMode::Remove),
         Just(UnmapMode::Discard),
@@ -134,7 +184,11 @@ fn check_page(t: &Stage2Table, o: &Oracle, a: u64) {
             assert_eq!((hva.0, perms), (h, p), "page {a:#x}");
             // the leaf must lie inside one oracle run with contiguous backing
             let base = a & !(size.bytes() - 1);
-            assert_eq!(o.get(base).map(|x| x.0), Some(h - (a - base)), "leaf {size} at {base:#x}");
+            assert_eq!(
+                o.get(base).map(|x| x.0),
+                Some(h - (a - base)),
+                "leaf {size} at {base:#x}"
+            );
         }
         (Some((h, _, Kind::Discarded)), PageState::Discarded { hva, .. }) => assert_eq!(hva.0, h),
         (Some((h, _, Kind::Ballooned)), PageState::Ballooned { hva, .. }) => assert_eq!(hva.0, h),
@@ -146,7 +200,13 @@ fn apply(t: &Stage2Table, o: &mut Oracle, op: &Op) -> bool {
     let ok;
     match *op {
         Op::Prev { .. } => unreachable!("resolved before apply"),
-        Op::Map { gpa, len, hva_skew, perms, leaf } => {
+        Op::Map {
+            gpa,
+            len,
+            hva_skew,
+            perms,
+            leaf,
+        } => {
             let hva = FAKE_HVA + gpa + if hva_skew { K4 } else { 0 };
             let r = t.map(Gpa(gpa), Hva(hva), len, perms, leaf);
             ok = r.is_ok();
@@ -157,7 +217,12 @@ fn apply(t: &Stage2Table, o: &mut Oracle, op: &Op) -> bool {
                 assert!(matches!(r, Err(MapError::AlreadyMapped(_))), "{r:?}");
             }
         }
-        Op::Unmap { gpa, len, mode, existing } => {
+        Op::Unmap {
+            gpa,
+            len,
+            mode,
+            existing,
+        } => {
             let mut g = t.gather();
             let full = o.covered(gpa, gpa + len) == len;
             let r = if existing {
@@ -171,9 +236,15 @@ fn apply(t: &Stage2Table, o: &mut Oracle, op: &Op) -> bool {
                 r.unwrap();
                 o.update(gpa, gpa + len, |s| match mode {
                     UnmapMode::Remove | UnmapMode::Detach => None,
-                    UnmapMode::Discard if s.kind == Kind::Present => Some(Seg { kind: Kind::Discarded, ..s }),
+                    UnmapMode::Discard if s.kind == Kind::Present => Some(Seg {
+                        kind: Kind::Discarded,
+                        ..s
+                    }),
                     UnmapMode::Discard => Some(s),
-                    UnmapMode::Balloon => Some(Seg { kind: Kind::Ballooned, ..s }),
+                    UnmapMode::Balloon => Some(Seg {
+                        kind: Kind::Ballooned,
+                        ..s
+                    }),
                 });
             } else {
                 assert!(matches!(r, Err(UnmapError::NotMapped(_))), "{r:?}");
@@ -197,14 +268,32 @@ fn apply(t: &Stage2Table, o: &mut Oracle, op: &Op) -> bool {
             ok = matches!(r, Ok(FaultOutcome::Restored { .. }));
             match (o.get(gpa), before) {
                 (None, _) => assert_eq!(r, Err(FaultError::NotMapped(Gpa(gpa)))),
-                (Some((_, _, Kind::Ballooned)), _) => assert_eq!(r, Err(FaultError::Ballooned(Gpa(gpa)))),
-                (Some((_, _, Kind::Present)), _) => assert!(matches!(r, Ok(FaultOutcome::AlreadyPresent { .. }))),
+                (Some((_, _, Kind::Ballooned)), _) => {
+                    assert_eq!(r, Err(FaultError::Ballooned(Gpa(gpa))))
+                }
+                (Some((_, _, Kind::Present)), _) => {
+                    assert!(matches!(r, Ok(FaultOutcome::AlreadyPresent { .. })))
+                }
                 (Some((_, _, Kind::Discarded)), PageState::Discarded { size, .. }) => {
-                    let Ok(FaultOutcome::Restored { leaf_gpa, size: s2, .. }) = r else { panic!("{r:?}") };
+                    let Ok(FaultOutcome::Restored {
+                        leaf_gpa, size: s2, ..
+                    }) = r
+                    else {
+                        panic!("{r:?}")
+                    };
                     assert_eq!(s2, size);
                     let e = leaf_gpa.0 + size.bytes();
-                    assert_eq!(o.count(leaf_gpa.0, e, Kind::Discarded), size.bytes(), "a discarded leaf is discarded as a whole");
-                    o.update(leaf_gpa.0, e, |s| Some(Seg { kind: Kind::Present, ..s }));
+                    assert_eq!(
+                        o.count(leaf_gpa.0, e, Kind::Discarded),
+                        size.bytes(),
+                        "a discarded leaf is discarded as a whole"
+                    );
+                    o.update(leaf_gpa.0, e, |s| {
+                        Some(Seg {
+                            kind: Kind::Present,
+                            ..s
+                        })
+                    });
                 }
                 (want, got) => panic!("fault at {gpa:#x}: oracle {want:?} table {got:?}"),
             }
@@ -214,7 +303,14 @@ fn apply(t: &Stage2Table, o: &mut Oracle, op: &Op) -> bool {
             ok = n > 0;
             assert_eq!(n * K4, o.count(gpa, gpa + len, Kind::Ballooned));
             o.update(gpa, gpa + len, |s| {
-                Some(if s.kind == Kind::Ballooned { Seg { kind: Kind::Discarded, ..s } } else { s })
+                Some(if s.kind == Kind::Ballooned {
+                    Seg {
+                        kind: Kind::Discarded,
+                        ..s
+                    }
+                } else {
+                    s
+                })
             });
         }
     }
@@ -223,7 +319,17 @@ fn apply(t: &Stage2Table, o: &mut Oracle, op: &Op) -> bool {
 
 /// Turn a `Prev` op into a concrete one over an earlier map.
 fn resolve(op: &Op, maps: &[(u64, u64)]) -> Op {
-    let Op::Prev { pick, off, len, what, mode, perms } = *op else { return op.clone() };
+    let Op::Prev {
+        pick,
+        off,
+        len,
+        what,
+        mode,
+        perms,
+    } = *op
+    else {
+        return op.clone();
+    };
     if maps.is_empty() {
         return Op::Fault { gpa: 0 };
     }
@@ -233,7 +339,12 @@ fn resolve(op: &Op, maps: &[(u64, u64)]) -> Op {
     let n = 1 + len as u64 % (pages - o);
     let (gpa, len) = (g + o * K4, n * K4);
     match what {
-        0 | 1 => Op::Unmap { gpa, len, mode, existing: false },
+        0 | 1 => Op::Unmap {
+            gpa,
+            len,
+            mode,
+            existing: false,
+        },
         2 => Op::Protect { gpa, len, perms },
         _ => Op::Fault { gpa },
     }
@@ -242,7 +353,10 @@ fn resolve(op: &Op, maps: &[(u64, u64)]) -> Op {
 fn op_range(op: &Op) -> (u64, u64) {
     match *op {
         Op::Prev { .. } => (0, K4),
-        Op::Map { gpa, len, .. } | Op::Unmap { gpa, len, .. } | Op::Protect { gpa, len, .. } | Op::Deflate { gpa, len } => (gpa, len),
+        Op::Map { gpa, len, .. }
+        | Op::Unmap { gpa, len, .. }
+        | Op::Protect { gpa, len, .. }
+        | Op::Deflate { gpa, len } => (gpa, len),
         Op::Fault { gpa } => (gpa, K4),
     }
 }
@@ -279,7 +393,7 @@ proptest! {
         // every oracle run boundary, and the walker agrees with query
         let mut w = t.walker();
         for (&k, seg) in o.m.iter() {
-            for a in [k, seg.end - K4, (k + seg.end) / 2 & !(K4 - 1)] {
+            for a in [k, seg.end - K4, ((k + seg.end) / 2) & !(K4 - 1)] {
                 check_page(&t, &o, a);
                 let p = w.pin();
                 let r = p.translate(Gpa(a), Access::Read);

@@ -35,7 +35,8 @@ impl InvalidationSubscriber for Gate {
 
 fn setup() -> (Arc<Stage2Table>, Log, Arc<Gate>) {
     let (t, log) = simulated_table(TableConfig::default());
-    t.map(Gpa(0), Hva(FAKE_HVA), 2 * M2, Perms::RW, PageSize::Size4K).unwrap();
+    t.map(Gpa(0), Hva(FAKE_HVA), 2 * M2, Perms::RW, PageSize::Size4K)
+        .unwrap();
     let gate = Arc::new(Gate {
         entered: Barrier::new(2),
         open: Mutex::new(false),
@@ -47,7 +48,10 @@ fn setup() -> (Arc<Stage2Table>, Log, Arc<Gate>) {
 }
 
 fn released_first_range(log: &Log) -> bool {
-    log.lock().unwrap().iter().any(|e| matches!(e, Ev::Release(h, _) if *h == FAKE_HVA))
+    log.lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, Ev::Release(h, _) if *h == FAKE_HVA))
 }
 
 fn race(second_start: u64, second_len: u64, strict: bool) {
@@ -77,7 +81,10 @@ fn race(second_start: u64, second_len: u64, strict: bool) {
         (r, ok)
     });
     std::thread::sleep(Duration::from_millis(150));
-    assert!(!done.load(Ordering::SeqCst), "second unmapper completed before the first released");
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "second unmapper completed before the first released"
+    );
     *gate.open.lock().unwrap() = true;
     gate.cv.notify_all();
     first.join().unwrap();
@@ -130,7 +137,10 @@ fn fault_waits_for_pending_release() {
         (r, ok)
     });
     std::thread::sleep(Duration::from_millis(150));
-    assert!(!done.load(Ordering::SeqCst), "a fault resurrected a page whose release is in flight");
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "a fault resurrected a page whose release is in flight"
+    );
     *gate.open.lock().unwrap() = true;
     gate.cv.notify_all();
     first.join().unwrap();
@@ -140,7 +150,11 @@ fn fault_waits_for_pending_release() {
     // and with a sequence snapshot taken before, the fault must retry
     let seq = t.invalidate_seq();
     let mut g = t.gather();
-    t.unmap(&mut g, Gpa(4096), 4096, UnmapMode::Discard).unwrap();
+    t.unmap(&mut g, Gpa(4096), 4096, UnmapMode::Discard)
+        .unwrap();
     g.finish().unwrap();
-    assert_eq!(t.fault_in_if_unchanged(Gpa(4096), seq), Err(FaultError::Retry(Gpa(4096))));
+    assert_eq!(
+        t.fault_in_if_unchanged(Gpa(4096), seq),
+        Err(FaultError::Retry(Gpa(4096)))
+    );
 }

@@ -8,14 +8,24 @@ use guest_mm::stress::{run, StressConfig};
 fn check(cfg: StressConfig) {
     let r = run(&cfg).expect("stress set-up");
     eprintln!("{r:#?}");
-    assert!(r.walks_ok > 1000, "walkers must have translated: {}", r.walks_ok);
+    assert!(
+        r.walks_ok > 1000,
+        "walkers must have translated: {}",
+        r.walks_ok
+    );
     assert!(r.unmaps > 20 && r.maps > 10, "mutators must have worked");
     assert_eq!(r.use_after_free, 0);
     assert_eq!(r.stale_translations, 0);
     assert_eq!(r.not_released, 0);
     assert_eq!(r.oracle_mismatch, 0);
-    assert_eq!(r.region_resident_end_bytes, 0, "teardown must release every page");
-    assert_eq!(r.table_pages_end, 1, "only the root may stay after teardown + barrier");
+    assert_eq!(
+        r.region_resident_end_bytes, 0,
+        "teardown must release every page"
+    );
+    assert_eq!(
+        r.table_pages_end, 1,
+        "only the root may stay after teardown + barrier"
+    );
 }
 
 #[test]
@@ -35,6 +45,9 @@ fn stress_with_batch_allocation_failures() {
         ..StressConfig::default()
     };
     let r = run(&cfg).expect("stress set-up");
-    assert!(r.fallback_batches > 0, "the on-stack fallback must have been used");
+    assert!(
+        r.fallback_batches > 0,
+        "the on-stack fallback must have been used"
+    );
     check(cfg);
 }

@@ -27,7 +27,10 @@ pub struct Recorder(pub Log);
 
 impl InvalidationSubscriber for Recorder {
     fn invalidate_range_start(&self, inv: &Invalidation) {
-        self.0.lock().unwrap().push(Ev::Start(inv.start.0, inv.end.0));
+        self.0
+            .lock()
+            .unwrap()
+            .push(Ev::Start(inv.start.0, inv.end.0));
     }
     fn invalidate_range_end(&self, inv: &Invalidation) {
         self.0.lock().unwrap().push(Ev::End(inv.start.0, inv.end.0));
@@ -50,7 +53,8 @@ pub fn simulated_table(cfg: TableConfig) -> (Arc<Stage2Table>, Log) {
         },
     })
     .unwrap();
-    t.register_subscriber(Arc::new(Recorder(log.clone()))).unwrap();
+    t.register_subscriber(Arc::new(Recorder(log.clone())))
+        .unwrap();
     (t, log)
 }
 
@@ -78,8 +82,12 @@ pub fn check_order_with(log: &[Ev], covered: impl Fn(u64, u64, u64, u64) -> bool
                 open = None;
             }
             Ev::Release(h, len) => {
-                let (s, e) = open.expect("release outside an invalidation: freed before invalidate");
-                assert!(covered(h, len, s, e), "release {h:#x}+{len:#x} not covered by invalidation {s:#x}..{e:#x}");
+                let (s, e) =
+                    open.expect("release outside an invalidation: freed before invalidate");
+                assert!(
+                    covered(h, len, s, e),
+                    "release {h:#x}+{len:#x} not covered by invalidation {s:#x}..{e:#x}"
+                );
             }
         }
     }
@@ -107,7 +115,11 @@ impl Anon {
         };
         assert_ne!(p, libc::MAP_FAILED);
         let addr = (p as u64 + (2 << 20) - 1) & !((2 << 20) - 1);
-        let adv = if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+        let adv = if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
         // SAFETY: inside the mapping.
         unsafe { libc::madvise(addr as *mut _, len as usize, adv) };
         Anon { addr, len }
