@@ -361,63 +361,103 @@ fn op_range(op: &Op) -> (u64, u64) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn table_matches_oracle(ops in prop::collection::vec(op(), 150..250), seed in any::<u64>()) {
-        let (t, log) = simulated_table(TableConfig { yield_entries: 97 });
-        let mut o = Oracle::default();
-        let mut rng = seed | 1;
-        let mut effective = 0usize;
-        let mut maps: Vec<(u64, u64)> = Vec::new();
-        for op in &ops {
-            let op = &resolve(op, &maps);
-            let did = apply(&t, &mut o, op);
-            effective += usize::from(did);
-            if let (true, Op::Map { gpa, len, .. }) = (did, op) {
-                maps.push((*gpa, *len));
-            }
-            let (s, l) = op_range(op);
-            for a in [s, s + l - K4, s + l, s.saturating_sub(K4)] {
-                check_page(&t, &o, a);
-            }
-            for _ in 0..8 {
-                rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-                check_page(&t, &o, (s.saturating_sub(M2) + rng % (l + 2 * M2)) & !(K4 - 1));
-            }
+fn run_case(ops: Vec<Op>, seed: u64) -> Result<(usize, u64), TestCaseError> {
+    let (t, log) = simulated_table(TableConfig { yield_entries: 97 });
+    let mut o = Oracle::default();
+    let mut rng = seed | 1;
+    let mut effective = 0usize;
+    let mut maps: Vec<(u64, u64)> = Vec::new();
+    for op in &ops {
+        let op = &resolve(op, &maps);
+        let did = apply(&t, &mut o, op);
+        effective += usize::from(did);
+        if let (true, Op::Map { gpa, len, .. }) = (did, op) {
+            maps.push((*gpa, *len));
         }
-        // the sequence must have done real work, not only hit errors
-        prop_assert!(effective * 4 >= ops.len(), "only {} of {} ops took effect", effective, ops.len());
-        prop_assert!(t.stats().splits > 0 || ops.len() < 100);
-        // every oracle run boundary, and the walker agrees with query
-        let mut w = t.walker();
-        for (&k, seg) in o.m.iter() {
-            for a in [k, seg.end - K4, ((k + seg.end) / 2) & !(K4 - 1)] {
-                check_page(&t, &o, a);
-                let p = w.pin();
-                let r = p.translate(Gpa(a), Access::Read);
-                match (o.get(a), r) {
-                    (Some((h, perms, Kind::Present)), Ok(tr)) if perms.readable() => prop_assert_eq!(tr.hva.0, h),
-                    (Some((_, perms, Kind::Present)), Err(WalkError::PermissionDenied { .. })) if !perms.readable() => {}
-                    (Some((_, _, Kind::Discarded)), Err(WalkError::Discarded(_))) => {}
-                    (Some((_, _, Kind::Ballooned)), Err(WalkError::Ballooned(_))) => {}
-                    (None, Err(WalkError::NotMapped(_))) => {}
-                    (want, got) => prop_assert!(false, "walk {:#x}: oracle {:?} walk {:?}", a, want, got),
+        let (s, l) = op_range(op);
+        for a in [s, s + l - K4, s + l, s.saturating_sub(K4)] {
+            check_page(&t, &o, a);
+        }
+        for _ in 0..8 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            check_page(
+                &t,
+                &o,
+                (s.saturating_sub(M2) + rng % (l + 2 * M2)) & !(K4 - 1),
+            );
+        }
+    }
+    // every oracle run boundary, and the walker agrees with query
+    let mut w = t.walker();
+    for (&k, seg) in o.m.iter() {
+        for a in [k, seg.end - K4, ((k + seg.end) / 2) & !(K4 - 1)] {
+            check_page(&t, &o, a);
+            let p = w.pin();
+            let r = p.translate(Gpa(a), Access::Read);
+            match (o.get(a), r) {
+                (Some((h, perms, Kind::Present)), Ok(tr)) if perms.readable() => {
+                    prop_assert_eq!(tr.hva.0, h)
+                }
+                (Some((_, perms, Kind::Present)), Err(WalkError::PermissionDenied { .. }))
+                    if !perms.readable() => {}
+                (Some((_, _, Kind::Discarded)), Err(WalkError::Discarded(_))) => {}
+                (Some((_, _, Kind::Ballooned)), Err(WalkError::Ballooned(_))) => {}
+                (None, Err(WalkError::NotMapped(_))) => {}
+                (want, got) => {
+                    prop_assert!(false, "walk {:#x}: oracle {:?} walk {:?}", a, want, got)
                 }
             }
         }
-        // backing is at gpa or gpa + 4K (skewed maps)
-        check_order_with(&log.lock().unwrap(), |h, len, s, e| {
-            let g = h - FAKE_HVA;
-            (g >= s && g + len <= e) || (g >= s + K4 && g - K4 + len <= e)
-        });
-        // remove everything: only the root page may remain
-        let mut g = t.gather();
-        t.unmap_existing(&mut g, Gpa(0), 4 * G1, UnmapMode::Remove).unwrap();
-        g.finish().unwrap();
-        t.rcu_barrier();
-        prop_assert_eq!(t.stats().table_pages, 1);
-        prop_assert_eq!(t.stats().use_after_free, 0);
     }
+    // backing is at gpa or gpa + 4K (skewed maps)
+    check_order_with(&log.lock().unwrap(), |h, len, s, e| {
+        let g = h - FAKE_HVA;
+        (g >= s && g + len <= e) || (g >= s + K4 && g - K4 + len <= e)
+    });
+    // remove everything: only the root page may remain
+    let mut g = t.gather();
+    t.unmap_existing(&mut g, Gpa(0), 4 * G1, UnmapMode::Remove)
+        .unwrap();
+    g.finish().unwrap();
+    t.rcu_barrier();
+    prop_assert_eq!(t.stats().table_pages, 1);
+    prop_assert_eq!(t.stats().use_after_free, 0);
+    Ok((effective, t.stats().splits))
+}
+
+#[test]
+fn table_matches_oracle() {
+    use proptest::test_runner::{Config, TestRunner};
+    use std::cell::Cell;
+    let mut runner = TestRunner::new(Config {
+        cases: 32,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let (ops_total, effective, splits) = (Cell::new(0usize), Cell::new(0usize), Cell::new(0u64));
+    let strategy = (prop::collection::vec(op(), 150..250), any::<u64>());
+    runner
+        .run(&strategy, |(ops, seed)| {
+            let n = ops.len();
+            let (e, s) = run_case(ops, seed)?;
+            ops_total.set(ops_total.get() + n);
+            effective.set(effective.get() + e);
+            splits.set(splits.get() + s);
+            Ok(())
+        })
+        .unwrap();
+    // the sequences must have done real work, not only hit errors
+    assert!(
+        effective.get() * 4 >= ops_total.get(),
+        "only {} of {} ops took effect",
+        effective.get(),
+        ops_total.get()
+    );
+    assert!(
+        splits.get() > 10,
+        "huge-leaf splits must be exercised: {}",
+        splits.get()
+    );
 }
