@@ -113,7 +113,7 @@ impl MemSize {
         if bytes == 0 {
             return Err(MemoryError::ZeroSize);
         }
-        if bytes % SIZE_2M != 0 {
+        if !bytes.is_multiple_of(SIZE_2M) {
             return Err(MemoryError::Unaligned(bytes));
         }
         if bytes > MAX_MEM_BYTES {
@@ -149,7 +149,7 @@ impl FromStr for MemSize {
 
 impl fmt::Display for MemSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % (1 << 30) == 0 {
+        if self.0.is_multiple_of(1 << 30) {
             write!(f, "{}G", self.0 >> 30)
         } else {
             write!(f, "{}M", self.0 >> 20)
@@ -305,6 +305,82 @@ pub fn free_huge_pages() -> u64 {
         .unwrap_or(0)
 }
 
+/// Checks that the host can provide `size` of `backing` with `page_size`
+/// (for hugetlb: enough free huge pages), before anything is allocated.
+pub fn check_backing(size: MemSize, backing: Backing, page_size: PageSize) -> Result<()> {
+    if backing == Backing::Hugetlb {
+        if page_size == PageSize::Size4K {
+            return Err(MemoryError::HugetlbNeeds2M);
+        }
+        let needed = size.bytes() / SIZE_2M;
+        let free = free_huge_pages();
+        if free < needed {
+            return Err(MemoryError::NoHugePages { needed, free });
+        }
+    }
+    Ok(())
+}
+
+/// Maps `len` bytes at a 2 MiB-aligned host address, so that guest 2 MiB
+/// leaves are host huge pages (THP needs host alignment; KVM maps a large
+/// page only where guest and host addresses agree modulo 2 MiB).
+fn map_aligned(
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    fd: RawFd,
+) -> std::io::Result<*mut libc::c_void> {
+    let align = to_usize(SIZE_2M);
+    let span = len + align;
+    // SAFETY: reserves fresh address space (no access) at a kernel-chosen
+    // address; no existing mapping is affected.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = (base as usize).next_multiple_of(align);
+    // SAFETY: [start, start+len) lies inside the reservation made above,
+    // which we own; MAP_FIXED replaces only that part of it. fd is valid or
+    // -1 for anonymous memory.
+    let addr = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            prot,
+            flags | libc::MAP_FIXED,
+            fd,
+            0,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    let head = start - base as usize;
+    let tail = span - head - len;
+    // SAFETY: the head and tail are the unused ends of our own reservation.
+    unsafe {
+        if head > 0 {
+            libc::munmap(base, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, tail);
+        }
+    }
+    if addr == libc::MAP_FAILED {
+        // SAFETY: the middle of our reservation, still ours.
+        unsafe { libc::munmap(start as *mut libc::c_void, len) };
+        return Err(err);
+    }
+    Ok(addr)
+}
+
 fn to_usize(v: u64) -> usize {
     // Only called on sizes already checked to be <= MAX_MEM_BYTES.
     usize::try_from(v).unwrap_or(usize::MAX)
@@ -315,16 +391,7 @@ impl GuestRam {
     pub fn new(size: MemSize, backing: Backing, page_size: PageSize) -> Result<Self> {
         let len = size.bytes();
         let ulen = to_usize(len);
-        if backing == Backing::Hugetlb {
-            if page_size == PageSize::Size4K {
-                return Err(MemoryError::HugetlbNeeds2M);
-            }
-            let needed = len / SIZE_2M;
-            let free = free_huge_pages();
-            if free < needed {
-                return Err(MemoryError::NoHugePages { needed, free });
-            }
-        }
+        check_backing(size, backing, page_size)?;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let (file, flags) = match backing {
             Backing::Anon => (
@@ -351,12 +418,7 @@ impl GuestRam {
             }
         };
         let fd = file.as_ref().map_or(-1, |f| f.as_raw_fd());
-        // SAFETY: a fresh mapping at a kernel-chosen address; no existing
-        // memory is affected. fd is valid or -1 for anonymous memory.
-        let addr = unsafe { libc::mmap(std::ptr::null_mut(), ulen, prot, flags, fd, 0) };
-        if addr == libc::MAP_FAILED {
-            return Err(MemoryError::Mmap(std::io::Error::last_os_error(), len));
-        }
+        let addr = map_aligned(ulen, prot, flags, fd).map_err(|e| MemoryError::Mmap(e, len))?;
         let advice = match (backing, page_size) {
             (Backing::Hugetlb, _) => None,
             (_, PageSize::Size2M) => Some(libc::MADV_HUGEPAGE),
@@ -440,7 +502,7 @@ impl GuestRam {
     pub fn checked_region(&self, gpa: u64, len: u64) -> Result<RegionDesc> {
         let granule = self.page_size.bytes();
         let bad = MemoryError::BadRange { gpa, len, granule };
-        if len == 0 || gpa % granule != 0 || len % granule != 0 {
+        if len == 0 || !gpa.is_multiple_of(granule) || !len.is_multiple_of(granule) {
             return Err(bad);
         }
         self.mappings
@@ -591,5 +653,10 @@ mod tests {
         ram.discard(0x3000, SIZE_4K).unwrap();
         assert_eq!(gm.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
         assert!(ram.regions()[0].fd.is_some());
+        assert_eq!(
+            ram.regions()[0].host_addr % (2 << 20),
+            0,
+            "host mapping 2 MiB-aligned"
+        );
     }
 }

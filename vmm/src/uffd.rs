@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::memory::{Backing, GuestRam, MemoryError, RegionDesc, SIZE_2M};
+use crate::memory::{Backing, GuestRam, MemoryError, RegionDesc, SIZE_2M, SIZE_4K};
 
 const UFFD_API: u64 = 0xAA;
 const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
@@ -155,6 +155,8 @@ pub struct FaultStats {
     pub latency_ns_max: AtomicU64,
     /// Ranges released.
     pub releases: AtomicU64,
+    /// Installs that failed for another reason than "already present".
+    pub errors: AtomicU64,
 }
 
 /// A snapshot of [`FaultStats`].
@@ -172,6 +174,8 @@ pub struct FaultSummary {
     pub max_latency_us: f64,
     /// Ranges released.
     pub releases: u64,
+    /// Failed installs (should stay 0).
+    pub errors: u64,
 }
 
 impl FaultStats {
@@ -194,6 +198,7 @@ impl FaultStats {
             mean_latency_us: mean,
             max_latency_us: max,
             releases: self.releases.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
         }
     }
 }
@@ -370,6 +375,15 @@ impl Drop for FaultHandler {
     }
 }
 
+/// Whether the 4 KiB page at host address `page` is resident.
+fn resident(page: u64) -> bool {
+    let mut v = 0u8;
+    // SAFETY: mincore reads page-table state of one page we own (guest RAM)
+    // and writes one byte into `v`.
+    let r = unsafe { libc::mincore(page as *mut libc::c_void, SIZE_4K as usize, &mut v) };
+    r == 0 && v & 1 == 1
+}
+
 impl Shared {
     fn run(&self, stop_fd: RawFd) {
         let mut fds = [
@@ -424,13 +438,15 @@ impl Shared {
         else {
             return;
         };
+        // Leaves are aligned in guest physical space (the mapping is also
+        // 2 MiB-aligned on the host, see GuestRam::new).
         let granule = d.page_size.bytes();
-        let host = addr & !(granule - 1);
-        let gpa = d.gpa.0 + (host - d.host_addr as u64);
+        let gpa = d.gpa.0 + ((addr - d.host_addr as u64) & !(granule - 1));
+        let host = d.host_of(gpa) as u64;
         let _r = self.lock.read().unwrap_or_else(|e| e.into_inner());
         loop {
             let seq = self.hook.fault_begin(gpa, granule);
-            let installed = self.install(d.backing, host, granule);
+            let installed = self.install(d.backing, addr, host, granule);
             if self.hook.fault_commit(gpa, granule, seq) {
                 break;
             }
@@ -454,9 +470,47 @@ impl Shared {
         unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &range) };
     }
 
-    /// Installs zeros at `[host, host+len)`; false if already present.
-    fn install(&self, backing: Backing, host: u64, len: u64) -> bool {
-        let r = if let (Backing::Hugetlb, Some(z)) = (backing, &self.zero_buf) {
+    /// Installs zeros at the leaf `[host, host+len)` containing the faulting
+    /// address `addr`; false if nothing was installed (already present).
+    ///
+    /// A leaf that fails part-way (`EEXIST` after some pages, or any other
+    /// error) falls back to the single 4 KiB page at `addr`, so the faulting
+    /// access always makes progress.
+    fn install(&self, backing: Backing, addr: u64, host: u64, len: u64) -> bool {
+        if self.fill(backing, host, len) == 0 {
+            return true;
+        }
+        // A huge page freed by a release reaches the pool asynchronously, so
+        // right after a release the copy can fail with ENOMEM: retry briefly.
+        if backing == Backing::Hugetlb {
+            for _ in 0..200 {
+                if last_err().raw_os_error() != Some(libc::ENOMEM) || resident(host) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+                if self.fill(backing, host, len) == 0 {
+                    return true;
+                }
+            }
+        }
+        let page = addr & !(SIZE_4K - 1);
+        if backing != Backing::Hugetlb && len > SIZE_4K && self.fill(backing, page, SIZE_4K) == 0 {
+            return true;
+        }
+        // hugetlb allocates before it finds the page present, so a duplicate
+        // fault on an exactly sized pool fails with ENOMEM: ask the kernel.
+        if last_err().raw_os_error() != Some(libc::EEXIST) && !resident(page) {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            // Out of memory or a bug: the access will fault again; do not spin.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// One UFFDIO_ZEROPAGE (or UFFDIO_COPY of zeros for hugetlb) without
+    /// waking; returns the ioctl's result (errno in `last_err`).
+    fn fill(&self, backing: Backing, host: u64, len: u64) -> libc::c_int {
+        if let (Backing::Hugetlb, Some(z)) = (backing, &self.zero_buf) {
             let mut c = UffdioCopy {
                 dst: host,
                 src: z.0 as u64,
@@ -476,9 +530,7 @@ impl Shared {
             // SAFETY: the range is a registered guest RAM range that outlives
             // the handler; the struct is live across the call.
             unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) }
-        };
-        // EEXIST: another fault or a host write populated it first.
-        r == 0
+        }
     }
 
     /// Drops what `install` put at `[host, host+len)`.
@@ -514,7 +566,11 @@ mod tests {
         h.release_range(&ram, gpa, page.bytes()).unwrap();
         assert_eq!(gm.read_obj::<u64>(GuestAddress(gpa + 64)).unwrap(), 0);
         let s = h.stats().summary();
-        assert_eq!((s.faults, s.releases), (1, 1), "{backing} {page}: {s:?}");
+        assert_eq!(
+            (s.faults, s.releases, s.errors),
+            (1, 1, 0),
+            "{backing} {page}: {s:?}"
+        );
         // Resolved pages stay; a second read does not fault.
         assert_eq!(gm.read_obj::<u64>(GuestAddress(gpa + 128)).unwrap(), 0);
         assert_eq!(h.stats().summary().faults, 1);

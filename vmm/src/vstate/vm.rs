@@ -26,7 +26,7 @@ use super::vcpu::{self, ReportBoard, Reports, Request, RunControl, VcpuContext, 
 use crate::devices::report::{PatternReport, ProbeReport};
 use crate::devices::serial::{Console, SerialDevice};
 use crate::guest::{self, control, layout, EntryArgs, GuestError, Workload};
-use crate::memory::{Backing, GuestRam, MemSize, MemoryError, PageSize};
+use crate::memory::{self, Backing, GuestRam, MemSize, MemoryError, PageSize};
 use crate::uffd::{FaultHandler, FaultHook, FaultStats, NoHook, UffdError};
 
 /// Errors of VM creation and control.
@@ -174,6 +174,7 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Self> {
         let mem = config.mem.bytes();
         guest::check_config(mem, config.vcpus)?;
+        memory::check_backing(config.mem, config.backing, config.page_size)?;
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let max = kvm.get_max_vcpus();
         if usize::try_from(config.vcpus).unwrap_or(usize::MAX) > max {

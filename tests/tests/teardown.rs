@@ -1,0 +1,82 @@
+//! Teardown gives guest RAM back: RSS (anon, memfd) and free huge pages
+//! (hugetlb, which RSS does not count) return to where they were.
+//!
+//! The tests take one lock so that they run one at a time: RSS is per
+//! process, and another test's VM would disturb it.
+
+use std::sync::Mutex;
+
+use tests::{boot_and_verify, kvm_or_skip, HugePages};
+use vmm::memory::free_huge_pages;
+use vmm::proc_stats::rss;
+use vmm::{Backing, PageSize};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+const MIB: u64 = 1 << 20;
+
+fn rss_returns(name: &str, backing: Backing, page: PageSize) {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let before = rss().rss;
+    let vm = boot_and_verify("128M", 2, backing, page);
+    let during = rss().rss;
+    assert!(
+        during >= before + 120 * MIB,
+        "{name}: guest RAM not resident while running: before {} MiB, during {} MiB",
+        before / MIB,
+        during / MIB
+    );
+    let t = vm.destroy();
+    let after = rss().rss;
+    eprintln!(
+        "{name}: RSS before {} MiB, during {} MiB, after {} MiB; teardown {:.2} ms",
+        before / MIB,
+        during / MIB,
+        after / MIB,
+        t.teardown_ms
+    );
+    assert!(
+        after <= before + 4 * MIB,
+        "{name}: RSS did not come back: before {} KiB, after {} KiB",
+        before >> 10,
+        after >> 10
+    );
+}
+
+#[test]
+fn anon_rss_returns() {
+    rss_returns("anon_rss_returns", Backing::Anon, PageSize::Size2M);
+}
+
+#[test]
+fn anon_4k_rss_returns() {
+    rss_returns("anon_4k_rss_returns", Backing::Anon, PageSize::Size4K);
+}
+
+#[test]
+fn memfd_rss_returns() {
+    rss_returns("memfd_rss_returns", Backing::Memfd, PageSize::Size2M);
+}
+
+#[test]
+fn hugetlb_pages_return() {
+    let name = "hugetlb_pages_return";
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let Some(_pages) = HugePages::reserve(name, 32) else {
+        return;
+    };
+    let before = free_huge_pages();
+    let vm = boot_and_verify("64M", 1, Backing::Hugetlb, PageSize::Size2M);
+    let during = free_huge_pages();
+    assert!(
+        during + 32 <= before,
+        "guest did not use huge pages: {before} -> {during}"
+    );
+    vm.destroy();
+    assert_eq!(free_huge_pages(), before, "huge pages not returned");
+}

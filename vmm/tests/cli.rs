@@ -1,0 +1,93 @@
+//! The `vmm` binary: `vmm run --json` output and exit codes.
+
+use std::process::Command;
+
+fn kvm() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: /dev/kvm not available; the vmm binary needs real KVM");
+    }
+    ok
+}
+
+fn vmm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .output()
+        .expect("run vmm")
+}
+
+#[test]
+fn run_json_reports_success() {
+    if !kvm() {
+        return;
+    }
+    let out = vmm(&["run", "--mem", "64M", "--vcpus", "2", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("guest: vcpu 1: pattern ok"), "{stdout}");
+    let last = stdout.lines().last().expect("output");
+    let v: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(v["guest_ok"], true);
+    assert_eq!(v["vcpus"], 2);
+    assert_eq!(v["mem_bytes"], 64u64 << 20);
+    for k in [
+        "boot_ms",
+        "run_ms",
+        "teardown_ms",
+        "reclaim_ms",
+        "rss_peak_bytes",
+        "rss_after_teardown_bytes",
+        "faults",
+    ] {
+        assert!(v[k].is_number(), "{k} missing in {last}");
+    }
+    assert!(v["rss_peak_bytes"].as_u64().unwrap() > 60 << 20);
+}
+
+#[test]
+fn run_human_output() {
+    if !kvm() {
+        return;
+    }
+    let out = vmm(&[
+        "run",
+        "--mem",
+        "32M",
+        "--backing",
+        "memfd",
+        "--page-size",
+        "4K",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("vmm: guest OK"), "{stdout}");
+}
+
+#[test]
+fn bad_config_exits_2_with_a_clear_message() {
+    for (args, needle) in [
+        (&["run", "--mem", "0"][..], "must not be 0"),
+        (&["run", "--mem", "3M"][..], "multiple of 2 MiB"),
+        (&["run", "--vcpus", "500"][..], "--vcpus"),
+        (&["run", "--backing", "disk"][..], "anon, memfd or hugetlb"),
+        (
+            &["run", "--mem", "64G", "--backing", "hugetlb"][..],
+            "vm.nr_hugepages",
+        ),
+    ] {
+        let out = vmm(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
