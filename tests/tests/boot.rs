@@ -11,13 +11,13 @@ fn boot(name: &str, mem: &str, vcpus: u32, backing: Backing, page: PageSize) {
     }
     let vm = boot_and_verify(mem, vcpus, backing, page);
     let mem_bytes = vm.config().mem.bytes();
-    let t = vm.destroy();
+    let mut t = vm.destroy();
     assert!(
         t.outcomes.iter().all(|o| *o == VcpuOutcome::Done),
         "{:?}",
         t.outcomes
     );
-    assert_eq!(t.unmapped_bytes, mem_bytes);
+    assert_eq!(t.wait_reclaim().unmapped_bytes, mem_bytes);
 }
 
 #[test]

@@ -28,15 +28,19 @@ fn rss_returns(name: &str, backing: Backing, page: PageSize) {
         before / MIB,
         during / MIB
     );
-    let t = vm.destroy();
+    let mut t = vm.destroy();
+    let r = t.wait_reclaim();
     let after = rss().rss;
     eprintln!(
-        "{name}: RSS before {} MiB, during {} MiB, after {} MiB; teardown {:.2} ms",
+        "{name}: RSS before {} MiB, during {} MiB, after {} MiB; teardown {:.2} ms, \
+         reclaim {:.2} ms",
         before / MIB,
         during / MIB,
         after / MIB,
-        t.teardown_ms
+        t.teardown_ms,
+        r.reclaim_ms
     );
+    assert_eq!(r.unmapped_bytes, 128 * MIB);
     assert!(
         after <= before + 4 * MIB,
         "{name}: RSS did not come back: before {} KiB, after {} KiB",
@@ -77,6 +81,6 @@ fn hugetlb_pages_return() {
         during + 32 <= before,
         "guest did not use huge pages: {before} -> {during}"
     );
-    vm.destroy();
+    vm.destroy().wait_reclaim();
     assert_eq!(free_huge_pages(), before, "huge pages not returned");
 }

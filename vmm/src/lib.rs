@@ -26,4 +26,4 @@ pub use devices::serial::Console;
 pub use guest::Workload;
 pub use memory::{Backing, GuestRam, MemSize, MemoryError, PageSize, RegionDesc};
 pub use uffd::{FaultHook, FaultStats, FaultSummary, NoHook, UffdError};
-pub use vstate::vm::{Teardown, Vm, VmConfig, VmError};
+pub use vstate::vm::{Reclaimed, Teardown, Vm, VmConfig, VmError};

@@ -92,7 +92,8 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
     let guest_ok = finished && vm.guest_ok();
     let faults = vm.fault_stats().summary();
     let rss_peak = proc_stats::rss().peak;
-    let teardown = vm.destroy();
+    let mut teardown = vm.destroy();
+    let reclaimed = teardown.wait_reclaim();
     let rss_after = proc_stats::rss().rss;
     let summary = Summary {
         guest_ok,
@@ -103,7 +104,7 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         boot_ms: first_hello.map(|h| ms(h - t0)),
         run_ms: ms(run_time),
         teardown_ms: teardown.teardown_ms,
-        reclaim_ms: teardown.reclaim_ms,
+        reclaim_ms: reclaimed.reclaim_ms,
         rss_peak_bytes: rss_peak,
         rss_after_teardown_bytes: rss_after,
         rss_before_bytes: rss_before,

@@ -124,22 +124,77 @@ impl VmConfig {
     }
 }
 
-/// How the VM ended and what teardown cost.
-#[derive(Debug, Clone, serde::Serialize)]
+/// How the VM ended and what the synchronous part of teardown cost. Guest
+/// RAM may still be going back to the host: [`Teardown::wait_reclaim`]
+/// waits for it (dropping a `Teardown` waits too).
+#[derive(Debug)]
 pub struct Teardown {
-    /// Wall time of `destroy`, ms.
+    /// Wall time of `destroy` (stop and join vCPUs, hand off the rest), ms.
     pub teardown_ms: f64,
-    /// Until guest RAM was back with the host, ms (unmapping is synchronous
-    /// today, so this is the same interval as `teardown_ms`).
-    pub reclaim_ms: f64,
     /// Of which stopping and joining the vCPUs, ms.
     pub stop_vcpus_ms: f64,
+    /// Outcome of each vCPU, by index.
+    pub outcomes: Vec<VcpuOutcome>,
+    reclaim: Option<JoinHandle<Reclaimed>>,
+    done: Option<Reclaimed>,
+}
+
+/// What background reclamation did.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Reclaimed {
+    /// From the start of `destroy` until guest RAM was back with the host, ms.
+    pub reclaim_ms: f64,
+    /// Of which dropping the KVM VM, ms.
+    pub vm_drop_ms: f64,
     /// Of which unmapping guest RAM, ms.
     pub unmap_ms: f64,
     /// Bytes of guest RAM unmapped.
     pub unmapped_bytes: u64,
-    /// Outcome of each vCPU, by index.
-    pub outcomes: Vec<VcpuOutcome>,
+}
+
+impl Teardown {
+    /// Waits until guest RAM is back with the host.
+    pub fn wait_reclaim(&mut self) -> Reclaimed {
+        if let Some(h) = self.reclaim.take() {
+            self.done = Some(h.join().unwrap_or_default());
+        }
+        self.done.unwrap_or_default()
+    }
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        self.wait_reclaim();
+    }
+}
+
+/// The state released in the background after the vCPUs stopped. Field
+/// order is drop order: VM, fault handler, guest RAM.
+struct Remains {
+    vm_fd: Option<VmFd>,
+    faults: Option<FaultHandler>,
+    ram: Option<GuestRam>,
+}
+
+impl Remains {
+    /// Drops the VM (and its memory slots), stops the fault handler, unmaps
+    /// guest RAM. This is where a stage-2 whole-VM gather plugs in.
+    fn reclaim(mut self, t0: Instant) -> Reclaimed {
+        let t = Instant::now();
+        self.vm_fd = None;
+        let vm_drop = t.elapsed();
+        if let Some(mut f) = self.faults.take() {
+            f.stop();
+        }
+        let t = Instant::now();
+        let unmapped_bytes = self.ram.take().map_or(0, |mut r| r.unmap_all());
+        Reclaimed {
+            reclaim_ms: ms(t0.elapsed()),
+            vm_drop_ms: ms(vm_drop),
+            unmap_ms: ms(t.elapsed()),
+            unmapped_bytes,
+        }
+    }
 }
 
 /// A microVM running the default guest.
@@ -441,14 +496,17 @@ impl Vm {
         Ok(bad)
     }
 
-    /// Tears the VM down: stop and join the vCPUs, drop the VM (and its
-    /// memory slots), stop the fault handler, unmap guest RAM. This is the one
-    /// place where a stage-2 whole-VM gather plugs in.
+    /// Tears the VM down: stops and joins the vCPUs, then hands the VM,
+    /// the fault handler and guest RAM to a reclaim thread that drops the VM
+    /// (and its memory slots), stops the fault handler and unmaps guest RAM.
+    /// Returns once the vCPUs are stopped; [`Teardown::wait_reclaim`] waits
+    /// for the memory. This is the one teardown path, where a stage-2
+    /// whole-VM gather plugs in.
     pub fn destroy(mut self) -> Teardown {
-        self.teardown()
+        self.teardown(true)
     }
 
-    fn teardown(&mut self) -> Teardown {
+    fn teardown(&mut self, background: bool) -> Teardown {
         let t0 = Instant::now();
         self.destroyed = true;
         self.control.set(Request::Stop);
@@ -460,21 +518,38 @@ impl Vm {
             }
         }
         self.vcpu_fds.clear();
-        let t_stopped = Instant::now();
-        self.vm_fd = None;
-        if let Some(mut f) = self.faults.take() {
-            f.stop();
-        }
-        let t_unmap = Instant::now();
-        let unmapped_bytes = self.ram.take().map_or(0, |mut r| r.unmap_all());
-        let t_end = Instant::now();
+        let stop_vcpus_ms = ms(t0.elapsed());
+        let remains = Remains {
+            vm_fd: self.vm_fd.take(),
+            faults: self.faults.take(),
+            ram: self.ram.take(),
+        };
+        let (reclaim, done) = if background {
+            match std::thread::Builder::new()
+                .name("reclaim".into())
+                .spawn(move || remains.reclaim(t0))
+            {
+                Ok(h) => (Some(h), None),
+                // No thread: the closure was dropped with the state it
+                // owned, which already dropped the VM, stopped the handler
+                // and unmapped RAM (Remains' fields drop in that order).
+                Err(_) => (
+                    None,
+                    Some(Reclaimed {
+                        reclaim_ms: ms(t0.elapsed()),
+                        ..Reclaimed::default()
+                    }),
+                ),
+            }
+        } else {
+            (None, Some(remains.reclaim(t0)))
+        };
         Teardown {
-            teardown_ms: ms(t_end - t0),
-            reclaim_ms: ms(t_end - t0),
-            stop_vcpus_ms: ms(t_stopped - t0),
-            unmap_ms: ms(t_end - t_unmap),
-            unmapped_bytes,
+            teardown_ms: ms(t0.elapsed()),
+            stop_vcpus_ms,
             outcomes,
+            reclaim,
+            done,
         }
     }
 }
@@ -482,7 +557,7 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         if !self.destroyed {
-            self.teardown();
+            self.teardown(false);
         }
     }
 }
