@@ -77,3 +77,29 @@ fn hugetlb_1_and_2_vcpus() {
         vm.destroy();
     }
 }
+
+#[test]
+fn guest_exception_is_reported() {
+    use vmm::guest::{layout, FAULT_ADDR};
+    use vmm::{Vm, Workload};
+    if !kvm_or_skip("guest_exception_is_reported") {
+        return;
+    }
+    let (c, _) = tests::config("16M", 1, Backing::Anon, PageSize::Size2M, Workload::Fault);
+    let mut vm = Vm::new(c).expect("VM creation");
+    vm.start().expect("start");
+    assert!(vm.wait(tests::GUEST_TIMEOUT), "guest did not stop");
+    assert!(!vm.guest_ok());
+    let outcomes = vm.outcomes();
+    let VcpuOutcome::Exception(e) = &outcomes[0].1 else {
+        panic!("expected a page fault, got {outcomes:?}");
+    };
+    assert_eq!((e.vector, e.cr2), (14, FAULT_ADDR), "{e:?}");
+    let image = layout::IMAGE..layout::IMAGE + layout::IMAGE_MAX;
+    assert!(
+        image.contains(&e.rip),
+        "faulting rip {:#x} outside the image",
+        e.rip
+    );
+    vm.destroy();
+}

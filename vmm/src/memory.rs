@@ -11,7 +11,7 @@
 //!
 //! Invariants: a mapping lives as long as its [`GuestRam`]; the
 //! `GuestMemoryMmap` view borrows the raw mappings and is dropped before they
-//! are unmapped. Releasing backing ([`GuestRam::release_range`]) follows the
+//! are unmapped. Releasing backing ([`GuestRam::discard`]) follows the
 //! leaf size: 2 MiB granules for THP and hugetlb, 4 KiB otherwise.
 
 use std::fmt;

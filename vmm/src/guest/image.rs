@@ -36,6 +36,14 @@ vmm_guest_entry:
     mov eax, 1
     call .Lreport_op
 
+    cmp rbp, 2
+    jne .Lwork
+    // Fault workload: read an unmapped GPA (128 GiB) to exercise the IDT.
+    movabs rax, 0x2000000000
+    mov rax, qword ptr [rax]
+    jmp .Ldone
+
+.Lwork:
     lea rsi, [rip + .Lmsg_start]
     mov rdi, r13
     sub rdi, r12

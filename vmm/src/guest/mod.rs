@@ -107,7 +107,13 @@ pub enum Workload {
     /// As `Verify`, then vCPU 0 serves probe commands from the control page
     /// until [`control::CMD_EXIT`].
     Probe,
+    /// Read the unmapped address [`FAULT_ADDR`] at once: a page fault that
+    /// the exception stubs report (tests the IDT/TSS path).
+    Fault,
 }
+
+/// The address the [`Workload::Fault`] guest reads (not mapped).
+pub const FAULT_ADDR: u64 = 128 << 30;
 
 /// Errors of guest set-up.
 #[derive(Debug, thiserror::Error)]
@@ -336,6 +342,7 @@ pub fn init_regs(args: &EntryArgs) -> kvm_regs {
         r9: match args.workload {
             Workload::Verify => 0,
             Workload::Probe => 1,
+            Workload::Fault => 2,
         },
         ..Default::default()
     }
