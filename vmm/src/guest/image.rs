@@ -8,8 +8,8 @@
 //!   MMIO writes to the report device (MMIO exits work from any CPL; `out`
 //!   at CPL3 raises #GP on `kvm_pvm` even with IOPL 3), prints through the
 //!   console gate, and reads commands from the shared control page;
-//! - the console gate (`int3`, through a DPL-3 gate at vector 3): a short
-//!   CPL0 loop of `out` to COM1, one byte per exit;
+//! - the console gate (`int3`, through a DPL-3 gate at vector 3): one
+//!   `rep outsb` of the string to COM1 at CPL0, one exit per string;
 //! - 32 exception stubs (`vmm_guest_exc_stubs`, 16 bytes apart) that run at
 //!   CPL0 (emulated on `kvm_pvm`, so kept to four instructions): they report
 //!   the vector to the VMM and halt.
@@ -241,19 +241,15 @@ vmm_guest_exc_stubs:
     jmp .Lexc_halt
 
     // Console gate (vector 3, DPL 3, entered with `int3`): write r10 (> 0)
-    // bytes at rsi to COM1 and return. CPL0 is emulated, so a five-
-    // instruction loop; on kvm_pvm `rep outsb` here, `out` after `syscall`
-    // and `out`/`int 0x80` at CPL3 all fault.
+    // bytes at rsi to COM1 with one `rep outsb` (one exit per string) and
+    // return. On kvm_pvm `out`/`int 0x80` at CPL3 and `out` after `syscall`
+    // fault, while exception delivery and this path work.
     .balign 16
     .global vmm_guest_console_gate
 vmm_guest_console_gate:
     mov edx, 0x3f8
-.Lgate_loop:
-    mov al, byte ptr [rsi]
-    out dx, al
-    inc rsi
-    dec r10
-    jnz .Lgate_loop
+    mov rcx, r10
+    rep outsb
     iretq
 
     .global vmm_guest_image_end
