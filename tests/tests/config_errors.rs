@@ -68,10 +68,12 @@ fn missing_huge_pages() {
     // 32 GiB of 2 MiB pages is more than this host has free.
     let needed = 16384;
     let free = free_huge_pages();
-    assert!(
-        free < needed,
-        "host has {free} free huge pages; test assumption broken"
-    );
+    if free >= needed {
+        eprintln!(
+            "SKIPPED: missing_huge_pages: the host has {free} free huge pages, cannot run out"
+        );
+        return;
+    }
     let e = GuestRam::new("32G".parse().unwrap(), Backing::Hugetlb, PageSize::Size2M).unwrap_err();
     assert!(matches!(e, MemoryError::NoHugePages { .. }), "{e:?}");
     let msg = e.to_string();
