@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vmm::proc_stats;
-use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig};
+use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 
@@ -43,6 +43,11 @@ struct RunArgs {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// After the guest verified its RAM, release this many MiB at the start
+    /// of vCPU 0's share and have the guest read one page per leaf back
+    /// (each read is a demand fault; all must read zeros).
+    #[arg(long, default_value_t = 0)]
+    release_mib: u64,
     /// Give up on the guest after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
@@ -64,12 +69,44 @@ struct Summary {
     rss_before_bytes: u64,
     faults: u64,
     fault_mean_latency_us: f64,
+    fault_max_latency_us: f64,
+    released_bytes: u64,
+    released_leaves_read_zero: u64,
     pages_verified: u64,
     outcomes: Vec<vmm::vstate::vcpu::VcpuOutcome>,
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Releases `mib` MiB at the start of vCPU 0's share once the guest has
+/// verified it, then has the guest read the first page of every leaf.
+/// Returns (bytes released, leaves that read zeros, all fine).
+fn release_and_read_back(
+    vm: &mut Vm,
+    mib: u64,
+    timeout: Duration,
+) -> anyhow::Result<(u64, u64, bool)> {
+    if !vm.wait_results(timeout) {
+        return Ok((0, 0, false));
+    }
+    let leaf = vm.config().page_size.bytes();
+    let (start, end) = vmm::guest::share(vm.config().mem.bytes(), vm.config().vcpus, 0);
+    let len = (mib << 20).min(end - start) / leaf * leaf;
+    vm.release_range(start, len)
+        .context("releasing guest RAM")?;
+    let mut zero = 0;
+    let mut gpa = start;
+    while gpa < start + len {
+        match vm.probe(gpa, timeout)? {
+            Some(p) if p.or_words == 0 => zero += 1,
+            _ => break,
+        }
+        gpa += leaf;
+    }
+    vm.finish_probes()?;
+    Ok((len, zero, zero == len / leaf))
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<bool> {
@@ -83,13 +120,22 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
     config.backing = backing;
     config.page_size = page_size;
     config.console = Console::Stdout;
+    if args.release_mib > 0 {
+        config.workload = Workload::Probe;
+    }
+    let timeout = Duration::from_secs(args.timeout_secs);
     let mut vm = Vm::new(config).context("creating the microVM")?;
     let t_start = Instant::now();
     vm.start().context("starting vCPUs")?;
-    let finished = vm.wait(Duration::from_secs(args.timeout_secs));
+    let (released, zero_leaves, release_ok) = if args.release_mib > 0 {
+        release_and_read_back(&mut vm, args.release_mib, timeout)?
+    } else {
+        (0, 0, true)
+    };
+    let finished = vm.wait(timeout);
     let run_time = t_start.elapsed();
     let (first_hello, results, _) = vm.reports();
-    let guest_ok = finished && vm.guest_ok();
+    let guest_ok = finished && vm.guest_ok() && release_ok;
     let faults = vm.fault_stats().summary();
     let rss_peak = proc_stats::rss().peak;
     let mut teardown = vm.destroy();
@@ -110,6 +156,9 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         rss_before_bytes: rss_before,
         faults: faults.faults,
         fault_mean_latency_us: faults.mean_latency_us,
+        fault_max_latency_us: faults.max_latency_us,
+        released_bytes: released,
+        released_leaves_read_zero: zero_leaves,
         pages_verified: results.iter().filter(|r| r.ok()).map(|r| r.pages()).sum(),
         outcomes: teardown.outcomes.clone(),
     };
@@ -130,6 +179,17 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
             backing,
             summary.pages_verified
         );
+        if summary.released_bytes > 0 {
+            println!(
+                "vmm: released {} MiB; {} leaves read back as zeros; {} demand faults, \
+                 mean {:.1} us, max {:.1} us",
+                summary.released_bytes >> 20,
+                summary.released_leaves_read_zero,
+                summary.faults,
+                summary.fault_mean_latency_us,
+                summary.fault_max_latency_us
+            );
+        }
         println!(
             "vmm: boot {} ms, run {:.1} ms, teardown {:.2} ms, peak RSS {} MiB, RSS after teardown {} MiB",
             summary

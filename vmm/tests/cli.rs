@@ -91,3 +91,21 @@ fn bad_config_exits_2_with_a_clear_message() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn run_release_counts_demand_faults() {
+    if !kvm() {
+        return;
+    }
+    let out = vmm(&["run", "--mem", "64M", "--release-mib", "8", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON");
+    assert_eq!(v["guest_ok"], true);
+    assert_eq!(v["released_bytes"], 8u64 << 20);
+    // 2 MiB leaves: four leaves, each read once by the guest.
+    assert_eq!(v["released_leaves_read_zero"], 4);
+    assert!(v["faults"].as_u64().unwrap() >= 4, "{v}");
+    assert!(v["fault_mean_latency_us"].as_f64().unwrap() > 0.0);
+}
