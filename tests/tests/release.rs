@@ -60,8 +60,23 @@ fn release_and_probe(name: &str, backing: Backing, page: PageSize) {
 
     vm.release_range(target, granule).expect("release");
 
-    let (or_words, first) = probe(&mut vm, inside);
-    assert_eq!((or_words, first), (0, 0), "released page must read zeros");
+    let p = vm
+        .probe(inside, PROBE_TIMEOUT)
+        .unwrap()
+        .expect("probe answered");
+    assert_eq!(
+        (p.or_words, p.first_word),
+        (0, 0),
+        "released page must read zeros"
+    );
+    assert!(
+        p.read_ns > 0,
+        "the guest times its read with the TSC: {p:?}"
+    );
+    eprintln!(
+        "{name}: guest read of the released page took {} us",
+        p.read_ns / 1000
+    );
     let s = vm.fault_stats().summary();
     assert!(
         s.faults > faults_before,

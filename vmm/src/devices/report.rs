@@ -10,7 +10,7 @@
 //! | --- | --- | --- |
 //! | [`OP_HELLO`] | the vCPU reached its ring-3 entry | — |
 //! | [`OP_RESULT`] | pattern verified | rdi/rsi share start/end, r8 bad words, r9 first bad GPA (or !0) |
-//! | [`OP_PROBE`] | answer to a probe command | rsi sequence, rdi GPA, r8 OR of the page's words, r9 first word |
+//! | [`OP_PROBE`] | answer to a probe command | rsi sequence, rdi GPA, r8 OR of the page's words, r9 first word, r10 TSC cycles the read took |
 //! | [`OP_DONE`] | the vCPU is finished and spins | — |
 //!
 //! The exception stubs write the vector to [`EXC_PORT`] (at CPL0) and halt.
@@ -66,6 +66,9 @@ pub struct ProbeReport {
     pub or_words: u64,
     /// The page's first word.
     pub first_word: u64,
+    /// How long the guest took to read the page (TSC cycles converted with
+    /// the vCPU's TSC frequency), ns; includes any demand fault.
+    pub read_ns: u64,
 }
 
 /// A guest exception reported by a stub.

@@ -122,11 +122,21 @@ vmm_guest_entry:
     mov rsi, rdi
     xor r8, r8
     mov ecx, 512
+    lfence
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov r10, rax
 .Lprobe_or:
     or r8, qword ptr [rsi]
     add rsi, 8
     dec ecx
     jnz .Lprobe_or
+    rdtscp
+    shl rdx, 32
+    or rax, rdx
+    sub rax, r10
+    mov r10, rax
     mov r9, qword ptr [rdi]
     mov rsi, r13
     mov eax, 3

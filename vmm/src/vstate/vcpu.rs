@@ -323,11 +323,19 @@ fn report(vcpu: &VcpuFd, ctx: &VcpuContext, op: u32) -> Option<VcpuOutcome> {
                 };
                 ctx.board.update(|r| r.results.push(rep));
             } else {
+                let khz = u64::from(vcpu.get_tsc_khz().unwrap_or(0));
+                let read_ns = if khz == 0 {
+                    0
+                } else {
+                    u64::try_from(u128::from(regs.r10) * 1_000_000 / u128::from(khz))
+                        .unwrap_or(u64::MAX)
+                };
                 let rep = ProbeReport {
                     seq: regs.rsi,
                     gpa: regs.rdi,
                     or_words: regs.r8,
                     first_word: regs.r9,
+                    read_ns,
                 };
                 ctx.board.update(|r| r.probes.push(rep));
             }
