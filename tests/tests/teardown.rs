@@ -84,3 +84,32 @@ fn hugetlb_pages_return() {
     vm.destroy().wait_reclaim();
     assert_eq!(free_huge_pages(), before, "huge pages not returned");
 }
+
+#[test]
+fn large_guest_costs_only_what_it_touches() {
+    let name = "large_guest_costs_only_what_it_touches";
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip(name) {
+        return;
+    }
+    // 8 GiB of guest RAM is created (8 page directories, no real-mode TSS
+    // slot below 4 GiB) but never run: only the set-up area is touched.
+    let before = rss().rss;
+    let (c, _) = tests::config(
+        "8G",
+        4,
+        Backing::Anon,
+        PageSize::Size2M,
+        vmm::Workload::Verify,
+    );
+    let vm = vmm::Vm::new(c).expect("8 GiB VM");
+    let during = rss().rss;
+    assert!(
+        during <= before + 8 * MIB,
+        "set-up of an 8 GiB guest made {} MiB resident",
+        (during - before) / MIB
+    );
+    assert_eq!(vm.memory().regions()[0].len, 8 << 30);
+    let mut t = vm.destroy();
+    assert_eq!(t.wait_reclaim().unmapped_bytes, 8 << 30);
+}

@@ -53,25 +53,38 @@ struct RunArgs {
     timeout_secs: u64,
 }
 
+/// The `--json` object (also the source of the human summary).
 #[derive(serde::Serialize)]
 struct Summary {
+    /// Every vCPU finished and verified its share (and, with --release-mib,
+    /// every released leaf read back as zeros).
     guest_ok: bool,
     vcpus: u32,
     mem_bytes: u64,
     backing: String,
     page_size: String,
+    /// From `main()` entry to the first guest report (a vCPU reached ring 3).
     boot_ms: Option<f64>,
+    /// From starting the vCPUs until all finished.
     run_ms: f64,
+    /// The `Vm::destroy` call (stop and join vCPUs, hand off reclamation).
     teardown_ms: f64,
+    /// From `Vm::destroy` until guest RAM was unmapped.
     reclaim_ms: f64,
+    /// `VmHWM` before teardown.
     rss_peak_bytes: u64,
+    /// `VmRSS` after reclamation.
     rss_after_teardown_bytes: u64,
+    /// `VmRSS` before the VM was created.
     rss_before_bytes: u64,
+    /// Demand faults resolved by the userfaultfd handler.
     faults: u64,
+    /// Handler-side latency (message read to wake-up).
     fault_mean_latency_us: f64,
     fault_max_latency_us: f64,
     released_bytes: u64,
     released_leaves_read_zero: u64,
+    /// Guest-side time to read a released page (TSC), fault included.
     guest_fault_read_mean_us: f64,
     guest_fault_read_max_us: f64,
     pages_verified: u64,
