@@ -15,6 +15,11 @@
 //! begin → install (without waking the faulting thread) → commit; if commit
 //! says an unmap raced, the installed page is discarded again and the fault is
 //! retried, so a fault never resurrects a page an in-flight unmap released.
+//!
+//! Granularity: a fault installs the whole leaf (4 KiB or 2 MiB, aligned in
+//! guest physical space) around the faulting address; if that fails part-way
+//! it falls back to the faulting 4 KiB page, so every fault makes progress.
+//! Counters are updated before the faulting thread is woken.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};

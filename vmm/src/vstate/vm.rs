@@ -3,9 +3,10 @@
 //! Life cycle: [`Vm::new`] creates the VM, guest RAM (registered as KVM
 //! memory slots), the default guest's set-up, the userfaultfd handler and the
 //! vCPUs; [`Vm::start`] runs one thread per vCPU; [`Vm::wait`] waits for the
-//! guest to finish; [`Vm::destroy`] tears everything down in order (stop and
-//! join vCPUs, drop the VM, stop the fault handler, unmap guest RAM) and
-//! reports how long that took. Dropping a `Vm` also destroys it.
+//! guest to finish; [`Vm::destroy`] stops and joins the vCPUs and returns,
+//! while a reclaim thread drops the VM, stops the fault handler and unmaps
+//! guest RAM, in that order ([`Teardown::wait_reclaim`] waits for it).
+//! Dropping a `Vm` without `destroy` does the same synchronously.
 //!
 //! Threads: vCPU threads only touch shared state through `Arc`s
 //! ([`RunControl`], [`ReportBoard`], the serial device) and a clone of the
