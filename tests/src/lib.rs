@@ -3,6 +3,16 @@
 //! a guard that raises `vm.nr_hugepages` for hugetlb tests and restores it,
 //! and small VM builders.
 
+/// Prints a line on the real stderr, bypassing the test harness's output
+/// capture, so that a skipped test is visible in a plain `cargo test` run.
+#[macro_export]
+macro_rules! loud {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +28,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("SKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM");
+            loud!("SKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM");
             false
         }
     }
@@ -46,7 +56,7 @@ impl HugePages {
             .unwrap_or(0);
         let want = cur + (pages - free);
         if let Err(e) = std::fs::write(NR_HUGEPAGES, want.to_string()) {
-            eprintln!(
+            loud!(
                 "SKIPPED: {test}: needs {pages} free huge pages, host has {free} and raising \
                  vm.nr_hugepages failed ({e}); run as root or set vm.nr_hugepages"
             );
@@ -55,7 +65,7 @@ impl HugePages {
         let guard = Self { restore: Some(cur) };
         let now = vmm::memory::free_huge_pages();
         if now < pages {
-            eprintln!(
+            loud!(
                 "SKIPPED: {test}: raised vm.nr_hugepages to {want} but only {now} huge pages \
                  are free (fragmented memory?)"
             );

@@ -1,6 +1,6 @@
 //! Bad configurations fail with errors that say what to do.
 
-use tests::config;
+use tests::{config, loud};
 use vmm::memory::{free_huge_pages, MemoryError};
 use vmm::{Backing, GuestRam, MemSize, PageSize, Vm, VmError, Workload};
 
@@ -69,9 +69,7 @@ fn missing_huge_pages() {
     let needed = 16384;
     let free = free_huge_pages();
     if free >= needed {
-        eprintln!(
-            "SKIPPED: missing_huge_pages: the host has {free} free huge pages, cannot run out"
-        );
+        loud!("SKIPPED: missing_huge_pages: the host has {free} free huge pages, cannot run out");
         return;
     }
     let e = GuestRam::new("32G".parse().unwrap(), Backing::Hugetlb, PageSize::Size2M).unwrap_err();

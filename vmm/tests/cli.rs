@@ -2,6 +2,14 @@
 
 use std::process::Command;
 
+/// Prints on the real stderr (not captured by the test harness).
+macro_rules! loud {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 fn kvm() -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
@@ -9,7 +17,7 @@ fn kvm() -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        eprintln!("SKIPPED: /dev/kvm not available; the vmm binary needs real KVM");
+        loud!("SKIPPED: /dev/kvm not available; the vmm binary needs real KVM");
     }
     ok
 }
