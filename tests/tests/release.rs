@@ -253,3 +253,23 @@ fn destroy_stops_a_spinning_guest() {
     assert_eq!(t.outcomes, vec![VcpuOutcome::Stopped]);
     assert!(t.stop_vcpus_ms < 1000.0, "kick took {} ms", t.stop_vcpus_ms);
 }
+
+#[test]
+fn repeated_release_and_refault() {
+    if !kvm_or_skip("repeated_release_and_refault") {
+        return;
+    }
+    let (c, _) = config("32M", 1, Backing::Anon, PageSize::Size4K, Workload::Probe);
+    let mut vm = started_probe_vm(c);
+    let target = 4 << 20;
+    for i in 0..50u64 {
+        vm.release_range(target, 4096).unwrap();
+        assert_eq!(probe(&mut vm, target), (0, 0), "round {i}");
+        let s = vm.fault_stats().summary();
+        assert_eq!((s.faults, s.errors), (i + 1, 0), "round {i}: {s:?}");
+    }
+    vm.finish_probes().unwrap();
+    assert!(vm.wait(GUEST_TIMEOUT));
+    assert!(vm.guest_ok());
+    vm.destroy();
+}
