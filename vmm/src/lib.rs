@@ -13,17 +13,24 @@
 //! the handler, which installs zeros and tells a [`uffd::FaultHook`] (the
 //! stage-2 table) with a begin/commit protocol. [`Vm::destroy`] is the single
 //! teardown path.
+//!
+//! Guest memory is mirrored by a guest-mm stage-2 table ([`stage2`]):
+//! releases and teardown go through its gather, demand faults commit into it
+//! with its sequence protocol, and host-side reads and writes of guest memory
+//! go through its lockless fast walk.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod devices;
 pub mod guest;
 pub mod memory;
 pub mod proc_stats;
+pub mod stage2;
 pub mod uffd;
 pub mod vstate;
 
 pub use devices::serial::Console;
 pub use guest::Workload;
 pub use memory::{Backing, GuestRam, MemSize, MemoryError, PageSize, RegionDesc};
+pub use stage2::{GuestAccess, Stage2, Stage2Error, TeardownStats};
 pub use uffd::{FaultHook, FaultStats, FaultSummary, NoHook, UffdError};
 pub use vstate::vm::{Reclaimed, Teardown, Vm, VmConfig, VmError};

@@ -88,6 +88,16 @@ struct Summary {
     guest_fault_read_mean_us: f64,
     guest_fault_read_max_us: f64,
     pages_verified: u64,
+    /// Stage-2 table bytes while the guest ran (table pages × 4 KiB).
+    stage2_table_bytes: u64,
+    /// Longest stage-2 table-lock hold over the VM's life, µs.
+    stage2_max_lock_hold_us: f64,
+    /// Stage-2 invalidations (flushes) seen by the KVM-side subscriber.
+    stage2_invalidations: u64,
+    /// The whole-VM gather in teardown: zap + invalidate + release, ms.
+    stage2_teardown_gather_ms: f64,
+    /// Bytes the teardown gather released.
+    stage2_teardown_released_bytes: u64,
     outcomes: Vec<vmm::vstate::vcpu::VcpuOutcome>,
 }
 
@@ -171,6 +181,12 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
     let guest_ok = finished && vm.guest_ok() && release.ok;
     let faults = vm.fault_stats().summary();
     let rss_peak = proc_stats::rss().peak;
+    let table_bytes = vm.stage2().table().table_bytes();
+    let invalidations = vm
+        .stage2()
+        .kvm_side()
+        .starts
+        .load(std::sync::atomic::Ordering::Relaxed);
     let mut teardown = vm.destroy();
     let reclaimed = teardown.wait_reclaim();
     let rss_after = proc_stats::rss().rss;
@@ -199,6 +215,11 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         },
         guest_fault_read_max_us: release.read_ns_max as f64 / 1e3,
         pages_verified: results.iter().filter(|r| r.ok()).map(|r| r.pages()).sum(),
+        stage2_table_bytes: table_bytes,
+        stage2_max_lock_hold_us: reclaimed.stage2.max_lock_hold_us,
+        stage2_invalidations: invalidations,
+        stage2_teardown_gather_ms: reclaimed.stage2.gather_ms,
+        stage2_teardown_released_bytes: reclaimed.stage2.released_bytes,
         outcomes: teardown.outcomes.clone(),
     };
     if args.json {

@@ -117,6 +117,9 @@ pub enum UffdError {
     /// Discarding backing failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The stage-2 release failed.
+    #[error(transparent)]
+    Stage2(#[from] crate::stage2::Stage2Error),
     /// eventfd / thread creation failed.
     #[error("starting the fault handler failed: {0}")]
     Start(std::io::Error),
@@ -324,9 +327,16 @@ impl FaultHandler {
         })
     }
 
-    /// Releases the backing of `[gpa, gpa+len)` and arms demand faults on
-    /// it: the next touch faults into the handler and reads zeros.
-    pub fn release_range(&self, ram: &GuestRam, gpa: u64, len: u64) -> Result<(), UffdError> {
+    /// Arms demand faults on `[gpa, gpa+len)` and calls `release` to drop
+    /// its backing (the stage-2 gather): the next touch faults into the
+    /// handler and reads zeros.
+    pub fn release_range(
+        &self,
+        ram: &GuestRam,
+        gpa: u64,
+        len: u64,
+        release: impl FnOnce() -> Result<(), UffdError>,
+    ) -> Result<(), UffdError> {
         let d = ram.checked_region(gpa, len)?;
         let _w = self.shared.lock.write().unwrap_or_else(|e| e.into_inner());
         // Register first, then discard: a touch in between still finds the
@@ -353,7 +363,7 @@ impl FaultHandler {
             reg.push((host, len));
         }
         drop(reg);
-        ram.discard(gpa, len)?;
+        release()?;
         self.shared.stats.releases.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -568,7 +578,10 @@ mod tests {
         let gpa = 4 << 20;
         gm.write_obj(0x1234_u64, GuestAddress(gpa + 64)).unwrap();
         let h = FaultHandler::start(&ram, Arc::new(NoHook)).unwrap();
-        h.release_range(&ram, gpa, page.bytes()).unwrap();
+        h.release_range(&ram, gpa, page.bytes(), || {
+            Ok(ram.discard(gpa, page.bytes())?)
+        })
+        .unwrap();
         assert_eq!(gm.read_obj::<u64>(GuestAddress(gpa + 64)).unwrap(), 0);
         let s = h.stats().summary();
         assert_eq!(

@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress};
 
 use super::vcpu::{self, ReportBoard, Reports, Request, RunControl, VcpuContext, VcpuOutcome};
 use crate::devices::report::{PatternReport, ProbeReport};
 use crate::devices::serial::{Console, SerialDevice};
 use crate::guest::{self, control, layout, EntryArgs, GuestError, Workload};
 use crate::memory::{self, Backing, GuestRam, MemSize, MemoryError, PageSize};
+use crate::stage2::{Stage2, Stage2Error, TeardownStats};
 use crate::uffd::{FaultHandler, FaultHook, FaultStats, NoHook, UffdError};
 
 /// Errors of VM creation and control.
@@ -63,6 +63,9 @@ pub enum VmError {
     /// Access to the control page failed.
     #[error("accessing the guest control page failed: {0}")]
     Control(String),
+    /// The stage-2 table.
+    #[error(transparent)]
+    Stage2(#[from] Stage2Error),
 }
 
 /// Result alias of this module.
@@ -151,6 +154,8 @@ pub struct Reclaimed {
     pub unmap_ms: f64,
     /// Bytes of guest RAM unmapped.
     pub unmapped_bytes: u64,
+    /// The whole-VM stage-2 gather (zap, invalidate, release, table free).
+    pub stage2: TeardownStats,
 }
 
 impl Teardown {
@@ -170,16 +175,18 @@ impl Drop for Teardown {
 }
 
 /// The state released in the background after the vCPUs stopped. Field
-/// order is drop order: VM, fault handler, guest RAM.
+/// order is drop order: VM, fault handler, stage-2 table, guest RAM.
 struct Remains {
     vm_fd: Option<VmFd>,
     faults: Option<FaultHandler>,
+    stage2: Option<Stage2>,
     ram: Option<GuestRam>,
 }
 
 impl Remains {
-    /// Drops the VM (and its memory slots), stops the fault handler, unmaps
-    /// guest RAM. This is where a stage-2 whole-VM gather plugs in.
+    /// Drops the VM (and its memory slots), stops the fault handler, tears
+    /// the stage-2 table down through a whole-VM gather (which releases all
+    /// backing and frees the table after a grace period), unmaps guest RAM.
     fn reclaim(mut self, t0: Instant) -> Reclaimed {
         let t = Instant::now();
         self.vm_fd = None;
@@ -187,6 +194,12 @@ impl Remains {
         if let Some(mut f) = self.faults.take() {
             f.stop();
         }
+        // A failed release leaves memory to the munmap below: nothing leaks.
+        let stage2 = self
+            .stage2
+            .take()
+            .and_then(|s| s.teardown().ok())
+            .unwrap_or_default();
         let t = Instant::now();
         let unmapped_bytes = self.ram.take().map_or(0, |mut r| r.unmap_all());
         Reclaimed {
@@ -194,6 +207,7 @@ impl Remains {
             vm_drop_ms: ms(vm_drop),
             unmap_ms: ms(t.elapsed()),
             unmapped_bytes,
+            stage2,
         }
     }
 }
@@ -203,6 +217,7 @@ pub struct Vm {
     config: VmConfig,
     vm_fd: Option<VmFd>,
     ram: Option<GuestRam>,
+    stage2: Option<Stage2>,
     faults: Option<FaultHandler>,
     control: Arc<RunControl>,
     board: Arc<ReportBoard>,
@@ -261,7 +276,8 @@ impl Vm {
                 .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
         }
         guest::setup(ram.guest_memory(), mem, config.vcpus)?;
-        let faults = FaultHandler::start(&ram, Arc::clone(&config.fault_hook))?;
+        let stage2 = Stage2::mirror(&ram)?;
+        let faults = FaultHandler::start(&ram, stage2.fault_hook(Arc::clone(&config.fault_hook)))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -301,6 +317,7 @@ impl Vm {
             config,
             vm_fd: Some(vm_fd),
             ram: Some(ram),
+            stage2: Some(stage2),
             faults: Some(faults),
             control: Arc::new(RunControl::default()),
             board: Arc::new(ReportBoard::default()),
@@ -321,6 +338,13 @@ impl Vm {
         self.ram
             .as_ref()
             .unwrap_or_else(|| unreachable!("guest RAM lives until destroy"))
+    }
+
+    /// The stage-2 table mirroring guest RAM.
+    pub fn stage2(&self) -> &Stage2 {
+        self.stage2
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the stage-2 table lives until destroy"))
     }
 
     fn fault_handler(&self) -> &FaultHandler {
@@ -422,34 +446,25 @@ impl Vm {
             }
             .into());
         }
+        // Leaf-aligned and inside one region (the same checks as before).
+        self.memory().checked_region(gpa, len)?;
+        let stage2 = self.stage2();
         Ok(self
             .fault_handler()
-            .release_range(self.memory(), gpa, len)?)
+            .release_range(self.memory(), gpa, len, || {
+                stage2.discard(gpa, len)?;
+                Ok(())
+            })?)
     }
 
     fn post(&mut self, cmd: u64, arg: u64) -> Result<u64> {
         self.probe_seq += 1;
         let seq = self.probe_seq;
-        let gm = self.memory().guest_memory();
-        let err = |e: vm_memory::GuestMemoryError| VmError::Control(e.to_string());
-        gm.store(
-            arg,
-            GuestAddress(layout::CONTROL + control::ARG),
-            Ordering::Relaxed,
-        )
-        .map_err(err)?;
-        gm.store(
-            cmd,
-            GuestAddress(layout::CONTROL + control::CMD),
-            Ordering::Relaxed,
-        )
-        .map_err(err)?;
-        gm.store(
-            seq,
-            GuestAddress(layout::CONTROL + control::SEQ),
-            Ordering::Release,
-        )
-        .map_err(err)?;
+        // Device-side writes go through the stage-2 fast walk.
+        let mut mem = self.stage2().access();
+        mem.store_u64(layout::CONTROL + control::ARG, arg, Ordering::Relaxed)?;
+        mem.store_u64(layout::CONTROL + control::CMD, cmd, Ordering::Relaxed)?;
+        mem.store_u64(layout::CONTROL + control::SEQ, seq, Ordering::Release)?;
         Ok(seq)
     }
 
@@ -475,7 +490,7 @@ impl Vm {
     /// Host-side check of the guest's pattern over `[start, end)`: returns
     /// the number of words that differ from `gpa ^ seed`.
     pub fn check_pattern(&self, start: u64, end: u64) -> Result<u64> {
-        let gm = self.memory().guest_memory();
+        let mut mem = self.stage2().access();
         let seed = self.config.seed;
         let mut bad = 0;
         let mut buf = vec![0u8; 1 << 20];
@@ -483,8 +498,7 @@ impl Vm {
         while gpa < end {
             let n = (end - gpa).min(buf.len() as u64);
             let chunk = &mut buf[..usize::try_from(n).unwrap_or(0)];
-            gm.read_slice(chunk, GuestAddress(gpa))
-                .map_err(|e| VmError::Control(e.to_string()))?;
+            mem.read(gpa, chunk)?;
             for (k, w) in chunk.chunks_exact(8).enumerate() {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(w);
@@ -523,6 +537,7 @@ impl Vm {
         let remains = Remains {
             vm_fd: self.vm_fd.take(),
             faults: self.faults.take(),
+            stage2: self.stage2.take(),
             ram: self.ram.take(),
         };
         let (reclaim, done) = if background {

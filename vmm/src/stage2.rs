@@ -1,0 +1,321 @@
+//! The VM's stage-2 table: guest-mm mirroring every KVM memory slot.
+//!
+//! KVM keeps its own EPT/shadow tables in the kernel; this table is the
+//! VMM's authoritative per-page map of guest RAM (present, discarded,
+//! ballooned, permissions, leaf size, backing). Everything that takes
+//! memory away from the guest goes through its gather: [`Stage2::discard`]
+//! (a release while the guest runs) and [`Stage2::teardown`] (the whole VM).
+//! Their flushes drive the real invalidations: our translation caches, the
+//! [`KvmSide`] subscriber, and the release (`madvise` / punch-hole), whose
+//! kernel mmu_notifier zaps KVM's own entries for the range.
+//!
+//! Demand faults come back through [`TableFaultHook`]: the userfaultfd
+//! handler reads the invalidation sequence before it installs a page and
+//! commits with `fault_in_if_unchanged`, which refuses (and the handler
+//! undoes and retries) if an invalidation ran in between or a release is
+//! pending over the page, so a fault never resurrects a page that an
+//! in-flight unmap is releasing.
+//!
+//! Device emulation and host-side checks read and write guest memory with a
+//! [`GuestAccess`]: the lockless fast walk with a per-thread translation
+//! cache, never a raw pointer kept across an invalidation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use guest_mm::{
+    Access, BackingError, BackingKind, BackingRegion, FaultError, GatherStats, Gpa, Hva,
+    Invalidation, InvalidationSubscriber, MapError, Perms, ReleaseError, Stage2Table,
+    SubscribeError, TableConfig, UnmapError, UnmapMode, WalkError, Walker,
+};
+
+use crate::memory::{Backing, GuestRam, PageSize, SIZE_2M};
+use crate::uffd::FaultHook;
+
+/// Errors of the stage-2 layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Stage2Error {
+    /// Creating or filling the table failed.
+    #[error("building the stage-2 table failed: {0}")]
+    Map(#[from] MapError),
+    /// A region could not be registered as backing.
+    #[error("registering guest RAM as stage-2 backing failed: {0}")]
+    Backing(#[from] BackingError),
+    /// The KVM-side subscriber could not be registered.
+    #[error("registering the KVM invalidation subscriber failed: {0}")]
+    Subscribe(#[from] SubscribeError),
+    /// An unmap was refused.
+    #[error("stage-2 unmap failed: {0}")]
+    Unmap(#[from] UnmapError),
+    /// The host refused to take memory back.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// A guest access failed.
+    #[error("guest memory access failed: {0}")]
+    Walk(#[from] WalkError),
+    /// The fault path refused.
+    #[error("faulting guest memory back in failed: {0}")]
+    Fault(#[from] FaultError),
+}
+
+/// The KVM side of invalidation. Releasing backing (`madvise`, punch-hole)
+/// makes the host kernel's mmu_notifier zap KVM's own stage-2 entries for
+/// the range, so KVM needs no ioctl here; this subscriber counts what it
+/// was told, and is where memslot changes (virtio-mem, hot-unplug) hook in.
+#[derive(Debug, Default)]
+pub struct KvmSide {
+    /// invalidate_range_start calls.
+    pub starts: AtomicU64,
+    /// Bytes of guest-physical range invalidated (bounding ranges).
+    pub bytes: AtomicU64,
+    /// Whole-VM invalidations.
+    pub full: AtomicU64,
+}
+
+impl InvalidationSubscriber for KvmSide {
+    fn invalidate_range_start(&self, inv: &Invalidation) {
+        self.starts.fetch_add(1, Ordering::Relaxed);
+        if inv.full_mm {
+            self.full.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.bytes
+                .fetch_add(inv.end.0 - inv.start.0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a whole-VM teardown through the gather did.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TeardownStats {
+    /// Time of the full-mm gather (zap, invalidate, release), ms.
+    pub gather_ms: f64,
+    /// Time of the final grace period freeing the table pages, ms.
+    pub barrier_ms: f64,
+    /// Bytes of backing released by the gather.
+    pub released_bytes: u64,
+    /// Release system calls.
+    pub release_calls: u64,
+    /// Table pages left (the root only: 1).
+    pub table_pages_left: u64,
+    /// Longest table-lock hold during the whole VM's life, µs.
+    pub max_lock_hold_us: f64,
+}
+
+/// The VM's stage-2 table and its KVM-side subscriber.
+pub struct Stage2 {
+    table: Arc<Stage2Table>,
+    kvm: Arc<KvmSide>,
+    unexpected_faults: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Stage2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage2")
+            .field("stats", &self.table.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stage2 {
+    /// A table mirroring every region of `ram`: each region is registered
+    /// as backing of its kind and mapped with leaves of its page size.
+    pub fn mirror(ram: &GuestRam) -> Result<Stage2, Stage2Error> {
+        let table = Stage2Table::new(TableConfig::default())?;
+        for r in ram.regions() {
+            let kind = match (r.backing, r.fd) {
+                (Backing::Anon, _) | (_, None) => BackingKind::Anonymous,
+                (Backing::Memfd, Some(fd)) => BackingKind::SharedFile {
+                    fd,
+                    offset: r.fd_offset,
+                },
+                (Backing::Hugetlb, Some(fd)) => BackingKind::Hugetlb {
+                    page_size: SIZE_2M,
+                    file: Some((fd, r.fd_offset)),
+                },
+            };
+            let hva = Hva(r.host_addr as u64);
+            table.register_backing(BackingRegion {
+                hva,
+                len: r.len,
+                kind,
+            })?;
+            let leaf = match r.page_size {
+                PageSize::Size2M => guest_mm::PageSize::Size2M,
+                PageSize::Size4K => guest_mm::PageSize::Size4K,
+            };
+            table.map(Gpa(r.gpa.0), hva, r.len, Perms::RWX, leaf)?;
+        }
+        let kvm = Arc::new(KvmSide::default());
+        table.register_subscriber(kvm.clone())?;
+        Ok(Stage2 {
+            table,
+            kvm,
+            unexpected_faults: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The table.
+    pub fn table(&self) -> &Arc<Stage2Table> {
+        &self.table
+    }
+
+    /// The KVM-side subscriber's counters.
+    pub fn kvm_side(&self) -> &KvmSide {
+        &self.kvm
+    }
+
+    /// Faults the table could not explain (not mapped, ballooned, dying).
+    pub fn unexpected_faults(&self) -> u64 {
+        self.unexpected_faults.load(Ordering::Relaxed)
+    }
+
+    /// The fault hook for the userfaultfd handler: the table's sequence
+    /// protocol first, then `user` (tests and tools may observe faults).
+    pub fn fault_hook(&self, user: Arc<dyn FaultHook>) -> Arc<dyn FaultHook> {
+        Arc::new(TableFaultHook {
+            table: self.table.clone(),
+            user,
+            user_seq: AtomicU64::new(0),
+            unexpected: self.unexpected_faults.clone(),
+        })
+    }
+
+    /// Release the backing of `[gpa, gpa + len)` through the gather,
+    /// keeping *discarded* markers: the guest pages fault back in.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<GatherStats, Stage2Error> {
+        let mut g = self.table.gather();
+        self.table
+            .unmap(&mut g, Gpa(gpa), len, UnmapMode::Discard)?;
+        Ok(g.finish()?)
+    }
+
+    /// Tear the whole table down through a full-mm gather (no per-range
+    /// invalidation), releasing all backing, then wait for the grace period
+    /// that frees the table pages.
+    pub fn teardown(&self) -> Result<TeardownStats, Stage2Error> {
+        let t = Instant::now();
+        let mut g = self.table.gather_full_mm();
+        self.table.teardown(&mut g)?;
+        let st = g.finish()?;
+        let gather_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        self.table.rcu_barrier();
+        let barrier_ms = t.elapsed().as_secs_f64() * 1e3;
+        let ts = self.table.stats();
+        Ok(TeardownStats {
+            gather_ms,
+            barrier_ms,
+            released_bytes: st.released_bytes,
+            release_calls: ts.release_calls,
+            table_pages_left: ts.table_pages,
+            max_lock_hold_us: ts.lock_hold_max_ns as f64 / 1e3,
+        })
+    }
+
+    /// A guest-memory accessor for the calling thread.
+    pub fn access(&self) -> GuestAccess {
+        GuestAccess {
+            walker: self.table.walker(),
+        }
+    }
+}
+
+/// The userfaultfd handler's view of the table.
+struct TableFaultHook {
+    table: Arc<Stage2Table>,
+    user: Arc<dyn FaultHook>,
+    /// The user hook's token of the fault in progress (the handler is one
+    /// thread, so one slot suffices).
+    user_seq: AtomicU64,
+    unexpected: Arc<AtomicU64>,
+}
+
+impl FaultHook for TableFaultHook {
+    fn fault_begin(&self, gpa: u64, len: u64) -> u64 {
+        self.user_seq
+            .store(self.user.fault_begin(gpa, len), Ordering::Relaxed);
+        self.table.invalidate_seq()
+    }
+
+    fn fault_commit(&self, gpa: u64, len: u64, seq: u64) -> bool {
+        let ok = match self.table.fault_in_if_unchanged(Gpa(gpa), seq) {
+            Ok(_) => true,
+            // An invalidation ran, or a release is pending over the page:
+            // the handler undoes its install and starts again.
+            Err(FaultError::Retry(_)) => false,
+            // Not a page the table can give back (not mapped, ballooned,
+            // teardown): resolve so the guest makes progress, and count it.
+            Err(_) => {
+                self.unexpected.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+        };
+        ok && self
+            .user
+            .fault_commit(gpa, len, self.user_seq.load(Ordering::Relaxed))
+    }
+}
+
+/// Reads and writes guest memory through the lockless fast walk, from one
+/// thread. Each call is one short read section.
+pub struct GuestAccess {
+    walker: Walker,
+}
+
+impl GuestAccess {
+    /// Copy guest memory at `gpa` into `buf`. A discarded page is faulted
+    /// back in first (its next touch reads zeros, like the guest's would).
+    pub fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), Stage2Error> {
+        self.with_retry(gpa, buf.len() as u64, |g| g.read(Gpa(gpa), buf))
+    }
+
+    /// Copy `buf` into guest memory at `gpa`.
+    pub fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), Stage2Error> {
+        self.with_retry(gpa, buf.len() as u64, |g| g.write(Gpa(gpa), buf))
+    }
+
+    /// An atomic store of a naturally aligned `u64` at `gpa`.
+    pub fn store_u64(&mut self, gpa: u64, val: u64, ord: Ordering) -> Result<(), Stage2Error> {
+        if !gpa.is_multiple_of(8) {
+            return Err(WalkError::OutOfRange(Gpa(gpa)).into());
+        }
+        self.with_retry(gpa, 8, |g| {
+            let t = g.translate(Gpa(gpa), Access::Write)?;
+            // SAFETY: the translation is valid inside this read section (the
+            // backing cannot be released before we unpin); the address is
+            // 8-aligned registered backing; AtomicU64 has u64's layout.
+            let a = unsafe { &*(t.hva.0 as *const AtomicU64) };
+            a.store(val, ord);
+            Ok(())
+        })
+    }
+
+    /// Counters of the underlying walker.
+    pub fn stats(&self) -> guest_mm::WalkStats {
+        self.walker.stats()
+    }
+
+    fn with_retry(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        mut f: impl FnMut(&guest_mm::WalkGuard<'_>) -> Result<(), WalkError>,
+    ) -> Result<(), Stage2Error> {
+        // Bounded: each round faults in at least one discarded page.
+        let rounds = len / 4096 + 3;
+        for _ in 0..rounds {
+            let r = {
+                let g = self.walker.pin();
+                f(&g)
+            };
+            match r {
+                Err(WalkError::Discarded(at)) => {
+                    self.walker.table().fault_in(at)?;
+                }
+                other => return Ok(other?),
+            }
+        }
+        Err(WalkError::Discarded(Gpa(gpa)).into())
+    }
+}
