@@ -1,0 +1,439 @@
+//! `gmm bench unmap`: unmapping a large region through the gather against
+//! three baselines measured in the same run, on the same memory.
+//!
+//! Strategies (each starts from a freshly re-touched, fully resident region):
+//!
+//! - **gather**: the region is registered as anonymous backing, mapped in a
+//!   [`Stage2Table`] at 4 KiB (or 2 MiB) leaves, and unmapped through one
+//!   [`guest_mm::Gather`]; the unmap and the gather's finish are timed.
+//! - **limit**: one `madvise(MADV_DONTNEED)` over the whole region; no
+//!   table work at all, so nothing can be faster.
+//! - **per-page**: one `madvise` per 4 KiB page while holding a mutex
+//!   (Cloud Hypervisor's pattern).
+//! - **per-run**: the pages as a shuffled list of frame numbers, sorted,
+//!   de-duplicated and merged into runs, one `madvise` per run, no batching
+//!   (Firecracker's pattern); the sort and merge are timed too.
+//!
+//! Strategies are interleaved (rotated each repetition) and the median of
+//! the repetitions is reported. After every strategy `mincore` must show
+//! the region fully released.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use guest_mm::{
+    BackingKind, BackingRegion, Gpa, Hva, PageSize, Perms, Stage2Table, TableConfig, UnmapMode,
+};
+use serde::Serialize;
+
+use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
+use crate::rng::{median, round, Rng};
+use crate::units::human_bytes;
+
+/// Options of `gmm bench unmap`.
+#[derive(clap::Args, Debug)]
+pub struct UnmapArgs {
+    /// Bytes of real memory to populate and unmap (e.g. 256M, 1G, 4G).
+    #[arg(long, default_value = "1G", value_parser = crate::units::parse_size)]
+    pub size: u64,
+    /// Run several sizes (e.g. 1G,4G) and compare their lock holds; overrides --size.
+    #[arg(long, value_parser = crate::units::parse_size_list)]
+    pub sizes: Option<Vec<u64>>,
+    /// Leaf size: 4K (no THP) or 2M (THP-backed memory, 2 MiB leaves).
+    #[arg(long, default_value = "4K", value_parser = crate::units::parse_leaf)]
+    pub page_size: PageSize,
+    /// Repetitions of each strategy (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub reps: u32,
+    /// Entries the table lock covers before it is dropped and retaken.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub yield_entries: u32,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Result for one size.
+#[derive(Serialize, Debug, Clone)]
+pub struct UnmapResult {
+    tool: &'static str,
+    size_bytes: u64,
+    page_size: String,
+    reps: u32,
+    /// Median unmap + finish through the gather.
+    gather_ms: f64,
+    /// Median single madvise over the region.
+    limit_ms: f64,
+    /// Median per-4K-page madvise under a mutex.
+    per_page_ms: f64,
+    /// Median sort + merge + per-run madvise.
+    per_run_ms: f64,
+    /// Median sort + merge part of `per_run_ms`.
+    per_run_sort_ms: f64,
+    /// Runs the per-run strategy found.
+    per_run_runs: u64,
+    ratio_vs_limit: f64,
+    ratio_per_page_vs_gather: f64,
+    ratio_per_run_vs_gather: f64,
+    /// Longest table-lock hold during the unmap, over all repetitions.
+    max_lock_hold_us: f64,
+    /// Median over repetitions of each repetition's longest hold.
+    median_rep_max_lock_hold_us: f64,
+    /// Table-lock acquisitions during one unmap.
+    lock_acquisitions: u64,
+    /// The per-page baseline's mutex hold (the whole loop).
+    per_page_lock_hold_ms: f64,
+    /// Release system calls made by the gather in one unmap.
+    release_calls: u64,
+    flushes: u64,
+    forced_flushes: u64,
+    fallback_batches: u64,
+    batch_allocs: u64,
+    tables_retired: u64,
+    /// Table pages in bytes with the region mapped, before unmapping.
+    table_bytes: u64,
+    table_overhead_pct: f64,
+    /// Median time to map the region (not part of any comparison).
+    map_ms: f64,
+    /// Median time to re-touch the region (fault it all back in).
+    touch_ms: f64,
+    /// THP bytes of the process after touching (2M runs: how much really was huge).
+    anon_huge_bytes_after_touch: Option<u64>,
+    /// Resident bytes of the region after each strategy (worst repetition).
+    rss_after_gather: u64,
+    rss_after_limit: u64,
+    rss_after_per_page: u64,
+    rss_after_per_run: u64,
+    /// Every strategy brought every byte back.
+    released_ok: bool,
+    /// Every repetition's figures, in run order.
+    gather_ms_all: Vec<f64>,
+    limit_ms_all: Vec<f64>,
+    per_page_ms_all: Vec<f64>,
+    per_run_ms_all: Vec<f64>,
+    targets: Targets,
+}
+
+/// The targets, evaluated on this run.
+#[derive(Serialize, Debug, Clone)]
+struct Targets {
+    /// gather ≤ 1.15 × limit.
+    gather_within_1_15x_limit: bool,
+    /// per-page ≥ 10 × gather.
+    at_least_10x_per_page: bool,
+    /// max lock hold ≤ 100 µs.
+    lock_hold_le_100us: bool,
+    /// table overhead ≤ 0.2 % (meaningful at 4 KiB leaves).
+    table_overhead_le_0_2pct: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Strategy {
+    Gather,
+    Limit,
+    PerPage,
+    PerRun,
+}
+
+const ORDER: [Strategy; 4] = [
+    Strategy::Gather,
+    Strategy::Limit,
+    Strategy::PerPage,
+    Strategy::PerRun,
+];
+
+#[derive(Default)]
+struct GatherRun {
+    ms: f64,
+    map_ms: f64,
+    lock_max_ns: u64,
+    lock_acq: u64,
+    release_calls: u64,
+    table_bytes: u64,
+    flushes: u64,
+    forced_flushes: u64,
+    fallback_batches: u64,
+    batch_allocs: u64,
+    tables_retired: u64,
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<GatherRun> {
+    let table = Stage2Table::new(TableConfig { yield_entries }).context("creating the table")?;
+    table
+        .register_backing(BackingRegion {
+            hva: Hva(r.base),
+            len: r.len,
+            kind: BackingKind::Anonymous,
+        })
+        .context("registering the region")?;
+    let t = Instant::now();
+    table
+        .map(Gpa(0), Hva(r.base), r.len, Perms::RW, leaf)
+        .context("mapping the region")?;
+    let map_ms = ms(t);
+    let table_bytes = table.table_bytes();
+    table.reset_lock_stats();
+    let before = table.stats();
+    let t = Instant::now();
+    let mut g = table.gather();
+    table
+        .unmap(&mut g, Gpa(0), r.len, UnmapMode::Remove)
+        .context("unmapping the region")?;
+    let gs = g.finish().context("releasing the region's backing")?;
+    let gather_ms = ms(t);
+    let after = table.stats();
+    table.rcu_barrier();
+    Ok(GatherRun {
+        ms: gather_ms,
+        map_ms,
+        lock_max_ns: after.lock_hold_max_ns,
+        lock_acq: after.lock_acquisitions - before.lock_acquisitions,
+        release_calls: after.release_calls - before.release_calls,
+        table_bytes,
+        flushes: gs.flushes,
+        forced_flushes: gs.forced_flushes,
+        fallback_batches: gs.fallback_batches,
+        batch_allocs: gs.batch_allocs,
+        tables_retired: gs.tables_retired,
+    })
+}
+
+/// Measure one size.
+pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Result<UnmapResult> {
+    if !size.is_multiple_of(leaf.bytes()) {
+        bail!(
+            "size {} is not a multiple of the {leaf} page size",
+            human_bytes(size)
+        );
+    }
+    let region = AnonRegion::new(size, leaf)?;
+    let npages = size / PAGE;
+    let lock = Mutex::new(());
+    let mut rng = Rng::new(0x5eed_0000 ^ size);
+    let mut pfns: Vec<u64> = (0..npages).collect();
+    rng.shuffle(&mut pfns);
+
+    let mut gathers: Vec<GatherRun> = Vec::new();
+    let (mut limit, mut per_page, mut per_run, mut sort, mut touch) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut per_page_hold = Vec::new();
+    let mut runs = 0;
+    let mut resid = [0u64; 4];
+    let mut huge = None;
+    for rep in 0..reps as usize {
+        for k in 0..ORDER.len() {
+            let s = ORDER[(k + rep) % ORDER.len()];
+            let t = Instant::now();
+            region.touch();
+            touch.push(ms(t));
+            let resident = region.resident();
+            if resident != size {
+                bail!(
+                    "only {} of {} became resident after touching; is memory short?",
+                    human_bytes(resident),
+                    human_bytes(size)
+                );
+            }
+            if leaf == PageSize::Size2M {
+                huge = anon_huge_bytes();
+            }
+            let idx = match s {
+                Strategy::Gather => {
+                    gathers.push(run_gather(&region, leaf, yield_entries)?);
+                    0
+                }
+                Strategy::Limit => {
+                    let t = Instant::now();
+                    region.release_whole()?;
+                    limit.push(ms(t));
+                    1
+                }
+                Strategy::PerPage => {
+                    let t = Instant::now();
+                    let held = region.release_per_page(&lock)?;
+                    per_page.push(ms(t));
+                    per_page_hold.push(held as f64 / 1e6);
+                    2
+                }
+                Strategy::PerRun => {
+                    let list = pfns.clone();
+                    let t = Instant::now();
+                    let (n, sort_ns) = region.release_per_run(list)?;
+                    per_run.push(ms(t));
+                    sort.push(sort_ns as f64 / 1e6);
+                    runs = n;
+                    3
+                }
+            };
+            resid[idx] = resid[idx].max(region.resident());
+        }
+    }
+    let g_ms: Vec<f64> = gathers.iter().map(|g| g.ms).collect();
+    let gather_ms = median(&g_ms);
+    let limit_ms = median(&limit);
+    let per_page_ms = median(&per_page);
+    let per_run_ms = median(&per_run);
+    let last = gathers.last().context("no gather repetition ran")?;
+    let lock_max_ns = gathers.iter().map(|g| g.lock_max_ns).max().unwrap_or(0);
+    let rep_max: Vec<f64> = gathers.iter().map(|g| g.lock_max_ns as f64 / 1e3).collect();
+    let max_lock_hold_us = lock_max_ns as f64 / 1e3;
+    let overhead = last.table_bytes as f64 / size as f64 * 100.0;
+    let ratio_vs_limit = gather_ms / limit_ms;
+    let ratio_per_page = per_page_ms / gather_ms;
+    let r3 = |x: f64| round(x, 3);
+    let all = |v: &[f64]| v.iter().map(|&x| r3(x)).collect::<Vec<_>>();
+    Ok(UnmapResult {
+        tool: "bench-unmap",
+        size_bytes: size,
+        page_size: leaf.to_string(),
+        reps,
+        gather_ms: r3(gather_ms),
+        limit_ms: r3(limit_ms),
+        per_page_ms: r3(per_page_ms),
+        per_run_ms: r3(per_run_ms),
+        per_run_sort_ms: r3(median(&sort)),
+        per_run_runs: runs,
+        ratio_vs_limit: r3(ratio_vs_limit),
+        ratio_per_page_vs_gather: r3(ratio_per_page),
+        ratio_per_run_vs_gather: r3(per_run_ms / gather_ms),
+        max_lock_hold_us: r3(max_lock_hold_us),
+        median_rep_max_lock_hold_us: r3(median(&rep_max)),
+        lock_acquisitions: last.lock_acq,
+        per_page_lock_hold_ms: r3(median(&per_page_hold)),
+        release_calls: last.release_calls,
+        flushes: last.flushes,
+        forced_flushes: last.forced_flushes,
+        fallback_batches: last.fallback_batches,
+        batch_allocs: last.batch_allocs,
+        tables_retired: last.tables_retired,
+        table_bytes: last.table_bytes,
+        table_overhead_pct: round(overhead, 4),
+        map_ms: r3(median(
+            &gathers.iter().map(|g| g.map_ms).collect::<Vec<_>>(),
+        )),
+        touch_ms: r3(median(&touch)),
+        anon_huge_bytes_after_touch: huge,
+        rss_after_gather: resid[0],
+        rss_after_limit: resid[1],
+        rss_after_per_page: resid[2],
+        rss_after_per_run: resid[3],
+        released_ok: resid.iter().all(|&r| r == 0),
+        gather_ms_all: all(&g_ms),
+        limit_ms_all: all(&limit),
+        per_page_ms_all: all(&per_page),
+        per_run_ms_all: all(&per_run),
+        targets: Targets {
+            gather_within_1_15x_limit: ratio_vs_limit <= 1.15,
+            at_least_10x_per_page: ratio_per_page >= 10.0,
+            lock_hold_le_100us: max_lock_hold_us <= 100.0,
+            table_overhead_le_0_2pct: overhead <= 0.2,
+        },
+    })
+}
+
+fn human(r: &UnmapResult) -> String {
+    let mut s = String::new();
+    let size = human_bytes(r.size_bytes);
+    s += &format!(
+        "unmap {size} at {} leaves, median of {} (strategies interleaved):\n",
+        r.page_size, r.reps
+    );
+    s += &format!(
+        "  gather    {:>10.2} ms  ({:.3}x the limit; {} release calls, {} flushes)\n",
+        r.gather_ms, r.ratio_vs_limit, r.release_calls, r.flushes
+    );
+    s += &format!("  limit     {:>10.2} ms  (one madvise)\n", r.limit_ms);
+    s += &format!(
+        "  per-page  {:>10.2} ms  ({:.1}x the gather; mutex held {:.1} ms)\n",
+        r.per_page_ms, r.ratio_per_page_vs_gather, r.per_page_lock_hold_ms
+    );
+    s += &format!(
+        "  per-run   {:>10.2} ms  ({:.2}x the gather; {} runs, sort+merge {:.2} ms)\n",
+        r.per_run_ms, r.ratio_per_run_vs_gather, r.per_run_runs, r.per_run_sort_ms
+    );
+    s += &format!(
+        "  table lock: max hold {:.1} us over {} acquisitions; table {} = {:.3}% of mapped memory\n",
+        r.max_lock_hold_us,
+        r.lock_acquisitions,
+        human_bytes(r.table_bytes),
+        r.table_overhead_pct
+    );
+    if let Some(h) = r.anon_huge_bytes_after_touch {
+        s += &format!("  THP after touch: {}\n", human_bytes(h));
+    }
+    s += &format!(
+        "  released: {} (resident after gather/limit/per-page/per-run: {}/{}/{}/{})\n",
+        if r.released_ok { "all" } else { "NOT ALL" },
+        r.rss_after_gather,
+        r.rss_after_limit,
+        r.rss_after_per_page,
+        r.rss_after_per_run
+    );
+    s
+}
+
+/// The JSON line of a `--sizes` run.
+#[derive(Serialize)]
+struct MultiJson {
+    tool: &'static str,
+    page_size: String,
+    sizes: Vec<u64>,
+    max_lock_hold_us_by_size: Vec<(u64, f64)>,
+    /// The largest size's max hold is no larger than the smallest size's.
+    lock_hold_not_larger_at_largest: bool,
+    runs: Vec<UnmapResult>,
+}
+
+/// Run `gmm bench unmap`.
+pub fn cmd(a: &UnmapArgs) -> Result<()> {
+    let sizes = a.sizes.clone().unwrap_or_else(|| vec![a.size]);
+    let mut results = Vec::new();
+    for &size in &sizes {
+        let r = measure(size, a.page_size, a.reps, a.yield_entries)?;
+        crate::say(a.json, &human(&r));
+        results.push(r);
+    }
+    if !results.iter().all(|r| r.released_ok) {
+        bail!("some strategy left memory resident; see the rss_after_* figures");
+    }
+    if a.sizes.is_none() {
+        if let Some(r) = results.pop() {
+            crate::emit_json(a.json, &r)?;
+        }
+        return Ok(());
+    }
+    let mut by_size: Vec<(u64, f64)> = results
+        .iter()
+        .map(|r| (r.size_bytes, r.max_lock_hold_us))
+        .collect();
+    by_size.sort_by_key(|x| x.0);
+    let not_larger = match (by_size.first(), by_size.last()) {
+        (Some(a), Some(b)) => b.1 <= a.1,
+        _ => true,
+    };
+    let mut s = String::from("max table-lock hold by size:\n");
+    for (size, us) in &by_size {
+        s += &format!("  {:>10}  {us:.1} us\n", human_bytes(*size));
+    }
+    s += &format!(
+        "  largest size's hold no larger than smallest's: {}\n",
+        if not_larger { "yes" } else { "no" }
+    );
+    crate::say(a.json, &s);
+    crate::emit_json(
+        a.json,
+        &MultiJson {
+            tool: "bench-unmap",
+            page_size: a.page_size.to_string(),
+            sizes,
+            max_lock_hold_us_by_size: by_size,
+            lock_hold_not_larger_at_largest: not_larger,
+            runs: results,
+        },
+    )
+}

@@ -1,0 +1,139 @@
+//! End-to-end checks of the `gmm` binary: each command runs briefly, its
+//! last stdout line parses as JSON with the documented fields, and bad
+//! arguments fail with a clear message and a non-zero status.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn gmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gmm"))
+        .args(args)
+        .output()
+        .expect("the gmm binary runs")
+}
+
+fn last_json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "last stdout line is not JSON ({e}): {line:?}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v.get(k)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("field {k} missing or not a number in {v}"))
+}
+
+#[test]
+fn stress_json() {
+    let out = gmm(&["stress", "--seconds", "1", "--json"]);
+    assert!(out.status.success(), "stress failed: {out:?}");
+    let v = last_json(&out);
+    for k in [
+        "walks",
+        "unmaps",
+        "flushes",
+        "fallback_batches",
+        "use_after_free",
+        "stale_translations",
+        "max_lock_hold_us",
+    ] {
+        num(&v, k);
+    }
+    assert!(num(&v, "walks") > 0.0);
+    assert_eq!(num(&v, "violations"), 0.0);
+}
+
+#[test]
+fn stress_fault_injection_json() {
+    let out = gmm(&[
+        "stress",
+        "--seconds",
+        "0.5",
+        "--fail-batch-every",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stress failed: {out:?}");
+    let v = last_json(&out);
+    assert_eq!(num(&v, "violations"), 0.0);
+}
+
+#[test]
+fn bench_unmap_json() {
+    let out = gmm(&["bench", "unmap", "--size", "64M", "--reps", "1", "--json"]);
+    assert!(out.status.success(), "bench unmap failed: {out:?}");
+    let v = last_json(&out);
+    for k in [
+        "size_bytes",
+        "gather_ms",
+        "limit_ms",
+        "per_page_ms",
+        "per_run_ms",
+        "ratio_vs_limit",
+        "ratio_per_page_vs_gather",
+        "max_lock_hold_us",
+        "release_calls",
+        "table_bytes",
+        "table_overhead_pct",
+    ] {
+        num(&v, k);
+    }
+    assert_eq!(num(&v, "size_bytes"), (64u64 << 20) as f64);
+    assert!(num(&v, "gather_ms") > 0.0);
+    assert!(num(&v, "limit_ms") > 0.0);
+    assert!(num(&v, "release_calls") >= 1.0);
+    assert_eq!(v["released_ok"], Value::Bool(true));
+}
+
+#[test]
+fn bench_walk_json() {
+    let out = gmm(&[
+        "bench",
+        "walk",
+        "--seconds",
+        "0.3",
+        "--mem",
+        "64M",
+        "--json",
+    ]);
+    assert!(out.status.success(), "bench walk failed: {out:?}");
+    let v = last_json(&out);
+    for k in [
+        "walk_per_s",
+        "walk_under_unmap_per_s",
+        "rwlock_per_s",
+        "rwlock_under_unmap_per_s",
+        "vm_memory_per_s",
+        "threads",
+    ] {
+        assert!(num(&v, k) > 0.0, "{k} should be positive in {v}");
+    }
+    assert_eq!(num(&v, "use_after_free"), 0.0);
+}
+
+#[test]
+fn bad_arguments_fail() {
+    for args in [
+        &["bench", "unmap", "--size", "0"][..],
+        &["bench", "unmap", "--size", "lots"],
+        &["bench", "unmap", "--page-size", "3K"],
+        &["stress", "--seconds=-1"],
+        &["stress", "--seconds", "0"],
+        &["bench", "walk", "--mem", "3M"],
+    ] {
+        let out = gmm(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("invalid") || err.contains("not a multiple"),
+            "{args:?}: unclear error: {err}"
+        );
+    }
+}
