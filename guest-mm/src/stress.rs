@@ -407,6 +407,34 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
                         let _ = g.finish();
                         protects += 1;
                     }
+                    _ if q - p >= 16 && rng.below(4) == 0 => {
+                        // Checkerboard: every other page in one gather, so
+                        // the release runs cannot coalesce and the batches fill.
+                        let mut g = table.gather();
+                        let mut ok = true;
+                        for i in (p..q).step_by(2) {
+                            let a = lo + i as u64 * 4096;
+                            ok &= table
+                                .unmap(&mut g, Gpa(a), 4096, UnmapMode::Discard)
+                                .is_ok();
+                        }
+                        let _ = g.finish();
+                        unmaps += 1;
+                        if !ok {
+                            mismatch.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let g = walker.pin();
+                        for i in (p..q).step_by(2) {
+                            st[i] = Slot::Discarded;
+                            let a = lo + i as u64 * 4096;
+                            if g.translate(Gpa(a), Access::Read).is_ok() {
+                                stale.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if resident_bytes(base + a, 4096) != 0 {
+                                not_released.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
                     _ => {
                         let discard = rng.below(2) == 0;
                         let mode = if discard {
