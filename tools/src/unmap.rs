@@ -44,7 +44,7 @@ pub struct UnmapArgs {
     #[arg(long, default_value = "4K", value_parser = crate::units::parse_leaf)]
     pub page_size: PageSize,
     /// Repetitions of each strategy (the median is reported).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub reps: u32,
     /// Entries the table lock covers before it is dropped and retaken.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
@@ -80,6 +80,10 @@ pub struct UnmapResult {
     max_lock_hold_us: f64,
     /// Median over repetitions of each repetition's longest hold.
     median_rep_max_lock_hold_us: f64,
+    /// Upper bound of the 99th percentile lock hold (power-of-two histogram).
+    lock_hold_p99_us_upper: f64,
+    /// Lock holds of all repetitions: `[bucket upper bound µs, count]`.
+    lock_hold_hist_us: Vec<(f64, u64)>,
     /// Table-lock acquisitions during one unmap.
     lock_acquisitions: u64,
     /// The per-page baseline's mutex hold (the whole loop).
@@ -98,7 +102,8 @@ pub struct UnmapResult {
     map_ms: f64,
     /// Median time to re-touch the region (fault it all back in).
     touch_ms: f64,
-    /// THP bytes of the process after touching (2M runs: how much really was huge).
+    /// 2M runs: the process's `AnonHugePages` after touching, lowest over
+    /// all touches (how much of the region really was THP-backed).
     anon_huge_bytes_after_touch: Option<u64>,
     /// Resident bytes of the region after each strategy (worst repetition).
     rss_after_gather: u64,
@@ -156,6 +161,25 @@ struct GatherRun {
     fallback_batches: u64,
     batch_allocs: u64,
     tables_retired: u64,
+    hist: Vec<u64>,
+}
+
+/// Upper bound (µs) of the histogram bucket holding the `q` quantile of
+/// lock holds; bucket `i` counts holds in `[2^i, 2^(i+1))` ns.
+fn hist_quantile_us(hist: &[u64], q: f64) -> f64 {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    let mut seen = 0;
+    for (i, &n) in hist.iter().enumerate() {
+        seen += n;
+        if seen >= want {
+            return (1u64 << (i + 1)) as f64 / 1e3;
+        }
+    }
+    (1u64 << hist.len()) as f64 / 1e3
 }
 
 fn ms(t: Instant) -> f64 {
@@ -200,6 +224,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
         fallback_batches: gs.fallback_batches,
         batch_allocs: gs.batch_allocs,
         tables_retired: gs.tables_retired,
+        hist: after.lock_hold_hist,
     })
 }
 
@@ -211,7 +236,6 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
             human_bytes(size)
         );
     }
-    let region = AnonRegion::new(size, leaf)?;
     let npages = size / PAGE;
     let lock = Mutex::new(());
     let mut rng = Rng::new(0x5eed_0000 ^ size);
@@ -224,10 +248,13 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
     let mut per_page_hold = Vec::new();
     let mut runs = 0;
     let mut resid = [0u64; 4];
-    let mut huge = None;
+    let mut huge: Option<u64> = None;
     for rep in 0..reps as usize {
         for k in 0..ORDER.len() {
             let s = ORDER[(k + rep) % ORDER.len()];
+            // A fresh mapping each time: a per-page release splits huge
+            // pages and their page tables, which would slow whoever ran next.
+            let region = AnonRegion::new(size, leaf)?;
             let t = Instant::now();
             region.touch();
             touch.push(ms(t));
@@ -240,7 +267,9 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
                 );
             }
             if leaf == PageSize::Size2M {
-                huge = anon_huge_bytes();
+                if let Some(h) = anon_huge_bytes() {
+                    huge = Some(huge.map_or(h, |x| x.min(h)));
+                }
             }
             let idx = match s {
                 Strategy::Gather => {
@@ -282,6 +311,12 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
     let lock_max_ns = gathers.iter().map(|g| g.lock_max_ns).max().unwrap_or(0);
     let rep_max: Vec<f64> = gathers.iter().map(|g| g.lock_max_ns as f64 / 1e3).collect();
     let max_lock_hold_us = lock_max_ns as f64 / 1e3;
+    let mut hist = vec![0u64; last.hist.len()];
+    for g in &gathers {
+        for (h, n) in hist.iter_mut().zip(&g.hist) {
+            *h += n;
+        }
+    }
     let overhead = last.table_bytes as f64 / size as f64 * 100.0;
     let ratio_vs_limit = gather_ms / limit_ms;
     let ratio_per_page = per_page_ms / gather_ms;
@@ -303,6 +338,13 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         ratio_per_run_vs_gather: r3(per_run_ms / gather_ms),
         max_lock_hold_us: r3(max_lock_hold_us),
         median_rep_max_lock_hold_us: r3(median(&rep_max)),
+        lock_hold_p99_us_upper: hist_quantile_us(&hist, 0.99),
+        lock_hold_hist_us: hist
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(i, &n)| ((1u64 << (i + 1)) as f64 / 1e3, n))
+            .collect(),
         lock_acquisitions: last.lock_acq,
         per_page_lock_hold_ms: r3(median(&per_page_hold)),
         release_calls: last.release_calls,
@@ -357,14 +399,18 @@ fn human(r: &UnmapResult) -> String {
         r.per_run_ms, r.ratio_per_run_vs_gather, r.per_run_runs, r.per_run_sort_ms
     );
     s += &format!(
-        "  table lock: max hold {:.1} us over {} acquisitions; table {} = {:.3}% of mapped memory\n",
+        "  table lock: max hold {:.1} us (p99 <= {:.1} us) over {} acquisitions; table {} = {:.3}% of mapped memory\n",
         r.max_lock_hold_us,
+        r.lock_hold_p99_us_upper,
         r.lock_acquisitions,
         human_bytes(r.table_bytes),
         r.table_overhead_pct
     );
     if let Some(h) = r.anon_huge_bytes_after_touch {
-        s += &format!("  THP after touch: {}\n", human_bytes(h));
+        s += &format!("  THP after touch (lowest): {}\n", human_bytes(h));
+        if h < r.size_bytes / 2 {
+            s += "  warning: less than half the region was THP-backed; the 2M figures measure 4 KiB pages\n";
+        }
     }
     s += &format!(
         "  released: {} (resident after gather/limit/per-page/per-run: {}/{}/{}/{})\n",
@@ -384,8 +430,12 @@ struct MultiJson {
     page_size: String,
     sizes: Vec<u64>,
     max_lock_hold_us_by_size: Vec<(u64, f64)>,
+    median_rep_max_lock_hold_us_by_size: Vec<(u64, f64)>,
+    lock_hold_p99_us_upper_by_size: Vec<(u64, f64)>,
     /// The largest size's max hold is no larger than the smallest size's.
     lock_hold_not_larger_at_largest: bool,
+    /// The same comparison on the median of each repetition's max hold.
+    median_rep_max_not_larger_at_largest: bool,
     runs: Vec<UnmapResult>,
 }
 
@@ -407,18 +457,25 @@ pub fn cmd(a: &UnmapArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let mut by_size: Vec<(u64, f64)> = results
-        .iter()
-        .map(|r| (r.size_bytes, r.max_lock_hold_us))
-        .collect();
-    by_size.sort_by_key(|x| x.0);
-    let not_larger = match (by_size.first(), by_size.last()) {
+    results.sort_by_key(|r| r.size_bytes);
+    let pick = |f: fn(&UnmapResult) -> f64| -> Vec<(u64, f64)> {
+        results.iter().map(|r| (r.size_bytes, f(r))).collect()
+    };
+    let by_size = pick(|r| r.max_lock_hold_us);
+    let by_size_median = pick(|r| r.median_rep_max_lock_hold_us);
+    let by_size_p99 = pick(|r| r.lock_hold_p99_us_upper);
+    let no_larger = |v: &[(u64, f64)]| match (v.first(), v.last()) {
         (Some(a), Some(b)) => b.1 <= a.1,
         _ => true,
     };
+    let not_larger = no_larger(&by_size);
+    let median_not_larger = no_larger(&by_size_median);
     let mut s = String::from("max table-lock hold by size:\n");
-    for (size, us) in &by_size {
-        s += &format!("  {:>10}  {us:.1} us\n", human_bytes(*size));
+    for ((size, us), (_, med)) in by_size.iter().zip(&by_size_median) {
+        s += &format!(
+            "  {:>10}  max {us:.1} us, median of repetitions' max {med:.1} us\n",
+            human_bytes(*size)
+        );
     }
     s += &format!(
         "  largest size's hold no larger than smallest's: {}\n",
@@ -432,7 +489,10 @@ pub fn cmd(a: &UnmapArgs) -> Result<()> {
             page_size: a.page_size.to_string(),
             sizes,
             max_lock_hold_us_by_size: by_size,
+            median_rep_max_lock_hold_us_by_size: by_size_median,
+            lock_hold_p99_us_upper_by_size: by_size_p99,
             lock_hold_not_larger_at_largest: not_larger,
+            median_rep_max_not_larger_at_largest: median_not_larger,
             runs: results,
         },
     )
