@@ -7,6 +7,10 @@
 //! - `gmm bench walk` times the lockless fast walk, alone and under an
 //!   unmap storm, against an `RwLock` page map and vm-memory's lookup.
 //!
+//! `--no-membarrier` (any command) makes guest-mm fall back from
+//! membarrier-based asymmetric fences to a SeqCst fence on both sides, so
+//! the two schemes can be compared on the same machine.
+//!
 //! Human output goes to stdout; with `--json` it goes to stderr and the
 //! last line of stdout is one JSON object. Figures are always measured,
 //! never assumed: every comparison is a ratio against a baseline of the
@@ -29,6 +33,10 @@ use serde::Serialize;
 #[derive(Parser, Debug)]
 #[command(name = "gmm", version, about)]
 struct Cli {
+    /// Make guest-mm use a SeqCst fence per pin and per grace period
+    /// instead of membarrier (sets GUEST_MM_NO_MEMBARRIER for this process).
+    #[arg(long, global = true)]
+    no_membarrier: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -48,6 +56,11 @@ enum Bench {
     Unmap(unmap::UnmapArgs),
     /// Fast-walk translations/s vs. an RwLock table and vm-memory.
     Walk(walk::WalkArgs),
+}
+
+/// Whether guest-mm's read sections use membarrier (asymmetric fences).
+pub(crate) fn membarrier() -> bool {
+    guest_mm::reclaim::asymmetric_fences()
 }
 
 /// Print a human report: to stdout, or to stderr when stdout carries JSON.
@@ -71,6 +84,11 @@ pub(crate) fn emit_json(json: bool, v: &impl Serialize) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if cli.no_membarrier {
+        // Still single-threaded here, and guest-mm reads the variable only
+        // when its first table is created, below.
+        std::env::set_var("GUEST_MM_NO_MEMBARRIER", "1");
+    }
     match &cli.cmd {
         Cmd::Stress(a) => stress::cmd(a),
         Cmd::Bench(Bench::Unmap(a)) => unmap::cmd(a),

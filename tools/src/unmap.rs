@@ -61,6 +61,8 @@ pub struct UnmapResult {
     size_bytes: u64,
     page_size: String,
     reps: u32,
+    /// guest-mm grace periods use membarrier.
+    membarrier: bool,
     /// Median unmap + finish through the gather.
     gather_ms: f64,
     /// Median single madvise over the region.
@@ -327,6 +329,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         size_bytes: size,
         page_size: leaf.to_string(),
         reps,
+        membarrier: crate::membarrier(),
         gather_ms: r3(gather_ms),
         limit_ms: r3(limit_ms),
         per_page_ms: r3(per_page_ms),

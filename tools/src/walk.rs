@@ -43,7 +43,7 @@ pub struct WalkArgs {
     /// Walker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
-    /// Seconds per measurement phase (there are eight phases).
+    /// Seconds per measurement phase (there are nine phases).
     #[arg(long, default_value = "1", value_parser = crate::units::parse_seconds)]
     pub seconds: f64,
     /// Guest memory mapped (at 4 KiB leaves); a multiple of 2 MiB.
@@ -62,6 +62,8 @@ struct WalkJson {
     tool: &'static str,
     threads: u32,
     cores: usize,
+    /// guest-mm pins with a compiler barrier and grace periods use membarrier.
+    membarrier: bool,
     /// Walkers plus the storm thread outnumber the cores.
     storm_oversubscribed: bool,
     seconds_per_phase: f64,
@@ -77,6 +79,9 @@ struct WalkJson {
     walk_pin_each_per_s: f64,
     /// Cached path while a storm unmaps and remaps random 2 MiB ranges.
     walk_under_unmap_per_s: f64,
+    /// Cached path while another thread only spins (no table work): what
+    /// sharing the machine costs by itself, the fair reference for the storm.
+    walk_busy_neighbour_per_s: f64,
     /// Share of translations under the storm that found the page unmapped.
     walk_under_unmap_unmapped_pct: f64,
     /// Unmap+remap operations per second the storm achieved.
@@ -84,6 +89,8 @@ struct WalkJson {
     /// Cache shootdowns a walker saw during the storm phase (all walkers).
     storm_shootdowns: u64,
     under_unmap_ratio: f64,
+    /// `walk_under_unmap_per_s / walk_busy_neighbour_per_s`.
+    under_unmap_vs_busy_ratio: f64,
     rwlock_per_s: f64,
     rwlock_under_unmap_per_s: f64,
     rwlock_storm_ops_per_s: f64,
@@ -250,6 +257,19 @@ fn storm(table: &Stage2Table, stop: &AtomicBool, len: u64) -> Result<u64> {
     Ok(ops)
 }
 
+/// A neighbour that keeps a core busy without touching any table.
+fn spin(stop: &AtomicBool) -> Result<u64> {
+    let mut rng = Rng::new(7);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..1024 {
+            black_box(rng.next());
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The baseline page map: one word per 4 KiB page, `hva | perms`, 0 = unmapped.
 struct RwTable {
     map: RwLock<Vec<u64>>,
@@ -358,9 +378,10 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     let (t, s, b) = (a.threads, a.seconds, a.batch);
     let none = None::<fn(&AtomicBool) -> Result<u64>>;
     let mut log = format!(
-        "walk: {} walker thread(s) on {cores} cores, {} at 4 KiB leaves, {s} s per phase, {b} translations per pin\n",
+        "walk: {} walker thread(s) on {cores} cores, {} at 4 KiB leaves, {s} s per phase, {b} translations per pin, {}\n",
         t,
-        human_bytes(len)
+        human_bytes(len),
+        if crate::membarrier() { "membarrier fences" } else { "SeqCst fences (no membarrier)" }
     );
     let mut uaf = 0u64;
     let mut run_mode = |m: Mode| -> Result<f64> {
@@ -372,6 +393,13 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     let uncached = run_mode(Mode::Uncached)?;
     let hot = run_mode(Mode::Hot)?;
     let pin_each = run_mode(Mode::PinEach)?;
+    let (c, e, _) = phase(
+        t,
+        s,
+        |i, stop| walk_loop(&table, i, stop, len, b, Mode::Cached),
+        Some(spin),
+    )?;
+    let busy = per_thread(&c, e);
     let (c, e, ops) = phase(
         t,
         s,
@@ -417,6 +445,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     log += &format!("  fast walk, uncached        {:>8.1} M/s\n", m(uncached));
     log += &format!("  fast walk, hot (64 pages)  {:>8.1} M/s\n", m(hot));
     log += &format!("  fast walk, pin each        {:>8.1} M/s\n", m(pin_each));
+    log += &format!("  fast walk, busy neighbour  {:>8.1} M/s\n", m(busy));
     log += &format!(
         "  fast walk, under storm     {:>8.1} M/s ({:.2}x; storm {:.0} unmap+remap/s, {:.2}% unmapped hits, {} shootdowns)\n",
         m(under),
@@ -447,6 +476,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         tool: "bench-walk",
         threads: t,
         cores,
+        membarrier: crate::membarrier(),
         storm_oversubscribed: t as usize + 1 > cores,
         seconds_per_phase: s,
         mem_bytes: len,
@@ -460,6 +490,8 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         storm_ops_per_s: round(storm_rate, 1),
         storm_shootdowns: shootdowns,
         under_unmap_ratio: round(under / walk, 3),
+        walk_busy_neighbour_per_s: busy.round(),
+        under_unmap_vs_busy_ratio: round(under / busy, 3),
         rwlock_per_s: rwlock.round(),
         rwlock_under_unmap_per_s: rwlock_under.round(),
         rwlock_storm_ops_per_s: round(rw_rate, 1),
