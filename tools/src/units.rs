@@ -39,8 +39,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {t:?}: too large"))
 }
 
+/// A comma-separated list of sizes, as one argument value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SizeList(pub Vec<u64>);
+
 /// Parse a comma-separated list of sizes (`1G,4G`).
-pub fn parse_size_list(s: &str) -> Result<Vec<u64>, String> {
+pub fn parse_size_list(s: &str) -> Result<SizeList, String> {
     let v = s
         .split(',')
         .filter(|x| !x.trim().is_empty())
@@ -51,7 +55,7 @@ pub fn parse_size_list(s: &str) -> Result<Vec<u64>, String> {
             "invalid size list {s:?}: give at least one size, e.g. 1G,4G"
         ));
     }
-    Ok(v)
+    Ok(SizeList(v))
 }
 
 /// Parse a leaf size for the benchmarks: `4K` or `2M`.
@@ -111,7 +115,10 @@ mod tests {
         assert!(parse_size("1.5G").is_err());
         assert!(parse_size("-1G").is_err());
         assert!(parse_size("99999999999T").is_err());
-        assert_eq!(parse_size_list("1G,4G"), Ok(vec![1 << 30, 4 << 30]));
+        assert_eq!(
+            parse_size_list("1G,4G"),
+            Ok(SizeList(vec![1 << 30, 4 << 30]))
+        );
         assert!(parse_size_list(",").is_err());
     }
 

@@ -39,7 +39,7 @@ pub struct UnmapArgs {
     pub size: u64,
     /// Run several sizes (e.g. 1G,4G) and compare their lock holds; overrides --size.
     #[arg(long, value_parser = crate::units::parse_size_list)]
-    pub sizes: Option<Vec<u64>>,
+    pub sizes: Option<crate::units::SizeList>,
     /// Leaf size: 4K (no THP) or 2M (THP-backed memory, 2 MiB leaves).
     #[arg(long, default_value = "4K", value_parser = crate::units::parse_leaf)]
     pub page_size: PageSize,
@@ -444,7 +444,7 @@ struct MultiJson {
 
 /// Run `gmm bench unmap`.
 pub fn cmd(a: &UnmapArgs) -> Result<()> {
-    let sizes = a.sizes.clone().unwrap_or_else(|| vec![a.size]);
+    let sizes = a.sizes.clone().map_or_else(|| vec![a.size], |l| l.0);
     let mut results = Vec::new();
     for &size in &sizes {
         let r = measure(size, a.page_size, a.reps, a.yield_entries)?;

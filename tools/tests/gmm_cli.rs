@@ -93,6 +93,21 @@ fn bench_unmap_json() {
 }
 
 #[test]
+fn bench_unmap_sizes_json() {
+    let out = gmm(&[
+        "bench", "unmap", "--sizes", "8M,16M", "--reps", "1", "--json",
+    ]);
+    assert!(out.status.success(), "bench unmap --sizes failed: {out:?}");
+    let v = last_json(&out);
+    let by_size = v["max_lock_hold_us_by_size"]
+        .as_array()
+        .expect("max_lock_hold_us_by_size is a list");
+    assert_eq!(by_size.len(), 2);
+    assert_eq!(v["runs"].as_array().map(Vec::len), Some(2));
+    assert!(v["lock_hold_not_larger_at_largest"].is_boolean());
+}
+
+#[test]
 fn bench_walk_json() {
     let out = gmm(&[
         "bench",
@@ -127,6 +142,8 @@ fn bad_arguments_fail() {
         &["stress", "--seconds=-1"],
         &["stress", "--seconds", "0"],
         &["bench", "walk", "--mem", "3M"],
+        &["bench", "unmap", "--sizes", "1G,0"],
+        &["bench", "unmap", "--size", "3M", "--page-size", "2M"],
     ] {
         let out = gmm(args);
         assert!(!out.status.success(), "{args:?} should fail");
