@@ -22,6 +22,7 @@ use crate::devices::report::{
     OP_PROBE, OP_RESULT, REPORT_MMIO,
 };
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::MmioBus;
 
 thread_local! {
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -199,6 +200,8 @@ pub struct VcpuContext {
     /// Guest memory, to read exception frames. Valid while the thread runs:
     /// the VM joins vCPU threads before unmapping guest RAM.
     pub memory: GuestMemoryMmap,
+    /// MMIO devices (virtio-mmio windows).
+    pub mmio: Arc<MmioBus>,
 }
 
 enum Exit {
@@ -240,14 +243,23 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
                 v[..n].copy_from_slice(&data[..n]);
                 Exit::Out(port, u32::from_le_bytes(v))
             }
+            Ok(VcpuExit::MmioWrite(addr, data)) if ctx.mmio.find(addr).is_some() => {
+                if let Some((dev, off)) = ctx.mmio.find(addr) {
+                    dev.write(off, data);
+                }
+                Exit::None
+            }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 let mut v = [0u8; 4];
                 let n = data.len().min(4);
                 v[..n].copy_from_slice(&data[..n]);
                 Exit::Mmio(addr, u32::from_le_bytes(v))
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                match ctx.mmio.find(addr) {
+                    Some((dev, off)) => dev.read(off, data),
+                    None => data.fill(0),
+                }
                 Exit::None
             }
             Ok(VcpuExit::IoIn(port, data)) => {

@@ -25,6 +25,9 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use super::vcpu::{self, ReportBoard, Reports, Request, RunControl, VcpuContext, VcpuOutcome};
 use crate::devices::report::{PatternReport, ProbeReport};
 use crate::devices::serial::{Console, SerialDevice};
+use crate::devices::virtio::balloon::{Balloon, BalloonConfig, ReleaseContext};
+use crate::devices::virtio::mmio::{MmioTransport, VirtioMmio};
+use crate::devices::virtio::{MmioBus, RamLayout, BALLOON_MMIO_BASE, MMIO_WINDOW};
 use crate::guest::{self, control, layout, EntryArgs, GuestError, Workload};
 use crate::memory::{self, Backing, GuestRam, MemSize, MemoryError, PageSize};
 use crate::stage2::{Stage2, Stage2Error, TeardownStats};
@@ -90,6 +93,8 @@ pub struct VmConfig {
     pub seed: u64,
     /// Told about every demand fault (the stage-2 table).
     pub fault_hook: Arc<dyn FaultHook>,
+    /// A virtio-balloon at [`BALLOON_MMIO_BASE`], if wanted.
+    pub balloon: Option<BalloonConfig>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -124,6 +129,7 @@ impl VmConfig {
             console: Console::Stdout,
             seed: DEFAULT_SEED,
             fault_hook: Arc::new(NoHook),
+            balloon: None,
         }
     }
 }
@@ -175,12 +181,13 @@ impl Drop for Teardown {
 }
 
 /// The state released in the background after the vCPUs stopped. Field
-/// order is drop order: VM, fault handler, stage-2 table, guest RAM.
+/// order is drop order: VM, devices, fault handler, stage-2 table, guest RAM.
 struct Remains {
     vm_fd: Option<VmFd>,
-    faults: Option<FaultHandler>,
+    balloon: Option<Arc<VirtioMmio<Balloon>>>,
+    faults: Option<Arc<FaultHandler>>,
     stage2: Option<Stage2>,
-    ram: Option<GuestRam>,
+    ram: Option<Arc<GuestRam>>,
 }
 
 impl Remains {
@@ -191,8 +198,14 @@ impl Remains {
         let t = Instant::now();
         self.vm_fd = None;
         let vm_drop = t.elapsed();
-        if let Some(mut f) = self.faults.take() {
-            f.stop();
+        // Devices hold the handler and RAM; ours go first. A caller that
+        // still holds a device keeps them alive (the handler stops and RAM
+        // is unmapped when its last holder drops them).
+        self.balloon = None;
+        if let Some(f) = self.faults.take() {
+            if let Ok(mut f) = Arc::try_unwrap(f) {
+                f.stop();
+            }
         }
         // A failed release leaves memory to the munmap below: nothing leaks.
         let stage2 = self
@@ -201,7 +214,11 @@ impl Remains {
             .and_then(|s| s.teardown().ok())
             .unwrap_or_default();
         let t = Instant::now();
-        let unmapped_bytes = self.ram.take().map_or(0, |mut r| r.unmap_all());
+        let unmapped_bytes = self
+            .ram
+            .take()
+            .and_then(|r| Arc::try_unwrap(r).ok())
+            .map_or(0, |mut r| r.unmap_all());
         Reclaimed {
             reclaim_ms: ms(t0.elapsed()),
             vm_drop_ms: ms(vm_drop),
@@ -216,9 +233,11 @@ impl Remains {
 pub struct Vm {
     config: VmConfig,
     vm_fd: Option<VmFd>,
-    ram: Option<GuestRam>,
+    ram: Option<Arc<GuestRam>>,
     stage2: Option<Stage2>,
-    faults: Option<FaultHandler>,
+    faults: Option<Arc<FaultHandler>>,
+    balloon: Option<Arc<VirtioMmio<Balloon>>>,
+    mmio: Arc<MmioBus>,
     control: Arc<RunControl>,
     board: Arc<ReportBoard>,
     serial: Arc<SerialDevice>,
@@ -277,7 +296,31 @@ impl Vm {
         }
         guest::setup(ram.guest_memory(), mem, config.vcpus)?;
         let stage2 = Stage2::mirror(&ram)?;
-        let faults = FaultHandler::start(&ram, stage2.fault_hook(Arc::clone(&config.fault_hook)))?;
+        let faults = Arc::new(FaultHandler::start(
+            &ram,
+            stage2.fault_hook(Arc::clone(&config.fault_hook)),
+        )?);
+        let ram = Arc::new(ram);
+        let mut mmio = MmioBus::default();
+        let balloon = config.balloon.map(|offered| {
+            let dev = Balloon::new(
+                Arc::clone(stage2.table()),
+                ReleaseContext {
+                    ram: Arc::clone(&ram),
+                    faults: Arc::clone(&faults),
+                },
+                offered,
+            );
+            let layout = RamLayout::new(&ram.regions(), layout::WORKLOAD_START);
+            Arc::new(VirtioMmio::new(MmioTransport::new(
+                dev,
+                stage2.access(),
+                layout,
+            )))
+        });
+        if let Some(b) = &balloon {
+            mmio.insert(BALLOON_MMIO_BASE, MMIO_WINDOW, b.clone());
+        }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -319,6 +362,8 @@ impl Vm {
             ram: Some(ram),
             stage2: Some(stage2),
             faults: Some(faults),
+            balloon,
+            mmio: Arc::new(mmio),
             control: Arc::new(RunControl::default()),
             board: Arc::new(ReportBoard::default()),
             vcpu_fds,
@@ -347,6 +392,12 @@ impl Vm {
             .unwrap_or_else(|| unreachable!("the stage-2 table lives until destroy"))
     }
 
+    /// The virtio-balloon (virtio-mmio at [`BALLOON_MMIO_BASE`]), if
+    /// configured.
+    pub fn balloon(&self) -> Option<&Arc<VirtioMmio<Balloon>>> {
+        self.balloon.as_ref()
+    }
+
     fn fault_handler(&self) -> &FaultHandler {
         self.faults
             .as_ref()
@@ -372,6 +423,7 @@ impl Vm {
                 board: Arc::clone(&self.board),
                 serial: Arc::clone(&self.serial),
                 memory: gm.clone(),
+                mmio: Arc::clone(&self.mmio),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
@@ -536,6 +588,7 @@ impl Vm {
         let stop_vcpus_ms = ms(t0.elapsed());
         let remains = Remains {
             vm_fd: self.vm_fd.take(),
+            balloon: self.balloon.take(),
             faults: self.faults.take(),
             stage2: self.stage2.take(),
             ram: self.ram.take(),

@@ -1,0 +1,762 @@
+//! virtio-balloon (virtio 1.2 §5.5): inflate is a stage-2 unmap through the
+//! guest-mm gather.
+//!
+//! **Inflate.** All chains available on the inflate queue are read (device-
+//! readable arrays of little-endian `u32` PFNs of 4 KiB pages), every PFN is
+//! checked (inside guest RAM, not below [`RamLayout::reserved_below`], where
+//! the guest's page tables live), the valid ones are sorted, de-duplicated
+//! and coalesced into runs, and the runs go through **one** gather:
+//! `unmap_existing(.., UnmapMode::Balloon)` per run, then `finish`. The gather
+//! clears the entries under the table lock and, outside it, shoots down the
+//! translation caches, tells the KVM-side subscriber, waits for a grace
+//! period and releases the backing by kind (anonymous `MADV_DONTNEED`, memfd
+//! punch-hole, hugetlb whole huge pages only with partial tracking). Before
+//! that, the runs (rounded out to 2 MiB windows) are registered with the
+//! VM's userfaultfd handler, so that a page that comes back (deflate, free
+//! page reporting) faults in through the handler and the table's sequence
+//! protocol on its next touch. The used elements are returned only after
+//! the gather finished: when the driver sees its buffer back, the memory is
+//! gone.
+//!
+//! **Deflate** turns ballooned markers of the listed pages into *discarded*
+//! ones ([`Stage2Table::deflate`]): they fault back in (zeros) on touch.
+//! **Free page reporting** takes the inflate path with
+//! [`UnmapMode::Discard`]. **Stats**: the last buffer is parsed and kept;
+//! the device holds the buffer until the host asks for fresh statistics
+//! ([`VirtioMmio::request_stats`]). `DEFLATE_ON_OOM` is offered and
+//! reported as negotiated ([`Balloon::deflate_on_oom`]); without it, a
+//! deflate that takes the balloon below the host's target is counted.
+//!
+//! **Bad input** (PFNs outside RAM or in the reserved low memory, arrays of
+//! wrong length, duplicates, huge counts, bad descriptors, device-writable
+//! buffers where the device reads) is counted in [`BalloonCounters`] and
+//! logged ([`Balloon::recent_errors`]); the affected PFNs or chains are
+//! skipped, the chain is still returned, and nothing outside guest RAM is
+//! ever released (the table clips releases to registered backing as a
+//! second line of defence).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use guest_mm::{GatherStats, Gpa, Stage2Table, UnmapMode};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
+
+use super::mmio::{ConfigError, MmioTransport, VirtioDevice, VirtioMmio, F_VERSION_1};
+use super::queue::{read_chain, ChainError, ChainReadError, Queue, QueueError};
+use super::RamLayout;
+use crate::memory::{GuestRam, SIZE_2M};
+use crate::stage2::{GuestAccess, Stage2Error};
+use crate::uffd::{FaultHandler, UffdError};
+
+/// `VIRTIO_BALLOON_F_STATS_VQ`.
+pub const F_STATS_VQ: u64 = 1 << 1;
+/// `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`.
+pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+/// `VIRTIO_BALLOON_F_REPORTING`.
+pub const F_REPORTING: u64 = 1 << 5;
+/// Balloon pages are 4 KiB whatever the guest's page size.
+pub const PFN_SHIFT: u32 = 12;
+/// Entries of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most PFNs one inflate/deflate chain may carry (Linux sends 256).
+pub const MAX_PFNS_PER_CHAIN: u64 = 4096;
+/// Most statistics one stats buffer may carry.
+pub const MAX_STATS: u64 = 64;
+/// Size of one `virtio_balloon_stat` (le16 tag, le64 value, packed).
+pub const STAT_SIZE: u64 = 10;
+/// Size of the configuration space (num_pages, actual,
+/// free_page_hint_cmd_id, poison_val).
+pub const CONFIG_SIZE: u64 = 16;
+/// Balloon errors kept in the log.
+pub const ERROR_LOG: usize = 32;
+const PAGE: u64 = 4096;
+
+/// What a balloon offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Offer the stats queue.
+    pub stats: bool,
+    /// Offer `DEFLATE_ON_OOM`.
+    pub deflate_on_oom: bool,
+    /// Offer free page reporting.
+    pub reporting: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        Self {
+            stats: true,
+            deflate_on_oom: true,
+            reporting: true,
+        }
+    }
+}
+
+/// A guest request the balloon refused (counted; the device goes on).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BalloonError {
+    /// A refused descriptor chain.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// A chain that could not be read.
+    #[error(transparent)]
+    Read(#[from] ChainReadError),
+    /// A PFN array whose length is not a multiple of 4 bytes.
+    #[error("PFN array of {len} bytes is not a whole number of 32-bit PFNs")]
+    PfnLength {
+        /// Bytes.
+        len: usize,
+    },
+    /// A PFN outside guest RAM or in the reserved low memory.
+    #[error("PFN {pfn:#x} (GPA {gpa:#x}) is not releasable guest RAM")]
+    BadPfn {
+        /// The PFN.
+        pfn: u32,
+        /// Its address.
+        gpa: u64,
+    },
+    /// A reported free range outside releasable RAM or smaller than a page.
+    #[error("reported range {addr:#x} + {len:#x} is not releasable guest RAM")]
+    BadReport {
+        /// Address.
+        addr: u64,
+        /// Length.
+        len: u32,
+    },
+    /// A device-readable buffer on the reporting queue.
+    #[error("reported range in descriptor {index} is device-readable; reports are device-writable buffers")]
+    ReportReadOnly {
+        /// Descriptor.
+        index: u16,
+    },
+    /// A stats buffer that is not a whole number of statistics.
+    #[error("stats buffer of {len} bytes is not a whole number of 10-byte statistics")]
+    StatsLength {
+        /// Bytes.
+        len: usize,
+    },
+    /// The release itself failed (arming the fault handler, the unmap or
+    /// the host's release).
+    #[error("releasing ballooned memory failed: {0}")]
+    Release(String),
+}
+
+/// Counters of a balloon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BalloonCounters {
+    /// Guest errors and refused requests (all kinds).
+    pub errors: u64,
+    /// Refused PFNs.
+    pub bad_pfns: u64,
+    /// Duplicate PFNs dropped.
+    pub duplicate_pfns: u64,
+    /// Inflate notifications that released something.
+    pub inflates: u64,
+    /// Distinct 4 KiB pages put in the balloon.
+    pub pages_inflated: u64,
+    /// Pages taken out of the balloon.
+    pub pages_deflated: u64,
+    /// Pages deflated below the host's target without `DEFLATE_ON_OOM`.
+    pub deflated_below_target: u64,
+    /// Bytes discarded by free page reporting.
+    pub bytes_reported: u64,
+    /// Bytes of backing the gathers released.
+    pub bytes_released: u64,
+    /// Coalesced runs unmapped.
+    pub runs: u64,
+    /// Time of the last inflate's release (arm + gather), ns.
+    pub last_inflate_ns: u64,
+    /// Total inflate release time, ns.
+    pub inflate_ns_total: u64,
+    /// Stats buffers received.
+    pub stats_updates: u64,
+}
+
+/// One `virtio_balloon_stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BalloonStat {
+    /// `VIRTIO_BALLOON_S_*` tag.
+    pub tag: u16,
+    /// Value.
+    pub val: u64,
+}
+
+/// The VM's fault handler and RAM, to arm demand faults on released ranges.
+#[derive(Clone)]
+pub struct ReleaseContext {
+    /// Guest RAM.
+    pub ram: Arc<GuestRam>,
+    /// The userfaultfd handler.
+    pub faults: Arc<FaultHandler>,
+}
+
+impl std::fmt::Debug for ReleaseContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReleaseContext").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Inflate,
+    Deflate,
+    Stats,
+    Reporting,
+}
+
+/// The virtio-balloon device.
+pub struct Balloon {
+    table: Arc<Stage2Table>,
+    release: ReleaseContext,
+    offered: BalloonConfig,
+    num_pages: u32,
+    actual: u32,
+    acked: u64,
+    roles: Vec<Role>,
+    stats_head: Option<(usize, u16)>,
+    last_stats: Option<Vec<BalloonStat>>,
+    ballooned: u64,
+    counters: BalloonCounters,
+    recent: VecDeque<BalloonError>,
+}
+
+impl std::fmt::Debug for Balloon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balloon")
+            .field("num_pages", &self.num_pages)
+            .field("actual", &self.actual)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sorted, de-duplicated page addresses → maximal runs `(gpa, len)`.
+fn coalesce(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match runs.last_mut() {
+            Some((s, l)) if *s + *l == p => *l += PAGE,
+            _ => runs.push((p, PAGE)),
+        }
+    }
+    runs
+}
+
+/// Sorted ranges → merged ranges.
+fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, l) in ranges {
+        match out.last_mut() {
+            Some((ps, pl)) if *ps + *pl >= s => *pl = (*pl).max(s + l - *ps),
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}
+
+impl Balloon {
+    /// A balloon over `table`, arming released ranges with `release`.
+    pub fn new(table: Arc<Stage2Table>, release: ReleaseContext, offered: BalloonConfig) -> Self {
+        Self {
+            table,
+            release,
+            offered,
+            num_pages: 0,
+            actual: 0,
+            acked: 0,
+            roles: Vec::new(),
+            stats_head: None,
+            last_stats: None,
+            ballooned: 0,
+            counters: BalloonCounters::default(),
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// The host's target, in 4 KiB pages (`num_pages`).
+    pub fn target_pages(&self) -> u32 {
+        self.num_pages
+    }
+
+    /// Sets the target (the caller raises the config interrupt).
+    pub fn set_target_pages(&mut self, pages: u32) {
+        self.num_pages = pages;
+    }
+
+    /// What the driver says it has in the balloon (`actual`).
+    pub fn actual_pages(&self) -> u32 {
+        self.actual
+    }
+
+    /// Pages the device has seen inflated and not deflated.
+    pub fn ballooned_pages(&self) -> u64 {
+        self.ballooned
+    }
+
+    /// Whether the driver negotiated `DEFLATE_ON_OOM`.
+    pub fn deflate_on_oom(&self) -> bool {
+        self.acked & F_DEFLATE_ON_OOM != 0
+    }
+
+    /// Whether free page reporting is on.
+    pub fn reporting(&self) -> bool {
+        self.acked & F_REPORTING != 0
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> BalloonCounters {
+        self.counters
+    }
+
+    /// The last statistics the guest sent.
+    pub fn last_stats(&self) -> Option<&[BalloonStat]> {
+        self.last_stats.as_deref()
+    }
+
+    /// The last [`ERROR_LOG`] refused requests, oldest first.
+    pub fn recent_errors(&self) -> Vec<BalloonError> {
+        self.recent.iter().cloned().collect()
+    }
+
+    fn error(&mut self, e: BalloonError) {
+        self.counters.errors += 1;
+        if self.recent.len() == ERROR_LOG {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(e);
+    }
+
+    /// Pops up to one queue's worth of chains; returns their heads and the
+    /// PFN pages (validated, unsorted) they carried.
+    fn pfn_requests(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<(Vec<u16>, Vec<u64>), QueueError> {
+        let mut heads = Vec::new();
+        let mut pages = Vec::new();
+        for _ in 0..q.size {
+            let Some(p) = q.pop(mem, ram)? else { break };
+            heads.push(p.head);
+            let chain = match p.chain {
+                Ok(c) => c,
+                Err(e) => {
+                    self.error(e.into());
+                    continue;
+                }
+            };
+            let bytes = match read_chain(mem, &chain, MAX_PFNS_PER_CHAIN * 4) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.error(e.into());
+                    continue;
+                }
+            };
+            if !bytes.len().is_multiple_of(4) {
+                self.error(BalloonError::PfnLength { len: bytes.len() });
+                continue;
+            }
+            for c in bytes.chunks_exact(4) {
+                let pfn = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                let gpa = u64::from(pfn) << PFN_SHIFT;
+                if ram.releasable(gpa, PAGE) {
+                    pages.push(gpa);
+                } else {
+                    self.counters.bad_pfns += 1;
+                    self.error(BalloonError::BadPfn { pfn, gpa });
+                }
+            }
+        }
+        Ok((heads, pages))
+    }
+
+    fn sorted_unique(&mut self, mut pages: Vec<u64>) -> Vec<u64> {
+        pages.sort_unstable();
+        let before = pages.len();
+        pages.dedup();
+        self.counters.duplicate_pfns += (before - pages.len()) as u64;
+        pages
+    }
+
+    /// Arms demand faults on `runs` (2 MiB windows) and unmaps them with
+    /// `mode` through one gather.
+    fn release(&self, runs: &[(u64, u64)], mode: UnmapMode) -> Result<GatherStats, BalloonError> {
+        let regions = self.release.ram.regions();
+        let mut windows = Vec::new();
+        for &(s, l) in runs {
+            let Some(r) = regions.iter().find(|r| r.contains(s, l)) else {
+                return Err(BalloonError::Release(format!(
+                    "run {s:#x} + {l:#x} is not inside one RAM region"
+                )));
+            };
+            let lo = (s & !(SIZE_2M - 1)).max(r.gpa.0);
+            let hi = (s + l).next_multiple_of(SIZE_2M).min(r.gpa.0 + r.len);
+            windows.push((lo, hi - lo));
+        }
+        // Windows of one region never straddle another (clipped above), and
+        // regions do not touch in this VMM's layout.
+        let windows = merge(windows);
+        let table = &self.table;
+        let mut stats = GatherStats::default();
+        let fail = |e: UffdError| BalloonError::Release(e.to_string());
+        let Some((&(ls, ll), rest)) = windows.split_last() else {
+            return Ok(stats);
+        };
+        // Register first (pages there are present, nothing faults yet) ...
+        for &(ws, wl) in rest {
+            self.release
+                .faults
+                .release_range(&self.release.ram, ws, wl, || Ok(()))
+                .map_err(fail)?;
+        }
+        // ... then one gather for every run, under the handler's release lock.
+        self.release
+            .faults
+            .release_range(&self.release.ram, ls, ll, || {
+                let mut g = table.gather();
+                let mut first = None;
+                for &(s, l) in runs {
+                    if let Err(e) = table.unmap_existing(&mut g, Gpa(s), l, mode) {
+                        first.get_or_insert(e);
+                    }
+                }
+                stats = g.finish().map_err(Stage2Error::from)?;
+                match first {
+                    Some(e) => Err(Stage2Error::from(e).into()),
+                    None => Ok(()),
+                }
+            })
+            .map_err(fail)?;
+        Ok(stats)
+    }
+
+    fn give_back(q: &mut Queue, mem: &mut GuestAccess, heads: &[u16]) -> Result<bool, QueueError> {
+        for &h in heads {
+            q.add_used(mem, h, 0)?;
+        }
+        Ok(!heads.is_empty())
+    }
+
+    fn inflate(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<bool, QueueError> {
+        let (heads, pages) = self.pfn_requests(q, mem, ram)?;
+        let pages = self.sorted_unique(pages);
+        let runs = coalesce(&pages);
+        if !runs.is_empty() {
+            let t = Instant::now();
+            match self.release(&runs, UnmapMode::Balloon) {
+                Ok(st) => {
+                    let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    let c = &mut self.counters;
+                    c.inflates += 1;
+                    c.pages_inflated += pages.len() as u64;
+                    c.bytes_released += st.released_bytes;
+                    c.runs += runs.len() as u64;
+                    c.last_inflate_ns = ns;
+                    c.inflate_ns_total += ns;
+                    self.ballooned += pages.len() as u64;
+                }
+                Err(e) => self.error(e),
+            }
+        }
+        Self::give_back(q, mem, &heads)
+    }
+
+    fn deflate(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<bool, QueueError> {
+        let (heads, pages) = self.pfn_requests(q, mem, ram)?;
+        let pages = self.sorted_unique(pages);
+        let mut done = 0u64;
+        for (s, l) in coalesce(&pages) {
+            match self.table.deflate(Gpa(s), l) {
+                Ok(n) => done += n,
+                Err(e) => self.error(BalloonError::Release(e.to_string())),
+            }
+        }
+        let after = self.ballooned.saturating_sub(done);
+        if !self.deflate_on_oom() && after < u64::from(self.num_pages) {
+            let below = u64::from(self.num_pages) - after;
+            self.counters.deflated_below_target += below.min(done);
+        }
+        self.ballooned = after;
+        self.counters.pages_deflated += done;
+        Self::give_back(q, mem, &heads)
+    }
+
+    fn report(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<bool, QueueError> {
+        let mut heads = Vec::new();
+        let mut ranges = Vec::new();
+        for _ in 0..q.size {
+            let Some(p) = q.pop(mem, ram)? else { break };
+            heads.push(p.head);
+            let chain = match p.chain {
+                Ok(c) => c,
+                Err(e) => {
+                    self.error(e.into());
+                    continue;
+                }
+            };
+            for d in chain {
+                if !d.write_only {
+                    self.error(BalloonError::ReportReadOnly { index: d.index });
+                    continue;
+                }
+                // Only whole pages inside the buffer.
+                let start = d.addr.next_multiple_of(PAGE);
+                let end = (d.addr + u64::from(d.len)) & !(PAGE - 1);
+                if end <= start || !ram.releasable(start, end - start) {
+                    self.error(BalloonError::BadReport {
+                        addr: d.addr,
+                        len: d.len,
+                    });
+                    continue;
+                }
+                ranges.push((start, end - start));
+            }
+        }
+        let runs = merge(ranges);
+        if !runs.is_empty() {
+            match self.release(&runs, UnmapMode::Discard) {
+                Ok(st) => {
+                    self.counters.bytes_reported += runs.iter().map(|r| r.1).sum::<u64>();
+                    self.counters.bytes_released += st.released_bytes;
+                    self.counters.runs += runs.len() as u64;
+                }
+                Err(e) => self.error(e),
+            }
+        }
+        Self::give_back(q, mem, &heads)
+    }
+
+    fn stats(
+        &mut self,
+        index: usize,
+        q: &mut Queue,
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<bool, QueueError> {
+        let mut returned = false;
+        for _ in 0..q.size {
+            let Some(p) = q.pop(mem, ram)? else { break };
+            // One buffer is outstanding at a time: an older one goes back.
+            if let Some((_, old)) = self.stats_head.take() {
+                q.add_used(mem, old, 0)?;
+                returned = true;
+            }
+            let parsed = p
+                .chain
+                .map_err(BalloonError::from)
+                .and_then(|c| Ok(read_chain(mem, &c, MAX_STATS * STAT_SIZE)?))
+                .and_then(|b| {
+                    if !(b.len() as u64).is_multiple_of(STAT_SIZE) {
+                        return Err(BalloonError::StatsLength { len: b.len() });
+                    }
+                    Ok(b.chunks_exact(10)
+                        .map(|c| BalloonStat {
+                            tag: u16::from_le_bytes([c[0], c[1]]),
+                            val: u64::from_le_bytes([
+                                c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9],
+                            ]),
+                        })
+                        .collect::<Vec<_>>())
+                });
+            match parsed {
+                Ok(s) => {
+                    self.last_stats = Some(s);
+                    self.counters.stats_updates += 1;
+                    self.stats_head = Some((index, p.head));
+                }
+                Err(e) => {
+                    self.error(e);
+                    q.add_used(mem, p.head, 0)?;
+                    returned = true;
+                }
+            }
+        }
+        Ok(returned)
+    }
+
+    /// Gives the held stats buffer back so the driver refills it.
+    fn return_stats(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &mut GuestAccess,
+    ) -> Result<bool, QueueError> {
+        let Some((i, head)) = self.stats_head.take() else {
+            return Ok(false);
+        };
+        match queues.get_mut(i) {
+            Some(q) => q.add_used(mem, head, 0).map(|()| true),
+            None => Ok(false),
+        }
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BALLOON
+    }
+
+    fn features(&self) -> u64 {
+        let o = self.offered;
+        F_VERSION_1
+            | if o.stats { F_STATS_VQ } else { 0 }
+            | if o.deflate_on_oom {
+                F_DEFLATE_ON_OOM
+            } else {
+                0
+            }
+            | if o.reporting { F_REPORTING } else { 0 }
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        let n = 2 + usize::from(self.offered.stats) + usize::from(self.offered.reporting);
+        vec![QUEUE_SIZE; n]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), ConfigError> {
+        let len = data.len();
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|e| e > CONFIG_SIZE)
+        {
+            return Err(ConfigError::OutOfRange {
+                offset,
+                len,
+                size: CONFIG_SIZE,
+            });
+        }
+        if len != 4 || !offset.is_multiple_of(4) {
+            return Err(ConfigError::WrongSize { offset, len });
+        }
+        let v = match offset {
+            0 => self.num_pages,
+            4 => self.actual,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+        Ok(())
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), ConfigError> {
+        let len = data.len();
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|e| e > CONFIG_SIZE)
+        {
+            return Err(ConfigError::OutOfRange {
+                offset,
+                len,
+                size: CONFIG_SIZE,
+            });
+        }
+        let Ok(v) = <[u8; 4]>::try_from(data) else {
+            return Err(ConfigError::WrongSize { offset, len });
+        };
+        match offset {
+            4 => {
+                self.actual = u32::from_le_bytes(v);
+                Ok(())
+            }
+            0 | 8 | 12 => Err(ConfigError::ReadOnly { offset }),
+            _ => Err(ConfigError::WrongSize { offset, len }),
+        }
+    }
+
+    fn activate(&mut self, acked: u64) {
+        self.acked = acked;
+        // Queues present are numbered in order, absent ones take no index.
+        self.roles = vec![Role::Inflate, Role::Deflate];
+        if acked & F_STATS_VQ != 0 {
+            self.roles.push(Role::Stats);
+        }
+        if acked & F_REPORTING != 0 {
+            self.roles.push(Role::Reporting);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.acked = 0;
+        self.roles.clear();
+        self.stats_head = None;
+        self.actual = 0;
+    }
+
+    fn notify(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<bool, QueueError> {
+        let (Some(&role), Some(q)) = (self.roles.get(index), queues.get_mut(index)) else {
+            return Ok(false);
+        };
+        match role {
+            Role::Inflate => self.inflate(q, mem, ram),
+            Role::Deflate => self.deflate(q, mem, ram),
+            Role::Stats => self.stats(index, q, mem, ram),
+            Role::Reporting => self.report(q, mem, ram),
+        }
+    }
+}
+
+impl VirtioMmio<Balloon> {
+    /// Sets the balloon target to `pages` 4 KiB pages and raises the
+    /// configuration-change interrupt bit.
+    pub fn set_target_pages(&self, pages: u32) {
+        let mut t = self.lock();
+        t.device_mut().set_target_pages(pages);
+        t.config_changed();
+    }
+
+    /// Gives the held stats buffer back so the driver sends fresh numbers.
+    pub fn request_stats(&self) {
+        self.lock()
+            .with_queues(|d, q, mem, _| d.return_stats(q, mem));
+    }
+
+    /// The balloon's counters.
+    pub fn counters(&self) -> BalloonCounters {
+        self.lock().device().counters()
+    }
+}
+
+/// A balloon transport, for the VM to put on its bus.
+pub type BalloonTransport = MmioTransport<Balloon>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesce_and_merge() {
+        let p = [0x20_0000, 0x20_1000, 0x20_2000, 0x40_0000, 0x40_1000];
+        assert_eq!(coalesce(&p), vec![(0x20_0000, 0x3000), (0x40_0000, 0x2000)]);
+        assert_eq!(
+            merge(vec![
+                (0x30_0000, 0x20_0000),
+                (0, 0x20_0000),
+                (0x10_0000, 0x20_0000)
+            ]),
+            vec![(0, 0x50_0000)]
+        );
+        assert!(coalesce(&[]).is_empty());
+    }
+}

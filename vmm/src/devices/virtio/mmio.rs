@@ -1,0 +1,880 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2), modern only.
+//!
+//! A [`MmioTransport`] owns one [`VirtioDevice`], its queues and a
+//! [`GuestAccess`] (the fast walk) through which everything the device does
+//! to guest memory goes. [`VirtioMmio`] puts it behind a mutex on the MMIO
+//! bus: vCPU threads (and tests playing the driver) call
+//! [`BusDevice::read`] / [`BusDevice::write`] with offsets into the window.
+//!
+//! **Status state machine.** Writing 0 resets the device. Otherwise the
+//! driver may only add bits. `FEATURES_OK` is kept only if the driver
+//! accepted a subset of what was offered that includes `VERSION_1` (the
+//! driver reads it back to learn it failed). `DRIVER_OK` needs
+//! `FEATURES_OK` and activates the device. `NEEDS_RESET` is set by the
+//! device when the driver broke the protocol in a way the device cannot
+//! recover from (an invalid queue made ready, a corrupt ring): from then on
+//! notifications are ignored until the driver resets.
+//!
+//! **Errors.** Every driver mistake is counted and kept in a short log
+//! ([`MmioTransport::errors`], [`MmioTransport::recent_errors`]); none of
+//! them panics, and none stops the VM.
+//!
+//! **Interrupts.** There is no interrupt controller: `InterruptStatus` is
+//! set (bit 0 used buffers, bit 1 configuration change) and the driver polls
+//! it or the used ring. `InterruptACK` clears bits.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES,
+    VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES,
+    VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS,
+    VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_MAGIC_VALUE,
+    VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH,
+    VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_QUEUE_NUM,
+    VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL,
+    VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_SHM_BASE_HIGH,
+    VIRTIO_MMIO_SHM_BASE_LOW, VIRTIO_MMIO_SHM_LEN_HIGH, VIRTIO_MMIO_SHM_LEN_LOW,
+    VIRTIO_MMIO_SHM_SEL, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
+};
+
+use super::queue::{Queue, QueueError};
+use super::{BusDevice, RamLayout};
+use crate::stage2::GuestAccess;
+
+/// "virt" in little endian.
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
+/// virtio-mmio version 2 (modern).
+pub const MMIO_VERSION: u32 = 2;
+/// Our vendor ID ("GMM\0").
+pub const VENDOR_ID: u32 = 0x004d_4d47;
+/// `VIRTIO_F_VERSION_1` as a feature mask.
+pub const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
+/// How many driver errors [`MmioTransport::recent_errors`] keeps.
+pub const ERROR_LOG: usize = 32;
+
+/// A device-specific configuration-space access the device refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Not a width/alignment the field allows.
+    #[error("config access of {len} bytes at offset {offset:#x}: fields are accessed as aligned 32-bit words")]
+    WrongSize {
+        /// Offset into the config space.
+        offset: u64,
+        /// Access width.
+        len: usize,
+    },
+    /// Past the end of the config space.
+    #[error("config access at {offset:#x} + {len} is past the {size}-byte config space")]
+    OutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Width.
+        len: usize,
+        /// Config size.
+        size: u64,
+    },
+    /// A field only the device writes.
+    #[error("config field at offset {offset:#x} is read-only for the driver")]
+    ReadOnly {
+        /// Offset.
+        offset: u64,
+    },
+}
+
+/// A driver mistake seen by the transport.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// A register access that is not an aligned 32-bit access.
+    #[error(
+        "register access of {len} bytes at {offset:#x}: registers take aligned 32-bit accesses"
+    )]
+    RegisterWidth {
+        /// Offset.
+        offset: u64,
+        /// Width.
+        len: usize,
+    },
+    /// A write to a read-only or unknown register.
+    #[error("write to {offset:#x}, which is not a writable register")]
+    NotWritable {
+        /// Offset.
+        offset: u64,
+    },
+    /// A status write that clears bits (other than a reset with 0).
+    #[error("status write {new:#x} clears bits of {old:#x}; only a write of 0 (reset) may")]
+    StatusCleared {
+        /// Previous status.
+        old: u32,
+        /// Written.
+        new: u32,
+    },
+    /// FEATURES_OK with features that were not offered or without VERSION_1.
+    #[error("FEATURES_OK refused: driver features {acked:#x} are not a subset of {offered:#x} including VERSION_1")]
+    BadFeatures {
+        /// Accepted by the driver.
+        acked: u64,
+        /// Offered.
+        offered: u64,
+    },
+    /// Feature selection after FEATURES_OK.
+    #[error("driver features written after FEATURES_OK")]
+    FeaturesAfterOk,
+    /// DRIVER_OK without FEATURES_OK.
+    #[error("DRIVER_OK set before FEATURES_OK")]
+    DriverOkEarly,
+    /// Queue registers written for a queue that does not exist.
+    #[error("queue {queue} does not exist (the device has {count})")]
+    NoSuchQueue {
+        /// Selected queue.
+        queue: u32,
+        /// Queues of the device.
+        count: usize,
+    },
+    /// Queue configuration changed while the queue is live.
+    #[error("queue {queue} configuration written while the queue is ready")]
+    QueueLive {
+        /// Queue.
+        queue: u32,
+    },
+    /// A queue made ready with an invalid configuration (NEEDS_RESET).
+    #[error("queue {queue} made ready with an invalid configuration: {why}")]
+    InvalidQueue {
+        /// Queue.
+        queue: u32,
+        /// What is wrong.
+        why: String,
+    },
+    /// QueueNotify before DRIVER_OK (or on a queue not ready).
+    #[error("queue {queue} notified before the driver is ready (status {status:#x})")]
+    NotifyNotReady {
+        /// Queue.
+        queue: u32,
+        /// Status then.
+        status: u32,
+    },
+    /// Notify while NEEDS_RESET is set.
+    #[error("queue {queue} notified while the device needs a reset")]
+    NotifyNeedsReset {
+        /// Queue.
+        queue: u32,
+    },
+    /// A corrupt ring (NEEDS_RESET).
+    #[error("queue {queue} ring is corrupt: {why}")]
+    Ring {
+        /// Queue.
+        queue: u32,
+        /// What is wrong.
+        why: String,
+    },
+    /// A refused config access.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// A virtio device behind the transport.
+pub trait VirtioDevice: Send {
+    /// virtio device ID.
+    fn device_type(&self) -> u32;
+    /// Features offered (including `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// Largest size of each queue the device may have.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Reads device-specific configuration.
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), ConfigError>;
+    /// Writes device-specific configuration.
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), ConfigError>;
+    /// The driver set DRIVER_OK with `acked` features.
+    fn activate(&mut self, acked: u64);
+    /// The driver reset the device.
+    fn reset(&mut self);
+    /// Processes notified queue `index`. Returns whether used buffers were
+    /// returned; `Err` means a ring is corrupt (the transport sets
+    /// `NEEDS_RESET`). Chain-level errors are the device's to count.
+    fn notify(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<bool, QueueError>;
+}
+
+/// The virtio-mmio register file of one device.
+pub struct MmioTransport<D> {
+    device: D,
+    queues: Vec<Queue>,
+    mem: GuestAccess,
+    ram: RamLayout,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    errors: u64,
+    recent: VecDeque<TransportError>,
+    notifies: u64,
+}
+
+impl<D: std::fmt::Debug> std::fmt::Debug for MmioTransport<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device", &self.device)
+            .field("status", &self.status)
+            .field("errors", &self.errors)
+            .finish_non_exhaustive()
+    }
+}
+
+fn set_half(v: &mut u64, high: bool, x: u32) {
+    if high {
+        *v = (*v & 0xffff_ffff) | (u64::from(x) << 32);
+    } else {
+        *v = (*v & !0xffff_ffff) | u64::from(x);
+    }
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// A transport for `device`, accessing guest memory through `mem`.
+    pub fn new(device: D, mem: GuestAccess, ram: RamLayout) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .into_iter()
+            .map(Queue::new)
+            .collect();
+        Self {
+            device,
+            queues,
+            mem,
+            ram,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+            errors: 0,
+            recent: VecDeque::new(),
+            notifies: 0,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device, mutably (host-side control).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// Runs a host-side device operation that may use the queues; sets the
+    /// used-buffer interrupt bit if it returned buffers. A ring error sets
+    /// `NEEDS_RESET`.
+    pub fn with_queues(
+        &mut self,
+        f: impl FnOnce(&mut D, &mut [Queue], &mut GuestAccess, &RamLayout) -> Result<bool, QueueError>,
+    ) {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+            || self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0
+        {
+            return;
+        }
+        match f(&mut self.device, &mut self.queues, &mut self.mem, &self.ram) {
+            Ok(true) => self.interrupt_status |= VIRTIO_MMIO_INT_VRING,
+            Ok(false) => {}
+            Err(e) => self.needs_reset(TransportError::Ring {
+                queue: u32::MAX,
+                why: e.to_string(),
+            }),
+        }
+    }
+
+    /// The device changed its configuration (host side): bump the
+    /// generation and raise the configuration-change interrupt bit.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    /// `InterruptStatus`.
+    pub fn interrupt_status(&self) -> u32 {
+        self.interrupt_status
+    }
+
+    /// Driver errors seen by the transport.
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+
+    /// The last [`ERROR_LOG`] driver errors, oldest first.
+    pub fn recent_errors(&self) -> Vec<TransportError> {
+        self.recent.iter().cloned().collect()
+    }
+
+    /// Queue notifications processed.
+    pub fn notifies(&self) -> u64 {
+        self.notifies
+    }
+
+    /// The queues (read-only, for tests and tools).
+    pub fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    fn error(&mut self, e: TransportError) {
+        self.errors += 1;
+        if self.recent.len() == ERROR_LOG {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(e);
+    }
+
+    fn needs_reset(&mut self, e: TransportError) {
+        self.error(e);
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.acked = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device.reset();
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        let i = usize::try_from(self.queue_sel).ok()?;
+        self.queues.get_mut(i)
+    }
+
+    fn register(&self, offset: u32) -> u32 {
+        let feat = self.device.features();
+        let q = usize::try_from(self.queue_sel)
+            .ok()
+            .and_then(|i| self.queues.get(i));
+        match offset {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => (feat & 0xffff_ffff) as u32,
+                1 => (feat >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size)),
+            VIRTIO_MMIO_QUEUE_NUM => q.map_or(0, |q| u32::from(q.size)),
+            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_QUEUE_DESC_LOW => q.map_or(0, |q| q.desc_table as u32),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => q.map_or(0, |q| (q.desc_table >> 32) as u32),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.map_or(0, |q| q.avail_ring as u32),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => q.map_or(0, |q| (q.avail_ring >> 32) as u32),
+            VIRTIO_MMIO_QUEUE_USED_LOW => q.map_or(0, |q| q.used_ring as u32),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => q.map_or(0, |q| (q.used_ring >> 32) as u32),
+            // No shared memory regions: length reads as all ones.
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    /// A driver read of `data.len()` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let cfg = u64::from(VIRTIO_MMIO_CONFIG);
+        if offset >= cfg {
+            if let Err(e) = self.device.read_config(offset - cfg, data) {
+                self.error(e.into());
+            }
+            return;
+        }
+        let Some(off) = u32::try_from(offset).ok().filter(|_| data.len() == 4) else {
+            self.error(TransportError::RegisterWidth {
+                offset,
+                len: data.len(),
+            });
+            return;
+        };
+        if !off.is_multiple_of(4) {
+            self.error(TransportError::RegisterWidth {
+                offset,
+                len: data.len(),
+            });
+            return;
+        }
+        data.copy_from_slice(&self.register(off).to_le_bytes());
+    }
+
+    /// A driver write of `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        let cfg = u64::from(VIRTIO_MMIO_CONFIG);
+        if offset >= cfg {
+            if let Err(e) = self.device.write_config(offset - cfg, data) {
+                self.error(e.into());
+            }
+            return;
+        }
+        let (Ok(off), Ok(v)) = (u32::try_from(offset), <[u8; 4]>::try_from(data)) else {
+            self.error(TransportError::RegisterWidth {
+                offset,
+                len: data.len(),
+            });
+            return;
+        };
+        if !off.is_multiple_of(4) {
+            self.error(TransportError::RegisterWidth {
+                offset,
+                len: data.len(),
+            });
+            return;
+        }
+        let v = u32::from_le_bytes(v);
+        match off {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
+                if self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+                    self.error(TransportError::FeaturesAfterOk);
+                } else {
+                    match self.driver_features_sel {
+                        0 => set_half(&mut self.acked, false, v),
+                        1 => set_half(&mut self.acked, true, v),
+                        // Features past bit 63 do not exist: accepting any
+                        // is caught at FEATURES_OK; nothing to store.
+                        _ if v != 0 => self.error(TransportError::BadFeatures {
+                            acked: u64::MAX,
+                            offered: self.device.features(),
+                        }),
+                        _ => {}
+                    }
+                }
+            }
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM
+            | VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => self.queue_config(off, v),
+            VIRTIO_MMIO_QUEUE_READY => self.queue_ready(v),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.queue_notify(v),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
+            VIRTIO_MMIO_STATUS => self.set_status(v),
+            VIRTIO_MMIO_SHM_SEL => {}
+            _ => self.error(TransportError::NotWritable { offset }),
+        }
+    }
+
+    fn queue_config(&mut self, off: u32, v: u32) {
+        let (sel, count) = (self.queue_sel, self.queues.len());
+        let Some(q) = self.selected() else {
+            self.error(TransportError::NoSuchQueue { queue: sel, count });
+            return;
+        };
+        if q.ready {
+            self.error(TransportError::QueueLive { queue: sel });
+            return;
+        }
+        match off {
+            // Checked against max_size (and power of two) at QueueReady.
+            VIRTIO_MMIO_QUEUE_NUM => q.size = u16::try_from(v).unwrap_or(0),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => set_half(&mut q.desc_table, false, v),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => set_half(&mut q.desc_table, true, v),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => set_half(&mut q.avail_ring, false, v),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => set_half(&mut q.avail_ring, true, v),
+            VIRTIO_MMIO_QUEUE_USED_LOW => set_half(&mut q.used_ring, false, v),
+            _ => set_half(&mut q.used_ring, true, v),
+        }
+    }
+
+    fn queue_ready(&mut self, v: u32) {
+        let (sel, count) = (self.queue_sel, self.queues.len());
+        let ram = self.ram.clone();
+        let Some(q) = self.selected() else {
+            self.error(TransportError::NoSuchQueue { queue: sel, count });
+            return;
+        };
+        if v == 0 {
+            q.ready = false;
+            return;
+        }
+        if q.ready {
+            return;
+        }
+        match q.validate(&ram) {
+            Ok(()) => q.ready = true,
+            Err(why) => self.needs_reset(TransportError::InvalidQueue { queue: sel, why }),
+        }
+    }
+
+    fn queue_notify(&mut self, v: u32) {
+        if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            self.error(TransportError::NotifyNeedsReset { queue: v });
+            return;
+        }
+        let index = usize::try_from(v).unwrap_or(usize::MAX);
+        if index >= self.queues.len() {
+            self.error(TransportError::NoSuchQueue {
+                queue: v,
+                count: self.queues.len(),
+            });
+            return;
+        }
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || !self.queues[index].ready {
+            self.error(TransportError::NotifyNotReady {
+                queue: v,
+                status: self.status,
+            });
+            return;
+        }
+        self.notifies += 1;
+        match self
+            .device
+            .notify(index, &mut self.queues, &mut self.mem, &self.ram)
+        {
+            Ok(true) => self.interrupt_status |= VIRTIO_MMIO_INT_VRING,
+            Ok(false) => {}
+            Err(e) => self.needs_reset(TransportError::Ring {
+                queue: v,
+                why: e.to_string(),
+            }),
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // NEEDS_RESET is the device's to set.
+        let keep = self.status & VIRTIO_CONFIG_S_NEEDS_RESET;
+        let old = self.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        let mut new = v & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        if new & old != old {
+            self.error(TransportError::StatusCleared { old, new });
+            return;
+        }
+        let added = new & !old;
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            if self.acked & !offered != 0 || self.acked & F_VERSION_1 == 0 {
+                self.error(TransportError::BadFeatures {
+                    acked: self.acked,
+                    offered,
+                });
+                new &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && new & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            self.error(TransportError::DriverOkEarly);
+            new &= !VIRTIO_CONFIG_S_DRIVER_OK;
+        }
+        self.status = new | keep;
+        if new & !old & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.device.activate(self.acked);
+        }
+    }
+}
+
+/// Status bits a driver sets, in order, for tests and drivers.
+pub const STATUS_SEQUENCE: [u32; 4] = [
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+];
+/// `FAILED`, for drivers giving up.
+pub const STATUS_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+
+/// A transport on the MMIO bus.
+pub struct VirtioMmio<D> {
+    inner: Mutex<MmioTransport<D>>,
+}
+
+impl<D> std::fmt::Debug for VirtioMmio<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioMmio").finish_non_exhaustive()
+    }
+}
+
+impl<D: VirtioDevice> VirtioMmio<D> {
+    /// Puts `t` behind its lock.
+    pub fn new(t: MmioTransport<D>) -> Self {
+        Self {
+            inner: Mutex::new(t),
+        }
+    }
+
+    /// The transport (host-side control and inspection).
+    pub fn lock(&self) -> MutexGuard<'_, MmioTransport<D>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<D: VirtioDevice> BusDevice for VirtioMmio<D> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.lock().read(offset, data);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.lock().write(offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{desc, publish, ram};
+    use super::*;
+
+    /// One queue of 8; returns every chain with its total length.
+    #[derive(Debug, Default)]
+    struct Echo {
+        activated: Option<u64>,
+        resets: u32,
+        config: [u8; 8],
+    }
+
+    impl VirtioDevice for Echo {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn features(&self) -> u64 {
+            F_VERSION_1 | 1 << 3
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![8]
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), ConfigError> {
+            let o = usize::try_from(offset).unwrap_or(usize::MAX);
+            match self.config.get(o..o.saturating_add(data.len())) {
+                Some(s) => {
+                    data.copy_from_slice(s);
+                    Ok(())
+                }
+                None => Err(ConfigError::OutOfRange {
+                    offset,
+                    len: data.len(),
+                    size: 8,
+                }),
+            }
+        }
+        fn write_config(&mut self, offset: u64, _: &[u8]) -> Result<(), ConfigError> {
+            Err(ConfigError::ReadOnly { offset })
+        }
+        fn activate(&mut self, acked: u64) {
+            self.activated = Some(acked);
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+            self.activated = None;
+        }
+        fn notify(
+            &mut self,
+            index: usize,
+            queues: &mut [Queue],
+            mem: &mut GuestAccess,
+            ram: &RamLayout,
+        ) -> Result<bool, QueueError> {
+            let q = &mut queues[index];
+            let mut any = false;
+            while let Some(p) = q.pop(mem, ram)? {
+                let len = p.chain.map_or(0, |c| c.iter().map(|d| d.len).sum());
+                q.add_used(mem, p.head, len)?;
+                any = true;
+            }
+            Ok(any)
+        }
+    }
+
+    fn w(t: &mut MmioTransport<Echo>, off: u32, v: u32) {
+        t.write(u64::from(off), &v.to_le_bytes());
+    }
+    fn r(t: &mut MmioTransport<Echo>, off: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(off), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    const DESC: u64 = 0x30_0000;
+    const AVAIL: u64 = 0x30_1000;
+    const USED: u64 = 0x30_2000;
+
+    fn setup_queue(t: &mut MmioTransport<Echo>, desc_at: u64) {
+        w(t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        w(t, VIRTIO_MMIO_QUEUE_DESC_LOW, desc_at as u32);
+        w(t, VIRTIO_MMIO_QUEUE_DESC_HIGH, (desc_at >> 32) as u32);
+        w(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL as u32);
+        w(t, VIRTIO_MMIO_QUEUE_USED_LOW, USED as u32);
+        w(t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    fn negotiate(t: &mut MmioTransport<Echo>, features: u64) -> u32 {
+        w(t, VIRTIO_MMIO_STATUS, 0);
+        w(t, VIRTIO_MMIO_STATUS, STATUS_SEQUENCE[0]);
+        w(
+            t,
+            VIRTIO_MMIO_STATUS,
+            STATUS_SEQUENCE[0] | STATUS_SEQUENCE[1],
+        );
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
+        w(t, VIRTIO_MMIO_STATUS, 0b1011);
+        r(t, VIRTIO_MMIO_STATUS)
+    }
+
+    #[test]
+    fn identity_and_features() {
+        let (_ram, s2, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), s2.access(), layout);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 42);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1 << 3);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 8);
+        // Without VERSION_1, or with a feature not offered: refused.
+        assert_eq!(negotiate(&mut t, 1 << 3) & 8, 0);
+        assert_eq!(negotiate(&mut t, F_VERSION_1 | 1 << 4) & 8, 0);
+        assert_eq!(t.errors(), 2);
+        assert!(matches!(
+            t.recent_errors()[0],
+            TransportError::BadFeatures { .. }
+        ));
+        assert_eq!(negotiate(&mut t, F_VERSION_1 | 1 << 3) & 8, 8);
+        // Features are frozen after FEATURES_OK.
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        assert_eq!(t.acked_features(), F_VERSION_1 | 1 << 3);
+        assert_eq!(
+            t.recent_errors().last(),
+            Some(&TransportError::FeaturesAfterOk)
+        );
+    }
+
+    #[test]
+    fn status_machine_and_notify() {
+        let (_ram, s2, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), s2.access(), layout);
+        // DRIVER_OK before FEATURES_OK is dropped.
+        w(&mut t, VIRTIO_MMIO_STATUS, 0b0111);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS) & 4, 0);
+        assert_eq!(t.recent_errors(), vec![TransportError::DriverOkEarly]);
+        assert_eq!(negotiate(&mut t, F_VERSION_1), 0b1011);
+        setup_queue(&mut t, DESC);
+        // Notify before DRIVER_OK: counted, nothing done.
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(matches!(
+            t.recent_errors().last(),
+            Some(TransportError::NotifyNotReady { queue: 0, .. })
+        ));
+        w(&mut t, VIRTIO_MMIO_STATUS, 0b1111);
+        assert_eq!(t.device().activated, Some(F_VERSION_1));
+        // Clearing bits is refused.
+        w(&mut t, VIRTIO_MMIO_STATUS, 0b0111);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0b1111);
+        // Queue config while live is refused.
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 4);
+        assert_eq!(t.queues()[0].size, 8);
+        let before = t.errors();
+        {
+            let mut mem = s2.access();
+            desc(&mut mem, DESC, 2, 0x40_0000, 77, 0, 0);
+            publish(&mut mem, AVAIL, 8, 0, &[2]);
+        }
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(t.errors(), before);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        let mut mem = s2.access();
+        let mut b = [0u8; 12];
+        mem.read(USED, &mut b).unwrap();
+        assert_eq!(&b[2..4], &1u16.to_le_bytes());
+        assert_eq!(&b[8..12], &77u32.to_le_bytes());
+        // A corrupt ring: NEEDS_RESET, then notifications are ignored.
+        mem.write(AVAIL + 2, &100u16.to_le_bytes()).unwrap();
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 64, 0);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS) & 2, 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(matches!(
+            t.recent_errors().last(),
+            Some(TransportError::NotifyNeedsReset { queue: 0 })
+        ));
+        // Reset clears everything.
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert!(!t.queues()[0].ready);
+        assert_eq!(
+            t.device().resets,
+            2,
+            "negotiate reset once, the driver once more"
+        );
+    }
+
+    #[test]
+    fn invalid_queue_needs_reset_and_bad_widths_are_counted() {
+        let (_ram, s2, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), s2.access(), layout);
+        negotiate(&mut t, F_VERSION_1);
+        setup_queue(&mut t, 1 << 40);
+        assert!(!t.queues()[0].ready);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 64, 0);
+        assert!(matches!(
+            t.recent_errors().last(),
+            Some(TransportError::InvalidQueue { queue: 0, .. })
+        ));
+        // Non-32-bit register accesses and unknown registers.
+        let n = t.errors();
+        t.write(u64::from(VIRTIO_MMIO_STATUS), &[0]);
+        let mut b = [0u8; 2];
+        t.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut b);
+        assert_eq!(b, [0, 0]);
+        t.write(0x72, &[0; 4]);
+        w(&mut t, VIRTIO_MMIO_MAGIC_VALUE, 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 5);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 4);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 9);
+        // Config: device-refused accesses are counted too.
+        t.write(u64::from(VIRTIO_MMIO_CONFIG), &[1; 4]);
+        let mut c = [0u8; 4];
+        t.read(u64::from(VIRTIO_MMIO_CONFIG) + 6, &mut c);
+        assert_eq!(t.errors(), n + 8, "{:?}", t.recent_errors());
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS), 0, "still alive");
+    }
+}

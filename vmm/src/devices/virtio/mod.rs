@@ -1,0 +1,169 @@
+//! virtio devices on the virtio-mmio transport (virtio 1.2, modern only).
+//!
+//! - [`mmio`]: the transport — register file, feature negotiation, the
+//!   device status state machine (with `NEEDS_RESET` on driver errors),
+//!   queue set-up and `QueueNotify`.
+//! - [`queue`]: the split virtqueue, read and written through the stage-2
+//!   fast walk ([`crate::stage2::GuestAccess`]), every guest-controlled value
+//!   validated before use.
+//! - [`balloon`]: virtio-balloon; inflate is a stage-2 unmap through the
+//!   guest-mm gather.
+//!
+//! **Invariants.** Nothing the guest writes (registers, rings, descriptors,
+//! buffers) can make the host panic or touch memory outside guest RAM: ring
+//! and buffer addresses are checked against [`RamLayout`] and then accessed
+//! only through the fast walk, which refuses unmapped and ballooned pages.
+//! A guest error is either counted (the request is answered with an empty
+//! used element and the device goes on) or, when the rings themselves can no
+//! longer be trusted, turns the device into `NEEDS_RESET` until the driver
+//! resets it.
+//!
+//! **Interrupts.** The microVM has no interrupt controller, so the transport
+//! sets `InterruptStatus` (used buffer / configuration change) but injects
+//! nothing: the driver polls the used ring and `InterruptStatus`.
+//!
+//! Constants come from `virtio-bindings`. We do not use `virtio-queue`: its
+//! accessors go through `vm-memory` directly, which would bypass the fast
+//! walk and its guarantee that a released page is never touched.
+
+pub mod balloon;
+pub mod mmio;
+pub mod queue;
+
+use crate::memory::RegionDesc;
+
+/// Where the balloon's virtio-mmio window lives: in the 2 MiB MMIO page the
+/// default guest already maps, one page above the report device (outside
+/// every RAM size, which is at most 64 GiB).
+pub const BALLOON_MMIO_BASE: u64 = crate::guest::layout::MMIO_BASE + 0x1000;
+/// Size of a virtio-mmio window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+
+/// Guest RAM as the devices see it: which guest-physical ranges are RAM, and
+/// below which address the guest's own structures (page tables, descriptor
+/// tables, stacks) live and must never be given away.
+#[derive(Debug, Clone)]
+pub struct RamLayout {
+    regions: Vec<(u64, u64)>,
+    reserved_below: u64,
+}
+
+impl RamLayout {
+    /// The layout of `regions`; pages below `reserved_below` are RAM the
+    /// guest may put rings in but never balloon or report.
+    pub fn new(regions: &[RegionDesc], reserved_below: u64) -> Self {
+        Self {
+            regions: regions.iter().map(|r| (r.gpa.0, r.len)).collect(),
+            reserved_below,
+        }
+    }
+
+    /// Whether `[gpa, gpa + len)` is non-empty and inside one RAM region.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        len != 0
+            && self
+                .regions
+                .iter()
+                .any(|&(s, l)| gpa >= s && len <= l && gpa - s <= l - len)
+    }
+
+    /// Whether `[gpa, gpa + len)` is RAM the guest may give back (balloon,
+    /// free page reporting): inside RAM and not below the reserved limit.
+    pub fn releasable(&self, gpa: u64, len: u64) -> bool {
+        gpa >= self.reserved_below && self.contains(gpa, len)
+    }
+
+    /// First address that may be released.
+    pub fn reserved_below(&self) -> u64 {
+        self.reserved_below
+    }
+}
+
+/// A device on the MMIO bus. Accesses come from vCPU threads (and tests);
+/// implementations lock internally.
+pub trait BusDevice: Send + Sync {
+    /// A read of `data.len()` bytes at `offset` into the window.
+    fn read(&self, offset: u64, data: &mut [u8]);
+    /// A write of `data` at `offset` into the window.
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+/// The MMIO devices of a VM: fixed windows, looked up on each exit.
+#[derive(Default)]
+pub struct MmioBus {
+    devices: Vec<(u64, u64, std::sync::Arc<dyn BusDevice>)>,
+}
+
+impl std::fmt::Debug for MmioBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w: Vec<_> = self.devices.iter().map(|(b, l, _)| (*b, *l)).collect();
+        f.debug_struct("MmioBus").field("windows", &w).finish()
+    }
+}
+
+impl MmioBus {
+    /// Adds a device at `[base, base + len)`.
+    pub fn insert(&mut self, base: u64, len: u64, dev: std::sync::Arc<dyn BusDevice>) {
+        self.devices.push((base, len, dev));
+    }
+
+    /// The device and offset for `addr`, if any.
+    pub fn find(&self, addr: u64) -> Option<(&dyn BusDevice, u64)> {
+        self.devices
+            .iter()
+            .find(|(b, l, _)| addr >= *b && addr - *b < *l)
+            .map(|(b, _, d)| (d.as_ref(), addr - b))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Guest RAM and a stage-2 table without KVM, for device unit tests.
+    use super::RamLayout;
+    use crate::memory::{Backing, GuestRam, PageSize};
+    use crate::stage2::{GuestAccess, Stage2};
+
+    /// 16 MiB of anonymous 4K-page RAM, its table and layout.
+    pub(crate) fn ram() -> (GuestRam, Stage2, RamLayout) {
+        let ram = GuestRam::new(
+            "16M".parse().expect("valid size"),
+            Backing::Anon,
+            PageSize::Size4K,
+        )
+        .expect("guest RAM");
+        let s2 = Stage2::mirror(&ram).expect("stage-2 mirror");
+        let layout = RamLayout::new(&ram.regions(), 0x20_0000);
+        (ram, s2, layout)
+    }
+
+    /// Writes one split-ring descriptor.
+    pub(crate) fn desc(
+        mem: &mut GuestAccess,
+        table: u64,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..].copy_from_slice(&next.to_le_bytes());
+        mem.write(table + 16 * u64::from(i), &b)
+            .expect("write desc");
+    }
+
+    /// Publishes `heads` in the available ring and sets its index.
+    pub(crate) fn publish(mem: &mut GuestAccess, avail: u64, size: u16, start: u16, heads: &[u16]) {
+        let mut idx = start;
+        for &h in heads {
+            let slot = u64::from(idx % size);
+            mem.write(avail + 4 + 2 * slot, &h.to_le_bytes())
+                .expect("write avail");
+            idx = idx.wrapping_add(1);
+        }
+        mem.write(avail + 2, &idx.to_le_bytes()).expect("avail idx");
+    }
+}
