@@ -905,27 +905,43 @@ impl Stage2Table {
         register: bool,
     ) -> Result<(), UnmapError> {
         g.note_requested(start, end);
+        let pending = register && !g.full_mm;
+        self.visit_range(g, start, end, pending, &mut |slot, e, level, base, g| {
+            zap_leaf(slot, e, level, base, g, mode)
+        })
+    }
+
+    /// The writer loop shared by unmap, protect and deflate: take the lock,
+    /// visit at most `yield_entries` entries of `[start, end)` with `f`,
+    /// drop the lock, flush the gather if it filled, resume where it
+    /// stopped. With `pending`, the gather's range is (re)registered as
+    /// pending at every lock acquisition.
+    fn visit_range<F>(
+        &self,
+        g: &mut Gather<'_>,
+        start: u64,
+        end: u64,
+        pending: bool,
+        f: &mut F,
+    ) -> Result<(), UnmapError>
+    where
+        F: FnMut(&AtomicU64, Pte, u32, u64, &mut Gather<'_>),
+    {
         let mut addr = start;
         while addr < end {
             let l = self.lock();
-            if register && !g.full_mm {
+            if pending {
                 self.pending_add(g.id, start, end);
             }
             let mut budget = self.cfg.yield_entries;
-            let r = self.visit(
-                self.root(),
-                LEVELS,
-                addr,
-                end,
-                g,
-                &mut budget,
-                &mut |slot, e, level, base, g| zap_leaf(slot, e, level, base, g, mode),
-            );
+            let r = self.visit(self.root(), LEVELS, addr, end, g, &mut budget, f);
             drop(l);
             match r {
                 Ok(reached) => addr = reached,
                 Err(at) => {
-                    let _ = g.flush();
+                    if let Err(e) = g.flush() {
+                        g.record_error(e);
+                    }
                     return Err(UnmapError::OutOfMemory { at: Gpa(at) });
                 }
             }
@@ -958,46 +974,25 @@ impl Stage2Table {
         if let Some(hole) = self.first_hole(start, end) {
             return Err(UnmapError::NotMapped(Gpa(hole)));
         }
-        let mut addr = start;
-        while addr < end {
-            let l = self.lock();
-            let mut budget = self.cfg.yield_entries;
-            let r = self.visit(
-                self.root(),
-                LEVELS,
-                addr,
-                end,
-                g,
-                &mut budget,
-                &mut |slot, e: Pte, level, base, g: &mut Gather<'_>| {
-                    if e.is_present() {
-                        if e.perms() != perms {
-                            slot.store(e.with_perms(perms).0, Ordering::Release);
-                            if !perms.contains(e.perms()) {
-                                g.note_invalidate(base, level_size(level), false);
-                            }
+        self.visit_range(
+            g,
+            start,
+            end,
+            false,
+            &mut |slot, e: Pte, level, base, g: &mut Gather<'_>| {
+                if e.is_present() {
+                    if e.perms() != perms {
+                        slot.store(e.with_perms(perms).0, Ordering::Release);
+                        if !perms.contains(e.perms()) {
+                            g.note_invalidate(base, level_size(level), false);
                         }
-                    } else {
-                        let m = Pte::marker(e.addr(), perms, level, e.markers());
-                        slot.store(m.0, Ordering::Release);
                     }
-                },
-            );
-            drop(l);
-            match r {
-                Ok(reached) => addr = reached,
-                Err(at) => {
-                    let _ = g.flush();
-                    return Err(UnmapError::OutOfMemory { at: Gpa(at) });
+                } else {
+                    let m = Pte::marker(e.addr(), perms, level, e.markers());
+                    slot.store(m.0, Ordering::Release);
                 }
-            }
-            if g.is_full() {
-                if let Err(e) = g.flush() {
-                    g.record_error(e);
-                }
-            }
-        }
-        Ok(())
+            },
+        )
     }
 
     /// Tear the whole table down into a full-mm gather: every entry is
@@ -1179,34 +1174,19 @@ impl Stage2Table {
         }
         let mut g = self.gather();
         let mut pages = 0u64;
-        let mut addr = start;
-        while addr < end {
-            let l = self.lock();
-            let mut budget = self.cfg.yield_entries;
-            let r = self.visit(
-                self.root(),
-                LEVELS,
-                addr,
-                end,
-                &mut g,
-                &mut budget,
-                &mut |slot, e: Pte, level, _base, _g: &mut Gather<'_>| {
-                    if e.markers() & SW_BALLOONED != 0 {
-                        let m = Pte::marker(e.addr(), e.saved_perms(), level, SW_DISCARDED);
-                        slot.store(m.0, Ordering::Release);
-                        pages += level_size(level) / PAGE_SIZE;
-                    }
-                },
-            );
-            drop(l);
-            match r {
-                Ok(reached) => addr = reached,
-                Err(at) => return Err(UnmapError::OutOfMemory { at: Gpa(at) }),
-            }
-            if g.is_full() {
-                let _ = g.flush();
-            }
-        }
+        self.visit_range(
+            &mut g,
+            start,
+            end,
+            false,
+            &mut |slot, e: Pte, level, _base, _g: &mut Gather<'_>| {
+                if e.markers() & SW_BALLOONED != 0 {
+                    let m = Pte::marker(e.addr(), e.saved_perms(), level, SW_DISCARDED);
+                    slot.store(m.0, Ordering::Release);
+                    pages += level_size(level) / PAGE_SIZE;
+                }
+            },
+        )?;
         let _ = g.flush();
         Ok(pages)
     }
