@@ -158,3 +158,5 @@ pub fn boot_and_verify(mem: &str, vcpus: u32, backing: Backing, page_size: PageS
     }
     vm
 }
+
+pub mod virtio;
