@@ -20,6 +20,7 @@
 //! go through its lockless fast walk.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 pub mod devices;
 pub mod guest;
 pub mod memory;
