@@ -101,6 +101,13 @@ impl Driver {
     /// Resets, negotiates `features` (plus VERSION_1), sets every queue up
     /// and sets DRIVER_OK. Returns the final status.
     pub fn init(&mut self, features: u64) -> u32 {
+        self.setup(features);
+        self.w32(VIRTIO_MMIO_STATUS, 0xf);
+        self.r32(VIRTIO_MMIO_STATUS)
+    }
+
+    /// Everything [`Driver::init`] does but setting DRIVER_OK.
+    pub fn setup(&mut self, features: u64) {
         let f = features | F_VERSION_1;
         self.w32(VIRTIO_MMIO_STATUS, 0);
         self.w32(VIRTIO_MMIO_STATUS, 1);
@@ -152,8 +159,6 @@ impl Driver {
             self.w32(VIRTIO_MMIO_QUEUE_READY, 1);
             self.rings.push(r);
         }
-        self.w32(VIRTIO_MMIO_STATUS, 0xf);
-        self.r32(VIRTIO_MMIO_STATUS)
     }
 
     /// Index of the queue with `role`.
