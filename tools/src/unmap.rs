@@ -119,6 +119,8 @@ pub struct UnmapResult {
     limit_ms_all: Vec<f64>,
     per_page_ms_all: Vec<f64>,
     per_run_ms_all: Vec<f64>,
+    /// Each repetition's longest table-lock hold (µs).
+    max_lock_hold_us_all: Vec<f64>,
     targets: Targets,
 }
 
@@ -184,6 +186,9 @@ fn hist_quantile_us(hist: &[u64], q: f64) -> f64 {
     (1u64 << hist.len()) as f64 / 1e3
 }
 
+/// Idle time before each timed section.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -203,6 +208,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
         .context("mapping the region")?;
     let map_ms = ms(t);
     let table_bytes = table.table_bytes();
+    std::thread::sleep(SETTLE);
     table.reset_lock_stats();
     let before = table.stats();
     let t = Instant::now();
@@ -273,6 +279,10 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
                     huge = Some(huge.map_or(h, |x| x.min(h)));
                 }
             }
+            // Let the kernel finish deferred work of the previous strategy
+            // (RCU callbacks freeing page tables after a large munmap run in
+            // softirq on this CPU and would land inside the timed section).
+            std::thread::sleep(SETTLE);
             let idx = match s {
                 Strategy::Gather => {
                     gathers.push(run_gather(&region, leaf, yield_entries)?);
@@ -372,6 +382,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         limit_ms_all: all(&limit),
         per_page_ms_all: all(&per_page),
         per_run_ms_all: all(&per_run),
+        max_lock_hold_us_all: all(&rep_max),
         targets: Targets {
             gather_within_1_15x_limit: ratio_vs_limit <= 1.15,
             at_least_10x_per_page: ratio_per_page >= 10.0,
