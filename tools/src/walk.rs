@@ -159,11 +159,15 @@ where
         let t = Instant::now();
         std::thread::sleep(Duration::from_secs_f64(secs));
         stop.store(true, Ordering::Relaxed);
-        let counts: Vec<Count> = walkers
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect();
+        let joined: Vec<_> = walkers.into_iter().map(|h| h.join()).collect();
         let elapsed = t.elapsed().as_secs_f64();
+        let mut counts = Vec::with_capacity(joined.len());
+        for j in joined {
+            match j {
+                Ok(c) => counts.push(c),
+                Err(_) => bail!("a walker thread panicked"),
+            }
+        }
         let ops = match storm {
             Some(h) => match h.join() {
                 Ok(r) => r?,
