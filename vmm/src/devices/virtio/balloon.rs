@@ -169,6 +169,9 @@ pub struct BalloonCounters {
     pub last_inflate_ns: u64,
     /// Total inflate release time, ns.
     pub inflate_ns_total: u64,
+    /// Time of the last whole inflate notification (read and check the
+    /// PFNs, sort, coalesce, arm, gather, return the buffers), ns.
+    pub last_inflate_request_ns: u64,
     /// Stats buffers received.
     pub stats_updates: u64,
 }
@@ -446,6 +449,7 @@ impl Balloon {
         mem: &mut GuestAccess,
         ram: &RamLayout,
     ) -> Result<bool, QueueError> {
+        let t0 = Instant::now();
         let (heads, pages) = self.pfn_requests(q, mem, ram)?;
         let pages = self.sorted_unique(pages);
         let runs = coalesce(&pages);
@@ -466,7 +470,12 @@ impl Balloon {
                 Err(e) => self.error(e),
             }
         }
-        Self::give_back(q, mem, &heads)
+        let r = Self::give_back(q, mem, &heads);
+        if !runs.is_empty() {
+            self.counters.last_inflate_request_ns =
+                u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        }
+        r
     }
 
     fn deflate(
