@@ -49,12 +49,25 @@ pub struct WalkArgs {
     /// Guest memory mapped (at 4 KiB leaves); a multiple of 2 MiB.
     #[arg(long, default_value = "1G", value_parser = crate::units::parse_size)]
     pub mem: u64,
+    /// Pace the guest-mm storm at this many unmap+remap operations per
+    /// second (default: as fast as it goes).
+    #[arg(long, value_parser = parse_rate)]
+    pub storm_rate: Option<f64>,
     /// Translations per pin (read section).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch: u32,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "invalid storm rate {s:?}: expected operations per second above 0, e.g. 10000"
+        )),
+    }
 }
 
 #[derive(Serialize)]
@@ -84,6 +97,8 @@ struct WalkJson {
     walk_busy_neighbour_per_s: f64,
     /// Share of translations under the storm that found the page unmapped.
     walk_under_unmap_unmapped_pct: f64,
+    /// The requested storm pace (null: as fast as it goes).
+    storm_rate_requested: Option<f64>,
     /// Unmap+remap operations per second the storm achieved.
     storm_ops_per_s: f64,
     /// Cache shootdowns a walker saw during the storm phase (all walkers).
@@ -243,10 +258,14 @@ fn walk_loop(
 
 /// The guest-mm storm: unmap a random 2 MiB range and map it back, as
 /// fast as it goes.
-fn storm(table: &Stage2Table, stop: &AtomicBool, len: u64) -> Result<u64> {
+fn storm(table: &Stage2Table, stop: &AtomicBool, len: u64, rate: Option<f64>) -> Result<u64> {
     let mut rng = Rng::new(0xfeed);
     let mut ops = 0u64;
+    let pacer = Pacer::new(rate);
     while !stop.load(Ordering::Relaxed) {
+        if !pacer.due(ops) {
+            continue;
+        }
         let r = rng.below(len / HUGE) * HUGE;
         let mut g = table.gather();
         table
@@ -259,6 +278,37 @@ fn storm(table: &Stage2Table, stop: &AtomicBool, len: u64) -> Result<u64> {
         ops += 1;
     }
     Ok(ops)
+}
+
+/// Paces a storm at a rate of operations per second (`None`: flat out;
+/// `Some(0)`: never).
+struct Pacer {
+    start: Instant,
+    interval: Option<f64>,
+}
+
+impl Pacer {
+    fn new(rate: Option<f64>) -> Pacer {
+        Pacer {
+            start: Instant::now(),
+            interval: rate.map(|r| if r > 0.0 { 1.0 / r } else { f64::INFINITY }),
+        }
+    }
+
+    /// Whether operation number `ops` may start now; if not, sleeps a
+    /// little (at most 10 ms, so the caller sees its stop flag).
+    fn due(&self, ops: u64) -> bool {
+        let Some(interval) = self.interval else {
+            return true;
+        };
+        let due = (ops as f64 * interval).min(3600.0);
+        let now = self.start.elapsed().as_secs_f64();
+        if now >= due {
+            return true;
+        }
+        std::thread::sleep(Duration::from_secs_f64((due - now).min(0.01)));
+        false
+    }
 }
 
 /// A neighbour that keeps a core busy without touching any table.
@@ -323,17 +373,9 @@ fn rwlock_loop(t: &RwTable, i: usize, stop: &AtomicBool, len: u64, batch: u32) -
 fn rwlock_storm(t: &RwTable, stop: &AtomicBool, len: u64, rate: f64) -> u64 {
     let mut rng = Rng::new(0xfeed);
     let mut ops = 0u64;
-    let start = Instant::now();
-    let interval = if rate > 0.0 {
-        1.0 / rate
-    } else {
-        f64::INFINITY
-    };
+    let pacer = Pacer::new(Some(rate));
     while !stop.load(Ordering::Relaxed) {
-        let due = Duration::from_secs_f64((ops as f64 * interval).min(3600.0));
-        let now = start.elapsed();
-        if now < due {
-            std::thread::sleep((due - now).min(Duration::from_millis(10)));
+        if !pacer.due(ops) {
             continue;
         }
         let r = rng.below(len / HUGE) * HUGE;
@@ -408,7 +450,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         t,
         s,
         |i, stop| walk_loop(&table, i, stop, len, b, Mode::Cached),
-        Some(|stop: &AtomicBool| storm(&table, stop, len)),
+        Some(|stop: &AtomicBool| storm(&table, stop, len, a.storm_rate)),
     )?;
     uaf += c.iter().map(|x| x.uaf).sum::<u64>();
     let under = per_thread(&c, e);
@@ -491,6 +533,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         walk_pin_each_per_s: pin_each.round(),
         walk_under_unmap_per_s: under.round(),
         walk_under_unmap_unmapped_pct: round(failed as f64 * 100.0 / total.max(1) as f64, 3),
+        storm_rate_requested: a.storm_rate,
         storm_ops_per_s: round(storm_rate, 1),
         storm_shootdowns: shootdowns,
         under_unmap_ratio: round(under / walk, 3),

@@ -143,6 +143,7 @@ fn bad_arguments_fail() {
         &["stress", "--seconds", "0"],
         &["bench", "walk", "--mem", "3M"],
         &["bench", "unmap", "--sizes", "1G,0"],
+        &["bench", "walk", "--storm-rate", "0"],
         &["bench", "unmap", "--size", "3M", "--page-size", "2M"],
     ] {
         let out = gmm(args);
