@@ -121,6 +121,10 @@ pub struct UnmapResult {
     per_run_ms_all: Vec<f64>,
     /// Each repetition's longest table-lock hold (µs).
     max_lock_hold_us_all: Vec<f64>,
+    /// Each repetition's involuntary context switches of the unmapping
+    /// thread during the timed unmap: a hold that spans one is wall time
+    /// the holder spent descheduled (other load on the machine).
+    preempted_during_unmap_all: Vec<u64>,
     targets: Targets,
 }
 
@@ -166,6 +170,7 @@ struct GatherRun {
     batch_allocs: u64,
     tables_retired: u64,
     hist: Vec<u64>,
+    preempted: u64,
 }
 
 /// Upper bound (µs) of the histogram bucket holding the `q` quantile of
@@ -189,6 +194,18 @@ fn hist_quantile_us(hist: &[u64], q: f64) -> f64 {
 /// Idle time before each timed section.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Involuntary context switches of the calling thread so far.
+fn involuntary_switches() -> u64 {
+    // SAFETY: rusage is plain data; getrusage fills it and reads nothing.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage owned by this frame.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ru.ru_nivcsw).unwrap_or(0)
+}
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -211,6 +228,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
     std::thread::sleep(SETTLE);
     table.reset_lock_stats();
     let before = table.stats();
+    let switches = involuntary_switches();
     let t = Instant::now();
     let mut g = table.gather();
     table
@@ -218,6 +236,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
         .context("unmapping the region")?;
     let gs = g.finish().context("releasing the region's backing")?;
     let gather_ms = ms(t);
+    let preempted = involuntary_switches() - switches;
     let after = table.stats();
     table.rcu_barrier();
     Ok(GatherRun {
@@ -233,6 +252,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
         batch_allocs: gs.batch_allocs,
         tables_retired: gs.tables_retired,
         hist: after.lock_hold_hist,
+        preempted,
     })
 }
 
@@ -383,6 +403,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         per_page_ms_all: all(&per_page),
         per_run_ms_all: all(&per_run),
         max_lock_hold_us_all: all(&rep_max),
+        preempted_during_unmap_all: gathers.iter().map(|g| g.preempted).collect(),
         targets: Targets {
             gather_within_1_15x_limit: ratio_vs_limit <= 1.15,
             at_least_10x_per_page: ratio_per_page >= 10.0,
