@@ -405,3 +405,24 @@ fn scattered_pfns_take_one_gather() {
     );
     let _ = vm.destroy();
 }
+
+/// A VM with a balloon tears down like any other: the device's references
+/// to the fault handler and RAM are gone before the reclaim unmaps RAM.
+#[test]
+fn teardown_with_balloon_unmaps_ram() {
+    let name = "teardown_with_balloon_unmaps_ram";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let vm = balloon_vm("64M", Backing::Memfd, PageSize::Size4K);
+    {
+        let mut d = Driver::new(&vm, AREA);
+        d.init(0);
+        d.send_pfns(Q::Inflate, &pfns(32 * MIB, MIB), 256);
+        assert_eq!(d.dev().counters().pages_inflated, 256);
+    }
+    let mut t = vm.destroy();
+    let r = t.wait_reclaim();
+    assert_eq!(r.unmapped_bytes, 64 * MIB, "{r:?}");
+    assert_eq!(r.stage2.table_pages_left, 1, "{r:?}");
+}

@@ -585,6 +585,9 @@ impl Vm {
             }
         }
         self.vcpu_fds.clear();
+        // The vCPUs are joined: the bus's device references go, so that the
+        // reclaim below holds the last references to the handler and RAM.
+        self.mmio = Arc::new(MmioBus::default());
         let stop_vcpus_ms = ms(t0.elapsed());
         let remains = Remains {
             vm_fd: self.vm_fd.take(),
