@@ -103,6 +103,8 @@ vmm_guest_entry:
     mov eax, 2
     call .Lreport_op
 
+    cmp rbp, 3
+    je .Lballoon
     cmp rbp, 1
     jne .Ldone
     test r14, r14
@@ -147,6 +149,302 @@ vmm_guest_entry:
     mov eax, 4
     call .Lreport_op
     jmp .Ldone
+
+    // ---- virtio-balloon driver (Balloon workload, vCPU 0 only) ----
+    // r9 = the device's virtio-mmio window, rbp = pages in the balloon
+    // (the last `pages` 4 KiB pages of [r12, r13)), rbx = control page.
+    // Register offsets are virtio 1.2 §4.2.2 (virtio-mmio version 2).
+.Lballoon:
+    test r14, r14
+    jnz .Ldone
+    movabs r9, {mmio}
+    mov qword ptr [rbx + {st_state}], 1
+    mov rdi, {queues}
+    xor eax, eax
+.Lb_zero:
+    mov qword ptr [rdi], rax
+    add rdi, 8
+    cmp rdi, {area_end}
+    jb .Lb_zero
+    // MagicValue, Version, DeviceID.
+    mov eax, dword ptr [r9 + 0x000]
+    mov esi, eax
+    mov edi, 1
+    cmp eax, 0x74726976
+    jne .Lb_fail
+    mov eax, dword ptr [r9 + 0x004]
+    mov esi, eax
+    mov edi, 2
+    cmp eax, 2
+    jne .Lb_fail
+    mov eax, dword ptr [r9 + 0x008]
+    mov esi, eax
+    mov edi, 3
+    cmp eax, 5
+    jne .Lb_fail
+    // Status: reset, ACKNOWLEDGE, DRIVER.
+    mov dword ptr [r9 + 0x070], 0
+    mov dword ptr [r9 + 0x070], 1
+    mov dword ptr [r9 + 0x070], 3
+    // DeviceFeaturesSel 1: VIRTIO_F_VERSION_1 (bit 32) must be offered.
+    mov dword ptr [r9 + 0x014], 1
+    mov eax, dword ptr [r9 + 0x010]
+    mov esi, eax
+    mov edi, 4
+    test eax, 1
+    jz .Lb_fail_status
+    // Features[31:0]: DEFLATE_ON_OOM (bit 2) if offered; [63:32]: VERSION_1.
+    mov dword ptr [r9 + 0x014], 0
+    mov r8d, dword ptr [r9 + 0x010]
+    and r8d, 4
+    mov dword ptr [r9 + 0x024], 0
+    mov dword ptr [r9 + 0x020], r8d
+    mov dword ptr [r9 + 0x024], 1
+    mov dword ptr [r9 + 0x020], 1
+    // FEATURES_OK, read back.
+    mov dword ptr [r9 + 0x070], 11
+    mov eax, dword ptr [r9 + 0x070]
+    mov esi, eax
+    mov edi, 5
+    test eax, 8
+    jz .Lb_fail_status
+    // Queues 0 (inflate) and 1 (deflate), one page each.
+    xor r8d, r8d
+    mov r10, {queues}
+.Lb_queue:
+    mov dword ptr [r9 + 0x030], r8d
+    mov eax, dword ptr [r9 + 0x034]
+    mov esi, eax
+    mov edi, 6
+    cmp eax, {qsize}
+    jb .Lb_fail_status
+    mov dword ptr [r9 + 0x038], {qsize}
+    lea rax, [r10 + {desc}]
+    mov dword ptr [r9 + 0x080], eax
+    shr rax, 32
+    mov dword ptr [r9 + 0x084], eax
+    lea rax, [r10 + {avail}]
+    mov dword ptr [r9 + 0x090], eax
+    shr rax, 32
+    mov dword ptr [r9 + 0x094], eax
+    lea rax, [r10 + {used}]
+    mov dword ptr [r9 + 0x0a0], eax
+    shr rax, 32
+    mov dword ptr [r9 + 0x0a4], eax
+    mov dword ptr [r9 + 0x044], 1
+    mov eax, dword ptr [r9 + 0x044]
+    mov esi, eax
+    mov edi, 7
+    cmp eax, 1
+    jne .Lb_fail_status
+    add r10, 0x1000
+    inc r8d
+    cmp r8d, 2
+    jb .Lb_queue
+    // DRIVER_OK, read back.
+    mov dword ptr [r9 + 0x070], 15
+    mov eax, dword ptr [r9 + 0x070]
+    mov esi, eax
+    mov edi, 8
+    test eax, 64
+    jnz .Lb_fail_status
+    mov edi, 9
+    test eax, 4
+    jz .Lb_fail_status
+    mov qword ptr [rbx + {st_state}], 2
+    lea rsi, [rip + .Lmsg_bready]
+    xor r10, r10
+    call .Lsay
+    xor ebp, ebp
+
+.Lb_loop:
+    // Target: num_pages (config +0), clamped to the share.
+    mov eax, dword ptr [r9 + 0x100]
+    mov rcx, r13
+    sub rcx, r12
+    shr rcx, 12
+    cmp rax, rcx
+    cmova rax, rcx
+    mov qword ptr [rbx + {st_target}], rax
+    cmp rax, rbp
+    ja .Lb_inflate
+    jb .Lb_deflate
+    // At the target: leave on CMD_EXIT, else spin and poll again.
+    mov rax, qword ptr [rbx + 8]
+    test rax, rax
+    jz .Lb_idle
+    mov rax, qword ptr [rbx + 16]
+    cmp rax, 2
+    je .Lb_exit
+.Lb_idle:
+    mov ecx, 1024
+.Lb_spin:
+    pause
+    dec ecx
+    jnz .Lb_spin
+    jmp .Lb_loop
+
+.Lb_inflate:
+    // r8 = min(target - pages, MAX_PFNS) pages, going down from the end.
+    sub rax, rbp
+    mov ecx, {max_pfns}
+    cmp rax, rcx
+    cmova rax, rcx
+    mov r8, rax
+    mov rdx, r13
+    shr rdx, 12
+    sub rdx, rbp
+    mov rdi, {pfns}
+    xor ecx, ecx
+.Lb_inf_fill:
+    dec rdx
+    mov dword ptr [rdi + rcx*4], edx
+    inc rcx
+    cmp rcx, r8
+    jb .Lb_inf_fill
+    mov r10, {queues}
+    xor esi, esi
+    call .Lb_send
+    add rbp, r8
+    add qword ptr [rbx + {st_inflated}], r8
+    jmp .Lb_actual
+
+.Lb_deflate:
+    // r8 = min(pages - target, MAX_PFNS) most recently inflated pages:
+    // PFNs end - pages .. end - pages + r8 - 1.
+    mov rcx, rbp
+    sub rcx, rax
+    mov eax, {max_pfns}
+    cmp rcx, rax
+    cmova rcx, rax
+    mov r8, rcx
+    mov rdx, r13
+    shr rdx, 12
+    sub rdx, rbp
+    mov rdi, {pfns}
+    xor ecx, ecx
+.Lb_def_fill:
+    mov dword ptr [rdi + rcx*4], edx
+    inc rdx
+    inc rcx
+    cmp rcx, r8
+    jb .Lb_def_fill
+    mov r10, {queues} + 0x1000
+    mov esi, 1
+    call .Lb_send
+    sub rbp, r8
+    add qword ptr [rbx + {st_deflated}], r8
+    // Touch the deflated pages [end - (pages + r8) * 4K, end - pages * 4K):
+    // write the pattern (each first touch faults in through the VMM's
+    // handler), then verify it.
+    lea rdi, [rbp + r8]
+    shl rdi, 12
+    neg rdi
+    add rdi, r13
+    mov rsi, rbp
+    shl rsi, 12
+    neg rsi
+    add rsi, r13
+    mov rcx, rdi
+.Lb_touch_w:
+    mov rax, rcx
+    xor rax, r15
+    mov qword ptr [rcx], rax
+    add rcx, 8
+    cmp rcx, rsi
+    jb .Lb_touch_w
+    xor edx, edx
+    mov rcx, rdi
+.Lb_touch_v:
+    mov rax, rcx
+    xor rax, r15
+    cmp qword ptr [rcx], rax
+    je .Lb_touch_next
+    inc rdx
+    cmp qword ptr [rbx + {st_first_bad}], 0
+    jne .Lb_touch_next
+    mov qword ptr [rbx + {st_first_bad}], rcx
+.Lb_touch_next:
+    add rcx, 8
+    cmp rcx, rsi
+    jb .Lb_touch_v
+    add qword ptr [rbx + {st_bad}], rdx
+    add qword ptr [rbx + {st_reverified}], r8
+
+.Lb_actual:
+    // actual (config +4) = pages, after the device returned the buffer.
+    mov dword ptr [r9 + 0x104], ebp
+    mov qword ptr [rbx + {st_pages}], rbp
+    cmp rbp, qword ptr [rbx + {st_target}]
+    jne .Lb_loop
+    lea rsi, [rip + .Lmsg_bat]
+    mov rdi, rbp
+    lea r10, [rip + .Lmsg_pages_nl]
+    call .Lsay
+    jmp .Lb_loop
+
+    // send(r10 = queue page, esi = queue index, r8 = PFNs in the array):
+    // descriptor 0 over the array (device-readable), publish it, notify,
+    // poll the used ring until the device returned it.
+.Lb_send:
+    mov rax, {pfns}
+    mov qword ptr [r10 + {desc}], rax
+    lea eax, [r8*4]
+    mov dword ptr [r10 + {desc} + 8], eax
+    mov dword ptr [r10 + {desc} + 12], 0
+    movzx eax, word ptr [r10 + {avail} + 2]
+    mov ecx, eax
+    and ecx, {qsize} - 1
+    mov word ptr [r10 + {avail} + 4 + rcx*2], 0
+    // x86 is TSO: the index store is seen after the ring and descriptor.
+    inc eax
+    mov word ptr [r10 + {avail} + 2], ax
+    mov dword ptr [r9 + 0x050], esi
+.Lb_wait:
+    cmp ax, word ptr [r10 + {used} + 2]
+    je .Lb_sent
+    mov edx, dword ptr [r9 + 0x070]
+    test edx, 64
+    jnz .Lb_send_reset
+    pause
+    jmp .Lb_wait
+.Lb_sent:
+    mov edx, dword ptr [r9 + 0x070]
+    test edx, 64
+    jnz .Lb_send_reset
+    ret
+.Lb_send_reset:
+    add rsp, 8
+    mov esi, edx
+    mov edi, 8
+    jmp .Lb_fail
+
+.Lb_exit:
+    mov qword ptr [rbx + {st_state}], 3
+    jmp .Ldone
+
+    // fail(edi = code, esi = detail): FAILED in the device status (once
+    // negotiation began), status block, console line, report, stop.
+.Lb_fail_status:
+    mov eax, dword ptr [r9 + 0x070]
+    or eax, 128
+    mov dword ptr [r9 + 0x070], eax
+.Lb_fail:
+    mov qword ptr [rbx + {st_error}], rdi
+    mov qword ptr [rbx + {st_detail}], rsi
+    mov qword ptr [rbx + {st_state}], 4
+    push rdi
+    push rsi
+    lea rsi, [rip + .Lmsg_bfail]
+    lea r10, [rip + .Lmsg_bfail_end]
+    call .Lsay
+    pop rsi
+    pop rdi
+    mov eax, {op_error}
+    call .Lreport_op
+.Lb_stopped:
+    pause
+    jmp .Lb_stopped
 
     // report_op(eax = opcode): one MMIO write to the report device.
 .Lreport_op:
@@ -232,6 +530,16 @@ vmm_guest_entry:
     .asciz ": pattern FAILED, "
 .Lmsg_bad:
     .asciz " bad words\n"
+.Lmsg_bready:
+    .asciz ": balloon driver ready\n"
+.Lmsg_bat:
+    .asciz ": balloon at "
+.Lmsg_pages_nl:
+    .asciz " pages\n"
+.Lmsg_bfail:
+    .asciz ": balloon driver error "
+.Lmsg_bfail_end:
+    .asciz "\n"
 
     .balign 16
     .global vmm_guest_exc_stubs
@@ -265,7 +573,27 @@ vmm_guest_console_gate:
     .global vmm_guest_image_end
 vmm_guest_image_end:
     .popsection
-"#
+"#,
+    mmio = const crate::devices::virtio::BALLOON_MMIO_BASE,
+    queues = const super::layout::BALLOON_QUEUES,
+    pfns = const super::layout::BALLOON_PFNS,
+    area_end = const super::layout::BALLOON_END,
+    qsize = const super::balloon::QUEUE_SIZE,
+    max_pfns = const super::balloon::MAX_PFNS,
+    desc = const super::balloon::DESC_OFFSET,
+    avail = const super::balloon::AVAIL_OFFSET,
+    used = const super::balloon::USED_OFFSET,
+    op_error = const super::balloon::OP_BALLOON_ERROR,
+    st_state = const super::balloon::status::STATE,
+    st_pages = const super::balloon::status::PAGES,
+    st_inflated = const super::balloon::status::INFLATED,
+    st_deflated = const super::balloon::status::DEFLATED,
+    st_reverified = const super::balloon::status::REVERIFIED,
+    st_bad = const super::balloon::status::BAD_WORDS,
+    st_first_bad = const super::balloon::status::FIRST_BAD,
+    st_error = const super::balloon::status::ERROR,
+    st_detail = const super::balloon::status::DETAIL,
+    st_target = const super::balloon::status::TARGET,
 );
 
 extern "C" {

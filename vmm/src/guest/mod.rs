@@ -15,7 +15,10 @@
 //! | `0x3000` | PDPT |
 //! | `0x4000 ..` | one PD per GiB (at most 64) |
 //! | `0x44000` | control page: console lock, probe mailbox |
-//! | `0x45000` | PD of the MMIO window at 64 GiB (report device) |
+//! | `0x45000` | PD of the MMIO window at 64 GiB (report device, virtio-balloon) |
+//! | `0x46000` | balloon driver: inflate queue (descriptors, avail, used) |
+//! | `0x47000` | balloon driver: deflate queue |
+//! | `0x48000` | balloon driver: PFN array (1024 × le32) |
 //! | `0x50000` | the image (code) |
 //! | `0x60000 + 4K*i` | vCPU i: GDT at +0, TSS at +0x80 |
 //! | `0xA0000 + 4K*i` | vCPU i: ring-0 stack (exceptions) |
@@ -24,7 +27,11 @@
 //! The workload RAM, `[2 MiB, mem)`, is split into 2 MiB-aligned shares, one
 //! per vCPU; each vCPU writes `gpa ^ seed` to every 8-byte word of its share,
 //! reads it back and reports.
+//!
+//! Free below 2 MiB: `0x49000..0x50000`, `0xE0000..0x100000`,
+//! `0x140000..0x200000`.
 
+pub mod balloon;
 pub mod image;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -50,6 +57,13 @@ pub mod layout {
     pub const MMIO_PD: u64 = 0x45000;
     /// The MMIO window (report device), just above the largest RAM.
     pub const MMIO_BASE: u64 = 64 << 30;
+    /// The balloon driver's two queue pages (inflate, then deflate), used
+    /// only by [`super::Workload::Balloon`] on vCPU 0.
+    pub const BALLOON_QUEUES: u64 = 0x46000;
+    /// The balloon driver's PFN array (one page).
+    pub const BALLOON_PFNS: u64 = 0x48000;
+    /// End of the balloon driver's pages.
+    pub const BALLOON_END: u64 = 0x49000;
     /// The guest image.
     pub const IMAGE: u64 = 0x50000;
     /// Space for the image.
@@ -110,6 +124,9 @@ pub enum Workload {
     /// Read the unmapped address [`FAULT_ADDR`] at once: a page fault that
     /// the exception stubs report (tests the IDT/TSS path).
     Fault,
+    /// As `Verify`, then vCPU 0 runs the virtio-balloon driver (see
+    /// [`balloon`]) until [`control::CMD_EXIT`]; the others stop.
+    Balloon,
 }
 
 /// The address the [`Workload::Fault`] guest reads (not mapped).
@@ -343,6 +360,7 @@ pub fn init_regs(args: &EntryArgs) -> kvm_regs {
             Workload::Verify => 0,
             Workload::Probe => 1,
             Workload::Fault => 2,
+            Workload::Balloon => 3,
         },
         ..Default::default()
     }
@@ -387,6 +405,96 @@ mod tests {
             check_config(1 << 30, 65),
             Err(GuestError::TooManyVcpus(65))
         ));
+    }
+
+    /// Every fixed structure below [`layout::WORKLOAD_START`], at its
+    /// largest (64 PDs, 64 vCPUs): inside RAM, page-aligned, no overlaps.
+    #[test]
+    fn low_memory_layout_does_not_overlap() {
+        let v = u64::from(layout::MAX_VCPUS);
+        let mut areas = [
+            ("IDT", layout::IDT, 0x1000),
+            ("PML4", layout::PML4, 0x1000),
+            ("PDPT", layout::PDPT, 0x1000),
+            ("PDs", layout::PD, layout::MAX_PDS * 0x1000),
+            ("control", layout::CONTROL, 0x1000),
+            ("MMIO PD", layout::MMIO_PD, 0x1000),
+            (
+                "balloon queues",
+                layout::BALLOON_QUEUES,
+                layout::BALLOON_PFNS - layout::BALLOON_QUEUES,
+            ),
+            (
+                "balloon PFNs",
+                layout::BALLOON_PFNS,
+                layout::BALLOON_END - layout::BALLOON_PFNS,
+            ),
+            ("image", layout::IMAGE, layout::IMAGE_MAX),
+            ("GDT/TSS", layout::PERCPU_GDT, v * 0x1000),
+            ("kernel stacks", layout::PERCPU_KSTACK, v * 0x1000),
+            ("user stacks", layout::PERCPU_USTACK, v * 0x1000),
+        ];
+        areas.sort_by_key(|a| a.1);
+        for w in areas.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            assert!(
+                a.1 + a.2 <= b.1,
+                "{} [{:#x}, {:#x}) overlaps {} at {:#x}",
+                a.0,
+                a.1,
+                a.1 + a.2,
+                b.0,
+                b.1
+            );
+        }
+        for (name, start, len) in areas {
+            assert!(start.is_multiple_of(0x1000), "{name} is not page-aligned");
+            assert!(
+                start >= 0x1000 && start + len <= layout::WORKLOAD_START,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            layout::BALLOON_PFNS - layout::BALLOON_QUEUES,
+            2 * 0x1000,
+            "two queue pages"
+        );
+        assert_eq!(balloon::queue_page(1), layout::BALLOON_QUEUES + 0x1000);
+        // The balloon's window is inside the 2 MiB MMIO page the guest maps.
+        let b = crate::devices::virtio::BALLOON_MMIO_BASE;
+        assert!(b > layout::MMIO_BASE && b + 0x1000 <= layout::MMIO_BASE + SIZE_2M);
+    }
+
+    /// The device accepts the driver's rings where the guest puts them, and
+    /// the guest's pages (rings, PFN array) can never be ballooned.
+    #[test]
+    fn device_accepts_the_driver_rings() {
+        use crate::devices::virtio::queue::Queue;
+        let (_ram, _s2, ram_layout) = crate::devices::virtio::testutil::ram();
+        for i in 0..2 {
+            let mut q = Queue::new(crate::devices::virtio::balloon::QUEUE_SIZE);
+            q.size = balloon::QUEUE_SIZE;
+            q.desc_table = balloon::queue_page(i) + balloon::DESC_OFFSET;
+            q.avail_ring = balloon::queue_page(i) + balloon::AVAIL_OFFSET;
+            q.used_ring = balloon::queue_page(i) + balloon::USED_OFFSET;
+            assert_eq!(q.validate(&ram_layout), Ok(()));
+        }
+        assert!(!ram_layout.releasable(layout::BALLOON_QUEUES, 0x1000));
+        assert!(!ram_layout.releasable(layout::BALLOON_PFNS, 0x1000));
+        assert!(ram_layout.releasable(layout::WORKLOAD_START, 0x1000));
+    }
+
+    #[test]
+    fn balloon_workload_register() {
+        let args = EntryArgs {
+            index: 0,
+            share_start: layout::WORKLOAD_START,
+            share_end: 2 * layout::WORKLOAD_START,
+            seed: 1,
+            workload: Workload::Balloon,
+        };
+        assert_eq!(init_regs(&args).r9, 3);
+        assert_eq!(init_regs(&args).r8, layout::CONTROL);
     }
 
     #[test]

@@ -1,0 +1,308 @@
+//! The default guest's virtio-balloon driver ([`super::Workload::Balloon`]):
+//! the low-memory pages it owns, the status block it keeps in the control
+//! page, and the errors it reports.
+//!
+//! The driver itself is ring-3 assembly in [`super::image`]. vCPU 0 first
+//! writes and verifies its share like [`super::Workload::Verify`] and
+//! reports, then drives the virtio-mmio device at
+//! [`crate::devices::virtio::BALLOON_MMIO_BASE`] (virtio 1.2 §4.2.3.1:
+//! magic, version 2, device ID 5; reset, ACKNOWLEDGE, DRIVER, features with
+//! `VIRTIO_F_VERSION_1` and `DEFLATE_ON_OOM` if offered, FEATURES_OK read
+//! back, queues 0 (inflate) and 1 (deflate) of [`QUEUE_SIZE`], DRIVER_OK).
+//! Then it polls `num_pages` (no interrupt controller):
+//!
+//! - `num_pages > actual`: inflate up to [`MAX_PFNS`] pages per request,
+//!   taken from the **end** of its share counting down, as one
+//!   device-readable descriptor over the PFN array; publish, notify, poll
+//!   the used ring, then write `actual`;
+//! - `num_pages < actual`: deflate the most recently inflated pages the same
+//!   way through queue 1, then write and verify the pattern on each
+//!   deflated page (each first touch faults in through the VMM's
+//!   userfaultfd handler);
+//! - equal: leave on [`super::control::CMD_EXIT`], otherwise spin with
+//!   `pause` and poll again.
+//!
+//! Targets beyond the share are clamped to the share (the driver never gives
+//! away memory it does not own). Driver errors are written to the status
+//! block, printed, and reported with [`OP_BALLOON_ERROR`]; the vCPU then
+//! stops (spins without reporting done).
+
+use crate::stage2::{GuestAccess, Stage2Error};
+
+use super::layout;
+
+/// Entries per virtqueue (a power of two; the device offers more).
+pub const QUEUE_SIZE: u16 = 8;
+/// Most PFNs per request (one 4 KiB page of little-endian `u32`s).
+pub const MAX_PFNS: u64 = 1024;
+/// Offset of the descriptor table in a queue page.
+pub const DESC_OFFSET: u64 = 0;
+/// Offset of the available (driver) ring in a queue page.
+pub const AVAIL_OFFSET: u64 = 0x100;
+/// Offset of the used (device) ring in a queue page.
+pub const USED_OFFSET: u64 = 0x200;
+
+// The rings fit their queue page, the PFN array its page, and the device
+// takes what the driver sends (checked at compile time).
+const _: () = {
+    let n = QUEUE_SIZE as u64;
+    assert!(n.is_power_of_two());
+    assert!(DESC_OFFSET + 16 * n <= AVAIL_OFFSET);
+    // flags, idx, ring[n], used_event.
+    assert!(AVAIL_OFFSET + 6 + 2 * n <= USED_OFFSET);
+    assert!(USED_OFFSET.is_multiple_of(4));
+    // flags, idx, ring[n] of (id, len), avail_event.
+    assert!(USED_OFFSET + 6 + 8 * n <= 0x1000);
+    assert!(MAX_PFNS * 4 == layout::BALLOON_END - layout::BALLOON_PFNS);
+    assert!(MAX_PFNS <= crate::devices::virtio::balloon::MAX_PFNS_PER_CHAIN);
+    assert!(QUEUE_SIZE <= crate::devices::virtio::balloon::QUEUE_SIZE);
+    assert!(status::END <= 0x1000);
+};
+
+/// The queue page of queue `index` (0 inflate, 1 deflate).
+pub fn queue_page(index: u64) -> u64 {
+    layout::BALLOON_QUEUES + index * 0x1000
+}
+
+/// Report opcode of a driver error (rdi code, rsi detail, see
+/// [`crate::devices::report`] for the protocol). The vCPU stops after it.
+pub const OP_BALLOON_ERROR: u32 = 5;
+
+/// Offsets of the driver's status block inside the control page (u64 each,
+/// written by the guest only; the host reads them through the fast walk).
+pub mod status {
+    /// [`super::DriverState`] as a number.
+    pub const STATE: u64 = 0x100;
+    /// Pages in the balloon now (what the driver last wrote to `actual`).
+    pub const PAGES: u64 = 0x108;
+    /// Pages inflated since boot.
+    pub const INFLATED: u64 = 0x110;
+    /// Pages deflated since boot.
+    pub const DEFLATED: u64 = 0x118;
+    /// Deflated pages written and verified again by the guest.
+    pub const REVERIFIED: u64 = 0x120;
+    /// Words that did not read back in re-verified pages.
+    pub const BAD_WORDS: u64 = 0x128;
+    /// First bad GPA in a re-verified page (0: none).
+    pub const FIRST_BAD: u64 = 0x130;
+    /// [`super::DriverError`] code (0: none).
+    pub const ERROR: u64 = 0x138;
+    /// The value that made the driver fail (register read, status).
+    pub const DETAIL: u64 = 0x140;
+    /// The target the driver last acted on (`num_pages` clamped to the
+    /// share).
+    pub const TARGET: u64 = 0x148;
+    /// End of the block.
+    pub const END: u64 = 0x150;
+}
+
+/// Where the driver is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum DriverState {
+    /// Not started (other workloads, other vCPUs, or still verifying).
+    NotStarted,
+    /// Initialising the device.
+    Negotiating,
+    /// DRIVER_OK set, following the target.
+    Running,
+    /// Left on `CMD_EXIT`.
+    Exited,
+    /// Stopped on an error.
+    Failed,
+    /// A value the driver never writes.
+    Unknown(u64),
+}
+
+impl DriverState {
+    fn from_u64(v: u64) -> Self {
+        match v {
+            0 => Self::NotStarted,
+            1 => Self::Negotiating,
+            2 => Self::Running,
+            3 => Self::Exited,
+            4 => Self::Failed,
+            x => Self::Unknown(x),
+        }
+    }
+}
+
+/// Why the guest driver gave up (code in [`status::ERROR`], value in
+/// [`status::DETAIL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+pub enum DriverError {
+    /// No virtio-mmio device in the window.
+    #[error("guest balloon driver: bad magic {0:#x} at the balloon window (no virtio-mmio device there: was the VM configured with a balloon?)")]
+    BadMagic(u64),
+    /// Not virtio-mmio version 2.
+    #[error("guest balloon driver: virtio-mmio version {0}, the driver needs 2 (modern)")]
+    BadVersion(u64),
+    /// Not a balloon.
+    #[error("guest balloon driver: device ID {0}, expected 5 (balloon)")]
+    BadDeviceId(u64),
+    /// The device does not offer VIRTIO_F_VERSION_1.
+    #[error("guest balloon driver: device features[63:32] {0:#x} lack VIRTIO_F_VERSION_1")]
+    NoVersion1(u64),
+    /// FEATURES_OK did not stick.
+    #[error("guest balloon driver: the device refused FEATURES_OK (status {0:#x})")]
+    FeaturesRefused(u64),
+    /// A queue smaller than the driver's.
+    #[error("guest balloon driver: a queue's QueueNumMax is {0}, the driver needs at least 8")]
+    QueueTooSmall(u64),
+    /// QueueReady did not stick.
+    #[error("guest balloon driver: QueueReady reads {0} after the driver set it")]
+    QueueNotReady(u64),
+    /// The device set NEEDS_RESET.
+    #[error("guest balloon driver: the device set NEEDS_RESET (status {0:#x})")]
+    NeedsReset(u64),
+    /// DRIVER_OK did not stick.
+    #[error("guest balloon driver: DRIVER_OK did not stick (status {0:#x})")]
+    DriverOkRefused(u64),
+    /// A code the driver never writes.
+    #[error("guest balloon driver: unknown error code {0} (detail {1:#x})")]
+    Unknown(u64, u64),
+}
+
+impl DriverError {
+    /// The code the assembly writes for this error.
+    pub fn code(&self) -> u64 {
+        match self {
+            Self::BadMagic(_) => 1,
+            Self::BadVersion(_) => 2,
+            Self::BadDeviceId(_) => 3,
+            Self::NoVersion1(_) => 4,
+            Self::FeaturesRefused(_) => 5,
+            Self::QueueTooSmall(_) => 6,
+            Self::QueueNotReady(_) => 7,
+            Self::NeedsReset(_) => 8,
+            Self::DriverOkRefused(_) => 9,
+            Self::Unknown(c, _) => *c,
+        }
+    }
+
+    /// The error of `code` with `detail`; `None` for 0 (no error).
+    pub fn from_code(code: u64, detail: u64) -> Option<Self> {
+        Some(match code {
+            0 => return None,
+            1 => Self::BadMagic(detail),
+            2 => Self::BadVersion(detail),
+            3 => Self::BadDeviceId(detail),
+            4 => Self::NoVersion1(detail),
+            5 => Self::FeaturesRefused(detail),
+            6 => Self::QueueTooSmall(detail),
+            7 => Self::QueueNotReady(detail),
+            8 => Self::NeedsReset(detail),
+            9 => Self::DriverOkRefused(detail),
+            c => Self::Unknown(c, detail),
+        })
+    }
+}
+
+/// The driver's status block, as the host reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DriverStatus {
+    /// Where the driver is.
+    pub state: DriverState,
+    /// Pages in the balloon.
+    pub pages: u64,
+    /// Pages inflated since boot.
+    pub inflated: u64,
+    /// Pages deflated since boot.
+    pub deflated: u64,
+    /// Deflated pages the guest wrote and verified again.
+    pub reverified: u64,
+    /// Bad words in them.
+    pub bad_words: u64,
+    /// First bad GPA.
+    pub first_bad: Option<u64>,
+    /// The target the driver last acted on.
+    pub target: u64,
+    /// Why it failed.
+    pub error: Option<DriverError>,
+}
+
+impl DriverStatus {
+    /// Parses the block from the control page's bytes `[0, status::END)`.
+    pub fn parse(page: &[u8]) -> Option<Self> {
+        let word = |off: u64| -> Option<u64> {
+            let o = usize::try_from(off).ok()?;
+            let b: [u8; 8] = page.get(o..o + 8)?.try_into().ok()?;
+            Some(u64::from_le_bytes(b))
+        };
+        let first_bad = word(status::FIRST_BAD)?;
+        Some(Self {
+            state: DriverState::from_u64(word(status::STATE)?),
+            pages: word(status::PAGES)?,
+            inflated: word(status::INFLATED)?,
+            deflated: word(status::DEFLATED)?,
+            reverified: word(status::REVERIFIED)?,
+            bad_words: word(status::BAD_WORDS)?,
+            first_bad: (first_bad != 0).then_some(first_bad),
+            target: word(status::TARGET)?,
+            error: DriverError::from_code(word(status::ERROR)?, word(status::DETAIL)?),
+        })
+    }
+
+    /// Reads the block from guest memory through the fast walk.
+    pub fn read(mem: &mut GuestAccess) -> Result<Self, Stage2Error> {
+        let mut buf = [0u8; status::END as usize];
+        mem.read(layout::CONTROL, &mut buf)?;
+        // The buffer covers the whole block, so parsing cannot fail.
+        Ok(Self::parse(&buf).unwrap_or_else(|| unreachable!("buffer covers the block")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_block_fits_the_control_page() {
+        use super::super::control;
+        let fields = [
+            status::STATE,
+            status::PAGES,
+            status::INFLATED,
+            status::DEFLATED,
+            status::REVERIFIED,
+            status::BAD_WORDS,
+            status::FIRST_BAD,
+            status::ERROR,
+            status::DETAIL,
+            status::TARGET,
+        ];
+        // After the command mailbox, distinct, aligned, inside the page.
+        for (i, f) in fields.iter().enumerate() {
+            assert!(*f > control::ARG + 8 && f.is_multiple_of(8) && *f + 8 <= status::END);
+            assert_eq!(*f, status::STATE + 8 * i as u64);
+        }
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for code in 1..=10 {
+            let e = DriverError::from_code(code, 0x77).expect("non-zero code");
+            assert_eq!(e.code(), code);
+            assert!(!e.to_string().is_empty());
+        }
+        assert_eq!(DriverError::from_code(0, 5), None);
+    }
+
+    #[test]
+    fn status_parses() {
+        let mut page = vec![0u8; status::END as usize];
+        let put = |p: &mut Vec<u8>, off: u64, v: u64| {
+            let o = usize::try_from(off).unwrap();
+            p[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        put(&mut page, status::STATE, 2);
+        put(&mut page, status::PAGES, 300);
+        put(&mut page, status::ERROR, 8);
+        put(&mut page, status::DETAIL, 0x4f);
+        let s = DriverStatus::parse(&page).unwrap();
+        assert_eq!(s.state, DriverState::Running);
+        assert_eq!(s.pages, 300);
+        assert_eq!(s.first_bad, None);
+        assert_eq!(s.error, Some(DriverError::NeedsReset(0x4f)));
+        assert!(DriverStatus::parse(&page[..16]).is_none());
+    }
+}
