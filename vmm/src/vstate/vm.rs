@@ -539,6 +539,36 @@ impl Vm {
         self.post(control::CMD_EXIT, 0).map(|_| ())
     }
 
+    /// The status block of the guest's balloon driver
+    /// ([`Workload::Balloon`]), read from the control page.
+    pub fn balloon_driver_status(&self) -> Result<guest::balloon::DriverStatus> {
+        Ok(guest::balloon::DriverStatus::read(&mut self.stage2().access())?)
+    }
+
+    /// Waits until the guest's balloon driver satisfies `pred` or stops
+    /// (failed, exited, vCPU 0 finished); returns the last status seen, and
+    /// whether `pred` held. Polls every 200 µs.
+    pub fn wait_balloon_driver(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&guest::balloon::DriverStatus) -> bool,
+    ) -> Result<(guest::balloon::DriverStatus, bool)> {
+        use guest::balloon::DriverState;
+        let t0 = Instant::now();
+        loop {
+            let s = self.balloon_driver_status()?;
+            if pred(&s) {
+                return Ok((s, true));
+            }
+            let stopped = matches!(s.state, DriverState::Failed | DriverState::Exited)
+                || self.outcomes().iter().any(|(i, _)| *i == 0);
+            if stopped || t0.elapsed() >= timeout {
+                return Ok((s, false));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// Host-side check of the guest's pattern over `[start, end)`: returns
     /// the number of words that differ from `gpa ^ seed`.
     pub fn check_pattern(&self, start: u64, end: u64) -> Result<u64> {

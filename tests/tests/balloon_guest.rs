@@ -1,0 +1,225 @@
+//! The default guest's own virtio-balloon driver ([`Workload::Balloon`]) on
+//! a real VM: the guest verifies its share, negotiates the virtio-mmio
+//! device, and follows the target the host sets. Inflating 128 MiB of a
+//! 256 MiB guest gives the memory back to the host (process RSS, `mincore`,
+//! memfd blocks) and leaves ballooned markers in the stage-2 table;
+//! deflating to 0 makes the guest touch every page again (demand faults
+//! through the userfaultfd handler) and verify its pattern there.
+//!
+//! The tests of this file run one at a time (they compare process RSS).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use guest_mm::{Gpa, PageState};
+use tests::virtio::{file_bytes, resident_pages};
+use tests::{config, console_text, kvm_or_skip, loud, GUEST_TIMEOUT};
+use vmm::devices::virtio::balloon::BalloonConfig;
+use vmm::guest::balloon::{DriverError, DriverState};
+use vmm::vstate::vcpu::VcpuOutcome;
+use vmm::{Backing, PageSize, Vm, Workload};
+
+const MIB: u64 = 1 << 20;
+const BALLOON: u64 = 128 * MIB;
+const PAGES: u64 = BALLOON / 4096;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn host_of(vm: &Vm, gpa: u64) -> usize {
+    let r = vm
+        .memory()
+        .regions()
+        .into_iter()
+        .find(|r| r.contains(gpa, 1))
+        .expect("gpa in RAM");
+    r.host_addr + usize::try_from(gpa - r.gpa.0).expect("fits")
+}
+
+fn count_states(vm: &Vm, start: u64, end: u64) -> (u64, u64) {
+    let (mut ballooned, mut present) = (0, 0);
+    for a in (start..end).step_by(4096) {
+        match vm.stage2().table().query(Gpa(a)) {
+            PageState::Ballooned { .. } => ballooned += 1,
+            PageState::Present { .. } => present += 1,
+            _ => {}
+        }
+    }
+    (ballooned, present)
+}
+
+fn guest_balloon(name: &str, backing: Backing, page: PageSize) {
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut c, console) = config("256M", 1, backing, page, Workload::Balloon);
+    c.balloon = Some(BalloonConfig::default());
+    let mut vm = Vm::new(c).expect("VM creation");
+    vm.start().expect("vCPU start");
+    assert!(vm.wait_results(GUEST_TIMEOUT), "{:?}", vm.outcomes());
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
+        .expect("status");
+    assert!(
+        ok,
+        "driver not running: {st:?} {:?}\n{}",
+        vm.outcomes(),
+        console_text(&console)
+    );
+    let (start, end) = vmm::guest::share(vm.config().mem.bytes(), 1, 0);
+    let lo = end - BALLOON;
+    let host = host_of(&vm, lo);
+    let fd = vm.memory().regions()[0].fd;
+    assert_eq!(resident_pages(host, BALLOON), PAGES, "the guest wrote them");
+    let blocks0 = fd.map(file_bytes);
+    let rss0 = vmm::proc_stats::rss().rss;
+    let dev = vm.balloon().expect("balloon configured").clone();
+
+    // Inflate 128 MiB.
+    let t = Instant::now();
+    dev.set_target_pages(u32::try_from(PAGES).expect("fits"));
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == PAGES)
+        .expect("status");
+    let inflate_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(ok, "inflate did not finish: {st:?} {:?}", vm.outcomes());
+    let rss1 = vmm::proc_stats::rss().rss;
+    let c = dev.counters();
+    assert_eq!(c.errors, 0, "{:?}", dev.lock().device().recent_errors());
+    assert_eq!(dev.lock().errors(), 0, "{:?}", dev.lock().recent_errors());
+    assert_eq!(c.pages_inflated, PAGES);
+    assert_eq!(dev.lock().device().actual_pages(), PAGES as u32);
+    assert_eq!(st.inflated, PAGES);
+    assert_eq!(resident_pages(host, BALLOON), 0, "ballooned pages gone");
+    let drop = rss0.saturating_sub(rss1);
+    assert!(
+        drop >= 120 * MIB,
+        "RSS dropped by {} MiB only ({} -> {} MiB)",
+        drop / MIB,
+        rss0 / MIB,
+        rss1 / MIB
+    );
+    if let (Some(fd), Some(b0)) = (fd, blocks0) {
+        let b1 = file_bytes(fd);
+        assert!(
+            b0.saturating_sub(b1) >= BALLOON,
+            "memfd blocks dropped by {} MiB",
+            b0.saturating_sub(b1) / MIB
+        );
+    }
+    assert_eq!(count_states(&vm, lo, end), (PAGES, 0));
+    let below = (lo - start) / 4096;
+    assert_eq!(count_states(&vm, start, lo), (0, below), "the rest stays");
+    assert_eq!(vm.check_pattern(start, lo).expect("host read"), 0);
+
+    // Deflate to 0: the guest touches and re-verifies every page.
+    let faults0 = vm.fault_stats().summary().faults;
+    let t = Instant::now();
+    dev.set_target_pages(0);
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == 0 && s.reverified == PAGES)
+        .expect("status");
+    let deflate_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(ok, "deflate did not finish: {st:?} {:?}", vm.outcomes());
+    assert_eq!(st.bad_words, 0, "guest re-verify failed: {st:?}");
+    assert_eq!(st.first_bad, None);
+    assert_eq!(st.error, None);
+    assert_eq!(dev.counters().pages_deflated, PAGES);
+    assert_eq!(dev.lock().device().actual_pages(), 0);
+    let faults = vm.fault_stats().summary().faults - faults0;
+    assert!(faults > 0, "deflated pages came back through the handler");
+    assert_eq!(count_states(&vm, lo, end), (0, PAGES));
+    assert_eq!(resident_pages(host, BALLOON), PAGES);
+    assert_eq!(vm.stage2().unexpected_faults(), 0);
+    assert_eq!(vm.check_pattern(start, end).expect("host read"), 0);
+    let rss2 = vmm::proc_stats::rss().rss;
+
+    vm.finish_probes().expect("post CMD_EXIT");
+    assert!(vm.wait(GUEST_TIMEOUT), "{:?}", vm.outcomes());
+    let text = console_text(&console);
+    assert!(vm.guest_ok(), "{:?}\n{text}", vm.outcomes());
+    let st = vm.balloon_driver_status().expect("status");
+    assert_eq!(st.state, DriverState::Exited);
+    for line in [
+        "balloon driver ready",
+        &format!("balloon at {PAGES} pages"),
+        "balloon at 0 pages",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in console:\n{text}");
+    }
+    loud!(
+        "{name}: inflate {} MiB in {inflate_ms:.1} ms (device {:.1} ms), RSS {} -> {} MiB; \
+         deflate + guest re-verify {deflate_ms:.1} ms, {faults} faults, RSS {} MiB",
+        BALLOON / MIB,
+        c.inflate_ns_total as f64 / 1e6,
+        rss0 / MIB,
+        rss1 / MIB,
+        rss2 / MIB
+    );
+    let _ = vm.destroy();
+}
+
+#[test]
+fn guest_driver_inflates_and_deflates_anon_4k() {
+    guest_balloon(
+        "guest_driver_inflates_and_deflates_anon_4k",
+        Backing::Anon,
+        PageSize::Size4K,
+    );
+}
+
+#[test]
+fn guest_driver_inflates_and_deflates_anon_2m() {
+    guest_balloon(
+        "guest_driver_inflates_and_deflates_anon_2m",
+        Backing::Anon,
+        PageSize::Size2M,
+    );
+}
+
+#[test]
+fn guest_driver_inflates_and_deflates_memfd_4k() {
+    guest_balloon(
+        "guest_driver_inflates_and_deflates_memfd_4k",
+        Backing::Memfd,
+        PageSize::Size4K,
+    );
+}
+
+#[test]
+fn guest_driver_inflates_and_deflates_memfd_2m() {
+    guest_balloon(
+        "guest_driver_inflates_and_deflates_memfd_2m",
+        Backing::Memfd,
+        PageSize::Size2M,
+    );
+}
+
+/// Without a balloon device the driver finds no virtio magic, records the
+/// error, reports it and stops; the VM stays up.
+#[test]
+fn guest_driver_reports_a_missing_device() {
+    let name = "guest_driver_reports_a_missing_device";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (c, console) = config("16M", 1, Backing::Anon, PageSize::Size2M, Workload::Balloon);
+    let mut vm = Vm::new(c).expect("VM creation");
+    vm.start().expect("vCPU start");
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Failed)
+        .expect("status");
+    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    assert_eq!(st.error, Some(DriverError::BadMagic(0)));
+    // The report stops vCPU 0 (the vCPU loop does not decode it yet).
+    assert!(vm.wait(Duration::from_secs(10)), "{:?}", vm.outcomes());
+    assert!(matches!(vm.outcomes()[0].1, VcpuOutcome::KvmError(_)));
+    assert!(!vm.guest_ok());
+    let text = console_text(&console);
+    assert!(
+        text.contains("guest: vcpu 0: balloon driver error 1"),
+        "{text}"
+    );
+    let _ = vm.destroy();
+}
