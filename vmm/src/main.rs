@@ -1,13 +1,20 @@
 //! `vmm`: command-line front end. `vmm run` boots the embedded default guest,
 //! waits for it to verify its memory, tears the VM down and reports timings
 //! (human-readable, or one JSON object as the last stdout line with --json).
+//!
+//! With `--balloon-target SIZE` the VM gets a virtio-balloon and vCPU 0 runs
+//! the guest's balloon driver: once the guest has verified its RAM, the
+//! target is set, and the run measures how long the guest took to inflate
+//! to it and what the process's RSS was before and after.
 
 use std::process::ExitCode;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vmm::devices::virtio::balloon::BalloonConfig;
+use vmm::guest::balloon::DriverState;
 use vmm::proc_stats;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
@@ -48,6 +55,11 @@ struct RunArgs {
     /// (each read is a demand fault; all must read zeros).
     #[arg(long, default_value_t = 0)]
     release_mib: u64,
+    /// Attach a virtio-balloon and, once the guest verified its RAM, have
+    /// the guest's driver (vCPU 0) inflate it to SIZE (e.g. 128M; a multiple
+    /// of 4K, at most vCPU 0's share of RAM).
+    #[arg(long, value_name = "SIZE")]
+    balloon_target: Option<String>,
     /// Give up on the guest after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
@@ -88,6 +100,26 @@ struct Summary {
     guest_fault_read_mean_us: f64,
     guest_fault_read_max_us: f64,
     pages_verified: u64,
+    /// `--balloon-target` in bytes (0 without).
+    balloon_target_bytes: u64,
+    /// Bytes in the balloon when the driver reached the target (the
+    /// driver's `actual`).
+    balloon_inflated_bytes: u64,
+    /// From setting the target until the guest's driver reported `actual`
+    /// equal to it (guest notices, fills PFN arrays, device unmaps).
+    balloon_inflate_ms: f64,
+    /// Device-side time of the inflate requests (validate, gather, release).
+    balloon_device_inflate_ms: f64,
+    /// Backing the device's gathers released.
+    balloon_released_bytes: u64,
+    /// `VmRSS` just before the target was set.
+    rss_before_inflate_bytes: u64,
+    /// `VmRSS` once the guest reached the target.
+    rss_after_inflate_bytes: u64,
+    /// Guest errors counted by the balloon device and its transport.
+    balloon_device_errors: u64,
+    /// What stopped the guest's balloon driver, if anything.
+    balloon_driver_error: Option<String>,
     /// Stage-2 table bytes while the guest ran (table pages × 4 KiB).
     stage2_table_bytes: u64,
     /// Longest stage-2 table-lock hold over the VM's life, µs.
@@ -149,11 +181,120 @@ fn release_and_read_back(vm: &mut Vm, mib: u64, timeout: Duration) -> anyhow::Re
     Ok(r)
 }
 
+/// What `--balloon-target` did.
+#[derive(Default)]
+struct BalloonRun {
+    ok: bool,
+    inflated_bytes: u64,
+    inflate_ms: f64,
+    device_inflate_ms: f64,
+    released_bytes: u64,
+    rss_before: u64,
+    rss_after: u64,
+    device_errors: u64,
+    driver_error: Option<String>,
+}
+
+/// Parses a balloon size: bytes with an optional K/M/G suffix, a non-zero
+/// multiple of 4 KiB.
+fn parse_balloon_target(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let (digits, shift) = match t.as_bytes().last() {
+        Some(b'K' | b'k') => (&t[..t.len() - 1], 10),
+        Some(b'M' | b'm') => (&t[..t.len() - 1], 20),
+        Some(b'G' | b'g') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| {
+            anyhow::anyhow!("--balloon-target {s:?} is not a size: use e.g. 512K, 128M or 1G")
+        })?;
+    if bytes == 0 || !bytes.is_multiple_of(4096) {
+        anyhow::bail!("--balloon-target {s:?}: the balloon takes whole 4 KiB pages, at least one");
+    }
+    Ok(bytes)
+}
+
+/// Once the guest verified its RAM, sets the balloon target to `bytes` and
+/// waits for the guest's driver to reach it; then tells vCPU 0 to finish.
+fn inflate_to_target(vm: &mut Vm, bytes: u64, timeout: Duration) -> anyhow::Result<BalloonRun> {
+    let mut r = BalloonRun::default();
+    if !vm.wait_results(timeout) {
+        return Ok(r);
+    }
+    let (st, running) = vm
+        .wait_balloon_driver(timeout, |s| s.state == DriverState::Running)
+        .context("reading the guest's balloon driver status")?;
+    let dev = Arc::clone(vm.balloon().context("the VM has no balloon")?);
+    if running {
+        let pages = bytes / 4096;
+        r.rss_before = proc_stats::rss().rss;
+        let t = Instant::now();
+        dev.set_target_pages(u32::try_from(pages).context("balloon target too large")?);
+        let (st, reached) = vm
+            .wait_balloon_driver(timeout, |s| s.pages == pages)
+            .context("reading the guest's balloon driver status")?;
+        r.inflate_ms = ms(t.elapsed());
+        r.rss_after = proc_stats::rss().rss;
+        r.inflated_bytes = st.pages * 4096;
+        r.driver_error = st.error.map(|e| e.to_string());
+        r.ok = reached;
+        if !reached && r.driver_error.is_none() {
+            r.driver_error = Some(format!(
+                "the guest's balloon driver did not reach {pages} pages (at {} pages, state {:?})",
+                st.pages, st.state
+            ));
+        }
+    } else {
+        r.driver_error = Some(st.error.map_or_else(
+            || {
+                format!(
+                    "the guest's balloon driver did not start (state {:?})",
+                    st.state
+                )
+            },
+            |e| e.to_string(),
+        ));
+    }
+    let c = dev.counters();
+    r.device_inflate_ms = c.inflate_ns_total as f64 / 1e6;
+    r.released_bytes = c.bytes_released;
+    r.device_errors = c.errors + dev.lock().errors();
+    // CMD_EXIT: vCPU 0 leaves the driver loop and reports done.
+    vm.finish_probes()
+        .context("posting the exit command to the guest")?;
+    Ok(r)
+}
+
 fn run(args: &RunArgs) -> anyhow::Result<bool> {
     let t0 = *PROCESS_START.get_or_init(Instant::now);
     let mem: MemSize = args.mem.parse()?;
     let backing: Backing = args.backing.parse()?;
     let page_size: PageSize = args.page_size.parse()?;
+    let balloon_target = args
+        .balloon_target
+        .as_deref()
+        .map(parse_balloon_target)
+        .transpose()?;
+    if let Some(b) = balloon_target {
+        if args.release_mib > 0 {
+            anyhow::bail!(
+                "--balloon-target and --release-mib both need vCPU 0's workload: use one per run"
+            );
+        }
+        let (s, e) = vmm::guest::share(mem.bytes(), args.vcpus, 0);
+        if b > e - s {
+            anyhow::bail!(
+                "--balloon-target {} MiB is more than vCPU 0's share of guest RAM ({} MiB; the \
+                 guest balloons only its own pages): lower it, raise --mem or use fewer --vcpus",
+                b >> 20,
+                (e - s) >> 20
+            );
+        }
+    }
     let rss_before = proc_stats::rss().rss;
     let mut config = VmConfig::new(mem);
     config.vcpus = args.vcpus;
@@ -162,6 +303,10 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
     config.console = Console::Stdout;
     if args.release_mib > 0 {
         config.workload = Workload::Probe;
+    }
+    if balloon_target.is_some() {
+        config.workload = Workload::Balloon;
+        config.balloon = Some(BalloonConfig::default());
     }
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut vm = Vm::new(config).context("creating the microVM")?;
@@ -175,10 +320,17 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
             ..ReleaseRun::default()
         }
     };
+    let balloon = match balloon_target {
+        Some(b) => inflate_to_target(&mut vm, b, timeout)?,
+        None => BalloonRun {
+            ok: true,
+            ..BalloonRun::default()
+        },
+    };
     let finished = vm.wait(timeout);
     let run_time = t_start.elapsed();
     let (first_hello, results, _) = vm.reports();
-    let guest_ok = finished && vm.guest_ok() && release.ok;
+    let guest_ok = finished && vm.guest_ok() && release.ok && balloon.ok;
     let faults = vm.fault_stats().summary();
     let rss_peak = proc_stats::rss().peak;
     let table_bytes = vm.stage2().table().table_bytes();
@@ -215,6 +367,15 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         },
         guest_fault_read_max_us: release.read_ns_max as f64 / 1e3,
         pages_verified: results.iter().filter(|r| r.ok()).map(|r| r.pages()).sum(),
+        balloon_target_bytes: balloon_target.unwrap_or(0),
+        balloon_inflated_bytes: balloon.inflated_bytes,
+        balloon_inflate_ms: balloon.inflate_ms,
+        balloon_device_inflate_ms: balloon.device_inflate_ms,
+        balloon_released_bytes: balloon.released_bytes,
+        rss_before_inflate_bytes: balloon.rss_before,
+        rss_after_inflate_bytes: balloon.rss_after,
+        balloon_device_errors: balloon.device_errors,
+        balloon_driver_error: balloon.driver_error.clone(),
         stage2_table_bytes: table_bytes,
         stage2_max_lock_hold_us: reclaimed.stage2.max_lock_hold_us,
         stage2_invalidations: invalidations,
@@ -252,6 +413,22 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
                 summary.guest_fault_read_mean_us,
                 summary.guest_fault_read_max_us
             );
+        }
+        if summary.balloon_target_bytes > 0 {
+            println!(
+                "vmm: balloon inflated {} MiB of {} MiB in {:.2} ms (device {:.2} ms), \
+                 RSS {} -> {} MiB, {} device errors",
+                summary.balloon_inflated_bytes >> 20,
+                summary.balloon_target_bytes >> 20,
+                summary.balloon_inflate_ms,
+                summary.balloon_device_inflate_ms,
+                summary.rss_before_inflate_bytes >> 20,
+                summary.rss_after_inflate_bytes >> 20,
+                summary.balloon_device_errors
+            );
+            if let Some(e) = &summary.balloon_driver_error {
+                println!("vmm: {e}");
+            }
         }
         println!(
             "vmm: boot {} ms, run {:.1} ms, teardown {:.2} ms, peak RSS {} MiB, RSS after teardown {} MiB",

@@ -117,3 +117,75 @@ fn run_release_counts_demand_faults() {
     assert!(v["faults"].as_u64().unwrap() >= 4, "{v}");
     assert!(v["fault_mean_latency_us"].as_f64().unwrap() > 0.0);
 }
+
+/// `--balloon-target`: the guest's driver inflates to the target, and the
+/// JSON summary carries the balloon figures; RSS drops by about the target.
+#[test]
+fn run_balloon_target_inflates() {
+    if !kvm() {
+        return;
+    }
+    for backing in ["anon", "memfd"] {
+        let out = vmm(&[
+            "run",
+            "--mem",
+            "256M",
+            "--backing",
+            backing,
+            "--balloon-target",
+            "128M",
+            "--json",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "exit {:?}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("guest: vcpu 0: balloon at 32768 pages"),
+            "{stdout}"
+        );
+        let last = stdout.lines().last().expect("output");
+        let v: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+        assert_eq!(v["guest_ok"], true);
+        assert_eq!(v["balloon_inflated_bytes"], 128u64 << 20);
+        assert_eq!(v["balloon_released_bytes"], 128u64 << 20);
+        assert_eq!(v["balloon_device_errors"], 0);
+        assert!(v["balloon_driver_error"].is_null(), "{last}");
+        assert!(v["balloon_inflate_ms"].as_f64().expect("number") > 0.0);
+        let before = v["rss_before_inflate_bytes"].as_u64().expect("number");
+        let after = v["rss_after_inflate_bytes"].as_u64().expect("number");
+        assert!(
+            before.saturating_sub(after) >= 120 << 20,
+            "{backing}: RSS {before} -> {after}"
+        );
+        loud!(
+            "vmm run --backing {backing} --balloon-target 128M: inflate {} ms, RSS {} -> {} MiB",
+            v["balloon_inflate_ms"],
+            before >> 20,
+            after >> 20
+        );
+    }
+}
+
+#[test]
+fn balloon_target_beyond_the_share_exits_2() {
+    let out = vmm(&[
+        "run",
+        "--mem",
+        "64M",
+        "--vcpus",
+        "2",
+        "--balloon-target",
+        "64M",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vCPU 0's share"), "{err}");
+    let out = vmm(&["run", "--balloon-target", "6K"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("whole 4 KiB pages"), "{err}");
+}

@@ -542,7 +542,9 @@ impl Vm {
     /// The status block of the guest's balloon driver
     /// ([`Workload::Balloon`]), read from the control page.
     pub fn balloon_driver_status(&self) -> Result<guest::balloon::DriverStatus> {
-        Ok(guest::balloon::DriverStatus::read(&mut self.stage2().access())?)
+        Ok(guest::balloon::DriverStatus::read(
+            &mut self.stage2().access(),
+        )?)
     }
 
     /// Waits until the guest's balloon driver satisfies `pred` or stops
