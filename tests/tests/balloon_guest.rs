@@ -223,3 +223,57 @@ fn guest_driver_reports_a_missing_device() {
     );
     let _ = vm.destroy();
 }
+
+/// With two vCPUs only vCPU 0 drives the balloon, from the end of its own
+/// share; vCPU 1 verifies and finishes, and its share is untouched.
+#[test]
+fn guest_driver_balloons_only_vcpu0_share() {
+    let name = "guest_driver_balloons_only_vcpu0_share";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut c, console) = config(
+        "128M",
+        2,
+        Backing::Anon,
+        PageSize::Size4K,
+        Workload::Balloon,
+    );
+    c.balloon = Some(BalloonConfig::default());
+    let mut vm = Vm::new(c).expect("VM creation");
+    vm.start().expect("vCPU start");
+    assert!(vm.wait_results(GUEST_TIMEOUT), "{:?}", vm.outcomes());
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
+        .expect("status");
+    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    let mem = vm.config().mem.bytes();
+    let (s0, e0) = vmm::guest::share(mem, 2, 0);
+    let (s1, e1) = vmm::guest::share(mem, 2, 1);
+    let pages = 8 * MIB / 4096;
+    let dev = vm.balloon().expect("balloon").clone();
+    dev.set_target_pages(u32::try_from(pages).expect("fits"));
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == pages)
+        .expect("status");
+    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    assert_eq!(count_states(&vm, e0 - 8 * MIB, e0), (pages, 0));
+    assert_eq!(count_states(&vm, s0, e0 - 8 * MIB).0, 0);
+    assert_eq!(count_states(&vm, s1, e1), (0, (e1 - s1) / 4096));
+    assert_eq!(vm.check_pattern(s1, e1).expect("host read"), 0);
+    // vCPU 1 finished on its own.
+    assert!(vm
+        .outcomes()
+        .iter()
+        .any(|(i, o)| *i == 1 && *o == VcpuOutcome::Done));
+    vm.finish_probes().expect("post CMD_EXIT");
+    assert!(vm.wait(GUEST_TIMEOUT), "{:?}", vm.outcomes());
+    assert!(
+        vm.guest_ok(),
+        "{:?}\n{}",
+        vm.outcomes(),
+        console_text(&console)
+    );
+    let _ = vm.destroy();
+}

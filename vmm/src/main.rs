@@ -458,3 +458,19 @@ fn main() -> ExitCode {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_balloon_target;
+
+    #[test]
+    fn balloon_target_sizes() {
+        assert_eq!(parse_balloon_target("128M").unwrap(), 128 << 20);
+        assert_eq!(parse_balloon_target("4k").unwrap(), 4096);
+        assert_eq!(parse_balloon_target("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_balloon_target("8192").unwrap(), 8192);
+        for bad in ["", "0", "0M", "6K", "12x", "M", "99999999999999999G"] {
+            assert!(parse_balloon_target(bad).is_err(), "{bad:?}");
+        }
+    }
+}
