@@ -277,3 +277,114 @@ fn guest_driver_balloons_only_vcpu0_share() {
     );
     let _ = vm.destroy();
 }
+
+/// Free page reporting from the guest: the driver reports 8 MiB below its
+/// balloon on the reporting queue; the device releases the backing through
+/// the gather (discarded, not ballooned); the guest touches the pages again
+/// (demand faults) and verifies them.
+#[test]
+fn guest_driver_reports_free_pages() {
+    let name = "guest_driver_reports_free_pages";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut c, console) = config(
+        "64M",
+        1,
+        Backing::Memfd,
+        PageSize::Size4K,
+        Workload::Balloon,
+    );
+    c.balloon = Some(BalloonConfig::default());
+    let mut vm = Vm::new(c).expect("VM creation");
+    vm.start().expect("vCPU start");
+    assert!(vm.wait_results(GUEST_TIMEOUT), "{:?}", vm.outcomes());
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
+        .expect("status");
+    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    assert!(st.reporting, "reporting negotiated: {st:?}");
+    let dev = vm.balloon().expect("balloon").clone();
+    assert!(dev.lock().device().reporting());
+    // 4 MiB in the balloon first: the report covers the 8 MiB below it.
+    let balloon = 4 * MIB / 4096;
+    dev.set_target_pages(u32::try_from(balloon).expect("fits"));
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == balloon)
+        .expect("status");
+    assert!(ok, "{st:?}");
+    let (start, end) = vmm::guest::share(vm.config().mem.bytes(), 1, 0);
+    let pages = 8 * MIB / 4096;
+    let faults0 = vm.fault_stats().summary().faults;
+    let seq = vm.balloon_report_free(pages).expect("post");
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.seq == seq && s.reverified == pages)
+        .expect("status");
+    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    assert_eq!(st.reported, pages);
+    assert_eq!(st.bad_words, 0, "{st:?}");
+    let c = dev.counters();
+    assert_eq!(c.errors, 0, "{:?}", dev.lock().device().recent_errors());
+    assert_eq!(c.bytes_reported, 8 * MIB);
+    assert_eq!(c.bytes_released, 4 * MIB + 8 * MIB);
+    assert!(vm.fault_stats().summary().faults - faults0 >= pages);
+    let lo = end - 4 * MIB;
+    assert_eq!(count_states(&vm, lo, end), (balloon, 0), "balloon kept");
+    assert_eq!(count_states(&vm, start, lo), (0, (lo - start) / 4096));
+    assert_eq!(vm.check_pattern(start, lo).expect("host read"), 0);
+    assert_eq!(vm.stage2().unexpected_faults(), 0);
+    vm.finish_probes().expect("post CMD_EXIT");
+    assert!(vm.wait(GUEST_TIMEOUT), "{:?}", vm.outcomes());
+    let text = console_text(&console);
+    assert!(vm.guest_ok(), "{:?}\n{text}", vm.outcomes());
+    assert!(
+        text.contains(&format!("free pages reported so far {pages}")),
+        "{text}"
+    );
+    let _ = vm.destroy();
+}
+
+/// Without `REPORTING` offered the driver negotiates without it and counts
+/// report commands as refused; inflating still works.
+#[test]
+fn guest_driver_without_reporting() {
+    let name = "guest_driver_without_reporting";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut c, _console) = config("32M", 1, Backing::Anon, PageSize::Size4K, Workload::Balloon);
+    c.balloon = Some(BalloonConfig {
+        stats: false,
+        deflate_on_oom: false,
+        reporting: false,
+    });
+    let mut vm = Vm::new(c).expect("VM creation");
+    vm.start().expect("vCPU start");
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
+        .expect("status");
+    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    assert!(!st.reporting);
+    let seq = vm.balloon_report_free(16).expect("post");
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.seq == seq)
+        .expect("status");
+    assert!(ok, "{st:?}");
+    assert_eq!(st.reports_refused, 1);
+    assert_eq!(st.reported, 0);
+    let dev = vm.balloon().expect("balloon").clone();
+    assert!(!dev.lock().device().deflate_on_oom());
+    dev.set_target_pages(256);
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == 256)
+        .expect("status");
+    assert!(ok, "{st:?}");
+    assert_eq!(dev.counters().errors, 0);
+    assert_eq!(dev.lock().errors(), 0, "{:?}", dev.lock().recent_errors());
+    vm.finish_probes().expect("post CMD_EXIT");
+    assert!(vm.wait(GUEST_TIMEOUT), "{:?}", vm.outcomes());
+    assert!(vm.guest_ok(), "{:?}", vm.outcomes());
+    let _ = vm.destroy();
+}

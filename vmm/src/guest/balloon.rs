@@ -7,8 +7,9 @@
 //! reports, then drives the virtio-mmio device at
 //! [`crate::devices::virtio::BALLOON_MMIO_BASE`] (virtio 1.2 §4.2.3.1:
 //! magic, version 2, device ID 5; reset, ACKNOWLEDGE, DRIVER, features with
-//! `VIRTIO_F_VERSION_1` and `DEFLATE_ON_OOM` if offered, FEATURES_OK read
-//! back, queues 0 (inflate) and 1 (deflate) of [`QUEUE_SIZE`], DRIVER_OK).
+//! `VIRTIO_F_VERSION_1`, and `DEFLATE_ON_OOM` and `REPORTING` if offered,
+//! FEATURES_OK read back, queues 0 (inflate), 1 (deflate) and, with
+//! reporting, 2 (free page reporting) of [`QUEUE_SIZE`], DRIVER_OK).
 //! Then it polls `num_pages` (no interrupt controller):
 //!
 //! - `num_pages > actual`: inflate up to [`MAX_PFNS`] pages per request,
@@ -19,8 +20,12 @@
 //!   way through queue 1, then write and verify the pattern on each
 //!   deflated page (each first touch faults in through the VMM's
 //!   userfaultfd handler);
-//! - equal: leave on [`super::control::CMD_EXIT`], otherwise spin with
-//!   `pause` and poll again.
+//! - equal: take a new control-page command, if any:
+//!   [`super::control::CMD_EXIT`] leaves;
+//!   [`super::control::CMD_REPORT_FREE`] reports `ARG` pages just below the
+//!   balloon as free (device-writable descriptors of at most 4 MiB on the
+//!   reporting queue), then touches and verifies them like deflated pages;
+//!   otherwise spin with `pause` and poll again.
 //!
 //! Targets beyond the share are clamped to the share (the driver never gives
 //! away memory it does not own). Driver errors are written to the status
@@ -59,7 +64,8 @@ const _: () = {
     assert!(status::END <= 0x1000);
 };
 
-/// The queue page of queue `index` (0 inflate, 1 deflate).
+/// The queue page of queue `index` (0 inflate, 1 deflate, 2 free page
+/// reporting).
 pub fn queue_page(index: u64) -> u64 {
     layout::BALLOON_QUEUES + index * 0x1000
 }
@@ -92,8 +98,16 @@ pub mod status {
     /// The target the driver last acted on (`num_pages` clamped to the
     /// share).
     pub const TARGET: u64 = 0x148;
+    /// Index + 1 of the free page reporting queue (0: not negotiated).
+    pub const REPORT_QUEUE: u64 = 0x150;
+    /// Pages reported free since boot.
+    pub const REPORTED: u64 = 0x158;
+    /// Sequence of the last control-page command the driver took.
+    pub const SEQ: u64 = 0x160;
+    /// Report commands ignored (reporting not negotiated).
+    pub const REPORTS_REFUSED: u64 = 0x168;
     /// End of the block.
-    pub const END: u64 = 0x150;
+    pub const END: u64 = 0x170;
 }
 
 /// Where the driver is.
@@ -216,6 +230,14 @@ pub struct DriverStatus {
     pub first_bad: Option<u64>,
     /// The target the driver last acted on.
     pub target: u64,
+    /// Whether free page reporting was negotiated.
+    pub reporting: bool,
+    /// Pages reported free since boot.
+    pub reported: u64,
+    /// Report commands ignored because reporting was not negotiated.
+    pub reports_refused: u64,
+    /// Sequence of the last control-page command taken.
+    pub seq: u64,
     /// Why it failed.
     pub error: Option<DriverError>,
 }
@@ -238,6 +260,10 @@ impl DriverStatus {
             bad_words: word(status::BAD_WORDS)?,
             first_bad: (first_bad != 0).then_some(first_bad),
             target: word(status::TARGET)?,
+            reporting: word(status::REPORT_QUEUE)? != 0,
+            reported: word(status::REPORTED)?,
+            reports_refused: word(status::REPORTS_REFUSED)?,
+            seq: word(status::SEQ)?,
             error: DriverError::from_code(word(status::ERROR)?, word(status::DETAIL)?),
         })
     }
@@ -269,6 +295,10 @@ mod tests {
             status::ERROR,
             status::DETAIL,
             status::TARGET,
+            status::REPORT_QUEUE,
+            status::REPORTED,
+            status::SEQ,
+            status::REPORTS_REFUSED,
         ];
         // After the command mailbox, distinct, aligned, inside the page.
         for (i, f) in fields.iter().enumerate() {

@@ -193,14 +193,24 @@ vmm_guest_entry:
     mov edi, 4
     test eax, 1
     jz .Lb_fail_status
-    // Features[31:0]: DEFLATE_ON_OOM (bit 2) if offered; [63:32]: VERSION_1.
+    // Features[31:0]: DEFLATE_ON_OOM (bit 2) and REPORTING (bit 5) if
+    // offered; [63:32]: VERSION_1. r11 = number of queues (2, or 3 with
+    // reporting, whose queue is then number 2: no stats queue).
     mov dword ptr [r9 + 0x014], 0
     mov r8d, dword ptr [r9 + 0x010]
-    and r8d, 4
+    and r8d, 0x24
     mov dword ptr [r9 + 0x024], 0
     mov dword ptr [r9 + 0x020], r8d
     mov dword ptr [r9 + 0x024], 1
     mov dword ptr [r9 + 0x020], 1
+    mov r11d, 2
+    xor eax, eax
+    test r8d, 0x20
+    jz .Lb_no_report
+    mov r11d, 3
+    mov eax, 3
+.Lb_no_report:
+    mov qword ptr [rbx + {st_report_q}], rax
     // FEATURES_OK, read back.
     mov dword ptr [r9 + 0x070], 11
     mov eax, dword ptr [r9 + 0x070]
@@ -208,7 +218,7 @@ vmm_guest_entry:
     mov edi, 5
     test eax, 8
     jz .Lb_fail_status
-    // Queues 0 (inflate) and 1 (deflate), one page each.
+    // Queues, one page each.
     xor r8d, r8d
     mov r10, {queues}
 .Lb_queue:
@@ -239,7 +249,7 @@ vmm_guest_entry:
     jne .Lb_fail_status
     add r10, 0x1000
     inc r8d
-    cmp r8d, 2
+    cmp r8d, r11d
     jb .Lb_queue
     // DRIVER_OK, read back.
     mov dword ptr [r9 + 0x070], 15
@@ -269,13 +279,16 @@ vmm_guest_entry:
     cmp rax, rbp
     ja .Lb_inflate
     jb .Lb_deflate
-    // At the target: leave on CMD_EXIT, else spin and poll again.
+    // At the target: take a new command (SEQ moved), else spin and poll.
     mov rax, qword ptr [rbx + 8]
-    test rax, rax
-    jz .Lb_idle
+    cmp rax, qword ptr [rbx + {st_seq}]
+    je .Lb_idle
+    mov qword ptr [rbx + {st_seq}], rax
     mov rax, qword ptr [rbx + 16]
     cmp rax, 2
     je .Lb_exit
+    cmp rax, 3
+    je .Lb_report
 .Lb_idle:
     mov ecx, 1024
 .Lb_spin:
@@ -304,6 +317,8 @@ vmm_guest_entry:
     jb .Lb_inf_fill
     mov r10, {queues}
     xor esi, esi
+    lea edx, [r8*4]
+    xor ecx, ecx
     call .Lb_send
     add rbp, r8
     add qword ptr [rbx + {st_inflated}], r8
@@ -331,12 +346,12 @@ vmm_guest_entry:
     jb .Lb_def_fill
     mov r10, {queues} + 0x1000
     mov esi, 1
+    lea edx, [r8*4]
+    xor ecx, ecx
     call .Lb_send
     sub rbp, r8
     add qword ptr [rbx + {st_deflated}], r8
-    // Touch the deflated pages [end - (pages + r8) * 4K, end - pages * 4K):
-    // write the pattern (each first touch faults in through the VMM's
-    // handler), then verify it.
+    // Touch the deflated pages [end - (pages + r8) * 4K, end - pages * 4K).
     lea rdi, [rbp + r8]
     shl rdi, 12
     neg rdi
@@ -345,31 +360,7 @@ vmm_guest_entry:
     shl rsi, 12
     neg rsi
     add rsi, r13
-    mov rcx, rdi
-.Lb_touch_w:
-    mov rax, rcx
-    xor rax, r15
-    mov qword ptr [rcx], rax
-    add rcx, 8
-    cmp rcx, rsi
-    jb .Lb_touch_w
-    xor edx, edx
-    mov rcx, rdi
-.Lb_touch_v:
-    mov rax, rcx
-    xor rax, r15
-    cmp qword ptr [rcx], rax
-    je .Lb_touch_next
-    inc rdx
-    cmp qword ptr [rbx + {st_first_bad}], 0
-    jne .Lb_touch_next
-    mov qword ptr [rbx + {st_first_bad}], rcx
-.Lb_touch_next:
-    add rcx, 8
-    cmp rcx, rsi
-    jb .Lb_touch_v
-    add qword ptr [rbx + {st_bad}], rdx
-    add qword ptr [rbx + {st_reverified}], r8
+    call .Lb_touch
 
 .Lb_actual:
     // actual (config +4) = pages, after the device returned the buffer.
@@ -383,15 +374,99 @@ vmm_guest_entry:
     call .Lsay
     jmp .Lb_loop
 
-    // send(r10 = queue page, esi = queue index, r8 = PFNs in the array):
-    // descriptor 0 over the array (device-readable), publish it, notify,
-    // poll the used ring until the device returned it.
+.Lb_report:
+    // Report ARG pages just below the balloon as free, clamped to the
+    // share, in device-writable buffers of at most MAX_PFNS pages going
+    // down from the balloon; then touch and verify them again.
+    cmp qword ptr [rbx + {st_report_q}], 0
+    jne .Lb_rep_go
+    inc qword ptr [rbx + {st_refused}]
+    jmp .Lb_loop
+.Lb_rep_go:
+    mov r8, qword ptr [rbx + 24]
+    mov rcx, r13
+    sub rcx, r12
+    shr rcx, 12
+    sub rcx, rbp
+    cmp r8, rcx
+    cmova r8, rcx
+    mov rdi, rbp
+    shl rdi, 12
+    neg rdi
+    add rdi, r13
+    push rdi
+.Lb_rep_chunk:
+    test r8, r8
+    jz .Lb_rep_touch
+    mov rdx, r8
+    mov ecx, {max_pfns}
+    cmp rdx, rcx
+    cmova rdx, rcx
+    sub r8, rdx
+    add qword ptr [rbx + {st_reported}], rdx
+    shl rdx, 12
+    sub rdi, rdx
+    push rdi
+    mov r10, {queues} + 0x2000
+    mov esi, 2
+    mov ecx, 2
+    call .Lb_send
+    pop rdi
+    jmp .Lb_rep_chunk
+.Lb_rep_touch:
+    pop rsi
+    call .Lb_touch
+    lea rsi, [rip + .Lmsg_brep]
+    mov rdi, qword ptr [rbx + {st_reported}]
+    lea r10, [rip + .Lmsg_pages_nl]
+    call .Lsay
+    jmp .Lb_loop
+
+    // touch(rdi = start, rsi = end): write the pattern over the pages
+    // (each first touch faults in through the VMM's handler), verify it,
+    // add bad words and pages to the status block.
+.Lb_touch:
+    mov rcx, rdi
+.Lb_touch_w:
+    cmp rcx, rsi
+    jae .Lb_touch_wd
+    mov rax, rcx
+    xor rax, r15
+    mov qword ptr [rcx], rax
+    add rcx, 8
+    jmp .Lb_touch_w
+.Lb_touch_wd:
+    xor edx, edx
+    mov rcx, rdi
+.Lb_touch_v:
+    cmp rcx, rsi
+    jae .Lb_touch_vd
+    mov rax, rcx
+    xor rax, r15
+    cmp qword ptr [rcx], rax
+    je .Lb_touch_next
+    inc rdx
+    cmp qword ptr [rbx + {st_first_bad}], 0
+    jne .Lb_touch_next
+    mov qword ptr [rbx + {st_first_bad}], rcx
+.Lb_touch_next:
+    add rcx, 8
+    jmp .Lb_touch_v
+.Lb_touch_vd:
+    add qword ptr [rbx + {st_bad}], rdx
+    mov rax, rsi
+    sub rax, rdi
+    shr rax, 12
+    add qword ptr [rbx + {st_reverified}], rax
+    ret
+
+    // send(r10 = queue page, esi = queue index, rdi = buffer, edx = bytes,
+    // ecx = descriptor flags): descriptor 0 over the buffer, publish it,
+    // notify, poll the used ring until the device returned it.
 .Lb_send:
-    mov rax, {pfns}
-    mov qword ptr [r10 + {desc}], rax
-    lea eax, [r8*4]
-    mov dword ptr [r10 + {desc} + 8], eax
-    mov dword ptr [r10 + {desc} + 12], 0
+    mov qword ptr [r10 + {desc}], rdi
+    mov dword ptr [r10 + {desc} + 8], edx
+    mov dword ptr [r10 + {desc} + 12], ecx
     movzx eax, word ptr [r10 + {avail} + 2]
     mov ecx, eax
     and ecx, {qsize} - 1
@@ -414,7 +489,6 @@ vmm_guest_entry:
     jnz .Lb_send_reset
     ret
 .Lb_send_reset:
-    add rsp, 8
     mov esi, edx
     mov edi, 8
     jmp .Lb_fail
@@ -424,7 +498,8 @@ vmm_guest_entry:
     jmp .Ldone
 
     // fail(edi = code, esi = detail): FAILED in the device status (once
-    // negotiation began), status block, console line, report, stop.
+    // negotiation began), status block, console line, report, stop. The
+    // stack may hold return addresses: it is not used again.
 .Lb_fail_status:
     mov eax, dword ptr [r9 + 0x070]
     or eax, 128
@@ -534,6 +609,8 @@ vmm_guest_entry:
     .asciz ": balloon driver ready\n"
 .Lmsg_bat:
     .asciz ": balloon at "
+.Lmsg_brep:
+    .asciz ": free pages reported so far "
 .Lmsg_pages_nl:
     .asciz " pages\n"
 .Lmsg_bfail:
@@ -594,6 +671,10 @@ vmm_guest_image_end:
     st_error = const super::balloon::status::ERROR,
     st_detail = const super::balloon::status::DETAIL,
     st_target = const super::balloon::status::TARGET,
+    st_report_q = const super::balloon::status::REPORT_QUEUE,
+    st_reported = const super::balloon::status::REPORTED,
+    st_seq = const super::balloon::status::SEQ,
+    st_refused = const super::balloon::status::REPORTS_REFUSED,
 );
 
 extern "C" {

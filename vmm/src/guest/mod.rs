@@ -18,7 +18,8 @@
 //! | `0x45000` | PD of the MMIO window at 64 GiB (report device, virtio-balloon) |
 //! | `0x46000` | balloon driver: inflate queue (descriptors, avail, used) |
 //! | `0x47000` | balloon driver: deflate queue |
-//! | `0x48000` | balloon driver: PFN array (1024 × le32) |
+//! | `0x48000` | balloon driver: free page reporting queue |
+//! | `0x49000` | balloon driver: PFN array (1024 × le32) |
 //! | `0x50000` | the image (code) |
 //! | `0x60000 + 4K*i` | vCPU i: GDT at +0, TSS at +0x80 |
 //! | `0xA0000 + 4K*i` | vCPU i: ring-0 stack (exceptions) |
@@ -28,7 +29,7 @@
 //! per vCPU; each vCPU writes `gpa ^ seed` to every 8-byte word of its share,
 //! reads it back and reports.
 //!
-//! Free below 2 MiB: `0x49000..0x50000`, `0xE0000..0x100000`,
+//! Free below 2 MiB: `0x4A000..0x50000`, `0xE0000..0x100000`,
 //! `0x140000..0x200000`.
 
 pub mod balloon;
@@ -57,13 +58,13 @@ pub mod layout {
     pub const MMIO_PD: u64 = 0x45000;
     /// The MMIO window (report device), just above the largest RAM.
     pub const MMIO_BASE: u64 = 64 << 30;
-    /// The balloon driver's two queue pages (inflate, then deflate), used
-    /// only by [`super::Workload::Balloon`] on vCPU 0.
+    /// The balloon driver's three queue pages (inflate, deflate, free page
+    /// reporting), used only by [`super::Workload::Balloon`] on vCPU 0.
     pub const BALLOON_QUEUES: u64 = 0x46000;
     /// The balloon driver's PFN array (one page).
-    pub const BALLOON_PFNS: u64 = 0x48000;
+    pub const BALLOON_PFNS: u64 = 0x49000;
     /// End of the balloon driver's pages.
-    pub const BALLOON_END: u64 = 0x49000;
+    pub const BALLOON_END: u64 = 0x4A000;
     /// The guest image.
     pub const IMAGE: u64 = 0x50000;
     /// Space for the image.
@@ -94,8 +95,11 @@ pub mod control {
     pub const ARG: u64 = 24;
     /// Read the 4 KiB page at ARG and report (OR of its words, first word).
     pub const CMD_PROBE: u64 = 1;
-    /// Leave the probe loop and report done.
+    /// Leave the probe loop (or the balloon driver) and report done.
     pub const CMD_EXIT: u64 = 2;
+    /// Balloon driver: report ARG pages below the balloon as free (free page
+    /// reporting), then touch and verify them again.
+    pub const CMD_REPORT_FREE: u64 = 3;
 }
 
 /// GDT selectors.
@@ -456,10 +460,10 @@ mod tests {
         }
         assert_eq!(
             layout::BALLOON_PFNS - layout::BALLOON_QUEUES,
-            2 * 0x1000,
-            "two queue pages"
+            3 * 0x1000,
+            "three queue pages"
         );
-        assert_eq!(balloon::queue_page(1), layout::BALLOON_QUEUES + 0x1000);
+        assert_eq!(balloon::queue_page(2), layout::BALLOON_QUEUES + 0x2000);
         // The balloon's window is inside the 2 MiB MMIO page the guest maps.
         let b = crate::devices::virtio::BALLOON_MMIO_BASE;
         assert!(b > layout::MMIO_BASE && b + 0x1000 <= layout::MMIO_BASE + SIZE_2M);
@@ -471,7 +475,7 @@ mod tests {
     fn device_accepts_the_driver_rings() {
         use crate::devices::virtio::queue::Queue;
         let (_ram, _s2, ram_layout) = crate::devices::virtio::testutil::ram();
-        for i in 0..2 {
+        for i in 0..3 {
             let mut q = Queue::new(crate::devices::virtio::balloon::QUEUE_SIZE);
             q.size = balloon::QUEUE_SIZE;
             q.desc_table = balloon::queue_page(i) + balloon::DESC_OFFSET;

@@ -547,6 +547,15 @@ impl Vm {
         )?)
     }
 
+    /// Asks the guest's balloon driver ([`Workload::Balloon`]) to report
+    /// `pages` pages just below its balloon as free (free page reporting),
+    /// then touch and verify them again; taken when the driver is at its
+    /// target. Returns the command's sequence (see
+    /// [`guest::balloon::DriverStatus::seq`]).
+    pub fn balloon_report_free(&mut self, pages: u64) -> Result<u64> {
+        self.post(control::CMD_REPORT_FREE, pages)
+    }
+
     /// Waits until the guest's balloon driver satisfies `pred` or stops
     /// (failed, exited, vCPU 0 finished); returns the last status seen, and
     /// whether `pred` held. Polls every 200 µs.
