@@ -1107,6 +1107,33 @@ impl Stage2Table {
         self.fault_in_inner(gpa, Some(seq))
     }
 
+    /// Like [`Stage2Table::fault_in_if_unchanged`] for every leaf that
+    /// overlaps `[gpa, gpa + len)` (the range a fault handler installed):
+    /// discarded leaves become present, present ones are left alone.
+    /// Returns the number of leaves restored.
+    pub fn fault_in_range_if_unchanged(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        seq: u64,
+    ) -> Result<u64, FaultError> {
+        let end = gpa.0.saturating_add(len.max(1)).min(ADDRESS_LIMIT);
+        let mut a = gpa.0 & !(PAGE_SIZE - 1);
+        let mut restored = 0;
+        while a < end {
+            match self.fault_in_inner(Gpa(a), Some(seq))? {
+                FaultOutcome::AlreadyPresent { size, .. } => {
+                    a = (a & !(size.bytes() - 1)) + size.bytes();
+                }
+                FaultOutcome::Restored { leaf_gpa, size, .. } => {
+                    restored += 1;
+                    a = leaf_gpa.0 + size.bytes();
+                }
+            }
+        }
+        Ok(restored)
+    }
+
     fn fault_in_inner(&self, gpa: Gpa, seq: Option<u64>) -> Result<FaultOutcome, FaultError> {
         if gpa.0 >= ADDRESS_LIMIT {
             return Err(FaultError::OutOfRange(gpa));
@@ -1116,6 +1143,18 @@ impl Stage2Table {
             let l = self.lock();
             if self.is_dying() {
                 return Err(FaultError::Dying);
+            }
+            // A page the table still maps is not being released by anyone
+            // (an unmap clears the entry before it releases), so it commits
+            // at once: a reader pinned in the fast walk may be the one
+            // faulting, and it must never wait for a grace period.
+            let (_, e, level) = self.find_locked(a);
+            if e.is_present() {
+                let size = level_size(level);
+                return Ok(FaultOutcome::AlreadyPresent {
+                    hva: Hva(e.addr() + (a & (size - 1))),
+                    size: PageSize::from_level(level).unwrap_or(PageSize::Size4K),
+                });
             }
             if self.pending_overlaps(a, a + PAGE_SIZE) {
                 drop(l);

@@ -239,7 +239,7 @@ impl FaultHook for TableFaultHook {
     }
 
     fn fault_commit(&self, gpa: u64, len: u64, seq: u64) -> bool {
-        let ok = match self.table.fault_in_if_unchanged(Gpa(gpa), seq) {
+        let ok = match self.table.fault_in_range_if_unchanged(Gpa(gpa), len, seq) {
             Ok(_) => true,
             // An invalidation ran, or a release is pending over the page:
             // the handler undoes its install and starts again.

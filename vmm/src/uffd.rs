@@ -338,7 +338,12 @@ impl FaultHandler {
         release: impl FnOnce() -> Result<(), UffdError>,
     ) -> Result<(), UffdError> {
         let d = ram.checked_region(gpa, len)?;
-        let _w = self.shared.lock.write().unwrap_or_else(|e| e.into_inner());
+        // Exclusive against resolutions only while registering. The release
+        // itself (a gather, which waits for a grace period) runs without
+        // it: a fast-walk reader pinned in that grace period may be the one
+        // faulting, and the table's sequence protocol already keeps a fault
+        // from resurrecting a page being released.
+        let w = self.shared.lock.write().unwrap_or_else(|e| e.into_inner());
         // Register first, then discard: a touch in between still finds the
         // old page, a touch after the discard faults into the handler.
         let host = d.host_of(gpa) as u64;
@@ -363,6 +368,7 @@ impl FaultHandler {
             reg.push((host, len));
         }
         drop(reg);
+        drop(w);
         release()?;
         self.shared.stats.releases.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -462,12 +468,22 @@ impl Shared {
         loop {
             let seq = self.hook.fault_begin(gpa, granule);
             let installed = self.install(d.backing, addr, host, granule);
-            if self.hook.fault_commit(gpa, granule, seq) {
+            // Commit what was really installed: the whole leaf, or only the
+            // faulting 4 KiB page when the leaf install fell back (the
+            // table may hold 4 KiB leaves there after a balloon split it).
+            let (cg, cl) = match installed {
+                Some((h, l)) => (d.gpa.0 + (h - d.host_addr as u64), l),
+                None => (
+                    d.gpa.0 + ((addr - d.host_addr as u64) & !(SIZE_4K - 1)),
+                    SIZE_4K,
+                ),
+            };
+            if self.hook.fault_commit(cg, cl, seq) {
                 break;
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            if installed {
-                self.undo(d, host, granule);
+            if let Some((h, l)) = installed {
+                self.undo(d, h, l);
             }
             std::thread::yield_now();
         }
@@ -491,9 +507,9 @@ impl Shared {
     /// A leaf that fails part-way (`EEXIST` after some pages, or any other
     /// error) falls back to the single 4 KiB page at `addr`, so the faulting
     /// access always makes progress.
-    fn install(&self, backing: Backing, addr: u64, host: u64, len: u64) -> bool {
+    fn install(&self, backing: Backing, addr: u64, host: u64, len: u64) -> Option<(u64, u64)> {
         if self.fill(backing, host, len) == 0 {
-            return true;
+            return Some((host, len));
         }
         // A huge page freed by a release reaches the pool asynchronously, so
         // right after a release the copy can fail with ENOMEM: retry briefly.
@@ -504,13 +520,13 @@ impl Shared {
                 }
                 std::thread::sleep(std::time::Duration::from_micros(50));
                 if self.fill(backing, host, len) == 0 {
-                    return true;
+                    return Some((host, len));
                 }
             }
         }
         let page = addr & !(SIZE_4K - 1);
         if backing != Backing::Hugetlb && len > SIZE_4K && self.fill(backing, page, SIZE_4K) == 0 {
-            return true;
+            return Some((page, SIZE_4K));
         }
         // hugetlb allocates before it finds the page present, so a duplicate
         // fault on an exactly sized pool fails with ENOMEM: ask the kernel.
@@ -519,7 +535,7 @@ impl Shared {
             // Out of memory or a bug: the access will fault again; do not spin.
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        false
+        None
     }
 
     /// One UFFDIO_ZEROPAGE (or UFFDIO_COPY of zeros for hugetlb) without
