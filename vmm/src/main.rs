@@ -31,6 +31,19 @@ struct Cli {
 enum Cmd {
     /// Boot the embedded default guest, let it verify its RAM, tear down.
     Run(RunArgs),
+    /// Talk to a running `vmm run --api-sock PATH`.
+    Ctl(CtlArgs),
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The VMM's API socket.
+    #[arg(long)]
+    api_sock: std::path::PathBuf,
+    /// `balloon set SIZE`, `balloon get`, `balloon stats`, `pause`,
+    /// `resume`, `shutdown` or `status`.
+    #[arg(required = true, num_args = 1..=3)]
+    words: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -60,6 +73,11 @@ struct RunArgs {
     /// of 4K, at most vCPU 0's share of RAM).
     #[arg(long, value_name = "SIZE")]
     balloon_target: Option<String>,
+    /// Serve the control API (Firecracker-style HTTP over this Unix socket;
+    /// see `vmm ctl`) and run until it is told to shut down. Attaches a
+    /// balloon whose guest driver (vCPU 0) follows the target.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<std::path::PathBuf>,
     /// Give up on the guest after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
@@ -304,7 +322,7 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
     if args.release_mib > 0 {
         config.workload = Workload::Probe;
     }
-    if balloon_target.is_some() {
+    if balloon_target.is_some() || args.api_sock.is_some() {
         config.workload = Workload::Balloon;
         config.balloon = Some(BalloonConfig::default());
     }
@@ -327,7 +345,10 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
             ..BalloonRun::default()
         },
     };
-    let finished = vm.wait(timeout);
+    let finished = match &args.api_sock {
+        Some(path) => serve_api(&mut vm, path, mem.bytes(), args.vcpus, timeout)?,
+        None => vm.wait(timeout),
+    };
     let run_time = t_start.elapsed();
     let (first_hello, results, _) = vm.reports();
     let guest_ok = finished && vm.guest_ok() && release.ok && balloon.ok;
@@ -444,10 +465,170 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
     Ok(guest_ok)
 }
 
+/// A request from the API thread and where to send the answer.
+type ApiMsg = (
+    vmm::api::Request,
+    std::sync::mpsc::Sender<Result<serde_json::Value, String>>,
+);
+
+/// Forwards API requests to the thread that owns the VM.
+struct Forward(std::sync::Mutex<std::sync::mpsc::Sender<ApiMsg>>);
+
+impl vmm::api::ApiHandler for Forward {
+    fn handle(&self, req: vmm::api::Request) -> Result<serde_json::Value, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.0
+            .lock()
+            .map_err(|_| "the VMM is shutting down".to_string())?
+            .send((req, tx))
+            .map_err(|_| "the VMM is shutting down".to_string())?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "the VMM did not answer in time".to_string())?
+    }
+}
+
+/// Serve the control API until the guest finishes (after a shutdown
+/// request). Returns whether it finished.
+fn serve_api(
+    vm: &mut Vm,
+    path: &std::path::Path,
+    mem: u64,
+    vcpus: u32,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    use serde_json::json;
+    use vmm::api::Request;
+    let (tx, rx) = std::sync::mpsc::channel::<ApiMsg>();
+    let _server = vmm::api::ApiServer::start(
+        path,
+        std::sync::Arc::new(Forward(std::sync::Mutex::new(tx))),
+    )?;
+    let (s, e) = vmm::guest::share(mem, vcpus, 0);
+    let mut shutdown_at: Option<Instant> = None;
+    loop {
+        if vm.wait(Duration::from_millis(20)) {
+            return Ok(true);
+        }
+        if shutdown_at.is_some_and(|t| t.elapsed() > timeout) {
+            return Ok(false);
+        }
+        while let Ok((req, reply)) = rx.try_recv() {
+            let balloon = vm.balloon().cloned();
+            let answer = match (req, balloon) {
+                (Request::BalloonSet(b), Some(bl)) => {
+                    if b % 4096 != 0 || b > e - s {
+                        Err(format!(
+                            "a balloon of {b} bytes does not fit: give whole 4 KiB pages, at most \
+                             vCPU 0's share of {} MiB",
+                            (e - s) >> 20
+                        ))
+                    } else {
+                        bl.set_target_pages(u32::try_from(b / 4096).unwrap_or(u32::MAX));
+                        Ok(serde_json::Value::Null)
+                    }
+                }
+                (Request::BalloonGet | Request::BalloonStats, Some(bl)) => {
+                    let actual = vm
+                        .balloon_driver_status()
+                        .map(|d| serde_json::to_value(format!("{d:?}")).unwrap_or_default())
+                        .unwrap_or_default();
+                    Ok(json!({
+                        "counters": serde_json::to_value(bl.counters()).unwrap_or_default(),
+                        "driver": actual,
+                    }))
+                }
+                (Request::BalloonSet(_) | Request::BalloonGet | Request::BalloonStats, None) => {
+                    Err("this VM has no balloon".into())
+                }
+                (Request::Pause, _) => {
+                    if vm.pause(Duration::from_secs(5)) {
+                        Ok(serde_json::Value::Null)
+                    } else {
+                        Err("the vCPUs did not pause within 5 s".into())
+                    }
+                }
+                (Request::Resume, _) => {
+                    vm.resume();
+                    Ok(serde_json::Value::Null)
+                }
+                (Request::Shutdown, _) => {
+                    vm.resume();
+                    shutdown_at.get_or_insert_with(Instant::now);
+                    vm.finish_probes()
+                        .map(|_| serde_json::Value::Null)
+                        .map_err(|e| e.to_string())
+                }
+                (Request::Status, _) => Ok(json!({
+                    "state": if shutdown_at.is_some() { "ShuttingDown" } else { "Running" },
+                    "vcpus": vcpus,
+                    "mem_bytes": mem,
+                    "table_bytes": vm.stage2().table().table_bytes(),
+                })),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// `vmm ctl`: one API call, its answer printed as JSON.
+fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
+    use serde_json::json;
+    let w: Vec<&str> = args.words.iter().map(String::as_str).collect();
+    let (method, uri, body) = match w.as_slice() {
+        ["balloon", "set", size] => {
+            let mib = size
+                .parse::<MemSize>()
+                .map(|m| m.bytes() >> 20)
+                .or_else(|_| parse_balloon_target(size).map(|b| b >> 20))
+                .or_else(|_| {
+                    if *size == "0" {
+                        Ok(0)
+                    } else {
+                        Err(anyhow::anyhow!("bad size"))
+                    }
+                })
+                .with_context(|| format!("invalid balloon size {size:?}: use e.g. 512M or 0"))?;
+            ("PATCH", "/balloon", Some(json!({ "amount_mib": mib })))
+        }
+        ["balloon", "get"] | ["balloon"] => ("GET", "/balloon", None),
+        ["balloon", "stats"] => ("GET", "/balloon/statistics", None),
+        ["pause"] => ("PATCH", "/vm", Some(json!({ "state": "Paused" }))),
+        ["resume"] => ("PATCH", "/vm", Some(json!({ "state": "Resumed" }))),
+        ["shutdown"] => (
+            "PUT",
+            "/actions",
+            Some(json!({ "action_type": "Shutdown" })),
+        ),
+        ["status"] => ("GET", "/", None),
+        _ => anyhow::bail!(
+            "unknown command {:?}: use balloon set SIZE | balloon get | balloon stats | pause | \
+             resume | shutdown | status",
+            args.words.join(" ")
+        ),
+    };
+    let v = vmm::api::call(&args.api_sock, method, uri, body.as_ref())?;
+    println!(
+        "{}",
+        if v.is_null() {
+            "{}".to_string()
+        } else {
+            v.to_string()
+        }
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     PROCESS_START.get_or_init(Instant::now);
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Ctl(args) => match ctl(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmm ctl: error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Run(args) => match run(&args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,

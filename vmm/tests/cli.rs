@@ -189,3 +189,87 @@ fn balloon_target_beyond_the_share_exits_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("whole 4 KiB pages"), "{err}");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn api_socket_drives_the_balloon_and_shuts_down() {
+    if !kvm() {
+        return;
+    }
+    let sock = std::env::temp_dir().join(format!("vmm-cli-api-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let s = sock.to_str().unwrap();
+    struct Kill(Option<std::process::Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut guard = Kill(Some(
+        Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["run", "--mem", "256M", "--api-sock", s, "--json"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let pid = guard.0.as_ref().map_or(0, |c| c.id());
+    let ctl = |w: &[&str]| {
+        let mut a = vec!["ctl", "--api-sock", s];
+        a.extend_from_slice(w);
+        vmm(&a)
+    };
+    // wait until the API answers
+    let t = std::time::Instant::now();
+    while !ctl(&["status"]).status.success() {
+        assert!(t.elapsed().as_secs() < 20, "the API socket never answered");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // the guest first writes and verifies all its RAM
+    while rss_kib(pid) < 240 * 1024 {
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "the guest never populated its RAM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = rss_kib(pid);
+    assert!(ctl(&["balloon", "set", "128M"]).status.success());
+    let t = std::time::Instant::now();
+    while rss_kib(pid) + 100 * 1024 > before {
+        assert!(
+            t.elapsed().as_secs() < 20,
+            "RSS never dropped: {} -> {} KiB",
+            before,
+            rss_kib(pid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let stats = ctl(&["balloon", "stats"]);
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("\"pages_inflated\":32768"));
+    let bad = ctl(&["balloon", "set", "999G"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("does not fit"));
+    assert!(ctl(&["pause"]).status.success());
+    assert!(ctl(&["resume"]).status.success());
+    assert!(ctl(&["shutdown"]).status.success());
+    let out = guard.0.take().unwrap().wait_with_output().unwrap();
+    assert!(out.status.success());
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    assert!(last.contains("\"guest_ok\":true"), "{last}");
+    assert!(!sock.exists(), "socket removed at exit");
+}
