@@ -852,11 +852,7 @@ impl Stage2Table {
         len: u64,
         mode: UnmapMode,
     ) -> Result<(), UnmapError> {
-        let (start, end) = check_range(gpa, len)?;
-        self.check_gather(g, false)?;
-        if self.is_dying() {
-            return Err(UnmapError::Dying);
-        }
+        let (start, end) = self.check_writer(g, gpa, len)?;
         if let Some(hole) = self.first_hole(start, end) {
             // The hole may be another unmapper's work in flight: do not
             // report before its backing is released.
@@ -878,12 +874,19 @@ impl Stage2Table {
         len: u64,
         mode: UnmapMode,
     ) -> Result<(), UnmapError> {
-        let (start, end) = check_range(gpa, len)?;
+        let (start, end) = self.check_writer(g, gpa, len)?;
+        self.unmap_inner(g, start, end, mode, true)
+    }
+
+    /// The checks every ranged writer starts with: a valid range, this
+    /// table's (non-full-mm) gather, a table that is not being torn down.
+    fn check_writer(&self, g: &Gather<'_>, gpa: Gpa, len: u64) -> Result<(u64, u64), UnmapError> {
+        let r = check_range(gpa, len)?;
         self.check_gather(g, false)?;
         if self.is_dying() {
             return Err(UnmapError::Dying);
         }
-        self.unmap_inner(g, start, end, mode, true)
+        Ok(r)
     }
 
     fn check_gather(&self, g: &Gather<'_>, full_mm: bool) -> Result<(), UnmapError> {
@@ -963,13 +966,9 @@ impl Stage2Table {
         len: u64,
         perms: Perms,
     ) -> Result<(), UnmapError> {
-        let (start, end) = check_range(gpa, len)?;
-        self.check_gather(g, false)?;
+        let (start, end) = self.check_writer(g, gpa, len)?;
         if perms.is_empty() {
             return Err(UnmapError::NoPermissions);
-        }
-        if self.is_dying() {
-            return Err(UnmapError::Dying);
         }
         if let Some(hole) = self.first_hole(start, end) {
             return Err(UnmapError::NotMapped(Gpa(hole)));
