@@ -5,7 +5,9 @@
 //! - `gmm bench unmap` times unmapping a large populated region through
 //!   the gather against three release baselines measured in the same run;
 //! - `gmm bench walk` times the lockless fast walk, alone and under an
-//!   unmap storm, against an `RwLock` page map and vm-memory's lookup.
+//!   unmap storm, against an `RwLock` page map and vm-memory's lookup;
+//! - `gmm bench balloon` inflates a virtio-balloon through the real device
+//!   path (host-side driver, no vCPU) against madvise baselines.
 //!
 //! `--no-membarrier` (any command) makes guest-mm fall back from
 //! membarrier-based asymmetric fences to a SeqCst fence on both sides, so
@@ -16,6 +18,7 @@
 //! never assumed: every comparison is a ratio against a baseline of the
 //! same run.
 
+mod balloon;
 mod mem;
 mod rng;
 mod stress;
@@ -56,6 +59,8 @@ enum Bench {
     Unmap(unmap::UnmapArgs),
     /// Fast-walk translations/s vs. an RwLock table and vm-memory.
     Walk(walk::WalkArgs),
+    /// Inflate a virtio-balloon through the device vs. madvise baselines.
+    Balloon(balloon::BalloonArgs),
 }
 
 /// Whether guest-mm's read sections use membarrier (asymmetric fences).
@@ -93,5 +98,6 @@ fn main() -> Result<()> {
         Cmd::Stress(a) => stress::cmd(a),
         Cmd::Bench(Bench::Unmap(a)) => unmap::cmd(a),
         Cmd::Bench(Bench::Walk(a)) => walk::cmd(a),
+        Cmd::Bench(Bench::Balloon(a)) => balloon::cmd(a),
     }
 }

@@ -155,3 +155,44 @@ fn bad_arguments_fail() {
         );
     }
 }
+
+#[test]
+fn bench_balloon_json() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    for pattern in ["contiguous", "scattered"] {
+        let out = gmm(&[
+            "bench",
+            "balloon",
+            "--size",
+            "32M",
+            "--pattern",
+            pattern,
+            "--reps",
+            "1",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "bench balloon {pattern} failed: {out:?}"
+        );
+        let v = last_json(&out);
+        assert_eq!(v["pattern"], pattern, "{v}");
+        assert_eq!(num(&v, "pages"), 8192.0, "{v}");
+        for k in [
+            "inflate_ms",
+            "madvise_ms",
+            "per_page_ms",
+            "inflate_rate_vs_madvise",
+            "inflate_rate_vs_per_page",
+            "rss_drop_bytes",
+        ] {
+            num(&v, k);
+        }
+        assert!(num(&v, "inflate_ms") > 0.0, "{v}");
+        assert_eq!(v["released_ok"], true, "{v}");
+        assert_eq!(num(&v, "resident_after_inflate"), 0.0, "{v}");
+    }
+}
