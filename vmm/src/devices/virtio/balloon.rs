@@ -43,7 +43,7 @@ use guest_mm::{GatherStats, Gpa, Stage2Table, UnmapMode};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 
 use super::mmio::{ConfigError, MmioTransport, VirtioDevice, VirtioMmio, F_VERSION_1};
-use super::queue::{read_chain, ChainError, ChainReadError, Queue, QueueError};
+use super::queue::{read_chain, ChainError, ChainReadError, Desc, Queue, QueueError};
 use super::RamLayout;
 use crate::memory::{GuestRam, SIZE_2M};
 use crate::stage2::{GuestAccess, Stage2Error};
@@ -339,18 +339,9 @@ impl Balloon {
         mem: &mut GuestAccess,
         ram: &RamLayout,
     ) -> Result<(Vec<u16>, Vec<u64>), QueueError> {
-        let mut heads = Vec::new();
+        let (heads, chains) = self.pop_chains(q, mem, ram)?;
         let mut pages = Vec::new();
-        for _ in 0..q.size {
-            let Some(p) = q.pop(mem, ram)? else { break };
-            heads.push(p.head);
-            let chain = match p.chain {
-                Ok(c) => c,
-                Err(e) => {
-                    self.error(e.into());
-                    continue;
-                }
-            };
+        for chain in chains {
             let bytes = match read_chain(mem, &chain, MAX_PFNS_PER_CHAIN * 4) {
                 Ok(b) => b,
                 Err(e) => {
@@ -374,6 +365,28 @@ impl Balloon {
             }
         }
         Ok((heads, pages))
+    }
+
+    /// Pop every available request: the heads to give back, and the chains
+    /// that validated (a broken chain is counted and only given back).
+    #[allow(clippy::type_complexity)]
+    fn pop_chains(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<(Vec<u16>, Vec<Vec<Desc>>), QueueError> {
+        let mut heads = Vec::new();
+        let mut chains = Vec::new();
+        for _ in 0..q.size {
+            let Some(p) = q.pop(mem, ram)? else { break };
+            heads.push(p.head);
+            match p.chain {
+                Ok(c) => chains.push(c),
+                Err(e) => self.error(e.into()),
+            }
+        }
+        Ok((heads, chains))
     }
 
     fn sorted_unique(&mut self, mut pages: Vec<u64>) -> Vec<u64> {
@@ -509,35 +522,24 @@ impl Balloon {
         mem: &mut GuestAccess,
         ram: &RamLayout,
     ) -> Result<bool, QueueError> {
-        let mut heads = Vec::new();
+        let (heads, chains) = self.pop_chains(q, mem, ram)?;
         let mut ranges = Vec::new();
-        for _ in 0..q.size {
-            let Some(p) = q.pop(mem, ram)? else { break };
-            heads.push(p.head);
-            let chain = match p.chain {
-                Ok(c) => c,
-                Err(e) => {
-                    self.error(e.into());
-                    continue;
-                }
-            };
-            for d in chain {
-                if !d.write_only {
-                    self.error(BalloonError::ReportReadOnly { index: d.index });
-                    continue;
-                }
-                // Only whole pages inside the buffer.
-                let start = d.addr.next_multiple_of(PAGE);
-                let end = (d.addr + u64::from(d.len)) & !(PAGE - 1);
-                if end <= start || !ram.releasable(start, end - start) {
-                    self.error(BalloonError::BadReport {
-                        addr: d.addr,
-                        len: d.len,
-                    });
-                    continue;
-                }
-                ranges.push((start, end - start));
+        for d in chains.into_iter().flatten() {
+            if !d.write_only {
+                self.error(BalloonError::ReportReadOnly { index: d.index });
+                continue;
             }
+            // Only whole pages inside the buffer.
+            let start = d.addr.next_multiple_of(PAGE);
+            let end = (d.addr + u64::from(d.len)) & !(PAGE - 1);
+            if end <= start || !ram.releasable(start, end - start) {
+                self.error(BalloonError::BadReport {
+                    addr: d.addr,
+                    len: d.len,
+                });
+                continue;
+            }
+            ranges.push((start, end - start));
         }
         let runs = merge(ranges);
         if !runs.is_empty() {
