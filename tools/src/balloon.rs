@@ -444,9 +444,11 @@ pub fn cmd(a: &BalloonArgs) -> Result<()> {
     let (mut res_inf, mut res_mad, mut res_pp, mut errors) = (0u64, 0u64, 0u64, 0u64);
     let mut counted_ok = true;
     let mut notifies = 0;
+    let pb = crate::progress::bar(u64::from(a.reps) * 3, "balloon");
     for rep in 0..a.reps {
         // Rotate the order of the strategies each repetition.
         for k in 0..3 {
+            pb.inc(1);
             match (k + rep) % 3 {
                 0 => {
                     let r = inflate_once(a, mem_bytes, base, span, &pfns)?;
@@ -471,6 +473,7 @@ pub fn cmd(a: &BalloonArgs) -> Result<()> {
             }
         }
     }
+    pb.finish_and_clear();
     let (inflate_ms, madvise_ms, per_page_ms) = (median(&inf), median(&mad), median(&pp));
     let rss_drop_bytes = median(&drop_) as u64;
     let released_ok = res_inf == 0 && res_mad == 0 && res_pp == 0 && errors == 0 && counted_ok;

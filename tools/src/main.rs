@@ -19,9 +19,14 @@
 //! same run.
 
 mod balloon;
+mod launch;
 mod mem;
+mod progress;
+mod report;
 mod rng;
 mod stress;
+mod stress_vm;
+mod teardown;
 mod units;
 mod unmap;
 mod walk;
@@ -48,6 +53,9 @@ struct Cli {
 enum Cmd {
     /// Walkers and mutators on real memory; exits non-zero on any violation.
     Stress(stress::StressArgs),
+    /// A real microVM whose vCPUs write and verify memory while the balloon
+    /// inflates and deflates; exits non-zero on any violation.
+    StressVm(stress_vm::Args),
     /// Benchmarks against baselines measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
@@ -61,6 +69,12 @@ enum Bench {
     Walk(walk::WalkArgs),
     /// Inflate a virtio-balloon through the device vs. madvise baselines.
     Balloon(balloon::BalloonArgs),
+    /// Destroy populated microVMs vs. munmap, a naive loop and QEMU.
+    Teardown(teardown::Args),
+    /// Launch+teardown cycles per second, boot time, RSS per VM.
+    Launch(launch::Args),
+    /// Run the suite, write JSON, SVG plots and BENCHMARKS.md.
+    Report(report::Args),
 }
 
 /// Whether guest-mm's read sections use membarrier (asymmetric fences).
@@ -99,5 +113,9 @@ fn main() -> Result<()> {
         Cmd::Bench(Bench::Unmap(a)) => unmap::cmd(a),
         Cmd::Bench(Bench::Walk(a)) => walk::cmd(a),
         Cmd::Bench(Bench::Balloon(a)) => balloon::cmd(a),
+        Cmd::Bench(Bench::Teardown(a)) => teardown::cmd(a),
+        Cmd::Bench(Bench::Launch(a)) => launch::cmd(a),
+        Cmd::Bench(Bench::Report(a)) => report::cmd(a),
+        Cmd::StressVm(a) => stress_vm::cmd(a),
     }
 }
