@@ -6,10 +6,23 @@
 //!
 //! | kind | release |
 //! |------|---------|
-//! | anonymous private | `madvise(MADV_DONTNEED)` |
+//! | anonymous private | `MADV_DONTNEED`, up to [`BATCH_RUNS`] runs per `process_madvise` call |
 //! | shared file (memfd) | `fallocate(PUNCH_HOLE \| KEEP_SIZE)` |
 //! | hugetlb | whole huge pages only; partly released huge pages are tracked until every 4 KiB of them is released |
 //! | simulated | nothing (tests, loom); the release is only reported to a hook |
+//!
+//! A gather's flush releases all its runs through one [`ReleaseBatch`]:
+//! anonymous runs are queued and handed to the kernel as one
+//! `process_madvise(PIDFD_SELF, iov, n, MADV_DONTNEED)` per
+//! [`BATCH_RUNS`] runs (Linux 6.13 allows any advice on the caller itself,
+//! 6.14 added `PIDFD_SELF`, and 6.16 batches the TLB flushes of such a
+//! call), instead of one `madvise` each. Where the kernel refuses the call
+//! before it ever worked (older kernels: `EINVAL`, `EBADF`, `ENOSYS`,
+//! `EPERM`, `ESRCH`), batching is turned off for the registry and every
+//! run gets its own `madvise`; any other failure or a partial result
+//! redoes that batch run by run (`MADV_DONTNEED` is idempotent), so errors
+//! are still reported per run. `PIDFD_SELF` always means the calling
+//! process, so a forked child can never release its parent's memory.
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
@@ -125,10 +138,29 @@ struct Region {
     partial: BTreeMap<u64, Vec<u64>>,
 }
 
+/// Most runs one `process_madvise` call takes (the kernel's limit,
+/// `UIO_MAXIOV`, is 1024; past ~64 the gain is flat on the measured host).
+pub const BATCH_RUNS: usize = 128;
+
+/// `PIDFD_SELF_THREAD_GROUP` (Linux 6.14): the calling process.
+const PIDFD_SELF: libc::c_int = -10001;
+
+/// Batching state: not tried yet, works, refused by this kernel.
+const BATCH_UNKNOWN: u64 = 0;
+const BATCH_WORKS: u64 = 1;
+const BATCH_REFUSED: u64 = 2;
+
 /// Counters of what was released.
 #[derive(Default)]
 pub(crate) struct ReleaseCounters {
+    /// Release system calls (a batch counts once).
     pub(crate) calls: AtomicU64,
+    /// `process_madvise` calls that released a whole batch.
+    pub(crate) batched_calls: AtomicU64,
+    /// Runs released by those calls.
+    pub(crate) batched_runs: AtomicU64,
+    /// Batches redone run by run (refused, failed or partial).
+    pub(crate) batch_fallbacks: AtomicU64,
     pub(crate) bytes: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) outside: AtomicU64,
@@ -138,6 +170,105 @@ pub(crate) struct ReleaseCounters {
 pub(crate) struct BackingRegistry {
     regions: Mutex<Vec<Region>>,
     pub(crate) counters: ReleaseCounters,
+    /// `BATCH_UNKNOWN`, `BATCH_WORKS` or `BATCH_REFUSED`.
+    batching: AtomicU64,
+}
+
+/// Anonymous runs waiting for one `process_madvise` call, and the first
+/// release error of a flush. Lives on the flusher's stack: no allocation.
+pub(crate) struct ReleaseBatch<'a> {
+    reg: &'a BackingRegistry,
+    /// Forces the run-by-run fallback (fault injection).
+    fail: Option<&'a crate::fault::FailPoint>,
+    iov: [libc::iovec; BATCH_RUNS],
+    n: usize,
+    bytes: u64,
+    first_err: Option<ReleaseError>,
+}
+
+impl ReleaseBatch<'_> {
+    fn push(&mut self, s: u64, len: u64) {
+        if self.n == BATCH_RUNS {
+            self.submit();
+        }
+        self.iov[self.n] = libc::iovec {
+            iov_base: s as *mut libc::c_void,
+            iov_len: len as usize,
+        };
+        self.n += 1;
+        self.bytes += len;
+    }
+
+    fn error(&mut self, e: ReleaseError) {
+        self.reg.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.first_err.get_or_insert(e);
+    }
+
+    /// Releases the queued runs: one `process_madvise`, or one `madvise`
+    /// per run where that is refused, fails, or is partial.
+    fn submit(&mut self) {
+        let (n, bytes) = (self.n, self.bytes);
+        self.n = 0;
+        self.bytes = 0;
+        if n == 0 {
+            return;
+        }
+        let reg = self.reg;
+        let c = &reg.counters;
+        let state = reg.batching.load(Ordering::Relaxed);
+        let injected = self.fail.is_some_and(|f| f.should_fail());
+        if n > 1 && state != BATCH_REFUSED && !injected {
+            c.calls.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: every iovec is a page-aligned run inside a registered
+            // region, which the caller keeps mapped for the table's
+            // lifetime; the table has unmapped the runs and waited for
+            // readers (as for `madvise` below). PIDFD_SELF names this
+            // process; the kernel only reads the `n` iovecs.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    PIDFD_SELF,
+                    self.iov.as_ptr(),
+                    n,
+                    libc::MADV_DONTNEED,
+                    0,
+                )
+            };
+            if r >= 0 && r as u64 == bytes {
+                if state == BATCH_UNKNOWN {
+                    reg.batching.store(BATCH_WORKS, Ordering::Relaxed);
+                }
+                c.batched_calls.fetch_add(1, Ordering::Relaxed);
+                c.batched_runs.fetch_add(n as u64, Ordering::Relaxed);
+                c.bytes.fetch_add(bytes, Ordering::Relaxed);
+                return;
+            }
+            if r < 0 && state == BATCH_UNKNOWN {
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                if let Some(libc::EINVAL | libc::EBADF | libc::ENOSYS | libc::EPERM | libc::ESRCH) =
+                    errno
+                {
+                    reg.batching.store(BATCH_REFUSED, Ordering::Relaxed);
+                }
+            }
+        }
+        if n > 1 {
+            c.batch_fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        for i in 0..n {
+            let v = self.iov[i];
+            if let Err(e) = reg.madvise(v.iov_base as u64, v.iov_len as u64) {
+                self.error(e);
+            }
+        }
+    }
+
+    /// Releases what is queued; the first error of the whole batch, after
+    /// everything was attempted.
+    pub(crate) fn finish(mut self) -> Result<(), ReleaseError> {
+        self.submit();
+        self.first_err.take().map_or(Ok(()), Err)
+    }
 }
 
 impl BackingRegistry {
@@ -145,6 +276,7 @@ impl BackingRegistry {
         BackingRegistry {
             regions: Mutex::new(Vec::new()),
             counters: ReleaseCounters::default(),
+            batching: AtomicU64::new(BATCH_UNKNOWN),
         }
     }
 
@@ -236,11 +368,29 @@ impl BackingRegistry {
         lock(&self.regions).iter().map(|r| r.partial.len()).sum()
     }
 
-    /// Release `[hva, hva + len)`, clipped to registered regions. Errors are
-    /// counted; the first is returned after everything else was attempted.
-    pub(crate) fn release(&self, hva: u64, len: u64) -> Result<(), ReleaseError> {
+    /// A release batch for one flush; `fail` forces its fallback.
+    pub(crate) fn batch<'a>(
+        &'a self,
+        fail: Option<&'a crate::fault::FailPoint>,
+    ) -> ReleaseBatch<'a> {
+        ReleaseBatch {
+            reg: self,
+            fail,
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; BATCH_RUNS],
+            n: 0,
+            bytes: 0,
+            first_err: None,
+        }
+    }
+
+    /// Release `[hva, hva + len)`, clipped to registered regions, through
+    /// `batch`: anonymous runs are queued there, other kinds are released
+    /// at once. Errors are counted and kept in the batch.
+    pub(crate) fn release_into(&self, hva: u64, len: u64, batch: &mut ReleaseBatch<'_>) {
         let end = hva.saturating_add(len);
-        let mut first_err = None;
         let mut regions = lock(&self.regions);
         let mut covered = 0u64;
         for r in regions.iter_mut() {
@@ -250,9 +400,10 @@ impl BackingRegistry {
                 continue;
             }
             covered += e - s;
-            if let Err(err) = self.release_in(r, s, e) {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                first_err.get_or_insert(err);
+            if let BackingKind::Anonymous = r.kind {
+                batch.push(s, e - s);
+            } else if let Err(err) = self.release_in(r, s, e) {
+                batch.error(err);
             }
         }
         if covered < len {
@@ -260,7 +411,6 @@ impl BackingRegistry {
                 .outside
                 .fetch_add(len - covered, Ordering::Relaxed);
         }
-        first_err.map_or(Ok(()), Err)
     }
 
     fn release_in(&self, r: &mut Region, s: u64, e: u64) -> Result<(), ReleaseError> {

@@ -64,4 +64,6 @@ pub struct FaultInjection {
     pub table_alloc: FailPoint,
     /// Growth of the deferred-free list (forces a synchronous grace period).
     pub defer_alloc: FailPoint,
+    /// A batched `process_madvise` release (forces one `madvise` per run).
+    pub batch_release: FailPoint,
 }

@@ -326,12 +326,11 @@ impl<'t> Gather<'t> {
         let mut runs = 0u64;
         let mut bytes = 0u64;
         let mut first_err = self.first_error.take();
+        let mut batch = t.backing.batch(Some(&t.faults.batch_release));
         let mut release = |hva: u64, len: u64| {
             runs += 1;
             bytes += len;
-            if let Err(e) = t.backing.release(hva, len) {
-                first_err.get_or_insert(e);
-            }
+            t.backing.release_into(hva, len, &mut batch);
         };
         self.for_each_entry(|e| {
             if let Entry::Release { hva, len } = e {
@@ -340,6 +339,9 @@ impl<'t> Gather<'t> {
         });
         if let Some((hva, len)) = self.run.take() {
             release(hva, len);
+        }
+        if let Err(e) = batch.finish() {
+            first_err.get_or_insert(e);
         }
         if let Some(inv) = &inv {
             t.subscribers.end(inv);

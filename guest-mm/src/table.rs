@@ -263,8 +263,15 @@ pub struct TableStats {
     pub batch_allocs: u64,
     /// Waits for another gather's pending flush.
     pub pending_waits: u64,
-    /// Release system calls.
+    /// Release system calls (a batched `process_madvise` counts once).
     pub release_calls: u64,
+    /// `process_madvise` calls that released a whole batch of runs.
+    pub release_batched_calls: u64,
+    /// Runs released by those calls.
+    pub release_batched_runs: u64,
+    /// Batches redone with one `madvise` per run (refused, failed, partial
+    /// or injected).
+    pub release_batch_fallbacks: u64,
     /// Bytes released.
     pub released_bytes: u64,
     /// Failed release calls.
@@ -513,6 +520,9 @@ impl Stage2Table {
             batch_allocs: l(&s.batch_allocs),
             pending_waits: l(&s.pending_waits),
             release_calls: b.calls.load(Ordering::Relaxed),
+            release_batched_calls: b.batched_calls.load(Ordering::Relaxed),
+            release_batched_runs: b.batched_runs.load(Ordering::Relaxed),
+            release_batch_fallbacks: b.batch_fallbacks.load(Ordering::Relaxed),
             released_bytes: b.bytes.load(Ordering::Relaxed),
             release_errors: b.errors.load(Ordering::Relaxed),
             release_outside_bytes: b.outside.load(Ordering::Relaxed),
