@@ -162,7 +162,7 @@ fn bench_balloon_json() {
         eprintln!("SKIPPED: /dev/kvm not available");
         return;
     }
-    for pattern in ["contiguous", "scattered"] {
+    for pattern in ["contiguous", "scattered", "fragmented"] {
         let out = gmm(&[
             "bench",
             "balloon",
@@ -185,13 +185,20 @@ fn bench_balloon_json() {
             "inflate_ms",
             "madvise_ms",
             "per_page_ms",
-            "inflate_rate_vs_madvise",
-            "inflate_rate_vs_per_page",
+            "madvise_plain_ms",
+            "per_page_plain_ms",
+            "ratio_vs_madvise",
+            "ratio_vs_per_page",
+            "deflate_ms",
             "rss_drop_bytes",
         ] {
             num(&v, k);
         }
         assert!(num(&v, "inflate_ms") > 0.0, "{v}");
+        assert!(v["target_met"].is_boolean(), "{v}");
+        // One release call per coalesced run at most (fewer when batched).
+        let (calls, runs) = (num(&v, "release_syscalls"), num(&v, "runs"));
+        assert!(calls >= 1.0 && calls <= runs, "{v}");
         assert_eq!(v["released_ok"], true, "{v}");
         assert_eq!(num(&v, "resident_after_inflate"), 0.0, "{v}");
     }
