@@ -1,16 +1,1197 @@
-//! `gmm teardown`: not implemented yet (being built).
+//! `gmm bench teardown`: destroying a fully populated microVM, against
+//! baselines and peers measured in the same run.
+//!
+//! For each size, every repetition runs each strategy once, in an order
+//! rotated per repetition, on freshly populated memory:
+//!
+//! - **vm**: a [`vmm::Vm`] of that size is created and started; with
+//!   `--populate host` its vCPUs are paused at once and all guest RAM is
+//!   populated host-side (`MADV_POPULATE_WRITE`); with `--populate guest`
+//!   the guest writes and verifies its RAM (ring 3, ~11 µs per first touch
+//!   under kvm_pvm) and the host tops up the rest (page tables, image).
+//!   `destroy_ms` is the `Vm::destroy` call (stop and join the vCPUs, hand
+//!   off reclamation); `reclaim_ms` runs from the same start until
+//!   `Teardown::wait_reclaim` returns (VM dropped, whole-VM stage-2 gather,
+//!   guest RAM unmapped; for memfd the file closed, so its pages are freed).
+//!   RSS before launch, once populated and after reclaim shows the memory
+//!   coming back.
+//! - **munmap**: the limit. Anonymous: an equally populated private mapping
+//!   (same leaf advice), one `munmap`. memfd: a memfd of the same size,
+//!   mapped shared and populated, then `munmap` + `close` (file freed).
+//! - **naive**: one release per 4 KiB page under one mutex (Cloud
+//!   Hypervisor's pattern; `MADV_DONTNEED` for anonymous memory, a
+//!   `fallocate(PUNCH_HOLE)` per page for memfd), then the `munmap` (and
+//!   `close`) of the emptied mapping, all timed.
+//! - **qemu** (peer, when `qemu-system-x86_64` is found): QEMU with a
+//!   preallocated RAM backend and `-S` (the guest never runs); once QMP
+//!   answered `qmp_capabilities` and the process's RSS reached the size,
+//!   `quit` is sent and the time until the process has exited (waitpid) is
+//!   `qemu_ms`.
+//! - **process** (like with like for the QEMU peer): the `vmm` binary next
+//!   to `gmm`, `vmm run --populate --api-sock PATH` (RAM populated
+//!   host-side, vCPUs held paused); once its API answers and its RSS reached
+//!   the size, a shutdown request is sent and the time until the process
+//!   has exited is `process_exit_ms`.
+//!
+//! Medians over the repetitions are reported. Targets (reported, never
+//! enforced): reclaim within 1.1x of munmap, destroy within 5 ms, the VMM
+//! process gone sooner than QEMU.
 
-use anyhow::{bail, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-/// Options.
+use anyhow::{bail, Context, Result};
+use guest_mm::PageSize as Leaf;
+use serde::Serialize;
+use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
+
+use crate::mem::{AnonRegion, PAGE};
+use crate::rng::{median, round};
+use crate::units::human_bytes;
+
+/// Idle time before each timed section.
+const SETTLE: Duration = Duration::from_millis(30);
+/// How long a peer may take to become ready, per GiB (plus a base).
+const READY_PER_GIB: Duration = Duration::from_secs(20);
+
+/// Guest RAM backing for the bench.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingArg {
+    /// Private anonymous memory.
+    Anon,
+    /// A shared memfd.
+    Memfd,
+}
+
+impl BackingArg {
+    fn name(self) -> &'static str {
+        match self {
+            BackingArg::Anon => "anon",
+            BackingArg::Memfd => "memfd",
+        }
+    }
+}
+
+/// Who populates guest RAM before the teardown.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Populate {
+    /// The host, `MADV_POPULATE_WRITE` with the vCPUs paused (fast).
+    Host,
+    /// The guest writes and verifies its RAM in ring 3 (slow under
+    /// kvm_pvm: ~11 µs per page); the host tops up the rest.
+    Guest,
+}
+
+impl Populate {
+    fn name(self) -> &'static str {
+        match self {
+            Populate::Host => "host",
+            Populate::Guest => "guest",
+        }
+    }
+}
+
+/// Options of `gmm bench teardown`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Guest RAM sizes (comma-separated, multiples of 2M), e.g. 1G,2G,4G.
+    #[arg(long, default_value = "1G,2G,4G", value_parser = crate::units::parse_size_list)]
+    pub sizes: crate::units::SizeList,
+    /// Guest RAM backing (the baselines use the same kind).
+    #[arg(long, value_enum, default_value_t = BackingArg::Anon)]
+    pub backing: BackingArg,
+    /// Leaf size of guest RAM and of the baselines' advice: 2M (THP where
+    /// the host allows it) or 4K.
+    #[arg(long, default_value = "2M", value_parser = crate::units::parse_leaf)]
+    pub page_size: Leaf,
+    /// Who populates guest RAM: host (fast) or guest (ring-3 touch, slow).
+    #[arg(long, value_enum, default_value_t = Populate::Host)]
+    pub populate: Populate,
+    /// Repetitions of each strategy (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub reps: u32,
+    /// QEMU binary for the peer (looked up in PATH unless it has a '/').
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+    /// Skip the QEMU peer.
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// Skip the `vmm` process shutdown-to-exit measurement.
+    #[arg(long)]
+    pub no_process: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
 }
 
+/// The strategies, in their base order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Strategy {
+    Vm,
+    Munmap,
+    Naive,
+    Qemu,
+    Process,
+}
+
+/// The QEMU peer, once found and probed.
+#[derive(Serialize, Debug, Clone)]
+struct QemuInfo {
+    path: String,
+    version: String,
+    /// `kvm` if `-accel kvm` started, else `tcg` (with `-S` the guest never
+    /// runs, so the accelerator only changes VM creation and teardown).
+    accel: String,
+    /// RAM backend object used.
+    backend: String,
+}
+
+/// The result for one size (medians over the repetitions).
+#[derive(Serialize, Debug, Default)]
+struct SizeResult {
+    size_bytes: u64,
+    /// `Vm::destroy` call: stop and join the vCPUs, hand off reclamation.
+    destroy_ms: f64,
+    /// From the start of `destroy` until `wait_reclaim` returned (guest RAM
+    /// back with the host).
+    reclaim_ms: f64,
+    /// Parts of destroy and reclaim as the VM measured them: stopping and
+    /// joining the vCPUs, the reclaim thread's own end-to-end time, dropping
+    /// the KVM VM, the stage-2 gather (zap + release), its final grace
+    /// period (table pages freed), the munmap of guest RAM.
+    destroy_stop_vcpus_ms: f64,
+    reclaim_internal_ms: f64,
+    reclaim_vm_drop_ms: f64,
+    reclaim_stage2_gather_ms: f64,
+    reclaim_stage2_barrier_ms: f64,
+    reclaim_unmap_ms: f64,
+    /// Host-side populate of the VM (or guest run + top-up), for context.
+    populate_ms: f64,
+    /// One munmap (+ close for memfd) of an equally populated mapping.
+    munmap_ms: f64,
+    /// Per-4 KiB release under one lock, then munmap (+ close).
+    naive_ms: f64,
+    /// reclaim_ms / munmap_ms.
+    ratio_vs_munmap: f64,
+    /// naive_ms / reclaim_ms (how much faster the VM teardown is).
+    ratio_naive_vs_reclaim: f64,
+    /// QEMU quit → process exited (waitpid), when measured.
+    qemu_ms: Option<f64>,
+    /// QEMU quit → reply read (same runs; informative).
+    qemu_rss_bytes: Option<u64>,
+    /// `vmm` shutdown request sent → process exited (waitpid).
+    process_exit_ms: Option<f64>,
+    /// `vmm` shutdown request sent → API answered.
+    process_ack_ms: Option<f64>,
+    /// The `vmm` process's own `teardown_ms` / `reclaim_ms` (its JSON).
+    process_destroy_ms: Option<f64>,
+    process_reclaim_ms: Option<f64>,
+    process_rss_bytes: Option<u64>,
+    /// This process's VmRSS before the VM was created, once populated, and
+    /// after reclaim (medians).
+    rss_before_bytes: u64,
+    rss_populated_bytes: u64,
+    rss_after_bytes: u64,
+    /// Guest RAM resident (mincore) just before destroy (median).
+    guest_resident_bytes: u64,
+    /// rss_populated - rss_after (median).
+    rss_returned_bytes: u64,
+    /// Every VM repetition was populated to the full size and its RSS came
+    /// back to within 16 MiB of where it started.
+    rss_back: bool,
+    /// memfd: host `Shmem` (meminfo) freed by the VM teardown (median;
+    /// system-wide, so other processes add noise).
+    shmem_freed_bytes: Option<u64>,
+    reclaim_within_1_10x_munmap: bool,
+    destroy_within_5ms: bool,
+    /// process_exit_ms < qemu_ms; null when either was not measured.
+    faster_than_qemu: Option<bool>,
+    destroy_ms_all: Vec<f64>,
+    reclaim_ms_all: Vec<f64>,
+    munmap_ms_all: Vec<f64>,
+    naive_ms_all: Vec<f64>,
+    qemu_ms_all: Vec<f64>,
+    process_exit_ms_all: Vec<f64>,
+}
+
+/// The `--json` object.
+#[derive(Serialize, Debug)]
+struct TeardownResult {
+    tool: &'static str,
+    backing: &'static str,
+    page_size: String,
+    populate: &'static str,
+    reps: u32,
+    membarrier: bool,
+    cores: usize,
+    mem_total_bytes: u64,
+    kernel: String,
+    /// KVM modules loaded (kvm_intel, kvm_amd, kvm_pvm).
+    kvm_modules: Vec<String>,
+    /// The QEMU peer, or null when skipped.
+    qemu: Option<QemuInfo>,
+    /// Why the QEMU peer was skipped.
+    qemu_skipped: Option<String>,
+    /// Whether the `vmm` process was measured.
+    process_measured: bool,
+    /// What the munmap baseline is and whether it is like with like.
+    munmap_baseline: String,
+    sizes: Vec<SizeResult>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Populate `[addr, addr+len)` for writing: `MADV_POPULATE_WRITE`, or, on
+/// kernels without it, one read and write-back per 4 KiB page.
+///
+/// # Safety
+///
+/// The range must be a live writable mapping of this process that nothing
+/// else writes concurrently (rewriting a byte must not lose a store).
+unsafe fn populate_range(addr: u64, len: u64) -> Result<()> {
+    let n = usize::try_from(len).context("range too large")?;
+    // SAFETY: the caller guarantees a live mapping; populating does not
+    // change its contents.
+    let rc = unsafe {
+        libc::madvise(
+            addr as usize as *mut libc::c_void,
+            n,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINVAL) {
+        return Err(err).context("madvise(MADV_POPULATE_WRITE) failed");
+    }
+    for off in (0..len).step_by(PAGE as usize) {
+        let p = (addr + off) as usize as *mut u8;
+        // SAFETY: inside the caller's mapping, which nothing else writes.
+        unsafe { p.write_volatile(p.read_volatile()) };
+    }
+    Ok(())
+}
+
+/// `Shmem:` of /proc/meminfo, bytes.
+fn host_shmem() -> u64 {
+    meminfo("Shmem:")
+}
+
+fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// VmRSS of another process, bytes (0 if it is gone).
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// One VM teardown.
+struct VmRun {
+    destroy_ms: f64,
+    reclaim_ms: f64,
+    stop_vcpus_ms: f64,
+    internal_ms: f64,
+    barrier_ms: f64,
+    vm_drop_ms: f64,
+    gather_ms: f64,
+    unmap_ms: f64,
+    populate_ms: f64,
+    rss_before: u64,
+    rss_populated: u64,
+    rss_after: u64,
+    resident: u64,
+    shmem_freed: u64,
+}
+
+fn vm_once(a: &Args, size: u64) -> Result<VmRun> {
+    let mut c = VmConfig::new(MemSize::from_bytes(size).context("guest RAM size")?);
+    c.backing = match a.backing {
+        BackingArg::Anon => Backing::Anon,
+        BackingArg::Memfd => Backing::Memfd,
+    };
+    c.page_size = if a.page_size == Leaf::Size4K {
+        PageSize::Size4K
+    } else {
+        PageSize::Size2M
+    };
+    c.workload = Workload::Verify;
+    c.console = Console::Null;
+    let rss_before = vmm::proc_stats::rss().rss;
+    let timeout = Duration::from_secs(60) + READY_PER_GIB * (size.div_ceil(1 << 30) as u32);
+    let t = Instant::now();
+    let mut vm = Vm::new(c).context("creating the microVM (is /dev/kvm usable?)")?;
+    let populate_all = |vm: &Vm| -> Result<()> {
+        for r in vm.memory().regions() {
+            // SAFETY: a live guest RAM mapping owned by `vm`; the vCPUs have
+            // not started (host) or have finished (guest), so nothing else
+            // writes it.
+            unsafe { populate_range(r.host_addr as u64, r.len)? };
+        }
+        Ok(())
+    };
+    match a.populate {
+        Populate::Host => {
+            // Like `vmm run --populate`: populated, then the vCPUs started
+            // and held paused (QEMU's -S).
+            populate_all(&vm)?;
+            vm.start().context("starting the vCPUs")?;
+            if !vm.pause(Duration::from_secs(10)) {
+                bail!("the vCPUs did not pause within 10 s");
+            }
+        }
+        Populate::Guest => {
+            vm.start().context("starting the vCPUs")?;
+            if !vm.wait(timeout) || !vm.guest_ok() {
+                bail!(
+                    "the guest did not verify its {} within {} s",
+                    human_bytes(size),
+                    timeout.as_secs()
+                );
+            }
+            // The guest wrote its share; the rest (page tables, image) is
+            // topped up host-side.
+            populate_all(&vm)?;
+        }
+    }
+    let populate_ms = ms(t.elapsed());
+    let resident: u64 = vm
+        .memory()
+        .regions()
+        .iter()
+        .map(|r| guest_mm::stress::resident_bytes(r.host_addr as u64, r.len))
+        .sum();
+    let rss_populated = vmm::proc_stats::rss().rss;
+    let shmem0 = host_shmem();
+    std::thread::sleep(SETTLE);
+    let t = Instant::now();
+    let mut td = vm.destroy();
+    let destroy_ms = ms(t.elapsed());
+    let r = td.wait_reclaim();
+    let reclaim_ms = ms(t.elapsed());
+    let shmem1 = host_shmem();
+    let rss_after = vmm::proc_stats::rss().rss;
+    Ok(VmRun {
+        destroy_ms,
+        reclaim_ms,
+        stop_vcpus_ms: td.stop_vcpus_ms,
+        internal_ms: r.reclaim_ms,
+        barrier_ms: r.stage2.barrier_ms,
+        vm_drop_ms: r.vm_drop_ms,
+        gather_ms: r.stage2.gather_ms,
+        unmap_ms: r.unmap_ms,
+        populate_ms,
+        rss_before,
+        rss_populated,
+        rss_after,
+        resident,
+        shmem_freed: shmem0.saturating_sub(shmem1),
+    })
+}
+
+/// A shared memfd mapping of `len` bytes (2 MiB aligned), closed and
+/// unmapped by [`MemfdRegion::release`] or on drop.
+struct MemfdRegion {
+    file: Option<std::fs::File>,
+    base: u64,
+    len: u64,
+    mapped: bool,
+}
+
+impl MemfdRegion {
+    fn new(len: u64, leaf: Leaf) -> Result<MemfdRegion> {
+        // SAFETY: a NUL-terminated static name; no memory side effects.
+        let fd = unsafe { libc::memfd_create(c"gmm-teardown".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("memfd_create failed");
+        }
+        // SAFETY: fd was just returned by memfd_create and is owned by
+        // nobody else.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len).context("sizing the memfd")?;
+        let n = usize::try_from(len).context("size does not fit the address space")?;
+        // SAFETY: a fresh shared mapping of our own memfd at a kernel-chosen
+        // address; checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of the memfd failed");
+        }
+        let advice = if leaf == Leaf::Size4K {
+            libc::MADV_NOHUGEPAGE
+        } else {
+            libc::MADV_HUGEPAGE
+        };
+        // SAFETY: the mapping made above; the advice is a hint (as for
+        // guest RAM, whose advice this mirrors).
+        unsafe { libc::madvise(p, n, advice) };
+        Ok(MemfdRegion {
+            file: Some(file),
+            base: p as u64,
+            len,
+            mapped: true,
+        })
+    }
+
+    fn populate(&self) -> Result<()> {
+        // SAFETY: our own live mapping; nothing else accesses it.
+        unsafe { populate_range(self.base, self.len) }
+    }
+
+    fn resident(&self) -> u64 {
+        guest_mm::stress::resident_bytes(self.base, self.len)
+    }
+
+    /// One hole punched per 4 KiB page, under `lock`.
+    fn punch_per_page(&self, lock: &Mutex<()>) -> Result<()> {
+        let fd = self.file.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        for off in (0..self.len).step_by(PAGE as usize) {
+            // SAFETY: our own memfd; punching drops only its pages.
+            let rc = unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    PAGE as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("fallocate(PUNCH_HOLE) at {off:#x} failed"));
+            }
+        }
+        Ok(())
+    }
+
+    /// munmap, then close (the file's pages are freed).
+    fn release(&mut self) {
+        if self.mapped {
+            // SAFETY: our own mapping, no reference into it is held.
+            unsafe { libc::munmap(self.base as usize as *mut libc::c_void, self.len as usize) };
+            self.mapped = false;
+        }
+        self.file = None;
+    }
+}
+
+impl Drop for MemfdRegion {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// One munmap or naive baseline: (ms, resident before, RSS returned).
+fn baseline_once(a: &Args, size: u64, naive: bool) -> Result<(f64, u64, u64)> {
+    match a.backing {
+        BackingArg::Anon => {
+            let r = AnonRegion::new(size, a.page_size)?;
+            // SAFETY: our own fresh mapping; nothing else accesses it.
+            unsafe { populate_range(r.base, r.len)? };
+            let resident = r.resident();
+            let rss0 = vmm::proc_stats::rss().rss;
+            let lock = Mutex::new(());
+            std::thread::sleep(SETTLE);
+            let t = Instant::now();
+            if naive {
+                r.release_per_page(&lock)?;
+            }
+            drop(r);
+            let el = ms(t.elapsed());
+            let rss1 = vmm::proc_stats::rss().rss;
+            Ok((el, resident, rss0.saturating_sub(rss1)))
+        }
+        BackingArg::Memfd => {
+            let mut r = MemfdRegion::new(size, a.page_size)?;
+            r.populate()?;
+            let resident = r.resident();
+            let rss0 = vmm::proc_stats::rss().rss;
+            let lock = Mutex::new(());
+            std::thread::sleep(SETTLE);
+            let t = Instant::now();
+            if naive {
+                r.punch_per_page(&lock)?;
+            }
+            r.release();
+            let el = ms(t.elapsed());
+            let rss1 = vmm::proc_stats::rss().rss;
+            Ok((el, resident, rss0.saturating_sub(rss1)))
+        }
+    }
+}
+
+/// Where a command is: as given if it has a '/', else the first match in
+/// PATH.
+fn which(cmd: &str) -> Option<PathBuf> {
+    if cmd.contains('/') {
+        let p = PathBuf::from(cmd);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+}
+
+/// A fresh socket path in the temporary directory.
+fn sock_path(what: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("gmm-{what}-{}-{n}.sock", std::process::id()))
+}
+
+/// Removes a socket file on drop.
+struct SockFile(PathBuf);
+
+impl Drop for SockFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A spawned child whose exit a thread waits for (so the exit time is
+/// stamped as soon as `waitpid` returns, with no polling). Killed on drop
+/// if it has not exited, so no populated peer outlives the bench.
+struct Waited {
+    pid: u32,
+    rx: Receiver<(Instant, std::io::Result<Output>)>,
+    reaped: bool,
+}
+
+impl Waited {
+    fn spawn(mut cmd: Command) -> Result<Waited> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("waitpid".into())
+            .spawn(move || {
+                let out = child.wait_with_output();
+                let _ = tx.send((Instant::now(), out));
+            });
+        let w = Waited {
+            pid,
+            rx,
+            reaped: false,
+        };
+        // Without a waiter, `w` is dropped here and kills the child.
+        spawned.context("spawning the waiter thread")?;
+        Ok(w)
+    }
+
+    /// The exit, if it has already happened.
+    fn exited(&mut self) -> Option<Output> {
+        match self.rx.try_recv() {
+            Ok((_, out)) => {
+                self.reaped = true;
+                Some(out.unwrap_or_else(|e| Output {
+                    status: std::os::unix::process::ExitStatusExt::from_raw(-1),
+                    stdout: Vec::new(),
+                    stderr: e.to_string().into_bytes(),
+                }))
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Waits up to `timeout` for the exit: (when waitpid returned, output).
+    fn wait(&mut self, timeout: Duration) -> Result<(Instant, Output)> {
+        match self.rx.recv_timeout(timeout) {
+            Ok((t, out)) => {
+                self.reaped = true;
+                Ok((t, out.context("waiting for the child")?))
+            }
+            Err(RecvTimeoutError::Timeout) => bail!(
+                "pid {} did not exit within {} s (killed)",
+                self.pid,
+                timeout.as_secs()
+            ),
+            Err(RecvTimeoutError::Disconnected) => bail!("the waiter thread died"),
+        }
+    }
+}
+
+impl Drop for Waited {
+    fn drop(&mut self) {
+        if self.reaped || self.rx.try_recv().is_ok() {
+            return;
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.pid) {
+            // SAFETY: signalling our own child, which has not been reaped
+            // (its waiter has not reported), so the pid is still ours.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The last lines of a child's output, for error messages.
+fn tail(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(b);
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// A QMP connection.
+struct Qmp {
+    r: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> std::io::Result<Qmp> {
+        let s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        Ok(Qmp {
+            r: BufReader::new(s),
+        })
+    }
+
+    fn line(&mut self) -> Result<String> {
+        let mut l = String::new();
+        if self.r.read_line(&mut l).context("reading QMP")? == 0 {
+            bail!("QMP connection closed");
+        }
+        Ok(l)
+    }
+
+    fn send(&mut self, cmd: &str) -> Result<()> {
+        let s = self.r.get_mut();
+        s.write_all(cmd.as_bytes())?;
+        s.write_all(b"\n")?;
+        Ok(())
+    }
+
+    /// Sends `cmd` and reads until its `return` (skipping events).
+    fn execute(&mut self, cmd: &str) -> Result<()> {
+        self.send(cmd)?;
+        loop {
+            let l = self.line()?;
+            if l.contains("\"return\"") {
+                return Ok(());
+            }
+            if l.contains("\"error\"") {
+                bail!("QMP refused {cmd}: {}", l.trim());
+            }
+        }
+    }
+}
+
+/// Time a child may take to become ready with `size` bytes populated.
+fn ready_budget(size: u64) -> Duration {
+    Duration::from_secs(30) + READY_PER_GIB * u32::try_from(size.div_ceil(1 << 30)).unwrap_or(64)
+}
+
+fn qemu_command(q: &QemuInfo, size: u64, sock: &Path) -> Command {
+    let mut c = Command::new(&q.path);
+    c.args([
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-nographic",
+        "-S",
+        "-accel",
+        &q.accel,
+    ])
+    .arg("-object")
+    .arg(format!("{},id=m0,size={size},prealloc=on", q.backend))
+    .args(["-machine", "memory-backend=m0", "-qmp"])
+    .arg(format!("unix:{},server=on,wait=off", sock.display()))
+    .stdout(Stdio::null());
+    c
+}
+
+/// Connects to the QMP socket the child creates and negotiates
+/// capabilities (answered only once QEMU runs its main loop, i.e. after
+/// the RAM was preallocated).
+fn qmp_ready(w: &mut Waited, sock: &Path, deadline: Instant) -> Result<Qmp> {
+    loop {
+        if let Some(o) = w.exited() {
+            bail!("QEMU exited early ({}): {}", o.status, tail(&o.stderr));
+        }
+        if let Ok(mut q) = Qmp::connect(sock) {
+            let greet = q.line()?;
+            if !greet.contains("QMP") {
+                bail!("unexpected QMP greeting {:?}", greet.trim());
+            }
+            q.execute("{\"execute\":\"qmp_capabilities\"}")?;
+            return Ok(q);
+        }
+        if Instant::now() > deadline {
+            bail!("QEMU did not open its QMP socket in time");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until the RSS of `pid` reaches `size` (or `deadline`).
+fn wait_rss(pid: u32, size: u64, deadline: Instant, who: &str) -> Result<u64> {
+    loop {
+        let rss = rss_of(pid);
+        if rss >= size {
+            return Ok(rss);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{who}'s RSS reached only {} of {}: not populated in time",
+                human_bytes(rss),
+                human_bytes(size)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One QEMU run: (quit sent → process exited ms, RSS when ready).
+fn qemu_once(q: &QemuInfo, size: u64) -> Result<(f64, u64)> {
+    let sock = SockFile(sock_path("qmp"));
+    let _ = std::fs::remove_file(&sock.0);
+    let mut w = Waited::spawn(qemu_command(q, size, &sock.0))?;
+    let budget = ready_budget(size);
+    let deadline = Instant::now() + budget;
+    let mut qmp = qmp_ready(&mut w, &sock.0, deadline)?;
+    let rss = wait_rss(w.pid, size, deadline, "QEMU")?;
+    std::thread::sleep(SETTLE);
+    let t = Instant::now();
+    qmp.send("{\"execute\":\"quit\"}")?;
+    let (end, out) = w.wait(budget)?;
+    if !out.status.success() {
+        bail!("QEMU exited with {}: {}", out.status, tail(&out.stderr));
+    }
+    Ok((ms(end.saturating_duration_since(t)), rss))
+}
+
+/// Finds QEMU and works out an accelerator that starts (`kvm`, else `tcg`).
+fn probe_qemu(a: &Args) -> std::result::Result<QemuInfo, String> {
+    let path = which(&a.qemu).ok_or_else(|| format!("{} not found", a.qemu))?;
+    let version = Command::new(&path)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{} --version failed: {e}", path.display()))?;
+    let version = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let backend = match a.backing {
+        BackingArg::Anon => "memory-backend-ram",
+        BackingArg::Memfd => "memory-backend-memfd,share=on",
+    };
+    let mut errors = Vec::new();
+    for accel in ["kvm", "tcg"] {
+        let q = QemuInfo {
+            path: path.display().to_string(),
+            version: version.clone(),
+            accel: accel.to_string(),
+            backend: backend.to_string(),
+        };
+        match qemu_once(&q, 2 << 20) {
+            Ok(_) => return Ok(q),
+            Err(e) => errors.push(format!("-accel {accel}: {e:#}")),
+        }
+    }
+    Err(format!("QEMU did not start: {}", errors.join("; ")))
+}
+
+/// The `vmm` binary next to this executable.
+fn vmm_binary() -> Result<PathBuf> {
+    let p = std::env::current_exe()
+        .context("locating the gmm executable")?
+        .with_file_name("vmm");
+    if !p.is_file() {
+        bail!(
+            "the vmm binary is not at {} (next to gmm): build it with \
+             `cargo build --release -p vmm`, or pass --no-process",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// One `vmm` process run.
+struct ProcessRun {
+    exit_ms: f64,
+    ack_ms: f64,
+    destroy_ms: Option<f64>,
+    reclaim_ms: Option<f64>,
+    rss: u64,
+}
+
+fn process_once(a: &Args, vmm: &Path, size: u64) -> Result<ProcessRun> {
+    let sock = SockFile(sock_path("vmm"));
+    let _ = std::fs::remove_file(&sock.0);
+    let mut cmd = Command::new(vmm);
+    cmd.args(["run", "--json", "--populate", "--mem"])
+        .arg(format!("{}M", size >> 20))
+        .args(["--backing", a.backing.name(), "--page-size"])
+        .arg(if a.page_size == Leaf::Size4K {
+            "4K"
+        } else {
+            "2M"
+        })
+        .arg("--api-sock")
+        .arg(&sock.0)
+        .stdout(Stdio::piped());
+    let mut w = Waited::spawn(cmd)?;
+    let budget = ready_budget(size);
+    let deadline = Instant::now() + budget;
+    // The API is served only after RAM was populated.
+    loop {
+        if let Some(o) = w.exited() {
+            bail!("vmm exited early ({}): {}", o.status, tail(&o.stderr));
+        }
+        if sock.0.exists() && vmm::api::call(&sock.0, "GET", "/", None).is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("vmm did not serve its API in time");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rss = wait_rss(w.pid, size, deadline, "vmm")?;
+    std::thread::sleep(SETTLE);
+    let body = serde_json::json!({ "action_type": "Shutdown" });
+    let t = Instant::now();
+    vmm::api::call(&sock.0, "PUT", "/actions", Some(&body)).context("sending shutdown")?;
+    let ack_ms = ms(t.elapsed());
+    let (end, out) = w.wait(budget)?;
+    if !out.status.success() {
+        bail!("vmm exited with {}: {}", out.status, tail(&out.stderr));
+    }
+    let summary: Option<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok());
+    let field = |k: &str| {
+        summary
+            .as_ref()
+            .and_then(|v| v.get(k))
+            .and_then(serde_json::Value::as_f64)
+    };
+    Ok(ProcessRun {
+        exit_ms: ms(end.saturating_duration_since(t)),
+        ack_ms,
+        destroy_ms: field("teardown_ms"),
+        reclaim_ms: field("reclaim_ms"),
+        rss,
+    })
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn kvm_modules() -> Vec<String> {
+    ["kvm_intel", "kvm_amd", "kvm_pvm"]
+        .iter()
+        .filter(|m| Path::new("/sys/module").join(m).exists())
+        .map(|m| (*m).to_string())
+        .collect()
+}
+
+fn med_opt(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| round(median(v), 3))
+}
+
+fn r3(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|x| round(*x, 3)).collect()
+}
+
 /// Run the command.
-pub fn cmd(_a: &Args) -> Result<()> {
-    bail!("gmm teardown is not implemented yet")
+pub fn cmd(a: &Args) -> Result<()> {
+    for &s in &a.sizes.0 {
+        MemSize::from_bytes(s).with_context(|| format!("--sizes: {}", human_bytes(s)))?;
+    }
+    let (qemu, qemu_skipped) = if a.no_qemu {
+        (None, Some("--no-qemu".to_string()))
+    } else {
+        match probe_qemu(a) {
+            Ok(q) => (Some(q), None),
+            Err(e) => (None, Some(e)),
+        }
+    };
+    let vmm_bin = if a.no_process {
+        None
+    } else {
+        Some(vmm_binary()?)
+    };
+    let mut strategies = vec![Strategy::Vm, Strategy::Munmap, Strategy::Naive];
+    if qemu.is_some() {
+        strategies.push(Strategy::Qemu);
+    }
+    if vmm_bin.is_some() {
+        strategies.push(Strategy::Process);
+    }
+    let like = match a.backing {
+        BackingArg::Anon => {
+            "an equally populated private anonymous mapping with the same leaf advice, \
+                             one munmap: like with like (guest RAM is that kind of mapping)"
+        }
+        BackingArg::Memfd => {
+            "a memfd of the same size, mapped shared, populated, then munmap + close \
+                              (file freed): like with like (guest RAM is a memfd mapping)"
+        }
+    };
+    crate::say(
+        a.json,
+        &format!(
+            "bench teardown: sizes {}, {} backing, {} leaves, populated by the {}, {} reps\n  \
+             munmap baseline: {like}\n  qemu peer: {}\n  vmm process: {}\n",
+            a.sizes
+                .0
+                .iter()
+                .map(|s| human_bytes(*s))
+                .collect::<Vec<_>>()
+                .join(", "),
+            a.backing.name(),
+            a.page_size,
+            a.populate.name(),
+            a.reps,
+            match (&qemu, &qemu_skipped) {
+                (Some(q), _) => format!("{} (-accel {}, {})", q.version, q.accel, q.backend),
+                (None, Some(why)) => format!("skipped: {why}"),
+                (None, None) => "skipped".into(),
+            },
+            vmm_bin
+                .as_ref()
+                .map_or("skipped (--no-process)".into(), |p| p.display().to_string()),
+        ),
+    );
+    let total = a.sizes.0.len() as u64 * u64::from(a.reps) * strategies.len() as u64;
+    let pb = crate::progress::bar(total, "teardown");
+    let mut sizes = Vec::new();
+    for &size in &a.sizes.0 {
+        let mut res = SizeResult {
+            size_bytes: size,
+            rss_back: true,
+            ..SizeResult::default()
+        };
+        let (mut gather, mut vmdrop, mut unmap, mut pop) = (vec![], vec![], vec![], vec![]);
+        let (mut stopv, mut internal, mut barrier) = (vec![], vec![], vec![]);
+        let (mut rb, mut rp, mut ra, mut resd, mut ret, mut shm) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut qrss, mut pack, mut pdes, mut prec, mut prss) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for rep in 0..a.reps {
+            let n = strategies.len();
+            for k in 0..n {
+                let s = strategies[(k + rep as usize) % n];
+                pb.set_message(format!("{} {:?}", human_bytes(size), s));
+                match s {
+                    Strategy::Vm => {
+                        let r = vm_once(a, size)?;
+                        res.destroy_ms_all.push(r.destroy_ms);
+                        res.reclaim_ms_all.push(r.reclaim_ms);
+                        gather.push(r.gather_ms);
+                        stopv.push(r.stop_vcpus_ms);
+                        internal.push(r.internal_ms);
+                        barrier.push(r.barrier_ms);
+                        vmdrop.push(r.vm_drop_ms);
+                        unmap.push(r.unmap_ms);
+                        pop.push(r.populate_ms);
+                        rb.push(r.rss_before as f64);
+                        rp.push(r.rss_populated as f64);
+                        ra.push(r.rss_after as f64);
+                        resd.push(r.resident as f64);
+                        ret.push(r.rss_populated.saturating_sub(r.rss_after) as f64);
+                        shm.push(r.shmem_freed as f64);
+                        res.rss_back &=
+                            r.resident >= size && r.rss_after <= r.rss_before + (16 << 20);
+                    }
+                    Strategy::Munmap | Strategy::Naive => {
+                        let naive = s == Strategy::Naive;
+                        let (el, resident, _) = baseline_once(a, size, naive)?;
+                        if resident < size {
+                            bail!(
+                                "the {} baseline was populated to only {} of {}",
+                                if naive { "naive" } else { "munmap" },
+                                human_bytes(resident),
+                                human_bytes(size)
+                            );
+                        }
+                        if naive {
+                            res.naive_ms_all.push(el);
+                        } else {
+                            res.munmap_ms_all.push(el);
+                        }
+                    }
+                    Strategy::Qemu => {
+                        if let Some(q) = &qemu {
+                            let (el, rss) = qemu_once(q, size)
+                                .with_context(|| format!("QEMU peer at {}", human_bytes(size)))?;
+                            res.qemu_ms_all.push(el);
+                            qrss.push(rss as f64);
+                        }
+                    }
+                    Strategy::Process => {
+                        if let Some(v) = &vmm_bin {
+                            let r = process_once(a, v, size)
+                                .with_context(|| format!("vmm process at {}", human_bytes(size)))?;
+                            res.process_exit_ms_all.push(r.exit_ms);
+                            pack.push(r.ack_ms);
+                            pdes.extend(r.destroy_ms);
+                            prec.extend(r.reclaim_ms);
+                            prss.push(r.rss as f64);
+                        }
+                    }
+                }
+                pb.inc(1);
+                std::thread::sleep(SETTLE);
+            }
+        }
+        res.destroy_ms = round(median(&res.destroy_ms_all), 3);
+        res.reclaim_ms = round(median(&res.reclaim_ms_all), 3);
+        res.destroy_stop_vcpus_ms = round(median(&stopv), 3);
+        res.reclaim_internal_ms = round(median(&internal), 3);
+        res.reclaim_stage2_barrier_ms = round(median(&barrier), 3);
+        res.reclaim_vm_drop_ms = round(median(&vmdrop), 3);
+        res.reclaim_stage2_gather_ms = round(median(&gather), 3);
+        res.reclaim_unmap_ms = round(median(&unmap), 3);
+        res.populate_ms = round(median(&pop), 1);
+        res.munmap_ms = round(median(&res.munmap_ms_all), 3);
+        res.naive_ms = round(median(&res.naive_ms_all), 3);
+        res.ratio_vs_munmap = if res.munmap_ms > 0.0 {
+            round(median(&res.reclaim_ms_all) / median(&res.munmap_ms_all), 3)
+        } else {
+            0.0
+        };
+        res.ratio_naive_vs_reclaim = if res.reclaim_ms > 0.0 {
+            round(median(&res.naive_ms_all) / median(&res.reclaim_ms_all), 2)
+        } else {
+            0.0
+        };
+        res.qemu_ms = med_opt(&res.qemu_ms_all);
+        res.qemu_rss_bytes = (!qrss.is_empty()).then(|| median(&qrss) as u64);
+        res.process_exit_ms = med_opt(&res.process_exit_ms_all);
+        res.process_ack_ms = med_opt(&pack);
+        res.process_destroy_ms = med_opt(&pdes);
+        res.process_reclaim_ms = med_opt(&prec);
+        res.process_rss_bytes = (!prss.is_empty()).then(|| median(&prss) as u64);
+        res.rss_before_bytes = median(&rb) as u64;
+        res.rss_populated_bytes = median(&rp) as u64;
+        res.rss_after_bytes = median(&ra) as u64;
+        res.guest_resident_bytes = median(&resd) as u64;
+        res.rss_returned_bytes = median(&ret) as u64;
+        res.shmem_freed_bytes = (a.backing == BackingArg::Memfd).then(|| median(&shm) as u64);
+        res.reclaim_within_1_10x_munmap = res.ratio_vs_munmap > 0.0 && res.ratio_vs_munmap <= 1.1;
+        res.destroy_within_5ms = res.destroy_ms <= 5.0;
+        res.faster_than_qemu = match (res.process_exit_ms, res.qemu_ms) {
+            (Some(p), Some(q)) => Some(p < q),
+            _ => None,
+        };
+        for v in [
+            &mut res.destroy_ms_all,
+            &mut res.reclaim_ms_all,
+            &mut res.munmap_ms_all,
+            &mut res.naive_ms_all,
+            &mut res.qemu_ms_all,
+            &mut res.process_exit_ms_all,
+        ] {
+            *v = r3(v);
+        }
+        let opt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.3} ms"));
+        pb.suspend(|| {
+            crate::say(
+                a.json,
+                &format!(
+                    "{}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}); populate {:.0} ms\n  \
+                     munmap   {:>9.3} ms   reclaim/munmap x{:.3} (target <= 1.1: {})\n  \
+                     naive    {:>9.3} ms   naive/reclaim x{:.2}\n  \
+                     qemu     {} (quit -> exit)\n  \
+                     vmm      {} (shutdown -> exit; API ack {}, its destroy {}, its reclaim {})  faster than qemu: {}\n  \
+                     rss {} -> {} -> {} (returned {}), guest resident {}, rss back: {}{}\n  \
+                     destroy within 5 ms: {}\n",
+                    human_bytes(size),
+                    res.destroy_ms,
+                    res.destroy_stop_vcpus_ms,
+                    res.reclaim_ms,
+                    res.reclaim_internal_ms,
+                    res.reclaim_vm_drop_ms,
+                    res.reclaim_stage2_gather_ms,
+                    res.reclaim_stage2_barrier_ms,
+                    res.reclaim_unmap_ms,
+                    res.populate_ms,
+                    res.munmap_ms,
+                    res.ratio_vs_munmap,
+                    res.reclaim_within_1_10x_munmap,
+                    res.naive_ms,
+                    res.ratio_naive_vs_reclaim,
+                    opt(res.qemu_ms),
+                    opt(res.process_exit_ms),
+                    opt(res.process_ack_ms),
+                    opt(res.process_destroy_ms),
+                    opt(res.process_reclaim_ms),
+                    res.faster_than_qemu
+                        .map_or("n/a".to_string(), |b| b.to_string()),
+                    human_bytes(res.rss_before_bytes),
+                    human_bytes(res.rss_populated_bytes),
+                    human_bytes(res.rss_after_bytes),
+                    human_bytes(res.rss_returned_bytes),
+                    human_bytes(res.guest_resident_bytes),
+                    res.rss_back,
+                    res.shmem_freed_bytes
+                        .map_or(String::new(), |b| format!(", host Shmem freed {}", human_bytes(b))),
+                    res.destroy_within_5ms,
+                ),
+            );
+        });
+        sizes.push(res);
+    }
+    pb.finish_and_clear();
+    let out = TeardownResult {
+        tool: "bench-teardown",
+        backing: a.backing.name(),
+        page_size: a.page_size.to_string(),
+        populate: a.populate.name(),
+        reps: a.reps,
+        membarrier: crate::membarrier(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        mem_total_bytes: meminfo("MemTotal:"),
+        kernel: kernel(),
+        kvm_modules: kvm_modules(),
+        qemu,
+        qemu_skipped,
+        process_measured: vmm_bin.is_some(),
+        munmap_baseline: like.split_whitespace().collect::<Vec<_>>().join(" "),
+        sizes,
+    };
+    crate::emit_json(a.json, &out)?;
+    Ok(())
 }
