@@ -239,6 +239,13 @@ pub struct TableStats {
     pub lock_hold_max_ns: u64,
     /// Histogram of lock holds: bucket `i` counts holds in `[2^i, 2^(i+1))` ns.
     pub lock_hold_hist: Vec<u64>,
+    /// Longest on-CPU time of the holder during one lock hold, in
+    /// nanoseconds (0 unless [`Stage2Table::set_cpu_lock_stats`] is on).
+    /// A wall-clock hold much longer than this one means the holder was
+    /// descheduled while holding the lock.
+    pub lock_hold_cpu_max_ns: u64,
+    /// Histogram of on-CPU hold times, buckets as `lock_hold_hist`.
+    pub lock_hold_cpu_hist: Vec<u64>,
     /// Table pages allocated now (including ones awaiting a grace period).
     pub table_pages: u64,
     /// Peak of `table_pages`.
@@ -295,6 +302,10 @@ pub(crate) struct Counters {
     pub(crate) lock_acq: StatU64,
     pub(crate) lock_max_ns: StatU64,
     pub(crate) lock_hist: [StatU64; 32],
+    pub(crate) lock_cpu_max_ns: StatU64,
+    pub(crate) lock_cpu_hist: [StatU64; 32],
+    /// Whether lock holds are also timed in thread CPU time.
+    pub(crate) cpu_lock_stats: std::sync::atomic::AtomicBool,
     pub(crate) invalidations: StatU64,
     pub(crate) flushes: StatU64,
     pub(crate) forced_flushes: StatU64,
@@ -349,17 +360,42 @@ pub(crate) struct Locked<'t> {
     t: &'t Stage2Table,
     _g: MutexGuard<'t, ()>,
     since: Instant,
+    /// Thread CPU time at acquisition, when CPU lock stats are on.
+    cpu_since: Option<u64>,
+}
+
+/// This thread's CPU time in nanoseconds (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Records one hold of `ns` into a maximum and a log2 histogram.
+fn record_hold(max: &StatU64, hist: &[StatU64; 32], ns: u64) {
+    max.fetch_max(ns, std::sync::atomic::Ordering::Relaxed);
+    let bucket = (63 - ns.max(1).leading_zeros()) as usize;
+    hist[bucket.min(hist.len() - 1)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let ns = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let s = &self.t.stats;
-        s.lock_max_ns
-            .fetch_max(ns, std::sync::atomic::Ordering::Relaxed);
-        let bucket = (63 - ns.max(1).leading_zeros()) as usize;
-        s.lock_hist[bucket.min(s.lock_hist.len() - 1)]
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        record_hold(&s.lock_max_ns, &s.lock_hist, ns);
+        if let Some(c0) = self.cpu_since {
+            let cpu = thread_cpu_ns().saturating_sub(c0);
+            record_hold(&s.lock_cpu_max_ns, &s.lock_cpu_hist, cpu);
+        }
     }
 }
 
@@ -440,11 +476,21 @@ impl Stage2Table {
     pub(crate) fn lock(&self) -> Locked<'_> {
         let g = lock(&self.lock);
         self.stats.lock_acq.fetch_add(1, RELAXED);
+        let cpu_since = self.stats.cpu_lock_stats.load(RELAXED).then(thread_cpu_ns);
         Locked {
             t: self,
             _g: g,
             since: Instant::now(),
+            cpu_since,
         }
+    }
+
+    /// Also time every lock hold in the holder's CPU time (two
+    /// `clock_gettime(CLOCK_THREAD_CPUTIME_ID)` calls per hold; off by
+    /// default). Benchmarks turn it on to tell a long hold from a holder
+    /// that was descheduled while holding the lock.
+    pub fn set_cpu_lock_stats(&self, on: bool) {
+        self.stats.cpu_lock_stats.store(on, RELAXED);
     }
 
     /// Register host memory that guest pages may be mapped to.
@@ -507,6 +553,8 @@ impl Stage2Table {
             lock_acquisitions: l(&s.lock_acq),
             lock_hold_max_ns: l(&s.lock_max_ns),
             lock_hold_hist: hist,
+            lock_hold_cpu_max_ns: l(&s.lock_cpu_max_ns),
+            lock_hold_cpu_hist: s.lock_cpu_hist.iter().map(l).collect(),
             table_pages: self.rcu.pool.in_use() as u64,
             table_pages_peak: self.rcu.pool.peak() as u64,
             tables_freed: self.rcu.pool.freed_total(),
@@ -537,7 +585,8 @@ impl Stage2Table {
     /// Reset the lock-hold maximum and histogram (between benchmark phases).
     pub fn reset_lock_stats(&self) {
         self.stats.lock_max_ns.store(0, RELAXED);
-        for h in &self.stats.lock_hist {
+        self.stats.lock_cpu_max_ns.store(0, RELAXED);
+        for h in self.stats.lock_hist.iter().chain(&self.stats.lock_cpu_hist) {
             h.store(0, RELAXED);
         }
     }

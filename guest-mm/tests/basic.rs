@@ -478,3 +478,33 @@ fn hugetlb_releases_only_whole_huge_pages() {
     assert_eq!(resident_bytes(mem.addr, M2), 0);
     assert_eq!(resident_bytes(mem.addr + M2, 3 * M2), 3 * M2);
 }
+
+#[test]
+fn cpu_lock_stats_are_off_by_default_and_bounded_by_the_wall_clock() {
+    let (t, _) = simulated_table(TableConfig::default());
+    let work = |t: &Stage2Table| {
+        t.map(Gpa(0), Hva(FAKE_HVA), 8 << 20, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(0), 8 << 20, UnmapMode::Remove).unwrap();
+        g.finish().unwrap();
+    };
+    work(&t);
+    let st = t.stats();
+    assert!(st.lock_hold_max_ns > 0);
+    assert_eq!(st.lock_hold_cpu_max_ns, 0);
+    assert_eq!(st.lock_hold_cpu_hist.iter().sum::<u64>(), 0);
+    t.reset_lock_stats();
+    t.set_cpu_lock_stats(true);
+    work(&t);
+    let st = t.stats();
+    let holds: u64 = st.lock_hold_hist.iter().sum();
+    assert_eq!(st.lock_hold_cpu_hist.iter().sum::<u64>(), holds);
+    assert!(st.lock_hold_cpu_max_ns > 0);
+    // The CPU interval encloses the wall-clock one only by the two clock
+    // reads; it cannot be much longer.
+    assert!(
+        st.lock_hold_cpu_max_ns <= st.lock_hold_max_ns + 200_000,
+        "{st:?}"
+    );
+}
