@@ -212,9 +212,16 @@ fn guest_driver_reports_a_missing_device() {
         .expect("status");
     assert!(ok, "{st:?} {:?}", vm.outcomes());
     assert_eq!(st.error, Some(DriverError::BadMagic(0)));
-    // The report stops vCPU 0 (the vCPU loop does not decode it yet).
+    // The report (OP_BALLOON_ERROR) ends vCPU 0 with the decoded error.
     assert!(vm.wait(Duration::from_secs(10)), "{:?}", vm.outcomes());
-    assert!(matches!(vm.outcomes()[0].1, VcpuOutcome::KvmError(_)));
+    assert_eq!(
+        vm.outcomes()[0].1,
+        VcpuOutcome::BalloonDriverError(DriverError::BadMagic(0))
+    );
+    assert_eq!(
+        vm.balloon_driver_errors(),
+        vec![(0, DriverError::BadMagic(0))]
+    );
     assert!(!vm.guest_ok());
     let text = console_text(&console);
     assert!(

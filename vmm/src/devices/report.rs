@@ -12,6 +12,7 @@
 //! | [`OP_RESULT`] | pattern verified | rdi/rsi share start/end, r8 bad words, r9 first bad GPA (or !0) |
 //! | [`OP_PROBE`] | answer to a probe command | rsi sequence, rdi GPA, r8 OR of the page's words, r9 first word, r10 TSC cycles the read took |
 //! | [`OP_DONE`] | the vCPU is finished and spins | — |
+//! | [`crate::guest::balloon::OP_BALLOON_ERROR`] (5) | the guest's balloon driver stopped; the vCPU spins | rdi error code, rsi detail |
 //!
 //! The exception stubs write the vector to [`EXC_PORT`] (at CPL0) and halt.
 

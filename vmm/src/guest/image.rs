@@ -7,7 +7,9 @@
 //!   its arguments in registers (see [`super::EntryArgs`]); it reports with
 //!   MMIO writes to the report device (MMIO exits work from any CPL; `out`
 //!   at CPL3 raises #GP on `kvm_pvm` even with IOPL 3), prints through the
-//!   console gate, and reads commands from the shared control page;
+//!   console gate, and reads commands from the shared control page; it
+//!   includes vCPU 0's virtio-balloon driver and the rewrite-and-verify
+//!   loops of [`super::Workload::BalloonStress`];
 //! - the console gate (`int3`, through a DPL-3 gate at vector 3): one
 //!   `rep outsb` of the string to COM1 at CPL0, one exit per string;
 //! - 32 exception stubs (`vmm_guest_exc_stubs`, 16 bytes apart) that run at
@@ -105,6 +107,8 @@ vmm_guest_entry:
 
     cmp rbp, 3
     je .Lballoon
+    cmp rbp, 4
+    je .Lstress
     cmp rbp, 1
     jne .Ldone
     test r14, r14
@@ -149,6 +153,73 @@ vmm_guest_entry:
     mov eax, 4
     call .Lreport_op
     jmp .Ldone
+
+    // ---- BalloonStress: vCPU 0 drives the balloon and rewrites its share
+    // below the balloon between polls (cursor set = this mode); the others
+    // rewrite and verify their share, one pass at a time, until CMD_EXIT.
+.Lstress:
+    test r14, r14
+    jnz .Ls_loop
+    mov qword ptr [rbx + {s_cursor}], r12
+    jmp .Lballoon
+.Ls_loop:
+    cmp qword ptr [rbx + 16], 2
+    je .Ldone
+    mov rdi, r12
+    mov rsi, r13
+    call .Lwv
+    inc qword ptr [r10 + {s_passes}]
+    jmp .Ls_loop
+
+    // wv(rdi = start, rsi = end): write the pattern over [rdi, rsi), verify
+    // it; bad words go to this vCPU's stress block (r10 on return) and are
+    // reported with OP_RESULT (rdi/rsi range, r8 bad words, r9 first bad).
+    // Keeps rdi, rsi, r9; clobbers rax, rcx, rdx, r8, r10, r11.
+.Lwv:
+    mov rcx, rdi
+.Lwv_w:
+    cmp rcx, rsi
+    jae .Lwv_wd
+    mov rax, rcx
+    xor rax, r15
+    mov qword ptr [rcx], rax
+    add rcx, 8
+    jmp .Lwv_w
+.Lwv_wd:
+    xor r8d, r8d
+    mov rdx, -1
+    mov rcx, rdi
+.Lwv_v:
+    cmp rcx, rsi
+    jae .Lwv_vd
+    mov rax, rcx
+    xor rax, r15
+    cmp qword ptr [rcx], rax
+    je .Lwv_next
+    inc r8
+    cmp rdx, -1
+    jne .Lwv_next
+    mov rdx, rcx
+.Lwv_next:
+    add rcx, 8
+    jmp .Lwv_v
+.Lwv_vd:
+    imul r10, r14, {s_block}
+    lea r10, [rbx + r10 + {s_blocks}]
+    test r8, r8
+    jz .Lwv_ret
+    add qword ptr [r10 + {s_bad}], r8
+    cmp qword ptr [r10 + {s_first_bad}], 0
+    jne .Lwv_report
+    mov qword ptr [r10 + {s_first_bad}], rdx
+.Lwv_report:
+    push r9
+    mov r9, rdx
+    mov eax, 2
+    call .Lreport_op
+    pop r9
+.Lwv_ret:
+    ret
 
     // ---- virtio-balloon driver (Balloon workload, vCPU 0 only) ----
     // r9 = the device's virtio-mmio window, rbp = pages in the balloon
@@ -290,11 +361,37 @@ vmm_guest_entry:
     cmp rax, 3
     je .Lb_report
 .Lb_idle:
+    mov rdi, qword ptr [rbx + {s_cursor}]
+    test rdi, rdi
+    jnz .Lb_chunk
+.Lb_idle_spin:
     mov ecx, 1024
 .Lb_spin:
     pause
     dec ecx
     jnz .Lb_spin
+    jmp .Lb_loop
+
+.Lb_chunk:
+    // BalloonStress: rewrite and verify the next chunk below the balloon
+    // (rsi = its first page); a sweep that reaches it is one pass.
+    mov rsi, rbp
+    shl rsi, 12
+    neg rsi
+    add rsi, r13
+    cmp rdi, rsi
+    jb .Lb_chunk_go
+    mov rdi, r12
+    mov qword ptr [rbx + {s_cursor}], rdi
+    cmp rdi, rsi
+    jae .Lb_idle_spin
+    inc qword ptr [rbx + {s_blocks} + {s_passes}]
+.Lb_chunk_go:
+    lea rax, [rdi + {s_chunk}]
+    cmp rax, rsi
+    cmovb rsi, rax
+    mov qword ptr [rbx + {s_cursor}], rsi
+    call .Lwv
     jmp .Lb_loop
 
 .Lb_inflate:
@@ -675,6 +772,13 @@ vmm_guest_image_end:
     st_reported = const super::balloon::status::REPORTED,
     st_seq = const super::balloon::status::SEQ,
     st_refused = const super::balloon::status::REPORTS_REFUSED,
+    s_cursor = const super::stress::CURSOR,
+    s_blocks = const super::stress::BLOCKS,
+    s_block = const super::stress::BLOCK,
+    s_passes = const super::stress::PASSES,
+    s_bad = const super::stress::BAD_WORDS,
+    s_first_bad = const super::stress::FIRST_BAD,
+    s_chunk = const super::stress::CHUNK,
 );
 
 extern "C" {

@@ -27,7 +27,9 @@
 //!
 //! The workload RAM, `[2 MiB, mem)`, is split into 2 MiB-aligned shares, one
 //! per vCPU; each vCPU writes `gpa ^ seed` to every 8-byte word of its share,
-//! reads it back and reports.
+//! reads it back and reports. Under [`Workload::BalloonStress`] they keep
+//! doing so (see [`stress`]) while vCPU 0's balloon driver follows the
+//! host's target.
 //!
 //! Free below 2 MiB: `0x4A000..0x50000`, `0xE0000..0x100000`,
 //! `0x140000..0x200000`.
@@ -102,6 +104,81 @@ pub mod control {
     pub const CMD_REPORT_FREE: u64 = 3;
 }
 
+/// The control-page blocks of [`Workload::BalloonStress`].
+///
+/// vCPUs 1..N rewrite and verify their whole share in a loop (one *pass*
+/// each time) until the command word holds [`control::CMD_EXIT`]. vCPU 0
+/// runs the balloon driver and, whenever it is at its target with no new
+/// command, rewrites and verifies the next [`CHUNK`] of its share below the
+/// balloon (starting at [`CURSOR`]); a sweep that reaches the balloon counts
+/// as one pass. Each vCPU keeps a block at [`block`]`(index)`: passes, bad
+/// words, first bad GPA (u64 each, written by the guest only). A pass or
+/// chunk with bad words is also reported with `OP_RESULT` (range, bad
+/// words, first bad GPA). The pattern never changes, so a host reader sees
+/// `gpa ^ seed` in every word the guest owns and has written once, whether
+/// or not the guest is rewriting it.
+pub mod stress {
+    use super::{control, layout};
+
+    /// u64: where vCPU 0's next chunk starts (0 outside this workload).
+    pub const CURSOR: u64 = 0x1f8;
+    /// The first per-vCPU block.
+    pub const BLOCKS: u64 = 0x200;
+    /// Bytes per block.
+    pub const BLOCK: u64 = 0x18;
+    /// Offset of the pass count in a block.
+    pub const PASSES: u64 = 0;
+    /// Offset of the bad-word count in a block.
+    pub const BAD_WORDS: u64 = 8;
+    /// Offset of the first bad GPA in a block (0: none).
+    pub const FIRST_BAD: u64 = 16;
+    /// Bytes vCPU 0 rewrites and verifies between two polls of the target.
+    pub const CHUNK: u64 = 64 << 10;
+
+    const _: () = {
+        assert!(CURSOR >= crate::guest::balloon::status::END && CURSOR + 8 <= BLOCKS);
+        assert!(BLOCKS + BLOCK * layout::MAX_VCPUS as u64 <= 0x1000);
+        assert!(control::ARG + 8 <= crate::guest::balloon::status::STATE);
+        assert!(CHUNK.is_multiple_of(4096));
+    };
+
+    /// Offset of vCPU `index`'s block in the control page.
+    pub fn block(index: u32) -> u64 {
+        BLOCKS + BLOCK * u64::from(index)
+    }
+
+    /// What one vCPU reported in its block.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+    pub struct VcpuStress {
+        /// vCPU index.
+        pub vcpu: u32,
+        /// Passes over the share (vCPU 0: sweeps below the balloon).
+        pub passes: u64,
+        /// Words that did not read back, over all passes after the first.
+        pub bad_words: u64,
+        /// First bad GPA.
+        pub first_bad: Option<u64>,
+    }
+
+    impl VcpuStress {
+        /// Parses vCPU `index`'s block from the control page's bytes.
+        pub fn parse(page: &[u8], index: u32) -> Option<Self> {
+            let word = |off: u64| -> Option<u64> {
+                let o = usize::try_from(block(index) + off).ok()?;
+                let b: [u8; 8] = page.get(o..o + 8)?.try_into().ok()?;
+                Some(u64::from_le_bytes(b))
+            };
+            let first = word(FIRST_BAD)?;
+            Some(Self {
+                vcpu: index,
+                passes: word(PASSES)?,
+                bad_words: word(BAD_WORDS)?,
+                first_bad: (first != 0).then_some(first),
+            })
+        }
+    }
+}
+
 /// GDT selectors.
 pub mod selectors {
     /// 64-bit kernel code.
@@ -131,6 +208,10 @@ pub enum Workload {
     /// As `Verify`, then vCPU 0 runs the virtio-balloon driver (see
     /// [`balloon`]) until [`control::CMD_EXIT`]; the others stop.
     Balloon,
+    /// As `Balloon`, but every vCPU keeps rewriting and verifying its
+    /// pattern until [`control::CMD_EXIT`] (see [`stress`]): vCPU 0 below
+    /// its balloon between polls, the others over their whole share.
+    BalloonStress,
 }
 
 /// The address the [`Workload::Fault`] guest reads (not mapped).
@@ -365,6 +446,7 @@ pub fn init_regs(args: &EntryArgs) -> kvm_regs {
             Workload::Probe => 1,
             Workload::Fault => 2,
             Workload::Balloon => 3,
+            Workload::BalloonStress => 4,
         },
         ..Default::default()
     }
@@ -499,6 +581,31 @@ mod tests {
         };
         assert_eq!(init_regs(&args).r9, 3);
         assert_eq!(init_regs(&args).r8, layout::CONTROL);
+    }
+
+    #[test]
+    fn stress_workload_register_and_blocks() {
+        let args = EntryArgs {
+            index: 1,
+            share_start: layout::WORKLOAD_START,
+            share_end: 2 * layout::WORKLOAD_START,
+            seed: 1,
+            workload: Workload::BalloonStress,
+        };
+        assert_eq!(init_regs(&args).r9, 4);
+        let mut page = vec![0u8; 0x1000];
+        let off = usize::try_from(stress::block(3)).unwrap();
+        page[off..off + 8].copy_from_slice(&7u64.to_le_bytes());
+        page[off + 8..off + 16].copy_from_slice(&2u64.to_le_bytes());
+        page[off + 16..off + 24].copy_from_slice(&0x30_0008u64.to_le_bytes());
+        let b = stress::VcpuStress::parse(&page, 3).unwrap();
+        assert_eq!(
+            (b.passes, b.bad_words, b.first_bad),
+            (7, 2, Some(0x30_0008))
+        );
+        let last = stress::VcpuStress::parse(&page, layout::MAX_VCPUS - 1).unwrap();
+        assert_eq!(last.first_bad, None);
+        assert!(stress::VcpuStress::parse(&page[..0x7f0], layout::MAX_VCPUS - 1).is_none());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::devices::report::{
 };
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::MmioBus;
+use crate::guest::balloon::{DriverError, OP_BALLOON_ERROR};
 
 thread_local! {
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -143,6 +144,9 @@ pub enum VcpuOutcome {
     Halted,
     /// Triple fault.
     Shutdown,
+    /// The guest's balloon driver stopped on an error
+    /// ([`OP_BALLOON_ERROR`]); the guest spins after the report.
+    BalloonDriverError(DriverError),
     /// KVM could not run or emulate the guest.
     KvmError(String),
 }
@@ -156,6 +160,8 @@ pub struct Reports {
     pub results: Vec<PatternReport>,
     /// Probe answers.
     pub probes: Vec<ProbeReport>,
+    /// Balloon driver errors ([`OP_BALLOON_ERROR`]), by vCPU.
+    pub driver_errors: Vec<(u32, DriverError)>,
     /// Finished vCPUs with their outcome.
     pub outcomes: Vec<(u32, VcpuOutcome)>,
 }
@@ -354,6 +360,17 @@ fn report(vcpu: &VcpuFd, ctx: &VcpuContext, op: u32) -> Option<VcpuOutcome> {
             None
         }
         OP_DONE => Some(VcpuOutcome::Done),
+        OP_BALLOON_ERROR => {
+            // rdi = error code, rsi = detail (see guest::balloon::status).
+            let regs = match vcpu.get_regs() {
+                Ok(r) => r,
+                Err(e) => return Some(VcpuOutcome::KvmError(format!("KVM_GET_REGS failed: {e}"))),
+            };
+            let err = DriverError::from_code(regs.rdi, regs.rsi)
+                .unwrap_or(DriverError::Unknown(0, regs.rsi));
+            ctx.board.update(|r| r.driver_errors.push((ctx.index, err)));
+            Some(VcpuOutcome::BalloonDriverError(err))
+        }
         _ => Some(VcpuOutcome::KvmError(format!("unknown report opcode {op}"))),
     }
 }

@@ -534,7 +534,8 @@ impl Vm {
         Ok(r.probes.iter().find(|p| p.seq == seq).copied())
     }
 
-    /// Tells vCPU 0 (probe workload) to finish.
+    /// Tells vCPU 0 (probe workload, balloon driver) to finish, and with
+    /// [`Workload::BalloonStress`] every vCPU after its current pass.
     pub fn finish_probes(&mut self) -> Result<()> {
         self.post(control::CMD_EXIT, 0).map(|_| ())
     }
@@ -545,6 +546,27 @@ impl Vm {
         Ok(guest::balloon::DriverStatus::read(
             &mut self.stage2().access(),
         )?)
+    }
+
+    /// Balloon driver errors the guest reported (`OP_BALLOON_ERROR`), by
+    /// vCPU.
+    pub fn balloon_driver_errors(&self) -> Vec<(u32, guest::balloon::DriverError)> {
+        let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+        r.driver_errors.clone()
+    }
+
+    /// The per-vCPU blocks of [`Workload::BalloonStress`] (passes, bad
+    /// words, first bad GPA), read from the control page through the fast
+    /// walk.
+    pub fn stress_status(&self) -> Result<Vec<guest::stress::VcpuStress>> {
+        let mut page = vec![0u8; 0x1000];
+        self.stage2().access().read(layout::CONTROL, &mut page)?;
+        (0..self.config.vcpus)
+            .map(|i| {
+                guest::stress::VcpuStress::parse(&page, i)
+                    .ok_or_else(|| VmError::Control(format!("no stress block for vCPU {i}")))
+            })
+            .collect()
     }
 
     /// Asks the guest's balloon driver ([`Workload::Balloon`]) to report
