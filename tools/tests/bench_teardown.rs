@@ -1,0 +1,197 @@
+//! End-to-end checks of `gmm bench teardown` and `gmm bench launch`: each
+//! runs briefly on real `/dev/kvm`, its last stdout line parses as JSON
+//! with the documented fields, and the figures are sane (memory came back,
+//! times are positive, the target checks agree with the figures). Without
+//! `/dev/kvm` the tests print a loud SKIPPED line and pass; without QEMU the
+//! peer must be reported as skipped.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("\n**********\nSKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM\n**********\n");
+            false
+        }
+    }
+}
+
+fn gmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gmm"))
+        .args(args)
+        .output()
+        .expect("the gmm binary runs")
+}
+
+fn last_json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "last stdout line is not JSON ({e}): {line:?}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v.get(k)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("field {k} missing or not a number in {v}"))
+}
+
+fn boolean(v: &Value, k: &str) -> bool {
+    v.get(k)
+        .and_then(Value::as_bool)
+        .unwrap_or_else(|| panic!("field {k} missing or not a bool in {v}"))
+}
+
+/// Whether QEMU is in PATH (the peer is measured only then).
+fn qemu_present() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
+}
+
+/// The vmm binary next to gmm, if built.
+fn vmm_next_to_gmm() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_gmm")).with_file_name("vmm");
+    p.is_file().then_some(p)
+}
+
+#[test]
+fn bench_teardown_json() {
+    if !kvm_or_skip("bench_teardown_json") {
+        return;
+    }
+    let mut args = vec![
+        "bench", "teardown", "--sizes", "64M", "--reps", "1", "--json",
+    ];
+    let process = vmm_next_to_gmm().is_some();
+    if !process {
+        eprintln!(
+            "NOTE: bench_teardown_json: no vmm binary next to gmm (cargo build --release -p vmm); \
+             the vmm process peer is not exercised"
+        );
+        args.push("--no-process");
+    }
+    let out = gmm(&args);
+    assert!(out.status.success(), "bench teardown failed: {out:?}");
+    let v = last_json(&out);
+    assert_eq!(v["tool"], "bench-teardown");
+    assert_eq!(v["backing"], "anon");
+    assert_eq!(v["populate"], "host");
+    let sizes = v["sizes"].as_array().expect("sizes is an array");
+    assert_eq!(sizes.len(), 1);
+    let s = &sizes[0];
+    let size = num(s, "size_bytes");
+    assert_eq!(size, (64u64 << 20) as f64);
+    for k in ["destroy_ms", "reclaim_ms", "munmap_ms", "naive_ms"] {
+        assert!(num(s, k) > 0.0, "{k} must be positive: {s}");
+    }
+    assert!(num(s, "destroy_ms") <= num(s, "reclaim_ms"), "{s}");
+    let ratio = num(s, "reclaim_ms") / num(s, "munmap_ms");
+    assert!(
+        (num(s, "ratio_vs_munmap") - ratio).abs() <= 0.01 * ratio + 0.01,
+        "ratio_vs_munmap is reclaim/munmap: {s}"
+    );
+    // The memory came back: all of it was resident, and RSS returned.
+    assert_eq!(num(s, "guest_resident_bytes"), size, "{s}");
+    assert!(num(s, "rss_populated_bytes") >= num(s, "rss_before_bytes") + 0.95 * size);
+    assert!(num(s, "rss_returned_bytes") >= 0.95 * size, "{s}");
+    assert!(boolean(s, "rss_back"), "{s}");
+    assert_eq!(
+        boolean(s, "reclaim_within_1_10x_munmap"),
+        num(s, "ratio_vs_munmap") <= 1.1
+    );
+    assert_eq!(
+        boolean(s, "destroy_within_5ms"),
+        num(s, "destroy_ms") <= 5.0
+    );
+    if qemu_present() {
+        assert!(
+            v["qemu"].is_object(),
+            "QEMU is installed but was skipped: {v}"
+        );
+        assert!(num(s, "qemu_ms") > 0.0, "{s}");
+        assert!(num(s, "qemu_rss_bytes") >= size, "{s}");
+    } else {
+        eprintln!("NOTE: bench_teardown_json: qemu-system-x86_64 not found, QEMU peer skipped");
+        assert!(v["qemu"].is_null() && s["qemu_ms"].is_null(), "{v}");
+        assert!(v["qemu_skipped"].is_string(), "{v}");
+    }
+    if process {
+        assert!(num(s, "process_exit_ms") > 0.0, "{s}");
+        assert!(num(s, "process_rss_bytes") >= size, "{s}");
+    } else {
+        assert!(s["process_exit_ms"].is_null(), "{s}");
+    }
+    match (s["process_exit_ms"].as_f64(), s["qemu_ms"].as_f64()) {
+        (Some(p), Some(q)) => assert_eq!(boolean(s, "faster_than_qemu"), p < q),
+        _ => assert!(s["faster_than_qemu"].is_null(), "{s}"),
+    }
+}
+
+#[test]
+fn bench_teardown_bad_size_fails() {
+    let out = gmm(&["bench", "teardown", "--sizes", "3M", "--json"]);
+    assert!(
+        !out.status.success(),
+        "a size that is not a 2M multiple must fail"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2 MiB") || err.contains("2M"),
+        "unclear error: {err}"
+    );
+}
+
+#[test]
+fn bench_launch_json() {
+    if !kvm_or_skip("bench_launch_json") {
+        return;
+    }
+    let out = gmm(&["bench", "launch", "--count", "3", "--alive", "2", "--json"]);
+    assert!(out.status.success(), "bench launch failed: {out:?}");
+    let v = last_json(&out);
+    assert_eq!(v["tool"], "bench-launch");
+    assert_eq!(num(&v, "count"), 3.0);
+    assert_eq!(num(&v, "mem_bytes"), (128u64 << 20) as f64);
+    let lps = num(&v, "launches_per_sec");
+    assert!(lps > 0.0, "{v}");
+    assert_eq!(boolean(&v, "meets_20_per_sec"), lps >= 20.0);
+    assert!(num(&v, "launches_per_cpu_sec") > 0.0, "{v}");
+    for k in ["boot_ms", "ready_ms", "teardown_ms", "reclaim_ms"] {
+        let d = &v[k];
+        let (p50, p90, max) = (num(d, "p50"), num(d, "p90"), num(d, "max"));
+        assert!(p50 > 0.0 && p50 <= p90 && p90 <= max, "{k}: {d}");
+    }
+    assert!(
+        num(&v["boot_ms"], "max") <= num(&v["ready_ms"], "max"),
+        "{v}"
+    );
+    assert_eq!(v["boot_ms_all"].as_array().map(Vec::len), Some(3));
+    // Two VMs of 128 MiB alive: their RAM is resident and the VMM's own
+    // share is reported; the memory goes back afterwards.
+    assert_eq!(num(&v, "alive_vms"), 2.0);
+    let guest = num(&v, "guest_resident_bytes");
+    assert!(guest >= 2.0 * 0.95 * (128u64 << 20) as f64, "{v}");
+    assert!(num(&v, "rss_alive_bytes") >= num(&v, "rss_base_bytes") + guest * 0.95);
+    let per_vm = num(&v, "rss_overhead_per_vm_bytes");
+    assert!(
+        per_vm < (64u64 << 20) as f64,
+        "implausible VMM overhead per VM: {v}"
+    );
+    assert!(num(&v, "stage2_table_bytes") > 0.0, "{v}");
+    assert!(
+        num(&v, "rss_after_bytes") <= num(&v, "rss_base_bytes") + (16u64 << 20) as f64,
+        "RSS did not come back after the live VMs: {v}"
+    );
+}
