@@ -30,7 +30,12 @@
 //! Targets beyond the share are clamped to the share (the driver never gives
 //! away memory it does not own). Driver errors are written to the status
 //! block, printed, and reported with [`OP_BALLOON_ERROR`]; the vCPU then
-//! stops (spins without reporting done).
+//! stops (spins without reporting done), and the VMM ends its thread with
+//! [`crate::vstate::vcpu::VcpuOutcome::BalloonDriverError`].
+//!
+//! Under [`super::Workload::BalloonStress`] the same driver runs, and at its
+//! target with no new command it rewrites and verifies the next chunk of
+//! its share below the balloon (see [`super::stress`]).
 
 use crate::stage2::{GuestAccess, Stage2Error};
 
