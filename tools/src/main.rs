@@ -21,6 +21,7 @@
 mod balloon;
 mod launch;
 mod mem;
+mod plot;
 mod progress;
 mod report;
 mod rng;

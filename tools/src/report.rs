@@ -1,16 +1,2063 @@
-//! `gmm report`: not implemented yet (being built).
+//! `gmm bench report`: runs the benchmark suite, saves every result as
+//! JSON, draws SVG plots and writes `BENCHMARKS.md`.
+//!
+//! Each bench runs as a subprocess of this executable with `--json`; the
+//! last line of its stdout is parsed and saved verbatim in
+//! `DIR/<name>.json`, and everything (machine, commands, timings, errors,
+//! verdicts) in `DIR/results.json`. `--from DIR` redraws the plots and
+//! rewrites the markdown from saved JSON without running anything.
+//!
+//! Every figure in the markdown and every met/missed verdict is computed
+//! from the saved JSON; nothing is typed in. A bench that fails is
+//! recorded ("not measured: <error>") and the others still run; the
+//! command then exits non-zero. A missed target is a result, not a
+//! failure.
 
-use anyhow::{bail, Result};
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Options.
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Map, Value};
+
+use crate::plot::{self, colors, BarChart, LineChart, Scale, Series};
+use crate::units::human_bytes;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Options of `gmm bench report`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Print one JSON object as the last line.
+    /// Directory for the JSON results and the SVG plots [default:
+    /// bench-results, or the --from directory].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Markdown file to write (its image links are relative to it).
+    #[arg(long, value_name = "PATH", default_value = "BENCHMARKS.md")]
+    pub markdown: PathBuf,
+    /// Small sizes and short phases: a smoke test, not representative.
+    #[arg(long)]
+    pub quick: bool,
+    /// Only these benches, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<BenchName>,
+    /// Run nothing: redraw the plots and rewrite the markdown from the
+    /// JSON saved in DIR by an earlier run.
+    #[arg(long, value_name = "DIR")]
+    pub from: Option<PathBuf>,
+    /// Print one JSON object (verdicts, failures) as the last line.
     #[arg(long)]
     pub json: bool,
 }
 
-/// Run the command.
-pub fn cmd(_a: &Args) -> Result<()> {
-    bail!("gmm report is not implemented yet")
+/// The benches of the suite.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchName {
+    Unmap,
+    Walk,
+    Balloon,
+    Teardown,
+    Launch,
+}
+
+impl BenchName {
+    fn name(self) -> &'static str {
+        match self {
+            BenchName::Unmap => "unmap",
+            BenchName::Walk => "walk",
+            BenchName::Balloon => "balloon",
+            BenchName::Teardown => "teardown",
+            BenchName::Launch => "launch",
+        }
+    }
+}
+
+/// One subprocess of the suite: `gmm bench <bench> <args> --json`, saved
+/// as `<stem>.json`.
+struct Step {
+    bench: BenchName,
+    stem: &'static str,
+    args: Vec<&'static str>,
+}
+
+/// The suite, in run order. The full run takes a few minutes on a 2-core
+/// machine; `quick` a few seconds.
+fn steps(quick: bool) -> Vec<Step> {
+    let s = |bench, stem, full: &[&'static str], q: &[&'static str]| Step {
+        bench,
+        stem,
+        args: if quick { q.to_vec() } else { full.to_vec() },
+    };
+    vec![
+        s(
+            BenchName::Unmap,
+            "unmap",
+            &["--sizes", "256M,1G,4G", "--reps", "5"],
+            &["--sizes", "16M,64M", "--reps", "1"],
+        ),
+        s(
+            BenchName::Walk,
+            "walk",
+            &["--seconds", "1"],
+            &["--seconds", "0.1", "--mem", "64M"],
+        ),
+        s(
+            BenchName::Balloon,
+            "balloon-contiguous",
+            &["--size", "512M", "--pattern", "contiguous", "--reps", "3"],
+            &["--size", "16M", "--pattern", "contiguous", "--reps", "1"],
+        ),
+        s(
+            BenchName::Balloon,
+            "balloon-scattered",
+            &["--size", "512M", "--pattern", "scattered", "--reps", "3"],
+            &["--size", "16M", "--pattern", "scattered", "--reps", "1"],
+        ),
+        s(
+            BenchName::Teardown,
+            "teardown",
+            &["--sizes", "1G,2G,4G"],
+            &["--sizes", "64M,128M"],
+        ),
+        s(
+            BenchName::Launch,
+            "launch",
+            &["--count", "20"],
+            &["--count", "3"],
+        ),
+    ]
+}
+
+/// What is known about one step: its command and either its JSON or the
+/// reason there is none (or both, when the bench printed its JSON and then
+/// exited non-zero).
+#[derive(Debug, Clone, Default)]
+struct StepData {
+    command: Vec<String>,
+    elapsed_s: Option<f64>,
+    result: Option<Value>,
+    error: Option<String>,
+    /// The bench's human summary (its stderr), for the log.
+    log: String,
+}
+
+/// The full command of a step, as a user would type it.
+fn command_of(st: &Step) -> Vec<String> {
+    let mut c = vec!["gmm".into(), "bench".into(), st.bench.name().into()];
+    c.extend(st.args.iter().map(|s| s.to_string()));
+    c.push("--json".into());
+    c
+}
+
+/// Runs `gmm bench report`.
+pub fn cmd(a: &Args) -> Result<()> {
+    let out = a
+        .out
+        .clone()
+        .or_else(|| a.from.clone())
+        .unwrap_or_else(|| PathBuf::from("bench-results"));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let saved = match &a.from {
+        Some(dir) => Some(load_results_json(dir)?),
+        None => None,
+    };
+    // --from a quick run keeps describing it as quick.
+    let quick = a.quick
+        || saved
+            .as_ref()
+            .and_then(|s| s.get("quick"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    let all = steps(quick);
+    let selected: Vec<&Step> = all
+        .iter()
+        .filter(|s| a.only.is_empty() || a.only.contains(&s.bench))
+        .collect();
+    let mut data: Vec<(&Step, StepData)> = Vec::new();
+    let machine = match &a.from {
+        Some(dir) => {
+            for st in &selected {
+                data.push((st, load_step(dir, st, saved.as_ref())));
+            }
+            saved.as_ref().and_then(|s| s.get("machine")).cloned()
+        }
+        None => {
+            let machine = machine_info();
+            let exe = std::env::current_exe().context("finding the gmm executable")?;
+            let timeout = Duration::from_secs(if quick { 300 } else { 1800 });
+            let pb = crate::progress::bar(selected.len() as u64, "bench report");
+            let n = selected.len();
+            for (i, st) in selected.iter().enumerate() {
+                let c = command_of(st);
+                pb.set_message(st.stem);
+                pb.suspend(|| crate::say(a.json, &format!("[{}/{n}] {}\n", i + 1, c.join(" "))));
+                let d = run_step(&exe, st, timeout);
+                pb.suspend(|| crate::say(a.json, &step_log(st, &d)));
+                pb.inc(1);
+                data.push((st, d));
+            }
+            pb.finish_and_clear();
+            for (st, d) in &data {
+                if let Some(v) = &d.result {
+                    let p = out.join(format!("{}.json", st.stem));
+                    let text = serde_json::to_string_pretty(v)?;
+                    std::fs::write(&p, text + "\n")
+                        .with_context(|| format!("writing {}", p.display()))?;
+                }
+            }
+            Some(machine)
+        }
+    };
+
+    let md_dir = match a.markdown.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let ctx = Ctx {
+        out: &out,
+        link_prefix: rel_path(&md_dir, &out),
+    };
+    let mut sections = Vec::new();
+    for bench in [
+        BenchName::Unmap,
+        BenchName::Walk,
+        BenchName::Balloon,
+        BenchName::Teardown,
+        BenchName::Launch,
+    ] {
+        let steps: Vec<&(&Step, StepData)> =
+            data.iter().filter(|(s, _)| s.bench == bench).collect();
+        if steps.is_empty() {
+            continue;
+        }
+        sections.push(match bench {
+            BenchName::Unmap => unmap_section(&ctx, &steps[0].1),
+            BenchName::Walk => walk_section(&ctx, &steps[0].1),
+            BenchName::Balloon => balloon_section(&ctx, &steps),
+            BenchName::Teardown => teardown_section(&ctx, &steps[0].1),
+            BenchName::Launch => launch_section(&steps[0].1),
+        });
+    }
+    let mut failures: Vec<String> = Vec::new();
+    for (st, d) in &data {
+        if let Some(e) = &d.error {
+            failures.push(format!("{}: {e}", st.stem));
+        }
+    }
+    for s in &sections {
+        for e in &s.errors {
+            failures.push(format!("{}: {e}", s.bench));
+        }
+    }
+    let targets: Vec<&TargetRow> = sections.iter().flat_map(|s| &s.targets).collect();
+    let md = markdown(&MdInput {
+        machine: machine.as_ref(),
+        quick,
+        from: a.from.as_deref(),
+        out: &out,
+        data: &data,
+        sections: &sections,
+        targets: &targets,
+    });
+    if let Some(p) = a.markdown.parent() {
+        if !p.as_os_str().is_empty() {
+            std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+        }
+    }
+    std::fs::write(&a.markdown, md).with_context(|| format!("writing {}", a.markdown.display()))?;
+
+    let targets_json: Vec<Value> = targets.iter().map(|t| t.to_json()).collect();
+    if a.from.is_none() {
+        let steps_json: Vec<Value> = data
+            .iter()
+            .map(|(st, d)| {
+                json!({
+                    "name": st.stem,
+                    "bench": st.bench.name(),
+                    "command": d.command,
+                    "elapsed_s": d.elapsed_s,
+                    "ok": d.error.is_none(),
+                    "error": d.error,
+                    "file": d.result.as_ref().map(|_| format!("{}.json", st.stem)),
+                })
+            })
+            .collect();
+        let results: Map<String, Value> = data
+            .iter()
+            .filter_map(|(st, d)| d.result.clone().map(|v| (st.stem.to_string(), v)))
+            .collect();
+        let all = json!({
+            "tool": "bench-report",
+            "gmm_version": env!("CARGO_PKG_VERSION"),
+            "quick": quick,
+            "machine": machine,
+            "steps": steps_json,
+            "results": results,
+            "targets": targets_json,
+            "errors": failures,
+        });
+        let p = out.join("results.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&all)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+
+    let mut summary = format!(
+        "wrote {} and plots in {}\n",
+        a.markdown.display(),
+        out.display()
+    );
+    for t in &targets {
+        let _ = writeln!(
+            summary,
+            "  {:<9} {:<58} {:<26} {}",
+            t.bench,
+            t.target,
+            t.measured,
+            t.verdict.word()
+        );
+    }
+    crate::say(a.json, &summary);
+    crate::emit_json(
+        a.json,
+        &json!({
+            "tool": "bench-report",
+            "out": out.display().to_string(),
+            "markdown": a.markdown.display().to_string(),
+            "targets": targets_json,
+            "errors": failures,
+        }),
+    )?;
+    if !failures.is_empty() {
+        bail!(
+            "{} problem(s), recorded as \"not measured\" in {}:\n  {}",
+            failures.len(),
+            a.markdown.display(),
+            failures.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// Running and loading
+
+/// Runs one step as a subprocess, capturing its output.
+fn run_step(exe: &Path, st: &Step, timeout: Duration) -> StepData {
+    let command = command_of(st);
+    let t = Instant::now();
+    let mut d = StepData {
+        command: command.clone(),
+        ..StepData::default()
+    };
+    let child = Command::new(exe)
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            d.error = Some(format!("could not start {}: {e}", exe.display()));
+            return d;
+        }
+    };
+    let reader = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut s);
+            }
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out_t = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err_t = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Ok(s),
+            Ok(None) if t.elapsed() > timeout => {
+                timed_out = true;
+                let _ = child.kill();
+                break child.wait();
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => break Err(e),
+        }
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    d.elapsed_s = Some((t.elapsed().as_secs_f64() * 10.0).round() / 10.0);
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty());
+    let parsed = last.map(|l| serde_json::from_str::<Value>(l.trim()));
+    if let Some(Ok(v)) = &parsed {
+        if v.is_object() {
+            d.result = Some(v.clone());
+        }
+    }
+    d.error = match status {
+        Err(e) => Some(format!("waiting for the bench: {e}")),
+        Ok(_) if timed_out => Some(format!("timed out after {} s", timeout.as_secs())),
+        Ok(s) if !s.success() => Some(format!("exited with {s}: {}", error_text(&stderr))),
+        Ok(_) => match parsed {
+            None => Some("printed no JSON line on stdout".into()),
+            Some(Err(e)) => Some(format!("its last stdout line is not JSON ({e})")),
+            Some(Ok(_)) if d.result.is_none() => {
+                Some("its last stdout line is not a JSON object".into())
+            }
+            Some(Ok(_)) => None,
+        },
+    };
+    d.log = stderr;
+    d
+}
+
+/// The end of a failed bench's stderr: from anyhow's `Error:` line on,
+/// on one line.
+fn error_text(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let from = lines
+        .iter()
+        .rposition(|l| l.starts_with("Error:") || l.starts_with("error:"))
+        .unwrap_or(lines.len().saturating_sub(3));
+    let s = lines[from..]
+        .iter()
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if s.is_empty() {
+        "no message".into()
+    } else {
+        s
+    }
+}
+
+/// The log lines of a finished step: its human summary (stderr) and the
+/// outcome.
+fn step_log(st: &Step, d: &StepData) -> String {
+    let mut s = String::new();
+    for line in d.log.lines() {
+        let _ = writeln!(s, "    {line}");
+    }
+    let el = d.elapsed_s.unwrap_or(0.0);
+    match &d.error {
+        None => {
+            let _ = writeln!(s, "  {}: ok in {el:.1} s", st.stem);
+        }
+        Some(e) => {
+            let _ = writeln!(s, "  {}: FAILED after {el:.1} s: {e}", st.stem);
+        }
+    }
+    s
+}
+
+/// `DIR/results.json` of an earlier run, or `null` when there is none.
+fn load_results_json(dir: &Path) -> Result<Value> {
+    if !dir.is_dir() {
+        bail!("--from {}: not a directory", dir.display());
+    }
+    let p = dir.join("results.json");
+    match std::fs::read_to_string(&p) {
+        Ok(t) => {
+            serde_json::from_str(&t).with_context(|| format!("{}: not valid JSON", p.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Value::Null),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// One step's saved data: `DIR/<stem>.json`, else what `results.json`
+/// recorded (its copy of the result, or the error of the run).
+fn load_step(dir: &Path, st: &Step, saved: Option<&Value>) -> StepData {
+    let rec = saved
+        .and_then(|s| s.get("steps"))
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .find(|x| x.get("name").and_then(Value::as_str) == Some(st.stem))
+        });
+    let mut d = StepData {
+        command: rec
+            .and_then(|r| r.get("command"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_else(|| command_of(st)),
+        elapsed_s: rec.and_then(|r| r.get("elapsed_s")).and_then(Value::as_f64),
+        result: None,
+        log: String::new(),
+        error: rec
+            .and_then(|r| r.get("error"))
+            .and_then(Value::as_str)
+            .map(String::from),
+    };
+    let p = dir.join(format!("{}.json", st.stem));
+    match std::fs::read_to_string(&p) {
+        Ok(t) => match serde_json::from_str::<Value>(&t) {
+            Ok(v) if v.is_object() => d.result = Some(v),
+            Ok(_) => d.error = Some(format!("{}: not a JSON object", p.display())),
+            Err(e) => d.error = Some(format!("{}: not valid JSON ({e})", p.display())),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            d.result = saved
+                .and_then(|s| s.get("results"))
+                .and_then(|r| r.get(st.stem))
+                .filter(|v| v.is_object())
+                .cloned();
+            if d.result.is_none() && d.error.is_none() {
+                d.error = Some(format!("no {}", p.display()));
+            }
+        }
+        Err(e) => d.error = Some(format!("reading {}: {e}", p.display())),
+    }
+    d
+}
+
+// ---------------------------------------------------------------------
+// The machine
+
+/// CPU, cores, memory, kernel, KVM flavour, date, commit and version.
+fn machine_info() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        cpuinfo.lines().find_map(|l| {
+            let (a, b) = l.split_once(':')?;
+            (a.trim() == k).then(|| b.trim().to_string())
+        })
+    };
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let cores = std::thread::available_parallelism().map_or(cpus.max(1), |n| n.get());
+    let virtualized = field("flags").map(|f| f.split_whitespace().any(|x| x == "hypervisor"));
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(String::from))
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|s| s.trim().to_string());
+    let kvm_module = ["kvm_pvm", "kvm_intel", "kvm_amd"]
+        .into_iter()
+        .find(|m| Path::new("/sys/module").join(m).exists());
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    json!({
+        "cpu_model": field("model name"),
+        "cores": cores,
+        "memory_bytes": mem,
+        "kernel": kernel,
+        "dev_kvm": Path::new("/dev/kvm").exists(),
+        "kvm_backend": kvm_module,
+        "virtualized": virtualized,
+        "date_utc": utc_now(),
+        "git_commit": git_commit(),
+        "gmm_version": env!("CARGO_PKG_VERSION"),
+        "fences": if crate::membarrier() { "membarrier" } else { "SeqCst (no membarrier)" },
+        "loadavg_at_start": loadavg,
+    })
+}
+
+/// `git rev-parse --short HEAD`, with `-dirty` when tracked files differ.
+fn git_commit() -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let sha = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let dirty = Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .is_some_and(|o| o.status.success() && !o.stdout.is_empty());
+    Some(if dirty { format!("{sha}-dirty") } else { sha })
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM UTC`.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// `to` relative to the directory `from`, with `/` separators (for
+/// markdown links). Both are made absolute against the current directory
+/// first; symlinks are not resolved.
+fn rel_path(from: &Path, to: &Path) -> String {
+    let norm = |p: &Path| -> Vec<String> {
+        let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut v: Vec<String> = Vec::new();
+        for c in abs.components() {
+            match c {
+                Component::ParentDir => {
+                    v.pop();
+                }
+                Component::Normal(s) => v.push(s.to_string_lossy().into_owned()),
+                _ => {}
+            }
+        }
+        v
+    };
+    let (f, t) = (norm(from), norm(to));
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec!["..".into(); f.len() - common];
+    parts.extend(t[common..].iter().cloned());
+    if parts.is_empty() {
+        ".".into()
+    } else {
+        parts.join("/")
+    }
+}
+
+// ---------------------------------------------------------------------
+// Reading bench JSON defensively
+
+/// A JSON object and where it came from, for error messages.
+struct Obj<'a> {
+    v: &'a Value,
+    at: String,
+}
+
+impl<'a> Obj<'a> {
+    fn new(v: &'a Value, at: impl Into<String>) -> Self {
+        Obj { v, at: at.into() }
+    }
+
+    /// A required number.
+    fn num(&self, k: &str) -> Result<f64> {
+        match self.v.get(k) {
+            None | Some(Value::Null) => Err(anyhow!("{}: missing field `{k}`", self.at)),
+            Some(x) => x
+                .as_f64()
+                .ok_or_else(|| anyhow!("{}: field `{k}` is not a number: {x}", self.at)),
+        }
+    }
+
+    /// An optional number (absent or null: `None`).
+    fn opt(&self, k: &str) -> Result<Option<f64>> {
+        match self.v.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| anyhow!("{}: field `{k}` is not a number: {x}", self.at)),
+        }
+    }
+
+    fn text(&self, k: &str) -> Option<String> {
+        self.v.get(k).and_then(Value::as_str).map(String::from)
+    }
+
+    fn flag(&self, k: &str) -> Option<bool> {
+        self.v.get(k).and_then(Value::as_bool)
+    }
+
+    /// A required byte count.
+    fn bytes(&self, k: &str) -> Result<u64> {
+        let x = self.num(k)?;
+        if x < 0.0 || !x.is_finite() {
+            bail!("{}: field `{k}` is not a byte count: {x}", self.at);
+        }
+        Ok(x as u64)
+    }
+
+    /// A statistic stored either nested (`boot_ms: {p50: ..}`) or flat
+    /// (`boot_ms_p50`, `boot_p50_ms`).
+    fn stat(&self, base: &str, q: &str) -> Option<f64> {
+        if let Some(x) = self
+            .v
+            .get(base)
+            .and_then(|o| o.get(q))
+            .and_then(Value::as_f64)
+        {
+            return Some(x);
+        }
+        let stem = base.strip_suffix("_ms").unwrap_or(base);
+        [format!("{base}_{q}"), format!("{stem}_{q}_ms")]
+            .iter()
+            .find_map(|k| self.v.get(k).and_then(Value::as_f64))
+    }
+
+    /// The per-size entries of a multi-size result: an array of objects
+    /// under one of the usual keys, the value itself if it is such an
+    /// array, or the object itself if it describes one size.
+    fn entries(&self) -> Result<Vec<Obj<'a>>> {
+        let objs = |a: &'a Vec<Value>, at: &str| -> Option<Vec<Obj<'a>>> {
+            (!a.is_empty() && a.iter().all(Value::is_object)).then(|| {
+                a.iter()
+                    .enumerate()
+                    .map(|(i, v)| Obj::new(v, format!("{}: {at}[{i}]", self.at)))
+                    .collect()
+            })
+        };
+        if let Some(a) = self.v.as_array() {
+            if let Some(v) = objs(a, "") {
+                return Ok(v);
+            }
+        }
+        for k in ["sizes", "runs", "results", "by_size", "entries"] {
+            if let Some(v) = self
+                .v
+                .get(k)
+                .and_then(Value::as_array)
+                .and_then(|a| objs(a, k))
+            {
+                return Ok(v);
+            }
+        }
+        if self.v.get("size_bytes").is_some() {
+            return Ok(vec![Obj::new(self.v, self.at.clone())]);
+        }
+        bail!(
+            "{}: no per-size results (expected an array of objects under `sizes` or `runs`, or one object with `size_bytes`)",
+            self.at
+        )
+    }
+}
+
+// ---------------------------------------------------------------------
+// Verdicts and sections
+
+/// Whether a target was met, computed from measured numbers.
+#[derive(Debug, Clone)]
+enum Verdict {
+    Met,
+    Missed,
+    NotMeasured(String),
+}
+
+impl Verdict {
+    fn of(ok: bool) -> Self {
+        if ok {
+            Verdict::Met
+        } else {
+            Verdict::Missed
+        }
+    }
+
+    /// All of `v` met; any missed wins over not measured.
+    fn all(v: &[Verdict]) -> Self {
+        if v.iter().any(|x| matches!(x, Verdict::Missed)) {
+            Verdict::Missed
+        } else if let Some(Verdict::NotMeasured(r)) =
+            v.iter().find(|x| matches!(x, Verdict::NotMeasured(_)))
+        {
+            Verdict::NotMeasured(r.clone())
+        } else if v.is_empty() {
+            Verdict::NotMeasured("no data".into())
+        } else {
+            Verdict::Met
+        }
+    }
+
+    fn word(&self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::Missed => "missed",
+            Verdict::NotMeasured(_) => "not measured",
+        }
+    }
+
+    /// Markdown cell.
+    fn cell(&self) -> String {
+        match self {
+            Verdict::Met => "met".into(),
+            Verdict::Missed => "**missed**".into(),
+            Verdict::NotMeasured(r) => format!("not measured: {}", md_cell(r)),
+        }
+    }
+}
+
+/// One row of the targets table.
+#[derive(Debug, Clone)]
+struct TargetRow {
+    bench: &'static str,
+    target: String,
+    measured: String,
+    verdict: Verdict,
+}
+
+impl TargetRow {
+    fn to_json(&self) -> Value {
+        json!({
+            "bench": self.bench,
+            "target": self.target,
+            "measured": self.measured,
+            "verdict": self.verdict.word(),
+            "reason": match &self.verdict { Verdict::NotMeasured(r) => Some(r), _ => None },
+        })
+    }
+}
+
+/// A bench's part of the markdown, its targets and its problems.
+struct Section {
+    bench: &'static str,
+    md: String,
+    targets: Vec<TargetRow>,
+    errors: Vec<String>,
+}
+
+impl Section {
+    /// A section for a bench that produced nothing usable.
+    fn not_measured(bench: &'static str, title: &str, why: &str, targets: &[&str]) -> Self {
+        Section {
+            bench,
+            md: format!("## {title}\n\nnot measured: {}\n\n", md_cell(why)),
+            targets: targets
+                .iter()
+                .map(|t| TargetRow {
+                    bench,
+                    target: t.to_string(),
+                    measured: "—".into(),
+                    verdict: Verdict::NotMeasured(why.to_string()),
+                })
+                .collect(),
+            errors: vec![why.to_string()],
+        }
+    }
+}
+
+/// Where plots go and how the markdown links to them.
+struct Ctx<'a> {
+    out: &'a Path,
+    link_prefix: String,
+}
+
+impl Ctx<'_> {
+    /// Draws a plot with `f` into `name` and returns the markdown image
+    /// line (or a note saying why there is no plot).
+    fn plot(
+        &self,
+        name: &str,
+        alt: &str,
+        errors: &mut Vec<String>,
+        f: impl FnOnce(&Path) -> Result<()>,
+    ) -> String {
+        let p = self.out.join(name);
+        match f(&p) {
+            Ok(()) if self.link_prefix == "." => format!("![{alt}]({name})\n\n"),
+            Ok(()) => format!("![{alt}]({}/{name})\n\n", self.link_prefix),
+            Err(e) => {
+                let e = format!("plot {name}: {e:#}");
+                let s = format!("(no plot: {})\n\n", md_cell(&e));
+                errors.push(e);
+                s
+            }
+        }
+    }
+}
+
+/// Text made safe for one markdown table cell.
+fn md_cell(s: &str) -> String {
+    s.replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
+/// Milliseconds with about three significant digits.
+fn ms(x: f64) -> String {
+    let a = x.abs();
+    if a >= 100.0 {
+        format!("{x:.0}")
+    } else if a >= 10.0 {
+        format!("{x:.1}")
+    } else if a >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+fn ratio(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}×")
+    } else if x >= 10.0 {
+        format!("{x:.1}×")
+    } else {
+        format!("{x:.2}×")
+    }
+}
+
+fn opt_ms(x: Option<f64>) -> String {
+    x.map_or_else(|| "—".into(), ms)
+}
+
+fn size_label(gib: f64) -> String {
+    human_bytes((gib * GIB).round() as u64)
+}
+
+/// `(verdict, measured)` over per-size checks: the worst value and where.
+fn worst(
+    rows: &[(u64, f64)],
+    ok: impl Fn(f64) -> bool,
+    higher_is_worse: bool,
+    fmt: impl Fn(f64) -> String,
+) -> (Verdict, String) {
+    let w = rows.iter().copied().reduce(|a, b| {
+        let worse = if higher_is_worse {
+            b.1 > a.1
+        } else {
+            b.1 < a.1
+        };
+        if worse {
+            b
+        } else {
+            a
+        }
+    });
+    match w {
+        None => (Verdict::NotMeasured("no sizes".into()), "—".into()),
+        Some((size, v)) => (
+            Verdict::all(
+                &rows
+                    .iter()
+                    .map(|r| Verdict::of(ok(r.1)))
+                    .collect::<Vec<_>>(),
+            ),
+            format!("worst {} at {}", fmt(v), human_bytes(size)),
+        ),
+    }
+}
+
+// --- unmap ---
+
+/// Gather vs. the single-madvise limit (the issue says "within ~1.1×").
+const UNMAP_VS_LIMIT: f64 = 1.10;
+const UNMAP_VS_PER_PAGE: f64 = 10.0;
+const LOCK_HOLD_US: f64 = 100.0;
+
+struct UnmapRow {
+    size: u64,
+    gather: f64,
+    limit: f64,
+    per_page: f64,
+    per_run: f64,
+    max_hold_us: f64,
+    p99_us: Option<f64>,
+    overhead_pct: Option<f64>,
+    hist: Vec<(f64, f64)>,
+}
+
+fn parse_unmap(v: &Value) -> Result<(Vec<UnmapRow>, Option<String>, Option<f64>)> {
+    let top = Obj::new(v, "unmap.json");
+    let mut rows = Vec::new();
+    let mut reps = None;
+    for e in top.entries()? {
+        let hist = match e.v.get("lock_hold_hist_us") {
+            None | Some(Value::Null) => bail!("{}: missing field `lock_hold_hist_us`", e.at),
+            Some(h) => h
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| match p.as_array().map(Vec::as_slice) {
+                            Some([b, n]) => b.as_f64().zip(n.as_f64()),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<_>>>()
+                })
+                .and_then(|x| x)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: `lock_hold_hist_us` is not a list of [bucket_upper_us, count]",
+                        e.at
+                    )
+                })?,
+        };
+        reps = reps.or(e.opt("reps")?);
+        rows.push(UnmapRow {
+            size: e.bytes("size_bytes")?,
+            gather: e.num("gather_ms")?,
+            limit: e.num("limit_ms")?,
+            per_page: e.num("per_page_ms")?,
+            per_run: e.num("per_run_ms")?,
+            max_hold_us: e.num("max_lock_hold_us")?,
+            p99_us: e.opt("lock_hold_p99_us_upper")?,
+            overhead_pct: e.opt("table_overhead_pct")?,
+            hist,
+        });
+    }
+    rows.sort_by_key(|r| r.size);
+    let page = top.text("page_size").or_else(|| {
+        v.get("runs")
+            .and_then(|r| r.get(0))
+            .and_then(|r| r.get("page_size"))
+            .and_then(Value::as_str)
+            .map(String::from)
+    });
+    Ok((rows, page, reps))
+}
+
+const UNMAP_TARGETS: [&str; 3] = [
+    "gather ≤ 1.10× one madvise (every size)",
+    "gather ≥ 10× faster than per-page madvise (every size)",
+    "table-lock hold ≤ 100 µs (every size)",
+];
+
+fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
+    const B: &str = "unmap";
+    const T: &str = "Unmap: gather vs. madvise (`gmm bench unmap`)";
+    let Some(v) = &d.result else {
+        return Section::not_measured(
+            B,
+            T,
+            d.error.as_deref().unwrap_or("no result"),
+            &UNMAP_TARGETS,
+        );
+    };
+    let (rows, page, reps) = match parse_unmap(v) {
+        Ok(x) => x,
+        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &UNMAP_TARGETS),
+    };
+    let mut errors: Vec<String> = d.error.iter().cloned().collect();
+    let mut md = format!("## {T}\n\n");
+    if let Some(e) = &d.error {
+        let _ = writeln!(md, "Warning: the bench exited with an error ({}); the figures are shown as it printed them.\n", md_cell(e));
+    }
+    let _ = writeln!(
+        md,
+        "A populated anonymous region is unmapped through guest-mm's gather (table at {} leaves) and, on equally populated memory, by one `madvise` over the whole region (the limit), one `madvise` per 4 KiB page under a mutex, and one per coalesced run. Median of {} repetitions, strategies interleaved.\n",
+        page.as_deref().unwrap_or("4K"),
+        reps.map_or_else(|| "the".into(), |r| format!("{r}"))
+    );
+    let unreleased: Vec<String> = top_entries_flag(v, "released_ok");
+    if !unreleased.is_empty() {
+        let _ = writeln!(
+            md,
+            "Warning: the bench reports memory left resident (`released_ok: false`) at {}.\n",
+            unreleased.join(", ")
+        );
+    }
+    md += "| size | gather ms | one madvise ms | gather / madvise | per-page ms | per-page / gather | per-run ms | max lock hold µs | p99 hold ≤ µs | table overhead | ≤ 1.10× madvise | ≥ 10× per-page | hold ≤ 100 µs |\n";
+    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n";
+    for r in &rows {
+        let vs_limit = r.gather / r.limit;
+        let vs_pp = r.per_page / r.gather;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            human_bytes(r.size),
+            ms(r.gather),
+            ms(r.limit),
+            ratio(vs_limit),
+            ms(r.per_page),
+            ratio(vs_pp),
+            ms(r.per_run),
+            r.max_hold_us,
+            r.p99_us.map_or_else(|| "—".into(), |x| format!("{x:.1}")),
+            r.overhead_pct
+                .map_or_else(|| "—".into(), |x| format!("{x:.3} %")),
+            Verdict::of(vs_limit <= UNMAP_VS_LIMIT).cell(),
+            Verdict::of(vs_pp >= UNMAP_VS_PER_PAGE).cell(),
+            Verdict::of(r.max_hold_us <= LOCK_HOLD_US).cell(),
+        );
+    }
+    md += "\n";
+    let per = |f: fn(&UnmapRow) -> f64| rows.iter().map(|r| (r.size, f(r))).collect::<Vec<_>>();
+    let (v1, m1) = worst(
+        &per(|r| r.gather / r.limit),
+        |x| x <= UNMAP_VS_LIMIT,
+        true,
+        ratio,
+    );
+    let (v2, m2) = worst(
+        &per(|r| r.per_page / r.gather),
+        |x| x >= UNMAP_VS_PER_PAGE,
+        false,
+        ratio,
+    );
+    let (v3, m3) = worst(
+        &per(|r| r.max_hold_us),
+        |x| x <= LOCK_HOLD_US,
+        true,
+        |x| format!("{x:.1} µs"),
+    );
+    let targets = vec![
+        TargetRow {
+            bench: B,
+            target: UNMAP_TARGETS[0].into(),
+            measured: m1,
+            verdict: v1,
+        },
+        TargetRow {
+            bench: B,
+            target: UNMAP_TARGETS[1].into(),
+            measured: m2,
+            verdict: v2,
+        },
+        TargetRow {
+            bench: B,
+            target: UNMAP_TARGETS[2].into(),
+            measured: m3,
+            verdict: v3,
+        },
+    ];
+    let gib = |r: &UnmapRow| r.size as f64 / GIB;
+    let line = |name: &str, color, f: fn(&UnmapRow) -> f64| Series {
+        name: name.into(),
+        color,
+        points: rows.iter().map(|r| (gib(r), f(r))).collect(),
+    };
+    let title = format!(
+        "Unmap: release time vs. region size ({} leaves, median)",
+        page.as_deref().unwrap_or("4K")
+    );
+    md += &ctx.plot(
+        "reclaim-unmap.svg",
+        "unmap: release time vs. region size per strategy",
+        &mut errors,
+        |p| {
+            plot::lines(
+                p,
+                &LineChart {
+                    title: &title,
+                    x_desc: "region size (log scale)",
+                    y_desc: "time to release the region (ms, log scale)",
+                    x_scale: Scale::Log,
+                    y_scale: Scale::Log,
+                    x_ticks: rows.iter().map(gib).collect(),
+                    x_label: &size_label,
+                    series: vec![
+                        line("guest-mm gather (unmap + flush)", colors::OURS, |r| {
+                            r.gather
+                        }),
+                        line("one madvise (limit)", colors::LIMIT, |r| r.limit),
+                        line("madvise per 4 KiB page", colors::PER_PAGE, |r| r.per_page),
+                        line("madvise per run (sorted PFNs)", colors::PER_RUN, |r| {
+                            r.per_run
+                        }),
+                    ],
+                },
+            )
+        },
+    );
+    // Lock-hold histogram: share of holds per bucket, one bar per size.
+    let buckets = hist_buckets(rows.iter().flat_map(|r| r.hist.iter().map(|h| h.0)));
+    let series: Vec<Series> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let total: f64 = r.hist.iter().map(|h| h.1).sum();
+            Series {
+                name: format!("{} ({} holds)", human_bytes(r.size), total),
+                color: colors::CYCLE[i % colors::CYCLE.len()],
+                points: r
+                    .hist
+                    .iter()
+                    .filter_map(|&(b, n)| {
+                        let i = buckets.iter().position(|&x| (x - b).abs() <= b * 1e-6)?;
+                        Some((i as f64, if total > 0.0 { n * 100.0 / total } else { 0.0 }))
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    md += &ctx.plot(
+        "lock-hold.svg",
+        "table-lock hold-time histogram per region size",
+        &mut errors,
+        |p| {
+            plot::grouped_bars(
+                p,
+                &BarChart {
+                    title: "Table-lock holds during unmap (all repetitions)",
+                    x_desc: "hold time, histogram bucket (µs, upper bound; target: every hold ≤ 100 µs)",
+                    y_desc: "share of lock holds (%)",
+                    categories: buckets
+                        .iter()
+                        .map(|&b| format!("≤{}", plot::tick(b)))
+                        .collect(),
+                    series,
+                    bar_label: Some(&|x| format!("{x:.1}%")),
+                    shared_slot: false,
+                },
+            )
+        },
+    );
+    Section {
+        bench: B,
+        md,
+        targets,
+        errors,
+    }
+}
+
+/// The sizes of the entries of `v` whose boolean `k` is false.
+fn top_entries_flag(v: &Value, k: &str) -> Vec<String> {
+    Obj::new(v, "")
+        .entries()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e.flag(k) == Some(false))
+                .map(|e| {
+                    e.opt("size_bytes")
+                        .ok()
+                        .flatten()
+                        .map_or_else(|| "?".into(), |b| human_bytes(b as u64))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every bucket bound from the smallest to the largest of `bounds`: the
+/// histogram's buckets double, and empty ones are left out of the JSON.
+fn hist_buckets(bounds: impl Iterator<Item = f64>) -> Vec<f64> {
+    let v: Vec<f64> = bounds.filter(|b| b.is_finite() && *b > 0.0).collect();
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(l, h), &b| (l.min(b), h.max(b)));
+    let mut out = Vec::new();
+    let mut b = lo;
+    while b <= hi * (1.0 + 1e-6) && out.len() < 64 {
+        out.push(b);
+        b *= 2.0;
+    }
+    // Bounds that are not a doubling of the smallest (not expected).
+    for x in v {
+        if !out.iter().any(|&o| (o - x).abs() <= x * 1e-6) {
+            out.push(x);
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+// --- walk ---
+
+const WALK_TARGETS: [&str; 2] = [
+    "fast walk ≥ 50 M translations/s per thread",
+    "fast walk under an unmap storm ≥ 0.8× alone",
+];
+
+fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
+    const B: &str = "walk";
+    const T: &str = "Fast walk (`gmm bench walk`)";
+    let Some(v) = &d.result else {
+        return Section::not_measured(
+            B,
+            T,
+            d.error.as_deref().unwrap_or("no result"),
+            &WALK_TARGETS,
+        );
+    };
+    let o = Obj::new(v, "walk.json");
+    let parsed = (|| -> Result<_> {
+        let walk = o.num("walk_per_s")?;
+        let under = o.num("walk_under_unmap_per_s")?;
+        // (key, table name, plot label, guest-mm's path)
+        let all = [
+            ("walk_per_s", "fast walk, cached path", "cached", true),
+            (
+                "walk_uncached_per_s",
+                "fast walk, uncached",
+                "uncached",
+                true,
+            ),
+            (
+                "walk_hot_per_s",
+                "fast walk, hot (64 pages)",
+                "hot set",
+                true,
+            ),
+            (
+                "walk_pin_each_per_s",
+                "fast walk, one pin per translation",
+                "pin each",
+                true,
+            ),
+            (
+                "walk_busy_neighbour_per_s",
+                "fast walk, busy neighbour thread",
+                "busy CPU",
+                true,
+            ),
+            (
+                "walk_under_unmap_per_s",
+                "fast walk, under unmap storm",
+                "storm",
+                true,
+            ),
+            ("rwlock_per_s", "RwLock<Vec> page map", "RwLock", false),
+            (
+                "rwlock_under_unmap_per_s",
+                "RwLock<Vec>, under storm",
+                "RwLock+storm",
+                false,
+            ),
+            (
+                "vm_memory_per_s",
+                "vm-memory get_host_address",
+                "vm-memory",
+                false,
+            ),
+        ];
+        let mut rows = Vec::new();
+        for (k, name, short, ours) in all {
+            if let Some(x) = o.opt(k)? {
+                rows.push((name, short, x, ours));
+            }
+        }
+        Ok((walk, under, rows))
+    })();
+    let (walk, under, rows) = match parsed {
+        Ok(x) => x,
+        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &WALK_TARGETS),
+    };
+    let mut errors: Vec<String> = d.error.iter().cloned().collect();
+    let mut md = format!("## {T}\n\n");
+    if let Some(e) = &d.error {
+        let _ = writeln!(md, "Warning: the bench exited with an error ({}); the figures are shown as it printed them.\n", md_cell(e));
+    }
+    let threads = o.opt("threads").ok().flatten().unwrap_or(1.0);
+    let _ = writeln!(
+        md,
+        "Translations per second per walker thread ({threads:.0} walker thread(s), {} per phase, {} mapped at 4 KiB leaves); the storm unmaps and remaps random 2 MiB ranges{}.\n",
+        o.opt("seconds_per_phase").ok().flatten().map_or_else(|| "—".into(), |s| format!("{s} s")),
+        o.opt("mem_bytes").ok().flatten().map_or_else(|| "—".into(), |b| human_bytes(b as u64)),
+        o.opt("storm_ops_per_s").ok().flatten().map_or_else(String::new, |r| format!(" at {r:.0} operations/s"))
+    );
+    md += "| path | M translations/s |\n|---|---:|\n";
+    for (name, _, x, _) in &rows {
+        let _ = writeln!(md, "| {} | {:.1} |", md_cell(name), x / 1e6);
+    }
+    md += "\n";
+    let targets = vec![
+        TargetRow {
+            bench: B,
+            target: WALK_TARGETS[0].into(),
+            measured: format!("{:.1} M/s", walk / 1e6),
+            verdict: Verdict::of(walk >= 50e6),
+        },
+        TargetRow {
+            bench: B,
+            target: WALK_TARGETS[1].into(),
+            measured: ratio(under / walk),
+            verdict: Verdict::of(under >= 0.8 * walk),
+        },
+    ];
+    let bars = |name: &str, color, ours: bool| Series {
+        name: name.into(),
+        color,
+        points: rows
+            .iter()
+            .enumerate()
+            .filter(|r| r.1 .3 == ours)
+            .map(|(i, r)| (i as f64, r.2 / 1e6))
+            .collect(),
+    };
+    let series = vec![
+        bars("guest-mm fast walk", colors::OURS, true),
+        bars("baselines (no lockless walk)", colors::LIMIT, false),
+    ];
+    let cats: Vec<String> = rows.iter().map(|r| r.1.to_string()).collect();
+    md += &ctx.plot(
+        "walk.svg",
+        "translations per second by path",
+        &mut errors,
+        |p| {
+            plot::grouped_bars(
+                p,
+                &BarChart {
+                    title: "Fast walk: translations per second per thread",
+                    x_desc: "path (see the table for each one)",
+                    y_desc: "M translations/s",
+                    categories: cats,
+                    series,
+                    bar_label: Some(&|x| format!("{x:.0}")),
+                    shared_slot: true,
+                },
+            )
+        },
+    );
+    Section {
+        bench: B,
+        md,
+        targets,
+        errors,
+    }
+}
+
+// --- balloon ---
+
+const BALLOON_VS_MADVISE: f64 = 0.9;
+const BALLOON_VS_PER_PAGE: f64 = 5.0;
+const BALLOON_TARGETS: [&str; 2] = [
+    "contiguous PFNs: inflate rate ≥ 0.9× madvise per coalesced run",
+    "scattered PFNs: inflate rate ≥ 5× madvise per page",
+];
+
+struct BalloonRow {
+    pattern: String,
+    size: u64,
+    pages: Option<f64>,
+    runs: Option<f64>,
+    inflate: f64,
+    madvise: f64,
+    per_page: f64,
+    madvise_plain: Option<f64>,
+    per_page_plain: Option<f64>,
+    released_ok: Option<bool>,
+}
+
+fn parse_balloon(v: &Value, file: &str) -> Result<BalloonRow> {
+    let o = Obj::new(v, file);
+    Ok(BalloonRow {
+        pattern: o
+            .text("pattern")
+            .ok_or_else(|| anyhow!("{file}: missing field `pattern`"))?,
+        size: o.bytes("size_bytes")?,
+        pages: o.opt("pages")?,
+        runs: o.opt("runs")?,
+        inflate: o.num("inflate_ms")?,
+        madvise: o.num("madvise_ms")?,
+        per_page: o.num("per_page_ms")?,
+        madvise_plain: o.opt("madvise_plain_ms")?,
+        per_page_plain: o.opt("per_page_plain_ms")?,
+        released_ok: o.flag("released_ok"),
+    })
+}
+
+fn balloon_section(ctx: &Ctx<'_>, steps: &[&(&Step, StepData)]) -> Section {
+    const B: &str = "balloon";
+    const T: &str = "Balloon inflate (`gmm bench balloon`)";
+    let mut errors = Vec::new();
+    let mut rows = Vec::new();
+    let mut problems = Vec::new();
+    for (st, d) in steps {
+        let file = format!("{}.json", st.stem);
+        match &d.result {
+            None => problems.push((
+                st.stem,
+                d.error.clone().unwrap_or_else(|| "no result".into()),
+            )),
+            Some(v) => match parse_balloon(v, &file) {
+                Ok(r) => {
+                    if let Some(e) = &d.error {
+                        problems.push((
+                            st.stem,
+                            format!("exited with an error after printing its figures: {e}"),
+                        ));
+                    }
+                    rows.push(r);
+                }
+                Err(e) => problems.push((st.stem, format!("{e:#}"))),
+            },
+        }
+    }
+    if rows.is_empty() {
+        let why = problems
+            .iter()
+            .map(|(s, e)| format!("{s}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Section::not_measured(B, T, &why, &BALLOON_TARGETS);
+    }
+    let mut md = format!("## {T}\n\n");
+    md += "The balloon is inflated through the real virtio-balloon device path of a VM (host-side driver, no vCPU): first notify to last used buffer. Baselines on equally touched memory: one `madvise` per coalesced run of the same PFNs, and one per 4 KiB page. Medians; rate = inflated bytes / time.\n\n";
+    for (s, e) in &problems {
+        let _ = writeln!(md, "{s}: not measured: {}\n", md_cell(e));
+        errors.push(format!("{s}: {e}"));
+    }
+    let plain = rows.iter().any(|r| r.madvise_plain.is_some());
+    md += "| pattern | size | pages | runs | inflate ms | madvise/run ms | madvise/page ms |";
+    if plain {
+        md += " madvise/run, no KVM ms | madvise/page, no KVM ms |";
+    }
+    md += " inflate GiB/s | vs madvise/run | vs madvise/page | target | verdict |\n";
+    md += "|---|---:|---:|---:|---:|---:|---:|";
+    if plain {
+        md += "---:|---:|";
+    }
+    md += "---:|---:|---:|---|---|\n";
+    let mut contiguous = Verdict::NotMeasured("no contiguous run".into());
+    let mut scattered = Verdict::NotMeasured("no scattered run".into());
+    let (mut m_c, mut m_s) = ("—".to_string(), "—".to_string());
+    for r in &rows {
+        let vs_m = r.madvise / r.inflate;
+        let vs_p = r.per_page / r.inflate;
+        let (target, verdict) = match r.pattern.as_str() {
+            "contiguous" => {
+                let v = Verdict::of(vs_m >= BALLOON_VS_MADVISE);
+                contiguous = v.clone();
+                m_c = format!("{} madvise/run at {}", ratio(vs_m), human_bytes(r.size));
+                ("≥ 0.9× madvise/run", v)
+            }
+            "scattered" => {
+                let v = Verdict::of(vs_p >= BALLOON_VS_PER_PAGE);
+                scattered = v.clone();
+                m_s = format!("{} madvise/page at {}", ratio(vs_p), human_bytes(r.size));
+                ("≥ 5× madvise/page", v)
+            }
+            _ => (
+                "—",
+                Verdict::NotMeasured(format!("unknown pattern {:?}", r.pattern)),
+            ),
+        };
+        let _ = write!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.pattern,
+            human_bytes(r.size),
+            r.pages.map_or_else(|| "—".into(), |x| format!("{x:.0}")),
+            r.runs.map_or_else(|| "—".into(), |x| format!("{x:.0}")),
+            ms(r.inflate),
+            ms(r.madvise),
+            ms(r.per_page)
+        );
+        if plain {
+            let _ = write!(
+                md,
+                " {} | {} |",
+                opt_ms(r.madvise_plain),
+                opt_ms(r.per_page_plain)
+            );
+        }
+        let _ = writeln!(
+            md,
+            " {:.2} | {} | {} | {target} | {} |",
+            r.size as f64 / GIB / (r.inflate / 1e3),
+            ratio(vs_m),
+            ratio(vs_p),
+            verdict.cell()
+        );
+    }
+    md += "\n";
+    for r in rows.iter().filter(|r| r.released_ok == Some(false)) {
+        let _ = writeln!(
+            md,
+            "Warning: {} reports memory left resident or device errors (`released_ok: false`).\n",
+            r.pattern
+        );
+    }
+    let targets = vec![
+        TargetRow {
+            bench: B,
+            target: BALLOON_TARGETS[0].into(),
+            measured: m_c,
+            verdict: contiguous,
+        },
+        TargetRow {
+            bench: B,
+            target: BALLOON_TARGETS[1].into(),
+            measured: m_s,
+            verdict: scattered,
+        },
+    ];
+    let rate = |bytes: u64, ms: f64| bytes as f64 / GIB / (ms / 1e3);
+    let bar = |name: &str, color, f: &dyn Fn(&BalloonRow) -> f64| Series {
+        name: name.into(),
+        color,
+        points: rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i as f64, rate(r.size, f(r))))
+            .collect(),
+    };
+    let series = vec![
+        bar(
+            "virtio-balloon inflate (guest-mm gather)",
+            colors::OURS,
+            &|r| r.inflate,
+        ),
+        bar("madvise per coalesced run", colors::PER_RUN, &|r| r.madvise),
+        bar("madvise per 4 KiB page", colors::PER_PAGE, &|r| r.per_page),
+    ];
+    let cats: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} PFNs ({})", r.pattern, human_bytes(r.size)))
+        .collect();
+    md += &ctx.plot(
+        "inflate.svg",
+        "balloon inflate rate by PFN pattern",
+        &mut errors,
+        |p| {
+            plot::grouped_bars(
+                p,
+                &BarChart {
+                    title: "Balloon inflate rate by PFN pattern (median)",
+                    x_desc: "PFN pattern (inflated size)",
+                    y_desc: "release rate (GiB/s of 4 KiB pages)",
+                    categories: cats,
+                    series,
+                    bar_label: Some(&|x| format!("{x:.2}")),
+                    shared_slot: false,
+                },
+            )
+        },
+    );
+    Section {
+        bench: B,
+        md,
+        targets,
+        errors,
+    }
+}
+
+// --- teardown ---
+
+const TEARDOWN_VS_MUNMAP: f64 = 1.10;
+const DESTROY_MS: f64 = 5.0;
+const TEARDOWN_TARGETS: [&str; 3] = [
+    "reclaim ≤ 1.10× bare munmap (every size)",
+    "destroy call ≤ 5 ms (every size)",
+    "faster than QEMU quit→exit (where measured)",
+];
+
+struct TeardownRow {
+    size: u64,
+    destroy: f64,
+    reclaim: f64,
+    munmap: f64,
+    ratio: f64,
+    naive: Option<f64>,
+    qemu: Option<f64>,
+    exit: Option<f64>,
+}
+
+fn parse_teardown(v: &Value) -> Result<(Vec<TeardownRow>, Option<String>, Option<String>)> {
+    let top = Obj::new(v, "teardown.json");
+    let mut rows = Vec::new();
+    for e in top.entries()? {
+        let reclaim = e.num("reclaim_ms")?;
+        let munmap = e.num("munmap_ms")?;
+        rows.push(TeardownRow {
+            size: e.bytes("size_bytes")?,
+            destroy: e.num("destroy_ms")?,
+            reclaim,
+            munmap,
+            ratio: match e.opt("ratio_vs_munmap")? {
+                Some(r) => r,
+                None => reclaim / munmap,
+            },
+            naive: e.opt("naive_ms")?,
+            qemu: e.opt("qemu_ms")?,
+            exit: e.opt("process_exit_ms")?,
+        });
+    }
+    rows.sort_by_key(|r| r.size);
+    Ok((rows, top.text("backing"), top.text("populate")))
+}
+
+fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
+    const B: &str = "teardown";
+    const T: &str = "VM teardown (`gmm bench teardown`)";
+    let Some(v) = &d.result else {
+        return Section::not_measured(
+            B,
+            T,
+            d.error.as_deref().unwrap_or("no result"),
+            &TEARDOWN_TARGETS,
+        );
+    };
+    let (rows, backing, populate) = match parse_teardown(v) {
+        Ok(x) => x,
+        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &TEARDOWN_TARGETS),
+    };
+    let mut errors: Vec<String> = d.error.iter().cloned().collect();
+    let mut md = format!("## {T}\n\n");
+    if let Some(e) = &d.error {
+        let _ = writeln!(md, "Warning: the bench exited with an error ({}); the figures are shown as it printed them.\n", md_cell(e));
+    }
+    let _ = writeln!(
+        md,
+        "Populated microVMs ({} backing, populated by the {}) are destroyed: *destroy* is the call the caller waits for, *reclaim* the time until all guest memory is back (reclaim thread: full-mm gather + munmap), against a bare `munmap` of equally populated memory, a naive per-page loop, the exit of a VMM process, and QEMU's `quit` → process exit where QEMU is installed.\n",
+        backing.as_deref().unwrap_or("—"),
+        populate.as_deref().unwrap_or("—")
+    );
+    md += "| guest size | destroy ms | reclaim ms | munmap ms | reclaim / munmap | naive ms | process exit ms | QEMU quit→exit ms | reclaim ≤ 1.10× munmap | destroy ≤ 5 ms | faster than QEMU |\n";
+    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n";
+    let ours = |r: &TeardownRow| r.exit.unwrap_or(r.destroy);
+    let qemu_v = |r: &TeardownRow| match r.qemu {
+        Some(q) => Verdict::of(ours(r) < q),
+        None => Verdict::NotMeasured("no QEMU".into()),
+    };
+    for r in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            human_bytes(r.size),
+            ms(r.destroy),
+            ms(r.reclaim),
+            ms(r.munmap),
+            ratio(r.ratio),
+            opt_ms(r.naive),
+            opt_ms(r.exit),
+            r.qemu.map_or_else(|| "not measured".into(), ms),
+            Verdict::of(r.ratio <= TEARDOWN_VS_MUNMAP).cell(),
+            Verdict::of(r.destroy <= DESTROY_MS).cell(),
+            match qemu_v(r) {
+                Verdict::NotMeasured(_) => "—".into(),
+                v => v.cell(),
+            }
+        );
+    }
+    md += "\n";
+    if rows.iter().any(|r| r.qemu.is_some()) {
+        md += if rows.iter().all(|r| r.exit.is_some()) {
+            "\"Faster than QEMU\" compares the VMM process's exit with QEMU's quit → exit at the same size.\n\n"
+        } else {
+            "\"Faster than QEMU\" compares the destroy call (no process exit was measured) with QEMU's quit → exit at the same size.\n\n"
+        };
+    }
+    let per =
+        |f: &dyn Fn(&TeardownRow) -> f64| rows.iter().map(|r| (r.size, f(r))).collect::<Vec<_>>();
+    let (v1, m1) = worst(&per(&|r| r.ratio), |x| x <= TEARDOWN_VS_MUNMAP, true, ratio);
+    let (v2, m2) = worst(
+        &per(&|r| r.destroy),
+        |x| x <= DESTROY_MS,
+        true,
+        |x| format!("{} ms", ms(x)),
+    );
+    let q: Vec<&TeardownRow> = rows.iter().filter(|r| r.qemu.is_some()).collect();
+    let (v3, m3) = if q.is_empty() {
+        (
+            Verdict::NotMeasured("QEMU not measured".into()),
+            "—".to_string(),
+        )
+    } else {
+        let v = Verdict::all(&q.iter().map(|r| qemu_v(r)).collect::<Vec<_>>());
+        let m = q
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} vs {} ms at {}",
+                    ms(ours(r)),
+                    ms(r.qemu.unwrap_or(f64::NAN)),
+                    human_bytes(r.size)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        (v, m)
+    };
+    let targets = vec![
+        TargetRow {
+            bench: B,
+            target: TEARDOWN_TARGETS[0].into(),
+            measured: m1,
+            verdict: v1,
+        },
+        TargetRow {
+            bench: B,
+            target: TEARDOWN_TARGETS[1].into(),
+            measured: m2,
+            verdict: v2,
+        },
+        TargetRow {
+            bench: B,
+            target: TEARDOWN_TARGETS[2].into(),
+            measured: m3,
+            verdict: v3,
+        },
+    ];
+    let gib = |r: &TeardownRow| r.size as f64 / GIB;
+    let line = |name: &str, color, f: &dyn Fn(&TeardownRow) -> Option<f64>| Series {
+        name: name.into(),
+        color,
+        points: rows
+            .iter()
+            .filter_map(|r| f(r).map(|y| (gib(r), y)))
+            .collect(),
+    };
+    let mut series = vec![
+        line("guest-mm reclaim (gather + munmap)", colors::OURS, &|r| {
+            Some(r.reclaim)
+        }),
+        line("bare munmap", colors::LIMIT, &|r| Some(r.munmap)),
+        line("naive per-page loop", colors::PER_PAGE, &|r| r.naive),
+        line("VMM process exit", colors::EXIT, &|r| r.exit),
+        line("QEMU quit → exit", colors::QEMU, &|r| r.qemu),
+        line("destroy call (caller waits)", colors::DESTROY, &|r| {
+            Some(r.destroy)
+        }),
+    ];
+    series.retain(|s| !s.points.is_empty());
+    md += &ctx.plot(
+        "reclaim-teardown.svg",
+        "VM teardown: reclaim time vs. guest size per strategy",
+        &mut errors,
+        |p| {
+            plot::lines(
+                p,
+                &LineChart {
+                    title: "VM teardown: reclaim time vs. guest size",
+                    x_desc: "guest memory size (log scale)",
+                    y_desc: "time (ms, log scale)",
+                    x_scale: Scale::Log,
+                    y_scale: Scale::Log,
+                    x_ticks: rows.iter().map(gib).collect(),
+                    x_label: &size_label,
+                    series,
+                },
+            )
+        },
+    );
+    Section {
+        bench: B,
+        md,
+        targets,
+        errors,
+    }
+}
+
+// --- launch ---
+
+const LAUNCHES_PER_CORE: f64 = 20.0;
+const LAUNCH_TARGETS: [&str; 1] = ["≥ 20 launch+teardown cycles/s per core"];
+
+fn launch_section(d: &StepData) -> Section {
+    const B: &str = "launch";
+    const T: &str = "Launch (`gmm bench launch`)";
+    let Some(v) = &d.result else {
+        return Section::not_measured(
+            B,
+            T,
+            d.error.as_deref().unwrap_or("no result"),
+            &LAUNCH_TARGETS,
+        );
+    };
+    let o = Obj::new(v, "launch.json");
+    let parsed = (|| -> Result<_> {
+        let rate = o.num("launches_per_sec")?;
+        // Per core: the bench's own figure, else the rate over the VMs it
+        // ran at once (a sequential loop runs one).
+        let (per_core, how) = match o.opt("launches_per_sec_per_core")? {
+            Some(x) => (x, "as reported".to_string()),
+            None => {
+                let par = ["parallel", "jobs", "concurrency", "threads"]
+                    .iter()
+                    .find_map(|k| o.opt(k).ok().flatten().map(|x| (*k, x)));
+                match par {
+                    Some((k, n)) if n >= 1.0 => (rate / n, format!("launches/s ÷ {k} = {n:.0}")),
+                    _ => (rate, "one launch at a time".to_string()),
+                }
+            }
+        };
+        Ok((rate, per_core, how))
+    })();
+    let (rate, per_core, how) = match parsed {
+        Ok(x) => x,
+        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &LAUNCH_TARGETS),
+    };
+    let errors: Vec<String> = d.error.iter().cloned().collect();
+    let mut md = format!("## {T}\n\n");
+    if let Some(e) = &d.error {
+        let _ = writeln!(md, "Warning: the bench exited with an error ({}); the figures are shown as it printed them.\n", md_cell(e));
+    }
+    md += "Launch (create, boot to the guest's first output) and tear down microVMs in a loop.\n\n";
+    md += "| VMs | launches/s | per core | boot p50 ms | boot p90 ms | boot max ms | teardown p50 ms | teardown max ms | RSS overhead per VM | ≥ 20/s per core |\n";
+    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+    let verdict = Verdict::of(per_core >= LAUNCHES_PER_CORE);
+    let _ = writeln!(
+        md,
+        "| {} | {:.1} | {:.1} ({how}) | {} | {} | {} | {} | {} | {} | {} |",
+        o.opt("count")
+            .ok()
+            .flatten()
+            .map_or_else(|| "—".into(), |x| format!("{x:.0}")),
+        rate,
+        per_core,
+        opt_ms(o.stat("boot_ms", "p50")),
+        opt_ms(o.stat("boot_ms", "p90")),
+        opt_ms(o.stat("boot_ms", "max")),
+        opt_ms(o.stat("teardown_ms", "p50")),
+        opt_ms(o.stat("teardown_ms", "max")),
+        o.opt("rss_overhead_per_vm_bytes")
+            .ok()
+            .flatten()
+            .map_or_else(|| "—".into(), |b| human_bytes(b.max(0.0) as u64)),
+        verdict.cell()
+    );
+    md += "\n";
+    Section {
+        bench: B,
+        md,
+        targets: vec![TargetRow {
+            bench: B,
+            target: LAUNCH_TARGETS[0].into(),
+            measured: format!("{per_core:.1}/s per core"),
+            verdict,
+        }],
+        errors,
+    }
+}
+
+// ---------------------------------------------------------------------
+// The markdown
+
+struct MdInput<'a> {
+    machine: Option<&'a Value>,
+    quick: bool,
+    from: Option<&'a Path>,
+    out: &'a Path,
+    data: &'a [(&'a Step, StepData)],
+    sections: &'a [Section],
+    targets: &'a [&'a TargetRow],
+}
+
+fn markdown(m: &MdInput<'_>) -> String {
+    let mut md = String::from("# Benchmarks\n\n");
+    md += "<!-- Generated by `gmm bench report`; do not edit by hand. -->\n\n";
+    let mach = m.machine.filter(|v| v.is_object());
+    let mtext = |k: &str| {
+        mach.and_then(|v| v.get(k))
+            .and_then(Value::as_str)
+            .map(String::from)
+    };
+    let mnum = |k: &str| mach.and_then(|v| v.get(k)).and_then(Value::as_f64);
+    let _ = writeln!(
+        md,
+        "Every number below was measured by one run of `gmm bench report`{}{} and comes from the JSON it saved in `{}/` (one file per bench, all of it in `results.json`); the met/missed verdicts are computed from those numbers. Nothing is typed in.\n",
+        mtext("date_utc").map_or_else(String::new, |d| format!(" on {d}")),
+        mtext("git_commit").map_or_else(String::new, |c| format!(" at commit `{c}`")),
+        m.out.display()
+    );
+    if m.quick {
+        md += "**This is a `--quick` run (small sizes, short phases): a smoke test, not representative figures.**\n\n";
+    }
+    md += "## Machine\n\n";
+    match mach {
+        None => {
+            let _ = writeln!(
+                md,
+                "not recorded ({} has no `results.json` with a `machine` entry).\n",
+                m.from
+                    .map_or_else(|| m.out.display().to_string(), |p| p.display().to_string())
+            );
+        }
+        Some(_) => {
+            md += "| | |\n|---|---|\n";
+            let mut row = |k: &str, v: Option<String>| {
+                let _ = writeln!(
+                    md,
+                    "| {k} | {} |",
+                    md_cell(&v.unwrap_or_else(|| "unknown".into()))
+                );
+            };
+            row("CPU", mtext("cpu_model"));
+            row("logical CPUs", mnum("cores").map(|c| format!("{c:.0}")));
+            row(
+                "memory",
+                mnum("memory_bytes").map(|b| human_bytes(b as u64)),
+            );
+            row("kernel", mtext("kernel"));
+            row(
+                "KVM",
+                mach.map(|v| {
+                    let dev = v.get("dev_kvm").and_then(Value::as_bool).unwrap_or(false);
+                    let be = v.get("kvm_backend").and_then(Value::as_str);
+                    match (dev, be) {
+                        (true, Some(b)) => format!("/dev/kvm ({b})"),
+                        (true, None) => "/dev/kvm (backend module not identified)".into(),
+                        (false, _) => "no /dev/kvm".into(),
+                    }
+                }),
+            );
+            row(
+                "virtualized",
+                mach.and_then(|v| v.get("virtualized"))
+                    .and_then(Value::as_bool)
+                    .map(|b| {
+                        if b {
+                            "yes (a guest: the CPU reports the hypervisor flag)".to_string()
+                        } else {
+                            "no (bare metal)".to_string()
+                        }
+                    }),
+            );
+            row("load average at start", mtext("loadavg_at_start"));
+            row("guest-mm fences", mtext("fences"));
+            row("gmm version", mtext("gmm_version"));
+            row("commit", mtext("git_commit"));
+            row("date", mtext("date_utc"));
+            md += "\n";
+        }
+    }
+    md += "## How to reproduce\n\n";
+    md += "On an otherwise idle machine with `/dev/kvm`, from the repository root:\n\n";
+    md += "    cargo build --release -p tools\n";
+    let _ = writeln!(
+        md,
+        "    target/release/gmm bench report{}    # runs every bench below, writes {}/ and BENCHMARKS.md",
+        if m.quick { " --quick" } else { "" },
+        m.out.display()
+    );
+    let _ = writeln!(
+        md,
+        "    target/release/gmm bench report --from {}    # redraws the plots and this file from the saved JSON\n",
+        m.out.display()
+    );
+    md += "The report runs each bench as its own process, exactly as:\n\n";
+    md += "| bench | command | time |\n|---|---|---:|\n";
+    for (st, d) in m.data {
+        let mut c = d.command.clone();
+        if c.first().map(String::as_str) == Some("gmm") {
+            c[0] = "target/release/gmm".into();
+        }
+        let _ = writeln!(
+            md,
+            "| {} | `{}` | {} |",
+            st.stem,
+            md_cell(&c.join(" ")),
+            d.elapsed_s
+                .map_or_else(|| "—".into(), |s| format!("{s:.1} s"))
+        );
+    }
+    md += "\n## Targets\n\n";
+    md += "| bench | target | measured | verdict |\n|---|---|---|---|\n";
+    for t in m.targets {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            t.bench,
+            md_cell(&t.target),
+            md_cell(&t.measured),
+            t.verdict.cell()
+        );
+    }
+    md += "\n";
+    for s in m.sections {
+        md += &s.md;
+    }
+    md
 }
