@@ -50,6 +50,9 @@
 //! succeeds must still read the pattern, and none may succeed once
 //! reclamation is complete.
 //!
+//! After each inflate the controller also checks with `mincore` that no
+//! ballooned page is resident (`not_released`).
+//!
 //! `guest_errors` = bad words the guest found (first pass, later passes,
 //! deflated pages) + balloon driver errors + vCPUs that did not end with
 //! `Done`. Device and transport errors, unexplained demand faults, and a
@@ -439,6 +442,7 @@ struct StressVmJson {
     device_errors: u64,
     unexpected_faults: u64,
     final_bad_words: u64,
+    not_released: u64,
     stalls: u64,
     max_lock_hold_us: f64,
     max_lock_hold_cpu_us: f64,
@@ -467,6 +471,24 @@ fn change(vm: &Vm, shadow: &Shadow, geo: &Geometry, pages: u64) -> Result<bool> 
         shadow.epoch.fetch_add(1, SeqCst);
     }
     Ok(ok)
+}
+
+/// 4 KiB pages of `[start, end)` whose host backing is resident (mincore).
+fn resident_pages(vm: &Vm, start: u64, end: u64) -> u64 {
+    let regions = vm.memory().regions();
+    let mut n = 0;
+    let mut gpa = start;
+    while gpa < end {
+        let Some(r) = regions.iter().find(|r| r.contains(gpa, PAGE)) else {
+            gpa += PAGE;
+            continue;
+        };
+        let stop = end.min(r.gpa.0 + r.len);
+        let bytes = guest_mm::stress::resident_bytes(r.host_of(gpa) as u64, stop - gpa);
+        n += if bytes == u64::MAX { 0 } else { bytes / PAGE };
+        gpa = stop;
+    }
+    n
 }
 
 fn last_lines(console: &Mutex<Vec<u8>>, n: usize) -> String {
@@ -623,7 +645,7 @@ pub fn cmd(a: &Args) -> Result<()> {
     let hold = Duration::from_millis(a.hold_ms);
     let t0 = Instant::now();
     let mut last_line = Instant::now();
-    let (mut cycles, mut stalls, mut balloon_max) = (0u64, 0u64, 0u64);
+    let (mut cycles, mut stalls, mut balloon_max, mut not_released) = (0u64, 0u64, 0u64, 0u64);
     std::thread::sleep(hold);
     while t0.elapsed().as_secs_f64() < a.seconds {
         let lo_pages = (max_pages / 4).max(1);
@@ -633,6 +655,9 @@ pub fn cmd(a: &Args) -> Result<()> {
             break;
         }
         balloon_max = balloon_max.max(pages);
+        // The driver saw its buffers back: the device released them, and
+        // nothing may have brought them back since.
+        not_released += resident_pages(&vm, e0 - pages * PAGE, e0);
         std::thread::sleep(hold);
         if !change(&vm, &shadow, &geo, 0)? {
             stalls += 1;
@@ -762,6 +787,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         + device_errors
         + unexpected_faults
         + final_bad_words
+        + not_released
         + stalls;
     let walks = ld(&counts.walks);
     let rss_lo = ld(&rss_min);
@@ -809,6 +835,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         device_errors,
         unexpected_faults,
         final_bad_words,
+        not_released,
         stalls,
         max_lock_hold_us,
         max_lock_hold_cpu_us,
@@ -865,7 +892,8 @@ pub fn cmd(a: &Args) -> Result<()> {
     );
     h += &format!(
         "violations   {:>12} (guest errors {}, stale {} = released {} + data {}, use-after-free {}, \
-         shadow mismatches {}, device errors {}, unexpected faults {}, final bad words {}, stalls {})\n",
+         shadow mismatches {}, device errors {}, unexpected faults {}, final bad words {}, \
+         not released {}, stalls {})\n",
         j.violations,
         j.guest_errors,
         j.stale_translations,
@@ -876,6 +904,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         j.device_errors,
         j.unexpected_faults,
         j.final_bad_words,
+        j.not_released,
         j.stalls
     );
     if violations > 0 || !all_done {

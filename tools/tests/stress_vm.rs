@@ -85,6 +85,7 @@ fn stress_vm_cycles_without_violations() {
         "device_errors",
         "unexpected_faults",
         "final_bad_words",
+        "not_released",
         "stalls",
         "violations",
     ] {
