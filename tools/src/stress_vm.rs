@@ -68,7 +68,10 @@
 //! millisecond.
 
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicU8,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -249,7 +252,8 @@ fn device_thread(
 ) {
     let mut walker = table.walker();
     let mut rng = Rng::new(geo.seed ^ (u64::from(idx) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let mut buf = vec![0u8; BATCH * PAGE as usize];
+    const WORDS: usize = (PAGE / 8) as usize;
+    let mut buf = vec![0u64; BATCH * WORDS];
     let mut gpas = [0u64; BATCH];
     let mut seen: Vec<Seen> = Vec::with_capacity(BATCH);
     // The injected bug: translations remembered forever (per balloonable
@@ -284,27 +288,32 @@ fn device_thread(
                         let _ = t;
                         seen.push(Seen::LateOk);
                     }
+                    Ok(t) if t.len_in_leaf < PAGE || t.hva.0 % PAGE != 0 => {
+                        // A page-aligned GPA translates to a page-aligned
+                        // host address with a whole page left in its leaf.
+                        seen.push(Seen::Failed(WalkError::OutOfRange(Gpa(gpa))));
+                    }
                     Ok(t) => {
-                        let n = t.len_in_leaf.min(PAGE) as usize;
-                        let dst = &mut buf[k * PAGE as usize..][..n];
-                        // SAFETY: `t` was translated inside this read
-                        // section, so its backing is registered guest RAM
-                        // that is neither released nor unmapped before we
-                        // unpin (releases and the final unmap wait for a
-                        // grace period); `n` stays inside the leaf and
-                        // `dst` has room for it. The guest may write
-                        // concurrently, as with any DMA: we copy bytes.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(t.hva.as_ptr(), dst.as_mut_ptr(), n)
-                        };
+                        // Word by word with atomic loads: the guest stores
+                        // whole words concurrently (the same value, or the
+                        // pattern over a page that just came back as
+                        // zeros), so a word reads old or new, never torn.
+                        let src = t.hva.0 as *const AtomicU64;
+                        for (w, d) in buf[k * WORDS..][..WORDS].iter_mut().enumerate() {
+                            // SAFETY: `t` was translated inside this read
+                            // section, so its page is registered guest RAM
+                            // that is neither released nor unmapped before
+                            // we unpin (releases and the final unmap wait
+                            // for a grace period); the page is 8-aligned
+                            // and `w` stays inside it; AtomicU64 has u64's
+                            // layout. The guest writes it from outside this
+                            // program, as a device's DMA peer would.
+                            *d = unsafe { &*src.add(w) }.load(Relaxed);
+                        }
                         if let Some(s) = slot.filter(|_| inject_stale) {
                             fake_cache[s] = true;
                         }
-                        seen.push(if n == PAGE as usize {
-                            Seen::Copied
-                        } else {
-                            Seen::Failed(WalkError::OutOfRange(Gpa(gpa)))
-                        });
+                        seen.push(Seen::Copied);
                     }
                     Err(e) => seen.push(Seen::Failed(e)),
                 }
@@ -336,11 +345,8 @@ fn device_thread(
                     // a change is in flight (a page just deflated, not yet
                     // rewritten by the guest).
                     let zero_ok = in_range && !stable && phase == PHASE_STRESS;
-                    let page = &buf[k * PAGE as usize..][..PAGE as usize];
-                    let bad = page.chunks_exact(8).enumerate().any(|(w, b)| {
-                        let mut a = [0u8; 8];
-                        a.copy_from_slice(b);
-                        let v = u64::from_le_bytes(a);
+                    let page = &buf[k * WORDS..][..WORDS];
+                    let bad = page.iter().enumerate().any(|(w, &v)| {
                         v != vmm::guest::pattern(gpa + w as u64 * 8, geo.seed)
                             && !(zero_ok && v == 0)
                     });
