@@ -164,11 +164,11 @@ pub fn cmd(a: &Args) -> Result<()> {
         .clone()
         .or_else(|| a.from.clone())
         .unwrap_or_else(|| PathBuf::from("bench-results"));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let saved = match &a.from {
         Some(dir) => Some(load_results_json(dir)?),
         None => None,
     };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     // --from a quick run keeps describing it as quick.
     let quick = a.quick
         || saved

@@ -1,0 +1,587 @@
+//! `gmm bench report`: the markdown, the verdicts and the plots it builds
+//! from saved JSON (`--from DIR`), its errors, and a `--quick` smoke run.
+//!
+//! The JSON files written here are FIXTURES: small, hand-made, with the
+//! field names and shapes the benches print (`--json`), and numbers chosen
+//! to exercise the met/missed boundaries. They are not measurements and
+//! never end up in BENCHMARKS.md.
+
+// The fixtures are large `json!` literals.
+#![recursion_limit = "256"]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn gmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gmm"))
+        .args(args)
+        .output()
+        .expect("the gmm binary runs")
+}
+
+/// A fresh, empty directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gmm-bench-report-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("creating a scratch directory");
+    d
+}
+
+fn write(dir: &Path, name: &str, v: &Value) {
+    std::fs::write(
+        dir.join(name),
+        serde_json::to_string_pretty(v).expect("JSON"),
+    )
+    .expect("write");
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The markdown table row whose first cells are `cells`.
+fn row<'a>(md: &'a str, cells: &[&str]) -> &'a str {
+    let prefix = format!("| {} |", cells.join(" | "));
+    md.lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no row starting with {prefix:?} in:\n{md}"))
+}
+
+// ---------------------------------------------------------------------
+// FIXTURES (hand-made, schema-faithful; not measurements)
+
+/// FIXTURE: one size of `gmm bench unmap --sizes ... --json` (`runs[]`).
+fn unmap_run(size: u64, gather: f64, limit: f64, per_page: f64, max_hold: f64) -> Value {
+    json!({
+        "tool": "bench-unmap", "size_bytes": size, "page_size": "4K", "reps": 3,
+        "membarrier": false,
+        "gather_ms": gather, "limit_ms": limit, "per_page_ms": per_page, "per_run_ms": limit * 1.05,
+        "per_run_sort_ms": 0.5, "per_run_runs": 1,
+        "ratio_vs_limit": gather / limit, "ratio_per_page_vs_gather": per_page / gather,
+        "ratio_per_run_vs_gather": limit * 1.05 / gather,
+        "max_lock_hold_us": max_hold, "median_rep_max_lock_hold_us": max_hold * 0.8,
+        "lock_hold_p99_us_upper": 32.768,
+        "lock_hold_hist_us": [[4.096, 3], [16.384, 90], [32.768, 6], [131.072, 1]],
+        "lock_acquisitions": 100, "per_page_lock_hold_ms": per_page,
+        "release_calls": 1, "flushes": 1, "forced_flushes": 0, "fallback_batches": 0,
+        "batch_allocs": 4, "tables_retired": 514, "table_bytes": size / 500,
+        "table_overhead_pct": 0.1965, "map_ms": 3.0, "touch_ms": 400.0,
+        "anon_huge_bytes_after_touch": null,
+        "rss_after_gather": 0, "rss_after_limit": 0, "rss_after_per_page": 0, "rss_after_per_run": 0,
+        "released_ok": true,
+        "gather_ms_all": [gather], "limit_ms_all": [limit], "per_page_ms_all": [per_page],
+        "per_run_ms_all": [limit], "max_lock_hold_us_all": [max_hold],
+        "preempted_during_unmap_all": [0],
+        "targets": {"gather_within_1_15x_limit": true, "at_least_10x_per_page": true,
+                    "lock_hold_le_100us": true, "table_overhead_le_0_2pct": true}
+    })
+}
+
+/// FIXTURE: `gmm bench unmap --sizes 256M,1G --json`. At 1 GiB the gather
+/// takes 1.2× the limit (missed) and one hold reaches 120 µs (missed).
+fn unmap_fixture() -> Value {
+    json!({
+        "tool": "bench-unmap", "page_size": "4K", "sizes": [256 * MIB, GIB],
+        "max_lock_hold_us_by_size": [[256 * MIB, 40.0], [GIB, 120.0]],
+        "median_rep_max_lock_hold_us_by_size": [[256 * MIB, 30.0], [GIB, 35.0]],
+        "lock_hold_p99_us_upper_by_size": [[256 * MIB, 32.768], [GIB, 32.768]],
+        "lock_hold_not_larger_at_largest": false, "median_rep_max_not_larger_at_largest": false,
+        "runs": [
+            unmap_run(256 * MIB, 21.0, 20.0, 250.0, 40.0),
+            unmap_run(GIB, 96.0, 80.0, 1200.0, 120.0),
+        ]
+    })
+}
+
+/// FIXTURE: `gmm bench walk --json`.
+fn walk_fixture() -> Value {
+    json!({
+        "tool": "bench-walk", "threads": 1, "cores": 2, "membarrier": false,
+        "storm_oversubscribed": false, "seconds_per_phase": 1.0, "mem_bytes": GIB, "batch": 64,
+        "walk_per_s": 110e6, "walk_uncached_per_s": 130e6, "walk_hot_per_s": 380e6,
+        "walk_pin_each_per_s": 100e6, "walk_under_unmap_per_s": 77e6,
+        "walk_busy_neighbour_per_s": 98e6, "walk_under_unmap_unmapped_pct": 0.1,
+        "storm_rate_requested": null, "storm_ops_per_s": 110000.0, "storm_shootdowns": 30000,
+        "under_unmap_ratio": 0.7, "under_unmap_vs_busy_ratio": 0.786,
+        "rwlock_per_s": 155e6, "rwlock_under_unmap_per_s": 127e6, "rwlock_storm_ops_per_s": 110000.0,
+        "rwlock_under_unmap_ratio": 0.82, "vm_memory_per_s": 223e6, "vm_memory_regions": 4,
+        "walk_vs_rwlock": 0.71, "walk_vs_vm_memory": 0.49, "use_after_free": 0,
+        "targets": {"walk_ge_50m_per_s": true, "under_unmap_ge_0_8x": false}
+    })
+}
+
+/// FIXTURE: `gmm bench balloon --pattern P --json`.
+fn balloon_fixture(pattern: &str, inflate: f64, madvise: f64, per_page: f64) -> Value {
+    json!({
+        "tool": "bench-balloon", "pattern": pattern, "size_bytes": 512 * MIB, "pages": 131072,
+        "runs": if pattern == "contiguous" { 1 } else { 131072 }, "page_size": "4K",
+        "vm_mem_bytes": GIB, "per_chain": 256, "notifies": 2, "release_syscalls": 1, "reps": 3,
+        "membarrier": false, "inflate_ms": inflate, "device_release_ms": inflate * 0.98,
+        "deflate_ms": 5.0, "madvise_ms": madvise, "per_page_ms": per_page,
+        "madvise_plain_ms": madvise * 0.9, "per_page_plain_ms": per_page * 0.9,
+        "ratio_vs_madvise": madvise / inflate, "ratio_vs_per_page": per_page / inflate,
+        "ratio_vs_madvise_plain": madvise * 0.9 / inflate,
+        "ratio_vs_per_page_plain": per_page * 0.9 / inflate,
+        "target": "fixture", "target_met": true, "rss_drop_bytes": 512 * MIB,
+        "resident_after_inflate": 0, "resident_after_madvise": 0, "resident_after_per_page": 0,
+        "device_errors": 0, "released_ok": true,
+        "inflate_ms_all": [inflate], "madvise_ms_all": [madvise], "per_page_ms_all": [per_page]
+    })
+}
+
+/// FIXTURE: one size of `gmm bench teardown --json` (`sizes[]`).
+fn teardown_size(size: u64, destroy: f64, reclaim: f64, munmap: f64, qemu: Option<f64>) -> Value {
+    json!({
+        "size_bytes": size, "destroy_ms": destroy, "reclaim_ms": reclaim,
+        "destroy_stop_vcpus_ms": 0.1, "reclaim_internal_ms": reclaim, "reclaim_vm_drop_ms": 1.0,
+        "reclaim_stage2_gather_ms": reclaim * 0.5, "reclaim_stage2_barrier_ms": 0.01,
+        "reclaim_unmap_ms": reclaim * 0.5, "populate_ms": 300.0,
+        "munmap_ms": munmap, "naive_ms": munmap * 5.0, "ratio_vs_munmap": reclaim / munmap,
+        "ratio_naive_vs_reclaim": munmap * 5.0 / reclaim,
+        "qemu_ms": qemu, "qemu_rss_bytes": qemu.map(|_| size),
+        "process_exit_ms": reclaim + 5.0, "process_ack_ms": 0.2,
+        "process_destroy_ms": destroy, "process_reclaim_ms": reclaim, "process_rss_bytes": size,
+        "rss_before_bytes": 5 * MIB, "rss_populated_bytes": size + 5 * MIB,
+        "rss_after_bytes": 5 * MIB, "guest_resident_bytes": size, "rss_returned_bytes": size,
+        "rss_back": true, "shmem_freed_bytes": null,
+        "reclaim_within_1_10x_munmap": reclaim / munmap <= 1.1, "destroy_within_5ms": destroy <= 5.0,
+        "faster_than_qemu": qemu.map(|q| reclaim + 5.0 < q),
+        "destroy_ms_all": [destroy], "reclaim_ms_all": [reclaim], "munmap_ms_all": [munmap],
+        "naive_ms_all": [munmap * 5.0], "qemu_ms_all": [], "process_exit_ms_all": [reclaim + 5.0]
+    })
+}
+
+/// FIXTURE: `gmm bench teardown --sizes 1G,2G,4G --json`. At 4 GiB the
+/// reclaim takes 1.2× the munmap (missed) and the destroy call 6 ms
+/// (missed); QEMU is measured at 1 GiB (the vmm process exits sooner) and
+/// 2 GiB (it does not).
+fn teardown_fixture() -> Value {
+    json!({
+        "tool": "bench-teardown", "backing": "anon", "page_size": "2M", "populate": "host",
+        "reps": 3, "membarrier": false, "cores": 2, "mem_total_bytes": 24 * GIB,
+        "kernel": "fixture", "kvm_modules": ["kvm"],
+        "qemu": {"path": "/usr/bin/qemu-system-x86_64", "version": "QEMU emulator version 7.2 (fixture)",
+                 "accel": "kvm", "backend": "memory-backend-ram"},
+        "qemu_skipped": null, "process_measured": true,
+        "munmap_baseline": "an equally populated private anonymous mapping (fixture)",
+        "sizes": [
+            teardown_size(GIB, 0.8, 90.0, 85.0, Some(200.0)),
+            teardown_size(2 * GIB, 0.9, 180.0, 170.0, Some(150.0)),
+            teardown_size(4 * GIB, 6.0, 420.0, 350.0, None),
+        ]
+    })
+}
+
+/// FIXTURE: `gmm bench launch --json`: 25/s wall, 30 per CPU-second.
+fn launch_fixture() -> Value {
+    let d = |p50: f64| json!({"p50": p50, "p90": p50 * 1.5, "max": p50 * 2.0});
+    json!({
+        "tool": "bench-launch", "count": 20, "mem_bytes": 128 * MIB, "vcpus": 1, "cores": 2,
+        "kvm_modules": ["kvm"], "launches_per_sec": 25.0, "launches_per_cpu_sec": 30.0,
+        "cpu_ms_per_launch": 33.3, "wall_s": 0.8, "boot_ms_is": "fixture",
+        "boot_ms": d(1.8), "ready_ms": d(40.0), "teardown_ms": d(0.2), "reclaim_ms": d(4.0),
+        "alive_vms": 4, "rss_base_bytes": 5 * MIB, "rss_alive_bytes": 520 * MIB,
+        "guest_resident_bytes": 512 * MIB, "stage2_table_bytes": 48 * 1024,
+        "rss_overhead_per_vm_bytes": 12288, "rss_after_bytes": 5 * MIB, "meets_20_per_sec": true,
+        "boot_ms_all": [1.8], "ready_ms_all": [40.0]
+    })
+}
+
+/// Every fixture, as the report's file names.
+fn write_fixtures(dir: &Path) {
+    write(dir, "unmap.json", &unmap_fixture());
+    write(dir, "walk.json", &walk_fixture());
+    // contiguous: 0.95× madvise per run (met); scattered: 6× per page (met);
+    // fragmented: informational.
+    write(
+        dir,
+        "balloon-contiguous.json",
+        &balloon_fixture("contiguous", 100.0, 95.0, 400.0),
+    );
+    write(
+        dir,
+        "balloon-scattered.json",
+        &balloon_fixture("scattered", 50.0, 60.0, 300.0),
+    );
+    write(
+        dir,
+        "balloon-fragmented.json",
+        &balloon_fixture("fragmented", 40.0, 45.0, 300.0),
+    );
+    write(dir, "teardown.json", &teardown_fixture());
+    write(dir, "launch.json", &launch_fixture());
+}
+
+// ---------------------------------------------------------------------
+
+#[test]
+fn report_from_fixtures_computes_verdicts_and_draws_plots() {
+    let dir = scratch("fixtures");
+    write_fixtures(&dir);
+    let md_path = dir.join("B.md");
+    let dir_s = dir.to_str().expect("utf-8 temp dir");
+    let md_s = md_path.to_str().expect("utf-8 temp dir");
+    let out = gmm(&["bench", "report", "--from", dir_s, "--markdown", md_s]);
+    assert!(out.status.success(), "report failed: {}", text(&out));
+    let md = read(&md_path);
+
+    // Plots: present, complete SVG documents, titled, linked relative to
+    // the markdown (same directory here).
+    for (svg, title) in [
+        ("reclaim-unmap.svg", "Unmap: release time vs. region size"),
+        ("lock-hold.svg", "Table-lock holds during unmap"),
+        ("walk.svg", "Fast walk: translations per second"),
+        ("inflate.svg", "Balloon inflate rate by PFN pattern"),
+        (
+            "reclaim-teardown.svg",
+            "VM teardown: reclaim time vs. guest size",
+        ),
+    ] {
+        let s = read(&dir.join(svg));
+        assert!(
+            s.trim_start().starts_with("<svg") || s.trim_start().starts_with("<?xml"),
+            "{svg}: {}",
+            &s[..s.len().min(200)]
+        );
+        assert!(
+            s.trim_end().ends_with("</svg>"),
+            "{svg} is not a complete SVG document"
+        );
+        assert!(s.contains(title), "{svg} lacks its title {title:?}");
+        assert!(
+            s.contains("<text"),
+            "{svg} has no text (axis labels, legend)"
+        );
+        assert!(
+            md.contains(&format!("]({svg})")),
+            "markdown does not link {svg}"
+        );
+    }
+    assert!(read(&dir.join("reclaim-teardown.svg")).contains("QEMU quit"));
+
+    // Unmap: 1.05× (met) then 1.2× (missed); per-page 11.9× and 12.5× (met).
+    let r = row(&md, &["256 MiB", "21.0", "20.0", "1.05×"]);
+    assert!(r.ends_with("| met | met | met |"), "{r}");
+    let r = row(&md, &["1 GiB", "96.0", "80.0", "1.20×"]);
+    assert!(r.ends_with("| **missed** | met | **missed** |"), "{r}");
+    row(
+        &md,
+        &[
+            "unmap",
+            "gather ≤ 1.10× one madvise (every size)",
+            "worst 1.20× at 1 GiB",
+            "**missed**",
+        ],
+    );
+    row(
+        &md,
+        &[
+            "unmap",
+            "gather ≥ 10× faster than per-page madvise (every size)",
+            "worst 11.9× at 256 MiB",
+            "met",
+        ],
+    );
+    row(
+        &md,
+        &[
+            "unmap",
+            "table-lock hold ≤ 100 µs (every size)",
+            "worst 120.0 µs at 1 GiB",
+            "**missed**",
+        ],
+    );
+
+    // Walk: 110 M/s (met); under the storm 0.7× (missed).
+    row(
+        &md,
+        &[
+            "walk",
+            "fast walk ≥ 50 M translations/s per thread",
+            "110.0 M/s",
+            "met",
+        ],
+    );
+    row(
+        &md,
+        &[
+            "walk",
+            "fast walk under an unmap storm ≥ 0.8× alone",
+            "0.70×",
+            "**missed**",
+        ],
+    );
+    row(&md, &["fast walk, cached path", "110.0"]);
+
+    // Balloon.
+    let r = row(
+        &md,
+        &["contiguous", "512 MiB", "131072", "1", "100", "95.0", "400"],
+    );
+    assert!(
+        r.ends_with("| 0.95× | 4.00× | ≥ 0.9× madvise/run | met |"),
+        "{r}"
+    );
+    let r = row(&md, &["scattered", "512 MiB"]);
+    assert!(
+        r.ends_with("| 1.20× | 6.00× | ≥ 5× madvise/page | met |"),
+        "{r}"
+    );
+    let r = row(&md, &["fragmented", "512 MiB"]);
+    assert!(r.ends_with("| no issue target | — |"), "{r}");
+    row(
+        &md,
+        &[
+            "balloon",
+            "contiguous PFNs: inflate rate ≥ 0.9× madvise per coalesced run",
+            "0.95× madvise/run at 512 MiB",
+            "met",
+        ],
+    );
+    row(
+        &md,
+        &[
+            "balloon",
+            "scattered PFNs: inflate rate ≥ 5× madvise per page",
+            "6.00× madvise/page at 512 MiB",
+            "met",
+        ],
+    );
+
+    // Teardown: the ratio 1.2 at 4 GiB must show "missed", as must the
+    // 6 ms destroy call; QEMU: met at 1 GiB, missed at 2 GiB.
+    let r = row(&md, &["1 GiB", "0.800", "90.0", "85.0", "1.06×"]);
+    assert!(r.ends_with("| 95.0 | 200 | met | met | met |"), "{r}");
+    let r = row(&md, &["2 GiB", "0.900", "180", "170", "1.06×"]);
+    assert!(r.ends_with("| 185 | 150 | met | met | **missed** |"), "{r}");
+    let r = row(&md, &["4 GiB", "6.00", "420", "350", "1.20×"]);
+    assert!(
+        r.ends_with("| not measured | **missed** | **missed** | — |"),
+        "{r}"
+    );
+    row(
+        &md,
+        &[
+            "teardown",
+            "reclaim ≤ 1.10× bare munmap (every size)",
+            "worst 1.20× at 4 GiB",
+            "**missed**",
+        ],
+    );
+    row(
+        &md,
+        &[
+            "teardown",
+            "destroy call ≤ 5 ms (every size)",
+            "worst 6.00 ms at 4 GiB",
+            "**missed**",
+        ],
+    );
+    let r = row(
+        &md,
+        &[
+            "teardown",
+            "vmm process exits sooner than QEMU after quit (where measured)",
+        ],
+    );
+    assert!(
+        r.contains("95.0 vs 200 ms at 1 GiB; 185 vs 150 ms at 2 GiB")
+            && r.ends_with("| **missed** |"),
+        "{r}"
+    );
+
+    // Launch: min(25/s wall, 30 per CPU-second) = 25 ≥ 20.
+    row(
+        &md,
+        &[
+            "launch",
+            "≥ 20 launch+teardown cycles/s per core",
+            "25.0/s per core",
+            "met",
+        ],
+    );
+    row(
+        &md,
+        &["25.0", "30.0", "33.3", "25.0", "12 KiB (4 alive)", "met"],
+    );
+    row(
+        &md,
+        &[
+            "boot (`Vm::new` → first guest report)",
+            "1.80",
+            "2.70",
+            "3.60",
+        ],
+    );
+
+    // No machine recorded without results.json; the reproduction commands.
+    assert!(md.contains("## Machine\n\nnot recorded"), "{md}");
+    assert!(md.contains("target/release/gmm bench teardown --sizes 1G,2G,4G --reps 3 --json"));
+    assert!(!md.contains("--quick"), "not a quick run: {md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_field_is_a_clear_error_and_the_rest_is_still_reported() {
+    let dir = scratch("missing");
+    write_fixtures(&dir);
+    let mut td = teardown_fixture();
+    td["sizes"][1]
+        .as_object_mut()
+        .expect("object")
+        .remove("reclaim_ms");
+    write(&dir, "teardown.json", &td);
+    let md_path = dir.join("B.md");
+    let out = gmm(&[
+        "bench",
+        "report",
+        "--from",
+        dir.to_str().expect("utf-8"),
+        "--markdown",
+        md_path.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        !out.status.success(),
+        "a missing field must fail: {}",
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let msg = "teardown.json: sizes[1]: missing field `reclaim_ms`";
+    assert!(err.contains(msg), "stderr lacks {msg:?}: {}", text(&out));
+    let md = read(&md_path);
+    assert!(md.contains(&format!("not measured: {msg}")), "{md}");
+    row(&md, &["teardown", "destroy call ≤ 5 ms (every size)", "—"]);
+    // The other benches are still there.
+    row(&md, &["1 GiB", "96.0", "80.0", "1.20×"]);
+    assert!(dir.join("inflate.svg").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn recorded_failure_and_missing_file_are_not_measured() {
+    let dir = scratch("failed");
+    // FIXTURE: a results.json whose launch step failed (no launch.json).
+    write(
+        &dir,
+        "results.json",
+        &json!({
+            "tool": "bench-report", "quick": false,
+            "machine": {"cpu_model": "Fixture CPU", "cores": 2, "memory_bytes": 4 * GIB,
+                        "kernel": "6.0-fixture", "dev_kvm": true, "kvm_backend": "kvm_pvm",
+                        "virtualized": true, "date_utc": "2026-01-01 00:00 UTC",
+                        "git_commit": "abc1234", "gmm_version": "0.1.0",
+                        "fences": "SeqCst (no membarrier)", "loadavg_at_start": "0.00 0.00 0.00"},
+            "steps": [{"name": "launch", "bench": "launch",
+                       "command": ["gmm", "bench", "launch", "--count", "20", "--json"],
+                       "elapsed_s": 0.1, "ok": false, "error": "exited with exit status: 1: Error: no /dev/kvm (fixture)",
+                       "file": null}],
+            "results": {}
+        }),
+    );
+    let md_path = dir.join("sub").join("B.md");
+    let out = gmm(&[
+        "bench",
+        "report",
+        "--from",
+        dir.to_str().expect("utf-8"),
+        "--markdown",
+        md_path.to_str().expect("utf-8"),
+        "--only",
+        "launch,walk",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let md = read(&md_path);
+    assert!(
+        md.contains("not measured: exited with exit status: 1: Error: no /dev/kvm (fixture)"),
+        "{md}"
+    );
+    assert!(md.contains("not measured: no "), "missing walk.json: {md}");
+    row(&md, &["CPU", "Fixture CPU"]);
+    row(&md, &["KVM", "/dev/kvm (kvm_pvm)"]);
+    assert!(
+        !md.contains("## Unmap"),
+        "--only must leave unmap out: {md}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_arguments_fail_clearly() {
+    let out = gmm(&["bench", "report", "--only", "nope"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "{}",
+        text(&out)
+    );
+    let out = gmm(&["bench", "report", "--from", "/nonexistent/gmm-report-dir"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a directory"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// A real `--quick` run of the benches that need nothing but `/dev/kvm`
+/// (teardown also needs the `vmm` binary next to `gmm`): a few seconds.
+#[test]
+fn quick_run_smoke() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    let dir = scratch("quick");
+    let md_path = dir.join("B.md");
+    let t = std::time::Instant::now();
+    let out = gmm(&[
+        "bench",
+        "report",
+        "--quick",
+        "--only",
+        "unmap,walk,balloon,launch",
+        "--out",
+        dir.to_str().expect("utf-8"),
+        "--markdown",
+        md_path.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert!(out.status.success(), "quick report failed: {}", text(&out));
+    eprintln!("quick report took {:.1} s", t.elapsed().as_secs_f64());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {}", text(&out)));
+    assert_eq!(last["errors"], json!([]), "{last}");
+    let all: Value = serde_json::from_str(&read(&dir.join("results.json"))).expect("results.json");
+    let steps = all["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 6, "{all}");
+    assert!(steps.iter().all(|s| s["ok"] == json!(true)), "{all}");
+    for f in [
+        "unmap.json",
+        "walk.json",
+        "balloon-contiguous.json",
+        "launch.json",
+        "inflate.svg",
+        "lock-hold.svg",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let md = read(&md_path);
+    assert!(md.contains("This is a `--quick` run"), "{md}");
+    assert!(md.contains("| CPU |"), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
