@@ -51,7 +51,7 @@ use guest_mm::PageSize as Leaf;
 use serde::Serialize;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
-use crate::mem::{AnonRegion, PAGE};
+use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
 use crate::rng::{median, round};
 use crate::units::human_bytes;
 
@@ -200,6 +200,12 @@ struct SizeResult {
     rss_after_bytes: u64,
     /// Guest RAM resident (mincore) just before destroy (median).
     guest_resident_bytes: u64,
+    /// This process's `AnonHugePages` once populated, for the VM and the
+    /// two baselines (medians): the teardown cost depends on how much of
+    /// the memory the kernel backed with transparent huge pages.
+    vm_thp_bytes: u64,
+    munmap_thp_bytes: u64,
+    naive_thp_bytes: u64,
     /// rss_populated - rss_after (median).
     rss_returned_bytes: u64,
     /// Every VM repetition was populated to the full size and its RSS came
@@ -214,6 +220,8 @@ struct SizeResult {
     faster_than_qemu: Option<bool>,
     destroy_ms_all: Vec<f64>,
     reclaim_ms_all: Vec<f64>,
+    reclaim_internal_ms_all: Vec<f64>,
+    reclaim_stage2_gather_ms_all: Vec<f64>,
     munmap_ms_all: Vec<f64>,
     naive_ms_all: Vec<f64>,
     qemu_ms_all: Vec<f64>,
@@ -325,6 +333,7 @@ struct VmRun {
     rss_populated: u64,
     rss_after: u64,
     resident: u64,
+    thp: u64,
     shmem_freed: u64,
 }
 
@@ -386,6 +395,7 @@ fn vm_once(a: &Args, size: u64) -> Result<VmRun> {
         .map(|r| guest_mm::stress::resident_bytes(r.host_addr as u64, r.len))
         .sum();
     let rss_populated = vmm::proc_stats::rss().rss;
+    let thp = anon_huge_bytes().unwrap_or(0);
     let shmem0 = host_shmem();
     std::thread::sleep(SETTLE);
     let t = Instant::now();
@@ -409,6 +419,7 @@ fn vm_once(a: &Args, size: u64) -> Result<VmRun> {
         rss_populated,
         rss_after,
         resident,
+        thp,
         shmem_freed: shmem0.saturating_sub(shmem1),
     })
 }
@@ -513,7 +524,7 @@ impl Drop for MemfdRegion {
     }
 }
 
-/// One munmap or naive baseline: (ms, resident before, RSS returned).
+/// One munmap or naive baseline: (ms, resident before, THP before).
 fn baseline_once(a: &Args, size: u64, naive: bool) -> Result<(f64, u64, u64)> {
     match a.backing {
         BackingArg::Anon => {
@@ -521,7 +532,7 @@ fn baseline_once(a: &Args, size: u64, naive: bool) -> Result<(f64, u64, u64)> {
             // SAFETY: our own fresh mapping; nothing else accesses it.
             unsafe { populate_range(r.base, r.len)? };
             let resident = r.resident();
-            let rss0 = vmm::proc_stats::rss().rss;
+            let thp = anon_huge_bytes().unwrap_or(0);
             let lock = Mutex::new(());
             std::thread::sleep(SETTLE);
             let t = Instant::now();
@@ -529,15 +540,13 @@ fn baseline_once(a: &Args, size: u64, naive: bool) -> Result<(f64, u64, u64)> {
                 r.release_per_page(&lock)?;
             }
             drop(r);
-            let el = ms(t.elapsed());
-            let rss1 = vmm::proc_stats::rss().rss;
-            Ok((el, resident, rss0.saturating_sub(rss1)))
+            Ok((ms(t.elapsed()), resident, thp))
         }
         BackingArg::Memfd => {
             let mut r = MemfdRegion::new(size, a.page_size)?;
             r.populate()?;
             let resident = r.resident();
-            let rss0 = vmm::proc_stats::rss().rss;
+            let thp = anon_huge_bytes().unwrap_or(0);
             let lock = Mutex::new(());
             std::thread::sleep(SETTLE);
             let t = Instant::now();
@@ -545,9 +554,7 @@ fn baseline_once(a: &Args, size: u64, naive: bool) -> Result<(f64, u64, u64)> {
                 r.punch_per_page(&lock)?;
             }
             r.release();
-            let el = ms(t.elapsed());
-            let rss1 = vmm::proc_stats::rss().rss;
-            Ok((el, resident, rss0.saturating_sub(rss1)))
+            Ok((ms(t.elapsed()), resident, thp))
         }
     }
 }
@@ -690,10 +697,11 @@ impl Qmp {
         Ok(l)
     }
 
+    /// Sends one command line in one write (QEMU acts on a complete JSON
+    /// object at once: after `quit`, a second write would find the socket
+    /// closed).
     fn send(&mut self, cmd: &str) -> Result<()> {
-        let s = self.r.get_mut();
-        s.write_all(cmd.as_bytes())?;
-        s.write_all(b"\n")?;
+        self.r.get_mut().write_all(format!("{cmd}\n").as_bytes())?;
         Ok(())
     }
 
@@ -788,7 +796,13 @@ fn qemu_once(q: &QemuInfo, size: u64) -> Result<(f64, u64)> {
     let rss = wait_rss(w.pid, size, deadline, "QEMU")?;
     std::thread::sleep(SETTLE);
     let t = Instant::now();
-    qmp.send("{\"execute\":\"quit\"}")?;
+    if let Err(e) = qmp.send("{\"execute\":\"quit\"}") {
+        let why = match w.wait(Duration::from_secs(5)) {
+            Ok((_, o)) => format!("QEMU had exited ({}): {}", o.status, tail(&o.stderr)),
+            Err(e) => format!("{e:#}"),
+        };
+        bail!("sending quit to QEMU failed ({e}); {why}");
+    }
     let (end, out) = w.wait(budget)?;
     if !out.status.success() {
         bail!("QEMU exited with {}: {}", out.status, tail(&out.stderr));
@@ -1003,8 +1017,9 @@ pub fn cmd(a: &Args) -> Result<()> {
             rss_back: true,
             ..SizeResult::default()
         };
-        let (mut gather, mut vmdrop, mut unmap, mut pop) = (vec![], vec![], vec![], vec![]);
-        let (mut stopv, mut internal, mut barrier) = (vec![], vec![], vec![]);
+        let (mut vmdrop, mut unmap, mut pop) = (vec![], vec![], vec![]);
+        let (mut stopv, mut barrier) = (vec![], vec![]);
+        let (mut vthp, mut mthp, mut nthp) = (vec![], vec![], vec![]);
         let (mut rb, mut rp, mut ra, mut resd, mut ret, mut shm) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut qrss, mut pack, mut pdes, mut prec, mut prss) =
@@ -1019,9 +1034,10 @@ pub fn cmd(a: &Args) -> Result<()> {
                         let r = vm_once(a, size)?;
                         res.destroy_ms_all.push(r.destroy_ms);
                         res.reclaim_ms_all.push(r.reclaim_ms);
-                        gather.push(r.gather_ms);
+                        res.reclaim_stage2_gather_ms_all.push(r.gather_ms);
                         stopv.push(r.stop_vcpus_ms);
-                        internal.push(r.internal_ms);
+                        res.reclaim_internal_ms_all.push(r.internal_ms);
+                        vthp.push(r.thp as f64);
                         barrier.push(r.barrier_ms);
                         vmdrop.push(r.vm_drop_ms);
                         unmap.push(r.unmap_ms);
@@ -1037,7 +1053,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                     }
                     Strategy::Munmap | Strategy::Naive => {
                         let naive = s == Strategy::Naive;
-                        let (el, resident, _) = baseline_once(a, size, naive)?;
+                        let (el, resident, thp) = baseline_once(a, size, naive)?;
                         if resident < size {
                             bail!(
                                 "the {} baseline was populated to only {} of {}",
@@ -1048,8 +1064,10 @@ pub fn cmd(a: &Args) -> Result<()> {
                         }
                         if naive {
                             res.naive_ms_all.push(el);
+                            nthp.push(thp as f64);
                         } else {
                             res.munmap_ms_all.push(el);
+                            mthp.push(thp as f64);
                         }
                     }
                     Strategy::Qemu => {
@@ -1079,10 +1097,10 @@ pub fn cmd(a: &Args) -> Result<()> {
         res.destroy_ms = round(median(&res.destroy_ms_all), 3);
         res.reclaim_ms = round(median(&res.reclaim_ms_all), 3);
         res.destroy_stop_vcpus_ms = round(median(&stopv), 3);
-        res.reclaim_internal_ms = round(median(&internal), 3);
+        res.reclaim_internal_ms = round(median(&res.reclaim_internal_ms_all), 3);
         res.reclaim_stage2_barrier_ms = round(median(&barrier), 3);
         res.reclaim_vm_drop_ms = round(median(&vmdrop), 3);
-        res.reclaim_stage2_gather_ms = round(median(&gather), 3);
+        res.reclaim_stage2_gather_ms = round(median(&res.reclaim_stage2_gather_ms_all), 3);
         res.reclaim_unmap_ms = round(median(&unmap), 3);
         res.populate_ms = round(median(&pop), 1);
         res.munmap_ms = round(median(&res.munmap_ms_all), 3);
@@ -1108,6 +1126,9 @@ pub fn cmd(a: &Args) -> Result<()> {
         res.rss_populated_bytes = median(&rp) as u64;
         res.rss_after_bytes = median(&ra) as u64;
         res.guest_resident_bytes = median(&resd) as u64;
+        res.vm_thp_bytes = median(&vthp) as u64;
+        res.munmap_thp_bytes = median(&mthp) as u64;
+        res.naive_thp_bytes = median(&nthp) as u64;
         res.rss_returned_bytes = median(&ret) as u64;
         res.shmem_freed_bytes = (a.backing == BackingArg::Memfd).then(|| median(&shm) as u64);
         res.reclaim_within_1_10x_munmap = res.ratio_vs_munmap > 0.0 && res.ratio_vs_munmap <= 1.1;
@@ -1119,6 +1140,8 @@ pub fn cmd(a: &Args) -> Result<()> {
         for v in [
             &mut res.destroy_ms_all,
             &mut res.reclaim_ms_all,
+            &mut res.reclaim_internal_ms_all,
+            &mut res.reclaim_stage2_gather_ms_all,
             &mut res.munmap_ms_all,
             &mut res.naive_ms_all,
             &mut res.qemu_ms_all,
@@ -1137,6 +1160,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                      qemu     {} (quit -> exit)\n  \
                      vmm      {} (shutdown -> exit; API ack {}, its destroy {}, its reclaim {})  faster than qemu: {}\n  \
                      rss {} -> {} -> {} (returned {}), guest resident {}, rss back: {}{}\n  \
+                     THP when populated: vm {}, munmap {}, naive {}\n  \
                      destroy within 5 ms: {}\n",
                     human_bytes(size),
                     res.destroy_ms,
@@ -1168,6 +1192,9 @@ pub fn cmd(a: &Args) -> Result<()> {
                     res.rss_back,
                     res.shmem_freed_bytes
                         .map_or(String::new(), |b| format!(", host Shmem freed {}", human_bytes(b))),
+                    human_bytes(res.vm_thp_bytes),
+                    human_bytes(res.munmap_thp_bytes),
+                    human_bytes(res.naive_thp_bytes),
                     res.destroy_within_5ms,
                 ),
             );
