@@ -19,6 +19,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// Chart size in pixels.
 const SIZE: (u32, u32) = (1100, 600);
+/// Font family of every text.
 const FONT: &str = "sans-serif";
 
 /// One named series of a chart.
@@ -37,29 +38,42 @@ pub(crate) struct Series {
 /// Axis scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scale {
+    /// Evenly spaced values.
     Linear,
+    /// Evenly spaced powers of ten (positive values only).
     Log,
 }
 
 /// What a line chart shows.
 pub(crate) struct LineChart<'a> {
+    /// Title above the chart.
     pub title: &'a str,
+    /// X axis description, with its unit.
     pub x_desc: &'a str,
+    /// Y axis description, with its unit.
     pub y_desc: &'a str,
+    /// X axis scale.
     pub x_scale: Scale,
+    /// Y axis scale.
     pub y_scale: Scale,
     /// On a log x axis, the x values to put ticks at (the measured sizes);
     /// labels come from `x_label`.
     pub x_ticks: Vec<f64>,
+    /// X tick label of a value.
     pub x_label: &'a dyn Fn(f64) -> String,
+    /// The lines, each with its own marker shape.
     pub series: Vec<Series>,
 }
 
 /// What a grouped bar chart shows.
 pub(crate) struct BarChart<'a> {
+    /// Title above the chart.
     pub title: &'a str,
+    /// X axis description.
     pub x_desc: &'a str,
+    /// Y axis description, with its unit (the axis starts at 0).
     pub y_desc: &'a str,
+    /// Category labels, in x order.
     pub categories: Vec<String>,
     /// Each series has at most one value per category index.
     pub series: Vec<Series>,
@@ -98,6 +112,7 @@ pub(crate) mod colors {
     ];
 }
 
+/// A plotters error as an anyhow error.
 fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing the chart: {e}")
 }
@@ -107,6 +122,7 @@ fn write_svg(path: &Path, svg: &str) -> Result<()> {
     std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Whether `y` can be drawn on an axis of `scale`.
 fn usable(y: f64, scale: Scale) -> bool {
     y.is_finite() && (scale == Scale::Linear || y > 0.0)
 }
@@ -265,9 +281,10 @@ pub(crate) fn lines(path: &Path, c: &LineChart<'_>) -> Result<()> {
 /// Legend width in pixels, right of the plot.
 const LEGEND_W: u32 = 300;
 
-/// The title on top, then the plot area and the legend area beside it.
+/// A drawing area in pixel coordinates.
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
+/// The title on top, then the plot area and the legend area beside it.
 fn layout<'a>(root: &Area<'a>, title: &str) -> Result<(Area<'a>, Area<'a>)> {
     let body = root.titled(title, (FONT, 24)).map_err(plot_err)?;
     let (w, _) = body.dim_in_pixel();
@@ -277,8 +294,11 @@ fn layout<'a>(root: &Area<'a>, title: &str) -> Result<(Area<'a>, Area<'a>)> {
 /// Marker shapes, chosen by series index.
 #[derive(Clone, Copy)]
 enum Shape {
+    /// Filled circle.
     Circle,
+    /// Filled triangle.
     Triangle,
+    /// Filled square (also the legend box of a bar).
     Square,
 }
 

@@ -25,6 +25,7 @@ use serde_json::{json, Map, Value};
 use crate::plot::{self, colors, BarChart, LineChart, Scale, Series};
 use crate::units::human_bytes;
 
+/// Bytes per GiB.
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// Options of `gmm bench report`.
@@ -55,14 +56,20 @@ pub struct Args {
 /// The benches of the suite.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BenchName {
+    /// `gmm bench unmap`: gather vs. madvise, lock holds.
     Unmap,
+    /// `gmm bench walk`: fast-walk translations/s.
     Walk,
+    /// `gmm bench balloon`: inflate rate per PFN pattern.
     Balloon,
+    /// `gmm bench teardown`: VM destroy and reclaim vs. munmap and QEMU.
     Teardown,
+    /// `gmm bench launch`: launch+teardown cycles per second.
     Launch,
 }
 
 impl BenchName {
+    /// The subcommand's name.
     fn name(self) -> &'static str {
         match self {
             BenchName::Unmap => "unmap",
@@ -668,6 +675,7 @@ struct Obj<'a> {
 }
 
 impl<'a> Obj<'a> {
+    /// `v`, named `at` in errors.
     fn new(v: &'a Value, at: impl Into<String>) -> Self {
         Obj { v, at: at.into() }
     }
@@ -693,10 +701,12 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// An optional string.
     fn text(&self, k: &str) -> Option<String> {
         self.v.get(k).and_then(Value::as_str).map(String::from)
     }
 
+    /// An optional boolean.
     fn flag(&self, k: &str) -> Option<bool> {
         self.v.get(k).and_then(Value::as_bool)
     }
@@ -772,10 +782,12 @@ impl<'a> Obj<'a> {
 enum Verdict {
     Met,
     Missed,
+    /// No number to judge, and why.
     NotMeasured(String),
 }
 
 impl Verdict {
+    /// Met if `ok`, else missed.
     fn of(ok: bool) -> Self {
         if ok {
             Verdict::Met
@@ -799,6 +811,7 @@ impl Verdict {
         }
     }
 
+    /// The verdict as one word (console, JSON).
     fn word(&self) -> &'static str {
         match self {
             Verdict::Met => "met",
@@ -827,6 +840,7 @@ struct TargetRow {
 }
 
 impl TargetRow {
+    /// The row in `results.json`.
     fn to_json(&self) -> Value {
         json!({
             "bench": self.bench,
@@ -924,6 +938,7 @@ fn ms(x: f64) -> String {
     }
 }
 
+/// A ratio with about three significant digits and a `×`.
 fn ratio(x: f64) -> String {
     if x >= 100.0 {
         format!("{x:.0}×")
@@ -934,10 +949,12 @@ fn ratio(x: f64) -> String {
     }
 }
 
+/// [`ms`], or `—` when not measured.
 fn opt_ms(x: Option<f64>) -> String {
     x.map_or_else(|| "—".into(), ms)
 }
 
+/// A size axis label from GiB.
 fn size_label(gib: f64) -> String {
     human_bytes((gib * GIB).round() as u64)
 }
@@ -979,9 +996,12 @@ fn worst(
 
 /// Gather vs. the single-madvise limit (the issue says "within ~1.1×").
 const UNMAP_VS_LIMIT: f64 = 1.10;
+/// The per-page pattern takes at least this many times the gather.
 const UNMAP_VS_PER_PAGE: f64 = 10.0;
+/// Longest table-lock hold (`gmm bench unmap`'s own target).
 const LOCK_HOLD_US: f64 = 100.0;
 
+/// One size of `gmm bench unmap`.
 struct UnmapRow {
     size: u64,
     gather: f64,
@@ -994,6 +1014,8 @@ struct UnmapRow {
     hist: Vec<(f64, f64)>,
 }
 
+/// The sizes of an unmap result (one size or `--sizes`), its leaf size and
+/// repetitions.
 fn parse_unmap(v: &Value) -> Result<(Vec<UnmapRow>, Option<String>, Option<f64>)> {
     let top = Obj::new(v, "unmap.json");
     let mut rows = Vec::new();
@@ -1043,12 +1065,15 @@ fn parse_unmap(v: &Value) -> Result<(Vec<UnmapRow>, Option<String>, Option<f64>)
     Ok((rows, page, reps))
 }
 
+/// The unmap targets, as the targets table names them.
 const UNMAP_TARGETS: [&str; 3] = [
     "gather ≤ 1.10× one madvise (every size)",
     "gather ≥ 10× faster than per-page madvise (every size)",
     "table-lock hold ≤ 100 µs (every size)",
 ];
 
+/// The unmap section: table per size, release-time plot, lock-hold
+/// histogram.
 fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     const B: &str = "unmap";
     const T: &str = "Unmap: gather vs. madvise (`gmm bench unmap`)";
@@ -1280,11 +1305,13 @@ fn hist_buckets(bounds: impl Iterator<Item = f64>) -> Vec<f64> {
 
 // --- walk ---
 
+/// `gmm bench walk`'s own targets.
 const WALK_TARGETS: [&str; 2] = [
     "fast walk ≥ 50 M translations/s per thread",
     "fast walk under an unmap storm ≥ 0.8× alone",
 ];
 
+/// The walk section: translations/s per path, with a bar chart.
 fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     const B: &str = "walk";
     const T: &str = "Fast walk (`gmm bench walk`)";
@@ -1435,13 +1462,17 @@ fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
 
 // --- balloon ---
 
+/// Contiguous PFNs: inflate rate at least this share of madvise per run.
 const BALLOON_VS_MADVISE: f64 = 0.9;
+/// Scattered PFNs: inflate rate at least this many times madvise per page.
 const BALLOON_VS_PER_PAGE: f64 = 5.0;
+/// The balloon targets, as the targets table names them.
 const BALLOON_TARGETS: [&str; 2] = [
     "contiguous PFNs: inflate rate ≥ 0.9× madvise per coalesced run",
     "scattered PFNs: inflate rate ≥ 5× madvise per page",
 ];
 
+/// One pattern of `gmm bench balloon`.
 struct BalloonRow {
     pattern: String,
     size: u64,
@@ -1455,6 +1486,7 @@ struct BalloonRow {
     released_ok: Option<bool>,
 }
 
+/// One balloon result (`file` names it in errors).
 fn parse_balloon(v: &Value, file: &str) -> Result<BalloonRow> {
     let o = Obj::new(v, file);
     Ok(BalloonRow {
@@ -1473,6 +1505,7 @@ fn parse_balloon(v: &Value, file: &str) -> Result<BalloonRow> {
     })
 }
 
+/// The balloon section: one row per pattern, inflate-rate bar chart.
 fn balloon_section(ctx: &Ctx<'_>, steps: &[&(&Step, StepData)]) -> Section {
     const B: &str = "balloon";
     const T: &str = "Balloon inflate (`gmm bench balloon`)";
@@ -1648,14 +1681,18 @@ fn balloon_section(ctx: &Ctx<'_>, steps: &[&(&Step, StepData)]) -> Section {
 
 // --- teardown ---
 
+/// Reclaim at most this many times a bare munmap.
 const TEARDOWN_VS_MUNMAP: f64 = 1.10;
+/// Longest destroy call.
 const DESTROY_MS: f64 = 5.0;
+/// The teardown targets, as the targets table names them.
 const TEARDOWN_TARGETS: [&str; 3] = [
     "reclaim ≤ 1.10× bare munmap (every size)",
     "destroy call ≤ 5 ms (every size)",
     "vmm process exits sooner than QEMU after quit (where measured)",
 ];
 
+/// One size of `gmm bench teardown`.
 struct TeardownRow {
     size: u64,
     destroy: f64,
@@ -1667,6 +1704,7 @@ struct TeardownRow {
     exit: Option<f64>,
 }
 
+/// The sizes of a teardown result, its backing and who populated it.
 fn parse_teardown(v: &Value) -> Result<(Vec<TeardownRow>, Option<String>, Option<String>)> {
     let top = Obj::new(v, "teardown.json");
     let mut rows = Vec::new();
@@ -1691,6 +1729,7 @@ fn parse_teardown(v: &Value) -> Result<(Vec<TeardownRow>, Option<String>, Option
     Ok((rows, top.text("backing"), top.text("populate")))
 }
 
+/// The teardown section: table per size, reclaim-time plot.
 fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     const B: &str = "teardown";
     const T: &str = "VM teardown (`gmm bench teardown`)";
@@ -1885,9 +1924,12 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
 
 // --- launch ---
 
+/// Launch+teardown cycles per second per core.
 const LAUNCHES_PER_CORE: f64 = 20.0;
+/// The launch target, as the targets table names it.
 const LAUNCH_TARGETS: [&str; 1] = ["≥ 20 launch+teardown cycles/s per core"];
 
+/// The launch section: rates and latency percentiles.
 fn launch_section(d: &StepData) -> Section {
     const B: &str = "launch";
     const T: &str = "Launch (`gmm bench launch`)";
@@ -1997,6 +2039,7 @@ fn launch_section(d: &StepData) -> Section {
 // ---------------------------------------------------------------------
 // The markdown
 
+/// Everything the markdown is made of.
 struct MdInput<'a> {
     machine: Option<&'a Value>,
     quick: bool,
@@ -2007,6 +2050,7 @@ struct MdInput<'a> {
     targets: &'a [&'a TargetRow],
 }
 
+/// The whole markdown document.
 fn markdown(m: &MdInput<'_>) -> String {
     let mut md = String::from("# Benchmarks\n\n");
     md += "<!-- Generated by `gmm bench report`; do not edit by hand. -->\n\n";
