@@ -27,17 +27,22 @@
 //! that came back) it publishes the first ballooned GPA and makes `epoch`
 //! even again. A device thread reads `epoch` before it pins and after it
 //! unpins; a batch whose two reads are equal and even was walked entirely
-//! inside one stable state, and is held to it:
+//! inside one stable state, and is held to it (a batch whose two reads are
+//! equal and odd, inside one change, whose direction is published with
+//! it):
 //!
 //! - `stale_released`: a translation succeeded for a page the balloon had
 //!   taken (its entry was released before the walk began);
 //! - `stale_data`: a page copied through a translation did not hold the
-//!   guest's pattern (in the balloonable range during a change, zero is
+//!   guest's pattern (in the balloonable range during a deflate, zero is
 //!   also allowed: a page that just came back reads zero until the guest
-//!   rewrote it; outside it, and in every stable state, only the pattern);
+//!   rewrote it; everywhere else, in stable states and during inflates,
+//!   only the pattern: a page translated inside a read section cannot have
+//!   been released yet, the release waits for the reader);
 //! - `shadow_mismatches`: a page that must be present did not translate,
-//!   or a ballooned page translated to another error (checked only in
-//!   stable states for the balloonable range, always elsewhere);
+//!   or a ballooned page translated to another error (in the balloonable
+//!   range: in stable states, and during inflates, where a page is present
+//!   or ballooned; elsewhere always);
 //! - `use_after_free`: a walk read a poisoned (freed) table page (the
 //!   walker's error, and the table's own count of such lookups).
 //!
@@ -192,6 +197,8 @@ struct Shadow {
     epoch: AtomicU64,
     /// First ballooned GPA (vCPU 0's share end when empty).
     ballooned_lo: AtomicU64,
+    /// The change in flight (epoch odd) only adds pages to the balloon.
+    inflating: AtomicBool,
     phase: AtomicU8,
     stop: AtomicBool,
 }
@@ -222,6 +229,7 @@ struct WalkCounts {
     discarded: AtomicU64,
     bytes_copied: AtomicU64,
     stable_batches: AtomicU64,
+    inflate_batches: AtomicU64,
     stale_released: AtomicU64,
     stale_data: AtomicU64,
     shadow_mismatches: AtomicU64,
@@ -271,6 +279,7 @@ fn device_thread(
         }
         let e1 = shadow.epoch.load(SeqCst);
         let lo = shadow.ballooned_lo.load(SeqCst);
+        let inflating = shadow.inflating.load(SeqCst);
         let phase = shadow.phase.load(SeqCst);
         seen.clear();
         {
@@ -320,9 +329,15 @@ fn device_thread(
             }
         }
         let e2 = shadow.epoch.load(SeqCst);
-        let stable = e1 == e2 && e1.is_multiple_of(2) && phase == PHASE_STRESS;
+        let same = e1 == e2 && phase == PHASE_STRESS;
+        let stable = same && e1.is_multiple_of(2);
+        // Inside one inflate: pages only go from present to ballooned.
+        let inflating = same && !stable && inflating;
         if stable {
             counts.stable_batches.fetch_add(1, SeqCst);
+        }
+        if inflating {
+            counts.inflate_batches.fetch_add(1, SeqCst);
         }
         let (mut walks_ok, mut stale_rel, mut stale_data, mut mism, mut uaf) = (0, 0, 0, 0, 0);
         for (k, (&gpa, s)) in gpas.iter().zip(&seen).enumerate() {
@@ -342,9 +357,11 @@ fn device_thread(
                         stale_rel += 1;
                     }
                     // Zero is allowed only in the balloonable range while
-                    // a change is in flight (a page just deflated, not yet
-                    // rewritten by the guest).
-                    let zero_ok = in_range && !stable && phase == PHASE_STRESS;
+                    // a deflate may be in flight (a page that came back,
+                    // not yet rewritten by the guest). During an inflate a
+                    // page translated inside the read section cannot have
+                    // been released yet: it still holds the pattern.
+                    let zero_ok = in_range && !stable && !inflating && phase == PHASE_STRESS;
                     let page = &buf[k * WORDS..][..WORDS];
                     let bad = page.iter().enumerate().any(|(w, &v)| {
                         v != vmm::guest::pattern(gpa + w as u64 * 8, geo.seed)
@@ -370,13 +387,16 @@ fn device_thread(
                     }
                     // Outside the balloonable range a page is always
                     // present; inside it, in a stable state, exactly the
-                    // ballooned pages are ballooned and the rest present.
+                    // ballooned pages are ballooned and the rest present;
+                    // during an inflate a page is present or ballooned.
                     let expected = if !in_range {
                         false
-                    } else if !stable {
-                        true
-                    } else {
+                    } else if stable {
                         ballooned && matches!(e, WalkError::Ballooned(_))
+                    } else if inflating {
+                        matches!(e, WalkError::Ballooned(_))
+                    } else {
+                        true
                     };
                     if !expected {
                         mism += 1;
@@ -437,6 +457,7 @@ struct StressVmJson {
     walks_per_s: f64,
     bytes_copied: u64,
     stable_batches: u64,
+    inflate_batches: u64,
     teardown_walks: u64,
     teardown_walks_ok: u64,
     injected_hits: u64,
@@ -451,7 +472,6 @@ struct StressVmJson {
     not_released: u64,
     stalls: u64,
     max_lock_hold_us: f64,
-    max_lock_hold_cpu_us: f64,
     rss_min_bytes: u64,
     rss_max_bytes: u64,
     rss_after_reclaim_bytes: u64,
@@ -465,6 +485,8 @@ struct StressVmJson {
 /// stopped or timed out.
 fn change(vm: &Vm, shadow: &Shadow, geo: &Geometry, pages: u64) -> Result<bool> {
     let dev = vm.balloon().context("the VM has no balloon")?;
+    let now = (geo.share0_end - shadow.ballooned_lo.load(SeqCst)) / PAGE;
+    shadow.inflating.store(pages > now, SeqCst);
     shadow.epoch.fetch_add(1, SeqCst);
     dev.set_target_pages(u32::try_from(pages).context("balloon target too large")?);
     let (_, ok) = vm
@@ -572,14 +594,17 @@ pub fn cmd(a: &Args) -> Result<()> {
             share_pages
         ),
     );
+    // Lock holds of the stress only (building the table at boot excluded).
+    // Wall clock: on a small host a holder may be descheduled while it
+    // holds the lock (the vCPUs spin); the holder's CPU time is no better
+    // here, since inflates run on vCPU 0's thread, whose guest time is
+    // accounted lazily (a hold would include guest time run before it).
     table.reset_lock_stats();
-    // Also time holds in the holder's CPU time: on a small host the vCPUs
-    // spin, and a descheduled holder inflates the wall-clock figure.
-    table.set_cpu_lock_stats(true);
 
     let shadow = Arc::new(Shadow {
         epoch: AtomicU64::new(0),
         ballooned_lo: AtomicU64::new(e0),
+        inflating: AtomicBool::new(false),
         phase: AtomicU8::new(PHASE_STRESS),
         stop: AtomicBool::new(false),
     });
@@ -697,9 +722,7 @@ pub fn cmd(a: &Args) -> Result<()> {
     if stalls == 0 && !change(&vm, &shadow, &geo, 0)? {
         stalls += 1;
     }
-    let lock = table.stats();
-    let max_lock_hold_us = lock.lock_hold_max_ns as f64 / 1e3;
-    let max_lock_hold_cpu_us = lock.lock_hold_cpu_max_ns as f64 / 1e3;
+    let max_lock_hold_us = table.stats().lock_hold_max_ns as f64 / 1e3;
     rss_stop.store(true, SeqCst);
     let _ = sampler.join();
     vm.finish_probes().context("posting CMD_EXIT")?;
@@ -830,6 +853,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         walks_per_s: walks as f64 / elapsed.max(1e-9),
         bytes_copied: ld(&counts.bytes_copied),
         stable_batches: ld(&counts.stable_batches),
+        inflate_batches: ld(&counts.inflate_batches),
         teardown_walks: ld(&counts.teardown_walks),
         teardown_walks_ok: ld(&counts.teardown_walks_ok),
         injected_hits: ld(&counts.injected_hits),
@@ -844,7 +868,6 @@ pub fn cmd(a: &Args) -> Result<()> {
         not_released,
         stalls,
         max_lock_hold_us,
-        max_lock_hold_cpu_us,
         rss_min_bytes: if rss_lo == u64::MAX { 0 } else { rss_lo },
         rss_max_bytes: ld(&rss_max),
         rss_after_reclaim_bytes: rss_after_reclaim,
@@ -869,7 +892,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         j.guest_passes, j.guest_bad_words, j.driver_bad_words, j.driver_errors, j.vcpu_failures
     );
     h += &format!(
-        "device walks {:>12} ({} ok, {} ballooned, {} discarded, {:.2} M/s, {} copied, {} stable batches); teardown {} ({} ok)\n",
+        "device walks {:>12} ({} ok, {} ballooned, {} discarded, {:.2} M/s, {} copied; batches {} stable, {} inside an inflate); teardown {} ({} ok)\n",
         j.walks,
         j.walks_ok,
         j.walks_ballooned,
@@ -877,17 +900,14 @@ pub fn cmd(a: &Args) -> Result<()> {
         j.walks_per_s / 1e6,
         human_bytes(j.bytes_copied),
         j.stable_batches,
+        j.inflate_batches,
         j.teardown_walks,
         j.teardown_walks_ok
     );
     h += &format!(
-        "table        max lock hold {:.1} us ({:.1} us of CPU time), {} demand faults, \
-         {} table pages freed at teardown, {} left\n",
-        j.max_lock_hold_us,
-        j.max_lock_hold_cpu_us,
-        j.demand_faults,
-        j.tables_freed,
-        j.table_pages_end
+        "table        max lock hold {:.1} us, {} demand faults, {} table pages freed at \
+         teardown, {} left\n",
+        j.max_lock_hold_us, j.demand_faults, j.tables_freed, j.table_pages_end
     );
     h += &format!(
         "rss          min {}, max {}, after reclaim {} (reclaim {:.1} ms)\n",

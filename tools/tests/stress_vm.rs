@@ -74,6 +74,7 @@ fn stress_vm_cycles_without_violations() {
         "walkers met the balloon: {v}"
     );
     assert!(num(&v, "stable_batches") > 0.0, "{v}");
+    num(&v, "inflate_batches");
     assert!(num(&v, "rss_min_bytes") > 0.0);
     assert!(num(&v, "rss_max_bytes") >= num(&v, "rss_min_bytes"));
     num(&v, "max_lock_hold_us");
