@@ -155,6 +155,7 @@ struct QemuInfo {
 /// The result for one size (medians over the repetitions).
 #[derive(Serialize, Debug, Default)]
 struct SizeResult {
+    /// Guest RAM (and baseline) size.
     size_bytes: u64,
     /// `Vm::destroy` call: stop and join the vCPUs, hand off reclamation.
     destroy_ms: f64,
@@ -183,7 +184,7 @@ struct SizeResult {
     ratio_naive_vs_reclaim: f64,
     /// QEMU quit → process exited (waitpid), when measured.
     qemu_ms: Option<f64>,
-    /// QEMU quit → reply read (same runs; informative).
+    /// QEMU's VmRSS once ready, before quit (median).
     qemu_rss_bytes: Option<u64>,
     /// `vmm` shutdown request sent → process exited (waitpid).
     process_exit_ms: Option<f64>,
@@ -192,6 +193,7 @@ struct SizeResult {
     /// The `vmm` process's own `teardown_ms` / `reclaim_ms` (its JSON).
     process_destroy_ms: Option<f64>,
     process_reclaim_ms: Option<f64>,
+    /// The `vmm` process's VmRSS once ready, before shutdown (median).
     process_rss_bytes: Option<u64>,
     /// This process's VmRSS before the VM was created, once populated, and
     /// after reclaim (medians).
@@ -214,10 +216,13 @@ struct SizeResult {
     /// memfd: host `Shmem` (meminfo) freed by the VM teardown (median;
     /// system-wide, so other processes add noise).
     shmem_freed_bytes: Option<u64>,
+    /// Target: reclaim_ms <= 1.1 x munmap_ms.
     reclaim_within_1_10x_munmap: bool,
+    /// Target: destroy_ms <= 5 ms.
     destroy_within_5ms: bool,
-    /// process_exit_ms < qemu_ms; null when either was not measured.
+    /// Target: process_exit_ms < qemu_ms; null when either was not measured.
     faster_than_qemu: Option<bool>,
+    /// Every repetition, in run order.
     destroy_ms_all: Vec<f64>,
     reclaim_ms_all: Vec<f64>,
     reclaim_internal_ms_all: Vec<f64>,
@@ -231,12 +236,20 @@ struct SizeResult {
 /// The `--json` object.
 #[derive(Serialize, Debug)]
 struct TeardownResult {
+    /// `bench-teardown`.
     tool: &'static str,
+    /// `anon` or `memfd` (guest RAM, baselines and the QEMU backend).
     backing: &'static str,
+    /// Leaf size of guest RAM (and the baselines' THP advice).
     page_size: String,
+    /// Who populated guest RAM in the in-process VM: `host` or `guest`
+    /// (the QEMU and vmm process peers are always populated host-side).
     populate: &'static str,
+    /// Repetitions per strategy.
     reps: u32,
+    /// guest-mm grace periods use membarrier.
     membarrier: bool,
+    /// Machine: CPUs available, RAM, kernel release.
     cores: usize,
     mem_total_bytes: u64,
     kernel: String,
