@@ -14,22 +14,24 @@
 //! The controller thread alternates, until `--seconds` have passed: set
 //! the target to a random number of pages (between a quarter of and
 //! `--max-fraction` of vCPU 0's share), wait for the driver to report it,
-//! hold; set it to 0, wait, hold. That is one *cycle*. `--device-threads`
-//! threads meanwhile translate random pages (half in the part of vCPU 0's
-//! share that the balloon may take, half anywhere in workload RAM) with a
-//! [`guest_mm::Walker`] and copy them out inside the read section, 16 pages
-//! per pin. A sampler thread reads the process RSS every 10 ms.
+//! hold; set it to 0, wait, hold; have the driver report a random number
+//! of pages below the empty balloon as free (free page reporting: the
+//! device discards them through the gather, the driver writes and verifies
+//! them again), wait, hold (unless `--no-report-free`). That is one
+//! *cycle*. `--device-threads` threads meanwhile translate random pages
+//! (half in the part of vCPU 0's share that the balloon may take, half
+//! anywhere in workload RAM) with a [`guest_mm::Walker`] and copy them out
+//! inside the read section, 16 pages per pin. A sampler thread reads the process RSS every 10 ms.
 //!
-//! **The shadow.** Before it changes the target the controller makes
-//! `epoch` odd; after the driver reported the new size (the guest writes
-//! it only after the device returned its buffer, i.e. after the gather
-//! released the pages, and after a deflate only once it rewrote every page
-//! that came back) it publishes the first ballooned GPA and makes `epoch`
-//! even again. A device thread reads `epoch` before it pins and after it
-//! unpins; a batch whose two reads are equal and even was walked entirely
-//! inside one stable state, and is held to it (a batch whose two reads are
-//! equal and odd, inside one change, whose direction is published with
-//! it):
+//! **The shadow.** Before each change (new target, free page report) the
+//! controller publishes whether it only inflates and makes `epoch` odd;
+//! once the driver reported the change done (it writes the new size only
+//! after the device returned its buffer, i.e. after the gather released
+//! the pages, and after a deflate or a report only once it rewrote every
+//! page that came back) it publishes the first ballooned GPA and makes
+//! `epoch` even again. A device thread reads `epoch` before it pins and
+//! after it unpins: a batch whose two reads are equal and even was walked
+//! inside one stable state, equal and odd inside one change. Counted:
 //!
 //! - `stale_released`: a translation succeeded for a page the balloon had
 //!   taken (its entry was released before the walk began);
@@ -126,6 +128,9 @@ pub struct Args {
     /// How long each balloon size is held before the next change, ms.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub hold_ms: u64,
+    /// Skip the free page report that ends each cycle.
+    #[arg(long)]
+    pub no_report_free: bool,
     /// Seed of the target sequence and of the device threads' addresses.
     #[arg(long, default_value_t = 0x57e5_5e5d)]
     pub seed: u64,
@@ -438,6 +443,7 @@ struct StressVmJson {
     cycles: u64,
     pages_inflated: u64,
     pages_deflated: u64,
+    pages_reported: u64,
     driver_pages_inflated: u64,
     driver_pages_deflated: u64,
     driver_pages_reverified: u64,
@@ -517,6 +523,29 @@ fn resident_pages(vm: &Vm, start: u64, end: u64) -> u64 {
         gpa = stop;
     }
     n
+}
+
+/// Has the driver report `pages` pages below its (empty) balloon as free
+/// (free page reporting: the device discards them through the gather), and
+/// waits until it wrote and verified them again; false if it stopped or
+/// timed out.
+fn report_free(vm: &mut Vm, shadow: &Shadow, pages: u64) -> Result<bool> {
+    let before = vm
+        .balloon_driver_status()
+        .context("reading the guest's balloon driver status")?;
+    shadow.inflating.store(false, SeqCst);
+    shadow.epoch.fetch_add(1, SeqCst);
+    let seq = vm
+        .balloon_report_free(pages)
+        .context("posting a free page report")?;
+    let want = before.reverified + pages;
+    let (_, ok) = vm
+        .wait_balloon_driver(TIMEOUT, |s| s.seq == seq && s.reverified >= want)
+        .context("reading the guest's balloon driver status")?;
+    if ok {
+        shadow.epoch.fetch_add(1, SeqCst);
+    }
+    Ok(ok)
 }
 
 fn last_lines(console: &Mutex<Vec<u8>>, n: usize) -> String {
@@ -695,6 +724,14 @@ pub fn cmd(a: &Args) -> Result<()> {
             break;
         }
         std::thread::sleep(hold);
+        if !a.no_report_free {
+            let pages = 1 + rng.below(max_pages / 2);
+            if !report_free(&mut vm, &shadow, pages)? {
+                stalls += 1;
+                break;
+            }
+            std::thread::sleep(hold);
+        }
         cycles += 1;
         if last_line.elapsed() >= Duration::from_secs(1) {
             last_line = Instant::now();
@@ -834,6 +871,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         cycles,
         pages_inflated: dev_counters.pages_inflated,
         pages_deflated: dev_counters.pages_deflated,
+        pages_reported: dev_counters.bytes_reported / PAGE,
         driver_pages_inflated: st.inflated,
         driver_pages_deflated: st.deflated,
         driver_pages_reverified: st.reverified,
@@ -878,10 +916,11 @@ pub fn cmd(a: &Args) -> Result<()> {
     };
     let mut h = String::new();
     h += &format!(
-        "balloon      {:>12} cycles, {} pages inflated, {} deflated (driver {} / {}, {} re-verified), max {} pages\n",
+        "balloon      {:>12} cycles, {} pages inflated, {} deflated, {} reported free (driver {} / {}, {} re-verified), max {} pages\n",
         j.cycles,
         j.pages_inflated,
         j.pages_deflated,
+        j.pages_reported,
         j.driver_pages_inflated,
         j.driver_pages_deflated,
         j.driver_pages_reverified,

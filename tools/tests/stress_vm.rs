@@ -66,6 +66,7 @@ fn stress_vm_cycles_without_violations() {
     assert!(num(&v, "cycles") >= 1.0, "{v}");
     assert!(num(&v, "pages_inflated") > 0.0, "{v}");
     assert!(num(&v, "pages_deflated") > 0.0, "{v}");
+    assert!(num(&v, "pages_reported") > 0.0, "{v}");
     assert_eq!(num(&v, "pages_inflated"), num(&v, "driver_pages_inflated"));
     assert!(num(&v, "guest_passes") > 0.0, "{v}");
     assert!(num(&v, "walks_ok") > 0.0, "{v}");
