@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use guest_mm::{
     Access, BackingError, BackingKind, BackingRegion, FaultError, GatherStats, Gpa, Hva,
-    Invalidation, InvalidationSubscriber, MapError, Perms, ReleaseError, Stage2Table,
+    Invalidation, InvalidationSubscriber, MapError, PageState, Perms, ReleaseError, Stage2Table,
     SubscribeError, TableConfig, UnmapError, UnmapMode, WalkError, Walker,
 };
 
@@ -232,6 +232,17 @@ struct TableFaultHook {
 }
 
 impl FaultHook for TableFaultHook {
+    fn fault_granule(&self, gpa: u64, max: u64) -> u64 {
+        // A balloon or discard may have split a huge leaf: install only
+        // the leaf that faulted, never its ballooned neighbours.
+        match self.table.query(Gpa(gpa)) {
+            PageState::Present { size, .. }
+            | PageState::Discarded { size, .. }
+            | PageState::Ballooned { size, .. } => size.bytes().min(max),
+            PageState::Unmapped => max,
+        }
+    }
+
     fn fault_begin(&self, gpa: u64, len: u64) -> u64 {
         self.user_seq
             .store(self.user.fault_begin(gpa, len), Ordering::Relaxed);

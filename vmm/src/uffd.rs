@@ -133,6 +133,13 @@ pub enum UffdError {
 /// commit means an unmap of the range raced with the fault: the handler
 /// discards what it installed and starts again from `fault_begin`.
 pub trait FaultHook: Send + Sync {
+    /// How much to install for a fault on the 4 KiB page at `gpa`: `max`
+    /// (the backing's page size) unless the mirror holds smaller leaves
+    /// there. Installing past a leaf would populate neighbours the guest
+    /// has given away (ballooned pages a 2 MiB fill would bring back).
+    fn fault_granule(&self, _gpa: u64, max: u64) -> u64 {
+        max
+    }
     /// Before installing backing for `[gpa, gpa+len)`.
     fn fault_begin(&self, _gpa: u64, _len: u64) -> u64 {
         0
@@ -459,13 +466,27 @@ impl Shared {
         else {
             return;
         };
-        // Leaves are aligned in guest physical space (the mapping is also
-        // 2 MiB-aligned on the host, see GuestRam::new).
-        let granule = d.page_size.bytes();
-        let gpa = d.gpa.0 + ((addr - d.host_addr as u64) & !(granule - 1));
-        let host = d.host_of(gpa) as u64;
+        let page_gpa = d.gpa.0 + ((addr - d.host_addr as u64) & !(SIZE_4K - 1));
         let _r = self.lock.read().unwrap_or_else(|e| e.into_inner());
+        let mut granule;
         loop {
+            // The leaf size the mirror has here, asked again on every
+            // attempt: a split between the query and the commit moves the
+            // invalidation sequence, so the commit fails and we come back.
+            // Leaves are aligned in guest physical space (the mapping is
+            // also 2 MiB-aligned on the host, see GuestRam::new).
+            // hugetlb can only be filled a whole huge page at a time (and
+            // releases only whole ones, so none of it was given away).
+            let max = d.page_size.bytes();
+            granule = match d.backing {
+                Backing::Hugetlb => max,
+                _ => self.hook.fault_granule(page_gpa, max),
+            };
+            if !granule.is_power_of_two() || !(SIZE_4K..=max).contains(&granule) {
+                granule = SIZE_4K;
+            }
+            let gpa = page_gpa & !(granule - 1);
+            let host = d.host_of(gpa) as u64;
             let seq = self.hook.fault_begin(gpa, granule);
             let installed = self.install(d.backing, addr, host, granule);
             // Commit what was really installed: the whole leaf, or only the
@@ -489,6 +510,7 @@ impl Shared {
         }
         let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.stats.bytes.fetch_add(granule, Ordering::Relaxed);
+        let host = d.host_of(page_gpa & !(granule - 1)) as u64;
         self.stats.latency_ns_total.fetch_add(ns, Ordering::Relaxed);
         self.stats.latency_ns_max.fetch_max(ns, Ordering::Relaxed);
         self.stats.faults.fetch_add(1, Ordering::AcqRel);
