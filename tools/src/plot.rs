@@ -82,6 +82,10 @@ pub(crate) struct BarChart<'a> {
     /// The series cover different categories: each bar takes the whole
     /// slot instead of a share of it.
     pub shared_slot: bool,
+    /// Y axis scale; a log axis starts at 0.5 (counts of at least one).
+    pub y_scale: Scale,
+    /// A vertical line at this x (category units), with its label.
+    pub x_marker: Option<(f64, &'a str)>,
 }
 
 /// Colours, fixed per strategy across charts.
@@ -147,9 +151,22 @@ fn padded(lo: f64, hi: f64, scale: Scale) -> (f64, f64) {
     }
 }
 
+/// The smallest 1, 2 or 5 times a power of ten at or above `v` (> 0).
+fn snap_up_125(v: f64) -> f64 {
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|x| *x >= v * (1.0 - 1e-9))
+        .unwrap_or(10.0 * p)
+}
+
 /// Ticks at 1, 2 and 5 times the powers of ten in `[lo, hi]` (only the
 /// powers of ten when that would be too many).
 fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
+        return Vec::new();
+    }
     let (a, b) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
     let pick = |mult: &[f64]| -> Vec<f64> {
         (a..=b)
@@ -188,6 +205,12 @@ pub(crate) fn lines(path: &Path, c: &LineChart<'_>) -> Result<()> {
     );
     let (x0, x1) = padded(x0, x1, c.x_scale);
     let (y0, y1) = padded(y0, y1, c.y_scale);
+    // A log axis ends on a power of ten below and a 1-2-5 value above, so
+    // both ends carry a tick.
+    let (y0, y1) = match c.y_scale {
+        Scale::Log => (10f64.powf(y0.log10().floor()), snap_up_125(y1)),
+        Scale::Linear => (y0, y1),
+    };
     let yticks = log_ticks(y0, y1);
     let mut svg = String::new();
     {
@@ -375,18 +398,21 @@ pub(crate) fn grouped_bars(path: &Path, c: &BarChart<'_>) -> Result<()> {
         .flat_map(|s| s.points.iter().map(|p| p.1))
         .filter(|y| y.is_finite())
         .fold(0.0f64, f64::max);
-    let (_, y1) = padded(0.0, ymax, Scale::Linear);
+    // A log axis starts below the smallest count worth a bar (1).
+    let (y0, y1) = match c.y_scale {
+        Scale::Linear => (0.0, padded(0.0, ymax, Scale::Linear).1),
+        Scale::Log => (0.5, ymax.max(1.0) * 3.0),
+    };
+    let yticks = log_ticks(y0, y1);
+    // Crowded categories: smaller labels, no per-bar values.
+    let crowded = n * if c.shared_slot { 1 } else { k } > 16;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         let (area, legend) = layout(&root, c.title)?;
-        let mut chart = ChartBuilder::on(&area)
-            .margin(15)
-            .x_label_area_size(55)
-            .y_label_area_size(80)
-            .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..y1)
-            .map_err(plot_err)?;
+        let mut b = ChartBuilder::on(&area);
+        b.margin(15).x_label_area_size(55).y_label_area_size(80);
         let cats = &c.categories;
         let xf = |x: &f64| {
             let i = x.round();
@@ -397,53 +423,90 @@ pub(crate) fn grouped_bars(path: &Path, c: &BarChart<'_>) -> Result<()> {
             }
         };
         let yf = |y: &f64| tick(*y);
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            // One unit per category: a label count just above the number
-            // of categories makes the ticks fall on whole numbers.
-            .x_labels(n + 1)
-            .x_desc(c.x_desc)
-            .y_desc(c.y_desc)
-            .x_label_formatter(&xf)
-            .y_label_formatter(&yf)
-            .axis_desc_style((FONT, 18))
-            .label_style((FONT, 15))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .map_err(plot_err)?;
         // Each category spans 0.8 of its unit; the bars share it.
         let w = if c.shared_slot { 0.8 } else { 0.8 / k as f64 };
-        for (j, s) in c.series.iter().enumerate() {
-            let color = s.color;
-            let bars: Vec<(f64, f64)> = s
-                .points
-                .iter()
-                .copied()
-                .filter(|&(_, y)| y.is_finite() && y >= 0.0)
-                .collect();
-            let slot = if c.shared_slot { 0.0 } else { j as f64 * w };
-            let left = |x: f64| x - 0.4 + slot;
-            chart
-                .draw_series(bars.iter().map(|&(x, y)| {
-                    Rectangle::new(
-                        [(left(x) + w * 0.06, 0.0), (left(x) + w * 0.94, y)],
-                        color.filled(),
-                    )
-                }))
-                .map_err(plot_err)?;
-            if let Some(f) = c.bar_label {
-                chart
-                    .draw_series(bars.iter().map(|&(x, y)| {
-                        Text::new(
-                            f(y),
-                            (left(x) + w * 0.5, y + y1 * 0.012),
-                            TextStyle::from((FONT, 13).into_font())
-                                .pos(Pos::new(HPos::Center, VPos::Bottom)),
-                        )
-                    }))
+        let above = |y: f64| match c.y_scale {
+            Scale::Linear => y + y1 * 0.012,
+            Scale::Log => y * 1.12,
+        };
+        macro_rules! draw {
+            ($yr:expr) => {{
+                let mut chart = b
+                    .build_cartesian_2d(-0.5..n as f64 - 0.5, $yr)
                     .map_err(plot_err)?;
-            }
+                chart
+                    .configure_mesh()
+                    .disable_x_mesh()
+                    // One unit per category: a label count just above the
+                    // number of categories puts the ticks on whole numbers.
+                    .x_labels(n + 1)
+                    .x_desc(c.x_desc)
+                    .y_desc(c.y_desc)
+                    .x_label_formatter(&xf)
+                    .y_label_formatter(&yf)
+                    .axis_desc_style((FONT, 18))
+                    .label_style((FONT, if n > 10 { 13 } else { 15 }))
+                    .light_line_style(RGBColor(235, 235, 235))
+                    .draw()
+                    .map_err(plot_err)?;
+                for (j, s) in c.series.iter().enumerate() {
+                    let color = s.color;
+                    let bars: Vec<(f64, f64)> = s
+                        .points
+                        .iter()
+                        .copied()
+                        .filter(|&(_, y)| y.is_finite() && y > y0)
+                        .collect();
+                    let slot = if c.shared_slot { 0.0 } else { j as f64 * w };
+                    let left = |x: f64| x - 0.4 + slot;
+                    chart
+                        .draw_series(bars.iter().map(|&(x, y)| {
+                            Rectangle::new(
+                                [(left(x) + w * 0.06, y0), (left(x) + w * 0.94, y)],
+                                color.filled(),
+                            )
+                        }))
+                        .map_err(plot_err)?;
+                    if let Some(f) = c.bar_label.filter(|_| !crowded) {
+                        chart
+                            .draw_series(bars.iter().map(|&(x, y)| {
+                                Text::new(
+                                    f(y),
+                                    (left(x) + w * 0.5, above(y)),
+                                    TextStyle::from((FONT, 13).into_font())
+                                        .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                                )
+                            }))
+                            .map_err(plot_err)?;
+                    }
+                }
+                if let Some((x, label)) = c.x_marker {
+                    let red = RGBColor(200, 0, 0);
+                    chart
+                        .draw_series(std::iter::once(PathElement::new(
+                            vec![(x, y0), (x, y1)],
+                            red.stroke_width(2),
+                        )))
+                        .map_err(plot_err)?;
+                    let top = match c.y_scale {
+                        Scale::Linear => y1 * 0.97,
+                        Scale::Log => y1 / 1.3,
+                    };
+                    chart
+                        .draw_series(std::iter::once(Text::new(
+                            format!(" {label}"),
+                            (x, top),
+                            TextStyle::from((FONT, 14).into_font())
+                                .color(&red)
+                                .pos(Pos::new(HPos::Left, VPos::Top)),
+                        )))
+                        .map_err(plot_err)?;
+                }
+            }};
+        }
+        match c.y_scale {
+            Scale::Linear => draw!(y0..y1),
+            Scale::Log => draw!((y0..y1).log_scale().with_key_points(yticks)),
         }
         let entries: Vec<(&str, RGBColor, Shape)> = c
             .series

@@ -1009,6 +1009,11 @@ struct UnmapRow {
     per_page: f64,
     per_run: f64,
     max_hold_us: f64,
+    /// Median over repetitions of each repetition's longest hold.
+    median_max_hold_us: Option<f64>,
+    /// Involuntary context switches of the unmapping thread during the
+    /// timed unmaps, summed over repetitions.
+    preempted: Option<u64>,
     p99_us: Option<f64>,
     overhead_pct: Option<f64>,
     hist: Vec<(f64, f64)>,
@@ -1049,6 +1054,12 @@ fn parse_unmap(v: &Value) -> Result<(Vec<UnmapRow>, Option<String>, Option<f64>)
             per_page: e.num("per_page_ms")?,
             per_run: e.num("per_run_ms")?,
             max_hold_us: e.num("max_lock_hold_us")?,
+            median_max_hold_us: e.opt("median_rep_max_lock_hold_us")?,
+            preempted: e
+                .v
+                .get("preempted_during_unmap_all")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_u64).sum()),
             p99_us: e.opt("lock_hold_p99_us_upper")?,
             overhead_pct: e.opt("table_overhead_pct")?,
             hist,
@@ -1133,6 +1144,28 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
         );
     }
     md += "\n";
+    if rows
+        .iter()
+        .any(|r| r.median_max_hold_us.is_some() || r.preempted.is_some())
+    {
+        let each = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} / {}",
+                    human_bytes(r.size),
+                    r.median_max_hold_us
+                        .map_or_else(|| "—".into(), |x| format!("{x:.1} µs")),
+                    r.preempted.map_or_else(|| "—".into(), |n| n.to_string())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let _ = writeln!(
+            md,
+            "The max lock hold is the longest over all repetitions, in wall time: a hold during which the holder was descheduled (other load on the machine) includes the time it waited. Median of the repetitions' longest holds / involuntary context switches of the unmapping thread during the timed unmaps: {each}.\n"
+        );
+    }
     let per = |f: fn(&UnmapRow) -> f64| rows.iter().map(|r| (r.size, f(r))).collect::<Vec<_>>();
     let (v1, m1) = worst(
         &per(|r| r.gather / r.limit),
@@ -1211,7 +1244,8 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             )
         },
     );
-    // Lock-hold histogram: share of holds per bucket, one bar per size.
+    // Lock-hold histogram: holds per bucket (log scale, so the tail
+    // shows), one bar per size.
     let buckets = hist_buckets(rows.iter().flat_map(|r| r.hist.iter().map(|h| h.0)));
     let series: Vec<Series> = rows
         .iter()
@@ -1219,19 +1253,30 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
         .map(|(i, r)| {
             let total: f64 = r.hist.iter().map(|h| h.1).sum();
             Series {
-                name: format!("{} ({} holds)", human_bytes(r.size), total),
+                name: format!("{} ({total} holds)", human_bytes(r.size)),
                 color: colors::CYCLE[i % colors::CYCLE.len()],
                 points: r
                     .hist
                     .iter()
                     .filter_map(|&(b, n)| {
                         let i = buckets.iter().position(|&x| (x - b).abs() <= b * 1e-6)?;
-                        Some((i as f64, if total > 0.0 { n * 100.0 / total } else { 0.0 }))
+                        Some((i as f64, n))
                     })
                     .collect(),
             }
         })
         .collect();
+    // Bucket i holds (b_i / 2, b_i]: place the target inside its bucket.
+    let marker = buckets
+        .iter()
+        .position(|&b| b / 2.0 < LOCK_HOLD_US && LOCK_HOLD_US <= b)
+        .map(|i| {
+            let b = buckets[i];
+            (
+                i as f64 - 0.5 + (2.0 * LOCK_HOLD_US / b).log2(),
+                "100 µs target",
+            )
+        });
     md += &ctx.plot(
         "lock-hold.svg",
         "table-lock hold-time histogram per region size",
@@ -1241,15 +1286,14 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
                 p,
                 &BarChart {
                     title: "Table-lock holds during unmap (all repetitions)",
-                    x_desc: "hold time, histogram bucket (µs, upper bound; target: every hold ≤ 100 µs)",
-                    y_desc: "share of lock holds (%)",
-                    categories: buckets
-                        .iter()
-                        .map(|&b| format!("≤{}", plot::tick(b)))
-                        .collect(),
+                    x_desc: "hold time: histogram bucket upper bound (µs unless marked ms)",
+                    y_desc: "lock holds (count, log scale)",
+                    categories: buckets.iter().map(|&b| bucket_label(b)).collect(),
                     series,
-                    bar_label: Some(&|x| format!("{x:.1}%")),
+                    bar_label: Some(&|x| format!("{x:.0}")),
                     shared_slot: false,
+                    y_scale: Scale::Log,
+                    x_marker: marker,
                 },
             )
         },
@@ -1259,6 +1303,19 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
         md,
         targets,
         errors,
+    }
+}
+
+/// A short label for a histogram bucket bound in µs: `≤16`, `≤2.0ms`.
+fn bucket_label(us: f64) -> String {
+    if us >= 10_000.0 {
+        format!("≤{:.0}ms", us / 1000.0)
+    } else if us >= 1000.0 {
+        format!("≤{:.1}ms", us / 1000.0)
+    } else if us >= 10.0 {
+        format!("≤{us:.0}")
+    } else {
+        format!("≤{us:.1}")
     }
 }
 
@@ -1448,6 +1505,8 @@ fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
                     series,
                     bar_label: Some(&|x| format!("{x:.0}")),
                     shared_slot: true,
+                    y_scale: Scale::Linear,
+                    x_marker: None,
                 },
             )
         },
@@ -1667,6 +1726,8 @@ fn balloon_section(ctx: &Ctx<'_>, steps: &[&(&Step, StepData)]) -> Section {
                     series,
                     bar_label: Some(&|x| format!("{x:.2}")),
                     shared_slot: false,
+                    y_scale: Scale::Linear,
+                    x_marker: None,
                 },
             )
         },
