@@ -201,6 +201,8 @@ pub fn cmd(a: &Args) -> Result<()> {
             let exe = std::env::current_exe().context("finding the gmm executable")?;
             let timeout = Duration::from_secs(if quick { 300 } else { 1800 });
             let pb = crate::progress::bar(selected.len() as u64, "bench report");
+            // Keep the elapsed time moving during long steps.
+            pb.enable_steady_tick(Duration::from_millis(500));
             let n = selected.len();
             for (i, st) in selected.iter().enumerate() {
                 let c = command_of(st);
@@ -595,22 +597,29 @@ fn machine_info() -> Value {
     })
 }
 
-/// `git rev-parse --short HEAD`, with `-dirty` when tracked files differ.
+/// `git rev-parse --short HEAD`, with `-dirty` when tracked files differ:
+/// of the current directory's repository, else of the one gmm was built
+/// from.
 fn git_commit() -> Option<String> {
-    let out = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())?;
-    let sha = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let dirty = Command::new("git")
-        .args(["status", "--porcelain", "--untracked-files=no"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .is_some_and(|o| o.status.success() && !o.stdout.is_empty());
-    Some(if dirty { format!("{sha}-dirty") } else { sha })
+    let git = |dir: &Path, args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
+    [Path::new("."), Path::new(env!("CARGO_MANIFEST_DIR"))]
+        .into_iter()
+        .find_map(|dir| {
+            let out = git(dir, &["rev-parse", "--short", "HEAD"])?;
+            let sha = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let dirty = git(dir, &["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|o| !o.stdout.is_empty());
+            Some(if dirty { format!("{sha}-dirty") } else { sha })
+        })
 }
 
 /// The current UTC time as `YYYY-MM-DD HH:MM UTC`.
