@@ -10,11 +10,15 @@
 //!   the guest writes and verifies its RAM (ring 3, ~11 µs per first touch
 //!   under kvm_pvm) and the host tops up the rest (page tables, image).
 //!   `destroy_ms` is the `Vm::destroy` call (stop and join the vCPUs, hand
-//!   off reclamation); `reclaim_ms` runs from the same start until
-//!   `Teardown::wait_reclaim` returns (VM dropped, whole-VM stage-2 gather,
-//!   guest RAM unmapped; for memfd the file closed, so its pages are freed).
-//!   RSS before launch, once populated and after reclaim shows the memory
-//!   coming back.
+//!   off reclamation); `reclaim_ms` runs from the same start until the
+//!   memory is back with the host: the whole-VM stage-2 gather released
+//!   all guest RAM (`Reclaimed::memory_back_ms`; the reclaim thread samples
+//!   RSS right then, and `rss_back` requires it back near its starting
+//!   level). `reclaim_done_ms` runs until `Teardown::wait_reclaim` returns:
+//!   also the KVM VM dropped, the fault handler stopped, the emptied RAM
+//!   unmapped (for memfd the file closed). RSS before launch, once
+//!   populated, at memory-back and after reclaim shows the memory coming
+//!   back.
 //! - **munmap**: the limit. Anonymous: an equally populated private mapping
 //!   (same leaf advice), one `munmap`. memfd: a memfd of the same size,
 //!   mapped shared and populated, then `munmap` + `close` (file freed).
@@ -159,9 +163,15 @@ struct SizeResult {
     size_bytes: u64,
     /// `Vm::destroy` call: stop and join the vCPUs, hand off reclamation.
     destroy_ms: f64,
-    /// From the start of `destroy` until `wait_reclaim` returned (guest RAM
-    /// back with the host).
+    /// From the start of `destroy` until guest RAM was back with the host
+    /// (the whole-VM gather released it; RSS sampled then).
     reclaim_ms: f64,
+    /// From the start of `destroy` until `wait_reclaim` returned (also the
+    /// KVM VM dropped, the fault handler stopped, RAM unmapped).
+    reclaim_done_ms: f64,
+    /// This process's VmRSS sampled by the reclaim thread the moment guest
+    /// RAM was back (median).
+    rss_at_memory_back_bytes: u64,
     /// Parts of destroy and reclaim as the VM measured them: stopping and
     /// joining the vCPUs, the reclaim thread's own end-to-end time, dropping
     /// the KVM VM, the stage-2 gather (zap + release), its final grace
@@ -228,6 +238,7 @@ struct SizeResult {
     /// Every repetition, in run order.
     destroy_ms_all: Vec<f64>,
     reclaim_ms_all: Vec<f64>,
+    reclaim_done_ms_all: Vec<f64>,
     reclaim_internal_ms_all: Vec<f64>,
     reclaim_stage2_gather_ms_all: Vec<f64>,
     munmap_ms_all: Vec<f64>,
@@ -338,6 +349,8 @@ fn rss_of(pid: u32) -> u64 {
 struct VmRun {
     destroy_ms: f64,
     reclaim_ms: f64,
+    memory_back_ms: f64,
+    rss_at_memory_back: u64,
     stop_vcpus_ms: f64,
     internal_ms: f64,
     barrier_ms: f64,
@@ -424,6 +437,8 @@ fn vm_once(a: &Args, size: u64) -> Result<VmRun> {
     Ok(VmRun {
         destroy_ms,
         reclaim_ms,
+        memory_back_ms: r.memory_back_ms,
+        rss_at_memory_back: r.rss_at_memory_back,
         stop_vcpus_ms: td.stop_vcpus_ms,
         internal_ms: r.reclaim_ms,
         barrier_ms: r.stage2.barrier_ms,
@@ -1038,6 +1053,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         let (mut vthp, mut mthp, mut nthp) = (vec![], vec![], vec![]);
         let (mut rb, mut rp, mut ra, mut resd, mut ret, mut shm) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut rmb: Vec<f64> = vec![];
         let (mut qrss, mut pack, mut pdes, mut prec, mut prss) =
             (vec![], vec![], vec![], vec![], vec![]);
         for rep in 0..a.reps {
@@ -1049,7 +1065,9 @@ pub fn cmd(a: &Args) -> Result<()> {
                     Strategy::Vm => {
                         let r = vm_once(a, size)?;
                         res.destroy_ms_all.push(r.destroy_ms);
-                        res.reclaim_ms_all.push(r.reclaim_ms);
+                        res.reclaim_ms_all.push(r.memory_back_ms);
+                        res.reclaim_done_ms_all.push(r.reclaim_ms);
+                        rmb.push(r.rss_at_memory_back as f64);
                         res.reclaim_stage2_gather_ms_all.push(r.gather_ms);
                         stopv.push(r.stop_vcpus_ms);
                         other.push(
@@ -1072,8 +1090,9 @@ pub fn cmd(a: &Args) -> Result<()> {
                         resd.push(r.resident as f64);
                         ret.push(r.rss_populated.saturating_sub(r.rss_after) as f64);
                         shm.push(r.shmem_freed as f64);
-                        res.rss_back &=
-                            r.resident >= size && r.rss_after <= r.rss_before + (16 << 20);
+                        res.rss_back &= r.resident >= size
+                            && r.rss_after <= r.rss_before + (16 << 20)
+                            && r.rss_at_memory_back <= r.rss_before + (16 << 20);
                     }
                     Strategy::Munmap | Strategy::Naive => {
                         let naive = s == Strategy::Naive;
@@ -1120,6 +1139,8 @@ pub fn cmd(a: &Args) -> Result<()> {
         }
         res.destroy_ms = round(median(&res.destroy_ms_all), 3);
         res.reclaim_ms = round(median(&res.reclaim_ms_all), 3);
+        res.reclaim_done_ms = round(median(&res.reclaim_done_ms_all), 3);
+        res.rss_at_memory_back_bytes = median(&rmb) as u64;
         res.destroy_stop_vcpus_ms = round(median(&stopv), 3);
         res.reclaim_internal_ms = round(median(&res.reclaim_internal_ms_all), 3);
         res.reclaim_other_ms = round(median(&other), 3);
@@ -1179,7 +1200,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             crate::say(
                 a.json,
                 &format!(
-                    "{}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}, other {:.3}); populate {:.0} ms\n  \
+                    "{}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (memory back; all done {:.3} ms, in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}, other {:.3}); populate {:.0} ms\n  \
                      munmap   {:>9.3} ms   reclaim/munmap x{:.3} (target <= 1.1: {})\n  \
                      naive    {:>9.3} ms   naive/reclaim x{:.2}\n  \
                      qemu     {} (quit -> exit)\n  \
@@ -1191,6 +1212,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                     res.destroy_ms,
                     res.destroy_stop_vcpus_ms,
                     res.reclaim_ms,
+                    res.reclaim_done_ms,
                     res.reclaim_internal_ms,
                     res.reclaim_vm_drop_ms,
                     res.reclaim_stage2_gather_ms,

@@ -108,6 +108,9 @@ struct Summary {
     teardown_ms: f64,
     /// From `Vm::destroy` until guest RAM was unmapped.
     reclaim_ms: f64,
+    /// From destroy until the whole-VM gather had released guest RAM (the
+    /// memory is back; the VM and address space go after), ms.
+    memory_back_ms: f64,
     /// `VmHWM` before teardown.
     rss_peak_bytes: u64,
     /// `VmRSS` after reclamation.
@@ -421,6 +424,7 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         run_ms: ms(run_time),
         teardown_ms: teardown.teardown_ms,
         reclaim_ms: reclaimed.reclaim_ms,
+        memory_back_ms: reclaimed.memory_back_ms,
         rss_peak_bytes: rss_peak,
         rss_after_teardown_bytes: rss_after,
         rss_before_bytes: rss_before,

@@ -152,7 +152,14 @@ pub struct Teardown {
 /// What background reclamation did.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Reclaimed {
-    /// From the start of `destroy` until guest RAM was back with the host, ms.
+    /// From the start of `destroy` until the whole-VM gather had released
+    /// all guest RAM to the host (the memory is back; the VM, the fault
+    /// handler and the address space still go after this), ms.
+    pub memory_back_ms: f64,
+    /// Process RSS sampled right after `memory_back_ms`.
+    pub rss_at_memory_back: u64,
+    /// From the start of `destroy` until everything was gone: guest RAM
+    /// released, KVM VM dropped, fault handler stopped, RAM unmapped, ms.
     pub reclaim_ms: f64,
     /// Of which dropping the KVM VM, ms.
     pub vm_drop_ms: f64,
@@ -181,7 +188,8 @@ impl Drop for Teardown {
 }
 
 /// The state released in the background after the vCPUs stopped. Field
-/// order is drop order: VM, devices, fault handler, stage-2 table, guest RAM.
+/// order is drop order (if the reclaim thread cannot be spawned): VM,
+/// devices, fault handler, stage-2 table, guest RAM.
 struct Remains {
     vm_fd: Option<VmFd>,
     balloon: Option<Arc<VirtioMmio<Balloon>>>,
@@ -191,10 +199,25 @@ struct Remains {
 }
 
 impl Remains {
-    /// Drops the VM (and its memory slots), stops the fault handler, tears
-    /// the stage-2 table down through a whole-VM gather (which releases all
-    /// backing and frees the table after a grace period), unmaps guest RAM.
+    /// Memory first: tears the stage-2 table down through a whole-VM
+    /// gather (which releases all backing and frees the table after a
+    /// grace period): from then on the memory is back with the host. Then
+    /// drops the VM (and its memory slots), stops the fault handler and
+    /// unmaps guest RAM, which by then holds nothing.
+    ///
+    /// Releasing before the VM goes is safe: the vCPUs are joined, so
+    /// nothing runs the guest; KVM's mmu_notifier zaps whatever KVM
+    /// mapped, as for any release; device threads walk through the table,
+    /// which the gather marks dying and waits for.
     fn reclaim(mut self, t0: Instant) -> Reclaimed {
+        // A failed release leaves memory to the munmap below: nothing leaks.
+        let stage2 = self
+            .stage2
+            .take()
+            .and_then(|s| s.teardown().ok())
+            .unwrap_or_default();
+        let memory_back_ms = ms(t0.elapsed());
+        let rss_at_memory_back = crate::proc_stats::rss().rss;
         let t = Instant::now();
         self.vm_fd = None;
         let vm_drop = t.elapsed();
@@ -207,12 +230,6 @@ impl Remains {
                 f.stop();
             }
         }
-        // A failed release leaves memory to the munmap below: nothing leaks.
-        let stage2 = self
-            .stage2
-            .take()
-            .and_then(|s| s.teardown().ok())
-            .unwrap_or_default();
         let t = Instant::now();
         let unmapped_bytes = self
             .ram
@@ -220,6 +237,8 @@ impl Remains {
             .and_then(|r| Arc::try_unwrap(r).ok())
             .map_or(0, |mut r| r.unmap_all());
         Reclaimed {
+            memory_back_ms,
+            rss_at_memory_back,
             reclaim_ms: ms(t0.elapsed()),
             vm_drop_ms: ms(vm_drop),
             unmap_ms: ms(t.elapsed()),
