@@ -17,6 +17,7 @@
 //! Firecracker's. The server thread never panics on input.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Largest request accepted (headers + body).
 pub const MAX_REQUEST: usize = 64 << 10;
@@ -216,6 +218,8 @@ fn serve_connection(stream: UnixStream, handler: &dyn ApiHandler) {
 pub struct ApiServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Wakes the server thread out of its `poll` when it must stop.
+    wake: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -235,19 +239,48 @@ impl ApiServer {
             .set_nonblocking(true)
             .map_err(|e| ApiError::Bind(path.into(), e))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
+        let wake =
+            Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ApiError::Bind(path.into(), e))?);
+        let (s2, w2) = (stop.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 while !s2.load(Ordering::Relaxed) {
+                    // Sleep until a client connects or we are told to stop:
+                    // requests are served at once, and stopping is immediate.
+                    let mut fds = [
+                        libc::pollfd {
+                            fd: listener.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: w2.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    ];
+                    // SAFETY: poll reads and writes the two pollfds we own,
+                    // for the length we pass; both fds are open (owned by
+                    // this closure and by the server).
+                    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                    if n < 0 {
+                        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                        {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        continue;
+                    }
+                    if fds[1].revents != 0 {
+                        continue;
+                    }
                     match listener.accept() {
                         Ok((stream, _)) => {
                             let _ = stream.set_nonblocking(false);
                             serve_connection(stream, handler.as_ref());
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        // Out of fds or similar: do not spin.
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
@@ -256,6 +289,7 @@ impl ApiServer {
         Ok(ApiServer {
             path: path.into(),
             stop,
+            wake,
             thread: Some(thread),
         })
     }
@@ -264,6 +298,9 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // A failed write leaves the thread in poll until the next client;
+        // the eventfd counter cannot overflow from one write.
+        let _ = self.wake.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
