@@ -82,6 +82,18 @@ pub struct UnmapResult {
     max_lock_hold_us: f64,
     /// Median over repetitions of each repetition's longest hold.
     median_rep_max_lock_hold_us: f64,
+    /// Longest time the holder was on a CPU during one lock hold, over all
+    /// repetitions (thread CPU time): a wall-clock maximum far above this
+    /// one is the holder being descheduled, not work under the lock.
+    max_lock_hold_cpu_us: f64,
+    /// The environment's own stalls, measured in the same run: a busy loop
+    /// reading the clock, with no lock and no work, for as long as all
+    /// gather repetitions took together; its longest gap between two clock
+    /// reads (interrupts, hypervisor steal, preemption). Lock holds that
+    /// exceed the p99 by this much are the environment, not the table.
+    env_max_stall_us: f64,
+    /// Gaps over 50 µs in that loop.
+    env_stalls_over_50us: u64,
     /// Upper bound of the 99th percentile lock hold (power-of-two histogram).
     lock_hold_p99_us_upper: f64,
     /// Lock holds of all repetitions: `[bucket upper bound µs, count]`.
@@ -131,12 +143,14 @@ pub struct UnmapResult {
 /// The targets, evaluated on this run.
 #[derive(Serialize, Debug, Clone)]
 struct Targets {
-    /// gather ≤ 1.15 × limit.
-    gather_within_1_15x_limit: bool,
+    /// gather ≤ 1.10 × limit.
+    gather_within_1_10x_limit: bool,
     /// per-page ≥ 10 × gather.
     at_least_10x_per_page: bool,
-    /// max lock hold ≤ 100 µs.
+    /// max lock hold ≤ 100 µs (wall clock).
     lock_hold_le_100us: bool,
+    /// max lock hold ≤ 100 µs in the holder's CPU time.
+    lock_hold_cpu_le_100us: bool,
     /// table overhead ≤ 0.2 % (meaningful at 4 KiB leaves).
     table_overhead_le_0_2pct: bool,
 }
@@ -161,6 +175,7 @@ struct GatherRun {
     ms: f64,
     map_ms: f64,
     lock_max_ns: u64,
+    lock_cpu_max_ns: u64,
     lock_acq: u64,
     release_calls: u64,
     table_bytes: u64,
@@ -227,6 +242,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
     let table_bytes = table.table_bytes();
     std::thread::sleep(SETTLE);
     table.reset_lock_stats();
+    table.set_cpu_lock_stats(true);
     let before = table.stats();
     let switches = involuntary_switches();
     let t = Instant::now();
@@ -243,6 +259,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
         ms: gather_ms,
         map_ms,
         lock_max_ns: after.lock_hold_max_ns,
+        lock_cpu_max_ns: after.lock_hold_cpu_max_ns,
         lock_acq: after.lock_acquisitions - before.lock_acquisitions,
         release_calls: after.release_calls - before.release_calls,
         table_bytes,
@@ -254,6 +271,29 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
         hist: after.lock_hold_hist,
         preempted,
     })
+}
+
+/// Busy-reads the monotonic clock for `d`; returns the longest gap between
+/// two reads in µs and the number of gaps over 50 µs.
+fn env_stalls(d: std::time::Duration) -> (f64, u64) {
+    let start = Instant::now();
+    let mut prev = start;
+    let (mut max, mut over) = (std::time::Duration::ZERO, 0u64);
+    loop {
+        let now = Instant::now();
+        let gap = now - prev;
+        if gap > max {
+            max = gap;
+        }
+        if gap.as_micros() > 50 {
+            over += 1;
+        }
+        prev = now;
+        if now - start >= d {
+            break;
+        }
+    }
+    (max.as_secs_f64() * 1e6, over)
 }
 
 /// Measure one size.
@@ -336,6 +376,9 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
     }
     let g_ms: Vec<f64> = gathers.iter().map(|g| g.ms).collect();
     let gather_ms = median(&g_ms);
+    let env = env_stalls(std::time::Duration::from_secs_f64(
+        g_ms.iter().sum::<f64>() / 1e3,
+    ));
     let limit_ms = median(&limit);
     let per_page_ms = median(&per_page);
     let per_run_ms = median(&per_run);
@@ -371,6 +414,11 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         ratio_per_run_vs_gather: r3(per_run_ms / gather_ms),
         max_lock_hold_us: r3(max_lock_hold_us),
         median_rep_max_lock_hold_us: r3(median(&rep_max)),
+        env_max_stall_us: r3(env.0),
+        env_stalls_over_50us: env.1,
+        max_lock_hold_cpu_us: r3(gathers.iter().map(|g| g.lock_cpu_max_ns).max().unwrap_or(0)
+            as f64
+            / 1e3),
         lock_hold_p99_us_upper: hist_quantile_us(&hist, 0.99),
         lock_hold_hist_us: hist
             .iter()
@@ -405,9 +453,10 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         max_lock_hold_us_all: all(&rep_max),
         preempted_during_unmap_all: gathers.iter().map(|g| g.preempted).collect(),
         targets: Targets {
-            gather_within_1_15x_limit: ratio_vs_limit <= 1.15,
+            gather_within_1_10x_limit: ratio_vs_limit <= 1.10,
             at_least_10x_per_page: ratio_per_page >= 10.0,
             lock_hold_le_100us: max_lock_hold_us <= 100.0,
+            lock_hold_cpu_le_100us: gathers.iter().all(|g| g.lock_cpu_max_ns <= 100_000),
             table_overhead_le_0_2pct: overhead <= 0.2,
         },
     })
@@ -434,12 +483,15 @@ fn human(r: &UnmapResult) -> String {
         r.per_run_ms, r.ratio_per_run_vs_gather, r.per_run_runs, r.per_run_sort_ms
     );
     s += &format!(
-        "  table lock: max hold {:.1} us (p99 <= {:.1} us) over {} acquisitions; table {} = {:.3}% of mapped memory\n",
+        "  table lock: max hold {:.1} us ({:.1} us on CPU; p99 <= {:.1} us) over {} acquisitions; table {} = {:.3}% of mapped memory\n  environment: a lock-free busy loop as long as the gathers stalled up to {:.1} us ({} gaps > 50 us)\n",
         r.max_lock_hold_us,
+        r.max_lock_hold_cpu_us,
         r.lock_hold_p99_us_upper,
         r.lock_acquisitions,
         human_bytes(r.table_bytes),
-        r.table_overhead_pct
+        r.table_overhead_pct,
+        r.env_max_stall_us,
+        r.env_stalls_over_50us
     );
     if let Some(h) = r.anon_huge_bytes_after_touch {
         s += &format!("  THP after touch (lowest): {}\n", human_bytes(h));

@@ -86,7 +86,7 @@ fn unmap_run(size: u64, gather: f64, limit: f64, per_page: f64, max_hold: f64) -
         "gather_ms_all": [gather], "limit_ms_all": [limit], "per_page_ms_all": [per_page],
         "per_run_ms_all": [limit], "max_lock_hold_us_all": [max_hold],
         "preempted_during_unmap_all": [0],
-        "targets": {"gather_within_1_15x_limit": true, "at_least_10x_per_page": true,
+        "targets": {"gather_within_1_10x_limit": true, "at_least_10x_per_page": true,
                     "lock_hold_le_100us": true, "table_overhead_le_0_2pct": true}
     })
 }
