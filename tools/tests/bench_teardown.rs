@@ -6,47 +6,11 @@
 //! peer must be reported as skipped.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("\n**********\nSKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM\n**********\n");
-            false
-        }
-    }
-}
-
-fn gmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gmm"))
-        .args(args)
-        .output()
-        .expect("the gmm binary runs")
-}
-
-fn last_json(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "last stdout line is not JSON ({e}): {line:?}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn num(v: &Value, k: &str) -> f64 {
-    v.get(k)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("field {k} missing or not a number in {v}"))
-}
+mod common;
+use common::*;
 
 fn boolean(v: &Value, k: &str) -> bool {
     v.get(k)

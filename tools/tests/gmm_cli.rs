@@ -2,33 +2,10 @@
 //! last stdout line parses as JSON with the documented fields, and bad
 //! arguments fail with a clear message and a non-zero status.
 
-use std::process::{Command, Output};
-
 use serde_json::Value;
 
-fn gmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gmm"))
-        .args(args)
-        .output()
-        .expect("the gmm binary runs")
-}
-
-fn last_json(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "last stdout line is not JSON ({e}): {line:?}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn num(v: &Value, k: &str) -> f64 {
-    v.get(k)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("field {k} missing or not a number in {v}"))
-}
+mod common;
+use common::*;
 
 #[test]
 fn stress_json() {
@@ -158,8 +135,7 @@ fn bad_arguments_fail() {
 
 #[test]
 fn bench_balloon_json() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !kvm_or_skip("bench_balloon_json") {
         return;
     }
     for pattern in ["contiguous", "scattered", "fragmented"] {

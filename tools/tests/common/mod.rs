@@ -1,0 +1,51 @@
+//! Helpers shared by the `gmm` end-to-end tests.
+
+// Each test file uses its own subset.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// Whether `/dev/kvm` can be opened; if not, says loudly that `test` is
+/// skipped (it then returns without checking anything).
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("\n**********\nSKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM\n**********\n");
+            false
+        }
+    }
+}
+
+/// Runs the `gmm` binary built with these tests.
+pub fn gmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gmm"))
+        .args(args)
+        .output()
+        .expect("the gmm binary runs")
+}
+
+/// The JSON object on the last stdout line.
+pub fn last_json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "last stdout line is not JSON ({e}): {line:?}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A numeric field of `v`.
+pub fn num(v: &Value, k: &str) -> f64 {
+    v.get(k)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("field {k} missing or not a number in {v}"))
+}
