@@ -357,18 +357,8 @@ fn no_walk_yields_old_backing_after_unmap_returns() {
 #[test]
 fn real_anonymous_memory_comes_back() {
     let len = 64 << 20;
-    let mem = Anon::new(len, false);
-    mem.touch();
+    let (mem, t) = anon_table_4k(len);
     assert_eq!(resident_bytes(mem.addr, len), len);
-    let t = Stage2Table::new(TableConfig::default()).unwrap();
-    t.register_backing(BackingRegion {
-        hva: Hva(mem.addr),
-        len,
-        kind: BackingKind::Anonymous,
-    })
-    .unwrap();
-    t.map(Gpa(0), Hva(mem.addr), len, Perms::RW, PageSize::Size4K)
-        .unwrap();
     let rss0 = guest_mm::stress::rss_bytes();
     let mut g = t.gather();
     t.unmap(&mut g, Gpa(4096), len - 8192, UnmapMode::Remove)

@@ -139,18 +139,7 @@ fn split_allocation_failure_reports_progress() {
 /// gather; returns the table's stats and whether exactly those pages left
 /// memory.
 fn release_every_other_page(inject: bool, pages: u64) -> (TableStats, bool) {
-    let len = pages * 4096;
-    let mem = Anon::new(len, false);
-    mem.touch();
-    let t = Stage2Table::new(TableConfig::default()).unwrap();
-    t.register_backing(BackingRegion {
-        hva: Hva(mem.addr),
-        len,
-        kind: BackingKind::Anonymous,
-    })
-    .unwrap();
-    t.map(Gpa(0), Hva(mem.addr), len, Perms::RW, PageSize::Size4K)
-        .unwrap();
+    let (mem, t) = anon_table_4k(pages * 4096);
     if inject {
         t.faults.batch_release.fail_always();
     }

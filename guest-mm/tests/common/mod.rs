@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use guest_mm::{
-    BackingKind, BackingRegion, Gpa, Hva, Invalidation, InvalidationSubscriber, Stage2Table,
-    TableConfig,
+    BackingKind, BackingRegion, Gpa, Hva, Invalidation, InvalidationSubscriber, PageSize, Perms,
+    Stage2Table, TableConfig,
 };
 
 /// A fake host address range: never dereferenced by these tests.
@@ -140,4 +140,21 @@ impl Drop for Anon {
         // SAFETY: our mapping (the over-mapped head/tail leak harmlessly).
         unsafe { libc::munmap(self.addr as *mut _, self.len as usize) };
     }
+}
+
+/// `len` bytes of touched (resident) anonymous memory without THP, and a
+/// table that maps them at GPA 0 with 4 KiB leaves as anonymous backing.
+pub fn anon_table_4k(len: u64) -> (Anon, Arc<Stage2Table>) {
+    let mem = Anon::new(len, false);
+    mem.touch();
+    let t = Stage2Table::new(TableConfig::default()).unwrap();
+    t.register_backing(BackingRegion {
+        hva: Hva(mem.addr),
+        len,
+        kind: BackingKind::Anonymous,
+    })
+    .unwrap();
+    t.map(Gpa(0), Hva(mem.addr), len, Perms::RW, PageSize::Size4K)
+        .unwrap();
+    (mem, t)
 }
