@@ -160,3 +160,32 @@ pub fn boot_and_verify(mem: &str, vcpus: u32, backing: Backing, page_size: PageS
 }
 
 pub mod virtio;
+
+/// Creates and starts the VM of `c` (a balloon config and a workload that
+/// runs the guest's balloon driver), waits until every vCPU reported its
+/// first verify and the driver runs; returns the VM and the driver status.
+/// Panics with the outcomes and the console on the way if anything fails.
+pub fn start_balloon_driver(
+    c: VmConfig,
+    console: &Mutex<Vec<u8>>,
+) -> (Vm, vmm::guest::balloon::DriverStatus) {
+    use vmm::guest::balloon::DriverState;
+    let mut vm = Vm::new(c).expect("VM creation");
+    vm.start().expect("vCPU start");
+    assert!(
+        vm.wait_results(GUEST_TIMEOUT),
+        "{:?}\n{}",
+        vm.outcomes(),
+        console_text(console)
+    );
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
+        .expect("status");
+    assert!(
+        ok,
+        "driver not running: {st:?} {:?}\n{}",
+        vm.outcomes(),
+        console_text(console)
+    );
+    (vm, st)
+}

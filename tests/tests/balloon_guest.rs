@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use guest_mm::{Gpa, PageState};
 use tests::virtio::{file_bytes, resident_pages};
-use tests::{config, console_text, kvm_or_skip, loud, GUEST_TIMEOUT};
+use tests::{config, console_text, kvm_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT};
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::guest::balloon::{DriverError, DriverState};
 use vmm::vstate::vcpu::VcpuOutcome;
@@ -54,18 +54,7 @@ fn guest_balloon(name: &str, backing: Backing, page: PageSize) {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (mut c, console) = config("256M", 1, backing, page, Workload::Balloon);
     c.balloon = Some(BalloonConfig::default());
-    let mut vm = Vm::new(c).expect("VM creation");
-    vm.start().expect("vCPU start");
-    assert!(vm.wait_results(GUEST_TIMEOUT), "{:?}", vm.outcomes());
-    let (st, ok) = vm
-        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
-        .expect("status");
-    assert!(
-        ok,
-        "driver not running: {st:?} {:?}\n{}",
-        vm.outcomes(),
-        console_text(&console)
-    );
+    let (mut vm, _) = start_balloon_driver(c, &console);
     let (start, end) = vmm::guest::share(vm.config().mem.bytes(), 1, 0);
     let lo = end - BALLOON;
     let host = host_of(&vm, lo);
@@ -248,13 +237,7 @@ fn guest_driver_balloons_only_vcpu0_share() {
         Workload::Balloon,
     );
     c.balloon = Some(BalloonConfig::default());
-    let mut vm = Vm::new(c).expect("VM creation");
-    vm.start().expect("vCPU start");
-    assert!(vm.wait_results(GUEST_TIMEOUT), "{:?}", vm.outcomes());
-    let (st, ok) = vm
-        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
-        .expect("status");
-    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    let (mut vm, _) = start_balloon_driver(c, &console);
     let mem = vm.config().mem.bytes();
     let (s0, e0) = vmm::guest::share(mem, 2, 0);
     let (s1, e1) = vmm::guest::share(mem, 2, 1);
@@ -304,13 +287,7 @@ fn guest_driver_reports_free_pages() {
         Workload::Balloon,
     );
     c.balloon = Some(BalloonConfig::default());
-    let mut vm = Vm::new(c).expect("VM creation");
-    vm.start().expect("vCPU start");
-    assert!(vm.wait_results(GUEST_TIMEOUT), "{:?}", vm.outcomes());
-    let (st, ok) = vm
-        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
-        .expect("status");
-    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    let (mut vm, st) = start_balloon_driver(c, &console);
     assert!(st.reporting, "reporting negotiated: {st:?}");
     let dev = vm.balloon().expect("balloon").clone();
     assert!(dev.lock().device().reporting());
@@ -361,18 +338,13 @@ fn guest_driver_without_reporting() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (mut c, _console) = config("32M", 1, Backing::Anon, PageSize::Size4K, Workload::Balloon);
+    let (mut c, console) = config("32M", 1, Backing::Anon, PageSize::Size4K, Workload::Balloon);
     c.balloon = Some(BalloonConfig {
         stats: false,
         deflate_on_oom: false,
         reporting: false,
     });
-    let mut vm = Vm::new(c).expect("VM creation");
-    vm.start().expect("vCPU start");
-    let (st, ok) = vm
-        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
-        .expect("status");
-    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    let (mut vm, st) = start_balloon_driver(c, &console);
     assert!(!st.reporting);
     let seq = vm.balloon_report_free(16).expect("post");
     let (st, ok) = vm

@@ -5,9 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use tests::{config, console_text, kvm_or_skip, loud, GUEST_TIMEOUT};
+use tests::{config, console_text, kvm_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT};
 use vmm::devices::virtio::balloon::BalloonConfig;
-use vmm::guest::balloon::DriverState;
 use vmm::vstate::vcpu::VcpuOutcome;
 use vmm::{Backing, PageSize, Vm, Workload};
 
@@ -40,13 +39,7 @@ fn balloon_stress(name: &str, vcpus: u32) {
         Workload::BalloonStress,
     );
     c.balloon = Some(BalloonConfig::default());
-    let mut vm = Vm::new(c).expect("VM creation");
-    vm.start().expect("vCPU start");
-    assert!(vm.wait_results(GUEST_TIMEOUT), "{:?}", vm.outcomes());
-    let (st, ok) = vm
-        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.state == DriverState::Running)
-        .expect("status");
-    assert!(ok, "{st:?} {:?}", vm.outcomes());
+    let (mut vm, _) = start_balloon_driver(c, &console);
     let n = vcpus as usize;
     let p0 = wait_passes(&vm, &vec![0; n]);
     assert!(p0.iter().all(|&p| p > 0), "every vCPU loops: {p0:?}");
