@@ -105,6 +105,10 @@ pub(crate) mod colors {
     pub const EXIT: RGBColor = RGBColor(44, 160, 44);
     /// QEMU.
     pub const QEMU: RGBColor = RGBColor(148, 103, 189);
+    /// Everything of a teardown done (VM dropped, RAM unmapped).
+    pub const DONE: RGBColor = RGBColor(140, 86, 75);
+    /// Process RSS before a release.
+    pub const BEFORE: RGBColor = RGBColor(127, 127, 127);
     /// Colours for series without a fixed meaning (sizes of a histogram).
     pub const CYCLE: [RGBColor; 6] = [
         RGBColor(31, 119, 180),

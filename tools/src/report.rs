@@ -66,6 +66,11 @@ pub enum BenchName {
     Teardown,
     /// `gmm bench launch`: launch+teardown cycles per second.
     Launch,
+    /// `gmm stress-vm`: a real guest under balloon churn; violations.
+    StressVm,
+    /// `vmm run --balloon-target`: the real guest's balloon driver, RSS
+    /// before and after the inflate (anon and memfd backing).
+    BalloonRss,
 }
 
 impl BenchName {
@@ -77,12 +82,24 @@ impl BenchName {
             BenchName::Balloon => "balloon",
             BenchName::Teardown => "teardown",
             BenchName::Launch => "launch",
+            BenchName::StressVm => "stress-vm",
+            BenchName::BalloonRss => "balloon-rss",
+        }
+    }
+
+    /// The program and subcommand words that run it (`gmm bench unmap`,
+    /// `gmm stress-vm`, `vmm run`).
+    fn prefix(self) -> Vec<&'static str> {
+        match self {
+            BenchName::StressVm => vec!["gmm", "stress-vm"],
+            BenchName::BalloonRss => vec!["vmm", "run"],
+            b => vec!["gmm", "bench", b.name()],
         }
     }
 }
 
-/// One subprocess of the suite: `gmm bench <bench> <args> --json`, saved
-/// as `<stem>.json`.
+/// One subprocess of the suite: `gmm bench <bench> <args> --json` (or
+/// `gmm stress-vm ...`, `vmm run ...`), saved as `<stem>.json`.
 struct Step {
     bench: BenchName,
     stem: &'static str,
@@ -140,6 +157,52 @@ fn steps(quick: bool) -> Vec<Step> {
             &["--count", "20"],
             &["--count", "3", "--alive", "1"],
         ),
+        s(
+            BenchName::StressVm,
+            "stress-vm",
+            &["--seconds", "20", "--mem", "256M", "--vcpus", "2"],
+            &["--seconds", "2", "--mem", "64M", "--vcpus", "2"],
+        ),
+        s(
+            BenchName::BalloonRss,
+            "balloon-rss-anon",
+            &[
+                "--mem",
+                "1G",
+                "--balloon-target",
+                "512M",
+                "--backing",
+                "anon",
+            ],
+            &[
+                "--mem",
+                "256M",
+                "--balloon-target",
+                "128M",
+                "--backing",
+                "anon",
+            ],
+        ),
+        s(
+            BenchName::BalloonRss,
+            "balloon-rss-memfd",
+            &[
+                "--mem",
+                "1G",
+                "--balloon-target",
+                "512M",
+                "--backing",
+                "memfd",
+            ],
+            &[
+                "--mem",
+                "256M",
+                "--balloon-target",
+                "128M",
+                "--backing",
+                "memfd",
+            ],
+        ),
     ]
 }
 
@@ -158,7 +221,7 @@ struct StepData {
 
 /// The full command of a step, as a user would type it.
 fn command_of(st: &Step) -> Vec<String> {
-    let mut c = vec!["gmm".into(), "bench".into(), st.bench.name().into()];
+    let mut c: Vec<String> = st.bench.prefix().into_iter().map(String::from).collect();
     c.extend(st.args.iter().map(|s| s.to_string()));
     c.push("--json".into());
     c
@@ -241,6 +304,8 @@ pub fn cmd(a: &Args) -> Result<()> {
         BenchName::Balloon,
         BenchName::Teardown,
         BenchName::Launch,
+        BenchName::StressVm,
+        BenchName::BalloonRss,
     ] {
         let steps: Vec<&(&Step, StepData)> =
             data.iter().filter(|(s, _)| s.bench == bench).collect();
@@ -253,6 +318,8 @@ pub fn cmd(a: &Args) -> Result<()> {
             BenchName::Balloon => balloon_section(&ctx, &steps),
             BenchName::Teardown => teardown_section(&ctx, &steps[0].1),
             BenchName::Launch => launch_section(&steps[0].1),
+            BenchName::StressVm => stress_vm_section(&steps[0].1),
+            BenchName::BalloonRss => balloon_rss_section(&ctx, quick, &steps),
         });
     }
     let mut failures: Vec<String> = Vec::new();
@@ -326,7 +393,7 @@ pub fn cmd(a: &Args) -> Result<()> {
     for t in &targets {
         let _ = writeln!(
             summary,
-            "  {:<9} {:<58} {:<26} {}",
+            "  {:<11} {:<58} {:<26} {}",
             t.bench,
             t.target,
             t.measured,
@@ -366,7 +433,17 @@ fn run_step(exe: &Path, st: &Step, timeout: Duration) -> StepData {
         command: command.clone(),
         ..StepData::default()
     };
-    let child = Command::new(exe)
+    let prog = if command[0] == "vmm" {
+        let p = exe.with_file_name("vmm");
+        if !p.is_file() {
+            d.error = Some("vmm binary missing (cargo build --release -p vmm)".into());
+            return d;
+        }
+        p
+    } else {
+        exe.to_path_buf()
+    };
+    let child = Command::new(&prog)
         .args(&command[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -375,7 +452,7 @@ fn run_step(exe: &Path, st: &Step, timeout: Duration) -> StepData {
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
-            d.error = Some(format!("could not start {}: {e}", exe.display()));
+            d.error = Some(format!("could not start {}: {e}", prog.display()));
             return d;
         }
     };
@@ -426,6 +503,16 @@ fn run_step(exe: &Path, st: &Step, timeout: Duration) -> StepData {
     d.error = match status {
         Err(e) => Some(format!("waiting for the bench: {e}")),
         Ok(_) if timed_out => Some(format!("timed out after {} s", timeout.as_secs())),
+        // stress-vm exits non-zero when it found a violation, after
+        // printing its JSON: that is a result (a missed target), not a
+        // failure to measure.
+        Ok(s)
+            if !s.success()
+                && st.bench == BenchName::StressVm
+                && d.result.as_ref().and_then(|v| v.get("ok")) == Some(&Value::Bool(false)) =>
+        {
+            None
+        }
         Ok(s) if !s.success() => Some(format!("exited with {s}: {}", error_text(&stderr))),
         Ok(_) => match parsed {
             None => Some("printed no JSON line on stdout".into()),
@@ -469,7 +556,15 @@ fn step_log(st: &Step, d: &StepData) -> String {
         let _ = writeln!(s, "    {line}");
     }
     let el = d.elapsed_s.unwrap_or(0.0);
+    let violations = d.result.as_ref().and_then(|v| v.get("ok")) == Some(&Value::Bool(false));
     match &d.error {
+        None if st.bench == BenchName::StressVm && violations => {
+            let _ = writeln!(
+                s,
+                "  {}: violations found in {el:.1} s (recorded: a missed target)",
+                st.stem
+            );
+        }
         None => {
             let _ = writeln!(s, "  {}: ok in {el:.1} s", st.stem);
         }
@@ -1018,6 +1113,13 @@ struct UnmapRow {
     per_page: f64,
     per_run: f64,
     max_hold_us: f64,
+    /// Longest hold in the holder's thread CPU time.
+    cpu_hold_us: Option<f64>,
+    /// Longest stall of a lock-free busy loop run in the same process for
+    /// as long as the gathers took (the environment's own stalls), and how
+    /// many exceeded 50 µs.
+    env_stall_us: Option<f64>,
+    env_stalls: Option<f64>,
     /// Median over repetitions of each repetition's longest hold.
     median_max_hold_us: Option<f64>,
     /// Involuntary context switches of the unmapping thread during the
@@ -1063,6 +1165,9 @@ fn parse_unmap(v: &Value) -> Result<(Vec<UnmapRow>, Option<String>, Option<f64>)
             per_page: e.num("per_page_ms")?,
             per_run: e.num("per_run_ms")?,
             max_hold_us: e.num("max_lock_hold_us")?,
+            cpu_hold_us: e.opt("max_lock_hold_cpu_us")?,
+            env_stall_us: e.opt("env_max_stall_us")?,
+            env_stalls: e.opt("env_stalls_over_50us")?,
             median_max_hold_us: e.opt("median_rep_max_lock_hold_us")?,
             preempted: e
                 .v
@@ -1128,14 +1233,14 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             unreleased.join(", ")
         );
     }
-    md += "| size | gather ms | one madvise ms | gather / madvise | per-page ms | per-page / gather | per-run ms | max lock hold µs | p99 hold ≤ µs | table overhead | ≤ 1.10× madvise | ≥ 10× per-page | hold ≤ 100 µs |\n";
-    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n";
+    md += "| size | gather ms | one madvise ms | gather / madvise | per-page ms | per-page / gather | per-run ms | max lock hold µs (wall) | max hold on CPU µs | busy-loop max stall µs (stalls > 50 µs) | p99 hold ≤ µs | table overhead | ≤ 1.10× madvise | ≥ 10× per-page | hold ≤ 100 µs |\n";
+    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n";
     for r in &rows {
         let vs_limit = r.gather / r.limit;
         let vs_pp = r.per_page / r.gather;
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             human_bytes(r.size),
             ms(r.gather),
             ms(r.limit),
@@ -1144,6 +1249,13 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             ratio(vs_pp),
             ms(r.per_run),
             r.max_hold_us,
+            r.cpu_hold_us
+                .map_or_else(|| "—".into(), |x| format!("{x:.1}")),
+            match (r.env_stall_us, r.env_stalls) {
+                (Some(x), Some(n)) => format!("{x:.1} ({n:.0})"),
+                (Some(x), None) => format!("{x:.1}"),
+                _ => "—".into(),
+            },
             r.p99_us.map_or_else(|| "—".into(), |x| format!("{x:.1}")),
             r.overhead_pct
                 .map_or_else(|| "—".into(), |x| format!("{x:.3} %")),
@@ -1175,6 +1287,12 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             "The max lock hold is the longest over all repetitions, in wall time: a hold during which the holder was descheduled (other load on the machine) includes the time it waited. Median of the repetitions' longest holds / involuntary context switches of the unmapping thread during the timed unmaps: {each}.\n"
         );
     }
+    if rows
+        .iter()
+        .any(|r| r.cpu_hold_us.is_some() || r.env_stall_us.is_some())
+    {
+        md += "*Max hold on CPU* is the longest hold measured in the holder's own thread CPU time: the work done under the lock, without time the thread was not running. *Busy-loop max stall*: a lock-free loop that only reads the clock runs in the same process for as long as the gathers took, and its longest gap between two iterations is the environment's own stall (interrupts, host preemption: hypervisor steal when the machine is itself a VM); no lock is involved. A wall-clock hold well above its CPU time, with busy-loop stalls of the same size, was lengthened by the environment rather than by work under the lock. The verdict stays on the wall-clock figure.\n\n";
+    }
     let per = |f: fn(&UnmapRow) -> f64| rows.iter().map(|r| (r.size, f(r))).collect::<Vec<_>>();
     let (v1, m1) = worst(
         &per(|r| r.gather / r.limit),
@@ -1188,12 +1306,35 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
         false,
         ratio,
     );
-    let (v3, m3) = worst(
+    let (v3, mut m3) = worst(
         &per(|r| r.max_hold_us),
         |x| x <= LOCK_HOLD_US,
         true,
         |x| format!("{x:.1} µs"),
     );
+    // Where the worst wall-clock hold was: its CPU time and the
+    // environment's stalls in the same run.
+    if let Some(w) = rows
+        .iter()
+        .reduce(|a, b| if b.max_hold_us > a.max_hold_us { b } else { a })
+    {
+        if w.cpu_hold_us.is_some() || w.env_stall_us.is_some() {
+            m3 = format!(
+                "worst {:.1} µs wall at {}",
+                w.max_hold_us,
+                human_bytes(w.size)
+            );
+            if let Some(c) = w.cpu_hold_us {
+                let _ = write!(m3, ", {c:.1} µs on CPU");
+            }
+            if let Some(e) = w.env_stall_us {
+                let _ = write!(
+                    m3,
+                    "; a lock-free busy loop stalled up to {e:.1} µs in the same run"
+                );
+            }
+        }
+    }
     let targets = vec![
         TargetRow {
             bench: B,
@@ -1546,7 +1687,10 @@ struct BalloonRow {
     size: u64,
     pages: Option<f64>,
     runs: Option<f64>,
+    /// Release system calls of one inflate.
+    release_syscalls: Option<f64>,
     inflate: f64,
+    deflate: Option<f64>,
     madvise: f64,
     per_page: f64,
     madvise_plain: Option<f64>,
@@ -1564,7 +1708,9 @@ fn parse_balloon(v: &Value, file: &str) -> Result<BalloonRow> {
         size: o.bytes("size_bytes")?,
         pages: o.opt("pages")?,
         runs: o.opt("runs")?,
+        release_syscalls: o.opt("release_syscalls")?,
         inflate: o.num("inflate_ms")?,
+        deflate: o.opt("deflate_ms")?,
         madvise: o.num("madvise_ms")?,
         per_page: o.num("per_page_ms")?,
         madvise_plain: o.opt("madvise_plain_ms")?,
@@ -1610,18 +1756,19 @@ fn balloon_section(ctx: &Ctx<'_>, steps: &[&(&Step, StepData)]) -> Section {
         return Section::not_measured(B, T, &why, &BALLOON_TARGETS);
     }
     let mut md = format!("## {T}\n\n");
-    md += "The balloon is inflated through the real virtio-balloon device path of a VM (host-side driver, no vCPU): first notify to last used buffer. Baselines on equally touched memory: one `madvise` per coalesced run of the same PFNs, and one per 4 KiB page. Medians; rate = inflated bytes / time.\n\n";
+    md += "The balloon is inflated through the real virtio-balloon device path of a VM (host-side driver, no vCPU): first notify to last used buffer; then deflated the same way. Baselines on equally touched memory: one `madvise` per coalesced run of the same PFNs, and one per 4 KiB page, on a fresh VM's RAM (a KVM memslot: every call also runs KVM's MMU notifier) and, as *no KVM*, on a plain anonymous mapping. Medians; rate = inflated bytes / time. *Release syscalls* counts the release system calls of one inflate (a batched `process_madvise` counts once; the per-run baseline makes *runs* calls).\n\n";
+    md += "PFN patterns: *contiguous* is one run. *scattered* is every other page, shuffled: isolated single pages, where nothing coalesces; the kernel's cost per zapped range (page-table walk, TLB and MMU-notifier work for each range) is paid once per page whatever the batching, so it bounds what any batching of the calls can win over one `madvise` per page. *fragmented* is runs of 1 to 32 pages with gaps of 1 to 32, the runs shuffled (a guest allocator's fragmented free memory).\n\n";
     for (s, e) in &problems {
         let _ = writeln!(md, "{s}: not measured: {}\n", md_cell(e));
         errors.push(format!("{s}: {e}"));
     }
     let plain = rows.iter().any(|r| r.madvise_plain.is_some());
-    md += "| pattern | size | pages | runs | inflate ms | madvise/run ms | madvise/page ms |";
+    md += "| pattern | size | pages | runs | release syscalls | inflate ms | deflate ms | madvise/run ms | madvise/page ms |";
     if plain {
         md += " madvise/run, no KVM ms | madvise/page, no KVM ms |";
     }
     md += " inflate GiB/s | vs madvise/run | vs madvise/page | target | verdict |\n";
-    md += "|---|---:|---:|---:|---:|---:|---:|";
+    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|";
     if plain {
         md += "---:|---:|";
     }
@@ -1649,12 +1796,15 @@ fn balloon_section(ctx: &Ctx<'_>, steps: &[&(&Step, StepData)]) -> Section {
         };
         let _ = write!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.pattern,
             human_bytes(r.size),
             r.pages.map_or_else(|| "—".into(), |x| format!("{x:.0}")),
             r.runs.map_or_else(|| "—".into(), |x| format!("{x:.0}")),
+            r.release_syscalls
+                .map_or_else(|| "—".into(), |x| format!("{x:.0}")),
             ms(r.inflate),
+            opt_ms(r.deflate),
             ms(r.madvise),
             ms(r.per_page)
         );
@@ -1767,6 +1917,12 @@ struct TeardownRow {
     size: u64,
     destroy: f64,
     reclaim: f64,
+    /// Until `wait_reclaim` returned (VM dropped, RAM unmapped).
+    reclaim_done: Option<f64>,
+    /// Process RSS sampled when the memory was back, and before launch.
+    rss_at_back: Option<f64>,
+    rss_before: Option<f64>,
+    rss_back: Option<bool>,
     munmap: f64,
     ratio: f64,
     naive: Option<f64>,
@@ -1785,6 +1941,10 @@ fn parse_teardown(v: &Value) -> Result<(Vec<TeardownRow>, Option<String>, Option
             size: e.bytes("size_bytes")?,
             destroy: e.num("destroy_ms")?,
             reclaim,
+            reclaim_done: e.opt("reclaim_done_ms")?,
+            rss_at_back: e.opt("rss_at_memory_back_bytes")?,
+            rss_before: e.opt("rss_before_bytes")?,
+            rss_back: e.flag("rss_back"),
             munmap,
             ratio: match e.opt("ratio_vs_munmap")? {
                 Some(r) => r,
@@ -1823,7 +1983,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     let top = Obj::new(v, "teardown.json");
     let _ = writeln!(
         md,
-        "Populated microVMs ({} backing, {} leaves, RAM populated by the {}) are destroyed; median of {} repetition(s), strategies rotated. *destroy* is the `Vm::destroy` call the caller waits for, *reclaim* the time from its start until all guest RAM is back with the host (whole-VM stage-2 gather, munmap). Baseline *munmap*: {}. *naive*: one release per 4 KiB page under one lock, then the munmap. Peers: the `vmm` process (shutdown request → process exited) and QEMU (`quit` → process exited).\n",
+        "Populated microVMs ({} backing, {} leaves, RAM populated by the {}) are destroyed; median of {} repetition(s), strategies rotated. *destroy* is the `Vm::destroy` call the caller waits for. *reclaim* runs from its start until all guest RAM is back with the host: the whole-VM stage-2 gather (issued while the VM still exists, its vCPUs joined) has released it; the process RSS is sampled right then (*RSS at memory back*) and must be within 16 MiB of the RSS before launch (`rss_back`), so the figure is checked against the kernel's own count. *all done* runs until `wait_reclaim` returned: also the KVM VM dropped, the fault handler stopped and the emptied RAM unmapped (for memfd, the file closed). The ratio to munmap and its target are on *reclaim* (memory back). Baseline *munmap*: {}. *naive*: one release per 4 KiB page under one lock, then the munmap. Peers: the `vmm` process (shutdown request → process exited) and QEMU (`quit` → process exited).\n",
         backing.as_deref().unwrap_or("—"),
         top.text("page_size").unwrap_or_else(|| "—".into()),
         populate.as_deref().unwrap_or("—"),
@@ -1854,8 +2014,8 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             );
         }
     }
-    md += "| guest size | destroy ms | reclaim ms | munmap ms | reclaim / munmap | naive ms | vmm process exit ms | QEMU quit→exit ms | reclaim ≤ 1.10× munmap | destroy ≤ 5 ms | faster than QEMU |\n";
-    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n";
+    md += "| guest size | destroy ms | reclaim ms (memory back) | all done ms | RSS before launch → at memory back | munmap ms | reclaim / munmap | naive ms | vmm process exit ms | QEMU quit→exit ms | reclaim ≤ 1.10× munmap | destroy ≤ 5 ms | faster than QEMU |\n";
+    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n";
     let no_qemu = qemu_skipped.unwrap_or_else(|| "QEMU not measured".into());
     let qemu_v = |r: &TeardownRow| match (r.exit, r.qemu) {
         (Some(e), Some(q)) => Verdict::of(e < q),
@@ -1865,10 +2025,20 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     for r in &rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             human_bytes(r.size),
             ms(r.destroy),
             ms(r.reclaim),
+            opt_ms(r.reclaim_done),
+            match (r.rss_before, r.rss_at_back) {
+                (Some(b), Some(a)) => format!(
+                    "{} → {}",
+                    human_bytes(b.max(0.0) as u64),
+                    human_bytes(a.max(0.0) as u64)
+                ),
+                (None, Some(a)) => format!("→ {}", human_bytes(a.max(0.0) as u64)),
+                _ => "—".into(),
+            },
             ms(r.munmap),
             ratio(r.ratio),
             opt_ms(r.naive),
@@ -1883,6 +2053,13 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
         );
     }
     md += "\n";
+    for r in rows.iter().filter(|r| r.rss_back == Some(false)) {
+        let _ = writeln!(
+            md,
+            "Warning: at {} the RSS did not come back near its level before launch (`rss_back: false`): the reclaim figure is not confirmed by the kernel's count.\n",
+            human_bytes(r.size)
+        );
+    }
     md += "\"Faster than QEMU\" compares the `vmm` process's shutdown → exit with QEMU's quit → exit at the same size.\n\n";
     let per =
         |f: &dyn Fn(&TeardownRow) -> f64| rows.iter().map(|r| (r.size, f(r))).collect::<Vec<_>>();
@@ -1952,8 +2129,11 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             .collect(),
     };
     let mut series = vec![
-        line("guest-mm reclaim (gather + munmap)", colors::OURS, &|r| {
+        line("guest-mm reclaim (memory back)", colors::OURS, &|r| {
             Some(r.reclaim)
+        }),
+        line("all done (VM dropped, RAM unmapped)", colors::DONE, &|r| {
+            r.reclaim_done
         }),
         line("bare munmap", colors::LIMIT, &|r| Some(r.munmap)),
         line("naive per-page loop", colors::PER_PAGE, &|r| r.naive),
@@ -2106,6 +2286,345 @@ fn launch_section(d: &StepData) -> Section {
     }
 }
 
+// --- stress-vm ---
+
+/// The stress target, as the targets table names it.
+const STRESS_TARGETS: [&str; 1] =
+    ["stress runs show 0 guest errors, 0 stale translations, 0 use-after-free"];
+
+/// The stress-vm section: the counters of one `gmm stress-vm` run.
+fn stress_vm_section(d: &StepData) -> Section {
+    const B: &str = "stress-vm";
+    const T: &str = "Stress: a real guest under balloon churn (`gmm stress-vm`)";
+    let Some(v) = &d.result else {
+        return Section::not_measured(
+            B,
+            T,
+            d.error.as_deref().unwrap_or("no result"),
+            &STRESS_TARGETS,
+        );
+    };
+    let o = Obj::new(v, "stress-vm.json");
+    let parsed = (|| -> Result<_> {
+        Ok((
+            o.num("guest_errors")?,
+            o.num("stale_translations")?,
+            o.num("use_after_free")?,
+            o.num("violations")?,
+        ))
+    })();
+    let (guest, stale, uaf, violations) = match parsed {
+        Ok(x) => x,
+        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &STRESS_TARGETS),
+    };
+    let errors: Vec<String> = d.error.iter().cloned().collect();
+    let mut md = format!("## {T}\n\n");
+    if let Some(e) = &d.error {
+        let _ = writeln!(
+            md,
+            "Warning: the run exited with an error ({}); the figures are shown as it printed them.\n",
+            md_cell(e)
+        );
+    }
+    let num = |k: &str| o.opt(k).ok().flatten();
+    let count = |k: &str| num(k).map_or_else(|| "—".into(), |x| format!("{x:.0}"));
+    let _ = writeln!(
+        md,
+        "A microVM with {} of guest RAM ({} backing, {} leaves) and {} vCPU(s) runs for {}: vCPU 0's guest balloon driver inflates and deflates the balloon and reports free pages in cycles while the other vCPUs rewrite and verify their memory and {} device thread(s) translate and copy guest memory through the stage-2 fast walk. Every inflated page must be gone from the host, every page that comes back must read as zeros, no walk may see a released page (a stale translation) or freed table memory (use-after-free), and the guest's writes must match a shadow copy. Any violation makes `gmm stress-vm` exit non-zero; its JSON is still recorded.\n",
+        num("mem_bytes").map_or_else(|| "—".into(), |b| human_bytes(b as u64)),
+        o.text("backing").unwrap_or_else(|| "—".into()),
+        o.text("page_size").unwrap_or_else(|| "—".into()),
+        count("vcpus"),
+        num("elapsed_s").map_or_else(|| "—".into(), |s| format!("{s:.1} s")),
+        count("device_threads"),
+    );
+    md += "| counter | value |\n|---|---:|\n";
+    for (k, name) in [
+        ("cycles", "balloon cycles"),
+        ("pages_inflated", "pages inflated"),
+        ("pages_deflated", "pages deflated"),
+        ("pages_reported", "pages reported free"),
+        ("walks", "device walks"),
+        ("walks_ballooned", "walks that found a ballooned page"),
+        ("guest_errors", "guest errors"),
+        ("stale_translations", "stale translations"),
+        ("use_after_free", "use-after-free"),
+        ("shadow_mismatches", "shadow mismatches"),
+        ("not_released", "inflated pages not released"),
+        ("device_errors", "device errors"),
+        ("unexpected_faults", "unexpected faults"),
+        ("stalls", "stalls"),
+        ("violations", "violations (total)"),
+    ] {
+        if v.get(k).is_some() {
+            let _ = writeln!(md, "| {name} | {} |", count(k));
+        }
+    }
+    if let Some(x) = num("max_lock_hold_us") {
+        let _ = writeln!(md, "| max table-lock hold | {x:.1} µs |");
+    }
+    if let (Some(a), Some(b)) = (num("rss_min_bytes"), num("rss_max_bytes")) {
+        let _ = writeln!(
+            md,
+            "| RSS min / max | {} / {} |",
+            human_bytes(a.max(0.0) as u64),
+            human_bytes(b.max(0.0) as u64)
+        );
+    }
+    if let Some(x) = num("elapsed_s") {
+        let _ = writeln!(md, "| elapsed | {x:.1} s |");
+    }
+    md += "\n";
+    let verdict = Verdict::of(guest == 0.0 && stale == 0.0 && uaf == 0.0);
+    Section {
+        bench: B,
+        md,
+        targets: vec![TargetRow {
+            bench: B,
+            target: STRESS_TARGETS[0].into(),
+            measured: format!(
+                "{guest:.0} guest errors, {stale:.0} stale translations, {uaf:.0} use-after-free in {} cycles ({violations:.0} violations in all)",
+                count("cycles")
+            ),
+            verdict,
+        }],
+        errors,
+    }
+}
+
+// --- balloon-rss ---
+
+/// The RSS drop must reach this share of the inflated target (480 MiB of
+/// 512 MiB).
+const BALLOON_RSS_SHARE: f64 = 15.0 / 16.0;
+
+/// The balloon-rss targets for the full or the quick sizes.
+fn balloon_rss_targets(quick: bool) -> [String; 2] {
+    let t = if quick {
+        "inflate of 128 MiB from a 256 MiB guest: RSS drops by ≥ 120 MiB (--quick: 15/16 of the target, as 480 of 512 MiB)"
+    } else {
+        "inflate of 512 MiB from a 1 GiB guest: RSS drops by ≥ 480 MiB"
+    };
+    [
+        format!("{t}, anon backing"),
+        format!("{t}, memfd backing (Firecracker issue #6167)"),
+    ]
+}
+
+/// One backing of `vmm run --balloon-target`.
+struct BalloonRssRow {
+    backing: String,
+    mem: u64,
+    target: u64,
+    inflated: u64,
+    inflate_ms: f64,
+    device_ms: Option<f64>,
+    before: u64,
+    after: u64,
+    released: Option<f64>,
+    device_errors: Option<f64>,
+    driver_error: Option<String>,
+    guest_ok: Option<bool>,
+}
+
+/// One `vmm run --balloon-target --json` result.
+fn parse_balloon_rss(v: &Value, file: &str) -> Result<BalloonRssRow> {
+    let o = Obj::new(v, file);
+    Ok(BalloonRssRow {
+        backing: o
+            .text("backing")
+            .ok_or_else(|| anyhow!("{file}: missing field `backing`"))?,
+        mem: o.bytes("mem_bytes")?,
+        target: o.bytes("balloon_target_bytes")?,
+        inflated: o.bytes("balloon_inflated_bytes")?,
+        inflate_ms: o.num("balloon_inflate_ms")?,
+        device_ms: o.opt("balloon_device_inflate_ms")?,
+        before: o.bytes("rss_before_inflate_bytes")?,
+        after: o.bytes("rss_after_inflate_bytes")?,
+        released: o.opt("balloon_released_bytes")?,
+        device_errors: o.opt("balloon_device_errors")?,
+        driver_error: o.text("balloon_driver_error"),
+        guest_ok: o.flag("guest_ok"),
+    })
+}
+
+/// The balloon-rss section: one row per backing, RSS before and after.
+fn balloon_rss_section(ctx: &Ctx<'_>, quick: bool, steps: &[&(&Step, StepData)]) -> Section {
+    const B: &str = "balloon-rss";
+    const T: &str = "Balloon RSS: the real guest driver inflates (`vmm run --balloon-target`)";
+    let names = balloon_rss_targets(quick);
+    // The suite's target (not the JSON's): a run with a smaller target
+    // cannot meet the row's figure.
+    let need = BALLOON_RSS_SHARE * if quick { 128.0 } else { 512.0 } * (1u64 << 20) as f64;
+    let mut errors = Vec::new();
+    let mut md = format!("## {T}\n\n");
+    md += "The `vmm` binary boots the default guest, which writes and verifies all its RAM (so all of it is resident); then the target is set and the guest's own virtio-balloon driver (vCPU 0) inflates the balloon to it. The process's `VmRSS` (anonymous and shared memory, so memfd pages count) is sampled just before the target is set and once the driver reached it. *inflate ms*: target set → the driver reported the target reached (the guest notices, fills PFN arrays, the device releases); *device ms*: the device's own time on the inflate requests (validate, gather, release). The drop must reach 15/16 of the target (480 MiB of 512 MiB). With memfd backing the pages live in the file, so the device must punch holes in the file, not only drop the mapping: the memfd case is a known failure in Firecracker (issue #6167).\n\n";
+    if quick {
+        md += "`--quick`: a 256 MiB guest inflating 128 MiB; the threshold is scaled to 15/16 of that target (120 MiB).\n\n";
+    }
+    let mut rows = Vec::new();
+    let mut verdicts: Vec<(String, Verdict, String)> = Vec::new();
+    for (st, d) in steps {
+        let file = format!("{}.json", st.stem);
+        let backing = st
+            .stem
+            .strip_prefix("balloon-rss-")
+            .unwrap_or(st.stem)
+            .to_string();
+        let why = match &d.result {
+            None => Some(d.error.clone().unwrap_or_else(|| "no result".into())),
+            Some(v) => match parse_balloon_rss(v, &file) {
+                Ok(r) => {
+                    if let Some(e) = &d.error {
+                        let _ = writeln!(
+                            md,
+                            "Warning: {}: the run exited with an error ({}); the figures are shown as it printed them.\n",
+                            st.stem,
+                            md_cell(e)
+                        );
+                        errors.push(format!("{}: {e}", st.stem));
+                    }
+                    let drop = r.before as f64 - r.after as f64;
+                    let mut m = format!(
+                        "RSS dropped by {} ({} → {}), {} inflated in {} ms",
+                        human_bytes(drop.max(0.0) as u64),
+                        human_bytes(r.before),
+                        human_bytes(r.after),
+                        human_bytes(r.inflated),
+                        ms(r.inflate_ms)
+                    );
+                    if drop < 0.0 {
+                        m = format!(
+                            "RSS grew by {} ({} → {})",
+                            human_bytes((-drop) as u64),
+                            human_bytes(r.before),
+                            human_bytes(r.after)
+                        );
+                    }
+                    verdicts.push((backing.clone(), Verdict::of(drop >= need), m));
+                    rows.push(r);
+                    None
+                }
+                Err(e) => Some(format!("{e:#}")),
+            },
+        };
+        if let Some(w) = why {
+            let _ = writeln!(md, "{}: not measured: {}\n", st.stem, md_cell(&w));
+            errors.push(format!("{}: {w}", st.stem));
+            verdicts.push((backing, Verdict::NotMeasured(w), "—".into()));
+        }
+    }
+    if !rows.is_empty() {
+        md += "| backing | guest RAM | balloon target | inflated | inflate ms | device ms | RSS before inflate | RSS after inflate | RSS drop | released by the device | device errors | guest ok | drop ≥ 15/16 of target |\n";
+        md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n";
+        for r in &rows {
+            let drop = r.before as f64 - r.after as f64;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.backing,
+                human_bytes(r.mem),
+                human_bytes(r.target),
+                human_bytes(r.inflated),
+                ms(r.inflate_ms),
+                opt_ms(r.device_ms),
+                human_bytes(r.before),
+                human_bytes(r.after),
+                if drop >= 0.0 {
+                    human_bytes(drop as u64)
+                } else {
+                    format!("−{}", human_bytes((-drop) as u64))
+                },
+                r.released
+                    .map_or_else(|| "—".into(), |b| human_bytes(b.max(0.0) as u64)),
+                r.device_errors
+                    .map_or_else(|| "—".into(), |x| format!("{x:.0}")),
+                r.guest_ok.map_or("—", |b| if b { "yes" } else { "**no**" }),
+                Verdict::of(drop >= need).cell()
+            );
+        }
+        md += "\n";
+        for r in &rows {
+            if r.guest_ok == Some(false)
+                || r.device_errors.unwrap_or(0.0) > 0.0
+                || r.driver_error.is_some()
+            {
+                let _ = writeln!(
+                    md,
+                    "Warning: {}: the guest did not finish cleanly or the balloon reported errors{}.\n",
+                    r.backing,
+                    r.driver_error
+                        .as_deref()
+                        .map_or_else(String::new, |e| format!(" (driver: {})", md_cell(e)))
+                );
+            }
+        }
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let bar = |name: &str, color, f: &dyn Fn(&BalloonRssRow) -> u64| Series {
+            name: name.into(),
+            color,
+            points: rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i as f64, mib(f(r))))
+                .collect(),
+        };
+        let series = vec![
+            bar("RSS before inflate", colors::BEFORE, &|r| r.before),
+            bar("RSS after inflate", colors::OURS, &|r| r.after),
+            bar("balloon target", colors::PER_RUN, &|r| r.target),
+        ];
+        let cats: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{} ({} guest)", r.backing, human_bytes(r.mem)))
+            .collect();
+        md += &ctx.plot(
+            "balloon-rss.svg",
+            "process RSS before and after the guest inflates its balloon, per backing",
+            &mut errors,
+            |p| {
+                plot::grouped_bars(
+                    p,
+                    &BarChart {
+                        title: "Balloon inflate by the guest driver: process RSS",
+                        x_desc: "guest RAM backing",
+                        y_desc: "MiB",
+                        categories: cats,
+                        series,
+                        bar_label: Some(&|x| format!("{x:.0}")),
+                        shared_slot: false,
+                        y_scale: Scale::Linear,
+                        x_marker: None,
+                    },
+                )
+            },
+        );
+    }
+    let targets = ["anon", "memfd"]
+        .iter()
+        .zip(names)
+        .map(|(b, name)| {
+            let (verdict, measured) = verdicts
+                .iter()
+                .find(|(x, _, _)| x == b)
+                .map(|(_, v, m)| (v.clone(), m.clone()))
+                .unwrap_or_else(|| (Verdict::NotMeasured(format!("no {b} run")), "—".into()));
+            TargetRow {
+                bench: B,
+                target: name,
+                measured,
+                verdict,
+            }
+        })
+        .collect();
+    Section {
+        bench: B,
+        md,
+        targets,
+        errors,
+    }
+}
+
 // ---------------------------------------------------------------------
 // The markdown
 
@@ -2201,7 +2720,7 @@ fn markdown(m: &MdInput<'_>) -> String {
     }
     md += "## How to reproduce\n\n";
     md += "On an otherwise idle machine with `/dev/kvm`, from the repository root:\n\n";
-    md += "    cargo build --release -p tools -p vmm    # bench teardown runs the vmm binary next to gmm\n";
+    md += "    cargo build --release -p tools -p vmm    # bench teardown and balloon-rss run the vmm binary next to gmm\n";
     let _ = writeln!(
         md,
         "    target/release/gmm bench report{}    # runs every bench below, writes {}/ and BENCHMARKS.md",
@@ -2217,8 +2736,8 @@ fn markdown(m: &MdInput<'_>) -> String {
     md += "| bench | command | time |\n|---|---|---:|\n";
     for (st, d) in m.data {
         let mut c = d.command.clone();
-        if c.first().map(String::as_str) == Some("gmm") {
-            c[0] = "target/release/gmm".into();
+        if let Some(p) = c.first_mut().filter(|p| *p == "gmm" || *p == "vmm") {
+            *p = format!("target/release/{p}");
         }
         let _ = writeln!(
             md,

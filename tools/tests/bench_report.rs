@@ -65,7 +65,15 @@ fn row<'a>(md: &'a str, cells: &[&str]) -> &'a str {
 // FIXTURES (hand-made, schema-faithful; not measurements)
 
 /// FIXTURE: one size of `gmm bench unmap --sizes ... --json` (`runs[]`).
-fn unmap_run(size: u64, gather: f64, limit: f64, per_page: f64, max_hold: f64) -> Value {
+fn unmap_run(
+    size: u64,
+    gather: f64,
+    limit: f64,
+    per_page: f64,
+    max_hold: f64,
+    cpu_hold: f64,
+    env_stall: f64,
+) -> Value {
     json!({
         "tool": "bench-unmap", "size_bytes": size, "page_size": "4K", "reps": 3,
         "membarrier": false,
@@ -74,6 +82,8 @@ fn unmap_run(size: u64, gather: f64, limit: f64, per_page: f64, max_hold: f64) -
         "ratio_vs_limit": gather / limit, "ratio_per_page_vs_gather": per_page / gather,
         "ratio_per_run_vs_gather": limit * 1.05 / gather,
         "max_lock_hold_us": max_hold, "median_rep_max_lock_hold_us": max_hold * 0.8,
+        "max_lock_hold_cpu_us": cpu_hold, "env_max_stall_us": env_stall,
+        "env_stalls_over_50us": if env_stall > 50.0 { 2 } else { 0 },
         "lock_hold_p99_us_upper": 32.768,
         "lock_hold_hist_us": [[4.096, 3], [16.384, 90], [32.768, 6], [131.072, 1]],
         "lock_acquisitions": 100, "per_page_lock_hold_ms": per_page,
@@ -87,12 +97,15 @@ fn unmap_run(size: u64, gather: f64, limit: f64, per_page: f64, max_hold: f64) -
         "per_run_ms_all": [limit], "max_lock_hold_us_all": [max_hold],
         "preempted_during_unmap_all": [0],
         "targets": {"gather_within_1_10x_limit": true, "at_least_10x_per_page": true,
-                    "lock_hold_le_100us": true, "table_overhead_le_0_2pct": true}
+                    "lock_hold_le_100us": true, "lock_hold_cpu_le_100us": true,
+                    "table_overhead_le_0_2pct": true}
     })
 }
 
 /// FIXTURE: `gmm bench unmap --sizes 256M,1G --json`. At 1 GiB the gather
-/// takes 1.2× the limit (missed) and one hold reaches 120 µs (missed).
+/// takes 1.2× the limit (missed) and one hold reaches 120 µs of wall time
+/// (missed) but only 30 µs on CPU, while a lock-free busy loop stalled for
+/// up to 255 µs in the same run.
 fn unmap_fixture() -> Value {
     json!({
         "tool": "bench-unmap", "page_size": "4K", "sizes": [256 * MIB, GIB],
@@ -101,8 +114,8 @@ fn unmap_fixture() -> Value {
         "lock_hold_p99_us_upper_by_size": [[256 * MIB, 32.768], [GIB, 32.768]],
         "lock_hold_not_larger_at_largest": false, "median_rep_max_not_larger_at_largest": false,
         "runs": [
-            unmap_run(256 * MIB, 21.0, 20.0, 250.0, 40.0),
-            unmap_run(GIB, 96.0, 80.0, 1200.0, 120.0),
+            unmap_run(256 * MIB, 21.0, 20.0, 250.0, 40.0, 41.5, 12.0),
+            unmap_run(GIB, 96.0, 80.0, 1200.0, 120.0, 30.0, 255.0),
         ]
     })
 }
@@ -126,12 +139,17 @@ fn walk_fixture() -> Value {
 
 /// FIXTURE: `gmm bench balloon --pattern P --json`.
 fn balloon_fixture(pattern: &str, inflate: f64, madvise: f64, per_page: f64) -> Value {
+    let (runs, syscalls) = match pattern {
+        "contiguous" => (1, 1),
+        "scattered" => (65536, 512),
+        _ => (3840, 30),
+    };
     json!({
         "tool": "bench-balloon", "pattern": pattern, "size_bytes": 512 * MIB, "pages": 131072,
-        "runs": if pattern == "contiguous" { 1 } else { 131072 }, "page_size": "4K",
-        "vm_mem_bytes": GIB, "per_chain": 256, "notifies": 2, "release_syscalls": 1, "reps": 3,
-        "membarrier": false, "inflate_ms": inflate, "device_release_ms": inflate * 0.98,
-        "deflate_ms": 5.0, "madvise_ms": madvise, "per_page_ms": per_page,
+        "runs": runs, "page_size": "4K",
+        "vm_mem_bytes": GIB, "per_chain": 256, "notifies": 2, "release_syscalls": syscalls,
+        "reps": 3, "membarrier": false, "inflate_ms": inflate, "device_release_ms": inflate * 0.98,
+        "deflate_ms": inflate / 10.0, "madvise_ms": madvise, "per_page_ms": per_page,
         "madvise_plain_ms": madvise * 0.9, "per_page_plain_ms": per_page * 0.9,
         "ratio_vs_madvise": madvise / inflate, "ratio_vs_per_page": per_page / inflate,
         "ratio_vs_madvise_plain": madvise * 0.9 / inflate,
@@ -147,20 +165,25 @@ fn balloon_fixture(pattern: &str, inflate: f64, madvise: f64, per_page: f64) -> 
 fn teardown_size(size: u64, destroy: f64, reclaim: f64, munmap: f64, qemu: Option<f64>) -> Value {
     json!({
         "size_bytes": size, "destroy_ms": destroy, "reclaim_ms": reclaim,
-        "destroy_stop_vcpus_ms": 0.1, "reclaim_internal_ms": reclaim, "reclaim_vm_drop_ms": 1.0,
-        "reclaim_stage2_gather_ms": reclaim * 0.5, "reclaim_stage2_barrier_ms": 0.01,
-        "reclaim_unmap_ms": reclaim * 0.5, "populate_ms": 300.0,
+        "reclaim_done_ms": reclaim + 2.0, "rss_at_memory_back_bytes": 6 * MIB,
+        "destroy_stop_vcpus_ms": 0.1, "reclaim_internal_ms": reclaim + 1.9,
+        "reclaim_vm_drop_ms": 1.0, "reclaim_stage2_gather_ms": reclaim * 0.5,
+        "reclaim_stage2_barrier_ms": 0.01, "reclaim_unmap_ms": 0.01,
+        "reclaim_other_ms": reclaim * 0.5, "populate_ms": 300.0,
         "munmap_ms": munmap, "naive_ms": munmap * 5.0, "ratio_vs_munmap": reclaim / munmap,
         "ratio_naive_vs_reclaim": munmap * 5.0 / reclaim,
         "qemu_ms": qemu, "qemu_rss_bytes": qemu.map(|_| size),
         "process_exit_ms": reclaim + 5.0, "process_ack_ms": 0.2,
         "process_destroy_ms": destroy, "process_reclaim_ms": reclaim, "process_rss_bytes": size,
         "rss_before_bytes": 5 * MIB, "rss_populated_bytes": size + 5 * MIB,
-        "rss_after_bytes": 5 * MIB, "guest_resident_bytes": size, "rss_returned_bytes": size,
-        "rss_back": true, "shmem_freed_bytes": null,
+        "rss_after_bytes": 5 * MIB, "guest_resident_bytes": size,
+        "vm_thp_bytes": size, "munmap_thp_bytes": size, "naive_thp_bytes": size,
+        "rss_returned_bytes": size, "rss_back": true, "shmem_freed_bytes": null,
         "reclaim_within_1_10x_munmap": reclaim / munmap <= 1.1, "destroy_within_5ms": destroy <= 5.0,
         "faster_than_qemu": qemu.map(|q| reclaim + 5.0 < q),
-        "destroy_ms_all": [destroy], "reclaim_ms_all": [reclaim], "munmap_ms_all": [munmap],
+        "destroy_ms_all": [destroy], "reclaim_ms_all": [reclaim],
+        "reclaim_done_ms_all": [reclaim + 2.0], "reclaim_internal_ms_all": [reclaim + 1.9],
+        "reclaim_stage2_gather_ms_all": [reclaim * 0.5], "munmap_ms_all": [munmap],
         "naive_ms_all": [munmap * 5.0], "qemu_ms_all": [], "process_exit_ms_all": [reclaim + 5.0]
     })
 }
@@ -168,8 +191,12 @@ fn teardown_size(size: u64, destroy: f64, reclaim: f64, munmap: f64, qemu: Optio
 /// FIXTURE: `gmm bench teardown --sizes 1G,2G,4G --json`. At 4 GiB the
 /// reclaim takes 1.2× the munmap (missed) and the destroy call 6 ms
 /// (missed); QEMU is measured at 1 GiB (the vmm process exits sooner) and
-/// 2 GiB (it does not).
+/// 2 GiB (it does not). At 4 GiB the RSS at memory back is 40 MiB, not
+/// back near its starting 5 MiB (`rss_back: false`).
 fn teardown_fixture() -> Value {
+    let mut big = teardown_size(4 * GIB, 6.0, 420.0, 350.0, None);
+    big["rss_at_memory_back_bytes"] = json!(40 * MIB);
+    big["rss_back"] = json!(false);
     json!({
         "tool": "bench-teardown", "backing": "anon", "page_size": "2M", "populate": "host",
         "reps": 3, "membarrier": false, "cores": 2, "mem_total_bytes": 24 * GIB,
@@ -181,7 +208,7 @@ fn teardown_fixture() -> Value {
         "sizes": [
             teardown_size(GIB, 0.8, 90.0, 85.0, Some(200.0)),
             teardown_size(2 * GIB, 0.9, 180.0, 170.0, Some(150.0)),
-            teardown_size(4 * GIB, 6.0, 420.0, 350.0, None),
+            big,
         ]
     })
 }
@@ -198,6 +225,53 @@ fn launch_fixture() -> Value {
         "guest_resident_bytes": 512 * MIB, "stage2_table_bytes": 48 * 1024,
         "rss_overhead_per_vm_bytes": 12288, "rss_after_bytes": 5 * MIB, "meets_20_per_sec": true,
         "boot_ms_all": [1.8], "ready_ms_all": [40.0]
+    })
+}
+
+/// FIXTURE: `gmm stress-vm --json` with `errors` guest errors, `stale`
+/// stale translations and `uaf` use-after-free (the other counters 0).
+fn stress_vm_fixture(errors: u64, stale: u64, uaf: u64) -> Value {
+    let violations = errors + stale + uaf;
+    json!({
+        "tool": "stress-vm", "seconds": 20.0, "elapsed_s": 20.4, "mem_bytes": 256 * MIB,
+        "vcpus": 2, "device_threads": 2, "backing": "anon", "page_size": "4K",
+        "membarrier": false, "inject": null, "cycles": 41, "pages_inflated": 160000,
+        "pages_deflated": 160000, "pages_reported": 52000, "driver_pages_inflated": 160000,
+        "driver_pages_deflated": 160000, "driver_pages_reverified": 212000,
+        "balloon_max_pages": 24000, "bytes_released": 870 * MIB, "demand_faults": 212000,
+        "guest_passes": 2600, "guest_bad_words": errors, "driver_bad_words": 0,
+        "driver_errors": 0, "vcpu_failures": 0, "guest_errors": errors, "walks": 3000000,
+        "walks_ok": 2400000, "walks_ballooned": 380000, "walks_discarded": 220000,
+        "walks_per_s": 150000.0, "bytes_copied": 10 * GIB, "stable_batches": 36000,
+        "inflate_batches": 1600, "teardown_walks": 5000, "teardown_walks_ok": 20,
+        "injected_hits": 0, "stale_released": stale, "stale_data": 0,
+        "stale_translations": stale, "use_after_free": uaf, "shadow_mismatches": 0,
+        "device_errors": 0, "unexpected_faults": 0, "final_bad_words": 0, "not_released": 0,
+        "stalls": 0, "max_lock_hold_us": 44.9, "rss_min_bytes": 180 * MIB,
+        "rss_max_bytes": 262 * MIB, "rss_after_reclaim_bytes": 5 * MIB, "tables_freed": 130,
+        "table_pages_end": 1, "violations": violations, "ok": violations == 0
+    })
+}
+
+/// FIXTURE: `vmm run --mem 1G --balloon-target 512M --backing B --json`:
+/// RSS `before` → `after` MiB across the inflate.
+fn balloon_rss_fixture(backing: &str, before_mib: u64, after_mib: u64) -> Value {
+    json!({
+        "guest_ok": true, "vcpus": 1, "mem_bytes": GIB, "backing": backing, "page_size": "2M",
+        "boot_ms": 3.7, "run_ms": 2500.0, "teardown_ms": 0.12, "reclaim_ms": 3.0,
+        "memory_back_ms": 1.5, "rss_peak_bytes": GIB + 3 * MIB,
+        "rss_after_teardown_bytes": 3 * MIB, "rss_before_bytes": 3 * MIB, "faults": 0,
+        "fault_mean_latency_us": 0.0, "fault_max_latency_us": 0.0, "released_bytes": 0,
+        "released_leaves_read_zero": 0, "guest_fault_read_mean_us": 0.0,
+        "guest_fault_read_max_us": 0.0, "pages_verified": 261632,
+        "balloon_target_bytes": 512 * MIB, "balloon_inflated_bytes": 512 * MIB,
+        "balloon_inflate_ms": 21.0, "balloon_device_inflate_ms": 2.4,
+        "balloon_released_bytes": 512 * MIB, "rss_before_inflate_bytes": before_mib * MIB,
+        "rss_after_inflate_bytes": after_mib * MIB, "balloon_device_errors": 0,
+        "balloon_driver_error": null, "stage2_table_bytes": 12288,
+        "stage2_max_lock_hold_us": 10.2, "stage2_invalidations": 32,
+        "stage2_teardown_gather_ms": 0.3, "stage2_teardown_released_bytes": 512 * MIB,
+        "outcomes": ["Done"]
     })
 }
 
@@ -224,6 +298,19 @@ fn write_fixtures(dir: &Path) {
     );
     write(dir, "teardown.json", &teardown_fixture());
     write(dir, "launch.json", &launch_fixture());
+    write(dir, "stress-vm.json", &stress_vm_fixture(0, 0, 0));
+    // anon: 1027 → 515 MiB, a drop of 512 MiB (met); memfd: 1027 → 560
+    // MiB, 467 MiB (missed: < 480 MiB).
+    write(
+        dir,
+        "balloon-rss-anon.json",
+        &balloon_rss_fixture("anon", 1027, 515),
+    );
+    write(
+        dir,
+        "balloon-rss-memfd.json",
+        &balloon_rss_fixture("memfd", 1027, 560),
+    );
 }
 
 // ---------------------------------------------------------------------
@@ -278,6 +365,16 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
     assert!(r.ends_with("| met | met | met |"), "{r}");
     let r = row(&md, &["1 GiB", "96.0", "80.0", "1.20×"]);
     assert!(r.ends_with("| **missed** | met | **missed** |"), "{r}");
+    // Wall hold, CPU hold, the busy loop's stall (stalls over 50 µs).
+    assert!(r.contains("| 120.0 | 30.0 | 255.0 (2) |"), "{r}");
+    let r = row(&md, &["256 MiB", "21.0"]);
+    assert!(r.contains("| 40.0 | 41.5 | 12.0 (0) |"), "{r}");
+    assert!(
+        md.contains(
+            "*Max hold on CPU* is the longest hold measured in the holder's own thread CPU time"
+        ),
+        "{md}"
+    );
     row(
         &md,
         &[
@@ -301,7 +398,7 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
         &[
             "unmap",
             "table-lock hold ≤ 100 µs (every size)",
-            "worst 120.0 µs at 1 GiB",
+            "worst 120.0 µs wall at 1 GiB, 30.0 µs on CPU; a lock-free busy loop stalled up to 255.0 µs in the same run",
             "**missed**",
         ],
     );
@@ -328,21 +425,60 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
     row(&md, &["fast walk, cached path", "110.0"]);
 
     // Balloon.
+    // pattern, size, pages, runs, release syscalls, inflate, deflate,
+    // madvise/run, madvise/page.
     let r = row(
         &md,
-        &["contiguous", "512 MiB", "131072", "1", "100", "95.0", "400"],
+        &[
+            "contiguous",
+            "512 MiB",
+            "131072",
+            "1",
+            "1",
+            "100",
+            "10.0",
+            "95.0",
+            "400",
+        ],
     );
     assert!(
         r.ends_with("| 0.95× | 4.00× | ≥ 0.9× madvise/run | met |"),
         "{r}"
     );
-    let r = row(&md, &["scattered", "512 MiB"]);
+    let r = row(
+        &md,
+        &[
+            "scattered",
+            "512 MiB",
+            "131072",
+            "65536",
+            "512",
+            "50.0",
+            "5.00",
+        ],
+    );
     assert!(
         r.ends_with("| 1.20× | 6.00× | ≥ 5× madvise/page | met |"),
         "{r}"
     );
-    let r = row(&md, &["fragmented", "512 MiB"]);
+    let r = row(
+        &md,
+        &[
+            "fragmented",
+            "512 MiB",
+            "131072",
+            "3840",
+            "30",
+            "40.0",
+            "4.00",
+        ],
+    );
     assert!(r.ends_with("| no issue target | — |"), "{r}");
+    assert!(
+        md.contains("*scattered* is every other page, shuffled: isolated single pages")
+            && md.contains("*fragmented* is runs of 1 to 32 pages"),
+        "{md}"
+    );
     row(
         &md,
         &[
@@ -364,11 +500,46 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
 
     // Teardown: the ratio 1.2 at 4 GiB must show "missed", as must the
     // 6 ms destroy call; QEMU: met at 1 GiB, missed at 2 GiB.
-    let r = row(&md, &["1 GiB", "0.800", "90.0", "85.0", "1.06×"]);
+    // size, destroy, reclaim (memory back), all done, RSS before → at
+    // memory back, munmap, ratio.
+    let r = row(
+        &md,
+        &[
+            "1 GiB",
+            "0.800",
+            "90.0",
+            "92.0",
+            "5 MiB → 6 MiB",
+            "85.0",
+            "1.06×",
+        ],
+    );
     assert!(r.ends_with("| 95.0 | 200 | met | met | met |"), "{r}");
-    let r = row(&md, &["2 GiB", "0.900", "180", "170", "1.06×"]);
+    let r = row(
+        &md,
+        &[
+            "2 GiB",
+            "0.900",
+            "180",
+            "182",
+            "5 MiB → 6 MiB",
+            "170",
+            "1.06×",
+        ],
+    );
     assert!(r.ends_with("| 185 | 150 | met | met | **missed** |"), "{r}");
-    let r = row(&md, &["4 GiB", "6.00", "420", "350", "1.20×"]);
+    let r = row(
+        &md,
+        &[
+            "4 GiB",
+            "6.00",
+            "420",
+            "422",
+            "5 MiB → 40 MiB",
+            "350",
+            "1.20×",
+        ],
+    );
     assert!(
         r.ends_with("| not measured | **missed** | **missed** | — |"),
         "{r}"
@@ -404,6 +575,16 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
         "{r}"
     );
 
+    assert!(
+        md.contains("Warning: at 4 GiB the RSS did not come back near its level before launch"),
+        "{md}"
+    );
+    assert!(
+        md.contains("*all done* runs until `wait_reclaim` returned"),
+        "{md}"
+    );
+    assert!(read(&dir.join("reclaim-teardown.svg")).contains("all done"));
+
     // Launch: min(25/s wall, 30 per CPU-second) = 25 ≥ 20.
     row(
         &md,
@@ -428,9 +609,61 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
         ],
     );
 
+    // Stress: no guest errors, stale translations or use-after-free (met).
+    row(
+        &md,
+        &[
+            "stress-vm",
+            "stress runs show 0 guest errors, 0 stale translations, 0 use-after-free",
+            "0 guest errors, 0 stale translations, 0 use-after-free in 41 cycles (0 violations in all)",
+            "met",
+        ],
+    );
+    row(&md, &["stale translations", "0"]);
+    row(&md, &["violations (total)", "0"]);
+    row(&md, &["RSS min / max", "180 MiB / 262 MiB"]);
+
+    // Balloon RSS: anon drops 512 MiB (met), memfd 467 MiB (missed).
+    row(
+        &md,
+        &[
+            "balloon-rss",
+            "inflate of 512 MiB from a 1 GiB guest: RSS drops by ≥ 480 MiB, anon backing",
+            "RSS dropped by 512 MiB (1.00 GiB → 515 MiB), 512 MiB inflated in 21.0 ms",
+            "met",
+        ],
+    );
+    row(
+        &md,
+        &[
+            "balloon-rss",
+            "inflate of 512 MiB from a 1 GiB guest: RSS drops by ≥ 480 MiB, memfd backing (Firecracker issue #6167)",
+            "RSS dropped by 467 MiB (1.00 GiB → 560 MiB), 512 MiB inflated in 21.0 ms",
+            "**missed**",
+        ],
+    );
+    let r = row(
+        &md,
+        &["anon", "1 GiB", "512 MiB", "512 MiB", "21.0", "2.40"],
+    );
+    assert!(r.ends_with("| 512 MiB | 512 MiB | 0 | yes | met |"), "{r}");
+    let r = row(&md, &["memfd", "1 GiB"]);
+    assert!(
+        r.ends_with("| 467 MiB | 512 MiB | 0 | yes | **missed** |"),
+        "{r}"
+    );
+    let s = read(&dir.join("balloon-rss.svg"));
+    assert!(s.contains("Balloon inflate by the guest driver") && s.trim_end().ends_with("</svg>"));
+    assert!(md.contains("](balloon-rss.svg)"), "{md}");
+    assert!(!md.contains("--quick: 15/16"), "{md}");
+
     // No machine recorded without results.json; the reproduction commands.
     assert!(md.contains("## Machine\n\nnot recorded"), "{md}");
     assert!(md.contains("target/release/gmm bench teardown --sizes 1G,2G,4G --reps 3 --json"));
+    assert!(md.contains("target/release/gmm stress-vm --seconds 20 --mem 256M --vcpus 2 --json"));
+    assert!(
+        md.contains("target/release/vmm run --mem 1G --balloon-target 512M --backing memfd --json")
+    );
     assert!(!md.contains("--quick"), "not a quick run: {md}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -468,6 +701,163 @@ fn missing_field_is_a_clear_error_and_the_rest_is_still_reported() {
     // The other benches are still there.
     row(&md, &["1 GiB", "96.0", "80.0", "1.20×"]);
     assert!(dir.join("inflate.svg").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `gmm bench report --from DIR --only ONLY`: its status and markdown.
+fn report_from(dir: &Path, only: &str) -> (Output, String) {
+    let md_path = dir.join("B.md");
+    let out = gmm(&[
+        "bench",
+        "report",
+        "--from",
+        dir.to_str().expect("utf-8"),
+        "--markdown",
+        md_path.to_str().expect("utf-8"),
+        "--only",
+        only,
+    ]);
+    let md = read(&md_path);
+    (out, md)
+}
+
+#[test]
+fn stress_violations_and_balloon_rss_verdicts_flip() {
+    let dir = scratch("stress-rss");
+    // 3 stale translations and 1 use-after-free: missed (a result, not a
+    // failure: the report still succeeds).
+    write(&dir, "stress-vm.json", &stress_vm_fixture(0, 3, 1));
+    // anon: 1027 → 557 MiB, 470 MiB (missed); memfd: 1027 → 527 MiB,
+    // 500 MiB (met).
+    write(
+        &dir,
+        "balloon-rss-anon.json",
+        &balloon_rss_fixture("anon", 1027, 557),
+    );
+    write(
+        &dir,
+        "balloon-rss-memfd.json",
+        &balloon_rss_fixture("memfd", 1027, 527),
+    );
+    let (out, md) = report_from(&dir, "stress-vm,balloon-rss");
+    assert!(out.status.success(), "{}", text(&out));
+    row(
+        &md,
+        &[
+            "stress-vm",
+            "stress runs show 0 guest errors, 0 stale translations, 0 use-after-free",
+            "0 guest errors, 3 stale translations, 1 use-after-free in 41 cycles (4 violations in all)",
+            "**missed**",
+        ],
+    );
+    row(&md, &["violations (total)", "4"]);
+    row(
+        &md,
+        &[
+            "balloon-rss",
+            "inflate of 512 MiB from a 1 GiB guest: RSS drops by ≥ 480 MiB, anon backing",
+            "RSS dropped by 470 MiB (1.00 GiB → 557 MiB), 512 MiB inflated in 21.0 ms",
+            "**missed**",
+        ],
+    );
+    row(
+        &md,
+        &[
+            "balloon-rss",
+            "inflate of 512 MiB from a 1 GiB guest: RSS drops by ≥ 480 MiB, memfd backing (Firecracker issue #6167)",
+            "RSS dropped by 500 MiB (1.00 GiB → 527 MiB), 512 MiB inflated in 21.0 ms",
+            "met",
+        ],
+    );
+    assert!(!md.contains("## Unmap"), "--only: {md}");
+
+    // A guest error alone also misses the stress target.
+    write(&dir, "stress-vm.json", &stress_vm_fixture(2, 0, 0));
+    let (out, md) = report_from(&dir, "stress-vm");
+    assert!(out.status.success(), "{}", text(&out));
+    let r = row(
+        &md,
+        &[
+            "stress-vm",
+            "stress runs show 0 guest errors, 0 stale translations, 0 use-after-free",
+        ],
+    );
+    assert!(
+        r.contains("2 guest errors, 0 stale translations") && r.ends_with("| **missed** |"),
+        "{r}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn quick_balloon_rss_threshold_is_scaled_and_a_missing_vmm_is_not_measured() {
+    let dir = scratch("rss-quick");
+    // FIXTURE: a --quick results.json: the anon run is there (256 MiB
+    // guest, 128 MiB target; RSS 262 → 141 MiB, a drop of 121 MiB ≥ 120:
+    // met), the memfd run could not start (no vmm binary).
+    let mut anon = balloon_rss_fixture("anon", 262, 141);
+    anon["mem_bytes"] = json!(256 * MIB);
+    anon["balloon_target_bytes"] = json!(128 * MIB);
+    anon["balloon_inflated_bytes"] = json!(128 * MIB);
+    write(&dir, "balloon-rss-anon.json", &anon);
+    write(
+        &dir,
+        "results.json",
+        &json!({
+            "tool": "bench-report", "quick": true, "machine": null,
+            "steps": [{"name": "balloon-rss-memfd", "bench": "balloon-rss",
+                       "command": ["vmm", "run", "--mem", "256M", "--balloon-target", "128M",
+                                   "--backing", "memfd", "--json"],
+                       "elapsed_s": null, "ok": false,
+                       "error": "vmm binary missing (cargo build --release -p vmm)", "file": null}],
+            "results": {}
+        }),
+    );
+    let (out, md) = report_from(&dir, "balloon-rss");
+    assert!(
+        !out.status.success(),
+        "a missing run is a problem: {}",
+        text(&out)
+    );
+    let quick = "inflate of 128 MiB from a 256 MiB guest: RSS drops by ≥ 120 MiB (--quick: 15/16 of the target, as 480 of 512 MiB)";
+    row(
+        &md,
+        &[
+            "balloon-rss",
+            &format!("{quick}, anon backing"),
+            "RSS dropped by 121 MiB (262 MiB → 141 MiB), 128 MiB inflated in 21.0 ms",
+            "met",
+        ],
+    );
+    row(
+        &md,
+        &[
+            "balloon-rss",
+            &format!("{quick}, memfd backing (Firecracker issue #6167)"),
+            "—",
+            "not measured: vmm binary missing (cargo build --release -p vmm)",
+        ],
+    );
+    assert!(
+        md.contains("the threshold is scaled to 15/16 of that target (120 MiB)"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "target/release/vmm run --mem 256M --balloon-target 128M --backing memfd --json"
+        ),
+        "{md}"
+    );
+
+    // 119 MiB is short of the scaled threshold.
+    anon["rss_after_inflate_bytes"] = json!(143 * MIB);
+    write(&dir, "balloon-rss-anon.json", &anon);
+    let (_, md) = report_from(&dir, "balloon-rss");
+    let r = row(&md, &["balloon-rss", &format!("{quick}, anon backing")]);
+    assert!(
+        r.contains("RSS dropped by 119 MiB") && r.ends_with("| **missed** |"),
+        "{r}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -537,8 +927,9 @@ fn bad_arguments_fail_clearly() {
     );
 }
 
-/// A real `--quick` run of the benches that need nothing but `/dev/kvm`
-/// (teardown also needs the `vmm` binary next to `gmm`): a few seconds.
+/// A real `--quick` run of the benches that need nothing but `/dev/kvm`,
+/// plus balloon-rss when the `vmm` binary is next to `gmm` (teardown is
+/// left out: it also needs QEMU to be complete): about 10 s.
 #[test]
 fn quick_run_smoke() {
     if !Path::new("/dev/kvm").exists() {
@@ -547,13 +938,25 @@ fn quick_run_smoke() {
     }
     let dir = scratch("quick");
     let md_path = dir.join("B.md");
+    // balloon-rss runs the vmm binary next to gmm: built by `cargo build
+    // -p vmm` (or `--workspace`), not by `cargo test -p tools`.
+    let vmm = Path::new(env!("CARGO_BIN_EXE_gmm")).with_file_name("vmm");
+    let only = if vmm.is_file() {
+        "unmap,walk,balloon,launch,stress-vm,balloon-rss"
+    } else {
+        eprintln!(
+            "SKIPPED (part): balloon-rss: no {} (cargo build -p vmm into the same target dir)",
+            vmm.display()
+        );
+        "unmap,walk,balloon,launch,stress-vm"
+    };
     let t = std::time::Instant::now();
     let out = gmm(&[
         "bench",
         "report",
         "--quick",
         "--only",
-        "unmap,walk,balloon,launch",
+        only,
         "--out",
         dir.to_str().expect("utf-8"),
         "--markdown",
@@ -568,13 +971,14 @@ fn quick_run_smoke() {
     assert_eq!(last["errors"], json!([]), "{last}");
     let all: Value = serde_json::from_str(&read(&dir.join("results.json"))).expect("results.json");
     let steps = all["steps"].as_array().expect("steps");
-    assert_eq!(steps.len(), 6, "{all}");
+    assert_eq!(steps.len(), if vmm.is_file() { 9 } else { 7 }, "{all}");
     assert!(steps.iter().all(|s| s["ok"] == json!(true)), "{all}");
     for f in [
         "unmap.json",
         "walk.json",
         "balloon-contiguous.json",
         "launch.json",
+        "stress-vm.json",
         "inflate.svg",
         "lock-hold.svg",
     ] {
@@ -583,5 +987,26 @@ fn quick_run_smoke() {
     let md = read(&md_path);
     assert!(md.contains("This is a `--quick` run"), "{md}");
     assert!(md.contains("| CPU |"), "{md}");
+    assert!(
+        md.contains("## Stress: a real guest under balloon churn"),
+        "{md}"
+    );
+    row(
+        &md,
+        &[
+            "stress-vm",
+            "stress runs show 0 guest errors, 0 stale translations, 0 use-after-free",
+        ],
+    );
+    if vmm.is_file() {
+        for f in [
+            "balloon-rss-anon.json",
+            "balloon-rss-memfd.json",
+            "balloon-rss.svg",
+        ] {
+            assert!(dir.join(f).exists(), "{f} missing");
+        }
+        assert!(md.contains("--quick: 15/16 of the target"), "{md}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
