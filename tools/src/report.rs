@@ -2571,8 +2571,15 @@ fn balloon_rss_section(ctx: &Ctx<'_>, quick: bool, steps: &[&(&Step, StepData)])
         };
         let series = vec![
             bar("RSS before inflate", colors::BEFORE, &|r| r.before),
-            bar("RSS after inflate", colors::OURS, &|r| r.after),
-            bar("balloon target", colors::PER_RUN, &|r| r.target),
+            bar("RSS after inflate", colors::LIMIT, &|r| r.after),
+            bar("RSS drop", colors::OURS, &|r| {
+                r.before.saturating_sub(r.after)
+            }),
+            bar(
+                "balloon target (the drop must reach 15/16)",
+                colors::PER_RUN,
+                &|r| r.target,
+            ),
         ];
         let cats: Vec<String> = rows
             .iter()
