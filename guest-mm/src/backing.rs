@@ -142,6 +142,14 @@ struct Region {
 /// `UIO_MAXIOV`, is 1024; past ~64 the gain is flat on the measured host).
 pub const BATCH_RUNS: usize = 128;
 
+/// Least anonymous bytes one submit must release before it is split across
+/// threads ([`crate::Gather::set_release_threads`]).
+pub const PARALLEL_MIN_BYTES: u64 = 128 << 20;
+/// Least bytes per thread of a parallel release.
+const PARALLEL_SHARE_MIN: u64 = 64 << 20;
+/// Most threads of a parallel release.
+pub const MAX_RELEASE_THREADS: usize = 8;
+
 /// `PIDFD_SELF_THREAD_GROUP` (Linux 6.14): the calling process.
 const PIDFD_SELF: libc::c_int = -10001;
 
@@ -184,9 +192,14 @@ pub(crate) struct ReleaseBatch<'a> {
     n: usize,
     bytes: u64,
     first_err: Option<ReleaseError>,
+    /// Threads a large submit may use, and the injection point that makes
+    /// spawning one fail.
+    threads: usize,
+    spawn_fail: Option<&'a crate::fault::FailPoint>,
+    parallel: u64,
 }
 
-impl ReleaseBatch<'_> {
+impl<'a> ReleaseBatch<'a> {
     fn push(&mut self, s: u64, len: u64) {
         if self.n == BATCH_RUNS {
             self.submit();
@@ -204,13 +217,25 @@ impl ReleaseBatch<'_> {
         self.first_err.get_or_insert(e);
     }
 
+    /// Let large submits use up to `threads` threads.
+    pub(crate) fn set_threads(&mut self, threads: usize, spawn_fail: &'a crate::fault::FailPoint) {
+        self.threads = threads.clamp(1, MAX_RELEASE_THREADS);
+        self.spawn_fail = Some(spawn_fail);
+    }
+
     /// Releases the queued runs: one `process_madvise`, or one `madvise`
-    /// per run where that is refused, fails, or is partial.
+    /// per run where that is refused, fails, or is partial; a large amount
+    /// split across threads when allowed.
     fn submit(&mut self) {
         let (n, bytes) = (self.n, self.bytes);
         self.n = 0;
         self.bytes = 0;
         if n == 0 {
+            return;
+        }
+        let k = (bytes / PARALLEL_SHARE_MIN).min(self.threads as u64) as usize;
+        if k > 1 && bytes >= PARALLEL_MIN_BYTES {
+            self.submit_parallel(n, bytes, k);
             return;
         }
         let reg = self.reg;
@@ -263,11 +288,77 @@ impl ReleaseBatch<'_> {
         }
     }
 
-    /// Releases what is queued; the first error of the whole batch, after
-    /// everything was attempted.
-    pub(crate) fn finish(mut self) -> Result<(), ReleaseError> {
+    /// Releases the `n` queued runs (`bytes` in all) with `k` threads: the
+    /// runs are seen as one concatenated range, cut into `k` shares of whole
+    /// 2 MiB pieces; each thread `madvise`s the parts of the runs that fall
+    /// into its share. The caller's thread does share 0 and joins the others
+    /// before returning, so the flush order (release, then
+    /// `invalidate_range_end`, then freeing tables) is unchanged.
+    fn submit_parallel(&mut self, n: usize, bytes: u64, k: usize) {
+        const HUGE: u64 = 2 << 20;
+        let mut runs = [(0u64, 0u64); BATCH_RUNS];
+        for (r, v) in runs.iter_mut().zip(&self.iov[..n]) {
+            *r = (v.iov_base as u64, v.iov_len as u64);
+        }
+        let runs = &runs[..n];
+        let share = (bytes / k as u64).next_multiple_of(HUGE);
+        let reg = self.reg;
+        // Releases the parts of `runs` at concatenated offsets [lo, hi).
+        let work = |i: usize| -> Option<ReleaseError> {
+            let (lo, hi) = (i as u64 * share, ((i as u64 + 1) * share).min(bytes));
+            let (mut at, mut first) = (0u64, None);
+            for &(s, l) in runs {
+                let (a, b) = (at.max(lo), (at + l).min(hi));
+                if a < b {
+                    if let Err(e) = reg.madvise(s + (a - at), b - a) {
+                        first.get_or_insert(e);
+                    }
+                }
+                at += l;
+            }
+            first
+        };
+        let mut errs: [Option<ReleaseError>; MAX_RELEASE_THREADS] = Default::default();
+        std::thread::scope(|sc| {
+            let mut helpers: [Option<std::thread::ScopedJoinHandle<'_, Option<ReleaseError>>>;
+                MAX_RELEASE_THREADS] = Default::default();
+            for (i, h) in helpers.iter_mut().enumerate().take(k).skip(1) {
+                let injected = self.spawn_fail.is_some_and(|f| f.should_fail());
+                let spawned = if injected {
+                    None
+                } else {
+                    std::thread::Builder::new()
+                        .name("gmm-release".into())
+                        .spawn_scoped(sc, move || work(i))
+                        .ok()
+                };
+                match spawned {
+                    Some(t) => *h = Some(t),
+                    // No thread: this share is released here, now.
+                    None => errs[i] = work(i),
+                }
+            }
+            errs[0] = work(0);
+            for (i, h) in helpers.iter_mut().enumerate() {
+                if let Some(t) = h.take() {
+                    // A panicking helper cannot happen (madvise only), but
+                    // if it did its share is released here instead.
+                    errs[i] = t.join().unwrap_or_else(|_| work(i));
+                }
+            }
+        });
+        self.parallel += 1;
+        for e in errs.into_iter().flatten() {
+            self.error(e);
+        }
+    }
+
+    /// Releases what is queued; returns the first error of the whole batch,
+    /// after everything was attempted, and how many submits were split
+    /// across threads.
+    pub(crate) fn finish(mut self) -> (Result<(), ReleaseError>, u64) {
         self.submit();
-        self.first_err.take().map_or(Ok(()), Err)
+        (self.first_err.take().map_or(Ok(()), Err), self.parallel)
     }
 }
 
@@ -383,6 +474,9 @@ impl BackingRegistry {
             n: 0,
             bytes: 0,
             first_err: None,
+            threads: 1,
+            spawn_fail: None,
+            parallel: 0,
         }
     }
 

@@ -66,4 +66,7 @@ pub struct FaultInjection {
     pub defer_alloc: FailPoint,
     /// A batched `process_madvise` release (forces one `madvise` per run).
     pub batch_release: FailPoint,
+    /// Spawning a helper thread of a parallel release (its share is then
+    /// released inline).
+    pub release_thread: FailPoint,
 }

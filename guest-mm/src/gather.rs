@@ -93,6 +93,9 @@ pub struct GatherStats {
     pub tables_retired: u64,
     /// Times this gather waited for another gather's pending flush.
     pub pending_waits: u64,
+    /// Releases split across helper threads (see
+    /// [`Gather::set_release_threads`]).
+    pub parallel_releases: u64,
 }
 
 /// An owned batch of cleared translations awaiting invalidation and free.
@@ -111,6 +114,8 @@ pub struct Gather<'t> {
     used_batches: usize,
     full: bool,
     first_error: Option<ReleaseError>,
+    /// Threads a large anonymous release may be split across.
+    release_threads: usize,
     pub(crate) stats: GatherStats,
 }
 
@@ -135,8 +140,20 @@ impl<'t> Gather<'t> {
             used_batches: 0,
             full: false,
             first_error: None,
+            release_threads: 1,
             stats: GatherStats::default(),
         }
+    }
+
+    /// Let a flush release a large amount of anonymous memory (at least
+    /// [`crate::backing::PARALLEL_MIN_BYTES`]) with up to `n` threads, each
+    /// `MADV_DONTNEED`ing its share (the kernel takes `mmap_lock` for
+    /// reading there, so the shares free their pages in parallel). Off (1)
+    /// by default; meant for teardown, when the guest no longer needs the
+    /// CPUs. If a helper thread cannot be spawned (or
+    /// `faults.release_thread` says so), its share is released inline.
+    pub fn set_release_threads(&mut self, n: usize) {
+        self.release_threads = n.clamp(1, crate::backing::MAX_RELEASE_THREADS);
     }
 
     /// Whether this gather tears down the whole table (`fullmm`).
@@ -327,6 +344,7 @@ impl<'t> Gather<'t> {
         let mut bytes = 0u64;
         let mut first_err = self.first_error.take();
         let mut batch = t.backing.batch(Some(&t.faults.batch_release));
+        batch.set_threads(self.release_threads, &t.faults.release_thread);
         let mut release = |hva: u64, len: u64| {
             runs += 1;
             bytes += len;
@@ -340,7 +358,9 @@ impl<'t> Gather<'t> {
         if let Some((hva, len)) = self.run.take() {
             release(hva, len);
         }
-        if let Err(e) = batch.finish() {
+        let (res, parallel) = batch.finish();
+        self.stats.parallel_releases += parallel;
+        if let Err(e) = res {
             first_err.get_or_insert(e);
         }
         if let Some(inv) = &inv {

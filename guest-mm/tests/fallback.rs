@@ -193,3 +193,43 @@ fn batched_release_is_one_call_per_batch_and_falls_back_per_run() {
         runs.div_ceil(guest_mm::backing::BATCH_RUNS as u64)
     );
 }
+
+/// A full-mm teardown of `len` bytes of touched anonymous memory whose
+/// gather may release with `threads` threads; returns its stats and the
+/// bytes still resident.
+fn teardown_with_threads(len: u64, threads: usize, fail_spawn: bool) -> (GatherStats, u64, u64) {
+    let (mem, t) = anon_table_4k(len);
+    if fail_spawn {
+        t.faults.release_thread.fail_always();
+    }
+    let mut g = t.gather_full_mm();
+    g.set_release_threads(threads);
+    t.teardown(&mut g).unwrap();
+    let st = g.finish().unwrap();
+    let injected = t.faults.release_thread.injected();
+    (
+        st,
+        guest_mm::stress::resident_bytes(mem.addr, len),
+        injected,
+    )
+}
+
+#[test]
+fn parallel_release_frees_everything_and_falls_back_inline() {
+    let len = 256 << 20;
+    // Split across threads: every byte released exactly once.
+    let (st, resident, injected) = teardown_with_threads(len, 4, false);
+    assert_eq!(resident, 0);
+    assert_eq!(st.released_bytes, len);
+    assert_eq!((st.parallel_releases, injected), (1, 0));
+    // Helpers that cannot be spawned: their shares are released inline.
+    let (st, resident, injected) = teardown_with_threads(len, 4, true);
+    assert_eq!(resident, 0);
+    assert_eq!(st.released_bytes, len);
+    assert_eq!((st.parallel_releases, injected), (1, 3));
+    // One thread (the default) and small releases are never split.
+    let (st, resident, _) = teardown_with_threads(len, 1, false);
+    assert_eq!((resident, st.parallel_releases), (0, 0));
+    let (st, resident, _) = teardown_with_threads(64 << 20, 4, false);
+    assert_eq!((resident, st.parallel_releases), (0, 0));
+}

@@ -96,6 +96,8 @@ pub struct TeardownStats {
     pub released_bytes: u64,
     /// Release system calls.
     pub release_calls: u64,
+    /// Releases split across threads (all cores help at teardown).
+    pub parallel_releases: u64,
     /// Table pages left (the root only: 1).
     pub table_pages_left: u64,
     /// Longest table-lock hold during the whole VM's life, µs.
@@ -196,6 +198,8 @@ impl Stage2 {
     pub fn teardown(&self) -> Result<TeardownStats, Stage2Error> {
         let t = Instant::now();
         let mut g = self.table.gather_full_mm();
+        // The guest is gone: every core may help give its memory back.
+        g.set_release_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
         self.table.teardown(&mut g)?;
         let st = g.finish()?;
         let gather_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -208,6 +212,7 @@ impl Stage2 {
             barrier_ms,
             released_bytes: st.released_bytes,
             release_calls: ts.release_calls,
+            parallel_releases: st.parallel_releases,
             table_pages_left: ts.table_pages,
             max_lock_hold_us: ts.lock_hold_max_ns as f64 / 1e3,
         })
