@@ -528,6 +528,16 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
         ],
     );
     assert!(r.ends_with("| 185 | 150 | met | met | **missed** |"), "{r}");
+    // What limits a missed target is explained, from the figures, only
+    // where it was missed: the teardown ratio at 4 GiB; not the per-page
+    // unmap ratio (met) nor the scattered balloon (met).
+    let why = md
+        .lines()
+        .find(|l| l.starts_with("**What limits \"≤ 1.10× munmap\".**"))
+        .expect("the teardown miss is explained");
+    assert!(why.contains("At 4 GiB") && !why.contains("1 GiB"), "{why}");
+    assert!(!md.contains("**What limits \"≥ 5× madvise/page\""));
+    assert!(!md.contains("**What limits \"≥ 10× per-page\""));
     let r = row(
         &md,
         &[
