@@ -669,7 +669,7 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
 
     // No machine recorded without results.json; the reproduction commands.
     assert!(md.contains("## Machine\n\nnot recorded"), "{md}");
-    assert!(md.contains("target/release/gmm bench teardown --sizes 1G,2G,4G --reps 3 --json"));
+    assert!(md.contains("target/release/gmm bench teardown --sizes 1G,2G,4G --reps 5 --json"));
     assert!(md.contains("target/release/gmm stress-vm --seconds 20 --mem 256M --vcpus 2 --json"));
     assert!(
         md.contains("target/release/vmm run --mem 1G --balloon-target 512M --backing memfd --json")
