@@ -54,12 +54,21 @@ fn released_first_range(log: &Log) -> bool {
         .any(|e| matches!(e, Ev::Release(h, _) if *h == FAKE_HVA))
 }
 
-fn race(second_start: u64, second_len: u64, strict: bool) {
+/// Runs `second` on its own thread while a first unmapper of `[0, M2)`
+/// (with `mode`) is held inside its invalidation: `second` must not return
+/// before the gate opens (else panics with `early`). Returns the table,
+/// `second`'s result, and whether the first unmapper's backing was
+/// released by the time `second` returned.
+fn while_first_unmap_is_held<R: Send + 'static>(
+    mode: UnmapMode,
+    early: &str,
+    second: impl FnOnce(&Stage2Table) -> R + Send + 'static,
+) -> (Arc<Stage2Table>, R, bool) {
     let (t, log, gate) = setup();
     let t1 = t.clone();
     let first = std::thread::spawn(move || {
         let mut g = t1.gather();
-        t1.unmap(&mut g, Gpa(0), M2, UnmapMode::Remove).unwrap();
+        t1.unmap(&mut g, Gpa(0), M2, mode).unwrap();
         g.finish().unwrap();
     });
     gate.entered.wait(); // first has cleared, is inside its invalidation
@@ -68,27 +77,36 @@ fn race(second_start: u64, second_len: u64, strict: bool) {
     let d2 = done.clone();
     let log2 = log.clone();
     let second = std::thread::spawn(move || {
-        let mut g = t2.gather();
-        let r = if strict {
-            t2.unmap(&mut g, Gpa(second_start), second_len, UnmapMode::Remove)
-        } else {
-            t2.unmap_existing(&mut g, Gpa(second_start), second_len, UnmapMode::Remove)
-        };
-        let _ = g.finish();
-        // the first unmapper's backing must be gone when we return
-        let ok = released_first_range(&log2);
+        let r = second(&t2);
+        let released = released_first_range(&log2);
         d2.store(true, Ordering::SeqCst);
-        (r, ok)
+        (r, released)
     });
     std::thread::sleep(Duration::from_millis(150));
-    assert!(
-        !done.load(Ordering::SeqCst),
-        "second unmapper completed before the first released"
-    );
+    assert!(!done.load(Ordering::SeqCst), "{early}");
     *gate.open.lock().unwrap() = true;
     gate.cv.notify_all();
     first.join().unwrap();
-    let (r, released_before_return) = second.join().unwrap();
+    let (r, released) = second.join().unwrap();
+    (t, r, released)
+}
+
+fn race(second_start: u64, second_len: u64, strict: bool) {
+    let (t, r, released_before_return) = while_first_unmap_is_held(
+        UnmapMode::Remove,
+        "second unmapper completed before the first released",
+        move |t2| {
+            let mut g = t2.gather();
+            let r = if strict {
+                t2.unmap(&mut g, Gpa(second_start), second_len, UnmapMode::Remove)
+            } else {
+                t2.unmap_existing(&mut g, Gpa(second_start), second_len, UnmapMode::Remove)
+            };
+            let _ = g.finish();
+            r
+        },
+    );
+    // the first unmapper's backing must be gone when the second returns
     assert!(released_before_return);
     if strict {
         // the hole is the first unmapper's work: NotMapped, but only after it is done
@@ -118,33 +136,11 @@ fn strict_overlapping_unmapper_reports_hole_only_after_first() {
 
 #[test]
 fn fault_waits_for_pending_release() {
-    let (t, log, gate) = setup();
-    let t1 = t.clone();
-    let first = std::thread::spawn(move || {
-        let mut g = t1.gather();
-        t1.unmap(&mut g, Gpa(0), M2, UnmapMode::Discard).unwrap();
-        g.finish().unwrap();
-    });
-    gate.entered.wait();
-    let t2 = t.clone();
-    let done = Arc::new(AtomicBool::new(false));
-    let d2 = done.clone();
-    let log2 = log.clone();
-    let fault = std::thread::spawn(move || {
-        let r = t2.fault_in(Gpa(4096));
-        let ok = released_first_range(&log2);
-        d2.store(true, Ordering::SeqCst);
-        (r, ok)
-    });
-    std::thread::sleep(Duration::from_millis(150));
-    assert!(
-        !done.load(Ordering::SeqCst),
-        "a fault resurrected a page whose release is in flight"
+    let (t, r, released_before) = while_first_unmap_is_held(
+        UnmapMode::Discard,
+        "a fault resurrected a page whose release is in flight",
+        |t2| t2.fault_in(Gpa(4096)),
     );
-    *gate.open.lock().unwrap() = true;
-    gate.cv.notify_all();
-    first.join().unwrap();
-    let (r, released_before) = fault.join().unwrap();
     assert!(released_before);
     assert!(matches!(r, Ok(FaultOutcome::Restored { .. })), "{r:?}");
     // and with a sequence snapshot taken before, the fault must retry
