@@ -433,20 +433,13 @@ fn memfd_backing_is_punched() {
 #[test]
 fn hugetlb_releases_only_whole_huge_pages() {
     let len = 4 * M2;
-    let mem = Anon::new(len, false);
-    mem.touch();
-    let t = Stage2Table::new(TableConfig::default()).unwrap();
-    t.register_backing(BackingRegion {
-        hva: Hva(mem.addr),
+    let (mem, t) = anon_table_4k_as(
         len,
-        kind: BackingKind::Hugetlb {
+        BackingKind::Hugetlb {
             page_size: M2,
             file: None,
         },
-    })
-    .unwrap();
-    t.map(Gpa(0), Hva(mem.addr), len, Perms::RW, PageSize::Size4K)
-        .unwrap();
+    );
     let mut g = t.gather();
     // half of huge page 0 and a quarter of page 1: nothing may be released
     t.unmap(&mut g, Gpa(M2 / 2), M2 / 2 + M2 / 4, UnmapMode::Remove)

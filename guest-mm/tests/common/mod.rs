@@ -145,13 +145,18 @@ impl Drop for Anon {
 /// `len` bytes of touched (resident) anonymous memory without THP, and a
 /// table that maps them at GPA 0 with 4 KiB leaves as anonymous backing.
 pub fn anon_table_4k(len: u64) -> (Anon, Arc<Stage2Table>) {
+    anon_table_4k_as(len, BackingKind::Anonymous)
+}
+
+/// Like [`anon_table_4k`], with the memory registered as backing of `kind`.
+pub fn anon_table_4k_as(len: u64, kind: BackingKind) -> (Anon, Arc<Stage2Table>) {
     let mem = Anon::new(len, false);
     mem.touch();
     let t = Stage2Table::new(TableConfig::default()).unwrap();
     t.register_backing(BackingRegion {
         hva: Hva(mem.addr),
         len,
-        kind: BackingKind::Anonymous,
+        kind,
     })
     .unwrap();
     t.map(Gpa(0), Hva(mem.addr), len, Perms::RW, PageSize::Size4K)
