@@ -1202,16 +1202,20 @@ impl Stage2Table {
             if self.is_dying() {
                 return Err(FaultError::Dying);
             }
+            // Entries change only under the table lock, so this one read
+            // stays true for the rest of the hold.
+            let (slot, e, level) = self.find_locked(a);
+            let size = level_size(level);
+            let leaf_gpa = a & !(size - 1);
+            let ps = PageSize::from_level(level).unwrap_or(PageSize::Size4K);
             // A page the table still maps is not being released by anyone
             // (an unmap clears the entry before it releases), so it commits
             // at once: a reader pinned in the fast walk may be the one
             // faulting, and it must never wait for a grace period.
-            let (_, e, level) = self.find_locked(a);
             if e.is_present() {
-                let size = level_size(level);
                 return Ok(FaultOutcome::AlreadyPresent {
-                    hva: Hva(e.addr() + (a & (size - 1))),
-                    size: PageSize::from_level(level).unwrap_or(PageSize::Size4K),
+                    hva: Hva(e.addr() + (a - leaf_gpa)),
+                    size: ps,
                 });
             }
             if self.pending_overlaps(a, a + PAGE_SIZE) {
@@ -1227,25 +1231,12 @@ impl Stage2Table {
                     return Err(FaultError::Retry(gpa));
                 }
             }
-            let (slot, e, level) = self.find_locked(a);
-            let size = level_size(level);
-            let leaf_gpa = a & !(size - 1);
-            let ps = PageSize::from_level(level).unwrap_or(PageSize::Size4K);
-            if e.is_present() {
-                return Ok(FaultOutcome::AlreadyPresent {
-                    hva: Hva(e.addr() + (a - leaf_gpa)),
-                    size: ps,
-                });
-            }
             if e.markers() & SW_BALLOONED != 0 {
                 return Err(FaultError::Ballooned(gpa));
             }
             if e.markers() & SW_DISCARDED == 0 {
                 return Err(FaultError::NotMapped(gpa));
             }
-            let Some(slot) = slot else {
-                return Err(FaultError::NotMapped(gpa));
-            };
             slot.store(
                 Pte::leaf(e.addr(), e.saved_perms(), level).0,
                 Ordering::Release,
@@ -1289,7 +1280,7 @@ impl Stage2Table {
     }
 
     /// The slot, entry and level for `a`. Table lock held.
-    fn find_locked(&self, a: u64) -> (Option<&AtomicU64>, Pte, u32) {
+    fn find_locked(&self, a: u64) -> (&AtomicU64, Pte, u32) {
         let mut page = self.root();
         let mut level = LEVELS;
         loop {
@@ -1301,7 +1292,7 @@ impl Stage2Table {
                 level -= 1;
                 continue;
             }
-            return (Some(slot), e, level);
+            return (slot, e, level);
         }
     }
 }
