@@ -367,30 +367,27 @@ impl<'t> Gather<'t> {
             t.subscribers.end(inv);
         }
         // 3. table pages to deferred freeing, in chunks without allocating
-        let mut chunk = [None::<PagePtr>; 32];
+        // (the dangling placeholders are never handed over: only chunk[..n]).
+        let mut chunk = [PagePtr(NonNull::dangling()); 32];
         let mut n = 0;
         let mut retired = 0u64;
-        let flush_chunk = |chunk: &mut [Option<PagePtr>; 32], n: &mut usize| {
-            let pages: [PagePtr; 32] =
-                std::array::from_fn(|i| chunk[i].unwrap_or(PagePtr(NonNull::dangling())));
+        let retire = |pages: &[PagePtr]| {
             // SAFETY: every page in the gather was unlinked under the table
             // lock before it was recorded, and is recorded exactly once.
-            unsafe { t.rcu.retire(&pages[..*n], &t.faults.defer_alloc) };
-            *n = 0;
+            unsafe { t.rcu.retire(pages, &t.faults.defer_alloc) };
         };
         self.for_each_entry(|e| {
             if let Entry::Table(p) = e {
-                chunk[n] = Some(p);
+                chunk[n] = p;
                 n += 1;
                 retired += 1;
                 if n == chunk.len() {
-                    flush_chunk(&mut chunk, &mut n);
+                    retire(&chunk);
+                    n = 0;
                 }
             }
         });
-        if n > 0 {
-            flush_chunk(&mut chunk, &mut n);
-        }
+        retire(&chunk[..n]);
         // Reset storage; keep allocated batches for reuse.
         self.local_len = 0;
         self.used_batches = 0;
@@ -412,7 +409,7 @@ impl<'t> Gather<'t> {
         self.stats.release_runs += runs;
         self.stats.released_bytes += bytes;
         self.stats.tables_retired += retired;
-        t.account_flush(did_work, runs, retired);
+        t.account_flush(did_work);
         // Bound the memory held by retired pages between unmaps.
         if t.rcu.retired_len() >= 256 {
             t.rcu.synchronize();

@@ -591,7 +591,7 @@ impl Stage2Table {
         }
     }
 
-    pub(crate) fn account_flush(&self, did_work: bool, _runs: u64, _retired: u64) {
+    pub(crate) fn account_flush(&self, did_work: bool) {
         if did_work {
             self.stats.flushes.fetch_add(1, RELAXED);
         }
