@@ -91,9 +91,6 @@ struct PoolInner {
     all: Vec<PagePtr>,
 }
 
-// SAFETY: the raw chunk addresses are only used under the pool mutex.
-unsafe impl Send for PoolInner {}
-
 /// Freed pages stay poisoned in the free list until this many are queued.
 #[cfg(not(loom))]
 const QUARANTINE: usize = 64;

@@ -349,12 +349,6 @@ pub struct Stage2Table {
     pub faults: FaultInjection,
 }
 
-// SAFETY: the root pointer is owned by the table; table pages are only
-// reached through atomics, under the lock or inside RCU read sections.
-unsafe impl Send for Stage2Table {}
-// SAFETY: as above.
-unsafe impl Sync for Stage2Table {}
-
 /// The table lock, timed.
 pub(crate) struct Locked<'t> {
     t: &'t Stage2Table,
