@@ -351,8 +351,19 @@ impl<'w> WalkGuard<'w> {
         })
     }
 
-    /// Copy `buf` into guest memory at `gpa`.
+    /// Copy `buf` into guest memory at `gpa`. A failure writes nothing.
     pub fn write(&self, gpa: Gpa, buf: &[u8]) -> Result<(), WalkError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // The common case, a buffer inside one leaf: one translation.
+        let t = self.translate(gpa, Access::Write)?;
+        if buf.len() as u64 <= t.len_in_leaf {
+            // SAFETY: as in read; the leaf is writable (checked) and holds
+            // all of buf from t.hva on.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), t.hva.as_ptr(), buf.len()) };
+            return Ok(());
+        }
         let mut done = 0usize;
         // Translate everything first so a failure writes nothing.
         self.for_each_segment(gpa, buf.len() as u64, Access::Write, |_, _, _| {})?;
@@ -364,7 +375,7 @@ impl<'w> WalkGuard<'w> {
         })
     }
 
-    /// Read a `u64` at `gpa` (must not cross a page).
+    /// Read a little-endian `u64` at `gpa`.
     pub fn read_u64(&self, gpa: Gpa) -> Result<u64, WalkError> {
         let mut b = [0u8; 8];
         self.read(gpa, &mut b)?;

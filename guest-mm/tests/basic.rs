@@ -491,3 +491,40 @@ fn cpu_lock_stats_are_off_by_default_and_bounded_by_the_wall_clock() {
         "{st:?}"
     );
 }
+
+#[test]
+fn write_translates_once_inside_a_leaf_and_a_failed_write_writes_nothing() {
+    let (_mem, t) = anon_table_4k(3 * 4096);
+    let mut w = t.walker();
+    {
+        let g = w.pin();
+        g.write(Gpa(8), &[1; 16]).unwrap();
+    }
+    assert_eq!(w.stats().translations, 1, "one leaf, one translation");
+    {
+        let g = w.pin();
+        // across a leaf boundary
+        g.write(Gpa(4096 - 4), &[2; 8]).unwrap();
+        let mut b = [0u8; 24];
+        g.read(Gpa(4096 - 8), &mut b).unwrap();
+        assert_eq!(b[..4], [0; 4]);
+        assert_eq!(b[4..12], [2; 8]);
+        assert_eq!(b[12..], [0; 12]);
+        let mut b = [0u8; 16];
+        g.read(Gpa(8), &mut b).unwrap();
+        assert_eq!(b, [1; 16]);
+    }
+    let mut g = t.gather();
+    t.unmap(&mut g, Gpa(2 * 4096), 4096, UnmapMode::Remove)
+        .unwrap();
+    g.finish().unwrap();
+    let g = w.pin();
+    assert_eq!(
+        g.write(Gpa(2 * 4096 - 4), &[3; 8]),
+        Err(WalkError::NotMapped(Gpa(2 * 4096)))
+    );
+    let mut b = [0u8; 4];
+    g.read(Gpa(2 * 4096 - 4), &mut b).unwrap();
+    assert_eq!(b, [0; 4], "a failed write must write nothing");
+    assert_eq!(g.write(Gpa(2 * 4096), &[]), Ok(()));
+}
