@@ -243,24 +243,14 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
                 }
                 Exit::None
             }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let mut v = [0u8; 4];
-                let n = data.len().min(4);
-                v[..n].copy_from_slice(&data[..n]);
-                Exit::Out(port, u32::from_le_bytes(v))
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) if ctx.mmio.find(addr).is_some() => {
-                if let Some((dev, off)) = ctx.mmio.find(addr) {
+            Ok(VcpuExit::IoOut(port, data)) => Exit::Out(port, le_u32(data)),
+            Ok(VcpuExit::MmioWrite(addr, data)) => match ctx.mmio.find(addr) {
+                Some((dev, off)) => {
                     dev.write(off, data);
+                    Exit::None
                 }
-                Exit::None
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                let mut v = [0u8; 4];
-                let n = data.len().min(4);
-                v[..n].copy_from_slice(&data[..n]);
-                Exit::Mmio(addr, u32::from_le_bytes(v))
-            }
+                None => Exit::Mmio(addr, le_u32(data)),
+            },
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 match ctx.mmio.find(addr) {
                     Some((dev, off)) => dev.read(off, data),
@@ -315,6 +305,14 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
             }
         }
     }
+}
+
+/// The first (up to) four bytes of an exit's data as a little-endian `u32`.
+fn le_u32(data: &[u8]) -> u32 {
+    let mut v = [0u8; 4];
+    let n = data.len().min(4);
+    v[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(v)
 }
 
 fn report(vcpu: &VcpuFd, ctx: &VcpuContext, op: u32) -> Option<VcpuOutcome> {
