@@ -234,6 +234,15 @@ impl<D: std::fmt::Debug> std::fmt::Debug for MmioTransport<D> {
     }
 }
 
+/// The register at `offset` for an access of `len` bytes: registers take
+/// aligned 32-bit accesses only.
+fn register_offset(offset: u64, len: usize) -> Result<u32, TransportError> {
+    u32::try_from(offset)
+        .ok()
+        .filter(|o| len == 4 && o.is_multiple_of(4))
+        .ok_or(TransportError::RegisterWidth { offset, len })
+}
+
 fn set_half(v: &mut u64, high: bool, x: u32) {
     if high {
         *v = (*v & 0xffff_ffff) | (u64::from(x) << 32);
@@ -418,21 +427,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             return;
         }
-        let Some(off) = u32::try_from(offset).ok().filter(|_| data.len() == 4) else {
-            self.error(TransportError::RegisterWidth {
-                offset,
-                len: data.len(),
-            });
-            return;
-        };
-        if !off.is_multiple_of(4) {
-            self.error(TransportError::RegisterWidth {
-                offset,
-                len: data.len(),
-            });
-            return;
+        match register_offset(offset, data.len()) {
+            Ok(off) => data.copy_from_slice(&self.register(off).to_le_bytes()),
+            Err(e) => self.error(e),
         }
-        data.copy_from_slice(&self.register(off).to_le_bytes());
     }
 
     /// A driver write of `data` at `offset`.
@@ -444,20 +442,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             return;
         }
-        let (Ok(off), Ok(v)) = (u32::try_from(offset), <[u8; 4]>::try_from(data)) else {
-            self.error(TransportError::RegisterWidth {
+        let (Ok(off), Ok(v)) = (
+            register_offset(offset, data.len()),
+            <[u8; 4]>::try_from(data),
+        ) else {
+            return self.error(TransportError::RegisterWidth {
                 offset,
                 len: data.len(),
             });
-            return;
         };
-        if !off.is_multiple_of(4) {
-            self.error(TransportError::RegisterWidth {
-                offset,
-                len: data.len(),
-            });
-            return;
-        }
         let v = u32::from_le_bytes(v);
         match off {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
