@@ -643,16 +643,7 @@ impl VirtioDevice for Balloon {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), ConfigError> {
         let len = data.len();
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|e| e > CONFIG_SIZE)
-        {
-            return Err(ConfigError::OutOfRange {
-                offset,
-                len,
-                size: CONFIG_SIZE,
-            });
-        }
+        check_config_range(offset, len)?;
         if len != 4 || !offset.is_multiple_of(4) {
             return Err(ConfigError::WrongSize { offset, len });
         }
@@ -667,16 +658,7 @@ impl VirtioDevice for Balloon {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), ConfigError> {
         let len = data.len();
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|e| e > CONFIG_SIZE)
-        {
-            return Err(ConfigError::OutOfRange {
-                offset,
-                len,
-                size: CONFIG_SIZE,
-            });
-        }
+        check_config_range(offset, len)?;
         let Ok(v) = <[u8; 4]>::try_from(data) else {
             return Err(ConfigError::WrongSize { offset, len });
         };
@@ -726,6 +708,22 @@ impl VirtioDevice for Balloon {
             Role::Reporting => self.report(q, mem, ram),
         }
     }
+}
+
+/// Refuses a config access of `len` bytes at `offset` that does not lie
+/// inside the [`CONFIG_SIZE`]-byte config space.
+fn check_config_range(offset: u64, len: usize) -> Result<(), ConfigError> {
+    if offset
+        .checked_add(len as u64)
+        .is_none_or(|e| e > CONFIG_SIZE)
+    {
+        return Err(ConfigError::OutOfRange {
+            offset,
+            len,
+            size: CONFIG_SIZE,
+        });
+    }
+    Ok(())
 }
 
 impl VirtioMmio<Balloon> {
