@@ -428,7 +428,9 @@ impl Balloon {
                 .release_range(&self.release.ram, ws, wl, || Ok(()))
                 .map_err(fail)?;
         }
-        // ... then one gather for every run, under the handler's release lock.
+        // ... then one gather for every run, once the last window is
+        // registered (the handler's release lock is held only while
+        // registering, not across the gather; see `FaultHandler::release_range`).
         self.release
             .faults
             .release_range(&self.release.ram, ls, ll, || {
