@@ -16,9 +16,11 @@
 //! says an unmap raced, the installed page is discarded again and the fault is
 //! retried, so a fault never resurrects a page an in-flight unmap released.
 //!
-//! Granularity: a fault installs the whole leaf (4 KiB or 2 MiB, aligned in
-//! guest physical space) around the faulting address; if that fails part-way
-//! it falls back to the faulting 4 KiB page, so every fault makes progress.
+//! Granularity: a fault installs the whole leaf the mirror holds around the
+//! faulting address ([`FaultHook::fault_granule`]: 4 KiB or 2 MiB, aligned in
+//! guest physical space, never more than the backing's page size; hugetlb
+//! always a whole huge page); if that fails part-way it falls back to the
+//! faulting 4 KiB page, so every fault makes progress.
 //! Counters are updated before the faulting thread is woken.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -160,7 +162,8 @@ impl FaultHook for NoHook {}
 pub struct FaultStats {
     /// Faults resolved.
     pub faults: AtomicU64,
-    /// Bytes installed.
+    /// Bytes installed (a fault that found its page already present
+    /// installs none).
     pub bytes: AtomicU64,
     /// Commits refused by the hook (retries).
     pub retries: AtomicU64,
@@ -468,18 +471,19 @@ impl Shared {
         };
         let page_gpa = d.gpa.0 + ((addr - d.host_addr as u64) & !(SIZE_4K - 1));
         let _r = self.lock.read().unwrap_or_else(|e| e.into_inner());
-        let mut granule;
-        loop {
+        let max = d.page_size.bytes();
+        let (host, granule, installed) = loop {
             // The leaf size the mirror has here, asked again on every
             // attempt: a split between the query and the commit moves the
             // invalidation sequence, so the commit fails and we come back.
             // Leaves are aligned in guest physical space (the mapping is
             // also 2 MiB-aligned on the host, see GuestRam::new).
             // hugetlb can only be filled a whole huge page at a time (and
-            // releases only whole ones, so none of it was given away).
-            let max = d.page_size.bytes();
-            granule = match d.backing {
+            // releases only whole ones, so none of it was given away); a
+            // 4 KiB region has nothing smaller to ask the mirror about.
+            let mut granule = match d.backing {
                 Backing::Hugetlb => max,
+                _ if max == SIZE_4K => SIZE_4K,
                 _ => self.hook.fault_granule(page_gpa, max),
             };
             if !granule.is_power_of_two() || !(SIZE_4K..=max).contains(&granule) {
@@ -494,23 +498,20 @@ impl Shared {
             // table may hold 4 KiB leaves there after a balloon split it).
             let (cg, cl) = match installed {
                 Some((h, l)) => (d.gpa.0 + (h - d.host_addr as u64), l),
-                None => (
-                    d.gpa.0 + ((addr - d.host_addr as u64) & !(SIZE_4K - 1)),
-                    SIZE_4K,
-                ),
+                None => (page_gpa, SIZE_4K),
             };
             if self.hook.fault_commit(cg, cl, seq) {
-                break;
+                break (host, granule, installed);
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
             if let Some((h, l)) = installed {
                 self.undo(d, h, l);
             }
             std::thread::yield_now();
-        }
+        };
         let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.stats.bytes.fetch_add(granule, Ordering::Relaxed);
-        let host = d.host_of(page_gpa & !(granule - 1)) as u64;
+        let bytes = installed.map_or(0, |(_, l)| l);
+        self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.stats.latency_ns_total.fetch_add(ns, Ordering::Relaxed);
         self.stats.latency_ns_max.fetch_max(ns, Ordering::Relaxed);
         self.stats.faults.fetch_add(1, Ordering::AcqRel);
