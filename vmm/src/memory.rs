@@ -570,9 +570,12 @@ impl GuestRam {
         self.guest_mem = None;
         let mut total = 0;
         for m in self.mappings.drain(..) {
-            // SAFETY: the mapping is owned by us, and the only other view of
-            // it (guest_mem) was dropped above. KVM slots referring to it
-            // must already be gone (the VM is destroyed first by Vm).
+            // SAFETY: the mapping is owned by us; our view of it (guest_mem)
+            // was dropped above, and the clones of that view the vCPU
+            // threads held went when Vm joined them. KVM slots referring to
+            // it must already be gone (Vm drops the VM first). A clone of
+            // `guest_memory()` kept past this point would dangle: callers
+            // must not keep one.
             unsafe { libc::munmap(m.desc.host_addr as *mut libc::c_void, to_usize(m.desc.len)) };
             total += m.desc.len;
             drop(m.file);

@@ -4,8 +4,10 @@
 //! memory slots), the default guest's set-up, the userfaultfd handler and the
 //! vCPUs; [`Vm::start`] runs one thread per vCPU; [`Vm::wait`] waits for the
 //! guest to finish; [`Vm::destroy`] stops and joins the vCPUs and returns,
-//! while a reclaim thread drops the VM, stops the fault handler and unmaps
-//! guest RAM, in that order ([`Teardown::wait_reclaim`] waits for it).
+//! while a reclaim thread releases guest RAM through the stage-2 whole-VM
+//! gather, then drops the VM, stops the fault handler and unmaps the
+//! emptied guest RAM, in that order ([`Teardown::wait_reclaim`] waits for
+//! it).
 //! Dropping a `Vm` without `destroy` does the same synchronously.
 //!
 //! Threads: vCPU threads only touch shared state through `Arc`s
@@ -646,11 +648,12 @@ impl Vm {
     }
 
     /// Tears the VM down: stops and joins the vCPUs, then hands the VM,
-    /// the fault handler and guest RAM to a reclaim thread that drops the VM
-    /// (and its memory slots), stops the fault handler and unmaps guest RAM.
-    /// Returns once the vCPUs are stopped; [`Teardown::wait_reclaim`] waits
-    /// for the memory. This is the one teardown path, where a stage-2
-    /// whole-VM gather plugs in.
+    /// the fault handler, the stage-2 table and guest RAM to a reclaim
+    /// thread that releases guest RAM through the table's whole-VM gather,
+    /// then drops the VM (and its memory slots), stops the fault handler and
+    /// unmaps guest RAM (see `Remains::reclaim`). Returns once the vCPUs are
+    /// stopped; [`Teardown::wait_reclaim`] waits for the memory. This is the
+    /// one teardown path.
     pub fn destroy(mut self) -> Teardown {
         self.teardown(true)
     }
