@@ -96,10 +96,17 @@ impl AnonRegion {
     }
 
     /// One `madvise(MADV_DONTNEED)` of `[base + off, base + off + len)`.
+    /// A range not inside the region is refused.
     pub fn dontneed(&self, off: u64, len: u64) -> Result<()> {
-        // SAFETY: callers pass sub-ranges of our mapping; dropping their
-        // contents is what the benchmark asks for, and no reference into
-        // the memory is held across the call.
+        if off.checked_add(len).is_none_or(|end| end > self.len) {
+            bail!(
+                "madvise(MADV_DONTNEED) range {off:#x} + {len:#x} is outside the {:#x}-byte region",
+                self.len
+            );
+        }
+        // SAFETY: `[base + off, base + off + len)` lies inside our mapping
+        // (checked above); dropping its contents is what the benchmark asks
+        // for, and no reference into the memory is held across the call.
         let rc = unsafe {
             libc::madvise(
                 (self.base + off) as usize as *mut libc::c_void,
