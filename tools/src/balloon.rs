@@ -273,19 +273,9 @@ impl Driver {
     }
 }
 
-/// Sorted PFNs → `(first, count)` runs.
+/// Guest PFNs → `(first, count)` runs.
 fn runs_of(pfns: &[u32]) -> Vec<(u64, u64)> {
-    let mut v: Vec<u64> = pfns.iter().map(|&p| u64::from(p)).collect();
-    v.sort_unstable();
-    v.dedup();
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for p in v {
-        match runs.last_mut() {
-            Some((s, n)) if *s + *n == p => *n += 1,
-            _ => runs.push((p, 1)),
-        }
-    }
-    runs
+    crate::mem::runs_of(pfns.iter().map(|&p| u64::from(p)).collect())
 }
 
 /// Resident bytes among the pages of `runs` (page numbers relative to a

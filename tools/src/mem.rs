@@ -144,23 +144,30 @@ impl AnonRegion {
     /// order the guest reported them), sorted, de-duplicated, merged into
     /// runs, one `madvise` per run, no batching. Returns the number of runs
     /// and the time spent sorting and merging (ns).
-    pub fn release_per_run(&self, mut pfns: Vec<u64>) -> Result<(u64, u64)> {
+    pub fn release_per_run(&self, pfns: Vec<u64>) -> Result<(u64, u64)> {
         let t = std::time::Instant::now();
-        pfns.sort_unstable();
-        pfns.dedup();
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for &p in &pfns {
-            match runs.last_mut() {
-                Some((start, n)) if *start + *n == p => *n += 1,
-                _ => runs.push((p, 1)),
-            }
-        }
+        let runs = runs_of(pfns);
         let sort_ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         for &(p, n) in &runs {
             self.dontneed(p * PAGE, n * PAGE)?;
         }
         Ok((runs.len() as u64, sort_ns))
     }
+}
+
+/// Page numbers → `(first, count)` runs: sorted, de-duplicated, adjacent
+/// pages merged.
+pub fn runs_of(mut pfns: Vec<u64>) -> Vec<(u64, u64)> {
+    pfns.sort_unstable();
+    pfns.dedup();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in pfns {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
 }
 
 impl Drop for AnonRegion {
