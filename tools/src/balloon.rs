@@ -38,7 +38,7 @@ use vmm::devices::virtio::BusDevice;
 use vmm::{Backing, GuestAccess, MemSize, PageSize, Vm, VmConfig, Workload};
 
 use crate::mem::{AnonRegion, PAGE};
-use crate::rng::{median, round, Rng};
+use crate::rng::{median, ms, round, Rng};
 use crate::units::human_bytes;
 
 const MIB: u64 = 1 << 20;
@@ -369,9 +369,9 @@ fn inflate_once(
     drop(d);
     drop(vm);
     Ok(InflateRun {
-        ms: timed.as_secs_f64() * 1e3,
+        ms: ms(timed),
         device_ms: (after.inflate_ns_total - before.inflate_ns_total) as f64 / 1e6,
-        deflate_ms: deflate.as_secs_f64() * 1e3,
+        deflate_ms: ms(deflate),
         rss_drop: rss0.saturating_sub(rss1),
         resident_after,
         errors: end.errors - before.errors,
@@ -448,11 +448,11 @@ fn baseline_once(
         // them (the VM's vCPUs never ran).
         unsafe { dontneed(host + (s - first_pfn) * PAGE, n * PAGE)? };
     }
-    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let took = ms(t.elapsed());
     let resident = resident_in(host, first_pfn, &runs);
     drop(vm);
     drop(plain);
-    Ok((ms, resident))
+    Ok((took, resident))
 }
 
 /// The PFNs to inflate, in the order the driver sends them, and the span

@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vmm::{Console, MemSize, Vm, VmConfig, Workload};
 
-use crate::rng::round;
+use crate::rng::{ms, round};
 use crate::units::human_bytes;
 
 /// Options of `gmm bench launch`.
@@ -138,10 +138,6 @@ fn cpu_time() -> Duration {
             + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
     };
     tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn config(a: &Args) -> Result<VmConfig> {

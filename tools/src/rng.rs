@@ -56,6 +56,11 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// A duration in milliseconds.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 /// Round to `d` decimals, for readable JSON.
 pub fn round(x: f64, d: i32) -> f64 {
     let p = 10f64.powi(d);

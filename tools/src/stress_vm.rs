@@ -91,7 +91,7 @@ use vmm::guest::layout::WORKLOAD_START;
 use vmm::vstate::vcpu::VcpuOutcome;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
-use crate::rng::Rng;
+use crate::rng::{ms, Rng};
 use crate::units::human_bytes;
 
 const PAGE: u64 = 4096;
@@ -618,7 +618,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         a.json,
         &format!(
             "boot + first pass + driver ready in {:.0} ms; balloon up to {} pages of vCPU 0's {}\n",
-            t_boot.elapsed().as_secs_f64() * 1e3,
+            ms(t_boot.elapsed()),
             max_pages,
             share_pages
         ),

@@ -56,7 +56,7 @@ use serde::Serialize;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
 use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
-use crate::rng::{median, round};
+use crate::rng::{median, ms, round};
 use crate::units::human_bytes;
 
 /// Idle time before each timed section.
@@ -278,10 +278,6 @@ struct TeardownResult {
     /// What the munmap baseline is and whether it is like with like.
     munmap_baseline: String,
     sizes: Vec<SizeResult>,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// Populate `[addr, addr+len)` for writing: `MADV_POPULATE_WRITE`, or, on

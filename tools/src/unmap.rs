@@ -28,7 +28,7 @@ use guest_mm::{
 use serde::Serialize;
 
 use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
-use crate::rng::{median, round, Rng};
+use crate::rng::{median, ms, round, Rng};
 use crate::units::human_bytes;
 
 /// Options of `gmm bench unmap`.
@@ -221,10 +221,6 @@ fn involuntary_switches() -> u64 {
     u64::try_from(ru.ru_nivcsw).unwrap_or(0)
 }
 
-fn ms(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
-
 fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<GatherRun> {
     let table = Stage2Table::new(TableConfig { yield_entries }).context("creating the table")?;
     table
@@ -238,7 +234,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
     table
         .map(Gpa(0), Hva(r.base), r.len, Perms::RW, leaf)
         .context("mapping the region")?;
-    let map_ms = ms(t);
+    let map_ms = ms(t.elapsed());
     let table_bytes = table.table_bytes();
     std::thread::sleep(SETTLE);
     table.reset_lock_stats();
@@ -251,7 +247,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
         .unmap(&mut g, Gpa(0), r.len, UnmapMode::Remove)
         .context("unmapping the region")?;
     let gs = g.finish().context("releasing the region's backing")?;
-    let gather_ms = ms(t);
+    let gather_ms = ms(t.elapsed());
     let preempted = involuntary_switches() - switches;
     let after = table.stats();
     table.rcu_barrier();
@@ -325,7 +321,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
             let region = AnonRegion::new(size, leaf)?;
             let t = Instant::now();
             region.touch();
-            touch.push(ms(t));
+            touch.push(ms(t.elapsed()));
             let resident = region.resident();
             if resident != size {
                 bail!(
@@ -351,13 +347,13 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
                 Strategy::Limit => {
                     let t = Instant::now();
                     region.release_whole()?;
-                    limit.push(ms(t));
+                    limit.push(ms(t.elapsed()));
                     1
                 }
                 Strategy::PerPage => {
                     let t = Instant::now();
                     let held = region.release_per_page(&lock)?;
-                    per_page.push(ms(t));
+                    per_page.push(ms(t.elapsed()));
                     per_page_hold.push(held as f64 / 1e6);
                     2
                 }
@@ -365,7 +361,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
                     let list = pfns.clone();
                     let t = Instant::now();
                     let (n, sort_ns) = region.release_per_run(list)?;
-                    per_run.push(ms(t));
+                    per_run.push(ms(t.elapsed()));
                     sort.push(sort_ns as f64 / 1e6);
                     runs = n;
                     3
