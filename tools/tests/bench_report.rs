@@ -10,19 +10,15 @@
 #![recursion_limit = "256"]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::{json, Value};
 
+mod common;
+use common::gmm;
+
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
-
-fn gmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gmm"))
-        .args(args)
-        .output()
-        .expect("the gmm binary runs")
-}
 
 /// A fresh, empty directory for one test.
 fn scratch(name: &str) -> PathBuf {
