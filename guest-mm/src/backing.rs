@@ -183,7 +183,8 @@ pub(crate) struct BackingRegistry {
 }
 
 /// Anonymous runs waiting for one `process_madvise` call, and the first
-/// release error of a flush. Lives on the flusher's stack: no allocation.
+/// release error of a flush. Lives on the flusher's stack: no allocation
+/// (only a parallel submit spawns its helper threads).
 pub(crate) struct ReleaseBatch<'a> {
     reg: &'a BackingRegistry,
     /// Forces the run-by-run fallback (fault injection).
@@ -200,10 +201,10 @@ pub(crate) struct ReleaseBatch<'a> {
 }
 
 impl<'a> ReleaseBatch<'a> {
+    /// Queue one run. The caller submits a full batch first, outside the
+    /// registry lock ([`BackingRegistry::release_into`]).
     fn push(&mut self, s: u64, len: u64) {
-        if self.n == BATCH_RUNS {
-            self.submit();
-        }
+        debug_assert!(self.n < BATCH_RUNS, "push into a full release batch");
         self.iov[self.n] = libc::iovec {
             iov_base: s as *mut libc::c_void,
             iov_len: len as usize,
@@ -482,22 +483,42 @@ impl BackingRegistry {
 
     /// Release `[hva, hva + len)`, clipped to registered regions, through
     /// `batch`: anonymous runs are queued there, other kinds are released
-    /// at once. Errors are counted and kept in the batch.
+    /// at once (under the registry lock, which guards their partial
+    /// huge-page bookkeeping). Errors are counted and kept in the batch.
+    ///
+    /// A full batch is submitted with the registry lock dropped: a submit
+    /// may take long (a parallel release of gigabytes), and maps and faults
+    /// take this lock.
     pub(crate) fn release_into(&self, hva: u64, len: u64, batch: &mut ReleaseBatch<'_>) {
         let end = hva.saturating_add(len);
-        let mut regions = lock(&self.regions);
+        let mut at = hva;
         let mut covered = 0u64;
-        for r in regions.iter_mut() {
-            let s = hva.max(r.start);
-            let e = end.min(r.end);
-            if s >= e {
-                continue;
+        loop {
+            if batch.n == BATCH_RUNS {
+                batch.submit();
             }
-            covered += e - s;
-            if let BackingKind::Anonymous = r.kind {
-                batch.push(s, e - s);
-            } else if let Err(err) = self.release_in(r, s, e) {
-                batch.error(err);
+            let mut regions = lock(&self.regions);
+            let mut full = false;
+            for r in regions.iter_mut() {
+                let s = at.max(r.start);
+                let e = end.min(r.end);
+                if s >= e {
+                    continue;
+                }
+                if let BackingKind::Anonymous = r.kind {
+                    if batch.n == BATCH_RUNS {
+                        full = true;
+                        break;
+                    }
+                    batch.push(s, e - s);
+                } else if let Err(err) = self.release_in(r, s, e) {
+                    batch.error(err);
+                }
+                covered += e - s;
+                at = e;
+            }
+            if !full {
+                break;
             }
         }
         if covered < len {

@@ -24,7 +24,8 @@
 //!
 //! Lock order: table lock → pending-set lock → page pool / backing
 //! registry locks. Flushes (subscribers, grace periods, releases) run with
-//! none of them held.
+//! none of them held, except that file and hugetlb releases are made under
+//! the backing registry lock (it guards their partial huge-page records).
 
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64 as StatU64;
