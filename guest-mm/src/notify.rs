@@ -13,7 +13,6 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::addr::Gpa;
-use crate::sync::{lock, Mutex};
 
 /// What a flush invalidates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,14 +55,15 @@ type Entry = (SubscriberId, Arc<dyn InvalidationSubscriber>);
 
 pub(crate) struct Subscribers {
     list: std::sync::RwLock<Vec<Entry>>,
-    next: Mutex<u64>,
+    /// The next id; only read and bumped under the list's write lock.
+    next: std::sync::atomic::AtomicU64,
 }
 
 impl Subscribers {
     pub(crate) fn new() -> Subscribers {
         Subscribers {
             list: std::sync::RwLock::new(Vec::new()),
-            next: Mutex::new(1),
+            next: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -75,9 +75,7 @@ impl Subscribers {
         if let Some((id, _)) = list.iter().find(|(_, x)| Arc::ptr_eq(x, &s)) {
             return Err(SubscribeError::AlreadyRegistered(*id));
         }
-        let mut next = lock(&self.next);
-        let id = SubscriberId(*next);
-        *next += 1;
+        let id = SubscriberId(self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         list.push((id, s));
         Ok(id)
     }
