@@ -29,25 +29,21 @@ fn map_unmap(c: &mut Criterion) {
     t.map(Gpa(0), Hva(FAKE), 4096, Perms::RW, PageSize::Size4K)
         .expect("map");
     c.bench_function("map_one_4k", |b| {
-        b.iter_batched(
-            || (),
-            |_| {
-                t.map(
-                    Gpa(4096),
-                    Hva(FAKE + 4096),
-                    4096,
-                    Perms::RW,
-                    PageSize::Size4K,
-                )
-                .expect("map");
-                let mut g = t.gather();
-                t.unmap(&mut g, Gpa(4096), 4096, UnmapMode::Detach)
-                    .expect("unmap");
-                // the flush (invalidate + grace period) is measured too
-                g.finish().expect("flush");
-            },
-            BatchSize::SmallInput,
-        )
+        b.iter(|| {
+            t.map(
+                Gpa(4096),
+                Hva(FAKE + 4096),
+                4096,
+                Perms::RW,
+                PageSize::Size4K,
+            )
+            .expect("map");
+            let mut g = t.gather();
+            t.unmap(&mut g, Gpa(4096), 4096, UnmapMode::Detach)
+                .expect("unmap");
+            // the flush (invalidate + grace period) is measured too
+            g.finish().expect("flush");
+        })
     });
 }
 
