@@ -18,10 +18,10 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH,
     VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS,
 };
-use vmm::devices::virtio::balloon::{Balloon, F_REPORTING, F_STATS_VQ};
+use vmm::devices::virtio::balloon::{Balloon, BalloonConfig, F_REPORTING, F_STATS_VQ};
 use vmm::devices::virtio::mmio::{VirtioMmio, F_VERSION_1};
 use vmm::devices::virtio::BusDevice;
-use vmm::{GuestAccess, Vm};
+use vmm::{Backing, GuestAccess, PageSize, Vm, Workload};
 
 /// Descriptor flag: chained.
 pub const F_NEXT: u16 = 1;
@@ -246,6 +246,14 @@ impl Driver {
         self.notify(role);
         heads.len() as u16
     }
+}
+
+/// A VM with the default balloon, one vCPU and the verify workload (not
+/// started: the driver plays the guest), console discarded.
+pub fn balloon_vm(mem: &str, backing: Backing, page: PageSize) -> Vm {
+    let (mut c, _console) = crate::config(mem, 1, backing, page, Workload::Verify);
+    c.balloon = Some(BalloonConfig::default());
+    Vm::new(c).expect("VM creation")
 }
 
 /// PFNs of `[gpa, gpa + len)`.

@@ -6,20 +6,14 @@
 //! stats, feature flags.
 
 use guest_mm::{Gpa, PageState};
-use tests::virtio::{file_bytes, pfns, resident_pages, Driver, F_WRITE, Q};
-use tests::{config, kvm_or_skip, loud, HugePages};
-use vmm::devices::virtio::balloon::{BalloonConfig, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ};
-use vmm::{Backing, PageSize, Vm, Workload};
+use tests::virtio::{balloon_vm, file_bytes, pfns, resident_pages, Driver, F_WRITE, Q};
+use tests::{kvm_or_skip, loud, HugePages};
+use vmm::devices::virtio::balloon::{F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ};
+use vmm::{Backing, PageSize, Vm};
 
 const MIB: u64 = 1 << 20;
 const AREA: u64 = 4 * MIB;
 const AREA_BYTES: u64 = tests::virtio::AREA;
-
-fn balloon_vm(mem: &str, backing: Backing, page: PageSize) -> Vm {
-    let (mut c, _console) = config(mem, 1, backing, page, Workload::Verify);
-    c.balloon = Some(BalloonConfig::default());
-    Vm::new(c).expect("VM creation")
-}
 
 fn host_of(vm: &Vm, gpa: u64) -> usize {
     let r = vm.memory().regions()[0];

@@ -4,15 +4,13 @@
 //! working (every test ends with a good inflate that must succeed).
 
 use guest_mm::{Gpa, PageState};
-use tests::virtio::{pfns, Driver, F_NEXT, F_WRITE, Q};
-use tests::{config, kvm_or_skip};
-use vmm::devices::virtio::balloon::{
-    BalloonConfig, BalloonError, F_REPORTING, F_STATS_VQ, MAX_PFNS_PER_CHAIN,
-};
+use tests::kvm_or_skip;
+use tests::virtio::{balloon_vm, pfns, Driver, F_NEXT, F_WRITE, Q};
+use vmm::devices::virtio::balloon::{BalloonError, F_REPORTING, F_STATS_VQ, MAX_PFNS_PER_CHAIN};
 use vmm::devices::virtio::mmio::{ConfigError, TransportError};
 use vmm::devices::virtio::queue::{ChainError, ChainReadError};
 use vmm::devices::virtio::BusDevice;
-use vmm::{Backing, PageSize, Vm, Workload};
+use vmm::{Backing, PageSize, Vm};
 
 const MIB: u64 = 1 << 20;
 const AREA: u64 = 4 * MIB;
@@ -23,9 +21,7 @@ fn setup(name: &str) -> Option<(Vm, Driver)> {
     if !kvm_or_skip(name) {
         return None;
     }
-    let (mut c, _console) = config("64M", 1, Backing::Anon, PageSize::Size4K, Workload::Verify);
-    c.balloon = Some(BalloonConfig::default());
-    let vm = Vm::new(c).expect("VM creation");
+    let vm = balloon_vm("64M", Backing::Anon, PageSize::Size4K);
     let mut d = Driver::new(&vm, AREA);
     assert_eq!(d.init(F_STATS_VQ | F_REPORTING), 0xf);
     Some((vm, d))

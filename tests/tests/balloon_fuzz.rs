@@ -7,10 +7,10 @@
 use guest_mm::{Gpa, PageState};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use tests::virtio::{pfns, Driver, Q, QSIZE};
-use tests::{config, kvm_or_skip};
-use vmm::devices::virtio::balloon::{BalloonConfig, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ};
-use vmm::{Backing, PageSize, Vm, Workload};
+use tests::kvm_or_skip;
+use tests::virtio::{balloon_vm, pfns, Driver, Q, QSIZE};
+use vmm::devices::virtio::balloon::{F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ};
+use vmm::{Backing, PageSize, Vm};
 
 const MIB: u64 = 1 << 20;
 const AREA: u64 = 4 * MIB;
@@ -90,9 +90,7 @@ fn random_descriptors_never_release_outside_ram() {
     if !kvm_or_skip("random_descriptors_never_release_outside_ram") {
         return;
     }
-    let (mut c, _console) = config("64M", 1, Backing::Anon, PageSize::Size4K, Workload::Verify);
-    c.balloon = Some(BalloonConfig::default());
-    let vm = Vm::new(c).expect("VM creation");
+    let vm = balloon_vm("64M", Backing::Anon, PageSize::Size4K);
     let mut d = Driver::new(&vm, AREA);
     let all = F_STATS_VQ | F_DEFLATE_ON_OOM | F_REPORTING;
     let mut runner = TestRunner::new(Config {
