@@ -1,7 +1,8 @@
 //! Fault injection points, so that every fallback path can be forced in tests.
 //!
-//! A [`FailPoint`] is consulted before a fallible allocation. It is cheap
-//! (two relaxed atomics) and off by default.
+//! A [`FailPoint`] is consulted before a fallible step (an allocation, a
+//! batched release, spawning a release helper). It is cheap (a few relaxed
+//! atomic operations) and off by default.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
