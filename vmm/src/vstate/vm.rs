@@ -481,6 +481,12 @@ impl Vm {
         o
     }
 
+    /// Whether vCPU 0 has finished (without copying the outcomes).
+    fn vcpu0_finished(&self) -> bool {
+        let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+        r.outcomes.iter().any(|(i, _)| *i == 0)
+    }
+
     /// Whether every vCPU finished and verified its share.
     pub fn guest_ok(&self) -> bool {
         let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
@@ -607,15 +613,18 @@ impl Vm {
         timeout: Duration,
         pred: impl Fn(&guest::balloon::DriverStatus) -> bool,
     ) -> Result<(guest::balloon::DriverStatus, bool)> {
-        use guest::balloon::DriverState;
+        use guest::balloon::{DriverState, DriverStatus};
         let t0 = Instant::now();
+        // One accessor (an RCU reader and its translation cache) for the
+        // whole wait, not one per poll.
+        let mut mem = self.stage2().access();
         loop {
-            let s = self.balloon_driver_status()?;
+            let s = DriverStatus::read(&mut mem)?;
             if pred(&s) {
                 return Ok((s, true));
             }
             let stopped = matches!(s.state, DriverState::Failed | DriverState::Exited)
-                || self.outcomes().iter().any(|(i, _)| *i == 0);
+                || self.vcpu0_finished();
             if stopped || t0.elapsed() >= timeout {
                 return Ok((s, false));
             }
