@@ -250,11 +250,7 @@ pub struct DriverStatus {
 impl DriverStatus {
     /// Parses the block from the control page's bytes `[0, status::END)`.
     pub fn parse(page: &[u8]) -> Option<Self> {
-        let word = |off: u64| -> Option<u64> {
-            let o = usize::try_from(off).ok()?;
-            let b: [u8; 8] = page.get(o..o + 8)?.try_into().ok()?;
-            Some(u64::from_le_bytes(b))
-        };
+        let word = |off: u64| super::le_u64_at(page, off);
         let first_bad = word(status::FIRST_BAD)?;
         Some(Self {
             state: DriverState::from_u64(word(status::STATE)?),

@@ -163,11 +163,7 @@ pub mod stress {
     impl VcpuStress {
         /// Parses vCPU `index`'s block from the control page's bytes.
         pub fn parse(page: &[u8], index: u32) -> Option<Self> {
-            let word = |off: u64| -> Option<u64> {
-                let o = usize::try_from(block(index) + off).ok()?;
-                let b: [u8; 8] = page.get(o..o + 8)?.try_into().ok()?;
-                Some(u64::from_le_bytes(b))
-            };
+            let word = |off: u64| super::le_u64_at(page, block(index) + off);
             let first = word(FIRST_BAD)?;
             Some(Self {
                 vcpu: index,
@@ -284,6 +280,14 @@ pub fn share(mem: u64, vcpus: u32, index: u32) -> (u64, u64) {
     let start = layout::WORKLOAD_START + chunks * i / n * SIZE_2M;
     let end = layout::WORKLOAD_START + chunks * (i + 1) / n * SIZE_2M;
     (start, end)
+}
+
+/// The little-endian `u64` at byte `off` of `page` (a copy of the control
+/// page, or of a block in it); `None` past its end.
+pub(crate) fn le_u64_at(page: &[u8], off: u64) -> Option<u64> {
+    let o = usize::try_from(off).ok()?;
+    let b: [u8; 8] = page.get(o..o.checked_add(8)?)?.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
 }
 
 fn write_u64(gm: &GuestMemoryMmap, gpa: u64, v: u64) -> Result<(), GuestError> {
