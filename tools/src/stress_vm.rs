@@ -173,13 +173,6 @@ fn parse_page_size(s: &str) -> Result<PageSize, String> {
         .map_err(|_| format!("invalid page size {s:?}: expected 4K or 2M"))
 }
 
-fn leaf_name(p: PageSize) -> &'static str {
-    match p {
-        PageSize::Size4K => "4K",
-        PageSize::Size2M => "2M",
-    }
-}
-
 fn parse_fraction(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .trim()
@@ -437,7 +430,7 @@ struct StressVmJson {
     vcpus: u32,
     device_threads: u32,
     backing: String,
-    page_size: &'static str,
+    page_size: String,
     membarrier: bool,
     inject: Option<&'static str>,
     cycles: u64,
@@ -576,7 +569,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             a.vcpus,
             a.device_threads,
             a.backing,
-            leaf_name(a.page_size),
+            a.page_size,
             a.seconds,
             a.inject
                 .map(|i| format!(", INJECTING {}", i.name()))
@@ -865,7 +858,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         vcpus: a.vcpus,
         device_threads: a.device_threads,
         backing: format!("{:?}", a.backing).to_lowercase(),
-        page_size: leaf_name(a.page_size),
+        page_size: a.page_size.to_string(),
         membarrier: crate::membarrier(),
         inject: a.inject.map(Inject::name),
         cycles,
