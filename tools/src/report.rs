@@ -658,15 +658,7 @@ fn machine_info() -> Value {
         .count();
     let cores = std::thread::available_parallelism().map_or(cpus.max(1), |n| n.get());
     let virtualized = field("flags").map(|f| f.split_whitespace().any(|x| x == "hypervisor"));
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(String::from))
-        })
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb * 1024);
+    let mem = crate::mem::proc_kib("/proc/meminfo", "MemTotal:");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .ok()
         .map(|s| s.trim().to_string());

@@ -55,7 +55,7 @@ use guest_mm::PageSize as Leaf;
 use serde::Serialize;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
-use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
+use crate::mem::{anon_huge_bytes, proc_kib, AnonRegion, PAGE};
 use crate::rng::{median, ms, round};
 use crate::units::human_bytes;
 
@@ -319,24 +319,12 @@ fn host_shmem() -> u64 {
 }
 
 fn meminfo(key: &str) -> u64 {
-    kib_field("/proc/meminfo", key)
+    proc_kib("/proc/meminfo", key).unwrap_or(0)
 }
 
 /// VmRSS of another process, bytes (0 if it is gone).
 fn rss_of(pid: u32) -> u64 {
-    kib_field(&format!("/proc/{pid}/status"), "VmRSS:")
-}
-
-/// The `key  N kB` line of a /proc file, bytes (0 if missing).
-fn kib_field(path: &str, key: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    proc_kib(&format!("/proc/{pid}/status"), "VmRSS:").unwrap_or(0)
 }
 
 /// One VM teardown.
