@@ -8,10 +8,10 @@
 //! tables and descriptor tables and starts every vCPU directly in ring 3, so
 //! that nothing runs at CPL0 (which shadow-paging hosts emulate slowly).
 //!
-//! Memory release and demand faults: [`Vm::release_range`] drops the backing
-//! of a guest range and arms userfaultfd on it; the next touch faults into
-//! the handler, which installs zeros and tells a [`uffd::FaultHook`] (the
-//! stage-2 table) with a begin/commit protocol. [`Vm::destroy`] is the single
+//! Memory release and demand faults: [`Vm::release_range`] arms userfaultfd
+//! on a guest range and drops its backing through the stage-2 gather; the
+//! next touch faults into the handler, which installs zeros and tells a
+//! [`uffd::FaultHook`] (the stage-2 table) with a begin/commit protocol. [`Vm::destroy`] is the single
 //! teardown path.
 //!
 //! Guest memory is mirrored by a guest-mm stage-2 table ([`stage2`]):

@@ -9,12 +9,14 @@
 //! [`KvmSide`] subscriber, and the release (`madvise` / punch-hole), whose
 //! kernel mmu_notifier zaps KVM's own entries for the range.
 //!
-//! Demand faults come back through [`TableFaultHook`]: the userfaultfd
-//! handler reads the invalidation sequence before it installs a page and
-//! commits with `fault_in_if_unchanged`, which refuses (and the handler
-//! undoes and retries) if an invalidation ran in between or a release is
-//! pending over the page, so a fault never resurrects a page that an
-//! in-flight unmap is releasing.
+//! Demand faults come back through the table's fault hook
+//! ([`Stage2::fault_hook`]): the userfaultfd handler asks it for the leaf
+//! size at the faulting page (`fault_granule`), reads the invalidation
+//! sequence before it installs that leaf and commits what it installed with
+//! `fault_in_range_if_unchanged`, which refuses (and the handler undoes and
+//! retries) if an invalidation ran in between or a release is pending over
+//! the range, so a fault never resurrects a page that an in-flight unmap is
+//! releasing.
 //!
 //! Device emulation and host-side checks read and write guest memory with a
 //! [`GuestAccess`]: the lockless fast walk with a per-thread translation

@@ -109,14 +109,15 @@ pub mod control {
 /// vCPUs 1..N rewrite and verify their whole share in a loop (one *pass*
 /// each time) until the command word holds [`control::CMD_EXIT`]. vCPU 0
 /// runs the balloon driver and, whenever it is at its target with no new
-/// command, rewrites and verifies the next [`CHUNK`] of its share below the
-/// balloon (starting at [`CURSOR`]); a sweep that reaches the balloon counts
-/// as one pass. Each vCPU keeps a block at [`block`]`(index)`: passes, bad
-/// words, first bad GPA (u64 each, written by the guest only). A pass or
-/// chunk with bad words is also reported with `OP_RESULT` (range, bad
-/// words, first bad GPA). The pattern never changes, so a host reader sees
-/// `gpa ^ seed` in every word the guest owns and has written once, whether
-/// or not the guest is rewriting it.
+/// command, rewrites and verifies the next [`CHUNK`](stress::CHUNK) of its
+/// share below the balloon (starting at [`CURSOR`](stress::CURSOR)); a sweep
+/// that reaches the balloon counts as one pass. Each vCPU keeps a block at
+/// [`block`](stress::block)`(index)`: passes, bad words, first bad GPA
+/// (u64 each, written by the guest only). A pass or chunk with bad words is
+/// also reported with `OP_RESULT` (range, bad words, first bad GPA). The
+/// pattern never changes, so a host reader sees `gpa ^ seed` in every word
+/// the guest owns and has written once, whether or not the guest is
+/// rewriting it.
 pub mod stress {
     use super::{control, layout};
 
