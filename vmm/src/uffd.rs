@@ -227,7 +227,9 @@ struct Shared {
     regions: Vec<RegionDesc>,
     /// Exclusive for release, shared for resolution.
     lock: RwLock<()>,
-    /// Host ranges already registered (start, len).
+    /// Host ranges already registered, as sorted, disjoint `[start, end)`
+    /// with touching ranges merged: bounded by guest RAM, however many
+    /// releases overlap.
     registered: Mutex<Vec<(u64, u64)>>,
     stats: FaultStats,
     hook: Arc<dyn FaultHook>,
@@ -362,8 +364,7 @@ impl FaultHandler {
             .registered
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let covered = reg.iter().any(|&(s, l)| host >= s && host + len <= s + l);
-        if !covered {
+        if !covered(&reg, host, host + len) {
             let mut r = UffdioRegister {
                 range: UffdioRange { start: host, len },
                 mode: UFFDIO_REGISTER_MODE_MISSING,
@@ -375,7 +376,7 @@ impl FaultHandler {
             if unsafe { libc::ioctl(self.shared.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut r) } != 0 {
                 return Err(UffdError::Register(gpa, len, last_err()));
             }
-            reg.push((host, len));
+            insert(&mut reg, host, host + len);
         }
         drop(reg);
         drop(w);
@@ -404,6 +405,25 @@ impl Drop for FaultHandler {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Whether `[start, end)` lies inside one range of `reg` (sorted, disjoint,
+/// touching ranges merged, as [`insert`] keeps it).
+fn covered(reg: &[(u64, u64)], start: u64, end: u64) -> bool {
+    // Only the first range that ends at or after `end` can hold it.
+    let i = reg.partition_point(|&(_, e)| e < end);
+    reg.get(i).is_some_and(|&(s, _)| s <= start)
+}
+
+/// Adds `[start, end)` to `reg`, merging it with every range it overlaps
+/// or touches.
+fn insert(reg: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    let i = reg.partition_point(|&(_, e)| e < start);
+    let j = i + reg[i..].iter().take_while(|&&(s, _)| s <= end).count();
+    let (s, e) = reg[i..j]
+        .iter()
+        .fold((start, end), |(s, e), &(rs, re)| (s.min(rs), e.max(re)));
+    reg.splice(i..j, [(s, e)]);
 }
 
 /// Whether the 4 KiB page at host address `page` is resident.
@@ -631,6 +651,36 @@ mod tests {
         // Resolved pages stay; a second read does not fault.
         assert_eq!(gm.read_obj::<u64>(GuestAddress(gpa + 128)).unwrap(), 0);
         assert_eq!(h.stats().summary().faults, 1);
+    }
+
+    #[test]
+    fn registered_ranges_merge_and_cover() {
+        let mut reg = Vec::new();
+        insert(&mut reg, 0x40_0000, 0x60_0000);
+        insert(&mut reg, 0x80_0000, 0xa0_0000);
+        insert(&mut reg, 0x10_0000, 0x20_0000);
+        assert_eq!(
+            reg,
+            vec![
+                (0x10_0000, 0x20_0000),
+                (0x40_0000, 0x60_0000),
+                (0x80_0000, 0xa0_0000)
+            ]
+        );
+        assert!(covered(&reg, 0x40_0000, 0x60_0000));
+        assert!(covered(&reg, 0x41_0000, 0x42_0000));
+        assert!(!covered(&reg, 0x50_0000, 0x90_0000));
+        assert!(!covered(&reg, 0x20_0000, 0x30_0000));
+        assert!(!covered(&reg, 0xa0_0000, 0xa1_0000));
+        // Touching ranges join; one overlapping several swallows them.
+        insert(&mut reg, 0x60_0000, 0x70_0000);
+        assert_eq!(reg[1], (0x40_0000, 0x70_0000));
+        assert!(covered(&reg, 0x50_0000, 0x70_0000));
+        insert(&mut reg, 0x18_0000, 0x90_0000);
+        assert_eq!(reg, vec![(0x10_0000, 0xa0_0000)]);
+        assert!(covered(&reg, 0x10_0000, 0xa0_0000));
+        assert!(!covered(&reg, 0x0f_f000, 0x10_1000));
+        assert!(!covered(&[], 0, 0x1000));
     }
 
     #[test]
