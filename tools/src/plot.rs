@@ -14,6 +14,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::chart::MeshStyle;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -232,15 +233,9 @@ pub(crate) fn lines(path: &Path, c: &LineChart<'_>) -> Result<()> {
                 let mut chart = b.build_cartesian_2d($xr, $yr).map_err(plot_err)?;
                 let xf = |x: &f64| (c.x_label)(*x);
                 let yf = |y: &f64| tick(*y);
-                chart
-                    .configure_mesh()
-                    .x_desc(c.x_desc)
-                    .y_desc(c.y_desc)
+                styled(&mut chart.configure_mesh(), c.x_desc, c.y_desc, 15)
                     .x_label_formatter(&xf)
                     .y_label_formatter(&yf)
-                    .axis_desc_style((FONT, 18))
-                    .label_style((FONT, 15))
-                    .light_line_style(RGBColor(235, 235, 235))
                     .draw()
                     .map_err(plot_err)?;
                 for (i, s) in c.series.iter().enumerate() {
@@ -368,6 +363,21 @@ fn side_legend(area: &Area<'_>, entries: &[(&str, RGBColor, Shape)], line: bool)
     Ok(())
 }
 
+/// The mesh style both kinds of chart share: axis titles, fonts of
+/// `label_px` tick labels, a light grid.
+fn styled<'m, 'a, 'b, X: Ranged, Y: Ranged, DB: DrawingBackend>(
+    m: &'m mut MeshStyle<'a, 'b, X, Y, DB>,
+    x_desc: &str,
+    y_desc: &str,
+    label_px: u32,
+) -> &'m mut MeshStyle<'a, 'b, X, Y, DB> {
+    m.x_desc(x_desc)
+        .y_desc(y_desc)
+        .axis_desc_style((FONT, 18))
+        .label_style((FONT, label_px))
+        .light_line_style(RGBColor(235, 235, 235))
+}
+
 /// A tick label: few digits, no trailing zeros.
 pub(crate) fn tick(v: f64) -> String {
     let a = v.abs();
@@ -438,21 +448,20 @@ pub(crate) fn grouped_bars(path: &Path, c: &BarChart<'_>) -> Result<()> {
                 let mut chart = b
                     .build_cartesian_2d(-0.5..n as f64 - 0.5, $yr)
                     .map_err(plot_err)?;
-                chart
-                    .configure_mesh()
-                    .disable_x_mesh()
-                    // One unit per category: a label count just above the
-                    // number of categories puts the ticks on whole numbers.
-                    .x_labels(n + 1)
-                    .x_desc(c.x_desc)
-                    .y_desc(c.y_desc)
-                    .x_label_formatter(&xf)
-                    .y_label_formatter(&yf)
-                    .axis_desc_style((FONT, 18))
-                    .label_style((FONT, if n > 10 { 13 } else { 15 }))
-                    .light_line_style(RGBColor(235, 235, 235))
-                    .draw()
-                    .map_err(plot_err)?;
+                styled(
+                    &mut chart.configure_mesh(),
+                    c.x_desc,
+                    c.y_desc,
+                    if n > 10 { 13 } else { 15 },
+                )
+                .disable_x_mesh()
+                // One unit per category: a label count just above the
+                // number of categories puts the ticks on whole numbers.
+                .x_labels(n + 1)
+                .x_label_formatter(&xf)
+                .y_label_formatter(&yf)
+                .draw()
+                .map_err(plot_err)?;
                 for (j, s) in c.series.iter().enumerate() {
                     let color = s.color;
                     let bars: Vec<(f64, f64)> = s
