@@ -3,12 +3,15 @@
 // Each test file uses its own subset.
 #![allow(dead_code)]
 
+use std::io::Write as _;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
 /// Whether `/dev/kvm` can be opened; if not, says loudly that `test` is
-/// skipped (it then returns without checking anything).
+/// skipped (it then returns without checking anything). The line goes to
+/// the real stderr, past the harness's output capture (`eprintln!` would
+/// be captured and shown only for failing tests), as in the `tests` crate.
 pub fn kvm_or_skip(test: &str) -> bool {
     match std::fs::OpenOptions::new()
         .read(true)
@@ -17,7 +20,10 @@ pub fn kvm_or_skip(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("\n**********\nSKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM\n**********\n");
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "\n**********\nSKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM\n**********\n"
+            );
             false
         }
     }
