@@ -219,6 +219,16 @@ pub struct WalkGuard<'w> {
 }
 
 impl<'w> WalkGuard<'w> {
+    /// What the table says about the page at `gpa`, like
+    /// [`Stage2Table::query`] but inside this read section: no reader
+    /// registration, no lock, no allocation (for fault handlers).
+    pub fn query(&self, gpa: Gpa) -> crate::table::PageState {
+        if gpa.0 >= ADDRESS_LIMIT {
+            return crate::table::PageState::Unmapped;
+        }
+        crate::table::state_of(self.table.lookup(gpa.0), gpa.0)
+    }
+
     /// Translate `gpa` for `access`, through the cache, else by a lockless walk.
     #[inline]
     pub fn translate(&self, gpa: Gpa, access: Access) -> Result<Translation<'_>, WalkError> {

@@ -261,6 +261,25 @@ fn discard_faults_back_in_and_balloon_deflates() {
             p.translate(Gpa(M2), Access::Read).unwrap_err(),
             WalkError::Ballooned(Gpa(M2))
         );
+        // A pinned query sees what the table's own query sees: markers
+        // with their leaf size, holes, and addresses past the limit.
+        for gpa in [4096, M2 + 8192, 2 * M2, 1 << 60] {
+            assert_eq!(p.query(Gpa(gpa)), t.query(Gpa(gpa)), "{gpa:#x}");
+        }
+        assert!(matches!(
+            p.query(Gpa(4096)),
+            PageState::Discarded {
+                size: PageSize::Size2M,
+                ..
+            }
+        ));
+        assert!(matches!(
+            p.query(Gpa(M2)),
+            PageState::Ballooned {
+                size: PageSize::Size2M,
+                ..
+            }
+        ));
     }
     assert_eq!(
         t.fault_in(Gpa(8192)),

@@ -241,8 +241,20 @@ struct TableFaultHook {
 impl FaultHook for TableFaultHook {
     fn fault_granule(&self, gpa: u64, max: u64) -> u64 {
         // A balloon or discard may have split a huge leaf: install only
-        // the leaf that faulted, never its ballooned neighbours.
-        match self.table.query(Gpa(gpa)) {
+        // the leaf that faulted, never its ballooned neighbours. The fault
+        // thread keeps one walker per table, so asking costs a pinned walk:
+        // no reader registration, no lock, no allocation per fault.
+        thread_local! {
+            static WALKER: std::cell::RefCell<Option<Walker>> = const { std::cell::RefCell::new(None) };
+        }
+        let state = WALKER.with_borrow_mut(|w| {
+            let w = match w {
+                Some(w) if Arc::ptr_eq(w.table(), &self.table) => w,
+                _ => w.insert(self.table.walker()),
+            };
+            w.pin().query(Gpa(gpa))
+        });
+        match state {
             PageState::Present { size, .. }
             | PageState::Discarded { size, .. }
             | PageState::Ballooned { size, .. } => size.bytes().min(max),
