@@ -57,6 +57,11 @@ fn row<'a>(md: &'a str, cells: &[&str]) -> &'a str {
         .unwrap_or_else(|| panic!("no row starting with {prefix:?} in:\n{md}"))
 }
 
+/// `r` (a table row) says `what` and ends with a missed verdict.
+fn assert_missed(r: &str, what: &str) {
+    assert!(r.contains(what) && r.ends_with("| **missed** |"), "{r}");
+}
+
 // ---------------------------------------------------------------------
 // FIXTURES (hand-made, schema-faithful; not measurements)
 
@@ -575,11 +580,7 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
             "vmm process exits sooner than QEMU after quit (where measured)",
         ],
     );
-    assert!(
-        r.contains("95.0 vs 200 ms at 1 GiB; 185 vs 150 ms at 2 GiB")
-            && r.ends_with("| **missed** |"),
-        "{r}"
-    );
+    assert_missed(r, "95.0 vs 200 ms at 1 GiB; 185 vs 150 ms at 2 GiB");
 
     assert!(
         md.contains("Warning: at 4 GiB the RSS did not come back near its level before launch"),
@@ -788,10 +789,7 @@ fn stress_violations_and_balloon_rss_verdicts_flip() {
             "stress runs show 0 guest errors, 0 stale translations, 0 use-after-free",
         ],
     );
-    assert!(
-        r.contains("2 guest errors, 0 stale translations") && r.ends_with("| **missed** |"),
-        "{r}"
-    );
+    assert_missed(r, "2 guest errors, 0 stale translations");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -860,10 +858,7 @@ fn quick_balloon_rss_threshold_is_scaled_and_a_missing_vmm_is_not_measured() {
     write(&dir, "balloon-rss-anon.json", &anon);
     let (_, md) = report_from(&dir, "balloon-rss");
     let r = row(&md, &["balloon-rss", &format!("{quick}, anon backing")]);
-    assert!(
-        r.contains("RSS dropped by 119 MiB") && r.ends_with("| **missed** |"),
-        "{r}"
-    );
+    assert_missed(r, "RSS dropped by 119 MiB");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
