@@ -93,9 +93,19 @@ fn random_descriptors_never_release_outside_ram() {
     let vm = balloon_vm("64M", Backing::Anon, PageSize::Size4K);
     let mut d = Driver::new(&vm, AREA);
     let all = F_STATS_VQ | F_DEFLATE_ON_OOM | F_REPORTING;
+    // A fixed seed by default, so that CI always runs the same 400 cases
+    // (a random seed once produced a run whose cases barely reached the
+    // release path, failing the vacuity check below); set
+    // PROPTEST_RNG_SEED=<n> to explore other inputs.
+    let seed = std::env::var("PROPTEST_RNG_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xba11_f022);
+    eprintln!("balloon fuzz: seed {seed} (PROPTEST_RNG_SEED)");
     let mut runner = TestRunner::new(Config {
         cases: 400,
         failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
         ..Config::default()
     });
     let check = |vm: &Vm, d: &mut Driver, i: &Input| -> Result<(), TestCaseError> {
