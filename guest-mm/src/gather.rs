@@ -38,6 +38,7 @@ use std::ptr::NonNull;
 use crate::addr::Gpa;
 use crate::backing::ReleaseError;
 use crate::entry::{ADDRESS_LIMIT, LEVELS};
+use crate::mutation::{broken, Rule};
 use crate::notify::Invalidation;
 use crate::reclaim::PagePtr;
 use crate::sync::Ordering;
@@ -252,6 +253,15 @@ impl<'t> Gather<'t> {
 
     /// Record host backing to release, coalescing with the current run.
     pub(crate) fn note_release(&mut self, hva: u64, len: u64) {
+        if broken(Rule::UnhookOrder) {
+            // Broken on purpose: released here, under the table lock,
+            // before any invalidation or grace period.
+            let t = self.table;
+            let mut batch = t.backing.batch(None);
+            t.backing.release_into(hva, len, &mut batch);
+            let _ = batch.finish();
+            return;
+        }
         match self.run {
             Some((s, l)) if s + l == hva => self.run = Some((s, l + len)),
             Some((s, l)) if hva + len == s => self.run = Some((hva, l + len)),
@@ -323,7 +333,9 @@ impl<'t> Gather<'t> {
         let t = self.table;
         t.inval_seq.fetch_add(1, Ordering::Release);
         t.subscribers.start(inv);
-        t.rcu.synchronize();
+        if !broken(Rule::GracePeriod) {
+            t.rcu.synchronize();
+        }
         t.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 

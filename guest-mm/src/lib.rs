@@ -25,6 +25,7 @@ pub mod backing;
 pub mod entry;
 pub mod fault;
 pub mod gather;
+pub mod mutation;
 pub mod notify;
 pub mod reclaim;
 #[cfg(not(loom))]

@@ -29,6 +29,7 @@ use std::ptr::NonNull;
 
 use crate::entry::{ENTRIES, POISON};
 use crate::fault::FailPoint;
+use crate::mutation::{broken, Rule};
 use crate::sync::{backoff, fence, lock, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// One 4 KiB page of a stage-2 table.
@@ -434,6 +435,15 @@ impl Rcu {
     /// can reach it), and must be handed over only once.
     pub(crate) unsafe fn retire(&self, pages: &[PagePtr], fail: &FailPoint) {
         if pages.is_empty() {
+            return;
+        }
+        if broken(Rule::DeferredFree) {
+            for &p in pages {
+                // SAFETY: this is the bug the `DeferredFree` switch injects
+                // (mutation builds only): the pages are unlinked (contract),
+                // but a reader may still be inside one when it is poisoned.
+                unsafe { self.pool.free(p) };
+            }
             return;
         }
         {

@@ -28,6 +28,7 @@ use thiserror::Error;
 
 use crate::addr::{Gpa, Hva, PageSize, Perms};
 use crate::entry::{level_size, ADDRESS_LIMIT, PAGE_SHIFT, PAGE_SIZE, SW_BALLOONED};
+use crate::mutation::{broken, Rule};
 use crate::reclaim::{ReadGuard, Reader};
 use crate::sync::{Arc, Ordering};
 use crate::table::{Lookup, Stage2Table};
@@ -178,7 +179,7 @@ impl Walker {
         // After the pin's fence: an invalidation whose grace period does
         // not wait for us has bumped the sequence before we read it.
         let seq = self.table.inval_seq.load(Ordering::Acquire);
-        if self.cache.seq.get() != seq {
+        if self.cache.seq.get() != seq && !broken(Rule::CacheShootdown) {
             self.cache.clear();
             self.cache.seq.set(seq);
             bump(&self.counters.shootdowns);

@@ -30,6 +30,8 @@ pub mod balloon;
 pub mod mmio;
 pub mod queue;
 
+use guest_mm::mutation::{broken, Rule};
+
 use crate::memory::RegionDesc;
 
 /// Where the balloon's virtio-mmio window lives: in the 2 MiB MMIO page the
@@ -70,7 +72,8 @@ impl RamLayout {
     /// Whether `[gpa, gpa + len)` is RAM the guest may give back (balloon,
     /// free page reporting): inside RAM and not below the reserved limit.
     pub fn releasable(&self, gpa: u64, len: u64) -> bool {
-        gpa >= self.reserved_below && self.contains(gpa, len)
+        (gpa >= self.reserved_below || broken(Rule::BalloonReservedLow))
+            && (self.contains(gpa, len) || broken(Rule::BalloonBounds))
     }
 
     /// First address that may be released.

@@ -27,6 +27,8 @@ use std::sync::atomic::{fence, Ordering};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
+use guest_mm::mutation::{broken, Rule};
+
 use super::RamLayout;
 use crate::stage2::{GuestAccess, Stage2Error};
 
@@ -276,10 +278,16 @@ impl Queue {
             if flags & VRING_DESC_F_INDIRECT != 0 {
                 return Err(ChainError::Indirect { index });
             }
-            if len == 0 {
+            if len == 0 && !broken(Rule::DescLength) {
                 return Err(ChainError::ZeroLength { index });
             }
-            if !ram.contains(addr, u64::from(len)) {
+            // (A mutation build may check only the first byte, or nothing.)
+            let checked_len = if broken(Rule::DescLength) {
+                1
+            } else {
+                u64::from(len)
+            };
+            if !broken(Rule::DescAddress) && !ram.contains(addr, checked_len) {
                 return Err(ChainError::OutsideRam { index, addr, len });
             }
             out.push(Desc {
