@@ -7,7 +7,9 @@
 //! - `gmm bench walk` times the lockless fast walk, alone and under an
 //!   unmap storm, against an `RwLock` page map and vm-memory's lookup;
 //! - `gmm bench balloon` inflates a virtio-balloon through the real device
-//!   path (host-side driver, no vCPU) against madvise baselines.
+//!   path (host-side driver, no vCPU) against madvise baselines;
+//! - `gmm mutation` breaks each protocol and device rule in turn (a build
+//!   with the test-only `mutation` feature) and checks that its detectors fail.
 //!
 //! `--no-membarrier` (any command) makes guest-mm fall back from
 //! membarrier-based asymmetric fences to a SeqCst fence on both sides, so
@@ -21,6 +23,7 @@
 mod balloon;
 mod launch;
 mod mem;
+mod mutation;
 mod plot;
 mod progress;
 mod report;
@@ -57,6 +60,9 @@ enum Cmd {
     /// A real microVM whose vCPUs write and verify memory while the balloon
     /// inflates and deflates; exits non-zero on any violation.
     StressVm(stress_vm::Args),
+    /// Break each guest-mm/device rule in turn (test-only `mutation` build)
+    /// and check that every detector claiming it fails; exits non-zero if not.
+    Mutation(mutation::Args),
     /// Benchmarks against baselines measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
@@ -118,5 +124,6 @@ fn main() -> Result<()> {
         Cmd::Bench(Bench::Launch(a)) => launch::cmd(a),
         Cmd::Bench(Bench::Report(a)) => report::cmd(a),
         Cmd::StressVm(a) => stress_vm::cmd(a),
+        Cmd::Mutation(a) => mutation::cmd(a),
     }
 }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Break each rule in turn and run the detectors that claim it.
+#
+#   tools/mutation/run.sh [--quick] [--json] [--rules grace_period,...] [--runs N]
+#
+# Builds `gmm` normally and runs `gmm mutation`, which builds the detectors
+# with the test-only `mutation` feature into target/mutation (loom models into
+# target/mutation-loom), checks that every detector passes with nothing
+# broken, then breaks each rule (GMM_BREAK_RULE) and counts the detectors that
+# fail. Prints a table on stderr and, with --json, one JSON line on stdout:
+#   {"rules": N, "undetected": K, "results": [{"rule", "detector", "runs", "caught"}, ...], ...}
+# Exits non-zero if any detector fails unbroken or any rule goes undetected.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release -q -p tools --bin gmm
+exec target/release/gmm mutation --workspace "$PWD" "$@"
