@@ -1159,12 +1159,15 @@ pub fn cmd(a: &Args) -> Result<()> {
         res.naive_thp_bytes = median(&nthp) as u64;
         res.rss_returned_bytes = median(&ret) as u64;
         res.shmem_freed_bytes = (a.backing == BackingArg::Memfd).then(|| median(&shm) as u64);
-        res.reclaim_within_1_10x_munmap = res.ratio_vs_munmap > 0.0 && res.ratio_vs_munmap <= 1.1;
-        res.destroy_within_5ms = res.destroy_ms <= 5.0;
-        res.faster_than_qemu = match (res.process_exit_ms, res.qemu_ms) {
-            (Some(p), Some(q)) => Some(p < q),
-            _ => None,
-        };
+        let v = verdicts(
+            res.ratio_vs_munmap,
+            res.destroy_ms,
+            res.process_exit_ms,
+            res.qemu_ms,
+        );
+        res.reclaim_within_1_10x_munmap = v.reclaim_within_1_10x_munmap;
+        res.destroy_within_5ms = v.destroy_within_5ms;
+        res.faster_than_qemu = v.faster_than_qemu;
         for v in [
             &mut res.destroy_ms_all,
             &mut res.reclaim_ms_all,
@@ -1251,4 +1254,59 @@ pub fn cmd(a: &Args) -> Result<()> {
     };
     crate::emit_json(a.json, &out)?;
     Ok(())
+}
+
+/// The targets for one size, from its figures.
+#[derive(Debug, PartialEq)]
+struct Verdicts {
+    /// Memory back within 1.1x a bare munmap (a ratio of 0 means unmeasured).
+    reclaim_within_1_10x_munmap: bool,
+    /// The destroy call returned within 5 ms.
+    destroy_within_5ms: bool,
+    /// Our process exited before QEMU's (None unless both were measured).
+    faster_than_qemu: Option<bool>,
+}
+
+fn verdicts(
+    ratio_vs_munmap: f64,
+    destroy_ms: f64,
+    process_exit_ms: Option<f64>,
+    qemu_ms: Option<f64>,
+) -> Verdicts {
+    Verdicts {
+        reclaim_within_1_10x_munmap: ratio_vs_munmap > 0.0 && ratio_vs_munmap <= 1.1,
+        destroy_within_5ms: destroy_ms <= 5.0,
+        faster_than_qemu: match (process_exit_ms, qemu_ms) {
+            (Some(p), Some(q)) => Some(p < q),
+            _ => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::{verdicts, Verdicts};
+
+    /// Expected outcomes written out case by case at each boundary (not
+    /// recomputed with the code's thresholds).
+    #[test]
+    fn targets_at_their_boundaries() {
+        let v = |r, d, p, q| verdicts(r, d, p, q);
+        let met = Verdicts {
+            reclaim_within_1_10x_munmap: true,
+            destroy_within_5ms: true,
+            faster_than_qemu: Some(true),
+        };
+        assert_eq!(v(1.0, 0.3, Some(5.0), Some(6.0)), met);
+        assert_eq!(v(1.1, 5.0, Some(5.0), Some(5.5)), met);
+        let r = v(1.1001, 5.001, Some(6.0), Some(6.0));
+        assert!(!r.reclaim_within_1_10x_munmap);
+        assert!(!r.destroy_within_5ms);
+        assert_eq!(r.faster_than_qemu, Some(false));
+        // Unmeasured figures are never a met target.
+        assert!(!v(0.0, 0.3, None, None).reclaim_within_1_10x_munmap);
+        assert_eq!(v(0.9, 0.3, None, Some(3.0)).faster_than_qemu, None);
+        assert_eq!(v(0.9, 0.3, Some(3.0), None).faster_than_qemu, None);
+        assert!(v(0.5, 0.0, None, None).reclaim_within_1_10x_munmap);
+    }
 }

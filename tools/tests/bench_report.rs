@@ -15,7 +15,7 @@ use std::process::Output;
 use serde_json::{json, Value};
 
 mod common;
-use common::gmm;
+use common::{gmm, kvm_or_skip, loud};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -933,8 +933,7 @@ fn bad_arguments_fail_clearly() {
 /// left out: it also needs QEMU to be complete): about 10 s.
 #[test]
 fn quick_run_smoke() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !kvm_or_skip("quick_run_smoke") {
         return;
     }
     let dir = scratch("quick");
@@ -945,10 +944,10 @@ fn quick_run_smoke() {
     let only = if vmm.is_file() {
         "unmap,walk,balloon,launch,stress-vm,balloon-rss"
     } else {
-        eprintln!(
-            "SKIPPED (part): balloon-rss: no {} (cargo build -p vmm into the same target dir)",
+        loud(&format!(
+            "SKIPPED (part): quick_run_smoke: balloon-rss: no {} (cargo build -p vmm into the same target dir)",
             vmm.display()
-        );
+        ));
         "unmap,walk,balloon,launch,stress-vm"
     };
     let t = std::time::Instant::now();

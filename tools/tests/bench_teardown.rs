@@ -1,7 +1,7 @@
 //! End-to-end checks of `gmm bench teardown` and `gmm bench launch`: each
 //! runs briefly on real `/dev/kvm`, its last stdout line parses as JSON
 //! with the documented fields, and the figures are sane (memory came back,
-//! times are positive, the target checks agree with the figures). Without
+//! times are positive, the verdicts agree with figures clearly on one side of their targets). Without
 //! `/dev/kvm` the tests print a loud SKIPPED line and pass; without QEMU the
 //! peer must be reported as skipped.
 
@@ -40,9 +40,9 @@ fn bench_teardown_json() {
     ];
     let process = vmm_next_to_gmm().is_some();
     if !process {
-        eprintln!(
-            "NOTE: bench_teardown_json: no vmm binary next to gmm (cargo build --release -p vmm); \
-             the vmm process peer is not exercised"
+        loud(
+            "SKIPPED (part): bench_teardown_json: no vmm binary next to gmm \
+             (cargo build --release -p vmm); the vmm process peer is not exercised",
         );
         args.push("--no-process");
     }
@@ -71,14 +71,25 @@ fn bench_teardown_json() {
     assert!(num(s, "rss_populated_bytes") >= num(s, "rss_before_bytes") + 0.95 * size);
     assert!(num(s, "rss_returned_bytes") >= 0.95 * size, "{s}");
     assert!(boolean(s, "rss_back"), "{s}");
-    assert_eq!(
-        boolean(s, "reclaim_within_1_10x_munmap"),
-        num(s, "ratio_vs_munmap") <= 1.1
-    );
-    assert_eq!(
-        boolean(s, "destroy_within_5ms"),
-        num(s, "destroy_ms") <= 5.0
-    );
+    // Verdicts: the boundaries are unit-tested in teardown.rs; here only
+    // figures clearly on one side, with this test's own margins, so a verdict
+    // wired to the wrong figure shows without repeating the code's threshold.
+    let (ratio, destroy) = (num(s, "ratio_vs_munmap"), num(s, "destroy_ms"));
+    let met = boolean(s, "reclaim_within_1_10x_munmap");
+    if ratio < 1.0 {
+        assert!(met, "memory back faster than munmap is within 1.1x: {s}");
+    } else if ratio > 1.25 {
+        assert!(
+            !met,
+            "memory back 1.25x slower than munmap is not within 1.1x: {s}"
+        );
+    }
+    let quick = boolean(s, "destroy_within_5ms");
+    if destroy < 4.0 {
+        assert!(quick, "a destroy of {destroy} ms is within 5 ms: {s}");
+    } else if destroy > 6.0 {
+        assert!(!quick, "a destroy of {destroy} ms is not within 5 ms: {s}");
+    }
     if qemu_present() {
         assert!(
             v["qemu"].is_object(),
@@ -87,7 +98,9 @@ fn bench_teardown_json() {
         assert!(num(s, "qemu_ms") > 0.0, "{s}");
         assert!(num(s, "qemu_rss_bytes") >= size, "{s}");
     } else {
-        eprintln!("NOTE: bench_teardown_json: qemu-system-x86_64 not found, QEMU peer skipped");
+        loud(
+            "SKIPPED (part): bench_teardown_json: qemu-system-x86_64 not found, QEMU peer skipped",
+        );
         assert!(v["qemu"].is_null() && s["qemu_ms"].is_null(), "{v}");
         assert!(v["qemu_skipped"].is_string(), "{v}");
     }
@@ -98,7 +111,11 @@ fn bench_teardown_json() {
         assert!(s["process_exit_ms"].is_null(), "{s}");
     }
     match (s["process_exit_ms"].as_f64(), s["qemu_ms"].as_f64()) {
-        (Some(p), Some(q)) => assert_eq!(boolean(s, "faster_than_qemu"), p < q),
+        (Some(p), Some(q)) if p < 0.8 * q => assert!(boolean(s, "faster_than_qemu"), "{s}"),
+        (Some(p), Some(q)) if p > 1.2 * q => assert!(!boolean(s, "faster_than_qemu"), "{s}"),
+        (Some(_), Some(_)) => {
+            boolean(s, "faster_than_qemu");
+        }
         _ => assert!(s["faster_than_qemu"].is_null(), "{s}"),
     }
 }
@@ -130,7 +147,11 @@ fn bench_launch_json() {
     assert_eq!(num(&v, "mem_bytes"), (128u64 << 20) as f64);
     let lps = num(&v, "launches_per_sec");
     assert!(lps > 0.0, "{v}");
-    assert_eq!(boolean(&v, "meets_20_per_sec"), lps >= 20.0);
+    if lps > 25.0 {
+        assert!(boolean(&v, "meets_20_per_sec"), "{v}");
+    } else if lps < 15.0 {
+        assert!(!boolean(&v, "meets_20_per_sec"), "{v}");
+    }
     assert!(num(&v, "launches_per_cpu_sec") > 0.0, "{v}");
     for k in ["boot_ms", "ready_ms", "teardown_ms", "reclaim_ms"] {
         let d = &v[k];

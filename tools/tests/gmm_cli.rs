@@ -112,23 +112,52 @@ fn bench_walk_json() {
 
 #[test]
 fn bad_arguments_fail() {
-    for args in [
-        &["bench", "unmap", "--size", "0"][..],
-        &["bench", "unmap", "--size", "lots"],
-        &["bench", "unmap", "--page-size", "3K"],
-        &["stress", "--seconds=-1"],
-        &["stress", "--seconds", "0"],
-        &["bench", "walk", "--mem", "3M"],
-        &["bench", "unmap", "--sizes", "1G,0"],
-        &["bench", "walk", "--storm-rate", "0"],
-        &["bench", "unmap", "--size", "3M", "--page-size", "2M"],
+    // Each bad value is refused with the message that names what is wrong
+    // (not merely "some error").
+    for (args, needle) in [
+        (
+            &["bench", "unmap", "--size", "0"][..],
+            "the size must be greater than zero",
+        ),
+        (
+            &["bench", "unmap", "--size", "lots"],
+            "expected a positive number with an optional K/M/G/T suffix",
+        ),
+        (
+            &["bench", "unmap", "--page-size", "3K"],
+            "expected 4K or 2M",
+        ),
+        (
+            &["stress", "--seconds=-1"],
+            "must be more than 0 and at most 86400 seconds",
+        ),
+        (
+            &["stress", "--seconds", "0"],
+            "must be more than 0 and at most 86400 seconds",
+        ),
+        (
+            &["bench", "walk", "--mem", "3M"],
+            "--mem 3 MiB is not a multiple of 2 MiB",
+        ),
+        (
+            &["bench", "unmap", "--sizes", "1G,0"],
+            "invalid size \"0\": the size must be greater than zero",
+        ),
+        (
+            &["bench", "walk", "--storm-rate", "0"],
+            "expected operations per second above 0",
+        ),
+        (
+            &["bench", "unmap", "--size", "3M", "--page-size", "2M"],
+            "size 3 MiB is not a multiple of the 2M page size",
+        ),
     ] {
         let out = gmm(args);
         assert!(!out.status.success(), "{args:?} should fail");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains("invalid") || err.contains("not a multiple"),
-            "{args:?}: unclear error: {err}"
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in: {err}"
         );
     }
 }

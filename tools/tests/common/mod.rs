@@ -20,13 +20,21 @@ pub fn kvm_or_skip(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "\n**********\nSKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM\n**********\n"
-            );
+            loud(&format!(
+                "SKIPPED: {test}: /dev/kvm not available ({e}); this test needs real KVM"
+            ));
             false
         }
     }
+}
+
+/// Prints `msg` framed on the real stderr, past the harness's capture (a
+/// skip that only `eprintln!`s is shown for failing tests alone).
+pub fn loud(msg: &str) {
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n**********\n{msg}\n**********\n"
+    );
 }
 
 /// Runs the `gmm` binary built with these tests.
