@@ -272,6 +272,9 @@ pub struct TableStats {
     pub batch_allocs: u64,
     /// Waits for another gather's pending flush.
     pub pending_waits: u64,
+    /// Threads blocked right now waiting for another gather's pending
+    /// flush (a gauge, not a count).
+    pub pending_waiters: u64,
     /// Release system calls (a batched `process_madvise` counts once).
     pub release_calls: u64,
     /// `process_madvise` calls that released a whole batch of runs.
@@ -314,6 +317,8 @@ pub(crate) struct Counters {
     pub(crate) fallback_batches: StatU64,
     pub(crate) batch_allocs: StatU64,
     pub(crate) pending_waits: StatU64,
+    /// Gauge: threads blocked in `wait_pending` now.
+    pub(crate) pending_waiters: StatU64,
     pub(crate) splits: StatU64,
     pub(crate) faults_restored: StatU64,
     pub(crate) use_after_free: StatU64,
@@ -524,6 +529,21 @@ impl Stage2Table {
         self.inval_seq.load(Ordering::Acquire)
     }
 
+    /// Threads blocked right now waiting for another gather's pending flush
+    /// (`TableStats::pending_waiters` without the rest of the snapshot):
+    /// lets a test wait for a thread to be really blocked instead of
+    /// sleeping and hoping.
+    pub fn pending_waiters(&self) -> u64 {
+        self.stats.pending_waiters.load(RELAXED)
+    }
+
+    /// Grace periods completed so far (`TableStats::grace_periods`
+    /// without the rest of the snapshot; takes no lock, so it may be called
+    /// from a release hook or a subscriber).
+    pub fn grace_periods(&self) -> u64 {
+        self.rcu.grace_periods()
+    }
+
     /// Bytes of table pages allocated now.
     pub fn table_bytes(&self) -> u64 {
         self.rcu.pool.in_use() as u64 * 4096
@@ -563,6 +583,7 @@ impl Stage2Table {
             fallback_batches: l(&s.fallback_batches),
             batch_allocs: l(&s.batch_allocs),
             pending_waits: l(&s.pending_waits),
+            pending_waiters: l(&s.pending_waiters),
             release_calls: b.calls.load(Ordering::Relaxed),
             release_batched_calls: b.batched_calls.load(Ordering::Relaxed),
             release_batched_runs: b.batched_runs.load(Ordering::Relaxed),
@@ -655,10 +676,17 @@ impl Stage2Table {
             .iter()
             .any(|x| x.gather != me && x.ticket < snap && x.start < end && start < x.end)
         {
+            if !waited {
+                // Counted while the pending lock is held, so whoever sees
+                // the gauge move knows we will block (or are blocked) until
+                // the pending flush is done.
+                self.stats.pending_waiters.fetch_add(1, RELAXED);
+            }
             waited = true;
             p = wait(&self.pending_cv, p);
         }
         if waited {
+            self.stats.pending_waiters.fetch_sub(1, RELAXED);
             self.stats.pending_waits.fetch_add(1, RELAXED);
         }
         waited

@@ -2,7 +2,16 @@
 //! `cfg(loom)` (2 entries per table page, 4 KiB / 8 KiB / 16 KiB leaves).
 //!
 //! Run with:
-//! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p guest-mm --test loom --release`
+//! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p guest-mm --test loom --release`
+//!
+//! Rules guarded (`GMM_BREAK_RULE`, feature `mutation`; each model fails
+//! with its rule broken):
+//! - `walker_vs_unmap_vs_deferred_free`: `grace_period`, `unhook_order`,
+//!   `deferred_free`;
+//! - `racing_unmappers_complete_only_after_release`: `pending_wait`;
+//! - `cache_shootdown_vs_release`: `cache_shootdown` (and `grace_period`,
+//!   `unhook_order`);
+//! - `split_is_atomic_for_walkers`: no switch (invariant 4).
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicUsize, Ordering};
@@ -38,18 +47,38 @@ fn setup(pages: u64, leaf: PageSize) -> (Arc<Stage2Table>, Arc<AtomicUsize>) {
     (t, released)
 }
 
-/// A walker racing an unmap that unlinks and frees every table page: it
-/// either sees the old translation and its backing stays until it unpins,
-/// or sees the page unmapped; it never reads a freed (poisoned) page.
+/// A walker racing two unmaps that unlink and free every table page.
+///
+/// Pages 0-1 are mapped (4 KiB leaves, one leaf table A); pages 2-3 were
+/// mapped and discarded (leaf table B holds only markers). The main thread
+/// first removes pages 2-3: B is unlinked by a gather that invalidates
+/// nothing, so no grace period runs in that flush and only deferred
+/// freeing keeps B allocated for a walker already inside it. Then it
+/// removes pages 0-1 (invalidation, grace period, release). The walker,
+/// in one read section, walks into B and translates page 1: it never
+/// reads a freed (poisoned) page, and page 1's backing stays until it
+/// unpins.
 #[test]
 fn walker_vs_unmap_vs_deferred_free() {
     loom::model(|| {
-        let (t, released) = setup(2, PageSize::Size4K);
+        let (t, released) = setup(4, PageSize::Size4K);
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(2 * PAGE), 2 * PAGE, UnmapMode::Discard)
+            .unwrap();
+        g.finish().unwrap();
+        assert_eq!(released.load(Ordering::Relaxed), 0b1100);
         let t2 = t.clone();
         let rel = released.clone();
         let w = thread::spawn(move || {
             let mut walker = Walker::new(&t2);
             let g = walker.pin();
+            match g.translate(Gpa(3 * PAGE), Access::Read) {
+                Err(WalkError::Discarded(_) | WalkError::NotMapped(_)) => {}
+                Err(WalkError::UseAfterFree(_)) => {
+                    panic!("walked a table page freed under a reader")
+                }
+                r => panic!("page 3 is discarded or gone, the walk said {r:?}"),
+            }
             match g.translate(Gpa(PAGE), Access::Read) {
                 Ok(tr) => {
                     assert_eq!(tr.hva, Hva(FAKE + PAGE));
@@ -64,11 +93,16 @@ fn walker_vs_unmap_vs_deferred_free() {
             }
         });
         let mut g = t.gather();
+        t.unmap(&mut g, Gpa(2 * PAGE), 2 * PAGE, UnmapMode::Remove)
+            .unwrap();
+        let st = g.finish().unwrap();
+        assert_eq!(st.release_runs, 0, "markers have nothing to release");
+        let mut g = t.gather();
         t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove)
             .unwrap();
         g.finish().unwrap();
         t.rcu_barrier();
-        assert_eq!(released.load(Ordering::Relaxed), 3);
+        assert_eq!(released.load(Ordering::Relaxed), 0b1111);
         w.join().unwrap();
         assert_eq!(t.stats().use_after_free, 0);
     });
@@ -84,23 +118,29 @@ fn racing_unmappers_complete_only_after_release() {
         let rel = released.clone();
         let b = thread::spawn(move || {
             let mut g = t2.gather();
-            let _ = t2.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove);
+            let r = t2.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove);
             g.finish().unwrap();
             assert_eq!(
                 rel.load(Ordering::Relaxed),
                 3,
                 "second unmapper completed early"
             );
+            r
         });
         let mut g = t.gather();
-        let _ = t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove);
+        let r = t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove);
         g.finish().unwrap();
         assert_eq!(
             released.load(Ordering::Relaxed),
             3,
             "first unmapper completed early"
         );
-        b.join().unwrap();
+        let rb = b.join().unwrap();
+        // Each either unmapped or found the other's hole; not both a hole.
+        for x in [&r, &rb] {
+            assert!(matches!(x, Ok(()) | Err(UnmapError::NotMapped(_))), "{x:?}");
+        }
+        assert!(r.is_ok() || rb.is_ok(), "{r:?} {rb:?}");
     });
 }
 
@@ -116,16 +156,22 @@ fn cache_shootdown_vs_release() {
             let mut walker = Walker::new(&t2);
             {
                 let g = walker.pin();
-                let _ = g.translate(Gpa(0), Access::Read);
+                match g.translate(Gpa(0), Access::Read) {
+                    Ok(tr) => assert_eq!(tr.hva, Hva(FAKE)),
+                    Err(e) => assert!(matches!(e, WalkError::Discarded(_)), "{e:?}"),
+                }
             }
             let g = walker.pin();
-            if let Ok(tr) = g.translate(Gpa(0), Access::Read) {
-                assert_eq!(tr.hva, Hva(FAKE));
-                assert_eq!(
-                    rel.load(Ordering::Relaxed),
-                    0,
-                    "cached translation used after release"
-                );
+            match g.translate(Gpa(0), Access::Read) {
+                Ok(tr) => {
+                    assert_eq!(tr.hva, Hva(FAKE));
+                    assert_eq!(
+                        rel.load(Ordering::Relaxed),
+                        0,
+                        "cached translation used after release"
+                    );
+                }
+                Err(e) => assert!(matches!(e, WalkError::Discarded(_)), "{e:?}"),
             }
         });
         let mut g = t.gather();

@@ -1,5 +1,10 @@
 //! Property test: random map / unmap / protect / fault / deflate sequences
 //! (4K, 2M and 1G leaves, splits) checked against a simple interval oracle.
+//!
+//! Rules guarded (`GMM_BREAK_RULE`, feature `mutation`): `unhook_order` (the
+//! order log sees a release outside its invalidation) and `grace_period`
+//! (the log sees a release with no grace period completed since its
+//! invalidation started); plus the table/oracle agreement itself.
 
 mod common;
 
@@ -361,7 +366,7 @@ fn op_range(op: &Op) -> (u64, u64) {
     }
 }
 
-fn run_case(ops: Vec<Op>, seed: u64) -> Result<(usize, u64), TestCaseError> {
+fn run_case(ops: Vec<Op>, seed: u64) -> Result<(usize, u64, u64), TestCaseError> {
     let (t, log) = simulated_table(TableConfig { yield_entries: 97 });
     let mut o = Oracle::default();
     let mut rng = seed | 1;
@@ -412,7 +417,7 @@ fn run_case(ops: Vec<Op>, seed: u64) -> Result<(usize, u64), TestCaseError> {
         }
     }
     // backing is at gpa or gpa + 4K (skewed maps)
-    check_order_with(&log.lock().unwrap(), |h, len, s, e| {
+    let releases = check_order_with(&log.lock().unwrap(), |h, len, s, e| {
         let g = h - FAKE_HVA;
         (g >= s && g + len <= e) || (g >= s + K4 && g - K4 + len <= e)
     });
@@ -424,7 +429,7 @@ fn run_case(ops: Vec<Op>, seed: u64) -> Result<(usize, u64), TestCaseError> {
     t.rcu_barrier();
     prop_assert_eq!(t.stats().table_pages, 1);
     prop_assert_eq!(t.stats().use_after_free, 0);
-    Ok((effective, t.stats().splits))
+    Ok((effective, t.stats().splits, releases))
 }
 
 #[test]
@@ -437,12 +442,14 @@ fn table_matches_oracle() {
         ..Config::default()
     });
     let (ops_total, effective, splits) = (Cell::new(0usize), Cell::new(0usize), Cell::new(0u64));
+    let releases = Cell::new(0u64);
     let strategy = (prop::collection::vec(op(), 150..250), any::<u64>());
     runner
         .run(&strategy, |(ops, seed)| {
             let n = ops.len();
-            let (e, s) = run_case(ops, seed)?;
+            let (e, s, r) = run_case(ops, seed)?;
             ops_total.set(ops_total.get() + n);
+            releases.set(releases.get() + r);
             effective.set(effective.get() + e);
             splits.set(splits.get() + s);
             Ok(())
@@ -459,5 +466,11 @@ fn table_matches_oracle() {
         splits.get() > 10,
         "huge-leaf splits must be exercised: {}",
         splits.get()
+    );
+    // the order log must have had releases to check
+    assert!(
+        releases.get() > 100,
+        "only {} releases were order-checked",
+        releases.get()
     );
 }

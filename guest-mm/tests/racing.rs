@@ -1,12 +1,16 @@
 //! Two unmappers racing on one range (the kernel's tlb_flush_pending
 //! problem): the second must not report completion before the first has
 //! invalidated and released. Faults wait for pending releases too.
+//!
+//! Rule guarded (`GMM_BREAK_RULE`, feature `mutation`): `pending_wait`.
+//! The second thread is seen blocked through the table's gauge of threads
+//! waiting for a pending flush, never by sleeping and hoping.
 
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use guest_mm::*;
@@ -82,12 +86,27 @@ fn while_first_unmap_is_held<R: Send + 'static>(
         d2.store(true, Ordering::SeqCst);
         (r, released)
     });
-    std::thread::sleep(Duration::from_millis(150));
-    assert!(!done.load(Ordering::SeqCst), "{early}");
+    // Wait until `second` is blocked behind the first unmapper's pending
+    // flush, or has (wrongly) returned. The deadline only turns a hang
+    // into a loud failure; it bounds nothing that passes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.pending_waiters() == 0 && !second.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the second thread neither blocked on the pending flush nor returned in 30 s"
+        );
+        std::thread::yield_now();
+    }
+    assert!(
+        !done.load(Ordering::SeqCst) && !second.is_finished(),
+        "{early}"
+    );
+    assert_eq!(t.pending_waiters(), 1, "exactly the second thread waits");
     *gate.open.lock().unwrap() = true;
     gate.cv.notify_all();
     first.join().unwrap();
     let (r, released) = second.join().unwrap();
+    assert_eq!(t.pending_waiters(), 0, "the gauge must come back down");
     (t, r, released)
 }
 
@@ -102,7 +121,7 @@ fn race(second_start: u64, second_len: u64, strict: bool) {
             } else {
                 t2.unmap_existing(&mut g, Gpa(second_start), second_len, UnmapMode::Remove)
             };
-            let _ = g.finish();
+            g.finish().expect("the second unmapper's flush");
             r
         },
     );
