@@ -210,20 +210,33 @@ const fn full(detector: Detector) -> Claim {
 const MATRIX: &[(Rule, &[Claim])] = &[
     (
         Rule::GracePeriod,
-        &[fast(LOOM_WALKER), fast(GM_STRESS), fast(STRESS_VM)],
+        &[
+            fast(LOOM_WALKER),
+            fast(GM_STRESS),
+            fast(GM_ORACLE),
+            fast(STRESS_VM),
+        ],
     ),
     (
         Rule::CacheShootdown,
         &[
             fast(LOOM_SHOOTDOWN),
             fast(GM_BASIC),
-            full(GM_STRESS),
+            fast(GM_STRESS),
             fast(STRESS_VM),
         ],
     ),
     (Rule::PendingWait, &[fast(LOOM_RACING), fast(GM_RACING)]),
-    (Rule::UnhookOrder, &[fast(GM_ORACLE), full(GM_STRESS)]),
-    (Rule::DeferredFree, &[fast(LOOM_WALKER), full(GM_STRESS)]),
+    (
+        Rule::UnhookOrder,
+        &[
+            fast(GM_ORACLE),
+            fast(GM_STRESS),
+            full(LOOM_WALKER),
+            full(GM_BASIC),
+        ],
+    ),
+    (Rule::DeferredFree, &[fast(LOOM_WALKER), fast(GM_STRESS)]),
     (Rule::BalloonBounds, &[fast(BAD_INPUT), full(BALLOON_FUZZ)]),
     (
         Rule::BalloonReservedLow,

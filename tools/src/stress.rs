@@ -66,6 +66,13 @@ struct StressJson {
     stale_translations: u64,
     not_released: u64,
     oracle_mismatch: u64,
+    op_errors: u64,
+    thread_panics: u64,
+    first_violation: Option<String>,
+    cache_hits: u64,
+    shootdowns: u64,
+    churns: u64,
+    scans: u64,
     violations: u64,
     rss_start_bytes: u64,
     rss_peak_bytes: u64,
@@ -101,6 +108,13 @@ fn to_json(a: &StressArgs, mutators: u32, r: &StressReport) -> StressJson {
         stale_translations: r.stale_translations,
         not_released: r.not_released,
         oracle_mismatch: r.oracle_mismatch,
+        op_errors: r.op_errors,
+        thread_panics: r.thread_panics,
+        first_violation: r.first_violation.clone(),
+        cache_hits: r.cache_hits,
+        shootdowns: r.shootdowns,
+        churns: r.churns,
+        scans: r.scans,
         violations: r.violations(),
         rss_start_bytes: r.rss_start_bytes,
         rss_peak_bytes: r.rss_peak_bytes,
@@ -165,13 +179,23 @@ pub fn cmd(a: &StressArgs) -> Result<()> {
         r.table_pages_end
     );
     h += &format!(
-        "violations   {:>12} (use-after-free {}, stale {}, not released {}, oracle mismatch {})\n",
+        "caches       {:>12} hits, {} shootdowns; {} leaf-table churns, {} scans\n",
+        r.cache_hits, r.shootdowns, r.churns, r.scans
+    );
+    h += &format!(
+        "violations   {:>12} (use-after-free {}, stale {}, not released {}, oracle mismatch {}, \
+         operation errors {}, thread panics {})\n",
         r.violations(),
         r.use_after_free,
         r.stale_translations,
         r.not_released,
-        r.oracle_mismatch
+        r.oracle_mismatch,
+        r.op_errors,
+        r.thread_panics
     );
+    if let Some(v) = &r.first_violation {
+        h += &format!("first        {v}\n");
+    }
     crate::say(a.json, &h);
     crate::emit_json(a.json, &j)?;
     if r.violations() > 0 {
