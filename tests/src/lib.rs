@@ -1,7 +1,10 @@
 //! Helpers shared by the end-to-end tests in `tests/tests/`: KVM presence
 //! (tests print a loud SKIPPED line and return where `/dev/kvm` is missing),
 //! a guard that raises `vm.nr_hugepages` for hugetlb tests and restores it,
-//! and small VM builders.
+//! small VM builders, and a checked teardown.
+//!
+//! Every skip and every informational line of these tests goes through
+//! [`loud!`], which writes past the test harness's output capture.
 
 /// Prints a line on the real stderr, bypassing the test harness's output
 /// capture, so that a skipped test is visible in a plain `cargo test` run.
@@ -78,7 +81,9 @@ impl HugePages {
 impl Drop for HugePages {
     fn drop(&mut self) {
         if let Some(v) = self.restore {
-            let _ = std::fs::write(NR_HUGEPAGES, v.to_string());
+            if let Err(e) = std::fs::write(NR_HUGEPAGES, v.to_string()) {
+                loud!("WARNING: could not restore vm.nr_hugepages to {v}: {e}");
+            }
         }
     }
 }
@@ -160,6 +165,19 @@ pub fn boot_and_verify(mem: &str, vcpus: u32, backing: Backing, page_size: PageS
 }
 
 pub mod virtio;
+
+/// Destroys `vm` and checks that its memory went back to the host: all of
+/// guest RAM unmapped and the stage-2 table freed (but its root). The
+/// caller must have dropped its own references to the VM's devices first
+/// (a device keeps guest RAM alive). Returns what the teardown did.
+pub fn destroy_and_check(vm: Vm) -> (vmm::Teardown, vmm::Reclaimed) {
+    let mem = vm.config().mem.bytes();
+    let mut t = vm.destroy();
+    let r = t.wait_reclaim();
+    assert_eq!(r.unmapped_bytes, mem, "guest RAM not unmapped: {r:?}");
+    assert_eq!(r.stage2.table_pages_left, 1, "table pages left: {r:?}");
+    (t, r)
+}
 
 /// Creates and starts the VM of `c` (a balloon config and a workload that
 /// runs the guest's balloon driver), waits until every vCPU reported its

@@ -31,7 +31,9 @@ pub const F_WRITE: u16 = 2;
 pub const QSIZE: u16 = 256;
 /// Bytes of guest RAM the driver uses.
 pub const AREA: u64 = 1 << 20;
-const BUFS: u64 = 0x1_0000;
+/// Offset of the buffer space in the driver's area (the rings of the four
+/// queues lie below it).
+pub const BUFS: u64 = 0x1_0000;
 
 /// Queue roles by feature set, in index order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +217,29 @@ impl Driver {
     /// Notifies `role`.
     pub fn notify(&self, role: Q) {
         self.w32(VIRTIO_MMIO_QUEUE_NOTIFY, self.index(role));
+    }
+
+    /// Notifies queue index `index`, which need not exist.
+    pub fn notify_index(&self, index: u32) {
+        self.w32(VIRTIO_MMIO_QUEUE_NOTIFY, index);
+    }
+
+    /// The driver's available index of `role` (what it last published).
+    pub fn avail_idx(&self, role: Q) -> u16 {
+        self.rings[self.index(role) as usize].avail_idx
+    }
+
+    /// Used element `i` (ring slot `i % QSIZE`) of `role`: (id, len).
+    pub fn used_elem(&mut self, role: Q, i: u16) -> (u32, u32) {
+        let r = self.rings[self.index(role) as usize];
+        let mut b = [0u8; 8];
+        self.mem
+            .read(r.used + 4 + 8 * u64::from(i % QSIZE), &mut b)
+            .expect("used element");
+        (
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        )
     }
 
     /// The device's used index of `role`.

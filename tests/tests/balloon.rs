@@ -4,10 +4,15 @@
 //! and leaves ballooned markers; deflate makes the pages discarded and they
 //! read back as zeros through the userfaultfd handler; free page reporting,
 //! stats, feature flags.
+//!
+//! The positive side of the balloon rules of `guest-mm/src/mutation.rs`:
+//! valid PFNs and reports must be served (the bad-input side is
+//! `balloon_bad_input.rs` and `balloon_fuzz.rs`). Every VM is destroyed
+//! through `destroy_and_check` (all RAM unmapped, table freed).
 
 use guest_mm::{Gpa, PageState};
 use tests::virtio::{balloon_vm, file_bytes, pfns, resident_pages, Driver, F_WRITE, Q};
-use tests::{kvm_or_skip, loud, HugePages};
+use tests::{destroy_and_check, kvm_or_skip, loud, HugePages};
 use vmm::devices::virtio::balloon::{F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ};
 use vmm::{Backing, PageSize, Vm};
 
@@ -168,7 +173,8 @@ fn inflate_then_deflate(name: &str, backing: Backing, page: PageSize) {
         PageState::Present { .. }
     ));
     assert_eq!(vm.stage2().unexpected_faults(), 0);
-    let _ = vm.destroy();
+    drop(d);
+    destroy_and_check(vm);
 }
 
 #[test]
@@ -202,7 +208,7 @@ fn inflate_hugetlb_whole_pages_only() {
     };
     let vm = balloon_vm("128M", Backing::Hugetlb, PageSize::Size2M);
     let mut d = Driver::new(&vm, AREA);
-    d.init(0);
+    assert_eq!(d.init(0), 0xf);
     let gpa = 64 * MIB;
     fill(&mut d, gpa, 8 * MIB);
     let free0 = vmm::memory::free_huge_pages();
@@ -218,7 +224,8 @@ fn inflate_hugetlb_whole_pages_only() {
     d.send_pfns(Q::Inflate, &pfns(gpa + 5 * MIB, MIB), 4096);
     assert_eq!(vm.stage2().table().stats().partial_huge_pages, 0);
     assert_eq!(vmm::memory::free_huge_pages().saturating_sub(free0), 3);
-    let _ = vm.destroy();
+    drop(d);
+    destroy_and_check(vm);
 }
 
 #[test]
@@ -229,7 +236,7 @@ fn free_page_reporting_discards_and_faults_back() {
     }
     let vm = balloon_vm("128M", Backing::Anon, PageSize::Size4K);
     let mut d = Driver::new(&vm, AREA);
-    d.init(F_REPORTING);
+    assert_eq!(d.init(F_REPORTING), 0xf);
     assert!(d.dev().lock().device().reporting());
     let (gpa, len) = (32 * MIB, 4 * MIB);
     fill(&mut d, gpa, len);
@@ -249,7 +256,8 @@ fn free_page_reporting_discards_and_faults_back() {
     let faults0 = vm.fault_stats().summary().faults;
     assert!(all_zero(&mut d, gpa, len));
     assert!(vm.fault_stats().summary().faults > faults0);
-    let _ = vm.destroy();
+    drop(d);
+    destroy_and_check(vm);
 }
 
 #[test]
@@ -260,7 +268,7 @@ fn stats_are_kept_and_buffer_returned_on_request() {
     }
     let vm = balloon_vm("64M", Backing::Anon, PageSize::Size4K);
     let mut d = Driver::new(&vm, AREA);
-    d.init(F_STATS_VQ);
+    assert_eq!(d.init(F_STATS_VQ), 0xf);
     let mut buf = Vec::new();
     for (tag, val) in [(0u16, 11u64), (4, 1 << 30), (5, 7 << 20)] {
         buf.extend_from_slice(&tag.to_le_bytes());
@@ -280,7 +288,8 @@ fn stats_are_kept_and_buffer_returned_on_request() {
     d.dev().request_stats();
     assert_eq!(d.used_idx(Q::Stats), 1);
     assert_eq!(d.dev().counters().stats_updates, 1);
-    let _ = vm.destroy();
+    drop(d);
+    destroy_and_check(vm);
 }
 
 #[test]
@@ -291,7 +300,7 @@ fn target_and_feature_flags() {
     }
     let vm = balloon_vm("64M", Backing::Anon, PageSize::Size4K);
     let mut d = Driver::new(&vm, AREA);
-    d.init(0);
+    assert_eq!(d.init(0), 0xf);
     assert!(!d.dev().lock().device().deflate_on_oom());
     d.dev().set_target_pages(1024);
     assert_eq!(d.config(0), 1024);
@@ -303,12 +312,13 @@ fn target_and_feature_flags() {
     d.send_pfns(Q::Inflate, &pfns(16 * MIB, 2 * MIB), 256);
     d.send_pfns(Q::Deflate, &pfns(16 * MIB, 2 * MIB), 256);
     assert_eq!(d.dev().counters().deflated_below_target, 512);
-    d.init(F_DEFLATE_ON_OOM);
+    assert_eq!(d.init(F_DEFLATE_ON_OOM), 0xf);
     assert!(d.dev().lock().device().deflate_on_oom());
     d.send_pfns(Q::Inflate, &pfns(16 * MIB, 2 * MIB), 256);
     d.send_pfns(Q::Deflate, &pfns(16 * MIB, 2 * MIB), 256);
     assert_eq!(d.dev().counters().deflated_below_target, 512, "allowed now");
-    let _ = vm.destroy();
+    drop(d);
+    destroy_and_check(vm);
 }
 
 /// The target: inflating 512 MiB of a 1 GiB guest gives at least
@@ -319,7 +329,7 @@ fn inflate_half_of_1g(name: &str, backing: Backing) {
     }
     let vm = balloon_vm("1G", backing, PageSize::Size2M);
     let mut d = Driver::new(&vm, AREA);
-    d.init(0);
+    assert_eq!(d.init(0), 0xf);
     let (gpa, len) = (256 * MIB, 512 * MIB);
     fill(&mut d, gpa, len);
     let at = d.buf(0);
@@ -348,7 +358,8 @@ fn inflate_half_of_1g(name: &str, backing: Backing) {
         line += &format!(", memfd st_blocks drop {} MiB", freed / MIB);
     }
     loud!("{line}");
-    let _ = vm.destroy();
+    drop(d);
+    destroy_and_check(vm);
 }
 
 #[test]
@@ -371,7 +382,7 @@ fn scattered_pfns_take_one_gather() {
     }
     let vm = balloon_vm("128M", Backing::Anon, PageSize::Size4K);
     let mut d = Driver::new(&vm, AREA);
-    d.init(0);
+    assert_eq!(d.init(0), 0xf);
     let (gpa, len) = (64 * MIB, 8 * MIB);
     fill(&mut d, gpa, len);
     let p: Vec<u32> = pfns(gpa, len).into_iter().step_by(2).rev().collect();
@@ -397,7 +408,8 @@ fn scattered_pfns_take_one_gather() {
         c.last_inflate_ns as f64 / 1e6,
         c.last_inflate_request_ns as f64 / 1e6
     );
-    let _ = vm.destroy();
+    drop(d);
+    destroy_and_check(vm);
 }
 
 /// A VM with a balloon tears down like any other: the device's references
@@ -411,7 +423,7 @@ fn teardown_with_balloon_unmaps_ram() {
     let vm = balloon_vm("64M", Backing::Memfd, PageSize::Size4K);
     {
         let mut d = Driver::new(&vm, AREA);
-        d.init(0);
+        assert_eq!(d.init(0), 0xf);
         d.send_pfns(Q::Inflate, &pfns(32 * MIB, MIB), 256);
         assert_eq!(d.dev().counters().pages_inflated, 256);
     }

@@ -1,14 +1,20 @@
 //! Guest-controlled bad input to the virtio-balloon, one test per kind:
-//! each is a counted device error (or NEEDS_RESET), never a panic, never a
-//! release outside the guest's releasable RAM, and the device keeps
-//! working (every test ends with a good inflate that must succeed).
+//! each is a counted device error (or NEEDS_RESET) of exactly the expected
+//! kind and fields, never a panic, never a release outside the guest's
+//! releasable RAM, and the device keeps working (every test ends with a
+//! good inflate that must succeed).
+//!
+//! Guards the rules `balloon_bounds` (PFNs past RAM, on inflate and
+//! deflate), `balloon_reserved_low` (PFNs and reports below the floor),
+//! `desc_length` (zero-length buffers, buffers running past the end of
+//! RAM) and `desc_address` (buffers outside RAM, in the MMIO window).
 
 use guest_mm::{Gpa, PageState};
 use tests::kvm_or_skip;
 use tests::virtio::{balloon_vm, pfns, Driver, F_NEXT, F_WRITE, Q};
 use vmm::devices::virtio::balloon::{BalloonError, F_REPORTING, F_STATS_VQ, MAX_PFNS_PER_CHAIN};
 use vmm::devices::virtio::mmio::{ConfigError, TransportError};
-use vmm::devices::virtio::queue::{ChainError, ChainReadError};
+use vmm::devices::virtio::queue::{ChainError, ChainReadError, LayoutError, QueueError, RingArea};
 use vmm::devices::virtio::BusDevice;
 use vmm::{Backing, PageSize, Vm};
 
@@ -16,6 +22,7 @@ const MIB: u64 = 1 << 20;
 const AREA: u64 = 4 * MIB;
 const RAM: u64 = 64 * MIB;
 const GOOD: u64 = 40 * MIB;
+const FLOOR: u64 = vmm::guest::layout::WORKLOAD_START;
 
 fn setup(name: &str) -> Option<(Vm, Driver)> {
     if !kvm_or_skip(name) {
@@ -43,12 +50,42 @@ fn last_transport_error(d: &Driver) -> Option<TransportError> {
     d.dev().lock().recent_errors().last().cloned()
 }
 
+/// The device errors logged since the count was `before`.
+fn new_errors(d: &Driver, before: u64) -> Vec<BalloonError> {
+    let n = d.dev().counters().errors - before;
+    let log = d.dev().lock().device().recent_errors();
+    assert!(
+        n as usize <= log.len(),
+        "{n} new errors, the log keeps {}",
+        log.len()
+    );
+    log[log.len() - n as usize..].to_vec()
+}
+
+/// The transport errors logged since the count was `before`.
+fn new_transport_errors(d: &Driver, before: u64) -> Vec<TransportError> {
+    let t = d.dev().lock();
+    let n = (t.errors() - before) as usize;
+    let log = t.recent_errors();
+    assert!(
+        n <= log.len(),
+        "{n} new errors, the log keeps {}",
+        log.len()
+    );
+    log[log.len() - n..].to_vec()
+}
+
 /// The device still works, nothing was released outside RAM, the low
 /// memory is intact.
 fn still_works(vm: &Vm, d: &mut Driver, page: u64) {
-    let before = d.dev().counters().pages_inflated;
+    let before = d.dev().counters();
+    let used = d.used_idx(Q::Inflate);
     d.send_pfns(Q::Inflate, &pfns(page, 4096), 1);
-    assert_eq!(d.dev().counters().pages_inflated, before + 1);
+    let after = d.dev().counters();
+    assert_eq!(after.pages_inflated, before.pages_inflated + 1);
+    assert_eq!(after.errors, before.errors, "{:?}", last_error(d));
+    assert_eq!(d.used_idx(Q::Inflate), used.wrapping_add(1));
+    assert_eq!(d.dev().lock().status(), 0xf);
     assert!(matches!(state(vm, page), PageState::Ballooned { .. }));
     assert_eq!(vm.stage2().table().stats().release_outside_bytes, 0);
     for a in (0..2 * MIB).step_by(4096) {
@@ -68,15 +105,51 @@ fn bad_pfns_are_counted_and_skipped() {
         0,     // page tables live down there
         0x1ff, // last page of the reserved 2 MiB
     ];
+    let bad: Vec<BalloonError> = p
+        .iter()
+        .map(|&pfn| BalloonError::BadPfn {
+            pfn,
+            gpa: u64::from(pfn) << 12,
+        })
+        .collect();
     p.extend(pfns(GOOD, 16 * 4096));
     d.send_pfns(Q::Inflate, &p, 256);
     let c = d.dev().counters();
     assert_eq!((c.bad_pfns, c.errors, c.pages_inflated), (5, 5, 16));
-    assert!(matches!(
-        last_error(&d),
-        Some(BalloonError::BadPfn { pfn: 0x1ff, .. })
-    ));
+    assert_eq!((c.bytes_released, c.runs), (16 * 4096, 1));
+    assert_eq!(new_errors(&d, 0), bad);
     assert_eq!(d.used_idx(Q::Inflate), 1);
+    for a in (GOOD..GOOD + 16 * 4096).step_by(4096) {
+        assert!(matches!(state(&vm, a), PageState::Ballooned { .. }));
+    }
+    assert!(present(&vm, GOOD + 16 * 4096));
+    assert!(present(&vm, RAM - 4096), "the last page of RAM");
+    still_works(&vm, &mut d, GOOD + MIB);
+}
+
+/// Deflate checks its PFNs as inflate does: a bad PFN is counted, the good
+/// ones still come out of the balloon.
+#[test]
+fn bad_pfns_on_deflate_are_counted_and_skipped() {
+    let Some((vm, mut d)) = setup("bad_pfns_on_deflate_are_counted_and_skipped") else {
+        return;
+    };
+    d.send_pfns(Q::Inflate, &pfns(GOOD, 4 * 4096), 256);
+    let mut p = vec![(RAM >> 12) as u32, 0x1ff, u32::MAX, 0];
+    let bad: Vec<BalloonError> = p
+        .iter()
+        .map(|&pfn| BalloonError::BadPfn {
+            pfn,
+            gpa: u64::from(pfn) << 12,
+        })
+        .collect();
+    p.extend(pfns(GOOD, 4 * 4096));
+    d.send_pfns(Q::Deflate, &p, 3);
+    let c = d.dev().counters();
+    assert_eq!((c.bad_pfns, c.errors, c.pages_deflated), (4, 4, 4));
+    assert_eq!(new_errors(&d, 0), bad);
+    assert_eq!(d.used_idx(Q::Deflate), 3);
+    assert!(matches!(state(&vm, GOOD), PageState::Discarded { .. }));
     still_works(&vm, &mut d, GOOD + MIB);
 }
 
@@ -133,13 +206,19 @@ fn huge_pfn_counts_are_refused() {
     );
     assert!(present(&vm, GOOD));
     // A chain longer than the whole RAM (len = u32::MAX) is refused too.
-    d.desc(Q::Inflate, 0, d.buf(0), u32::MAX, 0, 0);
+    let at = d.buf(0);
+    d.desc(Q::Inflate, 0, at, u32::MAX, 0, 0);
     d.publish(Q::Inflate, &[0]);
     d.notify(Q::Inflate);
-    assert!(matches!(
+    assert_eq!(
         last_error(&d),
-        Some(BalloonError::Chain(ChainError::OutsideRam { .. }))
-    ));
+        Some(BalloonError::Chain(ChainError::OutsideRam {
+            index: 0,
+            addr: at,
+            len: u32::MAX
+        }))
+    );
+    assert_eq!(d.dev().counters().errors, 2);
     still_works(&vm, &mut d, GOOD + MIB);
 }
 
@@ -152,39 +231,58 @@ fn bad_descriptor_chains_are_counted() {
     d.mem
         .write(at, &((GOOD >> 12) as u32).to_le_bytes())
         .unwrap();
-    type Case = (
-        &'static str,
-        fn(&mut Driver, u64),
-        fn(&BalloonError) -> bool,
-    );
-    let cases: [Case; 7] = [
+    type Case = (&'static str, fn(&mut Driver, u64), BalloonError);
+    let chain = BalloonError::Chain;
+    let read = BalloonError::Read;
+    let mmio = vmm::devices::virtio::BALLOON_MMIO_BASE;
+    let cases: [Case; 10] = [
         (
             "loop",
             |d, at| {
                 d.desc(Q::Inflate, 0, at, 4, F_NEXT, 1);
                 d.desc(Q::Inflate, 1, at, 4, F_NEXT, 0);
             },
-            |e| matches!(e, BalloonError::Chain(ChainError::TooLong { .. })),
+            chain(ChainError::TooLong { head: 0, size: 256 }),
         ),
         (
             "next out of range",
             |d, at| d.desc(Q::Inflate, 0, at, 4, F_NEXT, 999),
-            |e| {
-                matches!(
-                    e,
-                    BalloonError::Chain(ChainError::NextIndex { next: 999, .. })
-                )
-            },
+            chain(ChainError::NextIndex {
+                index: 0,
+                next: 999,
+                size: 256,
+            }),
         ),
         (
             "zero length",
             |d, at| d.desc(Q::Inflate, 0, at, 0, 0, 0),
-            |e| matches!(e, BalloonError::Chain(ChainError::ZeroLength { .. })),
+            chain(ChainError::ZeroLength { index: 0 }),
+        ),
+        (
+            "zero length inside a chain",
+            |d, at| {
+                d.desc(Q::Inflate, 0, at, 4, F_NEXT, 7);
+                d.desc(Q::Inflate, 7, at, 0, 0, 0);
+            },
+            chain(ChainError::ZeroLength { index: 7 }),
         ),
         (
             "outside RAM",
             |d, _| d.desc(Q::Inflate, 0, RAM, 4, 0, 0),
-            |e| matches!(e, BalloonError::Chain(ChainError::OutsideRam { .. })),
+            chain(ChainError::OutsideRam {
+                index: 0,
+                addr: RAM,
+                len: 4,
+            }),
+        ),
+        (
+            "running past the end of RAM",
+            |d, _| d.desc(Q::Inflate, 0, RAM - 2, 4, 0, 0),
+            chain(ChainError::OutsideRam {
+                index: 0,
+                addr: RAM - 2,
+                len: 4,
+            }),
         ),
         (
             "MMIO window",
@@ -198,26 +296,37 @@ fn bad_descriptor_chains_are_counted() {
                     0,
                 )
             },
-            |e| matches!(e, BalloonError::Chain(ChainError::OutsideRam { .. })),
+            chain(ChainError::OutsideRam {
+                index: 0,
+                addr: mmio,
+                len: 4,
+            }),
         ),
         (
             "indirect",
             |d, at| d.desc(Q::Inflate, 0, at, 16, 4, 0),
-            |e| matches!(e, BalloonError::Chain(ChainError::Indirect { .. })),
+            chain(ChainError::Indirect { index: 0 }),
         ),
         (
             "device-writable PFN array",
             |d, at| d.desc(Q::Inflate, 0, at, 4, F_WRITE, 0),
-            |e| matches!(e, BalloonError::Read(ChainReadError::WriteOnly { .. })),
+            read(ChainReadError::WriteOnly { index: 0 }),
+        ),
+        (
+            "device-writable second buffer",
+            |d, at| {
+                d.desc(Q::Inflate, 0, at, 4, F_NEXT, 3);
+                d.desc(Q::Inflate, 3, at, 4, F_WRITE, 0);
+            },
+            read(ChainReadError::WriteOnly { index: 3 }),
         ),
     ];
-    for (i, (what, make, ok)) in cases.iter().enumerate() {
+    for (i, (what, make, want)) in cases.iter().enumerate() {
         make(&mut d, at);
         d.publish(Q::Inflate, &[0]);
         d.notify(Q::Inflate);
-        let e = last_error(&d).unwrap_or_else(|| panic!("{what}: no error"));
-        assert!(ok(&e), "{what}: {e:?}");
-        assert_eq!(d.dev().counters().errors, i as u64 + 1, "{what}");
+        assert_eq!(new_errors(&d, i as u64), vec![want.clone()], "{what}");
+        assert_eq!(d.dev().counters().bad_pfns, 0, "{what}: no PFN was read");
         assert_eq!(d.used_idx(Q::Inflate), i as u16 + 1, "{what}: returned");
         assert!(present(&vm, GOOD), "{what}: nothing released");
         assert_eq!(d.dev().lock().status() & 0x40, 0, "{what}: no reset needed");
@@ -235,10 +344,14 @@ fn pfn_array_in_a_ballooned_page_is_not_read() {
     d.desc(Q::Inflate, 0, GOOD, 4, 0, 0);
     d.publish(Q::Inflate, &[0]);
     d.notify(Q::Inflate);
-    assert!(matches!(
-        last_error(&d),
-        Some(BalloonError::Read(ChainReadError::Memory { .. }))
-    ));
+    assert!(
+        matches!(
+            new_errors(&d, 0)[..],
+            [BalloonError::Read(ChainReadError::Memory { index: 0, .. })]
+        ),
+        "{:?}",
+        last_error(&d)
+    );
     still_works(&vm, &mut d, GOOD + MIB);
 }
 
@@ -247,23 +360,51 @@ fn bad_reports_are_counted() {
     let Some((vm, mut d)) = setup("bad_reports_are_counted") else {
         return;
     };
+    let floor_page = FLOOR - 4096;
     // Device-readable: reports are device-writable buffers.
     d.desc(Q::Reporting, 0, GOOD, (2 * MIB) as u32, 0, 0);
-    // In the reserved low memory, and smaller than a page.
+    // In the reserved low memory, smaller than a page, straddling the
+    // floor, and running past the end of RAM.
     d.desc(Q::Reporting, 1, 0, (2 * MIB) as u32, F_WRITE, 0);
     d.desc(Q::Reporting, 2, GOOD + 10, 4000, F_WRITE, 0);
-    d.publish(Q::Reporting, &[0, 1, 2]);
+    d.desc(Q::Reporting, 3, floor_page, 8192, F_WRITE, 0);
+    d.desc(Q::Reporting, 4, RAM - 4096, 8192, F_WRITE, 0);
+    // A good report among them is still served.
+    d.desc(Q::Reporting, 5, GOOD + 4 * MIB, MIB as u32, F_WRITE, 0);
+    d.publish(Q::Reporting, &[0, 1, 2, 3, 4, 5]);
     d.notify(Q::Reporting);
-    let errs = d.dev().lock().device().recent_errors();
-    assert!(
-        matches!(errs[0], BalloonError::ReportReadOnly { index: 0 }),
-        "{errs:?}"
+    assert_eq!(
+        new_errors(&d, 0),
+        vec![
+            // Chains are checked as they are popped, ranges afterwards.
+            BalloonError::Chain(ChainError::OutsideRam {
+                index: 4,
+                addr: RAM - 4096,
+                len: 8192
+            }),
+            BalloonError::ReportReadOnly { index: 0 },
+            BalloonError::BadReport {
+                addr: 0,
+                len: (2 * MIB) as u32
+            },
+            BalloonError::BadReport {
+                addr: GOOD + 10,
+                len: 4000
+            },
+            BalloonError::BadReport {
+                addr: floor_page,
+                len: 8192
+            },
+        ]
     );
-    assert!(matches!(errs[1], BalloonError::BadReport { addr: 0, .. }));
-    assert!(matches!(errs[2], BalloonError::BadReport { .. }));
-    assert_eq!(d.dev().counters().bytes_reported, 0);
-    assert_eq!(d.used_idx(Q::Reporting), 3);
+    assert_eq!(d.dev().counters().bytes_reported, MIB);
+    assert_eq!(d.used_idx(Q::Reporting), 6);
     assert!(present(&vm, GOOD));
+    assert!(present(&vm, RAM - 4096));
+    assert!(matches!(
+        state(&vm, GOOD + 4 * MIB),
+        PageState::Discarded { .. }
+    ));
     still_works(&vm, &mut d, GOOD + MIB);
 }
 
@@ -279,12 +420,20 @@ fn config_accesses_of_wrong_size_are_counted() {
     d.dev().write(0x104, &[1; 8]);
     d.dev().write(0x105, &[1; 4]);
     assert_eq!(d.config(4), 7, "actual unchanged");
-    assert_eq!(d.dev().lock().errors(), n + 4);
-    assert!(matches!(
+    let wrong = |offset, len| TransportError::Config(ConfigError::WrongSize { offset, len });
+    assert_eq!(
+        new_transport_errors(&d, n),
+        vec![wrong(4, 1), wrong(4, 2), wrong(4, 8), wrong(5, 4)]
+    );
+    d.dev().write(0x10e, &[1; 4]);
+    assert_eq!(
         last_transport_error(&d),
-        Some(TransportError::Config(ConfigError::OutOfRange { .. }))
-            | Some(TransportError::Config(ConfigError::WrongSize { .. }))
-    ));
+        Some(TransportError::Config(ConfigError::OutOfRange {
+            offset: 14,
+            len: 4,
+            size: 16
+        }))
+    );
     // num_pages is the host's.
     d.w32(0x100, 99);
     assert_eq!(d.config(0), 0);
@@ -302,10 +451,14 @@ fn config_accesses_of_wrong_size_are_counted() {
         }))
     );
     d.dev().read(0x10e, &mut [0u8; 4]);
-    assert!(matches!(
+    assert_eq!(
         last_transport_error(&d),
-        Some(TransportError::Config(ConfigError::OutOfRange { .. }))
-    ));
+        Some(TransportError::Config(ConfigError::OutOfRange {
+            offset: 14,
+            len: 4,
+            size: 16
+        }))
+    );
     still_works(&vm, &mut d, GOOD + MIB);
 }
 
@@ -322,10 +475,13 @@ fn notify_before_driver_ok_does_nothing() {
     d.desc(Q::Inflate, 0, at, 4, 0, 0);
     d.publish(Q::Inflate, &[0]);
     d.notify(Q::Inflate);
-    assert!(matches!(
+    assert_eq!(
         last_transport_error(&d),
-        Some(TransportError::NotifyNotReady { queue: 0, .. })
-    ));
+        Some(TransportError::NotifyNotReady {
+            queue: 0,
+            status: 0xb
+        })
+    );
     assert!(present(&vm, GOOD));
     assert_eq!(d.used_idx(Q::Inflate), 0);
     // Once ready, the same request goes through.
@@ -340,32 +496,69 @@ fn corrupt_ring_needs_reset_then_recovers() {
     let Some((vm, mut d)) = setup("corrupt_ring_needs_reset_then_recovers") else {
         return;
     };
+    let ring = |why: QueueError| TransportError::Ring {
+        queue: 0,
+        why: why.to_string(),
+    };
+    // A good request made available before the corruption is not served.
+    d.mem
+        .write(d.buf(0), &((GOOD >> 12) as u32).to_le_bytes())
+        .unwrap();
+    d.desc(Q::Inflate, 0, d.buf(0), 4, 0, 0);
+    d.publish(Q::Inflate, &[0]);
     d.set_avail_idx(Q::Inflate, 1000);
     d.notify(Q::Inflate);
     assert_ne!(d.r32(0x70) & 0x40, 0, "NEEDS_RESET");
-    assert!(matches!(
+    assert_eq!(
         last_transport_error(&d),
-        Some(TransportError::Ring { queue: 0, .. })
-    ));
+        Some(ring(QueueError::AvailAhead {
+            avail: 1000,
+            next: 0,
+            ahead: 1000,
+            size: 256
+        }))
+    );
     d.notify(Q::Inflate);
-    assert!(matches!(
+    assert_eq!(
         last_transport_error(&d),
         Some(TransportError::NotifyNeedsReset { queue: 0 })
-    ));
-    // A head index past the table is corrupt too.
-    d.init(0);
-    d.publish(Q::Inflate, &[300]);
+    );
+    // A head index past the table is corrupt too, and the good chain
+    // before it is not served either.
+    assert_eq!(d.init(0), 0xf);
+    d.desc(Q::Inflate, 0, d.buf(0), 4, 0, 0);
+    d.publish(Q::Inflate, &[0, 300]);
     d.notify(Q::Inflate);
     assert_ne!(d.r32(0x70) & 0x40, 0, "NEEDS_RESET");
+    assert_eq!(
+        last_transport_error(&d),
+        Some(ring(QueueError::HeadIndex {
+            head: 300,
+            size: 256
+        }))
+    );
+    assert!(present(&vm, GOOD), "nothing of a corrupt ring is served");
+    assert_eq!(d.dev().counters(), Default::default());
     // A queue made ready outside RAM.
-    d.init(0);
+    assert_eq!(d.init(0), 0xf);
     d.w32(0x30, 1);
     d.w32(0x44, 0);
     d.w32(0x80, 0);
     d.w32(0x84, 0x100);
     d.w32(0x44, 1);
     assert_ne!(d.r32(0x70) & 0x40, 0, "NEEDS_RESET");
-    d.init(0);
+    assert_eq!(
+        last_transport_error(&d),
+        Some(TransportError::InvalidQueue {
+            queue: 1,
+            why: LayoutError::OutsideRam {
+                area: RingArea::DescTable,
+                addr: 0x100 << 32,
+                len: 16 * 256
+            }
+        })
+    );
+    assert_eq!(d.init(0), 0xf);
     assert_eq!(d.r32(0x70), 0xf);
     still_works(&vm, &mut d, GOOD + MIB);
 }

@@ -7,13 +7,18 @@
 //! through the userfaultfd handler) and verify its pattern there.
 //!
 //! The tests of this file run one at a time (they compare process RSS).
+//! They are the positive side of the balloon rules of
+//! `guest-mm/src/mutation.rs` (a real guest driver's requests are served);
+//! the guest waits are condition polls with a deadline, not sleeps.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use guest_mm::{Gpa, PageState};
 use tests::virtio::{file_bytes, resident_pages};
-use tests::{config, console_text, kvm_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT};
+use tests::{
+    config, console_text, destroy_and_check, kvm_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT,
+};
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::guest::balloon::{DriverError, DriverState};
 use vmm::vstate::vcpu::VcpuOutcome;
@@ -145,7 +150,8 @@ fn guest_balloon(name: &str, backing: Backing, page: PageSize) {
         rss1 / MIB,
         rss2 / MIB
     );
-    let _ = vm.destroy();
+    std::mem::drop(dev);
+    destroy_and_check(vm);
 }
 
 #[test]
@@ -217,7 +223,7 @@ fn guest_driver_reports_a_missing_device() {
         text.contains("guest: vcpu 0: balloon driver error 1"),
         "{text}"
     );
-    let _ = vm.destroy();
+    destroy_and_check(vm);
 }
 
 /// With two vCPUs only vCPU 0 drives the balloon, from the end of its own
@@ -265,7 +271,8 @@ fn guest_driver_balloons_only_vcpu0_share() {
         vm.outcomes(),
         console_text(&console)
     );
-    let _ = vm.destroy();
+    drop(dev);
+    destroy_and_check(vm);
 }
 
 /// Free page reporting from the guest: the driver reports 8 MiB below its
@@ -326,7 +333,8 @@ fn guest_driver_reports_free_pages() {
         text.contains(&format!("free pages reported so far {pages}")),
         "{text}"
     );
-    let _ = vm.destroy();
+    drop(dev);
+    destroy_and_check(vm);
 }
 
 /// Without `REPORTING` offered the driver negotiates without it and counts
@@ -365,5 +373,6 @@ fn guest_driver_without_reporting() {
     vm.finish_probes().expect("post CMD_EXIT");
     assert!(vm.wait(GUEST_TIMEOUT), "{:?}", vm.outcomes());
     assert!(vm.guest_ok(), "{:?}", vm.outcomes());
-    let _ = vm.destroy();
+    drop(dev);
+    destroy_and_check(vm);
 }

@@ -2,10 +2,18 @@
 //! balloon driver follows the target while every vCPU keeps rewriting and
 //! verifying its pattern (vCPU 0 below its balloon between polls), counting
 //! passes in its control-page block, until `CMD_EXIT`.
+//!
+//! The guest's progress is awaited by polling its pass counters with a
+//! deadline (`GUEST_TIMEOUT`), never by sleeping a fixed time.
+//!
+//! The positive side of the balloon rules of `guest-mm/src/mutation.rs`
+//! under load (the guest's requests are served while it runs).
 
 use std::time::{Duration, Instant};
 
-use tests::{config, console_text, kvm_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT};
+use tests::{
+    config, console_text, destroy_and_check, kvm_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT,
+};
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::vstate::vcpu::VcpuOutcome;
 use vmm::{Backing, PageSize, Vm, Workload};
@@ -61,7 +69,9 @@ fn balloon_stress(name: &str, vcpus: u32) {
     assert!(ok, "{st:?}");
     assert_eq!(st.reverified, u64::from(pages));
     assert_eq!(st.bad_words, 0);
+    // And they go on once the balloon is empty again.
     let p2 = wait_passes(&vm, &p1);
+    assert!(p2.iter().zip(&p1).all(|(a, b)| a > b), "{p1:?} -> {p2:?}");
 
     vm.finish_probes().expect("post CMD_EXIT");
     assert!(vm.wait(GUEST_TIMEOUT), "{:?}", vm.outcomes());
@@ -83,7 +93,8 @@ fn balloon_stress(name: &str, vcpus: u32) {
     );
     assert_eq!(vm.stage2().unexpected_faults(), 0);
     loud!("{name}: passes {p0:?} -> {p1:?} -> {p2:?}, final {blocks:?}");
-    let _ = vm.destroy();
+    drop(dev);
+    destroy_and_check(vm);
 }
 
 #[test]

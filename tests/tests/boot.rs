@@ -1,7 +1,10 @@
 //! Boot the default guest with 1 and 2 vCPUs on every backing the host
 //! supports; the guest verifies its pattern, the host checks it too.
+//!
+//! No rule of `guest-mm/src/mutation.rs` is aimed at by this file; every
+//! VM's teardown is checked (all RAM unmapped, stage-2 table freed).
 
-use tests::{boot_and_verify, kvm_or_skip, HugePages};
+use tests::{boot_and_verify, destroy_and_check, kvm_or_skip, HugePages};
 use vmm::vstate::vcpu::VcpuOutcome;
 use vmm::{Backing, PageSize};
 
@@ -74,7 +77,7 @@ fn hugetlb_1_and_2_vcpus() {
     };
     for vcpus in [1, 2] {
         let vm = boot_and_verify("64M", vcpus, Backing::Hugetlb, PageSize::Size2M);
-        vm.destroy();
+        destroy_and_check(vm);
     }
 }
 
@@ -101,5 +104,5 @@ fn guest_exception_is_reported() {
         "faulting rip {:#x} outside the image",
         e.rip
     );
-    vm.destroy();
+    destroy_and_check(vm);
 }

@@ -531,9 +531,20 @@ impl Balloon {
                 self.error(BalloonError::ReportReadOnly { index: d.index });
                 continue;
             }
-            // Only whole pages inside the buffer.
-            let start = d.addr.next_multiple_of(PAGE);
-            let end = (d.addr + u64::from(d.len)) & !(PAGE - 1);
+            // Only whole pages inside the buffer. (The chain was checked to
+            // lie in RAM; the arithmetic does not rely on it.)
+            let start = d.addr.checked_next_multiple_of(PAGE);
+            let end = d
+                .addr
+                .checked_add(u64::from(d.len))
+                .map(|e| e & !(PAGE - 1));
+            let (Some(start), Some(end)) = (start, end) else {
+                self.error(BalloonError::BadReport {
+                    addr: d.addr,
+                    len: d.len,
+                });
+                continue;
+            };
             if end <= start || !ram.releasable(start, end - start) {
                 self.error(BalloonError::BadReport {
                     addr: d.addr,

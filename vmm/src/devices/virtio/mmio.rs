@@ -44,7 +44,7 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_SHM_SEL, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
 };
 
-use super::queue::{Queue, QueueError};
+use super::queue::{LayoutError, Queue, QueueError};
 use super::{BusDevice, RamLayout};
 use crate::stage2::GuestAccess;
 
@@ -149,7 +149,7 @@ pub enum TransportError {
         /// Queue.
         queue: u32,
         /// What is wrong.
-        why: String,
+        why: LayoutError,
     },
     /// QueueNotify before DRIVER_OK (or on a queue not ready).
     #[error("queue {queue} notified before the driver is ready (status {status:#x})")]
@@ -848,10 +848,17 @@ mod tests {
         setup_queue(&mut t, 1 << 40);
         assert!(!t.queues()[0].ready);
         assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 64, 0);
-        assert!(matches!(
+        assert_eq!(
             t.recent_errors().last(),
-            Some(TransportError::InvalidQueue { queue: 0, .. })
-        ));
+            Some(&TransportError::InvalidQueue {
+                queue: 0,
+                why: LayoutError::OutsideRam {
+                    area: super::super::queue::RingArea::DescTable,
+                    addr: 1 << 40,
+                    len: 128
+                }
+            })
+        );
         // Non-32-bit register accesses and unknown registers.
         let n = t.errors();
         t.write(u64::from(VIRTIO_MMIO_STATUS), &[0]);

@@ -170,3 +170,44 @@ pub(crate) mod testutil {
         mem.write(avail + 2, &idx.to_le_bytes()).expect("avail idx");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::ram;
+
+    const END: u64 = 16 << 20;
+    const FLOOR: u64 = 0x20_0000;
+
+    /// Guards the rules `balloon_bounds` and `balloon_reserved_low`.
+    #[test]
+    fn releasable_is_ram_at_or_above_the_floor() {
+        let (_ram, _s2, l) = ram();
+        assert_eq!(l.reserved_below(), FLOOR);
+        for (gpa, len) in [(FLOOR, 4096), (END - 4096, 4096), (FLOOR, END - FLOOR)] {
+            assert!(l.releasable(gpa, len), "{gpa:#x}+{len:#x}");
+        }
+        for (gpa, len, why) in [
+            (0, 4096, "page 0"),
+            (FLOOR - 4096, 4096, "last reserved page"),
+            (FLOOR - 4096, 8192, "starts below the floor"),
+            (END, 4096, "first page past RAM"),
+            (END - 4096, 8192, "runs past RAM"),
+            (1 << 40, 4096, "far past RAM"),
+            (u64::MAX - 4095, 4096, "top of the address space"),
+            (u64::MAX - 4095, 8192, "wraps around"),
+        ] {
+            assert!(!l.releasable(gpa, len), "{why}: {gpa:#x}+{len:#x}");
+        }
+    }
+
+    #[test]
+    fn contains_is_exactly_ram() {
+        let (_ram, _s2, l) = ram();
+        assert!(l.contains(0, END));
+        assert!(l.contains(END - 1, 1));
+        assert!(l.contains(0, 1));
+        for (gpa, len) in [(0, 0), (END, 1), (END - 1, 2), (0, END + 1), (u64::MAX, 2)] {
+            assert!(!l.contains(gpa, len), "{gpa:#x}+{len:#x}");
+        }
+    }
+}

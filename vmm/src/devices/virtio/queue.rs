@@ -66,6 +66,60 @@ pub enum QueueError {
     NotReady,
 }
 
+/// One of the three areas of a split virtqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingArea {
+    /// The descriptor table.
+    DescTable,
+    /// The available (driver) ring.
+    AvailRing,
+    /// The used (device) ring.
+    UsedRing,
+}
+
+impl std::fmt::Display for RingArea {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RingArea::DescTable => "descriptor table",
+            RingArea::AvailRing => "available ring",
+            RingArea::UsedRing => "used ring",
+        })
+    }
+}
+
+/// A queue configuration refused at `QueueReady` (the device needs a reset).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// Not a power of two in `1..=max`.
+    #[error("queue size {size} is not a power of two in 1..={max}")]
+    Size {
+        /// Size the driver chose.
+        size: u16,
+        /// Largest the device supports.
+        max: u16,
+    },
+    /// A ring area not aligned as virtio requires.
+    #[error("{area} at {addr:#x} is not {align}-byte aligned")]
+    Unaligned {
+        /// Which area.
+        area: RingArea,
+        /// Its address.
+        addr: u64,
+        /// Required alignment.
+        align: u64,
+    },
+    /// A ring area not inside guest RAM.
+    #[error("{area} at {addr:#x} + {len:#x} is not inside guest RAM")]
+    OutsideRam {
+        /// Which area.
+        area: RingArea,
+        /// Its address.
+        addr: u64,
+        /// Its length for the queue's size.
+        len: u64,
+    },
+}
+
 /// A descriptor chain the device refuses (answered empty; the device goes on).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
@@ -177,27 +231,25 @@ impl Queue {
 
     /// Checks what the driver configured before the queue goes live:
     /// a power-of-two size up to `max_size`, aligned rings inside guest RAM.
-    pub fn validate(&self, ram: &RamLayout) -> Result<(), String> {
+    pub fn validate(&self, ram: &RamLayout) -> Result<(), LayoutError> {
         let n = u64::from(self.size);
         if self.size == 0 || self.size > self.max_size || !self.size.is_power_of_two() {
-            return Err(format!(
-                "queue size {} is not a power of two in 1..={}",
-                self.size, self.max_size
-            ));
+            return Err(LayoutError::Size {
+                size: self.size,
+                max: self.max_size,
+            });
         }
         let areas = [
-            ("descriptor table", self.desc_table, 16 * n, 16),
-            ("available ring", self.avail_ring, 6 + 2 * n, 2),
-            ("used ring", self.used_ring, 6 + 8 * n, 4),
+            (RingArea::DescTable, self.desc_table, 16 * n, 16),
+            (RingArea::AvailRing, self.avail_ring, 6 + 2 * n, 2),
+            (RingArea::UsedRing, self.used_ring, 6 + 8 * n, 4),
         ];
-        for (what, addr, len, align) in areas {
+        for (area, addr, len, align) in areas {
             if !addr.is_multiple_of(align) {
-                return Err(format!("{what} at {addr:#x} is not {align}-byte aligned"));
+                return Err(LayoutError::Unaligned { area, addr, align });
             }
             if !ram.contains(addr, len) {
-                return Err(format!(
-                    "{what} at {addr:#x} + {len:#x} is not inside guest RAM"
-                ));
+                return Err(LayoutError::OutsideRam { area, addr, len });
             }
         }
         Ok(())
@@ -531,22 +583,149 @@ mod tests {
         let (_ram, _s2, layout) = ram();
         let mut q = queue(&layout);
         q.ready = false;
-        for (size, d, a, u) in [
-            (0, DESC, AVAIL, USED),
-            (6, DESC, AVAIL, USED),
-            (16, DESC, AVAIL, USED),
-            (8, DESC + 8, AVAIL, USED),
-            (8, DESC, AVAIL + 1, USED),
-            (8, DESC, AVAIL, USED + 2),
-            (8, 16 << 20, AVAIL, USED),
-            (8, DESC, AVAIL, (16 << 20) - 8),
+        const END: u64 = 16 << 20;
+        let outside = |area, addr, len| Err(LayoutError::OutsideRam { area, addr, len });
+        let unaligned = |area, addr, align| Err(LayoutError::Unaligned { area, addr, align });
+        for (size, d, a, u, want) in [
+            (
+                0,
+                DESC,
+                AVAIL,
+                USED,
+                Err(LayoutError::Size { size: 0, max: 8 }),
+            ),
+            (
+                6,
+                DESC,
+                AVAIL,
+                USED,
+                Err(LayoutError::Size { size: 6, max: 8 }),
+            ),
+            (
+                16,
+                DESC,
+                AVAIL,
+                USED,
+                Err(LayoutError::Size { size: 16, max: 8 }),
+            ),
+            (
+                8,
+                DESC + 8,
+                AVAIL,
+                USED,
+                unaligned(RingArea::DescTable, DESC + 8, 16),
+            ),
+            (
+                8,
+                DESC,
+                AVAIL + 1,
+                USED,
+                unaligned(RingArea::AvailRing, AVAIL + 1, 2),
+            ),
+            (
+                8,
+                DESC,
+                AVAIL,
+                USED + 2,
+                unaligned(RingArea::UsedRing, USED + 2, 4),
+            ),
+            (8, END, AVAIL, USED, outside(RingArea::DescTable, END, 128)),
+            (
+                8,
+                END - 112,
+                AVAIL,
+                USED,
+                outside(RingArea::DescTable, END - 112, 128),
+            ),
+            (
+                8,
+                DESC,
+                END - 20,
+                USED,
+                outside(RingArea::AvailRing, END - 20, 22),
+            ),
+            (
+                8,
+                DESC,
+                AVAIL,
+                END - 8,
+                outside(RingArea::UsedRing, END - 8, 70),
+            ),
+            (
+                8,
+                DESC,
+                AVAIL,
+                u64::MAX - 3,
+                outside(RingArea::UsedRing, u64::MAX - 3, 70),
+            ),
+            // Rings that end at (or, aligned, just before) the end of RAM.
+            (8, END - 128, END - 22, END - 72, Ok(())),
+            (1, DESC, AVAIL, USED, Ok(())),
         ] {
             q.size = size;
             q.desc_table = d;
             q.avail_ring = a;
             q.used_ring = u;
-            assert!(q.validate(&layout).is_err(), "{size} {d:#x} {a:#x} {u:#x}");
+            assert_eq!(q.validate(&layout), want, "{size} {d:#x} {a:#x} {u:#x}");
         }
+    }
+
+    #[test]
+    fn buffers_are_checked_for_their_whole_length() {
+        const END: u64 = 16 << 20;
+        // Ending exactly at the end of RAM, or in the low memory the
+        // balloon never releases: a buffer may be anywhere in RAM.
+        for (addr, len) in [(END - 4, 4), (END - 4096, 4096), (0x1000, 4), (0, 1)] {
+            let p = pop_one(|m| {
+                desc(m, DESC, 0, addr, len, 0, 0);
+                publish(m, AVAIL, 8, 0, &[0]);
+            })
+            .unwrap()
+            .unwrap();
+            let c = p
+                .chain
+                .unwrap_or_else(|e| panic!("{addr:#x}+{len:#x}: {e}"));
+            assert_eq!((c[0].addr, c[0].len), (addr, len));
+        }
+        // Starting inside RAM and running past its end (only the first
+        // byte is RAM), and far past the end of RAM.
+        for (addr, len) in [
+            (END - 4096, 4097),
+            (END - 1, 2),
+            (0x40_0000, u32::MAX),
+            (1 << 40, 4),
+            (END, 1),
+        ] {
+            assert_eq!(
+                chain_err(|m| desc(m, DESC, 0, addr, len, 0, 0)),
+                ChainError::OutsideRam {
+                    index: 0,
+                    addr,
+                    len
+                },
+                "{addr:#x}+{len:#x}"
+            );
+        }
+        // The bad descriptor in the middle of a chain.
+        let e = chain_err(|m| {
+            desc(m, DESC, 0, BUF, 8, F_NEXT, 4);
+            desc(m, DESC, 4, END - 2, 4, F_NEXT, 2);
+            desc(m, DESC, 2, BUF, 8, 0, 0);
+        });
+        assert_eq!(
+            e,
+            ChainError::OutsideRam {
+                index: 4,
+                addr: END - 2,
+                len: 4
+            }
+        );
+        let e = chain_err(|m| {
+            desc(m, DESC, 0, BUF, 8, F_NEXT, 6);
+            desc(m, DESC, 6, BUF, 0, F_NEXT, 2);
+            desc(m, DESC, 2, BUF, 8, 0, 0);
+        });
+        assert_eq!(e, ChainError::ZeroLength { index: 6 });
     }
 
     #[test]
