@@ -177,11 +177,11 @@ const BAD_INPUT: Detector = Detector {
     },
     stochastic: false,
 };
-const QUEUE_UNIT: Detector = Detector {
-    name: "queue unit tests",
+const VIRTIO_UNIT: Detector = Detector {
+    name: "vmm virtio unit tests",
     run: Run::Lib {
         package: "vmm",
-        filter: "devices::virtio::queue",
+        filter: "devices::virtio",
     },
     stochastic: false,
 };
@@ -237,13 +237,22 @@ const MATRIX: &[(Rule, &[Claim])] = &[
         ],
     ),
     (Rule::DeferredFree, &[fast(LOOM_WALKER), fast(GM_STRESS)]),
-    (Rule::BalloonBounds, &[fast(BAD_INPUT), full(BALLOON_FUZZ)]),
+    (
+        Rule::BalloonBounds,
+        &[fast(BAD_INPUT), fast(BALLOON_FUZZ), fast(VIRTIO_UNIT)],
+    ),
     (
         Rule::BalloonReservedLow,
-        &[fast(BAD_INPUT), full(BALLOON_FUZZ)],
+        &[fast(BAD_INPUT), fast(BALLOON_FUZZ), fast(VIRTIO_UNIT)],
     ),
-    (Rule::DescLength, &[fast(QUEUE_UNIT), fast(BAD_INPUT)]),
-    (Rule::DescAddress, &[fast(QUEUE_UNIT), fast(BAD_INPUT)]),
+    (
+        Rule::DescLength,
+        &[fast(VIRTIO_UNIT), fast(BAD_INPUT), fast(BALLOON_FUZZ)],
+    ),
+    (
+        Rule::DescAddress,
+        &[fast(VIRTIO_UNIT), fast(BAD_INPUT), fast(BALLOON_FUZZ)],
+    ),
 ];
 
 /// One (rule, detector) row of the JSON.
