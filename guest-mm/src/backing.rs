@@ -11,7 +11,7 @@
 //! | hugetlb | whole huge pages only; partly released huge pages are tracked until every 4 KiB of them is released |
 //! | simulated | nothing (tests, loom); the release is only reported to a hook |
 //!
-//! A gather's flush releases all its runs through one [`ReleaseBatch`]:
+//! A gather's flush releases all its runs through one `ReleaseBatch`:
 //! anonymous runs are queued and handed to the kernel as one
 //! `process_madvise(PIDFD_SELF, iov, n, MADV_DONTNEED)` per
 //! [`BATCH_RUNS`] runs (Linux 6.13 allows any advice on the caller itself,

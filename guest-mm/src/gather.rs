@@ -35,7 +35,7 @@ use std::alloc::{alloc, dealloc, Layout};
 use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 
-use crate::addr::Gpa;
+use crate::addr::{Gpa, Hva};
 use crate::backing::ReleaseError;
 use crate::entry::{ADDRESS_LIMIT, LEVELS};
 use crate::mutation::{broken, Rule};
@@ -242,8 +242,8 @@ impl<'t> Gather<'t> {
 
     /// Record that `[gpa, gpa + len)` must be invalidated; `releases` says
     /// whether backing will be released for it.
-    pub(crate) fn note_invalidate(&mut self, gpa: u64, len: u64, releases: bool) {
-        let end = gpa + len;
+    pub(crate) fn note_invalidate(&mut self, gpa: Gpa, len: u64, releases: bool) {
+        let (gpa, end) = (gpa.0, gpa.0 + len);
         self.inv = Some(match self.inv {
             None => (gpa, end),
             Some((s, e)) => (s.min(gpa), e.max(end)),
@@ -252,7 +252,8 @@ impl<'t> Gather<'t> {
     }
 
     /// Record host backing to release, coalescing with the current run.
-    pub(crate) fn note_release(&mut self, hva: u64, len: u64) {
+    pub(crate) fn note_release(&mut self, hva: Hva, len: u64) {
+        let hva = hva.0;
         if broken(Rule::UnhookOrder) {
             // Broken on purpose: released here, under the table lock,
             // before any invalidation or grace period.
@@ -278,7 +279,8 @@ impl<'t> Gather<'t> {
         self.push(Entry::Table(page));
     }
 
-    pub(crate) fn note_requested(&mut self, start: u64, end: u64) {
+    pub(crate) fn note_requested(&mut self, start: Gpa, end: Gpa) {
+        let (start, end) = (start.0, end.0);
         self.requested = Some(match self.requested {
             None => (start, end),
             Some((s, e)) => (s.min(start), e.max(end)),
@@ -411,7 +413,7 @@ impl<'t> Gather<'t> {
         // tlb_flush_pending: do not report completion before older
         // overlapping unmaps of other gathers have released theirs.
         if let Some((s, e)) = self.requested.take() {
-            if t.wait_pending(s, e, self.id) {
+            if t.wait_pending(Gpa(s), Gpa(e), self.id) {
                 self.stats.pending_waits += 1;
             }
         }

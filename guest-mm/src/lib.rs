@@ -15,6 +15,12 @@
 //! - A [`Walker`] translates without locks inside an RCU read section
 //!   ([`reclaim`]); it never reads a freed table page and never sees backing
 //!   after its release.
+//! - A [`GuestMemoryView`] ([`WalkGuard::memory`]) is such a read section
+//!   as vm-memory's `GuestMemory`: `Bytes<GuestAddress>` (`read_obj`,
+//!   `write_slice`, ...) and virtio-queue work through the table, with
+//!   slices that borrow the read section and so cannot outlive it, and
+//!   errors, never slices, for pages that are unmapped, discarded,
+//!   ballooned or lack the permission asked for ([`view`]).
 //!
 //! See `docs/DESIGN.md` for the invariants and the locking order.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -32,6 +38,7 @@ pub mod reclaim;
 pub mod stress;
 mod sync;
 pub mod table;
+pub mod view;
 pub mod walk;
 
 pub use addr::{Gfn, Gpa, Hva, PageSize, Perms};
@@ -43,4 +50,5 @@ pub use table::{
     FaultError, FaultOutcome, MapError, PageState, RangeError, Stage2Table, TableConfig,
     TableStats, UnmapError, UnmapMode,
 };
+pub use view::{GuestMemoryView, ViewSlices};
 pub use walk::{Access, Translation, WalkError, WalkGuard, WalkStats, Walker};

@@ -27,7 +27,14 @@
 //!   through the translation: three read sections in four re-translate a
 //!   working set of 64 consecutive pages (one per cache slot, so the cache
 //!   answers them across read sections and unmaps), the fourth random pages
-//!   of the whole range.
+//!   of the whole range. Every other read section, chosen at random, goes
+//!   through the vm-memory view of the read section instead
+//!   ([`crate::view`]): `read_slice` of a page's stamp, or `get_slices`
+//!   over one to three pages, each slice checked to point at the pages'
+//!   backing and read through the slice (volatile loads), so a
+//!   `get_slices` that raced an unmap is seen if it ever reads backing
+//!   after its release. After every unmap, the mutator's own view must
+//!   refuse every page of the range as well.
 //! - One *scanner* thread keeps asking `map` for the block being churned
 //!   and the page after it (kept in use meanwhile): the map's pinned check
 //!   for a used page walks the block's leaf table through its 511 empty
@@ -38,7 +45,8 @@
 //!
 //! - `use_after_free`: a walk or scan read a poisoned (freed) table page;
 //! - `stale_translations`: a walker read released memory (zero) or another
-//!   page's stamp through a translation, a translation pointed outside the
+//!   page's stamp through a translation or a view's slice (also counted
+//!   in `view_stale_reads`), a translation or slice pointed outside the
 //!   page's two banks, a mutator's walk disagreed with its oracle before an
 //!   unmap or after a map, or still translated a range after its unmap
 //!   returned;
@@ -56,7 +64,9 @@ use std::thread::Thread;
 use std::time::Duration;
 
 use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
+use crate::view::GuestMemoryView;
 use crate::walk::CACHE_SLOTS;
 use crate::{
     Access, BackingKind, BackingRegion, FaultOutcome, Gather, Gpa, Hva, MapError, PageSize,
@@ -104,6 +114,15 @@ pub struct StressReport {
     pub walks_ok: u64,
     /// Walker translations answered by the translation cache.
     pub cache_hits: u64,
+    /// Walker reads through the vm-memory view (`read_slice` or
+    /// `get_slices`), included in `walks`.
+    pub view_reads: u64,
+    /// Of those, reads that found every page mapped and read it through.
+    pub view_reads_ok: u64,
+    /// Violations through the view: a slice pointing outside its pages'
+    /// backing, or a read through it that found released memory or
+    /// another page's stamp (included in `stale_translations`).
+    pub view_stale_reads: u64,
     /// Translation-cache shootdowns seen by walkers at pin time.
     pub shootdowns: u64,
     /// Unmap calls.
@@ -320,6 +339,7 @@ struct Shared {
     geo: Geo,
     stop: AtomicBool,
     stale: AtomicU64,
+    view_stale: AtomicU64,
     not_released: AtomicU64,
     mismatch: AtomicU64,
     op_errors: AtomicU64,
@@ -329,6 +349,8 @@ struct Shared {
     walks: AtomicU64,
     walks_ok: AtomicU64,
     cache_hits: AtomicU64,
+    view_reads: AtomicU64,
+    view_reads_ok: AtomicU64,
     shootdowns: AtomicU64,
     maps: AtomicU64,
     unmaps: AtomicU64,
@@ -357,6 +379,10 @@ impl Shared {
     fn stale(&self, what: impl FnOnce() -> String) {
         self.stale.fetch_add(1, Ordering::Relaxed);
         self.note(|| format!("stale translation: {}", what()));
+    }
+    fn view_stale(&self, what: impl FnOnce() -> String) {
+        self.view_stale.fetch_add(1, Ordering::Relaxed);
+        self.stale(|| format!("through the vm-memory view: {}", what()));
     }
     fn not_released(&self, gpa: u64, n: u64, resident: u64) {
         self.not_released.fetch_add(1, Ordering::Relaxed);
@@ -394,6 +420,67 @@ fn check_read(sh: &Shared, gpa: u64, hva: u64) {
     }
 }
 
+/// Read the `n` pages from `gpa` (page aligned, inside the range) through
+/// the vm-memory view: with `whole`, `get_slices` over all of them, each
+/// slice checked to point at its pages' backing and each page's stamp
+/// read through the slice; else `read_slice` of the first page's stamp.
+/// Returns whether every page was mapped and read through.
+fn read_via_view(sh: &Shared, mem: &GuestMemoryView<'_>, gpa: u64, n: u64, whole: bool) -> bool {
+    if !whole {
+        let mut b = [0u8; 16];
+        if mem.read_slice(&mut b, GuestAddress(gpa)).is_err() {
+            return false;
+        }
+        let (s, gen) = split_stamp(b);
+        if s != stamp_of(gpa) {
+            sh.view_stale(|| {
+                format!("read_slice of {gpa:#x} read {s:#x} (generation {gen}); released?")
+            });
+        }
+        return true;
+    }
+    let Ok(slices) = mem.get_slices(GuestAddress(gpa), (n * PAGE) as usize, Permissions::Read)
+    else {
+        return false;
+    };
+    let mut at = gpa;
+    for r in slices {
+        let Ok(slice) = r else {
+            return false;
+        };
+        let host = slice.ptr_guard().as_ptr() as u64;
+        let len = slice.len() as u64;
+        for off in (0..len).step_by(PAGE as usize) {
+            let (gp, hp) = (at + off, host + off);
+            if !sh.geo.backs(hp, gp) {
+                sh.view_stale(|| format!("a slice for {gp:#x} points at {hp:#x}, not its backing"));
+                continue;
+            }
+            let stamp = slice.read_obj::<[u64; 2]>(off as usize);
+            match stamp {
+                Ok([s, _]) if s == stamp_of(gp) => {}
+                Ok([s, gen]) => sh.view_stale(|| {
+                    format!(
+                        "a slice of {gp:#x} at {hp:#x} read {s:#x} (generation {gen}); released?"
+                    )
+                }),
+                Err(e) => sh.view_stale(|| format!("a slice of {gp:#x} could not be read: {e}")),
+            }
+        }
+        at += len;
+    }
+    at == gpa + n * PAGE
+}
+
+/// A page's stamp (guest address, generation) from its first 16 bytes.
+fn split_stamp(b: [u8; 16]) -> (u64, u64) {
+    let mut s = [0u8; 8];
+    let mut g = [0u8; 8];
+    s.copy_from_slice(&b[..8]);
+    g.copy_from_slice(&b[8..]);
+    (u64::from_ne_bytes(s), u64::from_ne_bytes(g))
+}
+
 fn walker_thread(sh: &Shared, table: &Arc<Stage2Table>, w: usize) {
     let mut walker = table.walker();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1));
@@ -401,6 +488,7 @@ fn walker_thread(sh: &Shared, table: &Arc<Stage2Table>, w: usize) {
     let ws_len = (CACHE_SLOTS as u64).min(pages);
     let mut ws = rng.below(pages - ws_len + 1);
     let (mut walks, mut ok) = (0u64, 0u64);
+    let (mut view_reads, mut view_ok) = (0u64, 0u64);
     let mut pins = 0u64;
     while !sh.stop.load(Ordering::Relaxed) {
         pins += 1;
@@ -417,10 +505,19 @@ fn walker_thread(sh: &Shared, table: &Arc<Stage2Table>, w: usize) {
             _ => (false, ws),
         };
         let g = walker.pin();
+        // Every other read section (at random): through the vm-memory view.
+        let view = (rng.below(2) == 0).then(|| g.memory());
         for i in 0..ws_len {
             let page = if random { rng.below(pages) } else { first + i };
-            let gpa = page * PAGE + (rng.below(PAGE / 8) * 8);
             walks += 1;
+            if let Some(mem) = &view {
+                let n = 1 + rng.below(3).min(pages - 1 - page);
+                let whole = rng.below(2) == 0;
+                view_reads += 1;
+                view_ok += u64::from(read_via_view(sh, mem, page * PAGE, n, whole));
+                continue;
+            }
+            let gpa = page * PAGE + (rng.below(PAGE / 8) * 8);
             match g.translate(Gpa(gpa), Access::Read) {
                 Ok(t) => {
                     ok += 1;
@@ -437,7 +534,9 @@ fn walker_thread(sh: &Shared, table: &Arc<Stage2Table>, w: usize) {
     }
     let st = walker.stats();
     sh.walks.fetch_add(walks, Ordering::Relaxed);
-    sh.walks_ok.fetch_add(ok, Ordering::Relaxed);
+    sh.walks_ok.fetch_add(ok + view_ok, Ordering::Relaxed);
+    sh.view_reads.fetch_add(view_reads, Ordering::Relaxed);
+    sh.view_reads_ok.fetch_add(view_ok, Ordering::Relaxed);
     sh.cache_hits.fetch_add(st.cache_hits, Ordering::Relaxed);
     sh.shootdowns.fetch_add(st.shootdowns, Ordering::Relaxed);
 }
@@ -559,9 +658,13 @@ impl Mutator<'_> {
         let sh = self.sh;
         {
             let g = self.walker.pin();
+            let mem = g.memory();
             for a in (gpa..gpa + n).step_by(step as usize) {
                 if let Ok(t) = g.translate(Gpa(a), Access::Read) {
                     sh.stale(|| format!("{a:#x} still translates to {} after its unmap", t.hva));
+                }
+                if mem.check_range(GuestAddress(a), PAGE as usize, Permissions::No) {
+                    sh.view_stale(|| format!("{a:#x} is still in the view after its unmap"));
                 }
             }
         }
@@ -917,6 +1020,7 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
         geo,
         stop: AtomicBool::new(false),
         stale: AtomicU64::new(0),
+        view_stale: AtomicU64::new(0),
         not_released: AtomicU64::new(0),
         mismatch: AtomicU64::new(0),
         op_errors: AtomicU64::new(0),
@@ -926,6 +1030,8 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
         walks: AtomicU64::new(0),
         walks_ok: AtomicU64::new(0),
         cache_hits: AtomicU64::new(0),
+        view_reads: AtomicU64::new(0),
+        view_reads_ok: AtomicU64::new(0),
         shootdowns: AtomicU64::new(0),
         maps: AtomicU64::new(0),
         unmaps: AtomicU64::new(0),
@@ -1012,6 +1118,9 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
         walks: l(&sh.walks),
         walks_ok: l(&sh.walks_ok),
         cache_hits: l(&sh.cache_hits),
+        view_reads: l(&sh.view_reads),
+        view_reads_ok: l(&sh.view_reads_ok),
+        view_stale_reads: l(&sh.view_stale),
         shootdowns: l(&sh.shootdowns),
         maps: l(&sh.maps),
         unmaps: l(&sh.unmaps),

@@ -20,6 +20,11 @@
 //!
 //! The hot path takes no lock, allocates nothing and logs nothing; events
 //! are counted in the walker ([`WalkStats`]).
+//!
+//! A read section is also vm-memory's `GuestMemory`:
+//! [`WalkGuard::memory`] ([`crate::view`]) translates through
+//! [`WalkGuard::translate_for`], with the same guarantee, for slices that
+//! borrow the guard.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -227,14 +232,24 @@ impl<'w> WalkGuard<'w> {
         if gpa.0 >= ADDRESS_LIMIT {
             return crate::table::PageState::Unmapped;
         }
-        crate::table::state_of(self.table.lookup(gpa.0), gpa.0)
+        crate::table::state_of(self.table.lookup(gpa), gpa)
     }
 
     /// Translate `gpa` for `access`, through the cache, else by a lockless walk.
     #[inline]
     pub fn translate(&self, gpa: Gpa, access: Access) -> Result<Translation<'_>, WalkError> {
+        self.translate_for(gpa, access.perms())
+    }
+
+    /// Translate `gpa` for a leaf that has every permission in `need`
+    /// (none: any present leaf), through the cache, else by a lockless
+    /// walk. A leaf that lacks one fails with `PermissionDenied` naming
+    /// [`Access::Write`] if write was needed and missing, else
+    /// [`Access::Read`].
+    #[inline]
+    pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
         bump(&self.counters.translations);
-        let r = self.translate_inner(gpa, access);
+        let r = self.translate_inner(gpa, need);
         if r.is_err() {
             bump(&self.counters.failures);
         }
@@ -249,7 +264,7 @@ impl<'w> WalkGuard<'w> {
         access: Access,
     ) -> Result<Translation<'_>, WalkError> {
         bump(&self.counters.translations);
-        let r = self.walk(gpa, access, false);
+        let r = self.walk(gpa, access.perms(), false);
         if r.is_err() {
             bump(&self.counters.failures);
         }
@@ -257,14 +272,14 @@ impl<'w> WalkGuard<'w> {
     }
 
     #[inline(always)]
-    fn translate_inner(&self, gpa: Gpa, access: Access) -> Result<Translation<'_>, WalkError> {
+    fn translate_inner(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
         let gfn = gpa.0 >> PAGE_SHIFT;
         let i = (gfn as usize) & (CACHE_SLOTS - 1);
         if self.cache.tags[i].get() == gfn + 1 {
             let v = self.cache.vals[i].get();
             let perms = Perms::from_bits((v & 7) as u8);
             let level = ((v >> 3) & 7) as u32;
-            if allows(perms, access) {
+            if perms.contains(need) {
                 bump(&self.counters.cache_hits);
                 let size = level_size(level);
                 let off = gpa.0 & (PAGE_SIZE - 1);
@@ -278,21 +293,26 @@ impl<'w> WalkGuard<'w> {
                 });
             }
         }
-        self.walk(gpa, access, true)
+        self.walk(gpa, need, true)
     }
 
     #[inline(always)]
-    fn walk(&self, gpa: Gpa, access: Access, fill: bool) -> Result<Translation<'_>, WalkError> {
+    fn walk(&self, gpa: Gpa, need: Perms, fill: bool) -> Result<Translation<'_>, WalkError> {
         if gpa.0 >= ADDRESS_LIMIT {
             return Err(WalkError::OutOfRange(gpa));
         }
         bump(&self.counters.walks);
-        match self.table.lookup(gpa.0) {
+        match self.table.lookup(gpa) {
             Lookup::Leaf { pte, level } => {
                 let size = level_size(level);
                 let off = gpa.0 & (size - 1);
                 let perms = pte.perms();
-                if !allows(perms, access) {
+                if !perms.contains(need) {
+                    let access = if need.writable() && !perms.writable() {
+                        Access::Write
+                    } else {
+                        Access::Read
+                    };
                     return Err(WalkError::PermissionDenied { gpa, access });
                 }
                 let hva = pte.addr() + off;
@@ -394,10 +414,13 @@ impl<'w> WalkGuard<'w> {
     }
 }
 
-#[inline(always)]
-fn allows(p: Perms, a: Access) -> bool {
-    match a {
-        Access::Read => p.readable(),
-        Access::Write => p.writable(),
+impl Access {
+    /// The leaf permission this access needs.
+    #[inline(always)]
+    pub const fn perms(self) -> Perms {
+        match self {
+            Access::Read => Perms::R,
+            Access::Write => Perms::W,
+        }
     }
 }

@@ -8,6 +8,9 @@
 //! across unmaps; a mutator's cached translation of a range it just
 //! unmapped is found at once), `deferred_free` (the scanner's and walkers'
 //! pinned walks of a churned block read its freed leaf table: poison).
+//! Half the walkers' read sections go through the vm-memory view
+//! (`read_slice`, `get_slices`), so the same rules guard that path:
+//! `view_stale_reads` counts what it caught.
 
 use std::time::Duration;
 
@@ -31,6 +34,7 @@ fn check(cfg: StressConfig) -> StressReport {
     assert_eq!(r.op_errors, 0, "{why:?}");
     assert_eq!(r.use_after_free, 0, "{why:?}");
     assert_eq!(r.stale_translations, 0, "{why:?}");
+    assert_eq!(r.view_stale_reads, 0, "{why:?}");
     assert_eq!(r.not_released, 0, "{why:?}");
     assert_eq!(r.oracle_mismatch, 0, "{why:?}");
     assert_eq!(r.violations(), 0, "{why:?}");
@@ -57,6 +61,8 @@ fn stress_walkers_vs_unmappers() {
         });
         total.walks_ok += r.walks_ok;
         total.cache_hits += r.cache_hits;
+        total.view_reads += r.view_reads;
+        total.view_reads_ok += r.view_reads_ok;
         total.shootdowns += r.shootdowns;
         total.unmaps += r.unmaps;
         total.maps += r.maps;
@@ -71,6 +77,12 @@ fn stress_walkers_vs_unmappers() {
         total.walks_ok > 1000,
         "walkers must have translated: {}",
         total.walks_ok
+    );
+    assert!(
+        total.view_reads_ok > 1000,
+        "walkers must have read through the vm-memory view: {} of {} reads",
+        total.view_reads_ok,
+        total.view_reads
     );
     assert!(
         total.cache_hits > 1000 && total.shootdowns > 10,

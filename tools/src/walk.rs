@@ -8,10 +8,18 @@
 //! - vm-memory's `GuestMemoryMmap` lookup (`get_host_address`) over a few
 //!   regions; vm-memory has no unmap, so it is measured without a storm.
 //!
-//! The stage-2 table is mapped at 4 KiB leaves over simulated backing at a
-//! fake host address (a translation never dereferences it). Each walker
-//! pins once per batch of translations of pseudo-random addresses
-//! (xorshift); a pin-per-translation figure is reported too.
+//! Beside the direct fast walk, the same translations go through guest-mm's
+//! vm-memory view of a read section (`WalkGuard::memory`, vm-memory's
+//! `GuestMemory`): `get_slices(addr, 8, Permissions::Read)` taking the
+//! first slice's host pointer (no memory is read, as in the other loops),
+//! reported as `guest_memory_view_per_s` and its ratio to the direct walk.
+//!
+//! The stage-2 table is mapped at 4 KiB leaves over reserved anonymous
+//! memory that is never touched (`MAP_NORESERVE`), registered as simulated
+//! backing so that the storm releases nothing: a translation never
+//! dereferences it, and the view's slices point at memory that exists.
+//! Each walker pins once per batch of translations of pseudo-random
+//! addresses (xorshift); a pin-per-translation figure is reported too.
 //!
 //! The machine may have few cores: the storm thread competes with the
 //! walkers for them. The JSON reports the core count and whether the
@@ -28,14 +36,18 @@ use guest_mm::{
     UnmapMode,
 };
 use serde::Serialize;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions};
 
-use crate::mem::{HUGE, PAGE};
+use crate::mem::{AnonRegion, HUGE, PAGE};
 use crate::rng::{round, Rng};
 use crate::units::human_bytes;
 
-/// Where the simulated backing pretends to live (never dereferenced).
+/// Where the `RwLock` baseline's page map pretends the backing lives
+/// (never dereferenced).
 const FAKE_HVA: u64 = 0x1000_0000_0000;
+
+/// What one translation through the vm-memory view is, for the output.
+const VIEW_OP: &str = "get_slices(addr, 8, Permissions::Read), first slice's pointer";
 
 /// Options of `gmm bench walk`.
 #[derive(clap::Args, Debug)]
@@ -43,7 +55,7 @@ pub struct WalkArgs {
     /// Walker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
-    /// Seconds per measurement phase (there are nine phases).
+    /// Seconds per measurement phase (there are ten phases).
     #[arg(long, default_value = "1", value_parser = crate::units::parse_seconds)]
     pub seconds: f64,
     /// Guest memory mapped (at 4 KiB leaves); a multiple of 2 MiB.
@@ -114,6 +126,16 @@ struct WalkJson {
     vm_memory_regions: usize,
     walk_vs_rwlock: f64,
     walk_vs_vm_memory: f64,
+    /// Translations through guest-mm's vm-memory view of a read section
+    /// (`GuestMemory::get_slices`, see `guest_memory_view_op`), random
+    /// addresses over the whole table, one pin per batch.
+    guest_memory_view_per_s: f64,
+    /// What one view translation is.
+    guest_memory_view_op: &'static str,
+    /// `guest_memory_view_per_s / walk_per_s` (target ≥ 0.8).
+    guest_memory_view_vs_walk: f64,
+    /// `guest_memory_view_per_s / vm_memory_per_s`.
+    guest_memory_view_vs_vm_memory: f64,
     use_after_free: u64,
     targets: WalkTargets,
 }
@@ -256,9 +278,45 @@ fn walk_loop(
     c
 }
 
+/// Translations through the vm-memory view of each read section: one
+/// `get_slices(addr, 8, Read)` per address, keeping the first slice's host
+/// pointer (as [`walk_loop`] keeps the translation's).
+fn view_loop(table: &Arc<Stage2Table>, i: usize, stop: &AtomicBool, len: u64, batch: u32) -> Count {
+    let mut w = table.walker();
+    let mut rng = Rng::new(0x1234_5678 + i as u64 * 0x9e37_79b9);
+    let mut c = Count::default();
+    let mut sink = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let g = w.pin();
+        let mem = g.memory();
+        for _ in 0..batch {
+            let a = GuestAddress(addr(&mut rng, len));
+            match mem
+                .get_slices(a, 8, Permissions::Read)
+                .map(|mut s| s.next())
+            {
+                Ok(Some(Ok(s))) => sink ^= s.ptr_guard().as_ptr() as u64,
+                _ => c.failed += 1,
+            }
+        }
+        c.n += u64::from(batch);
+    }
+    black_box(sink);
+    let s = w.stats();
+    c.shootdowns = s.shootdowns;
+    c.uaf = s.use_after_free;
+    c
+}
+
 /// The guest-mm storm: unmap a random 2 MiB range and map it back, as
 /// fast as it goes.
-fn storm(table: &Stage2Table, stop: &AtomicBool, len: u64, rate: Option<f64>) -> Result<u64> {
+fn storm(
+    table: &Stage2Table,
+    stop: &AtomicBool,
+    host: u64,
+    len: u64,
+    rate: Option<f64>,
+) -> Result<u64> {
     let mut rng = Rng::new(0xfeed);
     let mut ops = 0u64;
     let pacer = Pacer::new(rate);
@@ -273,7 +331,7 @@ fn storm(table: &Stage2Table, stop: &AtomicBool, len: u64, rate: Option<f64>) ->
             .context("storm unmap")?;
         g.finish().context("storm flush")?;
         table
-            .map(Gpa(r), Hva(FAKE_HVA + r), HUGE, Perms::RW, PageSize::Size4K)
+            .map(Gpa(r), Hva(host + r), HUGE, Perms::RW, PageSize::Size4K)
             .context("storm remap")?;
         ops += 1;
     }
@@ -410,16 +468,19 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         bail!("--mem {} is not a multiple of 2 MiB", human_bytes(len));
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Reserved, never touched: no RSS, nothing released (simulated).
+    let backing = AnonRegion::new(len, PageSize::Size4K).context("reserving the backing")?;
+    let host = backing.base;
     let table = Stage2Table::new(TableConfig::default()).context("creating the table")?;
     table
         .register_backing(BackingRegion {
-            hva: Hva(FAKE_HVA),
+            hva: Hva(host),
             len,
             kind: BackingKind::Simulated { hook: None },
         })
         .context("registering simulated backing")?;
     table
-        .map(Gpa(0), Hva(FAKE_HVA), len, Perms::RW, PageSize::Size4K)
+        .map(Gpa(0), Hva(host), len, Perms::RW, PageSize::Size4K)
         .context("mapping the table")?;
     let (t, s, b) = (a.threads, a.seconds, a.batch);
     let none = None::<fn(&AtomicBool) -> Result<u64>>;
@@ -436,9 +497,15 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         Ok(per_thread(&c, e))
     };
     let walk = run_mode(Mode::Cached)?;
+    // Right after the cached path it is compared with, so that the two
+    // share the machine's conditions as far as possible.
+    let (c, e, _) = phase(t, s, |i, stop| view_loop(&table, i, stop, len, b), none)?;
+    let view_uaf: u64 = c.iter().map(|x| x.uaf).sum();
+    let view = per_thread(&c, e);
     let uncached = run_mode(Mode::Uncached)?;
     let hot = run_mode(Mode::Hot)?;
     let pin_each = run_mode(Mode::PinEach)?;
+    uaf += view_uaf;
     let (c, e, _) = phase(
         t,
         s,
@@ -450,7 +517,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         t,
         s,
         |i, stop| walk_loop(&table, i, stop, len, b, Mode::Cached),
-        Some(|stop: &AtomicBool| storm(&table, stop, len, a.storm_rate)),
+        Some(|stop: &AtomicBool| storm(&table, stop, host, len, a.storm_rate)),
     )?;
     uaf += c.iter().map(|x| x.uaf).sum::<u64>();
     let under = per_thread(&c, e);
@@ -491,6 +558,11 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     log += &format!("  fast walk, uncached        {:>8.1} M/s\n", m(uncached));
     log += &format!("  fast walk, hot (64 pages)  {:>8.1} M/s\n", m(hot));
     log += &format!("  fast walk, pin each        {:>8.1} M/s\n", m(pin_each));
+    log += &format!(
+        "  vm-memory view of the walk {:>8.1} M/s ({:.2}x the cached path; {VIEW_OP})\n",
+        m(view),
+        view / walk
+    );
     log += &format!("  fast walk, busy neighbour  {:>8.1} M/s\n", m(busy));
     log += &format!(
         "  fast walk, under storm     {:>8.1} M/s ({:.2}x; storm {:.0} unmap+remap/s, {:.2}% unmapped hits, {} shootdowns)\n",
@@ -547,6 +619,10 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         vm_memory_regions: nregions as usize,
         walk_vs_rwlock: round(walk / rwlock, 3),
         walk_vs_vm_memory: round(walk / vm_memory, 3),
+        guest_memory_view_per_s: view.round(),
+        guest_memory_view_op: VIEW_OP,
+        guest_memory_view_vs_walk: round(view / walk, 3),
+        guest_memory_view_vs_vm_memory: round(view / vm_memory, 3),
         use_after_free: uaf,
         targets: WalkTargets {
             walk_ge_50m_per_s: walk >= 50e6,

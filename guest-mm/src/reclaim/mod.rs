@@ -1,0 +1,29 @@
+//! Table pages and their reclamation: where table pages come from and
+//! when they may go back.
+//!
+//! - `pool`: table pages ([`TablePage`]), carved from `mmap`ed chunks,
+//!   poisoned when freed and reused oldest-first;
+//! - `fence`: the light/heavy fence pair of the read side and the grace
+//!   period (SeqCst fences, or membarrier when asked for);
+//! - `rcu`: the RCU domain of one table: registered readers, pins, grace
+//!   periods, deferred freeing (`call_rcu`) and the barrier (`rcu_barrier`).
+//!
+//! **The rule.** A table page is freed only after it was unlinked from the
+//! table and a grace period that *started* after the unlink has ended, so
+//! no lockless reader can still hold its address. Backing follows the
+//! same rule through the gather ([`crate::gather`]): it is released only
+//! after the grace period of its flush.
+//!
+//! **Concurrency.** Readers pin and unpin with a store and a light fence,
+//! take no lock and allocate nothing. Registration, grace periods and
+//! deferred freeing take locks, never on a reader's path; they are taken
+//! outside the table lock except the page pool's.
+
+mod fence;
+mod pool;
+mod rcu;
+
+pub use fence::asymmetric_fences;
+pub(crate) use pool::PagePtr;
+pub use pool::TablePage;
+pub(crate) use rcu::{Rcu, ReadGuard, Reader};

@@ -1,0 +1,225 @@
+//! The page pool: where table pages come from and where freed ones wait.
+//!
+//! A [`TablePage`] is 4 KiB of `AtomicU64` entries. In production pages are
+//! carved from `mmap`ed chunks (so that the table costs exactly 4 KiB of
+//! RSS per page, with no allocator headers); under `cfg(loom)` they are
+//! boxed and never reused.
+//!
+//! **Invariants.** A freed page is filled with [`POISON`] before it joins
+//! the free list, and free pages are reused oldest-first, only once more
+//! than a quarantine of them is queued: a reader of freed memory sees
+//! poison for as long as possible, which walks count as use-after-free. A
+//! page is zeroed again when it is handed out.
+//!
+//! **Concurrency.** The pool's lock guards the chunk and free lists and is
+//! taken by allocation (under the table lock) and by freeing (after a
+//! grace period); the page counts are relaxed atomics. Who may free a page,
+//! and when, is the RCU domain's business ([`super::rcu`]): the pool's
+//! `free` is `unsafe` with that contract.
+
+use std::ptr::NonNull;
+
+use crate::entry::{ENTRIES, POISON};
+use crate::fault::FailPoint;
+use crate::sync::{lock, AtomicU64, AtomicUsize, Mutex, Ordering};
+
+/// One 4 KiB page of a stage-2 table.
+#[repr(C, align(4096))]
+pub struct TablePage {
+    pub(crate) entries: [AtomicU64; ENTRIES],
+}
+
+/// A raw pointer to a table page that the table owns. Table pages are
+/// shared between the locked writer and lockless readers; who may free
+/// them, and when, is the subject of this module.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct PagePtr(pub(crate) NonNull<TablePage>);
+
+// SAFETY: a PagePtr is an address; the page it names is only accessed
+// through atomics, and freeing follows the RCU protocol of this module.
+unsafe impl Send for PagePtr {}
+// SAFETY: as above.
+unsafe impl Sync for PagePtr {}
+
+impl PagePtr {
+    /// The page's address, as stored in a table entry.
+    pub(crate) fn addr(self) -> u64 {
+        self.0.as_ptr() as u64
+    }
+    /// # Safety
+    /// `addr` must come from [`PagePtr::addr`] of a page that is still
+    /// allocated: either the caller holds the table lock and the page is
+    /// linked, or the caller is pinned and read the address from a linked
+    /// entry inside the same read section.
+    pub(crate) unsafe fn from_addr<'a>(addr: u64) -> &'a TablePage {
+        // SAFETY: per the contract above the page is allocated for the
+        // lifetime the caller picks (bounded by its lock or read section).
+        unsafe { &*(addr as usize as *const TablePage) }
+    }
+    /// # Safety
+    /// The page must still be allocated (see [`PagePtr::from_addr`]).
+    pub(crate) unsafe fn get<'a>(self) -> &'a TablePage {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+/// Allocates table pages.
+pub(crate) struct PagePool {
+    inner: Mutex<PoolInner>,
+    in_use: AtomicUsize,
+    peak: AtomicUsize,
+    freed_total: AtomicU64,
+}
+
+struct PoolInner {
+    #[cfg(not(loom))]
+    chunks: Vec<(usize, usize)>,
+    #[cfg(not(loom))]
+    fresh: Option<(usize, usize)>,
+    /// Poisoned pages, oldest first.
+    free: std::collections::VecDeque<PagePtr>,
+    #[cfg(loom)]
+    all: Vec<PagePtr>,
+}
+
+/// Freed pages stay poisoned in the free list until this many are queued.
+#[cfg(not(loom))]
+const QUARANTINE: usize = 64;
+#[cfg(not(loom))]
+const CHUNK_PAGES: usize = 256;
+
+impl PagePool {
+    pub(crate) fn new() -> PagePool {
+        PagePool {
+            inner: Mutex::new(PoolInner {
+                #[cfg(not(loom))]
+                chunks: Vec::new(),
+                #[cfg(not(loom))]
+                fresh: None,
+                free: std::collections::VecDeque::new(),
+                #[cfg(loom)]
+                all: Vec::new(),
+            }),
+            in_use: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            freed_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Pages currently part of some table (or awaiting their grace period).
+    pub(crate) fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+    pub(crate) fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+    pub(crate) fn freed_total(&self) -> u64 {
+        self.freed_total.load(Ordering::Relaxed)
+    }
+
+    /// A zeroed page, or `None` when memory is exhausted (or injected).
+    pub(crate) fn alloc(&self, fail: &FailPoint) -> Option<PagePtr> {
+        if fail.should_fail() {
+            return None;
+        }
+        let page = self.alloc_raw()?;
+        let n = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(n, Ordering::Relaxed);
+        Some(page)
+    }
+
+    #[cfg(not(loom))]
+    fn alloc_raw(&self) -> Option<PagePtr> {
+        let mut inner = lock(&self.inner);
+        if inner.free.len() > QUARANTINE {
+            if let Some(p) = inner.free.pop_front() {
+                drop(inner);
+                // SAFETY: the page is on the free list: allocated, unlinked,
+                // past its grace period, and owned by nobody but us now.
+                let page = unsafe { p.get() };
+                for e in &page.entries {
+                    e.store(0, Ordering::Relaxed);
+                }
+                return Some(p);
+            }
+        }
+        let (next, end) = match inner.fresh {
+            Some((next, end)) if next < end => (next, end),
+            _ => {
+                let bytes = CHUNK_PAGES * 4096;
+                // SAFETY: anonymous private mapping with no address hint;
+                // the result is checked against MAP_FAILED.
+                let addr = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        bytes,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if addr == libc::MAP_FAILED {
+                    return None;
+                }
+                // Table pages are touched one by one: keep THP from
+                // charging 2 MiB for the first one. Failure only costs RSS.
+                // SAFETY: the range was just mapped by us.
+                unsafe { libc::madvise(addr, bytes, libc::MADV_NOHUGEPAGE) };
+                let a = addr as usize;
+                inner.chunks.push((a, bytes));
+                (a, a + bytes)
+            }
+        };
+        inner.fresh = Some((next + 4096, end));
+        // Fresh anonymous memory reads as zero, which is a valid array of
+        // zero atomics, and is 4096-aligned.
+        NonNull::new(next as *mut TablePage).map(PagePtr)
+    }
+
+    #[cfg(loom)]
+    fn alloc_raw(&self) -> Option<PagePtr> {
+        let b = Box::new(TablePage {
+            entries: std::array::from_fn(|_| AtomicU64::new(0)),
+        });
+        let p = PagePtr(NonNull::from(Box::leak(b)));
+        lock(&self.inner).all.push(p);
+        Some(p)
+    }
+
+    /// Poison and free `page`.
+    ///
+    /// # Safety
+    /// The page must be unlinked from every table and a grace period must
+    /// have elapsed since (no reader can still hold its address), and it
+    /// must not be freed twice.
+    pub(crate) unsafe fn free(&self, page: PagePtr) {
+        // SAFETY: the page is still allocated (we are freeing it now) and
+        // by the contract nobody else accesses it.
+        let p = unsafe { page.get() };
+        for e in &p.entries {
+            e.store(POISON, Ordering::Relaxed);
+        }
+        lock(&self.inner).free.push_back(page);
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
+        self.freed_total.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for PagePool {
+    fn drop(&mut self) {
+        let inner = lock(&self.inner);
+        #[cfg(not(loom))]
+        for &(addr, bytes) in &inner.chunks {
+            // SAFETY: every chunk was mapped by alloc_raw; the pool is being
+            // dropped, so the table that used its pages is gone too.
+            unsafe { libc::munmap(addr as *mut libc::c_void, bytes) };
+        }
+        #[cfg(loom)]
+        for p in &inner.all {
+            // SAFETY: boxed in alloc_raw and never freed before.
+            drop(unsafe { Box::from_raw(p.0.as_ptr()) });
+        }
+    }
+}

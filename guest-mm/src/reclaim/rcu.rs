@@ -1,0 +1,220 @@
+//! The RCU domain of one table: readers, epochs, grace periods and
+//! deferred freeing.
+//!
+//! **Readers.** A lockless reader registers once ([`Rcu::register`]) and
+//! then *pins* its slot around each read section: it stores the current
+//! epoch in its slot and issues a light fence ([`super::fence`]). The
+//! section ends when the [`ReadGuard`] drops (a Release store of 0).
+//! Pinning takes no lock and allocates nothing.
+//!
+//! **Grace periods.** A writer that unlinked something calls
+//! [`Rcu::synchronize`]: a heavy fence, an epoch bump, then it waits until
+//! every slot is idle or carries the new epoch. Every read section that
+//! was running when the call started has then ended.
+//!
+//! **Deferred freeing.** [`Rcu::retire`] hands unlinked table pages over
+//! (the `call_rcu` analogue); they are freed at the end of the next grace
+//! period that *starts* after the hand-over. If the list cannot grow, the
+//! caller waits for a grace period itself and frees synchronously (the
+//! kernel's `tlb_remove_table_one` fallback). [`Rcu::barrier`] is the
+//! `rcu_barrier` analogue: it returns when everything retired before the
+//! call has been freed. The `mutation` rule `deferred_free` makes
+//! `retire` free at once.
+//!
+//! **Concurrency.** A grace period holds the reader-slot lock while it
+//! waits for readers, so nobody may register a reader while pinned
+//! (registration takes that lock). The slot and retired-list locks are
+//! taken only outside the table lock.
+
+use super::fence::{heavy_fence, light_fence};
+use super::pool::{PagePool, PagePtr};
+use crate::fault::FailPoint;
+use crate::mutation::{broken, Rule};
+use crate::sync::{backoff, lock, AtomicU64, Mutex, Ordering};
+
+/// One reader's slot: 0 when idle, else the epoch it pinned at.
+#[repr(align(64))]
+pub(crate) struct ReaderSlot {
+    state: AtomicU64,
+    in_use: crate::sync::AtomicBool,
+}
+
+/// The reclamation domain of one table: readers, epochs, retired pages.
+pub(crate) struct Rcu {
+    epoch: AtomicU64,
+    slots: Mutex<Vec<crate::sync::Arc<ReaderSlot>>>,
+    retired: Mutex<Vec<PagePtr>>,
+    grace_periods: AtomicU64,
+    sync_fallbacks: AtomicU64,
+    pub(crate) pool: PagePool,
+}
+
+/// A registered reader. Not `Sync`: one thread pins it at a time.
+pub(crate) struct Reader {
+    slot: crate::sync::Arc<ReaderSlot>,
+    _not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
+}
+
+/// A read section; table pages read inside it stay allocated until it ends.
+pub(crate) struct ReadGuard<'r> {
+    slot: &'r ReaderSlot,
+}
+
+impl Drop for ReadGuard<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // Release: our reads of table pages happen-before a writer's
+        // Acquire load that sees the slot idle, and so before its free.
+        self.slot.state.store(0, Ordering::Release);
+    }
+}
+
+impl Reader {
+    /// Enter a read section.
+    #[inline(always)]
+    pub(crate) fn pin(&mut self, rcu: &Rcu) -> ReadGuard<'_> {
+        let e = rcu.epoch.load(Ordering::Relaxed);
+        self.slot.state.store(e, Ordering::Relaxed);
+        light_fence();
+        ReadGuard { slot: &self.slot }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.slot.state.store(0, Ordering::Release);
+        self.slot.in_use.store(false, Ordering::Release);
+    }
+}
+
+impl Rcu {
+    pub(crate) fn new() -> Rcu {
+        super::fence::init();
+        Rcu {
+            epoch: AtomicU64::new(1),
+            slots: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
+            grace_periods: AtomicU64::new(0),
+            sync_fallbacks: AtomicU64::new(0),
+            pool: PagePool::new(),
+        }
+    }
+
+    /// Register a reader (takes a lock; not for hot paths).
+    pub(crate) fn register(&self) -> Reader {
+        let mut slots = lock(&self.slots);
+        let slot = match slots.iter().find(|s| {
+            s.in_use
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        }) {
+            Some(s) => s.clone(),
+            None => {
+                let s = crate::sync::Arc::new(ReaderSlot {
+                    state: AtomicU64::new(0),
+                    in_use: crate::sync::AtomicBool::new(true),
+                });
+                slots.push(s.clone());
+                s
+            }
+        };
+        Reader {
+            slot,
+            _not_sync: std::marker::PhantomData,
+        }
+    }
+
+    /// Wait for a grace period: every read section that was running when
+    /// this call started has ended. Frees what was retired before the call.
+    pub(crate) fn synchronize(&self) {
+        let stolen = std::mem::take(&mut *lock(&self.retired));
+        // Everything this thread unlinked or cleared, and everything
+        // retired above, is visible to all readers after this fence; a
+        // reader whose pin is not yet visible to us will see it.
+        heavy_fence();
+        let target = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        {
+            let slots = lock(&self.slots);
+            for s in slots.iter() {
+                let mut spins = 0;
+                loop {
+                    let v = s.state.load(Ordering::Acquire);
+                    if v == 0 || v >= target {
+                        break;
+                    }
+                    backoff(&mut spins);
+                }
+            }
+        }
+        self.grace_periods.fetch_add(1, Ordering::Relaxed);
+        for p in stolen {
+            // SAFETY: p was unlinked before it was retired, and the grace
+            // period above started after it was retired.
+            unsafe { self.pool.free(p) };
+        }
+    }
+
+    /// Hand unlinked pages over for freeing after a grace period. If the
+    /// deferred list cannot grow, wait for a grace period now and free them
+    /// synchronously.
+    ///
+    /// # Safety
+    /// Every page must already be unlinked from the table (no new reader
+    /// can reach it), and must be handed over only once.
+    pub(crate) unsafe fn retire(&self, pages: &[PagePtr], fail: &FailPoint) {
+        if pages.is_empty() {
+            return;
+        }
+        if broken(Rule::DeferredFree) {
+            for &p in pages {
+                // SAFETY: this is the bug the `DeferredFree` switch injects
+                // (mutation builds only): the pages are unlinked (contract),
+                // but a reader may still be inside one when it is poisoned.
+                unsafe { self.pool.free(p) };
+            }
+            return;
+        }
+        {
+            let mut r = lock(&self.retired);
+            if !fail.should_fail() && r.try_reserve(pages.len()).is_ok() {
+                r.extend_from_slice(pages);
+                return;
+            }
+        }
+        self.sync_fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.synchronize();
+        for &p in pages {
+            // SAFETY: unlinked before this call (contract), and a full
+            // grace period started after that.
+            unsafe { self.pool.free(p) };
+        }
+    }
+
+    /// Pages waiting for a grace period.
+    pub(crate) fn retired_len(&self) -> usize {
+        lock(&self.retired).len()
+    }
+
+    /// The `rcu_barrier` analogue: everything retired before this call is freed.
+    pub(crate) fn barrier(&self) {
+        self.synchronize();
+    }
+
+    pub(crate) fn grace_periods(&self) -> u64 {
+        self.grace_periods.load(Ordering::Relaxed)
+    }
+    pub(crate) fn sync_fallbacks(&self) -> u64 {
+        self.sync_fallbacks.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Rcu {
+    fn drop(&mut self) {
+        let stolen = std::mem::take(&mut *lock(&self.retired));
+        for p in stolen {
+            // SAFETY: the domain is being dropped: no reader exists (readers
+            // hold the table alive), and each page was unlinked when retired.
+            unsafe { self.pool.free(p) };
+        }
+    }
+}

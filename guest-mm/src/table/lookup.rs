@@ -1,0 +1,207 @@
+//! Lockless lookups: the read side of the table, shared by the fast walk
+//! ([`crate::walk`]), [`Stage2Table::query`] and the writers' pinned
+//! pre-checks (is any page of a range mapped, or is one missing).
+//!
+//! **Invariants.** A lookup only reads: it loads entries with Acquire
+//! (pairing with the writers' Release stores, so a table page is seen
+//! filled once its pointer is seen), follows table pointers, and stops at
+//! the first leaf, marker or empty entry. An entry equal to
+//! [`POISON`] means a freed table page was read: the lookup returns
+//! [`Lookup::Poison`] and counts it in `use_after_free` (it must stay 0).
+//!
+//! **Concurrency.** The caller is inside a read section of the table's
+//! RCU domain (or holds the table lock): every table page reachable from
+//! an entry read inside it stays allocated until the section ends
+//! ([`crate::reclaim`]). No lock is taken and nothing is allocated.
+//! `query`, `scan` and the pre-checks register a reader of their own (a
+//! lock, not a hot path), so they must not be called while the calling
+//! thread is pinned.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::Stage2Table;
+use crate::addr::{Gpa, Hva, PageSize, Perms};
+use crate::entry::{
+    index, level_size, Pte, ADDRESS_LIMIT, LEVELS, PAGE_SIZE, POISON, SW_BALLOONED,
+};
+use crate::reclaim::{PagePtr, TablePage};
+use crate::sync::Ordering;
+
+/// What a pinned lookup found.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Lookup {
+    /// A present leaf at `level`.
+    Leaf { pte: Pte, level: u32 },
+    /// A discarded or ballooned marker at `level`.
+    Marker { pte: Pte, level: u32 },
+    /// Nothing mapped.
+    None,
+    /// A freed table page was read (a reclamation bug).
+    Poison,
+}
+
+/// What the table knows about one guest page (for oracles and tools).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// Nothing mapped.
+    Unmapped,
+    /// Mapped to `hva` (the address of this 4 KiB page).
+    Present {
+        /// Host address of the page.
+        hva: Hva,
+        /// Permissions.
+        perms: Perms,
+        /// Leaf size.
+        size: PageSize,
+    },
+    /// Backing released; faults back in.
+    Discarded {
+        /// Host address it will come back at.
+        hva: Hva,
+        /// Leaf size.
+        size: PageSize,
+    },
+    /// In the balloon.
+    Ballooned {
+        /// Host address of the page.
+        hva: Hva,
+        /// Leaf size.
+        size: PageSize,
+    },
+}
+
+impl Stage2Table {
+    /// Walk to the entry for `gpa` (below [`ADDRESS_LIMIT`]). The caller
+    /// must be inside a read section of this table's RCU domain, or hold
+    /// the table lock.
+    #[inline(always)]
+    pub(crate) fn lookup(&self, gpa: Gpa) -> Lookup {
+        let mut page = self.root();
+        let mut level = LEVELS;
+        loop {
+            let e = Pte(page.entries[index(gpa.0, level)].load(Ordering::Acquire));
+            if e.0 == POISON {
+                self.stats.use_after_free.fetch_add(1, Relaxed);
+                return Lookup::Poison;
+            }
+            if e.is_table(level) {
+                // SAFETY: read from a linked entry inside the caller's read
+                // section (or under the lock): the page stays allocated.
+                page = unsafe { PagePtr::from_addr(e.addr()) };
+                level -= 1;
+                continue;
+            }
+            if e.is_present() {
+                return Lookup::Leaf { pte: e, level };
+            }
+            if e.is_marker() {
+                return Lookup::Marker { pte: e, level };
+            }
+            return Lookup::None;
+        }
+    }
+
+    /// What the table says about the page at `gpa` right now.
+    pub fn query(&self, gpa: Gpa) -> PageState {
+        if gpa.0 >= ADDRESS_LIMIT {
+            return PageState::Unmapped;
+        }
+        let mut r = self.rcu.register();
+        let _g = r.pin(&self.rcu);
+        state_of(self.lookup(gpa), gpa)
+    }
+
+    /// Visit every leaf, marker and hole covering `[start, end)` in order,
+    /// pinned, until `f` returns false. Returns whether it ran to the end.
+    fn scan(&self, start: Gpa, end: Gpa, f: &mut impl FnMut(Gpa, Lookup) -> bool) -> bool {
+        let mut r = self.rcu.register();
+        let _g = r.pin(&self.rcu);
+        self.scan_page(self.root(), LEVELS, start.0, end.0, f)
+    }
+
+    fn scan_page(
+        &self,
+        page: &TablePage,
+        level: u32,
+        mut addr: u64,
+        end: u64,
+        f: &mut impl FnMut(Gpa, Lookup) -> bool,
+    ) -> bool {
+        let size = level_size(level);
+        while addr < end {
+            let ent_end = (addr & !(size - 1)) + size;
+            let stop = ent_end.min(end);
+            let e = Pte(page.entries[index(addr, level)].load(Ordering::Acquire));
+            let ok = if e.0 == POISON {
+                self.stats.use_after_free.fetch_add(1, Relaxed);
+                f(Gpa(addr), Lookup::Poison)
+            } else if e.is_table(level) {
+                // SAFETY: linked entry read inside our read section.
+                let child = unsafe { PagePtr::from_addr(e.addr()) };
+                self.scan_page(child, level - 1, addr, stop, f)
+            } else if e.is_present() {
+                f(Gpa(addr), Lookup::Leaf { pte: e, level })
+            } else if e.is_marker() {
+                f(Gpa(addr), Lookup::Marker { pte: e, level })
+            } else {
+                f(Gpa(addr), Lookup::None)
+            };
+            if !ok {
+                return false;
+            }
+            addr = stop;
+        }
+        true
+    }
+
+    /// The first page of `[start, end)` with no leaf or marker.
+    pub(super) fn first_hole(&self, start: Gpa, end: Gpa) -> Option<Gpa> {
+        let mut hole = None;
+        self.scan(start, end, &mut |a, l| match l {
+            Lookup::None | Lookup::Poison => {
+                hole = Some(a);
+                false
+            }
+            _ => true,
+        });
+        hole
+    }
+
+    /// The first page of `[start, end)` that has a leaf or marker.
+    pub(super) fn first_used(&self, start: Gpa, end: Gpa) -> Option<Gpa> {
+        let mut used = None;
+        self.scan(start, end, &mut |a, l| match l {
+            Lookup::None => true,
+            _ => {
+                used = Some(a);
+                false
+            }
+        });
+        used
+    }
+}
+
+/// The [`PageState`] of the 4 KiB page at `gpa`, given what a lookup of
+/// `gpa` found.
+pub(crate) fn state_of(l: Lookup, gpa: Gpa) -> PageState {
+    let off = |level: u32| gpa.0 & (level_size(level) - 1) & !(PAGE_SIZE - 1);
+    let size = |level: u32| PageSize::from_level(level).unwrap_or(PageSize::Size4K);
+    match l {
+        Lookup::Leaf { pte, level } => PageState::Present {
+            hva: Hva(pte.addr() + off(level)),
+            perms: pte.perms(),
+            size: size(level),
+        },
+        Lookup::Marker { pte, level } if pte.markers() & SW_BALLOONED != 0 => {
+            PageState::Ballooned {
+                hva: Hva(pte.addr() + off(level)),
+                size: size(level),
+            }
+        }
+        Lookup::Marker { pte, level } => PageState::Discarded {
+            hva: Hva(pte.addr() + off(level)),
+            size: size(level),
+        },
+        Lookup::None | Lookup::Poison => PageState::Unmapped,
+    }
+}

@@ -1,0 +1,242 @@
+//! The locked writer walks: how writers find, create, split and unlink
+//! entries while they hold the table lock.
+//!
+//! - [`Stage2Table::install`]: map's walk down to one new leaf, creating
+//!   table pages on the way;
+//! - [`Stage2Table::visit_range`]: the loop shared by unmap, protect,
+//!   teardown and deflate, which visits every leaf and marker of a range
+//!   in bounded lock holds, splitting huge leaves that are only partly
+//!   covered and unlinking table pages that become empty;
+//! - [`Stage2Table::find_locked`]: the fault path's walk to one entry.
+//!
+//! **Invariants.**
+//! - Every entry is changed with one atomic store, so a lockless reader
+//!   sees the old or the new entry, never a mix. A new table page is
+//!   filled before its pointer is stored with Release; a split builds the
+//!   complete equivalent sub-table off-line and swaps it in with one
+//!   Release store (readers see the old leaf or the table, never a hole),
+//!   and records the old leaf's range for invalidation.
+//! - A table page that becomes empty is unhooked (its entry cleared) and
+//!   recorded once in the gather, which retires it after its flush's grace
+//!   period; it is never freed here.
+//! - A writer visits at most `yield_entries` entries per lock hold, then
+//!   drops the lock and resumes where it stopped; a full gather is flushed
+//!   with the lock dropped (forward progress, bounded holds).
+//!
+//! **Concurrency.** Everything here runs with the table lock held, except
+//! [`Stage2Table::visit_range`], which takes and drops it itself and
+//! flushes gathers between holds. Entries are read with Relaxed loads
+//! (only writers store them, under the same lock).
+
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::{MapError, Stage2Table, UnmapError};
+use crate::addr::{Gpa, Hva, Perms};
+use crate::entry::{index, level_size, Pte, LEVELS};
+use crate::gather::Gather;
+use crate::reclaim::{PagePtr, TablePage};
+use crate::sync::{AtomicU64, Ordering};
+
+fn page_is_empty(p: &TablePage) -> bool {
+    p.entries.iter().all(|e| e.load(Relaxed) == 0)
+}
+
+impl Stage2Table {
+    /// Install one leaf for `addr` (mapped to `hva`), the largest up to
+    /// `max_level` that the alignment of both and the `remaining` length
+    /// allow. Returns the leaf's size. Table lock held.
+    pub(super) fn install(
+        &self,
+        addr: Gpa,
+        hva: Hva,
+        remaining: u64,
+        max_level: u32,
+        perms: Perms,
+    ) -> Result<u64, MapError> {
+        let (addr, hva) = (addr.0, hva.0);
+        let mut page = self.root();
+        let mut level = LEVELS;
+        loop {
+            let size = level_size(level);
+            let slot = &page.entries[index(addr, level)];
+            let e = Pte(slot.load(Ordering::Relaxed));
+            let fits = level <= max_level
+                && level < LEVELS
+                && addr.is_multiple_of(size)
+                && hva.is_multiple_of(size)
+                && remaining >= size;
+            if fits && e.is_none() {
+                slot.store(Pte::leaf(hva, perms, level).0, Ordering::Release);
+                return Ok(size);
+            }
+            if e.is_none() {
+                let child = self
+                    .rcu
+                    .pool
+                    .alloc(&self.faults.table_alloc)
+                    .ok_or(MapError::OutOfMemory(Gpa(addr)))?;
+                // Publish the zeroed page; readers that see it see zeros.
+                slot.store(Pte::table(child.addr()).0, Ordering::Release);
+                // SAFETY: just linked; table lock held.
+                page = unsafe { child.get() };
+                level -= 1;
+                continue;
+            }
+            if e.is_table(level) {
+                // SAFETY: linked table page, table lock held.
+                page = unsafe { PagePtr::from_addr(e.addr()) };
+                level -= 1;
+                continue;
+            }
+            return Err(MapError::AlreadyMapped(Gpa(addr)));
+        }
+    }
+
+    /// The writer loop shared by unmap, protect and deflate: take the lock,
+    /// visit at most `yield_entries` entries of `[start, end)` with `f`,
+    /// drop the lock, flush the gather if it filled, resume where it
+    /// stopped. With `pending`, the gather's range is (re)registered as
+    /// pending at every lock acquisition. `f` gets the slot, its entry, its
+    /// level and the first guest address the entry maps.
+    pub(super) fn visit_range<F>(
+        &self,
+        g: &mut Gather<'_>,
+        start: Gpa,
+        end: Gpa,
+        pending: bool,
+        f: &mut F,
+    ) -> Result<(), UnmapError>
+    where
+        F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>),
+    {
+        let mut addr = start.0;
+        while addr < end.0 {
+            let l = self.lock();
+            if pending {
+                self.pending_add(g.id, start, end);
+            }
+            let mut budget = self.cfg.yield_entries;
+            let r = self.visit(self.root(), LEVELS, addr, end.0, g, &mut budget, f);
+            drop(l);
+            match r {
+                Ok(reached) => addr = reached,
+                Err(at) => {
+                    if let Err(e) = g.flush() {
+                        g.record_error(e);
+                    }
+                    return Err(UnmapError::OutOfMemory { at: Gpa(at) });
+                }
+            }
+            if g.is_full() {
+                if let Err(e) = g.flush() {
+                    g.record_error(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Visit leaves and markers covering `[addr, end)` below `page`,
+    /// splitting huge leaves that are only partly covered, freeing table
+    /// pages that become empty. Stops when the budget is spent or the
+    /// gather is full; returns the address reached, or `Err(addr)` if a
+    /// split could not allocate. Table lock held.
+    #[allow(clippy::too_many_arguments)]
+    fn visit<F>(
+        &self,
+        page: &TablePage,
+        level: u32,
+        mut addr: u64,
+        end: u64,
+        g: &mut Gather<'_>,
+        budget: &mut u32,
+        f: &mut F,
+    ) -> Result<u64, u64>
+    where
+        F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>),
+    {
+        let size = level_size(level);
+        while addr < end {
+            if *budget == 0 || g.is_full() {
+                return Ok(addr);
+            }
+            *budget -= 1;
+            let slot = &page.entries[index(addr, level)];
+            let e = Pte(slot.load(Ordering::Relaxed));
+            let base = addr & !(size - 1);
+            let ent_end = base + size;
+            let stop = ent_end.min(end);
+            if e.is_none() {
+                addr = stop;
+                continue;
+            }
+            if e.is_table(level) {
+                // SAFETY: linked table page, table lock held.
+                let child = unsafe { PagePtr::from_addr(e.addr()) };
+                let reached = self.visit(child, level - 1, addr, stop, g, budget, f)?;
+                if page_is_empty(child) {
+                    // Unhook; the page is freed after a grace period.
+                    slot.store(0, Ordering::Release);
+                    g.note_table(PagePtr(NonNull::from(child)));
+                }
+                if reached < stop {
+                    return Ok(reached);
+                }
+                addr = stop;
+                continue;
+            }
+            if addr != base || end < ent_end {
+                let child = self.split(e, level, base, g).ok_or(addr)?;
+                slot.store(Pte::table(child.addr()).0, Ordering::Release);
+                continue;
+            }
+            f(slot, e, level, Gpa(base), g);
+            addr = stop;
+        }
+        Ok(end)
+    }
+
+    /// Build the sub-table equivalent to huge leaf (or marker) `e` at
+    /// `level` mapping `base`, off-line. The caller swaps it in with one
+    /// store.
+    fn split(&self, e: Pte, level: u32, base: u64, g: &mut Gather<'_>) -> Option<PagePtr> {
+        let child = self.rcu.pool.alloc(&self.faults.table_alloc)?;
+        // SAFETY: freshly allocated, not yet linked; table lock held.
+        let cp = unsafe { child.get() };
+        let sub = level_size(level - 1);
+        for (i, slot) in cp.entries.iter().enumerate() {
+            let fa = e.addr() + i as u64 * sub;
+            let v = if e.is_present() {
+                Pte::leaf(fa, e.perms(), level - 1)
+            } else {
+                Pte::marker(fa, e.saved_perms(), level - 1, e.markers())
+            };
+            slot.store(v.0, Ordering::Relaxed);
+        }
+        if e.is_present() {
+            // Break-before-make, made atomic: readers see the old leaf or
+            // the equivalent table; caches holding the old leaf drop it.
+            g.note_invalidate(Gpa(base), level_size(level), false);
+        }
+        self.stats.splits.fetch_add(1, Relaxed);
+        Some(child)
+    }
+
+    /// The slot, entry and level for `a`. Table lock held.
+    pub(super) fn find_locked(&self, a: Gpa) -> (&AtomicU64, Pte, u32) {
+        let mut page = self.root();
+        let mut level = LEVELS;
+        loop {
+            let slot = &page.entries[index(a.0, level)];
+            let e = Pte(slot.load(Ordering::Relaxed));
+            if e.is_table(level) {
+                // SAFETY: linked table page, table lock held.
+                page = unsafe { PagePtr::from_addr(e.addr()) };
+                level -= 1;
+                continue;
+            }
+            return (slot, e, level);
+        }
+    }
+}
