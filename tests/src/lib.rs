@@ -37,7 +37,29 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+/// True if `/dev/kvm` works and its KVM can back guest RAM with a
+/// host-mappable, shared guest_memfd; otherwise prints why the calling
+/// test is skipped (the message of `vmm`'s own check: what is missing).
+pub fn guest_memfd_or_skip(test: &str) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    let (c, _) = config(
+        "16M",
+        1,
+        Backing::GuestMemfd,
+        PageSize::Size4K,
+        Workload::Verify,
+    );
+    match Vm::new(c) {
+        Ok(_) => true,
+        Err(vmm::VmError::Memory(e @ vmm::MemoryError::GuestMemfdUnsupported(_))) => {
+            loud!("SKIPPED: {test}: {e}");
+            false
+        }
+        Err(e) => panic!("{test}: a guest-memfd VM could not be created: {e}"),
+    }
+}
 
 /// Makes at least `pages` free 2 MiB huge pages available for the guard's
 /// lifetime, raising `vm.nr_hugepages` if needed and restoring it on drop.
@@ -49,16 +71,13 @@ pub struct HugePages {
 impl HugePages {
     /// Returns `None` (after printing SKIPPED) if the pages cannot be had.
     pub fn reserve(test: &str, pages: u64) -> Option<Self> {
-        let free = vmm::memory::free_huge_pages();
+        let free = vmm::proc_stats::free_huge_pages();
         if free >= pages {
             return Some(Self { restore: None });
         }
-        let cur: u64 = std::fs::read_to_string(NR_HUGEPAGES)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+        let cur = vmm::proc_stats::nr_hugepages().unwrap_or(0);
         let want = cur + (pages - free);
-        if let Err(e) = std::fs::write(NR_HUGEPAGES, want.to_string()) {
+        if let Err(e) = vmm::proc_stats::set_nr_hugepages(want) {
             loud!(
                 "SKIPPED: {test}: needs {pages} free huge pages, host has {free} and raising \
                  vm.nr_hugepages failed ({e}); run as root or set vm.nr_hugepages"
@@ -66,7 +85,7 @@ impl HugePages {
             return None;
         }
         let guard = Self { restore: Some(cur) };
-        let now = vmm::memory::free_huge_pages();
+        let now = vmm::proc_stats::free_huge_pages();
         if now < pages {
             loud!(
                 "SKIPPED: {test}: raised vm.nr_hugepages to {want} but only {now} huge pages \
@@ -81,7 +100,7 @@ impl HugePages {
 impl Drop for HugePages {
     fn drop(&mut self) {
         if let Some(v) = self.restore {
-            if let Err(e) = std::fs::write(NR_HUGEPAGES, v.to_string()) {
+            if let Err(e) = vmm::proc_stats::set_nr_hugepages(v) {
                 loud!("WARNING: could not restore vm.nr_hugepages to {v}: {e}");
             }
         }

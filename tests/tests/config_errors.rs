@@ -1,8 +1,20 @@
 //! Bad configurations fail with errors that say what to do.
 
+use std::sync::Arc;
+
 use tests::{config, loud};
-use vmm::memory::{free_huge_pages, MemoryError};
-use vmm::{Backing, GuestRam, MemSize, PageSize, Vm, VmError, Workload};
+use vmm::memory::{free_huge_pages, MemoryConfig, MemoryError, NoHook, VmMemory};
+use vmm::{Backing, MemSize, PageSize, Vm, VmError, Workload};
+
+/// Guest memory without a VM: the checks that come before KVM.
+fn memory(size: &str, backing: Backing, page_size: PageSize) -> Result<VmMemory, MemoryError> {
+    let cfg = MemoryConfig {
+        size: size.parse().unwrap(),
+        backing,
+        page_size,
+    };
+    VmMemory::new(cfg, Arc::new(NoHook), None)
+}
 
 #[test]
 fn size_zero_is_rejected() {
@@ -72,7 +84,7 @@ fn missing_huge_pages() {
         loud!("SKIPPED: missing_huge_pages: the host has {free} free huge pages, cannot run out");
         return;
     }
-    let e = GuestRam::new("32G".parse().unwrap(), Backing::Hugetlb, PageSize::Size2M).unwrap_err();
+    let e = memory("32G", Backing::Hugetlb, PageSize::Size2M).unwrap_err();
     assert!(matches!(e, MemoryError::NoHugePages { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(msg.contains("vm.nr_hugepages"), "{msg}");
@@ -90,6 +102,13 @@ fn missing_huge_pages() {
 
 #[test]
 fn hugetlb_with_4k_pages() {
-    let e = GuestRam::new("64M".parse().unwrap(), Backing::Hugetlb, PageSize::Size4K).unwrap_err();
+    let e = memory("64M", Backing::Hugetlb, PageSize::Size4K).unwrap_err();
     assert!(matches!(e, MemoryError::HugetlbNeeds2M), "{e:?}");
+}
+
+#[test]
+fn guest_memfd_needs_a_vm() {
+    let e = memory("64M", Backing::GuestMemfd, PageSize::Size4K).unwrap_err();
+    assert!(matches!(e, MemoryError::GuestMemfdNeedsVm), "{e:?}");
+    assert!(e.to_string().contains("KVM VM"), "{e}");
 }

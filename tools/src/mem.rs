@@ -155,16 +155,6 @@ impl AnonRegion {
     }
 }
 
-/// The `key  N kB` line of a /proc file (`/proc/meminfo`,
-/// `/proc/PID/status`, `/proc/self/smaps_rollup`), in bytes; `None` if the
-/// file or the line is missing.
-pub fn proc_kib(path: &str, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(path).ok()?;
-    let v = s.lines().find_map(|l| l.strip_prefix(key))?;
-    let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// Page numbers → `(first, count)` runs: sorted, de-duplicated, adjacent
 /// pages merged.
 pub fn runs_of(mut pfns: Vec<u64>) -> Vec<(u64, u64)> {
@@ -196,5 +186,5 @@ impl Drop for AnonRegion {
 /// `AnonHugePages` of this process, in bytes (`/proc/self/smaps_rollup`),
 /// or `None` when the kernel does not say.
 pub fn anon_huge_bytes() -> Option<u64> {
-    proc_kib("/proc/self/smaps_rollup", "AnonHugePages:")
+    vmm::proc_stats::smaps_rollup("AnonHugePages:")
 }

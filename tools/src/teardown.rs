@@ -55,7 +55,7 @@ use guest_mm::PageSize as Leaf;
 use serde::Serialize;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
-use crate::mem::{anon_huge_bytes, proc_kib, AnonRegion, PAGE};
+use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
 use crate::rng::{median, ms, round};
 use crate::units::human_bytes;
 
@@ -319,12 +319,12 @@ fn host_shmem() -> u64 {
 }
 
 fn meminfo(key: &str) -> u64 {
-    proc_kib("/proc/meminfo", key).unwrap_or(0)
+    vmm::proc_stats::meminfo(key).unwrap_or(0)
 }
 
 /// VmRSS of another process, bytes (0 if it is gone).
 fn rss_of(pid: u32) -> u64 {
-    proc_kib(&format!("/proc/{pid}/status"), "VmRSS:").unwrap_or(0)
+    vmm::proc_stats::rss_of(pid).unwrap_or(0)
 }
 
 /// One VM teardown.
@@ -940,9 +940,7 @@ fn process_once(a: &Args, vmm: &Path, size: u64) -> Result<ProcessRun> {
 }
 
 fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    vmm::proc_stats::kernel_release().unwrap_or_default()
 }
 
 fn kvm_modules() -> Vec<String> {

@@ -276,6 +276,17 @@ fn balloon_rss_fixture(backing: &str, before_mib: u64, after_mib: u64) -> Value 
     })
 }
 
+/// FIXTURE: the same for `--backing guest-memfd`: RSS stays at 3 MiB (KVM
+/// maps the guest_memfd's pages, the process does not), resident guest RAM
+/// (`mincore`) goes `before` → `after` MiB.
+fn guest_memfd_rss_fixture(before_mib: u64, after_mib: u64) -> Value {
+    let mut v = balloon_rss_fixture("guest-memfd", 3, 3);
+    v["rss_peak_bytes"] = json!(4 * MIB);
+    v["guest_resident_before_inflate_bytes"] = json!(before_mib * MIB);
+    v["guest_resident_after_inflate_bytes"] = json!(after_mib * MIB);
+    v
+}
+
 /// Every fixture, as the report's file names.
 fn write_fixtures(dir: &Path) {
     write(dir, "unmap.json", &unmap_fixture());
@@ -311,6 +322,12 @@ fn write_fixtures(dir: &Path) {
         dir,
         "balloon-rss-memfd.json",
         &balloon_rss_fixture("memfd", 1027, 560),
+    );
+    // guest-memfd: resident guest RAM 1024 → 512 MiB (met), RSS flat.
+    write(
+        dir,
+        "balloon-rss-guest-memfd.json",
+        &guest_memfd_rss_fixture(1024, 512),
     );
 }
 
@@ -659,6 +676,21 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
         r.ends_with("| 467 MiB | 512 MiB | 0 | yes | **missed** |"),
         "{r}"
     );
+    // guest-memfd is judged on resident guest RAM, not on its flat RSS.
+    row(
+        &md,
+        &[
+            "balloon-rss",
+            "inflate of 512 MiB from a 1 GiB guest: resident guest RAM drops by ≥ 480 MiB, guest-memfd backing (not in RSS: KVM maps the file's pages, the process does not)",
+            "resident guest RAM dropped by 512 MiB (1 GiB → 512 MiB), 512 MiB inflated in 21.0 ms",
+            "met",
+        ],
+    );
+    let r = row(&md, &["guest-memfd", "1 GiB"]);
+    assert!(
+        r.contains("| 3 MiB | 3 MiB | 1 GiB → 512 MiB | 512 MiB | 512 MiB | 0 | yes | met |"),
+        "{r}"
+    );
     let s = read(&dir.join("balloon-rss.svg"));
     assert!(s.contains("Balloon inflate by the guest driver") && s.trim_end().ends_with("</svg>"));
     assert!(md.contains("](balloon-rss.svg)"), "{md}");
@@ -746,6 +778,12 @@ fn stress_violations_and_balloon_rss_verdicts_flip() {
         "balloon-rss-memfd.json",
         &balloon_rss_fixture("memfd", 1027, 527),
     );
+    // guest-memfd: resident 1024 → 554 MiB, 470 MiB (missed).
+    write(
+        &dir,
+        "balloon-rss-guest-memfd.json",
+        &guest_memfd_rss_fixture(1024, 554),
+    );
     let (out, md) = report_from(&dir, "stress-vm,balloon-rss");
     assert!(out.status.success(), "{}", text(&out));
     row(
@@ -775,6 +813,26 @@ fn stress_violations_and_balloon_rss_verdicts_flip() {
             "RSS dropped by 500 MiB (1.00 GiB → 527 MiB), 512 MiB inflated in 21.0 ms",
             "met",
         ],
+    );
+    let r = row(
+        &md,
+        &[
+            "balloon-rss",
+            "inflate of 512 MiB from a 1 GiB guest: resident guest RAM drops by ≥ 480 MiB, guest-memfd backing (not in RSS: KVM maps the file's pages, the process does not)",
+        ],
+    );
+    assert_missed(r, "resident guest RAM dropped by 470 MiB (1 GiB → 554 MiB)");
+    // A guest-memfd run without the resident figures cannot be judged.
+    let mut old = guest_memfd_rss_fixture(1024, 512);
+    old.as_object_mut()
+        .expect("object")
+        .remove("guest_resident_after_inflate_bytes");
+    write(&dir, "balloon-rss-guest-memfd.json", &old);
+    let (out, md) = report_from(&dir, "balloon-rss");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        md.contains("missing `guest_resident_before_inflate_bytes`"),
+        "{md}"
     );
     assert!(!md.contains("## Unmap"), "--only: {md}");
 
@@ -971,7 +1029,8 @@ fn quick_run_smoke() {
     assert_eq!(last["errors"], json!([]), "{last}");
     let all: Value = serde_json::from_str(&read(&dir.join("results.json"))).expect("results.json");
     let steps = all["steps"].as_array().expect("steps");
-    assert_eq!(steps.len(), if vmm.is_file() { 9 } else { 7 }, "{all}");
+    // balloon-rss: anon, memfd and guest-memfd.
+    assert_eq!(steps.len(), if vmm.is_file() { 10 } else { 7 }, "{all}");
     assert!(steps.iter().all(|s| s["ok"] == json!(true)), "{all}");
     for f in [
         "unmap.json",
@@ -1002,6 +1061,7 @@ fn quick_run_smoke() {
         for f in [
             "balloon-rss-anon.json",
             "balloon-rss-memfd.json",
+            "balloon-rss-guest-memfd.json",
             "balloon-rss.svg",
         ] {
             assert!(dir.join(f).exists(), "{f} missing");

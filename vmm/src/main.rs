@@ -54,7 +54,8 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// RAM backing: anon, memfd or hugetlb.
+    /// RAM backing: anon, memfd, hugetlb or guest-memfd (a KVM guest_memfd,
+    /// host-mapped and shared; Linux 6.18+).
     #[arg(long, default_value = "anon")]
     backing: String,
     /// Leaf size: 4K or 2M.
@@ -144,6 +145,14 @@ struct Summary {
     rss_before_inflate_bytes: u64,
     /// `VmRSS` once the guest reached the target.
     rss_after_inflate_bytes: u64,
+    /// Guest RAM resident in host memory just before the target was set
+    /// (`mincore` over the guest RAM mappings: for a file backing, the
+    /// file's pages, whoever maps them). The measure for guest-memfd, whose
+    /// guest pages KVM takes from the file without mapping them in this
+    /// process (they are not in `VmRSS`).
+    guest_resident_before_inflate_bytes: u64,
+    /// Guest RAM resident once the guest reached the target.
+    guest_resident_after_inflate_bytes: u64,
     /// Guest errors counted by the balloon device and its transport.
     balloon_device_errors: u64,
     /// What stopped the guest's balloon driver, if anything.
@@ -219,6 +228,8 @@ struct BalloonRun {
     released_bytes: u64,
     rss_before: u64,
     rss_after: u64,
+    resident_before: u64,
+    resident_after: u64,
     device_errors: u64,
     driver_error: Option<String>,
 }
@@ -260,6 +271,7 @@ fn inflate_to_target(vm: &mut Vm, bytes: u64, timeout: Duration) -> anyhow::Resu
     if running {
         let pages = bytes / 4096;
         r.rss_before = proc_stats::rss().rss;
+        r.resident_before = vm.memory().resident_bytes();
         let t = Instant::now();
         dev.set_target_pages(u32::try_from(pages).context("balloon target too large")?);
         let (st, reached) = vm
@@ -267,6 +279,7 @@ fn inflate_to_target(vm: &mut Vm, bytes: u64, timeout: Duration) -> anyhow::Resu
             .context("reading the guest's balloon driver status")?;
         r.inflate_ms = ms(t.elapsed());
         r.rss_after = proc_stats::rss().rss;
+        r.resident_after = vm.memory().resident_bytes();
         r.inflated_bytes = st.pages * 4096;
         r.driver_error = st.error.map(|e| e.to_string());
         r.ok = reached;
@@ -295,38 +308,6 @@ fn inflate_to_target(vm: &mut Vm, bytes: u64, timeout: Duration) -> anyhow::Resu
     vm.finish_probes()
         .context("posting the exit command to the guest")?;
     Ok(r)
-}
-
-/// Populates every guest RAM region host-side with `MADV_POPULATE_WRITE`
-/// (on kernels without it, one read and write-back per 4 KiB page). Called
-/// before the vCPUs start; the contents are unchanged.
-fn populate(vm: &Vm) -> anyhow::Result<()> {
-    for r in vm.memory().regions() {
-        let len = usize::try_from(r.len).context("guest RAM region too large")?;
-        // SAFETY: [host_addr, +len) is a live guest RAM mapping owned by
-        // `vm`; populating it for writing does not change its contents.
-        let rc = unsafe {
-            libc::madvise(
-                r.host_addr as *mut libc::c_void,
-                len,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        if rc == 0 {
-            continue;
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINVAL) {
-            return Err(err).context("populating guest RAM (MADV_POPULATE_WRITE)");
-        }
-        for off in (0..len).step_by(4096) {
-            let p = (r.host_addr + off) as *mut u8;
-            // SAFETY: inside the mapping; the vCPUs have not started, so
-            // nothing else accesses guest RAM while the byte is rewritten.
-            unsafe { p.write_volatile(p.read_volatile()) };
-        }
-    }
-    Ok(())
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<bool> {
@@ -371,7 +352,8 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut vm = Vm::new(config).context("creating the microVM")?;
     if args.populate {
-        populate(&vm)?;
+        // Before the vCPUs start: nothing else touches guest RAM.
+        vm.memory().populate()?;
     }
     let held = args.populate && args.api_sock.is_some();
     let t_start = Instant::now();
@@ -447,6 +429,8 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         balloon_released_bytes: balloon.released_bytes,
         rss_before_inflate_bytes: balloon.rss_before,
         rss_after_inflate_bytes: balloon.rss_after,
+        guest_resident_before_inflate_bytes: balloon.resident_before,
+        guest_resident_after_inflate_bytes: balloon.resident_after,
         balloon_device_errors: balloon.device_errors,
         balloon_driver_error: balloon.driver_error.clone(),
         stage2_table_bytes: table_bytes,
@@ -490,13 +474,15 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         if summary.balloon_target_bytes > 0 {
             println!(
                 "vmm: balloon inflated {} MiB of {} MiB in {:.2} ms (device {:.2} ms), \
-                 RSS {} -> {} MiB, {} device errors",
+                 RSS {} -> {} MiB, guest RAM resident {} -> {} MiB, {} device errors",
                 summary.balloon_inflated_bytes >> 20,
                 summary.balloon_target_bytes >> 20,
                 summary.balloon_inflate_ms,
                 summary.balloon_device_inflate_ms,
                 summary.rss_before_inflate_bytes >> 20,
                 summary.rss_after_inflate_bytes >> 20,
+                summary.guest_resident_before_inflate_bytes >> 20,
+                summary.guest_resident_after_inflate_bytes >> 20,
                 summary.balloon_device_errors
             );
             if let Some(e) = &summary.balloon_driver_error {

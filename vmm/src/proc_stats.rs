@@ -1,5 +1,14 @@
-//! Process memory figures from `/proc/self/status` (resident set size now and
-//! at its peak), used to prove that teardown gives guest RAM back.
+//! The `/proc` figures this workspace reads, in one place: process memory
+//! (`VmRSS`, `VmHWM`, smaps totals) of this or another process, host memory
+//! (`/proc/meminfo`, huge pages), and what the benchmark reports say about
+//! the machine (CPU, kernel, load). The monitor, the tools and the tests
+//! all read `/proc` through here.
+//!
+//! Every reader returns `None` (or zero / empty, where documented) when the
+//! file or field is missing: these figures are evidence and context, never
+//! needed to run a VM.
+
+use std::path::Path;
 
 /// Resident set figures in bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -10,25 +19,156 @@ pub struct Rss {
     pub peak: u64,
 }
 
-/// Reads `VmRSS` and `VmHWM`; zeros if /proc is unavailable.
+/// The value of the `key:` line of a `/proc` file of `kB` figures, in
+/// bytes (`/proc/meminfo`, `/proc/PID/status`, `/proc/self/smaps_rollup`).
+/// `key` is given with its colon, e.g. `"VmRSS:"`.
+pub fn kib_field(path: impl AsRef<Path>, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    parse_kib(&text, key)
+}
+
+/// The `key:` line of `text` in bytes (a count in kB, or a bare number for
+/// fields such as `HugePages_Free:` is returned as it is).
+fn parse_kib(text: &str, key: &str) -> Option<u64> {
+    let rest = text.lines().find_map(|l| l.strip_prefix(key))?;
+    let mut words = rest.split_whitespace();
+    let n: u64 = words.next()?.parse().ok()?;
+    Some(match words.next() {
+        Some("kB") => n * 1024,
+        _ => n,
+    })
+}
+
+/// This process's `VmRSS` and `VmHWM`; zeros if /proc is unavailable.
 pub fn rss() -> Rss {
     let Ok(text) = std::fs::read_to_string("/proc/self/status") else {
         return Rss::default();
     };
-    let field = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
     Rss {
-        rss: field("VmRSS:"),
-        peak: field("VmHWM:"),
+        rss: parse_kib(&text, "VmRSS:").unwrap_or(0),
+        peak: parse_kib(&text, "VmHWM:").unwrap_or(0),
     }
+}
+
+/// `VmRSS` of process `pid` in bytes; `None` once it is gone.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    kib_field(format!("/proc/{pid}/status"), "VmRSS:")
 }
 
 /// Resets the peak (`VmHWM`) to the current RSS (writes 5 to
 /// `/proc/self/clear_refs`); false if the kernel refused.
 pub fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// A `/proc/self/smaps_rollup` total in bytes, e.g. `"AnonHugePages:"`.
+pub fn smaps_rollup(key: &str) -> Option<u64> {
+    kib_field("/proc/self/smaps_rollup", key)
+}
+
+/// A `/proc/meminfo` line in bytes, e.g. `"MemTotal:"`, `"Shmem:"`,
+/// `"Unevictable:"` (a bare count for the `HugePages_*` lines).
+pub fn meminfo(key: &str) -> Option<u64> {
+    kib_field("/proc/meminfo", key)
+}
+
+/// Free 2 MiB huge pages of the host (0 if unknown).
+pub fn free_huge_pages() -> u64 {
+    meminfo("HugePages_Free:").unwrap_or(0)
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// `vm.nr_hugepages`: the size of the default huge page pool.
+pub fn nr_hugepages() -> Option<u64> {
+    std::fs::read_to_string(NR_HUGEPAGES)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Sets `vm.nr_hugepages` (root only).
+pub fn set_nr_hugepages(pages: u64) -> std::io::Result<()> {
+    std::fs::write(NR_HUGEPAGES, pages.to_string())
+}
+
+/// The running kernel's release (`/proc/sys/kernel/osrelease`).
+pub fn kernel_release() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` prints them.
+pub fn loadavg() -> Option<String> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
+/// What `/proc/cpuinfo` says about the CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuInfo {
+    /// The first `model name`.
+    pub model: Option<String>,
+    /// `processor` entries.
+    pub processors: usize,
+    /// Whether the `hypervisor` flag is set (`None`: no `flags` line).
+    pub virtualized: Option<bool>,
+}
+
+/// `/proc/cpuinfo`, summarised (empty if unreadable).
+pub fn cpu_info() -> CpuInfo {
+    parse_cpuinfo(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+}
+
+fn parse_cpuinfo(text: &str) -> CpuInfo {
+    let field = |k: &str| {
+        text.lines().find_map(|l| {
+            let (a, b) = l.split_once(':')?;
+            (a.trim() == k).then(|| b.trim().to_string())
+        })
+    };
+    CpuInfo {
+        model: field("model name"),
+        processors: text.lines().filter(|l| l.starts_with("processor")).count(),
+        virtualized: field("flags").map(|f| f.split_whitespace().any(|x| x == "hypervisor")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kib_and_counts() {
+        let t = "MemTotal:       24531328 kB\nHugePages_Free:        3\nShmem:  0 kB\n";
+        assert_eq!(parse_kib(t, "MemTotal:"), Some(24_531_328 * 1024));
+        assert_eq!(parse_kib(t, "HugePages_Free:"), Some(3));
+        assert_eq!(parse_kib(t, "Shmem:"), Some(0));
+        assert_eq!(parse_kib(t, "Missing:"), None);
+        assert_eq!(parse_kib("VmRSS:\tx kB", "VmRSS:"), None);
+    }
+
+    #[test]
+    fn parses_cpuinfo() {
+        let t = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu hypervisor\n\
+                 processor\t: 1\nmodel name\t: Some CPU\n";
+        let c = parse_cpuinfo(t);
+        assert_eq!(c.model.as_deref(), Some("Some CPU"));
+        assert_eq!(c.processors, 2);
+        assert_eq!(c.virtualized, Some(true));
+        assert_eq!(parse_cpuinfo(""), CpuInfo::default());
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let r = rss();
+        assert!(r.rss > 0 && r.peak >= r.rss, "{r:?}");
+        let me = rss_of(std::process::id()).expect("own status");
+        assert!(me > 0);
+        assert!(meminfo("MemTotal:").is_some_and(|m| m > 0));
+        assert!(kernel_release().is_some_and(|k| !k.is_empty()));
+    }
 }

@@ -1,13 +1,14 @@
 //! The microVM: KVM VM, guest RAM slots, devices, vCPU threads, teardown.
 //!
-//! Life cycle: [`Vm::new`] creates the VM, guest RAM (registered as KVM
-//! memory slots), the default guest's set-up, the userfaultfd handler and the
-//! vCPUs; [`Vm::start`] runs one thread per vCPU; [`Vm::wait`] waits for the
-//! guest to finish; [`Vm::destroy`] stops and joins the vCPUs and returns,
-//! while a reclaim thread releases guest RAM through the stage-2 whole-VM
-//! gather, then drops the VM, stops the fault handler and unmaps the
-//! emptied guest RAM, in that order ([`Teardown::wait_reclaim`] waits for
-//! it).
+//! Life cycle: [`Vm::new`] creates the VM, its guest memory ([`VmMemory`]:
+//! mappings, KVM memory slots, stage-2 table, userfaultfd handler), the
+//! default guest's set-up and the vCPUs; [`Vm::start`] runs one thread per
+//! vCPU; [`Vm::wait`] waits for the guest to finish; [`Vm::destroy`] stops
+//! and joins the vCPUs and returns, while a reclaim thread releases guest
+//! RAM ([`VmMemory::release_all`]: the stage-2 whole-VM gather), then drops
+//! the VM, then closes the memory (stops the fault handler, unmaps the
+//! emptied guest RAM, closes its files), in that order
+//! ([`Teardown::wait_reclaim`] waits for it).
 //! Dropping a `Vm` without `destroy` does the same synchronously.
 //!
 //! Threads: vCPU threads only touch shared state through `Arc`s
@@ -21,19 +22,20 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use super::vcpu::{self, ReportBoard, Reports, Request, RunControl, VcpuContext, VcpuOutcome};
 use crate::devices::report::{PatternReport, ProbeReport};
 use crate::devices::serial::{Console, SerialDevice};
-use crate::devices::virtio::balloon::{Balloon, BalloonConfig, ReleaseContext};
+use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::mmio::{MmioTransport, VirtioMmio};
 use crate::devices::virtio::{MmioBus, RamLayout, BALLOON_MMIO_BASE, MMIO_WINDOW};
 use crate::guest::{self, control, layout, EntryArgs, GuestError, Workload};
-use crate::memory::{self, Backing, GuestRam, MemSize, MemoryError, PageSize};
-use crate::stage2::{Stage2, Stage2Error, TeardownStats};
-use crate::uffd::{FaultHandler, FaultHook, FaultStats, NoHook, UffdError};
+use crate::vstate::memory::{
+    self, Backing, FaultHook, FaultStats, MemSize, MemoryConfig, MemoryError, NoHook, PageSize,
+    ReleaseError, ReleaseMode, Stage2, Stage2Error, TeardownStats, VmMemory,
+};
 
 /// Errors of VM creation and control.
 #[derive(Debug, thiserror::Error)]
@@ -53,12 +55,12 @@ pub enum VmError {
     /// Guest RAM.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// A release of guest RAM.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
     /// Guest set-up.
     #[error(transparent)]
     Guest(#[from] GuestError),
-    /// Fault handler.
-    #[error(transparent)]
-    Uffd(#[from] UffdError),
     /// Thread or signal set-up.
     #[error("starting vCPU threads failed: {0}")]
     Thread(std::io::Error),
@@ -191,53 +193,48 @@ impl Drop for Teardown {
 
 /// The state released in the background after the vCPUs stopped. Field
 /// order is drop order (if the reclaim thread cannot be spawned): VM,
-/// devices, fault handler, stage-2 table, guest RAM.
+/// devices, guest memory (which releases itself before it unmaps).
 struct Remains {
     vm_fd: Option<VmFd>,
     balloon: Option<Arc<VirtioMmio<Balloon>>>,
-    faults: Option<Arc<FaultHandler>>,
-    stage2: Option<Stage2>,
-    ram: Option<Arc<GuestRam>>,
+    memory: Option<Arc<VmMemory>>,
 }
 
 impl Remains {
-    /// Memory first: tears the stage-2 table down through a whole-VM
-    /// gather (which releases all backing and frees the table after a
-    /// grace period): from then on the memory is back with the host. Then
-    /// drops the VM (and its memory slots), stops the fault handler and
-    /// unmaps guest RAM, which by then holds nothing.
+    /// Memory first: [`VmMemory::release_all`] tears the stage-2 table down
+    /// through a whole-VM gather (which releases all backing and frees the
+    /// table after a grace period): from then on the memory is back with
+    /// the host. Then drops the VM (and its memory slots), then closes the
+    /// memory: stops the fault handler, unmaps guest RAM, which by then
+    /// holds nothing, and closes its files.
     ///
     /// Releasing before the VM goes is safe: the vCPUs are joined, so
-    /// nothing runs the guest; KVM's mmu_notifier zaps whatever KVM
-    /// mapped, as for any release; device threads walk through the table,
-    /// which the gather marks dying and waits for.
+    /// nothing runs the guest; KVM's mmu_notifier (guest_memfd: KVM's own
+    /// invalidation) zaps whatever KVM mapped, as for any release; device
+    /// threads walk through the table, which the gather marks dying and
+    /// waits for.
     fn reclaim(mut self, t0: Instant) -> Reclaimed {
         // A failed release leaves memory to the munmap below: nothing leaks.
         let stage2 = self
-            .stage2
-            .take()
-            .and_then(|s| s.teardown().ok())
+            .memory
+            .as_ref()
+            .and_then(|m| m.release_all().ok())
             .unwrap_or_default();
         let memory_back_ms = ms(t0.elapsed());
         let rss_at_memory_back = crate::proc_stats::rss().rss;
         let t = Instant::now();
         self.vm_fd = None;
         let vm_drop = t.elapsed();
-        // Devices hold the handler and RAM; ours go first. A caller that
-        // still holds a device keeps them alive (the handler stops and RAM
-        // is unmapped when its last holder drops them).
+        // Devices hold the memory; ours go first. A caller that still holds
+        // a device keeps it alive (the handler stops and RAM is unmapped
+        // when its last holder drops it).
         self.balloon = None;
-        if let Some(f) = self.faults.take() {
-            if let Ok(mut f) = Arc::try_unwrap(f) {
-                f.stop();
-            }
-        }
         let t = Instant::now();
         let unmapped_bytes = self
-            .ram
+            .memory
             .take()
-            .and_then(|r| Arc::try_unwrap(r).ok())
-            .map_or(0, |mut r| r.unmap_all());
+            .and_then(|m| Arc::try_unwrap(m).ok())
+            .map_or(0, VmMemory::close);
         Reclaimed {
             memory_back_ms,
             rss_at_memory_back,
@@ -254,9 +251,7 @@ impl Remains {
 pub struct Vm {
     config: VmConfig,
     vm_fd: Option<VmFd>,
-    ram: Option<Arc<GuestRam>>,
-    stage2: Option<Stage2>,
-    faults: Option<Arc<FaultHandler>>,
+    memory: Option<Arc<VmMemory>>,
     balloon: Option<Arc<VirtioMmio<Balloon>>>,
     mmio: Arc<MmioBus>,
     control: Arc<RunControl>,
@@ -301,43 +296,24 @@ impl Vm {
         if mem <= TSS_ADDR {
             let _ = vm_fd.set_tss_address(TSS_ADDR as usize);
         }
-        let ram = GuestRam::new(config.mem, config.backing, config.page_size)?;
-        for r in ram.regions() {
-            let region = kvm_userspace_memory_region {
-                slot: r.slot,
-                flags: 0,
-                guest_phys_addr: r.gpa.0,
-                memory_size: r.len,
-                userspace_addr: r.host_addr as u64,
-            };
-            // SAFETY: the host range is a live mapping owned by `ram`, which
-            // the Vm keeps until after vm_fd (and with it the slot) is gone.
-            unsafe { vm_fd.set_user_memory_region(region) }
-                .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
-        }
-        guest::setup(ram.guest_memory(), mem, config.vcpus)?;
-        let stage2 = Stage2::mirror(&ram)?;
-        let faults = Arc::new(FaultHandler::start(
-            &ram,
-            stage2.fault_hook(Arc::clone(&config.fault_hook)),
+        // The Vm keeps the memory until after vm_fd (and with it the
+        // slots) is gone (`Remains`).
+        let memory = Arc::new(VmMemory::new(
+            MemoryConfig {
+                size: config.mem,
+                backing: config.backing,
+                page_size: config.page_size,
+            },
+            Arc::clone(&config.fault_hook),
+            Some(&vm_fd),
         )?);
-        let ram = Arc::new(ram);
+        guest::setup(memory.guest_memory(), mem, config.vcpus)?;
         let mut mmio = MmioBus::default();
         let balloon = config.balloon.map(|offered| {
-            let dev = Balloon::new(
-                Arc::clone(stage2.table()),
-                ReleaseContext {
-                    ram: Arc::clone(&ram),
-                    faults: Arc::clone(&faults),
-                },
-                offered,
-            );
-            let layout = RamLayout::new(&ram.regions(), layout::WORKLOAD_START);
-            Arc::new(VirtioMmio::new(MmioTransport::new(
-                dev,
-                stage2.access(),
-                layout,
-            )))
+            let layout = RamLayout::new(&memory.regions(), layout::WORKLOAD_START);
+            let access = memory.access();
+            let dev = Balloon::new(Arc::clone(&memory), offered);
+            Arc::new(VirtioMmio::new(MmioTransport::new(dev, access, layout)))
         });
         if let Some(b) = &balloon {
             mmio.insert(BALLOON_MMIO_BASE, MMIO_WINDOW, b.clone());
@@ -380,9 +356,7 @@ impl Vm {
             serial: Arc::new(SerialDevice::new(config.console.clone())),
             config,
             vm_fd: Some(vm_fd),
-            ram: Some(ram),
-            stage2: Some(stage2),
-            faults: Some(faults),
+            memory: Some(memory),
             balloon,
             mmio: Arc::new(mmio),
             control: Arc::new(RunControl::default()),
@@ -399,18 +373,16 @@ impl Vm {
         &self.config
     }
 
-    /// Guest RAM.
-    pub fn memory(&self) -> &GuestRam {
-        self.ram
+    /// Guest memory: mappings, stage-2 table, fault handler, releases.
+    pub fn memory(&self) -> &Arc<VmMemory> {
+        self.memory
             .as_ref()
-            .unwrap_or_else(|| unreachable!("guest RAM lives until destroy"))
+            .unwrap_or_else(|| unreachable!("guest memory lives until destroy"))
     }
 
     /// The stage-2 table mirroring guest RAM.
     pub fn stage2(&self) -> &Stage2 {
-        self.stage2
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("the stage-2 table lives until destroy"))
+        self.memory().stage2()
     }
 
     /// The virtio-balloon (virtio-mmio at [`BALLOON_MMIO_BASE`]), if
@@ -419,15 +391,9 @@ impl Vm {
         self.balloon.as_ref()
     }
 
-    fn fault_handler(&self) -> &FaultHandler {
-        self.faults
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("the fault handler lives until destroy"))
-    }
-
-    /// Demand-fault counters.
+    /// Demand-fault and release counters.
     pub fn fault_stats(&self) -> &FaultStats {
-        self.fault_handler().stats()
+        self.memory().fault_stats()
     }
 
     /// Starts one thread per vCPU.
@@ -514,8 +480,10 @@ impl Vm {
         self.control.set(Request::Run);
     }
 
-    /// Releases the backing of `[gpa, gpa+len)` while the guest may run: the
-    /// next access reads zeros through the fault handler.
+    /// Releases the backing of `[gpa, gpa+len)` (whole leaves, not in the
+    /// reserved low memory) while the guest may run, through
+    /// [`VmMemory::release`]: the next access reads zeros, through the
+    /// fault handler (guest_memfd: the kernel refills the page itself).
     pub fn release_range(&self, gpa: u64, len: u64) -> Result<()> {
         if gpa < layout::WORKLOAD_START {
             return Err(MemoryError::BadRange {
@@ -525,15 +493,9 @@ impl Vm {
             }
             .into());
         }
-        // Leaf-aligned and inside one region (the same checks as before).
-        self.memory().checked_region(gpa, len)?;
-        let stage2 = self.stage2();
-        Ok(self
-            .fault_handler()
-            .release_range(self.memory(), gpa, len, || {
-                stage2.discard(gpa, len)?;
-                Ok(())
-            })?)
+        self.memory().checked_range(gpa, len)?;
+        self.memory().release(&[(gpa, len)], ReleaseMode::Discard)?;
+        Ok(())
     }
 
     fn post(&mut self, cmd: u64, arg: u64) -> Result<u64> {
@@ -656,11 +618,11 @@ impl Vm {
         Ok(bad)
     }
 
-    /// Tears the VM down: stops and joins the vCPUs, then hands the VM,
-    /// the fault handler, the stage-2 table and guest RAM to a reclaim
-    /// thread that releases guest RAM through the table's whole-VM gather,
-    /// then drops the VM (and its memory slots), stops the fault handler and
-    /// unmaps guest RAM (see `Remains::reclaim`). Returns once the vCPUs are
+    /// Tears the VM down: stops and joins the vCPUs, then hands the VM and
+    /// its memory to a reclaim thread that releases guest RAM through the
+    /// table's whole-VM gather, then drops the VM (and its memory slots),
+    /// then closes the memory: fault handler stopped, guest RAM unmapped,
+    /// files closed (see `Remains::reclaim`). Returns once the vCPUs are
     /// stopped; [`Teardown::wait_reclaim`] waits for the memory. This is the
     /// one teardown path.
     pub fn destroy(mut self) -> Teardown {
@@ -686,9 +648,7 @@ impl Vm {
         let remains = Remains {
             vm_fd: self.vm_fd.take(),
             balloon: self.balloon.take(),
-            faults: self.faults.take(),
-            stage2: self.stage2.take(),
-            ram: self.ram.take(),
+            memory: self.memory.take(),
         };
         let (reclaim, done) = if background {
             match std::thread::Builder::new()

@@ -5,23 +5,25 @@
 //! readable arrays of little-endian `u32` PFNs of 4 KiB pages), every PFN is
 //! checked (inside guest RAM, not below [`RamLayout::reserved_below`], where
 //! the guest's page tables live), the valid ones are sorted, de-duplicated
-//! and coalesced into runs, and the runs go through **one** gather:
-//! `unmap_existing(.., UnmapMode::Balloon)` per run, then `finish`. The gather
-//! clears the entries under the table lock and, outside it, shoots down the
-//! translation caches, tells the KVM-side subscriber, waits for a grace
-//! period and releases the backing by kind (anonymous `MADV_DONTNEED`, memfd
-//! punch-hole, hugetlb whole huge pages only with partial tracking). Before
-//! that, the runs (rounded out to 2 MiB windows) are registered with the
-//! VM's userfaultfd handler, so that a page that comes back (deflate, free
-//! page reporting) faults in through the handler and the table's sequence
-//! protocol on its next touch. The used elements are returned only after
-//! the gather finished: when the driver sees its buffer back, the memory is
-//! gone.
+//! and coalesced into runs, and the runs go through the VM memory's one
+//! release entry point ([`VmMemory::release`] with
+//! [`ReleaseMode::Balloon`]): demand faults armed on the runs (rounded out
+//! to 2 MiB windows) with the VM's userfaultfd handler, so that a page that
+//! comes back (deflate, free page reporting) faults in through the handler
+//! and the table's sequence protocol on its next touch; then **one**
+//! gather, `unmap_existing(.., UnmapMode::Balloon)` per run, then
+//! `finish`. The gather clears the entries under the table lock and,
+//! outside it, shoots down the translation caches, tells the KVM-side
+//! subscriber, waits for a grace period and releases the backing by kind
+//! (anonymous `MADV_DONTNEED`, memfd and guest_memfd punch-hole, hugetlb
+//! whole huge pages only with partial tracking). The used elements are
+//! returned only after the gather finished: when the driver sees its buffer
+//! back, the memory is gone.
 //!
 //! **Deflate** turns ballooned markers of the listed pages into *discarded*
 //! ones ([`Stage2Table::deflate`]): they fault back in (zeros) on touch.
 //! **Free page reporting** takes the inflate path with
-//! [`UnmapMode::Discard`]. **Stats**: the last buffer is parsed and kept;
+//! [`ReleaseMode::Discard`]. **Stats**: the last buffer is parsed and kept;
 //! the device holds the buffer until the host asks for fresh statistics
 //! ([`VirtioMmio::request_stats`]). `DEFLATE_ON_OOM` is offered and
 //! reported as negotiated ([`Balloon::deflate_on_oom`]); without it, a
@@ -39,15 +41,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use guest_mm::{GatherStats, Gpa, Stage2Table, UnmapMode};
+use guest_mm::{GatherStats, Gpa};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 
 use super::mmio::{ConfigError, MmioTransport, VirtioDevice, VirtioMmio, F_VERSION_1};
 use super::queue::{read_chain, ChainError, ChainReadError, Desc, Queue, QueueError};
 use super::RamLayout;
-use crate::memory::{GuestRam, SIZE_2M};
-use crate::stage2::{GuestAccess, Stage2Error};
-use crate::uffd::{FaultHandler, UffdError};
+use crate::vstate::memory::{GuestAccess, ReleaseMode, VmMemory};
 
 /// `VIRTIO_BALLOON_F_STATS_VQ`.
 pub const F_STATS_VQ: u64 = 1 << 1;
@@ -185,21 +185,6 @@ pub struct BalloonStat {
     pub val: u64,
 }
 
-/// The VM's fault handler and RAM, to arm demand faults on released ranges.
-#[derive(Clone)]
-pub struct ReleaseContext {
-    /// Guest RAM.
-    pub ram: Arc<GuestRam>,
-    /// The userfaultfd handler.
-    pub faults: Arc<FaultHandler>,
-}
-
-impl std::fmt::Debug for ReleaseContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReleaseContext").finish_non_exhaustive()
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Inflate,
@@ -210,8 +195,7 @@ enum Role {
 
 /// The virtio-balloon device.
 pub struct Balloon {
-    table: Arc<Stage2Table>,
-    release: ReleaseContext,
+    memory: Arc<VmMemory>,
     offered: BalloonConfig,
     num_pages: u32,
     actual: u32,
@@ -246,7 +230,7 @@ fn coalesce(pages: &[u64]) -> Vec<(u64, u64)> {
     runs
 }
 
-/// Sorted ranges → merged ranges.
+/// Ranges → sorted, merged ranges.
 fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -260,11 +244,10 @@ fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 }
 
 impl Balloon {
-    /// A balloon over `table`, arming released ranges with `release`.
-    pub fn new(table: Arc<Stage2Table>, release: ReleaseContext, offered: BalloonConfig) -> Self {
+    /// A balloon over the VM's guest `memory`, which it releases through.
+    pub fn new(memory: Arc<VmMemory>, offered: BalloonConfig) -> Self {
         Self {
-            table,
-            release,
+            memory,
             offered,
             num_pages: 0,
             actual: 0,
@@ -397,58 +380,12 @@ impl Balloon {
         pages
     }
 
-    /// Arms demand faults on `runs` (2 MiB windows) and unmaps them with
-    /// `mode` through one gather.
-    fn release(&self, runs: &[(u64, u64)], mode: UnmapMode) -> Result<GatherStats, BalloonError> {
-        let regions = self.release.ram.regions();
-        let mut windows = Vec::new();
-        for &(s, l) in runs {
-            let Some(r) = regions.iter().find(|r| r.contains(s, l)) else {
-                return Err(BalloonError::Release(format!(
-                    "run {s:#x} + {l:#x} is not inside one RAM region"
-                )));
-            };
-            let lo = (s & !(SIZE_2M - 1)).max(r.gpa.0);
-            let hi = (s + l).next_multiple_of(SIZE_2M).min(r.gpa.0 + r.len);
-            windows.push((lo, hi - lo));
-        }
-        // Windows of one region never straddle another (clipped above), and
-        // regions do not touch in this VMM's layout.
-        let windows = merge(windows);
-        let table = &self.table;
-        let mut stats = GatherStats::default();
-        let fail = |e: UffdError| BalloonError::Release(e.to_string());
-        let Some((&(ls, ll), rest)) = windows.split_last() else {
-            return Ok(stats);
-        };
-        // Register first (pages there are present, nothing faults yet) ...
-        for &(ws, wl) in rest {
-            self.release
-                .faults
-                .release_range(&self.release.ram, ws, wl, || Ok(()))
-                .map_err(fail)?;
-        }
-        // ... then one gather for every run, once the last window is
-        // registered (the handler's release lock is held only while
-        // registering, not across the gather; see `FaultHandler::release_range`).
-        self.release
-            .faults
-            .release_range(&self.release.ram, ls, ll, || {
-                let mut g = table.gather();
-                let mut first = None;
-                for &(s, l) in runs {
-                    if let Err(e) = table.unmap_existing(&mut g, Gpa(s), l, mode) {
-                        first.get_or_insert(e);
-                    }
-                }
-                stats = g.finish().map_err(Stage2Error::from)?;
-                match first {
-                    Some(e) => Err(Stage2Error::from(e).into()),
-                    None => Ok(()),
-                }
-            })
-            .map_err(fail)?;
-        Ok(stats)
+    /// Releases `runs` through the VM memory's one entry point (demand
+    /// faults armed, then one gather leaving `mode` markers).
+    fn release(&self, runs: &[(u64, u64)], mode: ReleaseMode) -> Result<GatherStats, BalloonError> {
+        self.memory
+            .release(runs, mode)
+            .map_err(|e| BalloonError::Release(e.to_string()))
     }
 
     fn give_back(q: &mut Queue, mem: &mut GuestAccess, heads: &[u16]) -> Result<bool, QueueError> {
@@ -470,7 +407,7 @@ impl Balloon {
         let runs = coalesce(&pages);
         if !runs.is_empty() {
             let t = Instant::now();
-            match self.release(&runs, UnmapMode::Balloon) {
+            match self.release(&runs, ReleaseMode::Balloon) {
                 Ok(st) => {
                     let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     let c = &mut self.counters;
@@ -503,7 +440,7 @@ impl Balloon {
         let pages = self.sorted_unique(pages);
         let mut done = 0u64;
         for (s, l) in coalesce(&pages) {
-            match self.table.deflate(Gpa(s), l) {
+            match self.memory.stage2().table().deflate(Gpa(s), l) {
                 Ok(n) => done += n,
                 Err(e) => self.error(BalloonError::Release(e.to_string())),
             }
@@ -556,7 +493,7 @@ impl Balloon {
         }
         let runs = merge(ranges);
         if !runs.is_empty() {
-            match self.release(&runs, UnmapMode::Discard) {
+            match self.release(&runs, ReleaseMode::Discard) {
                 Ok(st) => {
                     self.counters.bytes_reported += runs.iter().map(|r| r.1).sum::<u64>();
                     self.counters.bytes_released += st.released_bytes;

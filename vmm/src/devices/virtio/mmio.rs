@@ -46,7 +46,7 @@ use virtio_bindings::virtio_mmio::{
 
 use super::queue::{LayoutError, Queue, QueueError};
 use super::{BusDevice, RamLayout};
-use crate::stage2::GuestAccess;
+use crate::vstate::memory::GuestAccess;
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -751,8 +751,8 @@ mod tests {
 
     #[test]
     fn identity_and_features() {
-        let (_ram, s2, layout) = ram();
-        let mut t = MmioTransport::new(Echo::default(), s2.access(), layout);
+        let (vmem, _, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
         assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
         assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
         assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 42);
@@ -781,8 +781,8 @@ mod tests {
 
     #[test]
     fn status_machine_and_notify() {
-        let (_ram, s2, layout) = ram();
-        let mut t = MmioTransport::new(Echo::default(), s2.access(), layout);
+        let (vmem, _, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
         // DRIVER_OK before FEATURES_OK is dropped.
         w(&mut t, VIRTIO_MMIO_STATUS, 0b0111);
         assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS) & 4, 0);
@@ -805,7 +805,7 @@ mod tests {
         assert_eq!(t.queues()[0].size, 8);
         let before = t.errors();
         {
-            let mut mem = s2.access();
+            let mut mem = vmem.access();
             desc(&mut mem, DESC, 2, 0x40_0000, 77, 0, 0);
             publish(&mut mem, AVAIL, 8, 0, &[2]);
         }
@@ -814,7 +814,7 @@ mod tests {
         assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
         w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
         assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
-        let mut mem = s2.access();
+        let mut mem = vmem.access();
         let mut b = [0u8; 12];
         mem.read(USED, &mut b).unwrap();
         assert_eq!(&b[2..4], &1u16.to_le_bytes());
@@ -842,8 +842,8 @@ mod tests {
 
     #[test]
     fn invalid_queue_needs_reset_and_bad_widths_are_counted() {
-        let (_ram, s2, layout) = ram();
-        let mut t = MmioTransport::new(Echo::default(), s2.access(), layout);
+        let (vmem, _, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
         negotiate(&mut t, F_VERSION_1);
         setup_queue(&mut t, 1 << 40);
         assert!(!t.queues()[0].ready);

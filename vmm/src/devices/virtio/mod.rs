@@ -4,7 +4,7 @@
 //!   device status state machine (with `NEEDS_RESET` on driver errors),
 //!   queue set-up and `QueueNotify`.
 //! - [`queue`]: the split virtqueue, read and written through the stage-2
-//!   fast walk ([`crate::stage2::GuestAccess`]), every guest-controlled value
+//!   fast walk ([`crate::vstate::memory::GuestAccess`]), every guest-controlled value
 //!   validated before use.
 //! - [`balloon`]: virtio-balloon; inflate is a stage-2 unmap through the
 //!   guest-mm gather.
@@ -32,7 +32,7 @@ pub mod queue;
 
 use guest_mm::mutation::{broken, Rule};
 
-use crate::memory::RegionDesc;
+use crate::vstate::memory::RegionDesc;
 
 /// Where the balloon's virtio-mmio window lives: in the 2 MiB MMIO page the
 /// default guest already maps, one page above the report device (outside
@@ -121,22 +121,28 @@ impl MmioBus {
 
 #[cfg(test)]
 pub(crate) mod testutil {
-    //! Guest RAM and a stage-2 table without KVM, for device unit tests.
-    use super::RamLayout;
-    use crate::memory::{Backing, GuestRam, PageSize};
-    use crate::stage2::{GuestAccess, Stage2};
+    //! Guest memory and its stage-2 table without KVM, for device unit tests.
+    use std::sync::Arc;
 
-    /// 16 MiB of anonymous 4K-page RAM, its table and layout.
-    pub(crate) fn ram() -> (GuestRam, Stage2, RamLayout) {
-        let ram = GuestRam::new(
-            "16M".parse().expect("valid size"),
-            Backing::Anon,
-            PageSize::Size4K,
+    use super::RamLayout;
+    use crate::vstate::memory::{Backing, GuestAccess, MemoryConfig, NoHook, PageSize, VmMemory};
+
+    /// 16 MiB of anonymous 4K-page guest memory, an accessor of it (the
+    /// fast walk) and its layout.
+    pub(crate) fn ram() -> (VmMemory, GuestAccess, RamLayout) {
+        let vmem = VmMemory::new(
+            MemoryConfig {
+                size: "16M".parse().expect("valid size"),
+                backing: Backing::Anon,
+                page_size: PageSize::Size4K,
+            },
+            Arc::new(NoHook),
+            None,
         )
-        .expect("guest RAM");
-        let s2 = Stage2::mirror(&ram).expect("stage-2 mirror");
-        let layout = RamLayout::new(&ram.regions(), 0x20_0000);
-        (ram, s2, layout)
+        .expect("guest memory");
+        let layout = RamLayout::new(&vmem.regions(), 0x20_0000);
+        let access = vmem.access();
+        (vmem, access, layout)
     }
 
     /// Writes one split-ring descriptor.
@@ -181,7 +187,7 @@ mod tests {
     /// Guards the rules `balloon_bounds` and `balloon_reserved_low`.
     #[test]
     fn releasable_is_ram_at_or_above_the_floor() {
-        let (_ram, _s2, l) = ram();
+        let (_vmem, _, l) = ram();
         assert_eq!(l.reserved_below(), FLOOR);
         for (gpa, len) in [(FLOOR, 4096), (END - 4096, 4096), (FLOOR, END - FLOOR)] {
             assert!(l.releasable(gpa, len), "{gpa:#x}+{len:#x}");
@@ -202,7 +208,7 @@ mod tests {
 
     #[test]
     fn contains_is_exactly_ram() {
-        let (_ram, _s2, l) = ram();
+        let (_vmem, _, l) = ram();
         assert!(l.contains(0, END));
         assert!(l.contains(END - 1, 1));
         assert!(l.contains(0, 1));

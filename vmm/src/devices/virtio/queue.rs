@@ -30,7 +30,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use guest_mm::mutation::{broken, Rule};
 
 use super::RamLayout;
-use crate::stage2::{GuestAccess, Stage2Error};
+use crate::vstate::memory::{GuestAccess, Stage2Error};
 
 /// A ring the device cannot trust any more (the device needs a reset).
 #[derive(Debug, thiserror::Error)]
@@ -477,8 +477,8 @@ mod tests {
 
     #[test]
     fn good_chain_pops_and_returns() {
-        let (_ram, s2, layout) = ram();
-        let mut mem = s2.access();
+        let (vmem, _, layout) = ram();
+        let mut mem = vmem.access();
         let mut q = queue(&layout);
         assert!(q.pop(&mut mem, &layout).unwrap().is_none());
         desc(&mut mem, DESC, 3, BUF, 100, F_NEXT, 5);
@@ -504,8 +504,8 @@ mod tests {
     }
 
     fn pop_one(setup: impl FnOnce(&mut GuestAccess)) -> Result<Option<Popped>, QueueError> {
-        let (_ram, s2, layout) = ram();
-        let mut mem = s2.access();
+        let (vmem, _, layout) = ram();
+        let mut mem = vmem.access();
         let mut q = queue(&layout);
         setup(&mut mem);
         q.pop(&mut mem, &layout)
@@ -580,7 +580,7 @@ mod tests {
 
     #[test]
     fn validate_rejects_bad_layouts() {
-        let (_ram, _s2, layout) = ram();
+        let (_vmem, _, layout) = ram();
         let mut q = queue(&layout);
         q.ready = false;
         const END: u64 = 16 << 20;
@@ -730,8 +730,8 @@ mod tests {
 
     #[test]
     fn read_chain_refuses_writable_and_big() {
-        let (_ram, s2, _layout) = ram();
-        let mut mem = s2.access();
+        let (vmem, _, _layout) = ram();
+        let mut mem = vmem.access();
         let d = |write_only, len| Desc {
             index: 0,
             addr: BUF,

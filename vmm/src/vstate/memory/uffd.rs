@@ -1,20 +1,26 @@
 //! Demand faults: a userfaultfd handler thread for released guest RAM.
 //!
-//! Only ranges whose backing was released are registered (missing mode), so
-//! memory that was never released keeps its transparent huge pages and never
-//! pays for a user-space fault. When the guest (through KVM) or the VMM
-//! touches a released page, the kernel queues a fault message; the handler
-//! thread resolves it with a zero page (`UFFDIO_ZEROPAGE`, or `UFFDIO_COPY`
-//! from a zero buffer for hugetlb, which has no zero-page ioctl), counts it
-//! and records its latency.
+//! Only ranges whose backing is about to be released are registered
+//! (missing mode, [`FaultHandler::arm`], called by the memory owner's
+//! release before its gather), so memory that was never released keeps its
+//! transparent huge pages and never pays for a user-space fault. When the
+//! guest (through KVM) or the VMM touches a released page, the kernel
+//! queues a fault message; the handler thread resolves it with a zero page
+//! (`UFFDIO_ZEROPAGE`, or `UFFDIO_COPY` from a zero buffer for hugetlb,
+//! which has no zero-page ioctl), counts it and records its latency. The
+//! ioctls and messages come from the `userfaultfd` crate.
 //!
-//! Concurrency: releases and resolutions are serialised by one lock (release
+//! guest_memfd has no handler: the kernel refuses to register its mappings
+//! ([`super::Backing::has_demand_faults`]).
+//!
+//! Concurrency: arming and resolutions are serialised by one lock (arming
 //! holds it exclusively, a resolution shared), so a resolution never
-//! interleaves with a release of the same range. On top of that a
-//! [`FaultHook`] (the stage-2 table) sees every resolution as
-//! begin → install (without waking the faulting thread) → commit; if commit
-//! says an unmap raced, the installed page is discarded again and the fault is
-//! retried, so a fault never resurrects a page an in-flight unmap released.
+//! interleaves with a registration. The release itself (the gather) runs
+//! without it. On top of that a [`FaultHook`] (the stage-2 table) sees
+//! every resolution as begin → install (without waking the faulting
+//! thread) → commit; if commit says an unmap raced, the installed page is
+//! dropped again ([`Shared::undo`]) and the fault is retried, so a fault
+//! never resurrects a page an in-flight unmap released.
 //!
 //! Granularity: a fault installs the whole leaf the mirror holds around the
 //! faulting address ([`FaultHook::fault_granule`]: 4 KiB or 2 MiB, aligned in
@@ -23,105 +29,33 @@
 //! faulting 4 KiB page, so every fault makes progress.
 //! Counters are updated before the faulting thread is woken.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::memory::{Backing, GuestRam, MemoryError, RegionDesc, SIZE_2M, SIZE_4K};
+use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
+use vmm_sys_util::eventfd::EventFd;
 
-const UFFD_API: u64 = 0xAA;
-const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
-const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFDIO_MODE_DONTWAKE: u64 = 1;
-
-const fn iowr(nr: u64, size: usize) -> u64 {
-    (3 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
-}
-const fn ior(nr: u64, size: usize) -> u64 {
-    (2 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdMsg {
-    event: u8,
-    reserved1: u8,
-    reserved2: u16,
-    reserved3: u32,
-    flags: u64,
-    address: u64,
-    ptid: u64,
-}
-
-const UFFDIO_API: u64 = iowr(0x3F, std::mem::size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
-const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>());
-const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
-const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+use super::backing::{Backing, RegionDesc, SIZE_2M, SIZE_4K};
 
 /// Errors of the fault handler.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
-    /// userfaultfd(2) failed.
+    /// userfaultfd(2) or UFFDIO_API failed.
     #[error(
-        "userfaultfd() failed: {0}; run as root or allow it with \
-         `sysctl vm.unprivileged_userfaultfd=1`"
+        "creating the userfaultfd failed ({0}); run as root, or allow it with \
+         `sysctl vm.unprivileged_userfaultfd=1`; shmem and hugetlb backings also need \
+         the kernel's MISSING_SHMEM / MISSING_HUGETLBFS features"
     )]
-    Create(std::io::Error),
-    /// UFFDIO_API failed.
-    #[error(
-        "UFFDIO_API failed (kernel lacks the needed userfaultfd features for this backing?): {0}"
-    )]
-    Api(std::io::Error),
+    Create(userfaultfd::Error),
     /// UFFDIO_REGISTER failed.
     #[error("registering [{0:#x}, +{1:#x}) with userfaultfd failed: {2}")]
-    Register(u64, u64, std::io::Error),
-    /// Discarding backing failed.
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    /// The stage-2 release failed.
-    #[error(transparent)]
-    Stage2(#[from] crate::stage2::Stage2Error),
+    Register(u64, u64, userfaultfd::Error),
+    /// The backing has no userfaultfd support.
+    #[error("{0} backing has no userfaultfd support")]
+    Unsupported(Backing),
     /// eventfd / thread creation failed.
     #[error("starting the fault handler failed: {0}")]
     Start(std::io::Error),
@@ -157,7 +91,7 @@ pub trait FaultHook: Send + Sync {
 pub struct NoHook;
 impl FaultHook for NoHook {}
 
-/// Counters of the fault handler.
+/// Counters of demand faults and releases.
 #[derive(Debug, Default)]
 pub struct FaultStats {
     /// Faults resolved.
@@ -171,7 +105,7 @@ pub struct FaultStats {
     pub latency_ns_total: AtomicU64,
     /// Largest resolution latency, ns.
     pub latency_ns_max: AtomicU64,
-    /// Ranges released.
+    /// Releases (calls of the memory owner's release entry point).
     pub releases: AtomicU64,
     /// Installs that failed for another reason than "already present".
     pub errors: AtomicU64,
@@ -190,7 +124,7 @@ pub struct FaultSummary {
     pub mean_latency_us: f64,
     /// Max latency, µs.
     pub max_latency_us: f64,
-    /// Ranges released.
+    /// Releases.
     pub releases: u64,
     /// Failed installs (should stay 0).
     pub errors: u64,
@@ -221,17 +155,17 @@ impl FaultStats {
     }
 }
 
-/// State shared by the handler thread and the releasing side.
+/// State shared by the handler thread and the arming side.
 struct Shared {
-    uffd: OwnedFd,
+    uffd: Uffd,
     regions: Vec<RegionDesc>,
-    /// Exclusive for release, shared for resolution.
+    /// Exclusive for arming, shared for resolution.
     lock: RwLock<()>,
     /// Host ranges already registered, as sorted, disjoint `[start, end)`
     /// with touching ranges merged: bounded by guest RAM, however many
     /// releases overlap.
     registered: Mutex<Vec<(u64, u64)>>,
-    stats: FaultStats,
+    stats: Arc<FaultStats>,
     hook: Arc<dyn FaultHook>,
     zero_buf: Option<ZeroBuf>,
 }
@@ -245,10 +179,10 @@ impl Drop for ZeroBuf {
     }
 }
 
-/// The userfaultfd fault handler of one VM.
+/// The userfaultfd fault handler of one VM's RAM.
 pub struct FaultHandler {
     shared: Arc<Shared>,
-    stop_fd: OwnedFd,
+    stop: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -260,45 +194,43 @@ impl std::fmt::Debug for FaultHandler {
     }
 }
 
-fn last_err() -> std::io::Error {
-    std::io::Error::last_os_error()
+/// The errno of a failed fill (`UFFDIO_ZEROPAGE` / `UFFDIO_COPY`).
+fn errno_of(e: &userfaultfd::Error) -> i32 {
+    match e {
+        userfaultfd::Error::ZeropageFailed(e)
+        | userfaultfd::Error::CopyFailed(e)
+        | userfaultfd::Error::SystemError(e) => *e as i32,
+        userfaultfd::Error::PartiallyCopied(_) => libc::EAGAIN,
+        _ => libc::EIO,
+    }
 }
 
 impl FaultHandler {
-    /// Creates the userfaultfd for `ram` and starts the handler thread.
-    pub fn start(ram: &GuestRam, hook: Arc<dyn FaultHook>) -> Result<Self, UffdError> {
-        // SAFETY: plain syscall with flag arguments; returns a new fd or -1.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(UffdError::Create(last_err()));
-        }
-        let fd = RawFd::try_from(fd).map_err(|_| UffdError::Create(last_err()))?;
-        // SAFETY: fd was just returned by userfaultfd and is owned by no one else.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let features = match ram.backing() {
-            Backing::Anon => 0,
-            Backing::Memfd => UFFD_FEATURE_MISSING_SHMEM,
-            Backing::Hugetlb => UFFD_FEATURE_MISSING_HUGETLBFS,
+    /// Creates the userfaultfd for `regions` (all of one backing) and
+    /// starts the handler thread. Counters go to `stats`.
+    pub fn start(
+        regions: Vec<RegionDesc>,
+        hook: Arc<dyn FaultHook>,
+        stats: Arc<FaultStats>,
+    ) -> Result<Self, UffdError> {
+        let backing = regions.first().map_or(Backing::Anon, |r| r.backing);
+        let features = match backing {
+            Backing::Anon => FeatureFlags::empty(),
+            Backing::Memfd => FeatureFlags::MISSING_SHMEM,
+            Backing::Hugetlb => FeatureFlags::MISSING_HUGETLBFS,
+            Backing::GuestMemfd => return Err(UffdError::Unsupported(backing)),
         };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API takes a pointer to a uffdio_api that lives
-        // across the call; the layout matches the kernel's.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-            return Err(UffdError::Api(last_err()));
-        }
-        // SAFETY: eventfd with flags only; returns a new fd or -1.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(UffdError::Start(last_err()));
-        }
-        // SAFETY: efd is a fresh fd owned by no one else.
-        let stop_fd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let zero_buf = if ram.backing() == Backing::Hugetlb {
+        // Not user-mode only: KVM's own accesses to guest RAM (get_user_pages
+        // from the vCPU threads) are kernel-mode faults and must be caught.
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(features)
+            .create()
+            .map_err(UffdError::Create)?;
+        let stop = EventFd::new(libc::EFD_CLOEXEC).map_err(UffdError::Start)?;
+        let zero_buf = if backing == Backing::Hugetlb {
             // SAFETY: fresh anonymous mapping, not touching existing memory.
             let p = unsafe {
                 libc::mmap(
@@ -311,7 +243,7 @@ impl FaultHandler {
                 )
             };
             if p == libc::MAP_FAILED {
-                return Err(UffdError::Start(last_err()));
+                return Err(UffdError::Start(std::io::Error::last_os_error()));
             }
             Some(ZeroBuf(p as usize))
         } else {
@@ -319,83 +251,69 @@ impl FaultHandler {
         };
         let shared = Arc::new(Shared {
             uffd,
-            regions: ram.regions(),
+            regions,
             lock: RwLock::new(()),
             registered: Mutex::new(Vec::new()),
-            stats: FaultStats::default(),
+            stats,
             hook,
             zero_buf,
         });
         let s2 = Arc::clone(&shared);
-        let stop_raw = stop_fd.as_raw_fd();
+        let stop_raw = stop.as_raw_fd();
         let thread = std::thread::Builder::new()
             .name("uffd".into())
             .spawn(move || s2.run(stop_raw))
             .map_err(UffdError::Start)?;
         Ok(Self {
             shared,
-            stop_fd,
+            stop,
             thread: Some(thread),
         })
     }
 
-    /// Arms demand faults on `[gpa, gpa+len)` and calls `release` to drop
-    /// its backing (the stage-2 gather): the next touch faults into the
-    /// handler and reads zeros.
-    pub fn release_range(
-        &self,
-        ram: &GuestRam,
-        gpa: u64,
-        len: u64,
-        release: impl FnOnce() -> Result<(), UffdError>,
-    ) -> Result<(), UffdError> {
-        let d = ram.checked_region(gpa, len)?;
-        // Exclusive against resolutions only while registering. The release
-        // itself (a gather, which waits for a grace period) runs without
-        // it: a fast-walk reader pinned in that grace period may be the one
-        // faulting, and the table's sequence protocol already keeps a fault
-        // from resurrecting a page being released.
-        let w = self.shared.lock.write().unwrap_or_else(|e| e.into_inner());
-        // Register first, then discard: a touch in between still finds the
-        // old page, a touch after the discard faults into the handler.
-        let host = d.host_of(gpa) as u64;
+    /// Arms demand faults on the guest ranges `windows` (the parts inside
+    /// guest RAM): a touch after their backing is released faults into the
+    /// handler. Ranges already armed are skipped. Exclusive against
+    /// resolutions only while registering; the caller's release (a gather,
+    /// which waits for a grace period) runs without the lock: a fast-walk
+    /// reader pinned in that grace period may be the one faulting, and the
+    /// table's sequence protocol already keeps a fault from resurrecting a
+    /// page being released.
+    pub fn arm(&self, windows: &[(u64, u64)]) -> Result<(), UffdError> {
+        let _w = self.shared.lock.write().unwrap_or_else(|e| e.into_inner());
         let mut reg = self
             .shared
             .registered
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if !covered(&reg, host, host + len) {
-            let mut r = UffdioRegister {
-                range: UffdioRange { start: host, len },
-                mode: UFFDIO_REGISTER_MODE_MISSING,
-                ioctls: 0,
-            };
-            // SAFETY: the range lies in a guest RAM mapping that outlives the
-            // handler (Vm drops the handler first); the struct lives across
-            // the call.
-            if unsafe { libc::ioctl(self.shared.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut r) } != 0 {
-                return Err(UffdError::Register(gpa, len, last_err()));
+        for &(gpa, len) in windows {
+            // The part of the window in each region (a window that merged
+            // across touching regions is registered per region).
+            for d in &self.shared.regions {
+                let start = gpa.max(d.gpa.0);
+                let end = (gpa + len).min(d.gpa.0 + d.len);
+                if start >= end {
+                    continue;
+                }
+                let host = d.host_of(start) as u64;
+                let n = end - start;
+                if covered(&reg, host, host + n) {
+                    continue;
+                }
+                self.shared
+                    .uffd
+                    .register(host as *mut libc::c_void, super::backing::to_usize(n))
+                    .map_err(|e| UffdError::Register(start, n, e))?;
+                insert(&mut reg, host, host + n);
             }
-            insert(&mut reg, host, host + len);
         }
-        drop(reg);
-        drop(w);
-        release()?;
-        self.shared.stats.releases.fetch_add(1, Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> &FaultStats {
-        &self.shared.stats
     }
 
     /// Stops the handler thread (also on drop).
     pub fn stop(&mut self) {
         if let Some(t) = self.thread.take() {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            unsafe { libc::write(self.stop_fd.as_raw_fd(), (&raw const one).cast(), 8) };
+            let _ = self.stop.write(1);
             let _ = t.join();
         }
     }
@@ -436,7 +354,7 @@ fn resident(page: u64) -> bool {
 }
 
 impl Shared {
-    fn run(&self, stop_fd: RawFd) {
+    fn run(&self, stop_fd: i32) {
         let mut fds = [
             libc::pollfd {
                 fd: self.uffd.as_raw_fd(),
@@ -453,7 +371,7 @@ impl Shared {
             // SAFETY: fds is a live array of two pollfd.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
             if n < 0 {
-                if last_err().kind() == std::io::ErrorKind::Interrupted {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
                 return;
@@ -464,17 +382,10 @@ impl Shared {
             if fds[0].revents & libc::POLLIN == 0 {
                 continue;
             }
-            let mut msg = UffdMsg::default();
-            let sz = std::mem::size_of::<UffdMsg>();
-            // SAFETY: reads at most sz bytes into a live UffdMsg of that size.
-            let r = unsafe { libc::read(self.uffd.as_raw_fd(), (&raw mut msg).cast(), sz) };
-            if r != isize::try_from(sz).unwrap_or(-1) {
-                continue; // EAGAIN: another wake-up raced us
+            // None: another wake-up raced us (EAGAIN).
+            if let Ok(Some(Event::Pagefault { addr, .. })) = self.uffd.read_event() {
+                self.resolve(addr as u64, Instant::now());
             }
-            if msg.event != UFFD_EVENT_PAGEFAULT {
-                continue;
-            }
-            self.resolve(msg.address, Instant::now());
         }
     }
 
@@ -535,45 +446,47 @@ impl Shared {
         self.stats.latency_ns_total.fetch_add(ns, Ordering::Relaxed);
         self.stats.latency_ns_max.fetch_max(ns, Ordering::Relaxed);
         self.stats.faults.fetch_add(1, Ordering::AcqRel);
-        let range = UffdioRange {
-            start: host,
-            len: granule,
-        };
-        // SAFETY: UFFDIO_WAKE reads a live uffdio_range; waking a range with
-        // no waiters is harmless.
-        unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &range) };
+        // Waking a range with no waiters is harmless.
+        let _ = self
+            .uffd
+            .wake(host as *mut libc::c_void, super::backing::to_usize(granule));
     }
 
     /// Installs zeros at the leaf `[host, host+len)` containing the faulting
-    /// address `addr`; false if nothing was installed (already present).
+    /// address `addr`; `None` if nothing was installed (already present).
     ///
     /// A leaf that fails part-way (`EEXIST` after some pages, or any other
     /// error) falls back to the single 4 KiB page at `addr`, so the faulting
     /// access always makes progress.
     fn install(&self, backing: Backing, addr: u64, host: u64, len: u64) -> Option<(u64, u64)> {
-        if self.fill(backing, host, len) == 0 {
-            return Some((host, len));
-        }
+        let mut err = match self.fill(backing, host, len) {
+            Ok(()) => return Some((host, len)),
+            Err(e) => e,
+        };
         // A huge page freed by a release reaches the pool asynchronously, so
         // right after a release the copy can fail with ENOMEM: retry briefly.
         if backing == Backing::Hugetlb {
             for _ in 0..200 {
-                if last_err().raw_os_error() != Some(libc::ENOMEM) || resident(host) {
+                if err != libc::ENOMEM || resident(host) {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_micros(50));
-                if self.fill(backing, host, len) == 0 {
-                    return Some((host, len));
+                match self.fill(backing, host, len) {
+                    Ok(()) => return Some((host, len)),
+                    Err(e) => err = e,
                 }
             }
         }
         let page = addr & !(SIZE_4K - 1);
-        if backing != Backing::Hugetlb && len > SIZE_4K && self.fill(backing, page, SIZE_4K) == 0 {
-            return Some((page, SIZE_4K));
+        if backing != Backing::Hugetlb && len > SIZE_4K {
+            match self.fill(backing, page, SIZE_4K) {
+                Ok(()) => return Some((page, SIZE_4K)),
+                Err(e) => err = e,
+            }
         }
         // hugetlb allocates before it finds the page present, so a duplicate
         // fault on an exactly sized pool fails with ENOMEM: ask the kernel.
-        if last_err().raw_os_error() != Some(libc::EEXIST) && !resident(page) {
+        if err != libc::EEXIST && !resident(page) {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             // Out of memory or a bug: the access will fault again; do not spin.
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -582,76 +495,44 @@ impl Shared {
     }
 
     /// One UFFDIO_ZEROPAGE (or UFFDIO_COPY of zeros for hugetlb) without
-    /// waking; returns the ioctl's result (errno in `last_err`).
-    fn fill(&self, backing: Backing, host: u64, len: u64) -> libc::c_int {
-        if let (Backing::Hugetlb, Some(z)) = (backing, &self.zero_buf) {
-            let mut c = UffdioCopy {
-                dst: host,
-                src: z.0 as u64,
-                len,
-                mode: UFFDIO_MODE_DONTWAKE,
-                copy: 0,
-            };
+    /// waking; the errno on failure.
+    fn fill(&self, backing: Backing, host: u64, len: u64) -> Result<(), i32> {
+        let ulen = super::backing::to_usize(len);
+        let dst = host as *mut libc::c_void;
+        let r = if let (Backing::Hugetlb, Some(z)) = (backing, &self.zero_buf) {
             // SAFETY: dst is a registered guest RAM range that outlives the
-            // handler; src is our 2 MiB zero mapping; the struct is live.
-            unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY, &mut c) }
+            // handler; src is our 2 MiB zero mapping, at least `len` long.
+            unsafe { self.uffd.copy(z.0 as *const libc::c_void, dst, ulen, false) }
         } else {
-            let mut z = UffdioZeropage {
-                range: UffdioRange { start: host, len },
-                mode: UFFDIO_MODE_DONTWAKE,
-                zeropage: 0,
-            };
-            // SAFETY: the range is a registered guest RAM range that outlives
-            // the handler; the struct is live across the call.
-            unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) }
-        }
+            // SAFETY: the range is a registered guest RAM range that
+            // outlives the handler.
+            unsafe { self.uffd.zeropage(dst, ulen, false) }
+        };
+        r.map(|_| ()).map_err(|e| errno_of(&e))
     }
 
-    /// Drops what `install` put at `[host, host+len)`.
+    /// Drops what `install` put at `[host, host+len)` when the table
+    /// refused the commit. Not a release of guest memory the table knows
+    /// about (its entries still say *discarded*; nothing to invalidate), so
+    /// it cannot go through the gather, which only releases what it
+    /// unmaps: it takes back the handler's own uncommitted install.
     fn undo(&self, d: &RegionDesc, host: u64, len: u64) {
         let ulen = usize::try_from(len).unwrap_or(0);
-        match d.backing {
-            Backing::Anon => {
-                // SAFETY: the range is inside guest RAM owned by the VM,
-                // which outlives this handler; dropping pages is intended.
-                unsafe { libc::madvise(host as *mut libc::c_void, ulen, libc::MADV_DONTNEED) };
-            }
-            Backing::Memfd | Backing::Hugetlb => {
-                // SAFETY: as above; MADV_REMOVE punches the hole in the memfd.
-                unsafe { libc::madvise(host as *mut libc::c_void, ulen, libc::MADV_REMOVE) };
-            }
-        }
+        let advice = if d.backing.is_file() {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
+        // SAFETY: the range is inside guest RAM owned by the VM's memory,
+        // which outlives this handler; dropping these pages is intended
+        // (MADV_REMOVE punches the hole in the file).
+        unsafe { libc::madvise(host as *mut libc::c_void, ulen, advice) };
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{Bytes, GuestAddress};
-
     use super::*;
-    use crate::memory::PageSize;
-
-    fn host_touch_faults(backing: Backing, page: PageSize) {
-        let ram = GuestRam::new("8M".parse().unwrap(), backing, page).unwrap();
-        let gm = ram.guest_memory();
-        let gpa = 4 << 20;
-        gm.write_obj(0x1234_u64, GuestAddress(gpa + 64)).unwrap();
-        let h = FaultHandler::start(&ram, Arc::new(NoHook)).unwrap();
-        h.release_range(&ram, gpa, page.bytes(), || {
-            Ok(ram.discard(gpa, page.bytes())?)
-        })
-        .unwrap();
-        assert_eq!(gm.read_obj::<u64>(GuestAddress(gpa + 64)).unwrap(), 0);
-        let s = h.stats().summary();
-        assert_eq!(
-            (s.faults, s.releases, s.errors),
-            (1, 1, 0),
-            "{backing} {page}: {s:?}"
-        );
-        // Resolved pages stay; a second read does not fault.
-        assert_eq!(gm.read_obj::<u64>(GuestAddress(gpa + 128)).unwrap(), 0);
-        assert_eq!(h.stats().summary().faults, 1);
-    }
 
     #[test]
     fn registered_ranges_merge_and_cover() {
@@ -681,17 +562,5 @@ mod tests {
         assert!(covered(&reg, 0x10_0000, 0xa0_0000));
         assert!(!covered(&reg, 0x0f_f000, 0x10_1000));
         assert!(!covered(&[], 0, 0x1000));
-    }
-
-    #[test]
-    fn host_touch_of_released_anon_faults() {
-        host_touch_faults(Backing::Anon, PageSize::Size2M);
-        host_touch_faults(Backing::Anon, PageSize::Size4K);
-    }
-
-    #[test]
-    fn host_touch_of_released_memfd_faults() {
-        host_touch_faults(Backing::Memfd, PageSize::Size4K);
-        host_touch_faults(Backing::Memfd, PageSize::Size2M);
     }
 }

@@ -1,25 +1,41 @@
-//! Guest RAM: allocation, backing kinds, KVM slot description and release.
+//! Guest RAM backings: sizes, kinds, and the host mappings and files that
+//! hold guest memory.
 //!
-//! Guest RAM is one host mapping per region, placed at guest physical address
-//! 0 upward (the default guest keeps its page tables and descriptor tables in
-//! the first 2 MiB, see `guest`). Three backings exist: private anonymous
-//! memory (transparent huge pages requested with `MADV_HUGEPAGE` unless the
-//! page size is 4 KiB), a shared memfd, and a hugetlb memfd of 2 MiB pages.
+//! Guest RAM is one host mapping per region, placed at guest physical
+//! address 0 upward (the default guest keeps its page tables and descriptor
+//! tables in the first 2 MiB, see `guest`). Four backings exist:
 //!
-//! Each region is described by a [`RegionDesc`] (host address, length, kind,
-//! fd and offset) so that the stage-2 memory manager can mirror it.
+//! | [`Backing`] | host memory | mapping | KVM slot |
+//! |---|---|---|---|
+//! | `anon` | private anonymous (THP asked for unless 4 KiB leaves) | private | `KVM_SET_USER_MEMORY_REGION` |
+//! | `memfd` | a shared memfd (shmem) | shared | `KVM_SET_USER_MEMORY_REGION` |
+//! | `hugetlb` | a hugetlb memfd of 2 MiB pages | shared | `KVM_SET_USER_MEMORY_REGION` |
+//! | `guest-memfd` | a KVM `guest_memfd` created `MMAP \| INIT_SHARED` | shared | `KVM_SET_USER_MEMORY_REGION2` bound to the file |
 //!
-//! Invariants: a mapping lives as long as its [`GuestRam`]; the
-//! `GuestMemoryMmap` view borrows the raw mappings and is dropped before they
-//! are unmapped. Releasing backing ([`GuestRam::discard`]) follows the
-//! leaf size: 2 MiB granules for THP and hugetlb, 4 KiB otherwise.
+//! Every mapping is 2 MiB-aligned on the host, so guest 2 MiB leaves are
+//! host huge pages where the backing has them. Each region is described by
+//! a [`RegionDesc`] (host address, length, kind, fd and offset) for whoever
+//! mirrors it.
+//!
+//! Invariants: [`GuestRam`] owns its mappings and its files ([`OwnedFd`]);
+//! a `RegionDesc` only borrows the file's number, valid while the
+//! `GuestRam` lives. The `GuestMemoryMmap` view borrows the raw mappings
+//! and is dropped before they are unmapped. Nothing here releases memory:
+//! that is the gather's job (`release.rs`).
 
 use std::fmt;
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::str::FromStr;
 
+use kvm_bindings::{
+    kvm_create_guest_memfd, kvm_userspace_memory_region, kvm_userspace_memory_region2,
+    KVM_MEM_GUEST_MEMFD,
+};
+use kvm_ioctls::{Cap, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use super::stage2::Stage2Error;
+use super::uffd::UffdError;
 
 /// 4 KiB.
 pub const SIZE_4K: u64 = 4 << 10;
@@ -28,7 +44,16 @@ pub const SIZE_2M: u64 = 2 << 20;
 /// The largest guest RAM accepted (the default guest maps it with one PDPT).
 pub const MAX_MEM_BYTES: u64 = 64 << 30;
 
-/// Errors of guest RAM set-up and release.
+/// `KVM_CAP_GUEST_MEMFD_FLAGS` (Linux 6.18 uapi): the `guest_memfd` flags
+/// this KVM accepts (not in kvm-bindings 0.14 yet).
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
+/// `GUEST_MEMFD_FLAG_MMAP`: the file may be mmap'ed by the host.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED`: its memory starts shared (faultable by
+/// the host), as a non-confidential guest's RAM must be.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+
+/// Errors of guest RAM set-up and of range checks.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// Bad size string.
@@ -44,7 +69,7 @@ pub enum MemoryError {
     #[error("memory size {0} bytes is larger than the supported maximum of 64 GiB")]
     TooBig(u64),
     /// Bad backing name.
-    #[error("unknown backing '{0}': use anon, memfd or hugetlb")]
+    #[error("unknown backing '{0}': use anon, memfd, hugetlb or guest-memfd")]
     BadBacking(String),
     /// Bad page size.
     #[error("unknown page size '{0}': use 4K or 2M")]
@@ -69,12 +94,33 @@ pub enum MemoryError {
     /// ftruncate failed.
     #[error("sizing the memfd to {1} bytes failed: {0}")]
     Truncate(std::io::Error, u64),
+    /// guest_memfd needs a VM to belong to.
+    #[error("guest-memfd backing needs a KVM VM: a guest_memfd belongs to one VM")]
+    GuestMemfdNeedsVm,
+    /// The host's KVM lacks something guest_memfd backing needs.
+    #[error(
+        "guest-memfd backing is not supported by this host's KVM: {0}; use --backing memfd \
+         (shared file memory, released the same way) or a newer kernel"
+    )]
+    GuestMemfdUnsupported(String),
+    /// KVM_CREATE_GUEST_MEMFD failed.
+    #[error("KVM_CREATE_GUEST_MEMFD of {1} bytes (flags MMAP|INIT_SHARED) failed: {0}")]
+    GuestMemfd(kvm_ioctls::Error, u64),
     /// mmap failed.
     #[error("mapping {1} bytes of guest RAM failed: {0} (is there enough memory?)")]
     Mmap(std::io::Error, u64),
     /// vm-memory refused the region.
     #[error("building the guest memory map failed: {0}")]
     GuestMemory(String),
+    /// KVM refused a memory slot.
+    #[error("{0} for slot {1} failed: {2}")]
+    Slot(&'static str, u32, kvm_ioctls::Error),
+    /// The stage-2 mirror could not be built.
+    #[error(transparent)]
+    Stage2(#[from] Stage2Error),
+    /// The userfaultfd handler could not be started.
+    #[error(transparent)]
+    FaultHandler(#[from] UffdError),
     /// A release request outside RAM or misaligned.
     #[error(
         "cannot release [{gpa:#x}, +{len:#x}): must lie inside guest RAM and be aligned to \
@@ -88,16 +134,9 @@ pub enum MemoryError {
         /// Required alignment.
         granule: u64,
     },
-    /// madvise / fallocate failed.
-    #[error("releasing backing of [{gpa:#x}, +{len:#x}) failed: {err}")]
-    Release {
-        /// Start.
-        gpa: u64,
-        /// Length.
-        len: u64,
-        /// OS error.
-        err: std::io::Error,
-    },
+    /// Populating guest RAM failed.
+    #[error("populating guest RAM (MADV_POPULATE_WRITE) failed: {0}")]
+    Populate(std::io::Error),
 }
 
 /// Result alias of this module.
@@ -166,6 +205,23 @@ pub enum Backing {
     Memfd,
     /// A hugetlb memfd of 2 MiB pages.
     Hugetlb,
+    /// A KVM `guest_memfd` (shared, mmap'ed), bound to the memory slot.
+    GuestMemfd,
+}
+
+impl Backing {
+    /// Whether the backing is a file (released by punching holes).
+    pub fn is_file(self) -> bool {
+        self != Self::Anon
+    }
+
+    /// Whether a released page's next touch can be caught by userfaultfd
+    /// (`MISSING` mode). Not on guest_memfd: the kernel refuses to register
+    /// its mappings (`EINVAL` in every mode on Linux 6.18), so its pages
+    /// come back through KVM and the kernel alone.
+    pub fn has_demand_faults(self) -> bool {
+        self != Self::GuestMemfd
+    }
 }
 
 impl FromStr for Backing {
@@ -176,6 +232,7 @@ impl FromStr for Backing {
             "anon" => Ok(Self::Anon),
             "memfd" => Ok(Self::Memfd),
             "hugetlb" => Ok(Self::Hugetlb),
+            "guest-memfd" | "guest_memfd" | "gmem" => Ok(Self::GuestMemfd),
             _ => Err(MemoryError::BadBacking(s.to_string())),
         }
     }
@@ -187,6 +244,7 @@ impl fmt::Display for Backing {
             Self::Anon => "anon",
             Self::Memfd => "memfd",
             Self::Hugetlb => "hugetlb",
+            Self::GuestMemfd => "guest-memfd",
         })
     }
 }
@@ -247,7 +305,8 @@ pub struct RegionDesc {
     pub backing: Backing,
     /// Leaf (and release) size.
     pub page_size: PageSize,
-    /// The memfd, for memfd and hugetlb backing.
+    /// The file (memfd, hugetlb memfd, guest_memfd), borrowed: valid while
+    /// the memory that described it lives.
     pub fd: Option<RawFd>,
     /// Offset of the region in `fd`.
     pub fd_offset: u64,
@@ -267,46 +326,14 @@ impl RegionDesc {
     }
 }
 
-/// One owned host mapping.
-struct Mapping {
-    desc: RegionDesc,
-    file: Option<File>,
-}
-
-/// Guest RAM: its host mappings and a vm-memory view of them.
-pub struct GuestRam {
-    // Dropped before `mappings` are unmapped (see Drop).
-    guest_mem: Option<GuestMemoryMmap>,
-    mappings: Vec<Mapping>,
-    size: MemSize,
-    backing: Backing,
-    page_size: PageSize,
-}
-
-impl fmt::Debug for GuestRam {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GuestRam")
-            .field("size", &self.size)
-            .field("backing", &self.backing)
-            .field("page_size", &self.page_size)
-            .field("regions", &self.regions())
-            .finish()
-    }
-}
-
-/// Free 2 MiB huge pages of the host, from `/proc/meminfo`.
+/// Free 2 MiB huge pages of the host.
 pub fn free_huge_pages() -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
-        return 0;
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    crate::proc_stats::free_huge_pages()
 }
 
 /// Checks that the host can provide `size` of `backing` with `page_size`
 /// (for hugetlb: enough free huge pages), before anything is allocated.
+/// guest_memfd support is checked against the VM when it is created.
 pub fn check_backing(size: MemSize, backing: Backing, page_size: PageSize) -> Result<()> {
     if backing == Backing::Hugetlb {
         if page_size == PageSize::Size4K {
@@ -319,6 +346,48 @@ pub fn check_backing(size: MemSize, backing: Backing, page_size: PageSize) -> Re
         }
     }
     Ok(())
+}
+
+/// Checks that `vm`'s KVM can back guest RAM with a host-mappable, shared
+/// guest_memfd bound to a memory slot; says what is missing otherwise.
+pub fn check_guest_memfd(vm: &VmFd) -> Result<()> {
+    let flags = u64::try_from(vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS)).unwrap_or(0);
+    match guest_memfd_missing(
+        vm.check_extension(Cap::GuestMemfd),
+        vm.check_extension(Cap::UserMemory2),
+        flags,
+    ) {
+        Some(missing) => Err(MemoryError::GuestMemfdUnsupported(missing)),
+        None => Ok(()),
+    }
+}
+
+/// What a KVM with these capabilities lacks for guest_memfd backing, if
+/// anything: `KVM_CAP_GUEST_MEMFD`, `KVM_CAP_USER_MEMORY2`, and the
+/// `MMAP` and `INIT_SHARED` flags in `KVM_CAP_GUEST_MEMFD_FLAGS`.
+fn guest_memfd_missing(guest_memfd: bool, user_memory2: bool, flags: u64) -> Option<String> {
+    if !guest_memfd {
+        return Some(
+            "KVM_CAP_GUEST_MEMFD is missing (Linux 6.8+ built with CONFIG_KVM_GUEST_MEMFD)".into(),
+        );
+    }
+    if !user_memory2 {
+        return Some("KVM_CAP_USER_MEMORY2 (KVM_SET_USER_MEMORY_REGION2) is missing".into());
+    }
+    let mut missing = Vec::new();
+    if flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+        missing.push("GUEST_MEMFD_FLAG_MMAP");
+    }
+    if flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 {
+        missing.push("GUEST_MEMFD_FLAG_INIT_SHARED");
+    }
+    (!missing.is_empty()).then(|| {
+        format!(
+            "KVM_CAP_GUEST_MEMFD_FLAGS is {flags:#x}, without {} (a host-mappable, shared \
+             guest_memfd needs Linux 6.18+)",
+            missing.join(" and ")
+        )
+    })
 }
 
 /// Maps `len` bytes at a 2 MiB-aligned host address, so that guest 2 MiB
@@ -381,14 +450,86 @@ fn map_aligned(
     Ok(addr)
 }
 
-fn to_usize(v: u64) -> usize {
+pub(super) fn to_usize(v: u64) -> usize {
     // Only called on sizes already checked to be <= MAX_MEM_BYTES.
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
+/// A memfd (hugetlb or not) of `len` bytes.
+fn memfd(len: u64, hugetlb: bool) -> Result<OwnedFd> {
+    let mut flags = libc::MFD_CLOEXEC;
+    if hugetlb {
+        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: the name is a NUL-terminated static string; the call has no
+    // memory side effects.
+    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let file = std::fs::File::from(fd);
+    file.set_len(len)
+        .map_err(|e| MemoryError::Truncate(e, len))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// A host-mappable, initially shared guest_memfd of `len` bytes for `vm`.
+fn guest_memfd(vm: &VmFd, len: u64) -> Result<OwnedFd> {
+    check_guest_memfd(vm)?;
+    let fd = vm
+        .create_guest_memfd(kvm_create_guest_memfd {
+            size: len,
+            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            reserved: [0; 6],
+        })
+        .map_err(|e| MemoryError::GuestMemfd(e, len))?;
+    // SAFETY: fd was just returned by KVM_CREATE_GUEST_MEMFD and is owned
+    // by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// One owned host mapping and the file behind it.
+struct Mapping {
+    desc: RegionDesc,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    /// Closed after the mapping is unmapped (see `GuestRam::unmap_all`).
+    file: Option<OwnedFd>,
+}
+
+/// Guest RAM: its host mappings, their files and a vm-memory view of them
+/// (owned by [`super::VmMemory`], nobody else).
+pub(crate) struct GuestRam {
+    // Dropped before `mappings` are unmapped (see `unmap_all`).
+    guest_mem: Option<GuestMemoryMmap>,
+    mappings: Vec<Mapping>,
+    size: MemSize,
+    backing: Backing,
+    page_size: PageSize,
+}
+
+impl fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestRam")
+            .field("size", &self.size)
+            .field("backing", &self.backing)
+            .field("page_size", &self.page_size)
+            .field("regions", &self.regions())
+            .finish()
+    }
+}
+
 impl GuestRam {
-    /// Allocates guest RAM of `size` with `backing` and `page_size`.
-    pub fn new(size: MemSize, backing: Backing, page_size: PageSize) -> Result<Self> {
+    /// Allocates and maps guest RAM of `size` with `backing` and
+    /// `page_size`; guest_memfd needs the VM it belongs to.
+    pub fn new(
+        size: MemSize,
+        backing: Backing,
+        page_size: PageSize,
+        vm: Option<&VmFd>,
+    ) -> Result<Self> {
         let len = size.bytes();
         let ulen = to_usize(len);
         check_backing(size, backing, page_size)?;
@@ -398,29 +539,21 @@ impl GuestRam {
                 None,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             ),
-            Backing::Memfd | Backing::Hugetlb => {
-                let mut mflags = libc::MFD_CLOEXEC;
-                if backing == Backing::Hugetlb {
-                    mflags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
-                }
-                // SAFETY: the name is a NUL-terminated static string; the
-                // call has no memory side effects.
-                let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), mflags) };
-                if fd < 0 {
-                    return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-                }
-                // SAFETY: fd was just returned by memfd_create and is owned
-                // by nobody else.
-                let file = unsafe { File::from_raw_fd(fd) };
-                file.set_len(len)
-                    .map_err(|e| MemoryError::Truncate(e, len))?;
-                (Some(file), libc::MAP_SHARED | libc::MAP_NORESERVE)
-            }
+            Backing::Memfd | Backing::Hugetlb => (
+                Some(memfd(len, backing == Backing::Hugetlb)?),
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            ),
+            Backing::GuestMemfd => (
+                Some(guest_memfd(vm.ok_or(MemoryError::GuestMemfdNeedsVm)?, len)?),
+                libc::MAP_SHARED,
+            ),
         };
-        let fd = file.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let fd = file.as_ref().map_or(-1, AsRawFd::as_raw_fd);
         let addr = map_aligned(ulen, prot, flags, fd).map_err(|e| MemoryError::Mmap(e, len))?;
         let advice = match (backing, page_size) {
-            (Backing::Hugetlb, _) => None,
+            // hugetlb is huge already; guest_memfd allocates 4 KiB folios
+            // whatever the advice.
+            (Backing::Hugetlb | Backing::GuestMemfd, _) => None,
             (_, PageSize::Size2M) => Some(libc::MADV_HUGEPAGE),
             (_, PageSize::Size4K) => Some(libc::MADV_NOHUGEPAGE),
         };
@@ -436,12 +569,17 @@ impl GuestRam {
             len,
             backing,
             page_size,
-            fd: file.as_ref().map(|f| f.as_raw_fd()),
+            fd: file.as_ref().map(AsRawFd::as_raw_fd),
             fd_offset: 0,
         };
         let mut ram = Self {
             guest_mem: None,
-            mappings: vec![Mapping { desc, file }],
+            mappings: vec![Mapping {
+                desc,
+                prot,
+                flags,
+                file,
+            }],
             size,
             backing,
             page_size,
@@ -454,8 +592,8 @@ impl GuestRam {
                 MmapRegion::build_raw(
                     m.desc.host_addr as *mut u8,
                     to_usize(m.desc.len),
-                    prot,
-                    flags,
+                    m.prot,
+                    m.flags,
                 )
             }
             .map_err(|e| MemoryError::GuestMemory(e.to_string()))?;
@@ -470,12 +608,60 @@ impl GuestRam {
         Ok(ram)
     }
 
+    /// Registers every region with `vm` as a KVM memory slot: a user
+    /// memory region over the mapping, bound to the file for guest_memfd
+    /// (`KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`: KVM then
+    /// faults guest pages from the file itself, and a punched hole zaps
+    /// them through KVM's guest_memfd invalidation).
+    ///
+    /// The caller must drop `vm` (and with it the slots) before this RAM.
+    pub fn register_slots(&self, vm: &VmFd) -> Result<()> {
+        for m in &self.mappings {
+            let r = &m.desc;
+            match (r.backing, r.fd) {
+                (Backing::GuestMemfd, Some(fd)) => {
+                    let region = kvm_userspace_memory_region2 {
+                        slot: r.slot,
+                        flags: KVM_MEM_GUEST_MEMFD,
+                        guest_phys_addr: r.gpa.0,
+                        memory_size: r.len,
+                        userspace_addr: r.host_addr as u64,
+                        guest_memfd_offset: r.fd_offset,
+                        guest_memfd: u32::try_from(fd).unwrap_or(u32::MAX),
+                        pad1: 0,
+                        pad2: [0; 14],
+                    };
+                    // SAFETY: the host range is a live shared mapping of the
+                    // guest_memfd, both owned by `self`, which outlives the
+                    // slot (the caller drops the VM first).
+                    unsafe { vm.set_user_memory_region2(region) }
+                        .map_err(|e| MemoryError::Slot("KVM_SET_USER_MEMORY_REGION2", r.slot, e))?;
+                }
+                _ => {
+                    let region = kvm_userspace_memory_region {
+                        slot: r.slot,
+                        flags: 0,
+                        guest_phys_addr: r.gpa.0,
+                        memory_size: r.len,
+                        userspace_addr: r.host_addr as u64,
+                    };
+                    // SAFETY: the host range is a live mapping owned by
+                    // `self`, which outlives the slot (the caller drops the
+                    // VM first).
+                    unsafe { vm.set_user_memory_region(region) }
+                        .map_err(|e| MemoryError::Slot("KVM_SET_USER_MEMORY_REGION", r.slot, e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The vm-memory view (for set-up and host-side checks).
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
-        // Always Some between new() and drop.
+        // Always Some between new() and unmap_all().
         self.guest_mem
             .as_ref()
-            .unwrap_or_else(|| unreachable!("guest memory view exists until drop"))
+            .unwrap_or_else(|| unreachable!("guest memory view exists until unmapped"))
     }
 
     /// Descriptions of every region.
@@ -498,74 +684,7 @@ impl GuestRam {
         self.page_size
     }
 
-    /// The region containing `[gpa, gpa+len)`, checked for leaf alignment.
-    pub fn checked_region(&self, gpa: u64, len: u64) -> Result<RegionDesc> {
-        let granule = self.page_size.bytes();
-        let bad = MemoryError::BadRange { gpa, len, granule };
-        if len == 0 || !gpa.is_multiple_of(granule) || !len.is_multiple_of(granule) {
-            return Err(bad);
-        }
-        self.mappings
-            .iter()
-            .map(|m| m.desc)
-            .find(|d| d.contains(gpa, len))
-            .ok_or(bad)
-    }
-
-    /// Drops the host backing of `[gpa, gpa+len)` so that the next access
-    /// reads zeros (or, once registered with userfaultfd, faults into the
-    /// handler). Anonymous: `MADV_DONTNEED`; memfd/hugetlb: punch a hole.
-    pub fn discard(&self, gpa: u64, len: u64) -> Result<()> {
-        let d = self.checked_region(gpa, len)?;
-        let host = d.host_of(gpa);
-        let err = |err| MemoryError::Release { gpa, len, err };
-        match d.backing {
-            Backing::Anon => {
-                // SAFETY: [host, host+len) lies inside a mapping we own
-                // (checked_region); dropping its pages is what the caller
-                // asked for and does not affect other memory.
-                let r = unsafe {
-                    libc::madvise(
-                        host as *mut libc::c_void,
-                        to_usize(len),
-                        libc::MADV_DONTNEED,
-                    )
-                };
-                if r != 0 {
-                    return Err(err(std::io::Error::last_os_error()));
-                }
-            }
-            Backing::Memfd | Backing::Hugetlb => {
-                let fd = self
-                    .mappings
-                    .iter()
-                    .find(|m| m.desc.slot == d.slot)
-                    .and_then(|m| m.file.as_ref())
-                    .map(|f| f.as_raw_fd())
-                    .unwrap_or(-1);
-                let off = d.fd_offset + (gpa - d.gpa.0);
-                let (Ok(off), Ok(flen)) = (i64::try_from(off), i64::try_from(len)) else {
-                    return Err(err(std::io::Error::from_raw_os_error(libc::EINVAL)));
-                };
-                // SAFETY: fd is the memfd backing this region; punching a
-                // hole inside it only drops the region's own pages.
-                let r = unsafe {
-                    libc::fallocate(
-                        fd,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        off,
-                        flen,
-                    )
-                };
-                if r != 0 {
-                    return Err(err(std::io::Error::last_os_error()));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Unmaps everything now (also done on drop). Returns the bytes unmapped.
+    /// Unmaps everything and closes the files. Returns the bytes unmapped.
     pub fn unmap_all(&mut self) -> u64 {
         self.guest_mem = None;
         let mut total = 0;
@@ -578,6 +697,7 @@ impl GuestRam {
             // must not keep one.
             unsafe { libc::munmap(m.desc.host_addr as *mut libc::c_void, to_usize(m.desc.len)) };
             total += m.desc.len;
+            // The file (and with it a memfd's pages) goes last.
             drop(m.file);
         }
         total
@@ -629,32 +749,71 @@ mod tests {
     }
 
     #[test]
-    fn anon_ram_reads_back_and_discards() {
-        use vm_memory::Bytes;
-        let ram = GuestRam::new("4M".parse().unwrap(), Backing::Anon, PageSize::Size2M).unwrap();
-        let gm = ram.guest_memory();
-        gm.write_obj(0xdead_beef_u64, GuestAddress(SIZE_2M + 8))
-            .unwrap();
+    fn parses_backings() {
+        for b in [
+            Backing::Anon,
+            Backing::Memfd,
+            Backing::Hugetlb,
+            Backing::GuestMemfd,
+        ] {
+            assert_eq!(b.to_string().parse::<Backing>().unwrap(), b);
+        }
         assert_eq!(
-            gm.read_obj::<u64>(GuestAddress(SIZE_2M + 8)).unwrap(),
-            0xdead_beef
+            "guest_memfd".parse::<Backing>().unwrap(),
+            Backing::GuestMemfd
         );
-        assert!(
-            ram.discard(SIZE_4K, SIZE_4K).is_err(),
-            "2M leaves need 2M releases"
-        );
-        ram.discard(SIZE_2M, SIZE_2M).unwrap();
-        assert_eq!(gm.read_obj::<u64>(GuestAddress(SIZE_2M + 8)).unwrap(), 0);
+        let e = "shm".parse::<Backing>().unwrap_err();
+        assert!(e.to_string().contains("guest-memfd"), "{e}");
     }
 
     #[test]
-    fn memfd_ram_discards() {
+    fn guest_memfd_support_says_what_is_missing() {
+        assert_eq!(guest_memfd_missing(true, true, 3), None);
+        assert_eq!(guest_memfd_missing(true, true, 7), None);
+        let m = guest_memfd_missing(false, true, 3).unwrap();
+        assert!(m.contains("KVM_CAP_GUEST_MEMFD is missing"), "{m}");
+        let m = guest_memfd_missing(true, false, 3).unwrap();
+        assert!(m.contains("KVM_CAP_USER_MEMORY2"), "{m}");
+        // Linux 6.17: MMAP alone (memory shared by default there, private
+        // by default from 6.18 on).
+        let m = guest_memfd_missing(true, true, 1).unwrap();
+        assert!(m.contains("without GUEST_MEMFD_FLAG_INIT_SHARED"), "{m}");
+        assert!(!m.contains("FLAG_MMAP"), "{m}");
+        // Linux 6.8 - 6.16: no flags capability at all.
+        let m = guest_memfd_missing(true, true, 0).unwrap();
+        assert!(
+            m.contains("GUEST_MEMFD_FLAG_MMAP and GUEST_MEMFD_FLAG_INIT_SHARED"),
+            "{m}"
+        );
+        let e = MemoryError::GuestMemfdUnsupported(m);
+        assert!(e.to_string().contains("--backing memfd"), "{e}");
+    }
+
+    #[test]
+    fn guest_memfd_needs_a_vm() {
+        let e = GuestRam::new(
+            "4M".parse().unwrap(),
+            Backing::GuestMemfd,
+            PageSize::Size4K,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(e, MemoryError::GuestMemfdNeedsVm), "{e:?}");
+    }
+
+    #[test]
+    fn memfd_ram_is_an_aligned_shared_file() {
         use vm_memory::Bytes;
-        let ram = GuestRam::new("4M".parse().unwrap(), Backing::Memfd, PageSize::Size4K).unwrap();
+        let ram = GuestRam::new(
+            "4M".parse().unwrap(),
+            Backing::Memfd,
+            PageSize::Size4K,
+            None,
+        )
+        .unwrap();
         let gm = ram.guest_memory();
         gm.write_obj(7u64, GuestAddress(0x3000)).unwrap();
-        ram.discard(0x3000, SIZE_4K).unwrap();
-        assert_eq!(gm.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
+        assert_eq!(gm.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 7);
         assert!(ram.regions()[0].fd.is_some());
         assert_eq!(
             ram.regions()[0].host_addr % (2 << 20),

@@ -3,11 +3,13 @@
 //! KVM keeps its own EPT/shadow tables in the kernel; this table is the
 //! VMM's authoritative per-page map of guest RAM (present, discarded,
 //! ballooned, permissions, leaf size, backing). Everything that takes
-//! memory away from the guest goes through its gather: [`Stage2::discard`]
-//! (a release while the guest runs) and [`Stage2::teardown`] (the whole VM).
-//! Their flushes drive the real invalidations: our translation caches, the
-//! [`KvmSide`] subscriber, and the release (`madvise` / punch-hole), whose
-//! kernel mmu_notifier zaps KVM's own entries for the range.
+//! memory away from the guest goes through its gather, driven by the memory
+//! owner ([`super::VmMemory::release`] while the guest runs,
+//! [`super::VmMemory::release_all`] for the whole VM). Their flushes drive
+//! the real invalidations: our translation caches, the [`KvmSide`]
+//! subscriber, and the release (`madvise` / punch-hole), whose kernel
+//! mmu_notifier (or, for a slot bound to a guest_memfd, KVM's guest_memfd
+//! invalidation) zaps KVM's own entries for the range.
 //!
 //! Demand faults come back through the table's fault hook
 //! ([`Stage2::fault_hook`]): the userfaultfd handler asks it for the leaf
@@ -24,16 +26,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use guest_mm::{
-    Access, BackingError, BackingKind, BackingRegion, FaultError, GatherStats, Gpa, Hva,
-    Invalidation, InvalidationSubscriber, MapError, PageState, Perms, ReleaseError, Stage2Table,
-    SubscribeError, TableConfig, UnmapError, UnmapMode, WalkError, Walker,
+    Access, BackingError, BackingKind, BackingRegion, FaultError, Gpa, Hva, Invalidation,
+    InvalidationSubscriber, MapError, PageState, Perms, ReleaseError, Stage2Table, SubscribeError,
+    TableConfig, UnmapError, WalkError, Walker,
 };
 
-use crate::memory::{Backing, GuestRam, PageSize, SIZE_2M};
-use crate::uffd::FaultHook;
+use super::backing::{Backing, PageSize, RegionDesc, SIZE_2M};
+use super::uffd::FaultHook;
 
 /// Errors of the stage-2 layer.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +63,9 @@ pub enum Stage2Error {
 }
 
 /// The KVM side of invalidation. Releasing backing (`madvise`, punch-hole)
-/// makes the host kernel's mmu_notifier zap KVM's own stage-2 entries for
-/// the range, so KVM needs no ioctl here; this subscriber counts what it
+/// makes the host kernel's mmu_notifier (a guest_memfd slot: KVM's own
+/// guest_memfd invalidation) zap KVM's stage-2 entries for the range, so
+/// KVM needs no ioctl here; this subscriber counts what it
 /// was told, and is where memslot changes (virtio-mem, hot-unplug) hook in.
 #[derive(Debug, Default)]
 pub struct KvmSide {
@@ -87,7 +89,7 @@ impl InvalidationSubscriber for KvmSide {
     }
 }
 
-/// What a whole-VM teardown through the gather did.
+/// What a whole-VM release through the gather did.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct TeardownStats {
     /// Time of the full-mm gather (zap, invalidate, release), ms.
@@ -122,14 +124,17 @@ impl std::fmt::Debug for Stage2 {
 }
 
 impl Stage2 {
-    /// A table mirroring every region of `ram`: each region is registered
-    /// as backing of its kind and mapped with leaves of its page size.
-    pub fn mirror(ram: &GuestRam) -> Result<Stage2, Stage2Error> {
+    /// A table mirroring every region of `regions`: each region is
+    /// registered as backing of its kind and mapped with leaves of its page
+    /// size. The registry borrows the regions' files: their owner must make
+    /// the table dying (tear it down) before it closes them.
+    pub fn mirror(regions: &[RegionDesc]) -> Result<Stage2, Stage2Error> {
         let table = Stage2Table::new(TableConfig::default())?;
-        for r in ram.regions() {
+        for r in regions {
             let kind = match (r.backing, r.fd) {
                 (Backing::Anon, _) | (_, None) => BackingKind::Anonymous,
-                (Backing::Memfd, Some(fd)) => BackingKind::SharedFile {
+                // A guest_memfd gives memory back like a memfd: punch a hole.
+                (Backing::Memfd | Backing::GuestMemfd, Some(fd)) => BackingKind::SharedFile {
                     fd,
                     offset: r.fd_offset,
                 },
@@ -182,41 +187,6 @@ impl Stage2 {
             user,
             user_seq: AtomicU64::new(0),
             unexpected: self.unexpected_faults.clone(),
-        })
-    }
-
-    /// Release the backing of `[gpa, gpa + len)` through the gather,
-    /// keeping *discarded* markers: the guest pages fault back in.
-    pub fn discard(&self, gpa: u64, len: u64) -> Result<GatherStats, Stage2Error> {
-        let mut g = self.table.gather();
-        self.table
-            .unmap(&mut g, Gpa(gpa), len, UnmapMode::Discard)?;
-        Ok(g.finish()?)
-    }
-
-    /// Tear the whole table down through a full-mm gather (no per-range
-    /// invalidation), releasing all backing, then wait for the grace period
-    /// that frees the table pages.
-    pub fn teardown(&self) -> Result<TeardownStats, Stage2Error> {
-        let t = Instant::now();
-        let mut g = self.table.gather_full_mm();
-        // The guest is gone: every core may help give its memory back.
-        g.set_release_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
-        self.table.teardown(&mut g)?;
-        let st = g.finish()?;
-        let gather_ms = t.elapsed().as_secs_f64() * 1e3;
-        let t = Instant::now();
-        self.table.rcu_barrier();
-        let barrier_ms = t.elapsed().as_secs_f64() * 1e3;
-        let ts = self.table.stats();
-        Ok(TeardownStats {
-            gather_ms,
-            barrier_ms,
-            released_bytes: st.released_bytes,
-            release_calls: ts.release_calls,
-            parallel_releases: st.parallel_releases,
-            table_pages_left: ts.table_pages,
-            max_lock_hold_us: ts.lock_hold_max_ns as f64 / 1e3,
         })
     }
 

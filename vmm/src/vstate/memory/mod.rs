@@ -1,0 +1,329 @@
+//! Guest memory and its one owner, [`VmMemory`].
+//!
+//! A VM's guest memory is a set of host mappings (and, for file backings,
+//! the files behind them), registered with KVM as memory slots, mirrored by
+//! a guest-mm stage-2 table, and watched by a userfaultfd handler for the
+//! ranges that were given back. `VmMemory` owns all of it, and it alone
+//! releases memory:
+//!
+//! | module | what |
+//! |---|---|
+//! | [`backing`] | sizes, backing kinds (anon, memfd, hugetlb, guest_memfd), the mappings and files, KVM slots |
+//! | [`stage2`] | the stage-2 table mirroring the slots, its KVM-side subscriber and fault hook, [`GuestAccess`] |
+//! | [`uffd`] | the userfaultfd handler (demand faults on released ranges) |
+//! | [`release`] | the one release entry point ([`VmMemory::release`]) and the teardown's ([`VmMemory::release_all`]) |
+//! | [`populate`] | host-side populate, residency |
+//!
+//! **Invariants.**
+//! - Every release of guest memory goes through [`VmMemory::release`]
+//!   (`Vm::release_range`, balloon inflate, free page reporting) or
+//!   [`VmMemory::release_all`] (teardown): demand faults armed first, then
+//!   one stage-2 gather. The only other place that drops pages is the fault
+//!   handler taking back its own install when the table refused the commit
+//!   (`uffd.rs`, `undo`): memory the table never saw, so no gather applies.
+//! - The files are [`std::os::fd::OwnedFd`]s owned here; the stage-2
+//!   backing registry and [`RegionDesc::fd`] only borrow their numbers. The
+//!   table is made dying ([`VmMemory::release_all`], also run on drop if
+//!   nobody did) before the files are closed, so a table someone still
+//!   holds can never release through a closed (or reused) descriptor.
+//! - Teardown order: [`VmMemory::release_all`] (memory back with the host)
+//!   while the KVM VM still exists, then the VM is dropped (its slots
+//!   refer to the mappings, and it holds a reference on a guest_memfd),
+//!   then [`VmMemory::close`]: handler stopped, mappings unmapped, files
+//!   closed.
+//!
+//! **Concurrency and locking.** `VmMemory` is shared (`Arc`) by the VM and
+//! the balloon device; every method takes `&self`. Releases may run from
+//! any thread at once: the gather serialises them on the table lock and
+//! its pending-flush protocol. Arming takes the fault handler's lock
+//! exclusively, only while registering; a resolution takes it shared; the
+//! gather runs with it released (a fast-walk reader pinned in the gather's
+//! grace period may be the faulting thread). Lock order: fault-handler lock
+//! → (registered-range list); the table's locks are never held while the
+//! fault-handler lock is taken.
+
+pub mod backing;
+pub mod populate;
+pub mod release;
+pub mod stage2;
+pub mod uffd;
+
+use std::sync::Arc;
+
+use backing::GuestRam;
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+
+pub use backing::{
+    check_backing, check_guest_memfd, free_huge_pages, Backing, MemSize, MemoryError, PageSize,
+    RegionDesc, MAX_MEM_BYTES, SIZE_2M, SIZE_4K,
+};
+pub use release::{ReleaseError, ReleaseMode};
+pub use stage2::{GuestAccess, KvmSide, Stage2, Stage2Error, TeardownStats};
+pub use uffd::{FaultHandler, FaultHook, FaultStats, FaultSummary, NoHook, UffdError};
+
+/// What guest memory to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Size.
+    pub size: MemSize,
+    /// Backing kind.
+    pub backing: Backing,
+    /// Leaf (and release) size.
+    pub page_size: PageSize,
+}
+
+/// A VM's guest memory: mappings, files, KVM slots, the stage-2 table, the
+/// userfaultfd handler, and the one way memory goes back to the host.
+pub struct VmMemory {
+    // Drop order (see `Drop`): the handler is stopped and the table made
+    // dying before the mappings are unmapped and the files closed.
+    faults: Option<FaultHandler>,
+    stats: Arc<FaultStats>,
+    stage2: Stage2,
+    ram: GuestRam,
+}
+
+impl std::fmt::Debug for VmMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmMemory")
+            .field("ram", &self.ram)
+            .field("stage2", &self.stage2)
+            .field("faults", &self.stats.summary())
+            .finish()
+    }
+}
+
+impl VmMemory {
+    /// Allocates and maps guest RAM, registers it with `vm` as KVM memory
+    /// slots (none without a VM: device tests), mirrors it in a stage-2
+    /// table and starts the userfaultfd handler (not for guest_memfd,
+    /// which userfaultfd cannot watch), whose resolutions `hook` sees
+    /// after the table's.
+    ///
+    /// With `vm`, the caller must drop the VM before this memory.
+    pub fn new(
+        cfg: MemoryConfig,
+        hook: Arc<dyn FaultHook>,
+        vm: Option<&VmFd>,
+    ) -> Result<Self, MemoryError> {
+        let ram = GuestRam::new(cfg.size, cfg.backing, cfg.page_size, vm)?;
+        if let Some(vm) = vm {
+            ram.register_slots(vm)?;
+        }
+        let regions = ram.regions();
+        let stage2 = Stage2::mirror(&regions)?;
+        let stats = Arc::new(FaultStats::default());
+        let faults = if cfg.backing.has_demand_faults() {
+            Some(FaultHandler::start(
+                regions,
+                stage2.fault_hook(hook),
+                Arc::clone(&stats),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            faults,
+            stats,
+            stage2,
+            ram,
+        })
+    }
+
+    /// Descriptions of every region.
+    pub fn regions(&self) -> Vec<RegionDesc> {
+        self.ram.regions()
+    }
+
+    /// Total size.
+    pub fn size(&self) -> MemSize {
+        self.ram.size()
+    }
+
+    /// Backing kind.
+    pub fn backing(&self) -> Backing {
+        self.ram.backing()
+    }
+
+    /// Leaf size.
+    pub fn page_size(&self) -> PageSize {
+        self.ram.page_size()
+    }
+
+    /// The vm-memory view (guest set-up, the vCPU loop's exception frames).
+    /// Clones must not outlive this memory.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        self.ram.guest_memory()
+    }
+
+    /// The stage-2 table mirroring guest RAM.
+    pub fn stage2(&self) -> &Stage2 {
+        &self.stage2
+    }
+
+    /// A guest-memory accessor (fast walk) for the calling thread.
+    pub fn access(&self) -> GuestAccess {
+        self.stage2.access()
+    }
+
+    /// Demand-fault and release counters.
+    pub fn fault_stats(&self) -> &FaultStats {
+        &self.stats
+    }
+
+    /// Whether released pages come back through the userfaultfd handler
+    /// (false for guest_memfd: the kernel refills them on its own).
+    pub fn has_demand_faults(&self) -> bool {
+        self.faults.is_some()
+    }
+
+    /// The region holding `[gpa, gpa + len)`, which must be whole leaves.
+    pub fn checked_range(&self, gpa: u64, len: u64) -> Result<RegionDesc, MemoryError> {
+        let granule = self.page_size().bytes();
+        let bad = MemoryError::BadRange { gpa, len, granule };
+        if len == 0 || !gpa.is_multiple_of(granule) || !len.is_multiple_of(granule) {
+            return Err(bad);
+        }
+        self.ram
+            .regions()
+            .into_iter()
+            .find(|d| d.contains(gpa, len))
+            .ok_or(bad)
+    }
+
+    /// Stops the fault handler, makes sure the table is dying, unmaps
+    /// guest RAM and closes its files. Returns the bytes unmapped. The
+    /// KVM VM must be gone (its slots refer to the mappings).
+    pub fn close(mut self) -> u64 {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> u64 {
+        if !self.stage2.table().is_dying() {
+            // Nobody released: do it now, so that no table can release
+            // through a descriptor closed below. A failed release leaves
+            // the memory to the munmap and close.
+            let _ = self.release_all();
+        }
+        if let Some(mut f) = self.faults.take() {
+            f.stop();
+        }
+        self.ram.unmap_all()
+    }
+}
+
+impl Drop for VmMemory {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use guest_mm::{Gpa, PageState};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    fn memory(backing: Backing, page: PageSize) -> VmMemory {
+        VmMemory::new(
+            MemoryConfig {
+                size: "8M".parse().unwrap(),
+                backing,
+                page_size: page,
+            },
+            Arc::new(NoHook),
+            None,
+        )
+        .unwrap()
+    }
+
+    /// A release through the one entry point: the table holds markers, the
+    /// memory is gone, and a host touch faults back in through the handler.
+    fn release_then_touch(backing: Backing, page: PageSize) {
+        let m = memory(backing, page);
+        let gm = m.guest_memory();
+        let gpa = 4 << 20;
+        m.populate().unwrap();
+        gm.write_obj(0x1234_u64, GuestAddress(gpa + 64)).unwrap();
+        assert_eq!(m.resident_bytes_of(gpa, page.bytes()), page.bytes());
+        let st = m
+            .release(&[(gpa, page.bytes())], ReleaseMode::Discard)
+            .unwrap();
+        assert_eq!(st.released_bytes, page.bytes(), "{backing} {page}");
+        assert_eq!(
+            m.resident_bytes_of(gpa, page.bytes()),
+            0,
+            "{backing} {page}"
+        );
+        assert!(matches!(
+            m.stage2().table().query(Gpa(gpa)),
+            PageState::Discarded { .. }
+        ));
+        assert_eq!(gm.read_obj::<u64>(GuestAddress(gpa + 64)).unwrap(), 0);
+        let s = m.fault_stats().summary();
+        assert_eq!(
+            (s.faults, s.releases, s.errors),
+            (1, 1, 0),
+            "{backing} {page}: {s:?}"
+        );
+        // Resolved pages stay; a second read does not fault.
+        assert_eq!(gm.read_obj::<u64>(GuestAddress(gpa + 128)).unwrap(), 0);
+        assert_eq!(m.fault_stats().summary().faults, 1);
+        assert!(matches!(
+            m.stage2().table().query(Gpa(gpa)),
+            PageState::Present { .. }
+        ));
+    }
+
+    #[test]
+    fn anon_release_and_demand_fault() {
+        release_then_touch(Backing::Anon, PageSize::Size2M);
+        release_then_touch(Backing::Anon, PageSize::Size4K);
+    }
+
+    #[test]
+    fn memfd_release_and_demand_fault() {
+        release_then_touch(Backing::Memfd, PageSize::Size4K);
+        release_then_touch(Backing::Memfd, PageSize::Size2M);
+    }
+
+    #[test]
+    fn release_refuses_runs_outside_ram() {
+        let m = memory(Backing::Anon, PageSize::Size4K);
+        for (gpa, len) in [(8 << 20, 4096), (0, 0), (0x1800, 4096), (0, 4097)] {
+            let e = m.release(&[(gpa, len)], ReleaseMode::Discard).unwrap_err();
+            assert!(
+                matches!(e, ReleaseError::OutsideRam { gpa: g, len: l } if (g, l) == (gpa, len)),
+                "{e:?}"
+            );
+        }
+        assert_eq!(m.fault_stats().summary().releases, 0);
+        assert_eq!(m.stage2().table().stats().released_bytes, 0);
+    }
+
+    #[test]
+    fn release_all_then_close() {
+        let m = memory(Backing::Memfd, PageSize::Size4K);
+        m.guest_memory()
+            .write_slice(&[1u8; 1 << 20], GuestAddress(1 << 20))
+            .unwrap();
+        m.populate().unwrap();
+        assert_eq!(m.resident_bytes(), 8 << 20);
+        let t = m.release_all().unwrap();
+        assert_eq!(t.released_bytes, 8 << 20);
+        assert_eq!(t.table_pages_left, 1);
+        assert_eq!(m.resident_bytes(), 0);
+        assert!(m.stage2().table().is_dying());
+        assert_eq!(m.close(), 8 << 20);
+    }
+
+    #[test]
+    fn drop_makes_the_table_dying_first() {
+        let m = memory(Backing::Memfd, PageSize::Size4K);
+        let table = Arc::clone(m.stage2().table());
+        drop(m);
+        assert!(table.is_dying(), "the files closed under a live table");
+    }
+}

@@ -1,0 +1,248 @@
+//! The one way guest memory goes back to the host.
+//!
+//! [`VmMemory::release`] is called by everything that gives guest memory
+//! back while the VM lives: [`crate::Vm::release_range`], the balloon's
+//! inflate and its free page reporting. [`VmMemory::release_all`] is the
+//! teardown's. Both go through the stage-2 gather, so the table's rule
+//! holds for every release: unhook → invalidate (translation caches, KVM
+//! side, a grace period) → release the backing by kind (`MADV_DONTNEED`,
+//! punch-hole, whole huge pages).
+//!
+//! **Order of a release.**
+//! 1. The runs are checked: non-empty, 4 KiB-aligned, each inside one
+//!    region (callers add their own rules: leaf alignment, reserved low
+//!    memory).
+//! 2. Demand faults are armed first: the runs, rounded out to 2 MiB windows
+//!    (clipped to their region), are registered with the userfaultfd
+//!    handler, under its lock, which is dropped before the gather. A touch
+//!    before the gather still finds the old page; a touch after it faults
+//!    into the handler.
+//! 3. guest_memfd only (no userfaultfd there, see below): leaves the table
+//!    holds as *discarded* are made present again first, so that the
+//!    gather releases them too.
+//! 4. One gather unmaps every run (`Discard` or `Balloon` markers) and is
+//!    finished: when `release` returns, the memory is back with the host.
+//!
+//! **guest_memfd.** The kernel refuses to register a guest_memfd mapping
+//! with userfaultfd, so a released guest_memfd page comes back on its next
+//! touch through KVM (or the host mapping) and the kernel alone: a fresh
+//! zeroed page of the file, exactly what a demand fault would install, but
+//! the table never hears of it and keeps its *discarded* marker. A later
+//! release over such a page would find nothing present and release nothing
+//! (the gather releases only what it unmaps), so step 3 first turns the
+//! range's discarded leaves back into present ones
+//! ([`guest_mm::Stage2Table::fault_in`], which waits for pending flushes
+//! over them), and the gather then punches the whole range. The teardown
+//! does the same over all of RAM. Ballooned pages a guest touches anyway
+//! are not seen either: they are freed with the file.
+
+use std::time::Instant;
+
+use guest_mm::{GatherStats, Gpa, PageState, UnmapMode};
+
+use super::backing::{Backing, SIZE_2M, SIZE_4K};
+use super::stage2::{Stage2Error, TeardownStats};
+use super::uffd::UffdError;
+use super::VmMemory;
+
+/// What a released page becomes in the stage-2 table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseMode {
+    /// *Discarded*: the page faults back in (zeros) on its next touch
+    /// (`Vm::release_range`, free page reporting).
+    Discard,
+    /// *Ballooned*: the guest gave the page away; it comes back only
+    /// through a deflate.
+    Balloon,
+}
+
+impl From<ReleaseMode> for UnmapMode {
+    fn from(m: ReleaseMode) -> Self {
+        match m {
+            ReleaseMode::Discard => UnmapMode::Discard,
+            ReleaseMode::Balloon => UnmapMode::Balloon,
+        }
+    }
+}
+
+/// Errors of a release.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// A run that is empty, not 4 KiB-aligned or not inside one region.
+    #[error("cannot release [{gpa:#x}, +{len:#x}): not whole 4 KiB pages inside one RAM region")]
+    OutsideRam {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Arming demand faults failed (nothing was released).
+    #[error(transparent)]
+    Arm(#[from] UffdError),
+    /// The gather refused or the host did not take memory back.
+    #[error(transparent)]
+    Stage2(#[from] Stage2Error),
+}
+
+impl VmMemory {
+    /// Releases the backing of every `(gpa, len)` run through **one**
+    /// gather, leaving `mode` markers: the one release entry point of a
+    /// running VM (see the module doc for the order of its steps). Returns
+    /// the gather's statistics once the memory is back with the host.
+    pub fn release(
+        &self,
+        runs: &[(u64, u64)],
+        mode: ReleaseMode,
+    ) -> Result<GatherStats, ReleaseError> {
+        let regions = self.ram.regions();
+        let mut windows = Vec::with_capacity(runs.len());
+        for &(gpa, len) in runs {
+            let region = regions.iter().find(|r| r.contains(gpa, len));
+            let Some(r) = region
+                .filter(|_| len != 0 && gpa.is_multiple_of(SIZE_4K) && len.is_multiple_of(SIZE_4K))
+            else {
+                return Err(ReleaseError::OutsideRam { gpa, len });
+            };
+            let lo = (gpa & !(SIZE_2M - 1)).max(r.gpa.0);
+            let hi = (gpa + len).next_multiple_of(SIZE_2M).min(r.gpa.0 + r.len);
+            windows.push((lo, hi - lo));
+        }
+        if runs.is_empty() {
+            return Ok(GatherStats::default());
+        }
+        if let Some(f) = &self.faults {
+            // Merged, the windows are registered once each (per region).
+            f.arm(&merge(windows))?;
+        }
+        if self.ram.backing() == Backing::GuestMemfd {
+            for &(gpa, len) in runs {
+                self.resync_discarded(gpa, len);
+            }
+        }
+        let table = self.stage2.table();
+        let mut g = table.gather();
+        let mut first = None;
+        for &(gpa, len) in runs {
+            if let Err(e) = table.unmap_existing(&mut g, Gpa(gpa), len, mode.into()) {
+                first.get_or_insert(e);
+            }
+        }
+        let stats = g.finish().map_err(Stage2Error::from)?;
+        self.stats
+            .releases
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match first {
+            Some(e) => Err(Stage2Error::from(e).into()),
+            None => Ok(stats),
+        }
+    }
+
+    /// Releases all guest memory: a full-mm gather over the whole table
+    /// (every backing released, one invalidation, the release split across
+    /// all cores), then the grace period that frees the table pages. The
+    /// table is dying from then on: nothing maps, unmaps or faults any
+    /// more. Only for teardown, once nothing runs the guest.
+    pub fn release_all(&self) -> Result<TeardownStats, ReleaseError> {
+        let t = Instant::now();
+        let table = self.stage2.table();
+        if self.ram.backing() == Backing::GuestMemfd {
+            for r in self.ram.regions() {
+                self.resync_discarded(r.gpa.0, r.len);
+            }
+        }
+        let mut g = table.gather_full_mm();
+        // The guest is gone: every core may help give its memory back.
+        g.set_release_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        table.teardown(&mut g).map_err(Stage2Error::from)?;
+        let st = g.finish().map_err(Stage2Error::from)?;
+        let gather_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        table.rcu_barrier();
+        let barrier_ms = t.elapsed().as_secs_f64() * 1e3;
+        let ts = table.stats();
+        Ok(TeardownStats {
+            gather_ms,
+            barrier_ms,
+            released_bytes: st.released_bytes,
+            release_calls: ts.release_calls,
+            parallel_releases: st.parallel_releases,
+            table_pages_left: ts.table_pages,
+            max_lock_hold_us: ts.lock_hold_max_ns as f64 / 1e3,
+        })
+    }
+
+    /// guest_memfd: makes the *discarded* leaves of `[gpa, gpa + len)`
+    /// present again (the kernel may have refilled them behind the table's
+    /// back), so that a gather over the range releases them. Returns the
+    /// leaves restored.
+    fn resync_discarded(&self, gpa: u64, len: u64) -> u64 {
+        let table = self.stage2.table();
+        let mut walker = table.walker();
+        let end = gpa + len;
+        let mut leaves = Vec::new();
+        let mut at = gpa;
+        while at < end {
+            // Pinned for at most 2 MiB of queries at a time, so a writer's
+            // grace period never waits long for us.
+            let stop = (at + SIZE_2M).min(end);
+            let g = walker.pin();
+            while at < stop {
+                let next = match g.query(Gpa(at)) {
+                    PageState::Discarded { size, .. } => {
+                        let base = at & !(size.bytes() - 1);
+                        leaves.push(base);
+                        base + size.bytes()
+                    }
+                    PageState::Present { size, .. } | PageState::Ballooned { size, .. } => {
+                        (at & !(size.bytes() - 1)) + size.bytes()
+                    }
+                    PageState::Unmapped => at + SIZE_4K,
+                };
+                at = next;
+            }
+        }
+        // Unpinned: fault_in may wait for another releaser's pending flush.
+        // A leaf that changed since the query (ballooned, restored by
+        // someone else) is left as it is; a dying table refuses the unmap
+        // that follows anyway.
+        leaves
+            .iter()
+            .filter(|&&l| table.fault_in(Gpa(l)).is_ok())
+            .count() as u64
+    }
+}
+
+/// Ranges `(start, len)` → sorted, merged ranges.
+pub(super) fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, l) in ranges {
+        match out.last_mut() {
+            Some((ps, pl)) if *ps + *pl >= s => *pl = (*pl).max(s + l - *ps),
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+
+    #[test]
+    fn windows_merge() {
+        assert_eq!(
+            merge(vec![
+                (0x40_0000, 0x20_0000),
+                (0, 0x20_0000),
+                (0x20_0000, 0x20_0000)
+            ]),
+            vec![(0, 0x60_0000)]
+        );
+        assert_eq!(
+            merge(vec![(0x80_0000, 0x20_0000), (0, 0x20_0000)]),
+            vec![(0, 0x20_0000), (0x80_0000, 0x20_0000)]
+        );
+        assert!(merge(Vec::new()).is_empty());
+    }
+}
