@@ -73,6 +73,9 @@ struct StressJson {
     shootdowns: u64,
     churns: u64,
     scans: u64,
+    view_reads: u64,
+    view_reads_ok: u64,
+    view_stale_reads: u64,
     violations: u64,
     rss_start_bytes: u64,
     rss_peak_bytes: u64,
@@ -115,6 +118,9 @@ fn to_json(a: &StressArgs, mutators: u32, r: &StressReport) -> StressJson {
         shootdowns: r.shootdowns,
         churns: r.churns,
         scans: r.scans,
+        view_reads: r.view_reads,
+        view_reads_ok: r.view_reads_ok,
+        view_stale_reads: r.view_stale_reads,
         violations: r.violations(),
         rss_start_bytes: r.rss_start_bytes,
         rss_peak_bytes: r.rss_peak_bytes,
@@ -181,6 +187,10 @@ pub fn cmd(a: &StressArgs) -> Result<()> {
     h += &format!(
         "caches       {:>12} hits, {} shootdowns; {} leaf-table churns, {} scans\n",
         r.cache_hits, r.shootdowns, r.churns, r.scans
+    );
+    h += &format!(
+        "view         {:>12} GuestMemory reads ({} ok, {} stale)\n",
+        r.view_reads, r.view_reads_ok, r.view_stale_reads
     );
     h += &format!(
         "violations   {:>12} (use-after-free {}, stale {}, not released {}, oracle mismatch {}, \
