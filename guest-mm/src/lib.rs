@@ -34,6 +34,7 @@ pub mod gather;
 pub mod mutation;
 pub mod notify;
 pub mod reclaim;
+pub mod runs;
 #[cfg(not(loom))]
 pub mod stress;
 mod sync;

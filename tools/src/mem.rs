@@ -156,18 +156,9 @@ impl AnonRegion {
 }
 
 /// Page numbers → `(first, count)` runs: sorted, de-duplicated, adjacent
-/// pages merged.
-pub fn runs_of(mut pfns: Vec<u64>) -> Vec<(u64, u64)> {
-    pfns.sort_unstable();
-    pfns.dedup();
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for p in pfns {
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n == p => *n += 1,
-            _ => runs.push((p, 1)),
-        }
-    }
-    runs
+/// pages merged (guest-mm's one coalescer).
+pub fn runs_of(pfns: Vec<u64>) -> Vec<(u64, u64)> {
+    guest_mm::runs::runs_of(pfns, 1)
 }
 
 impl Drop for AnonRegion {

@@ -38,6 +38,7 @@
 
 use std::time::Instant;
 
+use guest_mm::runs::merge_runs;
 use guest_mm::{GatherStats, Gpa, PageState, UnmapMode};
 
 use super::backing::{Backing, SIZE_2M, SIZE_4K};
@@ -112,7 +113,7 @@ impl VmMemory {
         }
         if let Some(f) = &self.faults {
             // Merged, the windows are registered once each (per region).
-            f.arm(&merge(windows))?;
+            f.arm(&merge_runs(windows))?;
         }
         if self.ram.backing() == Backing::GuestMemfd {
             for &(gpa, len) in runs {
@@ -209,40 +210,5 @@ impl VmMemory {
             .iter()
             .filter(|&&l| table.fault_in(Gpa(l)).is_ok())
             .count() as u64
-    }
-}
-
-/// Ranges `(start, len)` → sorted, merged ranges.
-pub(super) fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (s, l) in ranges {
-        match out.last_mut() {
-            Some((ps, pl)) if *ps + *pl >= s => *pl = (*pl).max(s + l - *ps),
-            _ => out.push((s, l)),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::merge;
-
-    #[test]
-    fn windows_merge() {
-        assert_eq!(
-            merge(vec![
-                (0x40_0000, 0x20_0000),
-                (0, 0x20_0000),
-                (0x20_0000, 0x20_0000)
-            ]),
-            vec![(0, 0x60_0000)]
-        );
-        assert_eq!(
-            merge(vec![(0x80_0000, 0x20_0000), (0, 0x20_0000)]),
-            vec![(0, 0x20_0000), (0x80_0000, 0x20_0000)]
-        );
-        assert!(merge(Vec::new()).is_empty());
     }
 }
