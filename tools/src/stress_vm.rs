@@ -7,46 +7,86 @@
 //! verifying it (vCPUs 1..N over their whole share, vCPU 0 below its
 //! balloon, a chunk between two polls of the target), counting passes and
 //! bad words in the control page. vCPU 0's ring-3 virtio-balloon driver
-//! follows the target the host sets; after a deflate it rewrites and
-//! verifies the pages that came back (each first touch faults in through
-//! the userfaultfd handler).
+//! follows the target the host sets, inflating and deflating at most
+//! `MAX_PFNS` (1024) pages per request, going down from the end of its
+//! share (each request is one gather: clear, invalidate, grace period,
+//! release); after a deflate it rewrites and verifies the pages that came
+//! back (each first touch faults in through the userfaultfd handler).
 //!
 //! The controller thread alternates, until `--seconds` have passed: set
 //! the target to a random number of pages (between a quarter of and
 //! `--max-fraction` of vCPU 0's share), wait for the driver to report it,
 //! hold; set it to 0, wait, hold; have the driver report a random number
 //! of pages below the empty balloon as free (free page reporting: the
-//! device discards them through the gather, the driver writes and verifies
-//! them again), wait, hold (unless `--no-report-free`). That is one
-//! *cycle*. `--device-threads` threads meanwhile translate random pages
-//! (half in the part of vCPU 0's share that the balloon may take, half
-//! anywhere in workload RAM) with a [`guest_mm::Walker`] and copy them out
-//! inside the read section, 16 pages per pin. A sampler thread reads the process RSS every 10 ms.
+//! device discards them through the gather, in chunks going down, and the
+//! driver writes and verifies them again), wait, hold (unless
+//! `--no-report-free`). That is one *cycle*. A sampler thread reads the
+//! process RSS every 10 ms.
+//!
+//! **The device threads** (`--device-threads`) loop over *read sections*
+//! (one [`guest_mm::Walker`] pin each, 100 µs apart, back to back while
+//! a thread waits at an inflate's front for its chunk). A section holds:
+//!
+//! - a *window* of 64 consecutive pages (one per slot of the walker's
+//!   direct-mapped translation cache). While a release is in flight (an
+//!   inflate's or a free page report's pages), a binary search with table
+//!   walks finds its *front* (the lowest page from which on nothing is
+//!   present) and the window is the bottom (even threads) or the top (odd
+//!   threads) of the next chunk the driver will send; it is kept, section
+//!   after section, until its pages are gone. Otherwise a random run of the
+//!   balloonable range, kept for 8 sections;
+//! - 16 random pages (half in the part of vCPU 0's share the balloon may
+//!   take, half anywhere in workload RAM).
+//!
+//! Each page is translated (through the cache) and **copied out at once**,
+//! word by word with atomic loads, and checked against the pattern. Then
+//! everything held is copied and checked again, with no pause: 3 more
+//! times, or, for a window at a front, until a table walk sees the window
+//! cleared and for 500 µs more (at most 2 ms if nothing is cleared). With
+//! the grace period, the gather that cleared the window waits for the
+//! section before it releases anything; without it, the release (which
+//! zeroes anonymous memory, and a later touch faults in the handler's zero
+//! page) runs under the reader. Kept windows are translated again in the
+//! next section, so a cache that outlives an invalidation answers for
+//! released pages and the copies read their zeros.
 //!
 //! **The shadow.** Before each change (new target, free page report) the
-//! controller publishes whether it only inflates and makes `epoch` odd;
-//! once the driver reported the change done (it writes the new size only
-//! after the device returned its buffer, i.e. after the gather released
-//! the pages, and after a deflate or a report only once it rewrote every
-//! page that came back) it publishes the first ballooned GPA and makes
-//! `epoch` even again. A device thread reads `epoch` before it pins and
-//! after it unpins: a batch whose two reads are equal and even was walked
-//! inside one stable state, equal and odd inside one change. Counted:
+//! controller publishes whether it only inflates and which pages it
+//! releases, and makes `epoch` odd; once the driver reported the change
+//! done (it writes the new size only after the device returned its buffer,
+//! i.e. after the gather released the pages, and after a deflate or a
+//! report only once it rewrote every page that came back) it publishes the
+//! first ballooned GPA and makes `epoch` even again. A device thread reads
+//! `epoch` before it pins and after it unpins: a section whose two reads
+//! are equal and even ran inside one stable state, equal and odd inside
+//! one change. Counted:
 //!
 //! - `stale_released`: a translation succeeded for a page the balloon had
-//!   taken (its entry was released before the walk began);
+//!   taken (its entry was released before the section began);
 //! - `stale_data`: a page copied through a translation did not hold the
-//!   guest's pattern (in the balloonable range during a deflate, zero is
-//!   also allowed: a page that just came back reads zero until the guest
-//!   rewrote it; everywhere else, in stable states and during inflates,
-//!   only the pattern: a page translated inside a read section cannot have
-//!   been released yet, the release waits for the reader);
+//!   guest's pattern: a word that is neither the pattern nor zero; a zero
+//!   word, except in the balloonable range during a deflate or a report (a
+//!   page that just came back reads zero until the guest rewrote it), since
+//!   in stable states and during inflates a page translated inside a read
+//!   section cannot have been released yet, and never in a page that a
+//!   table walk right after its translation did not find mapped (a change
+//!   starts only once the guest rewrote every page that came back, so a
+//!   page is cleared holding the pattern, and its backing stays while a
+//!   reader holds its translation); or, anywhere and at any time,
+//!   a word that read the pattern and then something else in a later copy
+//!   of the same section (`changed_under_reader`, a part of `stale_data`:
+//!   the page was released under a reader that held its translation);
 //! - `shadow_mismatches`: a page that must be present did not translate,
 //!   or a ballooned page translated to another error (in the balloonable
 //!   range: in stable states, and during inflates, where a page is present
 //!   or ballooned; elsewhere always);
 //! - `use_after_free`: a walk read a poisoned (freed) table page (the
-//!   walker's error, and the table's own count of such lookups).
+//!   walker's error, and the table's own count of such lookups);
+//! - `stuck_readers`: a device thread stayed inside one read section for
+//!   more than 5 s. A reader never waits, so it is blocked: it faulted on
+//!   released backing whose handler waits for a gather that waits for the
+//!   reader. The run then stops at once (a stall), reports what the device
+//!   threads counted and exits without tearing the wedged VM down.
 //!
 //! `stale_translations` = `stale_released + stale_data`. After the last
 //! cycle the controller deflates to 0, posts `CMD_EXIT` and waits for every
@@ -55,7 +95,12 @@
 //! the VM **while the device threads keep walking** (teardown gather, grace
 //! period, table pages freed and poisoned, RAM unmapped): a walk that
 //! succeeds must still read the pattern, and none may succeed once
-//! reclamation is complete.
+//! reclamation is complete. (During teardown a page is read only if a
+//! table walk in the same section confirms its translation: RAM is
+//! unmapped once the teardown's barrier passed, and only a cache that
+//! outlived the teardown could still answer for it. A section that began
+//! before the teardown and ended after it started is judged as a teardown
+//! section: the teardown may clear entries under it.)
 //!
 //! After each inflate the controller also checks with `mincore` that no
 //! ballooned page is resident (`not_released`).
@@ -65,14 +110,27 @@
 //! `Done`. Device and transport errors, unexplained demand faults, and a
 //! driver that did not reach a target (`stalls`) are violations too.
 //!
+//! `front_sections` counts sections that held a window at a front,
+//! `front_releases` those of them that saw their window cleared while
+//! holding it: a clean run with none never held a page across its release,
+//! and proves nothing about the grace period.
+//!
 //! Guest RAM has 4 KiB leaves by default; `--page-size 2M` also exercises
 //! the splits of THP-backed leaves and whole-leaf demand faults.
 //!
-//! Hidden `--inject` modes prove the detectors fire: `stale-cache` gives
-//! device thread 0 a translation cache that is never shot down (a device
-//! keeping a translation across an invalidation); `corrupt-page` has a host
-//! thread overwrite one guest word behind the guest's back every
-//! millisecond.
+//! **Proven detectors.** Hidden `--inject` modes: `stale-cache` gives
+//! device thread 0 a translation cache of its own that is never shot down
+//! and that it reads through (a device keeping a translation across an
+//! invalidation): its reads of released pages are counted
+//! (`injected_stale_reads`) and caught as `stale_data` (and
+//! `stale_released`); `corrupt-page` has a host thread overwrite one guest
+//! word behind the guest's back every millisecond (`guest_bad_words`). In
+//! a build with the test-only `mutation` feature, `GMM_BREAK_RULE` breaks
+//! one guest-mm rule (the JSON's `broken_rule`): without the grace period
+//! (`grace_period`) pages change under their readers
+//! (`changed_under_reader`); without the cache shootdown
+//! (`cache_shootdown`) walkers translate ballooned pages and read their
+//! zeros (`stale_released`, `stale_data`).
 
 use std::io::Write as _;
 use std::sync::atomic::{
@@ -83,10 +141,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use guest_mm::{Access, Gpa, PageState, Stage2Table, WalkError};
+use guest_mm::{Access, Gpa, PageState, Stage2Table, WalkError, WalkGuard};
 use serde::Serialize;
 use vmm::devices::virtio::balloon::BalloonConfig;
-use vmm::guest::balloon::DriverState;
+use vmm::guest::balloon::{DriverState, MAX_PFNS};
 use vmm::guest::layout::WORKLOAD_START;
 use vmm::vstate::vcpu::VcpuOutcome;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
@@ -95,8 +153,29 @@ use crate::rng::{ms, Rng};
 use crate::units::human_bytes;
 
 const PAGE: u64 = 4096;
-/// Pages a device thread translates and copies per read section.
-const BATCH: usize = 16;
+/// Random pages a device thread translates and copies per read section
+/// (half in the balloonable range, half anywhere in workload RAM).
+const SCATTER: usize = 16;
+/// Consecutive pages a device thread also holds per read section (one per
+/// slot of the walker's translation cache, which is direct-mapped by
+/// guest frame).
+const WINDOW: u64 = 64;
+/// Copies of each held page per read section: the first right after its
+/// translation, the others after every page was taken, with no pause.
+const COPIES: usize = 4;
+/// Sections a window chosen at random is held before another is chosen.
+const WINDOW_KEEP: u32 = 8;
+/// A section holding a window at a release front keeps copying for this
+/// long after it saw the window cleared (the release, without the grace
+/// period, runs meanwhile)...
+const HOLD_AFTER_CLEAR: Duration = Duration::from_micros(500);
+/// ... and for at most this long if it sees nothing cleared.
+const HOLD_MAX: Duration = Duration::from_millis(2);
+/// A device thread inside one read section for longer than this is stuck.
+const STUCK: Duration = Duration::from_secs(5);
+/// Pause of a device thread between two read sections (not while it holds
+/// an inflate's front that was not cleared yet).
+const PAUSE: Duration = Duration::from_micros(100);
 /// Limit for the guest's first pass and for each balloon change.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -197,8 +276,49 @@ struct Shadow {
     ballooned_lo: AtomicU64,
     /// The change in flight (epoch odd) only adds pages to the balloon.
     inflating: AtomicBool,
+    /// `[inflight_lo, inflight_hi)`: the pages the change in flight
+    /// releases (an inflate's new pages, a free page report's pages; empty
+    /// for a deflate). The driver sends them in chunks of at most
+    /// `MAX_PFNS` pages going down from `inflight_hi`, one gather each.
+    inflight_lo: AtomicU64,
+    inflight_hi: AtomicU64,
     phase: AtomicU8,
     stop: AtomicBool,
+    /// The time base of `section_start`.
+    t0: Instant,
+    /// Per device thread: ns since `t0` + 1 at which its current read
+    /// section began (0: not in one).
+    section_start: Box<[AtomicU64]>,
+}
+
+impl Shadow {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.t0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Device threads inside one read section for longer than [`STUCK`]:
+    /// blocked in it (a reader never waits for anything, so this only
+    /// happens when it faulted on backing it should never have reached,
+    /// and the fault waits for a gather that waits for the reader).
+    fn stuck_readers(&self) -> u64 {
+        let now = self.now_ns();
+        let limit = u64::try_from(STUCK.as_nanos()).unwrap_or(u64::MAX);
+        self.section_start
+            .iter()
+            .filter(|s| {
+                let t = s.load(SeqCst);
+                t != 0 && now.saturating_sub(t - 1) > limit
+            })
+            .count() as u64
+    }
+
+    /// Publishes a change about to start (epoch odd).
+    fn begin(&self, inflating: bool, inflight: (u64, u64)) {
+        self.inflating.store(inflating, SeqCst);
+        self.inflight_lo.store(inflight.0, SeqCst);
+        self.inflight_hi.store(inflight.1, SeqCst);
+        self.epoch.fetch_add(1, SeqCst);
+    }
 }
 
 /// Fixed geometry of the run.
@@ -226,28 +346,121 @@ struct WalkCounts {
     ballooned: AtomicU64,
     discarded: AtomicU64,
     bytes_copied: AtomicU64,
+    read_sections: AtomicU64,
+    front_sections: AtomicU64,
+    front_releases: AtomicU64,
+    read_section_max_ns: AtomicU64,
     stable_batches: AtomicU64,
     inflate_batches: AtomicU64,
     stale_released: AtomicU64,
     stale_data: AtomicU64,
+    changed_under_reader: AtomicU64,
     shadow_mismatches: AtomicU64,
     use_after_free: AtomicU64,
     teardown_walks: AtomicU64,
     teardown_walks_ok: AtomicU64,
     injected_hits: AtomicU64,
+    injected_stale_reads: AtomicU64,
+    first_violation: FirstViolation,
 }
 
+/// The first walk violation of the run, described.
+#[derive(Default)]
+struct FirstViolation(Mutex<Option<String>>);
+
+impl FirstViolation {
+    fn note(&self, what: impl FnOnce() -> String) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(what());
+        }
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// How one page of a read section went.
+#[derive(Clone, Copy, Debug)]
 enum Seen {
-    Copied,
+    /// Copied through a translation, [`COPIES`] times or more.
+    /// `injected`: the translation came from the injected stale cache.
+    /// `unmapped`: a table walk right after the translation did not give
+    /// that host page (legitimate only if a gather cleared the entry in
+    /// between; the page's backing, which held the pattern then, stays
+    /// until we unpin).
+    Copied {
+        injected: bool,
+        unmapped: bool,
+    },
     Failed(WalkError),
-    /// The injected stale cache answered (nothing was read).
-    Injected,
     /// Translated after reclamation finished (not read).
     LateOk,
+    /// During teardown, a translation that a table walk in the same
+    /// section did not confirm (teardown may clear an entry after the
+    /// section began; not read: the RAM behind an entry the table no
+    /// longer holds may already be unmapped once the teardown's barrier
+    /// passed, and only a cache that outlived it could still answer).
+    Unconfirmed,
 }
 
-/// One device thread: translate and copy random pages, check them against
-/// the shadow.
+/// One page held in a read section.
+struct Held {
+    gpa: u64,
+    /// The host address its copies read (used only inside the section).
+    hva: u64,
+    seen: Seen,
+    /// Some copy read a zero word.
+    zero: bool,
+    /// Some copy read a word that is neither zero nor the pattern.
+    other: bool,
+    /// A word that read the pattern read something else in a later copy
+    /// of the same section: the page was released (or written) under a
+    /// reader that still held its translation.
+    changed: bool,
+}
+
+/// The run of consecutive pages a device thread holds in its sections.
+#[derive(Clone, Copy)]
+struct Window {
+    start: u64,
+    pages: u64,
+    /// The shadow epoch it was chosen in.
+    epoch: u64,
+    /// Sections it was held in.
+    uses: u32,
+    /// Chosen just below the front of a release in flight.
+    front: bool,
+    /// Some page of it was copied in the last section.
+    alive: bool,
+}
+
+/// One device thread's state.
+struct Device<'a> {
+    geo: Geometry,
+    counts: &'a WalkCounts,
+    inject_stale: bool,
+    /// Hold the bottom of a release front's next chunk (else its top).
+    bottom: bool,
+    rng: Rng,
+    /// The latest copy of every held page, [`WORDS`] words each.
+    buf: Vec<u64>,
+    held: Vec<Held>,
+    /// The injected bug's translations: host address + 1 per balloonable
+    /// page (0: none), never invalidated.
+    fake: Vec<u64>,
+    window: Option<Window>,
+    /// Copies of the held pages in this section (the first included).
+    copies: u64,
+    /// This section saw its front window's entries cleared while it held them.
+    released_under: bool,
+}
+
+const WORDS: usize = (PAGE / 8) as usize;
+
+/// One device thread: translate and copy pages, check them against the
+/// shadow and against themselves.
 fn device_thread(
     idx: u32,
     table: &Arc<Stage2Table>,
@@ -257,76 +470,328 @@ fn device_thread(
     inject_stale: bool,
 ) {
     let mut walker = table.walker();
-    let mut rng = Rng::new(geo.seed ^ (u64::from(idx) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    const WORDS: usize = (PAGE / 8) as usize;
-    let mut buf = vec![0u64; BATCH * WORDS];
-    let mut gpas = [0u64; BATCH];
-    let mut seen: Vec<Seen> = Vec::with_capacity(BATCH);
-    // The injected bug: translations remembered forever (per balloonable
-    // page), consulted before the real walk.
-    let mut fake_cache = vec![false; ((geo.share0_end - geo.bal_lo) / PAGE) as usize];
     let bal_pages = (geo.share0_end - geo.bal_lo) / PAGE;
     let all_pages = (geo.mem - WORKLOAD_START) / PAGE;
+    let mut d = Device {
+        geo,
+        counts,
+        inject_stale,
+        bottom: idx.is_multiple_of(2),
+        rng: Rng::new(geo.seed ^ (u64::from(idx) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        buf: vec![0; (WINDOW as usize + SCATTER) * WORDS],
+        held: Vec::with_capacity(WINDOW as usize + SCATTER),
+        fake: if inject_stale {
+            vec![0; bal_pages as usize]
+        } else {
+            Vec::new()
+        },
+        window: None,
+        copies: 0,
+        released_under: false,
+    };
+    let mut scatter = [0u64; SCATTER];
     while !shadow.stop.load(SeqCst) {
-        for (k, g) in gpas.iter_mut().enumerate() {
+        for (k, g) in scatter.iter_mut().enumerate() {
             *g = if k % 2 == 0 {
-                geo.bal_lo + rng.below(bal_pages) * PAGE
+                geo.bal_lo + d.rng.below(bal_pages) * PAGE
             } else {
-                WORKLOAD_START + rng.below(all_pages) * PAGE
+                WORKLOAD_START + d.rng.below(all_pages) * PAGE
             };
         }
         let e1 = shadow.epoch.load(SeqCst);
         let lo = shadow.ballooned_lo.load(SeqCst);
         let inflating = shadow.inflating.load(SeqCst);
-        let phase = shadow.phase.load(SeqCst);
-        seen.clear();
-        {
+        let inflight = (
+            shadow.inflight_lo.load(SeqCst),
+            shadow.inflight_hi.load(SeqCst),
+        );
+        d.held.clear();
+        d.copies = 0;
+        d.released_under = false;
+        let t0 = Instant::now();
+        shadow.section_start[idx as usize].store(shadow.now_ns() + 1, SeqCst);
+        let phase = {
             let g = walker.pin();
-            for (k, &gpa) in gpas.iter().enumerate() {
-                let slot = geo
-                    .balloonable(gpa)
-                    .then(|| ((gpa - geo.bal_lo) / PAGE) as usize);
-                if inject_stale && slot.is_some_and(|s| fake_cache[s]) {
-                    seen.push(Seen::Injected);
-                    continue;
-                }
-                match g.translate(Gpa(gpa), Access::Read) {
-                    Ok(t) if phase == PHASE_RECLAIMED => {
-                        let _ = t;
-                        seen.push(Seen::LateOk);
-                    }
-                    Ok(t) if t.len_in_leaf < PAGE || t.hva.0 % PAGE != 0 => {
-                        // A page-aligned GPA translates to a page-aligned
-                        // host address with a whole page left in its leaf.
-                        seen.push(Seen::Failed(WalkError::OutOfRange(Gpa(gpa))));
-                    }
-                    Ok(t) => {
-                        // Word by word with atomic loads: the guest stores
-                        // whole words concurrently (the same value, or the
-                        // pattern over a page that just came back as
-                        // zeros), so a word reads old or new, never torn.
-                        let src = t.hva.0 as *const AtomicU64;
-                        for (w, d) in buf[k * WORDS..][..WORDS].iter_mut().enumerate() {
-                            // SAFETY: `t` was translated inside this read
-                            // section, so its page is registered guest RAM
-                            // that is neither released nor unmapped before
-                            // we unpin (releases and the final unmap wait
-                            // for a grace period); the page is 8-aligned
-                            // and `w` stays inside it; AtomicU64 has u64's
-                            // layout. The guest writes it from outside this
-                            // program, as a device's DMA peer would.
-                            *d = unsafe { &*src.add(w) }.load(Relaxed);
-                        }
-                        if let Some(s) = slot.filter(|_| inject_stale) {
-                            fake_cache[s] = true;
-                        }
-                        seen.push(Seen::Copied);
-                    }
-                    Err(e) => seen.push(Seen::Failed(e)),
+            // Read inside the section: a section that still sees
+            // PHASE_STRESS began before the teardown, whose barrier then
+            // waits for it before guest RAM is unmapped.
+            let phase = shadow.phase.load(SeqCst);
+            let win = d.choose_window(&g, e1, inflight);
+            for gpa in (win.0..win.0 + win.1 * PAGE).step_by(PAGE as usize) {
+                d.take(&g, gpa, phase);
+            }
+            for &gpa in &scatter {
+                d.take(&g, gpa, phase);
+            }
+            // Hold everything a while longer: copy it all again, with no
+            // pause, while the balloon may be releasing it.
+            if d.window.is_some_and(|w| w.front) && phase == PHASE_STRESS {
+                d.hold_front(&g, shadow, e1);
+            } else {
+                for _ in 1..COPIES {
+                    d.copy_all();
                 }
             }
-        }
+            phase
+        };
+        shadow.section_start[idx as usize].store(0, SeqCst);
+        let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        counts.read_section_max_ns.fetch_max(ns, SeqCst);
         let e2 = shadow.epoch.load(SeqCst);
+        // A section that began before the teardown and ended after it
+        // started is judged as a teardown section: entries may have been
+        // cleared under it (their backing still waits for it).
+        let phase = phase.max(shadow.phase.load(SeqCst));
+        d.account(e1, e2, lo, inflating, phase);
+        // Leave the two host cores to the vCPUs part of the time, except
+        // while holding an inflate's front that was not cleared yet: the
+        // driver sends the next chunk at once, and a thread that is not
+        // pinned when the gather clears it learns nothing. (Pinning again
+        // at once does not hold a grace period up: a reader pinned after
+        // it began is not waited for.)
+        let waiting =
+            inflating && !d.released_under && d.window.is_some_and(|w| w.front && w.alive);
+        if !waiting {
+            std::thread::sleep(PAUSE);
+        }
+    }
+}
+
+/// Whether a table walk for `gpa` now fails to give `hva`.
+fn unmapped(g: &WalkGuard<'_>, gpa: u64, hva: u64) -> bool {
+    g.translate_uncached(Gpa(gpa), Access::Read)
+        .map(|t| t.hva.0)
+        != Ok(hva)
+}
+
+impl Device<'_> {
+    /// The window of this section: `(first GPA, pages)`. While a release is
+    /// in flight, the pages just below its front (the next chunk the
+    /// driver sends), kept until they are gone; otherwise a random run of
+    /// the balloonable range, kept for [`WINDOW_KEEP`] sections. Kept
+    /// windows are translated again through the walker's cache, so a
+    /// cache that outlives an invalidation answers for released pages.
+    fn choose_window(&mut self, g: &WalkGuard<'_>, e1: u64, inflight: (u64, u64)) -> (u64, u64) {
+        if let Some(w) = &mut self.window {
+            let keep = w.epoch == e1
+                && if w.front {
+                    w.alive
+                } else {
+                    w.uses < WINDOW_KEEP
+                };
+            if keep {
+                w.uses += 1;
+                return (w.start, w.pages);
+            }
+        }
+        let (flo, fhi) = inflight;
+        let mut w = Window {
+            start: 0,
+            pages: 0,
+            epoch: e1,
+            uses: 1,
+            front: false,
+            alive: true,
+        };
+        if !e1.is_multiple_of(2) && flo < fhi {
+            // The front: the lowest page from which on nothing is present
+            // (chunks go down from the top). A binary search with table
+            // walks (not the cache, which is what is under test).
+            let (mut a, mut b) = (0, (fhi - flo) / PAGE);
+            while a < b {
+                let mid = a + (b - a) / 2;
+                if g.translate_uncached(Gpa(flo + mid * PAGE), Access::Read)
+                    .is_ok()
+                {
+                    a = mid + 1;
+                } else {
+                    b = mid;
+                }
+            }
+            let front = flo + a * PAGE;
+            if front > flo {
+                // The next chunk: [front - MAX_PFNS pages, front). Even
+                // threads hold its bottom (cleared and released first),
+                // odd ones its top (cleared last, released last).
+                let chunk_lo = front.saturating_sub(MAX_PFNS * PAGE).max(flo);
+                w.start = if self.bottom {
+                    chunk_lo
+                } else {
+                    front.saturating_sub(WINDOW * PAGE).max(flo)
+                };
+                w.pages = WINDOW.min((front - w.start) / PAGE);
+                w.front = true;
+            }
+        }
+        if !w.front {
+            let bal_pages = (self.geo.share0_end - self.geo.bal_lo) / PAGE;
+            w.pages = WINDOW.min(bal_pages);
+            w.start = self.geo.bal_lo + self.rng.below(bal_pages - w.pages + 1) * PAGE;
+        }
+        self.window = Some(w);
+        (w.start, w.pages)
+    }
+
+    /// Copies every held page again.
+    fn copy_all(&mut self) {
+        for k in 0..self.held.len() {
+            if matches!(self.held[k].seen, Seen::Copied { .. }) {
+                self.copy(k, false);
+            }
+        }
+        self.copies += 1;
+    }
+
+    /// Holds a window taken at a release front: copies everything again
+    /// and again until a table walk sees the window's first page cleared,
+    /// then for [`HOLD_AFTER_CLEAR`] more; if nothing is cleared, for at
+    /// most [`HOLD_MAX`], and not past the end of the change. With the
+    /// grace period, the gather that cleared it waits for this section
+    /// before it releases anything; without it, the release runs while we
+    /// copy and the copies read the page zeroed under us.
+    fn hold_front(&mut self, g: &WalkGuard<'_>, shadow: &Shadow, e1: u64) {
+        let Some(w) = self.window else { return };
+        let t0 = Instant::now();
+        let mut cleared: Option<Instant> = None;
+        loop {
+            self.copy_all();
+            let now = Instant::now();
+            if cleared.is_none() && g.translate_uncached(Gpa(w.start), Access::Read).is_err() {
+                cleared = Some(now);
+                self.released_under = true;
+            }
+            let done = match cleared {
+                Some(c) => now - c >= HOLD_AFTER_CLEAR,
+                None => now - t0 >= HOLD_MAX || shadow.epoch.load(SeqCst) != e1,
+            };
+            if done && self.copies >= COPIES as u64 {
+                return;
+            }
+        }
+    }
+
+    /// Translates `gpa` and copies its page out at once.
+    fn take(&mut self, g: &WalkGuard<'_>, gpa: u64, phase: u8) {
+        let slot = self
+            .geo
+            .balloonable(gpa)
+            .then(|| ((gpa - self.geo.bal_lo) / PAGE) as usize);
+        let inject = self.inject_stale && phase == PHASE_STRESS;
+        if let Some(hva) = slot
+            .filter(|_| inject)
+            .map(|s| self.fake[s])
+            .filter(|&h| h != 0)
+            .map(|h| h - 1)
+        {
+            // The injected bug: a translation kept from an earlier
+            // section, used without asking the table.
+            let unmapped = unmapped(g, gpa, hva);
+            self.hold(
+                gpa,
+                hva,
+                Seen::Copied {
+                    injected: true,
+                    unmapped,
+                },
+            );
+            return;
+        }
+        match g.translate(Gpa(gpa), Access::Read) {
+            Ok(_) if phase == PHASE_RECLAIMED => self.push(gpa, Seen::LateOk),
+            Ok(t) if t.len_in_leaf < PAGE || t.hva.0 % PAGE != 0 => {
+                // A page-aligned GPA translates to a page-aligned host
+                // address with a whole page left in its leaf.
+                self.push(gpa, Seen::Failed(WalkError::OutOfRange(Gpa(gpa))));
+            }
+            Ok(t)
+                if phase != PHASE_STRESS
+                    && g.translate_uncached(Gpa(gpa), Access::Read).map(|u| u.hva) != Ok(t.hva) =>
+            {
+                self.push(gpa, Seen::Unconfirmed);
+            }
+            Ok(t) => {
+                if let Some(s) = slot.filter(|_| inject) {
+                    self.fake[s] = t.hva.0 + 1;
+                }
+                let unmapped = unmapped(g, gpa, t.hva.0);
+                self.hold(
+                    gpa,
+                    t.hva.0,
+                    Seen::Copied {
+                        injected: false,
+                        unmapped,
+                    },
+                );
+            }
+            Err(e) => self.push(gpa, Seen::Failed(e)),
+        }
+    }
+
+    fn push(&mut self, gpa: u64, seen: Seen) {
+        self.held.push(Held {
+            gpa,
+            hva: 0,
+            seen,
+            zero: false,
+            other: false,
+            changed: false,
+        });
+    }
+
+    /// Records a page translated to `hva` and makes its first copy.
+    fn hold(&mut self, gpa: u64, hva: u64, seen: Seen) {
+        self.push(gpa, seen);
+        let k = self.held.len() - 1;
+        self.held[k].hva = hva;
+        self.copy(k, true);
+        self.copies = 1;
+    }
+
+    /// Copies held page `k` into its buffer and checks every word against
+    /// the pattern and against the previous copy.
+    fn copy(&mut self, k: usize, first: bool) {
+        let Device { held, buf, geo, .. } = self;
+        let h = &mut held[k];
+        let src = h.hva as *const AtomicU64;
+        for (w, prev) in buf[k * WORDS..][..WORDS].iter_mut().enumerate() {
+            // Word by word with atomic loads: the guest stores whole words
+            // concurrently (the same value, or the pattern over a page that
+            // just came back as zeros), so a word reads old or new, never
+            // torn.
+            // SAFETY: `h.hva` was translated inside the read section we are
+            // in (by the walker, or by the injected stale cache, which
+            // only answers with a guest RAM address while the run is in
+            // PHASE_STRESS: RAM stays mapped until the teardown's barrier,
+            // which waits for this section), so it is a page of registered
+            // guest RAM that is neither released nor unmapped before we
+            // unpin (releases and the final unmap wait for a grace period;
+            // reading it anyway is what the detectors are for: a released
+            // page of a mapping reads zeros or faults in through the
+            // userfaultfd handler, it never faults the process). The page
+            // is 8-aligned and `w` stays inside it; AtomicU64 has u64's
+            // layout. The guest writes it from outside this program, as a
+            // device's DMA peer would.
+            let v = unsafe { &*src.add(w) }.load(Relaxed);
+            let pat = vmm::guest::pattern(h.gpa + w as u64 * 8, geo.seed);
+            if v != pat {
+                if !first && *prev == pat {
+                    h.changed = true;
+                }
+                if v == 0 {
+                    h.zero = true;
+                } else {
+                    h.other = true;
+                }
+            }
+            *prev = v;
+        }
+    }
+
+    /// Checks the section that ran between epochs `e1` and `e2` against the
+    /// shadow (`lo`, `inflating` as read before it; `phase`, the latest the
+    /// section saw) and counts.
+    fn account(&mut self, e1: u64, e2: u64, lo: u64, inflating: bool, phase: u8) {
+        let (geo, counts) = (self.geo, self.counts);
         let same = e1 == e2 && phase == PHASE_STRESS;
         let stable = same && e1.is_multiple_of(2);
         // Inside one inflate: pages only go from present to ballooned.
@@ -337,41 +802,88 @@ fn device_thread(
         if inflating {
             counts.inflate_batches.fetch_add(1, SeqCst);
         }
-        let (mut walks_ok, mut stale_rel, mut stale_data, mut mism, mut uaf) = (0, 0, 0, 0, 0);
-        for (k, (&gpa, s)) in gpas.iter().zip(&seen).enumerate() {
+        let (mut walks_ok, mut stale_rel, mut stale_data, mut changed, mut mism, mut uaf) =
+            (0, 0, 0, 0, 0, 0);
+        let (mut injected, mut injected_stale, mut copied) = (0, 0, 0);
+        let win = self.window.map_or(0, |w| w.pages as usize);
+        let mut win_alive = false;
+        // The first violation of the run, described (for the report).
+        let note = |kind: &str, k: usize, h: &Held| {
+            counts.first_violation.note(|| {
+                format!(
+                    "{kind}: gpa {:#x} ({:?}, {} page {k}; zero {}, other {}, changed {}) in a \
+                     section {} (epochs {e1}..{e2}, phase {phase}, first ballooned {lo:#x}, \
+                     balloonable {:#x}..{:#x})",
+                    h.gpa,
+                    h.seen,
+                    if k < win { "window" } else { "scatter" },
+                    h.zero,
+                    h.other,
+                    h.changed,
+                    if stable {
+                        "in a stable state"
+                    } else if inflating {
+                        "inside an inflate"
+                    } else {
+                        "across or inside another change"
+                    },
+                    geo.bal_lo,
+                    geo.share0_end
+                )
+            });
+        };
+        for (k, h) in self.held.iter().enumerate() {
+            let gpa = h.gpa;
             let in_range = geo.balloonable(gpa);
             let ballooned = stable && gpa >= lo && gpa < geo.share0_end;
-            match s {
-                Seen::Injected => {
-                    counts.injected_hits.fetch_add(1, SeqCst);
-                    if ballooned {
-                        stale_rel += 1;
-                    }
+            match h.seen {
+                Seen::LateOk => {
+                    stale_rel += 1;
+                    note("translated after reclamation", k, h);
                 }
-                Seen::LateOk => stale_rel += 1,
-                Seen::Copied => {
-                    walks_ok += 1;
+                Seen::Unconfirmed => {}
+                Seen::Copied {
+                    injected: inj,
+                    unmapped,
+                } => {
+                    copied += 1;
+                    win_alive |= k < win;
+                    if inj {
+                        injected += 1;
+                        injected_stale += u64::from(unmapped);
+                    } else {
+                        walks_ok += 1;
+                    }
                     if ballooned {
                         stale_rel += 1;
+                        note("a ballooned page translated", k, h);
                     }
                     // Zero is allowed only in the balloonable range while
-                    // a deflate may be in flight (a page that came back,
-                    // not yet rewritten by the guest). During an inflate a
-                    // page translated inside the read section cannot have
-                    // been released yet: it still holds the pattern.
-                    let zero_ok = in_range && !stable && !inflating && phase == PHASE_STRESS;
-                    let page = &buf[k * WORDS..][..WORDS];
-                    let bad = page.iter().enumerate().any(|(w, &v)| {
-                        v != vmm::guest::pattern(gpa + w as u64 * 8, geo.seed)
-                            && !(zero_ok && v == 0)
-                    });
-                    if bad {
+                    // a deflate or a free page report may be in flight (a
+                    // page that came back, not yet rewritten by the
+                    // guest), and only in a page the table still mapped
+                    // after we translated it (the controller starts a
+                    // change only once the guest rewrote every page that
+                    // came back, so a page is cleared holding the
+                    // pattern). During an inflate a page translated inside
+                    // the read section cannot have been released yet: it
+                    // still holds the pattern. And nowhere may a word go
+                    // from the pattern to anything else while a reader
+                    // holds the page's translation.
+                    let zero_ok =
+                        in_range && !stable && !inflating && !unmapped && phase == PHASE_STRESS;
+                    if h.changed || h.other || (h.zero && !zero_ok) {
                         stale_data += 1;
+                        note("stale data", k, h);
                     }
+                    changed += u64::from(h.changed);
                 }
                 Seen::Failed(e) => {
                     match e {
-                        WalkError::UseAfterFree(_) => uaf += 1,
+                        WalkError::UseAfterFree(_) => {
+                            uaf += 1;
+                            note("use after free", k, h);
+                        }
                         WalkError::Ballooned(_) => {
                             counts.ballooned.fetch_add(1, SeqCst);
                         }
@@ -398,25 +910,41 @@ fn device_thread(
                     };
                     if !expected {
                         mism += 1;
+                        note("shadow mismatch", k, h);
                     }
                 }
             }
         }
-        let n = seen.len() as u64;
+        if let Some(w) = &mut self.window {
+            w.alive = win_alive;
+            if w.front && win_alive && phase == PHASE_STRESS {
+                counts.front_sections.fetch_add(1, SeqCst);
+                if self.released_under {
+                    counts.front_releases.fetch_add(1, SeqCst);
+                }
+            }
+        }
+        let n = self.held.len() as u64;
         if phase == PHASE_STRESS {
+            counts.read_sections.fetch_add(1, SeqCst);
             counts.walks.fetch_add(n, SeqCst);
             counts.walks_ok.fetch_add(walks_ok, SeqCst);
-            counts.bytes_copied.fetch_add(walks_ok * PAGE, SeqCst);
+            counts
+                .bytes_copied
+                .fetch_add(copied * PAGE * self.copies, SeqCst);
         } else {
             counts.teardown_walks.fetch_add(n, SeqCst);
             counts.teardown_walks_ok.fetch_add(walks_ok, SeqCst);
         }
+        counts.injected_hits.fetch_add(injected, SeqCst);
+        counts
+            .injected_stale_reads
+            .fetch_add(injected_stale, SeqCst);
         counts.stale_released.fetch_add(stale_rel, SeqCst);
         counts.stale_data.fetch_add(stale_data, SeqCst);
+        counts.changed_under_reader.fetch_add(changed, SeqCst);
         counts.shadow_mismatches.fetch_add(mism, SeqCst);
         counts.use_after_free.fetch_add(uaf, SeqCst);
-        // Leave the two host cores to the vCPUs part of the time.
-        std::thread::sleep(Duration::from_micros(100));
     }
 }
 
@@ -433,6 +961,8 @@ struct StressVmJson {
     page_size: String,
     membarrier: bool,
     inject: Option<&'static str>,
+    /// The rule this (mutation) build breaks, if any.
+    broken_rule: Option<&'static str>,
     cycles: u64,
     pages_inflated: u64,
     pages_deflated: u64,
@@ -455,28 +985,42 @@ struct StressVmJson {
     walks_discarded: u64,
     walks_per_s: f64,
     bytes_copied: u64,
+    read_sections: u64,
+    front_sections: u64,
+    front_releases: u64,
+    read_section_max_us: f64,
     stable_batches: u64,
     inflate_batches: u64,
     teardown_walks: u64,
     teardown_walks_ok: u64,
     injected_hits: u64,
+    injected_stale_reads: u64,
     stale_released: u64,
     stale_data: u64,
+    changed_under_reader: u64,
     stale_translations: u64,
     use_after_free: u64,
     shadow_mismatches: u64,
+    /// Of which pages of the balloonable range not present at the end.
+    left_not_present: u64,
     device_errors: u64,
     unexpected_faults: u64,
     final_bad_words: u64,
     not_released: u64,
     stalls: u64,
+    /// Device threads blocked inside one read section (the run then ends
+    /// at once, without teardown).
+    stuck_readers: u64,
     max_lock_hold_us: f64,
     rss_min_bytes: u64,
     rss_max_bytes: u64,
     rss_after_reclaim_bytes: u64,
+    reclaim_ms: f64,
     tables_freed: u64,
     table_pages_end: u64,
     violations: u64,
+    /// The first violation a device thread counted, described.
+    first_walk_violation: Option<String>,
     ok: bool,
 }
 
@@ -484,13 +1028,16 @@ struct StressVmJson {
 /// stopped or timed out.
 fn change(vm: &Vm, shadow: &Shadow, geo: &Geometry, pages: u64) -> Result<bool> {
     let dev = vm.balloon().context("the VM has no balloon")?;
-    let now = (geo.share0_end - shadow.ballooned_lo.load(SeqCst)) / PAGE;
-    shadow.inflating.store(pages > now, SeqCst);
-    shadow.epoch.fetch_add(1, SeqCst);
+    let now_lo = shadow.ballooned_lo.load(SeqCst);
+    let new_lo = geo.share0_end - pages * PAGE;
+    shadow.begin(new_lo < now_lo, (new_lo.min(now_lo), now_lo));
     dev.set_target_pages(u32::try_from(pages).context("balloon target too large")?);
     let (_, ok) = vm
-        .wait_balloon_driver(TIMEOUT, |s| s.pages == pages && s.target == pages)
+        .wait_balloon_driver(TIMEOUT, |s| {
+            (s.pages == pages && s.target == pages) || shadow.stuck_readers() > 0
+        })
         .context("reading the guest's balloon driver status")?;
+    let ok = ok && shadow.stuck_readers() == 0;
     if ok {
         shadow
             .ballooned_lo
@@ -526,15 +1073,19 @@ fn report_free(vm: &mut Vm, shadow: &Shadow, pages: u64) -> Result<bool> {
     let before = vm
         .balloon_driver_status()
         .context("reading the guest's balloon driver status")?;
-    shadow.inflating.store(false, SeqCst);
-    shadow.epoch.fetch_add(1, SeqCst);
+    // The driver reports the pages just below its balloon, which is empty.
+    let hi = shadow.ballooned_lo.load(SeqCst);
+    shadow.begin(false, (hi - pages * PAGE, hi));
     let seq = vm
         .balloon_report_free(pages)
         .context("posting a free page report")?;
     let want = before.reverified + pages;
     let (_, ok) = vm
-        .wait_balloon_driver(TIMEOUT, |s| s.seq == seq && s.reverified >= want)
+        .wait_balloon_driver(TIMEOUT, |s| {
+            (s.seq == seq && s.reverified >= want) || shadow.stuck_readers() > 0
+        })
         .context("reading the guest's balloon driver status")?;
+    let ok = ok && shadow.stuck_readers() == 0;
     if ok {
         shadow.epoch.fetch_add(1, SeqCst);
     }
@@ -627,8 +1178,12 @@ pub fn cmd(a: &Args) -> Result<()> {
         epoch: AtomicU64::new(0),
         ballooned_lo: AtomicU64::new(e0),
         inflating: AtomicBool::new(false),
+        inflight_lo: AtomicU64::new(0),
+        inflight_hi: AtomicU64::new(0),
         phase: AtomicU8::new(PHASE_STRESS),
         stop: AtomicBool::new(false),
+        t0: Instant::now(),
+        section_start: (0..a.device_threads).map(|_| AtomicU64::new(0)).collect(),
     });
     let counts = Arc::new(WalkCounts::default());
     let mut threads = Vec::new();
@@ -755,6 +1310,55 @@ pub fn cmd(a: &Args) -> Result<()> {
     let max_lock_hold_us = table.stats().lock_hold_max_ns as f64 / 1e3;
     rss_stop.store(true, SeqCst);
     let _ = sampler.join();
+    let ld = |x: &AtomicU64| x.load(SeqCst);
+    let rss_lo = ld(&rss_min);
+    let mut j = StressVmJson {
+        tool: "stress-vm",
+        seconds: a.seconds,
+        elapsed_s: elapsed,
+        mem_bytes: a.mem,
+        vcpus: a.vcpus,
+        device_threads: a.device_threads,
+        backing: format!("{:?}", a.backing).to_lowercase(),
+        page_size: a.page_size.to_string(),
+        membarrier: crate::membarrier(),
+        inject: a.inject.map(Inject::name),
+        broken_rule: guest_mm::mutation::active().map(guest_mm::mutation::Rule::name),
+        cycles,
+        balloon_max_pages: balloon_max,
+        not_released,
+        stalls,
+        max_lock_hold_us,
+        rss_min_bytes: if rss_lo == u64::MAX { 0 } else { rss_lo },
+        rss_max_bytes: ld(&rss_max),
+        ..StressVmJson::default()
+    };
+
+    let stuck_readers = shadow.stuck_readers();
+    if stuck_readers > 0 {
+        // Wedged: a device thread blocked inside its read section (it
+        // faulted on released backing, and the fault waits for the gather
+        // that waits for the reader). Anything that registers a reader,
+        // takes the balloon's lock or joins a vCPU would wait forever now,
+        // so report what the device threads counted and leave without
+        // tearing the VM down: the process exit reclaims it.
+        shadow.stop.store(true, SeqCst);
+        j.fill_walks(&counts);
+        j.stuck_readers = stuck_readers;
+        j.finish();
+        let h = j.human()
+            + &format!(
+                "WEDGED: {stuck_readers} device thread(s) inside one read section for more than \
+                 {STUCK:?}; the VM was left as it is\nlast console lines:\n{}\n",
+                last_lines(&console, 12)
+            );
+        crate::say(a.json, &h);
+        crate::emit_json(a.json, &j)?;
+        let _ = std::io::stderr().flush();
+        std::mem::forget(vm);
+        bail!("{} violations (wedged)", j.violations);
+    }
+
     vm.finish_probes().context("posting CMD_EXIT")?;
     // A driver that missed a target does not take the command: do not wait
     // long for it.
@@ -764,7 +1368,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         Duration::from_secs(5)
     });
     let outcomes = vm.outcomes();
-    let vcpu_failures = u64::from(a.vcpus)
+    j.vcpu_failures = u64::from(a.vcpus)
         - outcomes
             .iter()
             .filter(|(_, o)| *o == VcpuOutcome::Done)
@@ -783,26 +1387,30 @@ pub fn cmd(a: &Args) -> Result<()> {
             .find(|r| r.vcpu == i)
             .map_or(0, |r| r.bad_words);
     }
-    let guest_bad_words = first_pass_bad + blocks.iter().map(|b| b.bad_words).sum::<u64>();
-    let driver_errors =
-        (vm.balloon_driver_errors().len() as u64).max(u64::from(st.error.is_some()));
-    let (dev_counters, device_errors) = match vm.balloon() {
-        Some(d) => {
-            let c = d.counters();
-            (c, c.errors + d.lock().errors())
-        }
-        None => Default::default(),
-    };
+    j.guest_passes = blocks.iter().map(|b| b.passes).sum();
+    j.guest_bad_words = first_pass_bad + blocks.iter().map(|b| b.bad_words).sum::<u64>();
+    j.driver_bad_words = st.bad_words;
+    j.driver_pages_inflated = st.inflated;
+    j.driver_pages_deflated = st.deflated;
+    j.driver_pages_reverified = st.reverified;
+    j.driver_errors = (vm.balloon_driver_errors().len() as u64).max(u64::from(st.error.is_some()));
+    if let Some(d) = vm.balloon() {
+        let c = d.counters();
+        j.pages_inflated = c.pages_inflated;
+        j.pages_deflated = c.pages_deflated;
+        j.pages_reported = c.bytes_reported / PAGE;
+        j.bytes_released = c.bytes_released;
+        j.device_errors = c.errors + d.lock().errors();
+    }
     // Host-side: the whole workload RAM holds the pattern, no page is left
     // in the balloon (only when the guest stopped cleanly: a vCPU still
     // rewriting would not change the outcome, but a stall might leave pages
     // ballooned on purpose).
-    let final_bad_words = if stalls == 0 {
-        vm.check_pattern(WORKLOAD_START, mem.bytes())
-            .context("host-side pattern check")?
-    } else {
-        0
-    };
+    if stalls == 0 {
+        j.final_bad_words = vm
+            .check_pattern(WORKLOAD_START, mem.bytes())
+            .context("host-side pattern check")?;
+    }
     let mut left_ballooned = 0;
     if stalls == 0 {
         for gpa in (geo.bal_lo..geo.share0_end).step_by(PAGE as usize) {
@@ -811,8 +1419,8 @@ pub fn cmd(a: &Args) -> Result<()> {
             }
         }
     }
-    let unexpected_faults = vm.stage2().unexpected_faults();
-    let demand_faults = vm.fault_stats().summary().faults;
+    j.unexpected_faults = vm.stage2().unexpected_faults();
+    j.demand_faults = vm.fault_stats().summary().faults;
     let console_tail = last_lines(&console, 12);
 
     // Teardown while the device threads keep walking.
@@ -830,149 +1438,155 @@ pub fn cmd(a: &Args) -> Result<()> {
     }
     drop(td);
     let ts = table.stats();
-    let rss_after_reclaim = vmm::proc_stats::rss().rss;
-
-    let ld = |x: &AtomicU64| x.load(SeqCst);
-    let stale_released = ld(&counts.stale_released);
-    let stale_data = ld(&counts.stale_data);
-    let use_after_free = ld(&counts.use_after_free).max(ts.use_after_free);
-    let shadow_mismatches = ld(&counts.shadow_mismatches) + left_ballooned;
-    let guest_errors = guest_bad_words + st.bad_words + driver_errors + vcpu_failures;
-    let violations = guest_errors
-        + stale_released
-        + stale_data
-        + use_after_free
-        + shadow_mismatches
-        + device_errors
-        + unexpected_faults
-        + final_bad_words
-        + not_released
-        + stalls;
-    let walks = ld(&counts.walks);
-    let rss_lo = ld(&rss_min);
-    let j = StressVmJson {
-        tool: "stress-vm",
-        seconds: a.seconds,
-        elapsed_s: elapsed,
-        mem_bytes: a.mem,
-        vcpus: a.vcpus,
-        device_threads: a.device_threads,
-        backing: format!("{:?}", a.backing).to_lowercase(),
-        page_size: a.page_size.to_string(),
-        membarrier: crate::membarrier(),
-        inject: a.inject.map(Inject::name),
-        cycles,
-        pages_inflated: dev_counters.pages_inflated,
-        pages_deflated: dev_counters.pages_deflated,
-        pages_reported: dev_counters.bytes_reported / PAGE,
-        driver_pages_inflated: st.inflated,
-        driver_pages_deflated: st.deflated,
-        driver_pages_reverified: st.reverified,
-        balloon_max_pages: balloon_max,
-        bytes_released: dev_counters.bytes_released,
-        demand_faults,
-        guest_passes: blocks.iter().map(|b| b.passes).sum(),
-        guest_bad_words,
-        driver_bad_words: st.bad_words,
-        driver_errors,
-        vcpu_failures,
-        guest_errors,
-        walks,
-        walks_ok: ld(&counts.walks_ok),
-        walks_ballooned: ld(&counts.ballooned),
-        walks_discarded: ld(&counts.discarded),
-        walks_per_s: walks as f64 / elapsed.max(1e-9),
-        bytes_copied: ld(&counts.bytes_copied),
-        stable_batches: ld(&counts.stable_batches),
-        inflate_batches: ld(&counts.inflate_batches),
-        teardown_walks: ld(&counts.teardown_walks),
-        teardown_walks_ok: ld(&counts.teardown_walks_ok),
-        injected_hits: ld(&counts.injected_hits),
-        stale_released,
-        stale_data,
-        stale_translations: stale_released + stale_data,
-        use_after_free,
-        shadow_mismatches,
-        device_errors,
-        unexpected_faults,
-        final_bad_words,
-        not_released,
-        stalls,
-        max_lock_hold_us,
-        rss_min_bytes: if rss_lo == u64::MAX { 0 } else { rss_lo },
-        rss_max_bytes: ld(&rss_max),
-        rss_after_reclaim_bytes: rss_after_reclaim,
-        tables_freed: ts.tables_freed,
-        table_pages_end: ts.table_pages,
-        violations,
-        ok: violations == 0,
-    };
-    let mut h = String::new();
-    h += &format!(
-        "balloon      {:>12} cycles, {} pages inflated, {} deflated, {} reported free (driver {} / {}, {} re-verified), max {} pages\n",
-        j.cycles,
-        j.pages_inflated,
-        j.pages_deflated,
-        j.pages_reported,
-        j.driver_pages_inflated,
-        j.driver_pages_deflated,
-        j.driver_pages_reverified,
-        j.balloon_max_pages
-    );
-    h += &format!(
-        "guest        {:>12} passes, {} bad words, {} driver bad words, {} driver errors, {} vCPUs not done\n",
-        j.guest_passes, j.guest_bad_words, j.driver_bad_words, j.driver_errors, j.vcpu_failures
-    );
-    h += &format!(
-        "device walks {:>12} ({} ok, {} ballooned, {} discarded, {:.2} M/s, {} copied; batches {} stable, {} inside an inflate); teardown {} ({} ok)\n",
-        j.walks,
-        j.walks_ok,
-        j.walks_ballooned,
-        j.walks_discarded,
-        j.walks_per_s / 1e6,
-        human_bytes(j.bytes_copied),
-        j.stable_batches,
-        j.inflate_batches,
-        j.teardown_walks,
-        j.teardown_walks_ok
-    );
-    h += &format!(
-        "table        max lock hold {:.1} us, {} demand faults, {} table pages freed at \
-         teardown, {} left\n",
-        j.max_lock_hold_us, j.demand_faults, j.tables_freed, j.table_pages_end
-    );
-    h += &format!(
-        "rss          min {}, max {}, after reclaim {} (reclaim {:.1} ms)\n",
-        human_bytes(j.rss_min_bytes),
-        human_bytes(j.rss_max_bytes),
-        human_bytes(j.rss_after_reclaim_bytes),
-        reclaimed.reclaim_ms
-    );
-    h += &format!(
-        "violations   {:>12} (guest errors {}, stale {} = released {} + data {}, use-after-free {}, \
-         shadow mismatches {}, device errors {}, unexpected faults {}, final bad words {}, \
-         not released {}, stalls {})\n",
-        j.violations,
-        j.guest_errors,
-        j.stale_translations,
-        j.stale_released,
-        j.stale_data,
-        j.use_after_free,
-        j.shadow_mismatches,
-        j.device_errors,
-        j.unexpected_faults,
-        j.final_bad_words,
-        j.not_released,
-        j.stalls
-    );
-    if violations > 0 || !all_done {
+    j.rss_after_reclaim_bytes = vmm::proc_stats::rss().rss;
+    j.reclaim_ms = reclaimed.reclaim_ms;
+    j.tables_freed = ts.tables_freed;
+    j.table_pages_end = ts.table_pages;
+    j.fill_walks(&counts);
+    j.use_after_free = j.use_after_free.max(ts.use_after_free);
+    j.left_not_present = left_ballooned;
+    j.shadow_mismatches += left_ballooned;
+    j.finish();
+    let mut h = j.human();
+    if j.violations > 0 || !all_done {
         h += &format!("vCPU outcomes: {outcomes:?}\nlast console lines:\n{console_tail}\n");
     }
     crate::say(a.json, &h);
     crate::emit_json(a.json, &j)?;
     let _ = std::io::stderr().flush();
-    if violations > 0 {
-        bail!("{violations} violations");
+    if j.violations > 0 {
+        bail!("{} violations", j.violations);
     }
     Ok(())
+}
+
+impl StressVmJson {
+    /// The device threads' counts.
+    fn fill_walks(&mut self, counts: &WalkCounts) {
+        let ld = |x: &AtomicU64| x.load(SeqCst);
+        self.walks = ld(&counts.walks);
+        self.walks_ok = ld(&counts.walks_ok);
+        self.walks_ballooned = ld(&counts.ballooned);
+        self.walks_discarded = ld(&counts.discarded);
+        self.walks_per_s = self.walks as f64 / self.elapsed_s.max(1e-9);
+        self.bytes_copied = ld(&counts.bytes_copied);
+        self.read_sections = ld(&counts.read_sections);
+        self.front_sections = ld(&counts.front_sections);
+        self.front_releases = ld(&counts.front_releases);
+        self.read_section_max_us = ld(&counts.read_section_max_ns) as f64 / 1e3;
+        self.stable_batches = ld(&counts.stable_batches);
+        self.inflate_batches = ld(&counts.inflate_batches);
+        self.teardown_walks = ld(&counts.teardown_walks);
+        self.teardown_walks_ok = ld(&counts.teardown_walks_ok);
+        self.injected_hits = ld(&counts.injected_hits);
+        self.injected_stale_reads = ld(&counts.injected_stale_reads);
+        self.stale_released = ld(&counts.stale_released);
+        self.stale_data = ld(&counts.stale_data);
+        self.changed_under_reader = ld(&counts.changed_under_reader);
+        self.stale_translations = self.stale_released + self.stale_data;
+        self.use_after_free = ld(&counts.use_after_free);
+        self.shadow_mismatches = ld(&counts.shadow_mismatches);
+        self.first_walk_violation = counts.first_violation.get();
+    }
+
+    /// Sums the violations.
+    fn finish(&mut self) {
+        self.guest_errors =
+            self.guest_bad_words + self.driver_bad_words + self.driver_errors + self.vcpu_failures;
+        self.violations = self.guest_errors
+            + self.stale_released
+            + self.stale_data
+            + self.use_after_free
+            + self.shadow_mismatches
+            + self.device_errors
+            + self.unexpected_faults
+            + self.final_bad_words
+            + self.not_released
+            + self.stalls
+            + self.stuck_readers;
+        self.ok = self.violations == 0;
+    }
+
+    /// The human-readable summary.
+    fn human(&self) -> String {
+        let j = self;
+        let mut h = String::new();
+        h += &format!(
+            "balloon      {:>12} cycles, {} pages inflated, {} deflated, {} reported free (driver {} / {}, {} re-verified), max {} pages\n",
+            j.cycles,
+            j.pages_inflated,
+            j.pages_deflated,
+            j.pages_reported,
+            j.driver_pages_inflated,
+            j.driver_pages_deflated,
+            j.driver_pages_reverified,
+            j.balloon_max_pages
+        );
+        h += &format!(
+            "guest        {:>12} passes, {} bad words, {} driver bad words, {} driver errors, {} vCPUs not done\n",
+            j.guest_passes, j.guest_bad_words, j.driver_bad_words, j.driver_errors, j.vcpu_failures
+        );
+        h += &format!(
+            "device walks {:>12} ({} ok, {} ballooned, {} discarded, {:.2} M/s, {} copied; {} read \
+             sections, longest {:.0} us: {} stable, {} inside an inflate, {} held at a release \
+             front, {} of them across its clear); teardown {} ({} ok)\n",
+            j.walks,
+            j.walks_ok,
+            j.walks_ballooned,
+            j.walks_discarded,
+            j.walks_per_s / 1e6,
+            human_bytes(j.bytes_copied),
+            j.read_sections,
+            j.read_section_max_us,
+            j.stable_batches,
+            j.inflate_batches,
+            j.front_sections,
+            j.front_releases,
+            j.teardown_walks,
+            j.teardown_walks_ok
+        );
+        if j.inject.is_some() {
+            h += &format!(
+                "injected     {:>12} answers of the stale cache, {} of them read backing the table \
+                 no longer mapped\n",
+                j.injected_hits, j.injected_stale_reads
+            );
+        }
+        h += &format!(
+            "table        max lock hold {:.1} us, {} demand faults, {} table pages freed at \
+             teardown, {} left\n",
+            j.max_lock_hold_us, j.demand_faults, j.tables_freed, j.table_pages_end
+        );
+        h += &format!(
+            "rss          min {}, max {}, after reclaim {} (reclaim {:.1} ms)\n",
+            human_bytes(j.rss_min_bytes),
+            human_bytes(j.rss_max_bytes),
+            human_bytes(j.rss_after_reclaim_bytes),
+            j.reclaim_ms
+        );
+        h += &format!(
+            "violations   {:>12} (guest errors {}, stale {} = released {} + data {} ({} changed \
+             under the reader), use-after-free {}, shadow mismatches {}, device errors {}, \
+             unexpected faults {}, final bad words {}, not released {}, stalls {}, stuck \
+             readers {})\n",
+            j.violations,
+            j.guest_errors,
+            j.stale_translations,
+            j.stale_released,
+            j.stale_data,
+            j.changed_under_reader,
+            j.use_after_free,
+            j.shadow_mismatches,
+            j.device_errors,
+            j.unexpected_faults,
+            j.final_bad_words,
+            j.not_released,
+            j.stalls,
+            j.stuck_readers
+        );
+        if let Some(f) = &j.first_walk_violation {
+            h += &format!("first walk violation: {f}\n");
+        }
+        h
+    }
 }
