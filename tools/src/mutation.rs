@@ -149,9 +149,9 @@ const STRESS_VM: Detector = Detector {
         args: &[
             "stress-vm",
             "--seconds",
-            "8",
+            "3",
             "--mem",
-            "256M",
+            "64M",
             "--vcpus",
             "2",
             "--json",
