@@ -25,6 +25,16 @@
 //! repetition uses fresh memory; the strategies rotate; medians are
 //! reported. `mincore` must show every inflated page gone after every
 //! strategy, and the device must count every page inflated and deflated.
+//!
+//! `vcpu_notify_*`: a second VM runs the embedded guest's own balloon
+//! driver, which times each of its `QueueNotify` writes with `rdtsc`
+//! ([`vmm::guest::balloon::notify_timing`]); the host inflates `--size`
+//! (clamped to 64-256 MiB, 4 MiB per notify) and deflates it again.
+//! `vcpu_notify_p99_us` is over the inflate's notifies (each one a
+//! release), `vcpu_notify_p99_us_idle` over the deflate's (nothing to
+//! release); cycles are converted with the TSC rate calibrated against
+//! `CLOCK_MONOTONIC` (`tsc_khz`); `vcpu_notify_path` says whether the
+//! device thread (ioeventfd) or the vCPU ran them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -487,6 +497,112 @@ fn pattern_pfns(a: &BalloonArgs, first_pfn: u64, pages: u64) -> Result<(Vec<u32>
     Ok((pfns, span.next_multiple_of(2 * MIB)))
 }
 
+/// How long a guest write of `QueueNotify` takes, as the guest's own
+/// balloon driver ([`Workload::Balloon`]) measures it with `rdtsc`.
+#[derive(Debug, Default)]
+struct GuestNotify {
+    /// Bytes the guest inflated.
+    bytes: u64,
+    /// Inflate notifies (each releases up to 1024 pages).
+    notifies: u64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    /// Deflate notifies (nothing to release).
+    idle_notifies: u64,
+    idle_p50_us: f64,
+    idle_p99_us: f64,
+    idle_max_us: f64,
+    /// The TSC rate the cycles were converted with.
+    tsc_khz: u64,
+    /// Who ran the notifies (device thread or vCPU).
+    path: String,
+}
+
+/// The TSC rate, calibrated against `CLOCK_MONOTONIC` over 100 ms (KVM
+/// gives the guest the host's rate: no TSC scaling is set up).
+fn tsc_khz() -> u64 {
+    // SAFETY: `rdtsc` has no memory effects; every x86-64 CPU has it.
+    let rdtsc = || unsafe { std::arch::x86_64::_rdtsc() };
+    let (c0, t0) = (rdtsc(), Instant::now());
+    std::thread::sleep(Duration::from_millis(100));
+    let (c1, t1) = (rdtsc(), t0.elapsed());
+    let khz = (c1.wrapping_sub(c0)) as f64 / t1.as_secs_f64() / 1e3;
+    khz.round() as u64
+}
+
+/// The `p`-th percentile (nearest rank) of `cycles`, in µs.
+fn percentile_us(cycles: &[u64], p: f64, khz: u64) -> f64 {
+    if cycles.is_empty() || khz == 0 {
+        return 0.0;
+    }
+    let mut v = cycles.to_vec();
+    v.sort_unstable();
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    round(v[rank.min(v.len()) - 1] as f64 * 1e3 / khz as f64, 2)
+}
+
+/// Boots a guest running its own balloon driver, inflates `bytes` (clamped
+/// to 64-256 MiB: the driver keeps the last 64 samples per queue, 64 notifies
+/// of 4 MiB) and deflates again, and reads the driver's timing of its
+/// notify writes: inflate notifies carry releases, deflate ones do not.
+fn guest_notify(a: &BalloonArgs) -> Result<GuestNotify> {
+    use vmm::guest::balloon::DriverState;
+    let bytes = a.size.clamp(64 * MIB, 256 * MIB);
+    let pages = bytes / PAGE;
+    let mut c = VmConfig::new(MemSize::from_bytes(bytes + 128 * MIB).context("VM size")?);
+    c.backing = Backing::Anon;
+    c.page_size = if a.page_size == Leaf::Size4K {
+        PageSize::Size4K
+    } else {
+        PageSize::Size2M
+    };
+    c.workload = Workload::Balloon;
+    c.console = vmm::Console::Null;
+    c.balloon = Some(BalloonConfig::default());
+    let mut vm = Vm::new(c).context("creating the VM (is /dev/kvm usable?)")?;
+    vm.start().context("starting the vCPU")?;
+    let timeout = Duration::from_secs(60);
+    let (st, ok) = vm.wait_balloon_driver(timeout, |s| s.state == DriverState::Running)?;
+    if !ok {
+        bail!("the guest balloon driver did not start: {st:?}");
+    }
+    let dev = Arc::clone(vm.balloon().context("VM has no balloon")?);
+    let t0 = vm.balloon_notify_times()?;
+    dev.set_target_pages(u32::try_from(pages).context("pages fit u32")?);
+    let (st, ok) = vm.wait_balloon_driver(timeout, |s| s.pages == pages)?;
+    if !ok {
+        bail!("the guest did not inflate {pages} pages: {st:?}");
+    }
+    let t1 = vm.balloon_notify_times()?;
+    dev.set_target_pages(0);
+    let (st, ok) = vm.wait_balloon_driver(timeout, |s| s.pages == 0)?;
+    if !ok {
+        bail!("the guest did not deflate: {st:?}");
+    }
+    let t2 = vm.balloon_notify_times()?;
+    let path = format!("{:?}", vm.balloon_notify_path());
+    vm.finish_probes()?;
+    let _ = vm.destroy().wait_reclaim();
+    let khz = tsc_khz();
+    let busy = t1[0].since(t0[0].count);
+    let idle = t2[1].since(t1[1].count);
+    let max = |v: &[u64]| percentile_us(v, 100.0, khz);
+    Ok(GuestNotify {
+        bytes,
+        notifies: t1[0].count - t0[0].count,
+        p50_us: percentile_us(busy, 50.0, khz),
+        p99_us: percentile_us(busy, 99.0, khz),
+        max_us: max(busy),
+        idle_notifies: t2[1].count - t1[1].count,
+        idle_p50_us: percentile_us(idle, 50.0, khz),
+        idle_p99_us: percentile_us(idle, 99.0, khz),
+        idle_max_us: max(idle),
+        tsc_khz: khz,
+        path,
+    })
+}
+
 /// The result.
 #[derive(Serialize, Debug)]
 struct BalloonResult {
@@ -549,6 +665,23 @@ struct BalloonResult {
     inflate_ms_all: Vec<f64>,
     madvise_ms_all: Vec<f64>,
     per_page_ms_all: Vec<f64>,
+    /// The guest's own driver: p99 of its `QueueNotify` writes (rdtsc
+    /// around the write) during an inflate of `vcpu_notify_bytes`, whose
+    /// notifies release memory, µs.
+    vcpu_notify_p99_us: f64,
+    vcpu_notify_p50_us: f64,
+    vcpu_notify_max_us: f64,
+    vcpu_notify_count: u64,
+    vcpu_notify_bytes: u64,
+    /// The same for the deflate that follows (nothing to release).
+    vcpu_notify_p99_us_idle: f64,
+    vcpu_notify_p50_us_idle: f64,
+    vcpu_notify_max_us_idle: f64,
+    vcpu_notify_count_idle: u64,
+    /// TSC rate used for the conversion (calibrated).
+    tsc_khz: u64,
+    /// `DeviceThread` (ioeventfd), `Vcpu` or `Mixed`.
+    vcpu_notify_path: String,
 }
 
 /// The strategies, rotated each repetition.
@@ -619,6 +752,7 @@ pub fn cmd(a: &BalloonArgs) -> Result<()> {
         }
     }
     pb.finish_and_clear();
+    let g = guest_notify(a).context("timing the guest driver's notifies")?;
     let med: Vec<f64> = ms.iter().map(|v| median(v)).collect();
     let inflate_ms = med[0];
     let rss_drop_bytes = median(&drop_) as u64;
@@ -667,6 +801,17 @@ pub fn cmd(a: &BalloonArgs) -> Result<()> {
         inflate_ms_all: all(&ms[0]),
         madvise_ms_all: all(&ms[1]),
         per_page_ms_all: all(&ms[2]),
+        vcpu_notify_p99_us: g.p99_us,
+        vcpu_notify_p50_us: g.p50_us,
+        vcpu_notify_max_us: g.max_us,
+        vcpu_notify_count: g.notifies,
+        vcpu_notify_bytes: g.bytes,
+        vcpu_notify_p99_us_idle: g.idle_p99_us,
+        vcpu_notify_p50_us_idle: g.idle_p50_us,
+        vcpu_notify_max_us_idle: g.idle_max_us,
+        vcpu_notify_count_idle: g.idle_notifies,
+        tsc_khz: g.tsc_khz,
+        vcpu_notify_path: g.path.clone(),
     };
     crate::say(
         a.json,
@@ -676,12 +821,15 @@ pub fn cmd(a: &BalloonArgs) -> Result<()> {
              \x20 per-page         {:>10.3} ms  (one per page, VM RAM)   inflate rate x{:.3}\n\
              \x20 madvise plain    {:>10.3} ms  (one per run, no KVM)    inflate rate x{:.3}\n\
              \x20 per-page plain   {:>10.3} ms  (one per page, no KVM)   inflate rate x{:.3}\n\
-             \x20 target: {} -> {}\n  rss drop {}  released_ok {}\n",
+             \x20 target: {} -> {}\n  rss drop {}  released_ok {}\n\
+             \x20 guest notify     p50 {:.2} p99 {:.2} max {:.2} us ({} notifies, inflate {}); idle p50 {:.2} p99 {:.2} max {:.2} us ({} notifies); path {}\n",
             r.inflate_ms, r.notifies, r.release_syscalls, r.device_release_ms, r.deflate_ms,
             r.madvise_ms, r.ratio_vs_madvise, r.per_page_ms, r.ratio_vs_per_page,
             r.madvise_plain_ms, r.ratio_vs_madvise_plain, r.per_page_plain_ms, r.ratio_vs_per_page_plain,
             target, if target_met { "met" } else { "MISSED" },
-            human_bytes(rss_drop_bytes), released_ok
+            human_bytes(rss_drop_bytes), released_ok,
+            g.p50_us, g.p99_us, g.max_us, g.notifies, human_bytes(g.bytes),
+            g.idle_p50_us, g.idle_p99_us, g.idle_max_us, g.idle_notifies, g.path
         ),
     );
     crate::emit_json(a.json, &r)?;

@@ -27,6 +27,10 @@
 //!   reporting queue), then touches and verifies them like deflated pages;
 //!   otherwise spin with `pause` and poll again.
 //!
+//! Every `QueueNotify` write is timed with `rdtsc` on both sides and kept
+//! per queue in the control page ([`notify_timing`], [`NotifyTimes`]): what
+//! a notify costs the vCPU (`gmm bench balloon`'s `vcpu_notify_*`).
+//!
 //! Targets beyond the share are clamped to the share (the driver never gives
 //! away memory it does not own). Driver errors are written to the status
 //! block, printed, and reported with [`OP_BALLOON_ERROR`]; the vCPU then
@@ -113,6 +117,94 @@ pub mod status {
     pub const REPORTS_REFUSED: u64 = 0x168;
     /// End of the block.
     pub const END: u64 = 0x170;
+}
+
+/// Offsets of the driver's notify timing block inside the control page:
+/// the guest reads its TSC (`rdtsc`, with `lfence`) before and after each
+/// `QueueNotify` write and keeps, per queue, the number of notifies, the
+/// largest duration and the last [`SLOTS`](notify_timing::SLOTS) durations
+/// in a ring (TSC cycles, u64 each, written by the guest only). A notify
+/// write exits to the VMM, so a duration is what the vCPU lost to the
+/// notify: the exit, the VMM's handling on the vCPU thread, the re-entry.
+pub mod notify_timing {
+    /// Queues timed (inflate, deflate, free page reporting).
+    pub const QUEUES: u64 = 3;
+    /// u64: notifies of queue `q` at `COUNT + 16 * q`.
+    pub const COUNT: u64 = 0x800;
+    /// u64: the largest duration of queue `q` at `MAX + 16 * q`.
+    pub const MAX: u64 = 0x808;
+    /// The ring of queue `q` at `SAMPLES + (q << RING_SHIFT)`; notify `n`
+    /// (from 0) goes to slot `n % SLOTS`.
+    pub const SAMPLES: u64 = 0x840;
+    /// Slots per ring (a power of two).
+    pub const SLOTS: u64 = 64;
+    /// log2 of a ring's bytes.
+    pub const RING_SHIFT: u64 = 9;
+    /// End of the block.
+    pub const END: u64 = SAMPLES + (QUEUES << RING_SHIFT);
+
+    const _: () = {
+        use crate::guest::{layout, stress};
+        assert!(SLOTS.is_power_of_two() && SLOTS * 8 == 1 << RING_SHIFT);
+        assert!(COUNT >= stress::BLOCKS + stress::BLOCK * layout::MAX_VCPUS as u64);
+        assert!(MAX + 16 * (QUEUES - 1) + 8 <= SAMPLES);
+        assert!(END <= 0x1000);
+    };
+}
+
+/// The notify timing of one queue (see [`notify_timing`]), in TSC cycles.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct NotifyTimes {
+    /// Notifies since boot.
+    pub count: u64,
+    /// The largest duration since boot.
+    pub max_cycles: u64,
+    /// The last `min(count, SLOTS)` durations, oldest first.
+    pub samples: Vec<u64>,
+}
+
+impl NotifyTimes {
+    /// Parses queue `q`'s record from the control page's bytes
+    /// `[0, notify_timing::END)`.
+    pub fn parse(page: &[u8], q: u64) -> Option<Self> {
+        use notify_timing::{COUNT, MAX, RING_SHIFT, SAMPLES, SLOTS};
+        if q >= notify_timing::QUEUES {
+            return None;
+        }
+        let word = |off: u64| super::le_u64_at(page, off);
+        let count = word(COUNT + 16 * q)?;
+        let ring = SAMPLES + (q << RING_SHIFT);
+        let first = count.saturating_sub(SLOTS);
+        let samples = (first..count)
+            .map(|n| word(ring + 8 * (n % SLOTS)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            count,
+            max_cycles: word(MAX + 16 * q)?,
+            samples,
+        })
+    }
+
+    /// Reads every queue's record through the fast walk.
+    pub fn read_all(mem: &mut GuestAccess) -> Result<Vec<Self>, Stage2Error> {
+        let mut buf = [0u8; notify_timing::END as usize];
+        mem.read(layout::CONTROL, &mut buf)?;
+        Ok((0..notify_timing::QUEUES)
+            .map(|q| {
+                // The buffer covers the block, so parsing cannot fail.
+                Self::parse(&buf, q).unwrap_or_else(|| unreachable!("buffer covers the block"))
+            })
+            .collect())
+    }
+
+    /// The samples from notify `from` (a count read earlier) on, oldest
+    /// first: what the ring still holds of them.
+    pub fn since(&self, from: u64) -> &[u64] {
+        let held = self.samples.len() as u64;
+        let first = self.count - held;
+        let skip = from.saturating_sub(first).min(held);
+        &self.samples[skip as usize..]
+    }
 }
 
 /// Where the driver is.
@@ -316,6 +408,33 @@ mod tests {
             assert!(!e.to_string().is_empty());
         }
         assert_eq!(DriverError::from_code(0, 5), None);
+    }
+
+    #[test]
+    fn notify_times_parse_and_wrap() {
+        use notify_timing::{COUNT, MAX, RING_SHIFT, SAMPLES, SLOTS};
+        let mut page = vec![0u8; notify_timing::END as usize];
+        let put = |p: &mut Vec<u8>, off: u64, v: u64| {
+            let o = usize::try_from(off).unwrap();
+            p[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        // Queue 1: 70 notifies, durations 100 + n; the ring keeps 6..70.
+        let ring = SAMPLES + (1 << RING_SHIFT);
+        for n in 0..70 {
+            put(&mut page, ring + 8 * (n % SLOTS), 100 + n);
+        }
+        put(&mut page, COUNT + 16, 70);
+        put(&mut page, MAX + 16, 169);
+        let t = NotifyTimes::parse(&page, 1).unwrap();
+        assert_eq!((t.count, t.max_cycles), (70, 169));
+        assert_eq!(t.samples, (106..170).collect::<Vec<_>>());
+        assert_eq!(t.since(68), &[168, 169]);
+        assert_eq!(t.since(0).len(), 64, "only what the ring holds");
+        assert!(t.since(70).is_empty());
+        let q0 = NotifyTimes::parse(&page, 0).unwrap();
+        assert_eq!(q0, NotifyTimes::default());
+        assert!(NotifyTimes::parse(&page, 3).is_none());
+        assert!(NotifyTimes::parse(&page[..0x900], 1).is_none());
     }
 
     #[test]

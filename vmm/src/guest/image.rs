@@ -571,7 +571,42 @@ vmm_guest_entry:
     // x86 is TSO: the index store is seen after the ring and descriptor.
     inc eax
     mov word ptr [r10 + {avail} + 2], ax
+    // The QueueNotify write, timed with rdtsc on both sides (the write
+    // exits to the VMM, so the second read runs after the vCPU is back):
+    // one sample into queue esi's ring of the timing block, its count and
+    // its maximum (see balloon::notify_timing).
+    push rax
+    push rdx
+    push rcx
+    push r11
+    lfence
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov r11, rax
     mov dword ptr [r9 + 0x050], esi
+    lfence
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    sub rax, r11
+    mov ecx, esi
+    shl rcx, 4
+    cmp rax, qword ptr [rbx + {nt_max} + rcx]
+    jbe .Lb_nt_count
+    mov qword ptr [rbx + {nt_max} + rcx], rax
+.Lb_nt_count:
+    mov rdx, qword ptr [rbx + {nt_count} + rcx]
+    inc qword ptr [rbx + {nt_count} + rcx]
+    and edx, {nt_slots} - 1
+    mov ecx, esi
+    shl rcx, {nt_ring_shift}
+    lea rcx, [rcx + rdx*8]
+    mov qword ptr [rbx + {nt_samples} + rcx], rax
+    pop r11
+    pop rcx
+    pop rdx
+    pop rax
 .Lb_wait:
     cmp ax, word ptr [r10 + {used} + 2]
     je .Lb_sent
@@ -772,6 +807,11 @@ vmm_guest_image_end:
     st_reported = const super::balloon::status::REPORTED,
     st_seq = const super::balloon::status::SEQ,
     st_refused = const super::balloon::status::REPORTS_REFUSED,
+    nt_count = const super::balloon::notify_timing::COUNT,
+    nt_max = const super::balloon::notify_timing::MAX,
+    nt_samples = const super::balloon::notify_timing::SAMPLES,
+    nt_slots = const super::balloon::notify_timing::SLOTS,
+    nt_ring_shift = const super::balloon::notify_timing::RING_SHIFT,
     s_cursor = const super::stress::CURSOR,
     s_blocks = const super::stress::BLOCKS,
     s_block = const super::stress::BLOCK,

@@ -2,9 +2,11 @@
 //!
 //! Life cycle: [`Vm::new`] creates the VM, its guest memory ([`VmMemory`]:
 //! mappings, KVM memory slots, stage-2 table, userfaultfd handler), the
-//! default guest's set-up and the vCPUs; [`Vm::start`] runs one thread per
-//! vCPU; [`Vm::wait`] waits for the guest to finish; [`Vm::destroy`] stops
-//! and joins the vCPUs and returns, while a reclaim thread releases guest
+//! default guest's set-up, the devices (the balloon's device thread and its
+//! ioeventfds, [`crate::devices::virtio::thread`]) and the vCPUs;
+//! [`Vm::start`] runs one thread per vCPU; [`Vm::wait`] waits for the guest
+//! to finish; [`Vm::destroy`] stops and joins the vCPUs, then the device
+//! thread, and returns, while a reclaim thread releases guest
 //! RAM ([`VmMemory::release_all`]: the stage-2 whole-VM gather), then drops
 //! the VM, then closes the memory (stops the fault handler, unmaps the
 //! emptied guest RAM, closes its files), in that order
@@ -14,7 +16,10 @@
 //! Threads: vCPU threads only touch shared state through `Arc`s
 //! ([`RunControl`], [`ReportBoard`], the serial device) and a clone of the
 //! guest memory view that is valid because `destroy` joins them before the
-//! unmap.
+//! unmap. The device thread holds its device (and through it guest memory)
+//! and is joined before guest memory is released; with
+//! [`VmConfig::device_threads`] off, or for a queue whose ioeventfd KVM
+//! refuses, the vCPU that writes `QueueNotify` runs the device instead.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
@@ -30,6 +35,7 @@ use crate::devices::report::{PatternReport, ProbeReport};
 use crate::devices::serial::{Console, SerialDevice};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::mmio::{MmioTransport, VirtioMmio};
+use crate::devices::virtio::thread::{self, DeviceThread, NotifyPath};
 use crate::devices::virtio::{MmioBus, RamLayout, BALLOON_MMIO_BASE, MMIO_WINDOW};
 use crate::guest::{self, control, layout, EntryArgs, GuestError, Workload};
 use crate::vstate::memory::{
@@ -99,6 +105,10 @@ pub struct VmConfig {
     pub fault_hook: Arc<dyn FaultHook>,
     /// A virtio-balloon at [`BALLOON_MMIO_BASE`], if wanted.
     pub balloon: Option<BalloonConfig>,
+    /// Serve virtio queue notifications on a device thread woken by KVM
+    /// ioeventfds (the default); false runs them on the vCPU that wrote
+    /// `QueueNotify` (also the fallback when KVM refuses an ioeventfd).
+    pub device_threads: bool,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -110,6 +120,7 @@ impl std::fmt::Debug for VmConfig {
             .field("page_size", &self.page_size)
             .field("workload", &self.workload)
             .field("seed", &self.seed)
+            .field("device_threads", &self.device_threads)
             .finish_non_exhaustive()
     }
 }
@@ -134,6 +145,7 @@ impl VmConfig {
             seed: DEFAULT_SEED,
             fault_hook: Arc::new(NoHook),
             balloon: None,
+            device_threads: true,
         }
     }
 }
@@ -253,6 +265,9 @@ pub struct Vm {
     vm_fd: Option<VmFd>,
     memory: Option<Arc<VmMemory>>,
     balloon: Option<Arc<VirtioMmio<Balloon>>>,
+    /// Serves the balloon's queue notifications (ioeventfds), if any.
+    balloon_thread: Option<DeviceThread>,
+    balloon_notify: NotifyPath,
     mmio: Arc<MmioBus>,
     control: Arc<RunControl>,
     board: Arc<ReportBoard>,
@@ -315,8 +330,20 @@ impl Vm {
             let dev = Balloon::new(Arc::clone(&memory), offered);
             Arc::new(VirtioMmio::new(MmioTransport::new(dev, access, layout)))
         });
+        let (mut balloon_thread, mut balloon_notify) = (None, NotifyPath::Vcpu);
         if let Some(b) = &balloon {
             mmio.insert(BALLOON_MMIO_BASE, MMIO_WINDOW, b.clone());
+            let queues = b.lock().queues().len();
+            let reg = thread::register(
+                &vm_fd,
+                "virtio-balloon",
+                BALLOON_MMIO_BASE,
+                queues,
+                config.device_threads,
+            );
+            balloon_notify = reg.path();
+            balloon_thread = DeviceThread::spawn("virtio-balloon", Arc::clone(b), reg)
+                .map_err(VmError::Thread)?;
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -358,6 +385,8 @@ impl Vm {
             vm_fd: Some(vm_fd),
             memory: Some(memory),
             balloon,
+            balloon_thread,
+            balloon_notify,
             mmio: Arc::new(mmio),
             control: Arc::new(RunControl::default()),
             board: Arc::new(ReportBoard::default()),
@@ -383,6 +412,18 @@ impl Vm {
     /// The stage-2 table mirroring guest RAM.
     pub fn stage2(&self) -> &Stage2 {
         self.memory().stage2()
+    }
+
+    /// Who runs the balloon's queue notifications: the device thread
+    /// (ioeventfds registered), the vCPU (`device_threads` off, or KVM
+    /// refused), or both.
+    pub fn balloon_notify_path(&self) -> NotifyPath {
+        self.balloon_notify
+    }
+
+    /// Balloon notifications the device thread has run (0 without one).
+    pub fn balloon_thread_notifies(&self) -> u64 {
+        self.balloon_thread.as_ref().map_or(0, DeviceThread::served)
     }
 
     /// The virtio-balloon (virtio-mmio at [`BALLOON_MMIO_BASE`]), if
@@ -537,6 +578,15 @@ impl Vm {
         )?)
     }
 
+    /// The guest balloon driver's own timing of its `QueueNotify` writes
+    /// ([`guest::balloon::notify_timing`]), per queue (inflate, deflate,
+    /// free page reporting), in guest TSC cycles.
+    pub fn balloon_notify_times(&self) -> Result<Vec<guest::balloon::NotifyTimes>> {
+        Ok(guest::balloon::NotifyTimes::read_all(
+            &mut self.stage2().access(),
+        )?)
+    }
+
     /// Balloon driver errors the guest reported (`OP_BALLOON_ERROR`), by
     /// vCPU.
     pub fn balloon_driver_errors(&self) -> Vec<(u32, guest::balloon::DriverError)> {
@@ -641,6 +691,12 @@ impl Vm {
             }
         }
         self.vcpu_fds.clear();
+        // Nothing notifies any more: the device thread is stopped and
+        // joined before guest memory is released, so no device request
+        // runs into the teardown.
+        if let Some(mut t) = self.balloon_thread.take() {
+            t.stop();
+        }
         // The vCPUs are joined: the bus's device references go, so that the
         // reclaim below holds the last references to the handler and RAM.
         self.mmio = Arc::new(MmioBus::default());

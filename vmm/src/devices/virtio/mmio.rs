@@ -5,6 +5,11 @@
 //! to guest memory goes. [`VirtioMmio`] puts it behind a mutex on the MMIO
 //! bus: vCPU threads (and tests playing the driver) call
 //! [`BusDevice::read`] / [`BusDevice::write`] with offsets into the window.
+//! A VM normally registers an ioeventfd per queue on `QueueNotify`
+//! ([`super::thread`]): the guest's notify writes then never reach the
+//! vCPU path, and the device thread calls
+//! [`MmioTransport::handle_notify`] under the same lock instead; a write
+//! KVM does not match (another value, no ioeventfd) still arrives here.
 //!
 //! **Status state machine.** Writing 0 resets the device. Otherwise the
 //! driver may only add bits. `FEATURES_OK` is kept only if the driver
@@ -529,6 +534,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             Ok(()) => q.ready = true,
             Err(why) => self.needs_reset(TransportError::InvalidQueue { queue: sel, why }),
         }
+    }
+
+    /// Runs the device for a `QueueNotify` of `v`: from the vCPU (a
+    /// register write) or from the device thread (an ioeventfd for queue
+    /// `v`, [`super::thread`]). The same checks either way.
+    pub fn handle_notify(&mut self, v: u32) {
+        self.queue_notify(v);
     }
 
     fn queue_notify(&mut self, v: u32) {

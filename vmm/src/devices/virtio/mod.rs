@@ -8,6 +8,9 @@
 //!   validated before use.
 //! - [`balloon`]: virtio-balloon; inflate is a stage-2 unmap through the
 //!   guest-mm gather.
+//! - [`thread`]: the device thread, woken by a KVM ioeventfd per queue on
+//!   `QueueNotify`, so a guest's notify does not run the device (and its
+//!   releases) on the vCPU thread; the vCPU path stays as the fallback.
 //!
 //! **Invariants.** Nothing the guest writes (registers, rings, descriptors,
 //! buffers) can make the host panic or touch memory outside guest RAM: ring
@@ -29,6 +32,7 @@
 pub mod balloon;
 pub mod mmio;
 pub mod queue;
+pub mod thread;
 
 use guest_mm::mutation::{broken, Rule};
 

@@ -1,0 +1,84 @@
+//! Who runs a virtio queue notification: the device thread, woken by a KVM
+//! ioeventfd on `QueueNotify` (the default), or, when that is off or KVM
+//! refuses the ioeventfd, the vCPU that wrote the register. The guest's
+//! own balloon driver ([`Workload::Balloon`]) inflates and deflates 32 MiB
+//! either way. The device thread's own count tells which path ran each
+//! notify (all of them, or none); the transport's count and the guest's own
+//! timing of its notify writes (`balloon_notify_times`) see every one.
+
+use std::sync::Mutex;
+
+use tests::{config, destroy_and_check, kvm_or_skip, start_balloon_driver, GUEST_TIMEOUT};
+use vmm::devices::virtio::balloon::BalloonConfig;
+use vmm::devices::virtio::thread::NotifyPath;
+use vmm::{Backing, PageSize, Workload};
+
+const PAGES: u64 = (32 << 20) / 4096;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn inflate_deflate(name: &str, device_threads: bool) {
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut c, console) = config(
+        "128M",
+        1,
+        Backing::Anon,
+        PageSize::Size4K,
+        Workload::Balloon,
+    );
+    c.balloon = Some(BalloonConfig::default());
+    c.device_threads = device_threads;
+    let (vm, _) = start_balloon_driver(c, &console);
+    let want = if device_threads {
+        NotifyPath::DeviceThread
+    } else {
+        NotifyPath::Vcpu
+    };
+    assert_eq!(vm.balloon_notify_path(), want);
+    let dev = vm.balloon().expect("balloon configured").clone();
+    let before = vm.balloon_notify_times().expect("timing block");
+    let vcpu_notifies0 = dev.lock().notifies();
+    let thread0 = vm.balloon_thread_notifies();
+
+    dev.set_target_pages(u32::try_from(PAGES).expect("fits"));
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == PAGES)
+        .expect("status");
+    assert!(ok, "inflate did not finish: {st:?} {:?}", vm.outcomes());
+    dev.set_target_pages(0);
+    let (st, ok) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == 0 && s.reverified == PAGES)
+        .expect("status");
+    assert!(ok, "deflate did not finish: {st:?} {:?}", vm.outcomes());
+    assert_eq!((st.bad_words, st.error), (0, None), "{st:?}");
+
+    let c = dev.counters();
+    assert_eq!((c.pages_inflated, c.errors), (PAGES, 0));
+    assert_eq!(dev.lock().errors(), 0, "{:?}", dev.lock().recent_errors());
+    let after = vm.balloon_notify_times().expect("timing block");
+    // 1024 PFNs per request: 8 inflate and 8 deflate notifies.
+    let sent = (after[0].count - before[0].count) + (after[1].count - before[1].count);
+    assert_eq!(sent, 2 * PAGES / 1024, "{before:?} {after:?}");
+    assert!(after[0].since(before[0].count).iter().all(|&c| c > 0));
+    assert!(after[0].max_cycles > 0);
+    // Every notify ran the device once, on either path.
+    let served = dev.lock().notifies() - vcpu_notifies0;
+    assert_eq!(served, sent, "notifies served by the transport");
+    let on_thread = vm.balloon_thread_notifies() - thread0;
+    assert_eq!(on_thread, if device_threads { sent } else { 0 });
+    drop(dev);
+    destroy_and_check(vm);
+}
+
+#[test]
+fn guest_notifies_run_on_the_device_thread() {
+    inflate_deflate("guest_notifies_run_on_the_device_thread", true);
+}
+
+#[test]
+fn guest_notifies_fall_back_to_the_vcpu() {
+    inflate_deflate("guest_notifies_fall_back_to_the_vcpu", false);
+}
