@@ -41,6 +41,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use guest_mm::runs::{merge_runs, runs_of};
 use guest_mm::{GatherStats, Gpa};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 
@@ -218,31 +219,6 @@ impl std::fmt::Debug for Balloon {
     }
 }
 
-/// Sorted, de-duplicated page addresses → maximal runs `(gpa, len)`.
-fn coalesce(pages: &[u64]) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &p in pages {
-        match runs.last_mut() {
-            Some((s, l)) if *s + *l == p => *l += PAGE,
-            _ => runs.push((p, PAGE)),
-        }
-    }
-    runs
-}
-
-/// Ranges → sorted, merged ranges.
-fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (s, l) in ranges {
-        match out.last_mut() {
-            Some((ps, pl)) if *ps + *pl >= s => *pl = (*pl).max(s + l - *ps),
-            _ => out.push((s, l)),
-        }
-    }
-    out
-}
-
 impl Balloon {
     /// A balloon over the VM's guest `memory`, which it releases through.
     pub fn new(memory: Arc<VmMemory>, offered: BalloonConfig) -> Self {
@@ -404,7 +380,7 @@ impl Balloon {
         let t0 = Instant::now();
         let (heads, pages) = self.pfn_requests(q, mem, ram)?;
         let pages = self.sorted_unique(pages);
-        let runs = coalesce(&pages);
+        let runs = runs_of(pages.iter().copied(), PAGE);
         if !runs.is_empty() {
             let t = Instant::now();
             match self.release(&runs, ReleaseMode::Balloon) {
@@ -439,7 +415,7 @@ impl Balloon {
         let (heads, pages) = self.pfn_requests(q, mem, ram)?;
         let pages = self.sorted_unique(pages);
         let mut done = 0u64;
-        for (s, l) in coalesce(&pages) {
+        for (s, l) in runs_of(pages.iter().copied(), PAGE) {
             match self.memory.stage2().table().deflate(Gpa(s), l) {
                 Ok(n) => done += n,
                 Err(e) => self.error(BalloonError::Release(e.to_string())),
@@ -491,7 +467,7 @@ impl Balloon {
             }
             ranges.push((start, end - start));
         }
-        let runs = merge(ranges);
+        let runs = merge_runs(ranges);
         if !runs.is_empty() {
             match self.release(&runs, ReleaseMode::Discard) {
                 Ok(st) => {
@@ -699,23 +675,3 @@ impl VirtioMmio<Balloon> {
 
 /// A balloon transport, for the VM to put on its bus.
 pub type BalloonTransport = MmioTransport<Balloon>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn coalesce_and_merge() {
-        let p = [0x20_0000, 0x20_1000, 0x20_2000, 0x40_0000, 0x40_1000];
-        assert_eq!(coalesce(&p), vec![(0x20_0000, 0x3000), (0x40_0000, 0x2000)]);
-        assert_eq!(
-            merge(vec![
-                (0x30_0000, 0x20_0000),
-                (0, 0x20_0000),
-                (0x10_0000, 0x20_0000)
-            ]),
-            vec![(0, 0x50_0000)]
-        );
-        assert!(coalesce(&[]).is_empty());
-    }
-}
