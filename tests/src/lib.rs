@@ -198,6 +198,31 @@ pub fn destroy_and_check(vm: Vm) -> (vmm::Teardown, vmm::Reclaimed) {
     (t, r)
 }
 
+/// A config whose guest runs its balloon driver on 4 KiB pages, with the
+/// balloon device offered with its defaults (see [`config`]).
+pub fn balloon_driver_config(
+    mem: &str,
+    vcpus: u32,
+    backing: Backing,
+) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
+    let (mut c, console) = config(mem, vcpus, backing, PageSize::Size4K, Workload::Balloon);
+    c.balloon = Some(vmm::devices::virtio::balloon::BalloonConfig::default());
+    (c, console)
+}
+
+/// Ends the guest's probe loop, waits for it to finish and asserts that it
+/// verified its memory, with the outcomes and the console on failure.
+pub fn finish_guest_ok(vm: &mut Vm, console: &Mutex<Vec<u8>>) {
+    vm.finish_probes().expect("finish probes");
+    assert!(vm.wait(GUEST_TIMEOUT), "guest did not finish");
+    assert!(
+        vm.guest_ok(),
+        "{:?}\n{}",
+        vm.outcomes(),
+        console_text(console)
+    );
+}
+
 /// Creates and starts the VM of `c` (a balloon config and a workload that
 /// runs the guest's balloon driver), waits until every vCPU reported its
 /// first verify and the driver runs; returns the VM and the driver status.

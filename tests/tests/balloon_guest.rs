@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use guest_mm::{Gpa, PageState};
 use tests::virtio::{file_bytes, resident_pages};
 use tests::{
-    config, console_text, destroy_and_check, kvm_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT,
+    balloon_driver_config, config, console_text, destroy_and_check, kvm_or_skip, loud,
+    start_balloon_driver, GUEST_TIMEOUT,
 };
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::guest::balloon::{DriverError, DriverState};
@@ -235,14 +236,7 @@ fn guest_driver_balloons_only_vcpu0_share() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (mut c, console) = config(
-        "128M",
-        2,
-        Backing::Anon,
-        PageSize::Size4K,
-        Workload::Balloon,
-    );
-    c.balloon = Some(BalloonConfig::default());
+    let (c, console) = balloon_driver_config("128M", 2, Backing::Anon);
     let (mut vm, _) = start_balloon_driver(c, &console);
     let mem = vm.config().mem.bytes();
     let (s0, e0) = vmm::guest::share(mem, 2, 0);
@@ -286,14 +280,7 @@ fn guest_driver_reports_free_pages() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (mut c, console) = config(
-        "64M",
-        1,
-        Backing::Memfd,
-        PageSize::Size4K,
-        Workload::Balloon,
-    );
-    c.balloon = Some(BalloonConfig::default());
+    let (c, console) = balloon_driver_config("64M", 1, Backing::Memfd);
     let (mut vm, st) = start_balloon_driver(c, &console);
     assert!(st.reporting, "reporting negotiated: {st:?}");
     let dev = vm.balloon().expect("balloon").clone();

@@ -8,10 +8,11 @@
 
 use std::sync::Mutex;
 
-use tests::{config, destroy_and_check, kvm_or_skip, start_balloon_driver, GUEST_TIMEOUT};
-use vmm::devices::virtio::balloon::BalloonConfig;
+use tests::{
+    balloon_driver_config, destroy_and_check, kvm_or_skip, start_balloon_driver, GUEST_TIMEOUT,
+};
 use vmm::devices::virtio::thread::NotifyPath;
-use vmm::{Backing, PageSize, Workload};
+use vmm::Backing;
 
 const PAGES: u64 = (32 << 20) / 4096;
 
@@ -22,14 +23,7 @@ fn inflate_deflate(name: &str, device_threads: bool) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (mut c, console) = config(
-        "128M",
-        1,
-        Backing::Anon,
-        PageSize::Size4K,
-        Workload::Balloon,
-    );
-    c.balloon = Some(BalloonConfig::default());
+    let (mut c, console) = balloon_driver_config("128M", 1, Backing::Anon);
     c.device_threads = device_threads;
     let (vm, _) = start_balloon_driver(c, &console);
     let want = if device_threads {

@@ -27,10 +27,9 @@ use std::time::Duration;
 
 use guest_mm::{Gpa, PageState};
 use tests::{
-    boot_and_verify, config, console_text, destroy_and_check, guest_memfd_or_skip, loud,
-    start_balloon_driver, GUEST_TIMEOUT,
+    balloon_driver_config, boot_and_verify, config, console_text, destroy_and_check,
+    finish_guest_ok, guest_memfd_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT,
 };
-use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::guest::pattern;
 use vmm::{Backing, PageSize, Vm, Workload};
 
@@ -154,14 +153,7 @@ fn release(name: &str, page: PageSize) {
     assert!(matches!(state(&vm, inside), PageState::Present { .. }));
     assert_eq!(probe(&mut vm, other).1, pattern(other & !0xfff, seed));
 
-    vm.finish_probes().unwrap();
-    assert!(vm.wait(GUEST_TIMEOUT), "guest did not finish");
-    assert!(
-        vm.guest_ok(),
-        "{:?}\n{}",
-        vm.outcomes(),
-        console_text(&console)
-    );
+    finish_guest_ok(&mut vm, &console);
     assert_eq!(vm.stage2().unexpected_faults(), 0);
     destroy_and_check(vm);
 }
@@ -196,14 +188,7 @@ fn guest_driver_balloon_on_guest_memfd() {
     if !guest_memfd_or_skip(name) {
         return;
     }
-    let (mut c, console) = config(
-        "256M",
-        1,
-        Backing::GuestMemfd,
-        PageSize::Size4K,
-        Workload::Balloon,
-    );
-    c.balloon = Some(BalloonConfig::default());
+    let (c, console) = balloon_driver_config("256M", 1, Backing::GuestMemfd);
     let (mut vm, _) = start_balloon_driver(c, &console);
     let (start, end) = vmm::guest::share(vm.config().mem.bytes(), 1, 0);
     let lo = end - BALLOON;

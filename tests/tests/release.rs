@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use guest_mm::{Gpa, PageState};
-use tests::{config, console_text, destroy_and_check, kvm_or_skip, loud, HugePages, GUEST_TIMEOUT};
+use tests::{
+    config, destroy_and_check, finish_guest_ok, kvm_or_skip, loud, HugePages, GUEST_TIMEOUT,
+};
 use vmm::guest::pattern;
 use vmm::vstate::vcpu::VcpuOutcome;
 use vmm::{Backing, FaultHook, MemoryError, PageSize, Vm, VmConfig, VmError, Workload};
@@ -104,14 +106,7 @@ fn release_and_probe(name: &str, backing: Backing, page: PageSize) {
     vm.release_range(target, granule).expect("second release");
     assert_eq!(probe(&mut vm, target).0, 0);
 
-    vm.finish_probes().unwrap();
-    assert!(vm.wait(GUEST_TIMEOUT), "guest did not finish");
-    assert!(
-        vm.guest_ok(),
-        "{:?}\n{}",
-        vm.outcomes(),
-        console_text(&console)
-    );
+    finish_guest_ok(&mut vm, &console);
     loud!("{name}: fault stats {:?}", vm.fault_stats().summary());
     destroy_and_check(vm);
 }
