@@ -168,14 +168,6 @@ fn launch(a: &Args) -> Result<(Vm, f64, f64)> {
     Ok((vm, boot, ready))
 }
 
-fn kvm_modules() -> Vec<String> {
-    ["kvm_intel", "kvm_amd", "kvm_pvm"]
-        .iter()
-        .filter(|m| std::path::Path::new("/sys/module").join(m).exists())
-        .map(|m| (*m).to_string())
-        .collect()
-}
-
 /// Run the command.
 pub fn cmd(a: &Args) -> Result<()> {
     vmm::guest::check_config(a.mem, a.vcpus).context("--mem / --vcpus")?;
@@ -244,7 +236,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         mem_bytes: a.mem,
         vcpus: a.vcpus,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        kvm_modules: kvm_modules(),
+        kvm_modules: crate::peer::kvm_modules(),
         launches_per_sec: round(launches_per_sec, 2),
         launches_per_cpu_sec: if cpu_ms_per_launch > 0.0 {
             round(1e3 / cpu_ms_per_launch, 2)

@@ -8,6 +8,8 @@
 //!   unmap storm, against an `RwLock` page map and vm-memory's lookup;
 //! - `gmm bench balloon` inflates a virtio-balloon through the real device
 //!   path (host-side driver, no vCPU) against madvise baselines;
+//! - `gmm bench linux` boots the Linux fixture under `vmm`, QEMU and
+//!   Firecracker: time to init, balloon inflate rate, teardown;
 //! - `gmm mutation` breaks each protocol and device rule in turn (a build
 //!   with the test-only `mutation` feature) and checks that its detectors fail.
 //!
@@ -22,8 +24,10 @@
 
 mod balloon;
 mod launch;
+mod linux;
 mod mem;
 mod mutation;
+mod peer;
 mod plot;
 mod progress;
 mod report;
@@ -80,6 +84,8 @@ enum Bench {
     Teardown(teardown::Args),
     /// Launch+teardown cycles per second, boot time, RSS per VM.
     Launch(launch::Args),
+    /// The Linux guest under vmm, QEMU and Firecracker: boot, balloon, teardown.
+    Linux(linux::Args),
     /// Run the suite, write JSON, SVG plots and BENCHMARKS.md.
     Report(report::Args),
 }
@@ -122,6 +128,7 @@ fn main() -> Result<()> {
         Cmd::Bench(Bench::Balloon(a)) => balloon::cmd(a),
         Cmd::Bench(Bench::Teardown(a)) => teardown::cmd(a),
         Cmd::Bench(Bench::Launch(a)) => launch::cmd(a),
+        Cmd::Bench(Bench::Linux(a)) => linux::cmd(a),
         Cmd::Bench(Bench::Report(a)) => report::cmd(a),
         Cmd::StressVm(a) => stress_vm::cmd(a),
         Cmd::Mutation(a) => mutation::cmd(a),

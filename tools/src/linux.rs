@@ -1,0 +1,658 @@
+//! `gmm bench linux`: the same Linux guest (the fixture in
+//! `../shared/linux-guest/`) under our `vmm`, QEMU and Firecracker, one
+//! monitor at a time, in the same run.
+//!
+//! Each monitor boots the guest in sessions (a boot is ~35 s on a host
+//! that emulates guest ring 0, so one boot serves several rows):
+//!
+//! - **boot + balloon** (`--mem`, default 256 MiB, guest in `idle` mode):
+//!   spawn → the console line `INIT-REACHED` is `*_init_s`; then the
+//!   balloon target is raised by `--inflate` MiB (ours and Firecracker:
+//!   `PATCH /balloon`; QEMU: QMP `balloon`) and the guest's own
+//!   virtio-balloon driver inflates it; the time until the device reports
+//!   the whole amount (`GET /balloon/statistics` `actual_mib`; QMP
+//!   `query-balloon` `actual`) gives `*_inflate_mib_per_s`.
+//! - **teardown** (each of `--teardown-sizes`, guest RAM populated
+//!   host-side where the monitor can: ours `--populate`, QEMU
+//!   `prealloc=on`; Firecracker has no such option, so its RSS at the stop
+//!   is reported beside its time): once `INIT-REACHED`, the stop request
+//!   (ours and Firecracker: SIGTERM; QEMU: QMP `quit`) starts the clock;
+//!   `stop_to_memory_back_ms` runs until the process's RSS fell below a
+//!   tenth of what it was (polled every ms), `stop_to_exit_ms` until
+//!   `waitpid` returned.
+//!
+//! `monitor_setup_ms` is our `vmm`'s own figure (process start to just
+//! before the first `KVM_RUN`), read from its `--json` line. A peer that
+//! is not installed is skipped and says why; nothing is assumed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::peer::{rss_of, sock_path, tail, vmm_binary, which, Qmp, SockFile, Waited};
+use crate::rng::{ms, round};
+use crate::units::{human_bytes, parse_size, parse_size_list, SizeList};
+use crate::{emit_json, say};
+
+/// The kernel command line the fixture needs on this host (its README).
+pub const FIXTURE_CMDLINE: &str = "console=ttyS0 noxsave \
+    clearcpuid=popcnt,cx16,smap,smep,pcid,invpcid,fsgsbase,rdrand,rdseed,rdpid \
+    nopti mitigations=off tsc=reliable no_timer_check reboot=k panic=-1 \
+    i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// How long a boot to `INIT-REACHED` may take.
+const BOOT_BUDGET: Duration = Duration::from_secs(180);
+/// How long the balloon may take to reach its target.
+const INFLATE_BUDGET: Duration = Duration::from_secs(120);
+/// How long a stopped monitor may take to exit.
+const EXIT_BUDGET: Duration = Duration::from_secs(60);
+
+/// Options of `gmm bench linux`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Directory with `vmlinux` and `initrd.cpio` (default:
+    /// $GMM_LINUX_GUEST_DIR, else ../shared/linux-guest beside the repo).
+    #[arg(long)]
+    pub guest_dir: Option<PathBuf>,
+    /// Guest RAM of the boot + balloon session.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// vCPUs of every session.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// MiB the balloon inflates by.
+    #[arg(long, default_value_t = 32)]
+    pub inflate: u64,
+    /// Guest RAM sizes of the teardown sessions ("" for none).
+    #[arg(long, default_value = "1G,2G", value_parser = parse_size_list)]
+    pub teardown_sizes: SizeList,
+    /// Monitors to run, of `ours`, `qemu`, `fc`.
+    #[arg(long, value_delimiter = ',', default_value = "ours,qemu,fc")]
+    pub monitors: Vec<Monitor>,
+    /// QEMU binary (looked up in PATH unless it has a '/').
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+    /// Firecracker binary (default: ../shared/firecracker/firecracker
+    /// beside the repo, else `firecracker` in PATH).
+    #[arg(long)]
+    pub firecracker: Option<String>,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A monitor under test.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Monitor {
+    /// Our `vmm`.
+    Ours,
+    /// QEMU (`-M microvm`).
+    Qemu,
+    /// Firecracker.
+    Fc,
+}
+
+impl Monitor {
+    fn name(self) -> &'static str {
+        match self {
+            Monitor::Ours => "ours",
+            Monitor::Qemu => "qemu",
+            Monitor::Fc => "fc",
+        }
+    }
+}
+
+/// The fixture and how to start each monitor.
+struct Setup {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    vcpus: u32,
+    vmm: Option<PathBuf>,
+    qemu: Option<PathBuf>,
+    fc: Option<PathBuf>,
+}
+
+/// One teardown row.
+#[derive(Serialize, Debug)]
+struct TeardownRow {
+    monitor: Monitor,
+    mem_mib: u64,
+    /// Whether guest RAM was populated host-side before the stop.
+    populated: bool,
+    rss_at_stop_bytes: u64,
+    stop_to_memory_back_ms: Option<f64>,
+    stop_to_exit_ms: f64,
+    exit_status: Option<i32>,
+}
+
+/// The `--json` object.
+#[derive(Serialize, Debug, Default)]
+struct LinuxResult {
+    kernel: String,
+    mem_mib: u64,
+    vcpus: u32,
+    inflate_mib: u64,
+    monitor_setup_ms: Option<f64>,
+    ours_init_s: Option<f64>,
+    qemu_init_s: Option<f64>,
+    fc_init_s: Option<f64>,
+    ours_inflate_mib_per_s: Option<f64>,
+    qemu_inflate_mib_per_s: Option<f64>,
+    fc_inflate_mib_per_s: Option<f64>,
+    /// ours_init_s / qemu_init_s and / fc_init_s.
+    init_vs_qemu: Option<f64>,
+    init_vs_fc: Option<f64>,
+    /// ours_inflate_mib_per_s / the peer's.
+    inflate_vs_qemu: Option<f64>,
+    inflate_vs_fc: Option<f64>,
+    teardown: Vec<TeardownRow>,
+    /// Monitors or sessions that did not run, and why.
+    skipped: Vec<String>,
+}
+
+/// A running monitor with the guest console streamed line by line.
+struct Running {
+    monitor: Monitor,
+    child: Waited,
+    lines: Receiver<(Instant, String)>,
+    /// API socket (ours, Firecracker) or QMP socket (QEMU).
+    sock: SockFile,
+    qmp: Option<Qmp>,
+    started: Instant,
+    mem: u64,
+    /// Console lines seen, for error messages and our JSON summary.
+    seen: Vec<String>,
+}
+
+fn default_guest_dir() -> PathBuf {
+    std::env::var_os("GMM_LINUX_GUEST_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/linux-guest"),
+        PathBuf::from,
+    )
+}
+
+fn default_fc() -> String {
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/firecracker/firecracker");
+    if beside.is_file() {
+        beside.display().to_string()
+    } else {
+        "firecracker".into()
+    }
+}
+
+impl Running {
+    fn spawn(s: &Setup, monitor: Monitor, mem: u64, populate: bool, mode: &str) -> Result<Self> {
+        let sock = SockFile(sock_path(monitor.name()));
+        let _ = std::fs::remove_file(&sock.0);
+        let cmdline = format!("{FIXTURE_CMDLINE} guest.mode={mode} guest.period=10");
+        let mib = mem >> 20;
+        let started = Instant::now();
+        let cmd = match monitor {
+            Monitor::Ours => {
+                let mut c = Command::new(s.vmm.as_ref().context("no vmm binary")?);
+                c.args(["run", "--json", "--kernel"])
+                    .arg(&s.kernel)
+                    .arg("--initrd")
+                    .arg(&s.initrd)
+                    .args([
+                        "--cmdline",
+                        &cmdline,
+                        "--mem",
+                        &format!("{mib}M"),
+                        "--vcpus",
+                    ])
+                    .arg(s.vcpus.to_string())
+                    .arg("--api-sock")
+                    .arg(&sock.0)
+                    .args(["--timeout", "3600"]);
+                if populate {
+                    c.arg("--populate");
+                }
+                c
+            }
+            Monitor::Qemu => {
+                let mut c = Command::new(s.qemu.as_ref().context("no QEMU")?);
+                c.args([
+                    "-M",
+                    "microvm,acpi=off,rtc=on",
+                    "-enable-kvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                    "-smp",
+                ])
+                .arg(s.vcpus.to_string())
+                .arg("-object")
+                .arg(format!(
+                    "memory-backend-ram,id=m0,size={mib}M,prealloc={}",
+                    if populate { "on" } else { "off" }
+                ))
+                .args(["-m", &format!("{mib}M"), "-machine", "memory-backend=m0"])
+                .args(["-nodefaults", "-no-user-config", "-nographic"])
+                .args(["-serial", "stdio", "-no-reboot", "-kernel"])
+                .arg(&s.kernel)
+                .arg("-initrd")
+                .arg(&s.initrd)
+                .args([
+                    "-device",
+                    "virtio-balloon-device",
+                    "-append",
+                    &cmdline,
+                    "-qmp",
+                ])
+                .arg(format!("unix:{},server=on,wait=off", sock.0.display()));
+                c
+            }
+            Monitor::Fc => {
+                let mut c = Command::new(s.fc.as_ref().context("no Firecracker")?);
+                c.arg("--api-sock").arg(&sock.0);
+                c
+            }
+        };
+        let (child, lines) = Waited::spawn_lines(cmd)?;
+        let mut r = Running {
+            monitor,
+            child,
+            lines,
+            sock,
+            qmp: None,
+            started,
+            mem,
+            seen: Vec::new(),
+        };
+        match monitor {
+            Monitor::Ours => r.wait_api()?,
+            Monitor::Qemu => {
+                r.wait_socket()?;
+                let mut q = Qmp::connect(&r.sock.0).context("connecting to QMP")?;
+                q.line()?;
+                q.execute(r#"{"execute":"qmp_capabilities"}"#)?;
+                r.qmp = Some(q);
+            }
+            Monitor::Fc => {
+                r.wait_socket()?;
+                r.api("PUT", "/boot-source", &json!({
+                    "kernel_image_path": s.kernel, "initrd_path": s.initrd, "boot_args": cmdline,
+                }))?;
+                r.api(
+                    "PUT",
+                    "/machine-config",
+                    &json!({
+                        "vcpu_count": s.vcpus, "mem_size_mib": mib,
+                    }),
+                )?;
+                r.api(
+                    "PUT",
+                    "/balloon",
+                    &json!({
+                        "amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1,
+                    }),
+                )?;
+                r.api(
+                    "PUT",
+                    "/actions",
+                    &json!({ "action_type": "InstanceStart" }),
+                )?;
+            }
+        }
+        Ok(r)
+    }
+
+    fn who(&self) -> &'static str {
+        self.monitor.name()
+    }
+
+    fn died(&mut self) -> Result<()> {
+        if let Some(o) = self.child.exited() {
+            bail!(
+                "{} exited early ({}): {}\nconsole: {}",
+                self.who(),
+                o.status,
+                tail(&o.stderr),
+                self.seen[self.seen.len().saturating_sub(5)..].join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_socket(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.sock.0.exists() {
+            self.died()?;
+            if Instant::now() > deadline {
+                bail!("{} did not create its socket in 30 s", self.who());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    fn wait_api(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.died()?;
+            if self.sock.0.exists() && vmm::api::call(&self.sock.0, "GET", "/", None).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not serve its API in 60 s", self.who());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn api(&self, method: &str, uri: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        vmm::api::call(&self.sock.0, method, uri, Some(body))
+            .with_context(|| format!("{} refused {method} {uri} {body}", self.who()))
+    }
+
+    /// Waits for a console line starting with `marker`; when it was read.
+    fn wait_line(&mut self, marker: &str, budget: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + budget;
+        loop {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok((t, l)) => {
+                    let hit = l.trim_start().starts_with(marker);
+                    self.seen.push(l);
+                    if hit {
+                        return Ok(t);
+                    }
+                }
+                Err(_) => self.died()?,
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: no `{marker}` on the console within {} s; last lines:\n{}",
+                    self.who(),
+                    budget.as_secs(),
+                    self.seen[self.seen.len().saturating_sub(8)..].join("\n")
+                );
+            }
+        }
+    }
+
+    /// Bytes in the balloon now.
+    fn ballooned(&mut self) -> Result<u64> {
+        match self.monitor {
+            Monitor::Qemu => {
+                let q = self.qmp.as_mut().context("no QMP")?;
+                let l = q.execute(r#"{"execute":"query-balloon"}"#)?;
+                let v: serde_json::Value = serde_json::from_str(&l)?;
+                let actual = v["return"]["actual"]
+                    .as_u64()
+                    .context("query-balloon without `actual`")?;
+                Ok(self.mem.saturating_sub(actual))
+            }
+            _ => {
+                let v = vmm::api::call(&self.sock.0, "GET", "/balloon/statistics", None)
+                    .with_context(|| format!("{}: GET /balloon/statistics", self.who()))?;
+                let mib = v["actual_mib"].as_u64().with_context(|| {
+                    format!("{}: statistics without actual_mib: {v}", self.who())
+                })?;
+                Ok(mib << 20)
+            }
+        }
+    }
+
+    /// Inflates the balloon by `mib` MiB; seconds until the device had it.
+    fn inflate(&mut self, mib: u64) -> Result<f64> {
+        let target = mib << 20;
+        let t = Instant::now();
+        match self.monitor {
+            Monitor::Qemu => {
+                let q = self.qmp.as_mut().context("no QMP")?;
+                q.execute(&format!(
+                    r#"{{"execute":"balloon","arguments":{{"value":{}}}}}"#,
+                    self.mem - target
+                ))?;
+            }
+            _ => {
+                self.api("PATCH", "/balloon", &json!({ "amount_mib": mib }))?;
+            }
+        }
+        loop {
+            // Keep the console drained (and the child's pipe from filling).
+            while let Ok((_, l)) = self.lines.try_recv() {
+                self.seen.push(l);
+            }
+            if self.ballooned()? >= target {
+                return Ok(t.elapsed().as_secs_f64());
+            }
+            self.died()?;
+            if t.elapsed() > INFLATE_BUDGET {
+                bail!(
+                    "{}: the balloon did not reach {mib} MiB in {} s",
+                    self.who(),
+                    INFLATE_BUDGET.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends the stop request and times memory back and exit.
+    fn stop(mut self, populated: bool) -> Result<(TeardownRow, Option<serde_json::Value>)> {
+        while let Ok((_, l)) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        let rss = rss_of(self.child.pid);
+        let t = Instant::now();
+        match self.monitor {
+            Monitor::Qemu => {
+                self.qmp
+                    .as_mut()
+                    .context("no QMP")?
+                    .send(r#"{"execute":"quit"}"#)?;
+            }
+            _ => {
+                let pid = libc::pid_t::try_from(self.child.pid)?;
+                // SAFETY: our own unreaped child (its waiter has not
+                // reported), so the pid is still ours.
+                if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+                    bail!("SIGTERM to {} failed", self.who());
+                }
+            }
+        }
+        let mut back = None;
+        let exit = loop {
+            if back.is_none() && rss_of(self.child.pid) < rss / 10 {
+                back = Some(ms(t.elapsed()));
+            }
+            if let Some(o) = self.child.exited() {
+                break o;
+            }
+            if t.elapsed() > EXIT_BUDGET {
+                bail!(
+                    "{} did not exit within {} s of the stop",
+                    self.who(),
+                    EXIT_BUDGET.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let exit_ms = ms(t.elapsed());
+        while let Ok((_, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        let summary = self
+            .seen
+            .iter()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(serde_json::Value::is_object);
+        Ok((
+            TeardownRow {
+                monitor: self.monitor,
+                mem_mib: self.mem >> 20,
+                populated,
+                rss_at_stop_bytes: rss,
+                stop_to_memory_back_ms: back.map(|b| round(b, 3)),
+                stop_to_exit_ms: round(exit_ms, 3),
+                exit_status: exit.status.code(),
+            },
+            summary,
+        ))
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(round(a / b, 3)),
+        _ => None,
+    }
+}
+
+/// Run the command.
+pub fn cmd(a: &Args) -> Result<()> {
+    let dir = a.guest_dir.clone().unwrap_or_else(default_guest_dir);
+    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd.cpio"));
+    if !kernel.is_file() || !initrd.is_file() {
+        bail!(
+            "the Linux guest fixture is not at {} (vmlinux, initrd.cpio): pass --guest-dir \
+             or set GMM_LINUX_GUEST_DIR",
+            dir.display()
+        );
+    }
+    let mut r = LinuxResult {
+        kernel: kernel.display().to_string(),
+        mem_mib: a.mem >> 20,
+        vcpus: a.vcpus,
+        inflate_mib: a.inflate,
+        ..LinuxResult::default()
+    };
+    let mut s = Setup {
+        kernel,
+        initrd,
+        vcpus: a.vcpus,
+        vmm: None,
+        qemu: None,
+        fc: None,
+    };
+    let mut monitors = Vec::new();
+    for &m in &a.monitors {
+        let found = match m {
+            Monitor::Ours => vmm_binary()
+                .map(|p| s.vmm = Some(p))
+                .map_err(|e| format!("{e:#}")),
+            Monitor::Qemu => which(&a.qemu)
+                .map(|p| s.qemu = Some(p))
+                .ok_or_else(|| format!("{} not found (apt-get install qemu-system-x86)", a.qemu)),
+            Monitor::Fc => {
+                let fc = a.firecracker.clone().unwrap_or_else(default_fc);
+                which(&fc)
+                    .map(|p| s.fc = Some(p))
+                    .ok_or_else(|| format!("{fc} not found"))
+            }
+        };
+        match found {
+            Ok(()) => monitors.push(m),
+            Err(why) => {
+                say(a.json, &format!("SKIPPED {}: {why}\n", m.name()));
+                r.skipped.push(format!("{}: {why}", m.name()));
+            }
+        }
+    }
+    for &m in &monitors {
+        say(
+            a.json,
+            &format!(
+                "{}: boot + balloon, {}, {} vCPUs ...\n",
+                m.name(),
+                human_bytes(a.mem),
+                a.vcpus
+            ),
+        );
+        let session = (|| -> Result<_> {
+            let mut run = Running::spawn(&s, m, a.mem, false, "idle")?;
+            let init = run.wait_line("INIT-REACHED", BOOT_BUDGET)?;
+            let init_s = init.saturating_duration_since(run.started).as_secs_f64();
+            run.wait_line("NPROC", Duration::from_secs(60))?;
+            let inflate_s = run.inflate(a.inflate)?;
+            let (_, summary) = run.stop(false)?;
+            Ok((init_s, inflate_s, summary))
+        })();
+        match session {
+            Ok((init_s, inflate_s, summary)) => {
+                let rate = round(a.inflate as f64 / inflate_s, 3);
+                say(a.json, &format!("  INIT-REACHED after {init_s:.1} s; balloon +{} MiB in {inflate_s:.2} s ({rate} MiB/s)\n", a.inflate));
+                let init_s = Some(round(init_s, 3));
+                match m {
+                    Monitor::Ours => {
+                        r.ours_init_s = init_s;
+                        r.ours_inflate_mib_per_s = Some(rate);
+                        r.monitor_setup_ms = summary
+                            .as_ref()
+                            .and_then(|v| v.get("monitor_setup_ms"))
+                            .and_then(serde_json::Value::as_f64);
+                    }
+                    Monitor::Qemu => {
+                        r.qemu_init_s = init_s;
+                        r.qemu_inflate_mib_per_s = Some(rate);
+                    }
+                    Monitor::Fc => {
+                        r.fc_init_s = init_s;
+                        r.fc_inflate_mib_per_s = Some(rate);
+                    }
+                }
+            }
+            Err(e) => {
+                say(a.json, &format!("  FAILED: {e:#}\n"));
+                r.skipped
+                    .push(format!("{} boot + balloon: {e:#}", m.name()));
+            }
+        }
+        for &size in &a.teardown_sizes.0 {
+            let populated = m != Monitor::Fc;
+            say(
+                a.json,
+                &format!(
+                    "{}: teardown of a running guest, {} ...\n",
+                    m.name(),
+                    human_bytes(size)
+                ),
+            );
+            let row = Running::spawn(&s, m, size, populated, "idle").and_then(|mut run| {
+                run.wait_line("NPROC", BOOT_BUDGET)?;
+                std::thread::sleep(Duration::from_millis(500));
+                run.stop(populated).map(|(row, _)| row)
+            });
+            match row {
+                Ok(row) => {
+                    say(
+                        a.json,
+                        &format!(
+                            "  RSS {} at the stop; memory back {:?} ms, exit {} ms (status {:?})\n",
+                            human_bytes(row.rss_at_stop_bytes),
+                            row.stop_to_memory_back_ms,
+                            row.stop_to_exit_ms,
+                            row.exit_status
+                        ),
+                    );
+                    r.teardown.push(row);
+                }
+                Err(e) => {
+                    say(a.json, &format!("  FAILED: {e:#}\n"));
+                    r.skipped.push(format!(
+                        "{} teardown {}: {e:#}",
+                        m.name(),
+                        human_bytes(size)
+                    ));
+                }
+            }
+        }
+    }
+    r.init_vs_qemu = ratio(r.ours_init_s, r.qemu_init_s);
+    r.init_vs_fc = ratio(r.ours_init_s, r.fc_init_s);
+    r.inflate_vs_qemu = ratio(r.ours_inflate_mib_per_s, r.qemu_inflate_mib_per_s);
+    r.inflate_vs_fc = ratio(r.ours_inflate_mib_per_s, r.fc_inflate_mib_per_s);
+    emit_json(a.json, &r)?;
+    if !a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    Ok(())
+}
