@@ -28,6 +28,12 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod models;
+pub mod request;
+pub mod server;
+
+pub use models::BalloonStats;
+
 /// Largest request accepted (headers + body).
 pub const MAX_REQUEST: usize = 64 << 10;
 
@@ -48,112 +54,6 @@ pub enum Request {
     Shutdown,
     /// VM status.
     Status,
-}
-
-/// Firecracker's `BalloonStats` (`GET /balloon/statistics`): the device's
-/// target and actual size, and the guest's own figures from the
-/// statistics queue (absent until the guest sent them; a tag the guest
-/// did not send stays absent).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BalloonStats {
-    /// Pages the device asks the guest for.
-    pub target_pages: u32,
-    /// Pages the guest says it gave.
-    pub actual_pages: u32,
-    /// `target_pages` in MiB.
-    pub target_mib: u32,
-    /// `actual_pages` in MiB.
-    pub actual_mib: u32,
-    /// Bytes swapped in (`VIRTIO_BALLOON_S_SWAP_IN`).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub swap_in: Option<u64>,
-    /// Bytes swapped out.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub swap_out: Option<u64>,
-    /// Major page faults.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub major_faults: Option<u64>,
-    /// Minor page faults.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub minor_faults: Option<u64>,
-    /// Free memory, bytes.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub free_memory: Option<u64>,
-    /// Total memory, bytes.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub total_memory: Option<u64>,
-    /// Available memory, bytes.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub available_memory: Option<u64>,
-    /// Disk caches, bytes.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub disk_caches: Option<u64>,
-    /// Successful hugetlb allocations.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub hugetlb_allocations: Option<u64>,
-    /// Failed hugetlb allocations.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub hugetlb_failures: Option<u64>,
-    /// OOM killer invocations.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub oom_kill: Option<u64>,
-    /// Allocation stalls.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub alloc_stall: Option<u64>,
-    /// Memory scanned asynchronously.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub async_scan: Option<u64>,
-    /// Memory scanned directly.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub direct_scan: Option<u64>,
-    /// Memory reclaimed asynchronously.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub async_reclaim: Option<u64>,
-    /// Memory reclaimed directly.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub direct_reclaim: Option<u64>,
-}
-
-impl BalloonStats {
-    /// From the device's sizes and the guest's `(tag, value)` pairs
-    /// (virtio 1.2 §5.5.6.3 tags 0..=15; unknown tags are ignored, a
-    /// repeated tag keeps its last value).
-    pub fn new(
-        target_pages: u32,
-        actual_pages: u32,
-        guest: impl IntoIterator<Item = (u16, u64)>,
-    ) -> Self {
-        let mut s = Self {
-            target_pages,
-            actual_pages,
-            target_mib: target_pages >> 8,
-            actual_mib: actual_pages >> 8,
-            ..Self::default()
-        };
-        for (tag, val) in guest {
-            let slot = match tag {
-                0 => &mut s.swap_in,
-                1 => &mut s.swap_out,
-                2 => &mut s.major_faults,
-                3 => &mut s.minor_faults,
-                4 => &mut s.free_memory,
-                5 => &mut s.total_memory,
-                6 => &mut s.available_memory,
-                7 => &mut s.disk_caches,
-                8 => &mut s.hugetlb_allocations,
-                9 => &mut s.hugetlb_failures,
-                10 => &mut s.oom_kill,
-                11 => &mut s.alloc_stall,
-                12 => &mut s.async_scan,
-                13 => &mut s.direct_scan,
-                14 => &mut s.async_reclaim,
-                15 => &mut s.direct_reclaim,
-                _ => continue,
-            };
-            *slot = Some(val);
-        }
-        s
-    }
 }
 
 /// What the VMM does with requests.
@@ -488,25 +388,6 @@ mod tests {
 
     fn sock(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("vmm-api-{name}-{}.sock", std::process::id()))
-    }
-
-    #[test]
-    fn balloon_stats_map_tags_to_firecracker_fields() {
-        let s = BalloonStats::new(
-            8192,
-            4096,
-            [(4, 100 << 20), (5, 256 << 20), (99, 1), (4, 7)],
-        );
-        assert_eq!((s.target_mib, s.actual_mib), (32, 16));
-        assert_eq!(s.free_memory, Some(7));
-        assert_eq!(s.total_memory, Some(256 << 20));
-        assert_eq!(s.swap_in, None);
-        let v = serde_json::to_value(&s).unwrap();
-        assert_eq!(v["actual_pages"], 4096);
-        assert!(
-            v.get("swap_in").is_none(),
-            "absent figures are left out: {v}"
-        );
     }
 
     #[test]
