@@ -48,7 +48,7 @@ pub use fault::{FailPoint, FaultInjection};
 pub use gather::{Gather, GatherStats};
 pub use notify::{Invalidation, InvalidationSubscriber, SubscribeError, SubscriberId};
 pub use table::{
-    FaultError, FaultOutcome, MapError, PageState, RangeError, Stage2Table, TableConfig,
+    Census, FaultError, FaultOutcome, MapError, PageState, RangeError, Stage2Table, TableConfig,
     TableStats, UnmapError, UnmapMode,
 };
 pub use view::{GuestMemoryView, ViewSlices};

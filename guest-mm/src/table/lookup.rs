@@ -40,6 +40,22 @@ pub(crate) enum Lookup {
     Poison,
 }
 
+/// How `[start, end)` of the table is used right now ([`Stage2Table::census`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Present leaves by size: 4 KiB, 2 MiB, 1 GiB (a leaf the range cuts
+    /// counts once).
+    pub leaves: [u64; 3],
+    /// Bytes mapped and present.
+    pub present_bytes: u64,
+    /// Bytes discarded (released, fault back in on the next touch).
+    pub discarded_bytes: u64,
+    /// Bytes in the balloon.
+    pub ballooned_bytes: u64,
+    /// Freed table pages read (must stay 0; see `use_after_free`).
+    pub poisoned: u64,
+}
+
 /// What the table knows about one guest page (for oracles and tools).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageState {
@@ -109,6 +125,40 @@ impl Stage2Table {
         let mut r = self.rcu.register();
         let _g = r.pin(&self.rcu);
         state_of(self.lookup(gpa), gpa)
+    }
+
+    /// Count what `[start, end)` holds right now: present leaves by size,
+    /// discarded and ballooned bytes. One pinned scan of the table (no
+    /// lock; O(table pages) of the range), for monitoring, never a hot
+    /// path. Must not be called while the calling thread is pinned.
+    pub fn census(&self, start: Gpa, end: Gpa) -> Census {
+        let mut c = Census::default();
+        let end = Gpa(end.0.min(ADDRESS_LIMIT));
+        if start.0 >= end.0 {
+            return c;
+        }
+        self.scan(start, end, &mut |a, l| {
+            let span = |level: u32| {
+                let size = level_size(level);
+                ((a.0 & !(size - 1)) + size).min(end.0) - a.0
+            };
+            match l {
+                Lookup::Leaf { level, .. } => {
+                    if let Some(n) = c.leaves.get_mut(level as usize - 1) {
+                        *n += 1;
+                    }
+                    c.present_bytes += span(level);
+                }
+                Lookup::Marker { pte, level } if pte.markers() & SW_BALLOONED != 0 => {
+                    c.ballooned_bytes += span(level);
+                }
+                Lookup::Marker { level, .. } => c.discarded_bytes += span(level),
+                Lookup::Poison => c.poisoned += 1,
+                Lookup::None => {}
+            }
+            true
+        });
+        c
     }
 
     /// Visit every leaf, marker and hole covering `[start, end)` in order,

@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicU64 as StatU64, Ordering::Relaxed};
 
 pub use error::{FaultError, MapError, RangeError, UnmapError};
 pub use fault_in::FaultOutcome;
-pub use lookup::PageState;
+pub use lookup::{Census, PageState};
 pub(crate) use lookup::{state_of, Lookup};
 pub use ops::UnmapMode;
 use pending::PendingSet;
