@@ -272,33 +272,7 @@ pub struct VmConfigFile {
 }
 
 /// `GET /memory`: what only this monitor knows about guest memory.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct MemoryInfo {
-    /// Guest RAM, bytes.
-    pub guest_ram_bytes: u64,
-    /// Stage-2 table pages × 4 KiB.
-    pub table_bytes: u64,
-    /// Leaves by size: 4 KiB.
-    pub leaves_4k: u64,
-    /// Leaves by size: 2 MiB.
-    pub leaves_2m: u64,
-    /// Bytes in the balloon.
-    pub ballooned_bytes: u64,
-    /// Bytes discarded (free page reporting, releases) and not touched since.
-    pub discarded_bytes: u64,
-    /// Gathers flushed.
-    pub gathers: u64,
-    /// Backing bytes the gathers released.
-    pub released_bytes: u64,
-    /// Longest table-lock hold, µs.
-    pub max_lock_hold_us: f64,
-    /// 99th percentile table-lock hold, µs.
-    pub p99_lock_hold_us: f64,
-    /// Invalidations seen by the KVM-side subscriber.
-    pub invalidations: u64,
-    /// Demand faults resolved by the userfaultfd handler.
-    pub demand_faults: u64,
-}
+pub use crate::vstate::memory::MemoryReport as MemoryInfo;
 
 /// Firecracker's `BalloonStats` (`GET /balloon/statistics`): the device's
 /// target and actual size, and the guest's own figures from the

@@ -45,6 +45,7 @@
 pub mod backing;
 pub mod populate;
 pub mod release;
+pub mod report;
 pub mod stage2;
 pub mod uffd;
 
@@ -59,6 +60,7 @@ pub use backing::{
     RegionDesc, MAX_MEM_BYTES, SIZE_2M, SIZE_4K,
 };
 pub use release::{ReleaseError, ReleaseMode};
+pub use report::MemoryReport;
 pub use stage2::{GuestAccess, KvmSide, Stage2, Stage2Error, TeardownStats};
 pub use uffd::{FaultHandler, FaultHook, FaultStats, FaultSummary, NoHook, UffdError};
 
