@@ -13,6 +13,7 @@
 //! | [`uffd`] | the userfaultfd handler (demand faults on released ranges) |
 //! | [`release`] | the one release entry point ([`VmMemory::release`]) and the teardown's ([`VmMemory::release_all`]) |
 //! | [`populate`] | host-side populate, residency |
+//! | [`report`] | [`MemoryReport`]: census of the table and counters (`GET /memory`) |
 //!
 //! **Invariants.**
 //! - Every release of guest memory goes through [`VmMemory::release`]
