@@ -26,6 +26,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod api;
+pub mod boot;
 pub mod devices;
 pub mod guest;
 pub mod proc_stats;
