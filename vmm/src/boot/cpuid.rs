@@ -3,7 +3,7 @@
 //! single-thread cores in one package.
 //!
 //! **Invariants.**
-//! - Leaf 1 EBX[31:24], leaf 0xb/0x1f EDX and the MP table agree on the
+//! - Leaf 1 EBX bits 31-24, leaf 0xb/0x1f EDX and the MP table agree on the
 //!   APIC id of every vCPU (its index).
 //! - Leaves 4, 0xb and 0x1f describe the same topology: `vcpus` cores of one
 //!   thread each, in one package (so `NPROC` in the guest is `vcpus`).

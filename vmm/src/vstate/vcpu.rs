@@ -8,8 +8,8 @@
 //! or just before it (the next `KVM_RUN` returns at once). The loop clears
 //! `immediate_exit` and re-reads the request after every `EINTR`.
 //!
-//! Two loops: the default guest's ([`run_loop`]: report device, exceptions,
-//! `hlt` ends the vCPU) and a Linux guest's ([`linux_loop`]: port I/O to
+//! Two loops: the default guest's (`run_loop`: report device, exceptions,
+//! `hlt` ends the vCPU) and a Linux guest's (`linux_loop`: port I/O to
 //! [`LegacyIo`], MMIO to the bus, KVM's in-kernel irqchip handles `hlt`, a
 //! reset request or a KVM shutdown/system event ends the VM).
 
@@ -228,7 +228,7 @@ pub struct VcpuContext {
     pub memory: GuestMemoryMmap,
     /// MMIO devices (virtio-mmio windows).
     pub mmio: Arc<MmioBus>,
-    /// The port devices of a Linux guest; `Some` selects [`linux_loop`].
+    /// The port devices of a Linux guest; `Some` selects the Linux loop.
     pub legacy: Option<Arc<LegacyIo>>,
 }
 

@@ -9,7 +9,7 @@
 //! device keeps its reset behaviour and adds the rest.
 //!
 //! **Invariants.** Nothing the guest writes can panic or grow memory: the
-//! output buffer is a fixed ring of [`BUF_SIZE`] bytes (a full buffer drops
+//! output buffer is a fixed ring of 16 bytes (a full buffer drops
 //! the key and says so); the reset and interrupt lines are triggers whose
 //! errors are returned, never unwrapped.
 
