@@ -7,6 +7,10 @@
 //! every vCPU directly in ring 3, so that nothing runs at CPL0 (which
 //! shadow-paging hosts emulate slowly).
 //!
+//! With [`VmConfig::linux`] the VM boots a real Linux kernel instead
+//! ([`boot`]: linux-loader, MP table, CPUID, boot vCPU state; the in-kernel
+//! irqchip and the legacy devices in [`devices::legacy`]).
+//!
 //! Guest memory has one owner, [`VmMemory`] (`vstate/memory/`): the host
 //! mappings and files (anonymous, memfd, hugetlb or a KVM guest_memfd), the
 //! KVM memory slots, the guest-mm stage-2 table that mirrors them
@@ -26,6 +30,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod api;
+pub mod boot;
 pub mod devices;
 pub mod guest;
 pub mod proc_stats;

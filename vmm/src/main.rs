@@ -29,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boot the embedded default guest, let it verify its RAM, tear down.
+    /// Boot the embedded default guest, let it verify its RAM, tear down;
+    /// or, with --kernel, boot a Linux kernel until it reboots.
     Run(RunArgs),
     /// Talk to a running `vmm run --api-sock PATH`.
     Ctl(CtlArgs),
@@ -79,9 +80,27 @@ struct RunArgs {
     /// balloon whose guest driver (vCPU 0) follows the target.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<std::path::PathBuf>,
-    /// Give up on the guest after this many seconds.
-    #[arg(long, default_value_t = 60)]
-    timeout_secs: u64,
+    /// Give up on the guest after this many seconds (default 60; no limit
+    /// for a Linux guest).
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+    /// Boot this Linux kernel (x86-64 ELF vmlinux with a PVH note, or a
+    /// bzImage) instead of the embedded guest; the VM ends when the guest
+    /// reboots (exit status 0).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<std::path::PathBuf>,
+    /// An initramfs for --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initrd: Option<std::path::PathBuf>,
+    /// The kernel command line for --kernel (default: the one this host
+    /// needs, see `../shared/linux-guest/README.md`); the monitor appends
+    /// `virtio_mmio.device=` for its devices.
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    cmdline: Option<String>,
+    /// With --kernel: attach a virtio-balloon (virtio-mmio, announced on
+    /// the command line).
+    #[arg(long, requires = "kernel")]
+    balloon: bool,
     /// Populate all guest RAM host-side (`MADV_POPULATE_WRITE`) before the
     /// vCPUs start. With `--api-sock`, the vCPUs are then held paused (like
     /// QEMU's `-S`) and a shutdown request stops them at once instead of
@@ -310,7 +329,126 @@ fn inflate_to_target(vm: &mut Vm, bytes: u64, timeout: Duration) -> anyhow::Resu
     Ok(r)
 }
 
+/// The `--json` object of a Linux run.
+#[derive(serde::Serialize)]
+struct LinuxSummary {
+    /// "linux".
+    boot: &'static str,
+    /// The guest ended by asking for it (reset, power off).
+    guest_ok: bool,
+    vcpus: u32,
+    mem_bytes: u64,
+    backing: String,
+    kernel: String,
+    cmdline: String,
+    /// From process start to just before vCPU 0's first `KVM_RUN`.
+    monitor_setup_ms: Option<f64>,
+    /// From starting the vCPUs until the guest ended.
+    run_ms: f64,
+    /// What ended the VM: "reset", "power-off", "triple-fault", "timeout", or
+    /// the error.
+    exit_reason: String,
+    teardown_ms: f64,
+    reclaim_ms: f64,
+    memory_back_ms: f64,
+    rss_peak_bytes: u64,
+    rss_after_teardown_bytes: u64,
+    outcomes: Vec<vmm::vstate::vcpu::VcpuOutcome>,
+}
+
+fn exit_reason(o: Option<&vmm::vstate::vcpu::VcpuOutcome>) -> String {
+    use vmm::vstate::vcpu::VcpuOutcome;
+    match o {
+        None => "timeout".into(),
+        Some(VcpuOutcome::Reset) => "reset".into(),
+        Some(VcpuOutcome::PowerOff) => "power-off".into(),
+        Some(VcpuOutcome::Shutdown) => "triple-fault".into(),
+        Some(o) => format!("{o:?}"),
+    }
+}
+
+/// `vmm run --kernel`: boots Linux, console on stdout, until the guest
+/// reboots (or --timeout-secs); then tears down and waits for guest RAM to
+/// be released before returning.
+fn run_linux(args: &RunArgs, kernel: &std::path::Path) -> anyhow::Result<bool> {
+    let t0 = *PROCESS_START.get_or_init(Instant::now);
+    let mem: MemSize = args.mem.parse()?;
+    if args.balloon_target.is_some() || args.release_mib > 0 || args.api_sock.is_some() {
+        anyhow::bail!(
+            "--balloon-target, --release-mib and --api-sock drive the embedded guest: leave them              out with --kernel (use --balloon to attach a balloon)"
+        );
+    }
+    let mut config = VmConfig::new(mem);
+    config.vcpus = args.vcpus;
+    config.backing = args.backing.parse()?;
+    config.page_size = args.page_size.parse()?;
+    config.console = Console::Stdout;
+    let mut spec = vmm::boot::LinuxSpec::new(kernel);
+    spec.initrd.clone_from(&args.initrd);
+    if let Some(c) = &args.cmdline {
+        spec.cmdline.clone_from(c);
+    }
+    config.linux = Some(spec);
+    if args.balloon {
+        config.balloon = Some(BalloonConfig::default());
+    }
+    let mut vm = Vm::new(config).context("creating the microVM")?;
+    if vmm::devices::serial::stdin_is_terminal() {
+        vmm::devices::serial::spawn_stdin_reader(Arc::clone(vm.serial()))
+            .context("starting the console input thread")?;
+    }
+    if args.populate {
+        vm.memory().populate()?;
+    }
+    let t_start = Instant::now();
+    vm.start().context("starting vCPUs")?;
+    let end = vm.wait_linux(args.timeout_secs.map(Duration::from_secs));
+    let run_ms = ms(t_start.elapsed());
+    let monitor_setup_ms = vm.first_run().map(|t| ms(t.duration_since(t0)));
+    let cmdline = vm.linux_cmdline().unwrap_or_default().to_string();
+    let rss_peak = proc_stats::rss().peak;
+    let mut teardown = vm.destroy();
+    let reclaimed = teardown.wait_reclaim();
+    let outcome = end.map(|(_, o)| o);
+    let guest_ok = outcome.as_ref().is_some_and(|o| o.is_linux_exit());
+    let summary = LinuxSummary {
+        boot: "linux",
+        guest_ok,
+        vcpus: args.vcpus,
+        mem_bytes: mem.bytes(),
+        backing: args.backing.clone(),
+        kernel: kernel.display().to_string(),
+        cmdline,
+        monitor_setup_ms,
+        run_ms,
+        exit_reason: exit_reason(outcome.as_ref()),
+        teardown_ms: teardown.teardown_ms,
+        reclaim_ms: reclaimed.reclaim_ms,
+        memory_back_ms: reclaimed.memory_back_ms,
+        rss_peak_bytes: rss_peak,
+        rss_after_teardown_bytes: proc_stats::rss().rss,
+        outcomes: teardown.outcomes.clone(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "vmm: linux guest ended: {} after {:.1} s (monitor set-up {} ms), teardown {:.2} ms, \
+             memory back after {:.1} ms",
+            summary.exit_reason,
+            run_ms / 1e3,
+            monitor_setup_ms.map_or_else(|| "n/a".into(), |m| format!("{m:.1}")),
+            summary.teardown_ms,
+            summary.memory_back_ms
+        );
+    }
+    Ok(guest_ok)
+}
+
 fn run(args: &RunArgs) -> anyhow::Result<bool> {
+    if let Some(k) = &args.kernel {
+        return run_linux(args, k);
+    }
     let t0 = *PROCESS_START.get_or_init(Instant::now);
     let mem: MemSize = args.mem.parse()?;
     let backing: Backing = args.backing.parse()?;
@@ -349,7 +487,7 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         config.workload = Workload::Balloon;
         config.balloon = Some(BalloonConfig::default());
     }
-    let timeout = Duration::from_secs(args.timeout_secs);
+    let timeout = Duration::from_secs(args.timeout_secs.unwrap_or(60));
     let mut vm = Vm::new(config).context("creating the microVM")?;
     if args.populate {
         // Before the vCPUs start: nothing else touches guest RAM.
@@ -359,7 +497,7 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
     let t_start = Instant::now();
     vm.start().context("starting vCPUs")?;
     if held && !vm.pause(timeout) {
-        anyhow::bail!("the vCPUs did not pause within {} s", args.timeout_secs);
+        anyhow::bail!("the vCPUs did not pause within {} s", timeout.as_secs());
     }
     let release = if args.release_mib > 0 {
         release_and_read_back(&mut vm, args.release_mib, timeout)?
@@ -444,7 +582,7 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         if !finished {
-            println!("vmm: guest did not finish within {} s", args.timeout_secs);
+            println!("vmm: guest did not finish within {} s", timeout.as_secs());
         }
         for (i, o) in summary.outcomes.iter().enumerate() {
             println!("vmm: vcpu {i}: {o:?}");

@@ -1,7 +1,10 @@
-//! Emulated devices of the microVM: the 8250 serial console, the report
-//! device through which the default guest tells the VMM how it did, and
-//! virtio devices on virtio-mmio (the balloon).
+//! Emulated devices of the microVM: the legacy port devices (the 8250
+//! serial console, and for a Linux guest the i8042), the report device
+//! through which the default guest tells the VMM how it did, and virtio
+//! devices on virtio-mmio (the balloon).
 
+pub mod legacy;
 pub mod report;
-pub mod serial;
 pub mod virtio;
+
+pub use legacy::serial;

@@ -7,6 +7,11 @@
 //! is seen whether the signal lands inside `KVM_RUN` (which returns `EINTR`)
 //! or just before it (the next `KVM_RUN` returns at once). The loop clears
 //! `immediate_exit` and re-reads the request after every `EINTR`.
+//!
+//! Two loops: the default guest's (`run_loop`: report device, exceptions,
+//! `hlt` ends the vCPU) and a Linux guest's (`linux_loop`: port I/O to
+//! [`LegacyIo`], MMIO to the bus, KVM's in-kernel irqchip handles `hlt`, a
+//! reset request or a KVM shutdown/system event ends the VM).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -17,6 +22,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::devices::legacy::LegacyIo;
 use crate::devices::report::{
     has_error_code, GuestException, PatternReport, ProbeReport, EXC_PORT, OP_DONE, OP_HELLO,
     OP_PROBE, OP_RESULT, REPORT_MMIO,
@@ -149,6 +155,18 @@ pub enum VcpuOutcome {
     BalloonDriverError(DriverError),
     /// KVM could not run or emulate the guest.
     KvmError(String),
+    /// A Linux guest asked for a reset: 0xfe to the i8042 (`reboot=k`) or a
+    /// KVM reset system event. The monitor ends the VM (a clean end).
+    Reset,
+    /// A Linux guest powered off (KVM shutdown system event).
+    PowerOff,
+}
+
+impl VcpuOutcome {
+    /// Whether this ends a Linux guest cleanly (it asked to go away).
+    pub fn is_linux_exit(&self) -> bool {
+        matches!(self, Self::Reset | Self::PowerOff | Self::Shutdown)
+    }
 }
 
 /// Everything the guest reported, shared by all vCPU threads.
@@ -156,6 +174,8 @@ pub enum VcpuOutcome {
 pub struct Reports {
     /// First `OP_HELLO` seen.
     pub first_hello: Option<Instant>,
+    /// Just before the first `KVM_RUN` of vCPU 0 (Linux guests).
+    pub first_run: Option<Instant>,
     /// Pattern results.
     pub results: Vec<PatternReport>,
     /// Probe answers.
@@ -208,6 +228,8 @@ pub struct VcpuContext {
     pub memory: GuestMemoryMmap,
     /// MMIO devices (virtio-mmio windows).
     pub mmio: Arc<MmioBus>,
+    /// The port devices of a Linux guest; `Some` selects the Linux loop.
+    pub legacy: Option<Arc<LegacyIo>>,
 }
 
 enum Exit {
@@ -222,7 +244,10 @@ enum Exit {
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuOutcome {
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN_PTR.with(|c| c.set(run_ptr));
-    let outcome = run_loop(&mut vcpu, &ctx);
+    let outcome = match ctx.legacy.clone() {
+        Some(io) => linux_loop(&mut vcpu, &ctx, &io),
+        None => run_loop(&mut vcpu, &ctx),
+    };
     KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
     ctx.board
         .update(|r| r.outcomes.push((ctx.index, outcome.clone())));
@@ -303,6 +328,76 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
                     return VcpuOutcome::Exception(exception(vcpu, ctx, value));
                 }
             }
+        }
+    }
+}
+
+/// The `KVM_RUN` loop of a Linux guest. Never panics on guest data: unknown
+/// ports read 0xff, unknown MMIO reads 0xff, writes to either are dropped.
+fn linux_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, io: &LegacyIo) -> VcpuOutcome {
+    if ctx.index == 0 {
+        let now = Instant::now();
+        ctx.board.update(|r| {
+            r.first_run.get_or_insert(now);
+        });
+    }
+    loop {
+        if !ctx.control.check() {
+            return VcpuOutcome::Stopped;
+        }
+        if io.reset_requested() {
+            return VcpuOutcome::Reset;
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => io.read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                io.write(port, data);
+                if io.reset_requested() {
+                    return VcpuOutcome::Reset;
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => match ctx.mmio.find(addr) {
+                Some((dev, off)) => dev.read(off, data),
+                None => data.fill(0xff),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some((dev, off)) = ctx.mmio.find(addr) {
+                    dev.write(off, data);
+                }
+            }
+            // With the in-kernel irqchip KVM waits in HLT itself; should one
+            // still come here, go back in (the LAPIC wakes the vCPU).
+            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Shutdown) => return VcpuOutcome::Shutdown,
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
+                    VcpuOutcome::PowerOff
+                } else {
+                    VcpuOutcome::Reset
+                };
+            }
+            Ok(VcpuExit::InternalError) => {
+                let sub = vcpu.get_kvm_run().__bindgen_anon_1;
+                // SAFETY: on KVM_EXIT_INTERNAL_ERROR the kernel fills the
+                // `internal` member of the exit union.
+                let suberror = unsafe { sub.internal.suberror };
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                return VcpuOutcome::KvmError(format!(
+                    "KVM internal error, suberror {suberror}, guest rip {rip:#x} (on a PVM host, \
+                     see dmesg for the instruction the emulator stopped on)"
+                ));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return VcpuOutcome::KvmError(format!(
+                    "VM entry failed: hardware reason {reason:#x} on cpu {cpu}"
+                ))
+            }
+            Ok(VcpuExit::Intr) => vcpu.set_kvm_immediate_exit(0),
+            Ok(other) => return VcpuOutcome::KvmError(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => return VcpuOutcome::KvmError(format!("KVM_RUN failed: {e}")),
         }
     }
 }

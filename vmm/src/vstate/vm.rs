@@ -20,6 +20,13 @@
 //! and is joined before guest memory is released; with
 //! [`VmConfig::device_threads`] off, or for a queue whose ioeventfd KVM
 //! refuses, the vCPU that writes `QueueNotify` runs the device instead.
+//!
+//! With [`VmConfig::linux`] the VM boots a Linux kernel instead of the
+//! default guest ([`crate::boot`]): everything about the boot is checked
+//! before KVM is opened; the in-kernel irqchip and PIT are created before
+//! the vCPUs; the legacy port devices ([`crate::devices::legacy::LegacyIo`]) and the virtio-mmio
+//! devices get their interrupts through irqfds ([`super::linux`]); the VM
+//! ends when the guest asks for a reset ([`Vm::wait_linux`]).
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
@@ -30,7 +37,9 @@ use std::time::{Duration, Instant};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
+use super::linux;
 use super::vcpu::{self, ReportBoard, Reports, Request, RunControl, VcpuContext, VcpuOutcome};
+use crate::boot::{self, LinuxSpec};
 use crate::devices::report::{PatternReport, ProbeReport};
 use crate::devices::serial::{Console, SerialDevice};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
@@ -79,6 +88,18 @@ pub enum VmError {
     /// The stage-2 table.
     #[error(transparent)]
     Stage2(#[from] Stage2Error),
+    /// The Linux boot (kernel, initrd, command line, vCPU state).
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// An eventfd for an interrupt line.
+    #[error("creating an interrupt eventfd failed: {0}")]
+    EventFd(std::io::Error),
+    /// Not a Linux VM.
+    #[error("{0} needs a VM booted with a Linux kernel (VmConfig::linux)")]
+    NotLinux(&'static str),
+    /// The i8042 could not take the key sequence.
+    #[error(transparent)]
+    I8042(#[from] crate::devices::legacy::i8042::I8042Error),
 }
 
 /// Result alias of this module.
@@ -109,6 +130,9 @@ pub struct VmConfig {
     /// ioeventfds (the default); false runs them on the vCPU that wrote
     /// `QueueNotify` (also the fallback when KVM refuses an ioeventfd).
     pub device_threads: bool,
+    /// Boot this Linux kernel instead of the embedded default guest
+    /// (`workload` and `seed` are then unused).
+    pub linux: Option<LinuxSpec>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -121,6 +145,7 @@ impl std::fmt::Debug for VmConfig {
             .field("workload", &self.workload)
             .field("seed", &self.seed)
             .field("device_threads", &self.device_threads)
+            .field("linux", &self.linux)
             .finish_non_exhaustive()
     }
 }
@@ -146,6 +171,7 @@ impl VmConfig {
             fault_hook: Arc::new(NoHook),
             balloon: None,
             device_threads: true,
+            linux: None,
         }
     }
 }
@@ -272,6 +298,9 @@ pub struct Vm {
     control: Arc<RunControl>,
     board: Arc<ReportBoard>,
     serial: Arc<SerialDevice>,
+    /// A Linux guest's port devices and interrupt lines (`None`: the
+    /// default guest).
+    linux: Option<linux::LinuxPlatform>,
     vcpu_fds: Vec<VcpuFd>,
     threads: Vec<JoinHandle<VcpuOutcome>>,
     probe_seq: u64,
@@ -294,7 +323,25 @@ impl Vm {
     /// Creates the VM, its RAM, the guest set-up and the vCPUs (not running).
     pub fn new(config: VmConfig) -> Result<Self> {
         let mem = config.mem.bytes();
-        guest::check_config(mem, config.vcpus)?;
+        // A Linux boot is read and checked before anything is created.
+        let prepared = match &config.linux {
+            Some(spec) => {
+                let devices: Vec<boot::MmioDeviceInfo> = config
+                    .balloon
+                    .iter()
+                    .map(|_| boot::MmioDeviceInfo {
+                        base: BALLOON_MMIO_BASE,
+                        size: MMIO_WINDOW,
+                        irq: linux::BALLOON_GSI,
+                    })
+                    .collect();
+                Some(boot::prepare(spec, mem, config.vcpus, &devices)?)
+            }
+            None => {
+                guest::check_config(mem, config.vcpus)?;
+                None
+            }
+        };
         memory::check_backing(config.mem, config.backing, config.page_size)?;
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let max = kvm.get_max_vcpus();
@@ -311,6 +358,10 @@ impl Vm {
         if mem <= TSS_ADDR {
             let _ = vm_fd.set_tss_address(TSS_ADDR as usize);
         }
+        if prepared.is_some() {
+            // Before any vCPU exists.
+            linux::create_irqchip(&vm_fd)?;
+        }
         // The Vm keeps the memory until after vm_fd (and with it the
         // slots) is gone (`Remains`).
         let memory = Arc::new(VmMemory::new(
@@ -322,10 +373,23 @@ impl Vm {
             Arc::clone(&config.fault_hook),
             Some(&vm_fd),
         )?);
-        guest::setup(memory.guest_memory(), mem, config.vcpus)?;
+        let entry = match &prepared {
+            Some(p) => Some(p.load(memory.guest_memory())?),
+            None => {
+                guest::setup(memory.guest_memory(), mem, config.vcpus)?;
+                None
+            }
+        };
+        // Linux never balloons below 1 MiB; the default guest keeps its
+        // structures below WORKLOAD_START.
+        let reserved_below = if entry.is_some() {
+            boot::layout::HIMEM_START
+        } else {
+            layout::WORKLOAD_START
+        };
         let mut mmio = MmioBus::default();
         let balloon = config.balloon.map(|offered| {
-            let layout = RamLayout::new(&memory.regions(), layout::WORKLOAD_START);
+            let layout = RamLayout::new(&memory.regions(), reserved_below);
             let access = memory.access();
             let dev = Balloon::new(Arc::clone(&memory), offered);
             Arc::new(VirtioMmio::new(MmioTransport::new(dev, access, layout)))
@@ -345,6 +409,15 @@ impl Vm {
             balloon_thread = DeviceThread::spawn("virtio-balloon", Arc::clone(b), reg)
                 .map_err(VmError::Thread)?;
         }
+        let platform = match &prepared {
+            Some(p) => Some(linux::LinuxPlatform::new(
+                &vm_fd,
+                config.console.clone(),
+                balloon.is_some(),
+                p.cmdline(),
+            )?),
+            None => None,
+        };
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -353,6 +426,14 @@ impl Vm {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
+            if let Some(entry) = entry {
+                let id = boot::cpuid::for_vcpu(&cpuid, i, config.vcpus)?;
+                fd.set_cpuid2(&id)
+                    .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
+                boot::cpu::setup_vcpu(&fd, entry.protocol, entry.entry)?;
+                vcpu_fds.push(fd);
+                continue;
+            }
             let mut id = cpuid.clone();
             for e in id.as_mut_slice() {
                 if e.function == 1 {
@@ -380,7 +461,11 @@ impl Vm {
             vcpu_fds.push(fd);
         }
         Ok(Self {
-            serial: Arc::new(SerialDevice::new(config.console.clone())),
+            serial: platform.as_ref().map_or_else(
+                || Arc::new(SerialDevice::new(config.console.clone())),
+                |p| Arc::clone(&p.io.serial),
+            ),
+            linux: platform,
             config,
             vm_fd: Some(vm_fd),
             memory: Some(memory),
@@ -452,6 +537,7 @@ impl Vm {
                 serial: Arc::clone(&self.serial),
                 memory: gm.clone(),
                 mmio: Arc::clone(&self.mmio),
+                legacy: self.linux.as_ref().map(|p| Arc::clone(&p.io)),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
@@ -460,6 +546,58 @@ impl Vm {
             self.threads.push(t);
         }
         Ok(())
+    }
+
+    /// The serial console device (a Linux guest's gets its input through
+    /// [`SerialDevice::enqueue`]).
+    pub fn serial(&self) -> &Arc<SerialDevice> {
+        &self.serial
+    }
+
+    /// The kernel command line of a Linux VM (with the monitor's
+    /// `virtio_mmio.device=` entries).
+    pub fn linux_cmdline(&self) -> Option<&str> {
+        self.linux.as_ref().map(|p| p.cmdline.as_str())
+    }
+
+    /// When vCPU 0 of a Linux guest was about to enter the guest the first
+    /// time.
+    pub fn first_run(&self) -> Option<Instant> {
+        self.board
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_run
+    }
+
+    /// Sends Ctrl-Alt-Del to a Linux guest through the i8042 (IRQ 1); with
+    /// the fixture's `reboot=k` the guest restarts, which ends the VM.
+    pub fn send_ctrl_alt_del(&self) -> Result<()> {
+        let p = self
+            .linux
+            .as_ref()
+            .ok_or(VmError::NotLinux("send_ctrl_alt_del"))?;
+        Ok(p.io.ctrl_alt_del()?)
+    }
+
+    /// Waits until the first vCPU of a Linux guest ends (a reset request, a
+    /// shutdown, an error) or `timeout` passes (`None`: no limit); returns
+    /// that vCPU and its outcome. The others are stopped by [`Vm::destroy`].
+    pub fn wait_linux(&self, timeout: Option<Duration>) -> Option<(u32, VcpuOutcome)> {
+        let t0 = Instant::now();
+        loop {
+            let step = match timeout {
+                Some(t) => t.saturating_sub(t0.elapsed()),
+                None => Duration::from_secs(3600),
+            };
+            if self.board.wait_for(step, |r| !r.outcomes.is_empty()) {
+                let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+                return r.outcomes.first().cloned();
+            }
+            if timeout.is_some_and(|t| t0.elapsed() >= t) {
+                return None;
+            }
+        }
     }
 
     /// Waits until every vCPU has finished; false on timeout.

@@ -1,0 +1,320 @@
+//! Recognising and checking a kernel image before anything is created: an
+//! x86-64 ELF `vmlinux` (booted through its PVH entry note when it has one,
+//! else through its 64-bit entry) or a bzImage (64-bit boot protocol).
+//!
+//! **Invariants.**
+//! - [`inspect`] reads only the bytes it was given, never panics on any
+//!   input, and accepts an image only if every byte linux-loader will later
+//!   copy lies inside the file and every load address lies in
+//!   `[HIMEM_START, mem)`: loading an accepted image cannot fail for want of
+//!   bytes or RAM.
+//! - The format is decided by content, never by file name.
+
+use super::layout::HIMEM_START;
+use super::BootError;
+
+/// ELF machine number of x86-64.
+const EM_X86_64: u16 = 62;
+/// ELF program header type of a loadable segment.
+const PT_LOAD: u32 = 1;
+/// Size of an ELF64 header and of one program header.
+const EHDR_LEN: usize = 64;
+const PHDR_LEN: usize = 56;
+/// bzImage header fields (offsets in the file; `Documentation/arch/x86/boot.rst`).
+const BZ_SETUP_SECTS: usize = 0x1f1;
+const BZ_BOOT_FLAG: usize = 0x1fe;
+const BZ_HEADER: usize = 0x202;
+const BZ_VERSION: usize = 0x206;
+const BZ_LOADFLAGS: usize = 0x211;
+const BZ_CODE32_START: usize = 0x214;
+const BZ_INITRD_ADDR_MAX: usize = 0x22c;
+const BZ_XLOADFLAGS: usize = 0x236;
+const BZ_CMDLINE_SIZE: usize = 0x238;
+const BZ_INIT_SIZE: usize = 0x260;
+/// "HdrS".
+const BZ_MAGIC: u32 = 0x5372_6448;
+
+/// What kind of kernel an image is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An x86-64 ELF vmlinux.
+    Elf,
+    /// A bzImage (64-bit boot protocol).
+    BzImage {
+        /// Highest address the initrd may end at (header `initrd_addr_max`).
+        initrd_addr_max: u64,
+        /// Longest command line, NUL excluded (header `cmdline_size`).
+        cmdline_size: usize,
+    },
+}
+
+/// A checked kernel image.
+#[derive(Debug, Clone)]
+pub struct KernelImage {
+    /// The file's bytes.
+    pub bytes: Vec<u8>,
+    /// Its format.
+    pub format: KernelFormat,
+    /// First byte above everything the kernel occupies once loaded (for a
+    /// bzImage, its decompression footprint `init_size` included).
+    pub end: u64,
+}
+
+fn u16_at(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+}
+
+/// Checks `bytes` (the file at `path`) as a kernel for a guest with `mem`
+/// bytes of RAM.
+pub fn inspect(path: &str, bytes: Vec<u8>, mem: u64) -> Result<KernelImage, BootError> {
+    let (format, end) = if bytes.starts_with(b"\x7fELF") {
+        (KernelFormat::Elf, check_elf(path, &bytes)?)
+    } else if u32_at(&bytes, BZ_HEADER) == Some(BZ_MAGIC)
+        && u16_at(&bytes, BZ_BOOT_FLAG) == Some(0xaa55)
+    {
+        check_bzimage(path, &bytes)?
+    } else {
+        return Err(BootError::NotAKernel(path.to_string()));
+    };
+    if end > mem {
+        return Err(BootError::KernelTooBig {
+            path: path.to_string(),
+            end,
+            mem,
+        });
+    }
+    Ok(KernelImage { bytes, format, end })
+}
+
+/// Returns the end of the highest loadable segment.
+fn check_elf(path: &str, b: &[u8]) -> Result<u64, BootError> {
+    let truncated = |what: &str| BootError::Truncated {
+        path: path.to_string(),
+        what: what.to_string(),
+    };
+    if b.len() < EHDR_LEN {
+        return Err(truncated("the ELF header"));
+    }
+    if b[4] != 2 || b[5] != 1 {
+        return Err(BootError::WrongArch {
+            path: path.to_string(),
+            what: format!(
+                "a {}-bit {}-endian ELF",
+                if b[4] == 1 { 32 } else { 64 },
+                if b[5] == 2 { "big" } else { "little" }
+            ),
+        });
+    }
+    let machine = u16_at(b, 18).unwrap_or(0);
+    if machine != EM_X86_64 {
+        return Err(BootError::WrongArch {
+            path: path.to_string(),
+            what: format!("an ELF for machine {machine} (x86-64 is {EM_X86_64})"),
+        });
+    }
+    let phoff = u64_at(b, 32).unwrap_or(u64::MAX);
+    let phentsize = u16_at(b, 54).unwrap_or(0);
+    let phnum = u16_at(b, 56).unwrap_or(0);
+    if usize::from(phentsize) != PHDR_LEN || phnum == 0 {
+        return Err(BootError::BadElf {
+            path: path.to_string(),
+            what: format!("{phnum} program headers of {phentsize} bytes"),
+        });
+    }
+    let table_end = u64::from(phnum)
+        .checked_mul(PHDR_LEN as u64)
+        .and_then(|l| l.checked_add(phoff));
+    if table_end.is_none_or(|e| e > b.len() as u64) {
+        return Err(truncated("the program header table"));
+    }
+    let mut end = 0u64;
+    for i in 0..u64::from(phnum) {
+        let at = usize::try_from(phoff + i * PHDR_LEN as u64).unwrap_or(usize::MAX);
+        let field = |o: usize| u64_at(b, at + o).unwrap_or(u64::MAX);
+        if u32_at(b, at) != Some(PT_LOAD) {
+            continue;
+        }
+        let (offset, paddr, filesz, memsz) = (field(8), field(24), field(32), field(40));
+        if offset
+            .checked_add(filesz)
+            .is_none_or(|e| e > b.len() as u64)
+        {
+            return Err(truncated(&format!("segment {i}")));
+        }
+        let seg_end = paddr.checked_add(memsz.max(filesz));
+        match seg_end {
+            Some(e) if paddr >= HIMEM_START => end = end.max(e),
+            _ => {
+                return Err(BootError::BadElf {
+                    path: path.to_string(),
+                    what: format!(
+                    "segment {i} loads at {paddr:#x}+{memsz:#x}, outside [{HIMEM_START:#x}, 4 GiB)"
+                ),
+                })
+            }
+        }
+    }
+    if end == 0 {
+        return Err(BootError::BadElf {
+            path: path.to_string(),
+            what: "no loadable segment".into(),
+        });
+    }
+    Ok(end)
+}
+
+fn check_bzimage(path: &str, b: &[u8]) -> Result<(KernelFormat, u64), BootError> {
+    let field32 = |o| u64::from(u32_at(b, o).unwrap_or(0));
+    let version = u16_at(b, BZ_VERSION).unwrap_or(0);
+    let xloadflags = u16_at(b, BZ_XLOADFLAGS).unwrap_or(0);
+    let loadflags = b.get(BZ_LOADFLAGS).copied().unwrap_or(0);
+    // 2.12 added xloadflags; bit 0 (XLF_KERNEL_64) says it has the 64-bit
+    // entry at load address + 0x200; loadflags bit 0 says it loads high.
+    if version < 0x020c || xloadflags & 1 == 0 || loadflags & 1 == 0 {
+        return Err(BootError::WrongArch {
+            path: path.to_string(),
+            what: format!(
+                "a bzImage with boot protocol {}.{:02} without a 64-bit entry point \
+                 (2.12+ with XLF_KERNEL_64 and LOADED_HIGH needed)",
+                version >> 8,
+                version & 0xff
+            ),
+        });
+    }
+    let sects = match b.get(BZ_SETUP_SECTS).copied().unwrap_or(0) {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let setup = (sects + 1) * 512;
+    if setup >= b.len() as u64 {
+        return Err(BootError::Truncated {
+            path: path.to_string(),
+            what: "the protected-mode kernel".into(),
+        });
+    }
+    let code32 = field32(BZ_CODE32_START);
+    if code32 < HIMEM_START {
+        return Err(BootError::BadElf {
+            path: path.to_string(),
+            what: format!("bzImage code32_start {code32:#x} is below 1 MiB"),
+        });
+    }
+    let footprint = (b.len() as u64 - setup).max(field32(BZ_INIT_SIZE));
+    let format = KernelFormat::BzImage {
+        initrd_addr_max: field32(BZ_INITRD_ADDR_MAX),
+        cmdline_size: usize::try_from(field32(BZ_CMDLINE_SIZE)).unwrap_or(0),
+    };
+    Ok((format, code32 + footprint))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal x86-64 ELF with one PT_LOAD of `len` bytes at 16 MiB.
+    pub(crate) fn tiny_elf(len: u64) -> Vec<u8> {
+        let mut b = vec![0u8; EHDR_LEN + PHDR_LEN + 16];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        b[24..32].copy_from_slice(&(16u64 << 20).to_le_bytes()); // e_entry
+        b[32..40].copy_from_slice(&(EHDR_LEN as u64).to_le_bytes());
+        b[54..56].copy_from_slice(&(PHDR_LEN as u16).to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let p = EHDR_LEN;
+        b[p..p + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        b[p + 8..p + 16].copy_from_slice(&((EHDR_LEN + PHDR_LEN) as u64).to_le_bytes());
+        b[p + 16..p + 24].copy_from_slice(&(16u64 << 20).to_le_bytes());
+        b[p + 24..p + 32].copy_from_slice(&(16u64 << 20).to_le_bytes());
+        b[p + 32..p + 40].copy_from_slice(&16u64.to_le_bytes());
+        b[p + 40..p + 48].copy_from_slice(&len.to_le_bytes());
+        b
+    }
+
+    /// A bzImage header (protocol 2.15, 64-bit) with `payload` bytes after
+    /// 4+1 setup sectors.
+    pub(crate) fn tiny_bzimage(payload: usize) -> Vec<u8> {
+        let mut b = vec![0u8; 5 * 512 + payload];
+        b[BZ_SETUP_SECTS] = 4;
+        b[BZ_BOOT_FLAG..BZ_BOOT_FLAG + 2].copy_from_slice(&0xaa55u16.to_le_bytes());
+        b[BZ_HEADER..BZ_HEADER + 4].copy_from_slice(&BZ_MAGIC.to_le_bytes());
+        b[BZ_VERSION..BZ_VERSION + 2].copy_from_slice(&0x020fu16.to_le_bytes());
+        b[BZ_LOADFLAGS] = 1;
+        b[BZ_CODE32_START..BZ_CODE32_START + 4].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        b[BZ_INITRD_ADDR_MAX..BZ_INITRD_ADDR_MAX + 4]
+            .copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        b[BZ_XLOADFLAGS..BZ_XLOADFLAGS + 2].copy_from_slice(&1u16.to_le_bytes());
+        b[BZ_CMDLINE_SIZE..BZ_CMDLINE_SIZE + 4].copy_from_slice(&2047u32.to_le_bytes());
+        b[BZ_INIT_SIZE..BZ_INIT_SIZE + 4].copy_from_slice(&(4u32 << 20).to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn accepts_small_elf_and_bzimage() {
+        let k = inspect("k", tiny_elf(4096), 64 << 20).unwrap();
+        assert_eq!((k.format, k.end), (KernelFormat::Elf, (16 << 20) + 4096));
+        let k = inspect("k", tiny_bzimage(4096), 64 << 20).unwrap();
+        assert!(matches!(
+            k.format,
+            KernelFormat::BzImage {
+                cmdline_size: 2047,
+                ..
+            }
+        ));
+        assert_eq!(k.end, 0x10_0000 + (4 << 20));
+    }
+
+    #[test]
+    fn rejects_garbage_truncation_and_foreign_machines() {
+        let e = inspect("k", b"#!/bin/sh\necho hi\n".to_vec(), 64 << 20).unwrap_err();
+        assert!(matches!(e, BootError::NotAKernel(_)), "{e}");
+        let e = inspect("k", Vec::new(), 64 << 20).unwrap_err();
+        assert!(matches!(e, BootError::NotAKernel(_)), "{e}");
+        let mut elf = tiny_elf(4096);
+        elf.truncate(EHDR_LEN + 10);
+        assert!(matches!(
+            inspect("k", elf, 64 << 20),
+            Err(BootError::Truncated { .. })
+        ));
+        let mut elf = tiny_elf(4096);
+        elf[18] = 183; // aarch64
+        let e = inspect("k", elf, 64 << 20).unwrap_err();
+        assert!(matches!(e, BootError::WrongArch { .. }), "{e}");
+        assert!(e.to_string().contains("machine 183"), "{e}");
+        let mut elf = tiny_elf(4096);
+        elf[4] = 1;
+        assert!(matches!(
+            inspect("k", elf, 64 << 20),
+            Err(BootError::WrongArch { .. })
+        ));
+        let mut bz = tiny_bzimage(16);
+        bz[BZ_XLOADFLAGS] = 0;
+        assert!(matches!(
+            inspect("k", bz, 64 << 20),
+            Err(BootError::WrongArch { .. })
+        ));
+        let mut bz = tiny_bzimage(0);
+        bz.truncate(5 * 512);
+        assert!(matches!(
+            inspect("k", bz, 64 << 20),
+            Err(BootError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_kernels_larger_than_ram() {
+        let e = inspect("k", tiny_elf(64 << 20), 64 << 20).unwrap_err();
+        assert!(matches!(e, BootError::KernelTooBig { .. }), "{e}");
+        let e = inspect("k", tiny_bzimage(16), 4 << 20).unwrap_err();
+        assert!(matches!(e, BootError::KernelTooBig { .. }), "{e}");
+    }
+}
