@@ -34,6 +34,7 @@ pub mod boot;
 pub mod devices;
 pub mod guest;
 pub mod proc_stats;
+pub mod service;
 pub mod vstate;
 
 pub use devices::serial::Console;
@@ -44,4 +45,4 @@ pub use vstate::memory::{
     MemoryError, NoHook, PageSize, RegionDesc, ReleaseError, ReleaseMode, Stage2, Stage2Error,
     TeardownStats, UffdError, VmMemory,
 };
-pub use vstate::vm::{Reclaimed, Teardown, Vm, VmConfig, VmError};
+pub use vstate::vm::{EndWaiter, Reclaimed, Teardown, Vm, VmConfig, VmError};

@@ -176,6 +176,38 @@ impl VmConfig {
     }
 }
 
+/// Waits for a VM's end from another thread ([`Vm::end_waiter`]).
+#[derive(Debug, Clone)]
+pub struct EndWaiter {
+    board: Arc<ReportBoard>,
+    need: usize,
+}
+
+impl EndWaiter {
+    /// Blocks until the VM ended (true) or `stop()` holds or `timeout`
+    /// passed (false). `stop` is evaluated under the board's lock, so a
+    /// [`EndWaiter::wake`] after the state `stop` reads changed is never
+    /// lost.
+    pub fn wait(&self, timeout: Duration, stop: impl Fn() -> bool) -> bool {
+        let need = self.need;
+        self.board
+            .wait_for(timeout, |r| r.outcomes.len() >= need || stop());
+        self.ended()
+    }
+
+    /// Whether the VM ended.
+    pub fn ended(&self) -> bool {
+        let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+        r.outcomes.len() >= self.need
+    }
+
+    /// Wakes the waiters so that they evaluate `stop` again.
+    pub fn wake(&self) {
+        let _g = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+        self.board.cv.notify_all();
+    }
+}
+
 /// How the VM ended and what the synchronous part of teardown cost. Guest
 /// RAM may still be going back to the host: [`Teardown::wait_reclaim`]
 /// waits for it (dropping a `Teardown` waits too).
@@ -604,6 +636,20 @@ impl Vm {
     pub fn wait(&self, timeout: Duration) -> bool {
         let n = self.config.vcpus as usize;
         self.board.wait_for(timeout, |r| r.outcomes.len() >= n)
+    }
+
+    /// A handle that waits for this VM's end without borrowing the VM: a
+    /// Linux guest ends with its first vCPU (reset, shutdown, error), the
+    /// default guest when every vCPU finished.
+    pub fn end_waiter(&self) -> EndWaiter {
+        EndWaiter {
+            board: Arc::clone(&self.board),
+            need: if self.linux.is_some() {
+                1
+            } else {
+                self.config.vcpus as usize
+            },
+        }
     }
 
     /// Waits until every vCPU has reported its pattern result.
