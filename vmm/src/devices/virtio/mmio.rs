@@ -405,7 +405,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size)),
             VIRTIO_MMIO_QUEUE_NUM => q.map_or(0, |q| u32::from(q.size)),
-            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
+            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_QUEUE_DESC_LOW => q.map_or(0, |q| q.desc_table as u32),
@@ -500,7 +500,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.error(TransportError::NoSuchQueue { queue: sel, count });
             return;
         };
-        if q.ready {
+        if q.ready() {
             self.error(TransportError::QueueLive { queue: sel });
             return;
         }
@@ -524,15 +524,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         };
         if v == 0 {
-            q.ready = false;
+            q.set_unready();
             return;
         }
-        if q.ready {
-            return;
-        }
-        match q.validate(&ram) {
-            Ok(()) => q.ready = true,
-            Err(why) => self.needs_reset(TransportError::InvalidQueue { queue: sel, why }),
+        if let Err(why) = q.set_ready(&ram) {
+            self.needs_reset(TransportError::InvalidQueue { queue: sel, why });
         }
     }
 
@@ -556,7 +552,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             });
             return;
         }
-        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || !self.queues[index].ready {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || !self.queues[index].ready() {
             self.error(TransportError::NotifyNotReady {
                 queue: v,
                 status: self.status,
@@ -713,12 +709,18 @@ mod tests {
         ) -> Result<bool, QueueError> {
             let q = &mut queues[index];
             let mut any = false;
-            while let Some(p) = q.pop(mem, ram)? {
-                let len = p.chain.map_or(0, |c| c.iter().map(|d| d.len).sum());
-                q.add_used(mem, p.head, len)?;
-                any = true;
-            }
-            Ok(any)
+            mem.with_view(
+                8,
+                |m| {
+                    while let Some(p) = q.pop(m, ram)? {
+                        let len = p.chain.map_or(0, |c| c.iter().map(|d| d.len).sum());
+                        q.add_used(m, p.head, len)?;
+                        any = true;
+                    }
+                    Ok(any)
+                },
+                QueueError::discarded_at,
+            )
         }
     }
 
@@ -844,7 +846,7 @@ mod tests {
         // Reset clears everything.
         w(&mut t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
-        assert!(!t.queues()[0].ready);
+        assert!(!t.queues()[0].ready());
         assert_eq!(
             t.device().resets,
             2,
@@ -858,7 +860,7 @@ mod tests {
         let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
         negotiate(&mut t, F_VERSION_1);
         setup_queue(&mut t, 1 << 40);
-        assert!(!t.queues()[0].ready);
+        assert!(!t.queues()[0].ready());
         assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 64, 0);
         assert_eq!(
             t.recent_errors().last(),
