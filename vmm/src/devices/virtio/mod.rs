@@ -22,9 +22,12 @@
 //! longer be trusted, turns the device into `NEEDS_RESET` until the driver
 //! resets it.
 //!
-//! **Interrupts.** The microVM has no interrupt controller, so the transport
-//! sets `InterruptStatus` (used buffer / configuration change) but injects
-//! nothing: the driver polls the used ring and `InterruptStatus`.
+//! **Interrupts.** The transport sets `InterruptStatus` (used buffer /
+//! configuration change) and, given a trigger
+//! ([`mmio::MmioTransport::set_interrupt`], an eventfd the VM registers as
+//! a KVM irqfd), signals it when the driver wants an interrupt. Without one
+//! (the embedded test guest) the driver polls the used ring and
+//! `InterruptStatus`.
 //!
 //! **virtio-queue.** Constants come from `virtio-bindings`; the split ring's
 //! state machine is rust-vmm's `virtio-queue` ([`virtio_queue::Queue`]:
