@@ -42,11 +42,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use guest_mm::runs::{merge_runs, runs_of};
-use guest_mm::{GatherStats, Gpa};
+use guest_mm::{GatherStats, Gpa, GuestMemoryView};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 
 use super::mmio::{ConfigError, MmioTransport, VirtioDevice, VirtioMmio, F_VERSION_1};
-use super::queue::{read_chain, ChainError, ChainReadError, Desc, Queue, QueueError};
+use super::queue::{
+    read_chain, ChainError, ChainReadError, Desc, Discarded, Queue, QueueError, RingArea,
+};
 use super::RamLayout;
 use crate::vstate::memory::{GuestAccess, ReleaseMode, VmMemory};
 
@@ -72,6 +74,34 @@ pub const CONFIG_SIZE: u64 = 16;
 /// Balloon errors kept in the log.
 pub const ERROR_LOG: usize = 32;
 const PAGE: u64 = 4096;
+/// Times one request's buffer may be found discarded (and faulted back in)
+/// before the read counts as failed.
+const FAULTS_PER_CHAIN: u32 = 4;
+
+/// Fault-in rounds one read section over `q` may take: a few per chain,
+/// and some for the rings themselves.
+fn fault_rounds(q: &Queue) -> usize {
+    usize::from(q.size) * FAULTS_PER_CHAIN as usize + 16
+}
+
+/// Returns `heads` with 0 bytes used, in one read section; a retry after a
+/// fault-in resumes after the ones already returned.
+fn give_back(q: &mut Queue, mem: &mut GuestAccess, heads: &[u16]) -> Result<bool, QueueError> {
+    let mut done = 0;
+    let rounds = fault_rounds(q);
+    mem.with_view(
+        rounds,
+        |m| {
+            while let Some(&h) = heads.get(done) {
+                q.add_used(m, h, 0)?;
+                done += 1;
+            }
+            Ok(())
+        },
+        QueueError::discarded_at,
+    )?;
+    Ok(!heads.is_empty())
+}
 
 /// What a balloon offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,44 +320,92 @@ impl Balloon {
         self.recent.push_back(e);
     }
 
-    /// Pops up to one queue's worth of chains; returns their heads and the
-    /// PFN pages (validated, unsorted) they carried.
+    /// Pops up to one queue's worth of chains, then reads their PFN
+    /// arrays, in one read section (no release may run inside it); returns
+    /// their heads and the PFN pages (validated, unsorted) they carried.
     fn pfn_requests(
         &mut self,
         q: &mut Queue,
         mem: &mut GuestAccess,
         ram: &RamLayout,
     ) -> Result<(Vec<u16>, Vec<u64>), QueueError> {
-        let (heads, chains) = self.pop_chains(q, mem, ram)?;
-        let mut pages = Vec::new();
-        for chain in chains {
-            let bytes = match read_chain(mem, &chain, MAX_PFNS_PER_CHAIN * 4) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.error(e.into());
-                    continue;
+        let (mut heads, mut chains, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+        let mut popped = false;
+        let (mut next, mut faults) = (0, 0);
+        let rounds = fault_rounds(q);
+        mem.with_view(
+            rounds,
+            |m| {
+                // All pops first (their errors are logged before the
+                // reads'); a retry after a fault-in resumes where it was.
+                if !popped {
+                    self.pop_all(q, m, ram, &mut heads, &mut chains)?;
+                    popped = true;
                 }
-            };
-            if !bytes.len().is_multiple_of(4) {
-                self.error(BalloonError::PfnLength { len: bytes.len() });
-                continue;
-            }
-            for c in bytes.chunks_exact(4) {
-                let pfn = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                let gpa = u64::from(pfn) << PFN_SHIFT;
-                if ram.releasable(gpa, PAGE) {
-                    pages.push(gpa);
-                } else {
-                    self.counters.bad_pfns += 1;
-                    self.error(BalloonError::BadPfn { pfn, gpa });
+                while let Some(c) = chains.get(next) {
+                    match read_chain(m, c, MAX_PFNS_PER_CHAIN * 4) {
+                        Err(ChainReadError::Discarded { gpa, .. }) if faults < FAULTS_PER_CHAIN => {
+                            // Fault the page in outside the section and
+                            // read this chain again.
+                            faults += 1;
+                            let area = RingArea::Buffer;
+                            return Err(Discarded { area, gpa }.into());
+                        }
+                        Ok(bytes) => self.pfns(&bytes, ram, &mut pages),
+                        Err(e) => self.error(e.into()),
+                    }
+                    (next, faults) = (next + 1, 0);
                 }
-            }
-        }
+                Ok(())
+            },
+            QueueError::discarded_at,
+        )?;
         Ok((heads, pages))
     }
 
-    /// Pop every available request: the heads to give back, and the chains
-    /// that validated (a broken chain is counted and only given back).
+    /// Pops every available request (at most a queue's worth) inside a
+    /// read section: the heads to give back, and the chains that validated
+    /// (a broken chain is counted and only given back). A retry after a
+    /// fault-in continues after what was popped.
+    fn pop_all(
+        &mut self,
+        q: &mut Queue,
+        m: &GuestMemoryView<'_>,
+        ram: &RamLayout,
+        heads: &mut Vec<u16>,
+        chains: &mut Vec<Vec<Desc>>,
+    ) -> Result<(), QueueError> {
+        while heads.len() < usize::from(q.size) {
+            let Some(p) = q.pop(m, ram)? else { break };
+            heads.push(p.head);
+            match p.chain {
+                Ok(c) => chains.push(c),
+                Err(e) => self.error(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The releasable pages of one PFN array, appended to `pages`.
+    fn pfns(&mut self, bytes: &[u8], ram: &RamLayout, pages: &mut Vec<u64>) {
+        if !bytes.len().is_multiple_of(4) {
+            self.error(BalloonError::PfnLength { len: bytes.len() });
+            return;
+        }
+        for c in bytes.chunks_exact(4) {
+            let pfn = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            let gpa = u64::from(pfn) << PFN_SHIFT;
+            if ram.releasable(gpa, PAGE) {
+                pages.push(gpa);
+            } else {
+                self.counters.bad_pfns += 1;
+                self.error(BalloonError::BadPfn { pfn, gpa });
+            }
+        }
+    }
+
+    /// Pops every available request in one read section (see
+    /// [`Balloon::pop_all`]).
     #[allow(clippy::type_complexity)]
     fn pop_chains(
         &mut self,
@@ -335,16 +413,13 @@ impl Balloon {
         mem: &mut GuestAccess,
         ram: &RamLayout,
     ) -> Result<(Vec<u16>, Vec<Vec<Desc>>), QueueError> {
-        let mut heads = Vec::new();
-        let mut chains = Vec::new();
-        for _ in 0..q.size {
-            let Some(p) = q.pop(mem, ram)? else { break };
-            heads.push(p.head);
-            match p.chain {
-                Ok(c) => chains.push(c),
-                Err(e) => self.error(e.into()),
-            }
-        }
+        let (mut heads, mut chains) = (Vec::new(), Vec::new());
+        let rounds = fault_rounds(q);
+        mem.with_view(
+            rounds,
+            |m| self.pop_all(q, m, ram, &mut heads, &mut chains),
+            QueueError::discarded_at,
+        )?;
         Ok((heads, chains))
     }
 
@@ -362,13 +437,6 @@ impl Balloon {
         self.memory
             .release(runs, mode)
             .map_err(|e| BalloonError::Release(e.to_string()))
-    }
-
-    fn give_back(q: &mut Queue, mem: &mut GuestAccess, heads: &[u16]) -> Result<bool, QueueError> {
-        for &h in heads {
-            q.add_used(mem, h, 0)?;
-        }
-        Ok(!heads.is_empty())
     }
 
     fn inflate(
@@ -398,7 +466,7 @@ impl Balloon {
                 Err(e) => self.error(e),
             }
         }
-        let r = Self::give_back(q, mem, &heads);
+        let r = give_back(q, mem, &heads);
         if !runs.is_empty() {
             self.counters.last_inflate_request_ns =
                 u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -428,7 +496,7 @@ impl Balloon {
         }
         self.ballooned = after;
         self.counters.pages_deflated += done;
-        Self::give_back(q, mem, &heads)
+        give_back(q, mem, &heads)
     }
 
     fn report(
@@ -478,9 +546,11 @@ impl Balloon {
                 Err(e) => self.error(e),
             }
         }
-        Self::give_back(q, mem, &heads)
+        give_back(q, mem, &heads)
     }
 
+    /// Serves the stats queue in one read section: keeps the newest
+    /// buffer, returns older ones and refused ones.
     fn stats(
         &mut self,
         index: usize,
@@ -489,43 +559,60 @@ impl Balloon {
         ram: &RamLayout,
     ) -> Result<bool, QueueError> {
         let mut returned = false;
-        for _ in 0..q.size {
-            let Some(p) = q.pop(mem, ram)? else { break };
-            // One buffer is outstanding at a time: an older one goes back.
-            if let Some((_, old)) = self.stats_head.take() {
-                q.add_used(mem, old, 0)?;
-                returned = true;
-            }
-            let parsed = p
-                .chain
-                .map_err(BalloonError::from)
-                .and_then(|c| Ok(read_chain(mem, &c, MAX_STATS * STAT_SIZE)?))
-                .and_then(|b| {
-                    if !(b.len() as u64).is_multiple_of(STAT_SIZE) {
-                        return Err(BalloonError::StatsLength { len: b.len() });
+        let mut owed: VecDeque<u16> = VecDeque::new();
+        let (mut popped, mut faults) = (0u16, 0);
+        let rounds = fault_rounds(q);
+        mem.with_view(
+            rounds,
+            |m| {
+                loop {
+                    // What is owed first: a retry resumes here.
+                    while let Some(&h) = owed.front() {
+                        q.add_used(m, h, 0)?;
+                        owed.pop_front();
+                        returned = true;
                     }
-                    Ok(b.chunks_exact(10)
-                        .map(|c| BalloonStat {
-                            tag: u16::from_le_bytes([c[0], c[1]]),
-                            val: u64::from_le_bytes([
-                                c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9],
-                            ]),
-                        })
-                        .collect::<Vec<_>>())
-                });
-            match parsed {
-                Ok(s) => {
-                    self.last_stats = Some(s);
-                    self.counters.stats_updates += 1;
-                    self.stats_head = Some((index, p.head));
+                    if popped >= q.size {
+                        return Ok(());
+                    }
+                    let mark = q.mark();
+                    let Some(p) = q.pop(m, ram)? else {
+                        return Ok(());
+                    };
+                    let parsed = p
+                        .chain
+                        .map_err(BalloonError::from)
+                        .and_then(|c| Ok(read_chain(m, &c, MAX_STATS * STAT_SIZE)?))
+                        .and_then(|b| parse_stats(&b));
+                    if let Err(BalloonError::Read(ChainReadError::Discarded { gpa, .. })) = parsed {
+                        if faults < FAULTS_PER_CHAIN {
+                            faults += 1;
+                            q.rewind(mark);
+                            let area = RingArea::Buffer;
+                            return Err(Discarded { area, gpa }.into());
+                        }
+                    }
+                    faults = 0;
+                    popped += 1;
+                    // One buffer is outstanding at a time: an older one goes back.
+                    if let Some((_, old)) = self.stats_head.take() {
+                        owed.push_back(old);
+                    }
+                    match parsed {
+                        Ok(s) => {
+                            self.last_stats = Some(s);
+                            self.counters.stats_updates += 1;
+                            self.stats_head = Some((index, p.head));
+                        }
+                        Err(e) => {
+                            self.error(e);
+                            owed.push_back(p.head);
+                        }
+                    }
                 }
-                Err(e) => {
-                    self.error(e);
-                    q.add_used(mem, p.head, 0)?;
-                    returned = true;
-                }
-            }
-        }
+            },
+            QueueError::discarded_at,
+        )?;
         Ok(returned)
     }
 
@@ -538,11 +625,26 @@ impl Balloon {
         let Some((i, head)) = self.stats_head.take() else {
             return Ok(false);
         };
-        match queues.get_mut(i) {
-            Some(q) => q.add_used(mem, head, 0).map(|()| true),
-            None => Ok(false),
-        }
+        let Some(q) = queues.get_mut(i) else {
+            return Ok(false);
+        };
+        let rounds = fault_rounds(q);
+        mem.with_view(rounds, |m| q.add_used(m, head, 0), QueueError::discarded_at)?;
+        Ok(true)
     }
+}
+
+/// The statistics of one stats buffer.
+fn parse_stats(b: &[u8]) -> Result<Vec<BalloonStat>, BalloonError> {
+    if !(b.len() as u64).is_multiple_of(STAT_SIZE) {
+        return Err(BalloonError::StatsLength { len: b.len() });
+    }
+    Ok(b.chunks_exact(10)
+        .map(|c| BalloonStat {
+            tag: u16::from_le_bytes([c[0], c[1]]),
+            val: u64::from_le_bytes([c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]]),
+        })
+        .collect())
 }
 
 impl VirtioDevice for Balloon {

@@ -24,9 +24,29 @@
 //! ([`MmioTransport::errors`], [`MmioTransport::recent_errors`]); none of
 //! them panics, and none stops the VM.
 //!
-//! **Interrupts.** There is no interrupt controller: `InterruptStatus` is
-//! set (bit 0 used buffers, bit 1 configuration change) and the driver polls
-//! it or the used ring. `InterruptACK` clears bits.
+//! **Interrupts.** `InterruptStatus` has bit 0 (used buffers) and bit 1
+//! (configuration change, also raised with `NEEDS_RESET`); `InterruptACK`
+//! clears bits. With a trigger ([`MmioTransport::set_interrupt`]: an
+//! eventfd the VM registers with KVM as an irqfd on the device's GSI) a
+//! bit going from 0 to 1 also writes 1 to the eventfd; used buffers raise
+//! bit 0 only when a queue says the driver wants it
+//! ([`Queue::needs_interrupt`]: virtio-queue's `needs_notification` and
+//! `VRING_AVAIL_F_NO_INTERRUPT`). A bit that is already set is not
+//! signalled again: the driver has an interrupt pending and reads the
+//! status, acknowledges it and only then looks at the rings (Linux's
+//! `vm_interrupt`), so it sees what was added meanwhile, and an interrupt
+//! that finds the status empty would be counted as unhandled. Without a
+//! trigger (the embedded test guest polls `InterruptStatus` or the used
+//! ring), bit 0 is set whenever used buffers are returned.
+//!
+//! **Linux's driver** (`drivers/virtio/virtio_mmio.c`, version 2) works as
+//! is: 32-bit register accesses, `QueueSel` of a queue the device does not
+//! have reads `QueueNumMax` 0 and `QueueReady` 0, `QueueReady` reads back
+//! what was accepted, status written one bit at a time. It kicks a queue
+//! during probe, before `DRIVER_OK` (the balloon's stats buffer): such a
+//! notify is counted as a driver error and not served, but when `DRIVER_OK`
+//! is set every ready queue is served once, so nothing published before it
+//! waits for a notify that will not come.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
@@ -48,6 +68,8 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_SHM_BASE_LOW, VIRTIO_MMIO_SHM_LEN_HIGH, VIRTIO_MMIO_SHM_LEN_LOW,
     VIRTIO_MMIO_SHM_SEL, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
 };
+
+use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{LayoutError, Queue, QueueError};
 use super::{BusDevice, RamLayout};
@@ -227,6 +249,8 @@ pub struct MmioTransport<D> {
     errors: u64,
     recent: VecDeque<TransportError>,
     notifies: u64,
+    interrupt: Option<EventFd>,
+    interrupts: u64,
 }
 
 impl<D: std::fmt::Debug> std::fmt::Debug for MmioTransport<D> {
@@ -235,6 +259,7 @@ impl<D: std::fmt::Debug> std::fmt::Debug for MmioTransport<D> {
             .field("device", &self.device)
             .field("status", &self.status)
             .field("errors", &self.errors)
+            .field("interrupt", &self.interrupt.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -279,6 +304,78 @@ impl<D: VirtioDevice> MmioTransport<D> {
             errors: 0,
             recent: VecDeque::new(),
             notifies: 0,
+            interrupt: None,
+            interrupts: 0,
+        }
+    }
+
+    /// Signals `evt` whenever an `InterruptStatus` bit goes from 0 to 1
+    /// (see the [module documentation](self)). The VM registers it with KVM
+    /// as an irqfd on the device's GSI. It is made non-blocking (`O_NONBLOCK`
+    /// on the open file, shared with every copy of the descriptor), so a
+    /// write never waits: a full counter means an interrupt is pending
+    /// anyway.
+    pub fn set_interrupt(&mut self, evt: EventFd) {
+        use std::os::fd::AsRawFd;
+        let fd = evt.as_raw_fd();
+        // SAFETY: F_GETFL on a descriptor `evt` owns and keeps open; no
+        // memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: F_SETFL on the same open descriptor, with an integer
+        // argument.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            // Only a closed descriptor fails here; a blocking eventfd
+            // would block only after 2^64 - 2 unread signals.
+            eprintln!(
+                "vmm: virtio-mmio: making the interrupt eventfd non-blocking failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        self.interrupt = Some(evt);
+    }
+
+    /// Interrupts signalled through the trigger.
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts
+    }
+
+    /// Sets `bit` of `InterruptStatus`; signals the trigger if it was clear.
+    /// One `write(2)` of a stack value: no allocation, no blocking.
+    fn raise(&mut self, bit: u32) {
+        let was = self.interrupt_status & bit;
+        self.interrupt_status |= bit;
+        if was != 0 {
+            return;
+        }
+        if let Some(evt) = &self.interrupt {
+            // EAGAIN (a full counter) means an interrupt is pending.
+            let _ = evt.write(1);
+            self.interrupts += 1;
+        }
+    }
+
+    /// After the device ran: if it returned used buffers, asks their
+    /// queues whether the driver wants an interrupt (one short read
+    /// section) and raises bit 0 if so. Without a trigger the bit is set
+    /// whenever buffers were returned, as the polling driver expects.
+    fn used_interrupt(&mut self) {
+        if !self.queues.iter().any(Queue::has_new_used) {
+            return;
+        }
+        let queues = &mut self.queues;
+        let mut want = false;
+        let _ = self.mem.with_view(
+            0,
+            |m| {
+                for q in queues.iter_mut() {
+                    want |= q.needs_interrupt(m);
+                }
+                Ok::<(), ()>(())
+            },
+            |_| None,
+        );
+        if want || self.interrupt.is_none() {
+            self.raise(VIRTIO_MMIO_INT_VRING);
         }
     }
 
@@ -304,13 +401,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         {
             return;
         }
-        match f(&mut self.device, &mut self.queues, &mut self.mem, &self.ram) {
-            Ok(true) => self.interrupt_status |= VIRTIO_MMIO_INT_VRING,
-            Ok(false) => {}
-            Err(e) => self.needs_reset(TransportError::Ring {
+        let r = f(&mut self.device, &mut self.queues, &mut self.mem, &self.ram);
+        self.used_interrupt();
+        if let Err(e) = r {
+            self.needs_reset(TransportError::Ring {
                 queue: u32::MAX,
                 why: e.to_string(),
-            }),
+            });
         }
     }
 
@@ -318,7 +415,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// generation and raise the configuration-change interrupt bit.
     pub fn config_changed(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
-        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
 
     /// The device status register.
@@ -367,7 +464,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn needs_reset(&mut self, e: TransportError) {
         self.error(e);
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
 
     fn reset(&mut self) {
@@ -405,7 +502,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size)),
             VIRTIO_MMIO_QUEUE_NUM => q.map_or(0, |q| u32::from(q.size)),
-            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
+            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_QUEUE_DESC_LOW => q.map_or(0, |q| q.desc_table as u32),
@@ -500,7 +597,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.error(TransportError::NoSuchQueue { queue: sel, count });
             return;
         };
-        if q.ready {
+        if q.ready() {
             self.error(TransportError::QueueLive { queue: sel });
             return;
         }
@@ -524,15 +621,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         };
         if v == 0 {
-            q.ready = false;
+            q.set_unready();
             return;
         }
-        if q.ready {
-            return;
-        }
-        match q.validate(&ram) {
-            Ok(()) => q.ready = true,
-            Err(why) => self.needs_reset(TransportError::InvalidQueue { queue: sel, why }),
+        if let Err(why) = q.set_ready(&ram) {
+            self.needs_reset(TransportError::InvalidQueue { queue: sel, why });
         }
     }
 
@@ -556,7 +649,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             });
             return;
         }
-        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || !self.queues[index].ready {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || !self.queues[index].ready() {
             self.error(TransportError::NotifyNotReady {
                 queue: v,
                 status: self.status,
@@ -564,16 +657,21 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         self.notifies += 1;
-        match self
+        self.serve(index);
+    }
+
+    /// Runs the device on queue `index` (ready, `DRIVER_OK`, no
+    /// `NEEDS_RESET`), then raises what it calls for.
+    fn serve(&mut self, index: usize) {
+        let r = self
             .device
-            .notify(index, &mut self.queues, &mut self.mem, &self.ram)
-        {
-            Ok(true) => self.interrupt_status |= VIRTIO_MMIO_INT_VRING,
-            Ok(false) => {}
-            Err(e) => self.needs_reset(TransportError::Ring {
-                queue: v,
+            .notify(index, &mut self.queues, &mut self.mem, &self.ram);
+        self.used_interrupt();
+        if let Err(e) = r {
+            self.needs_reset(TransportError::Ring {
+                queue: u32::try_from(index).unwrap_or(u32::MAX),
                 why: e.to_string(),
-            }),
+            });
         }
     }
 
@@ -608,6 +706,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status = new | keep;
         if new & !old & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             self.device.activate(self.acked);
+            // Serve what the driver published before DRIVER_OK (Linux's
+            // balloon kicks its stats queue during probe).
+            for index in 0..self.queues.len() {
+                if self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 && self.queues[index].ready() {
+                    self.serve(index);
+                }
+            }
         }
     }
 }
@@ -661,6 +766,7 @@ impl<D: VirtioDevice> BusDevice for VirtioMmio<D> {
 mod tests {
     use super::super::testutil::{desc, publish, ram};
     use super::*;
+    use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 
     /// One queue of 8; returns every chain with its total length.
     #[derive(Debug, Default)]
@@ -713,12 +819,18 @@ mod tests {
         ) -> Result<bool, QueueError> {
             let q = &mut queues[index];
             let mut any = false;
-            while let Some(p) = q.pop(mem, ram)? {
-                let len = p.chain.map_or(0, |c| c.iter().map(|d| d.len).sum());
-                q.add_used(mem, p.head, len)?;
-                any = true;
-            }
-            Ok(any)
+            mem.with_view(
+                8,
+                |m| {
+                    while let Some(p) = q.pop(m, ram)? {
+                        let len = p.chain.map_or(0, |c| c.iter().map(|d| d.len).sum());
+                        q.add_used(m, p.head, len)?;
+                        any = true;
+                    }
+                    Ok(any)
+                },
+                QueueError::discarded_at,
+            )
         }
     }
 
@@ -844,7 +956,7 @@ mod tests {
         // Reset clears everything.
         w(&mut t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
-        assert!(!t.queues()[0].ready);
+        assert!(!t.queues()[0].ready());
         assert_eq!(
             t.device().resets,
             2,
@@ -858,7 +970,7 @@ mod tests {
         let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
         negotiate(&mut t, F_VERSION_1);
         setup_queue(&mut t, 1 << 40);
-        assert!(!t.queues()[0].ready);
+        assert!(!t.queues()[0].ready());
         assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 64, 0);
         assert_eq!(
             t.recent_errors().last(),
@@ -888,5 +1000,204 @@ mod tests {
         t.read(u64::from(VIRTIO_MMIO_CONFIG) + 6, &mut c);
         assert_eq!(t.errors(), n + 8, "{:?}", t.recent_errors());
         assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS), 0, "still alive");
+    }
+
+    /// A transport with an interrupt trigger, negotiated, queue 0 live.
+    fn live_with_trigger(
+        vmem: &crate::vstate::memory::VmMemory,
+        layout: RamLayout,
+    ) -> (MmioTransport<Echo>, EventFd) {
+        let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
+        let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).expect("eventfd");
+        t.set_interrupt(evt.try_clone().expect("clone"));
+        negotiate(&mut t, F_VERSION_1);
+        setup_queue(&mut t, DESC);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0b1111);
+        (t, evt)
+    }
+
+    /// How many times the eventfd was written since the last call.
+    fn signals(evt: &EventFd) -> u64 {
+        evt.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn trigger_is_signalled_for_used_buffers_and_config_changes() {
+        let (vmem, _, layout) = ram();
+        let (mut t, evt) = live_with_trigger(&vmem, layout);
+        assert_eq!(signals(&evt), 0, "nothing yet");
+        let mut mem = vmem.access();
+        desc(&mut mem, DESC, 0, 0x40_0000, 8, 0, 0);
+        publish(&mut mem, AVAIL, 8, 0, &[0]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        assert_eq!(signals(&evt), 1, "used buffer");
+        // Acknowledged: the next used buffer signals again.
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        publish(&mut mem, AVAIL, 8, 1, &[0]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(signals(&evt), 1, "second used buffer");
+        // Not acknowledged: the bit is pending, no second interrupt.
+        publish(&mut mem, AVAIL, 8, 2, &[0]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(signals(&evt), 0, "bit still pending");
+        // A notify that returns nothing does not signal.
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(signals(&evt), 0, "nothing used");
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        // A configuration change: bit 1 and a signal.
+        t.config_changed();
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 2);
+        assert_eq!(signals(&evt), 1, "config change");
+        assert_eq!(r(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 1);
+        assert_eq!(t.interrupts(), 3);
+        assert_eq!(t.errors(), 0, "{:?}", t.recent_errors());
+    }
+
+    #[test]
+    fn no_interrupt_flag_suppresses_the_trigger() {
+        let no_interrupt = VRING_AVAIL_F_NO_INTERRUPT as u16;
+        let (vmem, _, layout) = ram();
+        let (mut t, evt) = live_with_trigger(&vmem, layout.clone());
+        let mut mem = vmem.access();
+        mem.write(AVAIL, &no_interrupt.to_le_bytes()).unwrap();
+        desc(&mut mem, DESC, 0, 0x40_0000, 8, 0, 0);
+        publish(&mut mem, AVAIL, 8, 0, &[0]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        let mut b = [0u8; 2];
+        mem.read(USED + 2, &mut b).unwrap();
+        assert_eq!(u16::from_le_bytes(b), 1, "the buffer was used");
+        assert_eq!(signals(&evt), 0, "the driver asked for no interrupt");
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        // The driver wants interrupts again.
+        mem.write(AVAIL, &0u16.to_le_bytes()).unwrap();
+        publish(&mut mem, AVAIL, 8, 1, &[0]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(signals(&evt), 1);
+        // A configuration change is signalled whatever the ring says.
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 3);
+        mem.write(AVAIL, &no_interrupt.to_le_bytes()).unwrap();
+        t.config_changed();
+        assert_eq!(signals(&evt), 1);
+
+        // Without a trigger (a polling driver) the bit is set as before.
+        let (vmem, _, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
+        negotiate(&mut t, F_VERSION_1);
+        setup_queue(&mut t, DESC);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0b1111);
+        let mut mem = vmem.access();
+        mem.write(AVAIL, &no_interrupt.to_le_bytes()).unwrap();
+        desc(&mut mem, DESC, 0, 0x40_0000, 8, 0, 0);
+        publish(&mut mem, AVAIL, 8, 0, &[0]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+    }
+
+    #[test]
+    fn needs_reset_signals_a_config_interrupt() {
+        let (vmem, _, layout) = ram();
+        let (mut t, evt) = live_with_trigger(&vmem, layout);
+        let mut mem = vmem.access();
+        mem.write(AVAIL + 2, &100u16.to_le_bytes()).unwrap();
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 64, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 2);
+        assert_eq!(signals(&evt), 1);
+    }
+
+    /// What Linux's virtio_mmio.c (version 2) does, step by step.
+    #[test]
+    fn linux_driver_sequence() {
+        let (vmem, _, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 0);
+        r(&mut t, VIRTIO_MMIO_VENDOR_ID);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        for bit in [1, 2] {
+            let s = r(&mut t, VIRTIO_MMIO_STATUS);
+            w(&mut t, VIRTIO_MMIO_STATUS, s | bit);
+        }
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        let hi = r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        let lo = r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES);
+        let features = u64::from(hi) << 32 | u64::from(lo);
+        assert_ne!(features & F_VERSION_1, 0);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, hi);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, lo);
+        let s = r(&mut t, VIRTIO_MMIO_STATUS);
+        w(&mut t, VIRTIO_MMIO_STATUS, s | 8);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 8, 0, "FEATURES_OK kept");
+        // Shared memory regions: none (length all ones).
+        w(&mut t, VIRTIO_MMIO_SHM_SEL, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_SHM_LEN_LOW), u32::MAX);
+        // A queue the device does not have: QueueNumMax 0, not ready.
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 3);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+        // Queue 0, as setup_vq does it.
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 8);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        for (lo, hi, a) in [
+            (
+                VIRTIO_MMIO_QUEUE_DESC_LOW,
+                VIRTIO_MMIO_QUEUE_DESC_HIGH,
+                DESC,
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+                VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+                AVAIL,
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_USED_LOW,
+                VIRTIO_MMIO_QUEUE_USED_HIGH,
+                USED,
+            ),
+        ] {
+            w(&mut t, lo, a as u32);
+            w(&mut t, hi, (a >> 32) as u32);
+        }
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 1);
+        // The driver publishes and kicks during probe, before DRIVER_OK:
+        // counted, not served ...
+        let mut mem = vmem.access();
+        desc(&mut mem, DESC, 1, 0x40_0000, 10, 0, 0);
+        publish(&mut mem, AVAIL, 8, 0, &[1]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(matches!(
+            t.recent_errors()[..],
+            [TransportError::NotifyNotReady { queue: 0, .. }]
+        ));
+        let mut b = [0u8; 2];
+        mem.read(USED + 2, &mut b).unwrap();
+        assert_eq!(u16::from_le_bytes(b), 0);
+        // ... and served when DRIVER_OK is set.
+        let s = r(&mut t, VIRTIO_MMIO_STATUS);
+        w(&mut t, VIRTIO_MMIO_STATUS, s | 4);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0xf);
+        mem.read(USED + 2, &mut b).unwrap();
+        assert_eq!(u16::from_le_bytes(b), 1, "served at DRIVER_OK");
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        let st = r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS);
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, st);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 0);
+        // del_vq: QueueReady 0 reads back 0; then a reset.
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(t.errors(), 1, "{:?}", t.recent_errors());
     }
 }

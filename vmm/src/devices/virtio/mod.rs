@@ -3,9 +3,9 @@
 //! - [`mmio`]: the transport — register file, feature negotiation, the
 //!   device status state machine (with `NEEDS_RESET` on driver errors),
 //!   queue set-up and `QueueNotify`.
-//! - [`queue`]: the split virtqueue, read and written through the stage-2
-//!   fast walk ([`crate::vstate::memory::GuestAccess`]), every guest-controlled value
-//!   validated before use.
+//! - [`queue`]: the split virtqueue: rust-vmm's `virtio-queue` over a
+//!   pinned [`guest_mm::GuestMemoryView`] of the stage-2 table, every
+//!   guest-controlled value validated before use.
 //! - [`balloon`]: virtio-balloon; inflate is a stage-2 unmap through the
 //!   guest-mm gather.
 //! - [`thread`]: the device thread, woken by a KVM ioeventfd per queue on
@@ -15,19 +15,40 @@
 //! **Invariants.** Nothing the guest writes (registers, rings, descriptors,
 //! buffers) can make the host panic or touch memory outside guest RAM: ring
 //! and buffer addresses are checked against [`RamLayout`] and then accessed
-//! only through the fast walk, which refuses unmapped and ballooned pages.
+//! only through the stage-2 table (the fast walk, or a view pinned on it),
+//! which refuses unmapped and ballooned pages.
 //! A guest error is either counted (the request is answered with an empty
 //! used element and the device goes on) or, when the rings themselves can no
 //! longer be trusted, turns the device into `NEEDS_RESET` until the driver
 //! resets it.
 //!
-//! **Interrupts.** The microVM has no interrupt controller, so the transport
-//! sets `InterruptStatus` (used buffer / configuration change) but injects
-//! nothing: the driver polls the used ring and `InterruptStatus`.
+//! **Interrupts.** The transport sets `InterruptStatus` (used buffer /
+//! configuration change) and, given a trigger
+//! ([`mmio::MmioTransport::set_interrupt`], an eventfd the VM registers as
+//! a KVM irqfd), signals it when the driver wants an interrupt. Without one
+//! (the embedded test guest) the driver polls the used ring and
+//! `InterruptStatus`.
 //!
-//! Constants come from `virtio-bindings`. We do not use `virtio-queue`: its
-//! accessors go through `vm-memory` directly, which would bypass the fast
-//! walk and its guarantee that a released page is never touched.
+//! **virtio-queue.** Constants come from `virtio-bindings`; the split ring's
+//! state machine is rust-vmm's `virtio-queue` ([`virtio_queue::Queue`]:
+//! available index and its bound, head pops, used elements and index with
+//! their memory ordering, `needs_notification`). Its accessors take any
+//! vm-memory `GuestMemory`, and the one we give them is a
+//! [`guest_mm::GuestMemoryView`]: vm-memory's trait implemented by
+//! translating through the stage-2 table inside a pinned read section of
+//! the device's walker ([`crate::vstate::memory::GuestAccess::with_view`]).
+//! So the crate keeps the fast walk's guarantee: it can reach only pages
+//! the table maps as present (a ballooned, unmapped or discarded page is an
+//! error, not a read), and no slice it uses outlives the section, which a
+//! release's grace period waits for. Devices therefore pop and read a batch
+//! in one section, release guest memory outside any section (holding one
+//! across the gather would wait for itself), and return used elements in
+//! another. A discarded page (free page reporting) is faulted back in
+//! between two sections and the step retried, bounded. We walk descriptor
+//! chains ourselves over the crate's `Descriptor` layout, because the
+//! crate's chain iterator ends silently on a loop, a bad `next` or an
+//! unreadable descriptor and follows indirect tables even when
+//! `VIRTIO_RING_F_INDIRECT_DESC` is not negotiated; see [`queue`].
 
 pub mod balloon;
 pub mod mmio;
@@ -147,6 +168,20 @@ pub(crate) mod testutil {
         let layout = RamLayout::new(&vmem.regions(), 0x20_0000);
         let access = vmem.access();
         (vmem, access, layout)
+    }
+
+    /// Runs `f` on a pinned view of guest memory (one read section).
+    pub(crate) fn view<R>(
+        mem: &mut GuestAccess,
+        f: impl FnOnce(&guest_mm::GuestMemoryView<'_>) -> R,
+    ) -> R {
+        let mut f = Some(f);
+        mem.with_view(
+            0,
+            |m| Ok::<R, ()>(f.take().expect("called once")(m)),
+            |_| None,
+        )
+        .expect("no error")
     }
 
     /// Writes one split-ring descriptor.

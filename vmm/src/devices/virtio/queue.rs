@@ -1,10 +1,21 @@
-//! The split virtqueue (virtio 1.2 §2.7), device side, over the fast walk.
+//! The split virtqueue (virtio 1.2 §2.7), device side: rust-vmm's
+//! `virtio-queue` driven through a pinned view of the stage-2 table.
 //!
 //! The descriptor table, the available ring and the used ring are guest
-//! memory written by a driver we do not trust. Every access goes through
-//! [`GuestAccess`] (the stage-2 fast walk: a released or ballooned page is
-//! refused, never read), and every guest-controlled value is checked before
-//! it is used:
+//! memory written by a driver we do not trust. The ring state machine is
+//! [`virtio_queue::Queue`] (`QueueT` / `QueueOwnedT`): it reads the
+//! available index (Acquire) and refuses one that ran more than the queue
+//! size ahead, pops heads, writes used elements before the used index
+//! (Release) and answers `needs_notification`. Its guest memory is a
+//! [`GuestMemoryView`]: vm-memory's `GuestMemory` over the stage-2 table,
+//! valid for one read section of the device's walker
+//! ([`GuestAccess::with_view`]). The view refuses unmapped, ballooned and
+//! discarded pages and anything past the table, so neither the crate nor
+//! this module can touch memory the guest gave back; a discarded page (free
+//! page reporting: still mapped, reads zeros) is faulted back in outside
+//! the section and the step retried, as [`GuestAccess::read`] does.
+//!
+//! Every guest-controlled value is checked before it is used:
 //!
 //! - ring addresses: aligned and inside guest RAM, checked when the driver
 //!   sets `QueueReady` ([`Queue::validate`]);
@@ -15,22 +26,54 @@
 //!   descriptors (not offered), no zero-length buffers, every buffer inside
 //!   guest RAM without wrapping.
 //!
+//! The chain walk is ours, over the crate's [`Descriptor`] layout and the
+//! same view: the crate's `DescriptorChain` iterator ends *silently* on a
+//! loop, an out-of-range `next` or an unreadable descriptor (a device could
+//! not tell a short chain from a broken one) and follows an indirect table
+//! whether or not `VIRTIO_RING_F_INDIRECT_DESC` was negotiated, where we
+//! must refuse it. The crate's `needs_notification` ignores
+//! `VRING_AVAIL_F_NO_INTERRUPT` without `EVENT_IDX` (which we do not
+//! offer); [`Queue::needs_interrupt`] honours it.
+//!
 //! A bad *chain* is a [`ChainError`]: the device answers the head with an
 //! empty used element and goes on. A bad *ring* is a [`QueueError`]: the
 //! device cannot know what the driver meant and asks for a reset.
 //!
-//! Ordering: the available index is read before the ring entries it
-//! publishes (Acquire fence after the read); used elements are written
-//! before the used index (Release fence before it).
+//! **Read sections.** A view must never be held across a release of guest
+//! memory (the gather waits for readers' grace periods), so a device pops
+//! and reads a batch in one section, releases outside it, and returns the
+//! used elements in another.
 
-use std::sync::atomic::{fence, Ordering};
-
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use std::sync::atomic::Ordering;
 
 use guest_mm::mutation::{broken, Rule};
+use guest_mm::{GuestMemoryView, WalkError};
+use virtio_bindings::virtio_ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, Permissions};
 
 use super::RamLayout;
-use crate::vstate::memory::{GuestAccess, Stage2Error};
+#[cfg(doc)]
+use crate::vstate::memory::GuestAccess;
+
+/// A guest page a step needs is discarded (released by free page
+/// reporting, still mapped): the step is undone, the page faulted back in
+/// outside the read section and the step run again
+/// ([`GuestAccess::with_view`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "guest page {gpa:#x} of the {area} is discarded (released by free page reporting) \
+     and did not stay faulted in"
+)]
+pub struct Discarded {
+    /// What the page holds.
+    pub area: RingArea,
+    /// The page's first failing address.
+    pub gpa: u64,
+}
 
 /// A ring the device cannot trust any more (the device needs a reset).
 #[derive(Debug, thiserror::Error)]
@@ -58,15 +101,35 @@ pub enum QueueError {
         /// Queue size.
         size: u16,
     },
-    /// The rings themselves could not be read or written.
-    #[error("accessing the virtqueue rings failed: {0}")]
-    Memory(#[from] Stage2Error),
+    /// The rings themselves could not be read or written (a ring page the
+    /// guest ballooned or that is not mapped).
+    #[error("accessing the {area} of the virtqueue failed: {err}")]
+    Memory {
+        /// Which ring.
+        area: RingArea,
+        /// Why (the stage-2 walk's reason, or virtio-queue's error).
+        err: String,
+    },
+    /// A ring or descriptor page is discarded (see [`Discarded`]); only
+    /// seen once the bounded retries are spent.
+    #[error(transparent)]
+    Discarded(#[from] Discarded),
     /// Used before `QueueReady`.
     #[error("queue used before the driver made it ready")]
     NotReady,
 }
 
-/// One of the three areas of a split virtqueue.
+impl QueueError {
+    /// The discarded page to fault in before running the step again.
+    pub fn discarded_at(&self) -> Option<u64> {
+        match self {
+            QueueError::Discarded(d) => Some(d.gpa),
+            _ => None,
+        }
+    }
+}
+
+/// One of the three areas of a split virtqueue, or a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingArea {
     /// The descriptor table.
@@ -75,6 +138,8 @@ pub enum RingArea {
     AvailRing,
     /// The used (device) ring.
     UsedRing,
+    /// A buffer a descriptor points to.
+    Buffer,
 }
 
 impl std::fmt::Display for RingArea {
@@ -83,6 +148,7 @@ impl std::fmt::Display for RingArea {
             RingArea::DescTable => "descriptor table",
             RingArea::AvailRing => "available ring",
             RingArea::UsedRing => "used ring",
+            RingArea::Buffer => "buffer",
         })
     }
 }
@@ -118,6 +184,12 @@ pub enum LayoutError {
         /// Its length for the queue's size.
         len: u64,
     },
+    /// An available ring at guest address 0, which virtio-queue takes for
+    /// a queue that was never configured.
+    #[error(
+        "the available ring at guest address 0 is refused: address 0 means an unconfigured queue"
+    )]
+    AvailAtZero,
 }
 
 /// A descriptor chain the device refuses (answered empty; the device goes on).
@@ -195,23 +267,66 @@ pub struct Popped {
     pub chain: Result<Vec<Desc>, ChainError>,
 }
 
-/// Device-side state of one split virtqueue.
-#[derive(Debug, Clone, Default)]
+/// Why `[addr, addr + len)` could not be accessed through `mem`: the
+/// stage-2 walk's reason for the first page that failed, if the range is
+/// not accessible now.
+fn walk_reason(
+    mem: &GuestMemoryView<'_>,
+    addr: u64,
+    len: usize,
+    access: Permissions,
+) -> Option<WalkError> {
+    mem.check(GuestAddress(addr), len, access).err()
+}
+
+/// A failed access to `area` at `[addr, addr + len)`: [`Discarded`] if
+/// the page that failed is discarded (the caller retries after a fault-in),
+/// otherwise the reason as text.
+fn access_error(
+    mem: &GuestMemoryView<'_>,
+    area: RingArea,
+    addr: u64,
+    len: usize,
+    access: Permissions,
+    err: &dyn std::fmt::Display,
+) -> Result<String, Discarded> {
+    match walk_reason(mem, addr, len, access) {
+        Some(WalkError::Discarded(g)) => Err(Discarded { area, gpa: g.0 }),
+        Some(why) => Ok(why.to_string()),
+        None => Ok(err.to_string()),
+    }
+}
+
+/// virtio-queue's error with the guest-memory detail it leaves out of its
+/// message.
+fn crate_error(e: &virtio_queue::Error) -> String {
+    match e {
+        virtio_queue::Error::GuestMemory(g) => format!("{e}: {g}"),
+        other => other.to_string(),
+    }
+}
+
+/// Device-side state of one split virtqueue: the driver's configuration
+/// registers, and once ready, virtio-queue's ring state.
+#[derive(Debug, Default)]
 pub struct Queue {
     /// Largest size the device supports.
     pub max_size: u16,
     /// Size chosen by the driver (`QueueNum`).
     pub size: u16,
-    /// `QueueReady`.
-    pub ready: bool,
     /// Descriptor table GPA.
     pub desc_table: u64,
     /// Available (driver) ring GPA.
     pub avail_ring: u64,
     /// Used (device) ring GPA.
     pub used_ring: u64,
-    next_avail: u16,
-    next_used: u16,
+    /// The ring state, configured from the registers when the driver made
+    /// the queue ready (and kept, with its indices, while it is not).
+    ring: Option<virtio_queue::Queue>,
+    /// `QueueReady`.
+    ready: bool,
+    /// Used elements added since [`Queue::needs_interrupt`] last asked.
+    added: bool,
 }
 
 impl Queue {
@@ -227,6 +342,11 @@ impl Queue {
     /// Back to the reset state (keeps `max_size`).
     pub fn reset(&mut self) {
         *self = Self::new(self.max_size);
+    }
+
+    /// `QueueReady`.
+    pub fn ready(&self) -> bool {
+        self.ready
     }
 
     /// Checks what the driver configured before the queue goes live:
@@ -252,153 +372,304 @@ impl Queue {
                 return Err(LayoutError::OutsideRam { area, addr, len });
             }
         }
+        if self.avail_ring == 0 {
+            return Err(LayoutError::AvailAtZero);
+        }
         Ok(())
     }
 
-    fn read_u16(mem: &mut GuestAccess, gpa: u64) -> Result<u16, Stage2Error> {
-        let mut b = [0u8; 2];
-        mem.read(gpa, &mut b)?;
-        Ok(u16::from_le_bytes(b))
+    /// The driver wrote 1 to `QueueReady`: validates the configuration and
+    /// configures virtio-queue's ring from it. The indices carry over from
+    /// an earlier ready period (they restart at 0 after a reset).
+    pub fn set_ready(&mut self, ram: &RamLayout) -> Result<(), LayoutError> {
+        if self.ready {
+            return Ok(());
+        }
+        self.validate(ram)?;
+        let size_err = LayoutError::Size {
+            size: self.size,
+            max: self.max_size,
+        };
+        // Validated above: a power of two, aligned rings; the crate checks
+        // again (and refuses sizes past its own maximum).
+        let mut ring = virtio_queue::Queue::new(self.size).map_err(|_| size_err.clone())?;
+        ring.try_set_size(self.size).map_err(|_| size_err)?;
+        let unaligned = |area, addr, align| LayoutError::Unaligned { area, addr, align };
+        ring.try_set_desc_table_address(GuestAddress(self.desc_table))
+            .map_err(|_| unaligned(RingArea::DescTable, self.desc_table, 16))?;
+        ring.try_set_avail_ring_address(GuestAddress(self.avail_ring))
+            .map_err(|_| unaligned(RingArea::AvailRing, self.avail_ring, 2))?;
+        ring.try_set_used_ring_address(GuestAddress(self.used_ring))
+            .map_err(|_| unaligned(RingArea::UsedRing, self.used_ring, 4))?;
+        if let Some(old) = &self.ring {
+            ring.set_next_avail(old.next_avail());
+            ring.set_next_used(old.next_used());
+        }
+        // VIRTIO_RING_F_EVENT_IDX is not offered.
+        ring.set_event_idx(false);
+        ring.set_ready(true);
+        self.ring = Some(ring);
+        self.ready = true;
+        Ok(())
+    }
+
+    /// The driver wrote 0 to `QueueReady`.
+    pub fn set_unready(&mut self) {
+        self.ready = false;
+        if let Some(r) = &mut self.ring {
+            r.set_ready(false);
+        }
+    }
+
+    fn live(&mut self) -> Result<&mut virtio_queue::Queue, QueueError> {
+        match &mut self.ring {
+            Some(r) if self.ready => Ok(r),
+            _ => Err(QueueError::NotReady),
+        }
+    }
+
+    /// A ring access that failed: [`QueueError::Discarded`] (retried by the
+    /// caller's read section) or [`QueueError::Memory`].
+    fn ring_error(
+        mem: &GuestMemoryView<'_>,
+        area: RingArea,
+        addr: u64,
+        len: u64,
+        access: Permissions,
+        e: &virtio_queue::Error,
+    ) -> QueueError {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        match access_error(mem, area, addr, len, access, &crate_error(e)) {
+            Ok(err) => QueueError::Memory { area, err },
+            Err(d) => d.into(),
+        }
     }
 
     /// Pops the next available chain, validating it. `Ok(None)` if the ring
-    /// is empty; `Err` if the ring itself is corrupt.
+    /// is empty; `Err` if the ring itself is corrupt or unreadable, or
+    /// [`QueueError::Discarded`] (nothing popped) if a page must be faulted
+    /// in first.
     pub fn pop(
         &mut self,
-        mem: &mut GuestAccess,
+        mem: &GuestMemoryView<'_>,
         ram: &RamLayout,
     ) -> Result<Option<Popped>, QueueError> {
-        if !self.ready {
-            return Err(QueueError::NotReady);
-        }
-        let avail = Self::read_u16(mem, self.avail_ring + 2)?;
-        // The ring entries published by this index are read after it.
-        fence(Ordering::Acquire);
-        let ahead = avail.wrapping_sub(self.next_avail);
-        if ahead == 0 {
-            return Ok(None);
-        }
-        if ahead > self.size {
-            return Err(QueueError::AvailAhead {
-                avail,
-                next: self.next_avail,
-                ahead,
-                size: self.size,
-            });
-        }
-        let slot = u64::from(self.next_avail % self.size);
-        let head = Self::read_u16(mem, self.avail_ring + 4 + 2 * slot)?;
-        if head >= self.size {
-            return Err(QueueError::HeadIndex {
-                head,
-                size: self.size,
-            });
-        }
-        self.next_avail = self.next_avail.wrapping_add(1);
-        Ok(Some(Popped {
-            head,
-            chain: self.walk_chain(mem, ram, head),
-        }))
-    }
-
-    fn walk_chain(
-        &self,
-        mem: &mut GuestAccess,
-        ram: &RamLayout,
-        head: u16,
-    ) -> Result<Vec<Desc>, ChainError> {
-        let mut out = Vec::new();
-        let mut index = head;
-        loop {
-            if out.len() >= usize::from(self.size) {
-                return Err(ChainError::TooLong {
-                    head,
-                    size: self.size,
-                });
-            }
-            let mut raw = [0u8; 16];
-            mem.read(self.desc_table + 16 * u64::from(index), &mut raw)
-                .map_err(|e| ChainError::Memory {
-                    index,
-                    err: e.to_string(),
-                })?;
-            let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
-            let addr = u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
-            let len = u32::from_le_bytes([l0, l1, l2, l3]);
-            let flags = u32::from(u16::from_le_bytes([f0, f1]));
-            let next = u16::from_le_bytes([n0, n1]);
-            if flags & VRING_DESC_F_INDIRECT != 0 {
-                return Err(ChainError::Indirect { index });
-            }
-            if len == 0 && !broken(Rule::DescLength) {
-                return Err(ChainError::ZeroLength { index });
-            }
-            // (A mutation build may check only the first byte, or nothing.)
-            let checked_len = if broken(Rule::DescLength) {
-                1
-            } else {
-                u64::from(len)
-            };
-            if !broken(Rule::DescAddress) && !ram.contains(addr, checked_len) {
-                return Err(ChainError::OutsideRam { index, addr, len });
-            }
-            out.push(Desc {
-                index,
-                addr,
-                len,
-                write_only: flags & VRING_DESC_F_WRITE != 0,
-            });
-            if flags & VRING_DESC_F_NEXT == 0 {
-                return Ok(out);
-            }
-            if next >= self.size {
-                return Err(ChainError::NextIndex {
-                    index,
+        let (size, avail_ring, desc_table) = (self.size, self.avail_ring, self.desc_table);
+        let ring = self.live()?;
+        let next = ring.next_avail();
+        // The crate reads avail.idx with Acquire (the ring entries it
+        // publishes are read after it) and refuses an index that ran more
+        // than the queue size ahead.
+        let popped = match ring.iter(mem) {
+            Ok(mut it) => it.next().map(|c| c.head_index()),
+            Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+                let avail = ring.avail_idx(mem, Ordering::Relaxed).map_or(next, |w| w.0);
+                return Err(QueueError::AvailAhead {
+                    avail,
                     next,
-                    size: self.size,
+                    ahead: avail.wrapping_sub(next),
+                    size,
                 });
             }
-            index = next;
+            Err(e) => {
+                let e = Self::ring_error(
+                    mem,
+                    RingArea::AvailRing,
+                    avail_ring,
+                    4,
+                    Permissions::Read,
+                    &e,
+                );
+                return Err(e);
+            }
+        };
+        let Some(head) = popped else {
+            // Either nothing is available, or the head's slot could not be
+            // read: the crate does not say which.
+            let ring = self.live()?;
+            if matches!(ring.avail_idx(mem, Ordering::Acquire), Ok(w) if w.0 == next) {
+                return Ok(None);
+            }
+            let slot = avail_ring + 4 + 2 * u64::from(next % size);
+            let e = match mem.load::<u16>(GuestAddress(slot), Ordering::Acquire) {
+                // Readable now: the driver moved its index back meanwhile
+                // (nothing to serve), or the page came back.
+                Ok(_) => return Ok(None),
+                Err(e) => e,
+            };
+            return Err(
+                match access_error(mem, RingArea::AvailRing, slot, 2, Permissions::Read, &e) {
+                    Ok(err) => QueueError::Memory {
+                        area: RingArea::AvailRing,
+                        err,
+                    },
+                    Err(d) => d.into(),
+                },
+            );
+        };
+        if head >= size {
+            return Err(QueueError::HeadIndex { head, size });
+        }
+        match walk_chain(mem, ram, desc_table, size, head) {
+            Ok(chain) => Ok(Some(Popped { head, chain })),
+            Err(d) => {
+                // Undo the pop: the chain is read again after the fault-in.
+                if let Some(r) = &mut self.ring {
+                    r.set_next_avail(next);
+                }
+                Err(d.into())
+            }
         }
     }
 
-    /// Returns chain `head` to the driver with `len` bytes written.
+    /// Returns chain `head` to the driver with `len` bytes written (the
+    /// element is visible before the index that publishes it). On
+    /// [`QueueError::Discarded`] nothing was published and the call may be
+    /// repeated.
     pub fn add_used(
         &mut self,
-        mem: &mut GuestAccess,
+        mem: &GuestMemoryView<'_>,
         head: u16,
         len: u32,
     ) -> Result<(), QueueError> {
-        if !self.ready {
-            return Err(QueueError::NotReady);
+        let (used_ring, size) = (self.used_ring, self.size);
+        let ring = self.live()?;
+        let before = ring.next_used();
+        if let Err(e) = ring.add_used(mem, head, len) {
+            // The crate advances its index before it stores it: put it back
+            // so that a retry writes the same slot.
+            ring.set_next_used(before);
+            let len = 6 + 8 * u64::from(size);
+            return Err(Self::ring_error(
+                mem,
+                RingArea::UsedRing,
+                used_ring,
+                len,
+                Permissions::Write,
+                &e,
+            ));
         }
-        let slot = u64::from(self.next_used % self.size);
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write(self.used_ring + 4 + 8 * slot, &elem)?;
-        // The element is visible before the index that publishes it.
-        fence(Ordering::Release);
-        self.next_used = self.next_used.wrapping_add(1);
-        mem.write(self.used_ring + 2, &self.next_used.to_le_bytes())?;
+        self.added = true;
         Ok(())
+    }
+
+    /// Whether the driver wants an interrupt for the used elements added
+    /// since the last call: virtio-queue's `needs_notification` (a full
+    /// fence after the used index; always yes without `EVENT_IDX`), then
+    /// `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's flags, which
+    /// the crate leaves to us. If nothing was added, no. If the flags cannot
+    /// be read, yes: a spurious interrupt is harmless, a missed one leaves
+    /// the driver waiting.
+    pub fn needs_interrupt(&mut self, mem: &GuestMemoryView<'_>) -> bool {
+        if !std::mem::take(&mut self.added) {
+            return false;
+        }
+        let avail_ring = self.avail_ring;
+        let Ok(ring) = self.live() else {
+            return false;
+        };
+        match ring.needs_notification(mem) {
+            Ok(false) => false,
+            Ok(true) | Err(_) => mem
+                .load::<u16>(GuestAddress(avail_ring), Ordering::Acquire)
+                .map_or(true, |f| {
+                    u32::from(u16::from_le(f)) & VRING_AVAIL_F_NO_INTERRUPT == 0
+                }),
+        }
+    }
+
+    /// Whether used elements were added since [`Queue::needs_interrupt`]
+    /// last asked.
+    pub fn has_new_used(&self) -> bool {
+        self.added
     }
 
     /// The device's next available index (for tests and tools).
     pub fn next_avail(&self) -> u16 {
-        self.next_avail
+        self.ring.as_ref().map_or(0, |r| r.next_avail())
     }
 
     /// The device's next used index.
     pub fn next_used(&self) -> u16 {
-        self.next_used
+        self.ring.as_ref().map_or(0, |r| r.next_used())
+    }
+
+    /// The position of the available ring, to undo pops with
+    /// [`Queue::rewind`] (a step that must be retried after a fault-in).
+    pub fn mark(&self) -> u16 {
+        self.next_avail()
+    }
+
+    /// Puts the available position back to `mark`.
+    pub fn rewind(&mut self, mark: u16) {
+        if let Some(r) = &mut self.ring {
+            r.set_next_avail(mark);
+        }
+    }
+}
+
+/// Walks the chain from `head` in the table at `desc_table`, validating
+/// every descriptor. `Err` only when a descriptor page is discarded.
+fn walk_chain(
+    mem: &GuestMemoryView<'_>,
+    ram: &RamLayout,
+    desc_table: u64,
+    size: u16,
+    head: u16,
+) -> Result<Result<Vec<Desc>, ChainError>, Discarded> {
+    let mut out = Vec::new();
+    let mut index = head;
+    loop {
+        if out.len() >= usize::from(size) {
+            return Ok(Err(ChainError::TooLong { head, size }));
+        }
+        let at = desc_table + 16 * u64::from(index);
+        let d: Descriptor = match mem.read_obj(GuestAddress(at)) {
+            Ok(d) => d,
+            Err(e) => {
+                let err = access_error(mem, RingArea::DescTable, at, 16, Permissions::Read, &e)?;
+                return Ok(Err(ChainError::Memory { index, err }));
+            }
+        };
+        let (addr, len, flags) = (d.addr().0, d.len(), u32::from(d.flags()));
+        if flags & VRING_DESC_F_INDIRECT != 0 {
+            return Ok(Err(ChainError::Indirect { index }));
+        }
+        if len == 0 && !broken(Rule::DescLength) {
+            return Ok(Err(ChainError::ZeroLength { index }));
+        }
+        // (A mutation build may check only the first byte, or nothing.)
+        let checked_len = if broken(Rule::DescLength) {
+            1
+        } else {
+            u64::from(len)
+        };
+        if !broken(Rule::DescAddress) && !ram.contains(addr, checked_len) {
+            return Ok(Err(ChainError::OutsideRam { index, addr, len }));
+        }
+        out.push(Desc {
+            index,
+            addr,
+            len,
+            write_only: flags & VRING_DESC_F_WRITE != 0,
+        });
+        if flags & VRING_DESC_F_NEXT == 0 {
+            return Ok(Ok(out));
+        }
+        let next = d.next();
+        if next >= size {
+            return Ok(Err(ChainError::NextIndex { index, next, size }));
+        }
+        index = next;
     }
 }
 
 /// Reads a whole device-readable chain into one buffer of at most `max`
 /// bytes. Refuses device-writable descriptors and chains longer than `max`.
+/// [`ChainReadError::Discarded`] asks the caller to fault the page in and
+/// read the chain again.
 pub fn read_chain(
-    mem: &mut GuestAccess,
+    mem: &GuestMemoryView<'_>,
     chain: &[Desc],
     max: u64,
 ) -> Result<Vec<u8>, ChainReadError> {
@@ -414,11 +685,20 @@ pub fn read_chain(
             return Err(ChainReadError::WriteOnly { index: d.index });
         }
         let n = d.len as usize;
-        mem.read(d.addr, &mut out[at..at + n])
-            .map_err(|e| ChainReadError::Memory {
-                index: d.index,
-                err: e.to_string(),
-            })?;
+        if let Err(e) = mem.read_slice(&mut out[at..at + n], GuestAddress(d.addr)) {
+            return Err(
+                match access_error(mem, RingArea::Buffer, d.addr, n, Permissions::Read, &e) {
+                    Ok(err) => ChainReadError::Memory {
+                        index: d.index,
+                        err,
+                    },
+                    Err(Discarded { gpa, .. }) => ChainReadError::Discarded {
+                        index: d.index,
+                        gpa,
+                    },
+                },
+            );
+        }
         at += n;
     }
     Ok(out)
@@ -449,12 +729,26 @@ pub enum ChainReadError {
         /// Why.
         err: String,
     },
+    /// A buffer page is discarded (free page reporting): the caller faults
+    /// it in and reads the chain again; seen as an error only when that
+    /// did not help.
+    #[error(
+        "the buffer of descriptor {index} is in page {gpa:#x}, discarded by free page \
+         reporting, which did not stay faulted in"
+    )]
+    Discarded {
+        /// Descriptor.
+        index: u16,
+        /// First discarded address.
+        gpa: u64,
+    },
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{desc, publish, ram};
+    use super::super::testutil::{desc, publish, ram, view};
     use super::*;
+    use crate::vstate::memory::GuestAccess;
 
     const DESC: u64 = 0x30_0000;
     const AVAIL: u64 = 0x30_1000;
@@ -471,7 +765,7 @@ mod tests {
         q.avail_ring = AVAIL;
         q.used_ring = USED;
         q.validate(layout).expect("valid queue");
-        q.ready = true;
+        q.set_ready(layout).expect("valid queue");
         q
     }
 
@@ -480,17 +774,17 @@ mod tests {
         let (vmem, _, layout) = ram();
         let mut mem = vmem.access();
         let mut q = queue(&layout);
-        assert!(q.pop(&mut mem, &layout).unwrap().is_none());
+        assert!(view(&mut mem, |m| q.pop(m, &layout)).unwrap().is_none());
         desc(&mut mem, DESC, 3, BUF, 100, F_NEXT, 5);
         desc(&mut mem, DESC, 5, BUF + 4096, 8, F_WRITE, 0);
         publish(&mut mem, AVAIL, 8, 0, &[3]);
-        let p = q.pop(&mut mem, &layout).unwrap().unwrap();
+        let p = view(&mut mem, |m| q.pop(m, &layout)).unwrap().unwrap();
         assert_eq!(p.head, 3);
         let c = p.chain.unwrap();
         assert_eq!(c.len(), 2);
         assert_eq!((c[0].addr, c[0].len, c[0].write_only), (BUF, 100, false));
         assert_eq!((c[1].index, c[1].write_only), (5, true));
-        q.add_used(&mut mem, 3, 8).unwrap();
+        view(&mut mem, |m| q.add_used(m, 3, 8)).unwrap();
         let mut b = [0u8; 12];
         mem.read(USED, &mut b).unwrap();
         assert_eq!(u16::from_le_bytes([b[2], b[3]]), 1, "used idx");
@@ -500,7 +794,7 @@ mod tests {
             8,
             "used len"
         );
-        assert!(q.pop(&mut mem, &layout).unwrap().is_none());
+        assert!(view(&mut mem, |m| q.pop(m, &layout)).unwrap().is_none());
     }
 
     fn pop_one(setup: impl FnOnce(&mut GuestAccess)) -> Result<Option<Popped>, QueueError> {
@@ -508,7 +802,7 @@ mod tests {
         let mut mem = vmem.access();
         let mut q = queue(&layout);
         setup(&mut mem);
-        q.pop(&mut mem, &layout)
+        view(&mut mem, |m| q.pop(m, &layout))
     }
 
     fn chain_err(setup: impl FnOnce(&mut GuestAccess)) -> ChainError {
@@ -582,7 +876,7 @@ mod tests {
     fn validate_rejects_bad_layouts() {
         let (_vmem, _, layout) = ram();
         let mut q = queue(&layout);
-        q.ready = false;
+        q.set_unready();
         const END: u64 = 16 << 20;
         let outside = |area, addr, len| Err(LayoutError::OutsideRam { area, addr, len });
         let unaligned = |area, addr, align| Err(LayoutError::Unaligned { area, addr, align });
@@ -739,13 +1033,125 @@ mod tests {
             write_only,
         };
         assert_eq!(
-            read_chain(&mut mem, &[d(true, 4)], 64),
+            view(&mut mem, |m| read_chain(m, &[d(true, 4)], 64)),
             Err(ChainReadError::WriteOnly { index: 0 })
         );
         assert_eq!(
-            read_chain(&mut mem, &[d(false, 65)], 64),
+            view(&mut mem, |m| read_chain(m, &[d(false, 65)], 64)),
             Err(ChainReadError::TooBig { total: 65, max: 64 })
         );
-        assert_eq!(read_chain(&mut mem, &[d(false, 8)], 64).unwrap().len(), 8);
+        assert_eq!(
+            view(&mut mem, |m| read_chain(m, &[d(false, 8)], 64))
+                .unwrap()
+                .len(),
+            8
+        );
+    }
+
+    fn discarded_at(e: &ChainReadError) -> Option<u64> {
+        match e {
+            ChainReadError::Discarded { gpa, .. } => Some(*gpa),
+            _ => None,
+        }
+    }
+
+    /// A page released by free page reporting is refused by the view, then
+    /// faulted back in (zeros) outside the read section and the step run
+    /// again: buffers, the descriptor table, the available and used rings.
+    #[test]
+    fn discarded_pages_are_faulted_in_and_retried() {
+        use crate::vstate::memory::ReleaseMode;
+        let (vmem, _, layout) = ram();
+        let mut mem = vmem.access();
+        let mut q = queue(&layout);
+        desc(&mut mem, DESC, 0, BUF, 8, 0, 0);
+        mem.write(BUF, &[7u8; 8]).unwrap();
+        publish(&mut mem, AVAIL, 8, 0, &[0]);
+        vmem.release(&[(BUF, 4096)], ReleaseMode::Discard).unwrap();
+        let p = view(&mut mem, |m| q.pop(m, &layout)).unwrap().unwrap();
+        let c = p.chain.unwrap();
+        assert_eq!(
+            view(&mut mem, |m| read_chain(m, &c, 64)),
+            Err(ChainReadError::Discarded { index: 0, gpa: BUF })
+        );
+        let bytes = mem
+            .with_view(2, |m| read_chain(m, &c, 64), discarded_at)
+            .unwrap();
+        assert_eq!(bytes, vec![0u8; 8], "a discarded page reads zeros");
+        // Without rounds left the error is the caller's.
+        vmem.release(&[(BUF, 4096)], ReleaseMode::Discard).unwrap();
+        assert!(matches!(
+            mem.with_view(0, |m| read_chain(m, &c, 64), discarded_at),
+            Err(ChainReadError::Discarded { .. })
+        ));
+
+        // The used ring: the element and the index land after the fault-in.
+        vmem.release(&[(USED, 4096)], ReleaseMode::Discard).unwrap();
+        assert!(matches!(
+            view(&mut mem, |m| q.add_used(m, 0, 8)),
+            Err(QueueError::Discarded(Discarded {
+                area: RingArea::UsedRing,
+                gpa: USED
+            }))
+        ));
+        assert_eq!(q.next_used(), 0, "nothing published");
+        mem.with_view(2, |m| q.add_used(m, 0, 8), QueueError::discarded_at)
+            .unwrap();
+        let mut b = [0u8; 12];
+        mem.read(USED, &mut b).unwrap();
+        assert_eq!(u16::from_le_bytes([b[2], b[3]]), 1, "used idx");
+        assert_eq!(u32::from_le_bytes([b[8], b[9], b[10], b[11]]), 8);
+
+        // The descriptor table: the pop is undone, then done again on the
+        // zeroed table (a zero-length descriptor now).
+        publish(&mut mem, AVAIL, 8, 1, &[0]);
+        vmem.release(&[(DESC, 4096)], ReleaseMode::Discard).unwrap();
+        assert!(matches!(
+            view(&mut mem, |m| q.pop(m, &layout)),
+            Err(QueueError::Discarded(Discarded {
+                area: RingArea::DescTable,
+                ..
+            }))
+        ));
+        assert_eq!(q.next_avail(), 1, "the pop was undone");
+        let p = mem
+            .with_view(2, |m| q.pop(m, &layout), QueueError::discarded_at)
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.chain, Err(ChainError::ZeroLength { index: 0 }));
+        assert_eq!(q.next_avail(), 2);
+
+        // The available ring of a fresh queue: empty after the fault-in.
+        let mut q = queue(&layout);
+        vmem.release(&[(AVAIL, 4096)], ReleaseMode::Discard)
+            .unwrap();
+        let r = mem.with_view(2, |m| q.pop(m, &layout), QueueError::discarded_at);
+        assert!(r.unwrap().is_none());
+    }
+
+    /// A ring in a ballooned page cannot be read: an error, not a retry.
+    #[test]
+    fn ballooned_ring_is_an_error() {
+        use crate::vstate::memory::ReleaseMode;
+        let (vmem, _, layout) = ram();
+        let mut mem = vmem.access();
+        let mut q = queue(&layout);
+        desc(&mut mem, DESC, 0, BUF, 8, 0, 0);
+        publish(&mut mem, AVAIL, 8, 0, &[0]);
+        vmem.release(&[(AVAIL, 4096)], ReleaseMode::Balloon)
+            .unwrap();
+        let r = mem.with_view(4, |m| q.pop(m, &layout), QueueError::discarded_at);
+        assert!(
+            matches!(
+                r,
+                Err(QueueError::Memory {
+                    area: RingArea::AvailRing,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("available ring"), "{msg}");
     }
 }

@@ -28,9 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use guest_mm::{
-    Access, BackingError, BackingKind, BackingRegion, FaultError, Gpa, Hva, Invalidation,
-    InvalidationSubscriber, MapError, PageState, Perms, ReleaseError, Stage2Table, SubscribeError,
-    TableConfig, UnmapError, WalkError, Walker,
+    Access, BackingError, BackingKind, BackingRegion, FaultError, Gpa, GuestMemoryView, Hva,
+    Invalidation, InvalidationSubscriber, MapError, PageState, Perms, ReleaseError, Stage2Table,
+    SubscribeError, TableConfig, UnmapError, WalkError, Walker,
 };
 
 use super::backing::{Backing, PageSize, RegionDesc, SIZE_2M};
@@ -289,6 +289,46 @@ impl GuestAccess {
             a.store(val, ord);
             Ok(())
         })
+    }
+
+    /// Runs `f` in one read section, with guest memory as vm-memory's
+    /// [`GuestMemory`](vm_memory::GuestMemory) (a [`GuestMemoryView`] of
+    /// the pinned walker): virtio-queue and every `Bytes` accessor work
+    /// through it, and no slice outlives the section.
+    ///
+    /// A discarded page (released by free page reporting, still mapped:
+    /// its next touch reads zeros) is refused by the view like any page
+    /// that is not present. When `f` fails and `discarded` finds in its
+    /// error the address of such a page, the section is ended, the page is
+    /// faulted back in (as [`GuestAccess::read`] does) and `f` runs again
+    /// in a new section, at most `rounds` more times. `f` must leave its
+    /// state so that running it again is right (undo a partly done step).
+    ///
+    /// The view must not be kept past `f`: a release of guest memory
+    /// waits for this section to end, so releasing from inside `f` would
+    /// wait for itself. Release between two calls.
+    pub fn with_view<R, E>(
+        &mut self,
+        rounds: usize,
+        mut f: impl FnMut(&GuestMemoryView<'_>) -> Result<R, E>,
+        discarded: impl Fn(&E) -> Option<u64>,
+    ) -> Result<R, E> {
+        let mut left = rounds;
+        loop {
+            let r = {
+                let g = self.walker.pin();
+                f(&g.memory())
+            };
+            let gpa = match &r {
+                Err(e) if left > 0 => discarded(e),
+                _ => None,
+            };
+            let Some(gpa) = gpa else { return r };
+            left -= 1;
+            if self.walker.table().fault_in(Gpa(gpa)).is_err() {
+                return r;
+            }
+        }
     }
 
     /// Counters of the underlying walker.
