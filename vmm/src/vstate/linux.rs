@@ -24,6 +24,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::vm::VmError;
 use crate::devices::legacy::serial::{Console, SerialDevice};
 use crate::devices::legacy::LegacyIo;
+use crate::devices::virtio::balloon::Balloon;
+use crate::devices::virtio::mmio::VirtioMmio;
 
 /// The i8042's keyboard interrupt.
 pub const KBD_GSI: u32 = 1;
@@ -57,8 +59,8 @@ fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmError> {
 pub struct LinuxPlatform {
     /// Console and i8042.
     pub io: Arc<LegacyIo>,
-    /// The balloon's interrupt line (GSI [`BALLOON_GSI`]), until the
-    /// transport takes it.
+    /// The balloon's interrupt line (GSI [`BALLOON_GSI`]); the transport
+    /// signals a clone of it.
     pub balloon_irq: Option<EventFd>,
     /// The command line the kernel got.
     pub cmdline: String,
@@ -66,24 +68,24 @@ pub struct LinuxPlatform {
 
 impl LinuxPlatform {
     /// Wires the console (IRQ 4), the i8042 (IRQ 1) and, with `balloon`, the
-    /// balloon's line (IRQ 5) to KVM as irqfds.
+    /// balloon's line (IRQ 5) to KVM as irqfds, and hands the balloon's
+    /// transport its end of the line.
     pub fn new(
         vm: &VmFd,
         console: Console,
-        balloon: bool,
+        balloon: Option<&VirtioMmio<Balloon>>,
         cmdline: String,
     ) -> Result<Self, VmError> {
         let serial = Arc::new(SerialDevice::with_irq(console, irqfd(vm, SERIAL_GSI)?));
         let io = LegacyIo::new(serial, irqfd(vm, KBD_GSI)?).map_err(VmError::EventFd)?;
-        let balloon_irq = if balloon {
-            let evt = irqfd(vm, BALLOON_GSI)?;
-            // TODO(irqfd): transport.set_interrupt(evt) — hand this eventfd
-            // to the balloon's MmioTransport once `set_interrupt` lands
-            // (devices/virtio/mmio.rs, other branch); until then Linux's
-            // driver binds without interrupts (probe reads registers only).
-            Some(evt)
-        } else {
-            None
+        let balloon_irq = match balloon {
+            Some(dev) => {
+                let evt = irqfd(vm, BALLOON_GSI)?;
+                let theirs = evt.try_clone().map_err(VmError::EventFd)?;
+                dev.lock().set_interrupt(theirs);
+                Some(evt)
+            }
+            None => None,
         };
         Ok(Self {
             io: Arc::new(io),

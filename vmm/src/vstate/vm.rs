@@ -445,7 +445,7 @@ impl Vm {
             Some(p) => Some(linux::LinuxPlatform::new(
                 &vm_fd,
                 config.console.clone(),
-                balloon.is_some(),
+                balloon.as_deref(),
                 p.cmdline(),
             )?),
             None => None,
