@@ -21,10 +21,31 @@ use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 
 #[derive(Parser)]
-#[command(name = "vmm", about = "KVM microVM monitor", version)]
+#[command(
+    name = "vmm",
+    about = "KVM microVM monitor",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    /// Serve Firecracker's API on this Unix socket (created owner-only; it
+    /// must not exist): the monitor starts with no VM, in state
+    /// `Not started`, and runs until the VM it starts ends.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<std::path::PathBuf>,
+    /// Boot at once from a JSON file in Firecracker's format
+    /// (`boot-source`, `machine-config`, `balloon`, `metrics`, `logger`).
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<std::path::PathBuf>,
+    /// Instance ID (`GET /`).
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+    /// Populate all guest RAM host-side before the vCPUs start (for
+    /// benchmarks of a populated guest's teardown).
+    #[arg(long)]
+    populate: bool,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
@@ -807,10 +828,62 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `vmm --api-sock PATH` / `vmm --config-file FILE`: the monitor as a
+/// service ([`vmm::service`]).
+fn serve(cli: &Cli) -> anyhow::Result<ExitCode> {
+    use vmm::service::{self, Service, ServiceOptions};
+    if cli.api_sock.is_none() && cli.config_file.is_none() {
+        anyhow::bail!(
+            "nothing to do: give --api-sock PATH (serve Firecracker's API), --config-file FILE \
+             (boot from a file), or a command (`vmm run`, `vmm ctl`; see --help)"
+        );
+    }
+    let config = cli
+        .config_file
+        .as_deref()
+        .map(service::read_config_file)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let svc = Service::new(ServiceOptions {
+        id: cli.id.clone(),
+        console: Console::Stdout,
+        populate: cli.populate,
+    });
+    // Before any other thread exists, so that all inherit the mask.
+    service::stop_on_signals(&svc).context("setting up SIGTERM/SIGINT handling")?;
+    let _server = match &cli.api_sock {
+        Some(p) => Some(vmm::api::server::ApiServer::start(
+            p,
+            Arc::clone(&svc) as Arc<dyn vmm::api::server::Handler>,
+        )?),
+        None => None,
+    };
+    if let Some(cfg) = config {
+        svc.configure_and_start(cfg)
+            .map_err(|f| anyhow::anyhow!("{}", f.message))?;
+    }
+    let how = svc.run();
+    eprintln!("vmm: {how:?}");
+    Ok(if how.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn main() -> ExitCode {
     PROCESS_START.get_or_init(Instant::now);
     let cli = Cli::parse();
-    match cli.cmd {
+    let Some(cmd) = cli.cmd else {
+        return match serve(&cli) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("vmm: error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    };
+    match cmd {
         Cmd::Ctl(args) => match ctl(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

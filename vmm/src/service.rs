@@ -42,6 +42,7 @@ use crate::devices::serial::Console;
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonCounters};
 use crate::guest::Workload;
 use crate::vstate::memory::{check_backing, Backing, MemSize, MemoryReport, PageSize};
+use crate::vstate::vcpu::VcpuOutcome;
 use crate::vstate::vm::{EndWaiter, Vm, VmConfig};
 
 /// How long `PATCH /vm` waits for the vCPUs to park.
@@ -58,8 +59,14 @@ pub const BEFORE_START: &str =
 pub enum Ended {
     /// A stop request (signal number).
     Signal(i32),
-    /// The guest stopped (reset, shutdown, the default guest finished).
-    Guest(String),
+    /// The guest stopped: reset, power-off or shutdown (Linux), every vCPU
+    /// done (the default guest), or an error (`ok` false).
+    Guest {
+        /// A clean stop.
+        ok: bool,
+        /// vCPU and outcome.
+        what: String,
+    },
     /// Nothing was started and a stop request came.
     NotStarted,
 }
@@ -71,6 +78,9 @@ pub struct ServiceOptions {
     pub id: String,
     /// Where the guest console goes.
     pub console: Console,
+    /// Populate all guest RAM host-side before the vCPUs start (benchmarks
+    /// of a populated guest's teardown).
+    pub populate: bool,
 }
 
 struct Inner {
@@ -161,6 +171,14 @@ fn check_balloon(b: &Balloon, mem_mib: u64) -> Result<(), ApiFault> {
         )));
     }
     Ok(())
+}
+
+impl Ended {
+    /// Whether the process should exit 0: a stop request, or a guest that
+    /// stopped cleanly.
+    pub fn is_clean(&self) -> bool {
+        !matches!(self, Ended::Guest { ok: false, .. })
+    }
 }
 
 impl Service {
@@ -269,14 +287,28 @@ impl Service {
         };
         let signal = self.stop_signal.load(Ordering::SeqCst);
         let how = match &vm {
-            Some(vm) if signal == 0 => Ended::Guest(
-                vm.outcomes()
-                    .first()
-                    .map_or_else(|| "stopped".into(), |(i, o)| format!("vCPU {i}: {o:?}")),
-            ),
+            Some(vm) if signal == 0 => {
+                let outcomes = vm.outcomes();
+                let ok = !outcomes.is_empty()
+                    && outcomes.iter().all(|(_, o)| {
+                        o.is_linux_exit() || matches!(o, VcpuOutcome::Done | VcpuOutcome::Stopped)
+                    });
+                Ended::Guest {
+                    ok,
+                    what: outcomes
+                        .first()
+                        .map_or_else(|| "stopped".into(), |(i, o)| format!("vCPU {i}: {o:?}")),
+                }
+            }
             _ => Ended::Signal(signal),
         };
         if let Some(vm) = vm {
+            // The monitor's own share of the start: InstanceStart received
+            // to the first KVM_RUN.
+            if let (Some(t0), Some(run)) = (self.lock().started_at, vm.first_run()) {
+                let setup = run.saturating_duration_since(t0).as_secs_f64() * 1e3;
+                self.log(&cfg, "Info", &format!("monitor_setup_ms={setup:.3}"));
+            }
             let memory = vm.memory().report();
             let balloon = vm.balloon().map(|b| b.counters());
             let mut teardown = vm.destroy();
@@ -347,6 +379,7 @@ impl Service {
     }
 
     fn start(&self, g: &mut Inner) -> Result<(), ApiFault> {
+        let t0 = Instant::now();
         let m = &g.cfg.machine_config;
         let size = check_machine(m)?;
         let (backing, page_size) = backing_of(m.huge_pages);
@@ -372,8 +405,12 @@ impl Service {
             }
             config.linux = Some(spec);
         }
-        let vm = Vm::new(config).map_err(|e| bad(format!("InstanceStart failed: {e}")))?;
-        let mut vm = vm;
+        let mut vm = Vm::new(config).map_err(|e| bad(format!("InstanceStart failed: {e}")))?;
+        if self.opts.populate {
+            vm.memory()
+                .populate()
+                .map_err(|e| bad(format!("populating guest RAM failed: {e}")))?;
+        }
         if let (Some(b), Some(dev)) = (&g.cfg.balloon, vm.balloon()) {
             dev.set_target_pages(b.amount_mib << 8);
         }
@@ -381,7 +418,7 @@ impl Service {
             .map_err(|e| bad(format!("InstanceStart failed: {e}")))?;
         g.waiter = Some(vm.end_waiter());
         g.vm = Some(vm);
-        g.started_at = Some(Instant::now());
+        g.started_at = Some(t0);
         let interval = g
             .cfg
             .balloon
@@ -708,6 +745,7 @@ mod tests {
         Service::new(ServiceOptions {
             id: "t".into(),
             console: Console::Null,
+            populate: false,
         })
     }
 
