@@ -17,7 +17,7 @@ macro_rules! loud {
 }
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
@@ -250,4 +250,56 @@ pub fn start_balloon_driver(
         console_text(console)
     );
     (vm, st)
+}
+
+/// The Linux guest fixture's directory (`GMM_LINUX_GUEST_DIR`, else
+/// `../shared/linux-guest/` beside the repository), or a loud skip.
+pub fn linux_fixture(test: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("GMM_LINUX_GUEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/linux-guest"),
+        std::path::PathBuf::from,
+    );
+    if dir.join("vmlinux").is_file() && dir.join("initrd.cpio").is_file() {
+        Some(dir)
+    } else {
+        loud!(
+            "SKIPPED: {test}: the Linux fixture is not at {} (vmlinux, initrd.cpio); set \
+             GMM_LINUX_GUEST_DIR",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// The `vmm` binary next to the test's directory (`GMM_VMM_BIN` wins), or
+/// a loud skip.
+pub fn vmm_bin(test: &str) -> Option<std::path::PathBuf> {
+    let p = std::env::var_os("GMM_VMM_BIN")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            Some(exe.parent()?.parent()?.join("vmm"))
+        })?;
+    if p.is_file() {
+        Some(p)
+    } else {
+        loud!(
+            "SKIPPED: {test}: no vmm binary at {}: run `cargo build --release -p vmm` (same \
+             profile and target dir as the tests) or set GMM_VMM_BIN",
+            p.display()
+        );
+        None
+    }
+}
+
+/// Waits until the captured console contains `marker`.
+pub fn wait_console(buf: &std::sync::Mutex<Vec<u8>>, marker: &str, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if console_text(buf).contains(marker) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }

@@ -17,7 +17,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::{config, console_text, destroy_and_check, kvm_or_skip, loud};
+use tests::{
+    config, console_text, destroy_and_check, kvm_or_skip, linux_fixture as fixture, loud, vmm_bin,
+    wait_console,
+};
 use vmm::boot::LinuxSpec;
 use vmm::vstate::vcpu::VcpuOutcome;
 use vmm::{Backing, PageSize, Vm, Workload};
@@ -34,57 +37,40 @@ fn boot_slot() -> std::sync::MutexGuard<'static, ()> {
     ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn fixture(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("GMM_LINUX_GUEST_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/linux-guest"),
-        PathBuf::from,
-    );
-    if dir.join("vmlinux").is_file() && dir.join("initrd.cpio").is_file() {
-        Some(dir)
-    } else {
-        loud!(
-            "SKIPPED: {test}: the Linux fixture is not at {} (vmlinux, initrd.cpio); set \
-             GMM_LINUX_GUEST_DIR",
-            dir.display()
-        );
-        None
-    }
+/// The guest's last `MEMTOTAL <kB> MEMFREE <kB>` line (idle mode prints one
+/// per period): MemTotal in kB.
+fn last_memtotal(text: &str) -> Option<u64> {
+    text.lines()
+        .rev()
+        .filter(|l| l.contains("MEMFREE"))
+        .find_map(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
 
-fn vmm_bin(test: &str) -> Option<PathBuf> {
-    let p = std::env::var_os("GMM_VMM_BIN")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let exe = std::env::current_exe().ok()?;
-            Some(exe.parent()?.parent()?.join("vmm"))
-        })?;
-    if p.is_file() {
-        Some(p)
-    } else {
-        loud!(
-            "SKIPPED: {test}: no vmm binary at {}: run `cargo build --release -p vmm` (same \
-             profile and target dir as the tests) or set GMM_VMM_BIN",
-            p.display()
-        );
-        None
-    }
-}
-
-/// Waits until the captured console contains `marker`.
-fn wait_console(buf: &std::sync::Mutex<Vec<u8>>, marker: &str, timeout: Duration) -> bool {
+/// Waits until `pred` holds for the guest's latest MemTotal (kB).
+fn wait_memtotal(
+    buf: &std::sync::Mutex<Vec<u8>>,
+    pred: impl Fn(u64) -> bool,
+    timeout: Duration,
+) -> Option<u64> {
     let t0 = Instant::now();
     while t0.elapsed() < timeout {
-        if console_text(buf).contains(marker) {
-            return true;
+        if let Some(t) = last_memtotal(&console_text(buf)).filter(|&t| pred(t)) {
+            return Some(t);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
     }
-    false
+    None
 }
 
-/// Boot 1: library API, 1 vCPU, balloon, idle guest, ended by Ctrl-Alt-Del.
+/// Boot 1: library API, 1 vCPU, guest RAM populated host-side, a balloon
+/// (statistics, no DEFLATE_ON_OOM, no reporting) driven by Linux's own
+/// driver: inflating 32 MiB takes 32 MiB off the guest's MemTotal and at
+/// least 28 MiB off the process's RSS (the stage-2 gather released it),
+/// deflating gives MemTotal back; statistics arrive; Ctrl-Alt-Del through
+/// the i8042 ends the VM.
 #[test]
 fn linux_boots_with_balloon_and_ctrl_alt_del_ends_it() {
+    use vmm::devices::virtio::balloon::BalloonConfig;
     let name = "linux_boots_with_balloon_and_ctrl_alt_del_ends_it";
     if !kvm_or_skip(name) {
         return;
@@ -92,10 +78,14 @@ fn linux_boots_with_balloon_and_ctrl_alt_del_ends_it() {
     let Some(dir) = fixture(name) else { return };
     let _slot = boot_slot();
     let (mut c, console) = config("256M", 1, Backing::Anon, PageSize::Size4K, Workload::Verify);
-    c.balloon = Some(vmm::devices::virtio::balloon::BalloonConfig::default());
+    c.balloon = Some(BalloonConfig {
+        stats: true,
+        deflate_on_oom: false,
+        reporting: false,
+    });
     let mut spec = LinuxSpec::new(dir.join("vmlinux"));
     spec.initrd = Some(dir.join("initrd.cpio"));
-    spec.cmdline = format!("{} quiet guest.mode=idle guest.period=5", spec.cmdline);
+    spec.cmdline = format!("{} quiet guest.mode=idle guest.period=1", spec.cmdline);
     c.linux = Some(spec);
     let mut vm = Vm::new(c).expect("VM creation");
     assert!(
@@ -104,6 +94,7 @@ fn linux_boots_with_balloon_and_ctrl_alt_del_ends_it() {
         "{:?}",
         vm.linux_cmdline()
     );
+    vm.memory().populate().expect("populate guest RAM");
     let t0 = Instant::now();
     vm.start().expect("start");
     let up = wait_console(&console, "NPROC", BOOT_TIMEOUT);
@@ -121,6 +112,68 @@ fn linux_boots_with_balloon_and_ctrl_alt_del_ends_it() {
         "{text}"
     );
     assert!(vm.first_run().is_some());
+    let balloon = vm.balloon().cloned().expect("balloon");
+
+    // Statistics: the driver sent its first buffer at probe; asking again
+    // brings fresh ones.
+    let updates = balloon.counters().stats_updates;
+    balloon.request_stats();
+    let t = Instant::now();
+    while balloon.counters().stats_updates <= updates && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        balloon.counters().stats_updates > updates,
+        "no statistics after a request: {:?}",
+        balloon.counters()
+    );
+    let stats = balloon.lock().device().last_stats().map(<[_]>::to_vec);
+    let total = stats
+        .as_ref()
+        .and_then(|s| s.iter().find(|s| s.tag == 5))
+        .map(|s| s.val);
+    assert!(
+        total.is_some_and(|t| t > 128 << 20 && t <= 256 << 20),
+        "the guest's total memory (tag 5) is missing or wrong: {stats:?}"
+    );
+
+    // Inflate 32 MiB.
+    let before = wait_memtotal(&console, |_| true, Duration::from_secs(30)).expect("MEMTOTAL");
+    let rss0 = vmm::proc_stats::rss().rss;
+    let t = Instant::now();
+    balloon.set_target_pages(32 << 8);
+    let after = wait_memtotal(
+        &console,
+        |m| m <= before - 32 * 1024,
+        Duration::from_secs(90),
+    );
+    let took = t.elapsed();
+    let rss1 = vmm::proc_stats::rss().rss;
+    let report = vm.memory().report();
+    assert_eq!(
+        after,
+        Some(before - 32 * 1024),
+        "MemTotal did not drop by exactly 32 MiB\n{}",
+        console_text(&console)
+    );
+    assert_eq!(report.ballooned_bytes, 32 << 20, "{report:?}");
+    assert!(
+        rss0.saturating_sub(rss1) >= 28 << 20,
+        "RSS fell only {} KiB ({rss0} -> {rss1})",
+        rss0.saturating_sub(rss1) >> 10
+    );
+    loud!(
+        "{name}: inflated 32 MiB in {:.1} s, RSS -{} MiB",
+        took.as_secs_f64(),
+        rss0.saturating_sub(rss1) >> 20
+    );
+    // Deflate: MemTotal comes back.
+    balloon.set_target_pages(0);
+    let back = wait_memtotal(&console, |m| m >= before, Duration::from_secs(90));
+    assert_eq!(back, Some(before), "{}", console_text(&console));
+    assert_eq!(vm.memory().report().ballooned_bytes, 0);
+    assert_eq!(balloon.counters().errors, 0, "{:?}", balloon.counters());
+
     vm.send_ctrl_alt_del().expect("ctrl-alt-del");
     let end = vm.wait_linux(Some(Duration::from_secs(60)));
     assert_eq!(
@@ -129,7 +182,7 @@ fn linux_boots_with_balloon_and_ctrl_alt_del_ends_it() {
         "{end:?}\n{}",
         console_text(&console)
     );
-    drop(vm.balloon().cloned());
+    drop(balloon);
     let (t, _) = destroy_and_check(vm);
     assert_eq!(t.outcomes[0], VcpuOutcome::Reset);
 }

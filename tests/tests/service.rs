@@ -1,0 +1,411 @@
+//! `vmm --api-sock`: the monitor as a service, driven over its socket the
+//! way Firecracker's documentation drives Firecracker, on real KVM.
+//!
+//! - the default guest: configuration, wrong-phase and malformed calls
+//!   (400 with a `fault_message`, nothing changed), start, pause/resume,
+//!   balloon target followed by the guest's driver, `GET /memory`,
+//!   `FlushMetrics`, `SendCtrlAltDel` → exit 0;
+//! - SIGTERM ends a running VM at once with exit 0, memory released;
+//! - the Linux fixture (one boot, 2 vCPUs, RAM populated host-side): free
+//!   page reporting gives the guest's free memory back (`GET /memory`
+//!   `discarded_bytes`, the process's RSS), statistics arrive with the
+//!   guest's own figures, the balloon follows `PATCH /balloon`, and
+//!   `SendCtrlAltDel` ends the process with status 0.
+//!
+//! Skips loudly without `/dev/kvm`, the `vmm` binary or (Linux) the fixture.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tests::{kvm_or_skip, linux_fixture, loud, vmm_bin};
+use vmm::api::{call, ApiError};
+
+/// A `vmm --api-sock` process with its stdout collected.
+struct Svc {
+    child: Child,
+    sock: PathBuf,
+    out: Arc<Mutex<String>>,
+}
+
+impl Svc {
+    fn spawn(bin: &Path, name: &str, extra: &[&str]) -> Svc {
+        let sock = std::env::temp_dir().join(format!("gmm-svc-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let mut child = Command::new(bin)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let out = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let o = Arc::clone(&out);
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut g = o.lock().unwrap_or_else(|e| e.into_inner());
+                g.push_str(&l);
+                g.push('\n');
+            }
+        });
+        let t = Instant::now();
+        while !sock.exists() {
+            assert!(t.elapsed() < Duration::from_secs(10), "no API socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Svc { child, sock, out }
+    }
+
+    fn call(&self, m: &str, p: &str, body: Option<Value>) -> Result<Value, ApiError> {
+        call(&self.sock, m, p, body.as_ref())
+    }
+
+    fn ok(&self, m: &str, p: &str, body: Option<Value>) -> Value {
+        self.call(m, p, body.clone())
+            .unwrap_or_else(|e| panic!("{m} {p} {body:?}: {e}"))
+    }
+
+    /// Asserts a 400 whose `fault_message` contains `has`.
+    fn refused(&self, m: &str, p: &str, body: Option<Value>, has: &str) {
+        match self.call(m, p, body.clone()) {
+            Err(ApiError::Refused { status, message }) => {
+                assert_eq!(status, 400, "{m} {p}: {message}");
+                assert!(
+                    message.contains(has),
+                    "{m} {p} {body:?}: {message:?} lacks {has:?}"
+                );
+            }
+            other => panic!("{m} {p} {body:?}: expected a 400, got {other:?}"),
+        }
+    }
+
+    fn stdout(&self) -> String {
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn wait_stdout(&self, marker: &str, timeout: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if self.stdout().contains(marker) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return (s, t.elapsed());
+            }
+            if t.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!("vmm did not exit within {timeout:?}\n{}", self.stdout());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut s);
+        }
+        s
+    }
+
+    /// Polls `GET path` until `pred` holds on the answer.
+    fn wait_get(&self, path: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let t = Instant::now();
+        loop {
+            let v = self.ok("GET", path, None);
+            if pred(&v) {
+                return v;
+            }
+            assert!(t.elapsed() < timeout, "GET {path} never satisfied: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Svc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+fn setup(name: &str) -> Option<PathBuf> {
+    if !kvm_or_skip(name) {
+        return None;
+    }
+    vmm_bin(name)
+}
+
+#[test]
+fn embedded_guest_through_the_api() {
+    let name = "embedded_guest_through_the_api";
+    let Some(bin) = setup(name) else { return };
+    let mut s = Svc::spawn(&bin, "embedded", &[]);
+    // Not started: Firecracker's defaults.
+    let i = s.ok("GET", "/", None);
+    assert_eq!(i["state"], "Not started", "{i}");
+    assert_eq!(i["id"], "anonymous-instance");
+    assert!(s.ok("GET", "/version", None)["firecracker_version"].is_string());
+    assert_eq!(
+        s.ok("GET", "/machine-config", None),
+        json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false,
+               "track_dirty_pages": false, "huge_pages": "None"})
+    );
+    // Malformed and wrong-phase calls: 400, nothing changed.
+    s.refused("GET", "/nope", None, "Invalid request method and/or path");
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 2})),
+        "mem_size_mib",
+    );
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 2, "mem_size_mib": 256, "memory": 1})),
+        "unknown field",
+    );
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": "two", "mem_size_mib": 256})),
+        "invalid type",
+    );
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 64, "mem_size_mib": 256})),
+        "1 to 32",
+    );
+    s.refused(
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Paused"})),
+        "before starting",
+    );
+    s.refused("GET", "/memory", None, "before starting");
+    s.refused("GET", "/balloon", None, "No balloon");
+    assert_eq!(s.ok("GET", "/machine-config", None)["vcpu_count"], 1);
+    // Configure and start.
+    s.ok(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 2, "mem_size_mib": 256, "huge_pages": "Transparent"})),
+    );
+    s.ok(
+        "PUT",
+        "/balloon",
+        Some(json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1})),
+    );
+    let metrics = std::env::temp_dir().join(format!("gmm-svc-metrics-{}", std::process::id()));
+    let _ = std::fs::remove_file(&metrics);
+    s.ok("PUT", "/metrics", Some(json!({"metrics_path": metrics})));
+    s.ok(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+    );
+    assert_eq!(s.ok("GET", "/", None)["state"], "Running");
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 128})),
+        "after starting",
+    );
+    s.refused(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+        "after starting",
+    );
+    assert_eq!(s.ok("GET", "/machine-config", None)["mem_size_mib"], 256);
+    // Pause and resume.
+    s.ok("PATCH", "/vm", Some(json!({"state": "Paused"})));
+    assert_eq!(s.ok("GET", "/", None)["state"], "Paused");
+    s.ok("PATCH", "/vm", Some(json!({"state": "Resumed"})));
+    assert_eq!(s.ok("GET", "/", None)["state"], "Running");
+    // The guest's driver follows the target.
+    s.ok("PATCH", "/balloon", Some(json!({"amount_mib": 16})));
+    assert_eq!(s.ok("GET", "/balloon", None)["amount_mib"], 16);
+    s.wait_get("/balloon/statistics", Duration::from_secs(60), |v| {
+        v["actual_mib"] == 16 && v["target_pages"] == 4096
+    });
+    let mem = s.wait_get("/memory", Duration::from_secs(10), |v| {
+        v["ballooned_bytes"] == json!(16u64 << 20)
+    });
+    for k in [
+        "table_bytes",
+        "discarded_bytes",
+        "released_bytes",
+        "gathers",
+        "max_lock_hold_us",
+        "p99_lock_hold_us",
+        "invalidations",
+        "demand_faults",
+    ] {
+        assert!(
+            mem.get(k).is_some_and(Value::is_number),
+            "{k} missing: {mem}"
+        );
+    }
+    assert!(mem["released_bytes"].as_u64() >= Some(16 << 20), "{mem}");
+    s.ok(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "FlushMetrics"})),
+    );
+    let line = std::fs::read_to_string(&metrics).unwrap_or_default();
+    let flushed: Value = serde_json::from_str(line.lines().next().unwrap_or("")).expect("metrics");
+    assert_eq!(flushed["memory"]["ballooned_bytes"], json!(16u64 << 20));
+    // A clean stop of the default guest.
+    s.ok(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "SendCtrlAltDel"})),
+    );
+    let (status, took) = s.wait_exit(Duration::from_secs(30));
+    let err = s.stderr();
+    assert!(status.success(), "{status:?}\n{err}");
+    loud!("{name}: SendCtrlAltDel -> exit in {took:?}");
+    let lines = std::fs::read_to_string(&metrics).unwrap_or_default();
+    assert!(lines.contains("\"event\":\"exit\""), "{lines}");
+    let _ = std::fs::remove_file(&metrics);
+}
+
+#[test]
+fn sigterm_ends_a_running_vm_at_once() {
+    let name = "sigterm_ends_a_running_vm_at_once";
+    let Some(bin) = setup(name) else { return };
+    let mut s = Svc::spawn(&bin, "sigterm", &["--populate"]);
+    s.ok(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 512, "huge_pages": "Transparent"})),
+    );
+    s.ok(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+    );
+    assert_eq!(s.ok("GET", "/", None)["state"], "Running");
+    let pid = libc::pid_t::try_from(s.child.id()).expect("pid");
+    let rss = vmm::proc_stats::rss_of(s.child.id()).unwrap_or(0);
+    assert!(rss >= 512 << 20, "populated RSS only {rss}");
+    // SAFETY: our own live child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let (status, took) = s.wait_exit(Duration::from_secs(10));
+    let err = s.stderr();
+    assert!(status.success(), "{status:?}\n{err}");
+    assert!(err.contains("Signal(15)"), "{err}");
+    assert!(err.contains("guest memory released"), "{err}");
+    assert!(
+        took < Duration::from_secs(2),
+        "SIGTERM -> exit took {took:?}"
+    );
+    loud!("{name}: SIGTERM -> exit in {took:?} (512 MiB populated)");
+}
+
+#[test]
+fn linux_through_the_api_reporting_statistics_balloon() {
+    let name = "linux_through_the_api_reporting_statistics_balloon";
+    let Some(bin) = setup(name) else { return };
+    let Some(dir) = linux_fixture(name) else {
+        return;
+    };
+    let mut s = Svc::spawn(&bin, "linux", &["--populate"]);
+    s.ok(
+        "PUT",
+        "/boot-source",
+        Some(json!({
+            "kernel_image_path": dir.join("vmlinux"),
+            "initrd_path": dir.join("initrd.cpio"),
+            "boot_args": format!("{} quiet guest.mode=idle guest.period=5", vmm::boot::DEFAULT_CMDLINE),
+        })),
+    );
+    s.ok(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 2, "mem_size_mib": 256})),
+    );
+    s.ok(
+        "PUT",
+        "/balloon",
+        Some(
+            json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1,
+                    "free_page_reporting": true}),
+        ),
+    );
+    let t0 = Instant::now();
+    s.ok(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+    );
+    let populated = vmm::proc_stats::rss_of(s.child.id()).unwrap_or(0);
+    assert!(populated >= 256 << 20, "populated RSS only {populated}");
+    assert!(
+        s.wait_stdout("NPROC 2", Duration::from_secs(180)),
+        "{}",
+        s.stdout()
+    );
+    loud!("{name}: NPROC after {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(s.stdout().contains("BALLOON present"), "{}", s.stdout());
+    // Free page reporting: the guest's free memory goes back.
+    let mem = s.wait_get("/memory", Duration::from_secs(60), |v| {
+        v["discarded_bytes"].as_u64() >= Some(64 << 20)
+    });
+    let rss = vmm::proc_stats::rss_of(s.child.id()).unwrap_or(u64::MAX);
+    assert!(
+        populated.saturating_sub(rss) >= 64 << 20,
+        "RSS {populated} -> {rss} after reporting {mem}"
+    );
+    loud!(
+        "{name}: free page reporting released {} MiB, RSS -{} MiB",
+        mem["discarded_bytes"].as_u64().unwrap_or(0) >> 20,
+        populated.saturating_sub(rss) >> 20
+    );
+    // Statistics with the guest's own figures.
+    let st = s.wait_get("/balloon/statistics", Duration::from_secs(30), |v| {
+        v.get("total_memory").is_some() && v.get("free_memory").is_some()
+    });
+    let total = st["total_memory"].as_u64().unwrap_or(0);
+    assert!(total > 128 << 20 && total <= 256 << 20, "{st}");
+    assert!(st.get("available_memory").is_some(), "{st}");
+    // The balloon follows the target.
+    s.ok("PATCH", "/balloon", Some(json!({"amount_mib": 16})));
+    s.wait_get("/balloon/statistics", Duration::from_secs(60), |v| {
+        v["actual_mib"] == 16
+    });
+    s.refused(
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": "/x"})),
+        "after starting",
+    );
+    // Ctrl-Alt-Del: the kernel restarts (reboot=k), the VM ends, exit 0.
+    s.ok(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "SendCtrlAltDel"})),
+    );
+    let (status, took) = s.wait_exit(Duration::from_secs(60));
+    let err = s.stderr();
+    assert!(status.success(), "{status:?}\n{err}\n{}", s.stdout());
+    assert!(err.contains("monitor_setup_ms="), "{err}");
+    loud!("{name}: SendCtrlAltDel -> exit in {took:?}");
+}
