@@ -690,7 +690,7 @@ fn process_once(a: &Args, vmm: &Path, size: u64) -> Result<ProcessRun> {
     }
     let rss = wait_rss(w.pid, size, deadline, "vmm")?;
     std::thread::sleep(SETTLE);
-    let body = serde_json::json!({ "action_type": "Shutdown" });
+    let body = serde_json::json!({ "action_type": "SendCtrlAltDel" });
     let t = Instant::now();
     vmm::api::call(&sock.0, "PUT", "/actions", Some(&body)).context("sending shutdown")?;
     let ack_ms = ms(t.elapsed());

@@ -664,29 +664,35 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
 
 /// A request from the API thread and where to send the answer.
 type ApiMsg = (
-    vmm::api::Request,
-    std::sync::mpsc::Sender<Result<serde_json::Value, String>>,
+    vmm::api::request::Request,
+    std::sync::mpsc::Sender<Result<vmm::api::server::Reply, vmm::api::server::ApiFault>>,
 );
 
-/// Forwards API requests to the thread that owns the VM.
+/// Forwards API requests to the thread that owns the VM (`vmm run`).
 struct Forward(std::sync::Mutex<std::sync::mpsc::Sender<ApiMsg>>);
 
-impl vmm::api::ApiHandler for Forward {
-    fn handle(&self, req: vmm::api::Request) -> Result<serde_json::Value, String> {
+impl vmm::api::server::Handler for Forward {
+    fn handle(
+        &self,
+        req: vmm::api::request::Request,
+    ) -> Result<vmm::api::server::Reply, vmm::api::server::ApiFault> {
+        use vmm::api::server::ApiFault;
         let (tx, rx) = std::sync::mpsc::channel();
         self.0
             .lock()
-            .map_err(|_| "the VMM is shutting down".to_string())?
+            .map_err(|_| ApiFault::bad("the VMM is shutting down"))?
             .send((req, tx))
-            .map_err(|_| "the VMM is shutting down".to_string())?;
+            .map_err(|_| ApiFault::bad("the VMM is shutting down"))?;
         rx.recv_timeout(Duration::from_secs(30))
-            .map_err(|_| "the VMM did not answer in time".to_string())?
+            .map_err(|_| ApiFault::internal("the VMM did not answer in time"))?
     }
 }
 
-/// Serve the control API until the guest finishes (after a shutdown
-/// request), or, with `hold` (the vCPUs are held paused), until a shutdown
-/// request. Returns whether it finished.
+/// Serve the control API (`vmm run --api-sock`: the workload runner's
+/// subset of Firecracker's API, on the same server as `vmm --api-sock`)
+/// until the guest finishes (after `SendCtrlAltDel`), or, with `hold` (the
+/// vCPUs are held paused), until `SendCtrlAltDel`. Returns whether it
+/// finished.
 fn serve_api(
     vm: &mut Vm,
     path: &std::path::Path,
@@ -695,15 +701,19 @@ fn serve_api(
     timeout: Duration,
     hold: bool,
 ) -> anyhow::Result<bool> {
-    use serde_json::json;
-    use vmm::api::Request;
+    use vmm::api::models::{
+        ActionType, Balloon, BalloonStats, InstanceInfo, InstanceState, VmState,
+    };
+    use vmm::api::request::Request;
+    use vmm::api::server::{ApiFault, Reply};
     let (tx, rx) = std::sync::mpsc::channel::<ApiMsg>();
-    let _server = vmm::api::ApiServer::start(
+    let _server = vmm::api::server::ApiServer::start(
         path,
         std::sync::Arc::new(Forward(std::sync::Mutex::new(tx))),
     )?;
     let (s, e) = vmm::guest::share(mem, vcpus, 0);
     let mut shutdown_at: Option<Instant> = None;
+    let mut paused = false;
     loop {
         if vm.wait(Duration::ZERO) {
             return Ok(true);
@@ -719,61 +729,88 @@ fn serve_api(
             .into_iter()
             .chain(std::iter::from_fn(|| rx.try_recv().ok()))
         {
-            if hold && req == Request::Shutdown {
-                let _ = reply.send(Ok(serde_json::Value::Null));
+            let stop = Request::Action(ActionType::SendCtrlAltDel);
+            if hold && req == stop {
+                let _ = reply.send(Ok(Reply::NoContent));
                 return Ok(true);
             }
             let balloon = vm.balloon().cloned();
-            let answer = match (req, balloon) {
-                (Request::BalloonSet(b), Some(bl)) => {
-                    if b % 4096 != 0 || b > e - s {
-                        Err(format!(
-                            "a balloon of {b} bytes does not fit: give whole 4 KiB pages, at most \
-                             vCPU 0's share of {} MiB",
+            let no_balloon = || ApiFault::bad("this VM has no balloon");
+            let answer = match req {
+                Request::PatchBalloon(u) => balloon.ok_or_else(no_balloon).and_then(|bl| {
+                    let b = u64::from(u.amount_mib) << 20;
+                    if b > e - s {
+                        Err(ApiFault::bad(format!(
+                            "a balloon of {} MiB does not fit: at most vCPU 0's share of {} MiB",
+                            u.amount_mib,
                             (e - s) >> 20
-                        ))
+                        )))
                     } else {
-                        bl.set_target_pages(u32::try_from(b / 4096).unwrap_or(u32::MAX));
-                        Ok(serde_json::Value::Null)
+                        bl.set_target_pages(u.amount_mib << 8);
+                        Ok(Reply::NoContent)
                     }
-                }
-                (Request::BalloonGet | Request::BalloonStats, Some(bl)) => {
-                    let actual = vm
-                        .balloon_driver_status()
-                        .map(|d| serde_json::to_value(format!("{d:?}")).unwrap_or_default())
-                        .unwrap_or_default();
-                    Ok(json!({
-                        "counters": serde_json::to_value(bl.counters()).unwrap_or_default(),
-                        "driver": actual,
-                    }))
-                }
-                (Request::BalloonSet(_) | Request::BalloonGet | Request::BalloonStats, None) => {
-                    Err("this VM has no balloon".into())
-                }
-                (Request::Pause, _) => {
+                }),
+                Request::GetBalloon => balloon.ok_or_else(no_balloon).and_then(|bl| {
+                    let t = bl.lock();
+                    let d = t.device();
+                    Reply::json(&Balloon {
+                        amount_mib: d.target_pages() >> 8,
+                        deflate_on_oom: d.deflate_on_oom(),
+                        stats_polling_interval_s: 0,
+                        free_page_hinting: false,
+                        free_page_reporting: d.reporting(),
+                    })
+                }),
+                Request::GetBalloonStats => balloon.ok_or_else(no_balloon).and_then(|bl| {
+                    let t = bl.lock();
+                    let d = t.device();
+                    let guest = d
+                        .last_stats()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|s| (s.tag, s.val))
+                        .collect::<Vec<_>>();
+                    Reply::json(&BalloonStats::new(
+                        d.target_pages(),
+                        d.actual_pages(),
+                        guest,
+                    ))
+                }),
+                Request::PatchVm(VmState::Paused) => {
                     if vm.pause(Duration::from_secs(5)) {
-                        Ok(serde_json::Value::Null)
+                        paused = true;
+                        Ok(Reply::NoContent)
                     } else {
-                        Err("the vCPUs did not pause within 5 s".into())
+                        Err(ApiFault::internal("the vCPUs did not pause within 5 s"))
                     }
                 }
-                (Request::Resume, _) => {
+                Request::PatchVm(VmState::Resumed) => {
                     vm.resume();
-                    Ok(serde_json::Value::Null)
+                    paused = false;
+                    Ok(Reply::NoContent)
                 }
-                (Request::Shutdown, _) => {
+                Request::Action(ActionType::SendCtrlAltDel) => {
                     vm.resume();
                     shutdown_at.get_or_insert_with(Instant::now);
                     vm.finish_probes()
-                        .map(|_| serde_json::Value::Null)
-                        .map_err(|e| e.to_string())
+                        .map(|()| Reply::NoContent)
+                        .map_err(|e| ApiFault::bad(e.to_string()))
                 }
-                (Request::Status, _) => Ok(json!({
-                    "state": if shutdown_at.is_some() { "ShuttingDown" } else { "Running" },
-                    "vcpus": vcpus,
-                    "mem_bytes": mem,
-                    "table_bytes": vm.stage2().table().table_bytes(),
-                })),
+                Request::GetInstance => Reply::json(&InstanceInfo {
+                    app_name: "vmm".into(),
+                    id: "vmm-run".into(),
+                    state: if paused {
+                        InstanceState::Paused
+                    } else {
+                        InstanceState::Running
+                    },
+                    vmm_version: env!("CARGO_PKG_VERSION").into(),
+                }),
+                Request::GetMemory => Reply::json(&vm.memory().report()),
+                other => Err(ApiFault::bad(format!(
+                    "{other:?} is not served by `vmm run --api-sock`: use `vmm --api-sock PATH` \
+                     (the full Firecracker API)"
+                ))),
             };
             let _ = reply.send(answer);
         }
@@ -807,7 +844,7 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<()> {
         ["shutdown"] => (
             "PUT",
             "/actions",
-            Some(json!({ "action_type": "Shutdown" })),
+            Some(json!({ "action_type": "SendCtrlAltDel" })),
         ),
         ["status"] => ("GET", "/", None),
         _ => anyhow::bail!(

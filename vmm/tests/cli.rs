@@ -310,7 +310,7 @@ fn api_socket_drives_the_balloon_and_shuts_down() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let stats = ctl(&["balloon", "stats"]);
-    assert!(String::from_utf8_lossy(&stats.stdout).contains("\"pages_inflated\":32768"));
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("\"actual_pages\":32768"));
     let bad = ctl(&["balloon", "set", "999G"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("does not fit"));
