@@ -80,7 +80,7 @@ impl Waited {
             .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
         let pid = child.id();
         let mut line_rx = None;
-        if let Some(out) = child.stdout.take().filter(|_| lines) {
+        if let Some(out) = lines.then(|| child.stdout.take()).flatten() {
             let (tx, rx) = std::sync::mpsc::channel();
             line_rx = Some(rx);
             // Ends at EOF (the child exited and closed its stdout).

@@ -142,6 +142,7 @@ enum Strategy {
     Naive,
     Qemu,
     Process,
+    Service,
 }
 
 /// The QEMU peer, once found and probed.
@@ -208,6 +209,10 @@ struct SizeResult {
     process_reclaim_ms: Option<f64>,
     /// The `vmm` process's VmRSS once ready, before shutdown (median).
     process_rss_bytes: Option<u64>,
+    /// `vmm --api-sock --populate` (the service, its embedded guest running)
+    /// SIGTERM sent → process exited (waitpid), anonymous backing only.
+    service_sigterm_ms: Option<f64>,
+    service_sigterm_ms_all: Vec<f64>,
     /// This process's VmRSS before the VM was created, once populated, and
     /// after reclaim (medians).
     rss_before_bytes: u64,
@@ -717,6 +722,64 @@ fn process_once(a: &Args, vmm: &Path, size: u64) -> Result<ProcessRun> {
     })
 }
 
+/// One `vmm --api-sock --populate` run: the service's embedded guest,
+/// configured and started over the API, RAM populated host-side; SIGTERM
+/// sent → process exited, ms.
+fn service_once(a: &Args, vmm: &Path, size: u64) -> Result<f64> {
+    let sock = SockFile(sock_path("svc"));
+    let _ = std::fs::remove_file(&sock.0);
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--api-sock")
+        .arg(&sock.0)
+        .arg("--populate")
+        .stdout(Stdio::null());
+    let mut w = Waited::spawn(cmd)?;
+    let budget = ready_budget(size);
+    let deadline = Instant::now() + budget;
+    while !sock.0.exists() {
+        if let Some(o) = w.exited() {
+            bail!("vmm exited early ({}): {}", o.status, tail(&o.stderr));
+        }
+        if Instant::now() > deadline {
+            bail!("vmm did not create its API socket in time");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let huge = if a.page_size == Leaf::Size4K {
+        "None"
+    } else {
+        "Transparent"
+    };
+    let put = |uri: &str, body: serde_json::Value| {
+        vmm::api::call(&sock.0, "PUT", uri, Some(&body)).with_context(|| format!("PUT {uri}"))
+    };
+    put(
+        "/machine-config",
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": size >> 20, "huge_pages": huge}),
+    )?;
+    put(
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    )?;
+    wait_rss(w.pid, size, deadline, "vmm service")?;
+    std::thread::sleep(SETTLE);
+    let pid = libc::pid_t::try_from(w.pid)?;
+    let t = Instant::now();
+    // SAFETY: our own child, not reaped (its waiter has not reported).
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        bail!("SIGTERM to the vmm service failed");
+    }
+    let (end, out) = w.wait(budget)?;
+    if !out.status.success() {
+        bail!(
+            "vmm service exited with {}: {}",
+            out.status,
+            tail(&out.stderr)
+        );
+    }
+    Ok(ms(end.saturating_duration_since(t)))
+}
+
 fn med_opt(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| round(median(v), 3))
 }
@@ -749,6 +812,10 @@ pub fn cmd(a: &Args) -> Result<()> {
     }
     if vmm_bin.is_some() {
         strategies.push(Strategy::Process);
+        // The service maps Firecracker's huge_pages onto anonymous memory.
+        if a.backing == BackingArg::Anon {
+            strategies.push(Strategy::Service);
+        }
     }
     let like = match a.backing {
         BackingArg::Anon => {
@@ -867,6 +934,13 @@ pub fn cmd(a: &Args) -> Result<()> {
                             qrss.push(rss as f64);
                         }
                     }
+                    Strategy::Service => {
+                        if let Some(v) = &vmm_bin {
+                            let el = service_once(a, v, size)
+                                .with_context(|| format!("vmm service at {}", human_bytes(size)))?;
+                            res.service_sigterm_ms_all.push(el);
+                        }
+                    }
                     Strategy::Process => {
                         if let Some(v) = &vmm_bin {
                             let r = process_once(a, v, size)
@@ -914,6 +988,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         res.process_destroy_ms = med_opt(&pdes);
         res.process_reclaim_ms = med_opt(&prec);
         res.process_rss_bytes = (!prss.is_empty()).then(|| median(&prss) as u64);
+        res.service_sigterm_ms = med_opt(&res.service_sigterm_ms_all);
         res.rss_before_bytes = median(&rb) as u64;
         res.rss_populated_bytes = median(&rp) as u64;
         res.rss_after_bytes = median(&ra) as u64;
@@ -941,6 +1016,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             &mut res.naive_ms_all,
             &mut res.qemu_ms_all,
             &mut res.process_exit_ms_all,
+            &mut res.service_sigterm_ms_all,
         ] {
             *v = r3(v);
         }
@@ -954,6 +1030,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                      naive    {:>9.3} ms   naive/reclaim x{:.2}\n  \
                      qemu     {} (quit -> exit)\n  \
                      vmm      {} (shutdown -> exit; API ack {}, its destroy {}, its reclaim {})  faster than qemu: {}\n  \
+                     service  {} (SIGTERM -> exit)\n  \
                      rss {} -> {} -> {} (returned {}), guest resident {}, rss back: {}{}\n  \
                      THP when populated: vm {}, munmap {}, naive {}\n  \
                      destroy within 5 ms: {}\n",
@@ -981,6 +1058,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                     opt(res.process_reclaim_ms),
                     res.faster_than_qemu
                         .map_or("n/a".to_string(), |b| b.to_string()),
+                    opt(res.service_sigterm_ms),
                     human_bytes(res.rss_before_bytes),
                     human_bytes(res.rss_populated_bytes),
                     human_bytes(res.rss_after_bytes),

@@ -21,8 +21,8 @@
 //!   [`Fault`](super::models::Fault);
 //! - the socket file is created owner-only (0600) and removed on stop; an
 //!   existing path is refused, never silently replaced;
-//! - [`ApiServer::stop`] (or drop) ends the thread within one scheduling
-//!   round: open connections are dropped.
+//! - [`ApiServer::stop`] (or drop) closes idle connections at once and lets
+//!   answers in flight finish, within [`STOP_GRACE`]; then the thread ends.
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -48,6 +48,8 @@ pub const MAX_HEADERS: usize = 16 << 10;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// How long a stop waits for answers in flight.
+pub const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// What the API answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -250,9 +252,10 @@ async fn accept_loop(
         return;
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
-            _ = &mut stop => return,
+            _ = &mut stop => break,
             s = listener.accept() => match s {
                 Ok((s, _)) => s,
                 // EMFILE and friends: back off instead of spinning.
@@ -267,17 +270,21 @@ async fn accept_loop(
             continue;
         };
         let handler = Arc::clone(&handler);
+        let svc = hyper::service::service_fn(move |req| serve_one(req, Arc::clone(&handler)));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(READ_TIMEOUT)
+            .max_buf_size(MAX_HEADERS.max(8192))
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| serve_one(req, Arc::clone(&handler)));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(READ_TIMEOUT)
-                .max_buf_size(MAX_HEADERS.max(8192))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = conn.await;
             drop(permit);
         });
     }
+    // Stop: idle connections close at once, a request in flight gets its
+    // answer (the one that asked to stop, say), bounded by STOP_GRACE.
+    let _ = tokio::time::timeout(STOP_GRACE, graceful.shutdown()).await;
 }
 
 #[cfg(test)]
