@@ -292,7 +292,7 @@ fn inflate_to_target(vm: &mut Vm, bytes: u64, timeout: Duration) -> anyhow::Resu
         r.rss_before = proc_stats::rss().rss;
         r.resident_before = vm.memory().resident_bytes();
         let t = Instant::now();
-        dev.set_target_pages(u32::try_from(pages).context("balloon target too large")?);
+        vm.set_balloon_target(u32::try_from(pages).context("balloon target too large")?)?;
         let (st, reached) = vm
             .wait_balloon_driver(timeout, |s| s.pages == pages)
             .context("reading the guest's balloon driver status")?;
@@ -704,7 +704,7 @@ fn serve_api(
             }
             let balloon = vm.balloon().cloned();
             let answer = match (req, balloon) {
-                (Request::BalloonSet(b), Some(bl)) => {
+                (Request::BalloonSet(b), Some(_)) => {
                     if b % 4096 != 0 || b > e - s {
                         Err(format!(
                             "a balloon of {b} bytes does not fit: give whole 4 KiB pages, at most \
@@ -712,8 +712,9 @@ fn serve_api(
                             (e - s) >> 20
                         ))
                     } else {
-                        bl.set_target_pages(u32::try_from(b / 4096).unwrap_or(u32::MAX));
-                        Ok(serde_json::Value::Null)
+                        vm.set_balloon_target(u32::try_from(b / 4096).unwrap_or(u32::MAX))
+                            .map(|()| serde_json::Value::Null)
+                            .map_err(|e| e.to_string())
                     }
                 }
                 (Request::BalloonGet | Request::BalloonStats, Some(bl)) => {
