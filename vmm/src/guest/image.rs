@@ -9,7 +9,10 @@
 //!   at CPL3 raises #GP on `kvm_pvm` even with IOPL 3), prints through the
 //!   console gate, and reads commands from the shared control page; it
 //!   includes vCPU 0's virtio-balloon driver and the rewrite-and-verify
-//!   loops of [`super::Workload::BalloonStress`];
+//!   loops of [`super::Workload::BalloonStress`]; with nothing to do it
+//!   polls for [`super::IDLE_SPIN_CYCLES`], then waits in the VMM with
+//!   [`crate::devices::report::OP_IDLE`] and looks again (no host CPU while
+//!   idle);
 //! - the console gate (`int3`, through a DPL-3 gate at vector 3): one
 //!   `rep outsb` of the string to COM1 at CPL0, one exit per string;
 //! - 32 exception stubs (`vmm_guest_exc_stubs`, 16 bytes apart) that run at
