@@ -72,7 +72,8 @@ fn guest_balloon(name: &str, backing: Backing, page: PageSize) {
 
     // Inflate 128 MiB.
     let t = Instant::now();
-    dev.set_target_pages(u32::try_from(PAGES).expect("fits"));
+    vm.set_balloon_target(u32::try_from(PAGES).expect("fits"))
+        .expect("balloon target");
     let (st, ok) = vm
         .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == PAGES)
         .expect("status");
@@ -110,7 +111,7 @@ fn guest_balloon(name: &str, backing: Backing, page: PageSize) {
     // Deflate to 0: the guest touches and re-verifies every page.
     let faults0 = vm.fault_stats().summary().faults;
     let t = Instant::now();
-    dev.set_target_pages(0);
+    vm.set_balloon_target(0).expect("balloon target");
     let (st, ok) = vm
         .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == 0 && s.reverified == PAGES)
         .expect("status");
@@ -243,7 +244,8 @@ fn guest_driver_balloons_only_vcpu0_share() {
     let (s1, e1) = vmm::guest::share(mem, 2, 1);
     let pages = 8 * MIB / 4096;
     let dev = vm.balloon().expect("balloon").clone();
-    dev.set_target_pages(u32::try_from(pages).expect("fits"));
+    vm.set_balloon_target(u32::try_from(pages).expect("fits"))
+        .expect("balloon target");
     let (st, ok) = vm
         .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == pages)
         .expect("status");
@@ -287,7 +289,8 @@ fn guest_driver_reports_free_pages() {
     assert!(dev.lock().device().reporting());
     // 4 MiB in the balloon first: the report covers the 8 MiB below it.
     let balloon = 4 * MIB / 4096;
-    dev.set_target_pages(u32::try_from(balloon).expect("fits"));
+    vm.set_balloon_target(u32::try_from(balloon).expect("fits"))
+        .expect("balloon target");
     let (st, ok) = vm
         .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == balloon)
         .expect("status");
@@ -350,7 +353,7 @@ fn guest_driver_without_reporting() {
     assert_eq!(st.reported, 0);
     let dev = vm.balloon().expect("balloon").clone();
     assert!(!dev.lock().device().deflate_on_oom());
-    dev.set_target_pages(256);
+    vm.set_balloon_target(256).expect("balloon target");
     let (st, ok) = vm
         .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == 256)
         .expect("status");

@@ -37,12 +37,13 @@ fn inflate_deflate(name: &str, device_threads: bool) {
     let vcpu_notifies0 = dev.lock().notifies();
     let thread0 = vm.balloon_thread_notifies();
 
-    dev.set_target_pages(u32::try_from(PAGES).expect("fits"));
+    vm.set_balloon_target(u32::try_from(PAGES).expect("fits"))
+        .expect("balloon target");
     let (st, ok) = vm
         .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == PAGES)
         .expect("status");
     assert!(ok, "inflate did not finish: {st:?} {:?}", vm.outcomes());
-    dev.set_target_pages(0);
+    vm.set_balloon_target(0).expect("balloon target");
     let (st, ok) = vm
         .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == 0 && s.reverified == PAGES)
         .expect("status");

@@ -54,7 +54,7 @@ fn balloon_stress(name: &str, vcpus: u32) {
 
     let dev = vm.balloon().expect("balloon").clone();
     let pages = 1024;
-    dev.set_target_pages(pages);
+    vm.set_balloon_target(pages).expect("balloon target");
     let (st, ok) = vm
         .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == u64::from(pages))
         .expect("status");
@@ -62,7 +62,7 @@ fn balloon_stress(name: &str, vcpus: u32) {
     // The loops go on while part of vCPU 0's share is in the balloon.
     let p1 = wait_passes(&vm, &p0);
     assert!(p1.iter().zip(&p0).all(|(a, b)| a > b), "{p0:?} -> {p1:?}");
-    dev.set_target_pages(0);
+    vm.set_balloon_target(0).expect("balloon target");
     let (st, ok) = vm
         .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == 0)
         .expect("status");

@@ -198,7 +198,8 @@ fn guest_driver_balloon_on_guest_memfd() {
     let dev = vm.balloon().expect("balloon configured").clone();
     let mut drops = Vec::new();
     for round in 0..2 {
-        dev.set_target_pages(u32::try_from(PAGES).expect("fits"));
+        vm.set_balloon_target(u32::try_from(PAGES).expect("fits"))
+            .expect("balloon target");
         let (st, ok) = vm
             .wait_balloon_driver(GUEST_TIMEOUT, |s| s.pages == PAGES)
             .expect("status");
@@ -215,7 +216,7 @@ fn guest_driver_balloon_on_guest_memfd() {
         assert_eq!(ballooned_pages(&vm, lo, end), PAGES);
         assert_eq!(dev.counters().errors, 0);
 
-        dev.set_target_pages(0);
+        vm.set_balloon_target(0).expect("balloon target");
         let (st, ok) = vm
             .wait_balloon_driver(GUEST_TIMEOUT, |s| {
                 s.pages == 0 && s.reverified == PAGES * (round + 1)

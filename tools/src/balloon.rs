@@ -567,15 +567,14 @@ fn guest_notify(a: &BalloonArgs) -> Result<GuestNotify> {
     if !ok {
         bail!("the guest balloon driver did not start: {st:?}");
     }
-    let dev = Arc::clone(vm.balloon().context("VM has no balloon")?);
     let t0 = vm.balloon_notify_times()?;
-    dev.set_target_pages(u32::try_from(pages).context("pages fit u32")?);
+    vm.set_balloon_target(u32::try_from(pages).context("pages fit u32")?)?;
     let (st, ok) = vm.wait_balloon_driver(timeout, |s| s.pages == pages)?;
     if !ok {
         bail!("the guest did not inflate {pages} pages: {st:?}");
     }
     let t1 = vm.balloon_notify_times()?;
-    dev.set_target_pages(0);
+    vm.set_balloon_target(0)?;
     let (st, ok) = vm.wait_balloon_driver(timeout, |s| s.pages == 0)?;
     if !ok {
         bail!("the guest did not deflate: {st:?}");

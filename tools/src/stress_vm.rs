@@ -1027,11 +1027,10 @@ struct StressVmJson {
 /// Waits until the driver reports `pages` in the balloon; false if it
 /// stopped or timed out.
 fn change(vm: &Vm, shadow: &Shadow, geo: &Geometry, pages: u64) -> Result<bool> {
-    let dev = vm.balloon().context("the VM has no balloon")?;
     let now_lo = shadow.ballooned_lo.load(SeqCst);
     let new_lo = geo.share0_end - pages * PAGE;
     shadow.begin(new_lo < now_lo, (new_lo.min(now_lo), now_lo));
-    dev.set_target_pages(u32::try_from(pages).context("balloon target too large")?);
+    vm.set_balloon_target(u32::try_from(pages).context("balloon target too large")?)?;
     let (_, ok) = vm
         .wait_balloon_driver(TIMEOUT, |s| {
             (s.pages == pages && s.target == pages) || shadow.stuck_readers() > 0

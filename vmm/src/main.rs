@@ -313,7 +313,7 @@ fn inflate_to_target(vm: &mut Vm, bytes: u64, timeout: Duration) -> anyhow::Resu
         r.rss_before = proc_stats::rss().rss;
         r.resident_before = vm.memory().resident_bytes();
         let t = Instant::now();
-        dev.set_target_pages(u32::try_from(pages).context("balloon target too large")?);
+        vm.set_balloon_target(u32::try_from(pages).context("balloon target too large")?)?;
         let (st, reached) = vm
             .wait_balloon_driver(timeout, |s| s.pages == pages)
             .context("reading the guest's balloon driver status")?;
@@ -737,7 +737,7 @@ fn serve_api(
             let balloon = vm.balloon().cloned();
             let no_balloon = || ApiFault::bad("this VM has no balloon");
             let answer = match req {
-                Request::PatchBalloon(u) => balloon.ok_or_else(no_balloon).and_then(|bl| {
+                Request::PatchBalloon(u) => balloon.ok_or_else(no_balloon).and_then(|_| {
                     let b = u64::from(u.amount_mib) << 20;
                     if b > e - s {
                         Err(ApiFault::bad(format!(
@@ -746,8 +746,9 @@ fn serve_api(
                             (e - s) >> 20
                         )))
                     } else {
-                        bl.set_target_pages(u.amount_mib << 8);
-                        Ok(Reply::NoContent)
+                        vm.set_balloon_target(u.amount_mib << 8)
+                            .map(|()| Reply::NoContent)
+                            .map_err(|e| ApiFault::bad(e.to_string()))
                     }
                 }),
                 Request::GetBalloon => balloon.ok_or_else(no_balloon).and_then(|bl| {

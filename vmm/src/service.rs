@@ -513,8 +513,10 @@ impl Service {
                     ..cfg
                 };
                 check_balloon(&next, mem_mib)?;
-                if let Some(dev) = g.vm.as_ref().and_then(Vm::balloon) {
-                    dev.set_target_pages(u.amount_mib << 8);
+                if let Some(vm) = &g.vm {
+                    // Through the VM: it also wakes an idle default guest.
+                    vm.set_balloon_target(u.amount_mib << 8)
+                        .map_err(|e| bad(e.to_string()))?;
                 }
                 g.cfg.balloon = Some(next);
                 Ok(Reply::NoContent)

@@ -13,6 +13,7 @@
 //! | [`OP_PROBE`] | answer to a probe command | rsi sequence, rdi GPA, r8 OR of the page's words, r9 first word, r10 TSC cycles the read took |
 //! | [`OP_DONE`] | the vCPU is finished and spins | — |
 //! | [`crate::guest::balloon::OP_BALLOON_ERROR`] (5) | the guest's balloon driver stopped; the vCPU spins | rdi error code, rsi detail |
+//! | [`OP_IDLE`] | nothing to do: return when there may be work (the guest looks again, and may come back) | — |
 //!
 //! The exception stubs write the vector to [`EXC_PORT`] (at CPL0) and halt.
 
@@ -28,6 +29,12 @@ pub const OP_RESULT: u32 = 2;
 pub const OP_PROBE: u32 = 3;
 /// Finished.
 pub const OP_DONE: u32 = 4;
+/// Idle: the vCPU thread blocks until the host may have given the guest
+/// work (a command posted, a balloon target set), a pause or stop, or a
+/// long backstop ([`crate::vstate::vcpu::IDLE_BACKSTOP`]); then the guest
+/// runs again and re-checks. A wake-up between the guest's last look and
+/// this report is not lost (see [`crate::vstate::vcpu`]).
+pub const OP_IDLE: u32 = 6;
 
 /// A vCPU's pattern result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -25,7 +25,12 @@
 //!   [`super::control::CMD_REPORT_FREE`] reports `ARG` pages just below the
 //!   balloon as free (device-writable descriptors of at most 4 MiB on the
 //!   reporting queue), then touches and verifies them like deflated pages;
-//!   otherwise spin with `pause` and poll again.
+//!   otherwise poll again after a round of `pause`s, and once it had
+//!   nothing to do for [`super::IDLE_SPIN_CYCLES`] TSC cycles, wait in the
+//!   VMM with [`crate::devices::report::OP_IDLE`] before each new look (the
+//!   host wakes it when it sets a target or posts a command:
+//!   [`crate::vstate::vm::Vm::set_balloon_target`]). An idle driver costs
+//!   no host CPU.
 //!
 //! Every `QueueNotify` write is timed with `rdtsc` on both sides and kept
 //! per queue in the control page ([`notify_timing`], [`NotifyTimes`]): what
@@ -115,8 +120,13 @@ pub mod status {
     pub const SEQ: u64 = 0x160;
     /// Report commands ignored (reporting not negotiated).
     pub const REPORTS_REFUSED: u64 = 0x168;
+    /// The driver's own: the TSC value until which it polls before it
+    /// waits with `OP_IDLE` (0: it worked since it last waited).
+    pub const IDLE_UNTIL: u64 = 0x170;
+    /// `OP_IDLE` waits since boot.
+    pub const IDLE_WAITS: u64 = 0x178;
     /// End of the block.
-    pub const END: u64 = 0x170;
+    pub const END: u64 = 0x180;
 }
 
 /// Offsets of the driver's notify timing block inside the control page:
@@ -335,6 +345,8 @@ pub struct DriverStatus {
     pub reports_refused: u64,
     /// Sequence of the last control-page command taken.
     pub seq: u64,
+    /// Times the driver waited for work with `OP_IDLE`.
+    pub idle_waits: u64,
     /// Why it failed.
     pub error: Option<DriverError>,
 }
@@ -357,6 +369,7 @@ impl DriverStatus {
             reported: word(status::REPORTED)?,
             reports_refused: word(status::REPORTS_REFUSED)?,
             seq: word(status::SEQ)?,
+            idle_waits: word(status::IDLE_WAITS)?,
             error: DriverError::from_code(word(status::ERROR)?, word(status::DETAIL)?),
         })
     }
@@ -392,6 +405,8 @@ mod tests {
             status::REPORTED,
             status::SEQ,
             status::REPORTS_REFUSED,
+            status::IDLE_UNTIL,
+            status::IDLE_WAITS,
         ];
         // After the command mailbox, distinct, aligned, inside the page.
         for (i, f) in fields.iter().enumerate() {

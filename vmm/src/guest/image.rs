@@ -9,7 +9,10 @@
 //!   at CPL3 raises #GP on `kvm_pvm` even with IOPL 3), prints through the
 //!   console gate, and reads commands from the shared control page; it
 //!   includes vCPU 0's virtio-balloon driver and the rewrite-and-verify
-//!   loops of [`super::Workload::BalloonStress`];
+//!   loops of [`super::Workload::BalloonStress`]; with nothing to do it
+//!   polls for [`super::IDLE_SPIN_CYCLES`], then waits in the VMM with
+//!   [`crate::devices::report::OP_IDLE`] and looks again (no host CPU while
+//!   idle);
 //! - the console gate (`int3`, through a DPL-3 gate at vector 3): one
 //!   `rep outsb` of the string to COM1 at CPL0, one exit per string;
 //! - 32 exception stubs (`vmm_guest_exc_stubs`, 16 bytes apart) that run at
@@ -115,10 +118,30 @@ vmm_guest_entry:
     jnz .Ldone
     xor r13, r13
 .Lprobe_wait:
+    // Poll SEQ for IDLE_SPIN_CYCLES TSC cycles (a busy exchange stays
+    // fast), then wait in the VMM (OP_IDLE) until the host may have posted
+    // a command, and look again.
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    lea r10, [rax + {idle_spin}]
+.Lprobe_spin:
     pause
     mov rax, qword ptr [rbx + 8]
     cmp rax, r13
-    je .Lprobe_wait
+    jne .Lprobe_take
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    cmp rax, r10
+    jb .Lprobe_spin
+.Lprobe_idle:
+    mov eax, {op_idle}
+    call .Lreport_op
+    mov rax, qword ptr [rbx + 8]
+    cmp rax, r13
+    je .Lprobe_idle
+.Lprobe_take:
     mov r13, rax
     mov rcx, qword ptr [rbx + 16]
     cmp rcx, 2
@@ -355,6 +378,7 @@ vmm_guest_entry:
     cmp rax, qword ptr [rbx + {st_seq}]
     je .Lb_idle
     mov qword ptr [rbx + {st_seq}], rax
+    mov qword ptr [rbx + {st_idle_until}], 0
     mov rax, qword ptr [rbx + 16]
     cmp rax, 2
     je .Lb_exit
@@ -365,11 +389,32 @@ vmm_guest_entry:
     test rdi, rdi
     jnz .Lb_chunk
 .Lb_idle_spin:
-    mov ecx, 1024
+    // Nothing to do: poll (rounds of pauses, each followed by a new look
+    // at the target and SEQ) until IDLE_UNTIL, IDLE_SPIN_CYCLES TSC cycles
+    // after the driver last worked (0: worked since, start the spin now);
+    // then wait in the VMM (OP_IDLE) until the host may have given work,
+    // and look again.
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov rcx, qword ptr [rbx + {st_idle_until}]
+    test rcx, rcx
+    jnz .Lb_idle_check
+    lea rcx, [rax + {idle_spin}]
+    mov qword ptr [rbx + {st_idle_until}], rcx
+.Lb_idle_check:
+    cmp rax, rcx
+    jae .Lb_idle_wait
+    mov ecx, 64
 .Lb_spin:
     pause
     dec ecx
     jnz .Lb_spin
+    jmp .Lb_loop
+.Lb_idle_wait:
+    inc qword ptr [rbx + {st_idle_waits}]
+    mov eax, {op_idle}
+    call .Lreport_op
     jmp .Lb_loop
 
 .Lb_chunk:
@@ -396,6 +441,7 @@ vmm_guest_entry:
 
 .Lb_inflate:
     // r8 = min(target - pages, MAX_PFNS) pages, going down from the end.
+    mov qword ptr [rbx + {st_idle_until}], 0
     sub rax, rbp
     mov ecx, {max_pfns}
     cmp rax, rcx
@@ -424,6 +470,7 @@ vmm_guest_entry:
 .Lb_deflate:
     // r8 = min(pages - target, MAX_PFNS) most recently inflated pages:
     // PFNs end - pages .. end - pages + r8 - 1.
+    mov qword ptr [rbx + {st_idle_until}], 0
     mov rcx, rbp
     sub rcx, rax
     mov eax, {max_pfns}
@@ -793,6 +840,10 @@ vmm_guest_image_end:
     avail = const super::balloon::AVAIL_OFFSET,
     used = const super::balloon::USED_OFFSET,
     op_error = const super::balloon::OP_BALLOON_ERROR,
+    op_idle = const crate::devices::report::OP_IDLE,
+    idle_spin = const super::IDLE_SPIN_CYCLES,
+    st_idle_until = const super::balloon::status::IDLE_UNTIL,
+    st_idle_waits = const super::balloon::status::IDLE_WAITS,
     st_state = const super::balloon::status::STATE,
     st_pages = const super::balloon::status::PAGES,
     st_inflated = const super::balloon::status::INFLATED,

@@ -197,7 +197,9 @@ pub enum Workload {
     #[default]
     Verify,
     /// As `Verify`, then vCPU 0 serves probe commands from the control page
-    /// until [`control::CMD_EXIT`].
+    /// until [`control::CMD_EXIT`], waiting for them with
+    /// [`crate::devices::report::OP_IDLE`] after a short poll
+    /// ([`IDLE_SPIN_CYCLES`]).
     Probe,
     /// Read the unmapped address [`FAULT_ADDR`] at once: a page fault that
     /// the exception stubs report (tests the IDT/TSS path).
@@ -210,6 +212,13 @@ pub enum Workload {
     /// its balloon between polls, the others over their whole share.
     BalloonStress,
 }
+
+/// How long (TSC cycles, about 6 µs at 2.6 GHz) the guest polls for work
+/// before it waits in the VMM with [`crate::devices::report::OP_IDLE`]: the
+/// probe loop for a command, the balloon driver for a target change or a
+/// command. A busy exchange is served by the poll; an idle guest blocks its
+/// vCPU thread and costs no host CPU.
+pub const IDLE_SPIN_CYCLES: u64 = 1 << 14;
 
 /// The address the [`Workload::Fault`] guest reads (not mapped).
 pub const FAULT_ADDR: u64 = 128 << 30;

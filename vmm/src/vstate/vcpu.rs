@@ -8,15 +8,24 @@
 //! or just before it (the next `KVM_RUN` returns at once). The loop clears
 //! `immediate_exit` and re-reads the request after every `EINTR`.
 //!
+//! Idle: the default guest waits for work with the report operation
+//! [`OP_IDLE`]: the vCPU thread blocks in [`RunControl`] until the work
+//! epoch moves (every host action that may give the guest work bumps it:
+//! [`RunControl::wake`]), a pause or stop is requested, or
+//! [`IDLE_BACKSTOP`] passes, then re-enters the guest, which looks again.
+//! No wake-up is lost: the thread remembers the epoch it last returned to
+//! the guest with and blocks only while it is unchanged, and the host
+//! publishes the work before it bumps the epoch.
+//!
 //! Two loops: the default guest's (`run_loop`: report device, exceptions,
 //! `hlt` ends the vCPU) and a Linux guest's (`linux_loop`: port I/O to
 //! [`LegacyIo`], MMIO to the bus, KVM's in-kernel irqchip handles `hlt`, a
 //! reset request or a KVM shutdown/system event ends the VM).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -25,7 +34,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::devices::legacy::LegacyIo;
 use crate::devices::report::{
     has_error_code, GuestException, PatternReport, ProbeReport, EXC_PORT, OP_DONE, OP_HELLO,
-    OP_PROBE, OP_RESULT, REPORT_MMIO,
+    OP_IDLE, OP_PROBE, OP_RESULT, REPORT_MMIO,
 };
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::MmioBus;
@@ -75,16 +84,79 @@ pub enum Request {
     Stop = 2,
 }
 
-/// Pause/stop requests and their acknowledgements.
+/// The longest an [`OP_IDLE`] wait blocks without a wake-up: a safety net
+/// only, every host action that gives the guest work wakes it at once.
+pub const IDLE_BACKSTOP: Duration = Duration::from_secs(1);
+
+/// Pause/stop requests and their acknowledgements, and the work epoch that
+/// idle vCPUs ([`OP_IDLE`]) wait on (one mutex and condition variable for
+/// both, so that a pause or stop also ends an idle wait).
 #[derive(Debug, Default)]
 pub struct RunControl {
     request: AtomicU8,
     /// Number of vCPU threads parked (paused or finished).
     parked: Mutex<u32>,
     cv: Condvar,
+    /// Bumped (under `parked`) whenever the guest may have new work.
+    epoch: AtomicU64,
+    /// [`OP_IDLE`] waits that blocked, and of them those that ended on
+    /// [`IDLE_BACKSTOP`].
+    idle_waits: AtomicU64,
+    idle_timeouts: AtomicU64,
+    /// Measurement knob: [`OP_IDLE`] returns at once (the guest spins).
+    idle_spins: AtomicBool,
 }
 
 impl RunControl {
+    /// The guest may have new work (a command posted, a device changed):
+    /// bumps the work epoch and wakes the vCPUs waiting in [`OP_IDLE`].
+    /// Call it after the work is visible to the guest.
+    pub fn wake(&self) {
+        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// [`OP_IDLE`] waits that blocked, and how many of them ended only on
+    /// [`IDLE_BACKSTOP`].
+    pub fn idle_waits(&self) -> (u64, u64) {
+        (
+            self.idle_waits.load(Ordering::Relaxed),
+            self.idle_timeouts.load(Ordering::Relaxed),
+        )
+    }
+
+    /// With `true`, [`OP_IDLE`] returns at once and the guest spins as if
+    /// it had no way to wait (for measurements); `false` (the default)
+    /// blocks.
+    pub fn set_idle_spins(&self, spin: bool) {
+        self.idle_spins.store(spin, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Called by a vCPU thread on [`OP_IDLE`]: blocks while the epoch is
+    /// `*seen`, nothing is requested and `backstop` has not passed; then
+    /// records the epoch the thread returns to the guest with.
+    fn idle(&self, seen: &mut u64, backstop: Duration) {
+        let mut g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = |_: &mut u32| {
+            self.epoch.load(Ordering::SeqCst) == *seen
+                && self.get() == Request::Run
+                && !self.idle_spins.load(Ordering::SeqCst)
+        };
+        if idle(&mut g) {
+            self.idle_waits.fetch_add(1, Ordering::Relaxed);
+            let (_g, res) = self
+                .cv
+                .wait_timeout_while(g, backstop, idle)
+                .unwrap_or_else(|e| e.into_inner());
+            if res.timed_out() {
+                self.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        *seen = self.epoch.load(Ordering::SeqCst);
+    }
+
     /// Publishes a request (the caller then kicks the threads).
     pub fn set(&self, r: Request) {
         let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
@@ -256,6 +328,8 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuOutcome {
 }
 
 fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
+    // The work epoch the guest last looked for work at (see OP_IDLE).
+    let mut seen = ctx.control.epoch.load(Ordering::SeqCst);
     loop {
         if !ctx.control.check() {
             return VcpuOutcome::Stopped;
@@ -318,7 +392,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
             Exit::Stop(o) => return o,
             Exit::Mmio(addr, value) => {
                 if addr == REPORT_MMIO {
-                    if let Some(o) = report(vcpu, ctx, value) {
+                    if let Some(o) = report(vcpu, ctx, value, &mut seen) {
                         return o;
                     }
                 }
@@ -410,8 +484,13 @@ fn le_u32(data: &[u8]) -> u32 {
     u32::from_le_bytes(v)
 }
 
-fn report(vcpu: &VcpuFd, ctx: &VcpuContext, op: u32) -> Option<VcpuOutcome> {
+fn report(vcpu: &VcpuFd, ctx: &VcpuContext, op: u32, seen: &mut u64) -> Option<VcpuOutcome> {
     match op {
+        OP_IDLE => {
+            // A pause or stop ends the wait; the loop then sees it.
+            ctx.control.idle(seen, IDLE_BACKSTOP);
+            None
+        }
         OP_HELLO => {
             let now = Instant::now();
             ctx.board.update(|r| {

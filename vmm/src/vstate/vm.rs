@@ -100,6 +100,9 @@ pub enum VmError {
     /// The i8042 could not take the key sequence.
     #[error(transparent)]
     I8042(#[from] crate::devices::legacy::i8042::I8042Error),
+    /// A balloon operation on a VM without one.
+    #[error("{0} needs a VM with a balloon (VmConfig::balloon)")]
+    NoBalloon(&'static str),
 }
 
 /// Result alias of this module.
@@ -731,7 +734,46 @@ impl Vm {
         mem.store_u64(layout::CONTROL + control::ARG, arg, Ordering::Relaxed)?;
         mem.store_u64(layout::CONTROL + control::CMD, cmd, Ordering::Relaxed)?;
         mem.store_u64(layout::CONTROL + control::SEQ, seq, Ordering::Release)?;
+        // Posted: a vCPU waiting in OP_IDLE looks again.
+        self.control.wake();
         Ok(seq)
+    }
+
+    /// Sets the balloon target to `pages` 4 KiB pages (configuration-change
+    /// interrupt raised) and wakes the guest if it waits for work
+    /// ([`Vm::wake_guest`]). Use this rather than the device's own
+    /// `set_target_pages`, which an idle default guest would only see after
+    /// [`vcpu::IDLE_BACKSTOP`].
+    pub fn set_balloon_target(&self, pages: u32) -> Result<()> {
+        let b = self
+            .balloon
+            .as_ref()
+            .ok_or(VmError::NoBalloon("set_balloon_target"))?;
+        b.set_target_pages(pages);
+        self.control.wake();
+        Ok(())
+    }
+
+    /// Tells the vCPUs that the guest may have work: a vCPU of the default
+    /// guest waiting in `OP_IDLE` returns to the guest, which looks again.
+    /// Call it after changing anything the guest polls (device state,
+    /// guest memory) other than through [`Vm`]'s own methods, which wake
+    /// by themselves.
+    pub fn wake_guest(&self) {
+        self.control.wake();
+    }
+
+    /// `OP_IDLE` waits that blocked a vCPU thread, and of them those that
+    /// ended only on the backstop ([`vcpu::IDLE_BACKSTOP`]).
+    pub fn idle_waits(&self) -> (u64, u64) {
+        self.control.idle_waits()
+    }
+
+    /// Measurement knob: with `true` the vCPU threads return from `OP_IDLE`
+    /// at once, so an idle guest spins (a host core at 100 %) as it did
+    /// before it could wait; `false` (the default) lets it wait.
+    pub fn set_idle_spins(&self, spin: bool) {
+        self.control.set_idle_spins(spin);
     }
 
     /// Asks vCPU 0 (probe workload) to read the page at `gpa`; waits for the
