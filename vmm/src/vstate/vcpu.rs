@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::vstate::memory::GuestAccess;
 
 use crate::devices::legacy::LegacyIo;
 use crate::devices::report::{
@@ -295,9 +297,13 @@ pub struct VcpuContext {
     pub board: Arc<ReportBoard>,
     /// The console.
     pub serial: Arc<SerialDevice>,
-    /// Guest memory, to read exception frames. Valid while the thread runs:
-    /// the VM joins vCPU threads before unmapping guest RAM.
-    pub memory: GuestMemoryMmap,
+    /// Guest memory, to read exception frames: this thread's accessor of
+    /// the stage-2 table, read through its vm-memory view
+    /// ([`GuestAccess::with_view`]). It holds the table, not the mappings,
+    /// and every read is a pinned walk, so nothing here relies on the
+    /// order in which the VM and its memory go (a released or unmapped page
+    /// is an error, never a host access).
+    pub memory: std::cell::RefCell<GuestAccess>,
     /// MMIO devices (virtio-mmio windows).
     pub mmio: Arc<MmioBus>,
     /// The port devices of a Linux guest; `Some` selects the Linux loop.
@@ -553,7 +559,8 @@ fn exception(vcpu: &VcpuFd, ctx: &VcpuContext, vector: u32) -> GuestException {
     let rip_at = if has_error_code(vector) { rsp + 8 } else { rsp };
     let rip = ctx
         .memory
-        .read_obj::<u64>(GuestAddress(rip_at))
+        .borrow_mut()
+        .with_view(0, |m| m.read_obj::<u64>(GuestAddress(rip_at)), |_| None)
         .unwrap_or(0);
     GuestException {
         vcpu: ctx.index,

@@ -14,9 +14,10 @@
 //! Dropping a `Vm` without `destroy` does the same synchronously.
 //!
 //! Threads: vCPU threads only touch shared state through `Arc`s
-//! ([`RunControl`], [`ReportBoard`], the serial device) and a clone of the
-//! guest memory view that is valid because `destroy` joins them before the
-//! unmap. The device thread holds its device (and through it guest memory)
+//! ([`RunControl`], [`ReportBoard`], the serial device) and read guest
+//! memory through their own accessor of the stage-2 table (its vm-memory
+//! view, pinned per read), never through a raw mapping, so no read depends
+//! on the order of teardown. The device thread holds its device (and through it guest memory)
 //! and is joined before guest memory is released; with
 //! [`VmConfig::device_threads`] off, or for a queue whose ioeventfd KVM
 //! refuses, the vCPU that writes `QueueNotify` runs the device instead.
@@ -563,14 +564,14 @@ impl Vm {
             return Err(VmError::AlreadyStarted);
         }
         vcpu::install_kick_handler().map_err(VmError::Thread)?;
-        let gm = self.memory().guest_memory().clone();
+        let memory = Arc::clone(self.memory());
         for (i, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
             let ctx = VcpuContext {
                 index: i,
                 control: Arc::clone(&self.control),
                 board: Arc::clone(&self.board),
                 serial: Arc::clone(&self.serial),
-                memory: gm.clone(),
+                memory: std::cell::RefCell::new(memory.access()),
                 mmio: Arc::clone(&self.mmio),
                 legacy: self.linux.as_ref().map(|p| Arc::clone(&p.io)),
             };
