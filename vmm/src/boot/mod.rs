@@ -31,8 +31,8 @@ pub mod image;
 pub mod layout;
 pub mod mptable;
 
-use std::io::Cursor;
-use std::path::{Path, PathBuf};
+use std::io::{Cursor, Seek, SeekFrom};
+use std::path::PathBuf;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -47,7 +47,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use image::{KernelFormat, KernelImage};
+use image::{KernelFormat, KernelImage, Source};
 use layout::{
     memory_map, BOOT_GDT, BOOT_IDT, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MAX_LINUX_MEM,
     MAX_LINUX_VCPUS, MEMMAP_START, MODLIST_START, PDE_START, PDPTE_START, PML4_START,
@@ -230,22 +230,15 @@ pub struct BootEntry {
 }
 
 /// A checked boot, ready to load into guest memory of `mem` bytes.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Prepared {
     kernel: KernelImage,
-    initrd: Option<(Vec<u8>, u64)>,
+    /// The open initrd, its size and its guest address.
+    initrd: Option<(std::fs::File, u64, u64)>,
     cmdline: Cmdline,
     cmdline_len: usize,
     mem: u64,
     vcpus: u32,
-}
-
-fn read(what: &'static str, p: &Path) -> Result<Vec<u8>, BootError> {
-    std::fs::read(p).map_err(|err| BootError::Read {
-        what,
-        path: p.display().to_string(),
-        err,
-    })
 }
 
 fn align_down(v: u64, a: u64) -> u64 {
@@ -267,7 +260,12 @@ pub fn prepare(
         return Err(BootError::TooManyVcpus(vcpus));
     }
     let kpath = spec.kernel.display().to_string();
-    let kernel = image::inspect(&kpath, read("kernel", &spec.kernel)?, mem)?;
+    let file = std::fs::File::open(&spec.kernel).map_err(|err| BootError::Read {
+        what: "kernel",
+        path: kpath.clone(),
+        err,
+    })?;
+    let kernel = image::inspect_file(&kpath, file, mem)?;
     let (cmd_max, initrd_limit) = match kernel.format {
         // PVH: our own limit; the initrd anywhere in RAM below 4 GiB.
         KernelFormat::Elf => (CMDLINE_MAX_SIZE - 1, mem),
@@ -304,11 +302,16 @@ pub fn prepare(
         None => None,
         Some(p) => {
             let path = p.display().to_string();
-            let bytes = read("initrd", p)?;
-            if bytes.is_empty() {
+            let io = |err| BootError::Read {
+                what: "initrd",
+                path: path.clone(),
+                err,
+            };
+            let file = std::fs::File::open(p).map_err(io)?;
+            let size = file.metadata().map_err(io)?.len();
+            if size == 0 {
                 return Err(BootError::EmptyInitrd(path));
             }
-            let size = bytes.len() as u64;
             let kernel_end = kernel.end.next_multiple_of(4096);
             let addr = initrd_limit
                 .checked_sub(size)
@@ -322,7 +325,7 @@ pub fn prepare(
                     limit: initrd_limit,
                 });
             };
-            Some((bytes, addr))
+            Some((file, size, addr))
         }
     };
     Ok(Prepared {
@@ -346,7 +349,7 @@ impl Prepared {
 
     /// The initrd's guest address and size, if any.
     pub fn initrd_range(&self) -> Option<(u64, u64)> {
-        self.initrd.as_ref().map(|(b, a)| (*a, b.len() as u64))
+        self.initrd.as_ref().map(|(_, size, a)| (*a, *size))
     }
 
     /// Writes kernel, initrd, command line, boot parameters, MP table, GDT
@@ -355,12 +358,19 @@ impl Prepared {
         let w = |what: &'static str| {
             move |e: vm_memory::GuestMemoryError| BootError::Write(what, e.to_string())
         };
-        let mut image = Cursor::new(self.kernel.bytes.as_slice());
         let himem = Some(GuestAddress(HIMEM_START));
         let (entry, setup_header) = match self.kernel.format {
             KernelFormat::Elf => {
-                let r = Elf::load(gm, None, &mut image, himem)
-                    .map_err(|e| BootError::Load(e.to_string()))?;
+                let r = match &self.kernel.source {
+                    Source::File(f) => {
+                        let mut f = f;
+                        f.seek(SeekFrom::Start(0))
+                            .map_err(|e| BootError::Load(e.to_string()))?;
+                        Elf::load(gm, None, &mut f, himem)
+                    }
+                    Source::Bytes(b) => Elf::load(gm, None, &mut Cursor::new(b.as_slice()), himem),
+                }
+                .map_err(|e| BootError::Load(e.to_string()))?;
                 match r.pvh_boot_cap {
                     PvhBootCapability::PvhEntryPresent(a) => (
                         BootEntry {
@@ -379,8 +389,18 @@ impl Prepared {
                 }
             }
             KernelFormat::BzImage { .. } => {
-                let r = BzImage::load(gm, None, &mut image, himem)
-                    .map_err(|e| BootError::Load(e.to_string()))?;
+                let r = match &self.kernel.source {
+                    Source::File(f) => {
+                        let mut f = f;
+                        f.seek(SeekFrom::Start(0))
+                            .map_err(|e| BootError::Load(e.to_string()))?;
+                        BzImage::load(gm, None, &mut f, himem)
+                    }
+                    Source::Bytes(b) => {
+                        BzImage::load(gm, None, &mut Cursor::new(b.as_slice()), himem)
+                    }
+                }
+                .map_err(|e| BootError::Load(e.to_string()))?;
                 (
                     BootEntry {
                         protocol: Protocol::Linux64,
@@ -391,8 +411,14 @@ impl Prepared {
                 )
             }
         };
-        if let Some((bytes, addr)) = &self.initrd {
-            gm.write_slice(bytes, GuestAddress(*addr))
+        if let Some((file, size, addr)) = &self.initrd {
+            // Straight from the file into guest memory (no heap copy).
+            let mut f = file;
+            f.seek(SeekFrom::Start(0))
+                .map_err(|e| BootError::Write("the initrd", e.to_string()))?;
+            let n = usize::try_from(*size)
+                .map_err(|e| BootError::Write("the initrd", e.to_string()))?;
+            gm.read_exact_volatile_from(GuestAddress(*addr), &mut f, n)
                 .map_err(w("the initrd"))?;
         }
         load_cmdline(gm, GuestAddress(CMDLINE_START), &self.cmdline)
