@@ -587,7 +587,11 @@ pub fn cmd(a: &Args) -> Result<()> {
                     .push(format!("{} boot + balloon: {e:#}", m.name()));
             }
         }
-        let sizes: &[u64] = if a.no_teardown { &[] } else { &a.teardown_sizes.0 };
+        let sizes: &[u64] = if a.no_teardown {
+            &[]
+        } else {
+            &a.teardown_sizes.0
+        };
         for &size in sizes {
             let populated = m != Monitor::Fc;
             say(

@@ -49,8 +49,8 @@ use std::sync::atomic::{AtomicU64 as StatU64, Ordering::Relaxed};
 
 pub use error::{FaultError, MapError, RangeError, UnmapError};
 pub use fault_in::FaultOutcome;
-pub use lookup::{Census, PageState};
 pub(crate) use lookup::{state_of, Lookup};
+pub use lookup::{Census, PageState};
 pub use ops::UnmapMode;
 use pending::PendingSet;
 use stats::Counters;
