@@ -271,6 +271,28 @@ pub fn linux_fixture(test: &str) -> Option<std::path::PathBuf> {
     }
 }
 
+/// The Firecracker binary to compare with (`GMM_FIRECRACKER_BIN`, else
+/// `../shared/firecracker/firecracker` beside the repository), or a loud
+/// skip.
+pub fn firecracker_bin(test: &str) -> Option<std::path::PathBuf> {
+    let p = std::env::var_os("GMM_FIRECRACKER_BIN").map_or_else(
+        || {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../shared/firecracker/firecracker")
+        },
+        std::path::PathBuf::from,
+    );
+    if p.is_file() {
+        Some(p)
+    } else {
+        loud!(
+            "SKIPPED: {test}: no Firecracker binary at {}; set GMM_FIRECRACKER_BIN",
+            p.display()
+        );
+        None
+    }
+}
+
 /// The `vmm` binary next to the test's directory (`GMM_VMM_BIN` wins), or
 /// a loud skip.
 pub fn vmm_bin(test: &str) -> Option<std::path::PathBuf> {

@@ -568,9 +568,11 @@ impl Service {
                 Ok(Reply::NoContent)
             }
             Request::Action(ActionType::FlushMetrics) => {
-                let m = g.cfg.metrics.as_ref().ok_or_else(|| {
-                    bad("The metrics system is not initialized: PUT /metrics first")
-                })?;
+                // No metrics file: nothing to write, as Firecracker answers
+                // (204).
+                let Some(m) = g.cfg.metrics.as_ref() else {
+                    return Ok(Reply::NoContent);
+                };
                 let vm = g.vm.as_ref();
                 write_metrics(
                     Path::new(&m.metrics_path),
@@ -606,6 +608,14 @@ impl Service {
             }
             Request::GetVmConfig => Reply::json(&g.cfg),
             Request::PutMetrics(m) => {
+                if let Some(cur) = &g.cfg.metrics {
+                    // Firecracker: "Reinitialization of metrics not allowed."
+                    return Err(bad(format!(
+                        "Reinitialization of metrics not allowed: the metrics system already \
+                         writes to {}",
+                        cur.metrics_path
+                    )));
+                }
                 std::fs::OpenOptions::new()
                     .append(true)
                     .create(true)
@@ -858,6 +868,29 @@ mod tests {
                 module: None
             }))
             .is_err());
+        // Metrics: once, as Firecracker.
+        let metrics = std::env::temp_dir().join(format!("vmm-svc-metrics-{}", std::process::id()));
+        let m = crate::api::models::Metrics {
+            metrics_path: metrics.display().to_string(),
+        };
+        assert_eq!(
+            s.handle(Request::PutMetrics(m.clone())),
+            Ok(Reply::NoContent)
+        );
+        let e = s.handle(Request::PutMetrics(m)).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("Reinitialization of metrics not allowed"),
+            "{e:?}"
+        );
+        let _ = std::fs::remove_file(&metrics);
+        // Statistics and FlushMetrics exist only after the start.
+        for r in [
+            Request::GetBalloonStats,
+            Request::Action(ActionType::FlushMetrics),
+        ] {
+            assert_eq!(s.handle(r).unwrap_err().message, BEFORE_START);
+        }
         let cfg = s.handle(Request::GetVmConfig).unwrap();
         let Reply::Json(v) = cfg else {
             panic!("no body")

@@ -78,9 +78,16 @@ pub struct MachineConfig {
     /// Backing pages.
     #[serde(default)]
     pub huge_pages: HugePages,
-    /// CPU templates: only `None` (or absent) is supported.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// CPU templates: only `None` (or absent) is supported. Like
+    /// Firecracker, an answer leaves out the `None` template.
+    #[serde(default, skip_serializing_if = "no_cpu_template")]
     pub cpu_template: Option<String>,
+}
+
+/// Whether `t` stands for no CPU template (absent or `"None"`), which
+/// Firecracker's `GET /machine-config` leaves out.
+fn no_cpu_template(t: &Option<String>) -> bool {
+    t.as_deref().is_none_or(|t| t == "None")
 }
 
 impl Default for MachineConfig {
@@ -113,6 +120,13 @@ pub struct MachineConfigUpdate {
     pub huge_pages: Option<HugePages>,
     /// CPU template.
     pub cpu_template: Option<String>,
+}
+
+impl MachineConfigUpdate {
+    /// Names no field (`{}`): Firecracker refuses it ("Empty PATCH request.").
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl MachineConfig {
@@ -266,8 +280,9 @@ pub struct VmConfigFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logger: Option<Logger>,
     /// Firecracker requires this key; we have no block devices and accept
-    /// only an empty list.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// only an empty list. Always written (as Firecracker's `GET
+    /// /vm/config` does), so the answer is a valid Firecracker config file.
+    #[serde(default)]
     pub drives: Vec<serde_json::Value>,
 }
 
@@ -437,6 +452,22 @@ mod tests {
         .is_err());
         assert!(serde_json::from_str::<VmStateUpdate>(r#"{"state": "Stopped"}"#).is_err());
         assert!(serde_json::from_str::<BalloonUpdate>(r#"{"amount_mib": -1}"#).is_err());
+    }
+
+    #[test]
+    fn answers_look_like_firecracker_s() {
+        // No `cpu_template` for the `None` template; `drives` always there.
+        let m: MachineConfig = serde_json::from_str(
+            r#"{"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": "None"}"#,
+        )
+        .unwrap();
+        assert!(serde_json::to_value(&m)
+            .unwrap()
+            .get("cpu_template")
+            .is_none());
+        let v = serde_json::to_value(VmConfigFile::default()).unwrap();
+        assert_eq!(v["drives"], serde_json::json!([]));
+        assert!(MachineConfigUpdate::default().is_empty());
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub enum RequestError {
         /// Path.
         path: String,
     },
+    /// A `PUT`/`PATCH` without a body, or a `PATCH` that names no field
+    /// (Firecracker's words).
+    #[error("Empty {0} request.")]
+    Empty(&'static str),
     /// The body does not parse as the route's model.
     #[error(
         "An error occurred when deserializing the json body of a request: {0}. \
@@ -91,7 +95,16 @@ impl Request {
             | Request::PutMetrics(_)
             | Request::PutLogger(_)
             | Request::Action(ActionType::InstanceStart) => Phase::PreBoot,
-            Request::Action(ActionType::SendCtrlAltDel) | Request::PatchVm(_) => Phase::PostBoot,
+            // Firecracker answers these before the start with "not supported
+            // before starting the microVM" (statistics and metrics exist only
+            // once the VM runs).
+            Request::Action(ActionType::SendCtrlAltDel | ActionType::FlushMetrics)
+            | Request::PatchVm(_)
+            | Request::GetBalloonStats => Phase::PostBoot,
+            // `PATCH /balloon` and `PATCH /balloon/statistics` work "before or
+            // after machine startup" in Firecracker's published spec
+            // (firecracker.yaml), although Firecracker's code refuses them
+            // before the start: we follow the spec.
             _ => Phase::Any,
         }
     }
@@ -109,12 +122,28 @@ pub fn parse(method: &str, path: &str, b: &[u8]) -> Result<Request, RequestError
     } else {
         p
     };
+    let body_method = match method {
+        "PUT" => Some("PUT"),
+        "PATCH" => Some("PATCH"),
+        _ => None,
+    };
+    if let Some(m) = body_method {
+        if b.iter().all(u8::is_ascii_whitespace) && is_route(method, p) {
+            return Err(RequestError::Empty(m));
+        }
+    }
     Ok(match (method, p) {
         ("GET", "/") => Request::GetInstance,
         ("GET", "/version") => Request::GetVersion,
         ("GET", "/machine-config") => Request::GetMachineConfig,
         ("PUT", "/machine-config") => Request::PutMachineConfig(body(b)?),
-        ("PATCH", "/machine-config") => Request::PatchMachineConfig(body(b)?),
+        ("PATCH", "/machine-config") => {
+            let u: MachineConfigUpdate = body(b)?;
+            if u.is_empty() {
+                return Err(RequestError::Empty("PATCH"));
+            }
+            Request::PatchMachineConfig(u)
+        }
         ("PUT", "/boot-source") => Request::PutBootSource(body(b)?),
         ("GET", "/balloon") => Request::GetBalloon,
         ("PUT", "/balloon") => Request::PutBalloon(body(b)?),
@@ -130,10 +159,25 @@ pub fn parse(method: &str, path: &str, b: &[u8]) -> Result<Request, RequestError
         _ => {
             return Err(RequestError::NoRoute {
                 method: method.into(),
-                path: path.into(),
-            })
+                // Firecracker names the path without its leading slash.
+                path: path.strip_prefix('/').unwrap_or(path).into(),
+            });
         }
     })
+}
+
+/// Whether `method p` (normalized) is one of the routes that take a body.
+fn is_route(method: &str, p: &str) -> bool {
+    matches!(
+        (method, p),
+        (
+            "PUT",
+            "/machine-config" | "/boot-source" | "/balloon" | "/actions" | "/metrics" | "/logger"
+        ) | (
+            "PATCH",
+            "/machine-config" | "/balloon" | "/balloon/statistics" | "/vm"
+        )
+    )
 }
 
 #[cfg(test)]
@@ -177,6 +221,12 @@ mod tests {
             Request::PatchBalloon(BalloonUpdate { amount_mib: 1 }).phase(),
             Phase::Any
         );
+        for r in [
+            Request::GetBalloonStats,
+            Request::Action(ActionType::FlushMetrics),
+        ] {
+            assert_eq!(r.phase(), Phase::PostBoot, "{r:?}");
+        }
     }
 
     #[test]
@@ -194,6 +244,12 @@ mod tests {
             assert!(!e.is_empty(), "{m} {p}");
         }
         let e = parse("GET", "/nope", b"").unwrap_err().to_string();
-        assert!(e.contains("GET /nope"), "{e}");
+        assert_eq!(e, "Invalid request method and/or path: GET nope.");
+        for (m, b) in [("PUT", &b""[..]), ("PATCH", b" \r\n")] {
+            let e = parse(m, "/machine-config", b).unwrap_err().to_string();
+            assert_eq!(e, format!("Empty {m} request."));
+        }
+        let e = parse("PATCH", "/machine-config", b"{}").unwrap_err();
+        assert_eq!(e.to_string(), "Empty PATCH request.");
     }
 }
