@@ -325,3 +325,138 @@ pub fn wait_console(buf: &std::sync::Mutex<Vec<u8>>, marker: &str, timeout: Dura
     }
     false
 }
+
+/// A monitor process serving an API socket (`vmm --api-sock`, Firecracker),
+/// its stdout and stderr collected line by line into one text; killed on
+/// drop, socket removed.
+#[derive(Debug)]
+pub struct ApiProcess {
+    /// For messages.
+    pub name: String,
+    /// The process.
+    pub child: std::process::Child,
+    /// Its API socket.
+    pub sock: std::path::PathBuf,
+    out: Arc<Mutex<String>>,
+}
+
+impl ApiProcess {
+    /// Starts `bin --api-sock <tmp>/gmm-<tag>-<name>-<pid>.sock extra...` and
+    /// waits until the socket accepts connections.
+    pub fn spawn(name: &str, bin: &std::path::Path, tag: &str, extra: &[&str]) -> ApiProcess {
+        use std::io::{BufRead, Read};
+        use std::process::{Command, Stdio};
+        let sock =
+            std::env::temp_dir().join(format!("gmm-{tag}-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let mut child = Command::new(bin)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let out = Arc::new(Mutex::new(String::new()));
+        let pipes = [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ];
+        for pipe in pipes.into_iter().flatten() {
+            let o = Arc::clone(&out);
+            std::thread::spawn(move || {
+                for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut g = o.lock().unwrap_or_else(|e| e.into_inner());
+                    g.push_str(&l);
+                    g.push('\n');
+                }
+            });
+        }
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{name}: no API socket at {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ApiProcess {
+            name: name.into(),
+            child,
+            sock,
+            out,
+        }
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Its last `n` lines.
+    pub fn tail(&self, n: usize) -> String {
+        let o = self.output();
+        let lines: Vec<&str> = o.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Waits until its output holds `marker`; false after `timeout`.
+    pub fn wait_output(&self, marker: &str, timeout: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if self.output().contains(marker) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// Waits for the exit (killed, and the test failed, after `timeout`):
+    /// its status and how long it took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, Duration) {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return (s, t.elapsed());
+            }
+            if t.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!(
+                    "{} did not exit within {timeout:?}\n{}",
+                    self.name,
+                    self.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Firecracker leaves its socket behind.
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+/// Firecracker's `PUT /boot-source` body for the Linux fixture in `dir`,
+/// its `init` in `guest.mode=idle` (it stays up, printing its memory every
+/// 5 s).
+pub fn idle_boot_source(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "kernel_image_path": dir.join("vmlinux"),
+        "initrd_path": dir.join("initrd.cpio"),
+        "boot_args": format!("{} quiet guest.mode=idle guest.period=5", vmm::boot::DEFAULT_CMDLINE),
+    })
+}

@@ -46,11 +46,7 @@
 //! without `/dev/kvm` or the Linux fixture.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -262,47 +258,8 @@ impl Answer {
 
 /// One HTTP/1.1 request over the Unix socket; reads exactly the answer.
 fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Answer {
-    let mut s =
-        UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut req =
-        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
-    if let Some(b) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-            b.len()
-        ));
-    } else {
-        req.push_str("\r\n");
-    }
-    s.write_all(req.as_bytes()).expect("send");
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).expect("status line");
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or_else(|| panic!("{method} {path}: not HTTP: {line:?}"));
-    let mut len = 0usize;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).expect("header") == 0 {
-            break;
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    let mut b = vec![0u8; len];
-    r.read_exact(&mut b).expect("body");
+    let (status, b) = vmm::api::exchange(sock, method, path, body.map(str::as_bytes))
+        .unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", sock.display()));
     let body = if b.is_empty() {
         Value::Null
     } else {
@@ -315,125 +272,8 @@ fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Answer {
 // ---------------------------------------------------------------------------
 // The two monitors.
 
-/// A monitor process with its API socket; stdout and stderr collected.
-struct Mon {
-    name: &'static str,
-    child: Child,
-    sock: PathBuf,
-    out: Arc<Mutex<String>>,
-}
-
-impl Mon {
-    fn spawn(name: &'static str, bin: &Path, tag: &str) -> Mon {
-        let sock = std::env::temp_dir().join(format!(
-            "gmm-apidiff-{tag}-{name}-{}.sock",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&sock);
-        let mut child = Command::new(bin)
-            .arg("--api-sock")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        let out = Arc::new(Mutex::new(String::new()));
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let o = Arc::clone(&out);
-            std::thread::spawn(move || {
-                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut g = o.lock().unwrap_or_else(|e| e.into_inner());
-                    g.push_str(&l);
-                    g.push('\n');
-                }
-            });
-        }
-        let t = Instant::now();
-        while UnixStream::connect(&sock).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "{name}: no API socket at {}",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Mon {
-            name,
-            child,
-            sock,
-            out,
-        }
-    }
-
-    fn call(&self, m: &str, p: &str, body: Option<&str>) -> Answer {
-        http(&self.sock, m, p, body)
-    }
-
-    fn output(&self) -> String {
-        let o = self.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let tail: Vec<&str> = o.lines().rev().take(40).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    }
-
-    /// Waits until the output (the guest console) holds `marker`.
-    fn wait_output(&self, marker: &str, timeout: Duration) {
-        let t = Instant::now();
-        while !self
-            .out
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(marker)
-        {
-            assert!(
-                t.elapsed() < timeout,
-                "{}: no {marker:?} within {timeout:?}\n{}",
-                self.name,
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return (s, t.elapsed());
-            }
-            if t.elapsed() > timeout {
-                let _ = self.child.kill();
-                panic!(
-                    "{} did not exit within {timeout:?}\n{}",
-                    self.name,
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Mon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Firecracker leaves its socket behind.
-        let _ = std::fs::remove_file(&self.sock);
-    }
-}
+/// A monitor process with its API socket.
+type Mon = tests::ApiProcess;
 
 /// Ours and Firecracker, driven with the same calls.
 struct Pair {
@@ -446,8 +286,8 @@ struct Pair {
 impl Pair {
     fn new(tag: &str, vmm: &Path, fc: &Path) -> Pair {
         Pair {
-            ours: Mon::spawn("vmm", vmm, tag),
-            fc: Mon::spawn("firecracker", fc, tag),
+            ours: Mon::spawn("vmm", vmm, &format!("apidiff-{tag}"), &[]),
+            fc: Mon::spawn("firecracker", fc, &format!("apidiff-{tag}"), &[]),
             spec: spec(),
             calls: 0,
         }
@@ -455,7 +295,10 @@ impl Pair {
 
     fn both(&mut self, m: &str, p: &str, ours: Option<&str>, fc: Option<&str>) -> (Answer, Answer) {
         self.calls += 1;
-        (self.ours.call(m, p, ours), self.fc.call(m, p, fc))
+        (
+            http(&self.ours.sock, m, p, ours),
+            http(&self.fc.sock, m, p, fc),
+        )
     }
 
     /// Polls `GET path` on both until `pred` holds on each; returns each
@@ -472,7 +315,7 @@ impl Pair {
         let t = Instant::now();
         while got.iter().any(Option::is_none) {
             for (m, g) in mons.iter().zip(got.iter_mut()).filter(|(_, g)| g.is_none()) {
-                let a = m.call("GET", path, None);
+                let a = http(&m.sock, "GET", path, None);
                 assert_eq!(a.status, 200, "{}: GET {path}: {a:?}", m.name);
                 if pred(&a.body) {
                     *g = Some((a.body, since.elapsed()));
@@ -482,7 +325,7 @@ impl Pair {
                         "{}: GET {path} never satisfied within {timeout:?}: {}\n{}",
                         m.name,
                         a.body,
-                        m.output()
+                        m.tail(40)
                     );
                 }
             }
@@ -993,15 +836,7 @@ fn one_linux_boot_each_matches_firecracker() {
     };
     let t0 = Instant::now();
     let mut p = Pair::new("boot", &vmm, &fcb);
-    p.same(
-        "PUT",
-        "/boot-source",
-        Some(json!({
-            "kernel_image_path": dir.join("vmlinux"),
-            "initrd_path": dir.join("initrd.cpio"),
-            "boot_args": format!("{} quiet guest.mode=idle guest.period=5", vmm::boot::DEFAULT_CMDLINE),
-        })),
-    );
+    p.same("PUT", "/boot-source", Some(tests::idle_boot_source(&dir)));
     p.same(
         "PUT",
         "/machine-config",
@@ -1166,7 +1001,12 @@ fn one_linux_boot_each_matches_firecracker() {
     // driver, which probes before the keyboard driver binds, and a key press
     // before that is lost (for Firecracker as for us).
     for m in [&p.ours, &p.fc] {
-        m.wait_output("NPROC", Duration::from_secs(60));
+        assert!(
+            m.wait_output("NPROC", Duration::from_secs(60)),
+            "{}: no NPROC within 60 s\n{}",
+            m.name,
+            m.tail(40)
+        );
     }
     p.same(
         "PUT",
@@ -1179,8 +1019,8 @@ fn one_linux_boot_each_matches_firecracker() {
         let f = fc.wait_exit(Duration::from_secs(60));
         (o.join().expect("ours waited"), f)
     });
-    assert!(sf.success(), "Firecracker: {sf:?}\n{}", p.fc.output());
-    assert!(so.success(), "ours: {so:?}\n{}", p.ours.output());
+    assert!(sf.success(), "Firecracker: {sf:?}\n{}", p.fc.tail(40));
+    assert!(so.success(), "ours: {so:?}\n{}", p.ours.tail(40));
     loud!(
         "{name}: SendCtrlAltDel -> exit 0: ours {:.2} s, Firecracker {:.2} s; {} calls, whole test {:.1} s",
         to.as_secs_f64(),

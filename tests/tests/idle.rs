@@ -155,13 +155,9 @@ fn idle_balloon_driver_costs_no_cpu() {
     destroy_and_check(vm);
 }
 
-#[test]
-fn idle_probe_loop_costs_no_cpu() {
-    let name = "idle_probe_loop_costs_no_cpu";
-    if !kvm_or_skip(name) {
-        return;
-    }
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// A 64 MiB probe-workload VM whose guest verified its RAM and has waited
+/// in `OP_IDLE` at least once.
+fn probe_vm_idle() -> (Vm, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     let (c, console) = config("64M", 1, Backing::Anon, PageSize::Size4K, Workload::Probe);
     let mut vm = Vm::new(c).expect("VM creation");
     vm.start().expect("vCPU start");
@@ -171,6 +167,17 @@ fn idle_probe_loop_costs_no_cpu() {
         assert!(t0.elapsed() < GUEST_TIMEOUT, "the probe loop never waited");
         std::thread::sleep(Duration::from_millis(1));
     }
+    (vm, console)
+}
+
+#[test]
+fn idle_probe_loop_costs_no_cpu() {
+    let name = "idle_probe_loop_costs_no_cpu";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut vm, console) = probe_vm_idle();
 
     let (_, _, waits) = spin_then_idle(&vm, name);
     assert!(waits <= 5, "{waits} idle waits in 2 s");
@@ -210,15 +217,7 @@ fn teardown_of_an_idle_guest_is_prompt() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (c, _console) = config("64M", 1, Backing::Anon, PageSize::Size4K, Workload::Probe);
-    let mut vm = Vm::new(c).expect("VM creation");
-    vm.start().expect("vCPU start");
-    assert!(vm.wait_results(GUEST_TIMEOUT), "{:?}", vm.outcomes());
-    let t0 = Instant::now();
-    while vm.idle_waits().0 == 0 {
-        assert!(t0.elapsed() < GUEST_TIMEOUT, "the probe loop never waited");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let (vm, _console) = probe_vm_idle();
     std::thread::sleep(Duration::from_millis(20));
     let (t, _) = destroy_and_check(vm);
     loud!(

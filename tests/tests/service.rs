@@ -14,52 +14,26 @@
 //!
 //! Skips loudly without `/dev/kvm`, the `vmm` binary or (Linux) the fixture.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tests::{kvm_or_skip, linux_fixture, loud, vmm_bin};
+use tests::{kvm_or_skip, linux_fixture, loud, vmm_bin, ApiProcess};
 use vmm::api::{call, ApiError};
 
-/// A `vmm --api-sock` process with its stdout collected.
-struct Svc {
-    child: Child,
-    sock: PathBuf,
-    out: Arc<Mutex<String>>,
+/// A `vmm --api-sock` process with the calls these tests make.
+struct Svc(ApiProcess);
+
+impl std::ops::Deref for Svc {
+    type Target = ApiProcess;
+    fn deref(&self) -> &ApiProcess {
+        &self.0
+    }
 }
 
 impl Svc {
     fn spawn(bin: &Path, name: &str, extra: &[&str]) -> Svc {
-        let sock = std::env::temp_dir().join(format!("gmm-svc-{name}-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&sock);
-        let mut child = Command::new(bin)
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm");
-        let out = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().expect("stdout");
-        let o = Arc::clone(&out);
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let mut g = o.lock().unwrap_or_else(|e| e.into_inner());
-                g.push_str(&l);
-                g.push('\n');
-            }
-        });
-        let t = Instant::now();
-        while !sock.exists() {
-            assert!(t.elapsed() < Duration::from_secs(10), "no API socket");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Svc { child, sock, out }
+        Svc(ApiProcess::spawn("vmm", bin, &format!("svc-{name}"), extra))
     }
 
     fn call(&self, m: &str, p: &str, body: Option<Value>) -> Result<Value, ApiError> {
@@ -85,43 +59,6 @@ impl Svc {
         }
     }
 
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn wait_stdout(&self, marker: &str, timeout: Duration) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < timeout {
-            if self.stdout().contains(marker) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        false
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return (s, t.elapsed());
-            }
-            if t.elapsed() > timeout {
-                let _ = self.child.kill();
-                panic!("vmm did not exit within {timeout:?}\n{}", self.stdout());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut s);
-        }
-        s
-    }
-
     /// Polls `GET path` until `pred` holds on the answer.
     fn wait_get(&self, path: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let t = Instant::now();
@@ -133,14 +70,6 @@ impl Svc {
             assert!(t.elapsed() < timeout, "GET {path} never satisfied: {v}");
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-}
-
-impl Drop for Svc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
     }
 }
 
@@ -278,8 +207,8 @@ fn embedded_guest_through_the_api() {
         "/actions",
         Some(json!({"action_type": "SendCtrlAltDel"})),
     );
-    let (status, took) = s.wait_exit(Duration::from_secs(30));
-    let err = s.stderr();
+    let (status, took) = s.0.wait_exit(Duration::from_secs(30));
+    let err = s.output();
     assert!(status.success(), "{status:?}\n{err}");
     loud!("{name}: SendCtrlAltDel -> exit in {took:?}");
     let lines = std::fs::read_to_string(&metrics).unwrap_or_default();
@@ -308,8 +237,8 @@ fn sigterm_ends_a_running_vm_at_once() {
     assert!(rss >= 512 << 20, "populated RSS only {rss}");
     // SAFETY: our own live child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let (status, took) = s.wait_exit(Duration::from_secs(10));
-    let err = s.stderr();
+    let (status, took) = s.0.wait_exit(Duration::from_secs(10));
+    let err = s.output();
     assert!(status.success(), "{status:?}\n{err}");
     assert!(err.contains("Signal(15)"), "{err}");
     assert!(err.contains("guest memory released"), "{err}");
@@ -328,15 +257,7 @@ fn linux_through_the_api_reporting_statistics_balloon() {
         return;
     };
     let mut s = Svc::spawn(&bin, "linux", &["--populate"]);
-    s.ok(
-        "PUT",
-        "/boot-source",
-        Some(json!({
-            "kernel_image_path": dir.join("vmlinux"),
-            "initrd_path": dir.join("initrd.cpio"),
-            "boot_args": format!("{} quiet guest.mode=idle guest.period=5", vmm::boot::DEFAULT_CMDLINE),
-        })),
-    );
+    s.ok("PUT", "/boot-source", Some(tests::idle_boot_source(&dir)));
     s.ok(
         "PUT",
         "/machine-config",
@@ -359,12 +280,12 @@ fn linux_through_the_api_reporting_statistics_balloon() {
     let populated = vmm::proc_stats::rss_of(s.child.id()).unwrap_or(0);
     assert!(populated >= 256 << 20, "populated RSS only {populated}");
     assert!(
-        s.wait_stdout("NPROC 2", Duration::from_secs(180)),
+        s.wait_output("NPROC 2", Duration::from_secs(180)),
         "{}",
-        s.stdout()
+        s.tail(60)
     );
     loud!("{name}: NPROC after {:.1} s", t0.elapsed().as_secs_f64());
-    assert!(s.stdout().contains("BALLOON present"), "{}", s.stdout());
+    assert!(s.tail(60).contains("BALLOON present"), "{}", s.tail(60));
     // Free page reporting: the guest's free memory goes back.
     let mem = s.wait_get("/memory", Duration::from_secs(60), |v| {
         v["discarded_bytes"].as_u64() >= Some(64 << 20)
@@ -403,9 +324,9 @@ fn linux_through_the_api_reporting_statistics_balloon() {
         "/actions",
         Some(json!({"action_type": "SendCtrlAltDel"})),
     );
-    let (status, took) = s.wait_exit(Duration::from_secs(60));
-    let err = s.stderr();
-    assert!(status.success(), "{status:?}\n{err}\n{}", s.stdout());
+    let (status, took) = s.0.wait_exit(Duration::from_secs(60));
+    let err = s.output();
+    assert!(status.success(), "{status:?}\n{err}\n{}", s.tail(60));
     assert!(err.contains("monitor_setup_ms="), "{err}");
     loud!("{name}: SendCtrlAltDel -> exit in {took:?}");
 }

@@ -762,21 +762,9 @@ fn serve_api(
                         free_page_reporting: d.reporting(),
                     })
                 }),
-                Request::GetBalloonStats => balloon.ok_or_else(no_balloon).and_then(|bl| {
-                    let t = bl.lock();
-                    let d = t.device();
-                    let guest = d
-                        .last_stats()
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|s| (s.tag, s.val))
-                        .collect::<Vec<_>>();
-                    Reply::json(&BalloonStats::new(
-                        d.target_pages(),
-                        d.actual_pages(),
-                        guest,
-                    ))
-                }),
+                Request::GetBalloonStats => balloon
+                    .ok_or_else(no_balloon)
+                    .and_then(|bl| Reply::json(&BalloonStats::of(bl.lock().device()))),
                 Request::PatchVm(VmState::Paused) => {
                     if vm.pause(Duration::from_secs(5)) {
                         paused = true;

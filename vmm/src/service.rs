@@ -442,15 +442,8 @@ impl Service {
         }
         let vm = g.vm.as_ref().ok_or_else(|| bad(BEFORE_START))?;
         let dev = vm.balloon().ok_or_else(|| bad("the VM has no balloon"))?;
-        let t = dev.lock();
-        let d = t.device();
-        let guest = d
-            .last_stats()
-            .unwrap_or_default()
-            .iter()
-            .map(|s| (s.tag, s.val))
-            .collect::<Vec<_>>();
-        Ok(BalloonStats::new(d.target_pages(), d.actual_pages(), guest))
+        let stats = BalloonStats::of(dev.lock().device());
+        Ok(stats)
     }
 
     fn dispatch(&self, g: &mut Inner, req: Request) -> Result<Reply, ApiFault> {

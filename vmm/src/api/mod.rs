@@ -51,16 +51,28 @@ pub enum ApiError {
     },
 }
 
-/// Send one request to the server at `path`; the JSON answer (`Null` for 204).
-pub fn call(path: &Path, method: &str, uri: &str, body: Option<&Value>) -> Result<Value, ApiError> {
+/// One HTTP/1.1 exchange over the Unix socket at `path`: `body`, if any,
+/// is sent with its `Content-Length` (none at all without one); returns the
+/// status and the body of the answer (at most [`MAX_REQUEST`] bytes).
+pub fn exchange(
+    path: &Path,
+    method: &str,
+    uri: &str,
+    body: Option<&[u8]>,
+) -> Result<(u16, Vec<u8>), ApiError> {
     let mut s = UnixStream::connect(path).map_err(|e| ApiError::Connect(path.into(), e))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let text = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        s,
-        "{method} {uri} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    )?;
+    let mut req = format!("{method} {uri} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    let mut msg = req.into_bytes();
+    msg.extend_from_slice(body.unwrap_or_default());
+    s.write_all(&msg)?;
     let mut r = BufReader::new(s);
     let mut status_line = String::new();
     r.read_line(&mut status_line)?;
@@ -85,12 +97,20 @@ pub fn call(path: &Path, method: &str, uri: &str, body: Option<&Value>) -> Resul
             }
         }
     }
-    let mut body = vec![0u8; len.min(MAX_REQUEST)];
-    r.read_exact(&mut body)?;
-    let v: Value = if body.is_empty() {
+    let mut answer = vec![0u8; len.min(MAX_REQUEST)];
+    r.read_exact(&mut answer)?;
+    Ok((status, answer))
+}
+
+/// Send one JSON request to the server at `path`; the JSON answer (`Null`
+/// for 204), or [`ApiError::Refused`] with the `fault_message` of a 4xx/5xx.
+pub fn call(path: &Path, method: &str, uri: &str, body: Option<&Value>) -> Result<Value, ApiError> {
+    let text = body.map(Value::to_string).unwrap_or_default();
+    let (status, answer) = exchange(path, method, uri, Some(text.as_bytes()))?;
+    let v: Value = if answer.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::Response(e.to_string()))?
+        serde_json::from_slice(&answer).map_err(|e| ApiError::Response(e.to_string()))?
     };
     if status >= 400 {
         return Err(ApiError::Refused {

@@ -354,6 +354,17 @@ pub struct BalloonStats {
 }
 
 impl BalloonStats {
+    /// What `dev` holds now: its target and actual sizes and the guest's
+    /// last statistics buffer.
+    pub fn of(dev: &crate::devices::virtio::balloon::Balloon) -> Self {
+        let guest = dev
+            .last_stats()
+            .unwrap_or_default()
+            .iter()
+            .map(|s| (s.tag, s.val));
+        Self::new(dev.target_pages(), dev.actual_pages(), guest)
+    }
+
     /// From the device's sizes and the guest's `(tag, value)` pairs
     /// (virtio 1.2 §5.5.6.3 tags 0..=15; unknown tags are ignored, a
     /// repeated tag keeps its last value).

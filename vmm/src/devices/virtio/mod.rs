@@ -147,24 +147,14 @@ impl MmioBus {
 #[cfg(test)]
 pub(crate) mod testutil {
     //! Guest memory and its stage-2 table without KVM, for device unit tests.
-    use std::sync::Arc;
 
     use super::RamLayout;
-    use crate::vstate::memory::{Backing, GuestAccess, MemoryConfig, NoHook, PageSize, VmMemory};
+    use crate::vstate::memory::{GuestAccess, VmMemory};
 
     /// 16 MiB of anonymous 4K-page guest memory, an accessor of it (the
     /// fast walk) and its layout.
     pub(crate) fn ram() -> (VmMemory, GuestAccess, RamLayout) {
-        let vmem = VmMemory::new(
-            MemoryConfig {
-                size: "16M".parse().expect("valid size"),
-                backing: Backing::Anon,
-                page_size: PageSize::Size4K,
-            },
-            Arc::new(NoHook),
-            None,
-        )
-        .expect("guest memory");
+        let vmem = crate::vstate::memory::test_memory("16M");
         let layout = RamLayout::new(&vmem.regions(), 0x20_0000);
         let access = vmem.access();
         (vmem, access, layout)

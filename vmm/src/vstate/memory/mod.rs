@@ -222,6 +222,22 @@ impl Drop for VmMemory {
     }
 }
 
+/// Anonymous guest memory of `size` (e.g. `"16M"`) with 4 KiB leaves and
+/// no VM, for unit tests of the memory layer and the devices.
+#[cfg(test)]
+pub(crate) fn test_memory(size: &str) -> VmMemory {
+    VmMemory::new(
+        MemoryConfig {
+            size: size.parse().expect("valid size"),
+            backing: Backing::Anon,
+            page_size: PageSize::Size4K,
+        },
+        Arc::new(NoHook),
+        None,
+    )
+    .expect("guest memory")
+}
+
 #[cfg(test)]
 mod tests {
     use guest_mm::{Gpa, PageState};

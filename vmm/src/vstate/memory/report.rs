@@ -106,20 +106,9 @@ mod tests {
 
     #[test]
     fn report_follows_releases() {
-        use std::sync::Arc;
+        use crate::vstate::memory::{test_memory, ReleaseMode};
 
-        use crate::vstate::memory::{Backing, MemoryConfig, NoHook, PageSize, ReleaseMode};
-
-        let mem = VmMemory::new(
-            MemoryConfig {
-                size: "16M".parse().expect("valid size"),
-                backing: Backing::Anon,
-                page_size: PageSize::Size4K,
-            },
-            Arc::new(NoHook),
-            None,
-        )
-        .expect("guest memory");
+        let mem = test_memory("16M");
         let r = mem.report();
         assert_eq!(r.guest_ram_bytes, 16 << 20);
         assert_eq!(r.present_bytes, 16 << 20);
