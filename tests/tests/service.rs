@@ -330,3 +330,63 @@ fn linux_through_the_api_reporting_statistics_balloon() {
     assert!(err.contains("monitor_setup_ms="), "{err}");
     loud!("{name}: SendCtrlAltDel -> exit in {took:?}");
 }
+
+#[test]
+fn config_file_boots_at_once_and_bad_files_are_refused() {
+    let name = "config_file_boots_at_once_and_bad_files_are_refused";
+    let Some(bin) = setup(name) else { return };
+    let dir = std::env::temp_dir();
+    let good = dir.join(format!("gmm-svc-config-{}.json", std::process::id()));
+    std::fs::write(
+        &good,
+        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+            "balloon": {"amount_mib": 4, "deflate_on_oom": false},
+            "drives": []}"#,
+    )
+    .expect("write config");
+    // Booted from the file, the API answers too; the guest's driver
+    // reaches the file's balloon target.
+    let mut s = Svc(ApiProcess::spawn(
+        "vmm",
+        &bin,
+        "svc-config",
+        &["--config-file", good.to_str().unwrap_or_default()],
+    ));
+    assert_eq!(s.ok("GET", "/", None)["state"], "Running");
+    s.wait_get("/memory", Duration::from_secs(30), |v| {
+        v["ballooned_bytes"] == json!(4u64 << 20)
+    });
+    let pid = libc::pid_t::try_from(s.child.id()).expect("pid");
+    // SAFETY: our own live child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let (status, _) = s.0.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", s.tail(20));
+    // Bad files: exit 2 at once with the reason, no VM.
+    for (body, has) in [
+        (
+            r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "ram": 1}}"#,
+            "unknown field",
+        ),
+        (
+            r#"{"machine-config": {"vcpu_count": 0, "mem_size_mib": 64}}"#,
+            "1 to 32",
+        ),
+        (r#"{"drives": [{"drive_id": "root"}]}"#, "drives"),
+        ("{", "not a valid VM configuration"),
+    ] {
+        let bad = dir.join(format!("gmm-svc-bad-{}.json", std::process::id()));
+        std::fs::write(&bad, body).expect("write config");
+        let t = Instant::now();
+        let out = std::process::Command::new(&bin)
+            .arg("--config-file")
+            .arg(&bad)
+            .output()
+            .expect("run vmm");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{body}: {err}");
+        assert!(err.contains(has), "{body}: {err:?} lacks {has:?}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let _ = std::fs::remove_file(&bad);
+    }
+    let _ = std::fs::remove_file(&good);
+}

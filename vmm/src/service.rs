@@ -355,7 +355,24 @@ impl Service {
     }
 
     fn log(&self, cfg: &VmConfigFile, level: &str, msg: &str) {
-        let line = format!("[{}] {level} {msg}\n", self.opts.id);
+        // Firecracker's levels, most severe first; the logger's `level`
+        // (default Info) is the least severe written, `Off` writes nothing.
+        const LEVELS: [&str; 5] = ["error", "warning", "info", "debug", "trace"];
+        let rank = |l: &str| LEVELS.iter().position(|x| x.eq_ignore_ascii_case(l));
+        let max = cfg
+            .logger
+            .as_ref()
+            .and_then(|l| l.level.as_deref())
+            .map_or(rank("info"), rank);
+        if rank(level).is_none_or(|r| max.is_none_or(|m| r > m)) {
+            return;
+        }
+        let shown = if cfg.logger.as_ref().is_some_and(|l| l.show_level) {
+            format!(" {level}")
+        } else {
+            String::new()
+        };
+        let line = format!("[{}]{shown} {msg}\n", self.opts.id);
         match cfg.logger.as_ref().and_then(|l| l.log_path.as_ref()) {
             Some(p) => {
                 if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -890,6 +907,31 @@ mod tests {
         };
         assert_eq!(v["machine-config"]["mem_size_mib"], 64);
         assert!(v.get("boot-source").is_none());
+    }
+
+    #[test]
+    fn the_logger_writes_what_its_level_lets_through() {
+        let s = svc();
+        let path = std::env::temp_dir().join(format!("vmm-svc-log-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let logger = |level: &str| Logger {
+            log_path: Some(path.display().to_string()),
+            level: Some(level.into()),
+            show_level: true,
+            show_log_origin: false,
+            module: None,
+        };
+        let mut cfg = VmConfigFile {
+            logger: Some(logger("Warning")),
+            ..VmConfigFile::default()
+        };
+        s.log(&cfg, "Info", "not shown");
+        s.log(&cfg, "Error", "shown");
+        cfg.logger = Some(logger("off"));
+        s.log(&cfg, "Error", "not shown either");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(text, "[t] Error shown\n");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
