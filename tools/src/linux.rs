@@ -317,10 +317,10 @@ impl Running {
 
     fn wait_socket(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.sock.0.exists() {
+        while !crate::peer::listening(&self.sock.0) {
             self.died()?;
             if Instant::now() > deadline {
-                bail!("{} did not create its socket in 30 s", self.who());
+                bail!("{} did not listen on its socket in 30 s", self.who());
             }
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -10,6 +10,8 @@
 //!   path (host-side driver, no vCPU) against madvise baselines;
 //! - `gmm bench linux` boots the Linux fixture under `vmm`, QEMU and
 //!   Firecracker: time to init, balloon inflate rate, teardown;
+//! - `gmm bench service` launches VMs through the API and measures what
+//!   idle ones cost;
 //! - `gmm mutation` breaks each protocol and device rule in turn (a build
 //!   with the test-only `mutation` feature) and checks that its detectors fail.
 //!
@@ -32,6 +34,7 @@ mod plot;
 mod progress;
 mod report;
 mod rng;
+mod service;
 mod stress;
 mod stress_vm;
 mod teardown;
@@ -86,6 +89,8 @@ enum Bench {
     Launch(launch::Args),
     /// The Linux guest under vmm, QEMU and Firecracker: boot, balloon, teardown.
     Linux(linux::Args),
+    /// vmm as a service: launches through the API, idle VMs' CPU.
+    Service(service::Args),
     /// Run the suite, write JSON, SVG plots and BENCHMARKS.md.
     Report(report::Args),
 }
@@ -129,6 +134,7 @@ fn main() -> Result<()> {
         Cmd::Bench(Bench::Teardown(a)) => teardown::cmd(a),
         Cmd::Bench(Bench::Launch(a)) => launch::cmd(a),
         Cmd::Bench(Bench::Linux(a)) => linux::cmd(a),
+        Cmd::Bench(Bench::Service(a)) => service::cmd(a),
         Cmd::Bench(Bench::Report(a)) => report::cmd(a),
         Cmd::StressVm(a) => stress_vm::cmd(a),
         Cmd::Mutation(a) => mutation::cmd(a),

@@ -168,6 +168,32 @@ pub(crate) fn tail(b: &[u8]) -> String {
 /// A child's stdout, line by line, each stamped with when it was read.
 pub(crate) type Lines = Receiver<(Instant, String)>;
 
+/// Whether something listens on the Unix socket at `path` (the file alone
+/// is not enough: it appears at `bind`, before `listen`).
+pub(crate) fn listening(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+/// Waits until the child `w` listens on `sock` (fails if it exits first or
+/// `deadline` passes).
+pub(crate) fn wait_listening(
+    w: &mut Waited,
+    sock: &Path,
+    deadline: Instant,
+    who: &str,
+) -> Result<()> {
+    while !listening(sock) {
+        if let Some(o) = w.exited() {
+            bail!("{who} exited early ({}): {}", o.status, tail(&o.stderr));
+        }
+        if Instant::now() > deadline {
+            bail!("{who} did not listen on {} in time", sock.display());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
 /// A QMP connection.
 pub(crate) struct Qmp {
     r: BufReader<UnixStream>,

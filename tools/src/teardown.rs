@@ -54,7 +54,8 @@ use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
 use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
 use crate::peer::{
-    kernel, kvm_modules, qmp_ready, sock_path, tail, vmm_binary, wait_rss, which, SockFile, Waited,
+    kernel, kvm_modules, qmp_ready, sock_path, tail, vmm_binary, wait_listening, wait_rss, which,
+    SockFile, Waited,
 };
 use crate::rng::{median, ms, round};
 use crate::units::human_bytes;
@@ -736,15 +737,7 @@ fn service_once(a: &Args, vmm: &Path, size: u64) -> Result<f64> {
     let mut w = Waited::spawn(cmd)?;
     let budget = ready_budget(size);
     let deadline = Instant::now() + budget;
-    while !sock.0.exists() {
-        if let Some(o) = w.exited() {
-            bail!("vmm exited early ({}): {}", o.status, tail(&o.stderr));
-        }
-        if Instant::now() > deadline {
-            bail!("vmm did not create its API socket in time");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_listening(&mut w, &sock.0, deadline, "the vmm service")?;
     let huge = if a.page_size == Leaf::Size4K {
         "None"
     } else {

@@ -93,6 +93,22 @@ pub fn set_nr_hugepages(pages: u64) -> std::io::Result<()> {
     std::fs::write(NR_HUGEPAGES, pages.to_string())
 }
 
+/// User + system CPU time of process `pid` so far (`/proc/PID/stat`
+/// fields 14 and 15, in clock ticks), or `None` if it is gone.
+pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
+    Some(std::time::Duration::from_nanos(
+        ticks.saturating_mul(1_000_000_000 / hz),
+    ))
+}
+
 /// The running kernel's release (`/proc/sys/kernel/osrelease`).
 pub fn kernel_release() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")

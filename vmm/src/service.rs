@@ -305,9 +305,15 @@ impl Service {
         if let Some(vm) = vm {
             // The monitor's own share of the start: InstanceStart received
             // to the first KVM_RUN.
-            if let (Some(t0), Some(run)) = (self.lock().started_at, vm.first_run()) {
+            let t0 = self.lock().started_at;
+            if let (Some(t0), Some(run)) = (t0, vm.first_run()) {
                 let setup = run.saturating_duration_since(t0).as_secs_f64() * 1e3;
                 self.log(&cfg, "Info", &format!("monitor_setup_ms={setup:.3}"));
+            }
+            // The default guest's first report (it reached ring 3).
+            if let (Some(t0), (Some(hello), _, _)) = (t0, vm.reports()) {
+                let ms = hello.saturating_duration_since(t0).as_secs_f64() * 1e3;
+                self.log(&cfg, "Info", &format!("first_guest_report_ms={ms:.3}"));
             }
             let memory = vm.memory().report();
             let balloon = vm.balloon().map(|b| b.counters());

@@ -248,7 +248,7 @@ impl VcpuOutcome {
 pub struct Reports {
     /// First `OP_HELLO` seen.
     pub first_hello: Option<Instant>,
-    /// Just before the first `KVM_RUN` of vCPU 0 (Linux guests).
+    /// Just before the first `KVM_RUN` of vCPU 0.
     pub first_run: Option<Instant>,
     /// Pattern results.
     pub results: Vec<PatternReport>,
@@ -322,6 +322,12 @@ enum Exit {
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuOutcome {
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN_PTR.with(|c| c.set(run_ptr));
+    if ctx.index == 0 {
+        let now = Instant::now();
+        ctx.board.update(|r| {
+            r.first_run.get_or_insert(now);
+        });
+    }
     let outcome = match ctx.legacy.clone() {
         Some(io) => linux_loop(&mut vcpu, &ctx, &io),
         None => run_loop(&mut vcpu, &ctx),
@@ -415,12 +421,6 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
 /// The `KVM_RUN` loop of a Linux guest. Never panics on guest data: unknown
 /// ports read 0xff, unknown MMIO reads 0xff, writes to either are dropped.
 fn linux_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, io: &LegacyIo) -> VcpuOutcome {
-    if ctx.index == 0 {
-        let now = Instant::now();
-        ctx.board.update(|r| {
-            r.first_run.get_or_insert(now);
-        });
-    }
     loop {
         if !ctx.control.check() {
             return VcpuOutcome::Stopped;

@@ -596,8 +596,7 @@ impl Vm {
         self.linux.as_ref().map(|p| p.cmdline.as_str())
     }
 
-    /// When vCPU 0 of a Linux guest was about to enter the guest the first
-    /// time.
+    /// When vCPU 0 was about to enter the guest the first time.
     pub fn first_run(&self) -> Option<Instant> {
         self.board
             .reports
