@@ -12,6 +12,8 @@
 //!   virtio-balloon driver inflates it; the time until the device reports
 //!   the whole amount (`GET /balloon/statistics` `actual_mib`; QMP
 //!   `query-balloon` `actual`) gives `*_inflate_mib_per_s`.
+//!   Before the inflate, the process's CPU time over `--idle-seconds` of
+//!   the guest idling is `*_idle_cpu_pct` (% of one core).
 //! - **teardown** (each of `--teardown-sizes`, guest RAM populated
 //!   host-side where the monitor can: ours `--populate`, QEMU
 //!   `prealloc=on`; Firecracker has no such option, so its RSS at the stop
@@ -76,6 +78,10 @@ pub struct Args {
     /// Skip the teardown sessions.
     #[arg(long)]
     pub no_teardown: bool,
+    /// Idle window after boot, over which each monitor's CPU time is
+    /// counted (the guest's init waits; clock-tick resolution).
+    #[arg(long, default_value_t = 10.0)]
+    pub idle_seconds: f64,
     /// Monitors to run, of `ours`, `qemu`, `fc`.
     #[arg(long, value_delimiter = ',', default_value = "ours,qemu,fc")]
     pub monitors: Vec<Monitor>,
@@ -150,6 +156,11 @@ struct LinuxResult {
     ours_inflate_mib_per_s: Option<f64>,
     qemu_inflate_mib_per_s: Option<f64>,
     fc_inflate_mib_per_s: Option<f64>,
+    /// Host CPU of the whole monitor process while the booted guest idles,
+    /// % of one core.
+    ours_idle_cpu_pct: Option<f64>,
+    qemu_idle_cpu_pct: Option<f64>,
+    fc_idle_cpu_pct: Option<f64>,
     /// ours_init_s / qemu_init_s and / fc_init_s.
     init_vs_qemu: Option<f64>,
     init_vs_fc: Option<f64>,
@@ -195,7 +206,7 @@ impl Running {
     fn spawn(s: &Setup, monitor: Monitor, mem: u64, populate: bool, mode: &str) -> Result<Self> {
         let sock = SockFile(sock_path(monitor.name()));
         let _ = std::fs::remove_file(&sock.0);
-        let cmdline = format!("{FIXTURE_CMDLINE} guest.mode={mode} guest.period=10");
+        let cmdline = format!("{FIXTURE_CMDLINE} guest.mode={mode} guest.period=60");
         let mib = mem >> 20;
         let started = Instant::now();
         let cmd = match monitor {
@@ -355,6 +366,26 @@ impl Running {
                 );
             }
         }
+    }
+
+    /// The process's CPU over `secs` of the guest idling, % of one core
+    /// (`None` if it could not be read).
+    fn idle_cpu_pct(&mut self, secs: f64) -> Option<f64> {
+        let pid = self.child.pid;
+        let before = vmm::proc_stats::cpu_time_of(pid)?;
+        let t = Instant::now();
+        let end = t + Duration::from_secs_f64(secs);
+        while Instant::now() < end {
+            while let Ok((_, l)) = self.lines.try_recv() {
+                self.seen.push(l);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let used = vmm::proc_stats::cpu_time_of(pid)?.saturating_sub(before);
+        Some(round(
+            used.as_secs_f64() / t.elapsed().as_secs_f64() * 100.0,
+            3,
+        ))
     }
 
     /// Bytes in the balloon now.
@@ -553,17 +584,20 @@ pub fn cmd(a: &Args) -> Result<()> {
             let init = run.wait_line("INIT-REACHED", BOOT_BUDGET)?;
             let init_s = init.saturating_duration_since(run.started).as_secs_f64();
             run.wait_line("NPROC", Duration::from_secs(60))?;
+            let idle = run.idle_cpu_pct(a.idle_seconds);
             let inflate_s = run.inflate(a.inflate)?;
             let (_, summary) = run.stop(false)?;
-            Ok((init_s, inflate_s, summary))
+            Ok((init_s, idle, inflate_s, summary))
         })();
         match session {
-            Ok((init_s, inflate_s, summary)) => {
+            Ok((init_s, idle, inflate_s, summary)) => {
                 let rate = round(a.inflate as f64 / inflate_s, 3);
                 say(a.json, &format!("  INIT-REACHED after {init_s:.1} s; balloon +{} MiB in {inflate_s:.2} s ({rate} MiB/s)\n", a.inflate));
                 let init_s = Some(round(init_s, 3));
+                say(a.json, &format!("  idle: {idle:?} % of a core\n"));
                 match m {
                     Monitor::Ours => {
+                        r.ours_idle_cpu_pct = idle;
                         r.ours_init_s = init_s;
                         r.ours_inflate_mib_per_s = Some(rate);
                         r.monitor_setup_ms = summary
@@ -572,10 +606,12 @@ pub fn cmd(a: &Args) -> Result<()> {
                             .and_then(serde_json::Value::as_f64);
                     }
                     Monitor::Qemu => {
+                        r.qemu_idle_cpu_pct = idle;
                         r.qemu_init_s = init_s;
                         r.qemu_inflate_mib_per_s = Some(rate);
                     }
                     Monitor::Fc => {
+                        r.fc_idle_cpu_pct = idle;
                         r.fc_init_s = init_s;
                         r.fc_inflate_mib_per_s = Some(rate);
                     }
