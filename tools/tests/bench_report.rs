@@ -1070,3 +1070,71 @@ fn quick_run_smoke() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn service_and_linux_sections_and_their_verdicts() {
+    let dir = scratch("service-linux");
+    // FIXTURE: `gmm bench service --json`: one VM idles at 2 % (missed),
+    // InstanceStart -> first KVM_RUN 1.5 ms (met).
+    write(
+        &dir,
+        "service.json",
+        &json!({
+            "vms": 4, "mem_bytes": 64 * MIB, "idle_seconds": 10.0, "launches_per_s": 90.0,
+            "launch_ms": [8.0, 9.0, 10.0, 11.0], "launch_ms_p50": 9.5,
+            "monitor_setup_ms_p50": 1.5, "first_guest_report_ms_p50": 2.0,
+            "idle_cpu_pct_per_vm": 0.5, "idle_cpu_pct_max_vm": 2.0,
+            "idle_cpu_pct_all": [0.0, 0.0, 0.0, 2.0], "idle_cpu_resolution_pct": 0.1,
+            "stop_to_exit_ms_p50": 8.0
+        }),
+    );
+    // FIXTURE: `gmm bench linux --json`: our share of the start 20 ms
+    // (missed), an idle Linux guest 0.6 % (met), QEMU skipped.
+    write(
+        &dir,
+        "linux.json",
+        &json!({
+            "kernel": "vmlinux", "mem_mib": 256, "vcpus": 2, "inflate_mib": 32,
+            "monitor_setup_ms": 20.0, "ours_init_s": 27.0, "fc_init_s": 28.0,
+            "ours_inflate_mib_per_s": 8.9, "fc_inflate_mib_per_s": 9.6,
+            "ours_idle_cpu_pct": 0.6, "fc_idle_cpu_pct": 0.7,
+            "teardown": [{"monitor": "ours", "mem_mib": 1024, "populated": true,
+                          "rss_at_stop_bytes": GIB, "stop_to_memory_back_ms": 9.0,
+                          "stop_to_exit_ms": 12.0, "exit_status": 0}],
+            "skipped": ["qemu: not found"]
+        }),
+    );
+    let (out, md) = report_from(&dir, "service,linux");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_missed(
+        row(&md, &["service", "an idle VM costs ≤ 1 % of a host core"]),
+        "2.000 % (max of 4)",
+    );
+    let r = row(
+        &md,
+        &[
+            "service",
+            "InstanceStart → first guest instruction ≤ 5 ms (the monitor's share)",
+        ],
+    );
+    assert!(r.contains("1.50 ms") && r.ends_with("| met |"), "{r}");
+    assert_missed(
+        row(
+            &md,
+            &[
+                "linux",
+                "Linux: InstanceStart → first guest instruction ≤ 5 ms (the monitor's share)",
+            ],
+        ),
+        "20.00 ms",
+    );
+    let r = row(
+        &md,
+        &["linux", "Linux: an idle guest costs ≤ 1 % of a host core"],
+    );
+    assert!(r.contains("0.60 %") && r.ends_with("| met |"), "{r}");
+    row(&md, &["ours", "27.0", "0.60", "8.90"]);
+    row(&md, &["qemu", "—", "—", "—"]);
+    row(&md, &["ours", "1024 MiB", "true", "1 GiB", "9.00", "12.0"]);
+    assert!(md.contains("Skipped: qemu: not found"), "{md}");
+}
