@@ -288,6 +288,34 @@ fn guest_memfd_rss_fixture(before_mib: u64, after_mib: u64) -> Value {
 }
 
 /// Every fixture, as the report's file names.
+/// FIXTURE: `gmm bench service --json`: the busiest idle VM at `idle_max`
+/// % of a core, InstanceStart -> first KVM_RUN 1.5 ms.
+fn service_fixture(idle_max: f64) -> Value {
+    json!({
+        "vms": 4, "mem_bytes": 64 * MIB, "idle_seconds": 10.0, "launches_per_s": 90.0,
+        "launch_ms": [8.0, 9.0, 10.0, 11.0], "launch_ms_p50": 9.5,
+        "monitor_setup_ms_p50": 1.5, "first_guest_report_ms_p50": 2.0,
+        "idle_cpu_pct_per_vm": idle_max / 4.0, "idle_cpu_pct_max_vm": idle_max,
+        "idle_cpu_pct_all": [0.0, 0.0, 0.0, idle_max], "idle_cpu_resolution_pct": 0.1,
+        "stop_to_exit_ms_p50": 8.0
+    })
+}
+
+/// FIXTURE: `gmm bench linux --json`: our share of the start `setup_ms`,
+/// an idle Linux guest 0.6 %, QEMU skipped.
+fn linux_fixture(setup_ms: f64) -> Value {
+    json!({
+        "kernel": "vmlinux", "mem_mib": 256, "vcpus": 2, "inflate_mib": 32,
+        "monitor_setup_ms": setup_ms, "ours_init_s": 27.0, "fc_init_s": 28.0,
+        "ours_inflate_mib_per_s": 8.9, "fc_inflate_mib_per_s": 9.6,
+        "ours_idle_cpu_pct": 0.6, "fc_idle_cpu_pct": 0.7,
+        "teardown": [{"monitor": "ours", "mem_mib": 1024, "populated": true,
+                      "rss_at_stop_bytes": GIB, "stop_to_memory_back_ms": 9.0,
+                      "stop_to_exit_ms": 12.0, "exit_status": 0}],
+        "skipped": ["qemu: not found"]
+    })
+}
+
 fn write_fixtures(dir: &Path) {
     write(dir, "unmap.json", &unmap_fixture());
     write(dir, "walk.json", &walk_fixture());
@@ -329,6 +357,8 @@ fn write_fixtures(dir: &Path) {
         "balloon-rss-guest-memfd.json",
         &guest_memfd_rss_fixture(1024, 512),
     );
+    write(dir, "service.json", &service_fixture(0.3));
+    write(dir, "linux.json", &linux_fixture(3.0));
 }
 
 // ---------------------------------------------------------------------
@@ -1074,36 +1104,8 @@ fn quick_run_smoke() {
 #[test]
 fn service_and_linux_sections_and_their_verdicts() {
     let dir = scratch("service-linux");
-    // FIXTURE: `gmm bench service --json`: one VM idles at 2 % (missed),
-    // InstanceStart -> first KVM_RUN 1.5 ms (met).
-    write(
-        &dir,
-        "service.json",
-        &json!({
-            "vms": 4, "mem_bytes": 64 * MIB, "idle_seconds": 10.0, "launches_per_s": 90.0,
-            "launch_ms": [8.0, 9.0, 10.0, 11.0], "launch_ms_p50": 9.5,
-            "monitor_setup_ms_p50": 1.5, "first_guest_report_ms_p50": 2.0,
-            "idle_cpu_pct_per_vm": 0.5, "idle_cpu_pct_max_vm": 2.0,
-            "idle_cpu_pct_all": [0.0, 0.0, 0.0, 2.0], "idle_cpu_resolution_pct": 0.1,
-            "stop_to_exit_ms_p50": 8.0
-        }),
-    );
-    // FIXTURE: `gmm bench linux --json`: our share of the start 20 ms
-    // (missed), an idle Linux guest 0.6 % (met), QEMU skipped.
-    write(
-        &dir,
-        "linux.json",
-        &json!({
-            "kernel": "vmlinux", "mem_mib": 256, "vcpus": 2, "inflate_mib": 32,
-            "monitor_setup_ms": 20.0, "ours_init_s": 27.0, "fc_init_s": 28.0,
-            "ours_inflate_mib_per_s": 8.9, "fc_inflate_mib_per_s": 9.6,
-            "ours_idle_cpu_pct": 0.6, "fc_idle_cpu_pct": 0.7,
-            "teardown": [{"monitor": "ours", "mem_mib": 1024, "populated": true,
-                          "rss_at_stop_bytes": GIB, "stop_to_memory_back_ms": 9.0,
-                          "stop_to_exit_ms": 12.0, "exit_status": 0}],
-            "skipped": ["qemu: not found"]
-        }),
-    );
+    write(&dir, "service.json", &service_fixture(2.0));
+    write(&dir, "linux.json", &linux_fixture(20.0));
     let (out, md) = report_from(&dir, "service,linux");
     assert!(out.status.success(), "{}", text(&out));
     assert_missed(
