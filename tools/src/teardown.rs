@@ -750,6 +750,13 @@ fn service_once(a: &Args, vmm: &Path, size: u64) -> Result<f64> {
         "/machine-config",
         serde_json::json!({"vcpu_count": 1, "mem_size_mib": size >> 20, "huge_pages": huge}),
     )?;
+    // A balloon keeps the default guest's vCPU 0 waiting for a target once
+    // it verified its RAM; without one the guest finishes and the VM ends
+    // by itself.
+    put(
+        "/balloon",
+        serde_json::json!({"amount_mib": 0, "deflate_on_oom": false}),
+    )?;
     put(
         "/actions",
         serde_json::json!({"action_type": "InstanceStart"}),
@@ -760,7 +767,15 @@ fn service_once(a: &Args, vmm: &Path, size: u64) -> Result<f64> {
     let t = Instant::now();
     // SAFETY: our own child, not reaped (its waiter has not reported).
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        bail!("SIGTERM to the vmm service failed");
+        let why = std::io::Error::last_os_error();
+        match w.exited() {
+            Some(o) => bail!(
+                "the vmm service exited before the stop ({}): {}",
+                o.status,
+                tail(&o.stderr)
+            ),
+            None => bail!("SIGTERM to the vmm service failed: {why}"),
+        }
     }
     let (end, out) = w.wait(budget)?;
     if !out.status.success() {
