@@ -18,7 +18,8 @@
 //!   host-side where the monitor can: ours `--populate`, QEMU
 //!   `prealloc=on`; Firecracker has no such option, so its RSS at the stop
 //!   is reported beside its time): once `INIT-REACHED`, the stop request
-//!   (ours and Firecracker: SIGTERM; QEMU: QMP `quit`) starts the clock;
+//!   (`--stops`: SIGTERM, or `PUT /actions SendCtrlAltDel` for ours and
+//!   Firecracker; QEMU: QMP `quit` either way) starts the clock;
 //!   `stop_to_memory_back_ms` runs until the process's RSS fell below a
 //!   tenth of what it was (polled every ms), `stop_to_exit_ms` until
 //!   `waitpid` returned.
@@ -78,6 +79,9 @@ pub struct Args {
     /// Skip the teardown sessions.
     #[arg(long)]
     pub no_teardown: bool,
+    /// How the teardown sessions stop the guest (each a session per size).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "sigterm")]
+    pub stops: Vec<Stop>,
     /// Idle window after boot, over which each monitor's CPU time is
     /// counted (the guest's init waits; clock-tick resolution).
     #[arg(long, default_value_t = 10.0)]
@@ -129,10 +133,22 @@ struct Setup {
     fc: Option<PathBuf>,
 }
 
+/// How a running guest is stopped.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stop {
+    /// Ours and Firecracker: SIGTERM; QEMU: QMP `quit`.
+    Sigterm,
+    /// Ours and Firecracker: `PUT /actions SendCtrlAltDel` (the guest
+    /// restarts through the i8042, which ends the VM); QEMU: QMP `quit`.
+    CtrlAltDel,
+}
+
 /// One teardown row.
 #[derive(Serialize, Debug)]
 struct TeardownRow {
     monitor: Monitor,
+    stop: Stop,
     mem_mib: u64,
     /// Whether guest RAM was populated host-side before the stop.
     populated: bool,
@@ -448,7 +464,11 @@ impl Running {
     }
 
     /// Sends the stop request and times memory back and exit.
-    fn stop(mut self, populated: bool) -> Result<(TeardownRow, Option<serde_json::Value>)> {
+    fn stop(
+        mut self,
+        populated: bool,
+        how: Stop,
+    ) -> Result<(TeardownRow, Option<serde_json::Value>)> {
         while let Ok((_, l)) = self.lines.try_recv() {
             self.seen.push(l);
         }
@@ -460,6 +480,13 @@ impl Running {
                     .as_mut()
                     .context("no QMP")?
                     .send(r#"{"execute":"quit"}"#)?;
+            }
+            _ if how == Stop::CtrlAltDel => {
+                self.api(
+                    "PUT",
+                    "/actions",
+                    &json!({ "action_type": "SendCtrlAltDel" }),
+                )?;
             }
             _ => {
                 let pid = libc::pid_t::try_from(self.child.pid)?;
@@ -500,6 +527,7 @@ impl Running {
         Ok((
             TeardownRow {
                 monitor: self.monitor,
+                stop: how,
                 mem_mib: self.mem >> 20,
                 populated,
                 rss_at_stop_bytes: rss,
@@ -586,7 +614,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             run.wait_line("NPROC", Duration::from_secs(60))?;
             let idle = run.idle_cpu_pct(a.idle_seconds);
             let inflate_s = run.inflate(a.inflate)?;
-            let (_, summary) = run.stop(false)?;
+            let (_, summary) = run.stop(false, Stop::Sigterm)?;
             Ok((init_s, idle, inflate_s, summary))
         })();
         match session {
@@ -628,20 +656,25 @@ pub fn cmd(a: &Args) -> Result<()> {
         } else {
             &a.teardown_sizes.0
         };
-        for &size in sizes {
+        for (&size, &how) in sizes
+            .iter()
+            .flat_map(|sz| a.stops.iter().map(move |h| (sz, h)))
+        {
             let populated = m != Monitor::Fc;
             say(
                 a.json,
                 &format!(
-                    "{}: teardown of a running guest, {} ...\n",
+                    "{}: teardown of a running guest, {}, stop {how:?} ...\n",
                     m.name(),
                     human_bytes(size)
                 ),
             );
             let row = Running::spawn(&s, m, size, populated, "idle").and_then(|mut run| {
                 run.wait_line("NPROC", BOOT_BUDGET)?;
-                std::thread::sleep(Duration::from_millis(500));
-                run.stop(populated).map(|(row, _)| row)
+                // The keyboard driver binds before init runs; a second more
+                // and the guest is idle.
+                std::thread::sleep(Duration::from_millis(1000));
+                run.stop(populated, how).map(|(row, _)| row)
             });
             match row {
                 Ok(row) => {

@@ -2502,13 +2502,14 @@ fn linux_section(d: &StepData) -> Section {
     );
     if let Some(rows) = v.get("teardown").and_then(Value::as_array) {
         if !rows.is_empty() {
-            md += "Teardown of a running guest (ours and Firecracker: SIGTERM; QEMU: `quit`; RAM populated host-side where the monitor can):\n\n| monitor | RAM | populated | RSS at stop | stop → memory back ms | stop → exit ms |\n|---|---:|---|---:|---:|---:|\n";
+            md += "Teardown of a running guest (ours and Firecracker: SIGTERM or `SendCtrlAltDel`, as *stop* says; QEMU: `quit`; RAM populated host-side where the monitor can):\n\n| monitor | stop | RAM | populated | RSS at stop | stop → memory back ms | stop → exit ms |\n|---|---|---:|---|---:|---:|---:|\n";
             for r in rows {
                 let g = |k: &str| r.get(k).and_then(Value::as_f64);
                 let _ = writeln!(
                     md,
-                    "| {} | {} MiB | {} | {} | {} | {} |",
+                    "| {} | {} | {} MiB | {} | {} | {} | {} |",
                     r.get("monitor").and_then(Value::as_str).unwrap_or("?"),
+                    r.get("stop").and_then(Value::as_str).unwrap_or("sigterm"),
                     g("mem_mib").unwrap_or(0.0),
                     r.get("populated").and_then(Value::as_bool).unwrap_or(false),
                     g("rss_at_stop_bytes").map_or_else(|| "—".into(), |b| human_bytes(b as u64)),

@@ -309,7 +309,7 @@ fn linux_fixture(setup_ms: f64) -> Value {
         "monitor_setup_ms": setup_ms, "ours_init_s": 27.0, "fc_init_s": 28.0,
         "ours_inflate_mib_per_s": 8.9, "fc_inflate_mib_per_s": 9.6,
         "ours_idle_cpu_pct": 0.6, "fc_idle_cpu_pct": 0.7,
-        "teardown": [{"monitor": "ours", "mem_mib": 1024, "populated": true,
+        "teardown": [{"monitor": "ours", "stop": "ctrl-alt-del", "mem_mib": 1024, "populated": true,
                       "rss_at_stop_bytes": GIB, "stop_to_memory_back_ms": 9.0,
                       "stop_to_exit_ms": 12.0, "exit_status": 0}],
         "skipped": ["qemu: not found"]
@@ -1137,6 +1137,17 @@ fn service_and_linux_sections_and_their_verdicts() {
     assert!(r.contains("0.60 %") && r.ends_with("| met |"), "{r}");
     row(&md, &["ours", "27.0", "0.60", "8.90"]);
     row(&md, &["qemu", "—", "—", "—"]);
-    row(&md, &["ours", "1024 MiB", "true", "1 GiB", "9.00", "12.0"]);
+    row(
+        &md,
+        &[
+            "ours",
+            "ctrl-alt-del",
+            "1024 MiB",
+            "true",
+            "1 GiB",
+            "9.00",
+            "12.0",
+        ],
+    );
     assert!(md.contains("Skipped: qemu: not found"), "{md}");
 }
