@@ -82,6 +82,10 @@ pub struct Args {
     /// How the teardown sessions stop the guest (each a session per size).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "sigterm")]
     pub stops: Vec<Stop>,
+    /// Firecracker's `huge_pages` for ours and Firecracker: `None` (4 KiB
+    /// pages) or `Transparent` (THP, what QEMU's RAM gets by default).
+    #[arg(long, default_value = "Transparent")]
+    pub huge_pages: String,
     /// Idle window after boot, over which each monitor's CPU time is
     /// counted (the guest's init waits; clock-tick resolution).
     #[arg(long, default_value_t = 10.0)]
@@ -125,6 +129,7 @@ impl Monitor {
 
 /// The fixture and how to start each monitor.
 struct Setup {
+    huge_pages: String,
     kernel: PathBuf,
     initrd: PathBuf,
     vcpus: u32,
@@ -305,7 +310,7 @@ impl Running {
                     "PUT",
                     "/machine-config",
                     &json!({
-                        "vcpu_count": s.vcpus, "mem_size_mib": mib,
+                        "vcpu_count": s.vcpus, "mem_size_mib": mib, "huge_pages": s.huge_pages,
                     }),
                 )?;
                 r.api(
@@ -566,6 +571,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         ..LinuxResult::default()
     };
     let mut s = Setup {
+        huge_pages: a.huge_pages.clone(),
         kernel,
         initrd,
         vcpus: a.vcpus,
