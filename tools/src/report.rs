@@ -242,7 +242,12 @@ fn steps(quick: bool) -> Vec<Step> {
         all.push(s(
             BenchName::Linux,
             "linux",
-            &["--teardown-sizes", "1G,2G"],
+            &[
+                "--teardown-sizes",
+                "1G,2G",
+                "--stops",
+                "sigterm,ctrl-alt-del",
+            ],
             &[],
         ));
     }

@@ -31,7 +31,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::vstate::memory::GuestAccess;
+use crate::vstate::memory::{GuestAccess, VmMemory};
 
 use crate::devices::legacy::LegacyIo;
 use crate::devices::report::{
@@ -298,12 +298,15 @@ pub struct VcpuContext {
     /// The console.
     pub serial: Arc<SerialDevice>,
     /// Guest memory, to read exception frames: this thread's accessor of
-    /// the stage-2 table, read through its vm-memory view
-    /// ([`GuestAccess::with_view`]). It holds the table, not the mappings,
-    /// and every read is a pinned walk, so nothing here relies on the
-    /// order in which the VM and its memory go (a released or unmapped page
-    /// is an error, never a host access).
-    pub memory: std::cell::RefCell<GuestAccess>,
+    /// the stage-2 table (made on first use: registering a reader is not
+    /// free, and most vCPUs never need it), read through its vm-memory view
+    /// ([`GuestAccess::with_view`]). The accessor holds the table, not the
+    /// mappings, and every read is a pinned walk, so nothing here relies on
+    /// the order in which the VM and its memory go (a released or unmapped
+    /// page is an error, never a host access).
+    pub memory: Arc<VmMemory>,
+    /// The accessor, once made.
+    pub access: std::cell::OnceCell<std::cell::RefCell<GuestAccess>>,
     /// MMIO devices (virtio-mmio windows).
     pub mmio: Arc<MmioBus>,
     /// The port devices of a Linux guest; `Some` selects the Linux loop.
@@ -558,7 +561,8 @@ fn exception(vcpu: &VcpuFd, ctx: &VcpuContext, vector: u32) -> GuestException {
     let cr2 = vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
     let rip_at = if has_error_code(vector) { rsp + 8 } else { rsp };
     let rip = ctx
-        .memory
+        .access
+        .get_or_init(|| std::cell::RefCell::new(ctx.memory.access()))
         .borrow_mut()
         .with_view(0, |m| m.read_obj::<u64>(GuestAddress(rip_at)), |_| None)
         .unwrap_or(0);

@@ -571,7 +571,8 @@ impl Vm {
                 control: Arc::clone(&self.control),
                 board: Arc::clone(&self.board),
                 serial: Arc::clone(&self.serial),
-                memory: std::cell::RefCell::new(memory.access()),
+                memory: Arc::clone(&memory),
+                access: std::cell::OnceCell::new(),
                 mmio: Arc::clone(&self.mmio),
                 legacy: self.linux.as_ref().map(|p| Arc::clone(&p.io)),
             };
