@@ -214,7 +214,11 @@ pub fn balloon_driver_config(
 /// verified its memory, with the outcomes and the console on failure.
 pub fn finish_guest_ok(vm: &mut Vm, console: &Mutex<Vec<u8>>) {
     vm.finish_probes().expect("finish probes");
-    assert!(vm.wait(GUEST_TIMEOUT), "guest did not finish");
+    assert!(
+        vm.wait(GUEST_TIMEOUT),
+        "guest did not finish: {:?}",
+        vm.outcomes()
+    );
     assert!(
         vm.guest_ok(),
         "{:?}\n{}",

@@ -259,14 +259,7 @@ fn guest_driver_balloons_only_vcpu0_share() {
         .outcomes()
         .iter()
         .any(|(i, o)| *i == 1 && *o == VcpuOutcome::Done));
-    vm.finish_probes().expect("post CMD_EXIT");
-    assert!(vm.wait(GUEST_TIMEOUT), "{:?}", vm.outcomes());
-    assert!(
-        vm.guest_ok(),
-        "{:?}\n{}",
-        vm.outcomes(),
-        console_text(&console)
-    );
+    tests::finish_guest_ok(&mut vm, &console);
     drop(dev);
     destroy_and_check(vm);
 }

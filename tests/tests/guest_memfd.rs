@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use guest_mm::{Gpa, PageState};
 use tests::{
-    balloon_driver_config, boot_and_verify, config, console_text, destroy_and_check,
-    finish_guest_ok, guest_memfd_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT,
+    balloon_driver_config, boot_and_verify, config, destroy_and_check, finish_guest_ok,
+    guest_memfd_or_skip, loud, start_balloon_driver, GUEST_TIMEOUT,
 };
 use vmm::guest::pattern;
 use vmm::{Backing, PageSize, Vm, Workload};
@@ -233,14 +233,7 @@ fn guest_driver_balloon_on_guest_memfd() {
     }
     assert_eq!(vm.check_pattern(start, end).expect("host read"), 0);
     assert_eq!(dev.counters().bytes_released, 2 * BALLOON);
-    vm.finish_probes().expect("post CMD_EXIT");
-    assert!(vm.wait(GUEST_TIMEOUT), "{:?}", vm.outcomes());
-    assert!(
-        vm.guest_ok(),
-        "{:?}\n{}",
-        vm.outcomes(),
-        console_text(&console)
-    );
+    tests::finish_guest_ok(&mut vm, &console);
     loud!(
         "{name}: inflate of 128 MiB: resident guest RAM drop {} MiB, then {} MiB after a \
          deflate the kernel refilled",

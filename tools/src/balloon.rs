@@ -313,6 +313,20 @@ struct InflateRun {
 /// A VM of `mem_bytes` (with a balloon when `balloon`) whose pages in
 /// `[base, base + span)` were written host-side through the fast walk;
 /// returns it with the host address of `base`.
+/// A VM of `bytes` with anonymous RAM at the bench's leaf size, running
+/// `workload`.
+fn vm_config(a: &BalloonArgs, bytes: u64, workload: Workload) -> Result<VmConfig> {
+    let mut c = VmConfig::new(MemSize::from_bytes(bytes).context("VM size")?);
+    c.backing = Backing::Anon;
+    c.page_size = if a.page_size == Leaf::Size4K {
+        PageSize::Size4K
+    } else {
+        PageSize::Size2M
+    };
+    c.workload = workload;
+    Ok(c)
+}
+
 fn touched_vm(
     a: &BalloonArgs,
     mem_bytes: u64,
@@ -320,14 +334,7 @@ fn touched_vm(
     span: u64,
     balloon: bool,
 ) -> Result<(Vm, u64)> {
-    let mut c = VmConfig::new(MemSize::from_bytes(mem_bytes).context("VM size")?);
-    c.backing = Backing::Anon;
-    c.page_size = if a.page_size == Leaf::Size4K {
-        PageSize::Size4K
-    } else {
-        PageSize::Size2M
-    };
-    c.workload = Workload::Verify;
+    let mut c = vm_config(a, mem_bytes, Workload::Verify)?;
     c.balloon = balloon.then(BalloonConfig::default);
     let vm = Vm::new(c).context("creating the VM (is /dev/kvm usable?)")?;
     let region = vm.memory().regions()[0];
@@ -550,14 +557,7 @@ fn guest_notify(a: &BalloonArgs) -> Result<GuestNotify> {
     use vmm::guest::balloon::DriverState;
     let bytes = a.size.clamp(64 * MIB, 256 * MIB);
     let pages = bytes / PAGE;
-    let mut c = VmConfig::new(MemSize::from_bytes(bytes + 128 * MIB).context("VM size")?);
-    c.backing = Backing::Anon;
-    c.page_size = if a.page_size == Leaf::Size4K {
-        PageSize::Size4K
-    } else {
-        PageSize::Size2M
-    };
-    c.workload = Workload::Balloon;
+    let mut c = vm_config(a, bytes + 128 * MIB, Workload::Balloon)?;
     c.console = vmm::Console::Null;
     c.balloon = Some(BalloonConfig::default());
     let mut vm = Vm::new(c).context("creating the VM (is /dev/kvm usable?)")?;
