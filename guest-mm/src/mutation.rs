@@ -48,11 +48,15 @@ pub enum Rule {
     /// A descriptor's buffer address must be inside RAM (broken: the address
     /// is not checked at all; only the stage-2 walk stands behind it).
     DescAddress,
+    /// Fault commits and writers change a discarded entry with
+    /// compare-and-swap, and a fault re-validates after its swap (broken:
+    /// both sides store blindly and nothing is re-checked).
+    FaultCas,
 }
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
         Rule::PendingWait,
@@ -62,6 +66,7 @@ impl Rule {
         Rule::BalloonReservedLow,
         Rule::DescLength,
         Rule::DescAddress,
+        Rule::FaultCas,
     ];
 
     /// The name used in [`ENV`] and in the mutation runner's output.
@@ -76,6 +81,7 @@ impl Rule {
             Rule::BalloonReservedLow => "balloon_reserved_low",
             Rule::DescLength => "desc_length",
             Rule::DescAddress => "desc_address",
+            Rule::FaultCas => "fault_cas",
         }
     }
 

@@ -202,6 +202,26 @@ impl Walker {
         &self.table
     }
 
+    /// [`Stage2Table::fault_in`] through this walker's reader: lock-free
+    /// pinned attempts, unpinned waits for pending flushes, no reader
+    /// registration. Must not be called while this walker is pinned.
+    pub fn fault_in(&mut self, gpa: Gpa) -> Result<crate::FaultOutcome, crate::FaultError> {
+        self.table.fault_in_waiting(&mut self.reader, gpa)
+    }
+
+    /// [`Stage2Table::fault_in_range_if_unchanged`] through this walker's
+    /// reader, in one read section: the userfaultfd handler's commit (no
+    /// lock, no allocation, never waits).
+    pub fn fault_in_range_if_unchanged(
+        &mut self,
+        gpa: Gpa,
+        len: u64,
+        seq: u64,
+    ) -> Result<u64, crate::FaultError> {
+        self.table
+            .fault_in_range_with(&mut self.reader, gpa, len, seq)
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> WalkStats {
         let c = &self.counters;

@@ -11,7 +11,9 @@
 //! - `racing_unmappers_complete_only_after_release`: `pending_wait`;
 //! - `cache_shootdown_vs_release`: `cache_shootdown` (and `grace_period`,
 //!   `unhook_order`);
-//! - `split_is_atomic_for_walkers`: no switch (invariant 4).
+//! - `split_is_atomic_for_walkers`: no switch (invariant 4);
+//! - `fault_commit_vs_unmap`: `fault_cas` (and `deferred_free`);
+//! - `fault_commit_vs_split`: `fault_cas`.
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicUsize, Ordering};
@@ -201,5 +203,108 @@ fn split_is_atomic_for_walkers() {
         t.unmap(&mut g, Gpa(PAGE), PAGE, UnmapMode::Remove).unwrap();
         g.finish().unwrap();
         w.join().unwrap();
+    });
+}
+
+/// Like [`setup`], but counting releases per page (page i's count in
+/// slot i), so a test can tell a page released twice (once by a discard,
+/// once more after a fault restored it) from one released once.
+fn setup_counting(pages: u64, leaf: PageSize) -> (Arc<Stage2Table>, Arc<[AtomicUsize; 2]>) {
+    let t = Stage2Table::new(TableConfig { yield_entries: 64 }).unwrap();
+    let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let c2 = counts.clone();
+    t.register_backing(BackingRegion {
+        hva: Hva(FAKE),
+        len: 1 << 20,
+        kind: BackingKind::Simulated {
+            hook: Some(std::sync::Arc::new(move |h: Hva, len| {
+                let first = (h.0 - FAKE) / PAGE;
+                for p in first..first + len / PAGE {
+                    c2[p as usize].fetch_add(1, Ordering::Relaxed);
+                }
+            })),
+        },
+    })
+    .unwrap();
+    t.map(Gpa(0), Hva(FAKE), pages * PAGE, Perms::RW, leaf)
+        .unwrap();
+    (t, counts)
+}
+
+/// A lock-free fault commit racing an unmap that removes the page and
+/// unlinks its (then empty) table page.
+///
+/// Pages 0-1 (4 KiB leaves, one leaf table) are discarded. A fault
+/// restores page 0 with compare-and-swap while the main thread removes
+/// both pages. Exactly one wins the entry: either the fault restored it
+/// first and the unmap, losing its own swap, zaps the restored leaf and
+/// releases it again, or the unmap cleared it first and the fault finds
+/// nothing mapped. Never a restored page that stays mapped after the
+/// unmap, or one dropped without its release (rule `fault_cas`); never a
+/// read of the freed table page (rule `deferred_free`).
+#[test]
+fn fault_commit_vs_unmap() {
+    loom::model(|| {
+        let (t, counts) = setup_counting(2, PageSize::Size4K);
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Discard)
+            .unwrap();
+        g.finish().unwrap();
+        let t2 = t.clone();
+        let f = thread::spawn(move || {
+            let mut w = Walker::new(&t2);
+            w.fault_in(Gpa(0))
+        });
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove)
+            .unwrap();
+        g.finish().unwrap();
+        let r = f.join().unwrap();
+        t.rcu_barrier();
+        assert_eq!(t.query(Gpa(0)), PageState::Unmapped, "fault: {r:?}");
+        let released = counts[0].load(Ordering::Relaxed);
+        match r {
+            Ok(FaultOutcome::Restored { .. }) => {
+                assert_eq!(released, 2, "a restored page was unmapped without release")
+            }
+            // Not mapped: the unmap cleared the marker first, or the
+            // fault's leaf lived only until the unmap zapped (and released)
+            // it and the fault's second check undid nothing and retried.
+            Err(FaultError::NotMapped(_)) => assert!((1..=2).contains(&released), "{released}"),
+            other => panic!("fault: {other:?}"),
+        }
+        assert_eq!(t.stats().use_after_free, 0);
+    });
+}
+
+/// A lock-free fault commit racing the split of the huge marker it
+/// restores: a protect of one half splits the discarded 8 KiB ("2M")
+/// marker while a fault restores the other half. Whichever order, the
+/// faulted page ends present: a split that lost its swap to the fault
+/// splits the present leaf (rule `fault_cas`).
+#[test]
+fn fault_commit_vs_split() {
+    loom::model(|| {
+        let (t, _) = setup_counting(2, PageSize::Size2M);
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Discard)
+            .unwrap();
+        g.finish().unwrap();
+        let t2 = t.clone();
+        let f = thread::spawn(move || {
+            let mut w = Walker::new(&t2);
+            w.fault_in(Gpa(PAGE))
+        });
+        let mut g = t.gather();
+        t.protect(&mut g, Gpa(0), PAGE, Perms::R).unwrap();
+        g.finish().unwrap();
+        let r = f.join().unwrap();
+        assert!(matches!(r, Ok(FaultOutcome::Restored { .. })), "{r:?}");
+        assert!(
+            matches!(t.query(Gpa(PAGE)), PageState::Present { .. }),
+            "the restored page was lost to the split: {:?}",
+            t.query(Gpa(PAGE))
+        );
+        assert_eq!(t.stats().use_after_free, 0);
     });
 }

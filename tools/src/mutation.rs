@@ -143,6 +143,29 @@ const LOOM_SHOOTDOWN: Detector = Detector {
     },
     stochastic: false,
 };
+const GM_FAULT_RACE: Detector = Detector {
+    name: "guest-mm fault_race",
+    run: Run::Test {
+        package: "guest-mm",
+        target: "fault_race",
+        filter: "",
+    },
+    stochastic: true,
+};
+const LOOM_FAULT_UNMAP: Detector = Detector {
+    name: "loom fault_commit_vs_unmap",
+    run: Run::Loom {
+        test: "fault_commit_vs_unmap",
+    },
+    stochastic: false,
+};
+const LOOM_FAULT_SPLIT: Detector = Detector {
+    name: "loom fault_commit_vs_split",
+    run: Run::Loom {
+        test: "fault_commit_vs_split",
+    },
+    stochastic: false,
+};
 const STRESS_VM: Detector = Detector {
     name: "stress-vm",
     run: Run::Gmm {
@@ -236,7 +259,10 @@ const MATRIX: &[(Rule, &[Claim])] = &[
             full(GM_BASIC),
         ],
     ),
-    (Rule::DeferredFree, &[fast(LOOM_WALKER), fast(GM_STRESS)]),
+    (
+        Rule::DeferredFree,
+        &[fast(LOOM_WALKER), fast(GM_STRESS), full(LOOM_FAULT_UNMAP)],
+    ),
     (
         Rule::BalloonBounds,
         &[fast(BAD_INPUT), fast(BALLOON_FUZZ), fast(VIRTIO_UNIT)],
@@ -252,6 +278,14 @@ const MATRIX: &[(Rule, &[Claim])] = &[
     (
         Rule::DescAddress,
         &[fast(VIRTIO_UNIT), fast(BAD_INPUT), fast(BALLOON_FUZZ)],
+    ),
+    (
+        Rule::FaultCas,
+        &[
+            fast(LOOM_FAULT_UNMAP),
+            fast(LOOM_FAULT_SPLIT),
+            fast(GM_FAULT_RACE),
+        ],
     ),
 ];
 

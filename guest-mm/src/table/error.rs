@@ -119,6 +119,9 @@ pub enum FaultError {
     /// The table is being torn down.
     #[error("the table is being torn down")]
     Dying,
+    /// The fault's walk read a freed table page: a reclamation bug.
+    #[error("the fault at {0} read a freed table page (use-after-free); report this bug")]
+    UseAfterFree(Gpa),
 }
 
 /// Check that `[gpa, gpa + len)` is a non-empty, 4 KiB aligned range

@@ -52,7 +52,7 @@ pub use fault_in::FaultOutcome;
 pub(crate) use lookup::{state_of, Lookup};
 pub use lookup::{Census, PageState};
 pub use ops::UnmapMode;
-use pending::PendingSet;
+use pending::{PendingRanges, PendingSet};
 use stats::Counters;
 pub use stats::TableStats;
 
@@ -84,6 +84,7 @@ pub struct Stage2Table {
     root: PagePtr,
     lock: Mutex<()>,
     pending: Mutex<PendingSet>,
+    pending_ranges: PendingRanges,
     pending_cv: Condvar,
     dying: AtomicBool,
     cfg: TableConfig,
@@ -111,6 +112,7 @@ impl Stage2Table {
             root,
             lock: Mutex::new(()),
             pending: Mutex::new(PendingSet::default()),
+            pending_ranges: PendingRanges::default(),
             pending_cv: Condvar::new(),
             dying: AtomicBool::new(false),
             cfg: TableConfig {

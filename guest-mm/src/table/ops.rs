@@ -18,11 +18,15 @@
 //!
 //! **Concurrency.** Writers serialise on the table lock, held for bounded
 //! stretches; lockless readers run alongside and see every entry either
-//! before or after each single store. Pre-checks (is the range free, is
+//! before or after each single store. Fault commits take no table lock:
+//! they swap discarded markers for present leaves with compare-and-swap,
+//! so every writer's change goes through `replace_entry`, which does the
+//! same for those entries. Pre-checks (is the range free, is
 //! it all mapped) run pinned, without the lock; they only decide whether
 //! to refuse, and the locked walk re-checks what it changes.
 
 use super::error::check_range;
+use super::writer_walk::replace_entry;
 use super::{MapError, RangeError, Stage2Table, UnmapError};
 use crate::addr::{Gpa, Hva, PageSize, Perms};
 use crate::entry::{level_size, Pte, ADDRESS_LIMIT, PAGE_SIZE, SW_BALLOONED, SW_DISCARDED};
@@ -221,14 +225,16 @@ impl Stage2Table {
             &mut |slot, e: Pte, level, base, g: &mut Gather<'_>| {
                 if e.is_present() {
                     if e.perms() != perms {
-                        slot.store(e.with_perms(perms).0, Ordering::Release);
+                        if !replace_entry(slot, e, e.with_perms(perms)) {
+                            return false;
+                        }
                         if !perms.contains(e.perms()) {
                             g.note_invalidate(base, level_size(level), false);
                         }
                     }
+                    true
                 } else {
-                    let m = Pte::marker(e.addr(), perms, level, e.markers());
-                    slot.store(m.0, Ordering::Release);
+                    replace_entry(slot, e, Pte::marker(e.addr(), perms, level, e.markers()))
                 }
             },
         )
@@ -262,9 +268,12 @@ impl Stage2Table {
             &mut |slot, e: Pte, level, _base, _g: &mut Gather<'_>| {
                 if e.markers() & SW_BALLOONED != 0 {
                     let m = Pte::marker(e.addr(), e.saved_perms(), level, SW_DISCARDED);
-                    slot.store(m.0, Ordering::Release);
+                    if !replace_entry(slot, e, m) {
+                        return false;
+                    }
                     pages += level_size(level) / PAGE_SIZE;
                 }
+                true
             },
         )?;
         let _ = g.flush();
@@ -272,19 +281,29 @@ impl Stage2Table {
     }
 }
 
-/// The unmap's action on one leaf or marker at `level` mapping `base`.
-fn zap_leaf(slot: &AtomicU64, e: Pte, level: u32, base: Gpa, g: &mut Gather<'_>, mode: UnmapMode) {
+/// The unmap's action on one leaf or marker at `level` mapping `base`;
+/// `false` if a fault restored the entry first (read it again).
+fn zap_leaf(
+    slot: &AtomicU64,
+    e: Pte,
+    level: u32,
+    base: Gpa,
+    g: &mut Gather<'_>,
+    mode: UnmapMode,
+) -> bool {
     let size = level_size(level);
     let present = e.is_present();
     let new = match mode {
         UnmapMode::Remove | UnmapMode::Detach => Pte::NONE,
         UnmapMode::Discard if present => Pte::marker(e.addr(), e.perms(), level, SW_DISCARDED),
-        UnmapMode::Discard => return,
+        UnmapMode::Discard => return true,
         UnmapMode::Balloon if present => Pte::marker(e.addr(), e.perms(), level, SW_BALLOONED),
-        UnmapMode::Balloon if e.markers() & SW_BALLOONED != 0 => return,
+        UnmapMode::Balloon if e.markers() & SW_BALLOONED != 0 => return true,
         UnmapMode::Balloon => Pte::marker(e.addr(), e.saved_perms(), level, SW_BALLOONED),
     };
-    slot.store(new.0, Ordering::Release);
+    if !replace_entry(slot, e, new) {
+        return false;
+    }
     if present {
         let release = mode != UnmapMode::Detach;
         g.note_invalidate(base, size, release);
@@ -292,4 +311,5 @@ fn zap_leaf(slot: &AtomicU64, e: Pte, level: u32, base: Gpa, g: &mut Gather<'_>,
             g.note_release(Hva(e.addr()), size);
         }
     }
+    true
 }

@@ -83,6 +83,9 @@ pub struct TableStats {
     pub splits: u64,
     /// Discarded leaves made present by the fault path.
     pub faults_restored: u64,
+    /// Fault commits that lost a compare-and-swap to a writer, or undid
+    /// theirs after the second check, and went again.
+    pub fault_cas_retries: u64,
     /// Walks that read a poisoned (freed) table page. Must stay 0.
     pub use_after_free: u64,
     /// hugetlb pages partly released (still allocated).
@@ -110,6 +113,7 @@ pub(crate) struct Counters {
     pub(crate) pending_waiters: StatU64,
     pub(crate) splits: StatU64,
     pub(crate) faults_restored: StatU64,
+    pub(crate) fault_cas_retries: StatU64,
     pub(crate) use_after_free: StatU64,
 }
 
@@ -214,6 +218,7 @@ impl Stage2Table {
             release_outside_bytes: b.outside.load(Relaxed),
             splits: l(&s.splits),
             faults_restored: l(&s.faults_restored),
+            fault_cas_retries: l(&s.fault_cas_retries),
             use_after_free: l(&s.use_after_free),
             partial_huge_pages: self.backing.partial_huge_pages() as u64,
             invalidate_seq: self.inval_seq.load(Relaxed),

@@ -7,7 +7,6 @@
 //!   teardown and deflate, which visits every leaf and marker of a range
 //!   in bounded lock holds, splitting huge leaves that are only partly
 //!   covered and unlinking table pages that become empty;
-//! - [`Stage2Table::find_locked`]: the fault path's walk to one entry.
 //!
 //! **Invariants.**
 //! - Every entry is changed with one atomic store, so a lockless reader
@@ -23,20 +22,54 @@
 //!   drops the lock and resumes where it stopped; a full gather is flushed
 //!   with the lock dropped (forward progress, bounded holds).
 //!
+//! - A *discarded* marker is the one entry that changes without the table
+//!   lock: the fault commit ([`super::fault_in`]) swaps it for a present
+//!   leaf with compare-and-swap. So writers change such an entry only with
+//!   compare-and-swap too ([`replace_entry`]): when it fails a fault won,
+//!   and the writer reads the entry again and acts on what is there now
+//!   (a present leaf to invalidate and release). A split of a discarded
+//!   huge marker is swapped in the same way; the sub-table of a lost race
+//!   was never linked and is freed at once. Every other entry changes only
+//!   under the table lock.
+//!
 //! **Concurrency.** Everything here runs with the table lock held, except
 //! [`Stage2Table::visit_range`], which takes and drops it itself and
-//! flushes gathers between holds. Entries are read with Relaxed loads
-//! (only writers store them, under the same lock).
+//! flushes gathers between holds. Entries are read with Relaxed loads:
+//! writers store them under the same lock, and the one lockless change
+//! (a fault's restore) is caught by the writers' compare-and-swap.
 
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::{MapError, Stage2Table, UnmapError};
 use crate::addr::{Gpa, Hva, Perms};
-use crate::entry::{index, level_size, Pte, LEVELS};
+use crate::entry::{index, level_size, Pte, LEVELS, SW_BALLOONED, SW_DISCARDED};
 use crate::gather::Gather;
+use crate::mutation::{broken, Rule};
 use crate::reclaim::{PagePtr, TablePage};
 use crate::sync::{AtomicU64, Ordering};
+
+/// Whether a fault may restore `e` without the table lock (a discarded
+/// marker, not in the balloon).
+pub(super) fn is_restorable(e: Pte) -> bool {
+    e.markers() & (SW_DISCARDED | SW_BALLOONED) == SW_DISCARDED
+}
+
+/// A writer's change of `slot` from `old` (read under the table lock) to
+/// `new`. A restorable marker may be swapped for a present leaf by a fault
+/// at any moment, so it is changed with compare-and-swap; `false` means a
+/// fault won and the caller must read the entry again. Any other entry
+/// changes only under the table lock and is stored. The `fault_cas`
+/// mutation rule stores blindly.
+pub(super) fn replace_entry(slot: &AtomicU64, old: Pte, new: Pte) -> bool {
+    if is_restorable(old) && !broken(Rule::FaultCas) {
+        slot.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    } else {
+        slot.store(new.0, Ordering::Release);
+        true
+    }
+}
 
 fn page_is_empty(p: &TablePage) -> bool {
     p.entries.iter().all(|e| e.load(Relaxed) == 0)
@@ -98,7 +131,10 @@ impl Stage2Table {
     /// drop the lock, flush the gather if it filled, resume where it
     /// stopped. With `pending`, the gather's range is (re)registered as
     /// pending at every lock acquisition. `f` gets the slot, its entry, its
-    /// level and the first guest address the entry maps.
+    /// level and the first guest address the entry maps; it changes the
+    /// entry with [`replace_entry`] before any other effect and returns
+    /// whether the change took (`false`: a fault restored the entry first;
+    /// it is read again and `f` called on what is there now).
     pub(super) fn visit_range<F>(
         &self,
         g: &mut Gather<'_>,
@@ -108,7 +144,7 @@ impl Stage2Table {
         f: &mut F,
     ) -> Result<(), UnmapError>
     where
-        F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>),
+        F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>) -> bool,
     {
         let mut addr = start.0;
         while addr < end.0 {
@@ -154,7 +190,7 @@ impl Stage2Table {
         f: &mut F,
     ) -> Result<u64, u64>
     where
-        F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>),
+        F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>) -> bool,
     {
         let size = level_size(level);
         while addr < end {
@@ -188,11 +224,17 @@ impl Stage2Table {
             }
             if addr != base || end < ent_end {
                 let child = self.split(e, level, base, g).ok_or(addr)?;
-                slot.store(Pte::table(child.addr()).0, Ordering::Release);
+                if !replace_entry(slot, e, Pte::table(child.addr())) {
+                    // A fault restored the marker first: split again from
+                    // the present leaf. This sub-table was never linked.
+                    // SAFETY: no reader or writer ever saw its address.
+                    unsafe { self.rcu.pool.free(child) };
+                }
                 continue;
             }
-            f(slot, e, level, Gpa(base), g);
-            addr = stop;
+            if f(slot, e, level, Gpa(base), g) {
+                addr = stop;
+            }
         }
         Ok(end)
     }
@@ -221,22 +263,5 @@ impl Stage2Table {
         }
         self.stats.splits.fetch_add(1, Relaxed);
         Some(child)
-    }
-
-    /// The slot, entry and level for `a`. Table lock held.
-    pub(super) fn find_locked(&self, a: Gpa) -> (&AtomicU64, Pte, u32) {
-        let mut page = self.root();
-        let mut level = LEVELS;
-        loop {
-            let slot = &page.entries[index(a.0, level)];
-            let e = Pte(slot.load(Ordering::Relaxed));
-            if e.is_table(level) {
-                // SAFETY: linked table page, table lock held.
-                page = unsafe { PagePtr::from_addr(e.addr()) };
-                level -= 1;
-                continue;
-            }
-            return (slot, e, level);
-        }
     }
 }

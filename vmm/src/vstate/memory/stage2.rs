@@ -15,10 +15,11 @@
 //! ([`Stage2::fault_hook`]): the userfaultfd handler asks it for the leaf
 //! size at the faulting page (`fault_granule`), reads the invalidation
 //! sequence before it installs that leaf and commits what it installed with
-//! `fault_in_range_if_unchanged`, which refuses (and the handler undoes and
-//! retries) if an invalidation ran in between or a release is pending over
-//! the range, so a fault never resurrects a page that an in-flight unmap is
-//! releasing.
+//! its walker's `fault_in_range_if_unchanged` (lock-free: a compare-and-swap
+//! in a read section, never behind a writer's table-lock hold), which
+//! refuses (and the handler undoes and retries) if an invalidation ran in
+//! between or a release is pending over the range, so a fault never
+//! resurrects a page that an in-flight unmap is releasing.
 //!
 //! Device emulation and host-side checks read and write guest memory with a
 //! [`GuestAccess`]: the lockless fast walk with a per-thread translation
@@ -208,22 +209,29 @@ struct TableFaultHook {
     unexpected: Arc<AtomicU64>,
 }
 
-impl FaultHook for TableFaultHook {
-    fn fault_granule(&self, gpa: u64, max: u64) -> u64 {
-        // A balloon or discard may have split a huge leaf: install only
-        // the leaf that faulted, never its ballooned neighbours. The fault
-        // thread keeps one walker per table, so asking costs a pinned walk:
-        // no reader registration, no lock, no allocation per fault.
+impl TableFaultHook {
+    /// Run `f` with the fault thread's walker of this table: a registered
+    /// reader kept per thread, so a fault costs no reader registration, no
+    /// lock and no allocation (the handler is one thread).
+    fn with_walker<R>(&self, f: impl FnOnce(&mut Walker) -> R) -> R {
         thread_local! {
             static WALKER: std::cell::RefCell<Option<Walker>> = const { std::cell::RefCell::new(None) };
         }
-        let state = WALKER.with_borrow_mut(|w| {
+        WALKER.with_borrow_mut(|w| {
             let w = match w {
                 Some(w) if Arc::ptr_eq(w.table(), &self.table) => w,
                 _ => w.insert(self.table.walker()),
             };
-            w.pin().query(Gpa(gpa))
-        });
+            f(w)
+        })
+    }
+}
+
+impl FaultHook for TableFaultHook {
+    fn fault_granule(&self, gpa: u64, max: u64) -> u64 {
+        // A balloon or discard may have split a huge leaf: install only
+        // the leaf that faulted, never its ballooned neighbours.
+        let state = self.with_walker(|w| w.pin().query(Gpa(gpa)));
         match state {
             PageState::Present { size, .. }
             | PageState::Discarded { size, .. }
@@ -239,7 +247,10 @@ impl FaultHook for TableFaultHook {
     }
 
     fn fault_commit(&self, gpa: u64, len: u64, seq: u64) -> bool {
-        let ok = match self.table.fault_in_range_if_unchanged(Gpa(gpa), len, seq) {
+        // Lock-free: a compare-and-swap in a read section of the handler's
+        // walker, never behind a writer's table-lock hold.
+        let commit = self.with_walker(|w| w.fault_in_range_if_unchanged(Gpa(gpa), len, seq));
+        let ok = match commit {
             Ok(_) => true,
             // An invalidation ran, or a release is pending over the page:
             // the handler undoes its install and starts again.
@@ -325,7 +336,7 @@ impl GuestAccess {
             };
             let Some(gpa) = gpa else { return r };
             left -= 1;
-            if self.walker.table().fault_in(Gpa(gpa)).is_err() {
+            if self.walker.fault_in(Gpa(gpa)).is_err() {
                 return r;
             }
         }
@@ -351,7 +362,7 @@ impl GuestAccess {
             };
             match r {
                 Err(WalkError::Discarded(at)) => {
-                    self.walker.table().fault_in(at)?;
+                    self.walker.fault_in(at)?;
                 }
                 other => return Ok(other?),
             }
