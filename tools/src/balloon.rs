@@ -47,8 +47,8 @@ use vmm::devices::virtio::BusDevice;
 use vmm::{Backing, GuestAccess, MemSize, PageSize, Vm, VmConfig, Workload};
 
 use crate::mem::{AnonRegion, PAGE};
-use crate::schema::BalloonResult;
 use crate::rng::{median, ms, round, Rng};
+use crate::schema::BalloonResult;
 use crate::units::human_bytes;
 
 const MIB: u64 = 1 << 20;

@@ -24,8 +24,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use crate::schema::{Dist, LaunchResult};
+use anyhow::{bail, Context, Result};
 use vmm::{Console, MemSize, Vm, VmConfig, Workload};
 
 use crate::rng::{ms, round};

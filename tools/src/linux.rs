@@ -40,9 +40,9 @@ use serde_json::json;
 
 use crate::peer::{rss_of, sock_path, tail, vmm_binary, which, Qmp, SockFile, Waited};
 use crate::rng::{ms, round};
-use crate::units::{human_bytes, parse_size, parse_size_list, SizeList};
-pub use crate::schema::{Monitor, Stop};
 use crate::schema::{LinuxResult, LinuxTeardownRow as TeardownRow};
+pub use crate::schema::{Monitor, Stop};
+use crate::units::{human_bytes, parse_size, parse_size_list, SizeList};
 use crate::{emit_json, say};
 
 /// The kernel command line the fixture needs on this host (its README).

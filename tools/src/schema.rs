@@ -62,22 +62,25 @@ pub struct UnmapResult {
     /// one is the holder being descheduled, not work under the lock.
     pub max_lock_hold_cpu_us: f64,
     /// The environment's own stalls, measured in the same run: a busy loop
-    /// reading the clock, with no lock and no work, for as long as all
-    /// gather repetitions took together; its longest gap between two clock
-    /// reads (interrupts, hypervisor steal, preemption).
+    /// reading the clock, with no lock and no work, right after the gathers
+    /// for as long as all gather repetitions took together (at least
+    /// 100 ms); its longest gap between two clock reads (interrupts,
+    /// hypervisor steal, preemption).
     pub env_max_stall_us: f64,
     /// Gaps over 50 µs in that loop.
     pub env_stalls_over_50us: u64,
     /// Upper bound of the 99th percentile lock hold (power-of-two histogram).
     pub lock_hold_p99_us_upper: f64,
-    /// Upper bound of the 99.9th percentile lock hold (same histogram).
+    /// Upper bound of the 99.9th percentile lock hold (same histogram,
+    /// capped at the maximum).
     pub lock_hold_p999_us_upper: Option<f64>,
     /// The environment's own "holds": the same busy loop cut into sections
     /// of a fixed number of clock reads, calibrated to last as long as a
     /// median lock hold when nothing interrupts them (`env_hold_work_us`).
     /// No lock, no table: a section takes longer only when the environment
     /// stalls it. Upper bound of their 99.9th percentile (the lock holds'
-    /// histogram), their longest, and how many there were.
+    /// histogram, capped at the maximum), their longest, and how many
+    /// there were.
     pub env_hold_p999_us_upper: Option<f64>,
     pub env_hold_max_us: Option<f64>,
     pub env_hold_work_us: Option<f64>,
@@ -712,4 +715,70 @@ pub struct InterferenceResult {
     pub victim_fault_p99_increase: f64,
     /// (victim loop rate alone − with the neighbour) / alone.
     pub victim_loop_rate_drop: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::de::DeserializeOwned;
+
+    use super::*;
+
+    /// A bench's struct, printed and read back, is itself.
+    fn round_trip<T: Serialize + DeserializeOwned>(v: &T) {
+        let j = serde_json::to_value(v).expect("serialize");
+        let back: T = serde_json::from_value(j.clone()).expect("read back");
+        assert_eq!(serde_json::to_value(&back).expect("serialize"), j);
+    }
+
+    #[test]
+    fn results_read_back_as_printed() {
+        round_trip(&StressVmResult::default());
+        round_trip(&LinuxResult {
+            teardown: vec![LinuxTeardownRow {
+                monitor: Monitor::Fc,
+                stop: Stop::CtrlAltDel,
+                mem_mib: 1024,
+                populated: false,
+                rss_at_stop_bytes: 1,
+                stop_to_memory_back_ms: None,
+                stop_to_exit_ms: 2.0,
+                exit_status: Some(0),
+            }],
+            ..LinuxResult::default()
+        });
+        round_trip(&ServiceResult::default());
+        round_trip(&TeardownSize::default());
+        round_trip(&FaultResult {
+            p50_us_quiet: 1.0,
+            p99_us_quiet: 2.0,
+            max_us_quiet: 3.0,
+            p50_us_storm: 1.0,
+            p99_us_storm: 2.0,
+            max_us_storm: 3.0,
+            p99_ratio: None,
+            samples_quiet: Some(5),
+            samples_storm: None,
+        });
+    }
+
+    #[test]
+    fn required_fields_are_required_and_unknown_ones_ignored() {
+        let ok = serde_json::json!({
+            "victim_fault_p99_increase": 0.1, "victim_loop_rate_drop": 0.0, "new_figure": 1
+        });
+        assert!(serde_json::from_value::<InterferenceResult>(ok).is_ok());
+        let renamed = serde_json::json!({
+            "victim_fault_p99_increase": 0.1, "victim_loop_drop": 0.0
+        });
+        let e = serde_json::from_value::<InterferenceResult>(renamed)
+            .expect_err("a renamed field must fail");
+        assert!(e.to_string().contains("victim_loop_rate_drop"), "{e}");
+        // A missing Option is None, not an error.
+        let f: FaultResult = serde_json::from_value(serde_json::json!({
+            "p50_us_quiet": 1.0, "p99_us_quiet": 2.0, "max_us_quiet": 3.0,
+            "p50_us_storm": 1.0, "p99_us_storm": 2.0, "max_us_storm": 3.0
+        }))
+        .expect("optional fields may be absent");
+        assert_eq!(f.samples_quiet, None);
+    }
 }

@@ -27,8 +27,8 @@ use serde_json::json;
 
 use crate::peer::{sock_path, tail, vmm_binary, wait_listening, SockFile, Waited};
 use crate::rng::{median, ms, round};
-use crate::units::{human_bytes, parse_size};
 use crate::schema::ServiceResult;
+use crate::units::{human_bytes, parse_size};
 use crate::{emit_json, say};
 
 /// Options of `gmm bench service`.
