@@ -1,7 +1,8 @@
 //! The JSON results of the benches: one typed struct per `--json` line.
 //!
-//! Each bench builds its result as one of these structs and prints it with
-//! [`crate::emit_json`]; `gmm bench report` reads the saved line back into
+//! Each bench (`unmap`, `balloon`, `launch`, `service`, `linux`, `stress`,
+//! `stress-vm`) builds its result as one of these structs and prints it
+//! with [`crate::emit_json`]; `gmm bench report` reads the saved line back into
 //! the same struct (`serde_json::from_value`), so a bench and the report
 //! cannot drift apart silently: a field renamed or removed on one side is
 //! a "missing field" error on the other, shown as "not measured" in the
@@ -584,6 +585,55 @@ impl LinuxResult {
             ),
         }
     }
+}
+
+// ---------------------------------------------------------------------
+// gmm stress
+
+/// The JSON line of `gmm stress`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StressResult {
+    pub tool: String,
+    pub seconds: f64,
+    pub walkers: u32,
+    pub mutators: u32,
+    pub mem_bytes: u64,
+    pub membarrier: bool,
+    pub fail_batch_every: u64,
+    pub walks: u64,
+    pub walks_ok: u64,
+    pub walks_per_s: f64,
+    pub maps: u64,
+    pub unmaps: u64,
+    pub faults: u64,
+    pub protects: u64,
+    pub flushes: u64,
+    pub fallback_batches: u64,
+    pub grace_periods: u64,
+    pub splits: u64,
+    pub released_bytes: u64,
+    pub max_lock_hold_us: f64,
+    pub use_after_free: u64,
+    pub stale_translations: u64,
+    pub not_released: u64,
+    pub oracle_mismatch: u64,
+    pub op_errors: u64,
+    pub thread_panics: u64,
+    pub first_violation: Option<String>,
+    pub cache_hits: u64,
+    pub shootdowns: u64,
+    pub churns: u64,
+    pub scans: u64,
+    pub view_reads: u64,
+    pub view_reads_ok: u64,
+    pub view_stale_reads: u64,
+    pub violations: u64,
+    pub rss_start_bytes: u64,
+    pub rss_peak_bytes: u64,
+    pub rss_end_bytes: u64,
+    pub region_resident_end_bytes: u64,
+    pub table_pages_end: u64,
+    pub ok: bool,
 }
 
 // ---------------------------------------------------------------------
