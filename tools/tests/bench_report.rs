@@ -486,7 +486,7 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
         &[
             "unmap",
             "gather ≥ 10× faster than per-page madvise (every size)",
-            "worst 11.9× at 256 MiB; kernel bound (per-page / one madvise): worst 12.5× at 256 MiB",
+            "11.9× at 256 MiB (bound 12.5×); 12.5× at 1 GiB (bound 15.0×); bound: per-page / one madvise",
             "retired: kernel bound",
         ],
     );
