@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use guest_mm::PageSize as Leaf;
-use serde::Serialize;
 use vmm::devices::virtio::balloon::{Balloon, BalloonConfig, MAX_PFNS_PER_CHAIN};
 use vmm::devices::virtio::mmio::{VirtioMmio, F_VERSION_1};
 use vmm::devices::virtio::BusDevice;
@@ -49,6 +48,7 @@ use vmm::{Backing, GuestAccess, MemSize, PageSize, Vm, VmConfig, Workload};
 
 use crate::mem::{AnonRegion, PAGE};
 use crate::rng::{median, ms, round, Rng};
+use crate::schema::BalloonResult;
 use crate::units::human_bytes;
 
 const MIB: u64 = 1 << 20;
@@ -602,87 +602,6 @@ fn guest_notify(a: &BalloonArgs) -> Result<GuestNotify> {
     })
 }
 
-/// The result.
-#[derive(Serialize, Debug)]
-struct BalloonResult {
-    tool: &'static str,
-    pattern: &'static str,
-    size_bytes: u64,
-    /// 4 KiB pages inflated.
-    pages: u64,
-    /// Coalesced runs of the PFNs.
-    runs: u64,
-    page_size: String,
-    vm_mem_bytes: u64,
-    per_chain: u64,
-    notifies: u64,
-    /// Release system calls of one inflate (batched `process_madvise`
-    /// calls count once; the per-run baseline makes `runs` calls).
-    release_syscalls: u64,
-    reps: u32,
-    membarrier: bool,
-    /// Median first notify → last used buffer.
-    inflate_ms: f64,
-    /// Median of the device's own release time (arm + gather), summed over
-    /// the notifies of one inflate.
-    device_release_ms: f64,
-    /// Median deflate of the same pages (first notify → last used buffer).
-    deflate_ms: f64,
-    /// Median one madvise per coalesced run, on a fresh VM's RAM (a KVM
-    /// memslot, like the inflated memory).
-    madvise_ms: f64,
-    /// Median one madvise per 4 KiB page on a fresh VM's RAM (Cloud
-    /// Hypervisor's pattern).
-    per_page_ms: f64,
-    /// As `madvise_ms`, on a plain anonymous mapping (no KVM).
-    madvise_plain_ms: f64,
-    /// As `per_page_ms`, on a plain anonymous mapping (no KVM).
-    per_page_plain_ms: f64,
-    /// madvise_ms / inflate_ms: the inflate's page rate relative to the
-    /// per-run madvise rate (1.0 = as fast; higher = faster).
-    ratio_vs_madvise: f64,
-    /// per_page_ms / inflate_ms.
-    ratio_vs_per_page: f64,
-    /// madvise_plain_ms / inflate_ms.
-    ratio_vs_madvise_plain: f64,
-    /// per_page_plain_ms / inflate_ms.
-    ratio_vs_per_page_plain: f64,
-    /// The target for this pattern.
-    target: &'static str,
-    target_met: bool,
-    /// Process RSS drop across the inflate (median).
-    rss_drop_bytes: u64,
-    /// Inflated bytes still resident after each strategy (worst rep).
-    resident_after_inflate: u64,
-    resident_after_madvise: u64,
-    resident_after_per_page: u64,
-    /// Device errors over all repetitions.
-    device_errors: u64,
-    /// Every strategy brought every inflated page back, the device counted
-    /// every page inflated and deflated, and no errors.
-    released_ok: bool,
-    inflate_ms_all: Vec<f64>,
-    madvise_ms_all: Vec<f64>,
-    per_page_ms_all: Vec<f64>,
-    /// The guest's own driver: p99 of its `QueueNotify` writes (rdtsc
-    /// around the write) during an inflate of `vcpu_notify_bytes`, whose
-    /// notifies release memory, µs.
-    vcpu_notify_p99_us: f64,
-    vcpu_notify_p50_us: f64,
-    vcpu_notify_max_us: f64,
-    vcpu_notify_count: u64,
-    vcpu_notify_bytes: u64,
-    /// The same for the deflate that follows (nothing to release).
-    vcpu_notify_p99_us_idle: f64,
-    vcpu_notify_p50_us_idle: f64,
-    vcpu_notify_max_us_idle: f64,
-    vcpu_notify_count_idle: u64,
-    /// TSC rate used for the conversion (calibrated).
-    tsc_khz: u64,
-    /// `DeviceThread` (ioeventfd), `Vcpu` or `Mixed`.
-    vcpu_notify_path: String,
-}
-
 /// The strategies, rotated each repetition.
 const STRATEGIES: [(&str, Option<(On, bool)>); 5] = [
     ("inflate", None),
@@ -766,8 +685,8 @@ pub fn cmd(a: &BalloonArgs) -> Result<()> {
     let (target, target_met) = a.pattern.target(ratio(med[1]), ratio(med[2]));
     let all = |v: &[f64]| v.iter().map(|x| round(*x, 3)).collect::<Vec<f64>>();
     let r = BalloonResult {
-        tool: "bench-balloon",
-        pattern: a.pattern.name(),
+        tool: "bench-balloon".into(),
+        pattern: a.pattern.name().into(),
         size_bytes: a.size,
         pages,
         runs: nruns,
@@ -789,7 +708,7 @@ pub fn cmd(a: &BalloonArgs) -> Result<()> {
         ratio_vs_per_page: ratio(med[2]),
         ratio_vs_madvise_plain: ratio(med[3]),
         ratio_vs_per_page_plain: ratio(med[4]),
-        target,
+        target: target.into(),
         target_met,
         rss_drop_bytes,
         resident_after_inflate: resident[0],

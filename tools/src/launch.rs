@@ -24,8 +24,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::schema::{Dist, LaunchResult};
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
 use vmm::{Console, MemSize, Vm, VmConfig, Workload};
 
 use crate::rng::{ms, round};
@@ -54,14 +54,6 @@ pub struct Args {
     pub json: bool,
 }
 
-/// p50 / p90 / max of one figure, ms.
-#[derive(Serialize, Debug, Default, Clone, Copy)]
-struct Dist {
-    p50: f64,
-    p90: f64,
-    max: f64,
-}
-
 /// Nearest-rank percentiles of a non-empty sample.
 fn dist(v: &[f64]) -> Dist {
     if v.is_empty() {
@@ -78,50 +70,6 @@ fn dist(v: &[f64]) -> Dist {
         p90: at(0.9),
         max: round(s[s.len() - 1], 3),
     }
-}
-
-/// The `--json` object.
-#[derive(Serialize, Debug)]
-struct LaunchResult {
-    tool: &'static str,
-    count: u32,
-    mem_bytes: u64,
-    vcpus: u32,
-    cores: usize,
-    kvm_modules: Vec<String>,
-    /// Cycles / wall time of all cycles (one VM at a time).
-    launches_per_sec: f64,
-    /// Cycles / CPU time (user + system, all threads) spent in them.
-    launches_per_cpu_sec: f64,
-    /// CPU time per cycle, ms.
-    cpu_ms_per_launch: f64,
-    wall_s: f64,
-    /// What `boot_ms` means.
-    boot_ms_is: &'static str,
-    boot_ms: Dist,
-    /// `Vm::new` → every vCPU verified its RAM.
-    ready_ms: Dist,
-    /// The `Vm::destroy` call.
-    teardown_ms: Dist,
-    /// `destroy` → guest RAM back with the host.
-    reclaim_ms: Dist,
-    /// VMs kept alive at once for the RSS figure.
-    alive_vms: u32,
-    rss_base_bytes: u64,
-    rss_alive_bytes: u64,
-    /// Guest RAM resident (mincore) over the live VMs.
-    guest_resident_bytes: u64,
-    /// Stage-2 table pages over the live VMs (part of the overhead).
-    stage2_table_bytes: u64,
-    /// (rss_alive − rss_base − guest_resident) / alive_vms.
-    rss_overhead_per_vm_bytes: Option<u64>,
-    /// VmRSS once the live VMs were destroyed and reclaimed.
-    rss_after_bytes: u64,
-    /// The target: 20 launches per second per core (the cycles run
-    /// one at a time, so `launches_per_sec` is the figure for one stream).
-    meets_20_per_sec: bool,
-    boot_ms_all: Vec<f64>,
-    ready_ms_all: Vec<f64>,
 }
 
 /// User + system CPU time of this process (all threads, finished ones
@@ -231,7 +179,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             / u64::from(a.alive)
     });
     let r = LaunchResult {
-        tool: "bench-launch",
+        tool: "bench-launch".into(),
         count: a.count,
         mem_bytes: a.mem,
         vcpus: a.vcpus,
@@ -245,7 +193,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         },
         cpu_ms_per_launch: round(cpu_ms_per_launch, 3),
         wall_s: round(wall.as_secs_f64(), 3),
-        boot_ms_is: "Vm::new -> first guest report (a vCPU reached ring 3); ready_ms: -> every vCPU verified its RAM",
+        boot_ms_is: "Vm::new -> first guest report (a vCPU reached ring 3); ready_ms: -> every vCPU verified its RAM".into(),
         boot_ms: dist(&boot),
         ready_ms: dist(&ready),
         teardown_ms: dist(&td),

@@ -36,11 +36,12 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
 use serde_json::json;
 
 use crate::peer::{rss_of, sock_path, tail, vmm_binary, which, Qmp, SockFile, Waited};
 use crate::rng::{ms, round};
+use crate::schema::{LinuxResult, LinuxTeardownRow as TeardownRow};
+pub use crate::schema::{Monitor, Stop};
 use crate::units::{human_bytes, parse_size, parse_size_list, SizeList};
 use crate::{emit_json, say};
 
@@ -105,18 +106,6 @@ pub struct Args {
     pub json: bool,
 }
 
-/// A monitor under test.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Monitor {
-    /// Our `vmm`.
-    Ours,
-    /// QEMU (`-M microvm`).
-    Qemu,
-    /// Firecracker.
-    Fc,
-}
-
 impl Monitor {
     fn name(self) -> &'static str {
         match self {
@@ -136,61 +125,6 @@ struct Setup {
     vmm: Option<PathBuf>,
     qemu: Option<PathBuf>,
     fc: Option<PathBuf>,
-}
-
-/// How a running guest is stopped.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Stop {
-    /// Ours and Firecracker: SIGTERM; QEMU: QMP `quit`.
-    Sigterm,
-    /// Ours and Firecracker: `PUT /actions SendCtrlAltDel` (the guest
-    /// restarts through the i8042, which ends the VM); QEMU: QMP `quit`.
-    CtrlAltDel,
-}
-
-/// One teardown row.
-#[derive(Serialize, Debug)]
-struct TeardownRow {
-    monitor: Monitor,
-    stop: Stop,
-    mem_mib: u64,
-    /// Whether guest RAM was populated host-side before the stop.
-    populated: bool,
-    rss_at_stop_bytes: u64,
-    stop_to_memory_back_ms: Option<f64>,
-    stop_to_exit_ms: f64,
-    exit_status: Option<i32>,
-}
-
-/// The `--json` object.
-#[derive(Serialize, Debug, Default)]
-struct LinuxResult {
-    kernel: String,
-    mem_mib: u64,
-    vcpus: u32,
-    inflate_mib: u64,
-    monitor_setup_ms: Option<f64>,
-    ours_init_s: Option<f64>,
-    qemu_init_s: Option<f64>,
-    fc_init_s: Option<f64>,
-    ours_inflate_mib_per_s: Option<f64>,
-    qemu_inflate_mib_per_s: Option<f64>,
-    fc_inflate_mib_per_s: Option<f64>,
-    /// Host CPU of the whole monitor process while the booted guest idles,
-    /// % of one core.
-    ours_idle_cpu_pct: Option<f64>,
-    qemu_idle_cpu_pct: Option<f64>,
-    fc_idle_cpu_pct: Option<f64>,
-    /// ours_init_s / qemu_init_s and / fc_init_s.
-    init_vs_qemu: Option<f64>,
-    init_vs_fc: Option<f64>,
-    /// ours_inflate_mib_per_s / the peer's.
-    inflate_vs_qemu: Option<f64>,
-    inflate_vs_fc: Option<f64>,
-    teardown: Vec<TeardownRow>,
-    /// Monitors or sessions that did not run, and why.
-    skipped: Vec<String>,
 }
 
 /// A running monitor with the guest console streamed line by line.

@@ -34,6 +34,7 @@ mod plot;
 mod progress;
 mod report;
 mod rng;
+mod schema;
 mod service;
 mod stress;
 mod stress_vm;

@@ -23,11 +23,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
 use serde_json::json;
 
 use crate::peer::{sock_path, tail, vmm_binary, wait_listening, SockFile, Waited};
 use crate::rng::{median, ms, round};
+use crate::schema::ServiceResult;
 use crate::units::{human_bytes, parse_size};
 use crate::{emit_json, say};
 
@@ -47,24 +47,6 @@ pub struct Args {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Serialize, Debug, Default)]
-struct ServiceResult {
-    vms: usize,
-    mem_bytes: u64,
-    idle_seconds: f64,
-    launches_per_s: f64,
-    launch_ms: Vec<f64>,
-    launch_ms_p50: f64,
-    monitor_setup_ms_p50: Option<f64>,
-    first_guest_report_ms_p50: Option<f64>,
-    idle_cpu_pct_per_vm: f64,
-    idle_cpu_pct_max_vm: f64,
-    idle_cpu_pct_all: Vec<f64>,
-    /// One clock tick over the window, % of a core: figures below it read 0.
-    idle_cpu_resolution_pct: f64,
-    stop_to_exit_ms_p50: f64,
 }
 
 struct Running {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use guest_mm::stress::{run, StressConfig, StressReport};
-use serde::Serialize;
 
+use crate::schema::StressResult;
 use crate::units::human_bytes;
 
 /// Options of `gmm stress`.
@@ -39,55 +39,9 @@ pub struct StressArgs {
     pub json: bool,
 }
 
-/// The JSON line of `gmm stress`.
-#[derive(Serialize)]
-struct StressJson {
-    tool: &'static str,
-    seconds: f64,
-    walkers: u32,
-    mutators: u32,
-    mem_bytes: u64,
-    membarrier: bool,
-    fail_batch_every: u64,
-    walks: u64,
-    walks_ok: u64,
-    walks_per_s: f64,
-    maps: u64,
-    unmaps: u64,
-    faults: u64,
-    protects: u64,
-    flushes: u64,
-    fallback_batches: u64,
-    grace_periods: u64,
-    splits: u64,
-    released_bytes: u64,
-    max_lock_hold_us: f64,
-    use_after_free: u64,
-    stale_translations: u64,
-    not_released: u64,
-    oracle_mismatch: u64,
-    op_errors: u64,
-    thread_panics: u64,
-    first_violation: Option<String>,
-    cache_hits: u64,
-    shootdowns: u64,
-    churns: u64,
-    scans: u64,
-    view_reads: u64,
-    view_reads_ok: u64,
-    view_stale_reads: u64,
-    violations: u64,
-    rss_start_bytes: u64,
-    rss_peak_bytes: u64,
-    rss_end_bytes: u64,
-    region_resident_end_bytes: u64,
-    table_pages_end: u64,
-    ok: bool,
-}
-
-fn to_json(a: &StressArgs, mutators: u32, r: &StressReport) -> StressJson {
-    StressJson {
-        tool: "stress",
+fn to_json(a: &StressArgs, mutators: u32, r: &StressReport) -> StressResult {
+    StressResult {
+        tool: "stress".into(),
         seconds: a.seconds,
         walkers: a.threads,
         mutators,

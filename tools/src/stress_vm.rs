@@ -142,7 +142,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use guest_mm::{Access, Gpa, PageState, Stage2Table, WalkError, WalkGuard};
-use serde::Serialize;
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::guest::balloon::{DriverState, MAX_PFNS};
 use vmm::guest::layout::WORKLOAD_START;
@@ -150,6 +149,7 @@ use vmm::vstate::vcpu::VcpuOutcome;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
 use crate::rng::{ms, Rng};
+use crate::schema::StressVmResult;
 use crate::units::human_bytes;
 
 const PAGE: u64 = 4096;
@@ -948,82 +948,6 @@ impl Device<'_> {
     }
 }
 
-/// The JSON line of `gmm stress-vm`.
-#[derive(Serialize, Default)]
-struct StressVmJson {
-    tool: &'static str,
-    seconds: f64,
-    elapsed_s: f64,
-    mem_bytes: u64,
-    vcpus: u32,
-    device_threads: u32,
-    backing: String,
-    page_size: String,
-    membarrier: bool,
-    inject: Option<&'static str>,
-    /// The rule this (mutation) build breaks, if any.
-    broken_rule: Option<&'static str>,
-    cycles: u64,
-    pages_inflated: u64,
-    pages_deflated: u64,
-    pages_reported: u64,
-    driver_pages_inflated: u64,
-    driver_pages_deflated: u64,
-    driver_pages_reverified: u64,
-    balloon_max_pages: u64,
-    bytes_released: u64,
-    demand_faults: u64,
-    guest_passes: u64,
-    guest_bad_words: u64,
-    driver_bad_words: u64,
-    driver_errors: u64,
-    vcpu_failures: u64,
-    guest_errors: u64,
-    walks: u64,
-    walks_ok: u64,
-    walks_ballooned: u64,
-    walks_discarded: u64,
-    walks_per_s: f64,
-    bytes_copied: u64,
-    read_sections: u64,
-    front_sections: u64,
-    front_releases: u64,
-    read_section_max_us: f64,
-    stable_batches: u64,
-    inflate_batches: u64,
-    teardown_walks: u64,
-    teardown_walks_ok: u64,
-    injected_hits: u64,
-    injected_stale_reads: u64,
-    stale_released: u64,
-    stale_data: u64,
-    changed_under_reader: u64,
-    stale_translations: u64,
-    use_after_free: u64,
-    shadow_mismatches: u64,
-    /// Of which pages of the balloonable range not present at the end.
-    left_not_present: u64,
-    device_errors: u64,
-    unexpected_faults: u64,
-    final_bad_words: u64,
-    not_released: u64,
-    stalls: u64,
-    /// Device threads blocked inside one read section (the run then ends
-    /// at once, without teardown).
-    stuck_readers: u64,
-    max_lock_hold_us: f64,
-    rss_min_bytes: u64,
-    rss_max_bytes: u64,
-    rss_after_reclaim_bytes: u64,
-    reclaim_ms: f64,
-    tables_freed: u64,
-    table_pages_end: u64,
-    violations: u64,
-    /// The first violation a device thread counted, described.
-    first_walk_violation: Option<String>,
-    ok: bool,
-}
-
 /// Waits until the driver reports `pages` in the balloon; false if it
 /// stopped or timed out.
 fn change(vm: &Vm, shadow: &Shadow, geo: &Geometry, pages: u64) -> Result<bool> {
@@ -1311,8 +1235,8 @@ pub fn cmd(a: &Args) -> Result<()> {
     let _ = sampler.join();
     let ld = |x: &AtomicU64| x.load(SeqCst);
     let rss_lo = ld(&rss_min);
-    let mut j = StressVmJson {
-        tool: "stress-vm",
+    let mut j = StressVmResult {
+        tool: "stress-vm".into(),
         seconds: a.seconds,
         elapsed_s: elapsed,
         mem_bytes: a.mem,
@@ -1321,8 +1245,8 @@ pub fn cmd(a: &Args) -> Result<()> {
         backing: format!("{:?}", a.backing).to_lowercase(),
         page_size: a.page_size.to_string(),
         membarrier: crate::membarrier(),
-        inject: a.inject.map(Inject::name),
-        broken_rule: guest_mm::mutation::active().map(guest_mm::mutation::Rule::name),
+        inject: a.inject.map(|i| i.name().to_string()),
+        broken_rule: guest_mm::mutation::active().map(|r| r.name().to_string()),
         cycles,
         balloon_max_pages: balloon_max,
         not_released,
@@ -1330,7 +1254,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         max_lock_hold_us,
         rss_min_bytes: if rss_lo == u64::MAX { 0 } else { rss_lo },
         rss_max_bytes: ld(&rss_max),
-        ..StressVmJson::default()
+        ..StressVmResult::default()
     };
 
     let stuck_readers = shadow.stuck_readers();
@@ -1459,7 +1383,7 @@ pub fn cmd(a: &Args) -> Result<()> {
     Ok(())
 }
 
-impl StressVmJson {
+impl StressVmResult {
     /// The device threads' counts.
     fn fill_walks(&mut self, counts: &WalkCounts) {
         let ld = |x: &AtomicU64| x.load(SeqCst);

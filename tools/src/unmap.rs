@@ -17,6 +17,11 @@
 //! Strategies are interleaved (rotated each repetition) and the median of
 //! the repetitions is reported. After every strategy `mincore` must show
 //! the region fully released.
+//!
+//! Table-lock holds are reported as maximum (wall and on CPU), p99 and
+//! p99.9; beside them, the environment's own stalls measured in the same
+//! run by a lock-free busy loop ([`env_stalls`]): its longest gap, and the
+//! p99.9 and maximum of sections as long as a median hold.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -25,10 +30,10 @@ use anyhow::{bail, Context, Result};
 use guest_mm::{
     BackingKind, BackingRegion, Gpa, Hva, PageSize, Perms, Stage2Table, TableConfig, UnmapMode,
 };
-use serde::Serialize;
 
 use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
 use crate::rng::{median, ms, round, Rng};
+use crate::schema::{UnmapMulti, UnmapResult, UnmapTargets};
 use crate::units::human_bytes;
 
 /// Options of `gmm bench unmap`.
@@ -52,107 +57,6 @@ pub struct UnmapArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Result for one size.
-#[derive(Serialize, Debug, Clone)]
-pub struct UnmapResult {
-    tool: &'static str,
-    size_bytes: u64,
-    page_size: String,
-    reps: u32,
-    /// guest-mm grace periods use membarrier.
-    membarrier: bool,
-    /// Median unmap + finish through the gather.
-    gather_ms: f64,
-    /// Median single madvise over the region.
-    limit_ms: f64,
-    /// Median per-4K-page madvise under a mutex.
-    per_page_ms: f64,
-    /// Median sort + merge + per-run madvise.
-    per_run_ms: f64,
-    /// Median sort + merge part of `per_run_ms`.
-    per_run_sort_ms: f64,
-    /// Runs the per-run strategy found.
-    per_run_runs: u64,
-    ratio_vs_limit: f64,
-    ratio_per_page_vs_gather: f64,
-    ratio_per_run_vs_gather: f64,
-    /// Longest table-lock hold during the unmap, over all repetitions.
-    max_lock_hold_us: f64,
-    /// Median over repetitions of each repetition's longest hold.
-    median_rep_max_lock_hold_us: f64,
-    /// Longest time the holder was on a CPU during one lock hold, over all
-    /// repetitions (thread CPU time): a wall-clock maximum far above this
-    /// one is the holder being descheduled, not work under the lock.
-    max_lock_hold_cpu_us: f64,
-    /// The environment's own stalls, measured in the same run: a busy loop
-    /// reading the clock, with no lock and no work, for as long as all
-    /// gather repetitions took together; its longest gap between two clock
-    /// reads (interrupts, hypervisor steal, preemption). Lock holds that
-    /// exceed the p99 by this much are the environment, not the table.
-    env_max_stall_us: f64,
-    /// Gaps over 50 µs in that loop.
-    env_stalls_over_50us: u64,
-    /// Upper bound of the 99th percentile lock hold (power-of-two histogram).
-    lock_hold_p99_us_upper: f64,
-    /// Lock holds of all repetitions: `[bucket upper bound µs, count]`.
-    lock_hold_hist_us: Vec<(f64, u64)>,
-    /// Table-lock acquisitions during one unmap.
-    lock_acquisitions: u64,
-    /// The per-page baseline's mutex hold (the whole loop).
-    per_page_lock_hold_ms: f64,
-    /// Release system calls made by the gather in one unmap.
-    release_calls: u64,
-    flushes: u64,
-    forced_flushes: u64,
-    fallback_batches: u64,
-    batch_allocs: u64,
-    tables_retired: u64,
-    /// Table pages in bytes with the region mapped, before unmapping.
-    table_bytes: u64,
-    table_overhead_pct: f64,
-    /// Median time to map the region (not part of any comparison).
-    map_ms: f64,
-    /// Median time to re-touch the region (fault it all back in).
-    touch_ms: f64,
-    /// 2M runs: the process's `AnonHugePages` after touching, lowest over
-    /// all touches (how much of the region really was THP-backed).
-    anon_huge_bytes_after_touch: Option<u64>,
-    /// Resident bytes of the region after each strategy (worst repetition).
-    rss_after_gather: u64,
-    rss_after_limit: u64,
-    rss_after_per_page: u64,
-    rss_after_per_run: u64,
-    /// Every strategy brought every byte back.
-    released_ok: bool,
-    /// Every repetition's figures, in run order.
-    gather_ms_all: Vec<f64>,
-    limit_ms_all: Vec<f64>,
-    per_page_ms_all: Vec<f64>,
-    per_run_ms_all: Vec<f64>,
-    /// Each repetition's longest table-lock hold (µs).
-    max_lock_hold_us_all: Vec<f64>,
-    /// Each repetition's involuntary context switches of the unmapping
-    /// thread during the timed unmap: a hold that spans one is wall time
-    /// the holder spent descheduled (other load on the machine).
-    preempted_during_unmap_all: Vec<u64>,
-    targets: Targets,
-}
-
-/// The targets, evaluated on this run.
-#[derive(Serialize, Debug, Clone)]
-struct Targets {
-    /// gather ≤ 1.10 × limit.
-    gather_within_1_10x_limit: bool,
-    /// per-page ≥ 10 × gather.
-    at_least_10x_per_page: bool,
-    /// max lock hold ≤ 100 µs (wall clock).
-    lock_hold_le_100us: bool,
-    /// max lock hold ≤ 100 µs in the holder's CPU time.
-    lock_hold_cpu_le_100us: bool,
-    /// table overhead ≤ 0.2 % (meaningful at 4 KiB leaves).
-    table_overhead_le_0_2pct: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -205,6 +109,9 @@ fn hist_quantile_us(hist: &[u64], q: f64) -> f64 {
     }
     (1u64 << hist.len()) as f64 / 1e3
 }
+
+/// Shortest run of the environment's busy loop ([`env_stalls`]).
+const ENV_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Idle time before each timed section.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
@@ -269,27 +176,84 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
     })
 }
 
-/// Busy-reads the monotonic clock for `d`; returns the longest gap between
-/// two reads in µs and the number of gaps over 50 µs.
-fn env_stalls(d: std::time::Duration) -> (f64, u64) {
+/// What the environment does to a lock-free busy loop: see [`env_stalls`].
+struct EnvStalls {
+    /// Longest gap between two clock reads, µs.
+    max_gap_us: f64,
+    /// Gaps over 50 µs.
+    gaps_over_50us: u64,
+    /// Sections of `reads` clock reads: their wall times in the lock-hold
+    /// histogram's buckets (`[2^i, 2^(i+1))` ns).
+    hist: Vec<u64>,
+    max_ns: u64,
+    sections: u64,
+    /// One section's time when nothing interrupts it, µs.
+    work_us: f64,
+}
+
+/// Bucket of `ns` in a histogram of `len` power-of-two buckets.
+fn bucket(ns: u64, len: usize) -> usize {
+    (63 - ns.max(1).leading_zeros() as usize).min(len.saturating_sub(1))
+}
+
+/// Busy-reads the monotonic clock for `d`, with no lock and no table: the
+/// environment's own stalls (interrupts, preemption, hypervisor steal),
+/// measured in the same run as the lock holds. Records the longest gap
+/// between two reads, and cuts the loop into sections of a fixed number
+/// of reads calibrated to last `hold_ns` when nothing interrupts them (the
+/// fastest of a few trial sections): a section's wall time above that is
+/// the environment stretching a "hold" of that length, so their
+/// distribution is the reference for the lock holds' p99.9 and maximum.
+fn env_stalls(d: std::time::Duration, hold_ns: u64, hist_len: usize) -> EnvStalls {
+    const TRIAL: u32 = 1000;
+    let per_read_ns = (0..20)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..TRIAL {
+                std::hint::black_box(Instant::now());
+            }
+            t.elapsed().as_nanos() as f64 / f64::from(TRIAL)
+        })
+        .fold(f64::INFINITY, f64::min)
+        .max(1.0);
+    let reads = ((hold_ns as f64 / per_read_ns).round() as u64).max(1);
+    let mut hist = vec![0u64; hist_len.max(1)];
     let start = Instant::now();
     let mut prev = start;
-    let (mut max, mut over) = (std::time::Duration::ZERO, 0u64);
+    let (mut max_gap, mut over, mut max_ns, mut sections) =
+        (std::time::Duration::ZERO, 0u64, 0u64, 0u64);
+    let mut best = u64::MAX;
     loop {
-        let now = Instant::now();
-        let gap = now - prev;
-        if gap > max {
-            max = gap;
+        let s0 = prev;
+        for _ in 0..reads {
+            let now = Instant::now();
+            let gap = now - prev;
+            if gap > max_gap {
+                max_gap = gap;
+            }
+            if gap.as_micros() > 50 {
+                over += 1;
+            }
+            prev = now;
         }
-        if gap.as_micros() > 50 {
-            over += 1;
-        }
-        prev = now;
-        if now - start >= d {
+        let ns = u64::try_from((prev - s0).as_nanos()).unwrap_or(u64::MAX);
+        let b = bucket(ns, hist.len());
+        hist[b] += 1;
+        max_ns = max_ns.max(ns);
+        best = best.min(ns);
+        sections += 1;
+        if prev - start >= d {
             break;
         }
     }
-    (max.as_secs_f64() * 1e6, over)
+    EnvStalls {
+        max_gap_us: max_gap.as_secs_f64() * 1e6,
+        gaps_over_50us: over,
+        hist,
+        max_ns,
+        sections,
+        work_us: best as f64 / 1e3,
+    }
 }
 
 /// Measure one size.
@@ -372,9 +336,6 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
     }
     let g_ms: Vec<f64> = gathers.iter().map(|g| g.ms).collect();
     let gather_ms = median(&g_ms);
-    let env = env_stalls(std::time::Duration::from_secs_f64(
-        g_ms.iter().sum::<f64>() / 1e3,
-    ));
     let limit_ms = median(&limit);
     let per_page_ms = median(&per_page);
     let per_run_ms = median(&per_run);
@@ -388,13 +349,23 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
             *h += n;
         }
     }
+    // The environment's reference, run right after the gathers for as
+    // long as they took together (at least ENV_MIN, so that small sizes
+    // still give a p99.9 of some thousand sections), in sections as long
+    // as a median hold (the middle of its histogram bucket).
+    let median_hold_ns = (hist_quantile_us(&hist, 0.5) * 1e3 * 0.75) as u64;
+    let env = env_stalls(
+        std::time::Duration::from_secs_f64(g_ms.iter().sum::<f64>() / 1e3).max(ENV_MIN),
+        median_hold_ns.max(1000),
+        hist.len(),
+    );
     let overhead = last.table_bytes as f64 / size as f64 * 100.0;
     let ratio_vs_limit = gather_ms / limit_ms;
     let ratio_per_page = per_page_ms / gather_ms;
     let r3 = |x: f64| round(x, 3);
     let all = |v: &[f64]| v.iter().map(|&x| r3(x)).collect::<Vec<_>>();
     Ok(UnmapResult {
-        tool: "bench-unmap",
+        tool: "bench-unmap".into(),
         size_bytes: size,
         page_size: leaf.to_string(),
         reps,
@@ -410,12 +381,19 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         ratio_per_run_vs_gather: r3(per_run_ms / gather_ms),
         max_lock_hold_us: r3(max_lock_hold_us),
         median_rep_max_lock_hold_us: r3(median(&rep_max)),
-        env_max_stall_us: r3(env.0),
-        env_stalls_over_50us: env.1,
+        env_max_stall_us: r3(env.max_gap_us),
+        env_stalls_over_50us: env.gaps_over_50us,
+        env_hold_p999_us_upper: Some(r3(
+            hist_quantile_us(&env.hist, 0.999).min(env.max_ns as f64 / 1e3)
+        )),
+        env_hold_max_us: Some(r3(env.max_ns as f64 / 1e3)),
+        env_hold_work_us: Some(r3(env.work_us)),
+        env_holds: Some(env.sections),
         max_lock_hold_cpu_us: r3(gathers.iter().map(|g| g.lock_cpu_max_ns).max().unwrap_or(0)
             as f64
             / 1e3),
         lock_hold_p99_us_upper: hist_quantile_us(&hist, 0.99),
+        lock_hold_p999_us_upper: Some(r3(hist_quantile_us(&hist, 0.999).min(max_lock_hold_us))),
         lock_hold_hist_us: hist
             .iter()
             .enumerate()
@@ -448,7 +426,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         per_run_ms_all: all(&per_run),
         max_lock_hold_us_all: all(&rep_max),
         preempted_during_unmap_all: gathers.iter().map(|g| g.preempted).collect(),
-        targets: Targets {
+        targets: UnmapTargets {
             gather_within_1_10x_limit: ratio_vs_limit <= 1.10,
             at_least_10x_per_page: ratio_per_page >= 10.0,
             lock_hold_le_100us: max_lock_hold_us <= 100.0,
@@ -479,15 +457,20 @@ fn human(r: &UnmapResult) -> String {
         r.per_run_ms, r.ratio_per_run_vs_gather, r.per_run_runs, r.per_run_sort_ms
     );
     s += &format!(
-        "  table lock: max hold {:.1} us ({:.1} us on CPU; p99 <= {:.1} us) over {} acquisitions; table {} = {:.3}% of mapped memory\n  environment: a lock-free busy loop as long as the gathers stalled up to {:.1} us ({} gaps > 50 us)\n",
+        "  table lock: max hold {:.1} us ({:.1} us on CPU; p99 <= {:.1} us, p99.9 <= {:.1} us) over {} acquisitions; table {} = {:.3}% of mapped memory\n  environment: a lock-free busy loop as long as the gathers stalled up to {:.1} us ({} gaps > 50 us); its {} sections of {:.1} us of work took p99.9 <= {:.1} us, max {:.1} us\n",
         r.max_lock_hold_us,
         r.max_lock_hold_cpu_us,
         r.lock_hold_p99_us_upper,
+        r.lock_hold_p999_us_upper.unwrap_or(0.0),
         r.lock_acquisitions,
         human_bytes(r.table_bytes),
         r.table_overhead_pct,
         r.env_max_stall_us,
-        r.env_stalls_over_50us
+        r.env_stalls_over_50us,
+        r.env_holds.unwrap_or(0),
+        r.env_hold_work_us.unwrap_or(0.0),
+        r.env_hold_p999_us_upper.unwrap_or(0.0),
+        r.env_hold_max_us.unwrap_or(0.0),
     );
     if let Some(h) = r.anon_huge_bytes_after_touch {
         s += &format!("  THP after touch (lowest): {}\n", human_bytes(h));
@@ -504,22 +487,6 @@ fn human(r: &UnmapResult) -> String {
         r.rss_after_per_run
     );
     s
-}
-
-/// The JSON line of a `--sizes` run.
-#[derive(Serialize)]
-struct MultiJson {
-    tool: &'static str,
-    page_size: String,
-    sizes: Vec<u64>,
-    max_lock_hold_us_by_size: Vec<(u64, f64)>,
-    median_rep_max_lock_hold_us_by_size: Vec<(u64, f64)>,
-    lock_hold_p99_us_upper_by_size: Vec<(u64, f64)>,
-    /// The largest size's max hold is no larger than the smallest size's.
-    lock_hold_not_larger_at_largest: bool,
-    /// The same comparison on the median of each repetition's max hold.
-    median_rep_max_not_larger_at_largest: bool,
-    runs: Vec<UnmapResult>,
 }
 
 /// Run `gmm bench unmap`.
@@ -547,6 +514,7 @@ pub fn cmd(a: &UnmapArgs) -> Result<()> {
     let by_size = pick(|r| r.max_lock_hold_us);
     let by_size_median = pick(|r| r.median_rep_max_lock_hold_us);
     let by_size_p99 = pick(|r| r.lock_hold_p99_us_upper);
+    let by_size_p999 = pick(|r| r.lock_hold_p999_us_upper.unwrap_or(0.0));
     let no_larger = |v: &[(u64, f64)]| match (v.first(), v.last()) {
         (Some(a), Some(b)) => b.1 <= a.1,
         _ => true,
@@ -567,13 +535,14 @@ pub fn cmd(a: &UnmapArgs) -> Result<()> {
     crate::say(a.json, &s);
     crate::emit_json(
         a.json,
-        &MultiJson {
-            tool: "bench-unmap",
+        &UnmapMulti {
+            tool: "bench-unmap".into(),
             page_size: a.page_size.to_string(),
             sizes,
             max_lock_hold_us_by_size: by_size,
             median_rep_max_lock_hold_us_by_size: by_size_median,
             lock_hold_p99_us_upper_by_size: by_size_p99,
+            lock_hold_p999_us_upper_by_size: by_size_p999,
             lock_hold_not_larger_at_largest: not_larger,
             median_rep_max_not_larger_at_largest: median_not_larger,
             runs: results,

@@ -67,6 +67,27 @@ fn bench_unmap_json() {
     assert!(num(&v, "limit_ms") > 0.0);
     assert!(num(&v, "release_calls") >= 1.0);
     assert_eq!(v["released_ok"], Value::Bool(true));
+    // Lock-hold p99.9 beside the maximum, and the environment's own
+    // hold-length sections measured in the same run.
+    let p999 = num(&v, "lock_hold_p999_us_upper");
+    assert!(
+        p999 > 0.0 && p999 <= num(&v, "max_lock_hold_us"),
+        "p99.9 {p999}: {v}"
+    );
+    let (work, env_p999, env_max) = (
+        num(&v, "env_hold_work_us"),
+        num(&v, "env_hold_p999_us_upper"),
+        num(&v, "env_hold_max_us"),
+    );
+    assert!(work >= 1.0, "sections of at least 1 µs: {v}");
+    assert!(
+        env_max >= work && env_p999 > 0.0 && env_p999 <= env_max,
+        "{v}"
+    );
+    // At least 100 ms of sections of `work` µs each (a section never
+    // takes less than the fastest one).
+    let n = num(&v, "env_holds");
+    assert!(n >= 1.0 && n * work <= 100_000.0 * 50.0, "{v}");
 }
 
 #[test]

@@ -1,0 +1,834 @@
+//! The JSON results of the benches: one typed struct per `--json` line.
+//!
+//! Each bench (`unmap`, `balloon`, `launch`, `service`, `linux`, `stress`,
+//! `stress-vm`) builds its result as one of these structs and prints it
+//! with [`crate::emit_json`]; `gmm bench report` reads the saved line back into
+//! the same struct (`serde_json::from_value`), so a bench and the report
+//! cannot drift apart silently: a field renamed or removed on one side is
+//! a "missing field" error on the other, shown as "not measured" in the
+//! report. The rules:
+//!
+//! - unknown fields are ignored (no `deny_unknown_fields`): a bench may add
+//!   figures before the report shows them;
+//! - a plain field is required; `Option<T>` may be absent or `null` (serde
+//!   reads a missing `Option` as `None`): figures a bench cannot always
+//!   measure, and figures added after results were saved that `--from`
+//!   must still read;
+//! - per-repetition arrays (`*_all`) are raw data the report does not use;
+//!   they default to empty.
+//!
+//! The structs of `gmm bench walk` and `gmm bench teardown` mirror what
+//! those benches print today ([`WalkResult`], [`TeardownResult`]); the
+//! benches themselves still build their own private structs, to be
+//! switched to these. `gmm bench fault` and `gmm bench interference` are
+//! described from their field lists ([`FaultResult`],
+//! [`InterferenceResult`]). [`VmmRunResult`] is the part of `vmm run
+//! --json` the report reads (vmm cannot depend on this crate).
+
+use serde::{Deserialize, Serialize};
+
+// ---------------------------------------------------------------------
+// gmm bench unmap
+
+/// `gmm bench unmap --size S --json`, and each size of `--sizes`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct UnmapResult {
+    pub tool: String,
+    pub size_bytes: u64,
+    pub page_size: String,
+    pub reps: u32,
+    /// guest-mm grace periods use membarrier.
+    pub membarrier: bool,
+    /// Median unmap + finish through the gather.
+    pub gather_ms: f64,
+    /// Median single madvise over the region.
+    pub limit_ms: f64,
+    /// Median per-4K-page madvise under a mutex.
+    pub per_page_ms: f64,
+    /// Median sort + merge + per-run madvise.
+    pub per_run_ms: f64,
+    /// Median sort + merge part of `per_run_ms`.
+    pub per_run_sort_ms: f64,
+    /// Runs the per-run strategy found.
+    pub per_run_runs: u64,
+    pub ratio_vs_limit: f64,
+    pub ratio_per_page_vs_gather: f64,
+    pub ratio_per_run_vs_gather: f64,
+    /// Longest table-lock hold during the unmap, over all repetitions.
+    pub max_lock_hold_us: f64,
+    /// Median over repetitions of each repetition's longest hold.
+    pub median_rep_max_lock_hold_us: f64,
+    /// Longest time the holder was on a CPU during one lock hold, over all
+    /// repetitions (thread CPU time): a wall-clock maximum far above this
+    /// one is the holder being descheduled, not work under the lock.
+    pub max_lock_hold_cpu_us: f64,
+    /// The environment's own stalls, measured in the same run: a busy loop
+    /// reading the clock, with no lock and no work, right after the gathers
+    /// for as long as all gather repetitions took together (at least
+    /// 100 ms); its longest gap between two clock reads (interrupts,
+    /// hypervisor steal, preemption).
+    pub env_max_stall_us: f64,
+    /// Gaps over 50 µs in that loop.
+    pub env_stalls_over_50us: u64,
+    /// Upper bound of the 99th percentile lock hold (power-of-two histogram).
+    pub lock_hold_p99_us_upper: f64,
+    /// Upper bound of the 99.9th percentile lock hold (same histogram,
+    /// capped at the maximum).
+    pub lock_hold_p999_us_upper: Option<f64>,
+    /// The environment's own "holds": the same busy loop cut into sections
+    /// of a fixed number of clock reads, calibrated to last as long as a
+    /// median lock hold when nothing interrupts them (`env_hold_work_us`).
+    /// No lock, no table: a section takes longer only when the environment
+    /// stalls it. Upper bound of their 99.9th percentile (the lock holds'
+    /// histogram, capped at the maximum), their longest, and how many
+    /// there were.
+    pub env_hold_p999_us_upper: Option<f64>,
+    pub env_hold_max_us: Option<f64>,
+    pub env_hold_work_us: Option<f64>,
+    pub env_holds: Option<u64>,
+    /// Lock holds of all repetitions: `[bucket upper bound µs, count]`.
+    pub lock_hold_hist_us: Vec<(f64, u64)>,
+    /// Table-lock acquisitions during one unmap.
+    pub lock_acquisitions: u64,
+    /// The per-page baseline's mutex hold (the whole loop).
+    pub per_page_lock_hold_ms: f64,
+    /// Release system calls made by the gather in one unmap.
+    pub release_calls: u64,
+    pub flushes: u64,
+    pub forced_flushes: u64,
+    pub fallback_batches: u64,
+    pub batch_allocs: u64,
+    pub tables_retired: u64,
+    /// Table pages in bytes with the region mapped, before unmapping.
+    pub table_bytes: u64,
+    pub table_overhead_pct: f64,
+    /// Median time to map the region (not part of any comparison).
+    pub map_ms: f64,
+    /// Median time to re-touch the region (fault it all back in).
+    pub touch_ms: f64,
+    /// 2M runs: the process's `AnonHugePages` after touching, lowest over
+    /// all touches (how much of the region really was THP-backed).
+    pub anon_huge_bytes_after_touch: Option<u64>,
+    /// Resident bytes of the region after each strategy (worst repetition).
+    pub rss_after_gather: u64,
+    pub rss_after_limit: u64,
+    pub rss_after_per_page: u64,
+    pub rss_after_per_run: u64,
+    /// Every strategy brought every byte back.
+    pub released_ok: bool,
+    /// Every repetition's figures, in run order.
+    #[serde(default)]
+    pub gather_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub limit_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub per_page_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub per_run_ms_all: Vec<f64>,
+    /// Each repetition's longest table-lock hold (µs).
+    #[serde(default)]
+    pub max_lock_hold_us_all: Vec<f64>,
+    /// Each repetition's involuntary context switches of the unmapping
+    /// thread during the timed unmap: a hold that spans one is wall time
+    /// the holder spent descheduled (other load on the machine).
+    #[serde(default)]
+    pub preempted_during_unmap_all: Vec<u64>,
+    pub targets: UnmapTargets,
+}
+
+/// The targets as `gmm bench unmap` evaluates them on one size.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct UnmapTargets {
+    /// gather ≤ 1.10 × limit.
+    pub gather_within_1_10x_limit: bool,
+    /// per-page ≥ 10 × gather (retired in the report: bounded by the
+    /// kernel, see `report.rs`).
+    pub at_least_10x_per_page: bool,
+    /// max lock hold ≤ 100 µs (wall clock).
+    pub lock_hold_le_100us: bool,
+    /// max lock hold ≤ 100 µs in the holder's CPU time.
+    pub lock_hold_cpu_le_100us: bool,
+    /// table overhead ≤ 0.2 % (meaningful at 4 KiB leaves).
+    pub table_overhead_le_0_2pct: bool,
+}
+
+/// `gmm bench unmap --sizes A,B,.. --json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct UnmapMulti {
+    pub tool: String,
+    pub page_size: String,
+    pub sizes: Vec<u64>,
+    pub max_lock_hold_us_by_size: Vec<(u64, f64)>,
+    pub median_rep_max_lock_hold_us_by_size: Vec<(u64, f64)>,
+    pub lock_hold_p99_us_upper_by_size: Vec<(u64, f64)>,
+    #[serde(default)]
+    pub lock_hold_p999_us_upper_by_size: Vec<(u64, f64)>,
+    /// The largest size's max hold is no larger than the smallest size's.
+    pub lock_hold_not_larger_at_largest: bool,
+    /// The same comparison on the median of each repetition's max hold.
+    pub median_rep_max_not_larger_at_largest: bool,
+    pub runs: Vec<UnmapResult>,
+}
+
+// ---------------------------------------------------------------------
+// gmm bench walk (mirrors walk.rs's `WalkJson`)
+
+/// `gmm bench walk --json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct WalkResult {
+    pub tool: String,
+    pub threads: u32,
+    pub cores: usize,
+    pub membarrier: bool,
+    pub storm_oversubscribed: bool,
+    pub seconds_per_phase: f64,
+    pub mem_bytes: u64,
+    pub batch: u32,
+    /// Cached path (`translate`), random addresses over the whole table.
+    pub walk_per_s: f64,
+    pub walk_uncached_per_s: f64,
+    pub walk_hot_per_s: f64,
+    pub walk_pin_each_per_s: f64,
+    /// Cached path while a storm unmaps and remaps random 2 MiB ranges.
+    pub walk_under_unmap_per_s: f64,
+    pub walk_busy_neighbour_per_s: f64,
+    pub walk_under_unmap_unmapped_pct: f64,
+    pub storm_rate_requested: Option<f64>,
+    pub storm_ops_per_s: f64,
+    pub storm_shootdowns: u64,
+    pub under_unmap_ratio: f64,
+    pub under_unmap_vs_busy_ratio: f64,
+    pub rwlock_per_s: f64,
+    pub rwlock_under_unmap_per_s: f64,
+    pub rwlock_storm_ops_per_s: f64,
+    pub rwlock_under_unmap_ratio: f64,
+    pub vm_memory_per_s: f64,
+    pub vm_memory_regions: usize,
+    pub walk_vs_rwlock: f64,
+    pub walk_vs_vm_memory: f64,
+    pub guest_memory_view_per_s: f64,
+    pub guest_memory_view_op: String,
+    pub guest_memory_view_vs_walk: f64,
+    pub guest_memory_view_vs_vm_memory: f64,
+    pub use_after_free: u64,
+    pub targets: WalkTargets,
+}
+
+/// `gmm bench walk`'s own verdicts.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct WalkTargets {
+    pub walk_ge_50m_per_s: bool,
+    pub under_unmap_ge_0_8x: bool,
+}
+
+// ---------------------------------------------------------------------
+// gmm bench balloon
+
+/// `gmm bench balloon --pattern P --json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BalloonResult {
+    pub tool: String,
+    pub pattern: String,
+    pub size_bytes: u64,
+    /// 4 KiB pages inflated.
+    pub pages: u64,
+    /// Coalesced runs of the PFNs.
+    pub runs: u64,
+    pub page_size: String,
+    pub vm_mem_bytes: u64,
+    pub per_chain: u64,
+    pub notifies: u64,
+    /// Release system calls of one inflate (batched `process_madvise`
+    /// calls count once; the per-run baseline makes `runs` calls).
+    pub release_syscalls: u64,
+    pub reps: u32,
+    pub membarrier: bool,
+    /// Median first notify → last used buffer.
+    pub inflate_ms: f64,
+    /// Median of the device's own release time (arm + gather), summed over
+    /// the notifies of one inflate.
+    pub device_release_ms: f64,
+    /// Median deflate of the same pages (first notify → last used buffer).
+    pub deflate_ms: f64,
+    /// Median one madvise per coalesced run, on a fresh VM's RAM (a KVM
+    /// memslot, like the inflated memory).
+    pub madvise_ms: f64,
+    /// Median one madvise per 4 KiB page on a fresh VM's RAM (Cloud
+    /// Hypervisor's pattern).
+    pub per_page_ms: f64,
+    /// As `madvise_ms`, on a plain anonymous mapping (no KVM).
+    pub madvise_plain_ms: f64,
+    /// As `per_page_ms`, on a plain anonymous mapping (no KVM).
+    pub per_page_plain_ms: f64,
+    /// madvise_ms / inflate_ms (1.0 = as fast; higher = faster).
+    pub ratio_vs_madvise: f64,
+    /// per_page_ms / inflate_ms.
+    pub ratio_vs_per_page: f64,
+    pub ratio_vs_madvise_plain: f64,
+    pub ratio_vs_per_page_plain: f64,
+    /// The target for this pattern, as the bench states it.
+    pub target: String,
+    pub target_met: bool,
+    /// Process RSS drop across the inflate (median).
+    pub rss_drop_bytes: u64,
+    /// Inflated bytes still resident after each strategy (worst rep).
+    pub resident_after_inflate: u64,
+    pub resident_after_madvise: u64,
+    pub resident_after_per_page: u64,
+    /// Device errors over all repetitions.
+    pub device_errors: u64,
+    /// Every strategy brought every inflated page back, the device counted
+    /// every page inflated and deflated, and no errors.
+    pub released_ok: bool,
+    #[serde(default)]
+    pub inflate_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub madvise_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub per_page_ms_all: Vec<f64>,
+    /// The guest's own driver: p50/p99/max of its `QueueNotify` writes
+    /// (rdtsc around the write) during an inflate of `vcpu_notify_bytes`,
+    /// whose notifies release memory, µs.
+    pub vcpu_notify_p99_us: f64,
+    pub vcpu_notify_p50_us: f64,
+    pub vcpu_notify_max_us: f64,
+    pub vcpu_notify_count: u64,
+    pub vcpu_notify_bytes: u64,
+    /// The same for the deflate that follows (nothing to release).
+    pub vcpu_notify_p99_us_idle: f64,
+    pub vcpu_notify_p50_us_idle: f64,
+    pub vcpu_notify_max_us_idle: f64,
+    pub vcpu_notify_count_idle: u64,
+    /// TSC rate used for the conversion (calibrated).
+    pub tsc_khz: u64,
+    /// `DeviceThread` (ioeventfd), `Vcpu` or `Mixed`.
+    pub vcpu_notify_path: String,
+}
+
+// ---------------------------------------------------------------------
+// gmm bench teardown (mirrors teardown.rs's `TeardownResult`)
+
+/// The QEMU peer of `gmm bench teardown`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct QemuInfo {
+    pub path: String,
+    pub version: String,
+    pub accel: String,
+    pub backend: String,
+}
+
+/// One size of `gmm bench teardown` (medians over the repetitions).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct TeardownSize {
+    pub size_bytes: u64,
+    /// `Vm::destroy` call: stop and join the vCPUs, hand off reclamation.
+    pub destroy_ms: f64,
+    /// Start of `destroy` → guest RAM back with the host.
+    pub reclaim_ms: f64,
+    /// Start of `destroy` → `wait_reclaim` returned.
+    pub reclaim_done_ms: f64,
+    /// VmRSS sampled by the reclaim thread when guest RAM was back.
+    pub rss_at_memory_back_bytes: u64,
+    pub destroy_stop_vcpus_ms: f64,
+    pub reclaim_internal_ms: f64,
+    pub reclaim_vm_drop_ms: f64,
+    /// The whole-VM stage-2 gather (zap, invalidate, release).
+    pub reclaim_stage2_gather_ms: f64,
+    pub reclaim_stage2_barrier_ms: f64,
+    pub reclaim_unmap_ms: f64,
+    pub reclaim_other_ms: f64,
+    pub populate_ms: f64,
+    /// One munmap (+ close for memfd) of an equally populated mapping.
+    pub munmap_ms: f64,
+    /// Per-4 KiB release under one lock, then munmap (+ close).
+    pub naive_ms: f64,
+    /// reclaim_ms / munmap_ms.
+    pub ratio_vs_munmap: f64,
+    pub ratio_naive_vs_reclaim: f64,
+    /// QEMU quit → process exited, when measured.
+    pub qemu_ms: Option<f64>,
+    pub qemu_rss_bytes: Option<u64>,
+    /// `vmm` shutdown request sent → process exited.
+    pub process_exit_ms: Option<f64>,
+    pub process_ack_ms: Option<f64>,
+    pub process_destroy_ms: Option<f64>,
+    pub process_reclaim_ms: Option<f64>,
+    pub process_rss_bytes: Option<u64>,
+    pub service_sigterm_ms: Option<f64>,
+    #[serde(default)]
+    pub service_sigterm_ms_all: Vec<f64>,
+    pub rss_before_bytes: u64,
+    pub rss_populated_bytes: u64,
+    pub rss_after_bytes: u64,
+    pub guest_resident_bytes: u64,
+    pub vm_thp_bytes: u64,
+    pub munmap_thp_bytes: u64,
+    pub naive_thp_bytes: u64,
+    pub rss_returned_bytes: u64,
+    /// Every repetition's RSS came back within 16 MiB of where it started.
+    pub rss_back: bool,
+    pub shmem_freed_bytes: Option<u64>,
+    pub reclaim_within_1_10x_munmap: bool,
+    pub destroy_within_5ms: bool,
+    pub faster_than_qemu: Option<bool>,
+    #[serde(default)]
+    pub destroy_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub reclaim_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub reclaim_done_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub reclaim_internal_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub reclaim_stage2_gather_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub munmap_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub naive_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub qemu_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub process_exit_ms_all: Vec<f64>,
+}
+
+/// `gmm bench teardown --json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TeardownResult {
+    pub tool: String,
+    /// `anon` or `memfd`.
+    pub backing: String,
+    pub page_size: String,
+    /// `host` or `guest`.
+    pub populate: String,
+    pub reps: u32,
+    pub membarrier: bool,
+    pub cores: usize,
+    pub mem_total_bytes: u64,
+    pub kernel: String,
+    pub kvm_modules: Vec<String>,
+    pub qemu: Option<QemuInfo>,
+    pub qemu_skipped: Option<String>,
+    pub process_measured: bool,
+    pub munmap_baseline: String,
+    pub sizes: Vec<TeardownSize>,
+}
+
+// ---------------------------------------------------------------------
+// gmm bench launch
+
+/// p50 / p90 / max of one figure, ms.
+#[derive(Serialize, Deserialize, Debug, Default, Clone, Copy)]
+pub struct Dist {
+    pub p50: f64,
+    pub p90: f64,
+    pub max: f64,
+}
+
+/// `gmm bench launch --json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct LaunchResult {
+    pub tool: String,
+    pub count: u32,
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub cores: usize,
+    pub kvm_modules: Vec<String>,
+    /// Cycles / wall time of all cycles (one VM at a time).
+    pub launches_per_sec: f64,
+    /// Cycles / CPU time (user + system, all threads) spent in them.
+    pub launches_per_cpu_sec: f64,
+    /// CPU time per cycle, ms.
+    pub cpu_ms_per_launch: f64,
+    pub wall_s: f64,
+    /// What `boot_ms` means.
+    pub boot_ms_is: String,
+    pub boot_ms: Dist,
+    /// `Vm::new` → every vCPU verified its RAM.
+    pub ready_ms: Dist,
+    /// The `Vm::destroy` call.
+    pub teardown_ms: Dist,
+    /// `destroy` → guest RAM back with the host.
+    pub reclaim_ms: Dist,
+    /// VMs kept alive at once for the RSS figure.
+    pub alive_vms: u32,
+    pub rss_base_bytes: u64,
+    pub rss_alive_bytes: u64,
+    /// Guest RAM resident (mincore) over the live VMs.
+    pub guest_resident_bytes: u64,
+    /// Stage-2 table pages over the live VMs (part of the overhead).
+    pub stage2_table_bytes: u64,
+    /// (rss_alive − rss_base − guest_resident) / alive_vms.
+    pub rss_overhead_per_vm_bytes: Option<u64>,
+    /// VmRSS once the live VMs were destroyed and reclaimed.
+    pub rss_after_bytes: u64,
+    /// 20 launches per second (the cycles run one at a time).
+    pub meets_20_per_sec: bool,
+    #[serde(default)]
+    pub boot_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub ready_ms_all: Vec<f64>,
+}
+
+// ---------------------------------------------------------------------
+// gmm bench service (the Firecracker API)
+
+/// `gmm bench service --json`.
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct ServiceResult {
+    pub vms: usize,
+    pub mem_bytes: u64,
+    pub idle_seconds: f64,
+    pub launches_per_s: f64,
+    /// Each launch: process spawn → `InstanceStart` answered, ms.
+    pub launch_ms: Vec<f64>,
+    pub launch_ms_p50: f64,
+    /// `InstanceStart` → first `KVM_RUN` (the monitor's log), median.
+    pub monitor_setup_ms_p50: Option<f64>,
+    /// `InstanceStart` → the guest's first report from ring 3, median.
+    pub first_guest_report_ms_p50: Option<f64>,
+    pub idle_cpu_pct_per_vm: f64,
+    pub idle_cpu_pct_max_vm: f64,
+    pub idle_cpu_pct_all: Vec<f64>,
+    /// One clock tick over the window, % of a core: figures below it read 0.
+    pub idle_cpu_resolution_pct: f64,
+    pub stop_to_exit_ms_p50: f64,
+}
+
+// ---------------------------------------------------------------------
+// gmm bench linux
+
+/// A monitor under test.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Monitor {
+    /// Our `vmm`.
+    Ours,
+    /// QEMU (`-M microvm`).
+    Qemu,
+    /// Firecracker.
+    Fc,
+}
+
+/// How a running guest is stopped.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stop {
+    /// Ours and Firecracker: SIGTERM; QEMU: QMP `quit`.
+    Sigterm,
+    /// Ours and Firecracker: `PUT /actions SendCtrlAltDel` (the guest
+    /// restarts through the i8042, which ends the VM); QEMU: QMP `quit`.
+    CtrlAltDel,
+}
+
+/// One teardown row of `gmm bench linux`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct LinuxTeardownRow {
+    pub monitor: Monitor,
+    pub stop: Stop,
+    pub mem_mib: u64,
+    /// Whether guest RAM was populated host-side before the stop.
+    pub populated: bool,
+    pub rss_at_stop_bytes: u64,
+    pub stop_to_memory_back_ms: Option<f64>,
+    pub stop_to_exit_ms: f64,
+    pub exit_status: Option<i32>,
+}
+
+/// `gmm bench linux --json`.
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct LinuxResult {
+    pub kernel: String,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub inflate_mib: u64,
+    pub monitor_setup_ms: Option<f64>,
+    pub ours_init_s: Option<f64>,
+    pub qemu_init_s: Option<f64>,
+    pub fc_init_s: Option<f64>,
+    pub ours_inflate_mib_per_s: Option<f64>,
+    pub qemu_inflate_mib_per_s: Option<f64>,
+    pub fc_inflate_mib_per_s: Option<f64>,
+    /// Host CPU of the whole monitor process while the booted guest idles,
+    /// % of one core.
+    pub ours_idle_cpu_pct: Option<f64>,
+    pub qemu_idle_cpu_pct: Option<f64>,
+    pub fc_idle_cpu_pct: Option<f64>,
+    /// ours_init_s / qemu_init_s and / fc_init_s.
+    pub init_vs_qemu: Option<f64>,
+    pub init_vs_fc: Option<f64>,
+    /// ours_inflate_mib_per_s / the peer's.
+    pub inflate_vs_qemu: Option<f64>,
+    pub inflate_vs_fc: Option<f64>,
+    pub teardown: Vec<LinuxTeardownRow>,
+    /// Monitors or sessions that did not run, and why.
+    pub skipped: Vec<String>,
+}
+
+impl LinuxResult {
+    /// `(init s, idle CPU %, inflate MiB/s)` of one monitor.
+    pub fn of(&self, m: Monitor) -> (Option<f64>, Option<f64>, Option<f64>) {
+        match m {
+            Monitor::Ours => (
+                self.ours_init_s,
+                self.ours_idle_cpu_pct,
+                self.ours_inflate_mib_per_s,
+            ),
+            Monitor::Qemu => (
+                self.qemu_init_s,
+                self.qemu_idle_cpu_pct,
+                self.qemu_inflate_mib_per_s,
+            ),
+            Monitor::Fc => (
+                self.fc_init_s,
+                self.fc_idle_cpu_pct,
+                self.fc_inflate_mib_per_s,
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// gmm stress
+
+/// The JSON line of `gmm stress`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StressResult {
+    pub tool: String,
+    pub seconds: f64,
+    pub walkers: u32,
+    pub mutators: u32,
+    pub mem_bytes: u64,
+    pub membarrier: bool,
+    pub fail_batch_every: u64,
+    pub walks: u64,
+    pub walks_ok: u64,
+    pub walks_per_s: f64,
+    pub maps: u64,
+    pub unmaps: u64,
+    pub faults: u64,
+    pub protects: u64,
+    pub flushes: u64,
+    pub fallback_batches: u64,
+    pub grace_periods: u64,
+    pub splits: u64,
+    pub released_bytes: u64,
+    pub max_lock_hold_us: f64,
+    pub use_after_free: u64,
+    pub stale_translations: u64,
+    pub not_released: u64,
+    pub oracle_mismatch: u64,
+    pub op_errors: u64,
+    pub thread_panics: u64,
+    pub first_violation: Option<String>,
+    pub cache_hits: u64,
+    pub shootdowns: u64,
+    pub churns: u64,
+    pub scans: u64,
+    pub view_reads: u64,
+    pub view_reads_ok: u64,
+    pub view_stale_reads: u64,
+    pub violations: u64,
+    pub rss_start_bytes: u64,
+    pub rss_peak_bytes: u64,
+    pub rss_end_bytes: u64,
+    pub region_resident_end_bytes: u64,
+    pub table_pages_end: u64,
+    pub ok: bool,
+}
+
+// ---------------------------------------------------------------------
+// gmm stress-vm
+
+/// `gmm stress-vm --json`.
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct StressVmResult {
+    pub tool: String,
+    pub seconds: f64,
+    pub elapsed_s: f64,
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub device_threads: u32,
+    pub backing: String,
+    pub page_size: String,
+    pub membarrier: bool,
+    pub inject: Option<String>,
+    /// The rule this (mutation) build breaks, if any.
+    pub broken_rule: Option<String>,
+    pub cycles: u64,
+    pub pages_inflated: u64,
+    pub pages_deflated: u64,
+    pub pages_reported: u64,
+    pub driver_pages_inflated: u64,
+    pub driver_pages_deflated: u64,
+    pub driver_pages_reverified: u64,
+    pub balloon_max_pages: u64,
+    pub bytes_released: u64,
+    pub demand_faults: u64,
+    pub guest_passes: u64,
+    pub guest_bad_words: u64,
+    pub driver_bad_words: u64,
+    pub driver_errors: u64,
+    pub vcpu_failures: u64,
+    pub guest_errors: u64,
+    pub walks: u64,
+    pub walks_ok: u64,
+    pub walks_ballooned: u64,
+    pub walks_discarded: u64,
+    pub walks_per_s: f64,
+    pub bytes_copied: u64,
+    pub read_sections: u64,
+    pub front_sections: u64,
+    pub front_releases: u64,
+    pub read_section_max_us: f64,
+    pub stable_batches: u64,
+    pub inflate_batches: u64,
+    pub teardown_walks: u64,
+    pub teardown_walks_ok: u64,
+    pub injected_hits: u64,
+    pub injected_stale_reads: u64,
+    pub stale_released: u64,
+    pub stale_data: u64,
+    pub changed_under_reader: u64,
+    pub stale_translations: u64,
+    pub use_after_free: u64,
+    pub shadow_mismatches: u64,
+    /// Of which pages of the balloonable range not present at the end.
+    pub left_not_present: u64,
+    pub device_errors: u64,
+    pub unexpected_faults: u64,
+    pub final_bad_words: u64,
+    pub not_released: u64,
+    pub stalls: u64,
+    /// Device threads blocked inside one read section.
+    pub stuck_readers: u64,
+    pub max_lock_hold_us: f64,
+    pub rss_min_bytes: u64,
+    pub rss_max_bytes: u64,
+    pub rss_after_reclaim_bytes: u64,
+    pub reclaim_ms: f64,
+    pub tables_freed: u64,
+    pub table_pages_end: u64,
+    pub violations: u64,
+    /// The first violation a device thread counted, described.
+    pub first_walk_violation: Option<String>,
+    pub ok: bool,
+}
+
+// ---------------------------------------------------------------------
+// vmm run --balloon-target --json (the report's balloon-rss steps)
+
+/// The part of `vmm run --json` the report reads (vmm's `RunSummary`).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VmmRunResult {
+    pub guest_ok: Option<bool>,
+    pub mem_bytes: u64,
+    pub backing: String,
+    pub balloon_target_bytes: u64,
+    pub balloon_inflated_bytes: u64,
+    pub balloon_inflate_ms: f64,
+    pub balloon_device_inflate_ms: Option<f64>,
+    pub balloon_released_bytes: Option<u64>,
+    pub rss_before_inflate_bytes: u64,
+    pub rss_after_inflate_bytes: u64,
+    /// Resident guest RAM (`mincore`): required for guest-memfd rows.
+    pub guest_resident_before_inflate_bytes: Option<u64>,
+    pub guest_resident_after_inflate_bytes: Option<u64>,
+    pub balloon_device_errors: Option<u64>,
+    pub balloon_driver_error: Option<String>,
+}
+
+// ---------------------------------------------------------------------
+// gmm bench fault and gmm bench interference
+
+/// `gmm bench fault --json`: demand-fault latency of a guest, quiet and
+/// under an unmap storm.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct FaultResult {
+    pub p50_us_quiet: f64,
+    pub p99_us_quiet: f64,
+    pub max_us_quiet: f64,
+    pub p50_us_storm: f64,
+    pub p99_us_storm: f64,
+    pub max_us_storm: f64,
+    /// p99_us_storm / p99_us_quiet as the bench computed it (the report
+    /// computes its own).
+    pub p99_ratio: Option<f64>,
+    /// Faults timed in each phase.
+    pub samples_quiet: Option<u64>,
+    pub samples_storm: Option<u64>,
+}
+
+/// `gmm bench interference --json`: what a noisy VM costs a victim VM.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct InterferenceResult {
+    /// (victim fault p99 with the neighbour − alone) / alone.
+    pub victim_fault_p99_increase: f64,
+    /// (victim loop rate alone − with the neighbour) / alone.
+    pub victim_loop_rate_drop: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::de::DeserializeOwned;
+
+    use super::*;
+
+    /// A bench's struct, printed and read back, is itself.
+    fn round_trip<T: Serialize + DeserializeOwned>(v: &T) {
+        let j = serde_json::to_value(v).expect("serialize");
+        let back: T = serde_json::from_value(j.clone()).expect("read back");
+        assert_eq!(serde_json::to_value(&back).expect("serialize"), j);
+    }
+
+    #[test]
+    fn results_read_back_as_printed() {
+        round_trip(&StressVmResult::default());
+        round_trip(&LinuxResult {
+            teardown: vec![LinuxTeardownRow {
+                monitor: Monitor::Fc,
+                stop: Stop::CtrlAltDel,
+                mem_mib: 1024,
+                populated: false,
+                rss_at_stop_bytes: 1,
+                stop_to_memory_back_ms: None,
+                stop_to_exit_ms: 2.0,
+                exit_status: Some(0),
+            }],
+            ..LinuxResult::default()
+        });
+        round_trip(&ServiceResult::default());
+        round_trip(&TeardownSize::default());
+        round_trip(&FaultResult {
+            p50_us_quiet: 1.0,
+            p99_us_quiet: 2.0,
+            max_us_quiet: 3.0,
+            p50_us_storm: 1.0,
+            p99_us_storm: 2.0,
+            max_us_storm: 3.0,
+            p99_ratio: None,
+            samples_quiet: Some(5),
+            samples_storm: None,
+        });
+    }
+
+    #[test]
+    fn required_fields_are_required_and_unknown_ones_ignored() {
+        let ok = serde_json::json!({
+            "victim_fault_p99_increase": 0.1, "victim_loop_rate_drop": 0.0, "new_figure": 1
+        });
+        assert!(serde_json::from_value::<InterferenceResult>(ok).is_ok());
+        let renamed = serde_json::json!({
+            "victim_fault_p99_increase": 0.1, "victim_loop_drop": 0.0
+        });
+        let e = serde_json::from_value::<InterferenceResult>(renamed)
+            .expect_err("a renamed field must fail");
+        assert!(e.to_string().contains("victim_loop_rate_drop"), "{e}");
+        // A missing Option is None, not an error.
+        let f: FaultResult = serde_json::from_value(serde_json::json!({
+            "p50_us_quiet": 1.0, "p99_us_quiet": 2.0, "max_us_quiet": 3.0,
+            "p50_us_storm": 1.0, "p99_us_storm": 2.0, "max_us_storm": 3.0
+        }))
+        .expect("optional fields may be absent");
+        assert_eq!(f.samples_quiet, None);
+    }
+}
