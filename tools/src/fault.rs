@@ -482,10 +482,16 @@ pub fn cmd(a: &Args) -> Result<()> {
     c.console = Console::Null;
     let vm = Vm::new(c).context("creating the VM (is /dev/kvm usable?)")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut placement = "unpinned: victim, fault handler and storm threads placed by the scheduler"
-        .to_string();
+    let mut placement =
+        "unpinned: victim, fault handler and storm threads placed by the scheduler".to_string();
     if a.pin {
-        let h = threads_named("uffd");
+        // A thread names itself once it runs: give the handler a moment.
+        let mut h = threads_named("uffd");
+        let t = Instant::now();
+        while h.is_empty() && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+            h = threads_named("uffd");
+        }
         let ok = cores >= 2 && h.len() == 1 && pin(h[0], 0) && pin(0, 0);
         if !ok {
             bail!(
@@ -514,7 +520,9 @@ pub fn cmd(a: &Args) -> Result<()> {
     vm.memory()
         .release(&[(storm_lo, storm_hi - storm_lo)], ReleaseMode::Discard)
         .context("arming the storm range")?;
-    vm.memory().populate().context("repopulating the storm range")?;
+    vm.memory()
+        .populate()
+        .context("repopulating the storm range")?;
     let s = Setup {
         vm: &vm,
         victim_lo,
