@@ -27,7 +27,11 @@
 //! mapping (demand faults through the same handler, as a guest reusing
 //! its freed pages), `table` makes the entries present again in the table
 //! only (`fault_in`; the memory stays unpopulated: a pure table-writer
-//! storm whose releases are cheap for the kernel).
+//! storm whose releases are cheap for the kernel). `plain` is the
+//! baseline without the monitor: the same release-and-rewrite loop on an
+//! anonymous mapping of this process outside guest RAM (no table, no
+//! handler), i.e. what the kernel (TLB shootdowns of the shared address
+//! space, page faults) and the CPUs alone cost the victim.
 //!
 //! **Phases** of each round: `quiet` (victim alone), `storm`, and `spin`
 //! (a thread that only reads the clock, as long as the quiet phase took:
@@ -52,6 +56,7 @@ use serde::Serialize;
 use vmm::guest::layout::WORKLOAD_START;
 use vmm::{Backing, Console, MemSize, PageSize, ReleaseMode, Vm, VmConfig, VmMemory, Workload};
 
+use crate::mem::AnonRegion;
 use crate::rng::{median, round, Rng};
 use crate::units::human_bytes;
 
@@ -93,6 +98,11 @@ pub enum Refill {
     Touch,
     /// Make the entries present in the table only (no memory touched).
     Table,
+    /// Not the monitor: the same loop (`MADV_DONTNEED` of a chunk, then a
+    /// write to each page) on an anonymous mapping of this process outside
+    /// guest RAM, with no table and no handler: what the kernel and the
+    /// CPUs alone cost the victim.
+    Plain,
 }
 
 impl Refill {
@@ -100,6 +110,7 @@ impl Refill {
         match self {
             Refill::Touch => "touch",
             Refill::Table => "table",
+            Refill::Plain => "plain",
         }
     }
 }
@@ -231,6 +242,28 @@ struct StormDone {
     secs: f64,
 }
 
+/// The `plain` storm: release and rewrite chunks of `r` until `stop`.
+fn plain_storm(r: &AnonRegion, chunk: u64, stop: &AtomicBool) -> Result<StormDone> {
+    let t = Instant::now();
+    let mut done = StormDone::default();
+    let mut off = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if off + chunk > r.len {
+            off = 0;
+        }
+        r.dontneed(off, chunk)?;
+        for p in (off..off + chunk).step_by(PAGE as usize) {
+            // SAFETY: inside `r`, a private mapping only this thread uses.
+            unsafe { ((r.base + p) as *mut u8).write_volatile(1) };
+        }
+        off += chunk;
+        done.releases += 1;
+        done.bytes += chunk;
+    }
+    done.secs = t.elapsed().as_secs_f64();
+    Ok(done)
+}
+
 /// The storm: releases and refills chunks of `[lo, hi)` until `stop`.
 fn storm(
     mem: &VmMemory,
@@ -277,6 +310,7 @@ fn storm(
                     unsafe { p.write_volatile(1) };
                 }
             }
+            Refill::Plain => bail!("the plain storm does not touch guest RAM"),
             Refill::Table => {
                 for off in (0..chunk).step_by(PAGE as usize) {
                     table
@@ -312,6 +346,8 @@ struct Setup<'a> {
     storm_lo: u64,
     storm_hi: u64,
     cursor: Arc<AtomicU64>,
+    /// The `plain` storm's mapping (as large as the storm range).
+    plain: Option<AnonRegion>,
 }
 
 /// Releases the victim range, then times a fault on each of its pages,
@@ -345,15 +381,18 @@ fn phase(a: &Args, s: &Setup<'_>, rng: &mut Rng, with_storm: bool) -> Result<Pha
                     if pin_it {
                         pin(0, 1);
                     }
-                    storm(
-                        mem,
-                        s.storm_lo,
-                        s.storm_hi,
-                        a.storm_chunk,
-                        a.storm_refill,
-                        stop,
-                        cursor,
-                    )
+                    match &s.plain {
+                        Some(r) => plain_storm(r, a.storm_chunk, stop),
+                        None => storm(
+                            mem,
+                            s.storm_lo,
+                            s.storm_hi,
+                            a.storm_chunk,
+                            a.storm_refill,
+                            stop,
+                            cursor,
+                        ),
+                    }
                 })
         });
         let h = h.transpose().context("spawning the storm thread")?;
@@ -450,6 +489,9 @@ struct FaultResult {
     /// Faults resolved by the handler and failed installs over the run.
     handler_faults: u64,
     handler_errors: u64,
+    /// The host's load averages (1, 5, 15 min) at the start and the end:
+    /// other work on the machine shares its cores with every thread here.
+    loadavg: [String; 2],
 }
 
 /// Run `gmm bench fault`.
@@ -530,7 +572,16 @@ pub fn cmd(a: &Args) -> Result<()> {
         storm_lo,
         storm_hi,
         cursor: Arc::new(AtomicU64::new(storm_lo)),
+        plain: match a.storm_refill {
+            Refill::Plain => {
+                let r = AnonRegion::new(storm_hi - storm_lo, guest_mm::PageSize::Size4K)?;
+                r.touch();
+                Some(r)
+            }
+            _ => None,
+        },
     };
+    let load0 = vmm::proc_stats::loadavg().unwrap_or_default();
     let mut rng = Rng::new(0xfa17_0012);
     let (mut quiet, mut stormy, mut spins) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..a.rounds {
@@ -630,6 +681,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         ),
         handler_faults: fs.faults,
         handler_errors: fs.errors,
+        loadavg: [load0, vmm::proc_stats::loadavg().unwrap_or_default()],
     };
     crate::say(
         a.json,

@@ -272,15 +272,13 @@ impl Victim {
     }
 
     /// The window's fault and walk p99 (µs) and sample counts.
-    fn window(&self, from: Instant, to: Instant) -> (crate::fault::Pct, crate::fault::Pct) {
+    fn window(&self, from: Instant, to: Instant) -> (Vec<f64>, Vec<f64>) {
         let pick = |s: &Samples| {
             let v = s.lock().unwrap_or_else(|e| e.into_inner());
-            let mut w: Vec<f64> = v
-                .iter()
+            v.iter()
                 .filter(|(t, _)| *t >= from && *t < to)
                 .map(|&(_, us)| us)
-                .collect();
-            pct(&mut w)
+                .collect::<Vec<f64>>()
         };
         (pick(&self.faults), pick(&self.walks))
     }
@@ -318,21 +316,26 @@ struct VictimEnd {
 }
 
 /// One window's figures.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Window {
     fault: crate::fault::Pct,
     walk: crate::fault::Pct,
+    /// The samples (µs, sorted), for the pooled percentiles.
+    fault_raw: Vec<f64>,
+    walk_raw: Vec<f64>,
     /// Guest loop, MiB/s.
     loop_mib_s: f64,
     secs: f64,
 }
 
 fn measure(v: &Victim, t0: Instant, p0: u64, t1: Instant, p1: u64) -> Window {
-    let (fault, walk) = v.window(t0, t1);
+    let (mut fault_raw, mut walk_raw) = v.window(t0, t1);
     let secs = (t1 - t0).as_secs_f64();
     Window {
-        fault,
-        walk,
+        fault: pct(&mut fault_raw),
+        walk: pct(&mut walk_raw),
+        fault_raw,
+        walk_raw,
         loop_mib_s: (p1 - p0) as f64 / MIB as f64 / secs.max(1e-9),
         secs,
     }
@@ -353,7 +356,7 @@ fn start_a(a: &Args, vmm: &Path) -> Result<VmA> {
         .arg("--populate")
         .stdout(Stdio::null());
     let mut w = Waited::spawn(cmd)?;
-    let deadline = Instant::now() + Duration::from_secs(30 + (a.a_mem >> 30) * 15);
+    let deadline = Instant::now() + Duration::from_secs(60 + (a.a_mem >> 30) * 30);
     wait_listening(&mut w, &sock.0, deadline, "VM A (vmm --api-sock)")?;
     let put = |uri: &str, body: serde_json::Value| {
         vmm::api::call(&sock.0, "PUT", uri, Some(&body)).with_context(|| format!("VM A: PUT {uri}"))
@@ -367,7 +370,25 @@ fn start_a(a: &Args, vmm: &Path) -> Result<VmA> {
         "/balloon",
         json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}),
     )?;
-    put("/actions", json!({"action_type": "InstanceStart"}))?;
+    // InstanceStart populates all RAM before it answers, which may take
+    // longer than the client's 30 s read timeout on a loaded host: a
+    // timeout is not a failure while the process lives and its RSS grows.
+    if let Err(e) = put("/actions", json!({"action_type": "InstanceStart"})) {
+        if let Some(o) = w.exited() {
+            bail!(
+                "VM A exited at its start ({}): {}",
+                o.status,
+                tail(&o.stderr)
+            );
+        }
+        let timed_out = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        if !timed_out {
+            return Err(e);
+        }
+    }
     wait_rss(w.pid, a.a_mem, deadline, "VM A")?;
     // Idle: its guest verified its RAM and waits for a balloon target.
     let mut last = vmm::proc_stats::cpu_time_of(w.pid).unwrap_or_default();
@@ -495,6 +516,10 @@ struct ScenarioResult {
     fault_p50_us_quiet: f64,
     fault_p50_us_event: f64,
     fault_max_us_event: f64,
+    /// p99 over all rounds' samples pooled (quiet, event), µs: steadier
+    /// than per-window p99s when windows hold few samples.
+    fault_p99_us_pooled: [f64; 2],
+    walk_p99_us_pooled: [f64; 2],
     walk_p99_us_quiet: Spread,
     walk_p99_us_event: Spread,
     loop_mib_per_sec_quiet: Spread,
@@ -508,6 +533,12 @@ struct ScenarioResult {
     /// VM A's CPU time during the event window, ms.
     a_cpu_ms: Spread,
     verdict: &'static str,
+}
+
+/// p99 of the samples of every window, µs.
+fn pooled<'a>(w: impl Iterator<Item = &'a Vec<f64>>) -> f64 {
+    let mut all: Vec<f64> = w.flatten().copied().collect();
+    round(pct(&mut all).p99, 2)
 }
 
 /// event / quiet − 1; `None` without quiet samples (no prober).
@@ -543,6 +574,14 @@ fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
         fault_p50_us_quiet: round(med(&|r| r.quiet.fault.p50), 2),
         fault_p50_us_event: round(med(&|r| r.event.fault.p50), 2),
         fault_max_us_event: round(med(&|r| r.event.fault.max), 1),
+        fault_p99_us_pooled: [
+            pooled(rs.iter().map(|r| &r.quiet.fault_raw)),
+            pooled(rs.iter().map(|r| &r.event.fault_raw)),
+        ],
+        walk_p99_us_pooled: [
+            pooled(rs.iter().map(|r| &r.quiet.walk_raw)),
+            pooled(rs.iter().map(|r| &r.event.walk_raw)),
+        ],
         walk_p99_us_quiet: spread(&col(&|r| r.quiet.walk.p99)),
         walk_p99_us_event: spread(&col(&|r| r.event.walk.p99)),
         loop_mib_per_sec_quiet: spread(&col(&|r| r.quiet.loop_mib_s)),
@@ -588,6 +627,9 @@ struct InterferenceResult {
     victim_guest_bad_words: u64,
     victim_handler_faults: u64,
     victim_handler_errors: u64,
+    /// The host's load averages (1, 5, 15 min) at the start and the end:
+    /// other work on the machine shares its cores with every thread here.
+    loadavg: [String; 2],
 }
 
 /// Run `gmm bench interference`.
@@ -612,6 +654,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             a.rounds
         ),
     );
+    let load0 = vmm::proc_stats::loadavg().unwrap_or_default();
     let v = Victim::start(a)?;
     let mut per: Vec<Vec<Round>> = scenarios.iter().map(|_| Vec::new()).collect();
     for r in 0..a.rounds {
@@ -688,6 +731,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         victim_guest_bad_words: end.guest_bad_words,
         victim_handler_faults: end.faults,
         victim_handler_errors: end.errors,
+        loadavg: [load0, vmm::proc_stats::loadavg().unwrap_or_default()],
     };
     if end.errors != 0 {
         bail!("VM B's fault handler failed {} installs", end.errors);
