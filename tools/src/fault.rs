@@ -167,7 +167,8 @@ pub(crate) fn spread(v: &[f64]) -> Spread {
 pub(crate) fn pin(tid: libc::pid_t, cpu: usize) -> bool {
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes one bit of `set`, `cpu` is checked by it.
+    // SAFETY: CPU_SET writes one bit of `set`; callers pass CPU 0 or 1,
+    // far below CPU_SETSIZE.
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: `set` is a live cpu_set_t of the size passed.
     unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
