@@ -13,7 +13,7 @@ fn bench_fault_json() {
     if !kvm_or_skip("bench_fault_json") {
         return;
     }
-    for refill in ["touch", "table"] {
+    for refill in ["touch", "table", "plain"] {
         let out = gmm(&[
             "bench",
             "fault",
