@@ -6,6 +6,10 @@
 //!   the gather against three release baselines measured in the same run;
 //! - `gmm bench walk` times the lockless fast walk, alone and under an
 //!   unmap storm, against an `RwLock` page map and vm-memory's lookup;
+//! - `gmm bench fault` times userfaultfd demand faults of a real VM,
+//!   quiet and under an unmap/balloon storm on other ranges of it;
+//! - `gmm bench interference` times a running VM's demand faults, device
+//!   walks and guest loop while another VM tears down or inflates;
 //! - `gmm bench balloon` inflates a virtio-balloon through the real device
 //!   path (host-side driver, no vCPU) against madvise baselines;
 //! - `gmm bench linux` boots the Linux fixture under `vmm`, QEMU and
@@ -25,6 +29,8 @@
 //! same run.
 
 mod balloon;
+mod fault;
+mod interference;
 mod launch;
 mod linux;
 mod mem;
@@ -84,6 +90,11 @@ enum Bench {
     Walk(walk::WalkArgs),
     /// Inflate a virtio-balloon through the device vs. madvise baselines.
     Balloon(balloon::BalloonArgs),
+    /// Demand-fault latency, quiet and under an unmap/balloon storm.
+    Fault(fault::Args),
+    /// A VM's faults, device walks and guest loop while another VM tears
+    /// down or inflates its balloon.
+    Interference(interference::Args),
     /// Destroy populated microVMs vs. munmap, a naive loop and QEMU.
     Teardown(teardown::Args),
     /// Launch+teardown cycles per second, boot time, RSS per VM.
@@ -132,6 +143,8 @@ fn main() -> Result<()> {
         Cmd::Bench(Bench::Unmap(a)) => unmap::cmd(a),
         Cmd::Bench(Bench::Walk(a)) => walk::cmd(a),
         Cmd::Bench(Bench::Balloon(a)) => balloon::cmd(a),
+        Cmd::Bench(Bench::Fault(a)) => fault::cmd(a),
+        Cmd::Bench(Bench::Interference(a)) => interference::cmd(a),
         Cmd::Bench(Bench::Teardown(a)) => teardown::cmd(a),
         Cmd::Bench(Bench::Launch(a)) => launch::cmd(a),
         Cmd::Bench(Bench::Linux(a)) => linux::cmd(a),

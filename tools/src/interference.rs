@@ -1,0 +1,740 @@
+//! `gmm bench interference`: does one VM's teardown or balloon inflate
+//! disturb another VM (issue 12, goal 4)?
+//!
+//! **VM A** is a separate `vmm --api-sock --populate` process (the `vmm`
+//! binary next to `gmm`): a real separate VM with its own address space,
+//! configured through the API with `--a-mem` of RAM (4 KiB pages unless
+//! `--a-huge`), one vCPU and a balloon, started, and waited for until its
+//! RAM is resident and its guest has finished its first pass (the
+//! process's CPU use falls below 5 % of a core). Each round runs both
+//! scenarios, each with a fresh VM A:
+//!
+//! - `teardown`: SIGTERM; the *event window* runs from the signal to the
+//!   process's exit (`waitpid`): its whole RAM goes back through the
+//!   stage-2 teardown gather;
+//! - `balloon`: `PATCH /balloon` to `--a-balloon` MiB; the window runs until
+//!   `GET /balloon/statistics` shows the guest's driver has inflated it all
+//!   (polled every 2 ms). VM A is then stopped outside any window.
+//!
+//! **VM B** is in this process ([`vmm::Vm`]), `--b-mem` of 4 KiB-page RAM,
+//! one vCPU running the default guest's [`Workload::BalloonStress`] loop:
+//! it rewrites and verifies its share of RAM in 64 KiB chunks forever
+//! (its balloon stays empty). Measured continuously, every sample stamped
+//! with its time:
+//!
+//! - *demand faults*: a prober thread releases `--probe-batch` (8) pages of
+//!   the top quarter of the share at a time through [`vmm::VmMemory::release`] and reads
+//!   one byte of each through the host mapping registered with
+//!   userfaultfd, timing each read, then sleeps 1 ms (the fault a vCPU raises, resolved by
+//!   VM B's handler thread and table). The guest's loop also runs over
+//!   these pages and may fault some of them first (its verification then
+//!   counts a few zero words; harmless here);
+//! - *device walks*: a device thread reads 16 random 4 KiB pages of the
+//!   bottom half of the share through the stage-2 fast walk
+//!   ([`vmm::GuestAccess::read`]), timing each, then sleeps 200 µs;
+//! - *guest loop rate*: bytes the guest rewrote and verified per second,
+//!   from its pass count and chunk cursor in the control page, read at the
+//!   window's ends.
+//!
+//! Before each event a *quiet window* of the same kind (`--quiet-ms`, VM A
+//! alive, populated and idle) is measured, so quiet and event windows
+//! alternate. Per window: p99 of faults and walks, loop rate. Reported per
+//! scenario: medians over rounds, and `*_increase` = median event p99 /
+//! median quiet p99 − 1, `victim_loop_rate_drop` = 1 − median event rate /
+//! median quiet rate (fractions; the target is <= 0.10 each). The
+//! top-level figures are the worse scenario's.
+//!
+//! **The machine.** Nothing is pinned: VM B's vCPU, its prober, device
+//! and handler threads and VM A's teardown or balloon threads share the
+//! cores the JSON reports. On 2 cores CPU contention is the first suspect
+//! of any increase; VM A's CPU time during each event window is reported
+//! (`/proc/PID/stat`, clock-tick resolution), as is the event window's
+//! length.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::json;
+use vmm::devices::virtio::balloon::BalloonConfig;
+use vmm::guest::balloon::DriverState;
+use vmm::guest::layout::CONTROL;
+use vmm::{Backing, Console, MemSize, PageSize, ReleaseMode, Vm, VmConfig, Workload};
+
+use crate::fault::{host_of, pct, spread, touch_timed, Spread};
+use crate::peer::{sock_path, tail, vmm_binary, wait_listening, wait_rss, SockFile, Waited};
+use crate::rng::{median, round, Rng};
+use crate::units::human_bytes;
+
+const PAGE: u64 = 4096;
+const MIB: u64 = 1 << 20;
+/// Pages the prober releases, then faults, at a time; it then pauses 1 ms
+/// (`--probe-batch 8`: at most about 8,000 faults/s, enough samples for a
+/// p99 in a 50 ms window without the prober dominating VM B).
+const PROBE_PAUSE: Duration = Duration::from_millis(1);
+/// Pages a device thread reads per burst, and its pause between bursts.
+const WALK_BURST: usize = 16;
+const WALK_PAUSE: Duration = Duration::from_micros(200);
+
+/// Options of `gmm bench interference`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Rounds (each: both scenarios, each with a quiet window first).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+    /// VM A's RAM (populated), torn down in the teardown scenario.
+    #[arg(long, default_value = "4G", value_parser = crate::units::parse_size)]
+    pub a_mem: u64,
+    /// How much VM A's balloon inflates in the balloon scenario.
+    #[arg(long, default_value = "2G", value_parser = crate::units::parse_size)]
+    pub a_balloon: u64,
+    /// VM A's RAM in transparent huge pages (default: 4 KiB pages).
+    #[arg(long)]
+    pub a_huge: bool,
+    /// VM B's RAM.
+    #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
+    pub b_mem: u64,
+    /// Pages VM B's prober releases and faults per millisecond (0: no
+    /// prober, no fault figures: isolates the guest loop's own rate).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=512))]
+    pub probe_batch: u64,
+    /// Length of each quiet window, ms.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub quiet_ms: u64,
+    /// Only this scenario.
+    #[arg(long, value_enum)]
+    pub only: Option<Scenario>,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What VM A does in the event window.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// SIGTERM: the whole VM torn down.
+    Teardown,
+    /// The balloon inflated by `--a-balloon`.
+    Balloon,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Teardown => "teardown",
+            Scenario::Balloon => "balloon",
+        }
+    }
+}
+
+/// Samples stamped with their end, µs.
+type Samples = Arc<Mutex<Vec<(Instant, f64)>>>;
+
+/// VM B and its measuring threads.
+struct Victim {
+    vm: Vm,
+    faults: Samples,
+    walks: Samples,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+    share: (u64, u64),
+    probe_batch: u64,
+}
+
+impl Victim {
+    fn start(a: &Args) -> Result<Victim> {
+        let size = MemSize::from_bytes(a.b_mem).with_context(|| format!("--b-mem {}", a.b_mem))?;
+        vmm::guest::check_config(size.bytes(), 1).context("--b-mem")?;
+        let mut c = VmConfig::new(size);
+        c.backing = Backing::Anon;
+        c.page_size = PageSize::Size4K;
+        c.workload = Workload::BalloonStress;
+        c.console = Console::Null;
+        c.balloon = Some(BalloonConfig::default());
+        let mut vm = Vm::new(c).context("creating VM B (is /dev/kvm usable?)")?;
+        vm.start().context("starting VM B")?;
+        if !vm.wait_results(Duration::from_secs(60)) {
+            bail!(
+                "VM B's guest did not finish its first pass: {:?}",
+                vm.outcomes()
+            );
+        }
+        let (st, ok) = vm
+            .wait_balloon_driver(Duration::from_secs(60), |s| s.state == DriverState::Running)
+            .context("reading VM B's balloon driver")?;
+        if !ok {
+            bail!("VM B's balloon driver did not start: {st:?}");
+        }
+        let share = vmm::guest::share(size.bytes(), 1, 0);
+        let mut v = Victim {
+            vm,
+            faults: Arc::default(),
+            walks: Arc::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            share,
+            probe_batch: a.probe_batch,
+        };
+        v.spawn_threads()?;
+        Ok(v)
+    }
+
+    fn spawn_threads(&mut self) -> Result<()> {
+        let (s0, e0) = self.share;
+        let quarter = ((e0 - s0) / 4) & !(2 * MIB - 1);
+        let (probe_lo, probe_hi) = (e0 - quarter, e0);
+        let walk_pages = (e0 - s0) / 2 / PAGE;
+        let mem = Arc::clone(self.vm.memory());
+        let stop = Arc::clone(&self.stop);
+        let out = Arc::clone(&self.faults);
+        let host_lo = host_of(&mem, probe_lo)?;
+        let batch = self.probe_batch;
+        if batch > 0 {
+            self.threads.push(
+                std::thread::Builder::new()
+                    .name("prober".into())
+                    .spawn(move || -> Result<()> {
+                        let mut at = probe_lo;
+                        let mut local = Vec::with_capacity(1024);
+                        while !stop.load(Ordering::Relaxed) {
+                            if at + batch * PAGE > probe_hi {
+                                at = probe_lo;
+                            }
+                            mem.release(&[(at, batch * PAGE)], ReleaseMode::Discard)
+                                .context("VM B: releasing the prober's pages")?;
+                            for i in 0..batch {
+                                let addr = host_lo + (at - probe_lo) + i * PAGE;
+                                // SAFETY: inside VM B's guest RAM, which this
+                                // thread keeps alive (it holds the memory).
+                                let us = unsafe { touch_timed(addr) };
+                                local.push((Instant::now(), us));
+                            }
+                            at += batch * PAGE;
+                            out.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .append(&mut local);
+                            std::thread::sleep(PROBE_PAUSE);
+                        }
+                        Ok(())
+                    })
+                    .context("spawning the prober")?,
+            );
+        }
+        let mem = Arc::clone(self.vm.memory());
+        let stop = Arc::clone(&self.stop);
+        let out = Arc::clone(&self.walks);
+        self.threads.push(
+            std::thread::Builder::new()
+                .name("device-walk".into())
+                .spawn(move || -> Result<()> {
+                    let mut acc = mem.access();
+                    let mut rng = Rng::new(0x1a7e_0004);
+                    let mut buf = vec![0u8; PAGE as usize];
+                    let mut local = Vec::with_capacity(WALK_BURST);
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..WALK_BURST {
+                            let gpa = s0 + rng.below(walk_pages) * PAGE;
+                            let t = Instant::now();
+                            acc.read(gpa, &mut buf).context("VM B: device read")?;
+                            let end = Instant::now();
+                            local.push((end, (end - t).as_secs_f64() * 1e6));
+                        }
+                        out.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .append(&mut local);
+                        std::thread::sleep(WALK_PAUSE);
+                    }
+                    Ok(())
+                })
+                .context("spawning the device thread")?,
+        );
+        Ok(())
+    }
+
+    /// Bytes the guest's loop has rewritten and verified so far.
+    fn progress(&self) -> Result<u64> {
+        let (s0, e0) = self.share;
+        let mut acc = self.vm.stage2().access();
+        for _ in 0..100 {
+            let p0 = self.vm.stress_status()?[0].passes;
+            let mut b = [0u8; 8];
+            acc.read(CONTROL + vmm::guest::stress::CURSOR, &mut b)?;
+            let cur = u64::from_le_bytes(b).clamp(s0, e0);
+            if self.vm.stress_status()?[0].passes == p0 {
+                return Ok(p0 * (e0 - s0) + (cur - s0));
+            }
+        }
+        bail!("VM B's pass count kept moving while it was read")
+    }
+
+    /// The window's fault and walk p99 (µs) and sample counts.
+    fn window(&self, from: Instant, to: Instant) -> (Vec<f64>, Vec<f64>) {
+        let pick = |s: &Samples| {
+            let v = s.lock().unwrap_or_else(|e| e.into_inner());
+            v.iter()
+                .filter(|(t, _)| *t >= from && *t < to)
+                .map(|&(_, us)| us)
+                .collect::<Vec<f64>>()
+        };
+        (pick(&self.faults), pick(&self.walks))
+    }
+
+    /// Forgets samples older than `before`.
+    fn trim(&self, before: Instant) {
+        for s in [&self.faults, &self.walks] {
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(t, _)| *t >= before);
+        }
+    }
+
+    fn finish(self) -> Result<VictimEnd> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a VM B thread panicked"))??;
+        }
+        let guest_bad_words = self.vm.stress_status()?[0].bad_words;
+        let fs = self.vm.fault_stats().summary();
+        drop(self.vm.destroy());
+        Ok(VictimEnd {
+            guest_bad_words,
+            faults: fs.faults,
+            errors: fs.errors,
+        })
+    }
+}
+
+struct VictimEnd {
+    guest_bad_words: u64,
+    faults: u64,
+    errors: u64,
+}
+
+/// One window's figures.
+#[derive(Debug, Clone, Default)]
+struct Window {
+    fault: crate::fault::Pct,
+    walk: crate::fault::Pct,
+    /// The samples (µs, sorted), for the pooled percentiles.
+    fault_raw: Vec<f64>,
+    walk_raw: Vec<f64>,
+    /// Guest loop, MiB/s.
+    loop_mib_s: f64,
+    secs: f64,
+}
+
+fn measure(v: &Victim, t0: Instant, p0: u64, t1: Instant, p1: u64) -> Window {
+    let (mut fault_raw, mut walk_raw) = v.window(t0, t1);
+    let secs = (t1 - t0).as_secs_f64();
+    Window {
+        fault: pct(&mut fault_raw),
+        walk: pct(&mut walk_raw),
+        fault_raw,
+        walk_raw,
+        loop_mib_s: (p1 - p0) as f64 / MIB as f64 / secs.max(1e-9),
+        secs,
+    }
+}
+
+/// A started, populated, idle VM A.
+struct VmA {
+    w: Waited,
+    sock: SockFile,
+}
+
+fn start_a(a: &Args, vmm: &Path) -> Result<VmA> {
+    let sock = SockFile(sock_path("intf"));
+    let _ = std::fs::remove_file(&sock.0);
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--api-sock")
+        .arg(&sock.0)
+        .arg("--populate")
+        .stdout(Stdio::null());
+    let mut w = Waited::spawn(cmd)?;
+    let deadline = Instant::now() + Duration::from_secs(60 + (a.a_mem >> 30) * 30);
+    wait_listening(&mut w, &sock.0, deadline, "VM A (vmm --api-sock)")?;
+    let put = |uri: &str, body: serde_json::Value| {
+        vmm::api::call(&sock.0, "PUT", uri, Some(&body)).with_context(|| format!("VM A: PUT {uri}"))
+    };
+    put(
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": a.a_mem >> 20,
+               "huge_pages": if a.a_huge { "Transparent" } else { "None" }}),
+    )?;
+    put(
+        "/balloon",
+        json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}),
+    )?;
+    // InstanceStart populates all RAM before it answers, which may take
+    // longer than the client's 30 s read timeout on a loaded host: a
+    // timeout is not a failure while the process lives and its RSS grows.
+    if let Err(e) = put("/actions", json!({"action_type": "InstanceStart"})) {
+        if let Some(o) = w.exited() {
+            bail!(
+                "VM A exited at its start ({}): {}",
+                o.status,
+                tail(&o.stderr)
+            );
+        }
+        let timed_out = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        if !timed_out {
+            return Err(e);
+        }
+    }
+    wait_rss(w.pid, a.a_mem, deadline, "VM A")?;
+    // Idle: its guest verified its RAM and waits for a balloon target.
+    let mut last = vmm::proc_stats::cpu_time_of(w.pid).unwrap_or_default();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = vmm::proc_stats::cpu_time_of(w.pid).unwrap_or_default();
+        if now.saturating_sub(last) < Duration::from_millis(10) {
+            break;
+        }
+        last = now;
+        if Instant::now() > deadline {
+            bail!("VM A did not become idle in time");
+        }
+    }
+    Ok(VmA { w, sock })
+}
+
+fn sigterm(w: &mut Waited) -> Result<()> {
+    let pid = libc::pid_t::try_from(w.pid)?;
+    // SAFETY: our own child, not reaped (its waiter has not reported).
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        match w.exited() {
+            Some(o) => bail!("VM A exited early ({}): {}", o.status, tail(&o.stderr)),
+            None => bail!(
+                "SIGTERM to VM A failed: {}",
+                std::io::Error::last_os_error()
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// One scenario's round: quiet window, then the event window.
+struct Round {
+    quiet: Window,
+    event: Window,
+    /// VM A's CPU time in the event window, ms (clock ticks).
+    a_cpu_ms: f64,
+}
+
+fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
+    let mut vm_a = start_a(a, vmm)?;
+    v.trim(Instant::now());
+    let (q0, qp0) = (Instant::now(), v.progress()?);
+    std::thread::sleep(Duration::from_millis(a.quiet_ms));
+    let (q1, qp1) = (Instant::now(), v.progress()?);
+    let cpu0 = vmm::proc_stats::cpu_time_of(vm_a.w.pid).unwrap_or_default();
+    let (e0, ep0) = (Instant::now(), v.progress()?);
+    let (e1, cpu1) = match sc {
+        Scenario::Teardown => {
+            sigterm(&mut vm_a.w)?;
+            // Last reading before the exit (the process's stat goes with it).
+            let mut cpu = cpu0;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let end = loop {
+                if let Some(c) = vmm::proc_stats::cpu_time_of(vm_a.w.pid) {
+                    cpu = cpu.max(c);
+                }
+                match vm_a.w.wait(Duration::from_millis(2)) {
+                    Ok((t, out)) => {
+                        if !out.status.success() {
+                            bail!("VM A exited with {}: {}", out.status, tail(&out.stderr));
+                        }
+                        break t;
+                    }
+                    Err(_) if Instant::now() < deadline => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            (end, cpu)
+        }
+        Scenario::Balloon => {
+            let mib = a.a_balloon >> 20;
+            vmm::api::call(
+                &vm_a.sock.0,
+                "PATCH",
+                "/balloon",
+                Some(&json!({"amount_mib": mib})),
+            )
+            .context("VM A: PATCH /balloon")?;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let s = vmm::api::call(&vm_a.sock.0, "GET", "/balloon/statistics", None)
+                    .context("VM A: GET /balloon/statistics")?;
+                if s["actual_mib"].as_u64().unwrap_or(0) >= mib {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("VM A's balloon did not reach {mib} MiB in time: {s}");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let t = Instant::now();
+            let cpu = vmm::proc_stats::cpu_time_of(vm_a.w.pid).unwrap_or(cpu0);
+            (t, cpu)
+        }
+    };
+    let ep1 = v.progress()?;
+    if sc == Scenario::Balloon {
+        sigterm(&mut vm_a.w)?;
+        let (_, out) = vm_a.w.wait(Duration::from_secs(60))?;
+        if !out.status.success() {
+            bail!("VM A exited with {}: {}", out.status, tail(&out.stderr));
+        }
+    }
+    Ok(Round {
+        quiet: measure(v, q0, qp0, q1, qp1),
+        event: measure(v, e0, ep0, e1, ep1),
+        a_cpu_ms: cpu1.saturating_sub(cpu0).as_secs_f64() * 1e3,
+    })
+}
+
+/// One scenario's figures in the JSON.
+#[derive(Serialize, Debug)]
+struct ScenarioResult {
+    scenario: &'static str,
+    /// What VM A did.
+    event: String,
+    rounds: usize,
+    victim_fault_p99_increase: Option<f64>,
+    victim_walk_p99_increase: Option<f64>,
+    victim_loop_rate_drop: Option<f64>,
+    fault_p99_us_quiet: Spread,
+    fault_p99_us_event: Spread,
+    fault_p50_us_quiet: f64,
+    fault_p50_us_event: f64,
+    fault_max_us_event: f64,
+    /// p99 over all rounds' samples pooled (quiet, event), µs: steadier
+    /// than per-window p99s when windows hold few samples.
+    fault_p99_us_pooled: [f64; 2],
+    walk_p99_us_pooled: [f64; 2],
+    walk_p99_us_quiet: Spread,
+    walk_p99_us_event: Spread,
+    loop_mib_per_sec_quiet: Spread,
+    loop_mib_per_sec_event: Spread,
+    fault_samples_quiet: usize,
+    fault_samples_event: usize,
+    walk_samples_quiet: usize,
+    walk_samples_event: usize,
+    /// The event window's length, ms.
+    event_ms: Spread,
+    /// VM A's CPU time during the event window, ms.
+    a_cpu_ms: Spread,
+    verdict: &'static str,
+}
+
+/// p99 of the samples of every window, µs.
+fn pooled<'a>(w: impl Iterator<Item = &'a Vec<f64>>) -> f64 {
+    let mut all: Vec<f64> = w.flatten().copied().collect();
+    round(pct(&mut all).p99, 2)
+}
+
+/// event / quiet − 1; `None` without quiet samples (no prober).
+fn increase(quiet: f64, event: f64) -> Option<f64> {
+    (quiet > 0.0).then(|| round(event / quiet - 1.0, 3))
+}
+
+fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
+    let col = |f: &dyn Fn(&Round) -> f64| rs.iter().map(f).collect::<Vec<f64>>();
+    let med = |f: &dyn Fn(&Round) -> f64| median(&col(f));
+    let fq = med(&|r| r.quiet.fault.p99);
+    let fe = med(&|r| r.event.fault.p99);
+    let wq = med(&|r| r.quiet.walk.p99);
+    let we = med(&|r| r.event.walk.p99);
+    let lq = med(&|r| r.quiet.loop_mib_s);
+    let le = med(&|r| r.event.loop_mib_s);
+    let fi = increase(fq, fe);
+    let wi = increase(wq, we);
+    let drop = (lq > 0.0).then(|| round(1.0 - le / lq, 3));
+    let met = [fi, wi, drop].iter().all(|x| x.is_some_and(|x| x <= 0.10));
+    ScenarioResult {
+        scenario: sc.name(),
+        event: match sc {
+            Scenario::Teardown => format!("VM A ({} populated) torn down", human_bytes(a.a_mem)),
+            Scenario::Balloon => format!("VM A's balloon inflated by {}", human_bytes(a.a_balloon)),
+        },
+        rounds: rs.len(),
+        victim_fault_p99_increase: fi,
+        victim_walk_p99_increase: wi,
+        victim_loop_rate_drop: drop,
+        fault_p99_us_quiet: spread(&col(&|r| r.quiet.fault.p99)),
+        fault_p99_us_event: spread(&col(&|r| r.event.fault.p99)),
+        fault_p50_us_quiet: round(med(&|r| r.quiet.fault.p50), 2),
+        fault_p50_us_event: round(med(&|r| r.event.fault.p50), 2),
+        fault_max_us_event: round(med(&|r| r.event.fault.max), 1),
+        fault_p99_us_pooled: [
+            pooled(rs.iter().map(|r| &r.quiet.fault_raw)),
+            pooled(rs.iter().map(|r| &r.event.fault_raw)),
+        ],
+        walk_p99_us_pooled: [
+            pooled(rs.iter().map(|r| &r.quiet.walk_raw)),
+            pooled(rs.iter().map(|r| &r.event.walk_raw)),
+        ],
+        walk_p99_us_quiet: spread(&col(&|r| r.quiet.walk.p99)),
+        walk_p99_us_event: spread(&col(&|r| r.event.walk.p99)),
+        loop_mib_per_sec_quiet: spread(&col(&|r| r.quiet.loop_mib_s)),
+        loop_mib_per_sec_event: spread(&col(&|r| r.event.loop_mib_s)),
+        fault_samples_quiet: rs.iter().map(|r| r.quiet.fault.n).sum(),
+        fault_samples_event: rs.iter().map(|r| r.event.fault.n).sum(),
+        walk_samples_quiet: rs.iter().map(|r| r.quiet.walk.n).sum(),
+        walk_samples_event: rs.iter().map(|r| r.event.walk.n).sum(),
+        event_ms: spread(&col(&|r| r.event.secs * 1e3)),
+        a_cpu_ms: spread(&col(&|r| r.a_cpu_ms)),
+        verdict: if met { "met" } else { "missed" },
+    }
+}
+
+/// A fraction as a signed percentage, or "not measured".
+fn percent(x: Option<f64>) -> String {
+    x.map_or_else(|| "not measured".into(), |x| format!("{:+.1} %", x * 100.0))
+}
+
+/// The `--json` object.
+#[derive(Serialize, Debug)]
+struct InterferenceResult {
+    tool: &'static str,
+    cores: usize,
+    kvm_modules: Vec<String>,
+    placement: &'static str,
+    a_mem_bytes: u64,
+    a_balloon_bytes: u64,
+    a_huge_pages: bool,
+    b_mem_bytes: u64,
+    rounds: u32,
+    quiet_ms: u64,
+    /// The worse scenario's figures (fractions: 0.10 = 10 %; null when not
+    /// measured: no prober, no quiet samples).
+    victim_fault_p99_increase: Option<f64>,
+    victim_loop_rate_drop: Option<f64>,
+    victim_walk_p99_increase: Option<f64>,
+    target: &'static str,
+    verdict: &'static str,
+    scenarios: Vec<ScenarioResult>,
+    /// Zero words VM B's guest found (pages the prober released under its
+    /// loop; expected, not an error).
+    victim_guest_bad_words: u64,
+    victim_handler_faults: u64,
+    victim_handler_errors: u64,
+    /// The host's load averages (1, 5, 15 min) at the start and the end:
+    /// other work on the machine shares its cores with every thread here.
+    loadavg: [String; 2],
+}
+
+/// Run `gmm bench interference`.
+pub fn cmd(a: &Args) -> Result<()> {
+    if a.a_balloon >= a.a_mem || a.a_balloon < MIB {
+        bail!("--a-balloon must be at least 1 MiB and below --a-mem");
+    }
+    let vmm = vmm_binary()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let scenarios: Vec<Scenario> = match a.only {
+        Some(s) => vec![s],
+        None => vec![Scenario::Teardown, Scenario::Balloon],
+    };
+    crate::say(
+        a.json,
+        &format!(
+            "bench interference: VM A {} ({} pages, separate vmm process), VM B {} in-process \
+             (1 vCPU looping, prober, device thread), {} rounds, {cores} cores, nothing pinned\n",
+            human_bytes(a.a_mem),
+            if a.a_huge { "THP" } else { "4 KiB" },
+            human_bytes(a.b_mem),
+            a.rounds
+        ),
+    );
+    let load0 = vmm::proc_stats::loadavg().unwrap_or_default();
+    let v = Victim::start(a)?;
+    let mut per: Vec<Vec<Round>> = scenarios.iter().map(|_| Vec::new()).collect();
+    for r in 0..a.rounds {
+        for (i, &sc) in scenarios.iter().enumerate() {
+            let x = round_of(a, &vmm, &v, sc)?;
+            crate::say(
+                a.json,
+                &format!(
+                    "round {r} {:>8}: fault p99 {:.0} -> {:.0} µs ({} / {} samples), walk p99 \
+                     {:.1} -> {:.1} µs, loop {:.0} -> {:.0} MiB/s, event {:.0} ms, VM A CPU {:.0} ms\n",
+                    sc.name(),
+                    x.quiet.fault.p99,
+                    x.event.fault.p99,
+                    x.quiet.fault.n,
+                    x.event.fault.n,
+                    x.quiet.walk.p99,
+                    x.event.walk.p99,
+                    x.quiet.loop_mib_s,
+                    x.event.loop_mib_s,
+                    x.event.secs * 1e3,
+                    x.a_cpu_ms
+                ),
+            );
+            per[i].push(x);
+        }
+    }
+    let end = v.finish()?;
+    let results: Vec<ScenarioResult> = scenarios
+        .iter()
+        .zip(&per)
+        .map(|(&sc, rs)| summarise(a, sc, rs))
+        .collect();
+    let worst =
+        |f: fn(&ScenarioResult) -> Option<f64>| results.iter().filter_map(f).reduce(f64::max);
+    let fi = worst(|s| s.victim_fault_p99_increase);
+    let ld = worst(|s| s.victim_loop_rate_drop);
+    let wi = worst(|s| s.victim_walk_p99_increase);
+    for s in &results {
+        crate::say(
+            a.json,
+            &format!(
+                "{}: fault p99 {}, walk p99 {}, loop rate drop {} (target <= 10 % each): {}\n",
+                s.event,
+                percent(s.victim_fault_p99_increase),
+                percent(s.victim_walk_p99_increase),
+                percent(s.victim_loop_rate_drop),
+                s.verdict
+            ),
+        );
+    }
+    let res = InterferenceResult {
+        tool: "bench-interference",
+        cores,
+        kvm_modules: crate::peer::kvm_modules(),
+        placement: "unpinned: VM B's vCPU, prober, device and fault-handler threads and VM A's \
+                    threads placed by the scheduler",
+        a_mem_bytes: a.a_mem,
+        a_balloon_bytes: a.a_balloon,
+        a_huge_pages: a.a_huge,
+        b_mem_bytes: a.b_mem,
+        rounds: a.rounds,
+        quiet_ms: a.quiet_ms,
+        victim_fault_p99_increase: fi,
+        victim_loop_rate_drop: ld,
+        victim_walk_p99_increase: wi,
+        target: "VM B's demand-fault and device-walk p99 rise by <= 10 % and its loop rate \
+                 drops by <= 10 % while VM A tears down or inflates",
+        verdict: if results.iter().all(|s| s.verdict == "met") {
+            "met"
+        } else {
+            "missed"
+        },
+        scenarios: results,
+        victim_guest_bad_words: end.guest_bad_words,
+        victim_handler_faults: end.faults,
+        victim_handler_errors: end.errors,
+        loadavg: [load0, vmm::proc_stats::loadavg().unwrap_or_default()],
+    };
+    if end.errors != 0 {
+        bail!("VM B's fault handler failed {} installs", end.errors);
+    }
+    crate::emit_json(a.json, &res)
+}

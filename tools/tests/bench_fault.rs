@@ -1,0 +1,159 @@
+//! End-to-end checks of `gmm bench fault` and `gmm bench interference`: a
+//! short real run of each, its JSON fields, and bad arguments. No figure is
+//! asserted against a target (those are benchmark results), only that the
+//! faults really happened and the fields are consistent.
+
+use std::path::PathBuf;
+
+mod common;
+use common::*;
+
+#[test]
+fn bench_fault_json() {
+    if !kvm_or_skip("bench_fault_json") {
+        return;
+    }
+    for refill in ["touch", "table", "plain"] {
+        let out = gmm(&[
+            "bench",
+            "fault",
+            "--mem",
+            "64M",
+            "--rounds",
+            "2",
+            "--faults",
+            "200",
+            "--storm-refill",
+            refill,
+            "--json",
+        ]);
+        assert!(out.status.success(), "bench fault failed: {out:?}");
+        let v = last_json(&out);
+        assert_eq!(v["tool"], "bench-fault");
+        assert_eq!(v["storm_refill"], refill);
+        for k in [
+            "p50_us_quiet",
+            "p99_us_quiet",
+            "max_us_quiet",
+            "p50_us_storm",
+            "p99_us_storm",
+            "max_us_storm",
+            "p99_ratio",
+            "storm_releases_per_sec",
+            "env_spin_max_gap_us",
+            "lock_hold_max_us_storm",
+            "handler_mean_us_storm",
+        ] {
+            assert!(num(&v, k) >= 0.0, "{k}: {v}");
+        }
+        // Every timed read was a fault the handler resolved.
+        assert_eq!(num(&v, "samples_quiet"), 400.0, "{v}");
+        assert_eq!(num(&v, "samples_storm"), 400.0, "{v}");
+        assert!(num(&v, "handler_faults") >= 800.0, "{v}");
+        assert_eq!(num(&v, "handler_errors"), 0.0, "{v}");
+        assert!(num(&v, "storm_releases_per_sec") > 0.0, "{v}");
+        assert!(num(&v, "p50_us_quiet") <= num(&v, "p99_us_quiet"), "{v}");
+        assert!(num(&v, "p99_us_storm") <= num(&v, "max_us_storm"), "{v}");
+        assert!(
+            matches!(v["verdict"].as_str(), Some("met" | "missed")),
+            "{v}"
+        );
+    }
+}
+
+fn vmm_next_to_gmm() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_gmm")).with_file_name("vmm");
+    p.is_file().then_some(p)
+}
+
+#[test]
+fn bench_interference_json() {
+    if !kvm_or_skip("bench_interference_json") {
+        return;
+    }
+    if vmm_next_to_gmm().is_none() {
+        loud(
+            "SKIPPED: bench_interference_json: no vmm binary next to gmm \
+             (cargo build --release -p vmm): VM A is a vmm process",
+        );
+        return;
+    }
+    let out = gmm(&[
+        "bench",
+        "interference",
+        "--rounds",
+        "1",
+        "--a-mem",
+        "128M",
+        "--a-balloon",
+        "32M",
+        "--b-mem",
+        "32M",
+        "--quiet-ms",
+        "100",
+        "--json",
+    ]);
+    assert!(out.status.success(), "bench interference failed: {out:?}");
+    let v = last_json(&out);
+    assert_eq!(v["tool"], "bench-interference");
+    for k in [
+        "victim_fault_p99_increase",
+        "victim_loop_rate_drop",
+        "victim_walk_p99_increase",
+    ] {
+        num(&v, k);
+    }
+    assert_eq!(num(&v, "victim_handler_errors"), 0.0, "{v}");
+    let sc = v["scenarios"].as_array().expect("scenarios is an array");
+    let names: Vec<&str> = sc.iter().filter_map(|s| s["scenario"].as_str()).collect();
+    assert_eq!(names, ["teardown", "balloon"], "{v}");
+    for s in sc {
+        assert!(num(s, "fault_samples_quiet") > 0.0, "{s}");
+        assert!(num(s, "walk_samples_quiet") > 0.0, "{s}");
+        assert!(
+            s["loop_mib_per_sec_quiet"]["median"]
+                .as_f64()
+                .unwrap_or(0.0)
+                > 0.0,
+            "the guest's loop did not advance: {s}"
+        );
+        assert!(num(s, "victim_fault_p99_increase") >= -1.0, "{s}");
+        assert!(
+            matches!(s["verdict"].as_str(), Some("met" | "missed")),
+            "{s}"
+        );
+    }
+}
+
+#[test]
+fn bad_arguments_fail() {
+    for (args, needle) in [
+        (
+            &["bench", "fault", "--storm-chunk", "1000"][..],
+            "--storm-chunk must be a positive multiple of 4 KiB",
+        ),
+        (
+            &["bench", "fault", "--mem", "16M", "--faults", "4000"],
+            "is too small",
+        ),
+        (
+            &[
+                "bench",
+                "interference",
+                "--a-mem",
+                "1G",
+                "--a-balloon",
+                "2G",
+            ],
+            "--a-balloon must be at least 1 MiB and below --a-mem",
+        ),
+    ] {
+        let out = gmm(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in: {err}"
+        );
+    }
+}
