@@ -58,6 +58,7 @@ use vmm::{Backing, Console, MemSize, PageSize, ReleaseMode, Vm, VmConfig, VmMemo
 
 use crate::mem::AnonRegion;
 use crate::rng::{median, round, Rng};
+use crate::schema::{FaultResult, Spread};
 use crate::units::human_bytes;
 
 const PAGE: u64 = 4096;
@@ -141,14 +142,6 @@ pub(crate) fn pct(v: &mut [f64]) -> Pct {
         p99: at(0.99),
         max: v[v.len() - 1],
     }
-}
-
-/// Median, min and max of one figure over rounds.
-#[derive(Serialize, Debug, Default, Clone, Copy)]
-pub(crate) struct Spread {
-    pub(crate) median: f64,
-    pub(crate) min: f64,
-    pub(crate) max: f64,
 }
 
 pub(crate) fn spread(v: &[f64]) -> Spread {
@@ -436,65 +429,6 @@ fn phase(a: &Args, s: &Setup<'_>, rng: &mut Rng, with_storm: bool) -> Result<Pha
     })
 }
 
-/// The `--json` object.
-#[derive(Serialize, Debug)]
-struct FaultResult {
-    tool: &'static str,
-    mem_bytes: u64,
-    cores: usize,
-    kvm_modules: Vec<String>,
-    /// Where the threads ran.
-    placement: String,
-    rounds: u32,
-    samples_per_phase: u64,
-    samples_quiet: usize,
-    samples_storm: usize,
-    storm_chunk_bytes: u64,
-    storm_refill: &'static str,
-    storm_range_bytes: u64,
-    // The figures: medians over rounds of each phase's percentile.
-    p50_us_quiet: f64,
-    p99_us_quiet: f64,
-    max_us_quiet: f64,
-    p50_us_storm: f64,
-    p99_us_storm: f64,
-    max_us_storm: f64,
-    /// p99_us_storm / p99_us_quiet.
-    p99_ratio: f64,
-    target: &'static str,
-    verdict: &'static str,
-    /// Spread over rounds.
-    p99_us_quiet_spread: Spread,
-    p99_us_storm_spread: Spread,
-    max_us_quiet_spread: Spread,
-    max_us_storm_spread: Spread,
-    /// Storm releases per second and MiB/s released (medians over rounds).
-    storm_releases_per_sec: f64,
-    storm_mib_per_sec: f64,
-    /// Commits the table refused (retried faults), per phase (medians).
-    retries_quiet: f64,
-    retries_storm: f64,
-    /// Longest table-lock hold during the phase (median over rounds), µs.
-    lock_hold_max_us_quiet: f64,
-    lock_hold_max_us_storm: f64,
-    /// Mean time inside the fault handler per fault (message read → wake;
-    /// storm phases include the storm's refill faults), medians, µs.
-    handler_mean_us_quiet: f64,
-    handler_mean_us_storm: f64,
-    /// The environment's own stall: a clock-reading thread's longest gap
-    /// per spin phase (medians, and the worst), µs, and its gaps > 50 µs
-    /// per second.
-    env_spin_max_gap_us: f64,
-    env_spin_max_gap_us_worst: f64,
-    env_spin_gaps_over_50us_per_sec: f64,
-    /// Faults resolved by the handler and failed installs over the run.
-    handler_faults: u64,
-    handler_errors: u64,
-    /// The host's load averages (1, 5, 15 min) at the start and the end:
-    /// other work on the machine shares its cores with every thread here.
-    loadavg: [String; 2],
-}
-
 /// Run `gmm bench fault`.
 pub fn cmd(a: &Args) -> Result<()> {
     if a.storm_chunk == 0 || !a.storm_chunk.is_multiple_of(PAGE) {
@@ -633,7 +567,7 @@ pub fn cmd(a: &Args) -> Result<()> {
     };
     let gaps: Vec<f64> = spins.iter().map(|s| s.0).collect();
     let res = FaultResult {
-        tool: "bench-fault",
+        tool: "bench-fault".into(),
         mem_bytes: a.mem,
         cores,
         kvm_modules: crate::peer::kvm_modules(),
@@ -643,7 +577,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         samples_quiet: quiet.iter().map(|p| p.lat.n).sum(),
         samples_storm: stormy.iter().map(|p| p.lat.n).sum(),
         storm_chunk_bytes: a.storm_chunk,
-        storm_refill: a.storm_refill.name(),
+        storm_refill: a.storm_refill.name().into(),
         storm_range_bytes: storm_hi - storm_lo,
         p50_us_quiet: med(&quiet, |p| p.lat.p50),
         p99_us_quiet: p99_q,
@@ -652,11 +586,11 @@ pub fn cmd(a: &Args) -> Result<()> {
         p99_us_storm: p99_s,
         max_us_storm: med(&stormy, |p| p.lat.max),
         p99_ratio: ratio,
-        target: "p99 under the storm <= 2x p99 without",
+        target: "p99 under the storm <= 2x p99 without".into(),
         verdict: if ratio > 0.0 && ratio <= 2.0 {
-            "met"
+            "met".into()
         } else {
-            "missed"
+            "missed".into()
         },
         p99_us_quiet_spread: spread(&col(&quiet, |p| p.lat.p99)),
         p99_us_storm_spread: spread(&col(&stormy, |p| p.lat.p99)),

@@ -58,16 +58,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
 use serde_json::json;
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::guest::balloon::DriverState;
 use vmm::guest::layout::CONTROL;
 use vmm::{Backing, Console, MemSize, PageSize, ReleaseMode, Vm, VmConfig, Workload};
 
-use crate::fault::{host_of, pct, spread, touch_timed, Spread};
+use crate::fault::{host_of, pct, spread, touch_timed};
 use crate::peer::{sock_path, tail, vmm_binary, wait_listening, wait_rss, SockFile, Waited};
 use crate::rng::{median, round, Rng};
+use crate::schema::{InterferenceResult, ScenarioResult};
 use crate::units::human_bytes;
 
 const PAGE: u64 = 4096;
@@ -501,40 +501,6 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
     })
 }
 
-/// One scenario's figures in the JSON.
-#[derive(Serialize, Debug)]
-struct ScenarioResult {
-    scenario: &'static str,
-    /// What VM A did.
-    event: String,
-    rounds: usize,
-    victim_fault_p99_increase: Option<f64>,
-    victim_walk_p99_increase: Option<f64>,
-    victim_loop_rate_drop: Option<f64>,
-    fault_p99_us_quiet: Spread,
-    fault_p99_us_event: Spread,
-    fault_p50_us_quiet: f64,
-    fault_p50_us_event: f64,
-    fault_max_us_event: f64,
-    /// p99 over all rounds' samples pooled (quiet, event), µs: steadier
-    /// than per-window p99s when windows hold few samples.
-    fault_p99_us_pooled: [f64; 2],
-    walk_p99_us_pooled: [f64; 2],
-    walk_p99_us_quiet: Spread,
-    walk_p99_us_event: Spread,
-    loop_mib_per_sec_quiet: Spread,
-    loop_mib_per_sec_event: Spread,
-    fault_samples_quiet: usize,
-    fault_samples_event: usize,
-    walk_samples_quiet: usize,
-    walk_samples_event: usize,
-    /// The event window's length, ms.
-    event_ms: Spread,
-    /// VM A's CPU time during the event window, ms.
-    a_cpu_ms: Spread,
-    verdict: &'static str,
-}
-
 /// p99 of the samples of every window, µs.
 fn pooled<'a>(w: impl Iterator<Item = &'a Vec<f64>>) -> f64 {
     let mut all: Vec<f64> = w.flatten().copied().collect();
@@ -560,7 +526,7 @@ fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
     let drop = (lq > 0.0).then(|| round(1.0 - le / lq, 3));
     let met = [fi, wi, drop].iter().all(|x| x.is_some_and(|x| x <= 0.10));
     ScenarioResult {
-        scenario: sc.name(),
+        scenario: sc.name().into(),
         event: match sc {
             Scenario::Teardown => format!("VM A ({} populated) torn down", human_bytes(a.a_mem)),
             Scenario::Balloon => format!("VM A's balloon inflated by {}", human_bytes(a.a_balloon)),
@@ -592,44 +558,13 @@ fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
         walk_samples_event: rs.iter().map(|r| r.event.walk.n).sum(),
         event_ms: spread(&col(&|r| r.event.secs * 1e3)),
         a_cpu_ms: spread(&col(&|r| r.a_cpu_ms)),
-        verdict: if met { "met" } else { "missed" },
+        verdict: if met { "met" } else { "missed" }.into(),
     }
 }
 
 /// A fraction as a signed percentage, or "not measured".
 fn percent(x: Option<f64>) -> String {
     x.map_or_else(|| "not measured".into(), |x| format!("{:+.1} %", x * 100.0))
-}
-
-/// The `--json` object.
-#[derive(Serialize, Debug)]
-struct InterferenceResult {
-    tool: &'static str,
-    cores: usize,
-    kvm_modules: Vec<String>,
-    placement: &'static str,
-    a_mem_bytes: u64,
-    a_balloon_bytes: u64,
-    a_huge_pages: bool,
-    b_mem_bytes: u64,
-    rounds: u32,
-    quiet_ms: u64,
-    /// The worse scenario's figures (fractions: 0.10 = 10 %; null when not
-    /// measured: no prober, no quiet samples).
-    victim_fault_p99_increase: Option<f64>,
-    victim_loop_rate_drop: Option<f64>,
-    victim_walk_p99_increase: Option<f64>,
-    target: &'static str,
-    verdict: &'static str,
-    scenarios: Vec<ScenarioResult>,
-    /// Zero words VM B's guest found (pages the prober released under its
-    /// loop; expected, not an error).
-    victim_guest_bad_words: u64,
-    victim_handler_faults: u64,
-    victim_handler_errors: u64,
-    /// The host's load averages (1, 5, 15 min) at the start and the end:
-    /// other work on the machine shares its cores with every thread here.
-    loadavg: [String; 2],
 }
 
 /// Run `gmm bench interference`.
@@ -706,11 +641,12 @@ pub fn cmd(a: &Args) -> Result<()> {
         );
     }
     let res = InterferenceResult {
-        tool: "bench-interference",
+        tool: "bench-interference".into(),
         cores,
         kvm_modules: crate::peer::kvm_modules(),
         placement: "unpinned: VM B's vCPU, prober, device and fault-handler threads and VM A's \
-                    threads placed by the scheduler",
+                    threads placed by the scheduler"
+            .into(),
         a_mem_bytes: a.a_mem,
         a_balloon_bytes: a.a_balloon,
         a_huge_pages: a.a_huge,
@@ -721,12 +657,14 @@ pub fn cmd(a: &Args) -> Result<()> {
         victim_loop_rate_drop: ld,
         victim_walk_p99_increase: wi,
         target: "VM B's demand-fault and device-walk p99 rise by <= 10 % and its loop rate \
-                 drops by <= 10 % while VM A tears down or inflates",
+                 drops by <= 10 % while VM A tears down or inflates"
+            .into(),
         verdict: if results.iter().all(|s| s.verdict == "met") {
             "met"
         } else {
             "missed"
-        },
+        }
+        .into(),
         scenarios: results,
         victim_guest_bad_words: end.guest_bad_words,
         victim_handler_faults: end.faults,

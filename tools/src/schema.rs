@@ -740,31 +740,196 @@ pub struct VmmRunResult {
 // ---------------------------------------------------------------------
 // gmm bench fault and gmm bench interference
 
-/// `gmm bench fault --json`: demand-fault latency of a guest, quiet and
-/// under an unmap storm.
+/// Median, min and max of one figure over rounds.
+#[derive(Serialize, Deserialize, Debug, Default, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// `gmm bench fault --json`: userfaultfd demand-fault latency of one VM,
+/// quiet and under an unmap/balloon storm on other ranges of the same VM.
+/// The six figures the issue names are required; the rest default when a
+/// saved file lacks them.
+/// The `--json` object.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct FaultResult {
+    #[serde(default)]
+    pub tool: String,
+    #[serde(default)]
+    pub mem_bytes: u64,
+    #[serde(default)]
+    pub cores: usize,
+    #[serde(default)]
+    pub kvm_modules: Vec<String>,
+    /// Where the threads ran.
+    #[serde(default)]
+    pub placement: String,
+    #[serde(default)]
+    pub rounds: u32,
+    #[serde(default)]
+    pub samples_per_phase: u64,
+    #[serde(default)]
+    pub samples_quiet: usize,
+    #[serde(default)]
+    pub samples_storm: usize,
+    #[serde(default)]
+    pub storm_chunk_bytes: u64,
+    #[serde(default)]
+    pub storm_refill: String,
+    #[serde(default)]
+    pub storm_range_bytes: u64,
+    // The issue's figures: medians over rounds of each phase's percentile.
     pub p50_us_quiet: f64,
     pub p99_us_quiet: f64,
     pub max_us_quiet: f64,
     pub p50_us_storm: f64,
     pub p99_us_storm: f64,
     pub max_us_storm: f64,
-    /// p99_us_storm / p99_us_quiet as the bench computed it (the report
-    /// computes its own).
-    pub p99_ratio: Option<f64>,
-    /// Faults timed in each phase.
-    pub samples_quiet: Option<u64>,
-    pub samples_storm: Option<u64>,
+    /// p99_us_storm / p99_us_quiet.
+    #[serde(default)]
+    pub p99_ratio: f64,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub verdict: String,
+    /// Spread over rounds.
+    #[serde(default)]
+    pub p99_us_quiet_spread: Spread,
+    #[serde(default)]
+    pub p99_us_storm_spread: Spread,
+    #[serde(default)]
+    pub max_us_quiet_spread: Spread,
+    #[serde(default)]
+    pub max_us_storm_spread: Spread,
+    /// Storm releases per second and MiB/s released (medians over rounds).
+    #[serde(default)]
+    pub storm_releases_per_sec: f64,
+    #[serde(default)]
+    pub storm_mib_per_sec: f64,
+    /// Commits the table refused (retried faults), per phase (medians).
+    #[serde(default)]
+    pub retries_quiet: f64,
+    #[serde(default)]
+    pub retries_storm: f64,
+    /// Longest table-lock hold during the phase (median over rounds), µs.
+    #[serde(default)]
+    pub lock_hold_max_us_quiet: f64,
+    #[serde(default)]
+    pub lock_hold_max_us_storm: f64,
+    /// Mean time inside the fault handler per fault (message read → wake;
+    /// storm phases include the storm's refill faults), medians, µs.
+    #[serde(default)]
+    pub handler_mean_us_quiet: f64,
+    #[serde(default)]
+    pub handler_mean_us_storm: f64,
+    /// The environment's own stall: a clock-reading thread's longest gap
+    /// per spin phase (medians, and the worst), µs, and its gaps > 50 µs
+    /// per second.
+    #[serde(default)]
+    pub env_spin_max_gap_us: f64,
+    #[serde(default)]
+    pub env_spin_max_gap_us_worst: f64,
+    #[serde(default)]
+    pub env_spin_gaps_over_50us_per_sec: f64,
+    /// Faults resolved by the handler and failed installs over the run.
+    #[serde(default)]
+    pub handler_faults: u64,
+    #[serde(default)]
+    pub handler_errors: u64,
+    /// The host's load averages (1, 5, 15 min) at the start and the end:
+    /// other work on the machine shares its cores with every thread here.
+    #[serde(default)]
+    pub loadavg: [String; 2],
+}
+
+/// One scenario of `gmm bench interference`.
+/// One scenario's figures in the JSON.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ScenarioResult {
+    pub scenario: String,
+    /// What VM A did.
+    pub event: String,
+    pub rounds: usize,
+    pub victim_fault_p99_increase: Option<f64>,
+    pub victim_walk_p99_increase: Option<f64>,
+    pub victim_loop_rate_drop: Option<f64>,
+    pub fault_p99_us_quiet: Spread,
+    pub fault_p99_us_event: Spread,
+    pub fault_p50_us_quiet: f64,
+    pub fault_p50_us_event: f64,
+    pub fault_max_us_event: f64,
+    /// p99 over all rounds' samples pooled (quiet, event), µs: steadier
+    /// than per-window p99s when windows hold few samples.
+    pub fault_p99_us_pooled: [f64; 2],
+    pub walk_p99_us_pooled: [f64; 2],
+    pub walk_p99_us_quiet: Spread,
+    pub walk_p99_us_event: Spread,
+    pub loop_mib_per_sec_quiet: Spread,
+    pub loop_mib_per_sec_event: Spread,
+    pub fault_samples_quiet: usize,
+    pub fault_samples_event: usize,
+    pub walk_samples_quiet: usize,
+    pub walk_samples_event: usize,
+    /// The event window's length, ms.
+    pub event_ms: Spread,
+    /// VM A's CPU time during the event window, ms.
+    pub a_cpu_ms: Spread,
+    pub verdict: String,
 }
 
 /// `gmm bench interference --json`: what a noisy VM costs a victim VM.
+/// The two fractions the issue names are required (null: not measured).
+/// The `--json` object.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct InterferenceResult {
-    /// (victim fault p99 with the neighbour − alone) / alone.
-    pub victim_fault_p99_increase: f64,
-    /// (victim loop rate alone − with the neighbour) / alone.
-    pub victim_loop_rate_drop: f64,
+    #[serde(default)]
+    pub tool: String,
+    #[serde(default)]
+    pub cores: usize,
+    #[serde(default)]
+    pub kvm_modules: Vec<String>,
+    #[serde(default)]
+    pub placement: String,
+    #[serde(default)]
+    pub a_mem_bytes: u64,
+    #[serde(default)]
+    pub a_balloon_bytes: u64,
+    #[serde(default)]
+    pub a_huge_pages: bool,
+    #[serde(default)]
+    pub b_mem_bytes: u64,
+    #[serde(default)]
+    pub rounds: u32,
+    #[serde(default)]
+    pub quiet_ms: u64,
+    /// The worse scenario's figures (fractions: 0.10 = 10 %; null when not
+    /// measured: no prober, no quiet samples).
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub victim_fault_p99_increase: Option<f64>,
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub victim_loop_rate_drop: Option<f64>,
+    #[serde(default)]
+    pub victim_walk_p99_increase: Option<f64>,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub verdict: String,
+    #[serde(default)]
+    pub scenarios: Vec<ScenarioResult>,
+    /// Zero words VM B's guest found (pages the prober released under its
+    /// loop; expected, not an error).
+    #[serde(default)]
+    pub victim_guest_bad_words: u64,
+    #[serde(default)]
+    pub victim_handler_faults: u64,
+    #[serde(default)]
+    pub victim_handler_errors: u64,
+    /// The host's load averages (1, 5, 15 min) at the start and the end:
+    /// other work on the machine shares its cores with every thread here.
+    #[serde(default)]
+    pub loadavg: [String; 2],
 }
 
 #[cfg(test)]
@@ -798,17 +963,12 @@ mod tests {
         });
         round_trip(&ServiceResult::default());
         round_trip(&TeardownSize::default());
-        round_trip(&FaultResult {
-            p50_us_quiet: 1.0,
-            p99_us_quiet: 2.0,
-            max_us_quiet: 3.0,
-            p50_us_storm: 1.0,
-            p99_us_storm: 2.0,
-            max_us_storm: 3.0,
-            p99_ratio: None,
-            samples_quiet: Some(5),
-            samples_storm: None,
-        });
+        let f: FaultResult = serde_json::from_value(serde_json::json!({
+            "p50_us_quiet": 1.0, "p99_us_quiet": 2.0, "max_us_quiet": 3.0,
+            "p50_us_storm": 1.0, "p99_us_storm": 2.0, "max_us_storm": 3.0
+        }))
+        .expect("the six named figures suffice");
+        round_trip(&f);
     }
 
     #[test]
@@ -823,12 +983,17 @@ mod tests {
         let e = serde_json::from_value::<InterferenceResult>(renamed)
             .expect_err("a renamed field must fail");
         assert!(e.to_string().contains("victim_loop_rate_drop"), "{e}");
-        // A missing Option is None, not an error.
+        // Fields beyond the named ones take their defaults when absent.
         let f: FaultResult = serde_json::from_value(serde_json::json!({
             "p50_us_quiet": 1.0, "p99_us_quiet": 2.0, "max_us_quiet": 3.0,
             "p50_us_storm": 1.0, "p99_us_storm": 2.0, "max_us_storm": 3.0
         }))
         .expect("optional fields may be absent");
-        assert_eq!(f.samples_quiet, None);
+        assert_eq!(f.samples_quiet, 0);
+        // A named fraction may be null (not measured), never absent.
+        let null = serde_json::json!({
+            "victim_fault_p99_increase": null, "victim_loop_rate_drop": 0.0
+        });
+        assert!(serde_json::from_value::<InterferenceResult>(null).is_ok());
     }
 }

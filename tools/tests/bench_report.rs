@@ -335,7 +335,8 @@ fn fault_fixture(quiet: f64, storm: f64) -> Value {
     json!({
         "p50_us_quiet": quiet / 4.0, "p99_us_quiet": quiet, "max_us_quiet": quiet * 3.0,
         "p50_us_storm": storm / 4.0, "p99_us_storm": storm, "max_us_storm": storm * 3.0,
-        "p99_ratio": storm / quiet, "samples_quiet": 10000, "samples_storm": 9000,
+        "p99_ratio": if quiet > 0.0 { storm / quiet } else { 0.0 },
+        "samples_quiet": 10000, "samples_storm": 9000,
         "a_field_the_report_does_not_know": true
     })
 }
