@@ -8,7 +8,10 @@
 //!   measured without a storm;
 //! - an `RwLock<Vec<u64>>` page map read-locked per translation, with a
 //!   writer storm paced to the guest-mm storm's measured rate (so both
-//!   tables suffer the same number of unmap/remap operations per second).
+//!   tables suffer the same number of unmap/remap operations per second);
+//! - the same page map read with no lock (`page_map_unlocked_per_s`): one
+//!   random load from 2 MiB per GiB, the footprint of the stage-2 leaf
+//!   entries, so the memory bound of any page-granular translation.
 //!
 //! Beside the direct fast walk, the same translations go through guest-mm's
 //! vm-memory view of a read section (`WalkGuard::memory`, vm-memory's
@@ -68,7 +71,7 @@ pub struct WalkArgs {
     /// Walker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
-    /// Seconds per measurement phase (twelve phases per round).
+    /// Seconds per measurement phase (thirteen phases per round).
     #[arg(long, default_value = "0.5", value_parser = crate::units::parse_seconds)]
     pub seconds: f64,
     /// Rounds: every phase runs once per round, in a rotated order; the
@@ -173,8 +176,15 @@ struct WalkJson {
     vm_memory_regions: usize,
     /// vm-memory `get_host_address` over four regions.
     vm_memory_4_regions_per_s: f64,
+    /// The `RwLock` baseline's page map read with no lock at all (no
+    /// storm): one random 8-byte load per translation from an array of
+    /// the same size as the stage-2 leaf entries (2 MiB per GiB). What a
+    /// page-granular map costs on this machine, the bound of the walk.
+    page_map_unlocked_per_s: f64,
     /// `walk_per_s / rwlock_per_s` (target ≥ 1.2).
     walk_vs_rwlock: f64,
+    /// `walk_per_s / page_map_unlocked_per_s`.
+    walk_vs_page_map_unlocked: f64,
     /// `walk_per_s / vm_memory_per_s`, one region (target ≥ 0.8).
     walk_vs_vm_memory: f64,
     /// `walk_per_s / vm_memory_4_regions_per_s`.
@@ -217,11 +227,12 @@ enum Phase {
     Storm,
     RwLock,
     RwLockStorm,
+    PageMap,
     VmMemory1,
     VmMemory4,
 }
 
-const PHASES: [Phase; 12] = [
+const PHASES: [Phase; 13] = [
     Phase::Walk(Mode::Cached),
     Phase::View,
     Phase::Walk(Mode::Uncached),
@@ -232,6 +243,7 @@ const PHASES: [Phase; 12] = [
     Phase::Storm,
     Phase::RwLock,
     Phase::RwLockStorm,
+    Phase::PageMap,
     Phase::VmMemory1,
     Phase::VmMemory4,
 ];
@@ -511,6 +523,30 @@ impl RwTable {
     }
 }
 
+/// The `RwLock` baseline's page map read without the lock (unsound with a
+/// writer; no storm runs in this phase): one random load from a 2 MiB
+/// array per translation at 1 GiB, the same footprint as the stage-2 leaf
+/// entries, so the bound of any page-granular map on this machine.
+fn page_map_loop(t: &RwTable, i: usize, stop: &AtomicBool, len: u64, batch: u32) -> Count {
+    let m = t.map.read().unwrap_or_else(|e| e.into_inner());
+    let map: &[u64] = &m;
+    let mut rng = Rng::new(0x1234_5678 + i as u64 * 0x9e37_79b9);
+    let mut c = Count::default();
+    let mut sink = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..batch {
+            let gpa = addr(&mut rng, len);
+            match map.get((gpa / PAGE) as usize) {
+                Some(&e) if e & 1 != 0 => sink ^= (e & !(PAGE - 1)) + (gpa & (PAGE - 1)),
+                _ => c.failed += 1,
+            }
+        }
+        c.n += u64::from(batch);
+    }
+    black_box(sink);
+    c
+}
+
 fn rwlock_loop(t: &RwTable, i: usize, stop: &AtomicBool, len: u64, batch: u32) -> Count {
     let mut rng = Rng::new(0x1234_5678 + i as u64 * 0x9e37_79b9);
     let mut c = Count::default();
@@ -617,6 +653,12 @@ impl Bench<'_> {
                 |i, stop| rwlock_loop(self.rw, i, stop, len, b),
                 Some(|stop: &AtomicBool| Ok(rwlock_storm(self.rw, stop, len, rw_rate))),
             )?,
+            Phase::PageMap => phase(
+                t,
+                s,
+                |i, stop| page_map_loop(self.rw, i, stop, len, b),
+                none,
+            )?,
             Phase::VmMemory1 => phase(
                 t,
                 s,
@@ -654,13 +696,14 @@ fn rate_key(p: Phase) -> &'static str {
         Phase::Storm => "walk_under_unmap_per_s",
         Phase::RwLock => "rwlock_per_s",
         Phase::RwLockStorm => "rwlock_under_unmap_per_s",
+        Phase::PageMap => "page_map_unlocked_per_s",
         Phase::VmMemory1 => "vm_memory_per_s",
         Phase::VmMemory4 => "vm_memory_4_regions_per_s",
     }
 }
 
 /// Ratios computed within each round: (JSON name, numerator, denominator).
-const RATIOS: [(&str, &str, &str); 10] = [
+const RATIOS: [(&str, &str, &str); 11] = [
     ("walk_vs_vm_memory", "walk_per_s", "vm_memory_per_s"),
     (
         "walk_vs_vm_memory_4_regions",
@@ -695,6 +738,11 @@ const RATIOS: [(&str, &str, &str); 10] = [
         "vm_memory_per_s",
     ),
     ("walk_vs_walk_uncached", "walk_per_s", "walk_uncached_per_s"),
+    (
+        "walk_vs_page_map_unlocked",
+        "walk_per_s",
+        "page_map_unlocked_per_s",
+    ),
 ];
 
 /// Run `gmm bench walk`.
@@ -836,18 +884,32 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     log += &line("fast walk, under storm", "walk_under_unmap_per_s");
     log += &line("RwLock<Vec>", "rwlock_per_s");
     log += &line("RwLock<Vec>, under storm", "rwlock_under_unmap_per_s");
+    log += &line("page map, no lock (load bound)", "page_map_unlocked_per_s");
     log += &line("vm-memory get_host_address (1)", "vm_memory_per_s");
-    log += &line("vm-memory get_host_address (4)", "vm_memory_4_regions_per_s");
+    log += &line(
+        "vm-memory get_host_address (4)",
+        "vm_memory_4_regions_per_s",
+    );
     log += "  ratios, median of the rounds' ratios [lowest .. highest]\n";
     log += &rline("walk / vm-memory (1 region)", "walk_vs_vm_memory");
-    log += &rline("walk / vm-memory (4 regions)", "walk_vs_vm_memory_4_regions");
+    log += &rline(
+        "walk / vm-memory (4 regions)",
+        "walk_vs_vm_memory_4_regions",
+    );
     log += &rline("walk / RwLock", "walk_vs_rwlock");
+    log += &rline("walk / page map, no lock", "walk_vs_page_map_unlocked");
     log += &rline("under storm / alone", "under_unmap_ratio");
     log += &rline("under storm / busy neighbour", "under_unmap_vs_busy_ratio");
-    log += &rline("under storm / RwLock under storm", "under_unmap_vs_rwlock_under_unmap");
+    log += &rline(
+        "under storm / RwLock under storm",
+        "under_unmap_vs_rwlock_under_unmap",
+    );
     log += &rline("RwLock under storm / alone", "rwlock_under_unmap_ratio");
     log += &rline("view / walk", "guest_memory_view_vs_walk");
-    log += &rline("view / vm-memory (1 region)", "guest_memory_view_vs_vm_memory");
+    log += &rline(
+        "view / vm-memory (1 region)",
+        "guest_memory_view_vs_vm_memory",
+    );
     let storm_rate = median(&storm_rates);
     let rw_rate = median(&rw_rates);
     let unmapped_pct = storm_failed as f64 * 100.0 / storm_total.max(1) as f64;
@@ -894,7 +956,9 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         vm_memory_per_s: med("vm_memory_per_s"),
         vm_memory_regions: 1,
         vm_memory_4_regions_per_s: med("vm_memory_4_regions_per_s"),
+        page_map_unlocked_per_s: med("page_map_unlocked_per_s"),
         walk_vs_rwlock: med("walk_vs_rwlock"),
+        walk_vs_page_map_unlocked: med("walk_vs_page_map_unlocked"),
         walk_vs_vm_memory: med("walk_vs_vm_memory"),
         walk_vs_vm_memory_4_regions: med("walk_vs_vm_memory_4_regions"),
         under_unmap_vs_rwlock_under_unmap: med("under_unmap_vs_rwlock_under_unmap"),
@@ -909,8 +973,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
             walk_ge_0_8x_vm_memory: med("walk_vs_vm_memory") >= 0.8,
             walk_ge_1_2x_rwlock: med("walk_vs_rwlock") >= 1.2,
             under_unmap_ge_0_9x: med("under_unmap_ratio") >= 0.9,
-            under_unmap_ge_1_2x_rwlock_under_unmap: med("under_unmap_vs_rwlock_under_unmap")
-                >= 1.2,
+            under_unmap_ge_1_2x_rwlock_under_unmap: med("under_unmap_vs_rwlock_under_unmap") >= 1.2,
         },
         spread,
     };
