@@ -28,6 +28,10 @@ pub enum Rule {
     /// A walker empties its translation cache at pin when the table's
     /// invalidation sequence moved (broken: the cache is kept).
     CacheShootdown,
+    /// A walker forgets its cached leaf table pages at pin when the
+    /// table's unlink sequence moved (broken: it keeps using them, even
+    /// after they were freed).
+    LeafCacheUnlink,
     /// Unmappers, mappers and faults wait for older overlapping pending
     /// flushes (broken: nobody waits, pending ranges are ignored).
     PendingWait,
@@ -56,9 +60,10 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 10] = [
+    pub const ALL: [Rule; 11] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
+        Rule::LeafCacheUnlink,
         Rule::PendingWait,
         Rule::UnhookOrder,
         Rule::DeferredFree,
@@ -74,6 +79,7 @@ impl Rule {
         match self {
             Rule::GracePeriod => "grace_period",
             Rule::CacheShootdown => "cache_shootdown",
+            Rule::LeafCacheUnlink => "leaf_cache_unlink",
             Rule::PendingWait => "pending_wait",
             Rule::UnhookOrder => "unhook_order",
             Rule::DeferredFree => "deferred_free",

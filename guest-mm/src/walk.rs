@@ -1,10 +1,31 @@
 //! The lockless fast walk (the `gup_fast` analogue) and per-thread
 //! translation caches.
 //!
-//! A device thread owns a [`Walker`]: a registered RCU reader plus a small
-//! direct-mapped translation cache. [`Walker::pin`] opens a read section
+//! A device thread owns a [`Walker`]: a registered RCU reader plus two
+//! small direct-mapped caches. [`Walker::pin`] opens a read section
 //! ([`WalkGuard`]); translations borrowed from the guard cannot outlive it,
 //! so no host pointer is held across an invalidation.
+//!
+//! **The caches.** The *translation cache* ([`CACHE_SLOTS`] 4 KiB pages)
+//! answers a page it holds without reading the table: the hot-set case.
+//! The *leaf-table cache* ([`LEAF_SLOTS`] slots, one per 2 MiB of guest
+//! memory, so 1 GiB without conflicts) holds, for a 2 MiB region, the
+//! deepest table page a walk of it reached (the leaf table at 4 KiB
+//! leaves): a walk starts there and reads one live entry instead of four,
+//! so random access over a large guest costs one (likely cache-missing)
+//! entry load instead of a full walk. It caches *structure*, not
+//! translations: the entry itself is read live, with Acquire, so it is
+//! never stale. What must hold instead is that the cached page is still
+//! allocated: table pages are freed only after a grace period that starts
+//! after they were handed to deferred freeing, and that hand-over bumps
+//! the table's *unlink sequence* first (`Rcu::note_unlinked`). Each pin
+//! reads it after its fence and forgets every cached page if it moved (in
+//! O(1): slots are tagged with a walker-local generation). So a cached
+//! page is used only in a read section that a grace period freeing it
+//! would have to wait for. A page unlinked but not yet freed is empty
+//! (only empty table pages are unlinked), so a walk from it finds
+//! nothing, never a stale leaf; both caches are also emptied when the
+//! invalidation sequence moves.
 //!
 //! **Protocol: the walker is waited for, never retried.** A walk reads the
 //! entries with Acquire loads inside its read section and takes no lock.
@@ -32,14 +53,33 @@ use std::marker::PhantomData;
 use thiserror::Error;
 
 use crate::addr::{Gpa, Hva, PageSize, Perms};
-use crate::entry::{level_size, ADDRESS_LIMIT, PAGE_SHIFT, PAGE_SIZE, SW_BALLOONED};
+use crate::entry::{
+    index, level_shift, level_size, Pte, ADDRESS_BITS, ADDRESS_LIMIT, LEVELS, PAGE_SHIFT,
+    PAGE_SIZE, POISON, SW_BALLOONED,
+};
 use crate::mutation::{broken, Rule};
-use crate::reclaim::{ReadGuard, Reader};
+use crate::reclaim::{PagePtr, ReadGuard, Reader, TablePage};
 use crate::sync::{Arc, Ordering};
 use crate::table::{Lookup, Stage2Table};
 
 /// Entries in a walker's translation cache.
 pub const CACHE_SLOTS: usize = 64;
+
+/// Entries in a walker's leaf-table cache: one per 2 MiB region (at the
+/// production geometry), so 1 GiB of guest memory maps without conflicts.
+#[cfg(not(loom))]
+pub const LEAF_SLOTS: usize = 512;
+/// Entries in a walker's leaf-table cache (tiny under loom).
+#[cfg(loom)]
+pub const LEAF_SLOTS: usize = 2;
+
+/// log2 of the guest bytes one leaf-table cache slot covers: one entry at
+/// level 2 (2 MiB; the whole leaf table below it).
+const LEAF_SHIFT: u32 = level_shift(2);
+
+/// Where the generation starts in a leaf-cache tag (above every region
+/// number: guest addresses have [`ADDRESS_BITS`] bits).
+const GEN_SHIFT: u32 = ADDRESS_BITS - LEAF_SHIFT;
 
 /// The access a translation is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,16 +133,26 @@ pub struct WalkStats {
     pub shootdowns: u64,
     /// Walks that read poison.
     pub use_after_free: u64,
+    /// Walks that started at a cached leaf table page (part of `walks`).
+    pub leaf_hits: u64,
+    /// Leaf-table caches dropped at pin time because table pages were
+    /// unlinked (or an invalidation ran).
+    pub leaf_flushes: u64,
 }
 
+/// Each translation bumps exactly one of `cache_hits`, `leaf_hits`,
+/// `full_walks` and `out_of_range` (the hot path pays one increment);
+/// the totals are sums of them.
 #[derive(Default)]
 struct Counters {
-    translations: Cell<u64>,
     cache_hits: Cell<u64>,
-    walks: Cell<u64>,
+    leaf_hits: Cell<u64>,
+    full_walks: Cell<u64>,
+    out_of_range: Cell<u64>,
     failures: Cell<u64>,
     shootdowns: Cell<u64>,
     use_after_free: Cell<u64>,
+    leaf_flushes: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>) {
@@ -133,6 +183,50 @@ impl TlbCache {
     }
 }
 
+/// One leaf-table cache slot.
+#[derive(Default)]
+struct LeafSlot {
+    /// Region number (`gpa >> LEAF_SHIFT`) | generation; valid only when
+    /// the generation is the cache's current one (0 never is).
+    tag: Cell<u64>,
+    /// The table page's address | its level (bits 0-2).
+    page: Cell<u64>,
+}
+
+/// A direct-mapped cache of table pages keyed by 2 MiB region (see the
+/// module documentation for why a cached page is always still allocated).
+struct LeafCache {
+    /// The current generation, shifted to [`GEN_SHIFT`] (never 0).
+    gen: Cell<u64>,
+    /// The unlink sequence the current generation was started under.
+    unlink_seq: Cell<u64>,
+    slots: [LeafSlot; LEAF_SLOTS],
+}
+
+impl LeafCache {
+    fn new(unlink_seq: u64) -> LeafCache {
+        LeafCache {
+            gen: Cell::new(1 << GEN_SHIFT),
+            unlink_seq: Cell::new(unlink_seq),
+            slots: std::array::from_fn(|_| LeafSlot::default()),
+        }
+    }
+
+    /// Forget every cached page (O(1): a new generation; the slots are
+    /// cleared only when the generation wraps).
+    fn forget(&self) {
+        let next = self.gen.get().wrapping_add(1 << GEN_SHIFT);
+        if next == 0 {
+            for s in &self.slots {
+                s.tag.set(0);
+            }
+            self.gen.set(1 << GEN_SHIFT);
+        } else {
+            self.gen.set(next);
+        }
+    }
+}
+
 /// A translation, valid while the guard it was borrowed from lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Translation<'g> {
@@ -154,6 +248,7 @@ pub struct Walker {
     table: Arc<Stage2Table>,
     reader: Reader,
     cache: TlbCache,
+    leaf: LeafCache,
     counters: Counters,
 }
 
@@ -172,6 +267,7 @@ impl Walker {
             table: table.clone(),
             reader: table.rcu.register(),
             cache: TlbCache::new(table.inval_seq.load(Ordering::Acquire)),
+            leaf: LeafCache::new(table.rcu.unlink_seq()),
             counters: Counters::default(),
         }
     }
@@ -184,14 +280,28 @@ impl Walker {
         // After the pin's fence: an invalidation whose grace period does
         // not wait for us has bumped the sequence before we read it.
         let seq = self.table.inval_seq.load(Ordering::Acquire);
+        // Likewise: a grace period that frees table pages unlinked since
+        // our last pin starts after this sequence moved.
+        let unlinks = self.table.rcu.unlink_seq();
+        let mut forget = false;
         if self.cache.seq.get() != seq && !broken(Rule::CacheShootdown) {
             self.cache.clear();
             self.cache.seq.set(seq);
             bump(&self.counters.shootdowns);
+            forget = true;
+        }
+        if self.leaf.unlink_seq.get() != unlinks && !broken(Rule::LeafCacheUnlink) {
+            self.leaf.unlink_seq.set(unlinks);
+            forget = true;
+        }
+        if forget {
+            self.leaf.forget();
+            bump(&self.counters.leaf_flushes);
         }
         WalkGuard {
             table: &self.table,
             cache: &self.cache,
+            leaf: &self.leaf,
             counters: &self.counters,
             _rg: rg,
         }
@@ -225,13 +335,16 @@ impl Walker {
     /// Counters so far.
     pub fn stats(&self) -> WalkStats {
         let c = &self.counters;
+        let walks = c.leaf_hits.get() + c.full_walks.get();
         WalkStats {
-            translations: c.translations.get(),
+            translations: c.cache_hits.get() + walks + c.out_of_range.get(),
             cache_hits: c.cache_hits.get(),
-            walks: c.walks.get(),
+            walks,
             failures: c.failures.get(),
             shootdowns: c.shootdowns.get(),
             use_after_free: c.use_after_free.get(),
+            leaf_hits: c.leaf_hits.get(),
+            leaf_flushes: c.leaf_flushes.get(),
         }
     }
 }
@@ -240,6 +353,7 @@ impl Walker {
 pub struct WalkGuard<'w> {
     table: &'w Stage2Table,
     cache: &'w TlbCache,
+    leaf: &'w LeafCache,
     counters: &'w Counters,
     _rg: ReadGuard<'w>,
 }
@@ -255,35 +369,75 @@ impl<'w> WalkGuard<'w> {
         crate::table::state_of(self.table.lookup(gpa), gpa)
     }
 
-    /// Translate `gpa` for `access`, through the cache, else by a lockless walk.
-    #[inline]
+    /// Translate `gpa` for `access`, through the caches, else by a lockless walk.
+    #[inline(always)]
     pub fn translate(&self, gpa: Gpa, access: Access) -> Result<Translation<'_>, WalkError> {
         self.translate_for(gpa, access.perms())
     }
 
     /// Translate `gpa` for a leaf that has every permission in `need`
-    /// (none: any present leaf), through the cache, else by a lockless
+    /// (none: any present leaf), through the caches, else by a lockless
     /// walk. A leaf that lacks one fails with `PermissionDenied` naming
     /// [`Access::Write`] if write was needed and missing, else
     /// [`Access::Read`].
-    #[inline]
+    ///
+    /// The two common cases are inline and touch the table at most once:
+    /// a translation-cache hit, and a present 4 KiB leaf in the leaf table
+    /// cached for the 2 MiB region. Everything else (a walk from the root,
+    /// huge leaves, failures) is out of line.
+    #[inline(always)]
     pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
-        bump(&self.counters.translations);
-        let r = self.translate_inner(gpa, need);
+        // 1. The translation cache.
+        let gfn = gpa.0 >> PAGE_SHIFT;
+        let i = (gfn as usize) & (CACHE_SLOTS - 1);
+        if self.cache.tags[i].get() == gfn + 1 {
+            let v = self.cache.vals[i].get();
+            let perms = Perms::from_bits((v & 7) as u8);
+            if perms.contains(need) {
+                bump(&self.counters.cache_hits);
+                let level = ((v >> 3) & 7) as u32;
+                let hva = (v & !(PAGE_SIZE - 1)) + (gpa.0 & (PAGE_SIZE - 1));
+                return Ok(translation(gpa, hva, perms, level));
+            }
+        }
+        // 2. The leaf table cached for the region: one live entry.
+        if gpa.0 < ADDRESS_LIMIT {
+            let region = gpa.0 >> LEAF_SHIFT;
+            let slot = &self.leaf.slots[(region as usize) & (LEAF_SLOTS - 1)];
+            let v = slot.page.get();
+            if slot.tag.get() == region | self.leaf.gen.get() && v & 7 == 1 {
+                // SAFETY: see `cached_page`.
+                let page = unsafe { cached_page(v) };
+                let e = Pte(page.entries[index(gpa.0, 1)].load(Ordering::Acquire));
+                let perms = e.perms();
+                if e.is_present() && e.0 != POISON && perms.contains(need) {
+                    bump(&self.counters.leaf_hits);
+                    let hva = e.addr() + (gpa.0 & (PAGE_SIZE - 1));
+                    self.remember(gpa, hva, perms, 1);
+                    return Ok(translation(gpa, hva, perms, 1));
+                }
+            }
+        }
+        self.translate_slow(gpa, need)
+    }
+
+    /// Everything [`WalkGuard::translate_for`] does not answer inline.
+    #[inline(never)]
+    fn translate_slow(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
+        let r = self.walk(gpa, need, true);
         if r.is_err() {
             bump(&self.counters.failures);
         }
         r
     }
 
-    /// Translate without the cache (always a table walk).
+    /// Translate without the caches (always a table walk from the root).
     #[inline]
     pub fn translate_uncached(
         &self,
         gpa: Gpa,
         access: Access,
     ) -> Result<Translation<'_>, WalkError> {
-        bump(&self.counters.translations);
         let r = self.walk(gpa, access.perms(), false);
         if r.is_err() {
             bump(&self.counters.failures);
@@ -291,38 +445,31 @@ impl<'w> WalkGuard<'w> {
         r
     }
 
+    /// Put a 4 KiB translation in the translation cache.
     #[inline(always)]
-    fn translate_inner(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
+    fn remember(&self, gpa: Gpa, hva: u64, perms: Perms, level: u32) {
         let gfn = gpa.0 >> PAGE_SHIFT;
         let i = (gfn as usize) & (CACHE_SLOTS - 1);
-        if self.cache.tags[i].get() == gfn + 1 {
-            let v = self.cache.vals[i].get();
-            let perms = Perms::from_bits((v & 7) as u8);
-            let level = ((v >> 3) & 7) as u32;
-            if perms.contains(need) {
-                bump(&self.counters.cache_hits);
-                let size = level_size(level);
-                let off = gpa.0 & (PAGE_SIZE - 1);
-                return Ok(Translation {
-                    gpa,
-                    hva: Hva((v & !(PAGE_SIZE - 1)) + off),
-                    perms,
-                    size: PageSize::from_level(level).unwrap_or(PageSize::Size4K),
-                    len_in_leaf: size - (gpa.0 & (size - 1)),
-                    _guard: PhantomData,
-                });
-            }
-        }
-        self.walk(gpa, need, true)
+        self.cache.tags[i].set(gfn + 1);
+        self.cache.vals[i]
+            .set((hva & !(PAGE_SIZE - 1)) | u64::from(perms.bits()) | (u64::from(level) << 3));
     }
 
+    /// A table walk, from the cached leaf table if `cached` (filling both
+    /// caches), else from the root.
     #[inline(always)]
-    fn walk(&self, gpa: Gpa, need: Perms, fill: bool) -> Result<Translation<'_>, WalkError> {
+    fn walk(&self, gpa: Gpa, need: Perms, cached: bool) -> Result<Translation<'_>, WalkError> {
         if gpa.0 >= ADDRESS_LIMIT {
+            bump(&self.counters.out_of_range);
             return Err(WalkError::OutOfRange(gpa));
         }
-        bump(&self.counters.walks);
-        match self.table.lookup(gpa) {
+        let found = if cached {
+            self.lookup_cached(gpa)
+        } else {
+            bump(&self.counters.full_walks);
+            self.table.lookup(gpa)
+        };
+        match found {
             Lookup::Leaf { pte, level } => {
                 let size = level_size(level);
                 let off = gpa.0 & (size - 1);
@@ -336,24 +483,10 @@ impl<'w> WalkGuard<'w> {
                     return Err(WalkError::PermissionDenied { gpa, access });
                 }
                 let hva = pte.addr() + off;
-                if fill {
-                    let gfn = gpa.0 >> PAGE_SHIFT;
-                    let i = (gfn as usize) & (CACHE_SLOTS - 1);
-                    self.cache.tags[i].set(gfn + 1);
-                    self.cache.vals[i].set(
-                        (hva & !(PAGE_SIZE - 1))
-                            | u64::from(perms.bits())
-                            | (u64::from(level) << 3),
-                    );
+                if cached {
+                    self.remember(gpa, hva, perms, level);
                 }
-                Ok(Translation {
-                    gpa,
-                    hva: Hva(hva),
-                    perms,
-                    size: PageSize::from_level(level).unwrap_or(PageSize::Size4K),
-                    len_in_leaf: size - off,
-                    _guard: PhantomData,
-                })
+                Ok(translation(gpa, hva, perms, level))
             }
             Lookup::Marker { pte, .. } if pte.markers() & SW_BALLOONED != 0 => {
                 Err(WalkError::Ballooned(gpa))
@@ -365,6 +498,31 @@ impl<'w> WalkGuard<'w> {
                 Err(WalkError::UseAfterFree(gpa))
             }
         }
+    }
+
+    /// A lookup that starts at the table page cached for `gpa`'s 2 MiB
+    /// region, else at the root (and then caches the deepest table page
+    /// the walk reached). `gpa` is below [`ADDRESS_LIMIT`].
+    #[inline(always)]
+    fn lookup_cached(&self, gpa: Gpa) -> Lookup {
+        let region = gpa.0 >> LEAF_SHIFT;
+        let slot = &self.leaf.slots[(region as usize) & (LEAF_SLOTS - 1)];
+        let tag = region | self.leaf.gen.get();
+        if slot.tag.get() == tag {
+            bump(&self.counters.leaf_hits);
+            let v = slot.page.get();
+            // SAFETY: see `cached_page`.
+            let page = unsafe { cached_page(v) };
+            return self.table.lookup_from(page, (v & 7) as u32, gpa).0;
+        }
+        bump(&self.counters.full_walks);
+        let (found, page, level) = self.table.lookup_from(self.table.root(), LEVELS, gpa);
+        if level < LEVELS && !matches!(found, Lookup::Poison) {
+            slot.tag.set(tag);
+            slot.page
+                .set(std::ptr::from_ref(page) as u64 | u64::from(level));
+        }
+        found
     }
 
     /// Call `f` with each host-contiguous segment of `[gpa, gpa + len)`
@@ -432,6 +590,38 @@ impl<'w> WalkGuard<'w> {
         self.read(gpa, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
+}
+
+/// A translation of `gpa` to `hva` by a leaf of `level`.
+#[inline(always)]
+fn translation<'g>(gpa: Gpa, hva: u64, perms: Perms, level: u32) -> Translation<'g> {
+    let size = level_size(level);
+    Translation {
+        gpa,
+        hva: Hva(hva),
+        perms,
+        size: PageSize::from_level(level).unwrap_or(PageSize::Size4K),
+        len_in_leaf: size - (gpa.0 & (size - 1)),
+        _guard: PhantomData,
+    }
+}
+
+/// The table page of a leaf-table cache slot (`address | level`).
+///
+/// # Safety
+/// The caller is inside a read section of the walker whose cache holds
+/// the slot, and the slot's tag carries the cache's current generation.
+/// Then the page was read from a linked entry in a read section of this
+/// walker with no unlink-sequence move seen since (each pin that sees one
+/// starts a new generation). Table pages are freed only by a grace period
+/// that starts after such a move (`Rcu::retire` bumps the sequence first),
+/// and every pin reads the sequence after its fence: so either the page is
+/// not freed yet, or that grace period waits for this read section. (If
+/// it was unlinked meanwhile, it is empty: a walk from it finds nothing.)
+#[inline(always)]
+unsafe fn cached_page<'g>(v: u64) -> &'g TablePage {
+    // SAFETY: forwarded contract: the page is allocated for the section.
+    unsafe { PagePtr::from_addr(v & !(PAGE_SIZE - 1)) }
 }
 
 impl Access {

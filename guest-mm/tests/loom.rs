@@ -11,6 +11,7 @@
 //! - `racing_unmappers_complete_only_after_release`: `pending_wait`;
 //! - `cache_shootdown_vs_release`: `cache_shootdown` (and `grace_period`,
 //!   `unhook_order`);
+//! - `leaf_cache_vs_unlink_and_free`: `leaf_cache_unlink`;
 //! - `split_is_atomic_for_walkers`: no switch (invariant 4);
 //! - `fault_commit_vs_unmap`: `fault_cas` (and `deferred_free`);
 //! - `fault_commit_vs_split`: `fault_cas`.
@@ -180,6 +181,48 @@ fn cache_shootdown_vs_release() {
         t.unmap(&mut g, Gpa(0), PAGE, UnmapMode::Discard).unwrap();
         g.finish().unwrap();
         w.join().unwrap();
+    });
+}
+
+/// A leaf table that a walker cached in an earlier read section is
+/// unlinked by a flush that invalidates nothing (it holds only markers)
+/// and then freed by a grace period, while the walker pins again and
+/// translates through its cache: it never reads the freed page. Only the
+/// unlink sequence (bumped when the page is retired, before any grace
+/// period can free it) tells the walker; no invalidation happens.
+#[test]
+fn leaf_cache_vs_unlink_and_free() {
+    loom::model(|| {
+        // Pages 0-1: leaf table A (keeps the upper levels); pages 2-3:
+        // leaf table B, discarded (markers only).
+        let (t, _) = setup(4, PageSize::Size4K);
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(2 * PAGE), 2 * PAGE, UnmapMode::Discard)
+            .unwrap();
+        g.finish().unwrap();
+        let mut walker = Walker::new(&t);
+        {
+            // Caches B.
+            let g = walker.pin();
+            let r = g.translate(Gpa(2 * PAGE), Access::Read);
+            assert_eq!(r.map(|t| t.hva), Err(WalkError::Discarded(Gpa(2 * PAGE))));
+        }
+        let w = thread::spawn(move || {
+            let g = walker.pin();
+            for a in [Gpa(2 * PAGE), Gpa(3 * PAGE)] {
+                match g.translate(a, Access::Read) {
+                    Err(WalkError::Discarded(_) | WalkError::NotMapped(_)) => {}
+                    other => panic!("translating {a} through the cached leaf table: {other:?}"),
+                }
+            }
+        });
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(2 * PAGE), 2 * PAGE, UnmapMode::Remove)
+            .unwrap();
+        g.finish().unwrap();
+        t.rcu_barrier();
+        w.join().unwrap();
+        assert_eq!(t.stats().use_after_free, 0);
     });
 }
 

@@ -166,6 +166,22 @@ const LOOM_FAULT_SPLIT: Detector = Detector {
     },
     stochastic: false,
 };
+const LOOM_LEAF_CACHE: Detector = Detector {
+    name: "loom leaf_cache_vs_unlink_and_free",
+    run: Run::Loom {
+        test: "leaf_cache_vs_unlink_and_free",
+    },
+    stochastic: false,
+};
+const GM_WALK_CACHE: Detector = Detector {
+    name: "guest-mm walk_cache",
+    run: Run::Test {
+        package: "guest-mm",
+        target: "walk_cache",
+        filter: "",
+    },
+    stochastic: false,
+};
 const STRESS_VM: Detector = Detector {
     name: "stress-vm",
     run: Run::Gmm {
@@ -248,6 +264,10 @@ const MATRIX: &[(Rule, &[Claim])] = &[
             fast(GM_STRESS),
             fast(STRESS_VM),
         ],
+    ),
+    (
+        Rule::LeafCacheUnlink,
+        &[fast(GM_WALK_CACHE), fast(LOOM_LEAF_CACHE)],
     ),
     (Rule::PendingWait, &[fast(LOOM_RACING), fast(GM_RACING)]),
     (

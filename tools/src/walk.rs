@@ -1,12 +1,17 @@
 //! `gmm bench walk`: translations per second per thread through the
-//! lockless fast walk, alone and under an unmap/remap storm, beside two
+//! lockless fast walk, alone and under an unmap/remap storm, beside
 //! baselines measured in the same run:
 //!
+//! - vm-memory's `GuestMemoryMmap` lookup (`get_host_address`) over one
+//!   region (a lookup with no table at all: `vm_memory_per_s`) and over
+//!   four (`vm_memory_4_regions_per_s`); vm-memory has no unmap, so it is
+//!   measured without a storm;
 //! - an `RwLock<Vec<u64>>` page map read-locked per translation, with a
 //!   writer storm paced to the guest-mm storm's measured rate (so both
 //!   tables suffer the same number of unmap/remap operations per second);
-//! - vm-memory's `GuestMemoryMmap` lookup (`get_host_address`) over a few
-//!   regions; vm-memory has no unmap, so it is measured without a storm.
+//! - the same page map read with no lock (`page_map_unlocked_per_s`): one
+//!   random load from 2 MiB per GiB, the footprint of the stage-2 leaf
+//!   entries, so the memory bound of any page-granular translation.
 //!
 //! Beside the direct fast walk, the same translations go through guest-mm's
 //! vm-memory view of a read section (`WalkGuard::memory`, vm-memory's
@@ -14,17 +19,28 @@
 //! first slice's host pointer (no memory is read, as in the other loops),
 //! reported as `guest_memory_view_per_s` and its ratio to the direct walk.
 //!
+//! **Trustworthy figures on a noisy machine.** Every phase runs once per
+//! round, `--rounds` rounds (default 5), and the order of the phases is
+//! rotated every round, so a slow stretch of the machine (other processes,
+//! frequency changes) lands on a different phase each time. Each figure is
+//! the median of its rounds, with the lowest and highest round beside it
+//! (`spread`); each ratio is the median of the per-round ratios (the two
+//! phases of a ratio share a round's conditions), with its spread too.
+//!
 //! The stage-2 table is mapped at 4 KiB leaves over reserved anonymous
 //! memory that is never touched (`MAP_NORESERVE`), registered as simulated
 //! backing so that the storm releases nothing: a translation never
 //! dereferences it, and the view's slices point at memory that exists.
 //! Each walker pins once per batch of translations of pseudo-random
-//! addresses (xorshift); a pin-per-translation figure is reported too.
+//! addresses (xorshift), or of consecutive pages (`sequential`); a
+//! pin-per-translation figure is reported too.
 //!
 //! The machine may have few cores: the storm thread competes with the
 //! walkers for them. The JSON reports the core count and whether the
-//! threads oversubscribe it.
+//! threads oversubscribe it, and a busy-neighbour phase (a thread that
+//! only spins) measures what sharing the machine costs by itself.
 
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, RwLock};
@@ -35,11 +51,11 @@ use guest_mm::{
     Access, BackingKind, BackingRegion, Gpa, Hva, PageSize, Perms, Stage2Table, TableConfig,
     UnmapMode,
 };
-use serde::Serialize;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions};
 
 use crate::mem::{AnonRegion, HUGE, PAGE};
-use crate::rng::{round, Rng};
+use crate::rng::{median, round, Rng};
+use crate::schema::{Spread, WalkResult, WalkTargets};
 use crate::units::human_bytes;
 
 /// Where the `RwLock` baseline's page map pretends the backing lives
@@ -55,9 +71,13 @@ pub struct WalkArgs {
     /// Walker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
-    /// Seconds per measurement phase (there are ten phases).
-    #[arg(long, default_value = "1", value_parser = crate::units::parse_seconds)]
+    /// Seconds per measurement phase (thirteen phases per round).
+    #[arg(long, default_value = "0.5", value_parser = crate::units::parse_seconds)]
     pub seconds: f64,
+    /// Rounds: every phase runs once per round, in a rotated order; the
+    /// median round is reported, with the spread.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rounds: u32,
     /// Guest memory mapped (at 4 KiB leaves); a multiple of 2 MiB.
     #[arg(long, default_value = "1G", value_parser = crate::units::parse_size)]
     pub mem: u64,
@@ -82,76 +102,54 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-#[derive(Serialize)]
-struct WalkJson {
-    tool: &'static str,
-    threads: u32,
-    cores: usize,
-    /// guest-mm pins with a compiler barrier and grace periods use membarrier.
-    membarrier: bool,
-    /// Walkers plus the storm thread outnumber the cores.
-    storm_oversubscribed: bool,
-    seconds_per_phase: f64,
-    mem_bytes: u64,
-    batch: u32,
-    /// Cached path (`translate`), random addresses over the whole table.
-    walk_per_s: f64,
-    /// Uncached path (`translate_uncached`).
-    walk_uncached_per_s: f64,
-    /// Cached path over a 64-page working set (cache hits).
-    walk_hot_per_s: f64,
-    /// One pin per translation (cached path).
-    walk_pin_each_per_s: f64,
-    /// Cached path while a storm unmaps and remaps random 2 MiB ranges.
-    walk_under_unmap_per_s: f64,
-    /// Cached path while another thread only spins (no table work): what
-    /// sharing the machine costs by itself, the fair reference for the storm.
-    walk_busy_neighbour_per_s: f64,
-    /// Share of translations under the storm that found the page unmapped.
-    walk_under_unmap_unmapped_pct: f64,
-    /// The requested storm pace (null: as fast as it goes).
-    storm_rate_requested: Option<f64>,
-    /// Unmap+remap operations per second the storm achieved.
-    storm_ops_per_s: f64,
-    /// Cache shootdowns a walker saw during the storm phase (all walkers).
-    storm_shootdowns: u64,
-    under_unmap_ratio: f64,
-    /// `walk_under_unmap_per_s / walk_busy_neighbour_per_s`.
-    under_unmap_vs_busy_ratio: f64,
-    rwlock_per_s: f64,
-    rwlock_under_unmap_per_s: f64,
-    rwlock_storm_ops_per_s: f64,
-    rwlock_under_unmap_ratio: f64,
-    vm_memory_per_s: f64,
-    vm_memory_regions: usize,
-    walk_vs_rwlock: f64,
-    walk_vs_vm_memory: f64,
-    /// Translations through guest-mm's vm-memory view of a read section
-    /// (`GuestMemory::get_slices`, see `guest_memory_view_op`), random
-    /// addresses over the whole table, one pin per batch.
-    guest_memory_view_per_s: f64,
-    /// What one view translation is.
-    guest_memory_view_op: &'static str,
-    /// `guest_memory_view_per_s / walk_per_s` (target ≥ 0.8).
-    guest_memory_view_vs_walk: f64,
-    /// `guest_memory_view_per_s / vm_memory_per_s`.
-    guest_memory_view_vs_vm_memory: f64,
-    use_after_free: u64,
-    targets: WalkTargets,
+/// The lowest, median and highest round of one figure.
+fn spread_of(v: &[f64], digits: i32) -> Spread {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Spread {
+        min: round(if min.is_finite() { min } else { 0.0 }, digits),
+        median: round(median(v), digits),
+        max: round(if max.is_finite() { max } else { 0.0 }, digits),
+    }
 }
 
-#[derive(Serialize)]
-struct WalkTargets {
-    walk_ge_50m_per_s: bool,
-    under_unmap_ge_0_8x: bool,
+/// The phases of one round, in their unrotated order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Walk(Mode),
+    View,
+    Busy,
+    Storm,
+    RwLock,
+    RwLockStorm,
+    PageMap,
+    VmMemory1,
+    VmMemory4,
 }
+
+const PHASES: [Phase; 13] = [
+    Phase::Walk(Mode::Cached),
+    Phase::View,
+    Phase::Walk(Mode::Uncached),
+    Phase::Walk(Mode::Hot),
+    Phase::Walk(Mode::Sequential),
+    Phase::Walk(Mode::PinEach),
+    Phase::Busy,
+    Phase::Storm,
+    Phase::RwLock,
+    Phase::RwLockStorm,
+    Phase::PageMap,
+    Phase::VmMemory1,
+    Phase::VmMemory4,
+];
 
 /// Which walk loop a phase runs.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Cached,
     Uncached,
     Hot,
+    Sequential,
     PinEach,
 }
 
@@ -240,6 +238,8 @@ fn walk_loop(
     let mut c = Count::default();
     let mut sink = 0u64;
     let hot_base = addr(&mut rng, len) & !(HUGE - 1);
+    // Sequential: consecutive pages from a random one, wrapping.
+    let mut next_page = addr(&mut rng, len) & !(PAGE - 1);
     while !stop.load(Ordering::Relaxed) {
         match mode {
             Mode::PinEach => {
@@ -256,6 +256,14 @@ fn walk_loop(
                 for _ in 0..batch {
                     let gpa = match mode {
                         Mode::Hot => hot_base + (addr(&mut rng, 64 * PAGE)),
+                        Mode::Sequential => {
+                            let a = next_page;
+                            next_page += PAGE;
+                            if next_page >= len {
+                                next_page = 0;
+                            }
+                            a
+                        }
                         _ => addr(&mut rng, len),
                     };
                     let r = match mode {
@@ -410,6 +418,30 @@ impl RwTable {
     }
 }
 
+/// The `RwLock` baseline's page map read without the lock (unsound with a
+/// writer; no storm runs in this phase): one random load from a 2 MiB
+/// array per translation at 1 GiB, the same footprint as the stage-2 leaf
+/// entries, so the bound of any page-granular map on this machine.
+fn page_map_loop(t: &RwTable, i: usize, stop: &AtomicBool, len: u64, batch: u32) -> Count {
+    let m = t.map.read().unwrap_or_else(|e| e.into_inner());
+    let map: &[u64] = &m;
+    let mut rng = Rng::new(0x1234_5678 + i as u64 * 0x9e37_79b9);
+    let mut c = Count::default();
+    let mut sink = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..batch {
+            let gpa = addr(&mut rng, len);
+            match map.get((gpa / PAGE) as usize) {
+                Some(&e) if e & 1 != 0 => sink ^= (e & !(PAGE - 1)) + (gpa & (PAGE - 1)),
+                _ => c.failed += 1,
+            }
+        }
+        c.n += u64::from(batch);
+    }
+    black_box(sink);
+    c
+}
+
 fn rwlock_loop(t: &RwTable, i: usize, stop: &AtomicBool, len: u64, batch: u32) -> Count {
     let mut rng = Rng::new(0x1234_5678 + i as u64 * 0x9e37_79b9);
     let mut c = Count::default();
@@ -461,6 +493,153 @@ fn vm_memory_loop(m: &GuestMemoryMmap, i: usize, stop: &AtomicBool, len: u64, ba
     c
 }
 
+/// What one phase of one round measured (all walkers together).
+#[derive(Default, Clone, Copy)]
+struct Measured {
+    /// Translations per second per walker thread.
+    rate: f64,
+    failed: u64,
+    total: u64,
+    shootdowns: u64,
+    uaf: u64,
+    /// The storm's operations per second (storm phases).
+    storm_ops_per_s: f64,
+}
+
+/// What every phase needs.
+struct Bench<'a> {
+    table: &'a Arc<Stage2Table>,
+    host: u64,
+    len: u64,
+    threads: u32,
+    secs: f64,
+    batch: u32,
+    storm_rate: Option<f64>,
+    rw: &'a RwTable,
+    vm1: &'a GuestMemoryMmap,
+    vm4: &'a GuestMemoryMmap,
+}
+
+impl Bench<'_> {
+    /// Run one phase; `rw_rate` paces the `RwLock` storm.
+    fn run(&self, p: Phase, rw_rate: f64) -> Result<Measured> {
+        let none = None::<fn(&AtomicBool) -> Result<u64>>;
+        let (t, s, b, len) = (self.threads, self.secs, self.batch, self.len);
+        let table = self.table;
+        let (c, e, ops) = match p {
+            Phase::Walk(m) => phase(t, s, |i, stop| walk_loop(table, i, stop, len, b, m), none)?,
+            Phase::View => phase(t, s, |i, stop| view_loop(table, i, stop, len, b), none)?,
+            Phase::Busy => phase(
+                t,
+                s,
+                |i, stop| walk_loop(table, i, stop, len, b, Mode::Cached),
+                Some(spin),
+            )?,
+            Phase::Storm => phase(
+                t,
+                s,
+                |i, stop| walk_loop(table, i, stop, len, b, Mode::Cached),
+                Some(|stop: &AtomicBool| storm(table, stop, self.host, len, self.storm_rate)),
+            )?,
+            Phase::RwLock => phase(t, s, |i, stop| rwlock_loop(self.rw, i, stop, len, b), none)?,
+            Phase::RwLockStorm => phase(
+                t,
+                s,
+                |i, stop| rwlock_loop(self.rw, i, stop, len, b),
+                Some(|stop: &AtomicBool| Ok(rwlock_storm(self.rw, stop, len, rw_rate))),
+            )?,
+            Phase::PageMap => phase(
+                t,
+                s,
+                |i, stop| page_map_loop(self.rw, i, stop, len, b),
+                none,
+            )?,
+            Phase::VmMemory1 => phase(
+                t,
+                s,
+                |i, stop| vm_memory_loop(self.vm1, i, stop, len, b),
+                none,
+            )?,
+            Phase::VmMemory4 => phase(
+                t,
+                s,
+                |i, stop| vm_memory_loop(self.vm4, i, stop, len, b),
+                none,
+            )?,
+        };
+        Ok(Measured {
+            rate: per_thread(&c, e),
+            failed: c.iter().map(|x| x.failed).sum(),
+            total: c.iter().map(|x| x.n).sum(),
+            shootdowns: c.iter().map(|x| x.shootdowns).sum(),
+            uaf: c.iter().map(|x| x.uaf).sum(),
+            storm_ops_per_s: ops as f64 / e,
+        })
+    }
+}
+
+/// The JSON name of a phase's rate.
+fn rate_key(p: Phase) -> &'static str {
+    match p {
+        Phase::Walk(Mode::Cached) => "walk_per_s",
+        Phase::Walk(Mode::Uncached) => "walk_uncached_per_s",
+        Phase::Walk(Mode::Hot) => "walk_hot_per_s",
+        Phase::Walk(Mode::Sequential) => "walk_sequential_per_s",
+        Phase::Walk(Mode::PinEach) => "walk_pin_each_per_s",
+        Phase::View => "guest_memory_view_per_s",
+        Phase::Busy => "walk_busy_neighbour_per_s",
+        Phase::Storm => "walk_under_unmap_per_s",
+        Phase::RwLock => "rwlock_per_s",
+        Phase::RwLockStorm => "rwlock_under_unmap_per_s",
+        Phase::PageMap => "page_map_unlocked_per_s",
+        Phase::VmMemory1 => "vm_memory_per_s",
+        Phase::VmMemory4 => "vm_memory_4_regions_per_s",
+    }
+}
+
+/// Ratios computed within each round: (JSON name, numerator, denominator).
+const RATIOS: [(&str, &str, &str); 11] = [
+    ("walk_vs_vm_memory", "walk_per_s", "vm_memory_per_s"),
+    (
+        "walk_vs_vm_memory_4_regions",
+        "walk_per_s",
+        "vm_memory_4_regions_per_s",
+    ),
+    ("walk_vs_rwlock", "walk_per_s", "rwlock_per_s"),
+    ("under_unmap_ratio", "walk_under_unmap_per_s", "walk_per_s"),
+    (
+        "under_unmap_vs_busy_ratio",
+        "walk_under_unmap_per_s",
+        "walk_busy_neighbour_per_s",
+    ),
+    (
+        "under_unmap_vs_rwlock_under_unmap",
+        "walk_under_unmap_per_s",
+        "rwlock_under_unmap_per_s",
+    ),
+    (
+        "rwlock_under_unmap_ratio",
+        "rwlock_under_unmap_per_s",
+        "rwlock_per_s",
+    ),
+    (
+        "guest_memory_view_vs_walk",
+        "guest_memory_view_per_s",
+        "walk_per_s",
+    ),
+    (
+        "guest_memory_view_vs_vm_memory",
+        "guest_memory_view_per_s",
+        "vm_memory_per_s",
+    ),
+    ("walk_vs_walk_uncached", "walk_per_s", "walk_uncached_per_s"),
+    (
+        "walk_vs_page_map_unlocked",
+        "walk_per_s",
+        "page_map_unlocked_per_s",
+    ),
+];
+
 /// Run `gmm bench walk`.
 pub fn cmd(a: &WalkArgs) -> Result<()> {
     let len = a.mem;
@@ -482,107 +661,157 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     table
         .map(Gpa(0), Hva(host), len, Perms::RW, PageSize::Size4K)
         .context("mapping the table")?;
+    let rw = RwTable::new(len);
+    let vm_regions = |n: u64| -> Result<GuestMemoryMmap> {
+        let rlen = len / n;
+        let ranges: Vec<(GuestAddress, usize)> = (0..n)
+            .map(|i| (GuestAddress(i * rlen), rlen as usize))
+            .collect();
+        GuestMemoryMmap::<()>::from_ranges(&ranges)
+            .map_err(|e| anyhow::anyhow!("vm-memory could not map its {n} region(s): {e:?}"))
+    };
+    let vm1 = vm_regions(1)?;
+    // A multiple of 2 MiB splits into four page-aligned regions.
+    let vm4 = vm_regions(4)?;
+    let bench = Bench {
+        table: &table,
+        host,
+        len,
+        threads: a.threads,
+        secs: a.seconds,
+        batch: a.batch,
+        storm_rate: a.storm_rate,
+        rw: &rw,
+        vm1: &vm1,
+        vm4: &vm4,
+    };
     let (t, s, b) = (a.threads, a.seconds, a.batch);
-    let none = None::<fn(&AtomicBool) -> Result<u64>>;
     let mut log = format!(
-        "walk: {} walker thread(s) on {cores} cores, {} at 4 KiB leaves, {s} s per phase, {b} translations per pin, {}\n",
+        "walk: {} walker thread(s) on {cores} cores, {} at 4 KiB leaves, {} rounds of {} phases of {s} s (order rotated each round), {b} translations per pin, {}\n",
         t,
         human_bytes(len),
+        a.rounds,
+        PHASES.len(),
         if crate::membarrier() { "membarrier fences" } else { "SeqCst fences (no membarrier)" }
     );
-    let mut uaf = 0u64;
-    let mut run_mode = |m: Mode| -> Result<f64> {
-        let (c, e, _) = phase(t, s, |i, stop| walk_loop(&table, i, stop, len, b, m), none)?;
-        uaf += c.iter().map(|x| x.uaf).sum::<u64>();
-        Ok(per_thread(&c, e))
-    };
-    let walk = run_mode(Mode::Cached)?;
-    // Right after the cached path it is compared with, so that the two
-    // share the machine's conditions as far as possible.
-    let (c, e, _) = phase(t, s, |i, stop| view_loop(&table, i, stop, len, b), none)?;
-    let view_uaf: u64 = c.iter().map(|x| x.uaf).sum();
-    let view = per_thread(&c, e);
-    let uncached = run_mode(Mode::Uncached)?;
-    let hot = run_mode(Mode::Hot)?;
-    let pin_each = run_mode(Mode::PinEach)?;
-    uaf += view_uaf;
-    let (c, e, _) = phase(
-        t,
-        s,
-        |i, stop| walk_loop(&table, i, stop, len, b, Mode::Cached),
-        Some(spin),
-    )?;
-    let busy = per_thread(&c, e);
-    let (c, e, ops) = phase(
-        t,
-        s,
-        |i, stop| walk_loop(&table, i, stop, len, b, Mode::Cached),
-        Some(|stop: &AtomicBool| storm(&table, stop, host, len, a.storm_rate)),
-    )?;
-    uaf += c.iter().map(|x| x.uaf).sum::<u64>();
-    let under = per_thread(&c, e);
-    let total: u64 = c.iter().map(|x| x.n).sum();
-    let failed: u64 = c.iter().map(|x| x.failed).sum();
-    let shootdowns: u64 = c.iter().map(|x| x.shootdowns).sum();
-    let storm_rate = ops as f64 / e;
+    let mut per: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let mut storm_rates: Vec<f64> = Vec::new();
+    let mut rw_rates: Vec<f64> = Vec::new();
+    let (mut uaf, mut storm_failed, mut storm_total, mut shootdowns) = (0u64, 0u64, 0u64, 0u64);
+    for r in 0..a.rounds as usize {
+        let mut round_rates: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let mut this_storm: Option<f64> = None;
+        for k in 0..PHASES.len() {
+            let p = PHASES[(k + r) % PHASES.len()];
+            // The RwLock storm is paced at the guest-mm storm's rate: this
+            // round's if measured already, else the median so far (round 0
+            // runs the phases unrotated, the guest-mm storm first).
+            let rw_rate = a
+                .storm_rate
+                .or(this_storm)
+                .unwrap_or_else(|| median(&storm_rates));
+            let m = bench.run(p, rw_rate)?;
+            uaf += m.uaf;
+            match p {
+                Phase::Storm => {
+                    this_storm = Some(m.storm_ops_per_s);
+                    storm_rates.push(m.storm_ops_per_s);
+                    storm_failed += m.failed;
+                    storm_total += m.total;
+                    shootdowns += m.shootdowns;
+                }
+                Phase::RwLockStorm => rw_rates.push(m.storm_ops_per_s),
+                _ => {}
+            }
+            round_rates.insert(rate_key(p), m.rate);
+        }
+        for (name, num, den) in RATIOS {
+            let (n, d) = (round_rates[num], round_rates[den]);
+            per.entry(name).or_default().push(n / d.max(1.0));
+        }
+        for (k, v) in round_rates {
+            per.entry(k).or_default().push(v);
+        }
+    }
     uaf += table.stats().use_after_free;
+    drop(vm1);
+    drop(vm4);
 
-    let rw = RwTable::new(len);
-    let (c, e, _) = phase(t, s, |i, stop| rwlock_loop(&rw, i, stop, len, b), none)?;
-    let rwlock = per_thread(&c, e);
-    let (c, e, rw_ops) = phase(
-        t,
-        s,
-        |i, stop| rwlock_loop(&rw, i, stop, len, b),
-        Some(|stop: &AtomicBool| Ok(rwlock_storm(&rw, stop, len, storm_rate))),
-    )?;
-    let rwlock_under = per_thread(&c, e);
-    let rw_rate = rw_ops as f64 / e;
-
-    let nregions = 4u64;
-    let rlen = len / nregions;
-    let ranges: Vec<(GuestAddress, usize)> = (0..nregions)
-        .map(|i| (GuestAddress(i * rlen), rlen as usize))
-        .collect();
-    let vmm = GuestMemoryMmap::<()>::from_ranges(&ranges)
-        .map_err(|e| anyhow::anyhow!("vm-memory could not map its regions: {e:?}"))?;
-    let (c, e, _) = phase(t, s, |i, stop| vm_memory_loop(&vmm, i, stop, len, b), none)?;
-    let vm_memory = per_thread(&c, e);
-    drop(vmm);
-
+    let mut spread: BTreeMap<&'static str, Spread> = BTreeMap::new();
+    for (k, v) in &per {
+        let digits = if k.ends_with("_per_s") { 0 } else { 3 };
+        spread.insert(k, spread_of(v, digits));
+    }
+    let med = |k: &str| spread.get(k).map_or(0.0, |s| s.median);
     let m = |x: f64| x / 1e6;
-    log += &format!(
-        "  fast walk, cached path     {:>8.1} M/s per thread\n",
-        m(walk)
+    let line = |name: &str, k: &str| -> String {
+        let sp = spread.get(k).copied().unwrap_or(Spread {
+            min: 0.0,
+            median: 0.0,
+            max: 0.0,
+        });
+        format!(
+            "  {name:<34}{:>8.1} M/s  [{:.1} .. {:.1}]\n",
+            m(sp.median),
+            m(sp.min),
+            m(sp.max)
+        )
+    };
+    let rline = |name: &str, k: &str| -> String {
+        let sp = spread.get(k).copied().unwrap_or(Spread {
+            min: 0.0,
+            median: 0.0,
+            max: 0.0,
+        });
+        format!(
+            "  {name:<34}{:>8.2}x     [{:.2} .. {:.2}]\n",
+            sp.median, sp.min, sp.max
+        )
+    };
+    log += "  per walker thread, median round [lowest .. highest round]\n";
+    log += &line("fast walk, cached path", "walk_per_s");
+    log += &line("fast walk, uncached", "walk_uncached_per_s");
+    log += &line("fast walk, hot (64 pages)", "walk_hot_per_s");
+    log += &line("fast walk, sequential pages", "walk_sequential_per_s");
+    log += &line("fast walk, pin each", "walk_pin_each_per_s");
+    log += &line("vm-memory view of the walk", "guest_memory_view_per_s");
+    log += &line("fast walk, busy neighbour", "walk_busy_neighbour_per_s");
+    log += &line("fast walk, under storm", "walk_under_unmap_per_s");
+    log += &line("RwLock<Vec>", "rwlock_per_s");
+    log += &line("RwLock<Vec>, under storm", "rwlock_under_unmap_per_s");
+    log += &line("page map, no lock (load bound)", "page_map_unlocked_per_s");
+    log += &line("vm-memory get_host_address (1)", "vm_memory_per_s");
+    log += &line(
+        "vm-memory get_host_address (4)",
+        "vm_memory_4_regions_per_s",
     );
-    log += &format!("  fast walk, uncached        {:>8.1} M/s\n", m(uncached));
-    log += &format!("  fast walk, hot (64 pages)  {:>8.1} M/s\n", m(hot));
-    log += &format!("  fast walk, pin each        {:>8.1} M/s\n", m(pin_each));
-    log += &format!(
-        "  vm-memory view of the walk {:>8.1} M/s ({:.2}x the cached path; {VIEW_OP})\n",
-        m(view),
-        view / walk
+    log += "  ratios, median of the rounds' ratios [lowest .. highest]\n";
+    log += &rline("walk / vm-memory (1 region)", "walk_vs_vm_memory");
+    log += &rline(
+        "walk / vm-memory (4 regions)",
+        "walk_vs_vm_memory_4_regions",
     );
-    log += &format!("  fast walk, busy neighbour  {:>8.1} M/s\n", m(busy));
-    log += &format!(
-        "  fast walk, under storm     {:>8.1} M/s ({:.2}x; storm {:.0} unmap+remap/s, {:.2}% unmapped hits, {} shootdowns)\n",
-        m(under),
-        under / walk,
-        storm_rate,
-        failed as f64 * 100.0 / total.max(1) as f64,
-        shootdowns
+    log += &rline("walk / RwLock", "walk_vs_rwlock");
+    log += &rline("walk / page map, no lock", "walk_vs_page_map_unlocked");
+    log += &rline("under storm / alone", "under_unmap_ratio");
+    log += &rline("under storm / busy neighbour", "under_unmap_vs_busy_ratio");
+    log += &rline(
+        "under storm / RwLock under storm",
+        "under_unmap_vs_rwlock_under_unmap",
     );
-    log += &format!("  RwLock<Vec>                {:>8.1} M/s\n", m(rwlock));
-    log += &format!(
-        "  RwLock<Vec>, under storm   {:>8.1} M/s ({:.2}x; storm paced at {:.0}/s)\n",
-        m(rwlock_under),
-        rwlock_under / rwlock,
-        rw_rate
+    log += &rline("RwLock under storm / alone", "rwlock_under_unmap_ratio");
+    log += &rline("view / walk", "guest_memory_view_vs_walk");
+    log += &rline(
+        "view / vm-memory (1 region)",
+        "guest_memory_view_vs_vm_memory",
     );
+    let storm_rate = median(&storm_rates);
+    let rw_rate = median(&rw_rates);
+    let unmapped_pct = storm_failed as f64 * 100.0 / storm_total.max(1) as f64;
     log += &format!(
-        "  vm-memory get_host_address{:>8.1} M/s ({nregions} regions)\n",
-        m(vm_memory)
+        "  storm: {storm_rate:.0} unmap+remap/s (median round), {unmapped_pct:.2}% unmapped hits, {shootdowns} shootdowns; RwLock storm paced at {rw_rate:.0}/s\n",
     );
+    log += &format!("  view op: {VIEW_OP}\n");
     if t as usize + 1 > cores {
         log += &format!(
             "  note: {t} walker(s) + 1 storm thread on {cores} cores: the storm phases share cores\n"
@@ -590,44 +819,58 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     }
     log += &format!("  use-after-free reads: {uaf}\n");
     crate::say(a.json, &log);
-    let j = WalkJson {
-        tool: "bench-walk",
+    let walk = med("walk_per_s");
+    let under = med("walk_under_unmap_per_s");
+    let j = WalkResult {
+        tool: "bench-walk".into(),
         threads: t,
         cores,
         membarrier: crate::membarrier(),
         storm_oversubscribed: t as usize + 1 > cores,
         seconds_per_phase: s,
+        rounds: a.rounds,
         mem_bytes: len,
         batch: b,
-        walk_per_s: walk.round(),
-        walk_uncached_per_s: uncached.round(),
-        walk_hot_per_s: hot.round(),
-        walk_pin_each_per_s: pin_each.round(),
-        walk_under_unmap_per_s: under.round(),
-        walk_under_unmap_unmapped_pct: round(failed as f64 * 100.0 / total.max(1) as f64, 3),
+        walk_per_s: walk,
+        walk_uncached_per_s: med("walk_uncached_per_s"),
+        walk_hot_per_s: med("walk_hot_per_s"),
+        walk_sequential_per_s: med("walk_sequential_per_s"),
+        walk_pin_each_per_s: med("walk_pin_each_per_s"),
+        walk_under_unmap_per_s: under,
+        walk_busy_neighbour_per_s: med("walk_busy_neighbour_per_s"),
+        walk_under_unmap_unmapped_pct: round(unmapped_pct, 3),
         storm_rate_requested: a.storm_rate,
         storm_ops_per_s: round(storm_rate, 1),
         storm_shootdowns: shootdowns,
-        under_unmap_ratio: round(under / walk, 3),
-        walk_busy_neighbour_per_s: busy.round(),
-        under_unmap_vs_busy_ratio: round(under / busy, 3),
-        rwlock_per_s: rwlock.round(),
-        rwlock_under_unmap_per_s: rwlock_under.round(),
+        under_unmap_ratio: med("under_unmap_ratio"),
+        under_unmap_vs_busy_ratio: med("under_unmap_vs_busy_ratio"),
+        rwlock_per_s: med("rwlock_per_s"),
+        rwlock_under_unmap_per_s: med("rwlock_under_unmap_per_s"),
         rwlock_storm_ops_per_s: round(rw_rate, 1),
-        rwlock_under_unmap_ratio: round(rwlock_under / rwlock, 3),
-        vm_memory_per_s: vm_memory.round(),
-        vm_memory_regions: nregions as usize,
-        walk_vs_rwlock: round(walk / rwlock, 3),
-        walk_vs_vm_memory: round(walk / vm_memory, 3),
-        guest_memory_view_per_s: view.round(),
-        guest_memory_view_op: VIEW_OP,
-        guest_memory_view_vs_walk: round(view / walk, 3),
-        guest_memory_view_vs_vm_memory: round(view / vm_memory, 3),
+        rwlock_under_unmap_ratio: med("rwlock_under_unmap_ratio"),
+        vm_memory_per_s: med("vm_memory_per_s"),
+        vm_memory_regions: 1,
+        vm_memory_4_regions_per_s: med("vm_memory_4_regions_per_s"),
+        page_map_unlocked_per_s: med("page_map_unlocked_per_s"),
+        walk_vs_rwlock: med("walk_vs_rwlock"),
+        walk_vs_page_map_unlocked: med("walk_vs_page_map_unlocked"),
+        walk_vs_vm_memory: med("walk_vs_vm_memory"),
+        walk_vs_vm_memory_4_regions: med("walk_vs_vm_memory_4_regions"),
+        under_unmap_vs_rwlock_under_unmap: med("under_unmap_vs_rwlock_under_unmap"),
+        guest_memory_view_per_s: med("guest_memory_view_per_s"),
+        guest_memory_view_op: VIEW_OP.into(),
+        guest_memory_view_vs_walk: med("guest_memory_view_vs_walk"),
+        guest_memory_view_vs_vm_memory: med("guest_memory_view_vs_vm_memory"),
         use_after_free: uaf,
         targets: WalkTargets {
             walk_ge_50m_per_s: walk >= 50e6,
-            under_unmap_ge_0_8x: under >= 0.8 * walk,
+            under_unmap_ge_0_8x: med("under_unmap_ratio") >= 0.8,
+            walk_ge_0_8x_vm_memory: med("walk_vs_vm_memory") >= 0.8,
+            walk_ge_1_2x_rwlock: med("walk_vs_rwlock") >= 1.2,
+            under_unmap_ge_0_9x: med("under_unmap_ratio") >= 0.9,
+            under_unmap_ge_1_2x_rwlock_under_unmap: med("under_unmap_vs_rwlock_under_unmap") >= 1.2,
         },
+        spread: spread.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
     };
     crate::emit_json(a.json, &j)?;
     if uaf > 0 {

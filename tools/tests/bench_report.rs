@@ -135,7 +135,7 @@ fn walk_fixture() -> Value {
         "under_unmap_ratio": 0.7, "under_unmap_vs_busy_ratio": 0.786,
         "rwlock_per_s": 155e6, "rwlock_under_unmap_per_s": 127e6, "rwlock_storm_ops_per_s": 110000.0,
         "rwlock_under_unmap_ratio": 0.82, "vm_memory_per_s": 223e6, "vm_memory_regions": 4,
-        "walk_vs_rwlock": 0.71, "walk_vs_vm_memory": 0.49, "use_after_free": 0,
+        "walk_vs_rwlock": 1.25, "walk_vs_vm_memory": 0.49, "use_after_free": 0,
         "guest_memory_view_per_s": 95e6, "guest_memory_view_op": "get_slices (fixture)",
         "guest_memory_view_vs_walk": 0.86, "guest_memory_view_vs_vm_memory": 0.43,
         "targets": {"walk_ge_50m_per_s": true, "under_unmap_ge_0_8x": false}
@@ -501,25 +501,29 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
         ],
     );
 
-    // Walk: 110 M/s (met); under the storm 0.7× (missed).
-    row(
-        &md,
-        &[
-            "walk",
-            "fast walk ≥ 50 M translations/s per thread",
-            "110.0 M/s",
-            "met",
-        ],
-    );
-    row(
-        &md,
-        &[
-            "walk",
-            "fast walk under an unmap storm ≥ 0.8× alone",
+    // Walk (issue 12's ratios): 0.49× vm-memory (missed), 1.25× RwLock
+    // (met), 0.7× alone under the storm (missed), and, with no ratio in
+    // the file, 77 / 127 M/s under the storms (missed).
+    for (target, measured, verdict) in [
+        (
+            "fast walk ≥ 0.8× vm-memory's get_host_address (one region)",
+            "0.49×",
+            "**missed**",
+        ),
+        ("fast walk ≥ 1.2× the RwLock<Vec> page map", "1.25×", "met"),
+        (
+            "fast walk under an unmap storm ≥ 0.9× alone",
             "0.70×",
             "**missed**",
-        ],
-    );
+        ),
+        (
+            "fast walk under the storm ≥ 1.2× the page map under the same storm",
+            "0.61×",
+            "**missed**",
+        ),
+    ] {
+        row(&md, &["walk", target, measured, verdict]);
+    }
     row(&md, &["fast walk, cached path", "110.0"]);
 
     // Balloon.

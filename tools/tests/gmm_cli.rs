@@ -111,7 +111,9 @@ fn bench_walk_json() {
         "bench",
         "walk",
         "--seconds",
-        "0.3",
+        "0.1",
+        "--rounds",
+        "2",
         "--mem",
         "64M",
         "--json",
@@ -124,10 +126,25 @@ fn bench_walk_json() {
         "rwlock_per_s",
         "rwlock_under_unmap_per_s",
         "vm_memory_per_s",
+        "vm_memory_4_regions_per_s",
+        "walk_sequential_per_s",
+        "page_map_unlocked_per_s",
+        "walk_vs_vm_memory",
+        "walk_vs_rwlock",
+        "under_unmap_ratio",
+        "under_unmap_vs_rwlock_under_unmap",
         "threads",
     ] {
         assert!(num(&v, k) > 0.0, "{k} should be positive in {v}");
+        let s = &v["spread"][k];
+        if k != "threads" {
+            assert!(
+                num(s, "min") <= num(s, "median") && num(s, "median") <= num(s, "max"),
+                "spread of {k}: {s}"
+            );
+        }
     }
+    assert_eq!(num(&v, "rounds"), 2.0);
     assert_eq!(num(&v, "use_after_free"), 0.0);
 }
 

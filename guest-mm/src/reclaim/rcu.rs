@@ -16,7 +16,11 @@
 //! (the `call_rcu` analogue); they are freed at the end of the next grace
 //! period that *starts* after the hand-over. If the list cannot grow, the
 //! caller waits for a grace period itself and frees synchronously (the
-//! kernel's `tlb_remove_table_one` fallback). [`Rcu::barrier`] is the
+//! kernel's `tlb_remove_table_one` fallback). Before anything it is given
+//! can be freed, `retire` bumps the *unlink sequence*
+//! ([`Rcu::note_unlinked`]), which walkers that keep table-page pointers
+//! across read sections (the fast walk's leaf-table cache) compare at
+//! every pin. [`Rcu::barrier`] is the
 //! `rcu_barrier` analogue: it returns when everything retired before the
 //! call has been freed. The `mutation` rule `deferred_free` makes
 //! `retire` free at once.
@@ -42,6 +46,10 @@ pub(crate) struct ReaderSlot {
 /// The reclamation domain of one table: readers, epochs, retired pages.
 pub(crate) struct Rcu {
     epoch: AtomicU64,
+    /// Bumped whenever table pages are handed over for freeing (and by
+    /// [`Rcu::note_unlinked`]): walkers that keep table-page pointers
+    /// across read sections drop them at pin when it moved.
+    unlink_seq: AtomicU64,
     slots: Mutex<Vec<crate::sync::Arc<ReaderSlot>>>,
     retired: Mutex<Vec<PagePtr>>,
     grace_periods: AtomicU64,
@@ -92,6 +100,7 @@ impl Rcu {
         super::fence::init();
         Rcu {
             epoch: AtomicU64::new(1),
+            unlink_seq: AtomicU64::new(0),
             slots: Mutex::new(Vec::new()),
             retired: Mutex::new(Vec::new()),
             grace_periods: AtomicU64::new(0),
@@ -165,6 +174,10 @@ impl Rcu {
         if pages.is_empty() {
             return;
         }
+        // Before the pages can be freed: a grace period that frees them
+        // starts after this, so a reader that pins before it is waited
+        // for, and one that pins after it sees the new sequence.
+        self.note_unlinked();
         if broken(Rule::DeferredFree) {
             for &p in pages {
                 // SAFETY: this is the bug the `DeferredFree` switch injects
@@ -188,6 +201,24 @@ impl Rcu {
             // grace period started after that.
             unsafe { self.pool.free(p) };
         }
+    }
+
+    /// Tell walkers that table pages were unlinked: bumps the unlink
+    /// sequence, which every pin of a [`crate::Walker`] compares with the
+    /// one its leaf-table cache was filled under. [`Rcu::retire`] calls it
+    /// before any page it is given can be freed, so no cached page pointer
+    /// is used past its page's grace period; a writer may also call it
+    /// right after an unlink (it only makes caches drop pages earlier).
+    #[inline]
+    pub(crate) fn note_unlinked(&self) {
+        self.unlink_seq.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The unlink sequence (see [`Rcu::note_unlinked`]); read by walkers
+    /// after their pin's fence.
+    #[inline(always)]
+    pub(crate) fn unlink_seq(&self) -> u64 {
+        self.unlink_seq.load(Ordering::Acquire)
     }
 
     /// Pages waiting for a grace period.

@@ -92,13 +92,34 @@ impl Stage2Table {
     /// the table lock.
     #[inline(always)]
     pub(crate) fn lookup(&self, gpa: Gpa) -> Lookup {
-        let mut page = self.root();
-        let mut level = LEVELS;
+        self.lookup_from(self.root(), LEVELS, gpa).0
+    }
+
+    /// Walk to the entry for `gpa` (below [`ADDRESS_LIMIT`]) starting at
+    /// table page `page` of `level` (the root at [`LEVELS`], or a page the
+    /// caller knows covers `gpa`: the fast walk's leaf-table cache).
+    /// Returns what was found and the last table page read, with its level
+    /// (the page holding the entry found).
+    ///
+    /// The caller must be inside a read section of this table's RCU domain
+    /// (or hold the table lock), and `page` must still be allocated in it:
+    /// the root, or a page read from a linked entry and not retired since
+    /// ([`crate::walk`] checks the unlink sequence at every pin for that).
+    /// A page unlinked since it was read is empty (only empty pages are
+    /// unlinked), so a walk from it finds nothing mapped, never a stale
+    /// leaf.
+    #[inline(always)]
+    pub(crate) fn lookup_from<'p>(
+        &self,
+        mut page: &'p TablePage,
+        mut level: u32,
+        gpa: Gpa,
+    ) -> (Lookup, &'p TablePage, u32) {
         loop {
             let e = Pte(page.entries[index(gpa.0, level)].load(Ordering::Acquire));
             if e.0 == POISON {
                 self.stats.use_after_free.fetch_add(1, Relaxed);
-                return Lookup::Poison;
+                return (Lookup::Poison, page, level);
             }
             if e.is_table(level) {
                 // SAFETY: read from a linked entry inside the caller's read
@@ -107,13 +128,14 @@ impl Stage2Table {
                 level -= 1;
                 continue;
             }
-            if e.is_present() {
-                return Lookup::Leaf { pte: e, level };
-            }
-            if e.is_marker() {
-                return Lookup::Marker { pte: e, level };
-            }
-            return Lookup::None;
+            let found = if e.is_present() {
+                Lookup::Leaf { pte: e, level }
+            } else if e.is_marker() {
+                Lookup::Marker { pte: e, level }
+            } else {
+                Lookup::None
+            };
+            return (found, page, level);
         }
     }
 

@@ -1,0 +1,180 @@
+//! The fast walk's leaf-table cache (`guest-mm/src/walk.rs`): a cached
+//! table page is never used after it could have been freed, and the
+//! cached walk answers what a walk from the root answers.
+//!
+//! `leaf_cache_forgets_freed_pages` is the detector of the `mutation` rule
+//! `leaf_cache_unlink` (`GMM_BREAK_RULE=leaf_cache_unlink`): it fails when
+//! a walker keeps its cached leaf tables across an unlink-sequence move.
+
+use guest_mm::{
+    Access, BackingKind, BackingRegion, Gpa, Hva, PageSize, Perms, Stage2Table, TableConfig,
+    UnmapMode, WalkError,
+};
+
+const FAKE: u64 = 0x1000_0000_0000;
+const PAGE: u64 = 4096;
+const TWO_M: u64 = 2 << 20;
+
+fn table() -> std::sync::Arc<Stage2Table> {
+    let t = Stage2Table::new(TableConfig::default()).expect("table");
+    t.register_backing(BackingRegion {
+        hva: Hva(FAKE),
+        len: 1 << 30,
+        kind: BackingKind::Simulated { hook: None },
+    })
+    .expect("backing");
+    t
+}
+
+/// A leaf table that a walker cached is unlinked by a flush that
+/// invalidates nothing (it held only a marker), then freed (poisoned) by a
+/// grace period. No invalidation-sequence move tells the walker; only the
+/// unlink sequence does. Its next translation there must walk from the
+/// root and find nothing, never read the freed page.
+#[test]
+fn leaf_cache_forgets_freed_pages() {
+    let t = table();
+    // Keep the upper levels alive: a neighbour 2 MiB region stays mapped.
+    t.map(Gpa(0), Hva(FAKE), PAGE, Perms::RW, PageSize::Size4K)
+        .expect("map neighbour");
+    let gpa = Gpa(5 * TWO_M + 7 * PAGE);
+    t.map(gpa, Hva(FAKE + gpa.0), PAGE, Perms::RW, PageSize::Size4K)
+        .expect("map");
+    let mut g = t.gather();
+    t.unmap(&mut g, gpa, PAGE, UnmapMode::Discard)
+        .expect("discard");
+    g.finish().expect("flush discard");
+
+    let mut w = t.walker();
+    {
+        // The walk reaches the leaf table (a marker): it is cached.
+        let g = w.pin();
+        assert_eq!(
+            g.translate(gpa, Access::Read).map(|t| t.hva),
+            Err(WalkError::Discarded(gpa))
+        );
+        // Another page of the region: answered from the cached leaf table.
+        assert_eq!(
+            g.translate(Gpa(gpa.0 + PAGE), Access::Read).map(|t| t.hva),
+            Err(WalkError::NotMapped(Gpa(gpa.0 + PAGE)))
+        );
+    }
+    let before = w.stats();
+    assert!(
+        before.leaf_hits >= 1,
+        "the leaf table was not cached: {before:?}"
+    );
+
+    // Remove the marker: the leaf table empties and is unlinked, in a
+    // flush with nothing to invalidate; then free it.
+    let seq = t.invalidate_seq();
+    let mut g = t.gather();
+    t.unmap(&mut g, gpa, PAGE, UnmapMode::Remove)
+        .expect("remove");
+    g.finish().expect("flush remove");
+    assert_eq!(
+        t.invalidate_seq(),
+        seq,
+        "the remove must invalidate nothing"
+    );
+    t.rcu_barrier();
+
+    let g = w.pin();
+    for a in [gpa, Gpa(gpa.0 + PAGE), Gpa(gpa.0 + 100 * PAGE)] {
+        assert_eq!(
+            g.translate(a, Access::Read).map(|t| t.hva),
+            Err(WalkError::NotMapped(a)),
+            "a translation in the removed region read {}",
+            if matches!(
+                g.translate(a, Access::Read),
+                Err(WalkError::UseAfterFree(_))
+            ) {
+                "the freed leaf table (use-after-free)"
+            } else {
+                "something else"
+            }
+        );
+    }
+    drop(g);
+    let after = w.stats();
+    assert_eq!(after.use_after_free, 0, "{after:?}");
+    assert_eq!(t.stats().use_after_free, 0);
+    assert!(after.leaf_flushes > before.leaf_flushes, "{after:?}");
+}
+
+/// The cached walk agrees with the walk from the root, page by page, for
+/// 4 KiB and 2 MiB leaves, markers and holes, across maps and unmaps.
+#[test]
+fn cached_walk_agrees_with_uncached() {
+    let t = table();
+    // Region 0: 4 KiB leaves with holes; region 1: one 2 MiB leaf;
+    // region 2: discarded 4 KiB pages; region 3: nothing.
+    for p in (0..512).filter(|p| p % 3 != 0) {
+        t.map(
+            Gpa(p * PAGE),
+            Hva(FAKE + p * PAGE),
+            PAGE,
+            Perms::RW,
+            PageSize::Size4K,
+        )
+        .expect("map 4k");
+    }
+    t.map(
+        Gpa(TWO_M),
+        Hva(FAKE + TWO_M),
+        TWO_M,
+        Perms::R,
+        PageSize::Size2M,
+    )
+    .expect("map 2m");
+    t.map(
+        Gpa(2 * TWO_M),
+        Hva(FAKE + 2 * TWO_M),
+        64 * PAGE,
+        Perms::RW,
+        PageSize::Size4K,
+    )
+    .expect("map region 2");
+    let mut g = t.gather();
+    t.unmap(&mut g, Gpa(2 * TWO_M), 32 * PAGE, UnmapMode::Discard)
+        .expect("discard");
+    g.finish().expect("flush");
+
+    let mut w = t.walker();
+    let check = |w: &mut guest_mm::Walker, round: u32| {
+        for pass in 0..2 {
+            let g = w.pin();
+            for p in 0..(4 * TWO_M / PAGE) {
+                let a = Gpa(p * PAGE + (p % 8) * 8);
+                for access in [Access::Read, Access::Write] {
+                    let cached = g.translate(a, access);
+                    let uncached = g.translate_uncached(a, access);
+                    assert_eq!(cached, uncached, "round {round} pass {pass} at {a}");
+                }
+            }
+        }
+    };
+    check(&mut w, 0);
+    // Change every region and check again (the caches must follow).
+    let mut g = t.gather();
+    t.unmap_existing(&mut g, Gpa(0), TWO_M, UnmapMode::Remove)
+        .expect("remove region 0 (with its holes)");
+    t.unmap(&mut g, Gpa(TWO_M + 4 * PAGE), PAGE, UnmapMode::Remove)
+        .expect("split region 1");
+    g.finish().expect("flush");
+    t.map(
+        Gpa(8 * PAGE),
+        Hva(FAKE + 8 * PAGE),
+        PAGE,
+        Perms::R,
+        PageSize::Size4K,
+    )
+    .expect("remap one page");
+    for p in 0..16 {
+        t.fault_in(Gpa(2 * TWO_M + p * PAGE)).expect("fault in");
+    }
+    check(&mut w, 1);
+    let s = w.stats();
+    assert!(s.leaf_hits > 0 && s.cache_hits > 0, "{s:?}");
+    assert_eq!(s.use_after_free, 0);
+}
