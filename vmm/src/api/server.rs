@@ -108,7 +108,8 @@ pub trait Handler: Send + Sync + 'static {
 pub enum ServerError {
     /// The path exists.
     #[error(
-        "API socket path {0} already exists: remove it if no monitor uses it, or choose another path"
+        "API socket path {0} already exists: remove it if no monitor uses it (or give \
+         --replace-api-sock), or choose another path"
     )]
     Exists(PathBuf),
     /// bind/chmod failed.
@@ -211,7 +212,10 @@ impl ApiServer {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || rt.block_on(accept_loop(std_listener, handler, stop_rx)))
+            .spawn(move || {
+                crate::seccomp::install(crate::seccomp::ThreadKind::Api);
+                rt.block_on(accept_loop(std_listener, handler, stop_rx));
+            })
             .map_err(ServerError::Thread)?;
         Ok(ApiServer {
             path: path.into(),
