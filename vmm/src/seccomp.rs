@@ -31,7 +31,9 @@
 //!   does nothing. `vmm` enables it unless `--no-seccomp` is given.
 //! - **No executable memory.** `mmap` and `mprotect` are allowed only
 //!   without `PROT_EXEC`; `tgkill` only to threads of this process;
-//!   `clone` only for threads (`CLONE_THREAD`).
+//!   `clone` only for threads (`CLONE_THREAD`); `clone3`, whose flags BPF
+//!   cannot read, fails with `ENOSYS` in the kinds that create threads (a
+//!   second filter stacked under their allow-list), so glibc uses `clone`.
 //! - A filter that cannot be installed once confinement was asked for is
 //!   fatal (the process aborts with a message): running unconfined when
 //!   the user asked otherwise is worse than not running.
@@ -119,6 +121,16 @@ impl ThreadKind {
         }
     }
 
+    /// Whether threads of this kind create threads once confined (main:
+    /// the reclaim thread; reclaim: the release helpers; API: tokio's
+    /// blocking pool).
+    pub fn creates_threads(self) -> bool {
+        matches!(
+            self,
+            ThreadKind::Main | ThreadKind::Reclaim | ThreadKind::Api
+        )
+    }
+
     /// The kind called `name`.
     pub fn from_name(name: &str) -> Option<ThreadKind> {
         Self::ALL.into_iter().find(|k| k.name() == name)
@@ -135,9 +147,11 @@ pub enum Mismatch {
     Trap,
 }
 
-/// The compiled filters, one per kind (index: discriminant).
+/// The compiled filters, one per kind (index: discriminant), and the one
+/// that makes `clone3` fail for the kinds that create threads.
 struct Programs {
     progs: Vec<BpfProgram>,
+    no_clone3: BpfProgram,
 }
 
 static PROGRAMS: OnceLock<Programs> = OnceLock::new();
@@ -168,11 +182,12 @@ pub fn enable(mismatch: Mismatch) -> Result<(), SeccompError> {
         .into_iter()
         .map(|k| program(k, mismatch))
         .collect::<Result<Vec<_>, _>>()?;
+    let no_clone3 = no_clone3_program()?;
     if mismatch == Mismatch::Trap {
         install_trap_handler();
     }
     PROGRAMS
-        .set(Programs { progs })
+        .set(Programs { progs, no_clone3 })
         .map_err(|_| SeccompError::AlreadyEnabled)
 }
 
@@ -193,7 +208,12 @@ pub fn set_test_violation(kind: ThreadKind) {
 /// confinement is off). Fatal if the kernel refuses it.
 pub fn install(kind: ThreadKind) {
     if let Some(p) = PROGRAMS.get() {
-        if let Err(e) = seccompiler::apply_filter(&p.progs[kind as usize]) {
+        let first = if kind.creates_threads() {
+            seccompiler::apply_filter(&p.no_clone3)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = first.and_then(|()| seccompiler::apply_filter(&p.progs[kind as usize])) {
             eprintln!(
                 "vmm: installing the seccomp filter of a {} thread failed ({e}); aborting \
                  (run with --no-seccomp to run unconfined)",
@@ -214,6 +234,27 @@ pub fn install(kind: ThreadKind) {
         // SAFETY: getpgid(0) takes no pointer and changes nothing.
         let _ = unsafe { libc::syscall(FORBIDDEN_TEST_SYSCALL, 0) };
     }
+}
+
+/// The filter stacked under the allow-list of the kinds that create
+/// threads: `clone3` fails with `ENOSYS` (its flags are in memory, where
+/// BPF cannot check them), so glibc falls back to `clone`, whose flags the
+/// allow-list checks (`CLONE_THREAD`: threads, never processes). The
+/// allow-list still lists `clone3`: of two stacked filters the stricter
+/// answer wins, and `ERRNO` is stricter than `ALLOW` but not than `KILL`.
+pub fn no_clone3_program() -> Result<BpfProgram, SeccompError> {
+    let err = |e: &dyn std::fmt::Display| SeccompError::Build("clone3", e.to_string());
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| err(&e))?;
+    let mut r = Rules::new();
+    allow(&mut r, &[libc::SYS_clone3]);
+    let filter = SeccompFilter::new(
+        r,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(|e| err(&e))?;
+    BpfProgram::try_from(filter).map_err(|e| err(&e))
 }
 
 /// The BPF program of `kind` for this architecture.
@@ -373,8 +414,8 @@ fn base(r: &mut Rules) -> Result<(), seccompiler::BackendError> {
 /// they install their own filter.
 fn spawner(r: &mut Rules) -> Result<(), seccompiler::BackendError> {
     use libc::*;
-    // clone3's flags are in memory (not filterable): glibc 2.34+ creates
-    // threads with it.
+    // clone3 is made to fail with ENOSYS by a filter stacked under this
+    // one (`no_clone3_program`); glibc then uses clone.
     allow(
         r,
         &[
@@ -648,7 +689,14 @@ mod tests {
             // The kernel's limit is 4096 instructions.
             assert!(p.len() < 4096, "{k:?}: {} instructions", p.len());
             assert!(program(k, Mismatch::Trap).is_ok());
+            // A kind that creates threads allows clone3 (turned into ENOSYS
+            // by the stacked filter) and clone; the others neither.
+            let r = rules(k).unwrap();
+            for nr in [libc::SYS_clone3, libc::SYS_clone] {
+                assert_eq!(r.contains_key(&nr), k.creates_threads(), "{k:?} {nr}");
+            }
         }
+        assert!(!no_clone3_program().unwrap().is_empty());
     }
 
     #[test]

@@ -20,7 +20,10 @@
 //! - every answer is a typed body serialized by serde, or a
 //!   [`Fault`](super::models::Fault);
 //! - the socket file is created owner-only (0600) and removed on stop; an
-//!   existing path is refused, never silently replaced;
+//!   existing path is refused, never silently replaced (the binary's
+//!   `--replace-api-sock` removes a stale socket before it starts us);
+//! - the thread installs the API seccomp filter ([`crate::seccomp`])
+//!   before it accepts anything; the blocking pool's threads inherit it;
 //! - [`ApiServer::stop`] (or drop) closes idle connections at once and lets
 //!   answers in flight finish, within [`STOP_GRACE`]; then the thread ends.
 
