@@ -129,7 +129,7 @@ fn start_api_server(
 enum Cmd {
     /// Boot the embedded default guest, let it verify its RAM, tear down;
     /// or, with --kernel, boot a Linux kernel until it reboots.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Talk to a running `vmm run --api-sock PATH`.
     Ctl(CtlArgs),
 }
