@@ -289,3 +289,47 @@ fn the_api_socket_is_owner_only_and_replaced_only_when_asked() {
     let _ = std::fs::remove_file(&p);
     loud!("{name}: stale socket replaced, other files kept");
 }
+
+/// The serial console's stdin reader exists only when stdin is a terminal:
+/// run under `script` (a pty), with the Linux fixture (the reader is for a
+/// Linux guest). The kill comes before the guest boots; the unconfined run
+/// is cut short by `--timeout-secs` (exit status 1, not a signal).
+#[test]
+fn a_forbidden_call_in_the_console_input_thread_kills_the_process() {
+    let name = "a_forbidden_call_in_the_console_input_thread_kills_the_process";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let (Some(bin), Some(dir)) = (vmm_bin(name), tests::linux_fixture(name)) else {
+        return;
+    };
+    if Command::new("script").arg("--version").output().is_err() {
+        loud!("SKIPPED: {name}: no `script` (util-linux) to give vmm a terminal");
+        return;
+    }
+    let rc = |extra: &str| {
+        let cmd = format!(
+            "{} run --mem 128M --timeout-secs 2 --kernel {} --initrd {} \
+             --seccomp-test-violation console-input {extra}; echo RC=$?",
+            bin.display(),
+            dir.join("vmlinux").display(),
+            dir.join("initrd.cpio").display()
+        );
+        let o = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run script");
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            out.contains("test mode: a console-input thread"),
+            "the console input thread did not run: {out}"
+        );
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("RC=").map(str::to_owned))
+            .unwrap_or_else(|| panic!("no exit status in {out}"))
+    };
+    // 128 + SIGSYS from the shell.
+    assert_eq!(rc(""), (128 + libc::SIGSYS).to_string());
+    assert_eq!(rc("--no-seccomp"), "1");
+}
