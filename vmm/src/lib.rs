@@ -34,6 +34,7 @@ pub mod boot;
 pub mod devices;
 pub mod guest;
 pub mod proc_stats;
+pub mod seccomp;
 pub mod service;
 pub mod vstate;
 

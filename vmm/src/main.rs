@@ -44,15 +44,92 @@ struct Cli {
     /// benchmarks of a populated guest's teardown).
     #[arg(long)]
     populate: bool,
+    #[command(flatten)]
+    confine: Confine,
     #[command(subcommand)]
     cmd: Option<Cmd>,
+}
+
+/// Confinement options (`vmm` and `vmm run`).
+#[derive(clap::Args, Clone, Default)]
+struct Confine {
+    /// Run without the per-thread seccomp filters (debugging only: by
+    /// default every thread may make only the system calls its kind needs,
+    /// and any other call kills the process with SIGSYS).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// If the API socket path exists and is a socket (left by a monitor
+    /// that died), remove it and listen there; without it an existing path
+    /// is refused.
+    #[arg(long)]
+    replace_api_sock: bool,
+    /// Debugging: report a forbidden system call on stderr and fail it with
+    /// ENOSYS instead of killing the process.
+    #[arg(long, hide = true, conflicts_with = "no_seccomp")]
+    seccomp_trap: bool,
+    /// Test mode: the first thread of this kind (main, vcpu, device, uffd,
+    /// reclaim, api, signals, console-input) makes a forbidden system call
+    /// right after installing its filter.
+    #[arg(long, hide = true, value_name = "KIND")]
+    seccomp_test_violation: Option<String>,
+}
+
+impl Confine {
+    /// Turns the filters on (unless --no-seccomp) and arms the test mode.
+    fn apply(&self) -> anyhow::Result<()> {
+        use vmm::seccomp::{self, Mismatch, ThreadKind};
+        if let Some(k) = &self.seccomp_test_violation {
+            let kind = ThreadKind::from_name(k).with_context(|| {
+                format!(
+                    "--seccomp-test-violation {k:?}: not a thread kind (main, vcpu, device, \
+                     uffd, reclaim, api, signals, console-input)"
+                )
+            })?;
+            seccomp::set_test_violation(kind);
+        }
+        if self.no_seccomp {
+            return Ok(());
+        }
+        let mismatch = if self.seccomp_trap {
+            Mismatch::Trap
+        } else {
+            Mismatch::KillProcess
+        };
+        seccomp::enable(mismatch)?;
+        Ok(())
+    }
+}
+
+/// Starts the API server on `path`: an existing socket there is removed
+/// first with `replace` (anything else that exists is refused, by the
+/// server without `replace`).
+fn start_api_server(
+    path: &std::path::Path,
+    replace: bool,
+    handler: Arc<dyn vmm::api::server::Handler>,
+) -> anyhow::Result<vmm::api::server::ApiServer> {
+    use std::os::unix::fs::FileTypeExt;
+    if replace {
+        if let Ok(m) = path.symlink_metadata() {
+            if !m.file_type().is_socket() {
+                anyhow::bail!(
+                    "--replace-api-sock: {} exists and is not a socket: refusing to remove it; \
+                     choose another path",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the old API socket {}", path.display()))?;
+        }
+    }
+    Ok(vmm::api::server::ApiServer::start(path, handler)?)
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot the embedded default guest, let it verify its RAM, tear down;
     /// or, with --kernel, boot a Linux kernel until it reboots.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Talk to a running `vmm run --api-sock PATH`.
     Ctl(CtlArgs),
 }
@@ -129,6 +206,8 @@ struct RunArgs {
     /// VM (`gmm bench teardown` times it from outside).
     #[arg(long)]
     populate: bool,
+    #[command(flatten)]
+    confine: Confine,
 }
 
 /// The `--json` object (also the source of the human summary).
@@ -423,6 +502,8 @@ fn run_linux(args: &RunArgs, kernel: &std::path::Path) -> anyhow::Result<bool> {
     }
     let t_start = Instant::now();
     vm.start().context("starting vCPUs")?;
+    // Every thread that needs more than main keeps is started.
+    vmm::seccomp::install(vmm::seccomp::ThreadKind::Main);
     let end = vm.wait_linux(args.timeout_secs.map(Duration::from_secs));
     let run_ms = ms(t_start.elapsed());
     let monitor_setup_ms = vm.first_run().map(|t| ms(t.duration_since(t0)));
@@ -515,8 +596,24 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         vm.memory().populate()?;
     }
     let held = args.populate && args.api_sock.is_some();
+    // The API server (its thread) before the main thread's filter; its
+    // requests wait in the channel until the loop of `serve_api` runs.
+    let api = match &args.api_sock {
+        Some(path) => {
+            let (tx, rx) = std::sync::mpsc::channel::<ApiMsg>();
+            let server = start_api_server(
+                path,
+                args.confine.replace_api_sock,
+                Arc::new(Forward(std::sync::Mutex::new(tx))),
+            )?;
+            Some((server, rx))
+        }
+        None => None,
+    };
     let t_start = Instant::now();
     vm.start().context("starting vCPUs")?;
+    // Every thread that needs more than main keeps is started.
+    vmm::seccomp::install(vmm::seccomp::ThreadKind::Main);
     if held && !vm.pause(timeout) {
         anyhow::bail!("the vCPUs did not pause within {} s", timeout.as_secs());
     }
@@ -535,8 +632,10 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
             ..BalloonRun::default()
         },
     };
-    let finished = match &args.api_sock {
-        Some(path) => serve_api(&mut vm, path, mem.bytes(), args.vcpus, timeout, held)?,
+    let finished = match api {
+        Some((server, rx)) => {
+            serve_api(&mut vm, server, &rx, mem.bytes(), args.vcpus, timeout, held)
+        }
         None => vm.wait(timeout),
     };
     let run_time = t_start.elapsed();
@@ -695,31 +794,29 @@ impl vmm::api::server::Handler for Forward {
 /// finished.
 fn serve_api(
     vm: &mut Vm,
-    path: &std::path::Path,
+    server: vmm::api::server::ApiServer,
+    rx: &std::sync::mpsc::Receiver<ApiMsg>,
     mem: u64,
     vcpus: u32,
     timeout: Duration,
     hold: bool,
-) -> anyhow::Result<bool> {
+) -> bool {
     use vmm::api::models::{
         ActionType, Balloon, BalloonStats, InstanceInfo, InstanceState, VmState,
     };
     use vmm::api::request::Request;
     use vmm::api::server::{ApiFault, Reply};
-    let (tx, rx) = std::sync::mpsc::channel::<ApiMsg>();
-    let _server = vmm::api::server::ApiServer::start(
-        path,
-        std::sync::Arc::new(Forward(std::sync::Mutex::new(tx))),
-    )?;
+    // Stops serving (and removes the socket) when this returns.
+    let _server = server;
     let (s, e) = vmm::guest::share(mem, vcpus, 0);
     let mut shutdown_at: Option<Instant> = None;
     let mut paused = false;
     loop {
         if vm.wait(Duration::ZERO) {
-            return Ok(true);
+            return true;
         }
         if shutdown_at.is_some_and(|t| t.elapsed() > timeout) {
-            return Ok(false);
+            return false;
         }
         // Wait for a request (answered at once), but look at the guest
         // again every 20 ms, every 1 ms once it was told to shut down.
@@ -732,7 +829,7 @@ fn serve_api(
             let stop = Request::Action(ActionType::SendCtrlAltDel);
             if hold && req == stop {
                 let _ = reply.send(Ok(Reply::NoContent));
-                return Ok(true);
+                return true;
             }
             let balloon = vm.balloon().cloned();
             let no_balloon = || ApiFault::bad("this VM has no balloon");
@@ -878,8 +975,9 @@ fn serve(cli: &Cli) -> anyhow::Result<ExitCode> {
     // Before any other thread exists, so that all inherit the mask.
     service::stop_on_signals(&svc).context("setting up SIGTERM/SIGINT handling")?;
     let _server = match &cli.api_sock {
-        Some(p) => Some(vmm::api::server::ApiServer::start(
+        Some(p) => Some(start_api_server(
             p,
+            cli.confine.replace_api_sock,
             Arc::clone(&svc) as Arc<dyn vmm::api::server::Handler>,
         )?),
         None => None,
@@ -900,6 +998,15 @@ fn serve(cli: &Cli) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     PROCESS_START.get_or_init(Instant::now);
     let cli = Cli::parse();
+    let confine = match &cli.cmd {
+        None => Some(&cli.confine),
+        Some(Cmd::Run(a)) => Some(&a.confine),
+        Some(Cmd::Ctl(_)) => None,
+    };
+    if let Some(Err(e)) = confine.map(Confine::apply) {
+        eprintln!("vmm: error: {e:#}");
+        return ExitCode::from(2);
+    }
     let Some(cmd) = cli.cmd else {
         return match serve(&cli) {
             Ok(code) => code,

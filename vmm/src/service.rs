@@ -22,6 +22,14 @@
 //! before the start), woken by the guest's end, a stop request or the next
 //! statistics poll, so an idle service costs no CPU. A stop request reaches
 //! the loop at once (a notify, no polling).
+//!
+//! **Threads and seccomp.** While [`Service::run`] waits for the start, an
+//! API `InstanceStart` is handed to it (the handler thread waits for the
+//! answer): the VM is created and its threads started by the main thread,
+//! so they inherit none of the API thread's seccomp filter
+//! ([`crate::seccomp`]); the main thread then installs its own filter
+//! before it waits on the guest. Without a waiting runner (library use)
+//! the handler starts the VM itself, as before.
 
 use std::io::Write;
 use std::path::Path;
@@ -41,6 +49,7 @@ use crate::boot::LinuxSpec;
 use crate::devices::serial::Console;
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonCounters};
 use crate::guest::Workload;
+use crate::seccomp;
 use crate::vstate::memory::{check_backing, Backing, MemSize, MemoryReport, PageSize};
 use crate::vstate::vcpu::VcpuOutcome;
 use crate::vstate::vm::{EndWaiter, Vm, VmConfig};
@@ -92,6 +101,11 @@ struct Inner {
     ended: bool,
     started_at: Option<Instant>,
     next_stats: Option<Instant>,
+    /// [`Service::run`] waits for the start and starts the VM itself when
+    /// asked (`start_asked`), answering in `start_answer`.
+    runner_waiting: bool,
+    start_asked: bool,
+    start_answer: Option<Result<Reply, ApiFault>>,
 }
 
 /// The service: configuration, the VM, and the stop request.
@@ -103,6 +117,8 @@ pub struct Service {
     /// A signal asked to stop (its number; 0 = none).
     stop_signal: std::sync::atomic::AtomicI32,
     stopping: AtomicBool,
+    /// One `InstanceStart` handed to the runner at a time.
+    start_gate: Mutex<()>,
 }
 
 impl std::fmt::Debug for Service {
@@ -194,10 +210,14 @@ impl Service {
                 ended: false,
                 started_at: None,
                 next_stats: None,
+                runner_waiting: false,
+                start_asked: false,
+                start_answer: None,
             }),
             cv: Condvar::new(),
             stop_signal: std::sync::atomic::AtomicI32::new(0),
             stopping: AtomicBool::new(false),
+            start_gate: Mutex::new(()),
         })
     }
 
@@ -247,24 +267,38 @@ impl Service {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// The main thread's loop: waits for the start, then for the end of the
-    /// VM or a stop request; tears the VM down (memory back first) and
-    /// returns how it ended.
+    /// The main thread's loop: waits for the start (and makes it: an
+    /// `InstanceStart` from the API is run here, so the VM's threads are
+    /// this thread's children, not the API thread's, and inherit no API
+    /// seccomp filter), then confines itself ([`seccomp`]) and waits for
+    /// the end of the VM or a stop request; tears the VM down (memory back
+    /// first) and returns how it ended.
     pub fn run(&self) -> Ended {
         // Before the start.
         let waiter = {
             let mut g = self.lock();
+            g.runner_waiting = true;
             loop {
+                if g.start_asked {
+                    g.start_asked = false;
+                    let answer = self.start_instance(&mut g);
+                    g.start_answer = Some(answer);
+                    self.cv.notify_all();
+                }
                 if self.stop_requested() {
                     g.ended = true;
+                    g.runner_waiting = false;
+                    self.cv.notify_all();
                     return Ended::NotStarted;
                 }
-                if let Some(w) = &g.waiter {
-                    break w.clone();
+                if let Some(w) = g.waiter.clone() {
+                    g.runner_waiting = false;
+                    break w;
                 }
                 g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
             }
         };
+        seccomp::install(seccomp::ThreadKind::Main);
         // Running: sleep until the end, a stop or the next stats poll.
         loop {
             let timeout = self
@@ -453,6 +487,36 @@ impl Service {
         Ok(())
     }
 
+    fn start_instance(&self, g: &mut Inner) -> Result<Reply, ApiFault> {
+        self.start(g)?;
+        self.log(&g.cfg, "Info", "microVM started");
+        Ok(Reply::NoContent)
+    }
+
+    /// Hands an `InstanceStart` to the thread in [`Service::run`] and waits
+    /// for its answer.
+    fn start_on_runner(&self) -> Result<Reply, ApiFault> {
+        let _one = self.start_gate.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock();
+        if g.ended || self.stop_requested() {
+            return Err(bad("The microVM is shutting down."));
+        }
+        if g.vm.is_some() {
+            return Err(bad(AFTER_START));
+        }
+        g.start_asked = true;
+        self.cv.notify_all();
+        loop {
+            if let Some(a) = g.start_answer.take() {
+                return a;
+            }
+            if g.ended {
+                return Err(bad("The microVM is shutting down."));
+            }
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     fn balloon_stats(g: &Inner) -> Result<BalloonStats, ApiFault> {
         let cfg =
             g.cfg.balloon.as_ref().ok_or_else(|| {
@@ -565,11 +629,7 @@ impl Service {
                 }
                 Ok(Reply::NoContent)
             }
-            Request::Action(ActionType::InstanceStart) => {
-                self.start(g)?;
-                self.log(&g.cfg, "Info", "microVM started");
-                Ok(Reply::NoContent)
-            }
+            Request::Action(ActionType::InstanceStart) => self.start_instance(g),
             Request::Action(ActionType::SendCtrlAltDel) => {
                 let vm = g.vm.as_mut().ok_or_else(|| bad(BEFORE_START))?;
                 if vm.linux_cmdline().is_some() {
@@ -708,6 +768,10 @@ impl Handler for Service {
         if g.ended || self.stop_requested() {
             return Err(bad("The microVM is shutting down."));
         }
+        if g.runner_waiting && req == Request::Action(ActionType::InstanceStart) {
+            drop(g);
+            return self.start_on_runner();
+        }
         let started = g.vm.is_some();
         match (req.phase(), started) {
             (Phase::PreBoot, true) => return Err(bad(AFTER_START)),
@@ -739,14 +803,17 @@ pub fn stop_on_signals(service: &Arc<Service>) -> std::io::Result<()> {
     let s = Arc::clone(service);
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is an initialized signal set; `sig` is a valid
-            // out-pointer. The signals are blocked in every thread, so
-            // sigwait is the only receiver.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc == 0 {
-                s.request_stop(sig);
+        .spawn(move || {
+            crate::seccomp::install(crate::seccomp::ThreadKind::Signals);
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is an initialized signal set; `sig` is a
+                // valid out-pointer. The signals are blocked in every
+                // thread, so sigwait is the only receiver.
+                let rc = unsafe { libc::sigwait(&set, &mut sig) };
+                if rc == 0 {
+                    s.request_stop(sig);
+                }
             }
         })?;
     Ok(())

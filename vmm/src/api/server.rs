@@ -20,7 +20,10 @@
 //! - every answer is a typed body serialized by serde, or a
 //!   [`Fault`](super::models::Fault);
 //! - the socket file is created owner-only (0600) and removed on stop; an
-//!   existing path is refused, never silently replaced;
+//!   existing path is refused, never silently replaced (the binary's
+//!   `--replace-api-sock` removes a stale socket before it starts us);
+//! - the thread installs the API seccomp filter ([`crate::seccomp`])
+//!   before it accepts anything; the blocking pool's threads inherit it;
 //! - [`ApiServer::stop`] (or drop) closes idle connections at once and lets
 //!   answers in flight finish, within [`STOP_GRACE`]; then the thread ends.
 
@@ -108,7 +111,8 @@ pub trait Handler: Send + Sync + 'static {
 pub enum ServerError {
     /// The path exists.
     #[error(
-        "API socket path {0} already exists: remove it if no monitor uses it, or choose another path"
+        "API socket path {0} already exists: remove it if no monitor uses it (or give \
+         --replace-api-sock), or choose another path"
     )]
     Exists(PathBuf),
     /// bind/chmod failed.
@@ -211,7 +215,10 @@ impl ApiServer {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || rt.block_on(accept_loop(std_listener, handler, stop_rx)))
+            .spawn(move || {
+                crate::seccomp::install(crate::seccomp::ThreadKind::Api);
+                rt.block_on(accept_loop(std_listener, handler, stop_rx));
+            })
             .map_err(ServerError::Thread)?;
         Ok(ApiServer {
             path: path.into(),

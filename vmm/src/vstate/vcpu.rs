@@ -323,6 +323,7 @@ enum Exit {
 
 /// Runs vCPU `vcpu` until the guest finishes or the VMM stops it.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuOutcome {
+    crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu);
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN_PTR.with(|c| c.set(run_ptr));
     if ctx.index == 0 {

@@ -936,8 +936,10 @@ impl Vm {
         let (reclaim, done) = if background {
             match std::thread::Builder::new()
                 .name("reclaim".into())
-                .spawn(move || remains.reclaim(t0))
-            {
+                .spawn(move || {
+                    crate::seccomp::install(crate::seccomp::ThreadKind::Reclaim);
+                    remains.reclaim(t0)
+                }) {
                 Ok(h) => (Some(h), None),
                 // No thread: the closure was dropped with the state it
                 // owned, which already dropped the VM, stopped the handler

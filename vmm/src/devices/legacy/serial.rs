@@ -156,6 +156,7 @@ pub fn spawn_stdin_reader(serial: Arc<SerialDevice>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("serial-stdin".into())
         .spawn(move || {
+            crate::seccomp::install(crate::seccomp::ThreadKind::ConsoleInput);
             let mut buf = [0u8; 64];
             let mut stdin = std::io::stdin();
             while let Ok(n) = stdin.read(&mut buf) {

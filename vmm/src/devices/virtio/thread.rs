@@ -167,6 +167,7 @@ fn serve<D: VirtioDevice>(
     stop: &EventFd,
     served: &AtomicU64,
 ) {
+    crate::seccomp::install(crate::seccomp::ThreadKind::Device);
     batch_priority();
     let mut pfds: Vec<libc::pollfd> = std::iter::once(stop.as_raw_fd())
         .chain(fds.iter().map(|(_, f)| f.as_raw_fd()))

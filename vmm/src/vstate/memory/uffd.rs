@@ -355,6 +355,7 @@ fn resident(page: u64) -> bool {
 
 impl Shared {
     fn run(&self, stop_fd: i32) {
+        crate::seccomp::install(crate::seccomp::ThreadKind::Uffd);
         let mut fds = [
             libc::pollfd {
                 fd: self.uffd.as_raw_fd(),
