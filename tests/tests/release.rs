@@ -289,3 +289,31 @@ fn repeated_release_and_refault() {
     assert!(vm.guest_ok());
     destroy_and_check(vm);
 }
+
+/// A paused VM hands its unjoined vCPU threads to the reclaim thread,
+/// which releases guest RAM while they leave: the outcomes are still those
+/// of the threads (the finished vCPU's own, `Stopped` for the paused one),
+/// and all of RAM comes back and is unmapped.
+#[test]
+fn destroy_of_a_paused_vm() {
+    if !kvm_or_skip("destroy_of_a_paused_vm") {
+        return;
+    }
+    let (c, _) = config("64M", 2, Backing::Anon, PageSize::Size4K, Workload::Probe);
+    let vm = started_probe_vm(c);
+    // vCPU 1 has finished; vCPU 0 spins in ring 3 polling the control page.
+    assert!(vm.pause(Duration::from_secs(5)), "vCPUs did not pause");
+    vm.memory().populate().unwrap();
+    assert_eq!(vm.memory().resident_bytes(), 64 << 20);
+    let before: Vec<_> = vm.outcomes();
+    let (t, r) = destroy_and_check(vm);
+    assert_eq!(t.outcomes[0], VcpuOutcome::Stopped, "{:?}", t.outcomes);
+    for (i, o) in before {
+        assert_eq!(&t.outcomes[i as usize], &o, "vCPU {i}");
+    }
+    assert_eq!(r.stage2.released_bytes, 64 << 20, "{r:?}");
+    assert!(
+        r.memory_back_ms > 0.0 && r.memory_back_ms <= r.reclaim_ms,
+        "{r:?}"
+    );
+}

@@ -513,12 +513,18 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
             releaser(&mut r)?;
             read_only_files(&mut r)?;
             allow_ioctls(&mut r, &[ioctls::UFFDIO_UNREGISTER])?;
+            // guest-mm's release helpers (children of this thread) make
+            // themselves SCHED_IDLE, and the releasing thread raises a
+            // helper still busy at the end back to its own policy: a
+            // thread id of this process, which BPF cannot check.
+            allow(&mut r, &[SYS_sched_setscheduler, SYS_sched_getscheduler]);
         }
         ThreadKind::Main => {
             // What the reclaim thread (its child) needs, and teardown.
             spawner(&mut r)?;
             releaser(&mut r)?;
             allow_ioctls(&mut r, &[ioctls::UFFDIO_UNREGISTER])?;
+            allow(&mut r, &[SYS_sched_setscheduler, SYS_sched_getscheduler]);
             // Metrics and log files (append), /proc, the API socket's
             // removal.
             allow(

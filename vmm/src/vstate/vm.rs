@@ -6,7 +6,8 @@
 //! ioeventfds, [`crate::devices::virtio::thread`]) and the vCPUs;
 //! [`Vm::start`] runs one thread per vCPU; [`Vm::wait`] waits for the guest
 //! to finish; [`Vm::destroy`] stops and joins the vCPUs, then the device
-//! thread, and returns, while a reclaim thread releases guest
+//! thread, and returns, while a reclaim thread (made with the VM, asleep
+//! until then) releases guest
 //! RAM ([`VmMemory::release_all`]: the stage-2 whole-VM gather), then drops
 //! the VM, then closes the memory (stops the fault handler, unmaps the
 //! emptied guest RAM, closes its files), in that order
@@ -223,7 +224,7 @@ pub struct Teardown {
     pub stop_vcpus_ms: f64,
     /// Outcome of each vCPU, by index.
     pub outcomes: Vec<VcpuOutcome>,
-    reclaim: Option<JoinHandle<Reclaimed>>,
+    reclaim: Option<JoinHandle<Option<Reclaimed>>>,
     done: Option<Reclaimed>,
 }
 
@@ -253,7 +254,7 @@ impl Teardown {
     /// Waits until guest RAM is back with the host.
     pub fn wait_reclaim(&mut self) -> Reclaimed {
         if let Some(h) = self.reclaim.take() {
-            self.done = Some(h.join().unwrap_or_default());
+            self.done = Some(h.join().ok().flatten().unwrap_or_default());
         }
         self.done.unwrap_or_default()
     }
@@ -265,10 +266,42 @@ impl Drop for Teardown {
     }
 }
 
+/// The first step of reclamation: guest RAM released, and when.
+#[derive(Debug, Clone, Copy, Default)]
+struct MemoryBack {
+    stage2: TeardownStats,
+    memory_back_ms: f64,
+    rss_at_memory_back: u64,
+}
+
+impl MemoryBack {
+    /// [`VmMemory::release_all`]; a failed release leaves the memory to the
+    /// munmap that follows (nothing leaks).
+    fn release(memory: Option<&VmMemory>, t0: Instant) -> Self {
+        let stage2 = memory
+            .and_then(|m| m.release_all().ok())
+            .unwrap_or_default();
+        let memory_back_ms = ms(t0.elapsed());
+        Self {
+            stage2,
+            memory_back_ms,
+            rss_at_memory_back: crate::proc_stats::rss().rss,
+        }
+    }
+}
+
 /// The state released in the background after the vCPUs stopped. Field
 /// order is drop order (if the reclaim thread cannot be spawned): VM,
 /// devices, guest memory (which releases itself before it unmaps).
 struct Remains {
+    /// A paused VM's vCPU threads, not joined yet (every one was parked
+    /// when `Stop` was set, so none enters the guest again), their fds
+    /// and the bus they hold, and the device thread, not stopped yet.
+    /// Empty otherwise: `teardown` joined and stopped them itself.
+    device_thread: Option<DeviceThread>,
+    vcpu_threads: Vec<JoinHandle<VcpuOutcome>>,
+    vcpu_fds: Vec<VcpuFd>,
+    mmio: Option<Arc<MmioBus>>,
     vm_fd: Option<VmFd>,
     balloon: Option<Arc<VirtioMmio<Balloon>>>,
     memory: Option<Arc<VmMemory>>,
@@ -288,14 +321,24 @@ impl Remains {
     /// threads walk through the table, which the gather marks dying and
     /// waits for.
     fn reclaim(mut self, t0: Instant) -> Reclaimed {
-        // A failed release leaves memory to the munmap below: nothing leaks.
-        let stage2 = self
-            .memory
-            .as_ref()
-            .and_then(|m| m.release_all().ok())
-            .unwrap_or_default();
-        let memory_back_ms = ms(t0.elapsed());
-        let rss_at_memory_back = crate::proc_stats::rss().rss;
+        // Nothing runs into the release: the device thread stops first.
+        if let Some(mut t) = self.device_thread.take() {
+            t.stop();
+        }
+        let back = MemoryBack::release(self.memory.as_deref(), t0);
+        // A paused VM's vCPUs leave on their own meanwhile; once they are
+        // joined the bus's device references go, so that the memory's
+        // last references are ours.
+        for t in self.vcpu_threads.drain(..) {
+            let _ = t.join();
+        }
+        self.vcpu_fds.clear();
+        self.mmio = None;
+        let MemoryBack {
+            stage2,
+            memory_back_ms,
+            rss_at_memory_back,
+        } = back;
         let t = Instant::now();
         self.vm_fd = None;
         let vm_drop = t.elapsed();
@@ -341,6 +384,65 @@ pub struct Vm {
     threads: Vec<JoinHandle<VcpuOutcome>>,
     probe_seq: u64,
     destroyed: bool,
+    /// The thread that will release guest RAM at teardown, made with the
+    /// VM (`None` if it could not be: teardown then makes one).
+    reclaimer: Option<Reclaimer>,
+}
+
+/// A thread made with the VM that sleeps until teardown hands it the
+/// VM's remains, then releases them ([`Remains::reclaim`]).
+///
+/// Made early on purpose: a thread created at teardown starts at the back
+/// of the run queue (CFS places new tasks after the others), which on a
+/// busy host delayed the release by milliseconds; a sleeping thread that
+/// is woken runs soon. Named `reclaim`, `SCHED_BATCH`: its wake-up never
+/// preempts the thread in `destroy` (which, preempted, returned only after
+/// the whole release: 3-8 ms at 1 GiB on the busy development host); it
+/// runs on an idle core, or as soon as the destroying thread waits, at
+/// normal weight: the release it drives is the teardown's critical path.
+/// Its release helpers are `SCHED_IDLE` (see `memory/release.rs`).
+struct Reclaimer {
+    tx: std::sync::mpsc::SyncSender<(Box<Remains>, Instant)>,
+    handle: JoinHandle<Option<Reclaimed>>,
+}
+
+/// Makes the calling thread `SCHED_BATCH` (no wake-up preemption, same
+/// weight). Best effort: a refusal leaves the thread as it was.
+fn batch_priority() {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: 0 is the calling thread; `p` is a valid sched_param for
+    // SCHED_BATCH, which takes priority 0.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &p) };
+}
+
+impl Reclaimer {
+    fn spawn() -> Option<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Box<Remains>, Instant)>(1);
+        std::thread::Builder::new()
+            .name("reclaim".into())
+            .spawn(move || {
+                batch_priority();
+                crate::seccomp::install(crate::seccomp::ThreadKind::Reclaim);
+                rx.recv().ok().map(|(r, t0)| r.reclaim(t0))
+            })
+            .ok()
+            .map(|handle| Self { tx, handle })
+    }
+
+    /// Hands `remains` over; gives them back if the thread is gone.
+    fn start(
+        self,
+        remains: Box<Remains>,
+        t0: Instant,
+    ) -> std::result::Result<JoinHandle<Option<Reclaimed>>, Box<Remains>> {
+        match self.tx.send((remains, t0)) {
+            Ok(()) => Ok(self.handle),
+            Err(e) => {
+                let _ = self.handle.join();
+                Err(e.0 .0)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -515,6 +617,7 @@ impl Vm {
             threads: Vec::new(),
             probe_seq: 0,
             destroyed: false,
+            reclaimer: Reclaimer::spawn(),
         })
     }
 
@@ -911,49 +1014,77 @@ impl Vm {
         self.destroyed = true;
         self.control.set(Request::Stop);
         self.kick_all();
-        let mut outcomes = vec![VcpuOutcome::Stopped; self.config.vcpus as usize];
-        for (i, t) in self.threads.drain(..).enumerate() {
-            if let Ok(o) = t.join() {
-                outcomes[i] = o;
-            }
-        }
-        self.vcpu_fds.clear();
-        // Nothing notifies any more: the device thread is stopped and
-        // joined before guest memory is released, so no device request
-        // runs into the teardown.
-        if let Some(mut t) = self.balloon_thread.take() {
-            t.stop();
-        }
-        // The vCPUs are joined: the bus's device references go, so that the
-        // reclaim below holds the last references to the handler and RAM.
-        self.mmio = Arc::new(MmioBus::default());
-        let stop_vcpus_ms = ms(t0.elapsed());
-        let remains = Remains {
-            vm_fd: self.vm_fd.take(),
-            balloon: self.balloon.take(),
-            memory: self.memory.take(),
-        };
-        let (reclaim, done) = if background {
-            match std::thread::Builder::new()
-                .name("reclaim".into())
-                .spawn(move || {
-                    crate::seccomp::install(crate::seccomp::ThreadKind::Reclaim);
-                    remains.reclaim(t0)
-                }) {
-                Ok(h) => (Some(h), None),
-                // No thread: the closure was dropped with the state it
-                // owned, which already dropped the VM, stopped the handler
-                // and unmapped RAM (Remains' fields drop in that order).
-                Err(_) => (
-                    None,
-                    Some(Reclaimed {
-                        reclaim_ms: ms(t0.elapsed()),
-                        ..Reclaimed::default()
-                    }),
-                ),
-            }
+        // Synchronous on drop; otherwise the VM's reclaim thread (or a new
+        // one if it could not be made with the VM, or this thread if no
+        // thread can be made at all).
+        let reclaimer = if background {
+            self.reclaimer.take().or_else(Reclaimer::spawn)
         } else {
-            (None, Some(remains.reclaim(t0)))
+            None
+        };
+        // A paused VM gives its memory back while its threads are joined,
+        // and the joins leave `destroy` too: a vCPU counted as parked
+        // (under the count's lock, after `Stop` was set) is waiting in
+        // `check` or has finished; it leaves without entering the guest or
+        // touching its memory again, with `Stopped` unless it reported an
+        // outcome already. The reclaim thread stops the device thread
+        // before it releases. A running VM's vCPUs are joined here first.
+        let vcpus = u32::try_from(self.threads.len()).unwrap_or(u32::MAX);
+        let mut outcomes = vec![VcpuOutcome::Stopped; self.config.vcpus as usize];
+        let paused = reclaimer.is_some() && self.control.wait_parked(vcpus, Duration::ZERO);
+        let mut remains = Remains {
+            device_thread: None,
+            vcpu_threads: Vec::new(),
+            vcpu_fds: Vec::new(),
+            mmio: None,
+            vm_fd: None,
+            balloon: None,
+            memory: None,
+        };
+        if paused {
+            let r = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, o) in &r.outcomes {
+                if let Some(slot) = outcomes.get_mut(*i as usize) {
+                    *slot = o.clone();
+                }
+            }
+            drop(r);
+            remains.vcpu_threads = std::mem::take(&mut self.threads);
+            remains.vcpu_fds = std::mem::take(&mut self.vcpu_fds);
+            remains.device_thread = self.balloon_thread.take();
+            remains.mmio = Some(std::mem::replace(
+                &mut self.mmio,
+                Arc::new(MmioBus::default()),
+            ));
+        } else {
+            for (i, t) in self.threads.drain(..).enumerate() {
+                if let Ok(o) = t.join() {
+                    outcomes[i] = o;
+                }
+            }
+            self.vcpu_fds.clear();
+            // Nothing notifies any more: the device thread is stopped and
+            // joined before guest memory is released, so no device request
+            // runs into the teardown.
+            if let Some(mut t) = self.balloon_thread.take() {
+                t.stop();
+            }
+            // The vCPUs are joined: the bus's device references go, so
+            // that the reclaim below holds the last references to the
+            // handler and RAM.
+            self.mmio = Arc::new(MmioBus::default());
+        }
+        let stop_vcpus_ms = ms(t0.elapsed());
+        remains.vm_fd = self.vm_fd.take();
+        remains.balloon = self.balloon.take();
+        remains.memory = self.memory.take();
+        let started = match reclaimer {
+            Some(r) => r.start(Box::new(remains), t0),
+            None => Err(Box::new(remains)),
+        };
+        let (reclaim, done) = match started {
+            Ok(h) => (Some(h), None),
+            Err(remains) => (None, Some(remains.reclaim(t0))),
         };
         Teardown {
             teardown_ms: ms(t0.elapsed()),

@@ -36,12 +36,13 @@
 //! does the same over all of RAM. Ballooned pages a guest touches anyway
 //! are not seen either: they are freed with the file.
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use guest_mm::runs::merge_runs;
 use guest_mm::{GatherStats, Gpa, PageState, UnmapMode};
 
-use super::backing::{Backing, SIZE_2M, SIZE_4K};
+use super::backing::{Backing, PageSize, SIZE_2M, SIZE_4K};
 use super::stage2::{Stage2Error, TeardownStats};
 use super::uffd::UffdError;
 use super::VmMemory;
@@ -83,6 +84,32 @@ pub enum ReleaseError {
     /// The gather refused or the host did not take memory back.
     #[error(transparent)]
     Stage2(#[from] Stage2Error),
+}
+
+/// Threads of the teardown's release (the caller plus `SCHED_IDLE`
+/// helpers named [`guest_mm::backing::RELEASE_THREAD_NAME`], which claim
+/// 16 MiB chunks; guest-mm `backing.rs`).
+///
+/// - 4 KiB leaves: every core. Freeing 4 KiB pages costs ~0.1 s per GiB,
+///   which a second core halves; the helpers run only on cores no normal
+///   thread wants (a running vCPU of another VM keeps its core, goal 4 of
+///   issue 12), and the caller, at its own priority, claims whatever they
+///   do not get to.
+/// - 2 MiB leaves (THP): one, the caller. A huge page is freed in ~5 µs,
+///   and splitting those zaps across threads cost more than it saved
+///   (1 GiB of THP: one `MADV_DONTNEED` 2.6 ms, two threads 8.0 ms, median
+///   of 9, on the 2 loaded cores of the development machine).
+/// - memfd and guest_memfd are released by punching holes, which the
+///   kernel serialises on the file's lock; guest-mm never splits them.
+pub fn teardown_release_threads(page: PageSize) -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    match page {
+        // Read once: `available_parallelism` reads cgroup files.
+        PageSize::Size4K => *CORES.get_or_init(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
+        PageSize::Size2M => 1,
+    }
 }
 
 impl VmMemory {
@@ -139,8 +166,10 @@ impl VmMemory {
     }
 
     /// Releases all guest memory: a full-mm gather over the whole table
-    /// (every backing released, one invalidation, the release split across
-    /// all cores), then the grace period that frees the table pages. The
+    /// (every backing released, one invalidation; 4 KiB-backed anonymous
+    /// RAM split across all cores by idle-priority helpers, see
+    /// [`teardown_release_threads`]), then the grace period that frees the
+    /// table pages. The
     /// table is dying from then on: nothing maps, unmaps or faults any
     /// more. Only for teardown, once nothing runs the guest.
     pub fn release_all(&self) -> Result<TeardownStats, ReleaseError> {
@@ -152,8 +181,7 @@ impl VmMemory {
             }
         }
         let mut g = table.gather_full_mm();
-        // The guest is gone: every core may help give its memory back.
-        g.set_release_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        g.set_release_threads(teardown_release_threads(self.ram.page_size()));
         table.teardown(&mut g).map_err(Stage2Error::from)?;
         let st = g.finish().map_err(Stage2Error::from)?;
         let gather_ms = t.elapsed().as_secs_f64() * 1e3;
