@@ -260,35 +260,55 @@ pub struct BalloonResult {
 // ---------------------------------------------------------------------
 // gmm bench teardown (mirrors teardown.rs's `TeardownResult`)
 
-/// The QEMU peer of `gmm bench teardown`.
+/// The QEMU peer, once found and probed.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct QemuInfo {
     pub path: String,
     pub version: String,
+    /// `kvm` if `-accel kvm` started, else `tcg` (with `-S` the guest never
+    /// runs, so the accelerator only changes VM creation and teardown).
     pub accel: String,
+    /// RAM backend object used.
     pub backend: String,
 }
 
-/// One size of `gmm bench teardown` (medians over the repetitions).
+/// The result for one size (medians over the repetitions).
+/// Fields a saved file may predate default.
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct TeardownSize {
+    /// Guest RAM (and baseline) size.
     pub size_bytes: u64,
+    /// This row's backing (`anon`, `memfd`) and leaf size (`2M`: THP
+    /// advice, `4K`), the same for the VM and its baselines.
+    #[serde(default)]
+    pub backing: String,
+    #[serde(default)]
+    pub page_size: String,
     /// `Vm::destroy` call: stop and join the vCPUs, hand off reclamation.
     pub destroy_ms: f64,
-    /// Start of `destroy` → guest RAM back with the host.
+    /// From the start of `destroy` until guest RAM was back with the host
+    /// (the whole-VM gather released it; RSS sampled then).
     pub reclaim_ms: f64,
-    /// Start of `destroy` → `wait_reclaim` returned.
+    /// From the start of `destroy` until `wait_reclaim` returned (also the
+    /// KVM VM dropped, the fault handler stopped, RAM unmapped).
     pub reclaim_done_ms: f64,
-    /// VmRSS sampled by the reclaim thread when guest RAM was back.
+    /// This process's VmRSS sampled by the reclaim thread the moment guest
+    /// RAM was back (median).
     pub rss_at_memory_back_bytes: u64,
+    /// Parts of destroy and reclaim as the VM measured them: stopping and
+    /// joining the vCPUs, the reclaim thread's own end-to-end time, dropping
+    /// the KVM VM, the stage-2 gather (zap + release), its final grace
+    /// period (table pages freed), the munmap of guest RAM.
     pub destroy_stop_vcpus_ms: f64,
     pub reclaim_internal_ms: f64,
     pub reclaim_vm_drop_ms: f64,
-    /// The whole-VM stage-2 gather (zap, invalidate, release).
     pub reclaim_stage2_gather_ms: f64,
     pub reclaim_stage2_barrier_ms: f64,
     pub reclaim_unmap_ms: f64,
+    /// The reclaim thread's time not in the parts above (thread hand-off,
+    /// fault handler stop, stage-2 table drop), per repetition, median.
     pub reclaim_other_ms: f64,
+    /// Host-side populate of the VM (or guest run + top-up), for context.
     pub populate_ms: f64,
     /// One munmap (+ close for memfd) of an equally populated mapping.
     pub munmap_ms: f64,
@@ -296,33 +316,66 @@ pub struct TeardownSize {
     pub naive_ms: f64,
     /// reclaim_ms / munmap_ms.
     pub ratio_vs_munmap: f64,
+    /// naive_ms / reclaim_ms (how much faster the VM teardown is).
     pub ratio_naive_vs_reclaim: f64,
-    /// QEMU quit → process exited, when measured.
+    /// QEMU quit → process exited (waitpid), when measured.
     pub qemu_ms: Option<f64>,
+    /// QEMU's VmRSS once ready, before quit (median).
     pub qemu_rss_bytes: Option<u64>,
-    /// `vmm` shutdown request sent → process exited.
+    /// `vmm` shutdown request sent → process exited (waitpid).
     pub process_exit_ms: Option<f64>,
+    /// `vmm` shutdown request sent → API answered.
     pub process_ack_ms: Option<f64>,
+    /// The `vmm` process's own `teardown_ms` / `reclaim_ms` (its JSON).
     pub process_destroy_ms: Option<f64>,
     pub process_reclaim_ms: Option<f64>,
+    /// The `vmm` process's VmRSS once ready, before shutdown (median).
     pub process_rss_bytes: Option<u64>,
+    /// `vmm --api-sock --populate` (the service, its embedded guest running)
+    /// SIGTERM sent → process exited (waitpid), anonymous backing only.
     pub service_sigterm_ms: Option<f64>,
     #[serde(default)]
     pub service_sigterm_ms_all: Vec<f64>,
+    /// This process's VmRSS before the VM was created, once populated, and
+    /// after reclaim (medians).
     pub rss_before_bytes: u64,
     pub rss_populated_bytes: u64,
     pub rss_after_bytes: u64,
+    /// Guest RAM resident (mincore) just before destroy (median).
     pub guest_resident_bytes: u64,
+    /// This process's `AnonHugePages` once populated, for the VM and the
+    /// two baselines (medians): the teardown cost depends on how much of
+    /// the memory the kernel backed with transparent huge pages.
     pub vm_thp_bytes: u64,
     pub munmap_thp_bytes: u64,
     pub naive_thp_bytes: u64,
+    /// rss_populated - rss_after (median).
     pub rss_returned_bytes: u64,
-    /// Every repetition's RSS came back within 16 MiB of where it started.
+    /// Every VM repetition was populated to the full size and its RSS came
+    /// back to within 16 MiB of where it started.
     pub rss_back: bool,
+    /// memfd: host `Shmem` (meminfo) freed by the VM teardown (median;
+    /// system-wide, so other processes add noise).
     pub shmem_freed_bytes: Option<u64>,
+    /// Issue 12, goal 3: memory back (reclaim_ms) <= 1.0 x munmap_ms.
+    #[serde(default)]
+    pub memory_back_within_1x_munmap: bool,
+    /// Goal 3 at 4 KiB backing from 1 GiB: memory back <= 0.6 x munmap_ms
+    /// (null where it does not apply: 2M leaves or below 1 GiB).
+    #[serde(default)]
+    pub memory_back_within_0_6x_munmap: Option<bool>,
+    /// Goal 3: the destroy call <= 1 ms.
+    #[serde(default)]
+    pub destroy_within_1ms: bool,
+    /// Every goal-3 target that applies to this row was met.
+    #[serde(default)]
+    pub targets_met: bool,
+    /// The older targets: reclaim_ms <= 1.1 x munmap_ms, destroy_ms <= 5 ms.
     pub reclaim_within_1_10x_munmap: bool,
     pub destroy_within_5ms: bool,
+    /// Target: process_exit_ms < qemu_ms; null when either was not measured.
     pub faster_than_qemu: Option<bool>,
+    /// Every repetition, in run order.
     #[serde(default)]
     pub destroy_ms_all: Vec<f64>,
     #[serde(default)]
@@ -343,25 +396,39 @@ pub struct TeardownSize {
     pub process_exit_ms_all: Vec<f64>,
 }
 
-/// `gmm bench teardown --json`.
+/// The `--json` object.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct TeardownResult {
+    /// `bench-teardown`.
     pub tool: String,
-    /// `anon` or `memfd`.
+    /// `anon`, `memfd` or both (`anon,memfd`): the rows' backings (guest
+    /// RAM, baselines and the QEMU backend); each row names its own.
     pub backing: String,
+    /// Leaf sizes of the rows (`2M`, `4K` or `2M,4K`); each row names its own.
     pub page_size: String,
-    /// `host` or `guest`.
+    /// Who populated guest RAM in the in-process VM: `host` or `guest`
+    /// (the QEMU and vmm process peers are always populated host-side).
     pub populate: String,
+    /// Repetitions per strategy.
     pub reps: u32,
+    /// guest-mm grace periods use membarrier.
     pub membarrier: bool,
+    /// Machine: CPUs available, RAM, kernel release.
     pub cores: usize,
     pub mem_total_bytes: u64,
     pub kernel: String,
+    /// KVM modules loaded (kvm_intel, kvm_amd, kvm_pvm).
+    #[serde(default)]
     pub kvm_modules: Vec<String>,
+    /// The QEMU peer, or null when skipped.
     pub qemu: Option<QemuInfo>,
+    /// Why the QEMU peer was skipped.
     pub qemu_skipped: Option<String>,
+    /// Whether the `vmm` process was measured.
     pub process_measured: bool,
+    /// What the munmap baseline is and whether it is like with like.
     pub munmap_baseline: String,
+    #[serde(default)]
     pub sizes: Vec<TeardownSize>,
 }
 

@@ -55,7 +55,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use guest_mm::PageSize as Leaf;
-use serde::Serialize;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
 use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
@@ -64,6 +63,7 @@ use crate::peer::{
     SockFile, Waited,
 };
 use crate::rng::{median, ms, round};
+use crate::schema::{QemuInfo, TeardownResult, TeardownSize};
 use crate::units::human_bytes;
 
 /// Idle time before each timed section.
@@ -166,159 +166,6 @@ enum Strategy {
     Qemu,
     Process,
     Service,
-}
-
-/// The QEMU peer, once found and probed.
-#[derive(Serialize, Debug, Clone)]
-struct QemuInfo {
-    path: String,
-    version: String,
-    /// `kvm` if `-accel kvm` started, else `tcg` (with `-S` the guest never
-    /// runs, so the accelerator only changes VM creation and teardown).
-    accel: String,
-    /// RAM backend object used.
-    backend: String,
-}
-
-/// The result for one size (medians over the repetitions).
-#[derive(Serialize, Debug, Default)]
-struct SizeResult {
-    /// Guest RAM (and baseline) size.
-    size_bytes: u64,
-    /// This row's backing (`anon`, `memfd`) and leaf size (`2M`: THP
-    /// advice, `4K`), the same for the VM and its baselines.
-    backing: &'static str,
-    page_size: String,
-    /// `Vm::destroy` call: stop and join the vCPUs, hand off reclamation.
-    destroy_ms: f64,
-    /// From the start of `destroy` until guest RAM was back with the host
-    /// (the whole-VM gather released it; RSS sampled then).
-    reclaim_ms: f64,
-    /// From the start of `destroy` until `wait_reclaim` returned (also the
-    /// KVM VM dropped, the fault handler stopped, RAM unmapped).
-    reclaim_done_ms: f64,
-    /// This process's VmRSS sampled by the reclaim thread the moment guest
-    /// RAM was back (median).
-    rss_at_memory_back_bytes: u64,
-    /// Parts of destroy and reclaim as the VM measured them: stopping and
-    /// joining the vCPUs, the reclaim thread's own end-to-end time, dropping
-    /// the KVM VM, the stage-2 gather (zap + release), its final grace
-    /// period (table pages freed), the munmap of guest RAM.
-    destroy_stop_vcpus_ms: f64,
-    reclaim_internal_ms: f64,
-    reclaim_vm_drop_ms: f64,
-    reclaim_stage2_gather_ms: f64,
-    reclaim_stage2_barrier_ms: f64,
-    reclaim_unmap_ms: f64,
-    /// The reclaim thread's time not in the parts above (thread hand-off,
-    /// fault handler stop, stage-2 table drop), per repetition, median.
-    reclaim_other_ms: f64,
-    /// Host-side populate of the VM (or guest run + top-up), for context.
-    populate_ms: f64,
-    /// One munmap (+ close for memfd) of an equally populated mapping.
-    munmap_ms: f64,
-    /// Per-4 KiB release under one lock, then munmap (+ close).
-    naive_ms: f64,
-    /// reclaim_ms / munmap_ms.
-    ratio_vs_munmap: f64,
-    /// naive_ms / reclaim_ms (how much faster the VM teardown is).
-    ratio_naive_vs_reclaim: f64,
-    /// QEMU quit → process exited (waitpid), when measured.
-    qemu_ms: Option<f64>,
-    /// QEMU's VmRSS once ready, before quit (median).
-    qemu_rss_bytes: Option<u64>,
-    /// `vmm` shutdown request sent → process exited (waitpid).
-    process_exit_ms: Option<f64>,
-    /// `vmm` shutdown request sent → API answered.
-    process_ack_ms: Option<f64>,
-    /// The `vmm` process's own `teardown_ms` / `reclaim_ms` (its JSON).
-    process_destroy_ms: Option<f64>,
-    process_reclaim_ms: Option<f64>,
-    /// The `vmm` process's VmRSS once ready, before shutdown (median).
-    process_rss_bytes: Option<u64>,
-    /// `vmm --api-sock --populate` (the service, its embedded guest running)
-    /// SIGTERM sent → process exited (waitpid), anonymous backing only.
-    service_sigterm_ms: Option<f64>,
-    service_sigterm_ms_all: Vec<f64>,
-    /// This process's VmRSS before the VM was created, once populated, and
-    /// after reclaim (medians).
-    rss_before_bytes: u64,
-    rss_populated_bytes: u64,
-    rss_after_bytes: u64,
-    /// Guest RAM resident (mincore) just before destroy (median).
-    guest_resident_bytes: u64,
-    /// This process's `AnonHugePages` once populated, for the VM and the
-    /// two baselines (medians): the teardown cost depends on how much of
-    /// the memory the kernel backed with transparent huge pages.
-    vm_thp_bytes: u64,
-    munmap_thp_bytes: u64,
-    naive_thp_bytes: u64,
-    /// rss_populated - rss_after (median).
-    rss_returned_bytes: u64,
-    /// Every VM repetition was populated to the full size and its RSS came
-    /// back to within 16 MiB of where it started.
-    rss_back: bool,
-    /// memfd: host `Shmem` (meminfo) freed by the VM teardown (median;
-    /// system-wide, so other processes add noise).
-    shmem_freed_bytes: Option<u64>,
-    /// Issue 12, goal 3: memory back (reclaim_ms) <= 1.0 x munmap_ms.
-    memory_back_within_1x_munmap: bool,
-    /// Goal 3 at 4 KiB backing from 1 GiB: memory back <= 0.6 x munmap_ms
-    /// (null where it does not apply: 2M leaves or below 1 GiB).
-    memory_back_within_0_6x_munmap: Option<bool>,
-    /// Goal 3: the destroy call <= 1 ms.
-    destroy_within_1ms: bool,
-    /// Every goal-3 target that applies to this row was met.
-    targets_met: bool,
-    /// The older targets: reclaim_ms <= 1.1 x munmap_ms, destroy_ms <= 5 ms.
-    reclaim_within_1_10x_munmap: bool,
-    destroy_within_5ms: bool,
-    /// Target: process_exit_ms < qemu_ms; null when either was not measured.
-    faster_than_qemu: Option<bool>,
-    /// Every repetition, in run order.
-    destroy_ms_all: Vec<f64>,
-    reclaim_ms_all: Vec<f64>,
-    reclaim_done_ms_all: Vec<f64>,
-    reclaim_internal_ms_all: Vec<f64>,
-    reclaim_stage2_gather_ms_all: Vec<f64>,
-    munmap_ms_all: Vec<f64>,
-    naive_ms_all: Vec<f64>,
-    qemu_ms_all: Vec<f64>,
-    process_exit_ms_all: Vec<f64>,
-}
-
-/// The `--json` object.
-#[derive(Serialize, Debug)]
-struct TeardownResult {
-    /// `bench-teardown`.
-    tool: &'static str,
-    /// `anon`, `memfd` or both (`anon,memfd`): the rows' backings (guest
-    /// RAM, baselines and the QEMU backend); each row names its own.
-    backing: String,
-    /// Leaf sizes of the rows (`2M`, `4K` or `2M,4K`); each row names its own.
-    page_size: String,
-    /// Who populated guest RAM in the in-process VM: `host` or `guest`
-    /// (the QEMU and vmm process peers are always populated host-side).
-    populate: &'static str,
-    /// Repetitions per strategy.
-    reps: u32,
-    /// guest-mm grace periods use membarrier.
-    membarrier: bool,
-    /// Machine: CPUs available, RAM, kernel release.
-    cores: usize,
-    mem_total_bytes: u64,
-    kernel: String,
-    /// KVM modules loaded (kvm_intel, kvm_amd, kvm_pvm).
-    kvm_modules: Vec<String>,
-    /// The QEMU peer, or null when skipped.
-    qemu: Option<QemuInfo>,
-    /// Why the QEMU peer was skipped.
-    qemu_skipped: Option<String>,
-    /// Whether the `vmm` process was measured.
-    process_measured: bool,
-    /// What the munmap baseline is and whether it is like with like.
-    munmap_baseline: String,
-    sizes: Vec<SizeResult>,
 }
 
 /// Populate `[addr, addr+len)` for writing: `MADV_POPULATE_WRITE`, or, on
@@ -944,12 +791,12 @@ pub fn cmd(a: &Args) -> Result<()> {
             q.backend = qemu_backend(case.backing).to_string();
             q
         });
-        let mut res = SizeResult {
+        let mut res = TeardownSize {
             size_bytes: size,
-            backing: case.backing.name(),
+            backing: case.backing.name().into(),
             page_size: case.page.to_string(),
             rss_back: true,
-            ..SizeResult::default()
+            ..TeardownSize::default()
         };
         let (mut vmdrop, mut unmap, mut pop) = (vec![], vec![], vec![]);
         let (mut stopv, mut barrier, mut other) = (vec![], vec![], vec![]);
@@ -1185,10 +1032,10 @@ pub fn cmd(a: &Args) -> Result<()> {
     }
     pb.finish_and_clear();
     let out = TeardownResult {
-        tool: "bench-teardown",
+        tool: "bench-teardown".into(),
         backing: backing_names,
         page_size: page_names,
-        populate: a.populate.name(),
+        populate: a.populate.name().into(),
         reps: a.reps,
         membarrier: crate::membarrier(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
