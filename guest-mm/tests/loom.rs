@@ -27,11 +27,14 @@ const FAKE: u64 = 0x10_0000_0000;
 const PAGE: u64 = 4096;
 
 /// A table with `pages` 4 KiB pages mapped at GPA 0 with leaves up to
-/// `leaf`; the returned bitmask gets bit i when page i's backing is released.
-fn setup(pages: u64, leaf: PageSize) -> (Arc<Stage2Table>, Arc<AtomicUsize>) {
+/// `leaf`, whose simulated backing calls `released(i)` for every 4 KiB
+/// page `i` it releases.
+fn table_with(
+    pages: u64,
+    leaf: PageSize,
+    released: impl Fn(u64) + Send + Sync + 'static,
+) -> Arc<Stage2Table> {
     let t = Stage2Table::new(TableConfig { yield_entries: 64 }).unwrap();
-    let released = Arc::new(AtomicUsize::new(0));
-    let r2 = released.clone();
     t.register_backing(BackingRegion {
         hva: Hva(FAKE),
         len: 1 << 20,
@@ -39,7 +42,7 @@ fn setup(pages: u64, leaf: PageSize) -> (Arc<Stage2Table>, Arc<AtomicUsize>) {
             hook: Some(std::sync::Arc::new(move |h: Hva, len| {
                 let first = (h.0 - FAKE) / PAGE;
                 for p in first..first + len / PAGE {
-                    r2.fetch_or(1 << p, Ordering::Relaxed);
+                    released(p);
                 }
             })),
         },
@@ -47,6 +50,17 @@ fn setup(pages: u64, leaf: PageSize) -> (Arc<Stage2Table>, Arc<AtomicUsize>) {
     .unwrap();
     t.map(Gpa(0), Hva(FAKE), pages * PAGE, Perms::RW, leaf)
         .unwrap();
+    t
+}
+
+/// [`table_with`]; the returned bitmask gets bit i when page i's backing
+/// is released.
+fn setup(pages: u64, leaf: PageSize) -> (Arc<Stage2Table>, Arc<AtomicUsize>) {
+    let released = Arc::new(AtomicUsize::new(0));
+    let r2 = released.clone();
+    let t = table_with(pages, leaf, move |p| {
+        r2.fetch_or(1 << p, Ordering::Relaxed);
+    });
     (t, released)
 }
 
@@ -253,24 +267,11 @@ fn split_is_atomic_for_walkers() {
 /// slot i), so a test can tell a page released twice (once by a discard,
 /// once more after a fault restored it) from one released once.
 fn setup_counting(pages: u64, leaf: PageSize) -> (Arc<Stage2Table>, Arc<[AtomicUsize; 2]>) {
-    let t = Stage2Table::new(TableConfig { yield_entries: 64 }).unwrap();
     let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
     let c2 = counts.clone();
-    t.register_backing(BackingRegion {
-        hva: Hva(FAKE),
-        len: 1 << 20,
-        kind: BackingKind::Simulated {
-            hook: Some(std::sync::Arc::new(move |h: Hva, len| {
-                let first = (h.0 - FAKE) / PAGE;
-                for p in first..first + len / PAGE {
-                    c2[p as usize].fetch_add(1, Ordering::Relaxed);
-                }
-            })),
-        },
-    })
-    .unwrap();
-    t.map(Gpa(0), Hva(FAKE), pages * PAGE, Perms::RW, leaf)
-        .unwrap();
+    let t = table_with(pages, leaf, move |p| {
+        c2[p as usize].fetch_add(1, Ordering::Relaxed);
+    });
     (t, counts)
 }
 
