@@ -652,7 +652,7 @@ fn is_unknown_subcommand(stderr: &str) -> bool {
 /// The "not measured" reason of an optional bench this gmm lacks.
 fn absent_text(b: BenchName) -> String {
     format!(
-        "`gmm bench {}` is not in this gmm binary (not merged yet); rebuild gmm with it to measure",
+        "`gmm bench {}` is not in this gmm binary (results saved by an older gmm); rerun the bench to measure",
         b.name()
     )
 }

@@ -1327,46 +1327,8 @@ fn a_bench_missing_from_gmm_is_reported_as_absent_not_failed() {
             "interference",
             "a noisy neighbour slows a victim's loop by ≤ 10 %",
             "—",
-            "not measured: `gmm bench interference` is not in this gmm binary (not merged yet); rebuild gmm with it to measure",
+            "not measured: `gmm bench interference` is not in this gmm binary (results saved by an older gmm); rerun the bench to measure",
         ],
     );
-    // A live run: this gmm may or may not have the subcommands; either way
-    // the report must not crash on them. Without them it succeeds and says
-    // so; with them, whatever they measured is a result.
-    let has = |b: &str| gmm(&["bench", b, "--help"]).status.success();
-    if !has("fault") && !has("interference") {
-        let md_path = dir.join("live.md");
-        let out = gmm(&[
-            "bench",
-            "report",
-            "--quick",
-            "--only",
-            "fault,interference",
-            "--out",
-            dir.to_str().expect("utf-8"),
-            "--markdown",
-            md_path.to_str().expect("utf-8"),
-            "--json",
-        ]);
-        assert!(out.status.success(), "{}", text(&out));
-        let md = read(&md_path);
-        assert!(
-            md.contains("not measured: `gmm bench fault` is not in this gmm binary"),
-            "{md}"
-        );
-        let all: Value =
-            serde_json::from_str(&read(&dir.join("results.json"))).expect("results.json");
-        assert_eq!(all["errors"], json!([]), "{all}");
-        assert!(
-            all["steps"]
-                .as_array()
-                .expect("steps")
-                .iter()
-                .all(|s| s["absent"] == json!(true)),
-            "{all}"
-        );
-    } else {
-        loud("SKIPPED (part): a_bench_missing_from_gmm...: this gmm has `bench fault` or `bench interference`; the live absent case cannot be shown");
-    }
     let _ = std::fs::remove_dir_all(&dir);
 }
