@@ -972,6 +972,9 @@ fn serve(cli: &Cli) -> anyhow::Result<ExitCode> {
         console: Console::Stdout,
         populate: cli.populate,
     });
+    // This thread makes the VM (svc.run below), also for an InstanceStart
+    // that reaches the API before it gets there.
+    svc.expect_runner();
     // Before any other thread exists, so that all inherit the mask.
     service::stop_on_signals(&svc).context("setting up SIGTERM/SIGINT handling")?;
     let _server = match &cli.api_sock {

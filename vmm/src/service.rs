@@ -25,7 +25,9 @@
 //!
 //! **Threads and seccomp.** While [`Service::run`] waits for the start, an
 //! API `InstanceStart` is handed to it (the handler thread waits for the
-//! answer): the VM is created and its threads started by the main thread,
+//! answer, even if it arrives before the main thread reached its loop:
+//! [`Service::expect_runner`]): the VM is created and its threads started
+//! by the main thread,
 //! so they inherit none of the API thread's seccomp filter
 //! ([`crate::seccomp`]); the main thread then installs its own filter
 //! before it waits on the guest. Without a waiting runner (library use)
@@ -104,6 +106,10 @@ struct Inner {
     /// [`Service::run`] waits for the start and starts the VM itself when
     /// asked (`start_asked`), answering in `start_answer`.
     runner_waiting: bool,
+    /// The thread that will run [`Service::run`], from
+    /// [`Service::expect_runner`] until the start: an `InstanceStart` from
+    /// any other thread waits for it even before its loop is reached.
+    runner: Option<std::thread::ThreadId>,
     start_asked: bool,
     start_answer: Option<Result<Reply, ApiFault>>,
 }
@@ -211,6 +217,7 @@ impl Service {
                 started_at: None,
                 next_stats: None,
                 runner_waiting: false,
+                runner: None,
                 start_asked: false,
                 start_answer: None,
             }),
@@ -250,6 +257,15 @@ impl Service {
             .map(|_| ())
     }
 
+    /// Declares that the calling thread will call [`Service::run`]: from
+    /// now on an `InstanceStart` made by any other thread (the API's) is
+    /// handed to it, even one that arrives before it reaches its loop, so
+    /// the VM's threads never inherit the API thread's seccomp filter.
+    /// Call it before the API server starts.
+    pub fn expect_runner(&self) {
+        self.lock().runner = Some(std::thread::current().id());
+    }
+
     /// Asks the service to stop (from the signal thread): the main loop
     /// tears the VM down at once.
     pub fn request_stop(&self, signal: i32) {
@@ -278,6 +294,7 @@ impl Service {
         let waiter = {
             let mut g = self.lock();
             g.runner_waiting = true;
+            g.runner.get_or_insert(std::thread::current().id());
             loop {
                 if g.start_asked {
                     g.start_asked = false;
@@ -288,11 +305,13 @@ impl Service {
                 if self.stop_requested() {
                     g.ended = true;
                     g.runner_waiting = false;
+                    g.runner = None;
                     self.cv.notify_all();
                     return Ended::NotStarted;
                 }
                 if let Some(w) = g.waiter.clone() {
                     g.runner_waiting = false;
+                    g.runner = None;
                     break w;
                 }
                 g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
@@ -768,7 +787,10 @@ impl Handler for Service {
         if g.ended || self.stop_requested() {
             return Err(bad("The microVM is shutting down."));
         }
-        if g.runner_waiting && req == Request::Action(ActionType::InstanceStart) {
+        let runner_elsewhere = g.runner.is_some_and(|t| t != std::thread::current().id());
+        if (g.runner_waiting || runner_elsewhere)
+            && req == Request::Action(ActionType::InstanceStart)
+        {
             drop(g);
             return self.start_on_runner();
         }
@@ -842,6 +864,36 @@ mod tests {
             console: Console::Null,
             populate: false,
         })
+    }
+
+    /// An `InstanceStart` that reaches the API before the main thread is
+    /// in `run` is handed to it all the same (the API thread never makes
+    /// the VM: its threads would inherit the API's seccomp filter).
+    #[test]
+    fn instance_start_before_the_runner_loop_waits_for_the_runner() {
+        let s = svc();
+        s.expect_runner();
+        let s2 = Arc::clone(&s);
+        let h = std::thread::spawn(move || s2.handle(Request::Action(ActionType::InstanceStart)));
+        let t = Instant::now();
+        while !s.lock().start_asked {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the API thread did not hand the start to the runner"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(s.lock().vm.is_none(), "the API thread made the VM itself");
+        // No runner comes in this test: end the service; the handler's wait
+        // ends with "shutting down".
+        {
+            let mut g = s.lock();
+            g.start_asked = false;
+            g.ended = true;
+        }
+        s.cv.notify_all();
+        let r = h.join().expect("handler thread");
+        assert!(r.is_err(), "{r:?}");
     }
 
     #[test]
