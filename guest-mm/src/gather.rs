@@ -147,12 +147,14 @@ impl<'t> Gather<'t> {
     }
 
     /// Let a flush release a large amount of anonymous memory (at least
-    /// [`crate::backing::PARALLEL_MIN_BYTES`]) with up to `n` threads, each
-    /// `MADV_DONTNEED`ing its share (the kernel takes `mmap_lock` for
-    /// reading there, so the shares free their pages in parallel). Off (1)
-    /// by default; meant for teardown, when the guest no longer needs the
-    /// CPUs. If a helper thread cannot be spawned (or
-    /// `faults.release_thread` says so), its share is released inline.
+    /// [`crate::backing::PARALLEL_MIN_BYTES`]) with up to `n` threads that
+    /// claim 16 MiB chunks from a shared cursor and `MADV_DONTNEED` them
+    /// (the kernel takes `mmap_lock` for reading there, so chunks free
+    /// their pages in parallel); helpers run `SCHED_IDLE`, the flushing
+    /// thread takes whatever they do not get to. Off (1) by default; meant
+    /// for teardown. If a helper thread cannot be spawned (or
+    /// `faults.release_thread` says so), the flushing thread releases
+    /// the chunks itself.
     pub fn set_release_threads(&mut self, n: usize) {
         self.release_threads = n.clamp(1, crate::backing::MAX_RELEASE_THREADS);
     }
