@@ -56,11 +56,17 @@ pub enum Rule {
     /// compare-and-swap, and a fault re-validates after its swap (broken:
     /// both sides store blindly and nothing is re-checked).
     FaultCas,
+    /// A grace period never holds the reader-slot lock while it waits for
+    /// a reader, so registering a reader never waits for a grace period
+    /// (broken: it waits with the lock held, and a fault handler that
+    /// registers its first walker while a pinned reader waits for it
+    /// deadlocks).
+    RegisterUnblocked,
 }
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 11] = [
+    pub const ALL: [Rule; 12] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
         Rule::LeafCacheUnlink,
@@ -72,6 +78,7 @@ impl Rule {
         Rule::DescLength,
         Rule::DescAddress,
         Rule::FaultCas,
+        Rule::RegisterUnblocked,
     ];
 
     /// The name used in [`ENV`] and in the mutation runner's output.
@@ -88,6 +95,7 @@ impl Rule {
             Rule::DescLength => "desc_length",
             Rule::DescAddress => "desc_address",
             Rule::FaultCas => "fault_cas",
+            Rule::RegisterUnblocked => "register_unblocked",
         }
     }
 

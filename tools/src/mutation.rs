@@ -173,6 +173,16 @@ const LOOM_LEAF_CACHE: Detector = Detector {
     },
     stochastic: false,
 };
+const GM_REGISTER: Detector = Detector {
+    name: "guest-mm register_unblocked",
+    run: Run::Test {
+        package: "guest-mm",
+        target: "register_unblocked",
+        filter: "",
+    },
+    stochastic: false,
+};
+
 const GM_WALK_CACHE: Detector = Detector {
     name: "guest-mm walk_cache",
     run: Run::Test {
@@ -307,6 +317,7 @@ const MATRIX: &[(Rule, &[Claim])] = &[
             fast(GM_FAULT_RACE),
         ],
     ),
+    (Rule::RegisterUnblocked, &[fast(GM_REGISTER)]),
 ];
 
 /// One (rule, detector) row of the JSON.

@@ -25,10 +25,12 @@
 //! call has been freed. The `mutation` rule `deferred_free` makes
 //! `retire` free at once.
 //!
-//! **Concurrency.** A grace period holds the reader-slot lock while it
-//! waits for readers, so nobody may register a reader while pinned
-//! (registration takes that lock). The slot and retired-list locks are
-//! taken only outside the table lock.
+//! **Concurrency.** A grace period takes the reader-slot lock only to look
+//! each slot up, never while it waits for a reader, so registering a reader
+//! never waits for a grace period: the userfaultfd handler may make its
+//! first walker while it serves a fault that a pinned reader is blocked in
+//! (rule `register_unblocked`). The slot and retired-list locks are taken
+//! only outside the table lock.
 
 use super::fence::{heavy_fence, light_fence};
 use super::pool::{PagePool, PagePtr};
@@ -133,6 +135,11 @@ impl Rcu {
         }
     }
 
+    /// The `i`-th registered slot, looked up under the slot lock.
+    fn slot_at(&self, i: usize) -> Option<crate::sync::Arc<ReaderSlot>> {
+        lock(&self.slots).get(i).cloned()
+    }
+
     /// Wait for a grace period: every read section that was running when
     /// this call started has ended. Frees what was retired before the call.
     pub(crate) fn synchronize(&self) {
@@ -142,17 +149,32 @@ impl Rcu {
         // reader whose pin is not yet visible to us will see it.
         heavy_fence();
         let target = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        {
-            let slots = lock(&self.slots);
-            for s in slots.iter() {
-                let mut spins = 0;
-                loop {
-                    let v = s.state.load(Ordering::Acquire);
-                    if v == 0 || v >= target {
-                        break;
-                    }
-                    backoff(&mut spins);
+        // The slot lock is held only to look a slot up, never while waiting
+        // for it: a reader blocked inside its section on something that
+        // registers a reader (a page fault whose handler makes its first
+        // walker) would otherwise wait for us while we wait for it. Slots
+        // are only ever appended, so index `i` names the same slot on every
+        // look-up; one registered after the bump pins a section that began
+        // after this call and need not be waited for.
+        let wait = |s: &ReaderSlot| {
+            let mut spins = 0;
+            loop {
+                let v = s.state.load(Ordering::Acquire);
+                if v == 0 || v >= target {
+                    break;
                 }
+                backoff(&mut spins);
+            }
+        };
+        if broken(Rule::RegisterUnblocked) {
+            // The bug the switch injects: wait with the slot lock held, so
+            // registering a reader waits for the grace period.
+            lock(&self.slots).iter().for_each(|s| wait(s));
+        } else {
+            let mut i = 0;
+            while let Some(s) = self.slot_at(i) {
+                wait(&s);
+                i += 1;
             }
         }
         self.grace_periods.fetch_add(1, Ordering::Relaxed);

@@ -32,8 +32,10 @@
 //!   to that writer) and retries. That undo, and only it, takes the table
 //!   lock: present entries change only under it, so a writer never stores
 //!   over an entry it read as present after the fault swapped it back.
-//! - Ballooned pages and holes are refused; only a marker's saved
-//!   permissions come back, on the whole leaf.
+//! - Ballooned pages and holes are refused at once, before any pending
+//!   check (they are never restored, so a fault on one never waits behind
+//!   a release); only a marker's saved permissions come back, on the
+//!   whole leaf.
 //!
 //! **Concurrency.** No table lock and no allocation on the commit (the
 //! rare undo above aside): the
@@ -233,14 +235,19 @@ impl Stage2Table {
                     size: ps,
                 });
             }
-            if let Some(stop) = self.fault_blocked(page, page_end, seq) {
-                return stop;
-            }
+            // Refused before the pending check: such an entry can never be
+            // restored, so there is nothing to wait for, and a fault on it
+            // (only a bug's: a translation kept across its release) must
+            // not retry behind a release whose grace period may be waiting
+            // for the faulting reader.
             if e.markers() & SW_BALLOONED != 0 {
                 return Attempt::Failed(FaultError::Ballooned(gpa));
             }
             if !is_restorable(e) {
                 return Attempt::Failed(FaultError::NotMapped(gpa));
+            }
+            if let Some(stop) = self.fault_blocked(page, page_end, seq) {
+                return stop;
             }
             let leaf = Pte::leaf(e.addr(), e.saved_perms(), level);
             if broken(Rule::FaultCas) {
