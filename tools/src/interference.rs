@@ -52,7 +52,6 @@
 //! length.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,7 +64,7 @@ use vmm::guest::layout::CONTROL;
 use vmm::{Backing, Console, MemSize, PageSize, ReleaseMode, Vm, VmConfig, Workload};
 
 use crate::fault::{host_of, pct, spread, touch_timed};
-use crate::peer::{sock_path, tail, vmm_binary, wait_listening, wait_rss, SockFile, Waited};
+use crate::peer::{sigterm, start_service_vm, tail, vmm_binary, ServiceSpec, ServiceVm};
 use crate::rng::{median, round, Rng};
 use crate::schema::{InterferenceResult, ScenarioResult};
 use crate::units::human_bytes;
@@ -342,59 +341,24 @@ fn measure(v: &Victim, t0: Instant, p0: u64, t1: Instant, p1: u64) -> Window {
 }
 
 /// A started, populated, idle VM A.
-struct VmA {
-    w: Waited,
-    sock: SockFile,
-}
-
-fn start_a(a: &Args, vmm: &Path) -> Result<VmA> {
-    let sock = SockFile(sock_path("intf"));
-    let _ = std::fs::remove_file(&sock.0);
-    let mut cmd = Command::new(vmm);
-    cmd.arg("--api-sock")
-        .arg(&sock.0)
-        .arg("--populate")
-        .stdout(Stdio::null());
-    let mut w = Waited::spawn(cmd)?;
+fn start_a(a: &Args, vmm: &Path) -> Result<ServiceVm> {
     let deadline = Instant::now() + Duration::from_secs(60 + (a.a_mem >> 30) * 30);
-    wait_listening(&mut w, &sock.0, deadline, "VM A (vmm --api-sock)")?;
-    let put = |uri: &str, body: serde_json::Value| {
-        vmm::api::call(&sock.0, "PUT", uri, Some(&body)).with_context(|| format!("VM A: PUT {uri}"))
-    };
-    put(
-        "/machine-config",
-        json!({"vcpu_count": 1, "mem_size_mib": a.a_mem >> 20,
-               "huge_pages": if a.a_huge { "Transparent" } else { "None" }}),
+    let vm = start_service_vm(
+        &ServiceSpec {
+            vmm,
+            tag: "intf",
+            mem: a.a_mem,
+            huge: a.a_huge,
+            stats_polling_s: 1,
+            who: "VM A",
+        },
+        deadline,
     )?;
-    put(
-        "/balloon",
-        json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}),
-    )?;
-    // InstanceStart populates all RAM before it answers, which may take
-    // longer than the client's 30 s read timeout on a loaded host: a
-    // timeout is not a failure while the process lives and its RSS grows.
-    if let Err(e) = put("/actions", json!({"action_type": "InstanceStart"})) {
-        if let Some(o) = w.exited() {
-            bail!(
-                "VM A exited at its start ({}): {}",
-                o.status,
-                tail(&o.stderr)
-            );
-        }
-        let timed_out = e.chain().any(|c| {
-            c.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock)
-        });
-        if !timed_out {
-            return Err(e);
-        }
-    }
-    wait_rss(w.pid, a.a_mem, deadline, "VM A")?;
     // Idle: its guest verified its RAM and waits for a balloon target.
-    let mut last = vmm::proc_stats::cpu_time_of(w.pid).unwrap_or_default();
+    let mut last = vmm::proc_stats::cpu_time_of(vm.w.pid).unwrap_or_default();
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let now = vmm::proc_stats::cpu_time_of(w.pid).unwrap_or_default();
+        let now = vmm::proc_stats::cpu_time_of(vm.w.pid).unwrap_or_default();
         if now.saturating_sub(last) < Duration::from_millis(10) {
             break;
         }
@@ -403,22 +367,7 @@ fn start_a(a: &Args, vmm: &Path) -> Result<VmA> {
             bail!("VM A did not become idle in time");
         }
     }
-    Ok(VmA { w, sock })
-}
-
-fn sigterm(w: &mut Waited) -> Result<()> {
-    let pid = libc::pid_t::try_from(w.pid)?;
-    // SAFETY: our own child, not reaped (its waiter has not reported).
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        match w.exited() {
-            Some(o) => bail!("VM A exited early ({}): {}", o.status, tail(&o.stderr)),
-            None => bail!(
-                "SIGTERM to VM A failed: {}",
-                std::io::Error::last_os_error()
-            ),
-        }
-    }
-    Ok(())
+    Ok(vm)
 }
 
 /// One scenario's round: quiet window, then the event window.
@@ -439,7 +388,7 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
     let (e0, ep0) = (Instant::now(), v.progress()?);
     let (e1, cpu1) = match sc {
         Scenario::Teardown => {
-            sigterm(&mut vm_a.w)?;
+            sigterm(&mut vm_a.w, "VM A")?;
             // Last reading before the exit (the process's stat goes with it).
             let mut cpu = cpu0;
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -488,7 +437,7 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
     };
     let ep1 = v.progress()?;
     if sc == Scenario::Balloon {
-        sigterm(&mut vm_a.w)?;
+        sigterm(&mut vm_a.w, "VM A")?;
         let (_, out) = vm_a.w.wait(Duration::from_secs(60))?;
         if !out.status.success() {
             bail!("VM A exited with {}: {}", out.status, tail(&out.stderr));

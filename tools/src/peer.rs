@@ -312,3 +312,96 @@ pub(crate) fn kvm_modules() -> Vec<String> {
         .map(|m| (*m).to_string())
         .collect()
 }
+
+/// A `vmm --api-sock --populate` process, configured and started through
+/// its API and populated (its RSS reached its RAM size).
+pub(crate) struct ServiceVm {
+    pub(crate) w: Waited,
+    pub(crate) sock: SockFile,
+}
+
+/// What [`start_service_vm`] asks the service for: one vCPU, `mem` bytes of
+/// RAM (THP if `huge`) and a balloon at 0 (the default guest waits for a
+/// target once it verified its RAM, instead of ending the VM), with its
+/// statistics polled every `stats_polling_s` seconds (0: off).
+pub(crate) struct ServiceSpec<'a> {
+    pub(crate) vmm: &'a Path,
+    /// Socket name tag (see [`sock_path`]).
+    pub(crate) tag: &'a str,
+    pub(crate) mem: u64,
+    pub(crate) huge: bool,
+    pub(crate) stats_polling_s: u32,
+    /// Who it is, in errors.
+    pub(crate) who: &'a str,
+}
+
+/// Starts the service VM of `spec`; fails if it is not listening and
+/// populated by `deadline`.
+pub(crate) fn start_service_vm(spec: &ServiceSpec<'_>, deadline: Instant) -> Result<ServiceVm> {
+    let sock = SockFile(sock_path(spec.tag));
+    let _ = std::fs::remove_file(&sock.0);
+    let mut cmd = Command::new(spec.vmm);
+    cmd.arg("--api-sock")
+        .arg(&sock.0)
+        .arg("--populate")
+        .stdout(Stdio::null());
+    let mut w = Waited::spawn(cmd)?;
+    let who = spec.who;
+    wait_listening(&mut w, &sock.0, deadline, who)?;
+    let put = |uri: &str, body: serde_json::Value| {
+        vmm::api::call(&sock.0, "PUT", uri, Some(&body))
+            .with_context(|| format!("{who}: PUT {uri}"))
+    };
+    put(
+        "/machine-config",
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": spec.mem >> 20,
+               "huge_pages": if spec.huge { "Transparent" } else { "None" }}),
+    )?;
+    put(
+        "/balloon",
+        serde_json::json!({"amount_mib": 0, "deflate_on_oom": false,
+               "stats_polling_interval_s": spec.stats_polling_s}),
+    )?;
+    // InstanceStart populates all RAM before it answers, which may take
+    // longer than the client's 30 s read timeout on a loaded host: a
+    // timeout is not a failure while the process lives and its RSS grows.
+    if let Err(e) = put(
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    ) {
+        if let Some(o) = w.exited() {
+            bail!(
+                "{who} exited at its start ({}): {}",
+                o.status,
+                tail(&o.stderr)
+            );
+        }
+        let timed_out = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        if !timed_out {
+            return Err(e);
+        }
+    }
+    wait_rss(w.pid, spec.mem, deadline, who)?;
+    Ok(ServiceVm { w, sock })
+}
+
+/// Sends SIGTERM to a child that has not exited (`who` in errors).
+pub(crate) fn sigterm(w: &mut Waited, who: &str) -> Result<()> {
+    let pid = libc::pid_t::try_from(w.pid)?;
+    // SAFETY: our own child, not reaped (its waiter has not reported).
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        let why = std::io::Error::last_os_error();
+        match w.exited() {
+            Some(o) => bail!(
+                "{who} exited before the stop ({}): {}",
+                o.status,
+                tail(&o.stderr)
+            ),
+            None => bail!("SIGTERM to {who} failed: {why}"),
+        }
+    }
+    Ok(())
+}

@@ -59,8 +59,8 @@ use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
 use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
 use crate::peer::{
-    kernel, kvm_modules, qmp_ready, sock_path, tail, vmm_binary, wait_listening, wait_rss, which,
-    SockFile, Waited,
+    kernel, kvm_modules, qmp_ready, sigterm, sock_path, start_service_vm, tail, vmm_binary,
+    wait_rss, which, ServiceSpec, ServiceVm, SockFile, Waited,
 };
 use crate::rng::{median, ms, round};
 use crate::schema::{QemuInfo, TeardownResult, TeardownSize};
@@ -611,56 +611,22 @@ fn process_once(a: &Case, vmm: &Path, size: u64) -> Result<ProcessRun> {
 /// configured and started over the API, RAM populated host-side; SIGTERM
 /// sent → process exited, ms.
 fn service_once(a: &Case, vmm: &Path, size: u64) -> Result<f64> {
-    let sock = SockFile(sock_path("svc"));
-    let _ = std::fs::remove_file(&sock.0);
-    let mut cmd = Command::new(vmm);
-    cmd.arg("--api-sock")
-        .arg(&sock.0)
-        .arg("--populate")
-        .stdout(Stdio::null());
-    let mut w = Waited::spawn(cmd)?;
     let budget = ready_budget(size);
-    let deadline = Instant::now() + budget;
-    wait_listening(&mut w, &sock.0, deadline, "the vmm service")?;
-    let huge = if a.page == Leaf::Size4K {
-        "None"
-    } else {
-        "Transparent"
-    };
-    let put = |uri: &str, body: serde_json::Value| {
-        vmm::api::call(&sock.0, "PUT", uri, Some(&body)).with_context(|| format!("PUT {uri}"))
-    };
-    put(
-        "/machine-config",
-        serde_json::json!({"vcpu_count": 1, "mem_size_mib": size >> 20, "huge_pages": huge}),
+    let vm = start_service_vm(
+        &ServiceSpec {
+            vmm,
+            tag: "svc",
+            mem: size,
+            huge: a.page != Leaf::Size4K,
+            stats_polling_s: 0,
+            who: "the vmm service",
+        },
+        Instant::now() + budget,
     )?;
-    // A balloon keeps the default guest's vCPU 0 waiting for a target once
-    // it verified its RAM; without one the guest finishes and the VM ends
-    // by itself.
-    put(
-        "/balloon",
-        serde_json::json!({"amount_mib": 0, "deflate_on_oom": false}),
-    )?;
-    put(
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
-    )?;
-    wait_rss(w.pid, size, deadline, "vmm service")?;
     std::thread::sleep(SETTLE);
-    let pid = libc::pid_t::try_from(w.pid)?;
+    let ServiceVm { mut w, sock: _sock } = vm;
     let t = Instant::now();
-    // SAFETY: our own child, not reaped (its waiter has not reported).
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        let why = std::io::Error::last_os_error();
-        match w.exited() {
-            Some(o) => bail!(
-                "the vmm service exited before the stop ({}): {}",
-                o.status,
-                tail(&o.stderr)
-            ),
-            None => bail!("SIGTERM to the vmm service failed: {why}"),
-        }
-    }
+    sigterm(&mut w, "the vmm service")?;
     let (end, out) = w.wait(budget)?;
     if !out.status.success() {
         bail!(
