@@ -197,8 +197,17 @@ impl ApiServer {
         if path.symlink_metadata().is_ok() {
             return Err(ServerError::Exists(path.into()));
         }
-        let std_listener = std::os::unix::net::UnixListener::bind(path)
-            .map_err(|e| ServerError::Bind(path.into(), e))?;
+        // The socket is created owner-only: with a umask that clears group
+        // and other bits around the bind, so no other user can connect in
+        // the window before the chmod below (which keeps it 0600 whatever
+        // the umask was). umask is process-wide, so a file another thread
+        // creates in this window only gets stricter permissions.
+        // SAFETY: umask only swaps the process's file-mode mask.
+        let old_mask = unsafe { libc::umask(0o177) };
+        let bound = std::os::unix::net::UnixListener::bind(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old_mask) };
+        let std_listener = bound.map_err(|e| ServerError::Bind(path.into(), e))?;
         let owner_only = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .and_then(|()| std_listener.set_nonblocking(true));
         if let Err(e) = owner_only {
