@@ -81,11 +81,20 @@ fn a_clean_soak_leaks_nothing() {
 fn injected(kind: &str, field: &str) {
     let _one = one_at_a_time();
     let (ok, v, stderr) = soak(&["--inject-leak", kind]);
-    assert!(!ok, "a {kind} leak per cycle passed the soak: {v}\n{stderr}");
+    assert!(
+        !ok,
+        "a {kind} leak per cycle passed the soak: {v}\n{stderr}"
+    );
     assert_eq!(v["ok"], Value::Bool(false), "{v}");
     assert_eq!(v["inject_leak"], Value::String(kind.into()), "{v}");
-    assert!(v["error"].is_null(), "the run failed for another reason: {v}");
-    assert!(num(&v, field) > 0.0, "{field} did not see the {kind} leak: {v}");
+    assert!(
+        v["error"].is_null(),
+        "the run failed for another reason: {v}"
+    );
+    assert!(
+        num(&v, field) > 0.0,
+        "{field} did not see the {kind} leak: {v}"
+    );
     assert!(
         stderr.contains("leak detected"),
         "the exit error does not say why: {stderr}"
@@ -136,7 +145,10 @@ fn the_test_knobs_are_hidden() {
     let out = gmm(&["soak", "--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{help}");
-    assert!(help.contains("--minutes") && help.contains("--json"), "{help}");
+    assert!(
+        help.contains("--minutes") && help.contains("--json"),
+        "{help}"
+    );
     assert!(!help.contains("inject"), "{help}");
     assert!(!help.contains("--cycles"), "{help}");
 }
