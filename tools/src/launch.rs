@@ -55,7 +55,7 @@ pub struct Args {
 }
 
 /// Nearest-rank percentiles of a non-empty sample.
-fn dist(v: &[f64]) -> Dist {
+pub(crate) fn dist(v: &[f64]) -> Dist {
     if v.is_empty() {
         return Dist::default();
     }

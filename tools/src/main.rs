@@ -16,6 +16,8 @@
 //!   Firecracker: time to init, balloon inflate rate, teardown;
 //! - `gmm bench service` launches VMs through the API and measures what
 //!   idle ones cost;
+//! - `gmm soak` launches, balloons and tears down VMs in a loop and fails
+//!   if RSS, open fds, threads or live table pages do not come back;
 //! - `gmm mutation` breaks each protocol and device rule in turn (a build
 //!   with the test-only `mutation` feature) and checks that its detectors fail.
 //!
@@ -42,6 +44,7 @@ mod report;
 mod rng;
 mod schema;
 mod service;
+mod soak;
 mod stress;
 mod stress_vm;
 mod teardown;
@@ -74,6 +77,9 @@ enum Cmd {
     /// A real microVM whose vCPUs write and verify memory while the balloon
     /// inflates and deflates; exits non-zero on any violation.
     StressVm(stress_vm::Args),
+    /// VMs launched, ballooned and torn down in a loop; exits non-zero if
+    /// RSS, open fds, threads or live table pages leak.
+    Soak(soak::Args),
     /// Break each guest-mm/device rule in turn (test-only `mutation` build)
     /// and check that every detector claiming it fails; exits non-zero if not.
     Mutation(mutation::Args),
@@ -152,5 +158,6 @@ fn main() -> Result<()> {
         Cmd::Bench(Bench::Report(a)) => report::cmd(a),
         Cmd::StressVm(a) => stress_vm::cmd(a),
         Cmd::Mutation(a) => mutation::cmd(a),
+        Cmd::Soak(a) => soak::cmd(a),
     }
 }

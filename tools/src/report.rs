@@ -59,6 +59,13 @@ pub struct Args {
     /// JSON saved in DIR by an earlier run.
     #[arg(long, value_name = "DIR")]
     pub from: Option<PathBuf>,
+    /// Minutes of the `gmm soak` step [default: 10; 0.5 with --quick].
+    #[arg(long, value_name = "N")]
+    pub soak_minutes: Option<f64>,
+    /// Read the soak section from this `gmm soak --json` output (its last
+    /// JSON line, or a saved JSON file) instead of running the soak.
+    #[arg(long, value_name = "PATH")]
+    pub soak_json: Option<PathBuf>,
     /// Print one JSON object (verdicts, failures) as the last line.
     #[arg(long)]
     pub json: bool,
@@ -94,6 +101,10 @@ pub enum BenchName {
     /// `gmm bench interference`: a noisy VM's cost to a victim VM (as
     /// `fault`, may be missing from this gmm).
     Interference,
+    /// `gmm soak`: VMs launched, ballooned and torn down in a loop; RSS,
+    /// fds, threads and table pages back after every cycle (results saved
+    /// before it existed read as "not in this binary").
+    Soak,
 }
 
 impl BenchName {
@@ -111,6 +122,7 @@ impl BenchName {
             BenchName::Linux => "linux",
             BenchName::Fault => "fault",
             BenchName::Interference => "interference",
+            BenchName::Soak => "soak",
         }
     }
 
@@ -119,7 +131,10 @@ impl BenchName {
     /// file, is shown as "not in this binary" rather than failing the
     /// report.
     fn optional(self) -> bool {
-        matches!(self, BenchName::Fault | BenchName::Interference)
+        matches!(
+            self,
+            BenchName::Fault | BenchName::Interference | BenchName::Soak
+        )
     }
 
     /// The program and subcommand words that run it (`gmm bench unmap`,
@@ -127,6 +142,7 @@ impl BenchName {
     fn prefix(self) -> Vec<&'static str> {
         match self {
             BenchName::StressVm => vec!["gmm", "stress-vm"],
+            BenchName::Soak => vec!["gmm", "soak"],
             BenchName::BalloonRss => vec!["vmm", "run"],
             b => vec!["gmm", "bench", b.name()],
         }
@@ -138,16 +154,19 @@ impl BenchName {
 struct Step {
     bench: BenchName,
     stem: &'static str,
-    args: Vec<&'static str>,
+    args: Vec<String>,
 }
 
 /// The suite, in run order. The full run takes a few minutes on a 2-core
-/// machine; `quick` a few seconds.
-fn steps(quick: bool) -> Vec<Step> {
+/// machine (plus the soak's `soak_minutes`); `quick` a few seconds.
+fn steps(quick: bool, soak_minutes: f64) -> Vec<Step> {
     let s = |bench, stem, full: &[&'static str], q: &[&'static str]| Step {
         bench,
         stem,
-        args: if quick { q.to_vec() } else { full.to_vec() },
+        args: if quick { q } else { full }
+            .iter()
+            .map(|x| x.to_string())
+            .collect(),
     };
     let mut all = vec![
         s(
@@ -289,6 +308,11 @@ fn steps(quick: bool) -> Vec<Step> {
             &["--rounds", "1", "--a-mem", "512M", "--a-balloon", "256M"],
         ),
     ];
+    all.push(Step {
+        bench: BenchName::Soak,
+        stem: "soak",
+        args: vec!["--minutes".into(), soak_minutes.to_string()],
+    });
     if !quick {
         all.push(s(
             BenchName::Linux,
@@ -324,7 +348,7 @@ struct StepData {
 /// The full command of a step, as a user would type it.
 fn command_of(st: &Step) -> Vec<String> {
     let mut c: Vec<String> = st.bench.prefix().into_iter().map(String::from).collect();
-    c.extend(st.args.iter().map(|s| s.to_string()));
+    c.extend(st.args.iter().cloned());
     c.push("--json".into());
     c
 }
@@ -348,7 +372,11 @@ pub fn cmd(a: &Args) -> Result<()> {
             .and_then(|s| s.get("quick"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-    let all = steps(quick);
+    let soak_minutes = a.soak_minutes.unwrap_or(if quick { 0.5 } else { 10.0 });
+    if !(0.0..=1440.0).contains(&soak_minutes) {
+        bail!("--soak-minutes {soak_minutes}: give 0 to 1440 minutes");
+    }
+    let all = steps(quick, soak_minutes);
     let selected: Vec<&Step> = all
         .iter()
         .filter(|s| a.only.is_empty() || a.only.contains(&s.bench))
@@ -372,6 +400,23 @@ pub fn cmd(a: &Args) -> Result<()> {
             for (i, st) in selected.iter().enumerate() {
                 let c = command_of(st);
                 pb.set_message(st.stem);
+                let given = a
+                    .soak_json
+                    .as_deref()
+                    .filter(|_| st.bench == BenchName::Soak);
+                if let Some(p) = given {
+                    pb.suspend(|| {
+                        crate::say(
+                            a.json,
+                            &format!("[{}/{n}] soak: read from {}\n", i + 1, p.display()),
+                        )
+                    });
+                    let d = read_json_output(p);
+                    pb.suspend(|| crate::say(a.json, &step_log(st, &d)));
+                    pb.inc(1);
+                    data.push((st, d));
+                    continue;
+                }
                 pb.suspend(|| crate::say(a.json, &format!("[{}/{n}] {}\n", i + 1, c.join(" "))));
                 let d = run_step(&exe, st, timeout);
                 pb.suspend(|| crate::say(a.json, &step_log(st, &d)));
@@ -412,6 +457,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         BenchName::Linux,
         BenchName::Fault,
         BenchName::Interference,
+        BenchName::Soak,
     ] {
         let steps: Vec<&(&Step, StepData)> =
             data.iter().filter(|(s, _)| s.bench == bench).collect();
@@ -430,6 +476,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             BenchName::Linux => linux_section(&steps[0].1),
             BenchName::Fault => fault_section(&steps[0].1),
             BenchName::Interference => interference_section(&steps[0].1),
+            BenchName::Soak => soak_section(&steps[0].1),
         });
     }
     let mut failures: Vec<String> = Vec::new();
@@ -616,12 +663,12 @@ fn run_step(exe: &Path, st: &Step, timeout: Duration) -> StepData {
     d.error = match status {
         Err(e) => Some(format!("waiting for the bench: {e}")),
         Ok(_) if timed_out => Some(format!("timed out after {} s", timeout.as_secs())),
-        // stress-vm exits non-zero when it found a violation, after
-        // printing its JSON: that is a result (a missed target), not a
-        // failure to measure.
+        // stress-vm and soak exit non-zero when they found a violation
+        // or a leak, after printing their JSON: that is a result (a missed
+        // target), not a failure to measure.
         Ok(s)
             if !s.success()
-                && st.bench == BenchName::StressVm
+                && matches!(st.bench, BenchName::StressVm | BenchName::Soak)
                 && d.result.as_ref().and_then(|v| v.get("ok")) == Some(&Value::Bool(false)) =>
         {
             None
@@ -652,9 +699,37 @@ fn is_unknown_subcommand(stderr: &str) -> bool {
 /// The "not measured" reason of an optional bench this gmm lacks.
 fn absent_text(b: BenchName) -> String {
     format!(
-        "`gmm bench {}` is not in this gmm binary (results saved by an older gmm); rerun the bench to measure",
-        b.name()
+        "`{}` is not in this gmm binary (results saved by an older gmm); rerun the bench to measure",
+        b.prefix().join(" ")
     )
+}
+
+/// A step's data from a bench's saved `--json` output (`--soak-json`):
+/// the last non-empty line (or the whole file) as one JSON object.
+fn read_json_output(p: &Path) -> StepData {
+    let mut d = StepData {
+        command: vec![format!("(read from {})", p.display())],
+        ..StepData::default()
+    };
+    let text = match std::fs::read_to_string(p) {
+        Ok(t) => t,
+        Err(e) => {
+            d.error = Some(format!("reading {}: {e}", p.display()));
+            return d;
+        }
+    };
+    let whole = serde_json::from_str::<Value>(&text).ok();
+    let last = || {
+        text.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .and_then(|l| serde_json::from_str::<Value>(l.trim()).ok())
+    };
+    match whole.or_else(last) {
+        Some(v) if v.is_object() => d.result = Some(v),
+        _ => d.error = Some(format!("{}: no JSON object in it", p.display())),
+    }
+    d
 }
 
 /// The end of a failed bench's stderr: from anyhow's `Error:` line on
@@ -688,10 +763,10 @@ fn step_log(st: &Step, d: &StepData) -> String {
     let el = d.elapsed_s.unwrap_or(0.0);
     let violations = d.result.as_ref().and_then(|v| v.get("ok")) == Some(&Value::Bool(false));
     match &d.error {
-        None if st.bench == BenchName::StressVm && violations => {
+        None if matches!(st.bench, BenchName::StressVm | BenchName::Soak) && violations => {
             let _ = writeln!(
                 s,
-                "  {}: violations found in {el:.1} s (recorded: a missed target)",
+                "  {}: violations or leaks found in {el:.1} s (recorded: a missed target)",
                 st.stem
             );
         }
@@ -2961,6 +3036,134 @@ fn stress_vm_section(d: &StepData) -> Section {
                 "{guest} guest errors, {stale} stale translations, {uaf} use-after-free in {} cycles ({violations} violations in all)",
                 r.cycles
             ),
+            verdict,
+        }],
+        errors,
+    }
+}
+
+// --- soak ---
+
+const SOAK_TARGETS: [&str; 1] = [
+    "soak: RSS, open fds, threads and table pages back to their baseline after every cycle (RSS within the tolerance)",
+];
+
+/// The soak section: one `gmm soak` run's baseline, worst excess and
+/// leaks.
+fn soak_section(d: &StepData) -> Section {
+    const B: &str = "soak";
+    const T: &str = "Soak: VMs launched, ballooned and torn down in a loop (`gmm soak`)";
+    let Some(v) = &d.result else {
+        return Section::absent_or_not_measured(B, T, d, &SOAK_TARGETS);
+    };
+    let r = match parse::<schema::SoakResult>(v, "soak.json") {
+        Ok(x) => x,
+        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &SOAK_TARGETS),
+    };
+    let mut errors: Vec<String> = d.error.iter().cloned().collect();
+    let mut md = format!("## {T}\n\n");
+    if let Some(e) = &d.error {
+        let _ = writeln!(
+            md,
+            "Warning: the run exited with an error ({}); the figures are shown as it printed them.\n",
+            md_cell(e)
+        );
+    }
+    if let Some(k) = &r.inject_leak {
+        let _ = writeln!(
+            md,
+            "**This run injected a {} leak per cycle on purpose (`--inject-leak`): a test of the detectors, not a measurement.**\n",
+            md_cell(k)
+        );
+        errors.push(format!("the soak ran with --inject-leak {k}"));
+    }
+    let _ = writeln!(
+        md,
+        "{} measured cycles after {} warm-up cycles in {:.1} s ({} requested): each launches a microVM of {} with {} vCPU(s) in this process, rotating {} guest RAM, lets every vCPU write and verify its RAM (demand faults through the userfaultfd handler), has the guest's virtio-balloon driver inflate half of vCPU 0's share, deflate and report a quarter free (each page re-verified), then destroys it and waits for reclamation. After every cycle the process's RSS (`VmRSS` after `malloc_trim`), open fds, threads and the stage-2 table pages in use in all tables are compared with the baseline taken after the warm-up; fds, threads and table pages must come back exactly (within {:.1} ms here, the longest wait for a late thread exit), RSS within {}. `leaked_*` is the worst excess seen after any cycle.\n",
+        r.cycles,
+        r.warmup_cycles,
+        r.elapsed_s,
+        if r.minutes > 0.0 { format!("{} min", r.minutes) } else { "a cycle count".into() },
+        r.sizes_bytes.iter().map(|&b| human_bytes(b)).collect::<Vec<_>>().join(" / "),
+        r.vcpus,
+        r.variants.join(", "),
+        r.settle_max_ms,
+        human_bytes(r.rss_tolerance_bytes),
+    );
+    md += "| resource | baseline | after the last cycle | worst excess | leaked |\n|---|---:|---:|---:|---:|\n";
+    let _ = writeln!(
+        md,
+        "| RSS | {} | {} | {} | {} |",
+        human_bytes(r.baseline.rss_bytes),
+        human_bytes(r.end.rss_bytes),
+        human_bytes(r.rss_excess_max_bytes),
+        human_bytes(r.leaked_rss_bytes)
+    );
+    for (name, b, e, x, l) in [
+        (
+            "open fds",
+            r.baseline.fds,
+            r.end.fds,
+            r.excess_max.fds,
+            r.leaked_fds,
+        ),
+        (
+            "threads",
+            r.baseline.threads,
+            r.end.threads,
+            r.excess_max.threads,
+            r.leaked_threads,
+        ),
+        (
+            "table pages",
+            r.baseline.table_pages,
+            r.end.table_pages,
+            r.excess_max.table_pages,
+            r.leaked_table_pages,
+        ),
+    ] {
+        let _ = writeln!(md, "| {name} | {b} | {e} | {x} | {l} |");
+    }
+    let _ = writeln!(
+        md,
+        "\nCycle (launch to reclaimed) p50 {} ms, p90 {} ms, max {} ms; {} demand faults, {} pages inflated, {} deflated, {} reported free over all cycles.\n",
+        ms(r.cycle_ms.p50),
+        ms(r.cycle_ms.p90),
+        ms(r.cycle_ms.max),
+        r.demand_faults,
+        r.pages_inflated,
+        r.pages_deflated,
+        r.pages_reported
+    );
+    if let Some(e) = &r.error {
+        let _ = writeln!(md, "A cycle failed: {}\n", md_cell(e));
+    }
+    let measured = format!(
+        "{} cycles: leaked RSS {}, fds {}, threads {}, table pages {}{}",
+        r.cycles,
+        human_bytes(r.leaked_rss_bytes),
+        r.leaked_fds,
+        r.leaked_threads,
+        r.leaked_table_pages,
+        r.error.as_deref().map_or(String::new(), |e| format!(
+            "; a cycle failed: {}",
+            short(e, 80)
+        ))
+    );
+    let verdict = match &r.error {
+        Some(e) if r.cycles == 0 => Verdict::NotMeasured(e.clone()),
+        _ if r.inject_leak.is_some() => {
+            Verdict::NotMeasured("a leak was injected on purpose (--inject-leak)".into())
+        }
+        _ => Verdict::of(r.ok),
+    };
+    Section {
+        bench: B,
+        md,
+        targets: vec![TargetRow {
+            bench: B,
+            target: SOAK_TARGETS[0].into(),
+            measured,
             verdict,
         }],
         errors,

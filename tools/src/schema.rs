@@ -1,7 +1,7 @@
 //! The JSON results of the benches: one typed struct per `--json` line.
 //!
 //! Each bench (`unmap`, `balloon`, `launch`, `service`, `linux`, `stress`,
-//! `stress-vm`) builds its result as one of these structs and prints it
+//! `stress-vm`, `soak`) builds its result as one of these structs and prints it
 //! with [`crate::emit_json`]; `gmm bench report` reads the saved line back into
 //! the same struct (`serde_json::from_value`), so a bench and the report
 //! cannot drift apart silently: a field renamed or removed on one side is
@@ -730,6 +730,86 @@ pub struct StressVmResult {
     pub violations: u64,
     /// The first violation a device thread counted, described.
     pub first_walk_violation: Option<String>,
+    pub ok: bool,
+}
+
+// ---------------------------------------------------------------------
+// gmm soak
+
+/// What a `gmm soak` sample counts (see `tools/src/soak.rs`).
+#[derive(Serialize, Deserialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SoakSample {
+    /// `VmRSS` after `malloc_trim(0)`.
+    pub rss_bytes: u64,
+    /// Entries of `/proc/self/fd`.
+    pub fds: u64,
+    /// Entries of `/proc/self/task`.
+    pub threads: u64,
+    /// Table pages in use in every stage-2 table of the process.
+    pub table_pages: u64,
+}
+
+/// `gmm soak --json`. The `leaked_*` fields are the worst excess over the
+/// baseline seen after any measured cycle (RSS: only beyond
+/// `rss_tolerance_bytes`, else 0); `ok` is false if any is non-zero or a
+/// cycle failed (`error`).
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct SoakResult {
+    pub tool: String,
+    /// `--minutes` asked for (warm-up included).
+    pub minutes: f64,
+    pub elapsed_s: f64,
+    /// Measured cycles (after the warm-up).
+    pub cycles: u64,
+    pub warmup_cycles: u64,
+    pub vcpus: u32,
+    /// Guest RAM sizes, rotated.
+    pub sizes_bytes: Vec<u64>,
+    /// Guest RAM kinds, rotated (`anon-4K`, `anon-THP`, `memfd-4K`).
+    pub variants: Vec<String>,
+    #[serde(default)]
+    pub kvm_modules: Vec<String>,
+    /// The hidden `--inject-leak` kind, if any.
+    pub inject_leak: Option<String>,
+    pub baseline: SoakSample,
+    /// The sample after the last measured cycle.
+    pub end: SoakSample,
+    /// Worst excess over the baseline of each resource, after any cycle.
+    pub excess_max: SoakSample,
+    pub rss_tolerance_bytes: u64,
+    pub rss_excess_max_bytes: u64,
+    pub leaked_rss_bytes: u64,
+    pub leaked_fds: u64,
+    pub leaked_threads: u64,
+    pub leaked_table_pages: u64,
+    /// Measured cycles whose sample showed a leak, and the first of them
+    /// (1-based).
+    pub cycles_leaking: u64,
+    pub first_leak_cycle: Option<u64>,
+    /// Longest wait for fds, threads and table pages to come back after a
+    /// cycle (late thread exits), ms.
+    pub settle_max_ms: f64,
+    /// Launch to reclaimed, measured cycles, ms.
+    pub cycle_ms: Dist,
+    /// Over all cycles, warm-up included.
+    pub demand_faults: u64,
+    pub pages_inflated: u64,
+    pub pages_deflated: u64,
+    pub pages_reported: u64,
+    /// What `--inject-leak` kept by the end.
+    #[serde(default)]
+    pub rss_leaks_injected_bytes: u64,
+    #[serde(default)]
+    pub fd_leaks_injected: u64,
+    #[serde(default)]
+    pub thread_leaks_injected: u64,
+    #[serde(default)]
+    pub tables_kept_injected: u64,
+    /// RSS of the sample after each measured cycle.
+    #[serde(default)]
+    pub rss_bytes_all: Vec<u64>,
+    /// Why the run stopped early, if a cycle failed.
+    pub error: Option<String>,
     pub ok: bool,
 }
 

@@ -1332,3 +1332,59 @@ fn a_bench_missing_from_gmm_is_reported_as_absent_not_failed() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// FIXTURE: a `gmm soak --json` line (figures typed in for the test).
+fn soak_fixture(leaked_fds: u64) -> Value {
+    let sample =
+        |rss: u64, fds: u64| json!({"rss_bytes": rss, "fds": fds, "threads": 1, "table_pages": 0});
+    json!({
+        "tool": "soak", "minutes": 10.0, "elapsed_s": 600.4, "cycles": 900, "warmup_cycles": 6,
+        "vcpus": 2, "sizes_bytes": [64 * MIB, 128 * MIB],
+        "variants": ["anon-4K", "anon-THP", "memfd-4K"], "inject_leak": null,
+        "baseline": sample(6 * MIB, 6), "end": sample(6 * MIB + 200 * 1024, 6 + leaked_fds),
+        "excess_max": {"rss_bytes": 300 * 1024, "fds": leaked_fds, "threads": 0, "table_pages": 0},
+        "rss_tolerance_bytes": 4 * MIB, "rss_excess_max_bytes": 300 * 1024,
+        "leaked_rss_bytes": 0, "leaked_fds": leaked_fds, "leaked_threads": 0,
+        "leaked_table_pages": 0, "cycles_leaking": leaked_fds, "first_leak_cycle": null,
+        "settle_max_ms": 0.2, "cycle_ms": {"p50": 600.0, "p90": 800.0, "max": 1500.0},
+        "demand_faults": 1000, "pages_inflated": 2000, "pages_deflated": 2000,
+        "pages_reported": 1000, "error": null, "ok": leaked_fds == 0
+    })
+}
+
+#[test]
+fn soak_section_and_its_verdict() {
+    let dir = scratch("soak");
+    write(&dir, "soak.json", &soak_fixture(0));
+    let (out, md) = report_from(&dir, "soak");
+    assert!(out.status.success(), "{}", text(&out));
+    let target = "soak: RSS, open fds, threads and table pages back to their baseline after every cycle (RSS within the tolerance)";
+    row(
+        &md,
+        &[
+            "soak",
+            target,
+            "900 cycles: leaked RSS 0 B, fds 0, threads 0, table pages 0",
+            "met",
+        ],
+    );
+    row(&md, &["open fds", "6", "6", "0", "0"]);
+    assert!(
+        md.contains("900 measured cycles after 6 warm-up cycles"),
+        "{md}"
+    );
+
+    write(&dir, "soak.json", &soak_fixture(2));
+    let (_, md) = report_from(&dir, "soak");
+    assert_missed(
+        row(&md, &["soak", target]),
+        "900 cycles: leaked RSS 0 B, fds 2, threads 0, table pages 0",
+    );
+
+    // Results saved before the soak existed: not in this binary, no error.
+    std::fs::remove_file(dir.join("soak.json")).expect("remove");
+    let (out, md) = report_from(&dir, "soak");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(md.contains("`gmm soak` is not in this gmm binary"), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,7 +2,8 @@
 //! when they may go back.
 //!
 //! - `pool`: table pages ([`TablePage`]), carved from `mmap`ed chunks,
-//!   poisoned when freed and reused oldest-first;
+//!   poisoned when freed and reused oldest-first; [`live_table_pages`]
+//!   counts the pages in use in all tables of the process;
 //! - `fence`: the light/heavy fence pair of the read side and the grace
 //!   period (SeqCst fences, or membarrier when asked for);
 //! - `rcu`: the RCU domain of one table: registered readers, pins, grace
@@ -25,5 +26,5 @@ mod rcu;
 
 pub use fence::asymmetric_fences;
 pub(crate) use pool::PagePtr;
-pub use pool::TablePage;
+pub use pool::{live_table_pages, TablePage};
 pub(crate) use rcu::{Rcu, ReadGuard, Reader};

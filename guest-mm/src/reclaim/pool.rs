@@ -16,12 +16,35 @@
 //! grace period); the page counts are relaxed atomics. Who may free a page,
 //! and when, is the RCU domain's business ([`super::rcu`]): the pool's
 //! `free` is `unsafe` with that contract.
+//!
+//! **Process-wide gauge.** [`live_table_pages`] counts the table pages of
+//! every pool of the process that are in use now (linked, or awaiting
+//! their grace period): a page counts from its allocation until it is
+//! freed, or until its pool is dropped with it still in use (the chunk
+//! goes with the pool). It is a `std` relaxed atomic, not the
+//! [`crate::sync`] shim (no decision depends on it, as for the table's
+//! statistics), and is exact whenever no table allocates or frees
+//! concurrently: `gmm soak` reads it between VMs to catch tables and
+//! table pages that outlive their VM.
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64 as GaugeU64, Ordering::Relaxed as GaugeOrder};
 
 use crate::entry::{ENTRIES, POISON};
 use crate::fault::FailPoint;
 use crate::sync::{lock, AtomicU64, AtomicUsize, Mutex, Ordering};
+
+/// Table pages in use in all pools of the process (see the module doc).
+static LIVE_TABLE_PAGES: GaugeU64 = GaugeU64::new(0);
+
+/// Table pages in use now in every table (page pool) of this process:
+/// linked into a table, or unlinked and awaiting their grace period. Pages
+/// freed back to a pool's free list, or gone with their pool, do not
+/// count. Exact when no table allocates or frees meanwhile (relaxed
+/// loads and updates).
+pub fn live_table_pages() -> u64 {
+    LIVE_TABLE_PAGES.load(GaugeOrder)
+}
 
 /// One 4 KiB page of a stage-2 table.
 #[repr(C, align(4096))]
@@ -126,6 +149,7 @@ impl PagePool {
         let page = self.alloc_raw()?;
         let n = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak.fetch_max(n, Ordering::Relaxed);
+        LIVE_TABLE_PAGES.fetch_add(1, GaugeOrder);
         Some(page)
     }
 
@@ -204,11 +228,15 @@ impl PagePool {
         lock(&self.inner).free.push_back(page);
         self.in_use.fetch_sub(1, Ordering::Relaxed);
         self.freed_total.fetch_add(1, Ordering::Relaxed);
+        LIVE_TABLE_PAGES.fetch_sub(1, GaugeOrder);
     }
 }
 
 impl Drop for PagePool {
     fn drop(&mut self) {
+        // Pages still in use (a table dropped with its root, or with
+        // pages never freed) go with their chunks.
+        LIVE_TABLE_PAGES.fetch_sub(self.in_use() as u64, GaugeOrder);
         let inner = lock(&self.inner);
         #[cfg(not(loom))]
         for &(addr, bytes) in &inner.chunks {
