@@ -145,7 +145,7 @@ fn linux_boots_with_balloon_and_ctrl_alt_del_ends_it() {
     let after = wait_memtotal(
         &console,
         |m| m <= before - 32 * 1024,
-        Duration::from_secs(90),
+        Duration::from_secs(240),
     );
     let took = t.elapsed();
     let rss1 = vmm::proc_stats::rss().rss;
@@ -169,13 +169,13 @@ fn linux_boots_with_balloon_and_ctrl_alt_del_ends_it() {
     );
     // Deflate: MemTotal comes back.
     balloon.set_target_pages(0);
-    let back = wait_memtotal(&console, |m| m >= before, Duration::from_secs(90));
+    let back = wait_memtotal(&console, |m| m >= before, Duration::from_secs(240));
     assert_eq!(back, Some(before), "{}", console_text(&console));
     assert_eq!(vm.memory().report().ballooned_bytes, 0);
     assert_eq!(balloon.counters().errors, 0, "{:?}", balloon.counters());
 
     vm.send_ctrl_alt_del().expect("ctrl-alt-del");
-    let end = vm.wait_linux(Some(Duration::from_secs(60)));
+    let end = vm.wait_linux(Some(Duration::from_secs(240)));
     assert_eq!(
         end.as_ref().map(|(_, o)| o),
         Some(&VcpuOutcome::Reset),

@@ -287,7 +287,7 @@ fn linux_through_the_api_reporting_statistics_balloon() {
     loud!("{name}: NPROC after {:.1} s", t0.elapsed().as_secs_f64());
     assert!(s.tail(60).contains("BALLOON present"), "{}", s.tail(60));
     // Free page reporting: the guest's free memory goes back.
-    let mem = s.wait_get("/memory", Duration::from_secs(60), |v| {
+    let mem = s.wait_get("/memory", Duration::from_secs(240), |v| {
         v["discarded_bytes"].as_u64() >= Some(64 << 20)
     });
     let rss = vmm::proc_stats::rss_of(s.child.id()).unwrap_or(u64::MAX);
@@ -309,7 +309,7 @@ fn linux_through_the_api_reporting_statistics_balloon() {
     assert!(st.get("available_memory").is_some(), "{st}");
     // The balloon follows the target.
     s.ok("PATCH", "/balloon", Some(json!({"amount_mib": 16})));
-    s.wait_get("/balloon/statistics", Duration::from_secs(60), |v| {
+    s.wait_get("/balloon/statistics", Duration::from_secs(240), |v| {
         v["actual_mib"] == 16
     });
     s.refused(
@@ -324,7 +324,7 @@ fn linux_through_the_api_reporting_statistics_balloon() {
         "/actions",
         Some(json!({"action_type": "SendCtrlAltDel"})),
     );
-    let (status, took) = s.0.wait_exit(Duration::from_secs(60));
+    let (status, took) = s.0.wait_exit(Duration::from_secs(240));
     let err = s.output();
     assert!(status.success(), "{status:?}\n{err}\n{}", s.tail(60));
     assert!(err.contains("monitor_setup_ms="), "{err}");
