@@ -230,17 +230,15 @@ impl VmMemory {
     /// not be unmapped (its `munmap` failed every attempt): the error says
     /// how much is still mapped, and a later `try_close` (or the drop)
     /// unmaps it. Returns the bytes unmapped by this call.
-    pub fn try_close(mut self) -> Result<u64, (Self, CloseError)> {
+    pub fn try_close(mut self) -> Result<u64, CloseError> {
         let unmapped = self.shut_down();
         let still_mapped = self.ram.mapped_bytes();
         if still_mapped > 0 {
-            return Err((
-                self,
-                CloseError {
-                    unmapped,
-                    still_mapped,
-                },
-            ));
+            return Err(CloseError {
+                unmapped,
+                still_mapped,
+                memory: Box::new(self),
+            });
         }
         Ok(unmapped)
     }
@@ -271,6 +269,8 @@ pub struct CloseError {
     pub unmapped: u64,
     /// Bytes still mapped.
     pub still_mapped: u64,
+    /// The memory, to close again.
+    pub memory: Box<VmMemory>,
 }
 
 impl Drop for VmMemory {
