@@ -23,6 +23,19 @@
 //! redoes that batch run by run (`MADV_DONTNEED` is idempotent), so errors
 //! are still reported per run. `PIDFD_SELF` always means the calling
 //! process, so a forked child can never release its parent's memory.
+//!
+//! **A release the kernel refuses.** Each `madvise` and punch-hole is
+//! tried [`RELEASE_ATTEMPTS`] times. A range that still fails is recorded
+//! as *unreleased*: its table entries are already gone (cleared, or
+//! discarded / ballooned markers) but the memory is still there, so it is
+//! kept on a list, counted in `TableStats::unreleased_bytes`, reported in
+//! the flush's [`ReleaseError`], and released again by the teardown's
+//! flush, when nothing can map it any more (not earlier: a fault may make
+//! a discarded page present again at any time, without the table lock,
+//! and a release behind it would destroy what the guest wrote since). A
+//! range that is mapped again (a map, a fault restoring a discarded page)
+//! leaves the list: it is in use, and its next unmap releases it. So: a
+//! host page that no entry maps is either released or on the list.
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
@@ -32,7 +45,12 @@ use thiserror::Error;
 
 use crate::addr::Hva;
 use crate::entry::PAGE_SIZE;
+use crate::fault::{FaultInjection, INJECTED_ERRNO};
 use crate::sync::{lock, AtomicU64, Mutex, Ordering};
+
+/// Attempts at one `madvise` or punch-hole before the range is recorded as
+/// unreleased (see the module doc).
+pub const RELEASE_ATTEMPTS: u32 = 3;
 
 /// A hook called with each released host range of a [`BackingKind::Simulated`] region.
 pub type ReleaseHook = Arc<dyn Fn(Hva, u64) + Send + Sync>;
@@ -116,9 +134,10 @@ pub enum BackingError {
     },
 }
 
-/// A release that the kernel refused; the memory stays allocated.
+/// A release that the kernel refused [`RELEASE_ATTEMPTS`] times; the
+/// memory stays allocated and is recorded as unreleased.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("releasing host memory {hva} + {len:#x} failed ({op}): {errno}; the guest mapping is gone but the host memory is still allocated")]
+#[error("releasing host memory {hva} + {len:#x} failed ({op}, {attempts} attempts): errno {errno}; the guest mapping is gone but the host memory is still allocated: it is counted in the table's unreleased_bytes and released at teardown (or by its next unmap if it is mapped again)")]
 pub struct ReleaseError {
     /// Start.
     pub hva: Hva,
@@ -126,8 +145,19 @@ pub struct ReleaseError {
     pub len: u64,
     /// The call that failed.
     pub op: &'static str,
-    /// errno.
+    /// errno of the last attempt.
     pub errno: i32,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+/// A range whose release failed: how to release it again.
+#[derive(Clone, Copy, Debug)]
+struct Unreleased {
+    hva: u64,
+    len: u64,
+    /// `(fd, file offset)` for a punch-hole, `None` for `madvise`.
+    punch: Option<(RawFd, u64)>,
 }
 
 struct Region {
@@ -236,6 +266,9 @@ pub(crate) struct ReleaseCounters {
     pub(crate) bytes: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) outside: AtomicU64,
+    /// Attempts of one `madvise` / punch-hole that failed and were retried
+    /// or given up on.
+    pub(crate) failed_attempts: AtomicU64,
 }
 
 /// All regions of one table.
@@ -244,6 +277,11 @@ pub(crate) struct BackingRegistry {
     pub(crate) counters: ReleaseCounters,
     /// `BATCH_UNKNOWN`, `BATCH_WORKS` or `BATCH_REFUSED`.
     batching: AtomicU64,
+    /// Ranges whose release failed (module doc). Plain `std`: loom's
+    /// backings are simulated and never fail, so this stays empty there.
+    unreleased: std::sync::Mutex<Vec<Unreleased>>,
+    /// Bytes on `unreleased`: the one load a map or fault pays for it.
+    unreleased_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Anonymous runs waiting for one `process_madvise` call, and the first
@@ -251,8 +289,9 @@ pub(crate) struct BackingRegistry {
 /// (only a parallel submit spawns its helper threads).
 pub(crate) struct ReleaseBatch<'a> {
     reg: &'a BackingRegistry,
-    /// Forces the run-by-run fallback (fault injection).
-    fail: Option<&'a crate::fault::FailPoint>,
+    /// The table's injection points (`batch_release` forces the run-by-run
+    /// fallback; `madvise`, `punch_hole` fail those calls).
+    faults: &'a FaultInjection,
     iov: [libc::iovec; BATCH_RUNS],
     n: usize,
     bytes: u64,
@@ -306,7 +345,7 @@ impl<'a> ReleaseBatch<'a> {
         let reg = self.reg;
         let c = &reg.counters;
         let state = reg.batching.load(Ordering::Relaxed);
-        let injected = self.fail.is_some_and(|f| f.should_fail());
+        let injected = self.faults.batch_release.should_fail();
         if n > 1 && state != BATCH_REFUSED && !injected {
             c.calls.fetch_add(1, Ordering::Relaxed);
             // SAFETY: every iovec is a page-aligned run inside a registered
@@ -347,7 +386,7 @@ impl<'a> ReleaseBatch<'a> {
         }
         for i in 0..n {
             let v = self.iov[i];
-            if let Err(e) = reg.madvise(v.iov_base as u64, v.iov_len as u64) {
+            if let Err(e) = reg.madvise(v.iov_base as u64, v.iov_len as u64, self.faults) {
                 self.error(e);
             }
         }
@@ -374,6 +413,7 @@ impl<'a> ReleaseBatch<'a> {
         }
         let runs = &runs[..n];
         let reg = self.reg;
+        let faults = self.faults;
         // Plain std atomics: this is not part of the protocol loom models
         // (loom's backings are simulated and never reach here).
         let cursor = std::sync::atomic::AtomicU64::new(0);
@@ -390,7 +430,7 @@ impl<'a> ReleaseBatch<'a> {
                 for &(s, l) in runs {
                     let (a, b) = (at.max(lo), (at + l).min(hi));
                     if a < b {
-                        if let Err(e) = reg.madvise(s + (a - at), b - a) {
+                        if let Err(e) = reg.madvise(s + (a - at), b - a, faults) {
                             first.get_or_insert(e);
                         }
                     }
@@ -466,6 +506,8 @@ impl BackingRegistry {
             regions: Mutex::new(Vec::new()),
             counters: ReleaseCounters::default(),
             batching: AtomicU64::new(BATCH_UNKNOWN),
+            unreleased: std::sync::Mutex::new(Vec::new()),
+            unreleased_bytes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -527,8 +569,11 @@ impl BackingRegistry {
         false
     }
 
-    /// A page of `[hva, hva + len)` is mapped again: forget partial releases there.
+    /// A page of `[hva, hva + len)` is mapped again: forget partial releases
+    /// there, and unreleased ranges (in use again: never to be released
+    /// behind the new mapping's back).
     pub(crate) fn note_mapped(&self, hva: u64, len: u64) {
+        self.forget_unreleased(hva, len);
         let mut regions = lock(&self.regions);
         for r in regions.iter_mut() {
             if r.partial.is_empty() || r.end <= hva || hva + len <= r.start {
@@ -557,14 +602,11 @@ impl BackingRegistry {
         lock(&self.regions).iter().map(|r| r.partial.len()).sum()
     }
 
-    /// A release batch for one flush; `fail` forces its fallback.
-    pub(crate) fn batch<'a>(
-        &'a self,
-        fail: Option<&'a crate::fault::FailPoint>,
-    ) -> ReleaseBatch<'a> {
+    /// A release batch for one flush, with the table's injection points.
+    pub(crate) fn batch<'a>(&'a self, faults: &'a FaultInjection) -> ReleaseBatch<'a> {
         ReleaseBatch {
             reg: self,
-            fail,
+            faults,
             iov: [libc::iovec {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
@@ -608,7 +650,7 @@ impl BackingRegistry {
                         break;
                     }
                     batch.push(s, e - s);
-                } else if let Err(err) = self.release_in(r, s, e) {
+                } else if let Err(err) = self.release_in(r, s, e, batch.faults) {
                     batch.error(err);
                 }
                 covered += e - s;
@@ -625,11 +667,17 @@ impl BackingRegistry {
         }
     }
 
-    fn release_in(&self, r: &mut Region, s: u64, e: u64) -> Result<(), ReleaseError> {
+    fn release_in(
+        &self,
+        r: &mut Region,
+        s: u64,
+        e: u64,
+        faults: &FaultInjection,
+    ) -> Result<(), ReleaseError> {
         match r.kind.clone() {
-            BackingKind::Anonymous => self.madvise(s, e - s),
+            BackingKind::Anonymous => self.madvise(s, e - s, faults),
             BackingKind::SharedFile { fd, offset } => {
-                self.punch(fd, offset + (s - r.start), s, e - s)
+                self.punch(fd, offset + (s - r.start), s, e - s, faults)
             }
             BackingKind::Simulated { hook } => {
                 self.count(e - s);
@@ -672,8 +720,10 @@ impl BackingRegistry {
                 let mut res = Ok(());
                 for (ws, we) in whole {
                     let one = match file {
-                        None => self.madvise(ws, we - ws),
-                        Some((fd, offset)) => self.punch(fd, offset + (ws - r.start), ws, we - ws),
+                        None => self.madvise(ws, we - ws, faults),
+                        Some((fd, offset)) => {
+                            self.punch(fd, offset + (ws - r.start), ws, we - ws, faults)
+                        }
                     };
                     if res.is_ok() {
                         res = one;
@@ -689,52 +739,192 @@ impl BackingRegistry {
         self.counters.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    fn madvise(&self, s: u64, len: u64) -> Result<(), ReleaseError> {
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: [s, s+len) lies inside a registered region, which the
-        // caller mapped and keeps mapped for the table's lifetime; the
-        // table has unmapped it and waited for readers, so dropping its
-        // contents is what every user of this range asked for.
-        let rc =
-            unsafe { libc::madvise(s as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
-        if rc != 0 {
-            return Err(ReleaseError {
-                hva: Hva(s),
-                len,
-                op: "madvise(MADV_DONTNEED)",
-                errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-            });
-        }
-        self.counters.bytes.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+    /// `MADV_DONTNEED` of `[s, s + len)`, retried; recorded as unreleased
+    /// if every attempt fails.
+    fn madvise(&self, s: u64, len: u64, faults: &FaultInjection) -> Result<(), ReleaseError> {
+        self.attempt(s, len, None, "madvise(MADV_DONTNEED)", || {
+            if faults.madvise.should_fail() {
+                return Err(INJECTED_ERRNO);
+            }
+            // SAFETY: [s, s+len) lies inside a registered region, which the
+            // caller mapped and keeps mapped for the table's lifetime; the
+            // table has unmapped it and waited for readers, so dropping its
+            // contents is what every user of this range asked for.
+            let rc =
+                unsafe { libc::madvise(s as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            }
+            Ok(())
+        })
     }
 
-    fn punch(&self, fd: RawFd, off: u64, s: u64, len: u64) -> Result<(), ReleaseError> {
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        let err = |errno| ReleaseError {
+    /// Punch-hole of `[off, off + len)` of `fd` (host range `[s, s + len)`),
+    /// retried; recorded as unreleased if every attempt fails.
+    fn punch(
+        &self,
+        fd: RawFd,
+        off: u64,
+        s: u64,
+        len: u64,
+        faults: &FaultInjection,
+    ) -> Result<(), ReleaseError> {
+        self.attempt(
+            s,
+            len,
+            Some((fd, off)),
+            "fallocate(PUNCH_HOLE|KEEP_SIZE)",
+            || {
+                let (Ok(off), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
+                    return Err(libc::EINVAL);
+                };
+                if faults.punch_hole.should_fail() {
+                    return Err(INJECTED_ERRNO);
+                }
+                // SAFETY: fallocate on a caller-owned fd; no memory of ours is touched.
+                let rc = unsafe {
+                    libc::fallocate(
+                        fd,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off,
+                        l,
+                    )
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+                }
+                Ok(())
+            },
+        )
+    }
+
+    /// Runs one release call up to [`RELEASE_ATTEMPTS`] times (both calls
+    /// are idempotent). Success releases the range, so it leaves the
+    /// unreleased list; failure puts it there.
+    fn attempt(
+        &self,
+        s: u64,
+        len: u64,
+        punch: Option<(RawFd, u64)>,
+        op: &'static str,
+        mut call: impl FnMut() -> Result<(), i32>,
+    ) -> Result<(), ReleaseError> {
+        let c = &self.counters;
+        let mut errno = 0;
+        for _ in 0..RELEASE_ATTEMPTS {
+            c.calls.fetch_add(1, Ordering::Relaxed);
+            match call() {
+                Ok(()) => {
+                    c.bytes.fetch_add(len, Ordering::Relaxed);
+                    self.forget_unreleased(s, len);
+                    return Ok(());
+                }
+                Err(e) => {
+                    errno = e;
+                    c.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if !crate::mutation::broken(crate::mutation::Rule::UnreleasedRecord) {
+            self.record_unreleased(Unreleased { hva: s, len, punch });
+        }
+        Err(ReleaseError {
             hva: Hva(s),
             len,
-            op: "fallocate(PUNCH_HOLE|KEEP_SIZE)",
+            op,
             errno,
-        };
-        let (Ok(off), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
-            return Err(err(libc::EINVAL));
-        };
-        // SAFETY: fallocate on a caller-owned fd; no memory of ours is touched.
-        let rc = unsafe {
-            libc::fallocate(
-                fd,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
-        };
-        if rc != 0 {
-            return Err(err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(0)));
+            attempts: RELEASE_ATTEMPTS,
+        })
+    }
+
+    fn record_unreleased(&self, u: Unreleased) {
+        let mut list = self.unreleased.lock().unwrap_or_else(|e| e.into_inner());
+        // A range already on the list (a teardown retry that failed again)
+        // is not counted twice.
+        Self::cut(&mut list, u.hva, u.len);
+        list.push(u);
+        self.unreleased_bytes.store(
+            list.iter().map(|u| u.len).sum(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Removes `[hva, hva + len)` from `list`, splitting ranges it cuts.
+    fn cut(list: &mut Vec<Unreleased>, hva: u64, len: u64) {
+        let end = hva + len;
+        let mut i = 0;
+        while i < list.len() {
+            let u = list[i];
+            let (us, ue) = (u.hva, u.hva + u.len);
+            if ue <= hva || end <= us {
+                i += 1;
+                continue;
+            }
+            list.swap_remove(i);
+            let piece = |a: u64, b: u64| Unreleased {
+                hva: a,
+                len: b - a,
+                punch: u.punch.map(|(fd, off)| (fd, off + (a - us))),
+            };
+            if us < hva {
+                list.push(piece(us, hva));
+            }
+            if end < ue {
+                list.push(piece(end, ue));
+            }
         }
-        self.counters.bytes.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+    }
+
+    /// `[hva, hva + len)` was released or is in use again: not unreleased.
+    /// One relaxed load while nothing is on the list.
+    pub(crate) fn forget_unreleased(&self, hva: u64, len: u64) {
+        if self
+            .unreleased_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            return;
+        }
+        let mut list = self.unreleased.lock().unwrap_or_else(|e| e.into_inner());
+        Self::cut(&mut list, hva, len);
+        self.unreleased_bytes.store(
+            list.iter().map(|u| u.len).sum(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Bytes whose release failed and that are still allocated.
+    pub(crate) fn unreleased_bytes(&self) -> u64 {
+        self.unreleased_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The unreleased ranges, sorted.
+    pub(crate) fn unreleased(&self) -> Vec<(Hva, u64)> {
+        let list = self.unreleased.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(Hva, u64)> = list.iter().map(|u| (Hva(u.hva), u.len)).collect();
+        v.sort_by_key(|&(h, _)| h.0);
+        v
+    }
+
+    /// Releases every unreleased range again (the teardown's flush, once
+    /// nothing can map them any more); returns the first error. A range
+    /// that fails again stays on the list.
+    pub(crate) fn retry_unreleased(&self, faults: &FaultInjection) -> Result<(), ReleaseError> {
+        let list = std::mem::take(&mut *self.unreleased.lock().unwrap_or_else(|e| e.into_inner()));
+        self.unreleased_bytes
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let mut first = None;
+        for u in list {
+            let r = match u.punch {
+                None => self.madvise(u.hva, u.len, faults),
+                Some((fd, off)) => self.punch(fd, off, u.hva, u.len, faults),
+            };
+            if let Err(e) = r {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 }

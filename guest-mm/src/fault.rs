@@ -1,14 +1,27 @@
 //! Fault injection points, so that every fallback path can be forced in tests.
 //!
 //! A [`FailPoint`] is consulted before a fallible step (an allocation, a
-//! batched release, spawning a release helper). It is cheap (a few relaxed
-//! atomic operations) and off by default.
+//! batched release, spawning a release helper, every system call of the
+//! release and teardown path). Off by default, and then it costs one
+//! relaxed load (the fault path consults none at all; see
+//! `docs/DESIGN.md`, "Failure injection", for what each point's failure
+//! leads to).
+//!
+//! A check that fails stands for the system call failing: the caller takes
+//! its error path with [`INJECTED_ERRNO`] instead of making the call.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// The errno an injected system-call failure reports (`EAGAIN`: the
+/// transient kind a bounded retry is meant for; a point that stays armed
+/// makes it permanent).
+pub const INJECTED_ERRNO: i32 = libc::EAGAIN;
 
 /// One injectable failure site.
 #[derive(Debug, Default)]
 pub struct FailPoint {
+    /// Set by any `fail_*`, cleared by `clear`: the only load made while off.
+    armed: AtomicBool,
     fail_next: AtomicU64,
     every: AtomicU64,
     calls: AtomicU64,
@@ -16,13 +29,26 @@ pub struct FailPoint {
 }
 
 impl FailPoint {
+    /// A point that never fails (for statics).
+    pub const fn new() -> FailPoint {
+        FailPoint {
+            armed: AtomicBool::new(false),
+            fail_next: AtomicU64::new(0),
+            every: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+        }
+    }
     /// Make the next `n` checks fail.
     pub fn fail_next(&self, n: u64) {
         self.fail_next.store(n, Ordering::Relaxed);
+        self.armed.store(true, Ordering::Relaxed);
     }
-    /// Make every `k`-th check fail (0 turns it off).
+    /// Make every `k`-th check fail (0 turns it off), counting from now.
     pub fn fail_every(&self, k: u64) {
+        self.calls.store(0, Ordering::Relaxed);
         self.every.store(k, Ordering::Relaxed);
+        self.armed.store(true, Ordering::Relaxed);
     }
     /// Fail every check until [`FailPoint::clear`].
     pub fn fail_always(&self) {
@@ -30,6 +56,7 @@ impl FailPoint {
     }
     /// Stop injecting.
     pub fn clear(&self) {
+        self.armed.store(false, Ordering::Relaxed);
         self.fail_next.store(0, Ordering::Relaxed);
         self.every.store(0, Ordering::Relaxed);
     }
@@ -37,8 +64,18 @@ impl FailPoint {
     pub fn injected(&self) -> u64 {
         self.injected.load(Ordering::Relaxed)
     }
-    /// Whether this check should fail.
-    pub(crate) fn should_fail(&self) -> bool {
+    /// Whether this check should fail: one relaxed load while the point
+    /// is off. Public so that the monitor's own points (`vmm`) share it.
+    #[inline]
+    pub fn should_fail(&self) -> bool {
+        if !self.armed.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.should_fail_armed()
+    }
+
+    #[cold]
+    fn should_fail_armed(&self) -> bool {
         let calls = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         let pending = self.fail_next.load(Ordering::Relaxed);
         let fail = if pending > 0 {
@@ -70,4 +107,17 @@ pub struct FaultInjection {
     /// Spawning a helper thread of a parallel release (its share is then
     /// released inline).
     pub release_thread: FailPoint,
+    /// One `madvise(MADV_DONTNEED)` of a release (anonymous runs, anonymous
+    /// hugetlb pages): retried, then recorded as unreleased.
+    pub madvise: FailPoint,
+    /// One `fallocate(PUNCH_HOLE)` of a release (memfd, hugetlbfs):
+    /// retried, then recorded as unreleased.
+    pub punch_hole: FailPoint,
 }
+
+/// The `munmap` of a table-page pool chunk when a table is dropped. Process
+/// wide (a pool outlives nothing that could hold a table's points); a
+/// chunk that stays mapped is kept on the leaked list
+/// ([`crate::reclaim::leaked_table_bytes`]) and unmapped again by
+/// [`crate::reclaim::retry_leaked_table_chunks`].
+pub static POOL_MUNMAP: FailPoint = FailPoint::new();

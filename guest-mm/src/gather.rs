@@ -260,7 +260,7 @@ impl<'t> Gather<'t> {
             // Broken on purpose: released here, under the table lock,
             // before any invalidation or grace period.
             let t = self.table;
-            let mut batch = t.backing.batch(None);
+            let mut batch = t.backing.batch(&t.faults);
             t.backing.release_into(hva, len, &mut batch);
             let _ = batch.finish();
             return;
@@ -346,7 +346,10 @@ impl<'t> Gather<'t> {
     /// Invalidate, release, then hand table pages to deferred freeing (in
     /// that order), then wait for older overlapping gathers of other
     /// unmappers. Returns the first release error after doing everything
-    /// else; the entries are cleared either way.
+    /// else; the entries are cleared either way, and a range whose release
+    /// failed is kept on the backing's unreleased list (counted in
+    /// `TableStats::unreleased_bytes`, released again by a later release
+    /// over it or by the teardown's flush; see [`crate::backing`]).
     pub fn flush(&mut self) -> Result<(), ReleaseError> {
         let t = self.table;
         let did_work = !self.is_empty();
@@ -359,7 +362,7 @@ impl<'t> Gather<'t> {
         let mut runs = 0u64;
         let mut bytes = 0u64;
         let mut first_err = self.first_error.take();
-        let mut batch = t.backing.batch(Some(&t.faults.batch_release));
+        let mut batch = t.backing.batch(&t.faults);
         batch.set_threads(self.release_threads, &t.faults.release_thread);
         let mut release = |hva: u64, len: u64| {
             runs += 1;
@@ -378,6 +381,13 @@ impl<'t> Gather<'t> {
         self.stats.parallel_releases += parallel;
         if let Err(e) = res {
             first_err.get_or_insert(e);
+        }
+        // The teardown: nothing can map a host range again, so the ranges
+        // earlier releases failed on are released now too.
+        if self.full_mm && t.is_dying() {
+            if let Err(e) = t.backing.retry_unreleased(&t.faults) {
+                first_err.get_or_insert(e);
+            }
         }
         if let Some(inv) = &inv {
             t.subscribers.end(inv);

@@ -182,6 +182,15 @@ const GM_REGISTER: Detector = Detector {
     },
     stochastic: false,
 };
+const GM_FAILINJ: Detector = Detector {
+    name: "guest-mm failinj",
+    run: Run::Test {
+        package: "guest-mm",
+        target: "failinj",
+        filter: "",
+    },
+    stochastic: false,
+};
 
 const GM_WALK_CACHE: Detector = Detector {
     name: "guest-mm walk_cache",
@@ -318,6 +327,7 @@ const MATRIX: &[(Rule, &[Claim])] = &[
         ],
     ),
     (Rule::RegisterUnblocked, &[fast(GM_REGISTER)]),
+    (Rule::UnreleasedRecord, &[fast(GM_FAILINJ)]),
 ];
 
 /// One (rule, detector) row of the JSON.

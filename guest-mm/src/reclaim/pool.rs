@@ -232,6 +232,63 @@ impl PagePool {
     }
 }
 
+/// Attempts at unmapping one pool chunk before it is kept as leaked.
+#[cfg(not(loom))]
+const MUNMAP_ATTEMPTS: u32 = 3;
+
+/// Pool chunks whose `munmap` failed when their table was dropped: still
+/// mapped (and so still counted in the process's RSS), kept here so that
+/// they are accounted ([`leaked_table_bytes`]) and unmapped again
+/// ([`retry_leaked_table_chunks`]). Addresses, as `(start, bytes)`.
+#[cfg(not(loom))]
+static LEAKED: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// `munmap` of one whole chunk, retried; the errno of the last failure.
+#[cfg(not(loom))]
+fn unmap_chunk(addr: usize, bytes: usize) -> Result<(), i32> {
+    let mut errno = 0;
+    for _ in 0..MUNMAP_ATTEMPTS {
+        if crate::fault::POOL_MUNMAP.should_fail() {
+            errno = crate::fault::INJECTED_ERRNO;
+            continue;
+        }
+        // SAFETY: the chunk was mapped by alloc_raw and nothing uses it
+        // any more: its pool was dropped (so was the table that used its
+        // pages), or it is on the leaked list, which only this unmaps.
+        if unsafe { libc::munmap(addr as *mut libc::c_void, bytes) } == 0 {
+            return Ok(());
+        }
+        errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    }
+    Err(errno)
+}
+
+/// Bytes of table-page chunks that dropped tables could not unmap (a
+/// failed `munmap`, retried [`MUNMAP_ATTEMPTS`] times): still mapped and
+/// counted, see [`retry_leaked_table_chunks`]. Process wide.
+#[cfg(not(loom))]
+pub fn leaked_table_bytes() -> u64 {
+    lock(&LEAKED).iter().map(|&(_, b)| b as u64).sum()
+}
+
+/// The chunks dropped tables could not unmap, as `(address, bytes)`.
+#[cfg(not(loom))]
+pub fn leaked_table_chunks() -> Vec<(u64, u64)> {
+    lock(&LEAKED)
+        .iter()
+        .map(|&(a, b)| (a as u64, b as u64))
+        .collect()
+}
+
+/// Unmaps again the chunks dropped tables could not unmap; returns the
+/// bytes still leaked afterwards (0 once every chunk is gone).
+#[cfg(not(loom))]
+pub fn retry_leaked_table_chunks() -> u64 {
+    let mut leaked = lock(&LEAKED);
+    leaked.retain(|&(a, b)| unmap_chunk(a, b).is_err());
+    leaked.iter().map(|&(_, b)| b as u64).sum()
+}
+
 impl Drop for PagePool {
     fn drop(&mut self) {
         // Pages still in use (a table dropped with its root, or with
@@ -240,9 +297,10 @@ impl Drop for PagePool {
         let inner = lock(&self.inner);
         #[cfg(not(loom))]
         for &(addr, bytes) in &inner.chunks {
-            // SAFETY: every chunk was mapped by alloc_raw; the pool is being
-            // dropped, so the table that used its pages is gone too.
-            unsafe { libc::munmap(addr as *mut libc::c_void, bytes) };
+            if unmap_chunk(addr, bytes).is_err() {
+                // Still mapped: keep it accounted, to be unmapped again.
+                lock(&LEAKED).push((addr, bytes));
+            }
         }
         #[cfg(loom)]
         for p in &inner.all {

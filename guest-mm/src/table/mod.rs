@@ -182,6 +182,13 @@ impl Stage2Table {
         self.rcu.grace_periods()
     }
 
+    /// Host ranges whose release failed every attempt and that are still
+    /// allocated, sorted (see [`crate::backing`]): no entry maps them, and
+    /// the teardown's flush releases them again.
+    pub fn unreleased(&self) -> Vec<(crate::addr::Hva, u64)> {
+        self.backing.unreleased()
+    }
+
     /// Bytes of table pages allocated now.
     pub fn table_bytes(&self) -> u64 {
         self.rcu.pool.in_use() as u64 * 4096

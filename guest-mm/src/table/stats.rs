@@ -79,6 +79,12 @@ pub struct TableStats {
     pub release_errors: u64,
     /// Bytes a release was asked for outside registered backing (refused).
     pub release_outside_bytes: u64,
+    /// `madvise` / punch-hole attempts that failed (each is retried up to
+    /// `backing::RELEASE_ATTEMPTS` times).
+    pub release_failed_attempts: u64,
+    /// Bytes whose release failed every attempt and that are still
+    /// allocated (no entry maps them; released again at teardown).
+    pub unreleased_bytes: u64,
     /// Huge leaves split.
     pub splits: u64,
     /// Discarded leaves made present by the fault path.
@@ -216,6 +222,8 @@ impl Stage2Table {
             released_bytes: b.bytes.load(Relaxed),
             release_errors: b.errors.load(Relaxed),
             release_outside_bytes: b.outside.load(Relaxed),
+            release_failed_attempts: b.failed_attempts.load(Relaxed),
+            unreleased_bytes: self.backing.unreleased_bytes(),
             splits: l(&s.splits),
             faults_restored: l(&s.faults_restored),
             fault_cas_retries: l(&s.fault_cas_retries),

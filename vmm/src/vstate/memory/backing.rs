@@ -495,8 +495,9 @@ struct Mapping {
     desc: RegionDesc,
     prot: libc::c_int,
     flags: libc::c_int,
-    /// Closed after the mapping is unmapped (see `GuestRam::unmap_all`).
-    file: Option<OwnedFd>,
+    /// Never read: held so that it is closed when the mapping is dropped,
+    /// which is only once it is unmapped (see `GuestRam::unmap_all`).
+    _file: Option<OwnedFd>,
 }
 
 /// Guest RAM: its host mappings, their files and a vm-memory view of them
@@ -504,7 +505,10 @@ struct Mapping {
 pub(crate) struct GuestRam {
     // Dropped before `mappings` are unmapped (see `unmap_all`).
     guest_mem: Option<GuestMemoryMmap>,
+    /// Still mapped: all of them until `unmap_all`, then those whose
+    /// `munmap` failed (retried by the next `unmap_all`).
     mappings: Vec<Mapping>,
+    faults: std::sync::Arc<super::faults::MemoryFaults>,
     size: MemSize,
     backing: Backing,
     page_size: PageSize,
@@ -574,11 +578,12 @@ impl GuestRam {
         };
         let mut ram = Self {
             guest_mem: None,
+            faults: std::sync::Arc::default(),
             mappings: vec![Mapping {
                 desc,
                 prot,
                 flags,
-                file,
+                _file: file,
             }],
             size,
             backing,
@@ -615,42 +620,81 @@ impl GuestRam {
     /// them through KVM's guest_memfd invalidation).
     ///
     /// The caller must drop `vm` (and with it the slots) before this RAM.
+    ///
+    /// All or nothing: if one slot cannot be made, the ones made before it
+    /// are deleted again (a slot of size 0) before the error is returned,
+    /// so that no slot is left to refer to RAM the caller then unmaps.
     pub fn register_slots(&self, vm: &VmFd) -> Result<()> {
-        for m in &self.mappings {
-            let r = &m.desc;
-            match (r.backing, r.fd) {
-                (Backing::GuestMemfd, Some(fd)) => {
-                    let region = kvm_userspace_memory_region2 {
-                        slot: r.slot,
-                        flags: KVM_MEM_GUEST_MEMFD,
-                        guest_phys_addr: r.gpa.0,
-                        memory_size: r.len,
-                        userspace_addr: r.host_addr as u64,
-                        guest_memfd_offset: r.fd_offset,
-                        guest_memfd: u32::try_from(fd).unwrap_or(u32::MAX),
-                        pad1: 0,
-                        pad2: [0; 14],
-                    };
-                    // SAFETY: the host range is a live shared mapping of the
-                    // guest_memfd, both owned by `self`, which outlives the
-                    // slot (the caller drops the VM first).
+        for (i, m) in self.mappings.iter().enumerate() {
+            if let Err(e) = Self::register_slot(vm, &m.desc, &self.faults.memslot) {
+                for done in &self.mappings[..i] {
+                    Self::delete_slot(vm, &done.desc);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the slot of `r` (`memory_size` 0), best effort: it is only
+    /// called to undo a registration, and a slot KVM cannot delete goes
+    /// with the VM, which the caller drops before this RAM.
+    fn delete_slot(vm: &VmFd, r: &RegionDesc) {
+        let region = kvm_userspace_memory_region {
+            slot: r.slot,
+            flags: 0,
+            guest_phys_addr: r.gpa.0,
+            memory_size: 0,
+            userspace_addr: r.host_addr as u64,
+        };
+        // SAFETY: deleting a slot makes KVM drop its references to the
+        // mapping; no memory is handed to KVM.
+        let _ = unsafe { vm.set_user_memory_region(region) };
+    }
+
+    /// One slot for `r` (`fail` injects a failure of the ioctl).
+    fn register_slot(vm: &VmFd, r: &RegionDesc, fail: &guest_mm::FailPoint) -> Result<()> {
+        let injected = || kvm_ioctls::Error::new(guest_mm::fault::INJECTED_ERRNO);
+        match (r.backing, r.fd) {
+            (Backing::GuestMemfd, Some(fd)) => {
+                let region = kvm_userspace_memory_region2 {
+                    slot: r.slot,
+                    flags: KVM_MEM_GUEST_MEMFD,
+                    guest_phys_addr: r.gpa.0,
+                    memory_size: r.len,
+                    userspace_addr: r.host_addr as u64,
+                    guest_memfd_offset: r.fd_offset,
+                    guest_memfd: u32::try_from(fd).unwrap_or(u32::MAX),
+                    pad1: 0,
+                    pad2: [0; 14],
+                };
+                let res = if fail.should_fail() {
+                    Err(injected())
+                } else {
+                    // SAFETY: the host range is a live shared mapping of
+                    // the guest_memfd, both owned by `self`, which
+                    // outlives the slot (the caller drops the VM first).
                     unsafe { vm.set_user_memory_region2(region) }
-                        .map_err(|e| MemoryError::Slot("KVM_SET_USER_MEMORY_REGION2", r.slot, e))?;
-                }
-                _ => {
-                    let region = kvm_userspace_memory_region {
-                        slot: r.slot,
-                        flags: 0,
-                        guest_phys_addr: r.gpa.0,
-                        memory_size: r.len,
-                        userspace_addr: r.host_addr as u64,
-                    };
+                };
+                res.map_err(|e| MemoryError::Slot("KVM_SET_USER_MEMORY_REGION2", r.slot, e))?;
+            }
+            _ => {
+                let region = kvm_userspace_memory_region {
+                    slot: r.slot,
+                    flags: 0,
+                    guest_phys_addr: r.gpa.0,
+                    memory_size: r.len,
+                    userspace_addr: r.host_addr as u64,
+                };
+                let res = if fail.should_fail() {
+                    Err(injected())
+                } else {
                     // SAFETY: the host range is a live mapping owned by
-                    // `self`, which outlives the slot (the caller drops the
-                    // VM first).
+                    // `self`, which outlives the slot (the caller drops
+                    // the VM first).
                     unsafe { vm.set_user_memory_region(region) }
-                        .map_err(|e| MemoryError::Slot("KVM_SET_USER_MEMORY_REGION", r.slot, e))?;
-                }
+                };
+                res.map_err(|e| MemoryError::Slot("KVM_SET_USER_MEMORY_REGION", r.slot, e))?;
             }
         }
         Ok(())
@@ -684,29 +728,59 @@ impl GuestRam {
         self.page_size
     }
 
-    /// Unmaps everything and closes the files. Returns the bytes unmapped.
+    /// The injection points (shared with the owner, [`super::VmMemory`]).
+    pub(crate) fn set_faults(&mut self, faults: std::sync::Arc<super::faults::MemoryFaults>) {
+        self.faults = faults;
+    }
+
+    /// Unmaps everything and closes the files. Returns the bytes unmapped
+    /// by this call. A mapping whose `munmap` fails
+    /// [`super::faults::SYSCALL_ATTEMPTS`] times stays (with its file) for
+    /// the next call: see [`GuestRam::mapped_bytes`].
     pub fn unmap_all(&mut self) -> u64 {
         self.guest_mem = None;
         let mut total = 0;
-        for m in self.mappings.drain(..) {
-            // SAFETY: the mapping is owned by us; our view of it (guest_mem)
-            // was dropped above, and the clones of that view the vCPU
-            // threads held went when Vm joined them. KVM slots referring to
-            // it must already be gone (Vm drops the VM first). A clone of
-            // `guest_memory()` kept past this point would dangle: callers
-            // must not keep one.
-            unsafe { libc::munmap(m.desc.host_addr as *mut libc::c_void, to_usize(m.desc.len)) };
-            total += m.desc.len;
-            // The file (and with it a memfd's pages) goes last.
-            drop(m.file);
-        }
+        let faults = std::sync::Arc::clone(&self.faults);
+        self.mappings.retain(|m| {
+            let (addr, len) = (m.desc.host_addr, to_usize(m.desc.len));
+            for _ in 0..super::faults::SYSCALL_ATTEMPTS {
+                if faults.munmap.should_fail() {
+                    continue;
+                }
+                // SAFETY: the mapping is owned by us; our view of it
+                // (guest_mem) was dropped above, and the clones of that
+                // view the vCPU threads held went when Vm joined them. KVM
+                // slots referring to it must already be gone (Vm drops the
+                // VM first). A clone of `guest_memory()` kept past this
+                // point would dangle: callers must not keep one.
+                if unsafe { libc::munmap(addr as *mut libc::c_void, len) } == 0 {
+                    total += m.desc.len;
+                    // Dropping `m` closes the file (and with it a memfd's
+                    // pages) after the mapping.
+                    return false;
+                }
+            }
+            true
+        });
         total
+    }
+
+    /// Bytes still mapped: all of RAM before [`GuestRam::unmap_all`], the
+    /// mappings whose `munmap` failed after it.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mappings.iter().map(|m| m.desc.len).sum()
     }
 }
 
 impl Drop for GuestRam {
     fn drop(&mut self) {
         self.unmap_all();
+        // Nobody can retry any more: what is still mapped is leaked, and
+        // counted as such.
+        let left = self.mapped_bytes();
+        if left > 0 {
+            super::faults::note_leaked_ram(left);
+        }
     }
 }
 

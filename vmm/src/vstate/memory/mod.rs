@@ -44,6 +44,7 @@
 //! fault-handler lock is taken.
 
 pub mod backing;
+pub mod faults;
 pub mod populate;
 pub mod release;
 pub mod report;
@@ -60,6 +61,7 @@ pub use backing::{
     check_backing, check_guest_memfd, free_huge_pages, Backing, MemSize, MemoryError, PageSize,
     RegionDesc, MAX_MEM_BYTES, SIZE_2M, SIZE_4K,
 };
+pub use faults::{leaked_ram_bytes, MemoryFaults};
 pub use release::{ReleaseError, ReleaseMode};
 pub use report::MemoryReport;
 pub use stage2::{GuestAccess, KvmSide, Stage2, Stage2Error, TeardownStats};
@@ -85,6 +87,8 @@ pub struct VmMemory {
     stats: Arc<FaultStats>,
     stage2: Stage2,
     ram: GuestRam,
+    /// Injection points ([`faults`]), shared with the handler and `ram`.
+    inject: Arc<MemoryFaults>,
 }
 
 impl std::fmt::Debug for VmMemory {
@@ -110,27 +114,41 @@ impl VmMemory {
         hook: Arc<dyn FaultHook>,
         vm: Option<&VmFd>,
     ) -> Result<Self, MemoryError> {
-        let ram = GuestRam::new(cfg.size, cfg.backing, cfg.page_size, vm)?;
+        Self::with_faults(cfg, hook, vm, Arc::default())
+    }
+
+    /// [`VmMemory::new`] with injection points `faults` (tests: the memory
+    /// slots are made here, before [`VmMemory::faults`] could be reached).
+    pub fn with_faults(
+        cfg: MemoryConfig,
+        hook: Arc<dyn FaultHook>,
+        vm: Option<&VmFd>,
+        faults: Arc<MemoryFaults>,
+    ) -> Result<Self, MemoryError> {
+        let mut ram = GuestRam::new(cfg.size, cfg.backing, cfg.page_size, vm)?;
+        ram.set_faults(Arc::clone(&faults));
         if let Some(vm) = vm {
             ram.register_slots(vm)?;
         }
         let regions = ram.regions();
         let stage2 = Stage2::mirror(&regions)?;
         let stats = Arc::new(FaultStats::default());
-        let faults = if cfg.backing.has_demand_faults() {
+        let handler = if cfg.backing.has_demand_faults() {
             Some(FaultHandler::start(
                 regions,
                 stage2.fault_hook(hook),
                 Arc::clone(&stats),
+                Arc::clone(&faults),
             )?)
         } else {
             None
         };
         Ok(Self {
-            faults,
+            faults: handler,
             stats,
             stage2,
             ram,
+            inject: faults,
         })
     }
 
@@ -170,6 +188,12 @@ impl VmMemory {
         self.stage2.access()
     }
 
+    /// The injection points of the monitor's memory system calls (the
+    /// release calls' are the table's: `stage2().table().faults`).
+    pub fn faults(&self) -> &MemoryFaults {
+        &self.inject
+    }
+
     /// Demand-fault and release counters.
     pub fn fault_stats(&self) -> &FaultStats {
         &self.stats
@@ -202,6 +226,23 @@ impl VmMemory {
         self.shut_down()
     }
 
+    /// [`VmMemory::close`] that gives the memory back when a mapping could
+    /// not be unmapped (its `munmap` failed every attempt): the error says
+    /// how much is still mapped, and a later `try_close` (or the drop)
+    /// unmaps it. Returns the bytes unmapped by this call.
+    pub fn try_close(mut self) -> Result<u64, CloseError> {
+        let unmapped = self.shut_down();
+        let still_mapped = self.ram.mapped_bytes();
+        if still_mapped > 0 {
+            return Err(CloseError {
+                unmapped,
+                still_mapped,
+                memory: Box::new(self),
+            });
+        }
+        Ok(unmapped)
+    }
+
     fn shut_down(&mut self) -> u64 {
         if !self.stage2.table().is_dying() {
             // Nobody released: do it now, so that no table can release
@@ -214,6 +255,22 @@ impl VmMemory {
         }
         self.ram.unmap_all()
     }
+}
+
+/// Guest RAM that could not all be unmapped ([`VmMemory::try_close`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "unmapping guest RAM failed: {still_mapped:#x} bytes are still mapped ({unmapped:#x} were \
+     unmapped); call try_close again to retry (a drop retries once more and counts what is \
+     left in leaked_ram_bytes)"
+)]
+pub struct CloseError {
+    /// Bytes unmapped by this attempt.
+    pub unmapped: u64,
+    /// Bytes still mapped.
+    pub still_mapped: u64,
+    /// The memory, to close again.
+    pub memory: Box<VmMemory>,
 }
 
 impl Drop for VmMemory {

@@ -28,6 +28,16 @@
 //! always a whole huge page); if that fails part-way it falls back to the
 //! faulting 4 KiB page, so every fault makes progress.
 //! Counters are updated before the faulting thread is woken.
+//!
+//! **Failed calls** (injectable, [`super::MemoryFaults`]): a fault is never
+//! lost and a page is never committed that is not there. A failed
+//! `UFFDIO_ZEROPAGE` is replaced by a `UFFDIO_COPY` of zeros; a fill that
+//! still fails installs and commits nothing (the table keeps its marker)
+//! and wakes the thread, which faults again and is resolved anew; a failed
+//! `UFFDIO_WAKE` is retried, then kept and retried by the handler loop
+//! every [`WAKE_RETRY_MS`] ms until it succeeds; a failed
+//! `UFFDIO_REGISTER` is retried, then fails the arming, and with it the
+//! release, before anything was released.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +49,10 @@ use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backing::{Backing, RegionDesc, SIZE_2M, SIZE_4K};
+use super::faults::{MemoryFaults, SYSCALL_ATTEMPTS};
+
+/// How often the handler retries a wake-up that failed, ms.
+pub const WAKE_RETRY_MS: i32 = 5;
 
 /// Errors of the fault handler.
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +64,12 @@ pub enum UffdError {
          the kernel's MISSING_SHMEM / MISSING_HUGETLBFS features"
     )]
     Create(userfaultfd::Error),
-    /// UFFDIO_REGISTER failed.
-    #[error("registering [{0:#x}, +{1:#x}) with userfaultfd failed: {2}")]
-    Register(u64, u64, userfaultfd::Error),
+    /// UFFDIO_REGISTER failed (every attempt); nothing was released.
+    #[error(
+        "registering [{0:#x}, +{1:#x}) with userfaultfd failed: {2}; nothing was released, \
+         retry the release"
+    )]
+    Register(u64, u64, std::io::Error),
     /// The backing has no userfaultfd support.
     #[error("{0} backing has no userfaultfd support")]
     Unsupported(Backing),
@@ -109,6 +126,10 @@ pub struct FaultStats {
     pub releases: AtomicU64,
     /// Installs that failed for another reason than "already present".
     pub errors: AtomicU64,
+    /// Zero-page fills that failed and were copied in instead.
+    pub fill_fallbacks: AtomicU64,
+    /// Wake-ups that failed and were tried again.
+    pub wake_retries: AtomicU64,
 }
 
 /// A snapshot of [`FaultStats`].
@@ -128,6 +149,10 @@ pub struct FaultSummary {
     pub releases: u64,
     /// Failed installs (should stay 0).
     pub errors: u64,
+    /// Zero-page fills replaced by a copy of zeros.
+    pub fill_fallbacks: u64,
+    /// Failed wake-ups retried.
+    pub wake_retries: u64,
 }
 
 impl FaultStats {
@@ -151,6 +176,8 @@ impl FaultStats {
             max_latency_us: max,
             releases: self.releases.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            fill_fallbacks: self.fill_fallbacks.load(Ordering::Relaxed),
+            wake_retries: self.wake_retries.load(Ordering::Relaxed),
         }
     }
 }
@@ -167,10 +194,23 @@ struct Shared {
     registered: Mutex<Vec<(u64, u64)>>,
     stats: Arc<FaultStats>,
     hook: Arc<dyn FaultHook>,
-    zero_buf: Option<ZeroBuf>,
+    zero_buf: ZeroBuf,
+    inject: Arc<MemoryFaults>,
 }
 
-/// A 2 MiB zero source for UFFDIO_COPY (hugetlb).
+/// What [`Shared::install`] did.
+#[derive(Clone, Copy, Debug)]
+enum Install {
+    /// Zeros installed at `[host, host + len)`.
+    Done(u64, u64),
+    /// Nothing installed: the page was there already.
+    Present,
+    /// Nothing installed and nothing there: the fill failed.
+    Failed,
+}
+
+/// A 2 MiB zero source for UFFDIO_COPY (hugetlb, and the fallback of a
+/// failed UFFDIO_ZEROPAGE).
 struct ZeroBuf(usize);
 impl Drop for ZeroBuf {
     fn drop(&mut self) {
@@ -212,6 +252,7 @@ impl FaultHandler {
         regions: Vec<RegionDesc>,
         hook: Arc<dyn FaultHook>,
         stats: Arc<FaultStats>,
+        inject: Arc<MemoryFaults>,
     ) -> Result<Self, UffdError> {
         let backing = regions.first().map_or(Backing::Anon, |r| r.backing);
         let features = match backing {
@@ -230,25 +271,22 @@ impl FaultHandler {
             .create()
             .map_err(UffdError::Create)?;
         let stop = EventFd::new(libc::EFD_CLOEXEC).map_err(UffdError::Start)?;
-        let zero_buf = if backing == Backing::Hugetlb {
-            // SAFETY: fresh anonymous mapping, not touching existing memory.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    SIZE_2M as usize,
-                    libc::PROT_READ,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(UffdError::Start(std::io::Error::last_os_error()));
-            }
-            Some(ZeroBuf(p as usize))
-        } else {
-            None
+        // Never written: reads as zeros, costs address space only.
+        // SAFETY: fresh anonymous mapping, not touching existing memory.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SIZE_2M as usize,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
+        if p == libc::MAP_FAILED {
+            return Err(UffdError::Start(std::io::Error::last_os_error()));
+        }
+        let zero_buf = ZeroBuf(p as usize);
         let shared = Arc::new(Shared {
             uffd,
             regions,
@@ -257,6 +295,7 @@ impl FaultHandler {
             stats,
             hook,
             zero_buf,
+            inject,
         });
         let s2 = Arc::clone(&shared);
         let stop_raw = stop.as_raw_fd();
@@ -301,8 +340,7 @@ impl FaultHandler {
                     continue;
                 }
                 self.shared
-                    .uffd
-                    .register(host as *mut libc::c_void, super::backing::to_usize(n))
+                    .register(host, n)
                     .map_err(|e| UffdError::Register(start, n, e))?;
                 insert(&mut reg, host, host + n);
             }
@@ -368,9 +406,14 @@ impl Shared {
                 revents: 0,
             },
         ];
+        // Wake-ups that failed every attempt: retried from here until they
+        // succeed (empty, and allocating nothing, unless one failed).
+        let mut wakes: Vec<(u64, u64)> = Vec::new();
         loop {
+            let timeout = if wakes.is_empty() { -1 } else { WAKE_RETRY_MS };
             // SAFETY: fds is a live array of two pollfd.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+            wakes.retain(|&(h, l)| !self.wake(h, l));
             if n < 0 {
                 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                     continue;
@@ -385,22 +428,67 @@ impl Shared {
             }
             // None: another wake-up raced us (EAGAIN).
             if let Ok(Some(Event::Pagefault { addr, .. })) = self.uffd.read_event() {
-                self.resolve(addr as u64, Instant::now());
+                if let Some(w) = self.resolve(addr as u64, Instant::now()) {
+                    wakes.push(w);
+                }
             }
         }
     }
 
+    /// `UFFDIO_REGISTER` of `[host, host + len)`, tried
+    /// [`SYSCALL_ATTEMPTS`] times (registering a range again is harmless).
+    fn register(&self, host: u64, len: u64) -> Result<(), std::io::Error> {
+        let mut err = None;
+        for _ in 0..SYSCALL_ATTEMPTS {
+            let r = if self.inject.uffd_register.should_fail() {
+                Err(std::io::Error::from_raw_os_error(
+                    guest_mm::fault::INJECTED_ERRNO,
+                ))
+            } else {
+                self.uffd
+                    .register(host as *mut libc::c_void, super::backing::to_usize(len))
+                    .map(|_| ())
+                    .map_err(|e| match e {
+                        userfaultfd::Error::SystemError(e) => {
+                            std::io::Error::from_raw_os_error(e as i32)
+                        }
+                        e => std::io::Error::other(e),
+                    })
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) => err = Some(e),
+            }
+        }
+        Err(err.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EIO)))
+    }
+
+    /// `UFFDIO_WAKE` of `[host, host + len)`, tried [`SYSCALL_ATTEMPTS`]
+    /// times; `false` if every attempt failed (the caller keeps it).
+    fn wake(&self, host: u64, len: u64) -> bool {
+        for _ in 0..SYSCALL_ATTEMPTS {
+            if !self.inject.uffd_wake.should_fail()
+                && self
+                    .uffd
+                    .wake(host as *mut libc::c_void, super::backing::to_usize(len))
+                    .is_ok()
+            {
+                return true;
+            }
+            self.stats.wake_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        false
+    }
+
     /// Resolves the fault at host address `addr` (message read at `t0`).
     /// Counters are updated before the faulting thread is woken, so it sees
-    /// its own fault counted.
-    fn resolve(&self, addr: u64, t0: Instant) {
-        let Some(d) = self
+    /// its own fault counted. Returns the range to wake if waking it
+    /// failed (the caller retries it).
+    fn resolve(&self, addr: u64, t0: Instant) -> Option<(u64, u64)> {
+        let d = self
             .regions
             .iter()
-            .find(|d| addr >= d.host_addr as u64 && addr - (d.host_addr as u64) < d.len)
-        else {
-            return;
-        };
+            .find(|d| addr >= d.host_addr as u64 && addr - (d.host_addr as u64) < d.len)?;
         let page_gpa = d.gpa.0 + ((addr - d.host_addr as u64) & !(SIZE_4K - 1));
         let _r = self.lock.read().unwrap_or_else(|e| e.into_inner());
         let max = d.page_size.bytes();
@@ -428,40 +516,45 @@ impl Shared {
             // Commit what was really installed: the whole leaf, or only the
             // faulting 4 KiB page when the leaf install fell back (the
             // table may hold 4 KiB leaves there after a balloon split it).
+            // Nothing is there after a failed fill: nothing to commit (the
+            // table keeps its marker); the thread faults again once woken.
             let (cg, cl) = match installed {
-                Some((h, l)) => (d.gpa.0 + (h - d.host_addr as u64), l),
-                None => (page_gpa, SIZE_4K),
+                Install::Done(h, l) => (d.gpa.0 + (h - d.host_addr as u64), l),
+                Install::Present => (page_gpa, SIZE_4K),
+                Install::Failed => break (host, granule, installed),
             };
             if self.hook.fault_commit(cg, cl, seq) {
                 break (host, granule, installed);
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            if let Some((h, l)) = installed {
+            if let Install::Done(h, l) = installed {
                 self.undo(d, h, l);
             }
             std::thread::yield_now();
         };
         let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let bytes = installed.map_or(0, |(_, l)| l);
+        let bytes = match installed {
+            Install::Done(_, l) => l,
+            _ => 0,
+        };
         self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.stats.latency_ns_total.fetch_add(ns, Ordering::Relaxed);
         self.stats.latency_ns_max.fetch_max(ns, Ordering::Relaxed);
         self.stats.faults.fetch_add(1, Ordering::AcqRel);
-        // Waking a range with no waiters is harmless.
-        let _ = self
-            .uffd
-            .wake(host as *mut libc::c_void, super::backing::to_usize(granule));
+        // Waking a range with no waiters is harmless; a wake that fails
+        // must be retried, or the faulting thread sleeps for ever.
+        (!self.wake(host, granule)).then_some((host, granule))
     }
 
     /// Installs zeros at the leaf `[host, host+len)` containing the faulting
-    /// address `addr`; `None` if nothing was installed (already present).
+    /// address `addr`.
     ///
     /// A leaf that fails part-way (`EEXIST` after some pages, or any other
     /// error) falls back to the single 4 KiB page at `addr`, so the faulting
     /// access always makes progress.
-    fn install(&self, backing: Backing, addr: u64, host: u64, len: u64) -> Option<(u64, u64)> {
+    fn install(&self, backing: Backing, addr: u64, host: u64, len: u64) -> Install {
         let mut err = match self.fill(backing, host, len) {
-            Ok(()) => return Some((host, len)),
+            Ok(()) => return Install::Done(host, len),
             Err(e) => e,
         };
         // A huge page freed by a release reaches the pool asynchronously, so
@@ -473,7 +566,7 @@ impl Shared {
                 }
                 std::thread::sleep(std::time::Duration::from_micros(50));
                 match self.fill(backing, host, len) {
-                    Ok(()) => return Some((host, len)),
+                    Ok(()) => return Install::Done(host, len),
                     Err(e) => err = e,
                 }
             }
@@ -481,35 +574,58 @@ impl Shared {
         let page = addr & !(SIZE_4K - 1);
         if backing != Backing::Hugetlb && len > SIZE_4K {
             match self.fill(backing, page, SIZE_4K) {
-                Ok(()) => return Some((page, SIZE_4K)),
+                Ok(()) => return Install::Done(page, SIZE_4K),
                 Err(e) => err = e,
             }
         }
         // hugetlb allocates before it finds the page present, so a duplicate
         // fault on an exactly sized pool fails with ENOMEM: ask the kernel.
-        if err != libc::EEXIST && !resident(page) {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            // Out of memory or a bug: the access will fault again; do not spin.
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        if err == libc::EEXIST || resident(page) {
+            return Install::Present;
         }
-        None
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        // Out of memory or a failing ioctl: the access will fault again; do
+        // not spin.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        Install::Failed
     }
 
-    /// One UFFDIO_ZEROPAGE (or UFFDIO_COPY of zeros for hugetlb) without
-    /// waking; the errno on failure.
+    /// Installs zeros at `[host, host + len)` without waking: one
+    /// UFFDIO_ZEROPAGE, or a UFFDIO_COPY of zeros for hugetlb (which has no
+    /// zero-page ioctl) and where the zero-page ioctl failed; the errno on
+    /// failure.
     fn fill(&self, backing: Backing, host: u64, len: u64) -> Result<(), i32> {
         let ulen = super::backing::to_usize(len);
         let dst = host as *mut libc::c_void;
-        let r = if let (Backing::Hugetlb, Some(z)) = (backing, &self.zero_buf) {
-            // SAFETY: dst is a registered guest RAM range that outlives the
-            // handler; src is our 2 MiB zero mapping, at least `len` long.
-            unsafe { self.uffd.copy(z.0 as *const libc::c_void, dst, ulen, false) }
-        } else {
-            // SAFETY: the range is a registered guest RAM range that
-            // outlives the handler.
-            unsafe { self.uffd.zeropage(dst, ulen, false) }
-        };
-        r.map(|_| ()).map_err(|e| errno_of(&e))
+        if backing != Backing::Hugetlb {
+            let r = if self.inject.uffd_zeropage.should_fail() {
+                Err(guest_mm::fault::INJECTED_ERRNO)
+            } else {
+                // SAFETY: the range is a registered guest RAM range that
+                // outlives the handler.
+                unsafe { self.uffd.zeropage(dst, ulen, false) }
+                    .map(|_| ())
+                    .map_err(|e| errno_of(&e))
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(libc::EEXIST) => return Err(libc::EEXIST),
+                Err(_) => {
+                    self.stats.fill_fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if self.inject.uffd_copy.should_fail() {
+            return Err(guest_mm::fault::INJECTED_ERRNO);
+        }
+        // SAFETY: dst is a registered guest RAM range that outlives the
+        // handler; src is our 2 MiB zero mapping, at least `len` long.
+        unsafe {
+            self.uffd
+                .copy(self.zero_buf.0 as *const libc::c_void, dst, ulen, false)
+        }
+        .map(|_| ())
+        .map_err(|e| errno_of(&e))
     }
 
     /// Drops what `install` put at `[host, host+len)` when the table
