@@ -26,7 +26,7 @@ mod rcu;
 
 pub use fence::asymmetric_fences;
 pub(crate) use pool::PagePtr;
-pub use pool::{live_table_pages, TablePage};
 #[cfg(not(loom))]
 pub use pool::{leaked_table_bytes, leaked_table_chunks, retry_leaked_table_chunks};
+pub use pool::{live_table_pages, TablePage};
 pub(crate) use rcu::{Rcu, ReadGuard, Reader};
