@@ -407,6 +407,11 @@ fn base(r: &mut Rules) -> Result<(), seccompiler::BackendError> {
         SYS_tgkill,
         vec![SeccompRule::new(vec![cond(0, Op::Eq, pid)?])?],
     );
+    // Reading an fd's flags only. Debug builds check with them: std that
+    // an fd being closed is open (`F_GETFD`, e.g. when a vCPU drops its
+    // `VcpuFd`), tokio that a listener it adopts is non-blocking
+    // (`F_GETFL`).
+    allow_arg(r, SYS_fcntl, 1, &[F_GETFD as u64, F_GETFL as u64])?;
     Ok(())
 }
 
