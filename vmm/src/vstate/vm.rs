@@ -248,6 +248,9 @@ pub struct Reclaimed {
     pub unmapped_bytes: u64,
     /// The whole-VM stage-2 gather (zap, invalidate, release, table free).
     pub stage2: TeardownStats,
+    /// The whole-VM release failed (its error was printed on stderr); the
+    /// unmap of guest RAM that follows gave the memory back instead.
+    pub release_failed: bool,
 }
 
 impl Teardown {
@@ -272,20 +275,31 @@ struct MemoryBack {
     stage2: TeardownStats,
     memory_back_ms: f64,
     rss_at_memory_back: u64,
+    release_failed: bool,
 }
 
 impl MemoryBack {
-    /// [`VmMemory::release_all`]; a failed release leaves the memory to the
-    /// munmap that follows (nothing leaks).
+    /// [`VmMemory::release_all`]; a failed release is reported (stderr and
+    /// [`Reclaimed::release_failed`]) and leaves the memory to the munmap
+    /// that follows (nothing leaks).
     fn release(memory: Option<&VmMemory>, t0: Instant) -> Self {
-        let stage2 = memory
-            .and_then(|m| m.release_all().ok())
-            .unwrap_or_default();
+        let (stage2, release_failed) = match memory.map(VmMemory::release_all) {
+            Some(Ok(s)) => (s, false),
+            Some(Err(e)) => {
+                eprintln!(
+                    "vmm: teardown: releasing guest RAM failed ({e}); unmapping it gives \
+                     it back instead"
+                );
+                (TeardownStats::default(), true)
+            }
+            None => (TeardownStats::default(), false),
+        };
         let memory_back_ms = ms(t0.elapsed());
         Self {
             stage2,
             memory_back_ms,
             rss_at_memory_back: crate::proc_stats::rss().rss,
+            release_failed,
         }
     }
 }
@@ -338,6 +352,7 @@ impl Remains {
             stage2,
             memory_back_ms,
             rss_at_memory_back,
+            release_failed,
         } = back;
         let t = Instant::now();
         self.vm_fd = None;
@@ -360,6 +375,7 @@ impl Remains {
             unmap_ms: ms(t.elapsed()),
             unmapped_bytes,
             stage2,
+            release_failed,
         }
     }
 }
