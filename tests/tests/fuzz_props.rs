@@ -136,9 +136,168 @@ fn balloon_mmio_corpus_replays() {
     replay("balloon_mmio", tests::fuzz::balloon::run);
 }
 
+/// Routes (method and path index in `tests::fuzz::api`'s lists) and the
+/// fields their bodies take.
+const ROUTES: &[(u8, u8, &[&str])] = &[
+    (
+        1,
+        2,
+        &[
+            "vcpu_count",
+            "mem_size_mib",
+            "smt",
+            "track_dirty_pages",
+            "huge_pages",
+            "cpu_template",
+        ],
+    ),
+    (
+        2,
+        2,
+        &[
+            "vcpu_count",
+            "mem_size_mib",
+            "smt",
+            "track_dirty_pages",
+            "huge_pages",
+            "cpu_template",
+        ],
+    ),
+    (1, 3, &["kernel_image_path", "initrd_path", "boot_args"]),
+    (
+        1,
+        4,
+        &[
+            "amount_mib",
+            "deflate_on_oom",
+            "stats_polling_interval_s",
+            "free_page_hinting",
+            "free_page_reporting",
+        ],
+    ),
+    (2, 4, &["amount_mib"]),
+    (2, 5, &["stats_polling_interval_s"]),
+    (1, 6, &["action_type"]),
+    (2, 7, &["state"]),
+    (1, 9, &["metrics_path"]),
+    (
+        1,
+        10,
+        &[
+            "log_path",
+            "level",
+            "show_level",
+            "show_log_origin",
+            "module",
+        ],
+    ),
+    (0, 0, &[]),
+    (0, 2, &[]),
+    (0, 4, &[]),
+    (0, 5, &[]),
+    (0, 8, &[]),
+    (0, 11, &[]),
+];
+
+fn field_value(name: &'static str) -> BoxedStrategy<serde_json::Value> {
+    use serde_json::json;
+    match name {
+        "vcpu_count" => (0u64..40).prop_map(|v| json!(v)).boxed(),
+        "mem_size_mib" | "amount_mib" => prop_oneof![
+            (0u64..1024).prop_map(|v| json!(v)),
+            (0u64..64).prop_map(|v| json!(v * 2)),
+            any::<u64>().prop_map(|v| json!(v)),
+        ]
+        .boxed(),
+        "stats_polling_interval_s" => (0u64..4).prop_map(|v| json!(v)).boxed(),
+        "huge_pages" => prop::sample::select(vec!["None", "2M", "1G", ""])
+            .prop_map(|v| json!(v))
+            .boxed(),
+        "cpu_template" => prop::sample::select(vec!["None", "T2"])
+            .prop_map(|v| json!(v))
+            .boxed(),
+        "action_type" => prop::sample::select(vec![
+            "InstanceStart",
+            "SendCtrlAltDel",
+            "FlushMetrics",
+            "Reboot",
+        ])
+        .prop_map(|v| json!(v))
+        .boxed(),
+        "state" => prop::sample::select(vec!["Paused", "Resumed", "Stopped"])
+            .prop_map(|v| json!(v))
+            .boxed(),
+        "level" => prop::sample::select(vec!["Info", "debug", "OFF", "loud"])
+            .prop_map(|v| json!(v))
+            .boxed(),
+        "smt"
+        | "track_dirty_pages"
+        | "deflate_on_oom"
+        | "free_page_hinting"
+        | "free_page_reporting"
+        | "show_level"
+        | "show_log_origin" => any::<bool>().prop_map(|v| json!(v)).boxed(),
+        _ => "[a-z/]{0,6}".prop_map(|v| json!(v)).boxed(),
+    }
+}
+
+/// One call in the api target's calls mode: a route, a body of some of
+/// its fields (sometimes a foreign one), encoded as the target reads it.
+fn api_call() -> impl Strategy<Value = Vec<u8>> {
+    (0..ROUTES.len(), any::<u64>(), any::<bool>())
+        .prop_flat_map(|(r, pick, foreign)| {
+            let (m, p, fields) = ROUTES[r];
+            let mut chosen: Vec<&'static str> = fields
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| pick >> i & 1 == 1)
+                .map(|(_, f)| *f)
+                .collect();
+            if foreign {
+                chosen.push(["amount_mib", "vcpu_count", "state"][(pick >> 60) as usize % 3]);
+            }
+            let values: Vec<_> = chosen.iter().map(|f| field_value(f)).collect();
+            (Just((m, p, chosen)), values)
+        })
+        .prop_map(|((m, p, names), values)| {
+            let body: serde_json::Map<String, serde_json::Value> =
+                names.into_iter().map(String::from).zip(values).collect();
+            let body = if body.is_empty() && m == 0 {
+                Vec::new()
+            } else {
+                serde_json::Value::Object(body).to_string().into_bytes()
+            };
+            let mut b = vec![m, p];
+            b.extend_from_slice(&(body.len() as u16).to_le_bytes());
+            b.extend_from_slice(&body);
+            b
+        })
+}
+
 #[test]
 fn api_properties() {
     check("api", 256, 1024, tests::fuzz::api::run);
+    // Calls mode with well-formed bodies of random field values.
+    let mut runner = TestRunner::new(Config {
+        cases: 256,
+        rng_seed: RngSeed::Fixed(SEED),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let calls = prop::collection::vec(api_call(), 1..16).prop_map(|cs| {
+        let mut b = vec![1u8];
+        for c in cs {
+            b.extend_from_slice(&c);
+        }
+        b
+    });
+    let result = runner.run(&calls, |data| {
+        std::panic::catch_unwind(|| tests::fuzz::api::run(&data))
+            .map_err(|e| TestCaseError::fail(panic_text(&e)))
+    });
+    if let Err(e) = result {
+        panic!("api calls: property failed (seed {SEED:#x}): {e}");
+    }
 }
 
 #[test]

@@ -193,11 +193,11 @@ pub fn run(data: &[u8]) {
         ops += 1;
         match inp.u8() % 12 {
             0 => {
-                let off = u32::from(inp.u16()) % WINDOW as u32 & !3;
+                let off = (u32::from(inp.u16()) % WINDOW as u32) & !3;
                 c.w32(off, inp.u32());
             }
             1 => {
-                let off = u32::from(inp.u16()) % WINDOW as u32 & !3;
+                let off = (u32::from(inp.u16()) % WINDOW as u32) & !3;
                 let _ = c.r32(off);
             }
             2 => {
@@ -222,7 +222,7 @@ pub fn run(data: &[u8]) {
                 let f = u64::from(inp.u8()) << 1 | u64::from(inp.u8() & 1) << 32;
                 let queues = u32::from(inp.u8() % 5);
                 let size = [256u32, 8, 1, 0, 255, 512, 64][usize::from(inp.u8() % 7)];
-                let ok = inp.u8() % 4 != 0;
+                let ok = !inp.u8().is_multiple_of(4);
                 c.init(f, queues, size, ok);
             }
             5 => {

@@ -36,7 +36,7 @@ fn sum(b: &[u8]) -> u8 {
 
 /// Checks the memory map for `mem`.
 pub fn check_map(mem: u64) {
-    let valid = (MIN_LINUX_MEM..=MAX_LINUX_MEM).contains(&mem) && mem % 4096 == 0;
+    let valid = (MIN_LINUX_MEM..=MAX_LINUX_MEM).contains(&mem) && mem.is_multiple_of(4096);
     let map = match memory_map(mem) {
         Ok(m) => m,
         Err(e) => {
