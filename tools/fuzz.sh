@@ -88,17 +88,33 @@ done
 wait
 
 fail=0
+# Corpus entries at the end of each run, before any minimization.
+declare -A grown minimized
+for t in "${TARGETS[@]}"; do grown[$t]=$(find "tests/fuzz/corpus/$t" -type f | wc -l); done
+if [ "$CMIN" = 1 ]; then
+  for t in "${TARGETS[@]}"; do
+    echo "minimizing the corpus of $t" >&2
+    cargo +nightly fuzz cmin --fuzz-dir tests/fuzz -O --debug-assertions "$t" \
+      "tests/fuzz/corpus/$t" -- $(opts "$t") -rss_limit_mb=4096 >"$LOGS/$t.cmin.log" 2>&1 \
+      || { echo "cmin of $t failed (see $LOGS/$t.cmin.log)" >&2; fail=1; }
+    echo "  $t: $(find "tests/fuzz/corpus/$t" -type f | wc -l) entries" >&2
+    minimized[$t]=$(find "tests/fuzz/corpus/$t" -type f | wc -l)
+  done
+fi
+
 rows=()
 printf '%-14s %10s %8s %8s %8s %8s %8s %6s\n' target execs exec/s corpus cov ft crashes hangs >&2
 for t in "${TARGETS[@]}"; do
   log=$LOGS/$t.log
   rc=$(cat "$LOGS/$t.rc" 2>/dev/null || echo 1)
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-  rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-  last=$(grep -E '^#[0-9]+' "$log" | tail -1)
+  # (A log without these lines, e.g. after an early crash, gives "?".)
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+  rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+  last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
   cov=$(echo "$last" | grep -o 'cov: [0-9]*' | grep -o '[0-9]*' || true)
   ft=$(echo "$last" | grep -o 'ft: [0-9]*' | grep -o '[0-9]*' || true)
-  corpus=$(find "tests/fuzz/corpus/$t" -type f | wc -l)
+  corpus=${grown[$t]}
+  mini=${minimized[$t]:-$corpus}
   crashes=$(find "tests/fuzz/artifacts/$t" -type f \( -name 'crash-*' -o -name 'oom-*' -o -name 'leak-*' \) -newer "$STAMP" 2>/dev/null | wc -l)
   hangs=$(find "tests/fuzz/artifacts/$t" -type f \( -name 'timeout-*' -o -name 'slow-unit-*' \) -newer "$STAMP" 2>/dev/null | wc -l)
   if [ "$rc" != 0 ] && [ "$crashes" = 0 ] && [ "$hangs" = 0 ]; then
@@ -107,18 +123,8 @@ for t in "${TARGETS[@]}"; do
   if [ "$crashes" != 0 ] || [ "$hangs" != 0 ]; then fail=1; fi
   printf '%-14s %10s %8s %8s %8s %8s %8s %6s\n' "$t" "${execs:-?}" "${rate:-?}" "$corpus" \
     "${cov:-?}" "${ft:-?}" "$crashes" "$hangs" >&2
-  rows+=("\"$t\": {\"minutes\": $MINUTES, \"execs\": ${execs:-0}, \"exec_per_sec\": ${rate:-0}, \"corpus_entries\": $corpus, \"cov\": ${cov:-0}, \"ft\": ${ft:-0}, \"crashes\": $crashes, \"hangs\": $hangs}")
+  rows+=("\"$t\": {\"minutes\": $MINUTES, \"execs\": ${execs:-0}, \"exec_per_sec\": ${rate:-0}, \"corpus_entries\": $corpus, \"corpus_minimized\": $mini, \"cov\": ${cov:-0}, \"ft\": ${ft:-0}, \"crashes\": $crashes, \"hangs\": $hangs}")
 done
-
-if [ "$CMIN" = 1 ]; then
-  for t in "${TARGETS[@]}"; do
-    echo "minimizing the corpus of $t" >&2
-    cargo +nightly fuzz cmin --fuzz-dir tests/fuzz -O --debug-assertions "$t" \
-      "tests/fuzz/corpus/$t" -- $(opts "$t") -rss_limit_mb=4096 >"$LOGS/$t.cmin.log" 2>&1 \
-      || { echo "cmin of $t failed (see $LOGS/$t.cmin.log)" >&2; fail=1; }
-    echo "  $t: $(find "tests/fuzz/corpus/$t" -type f | wc -l) entries" >&2
-  done
-fi
 
 if [ -n "$JSON" ]; then
   {
