@@ -464,3 +464,5 @@ pub fn idle_boot_source(dir: &std::path::Path) -> serde_json::Value {
         "boot_args": format!("{} quiet guest.mode=idle guest.period=5", vmm::boot::DEFAULT_CMDLINE),
     })
 }
+
+pub mod fuzz;

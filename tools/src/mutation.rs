@@ -235,6 +235,15 @@ const BAD_INPUT: Detector = Detector {
     },
     stochastic: false,
 };
+const FUZZ_PROPS: Detector = Detector {
+    name: "balloon_mmio fuzz property",
+    run: Run::Test {
+        package: "tests",
+        target: "fuzz_props",
+        filter: "balloon_mmio_properties",
+    },
+    stochastic: false,
+};
 const VIRTIO_UNIT: Detector = Detector {
     name: "vmm virtio unit tests",
     run: Run::Lib {
@@ -304,11 +313,21 @@ const MATRIX: &[(Rule, &[Claim])] = &[
     ),
     (
         Rule::BalloonBounds,
-        &[fast(BAD_INPUT), fast(BALLOON_FUZZ), fast(VIRTIO_UNIT)],
+        &[
+            fast(BAD_INPUT),
+            fast(BALLOON_FUZZ),
+            fast(VIRTIO_UNIT),
+            fast(FUZZ_PROPS),
+        ],
     ),
     (
         Rule::BalloonReservedLow,
-        &[fast(BAD_INPUT), fast(BALLOON_FUZZ), fast(VIRTIO_UNIT)],
+        &[
+            fast(BAD_INPUT),
+            fast(BALLOON_FUZZ),
+            fast(VIRTIO_UNIT),
+            fast(FUZZ_PROPS),
+        ],
     ),
     (
         Rule::DescLength,

@@ -259,6 +259,26 @@ impl Drop for ApiServer {
     }
 }
 
+/// The HTTP/1.1 connection settings of every connection (the bounds of
+/// the module invariants).
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(MAX_HEADERS.max(8192));
+    b
+}
+
+/// Serves one connection on `stream` with `handler`, exactly as the
+/// listener serves each accepted one (same HTTP settings, parser, routing
+/// and answers), until the client closes it or breaks the protocol. For
+/// driving the server without a socket file (the API fuzz target,
+/// `tests/fuzz/`); must run inside a tokio runtime with time and I/O.
+pub async fn serve_stream(stream: tokio::net::UnixStream, handler: Arc<dyn Handler>) {
+    let svc = hyper::service::service_fn(move |req| serve_one(req, Arc::clone(&handler)));
+    let _ = http1().serve_connection(TokioIo::new(stream), svc).await;
+}
+
 async fn accept_loop(
     std_listener: std::os::unix::net::UnixListener,
     handler: Arc<dyn Handler>,
@@ -287,11 +307,7 @@ async fn accept_loop(
         };
         let handler = Arc::clone(&handler);
         let svc = hyper::service::service_fn(move |req| serve_one(req, Arc::clone(&handler)));
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(READ_TIMEOUT)
-            .max_buf_size(MAX_HEADERS.max(8192))
-            .serve_connection(TokioIo::new(stream), svc);
+        let conn = http1().serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;

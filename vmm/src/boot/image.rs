@@ -36,6 +36,8 @@ const BZ_INITRD_ADDR_MAX: usize = 0x22c;
 const BZ_XLOADFLAGS: usize = 0x236;
 const BZ_CMDLINE_SIZE: usize = 0x238;
 const BZ_INIT_SIZE: usize = 0x260;
+/// Offset of the 64-bit entry point in the protected-mode kernel.
+const BZ_ENTRY_64: u64 = 0x200;
 /// "HdrS".
 const BZ_MAGIC: u32 = 0x5372_6448;
 
@@ -230,6 +232,17 @@ fn check_elf(path: &str, b: &[u8], len: u64) -> Result<u64, BootError> {
             what: "no loadable segment".into(),
         });
     }
+    // The 64-bit protocol starts at e_entry (a physical address in a
+    // vmlinux): it must lie in what the segments load.
+    let entry = u64_at(b, 24).unwrap_or(0);
+    if !(HIMEM_START..end).contains(&entry) {
+        return Err(BootError::BadEntry {
+            how: "64-bit",
+            entry,
+            start: HIMEM_START,
+            end,
+        });
+    }
     Ok(end)
 }
 
@@ -270,6 +283,15 @@ fn check_bzimage(path: &str, b: &[u8], len: u64) -> Result<(KernelFormat, u64), 
         });
     }
     let footprint = (len - setup).max(field32(BZ_INIT_SIZE));
+    // The 64-bit entry is 0x200 into the protected-mode kernel.
+    if footprint <= BZ_ENTRY_64 {
+        return Err(BootError::BadEntry {
+            how: "64-bit",
+            entry: code32 + BZ_ENTRY_64,
+            start: code32,
+            end: code32 + footprint,
+        });
+    }
     let format = KernelFormat::BzImage {
         initrd_addr_max: field32(BZ_INITRD_ADDR_MAX),
         cmdline_size: usize::try_from(field32(BZ_CMDLINE_SIZE)).unwrap_or(0),
@@ -370,6 +392,36 @@ pub(crate) mod tests {
             inspect("k", bz, 64 << 20),
             Err(BootError::Truncated { .. })
         ));
+    }
+
+    #[test]
+    fn rejects_entry_points_outside_the_kernel() {
+        // Found by the loader fuzz target: e_entry far outside RAM was
+        // accepted and the vCPU would have started there.
+        let mut elf = tiny_elf(4096);
+        elf[24..32].copy_from_slice(&0xa0_0100_0000u64.to_le_bytes());
+        let e = inspect("k", elf, 64 << 20).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BootError::BadEntry {
+                    entry: 0xa0_0100_0000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut elf = tiny_elf(4096);
+        elf[24..32].copy_from_slice(&((16u64 << 20) + 4096).to_le_bytes());
+        assert!(matches!(
+            inspect("k", elf, 64 << 20),
+            Err(BootError::BadEntry { .. })
+        ));
+        // A bzImage whose protected-mode part ends before its 64-bit entry.
+        let mut bz = tiny_bzimage(16);
+        bz[BZ_INIT_SIZE..BZ_INIT_SIZE + 4].copy_from_slice(&0u32.to_le_bytes());
+        let e = inspect("k", bz, 64 << 20).unwrap_err();
+        assert!(matches!(e, BootError::BadEntry { .. }), "{e}");
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// below the 32-bit MMIO/APIC hole (IOAPIC at 0xfec00000, LAPIC at
 /// 0xfee00000, KVM's TSS pages at 0xfffbd000).
 pub const MAX_LINUX_MEM: u64 = 3 << 30;
+/// Least RAM a Linux guest may have.
+pub const MIN_LINUX_MEM: u64 = 16 << 20;
 /// Most vCPUs a Linux guest may have (MP table in the EBDA, APIC ids < 255).
 pub const MAX_LINUX_VCPUS: u32 = 32;
 
@@ -68,10 +70,15 @@ pub struct MemRange {
     pub kind: u32,
 }
 
-/// The memory map of a guest with `mem` bytes of RAM at GPA 0 (`mem` above
-/// [`HIMEM_START`], at most [`MAX_LINUX_MEM`]: checked by the caller).
-pub fn memory_map(mem: u64) -> Vec<MemRange> {
-    vec![
+/// The memory map of a guest with `mem` bytes of RAM at GPA 0: sorted,
+/// disjoint, inside `[0, mem)`, RAM everywhere but the reserved legacy hole.
+/// Refuses a `mem` outside `[16 MiB, MAX_LINUX_MEM]` or not a multiple of
+/// 4 KiB (no such guest can be built: see [`super::prepare`]).
+pub fn memory_map(mem: u64) -> Result<Vec<MemRange>, super::BootError> {
+    if !(MIN_LINUX_MEM..=MAX_LINUX_MEM).contains(&mem) || !mem.is_multiple_of(4096) {
+        return Err(super::BootError::BadMemSize(mem));
+    }
+    Ok(vec![
         MemRange {
             addr: 0,
             size: EBDA_START,
@@ -84,10 +91,10 @@ pub fn memory_map(mem: u64) -> Vec<MemRange> {
         },
         MemRange {
             addr: HIMEM_START,
-            size: mem.saturating_sub(HIMEM_START),
+            size: mem - HIMEM_START,
             kind: E820_RAM,
         },
-    ]
+    ])
 }
 
 #[cfg(test)]
@@ -118,12 +125,21 @@ mod tests {
 
     #[test]
     fn memory_map_covers_ram_and_reserves_the_legacy_hole() {
-        let m = memory_map(256 << 20);
+        let m = memory_map(256 << 20).unwrap();
         assert_eq!(m.len(), 3);
         assert_eq!(m[0].addr + m[0].size, m[1].addr);
         assert_eq!(m[1].addr + m[1].size, m[2].addr);
         assert_eq!(m[2].addr + m[2].size, 256 << 20);
         assert_eq!(m[1].kind, E820_RESERVED);
         assert!(m[2].addr + m[2].size <= MAX_LINUX_MEM);
+        for bad in [
+            0,
+            HIMEM_START,
+            (16 << 20) - 4096,
+            MAX_LINUX_MEM + 4096,
+            (64 << 20) + 1,
+        ] {
+            assert!(memory_map(bad).is_err(), "{bad:#x}");
+        }
     }
 }

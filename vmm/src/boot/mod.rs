@@ -16,10 +16,13 @@
 //!
 //! **Invariants.**
 //! - [`prepare`] reads every file and checks everything that can be known
-//!   before a VM exists (format, architecture, truncation, that kernel and
-//!   initrd fit in RAM without overlapping, command line length, RAM and
-//!   vCPU limits); it touches nothing else. A [`Prepared`] boot therefore
-//!   loads without error into a guest memory of the size it was prepared for.
+//!   before a VM exists (format, architecture, truncation, that the 64-bit
+//!   entry point lies inside the kernel, that kernel and initrd fit in RAM
+//!   without overlapping, command line length, RAM and vCPU limits); it
+//!   touches nothing else. A [`Prepared`] boot therefore loads without
+//!   error into a guest memory of the size it was prepared for, unless
+//!   the kernel has a PVH note whose entry lies outside it (only the loader
+//!   reads notes): [`BootError::BadEntry`].
 //! - [`Prepared::load`] writes only guest memory below the end of RAM: the
 //!   kernel (at or above 1 MiB), the initrd (page-aligned, above the kernel,
 //!   below end of RAM and the kernel's initrd limit), the fixed structures of
@@ -88,6 +91,21 @@ pub enum BootError {
         path: String,
         /// What is missing.
         what: String,
+    },
+    /// The kernel's entry point is not inside what it loads.
+    #[error(
+        "the kernel's {how} entry point {entry:#x} lies outside the kernel it loads \
+         ([{start:#x}, {end:#x})): the image is corrupt or not a kernel for this boot path"
+    )]
+    BadEntry {
+        /// Which entry (`"64-bit"`, `"PVH"`).
+        how: &'static str,
+        /// The entry point.
+        entry: u64,
+        /// First byte the kernel may occupy.
+        start: u64,
+        /// First byte past it.
+        end: u64,
     },
     /// Not a 64-bit x86 kernel.
     #[error("{path} is {what}, not a 64-bit x86 kernel: build the kernel for x86_64")]
@@ -253,9 +271,8 @@ pub fn prepare(
     vcpus: u32,
     devices: &[MmioDeviceInfo],
 ) -> Result<Prepared, BootError> {
-    if !(16 << 20..=MAX_LINUX_MEM).contains(&mem) {
-        return Err(BootError::BadMemSize(mem));
-    }
+    // The same bounds as the memory map's, checked before any file is read.
+    memory_map(mem)?;
     if vcpus == 0 || vcpus > MAX_LINUX_VCPUS {
         return Err(BootError::TooManyVcpus(vcpus));
     }
@@ -411,6 +428,19 @@ impl Prepared {
                 )
             }
         };
+        // `prepare` checked the 64-bit entries against the image; a PVH
+        // note is only read by the loader.
+        if !(HIMEM_START..self.kernel.end).contains(&entry.entry) {
+            return Err(BootError::BadEntry {
+                how: match entry.protocol {
+                    Protocol::Pvh => "PVH",
+                    Protocol::Linux64 => "64-bit",
+                },
+                entry: entry.entry,
+                start: HIMEM_START,
+                end: self.kernel.end,
+            });
+        }
         if let Some((file, size, addr)) = &self.initrd {
             // Straight from the file into guest memory (no heap copy).
             let mut f = file;
@@ -431,7 +461,7 @@ impl Prepared {
         }
         gm.write_obj(0u64, GuestAddress(BOOT_IDT))
             .map_err(w("the boot IDT"))?;
-        let map = memory_map(self.mem);
+        let map = memory_map(self.mem)?;
         match entry.protocol {
             Protocol::Pvh => self.write_pvh(gm, &map)?,
             Protocol::Linux64 => {

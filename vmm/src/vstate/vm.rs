@@ -44,10 +44,10 @@ use super::vcpu::{self, ReportBoard, Reports, Request, RunControl, VcpuContext, 
 use crate::boot::{self, LinuxSpec};
 use crate::devices::report::{PatternReport, ProbeReport};
 use crate::devices::serial::{Console, SerialDevice};
-use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
-use crate::devices::virtio::mmio::{MmioTransport, VirtioMmio};
+use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonTransport};
+use crate::devices::virtio::mmio::VirtioMmio;
 use crate::devices::virtio::thread::{self, DeviceThread, NotifyPath};
-use crate::devices::virtio::{MmioBus, RamLayout, BALLOON_MMIO_BASE, MMIO_WINDOW};
+use crate::devices::virtio::{MmioBus, BALLOON_MMIO_BASE, MMIO_WINDOW};
 use crate::guest::{self, control, layout, EntryArgs, GuestError, Workload};
 use crate::vstate::memory::{
     self, Backing, FaultHook, FaultStats, MemSize, MemoryConfig, MemoryError, NoHook, PageSize,
@@ -543,10 +543,11 @@ impl Vm {
         };
         let mut mmio = MmioBus::default();
         let balloon = config.balloon.map(|offered| {
-            let layout = RamLayout::new(&memory.regions(), reserved_below);
-            let access = memory.access();
-            let dev = Balloon::new(Arc::clone(&memory), offered);
-            Arc::new(VirtioMmio::new(MmioTransport::new(dev, access, layout)))
+            Arc::new(VirtioMmio::new(BalloonTransport::balloon(
+                Arc::clone(&memory),
+                offered,
+                reserved_below,
+            )))
         });
         let (mut balloon_thread, mut balloon_notify) = (None, NotifyPath::Vcpu);
         if let Some(b) = &balloon {

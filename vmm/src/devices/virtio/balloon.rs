@@ -777,3 +777,17 @@ impl VirtioMmio<Balloon> {
 
 /// A balloon transport, for the VM to put on its bus.
 pub type BalloonTransport = MmioTransport<Balloon>;
+
+impl BalloonTransport {
+    /// A balloon offering `offered` on its virtio-mmio transport over
+    /// `memory`, never releasing below `reserved_below`. This is all a
+    /// balloon needs: a VM wraps it in [`VirtioMmio`] and puts it on its
+    /// bus; the fuzz target (`tests/fuzz/`) and device tests drive it with
+    /// register accesses alone, on guest memory made without KVM
+    /// ([`VmMemory::new`] with no VM).
+    pub fn balloon(memory: Arc<VmMemory>, offered: BalloonConfig, reserved_below: u64) -> Self {
+        let layout = RamLayout::new(&memory.regions(), reserved_below);
+        let access = memory.access();
+        MmioTransport::new(Balloon::new(memory, offered), access, layout)
+    }
+}

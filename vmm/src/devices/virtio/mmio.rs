@@ -12,7 +12,8 @@
 //! KVM does not match (another value, no ioeventfd) still arrives here.
 //!
 //! **Status state machine.** Writing 0 resets the device. Otherwise the
-//! driver may only add bits. `FEATURES_OK` is kept only if the driver
+//! driver may only add bits, and only the ones virtio defines for it
+//! ([`DRIVER_STATUS_BITS`]; others are dropped and counted). `FEATURES_OK` is kept only if the driver
 //! accepted a subset of what was offered that includes `VERSION_1` (the
 //! driver reads it back to learn it failed). `DRIVER_OK` needs
 //! `FEATURES_OK` and activates the device. `NEEDS_RESET` is set by the
@@ -133,6 +134,16 @@ pub enum TransportError {
     NotWritable {
         /// Offset.
         offset: u64,
+    },
+    /// A status write with bits virtio does not define for the driver
+    /// (dropped; the defined ones are taken).
+    #[error(
+        "status write sets bits {bits:#x} that are no driver status bits (ACKNOWLEDGE, DRIVER, \
+         FEATURES_OK, DRIVER_OK, FAILED); they are ignored"
+    )]
+    StatusUndefined {
+        /// The undefined bits written.
+        bits: u32,
     },
     /// A status write that clears bits (other than a reset with 0).
     #[error("status write {new:#x} clears bits of {old:#x}; only a write of 0 (reset) may")]
@@ -684,6 +695,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let keep = self.status & VIRTIO_CONFIG_S_NEEDS_RESET;
         let old = self.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let mut new = v & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        // Bits virtio does not define are never stored (found by the
+        // balloon_mmio fuzz target: 0xfe000000 was kept and read back).
+        let undefined = new & !DRIVER_STATUS_BITS;
+        if undefined != 0 {
+            self.error(TransportError::StatusUndefined { bits: undefined });
+            new &= DRIVER_STATUS_BITS;
+        }
         if new & old != old {
             self.error(TransportError::StatusCleared { old, new });
             return;
@@ -716,6 +734,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 }
+
+/// Every status bit a driver may set.
+pub const DRIVER_STATUS_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
+    | VIRTIO_CONFIG_S_DRIVER
+    | VIRTIO_CONFIG_S_FEATURES_OK
+    | VIRTIO_CONFIG_S_DRIVER_OK
+    | VIRTIO_CONFIG_S_FAILED;
 
 /// Status bits a driver sets, in order, for tests and drivers.
 pub const STATUS_SEQUENCE: [u32; 4] = [
@@ -962,6 +987,24 @@ mod tests {
             2,
             "negotiate reset once, the driver once more"
         );
+    }
+
+    #[test]
+    fn undefined_status_bits_are_dropped_and_counted() {
+        // Found by the balloon_mmio fuzz target (tests/fuzz/artifacts/):
+        // a status write of 0xfe000000 was stored and read back.
+        let (vmem, _, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xfe00_0001);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 1);
+        assert_eq!(
+            t.recent_errors(),
+            vec![TransportError::StatusUndefined { bits: 0xfe00_0000 }]
+        );
+        // NEEDS_RESET (the device's) and bit 4 are not the driver's either.
+        w(&mut t, VIRTIO_MMIO_STATUS, 0x51);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 1);
+        assert_eq!(negotiate(&mut t, F_VERSION_1), 0b1011);
     }
 
     #[test]

@@ -13,7 +13,11 @@
 //! | `guest-memfd` | a KVM `guest_memfd` created `MMAP \| INIT_SHARED` | shared | `KVM_SET_USER_MEMORY_REGION2` bound to the file |
 //!
 //! Every mapping is 2 MiB-aligned on the host, so guest 2 MiB leaves are
-//! host huge pages where the backing has them. Each region is described by
+//! host huge pages where the backing has them, and has [`GUARD`] bytes of
+//! `PROT_NONE` reservation on both sides: a host access that runs off
+//! either end of guest RAM (a device or loader bug) faults at once instead
+//! of reaching whatever the host mapped next to it (the fuzz targets,
+//! `tests/fuzz/`, rely on this: AddressSanitizer does not see mmap bounds). Each region is described by
 //! a [`RegionDesc`] (host address, length, kind, fd and offset) for whoever
 //! mirrors it.
 //!
@@ -43,6 +47,9 @@ pub const SIZE_4K: u64 = 4 << 10;
 pub const SIZE_2M: u64 = 2 << 20;
 /// The largest guest RAM accepted (the default guest maps it with one PDPT).
 pub const MAX_MEM_BYTES: u64 = 64 << 30;
+/// Bytes of inaccessible (`PROT_NONE`) reservation kept on each side of
+/// every guest RAM mapping, unmapped with it.
+pub const GUARD: u64 = SIZE_2M;
 
 /// `KVM_CAP_GUEST_MEMFD_FLAGS` (Linux 6.18 uapi): the `guest_memfd` flags
 /// this KVM accepts (not in kvm-bindings 0.14 yet).
@@ -392,7 +399,9 @@ fn guest_memfd_missing(guest_memfd: bool, user_memory2: bool, flags: u64) -> Opt
 
 /// Maps `len` bytes at a 2 MiB-aligned host address, so that guest 2 MiB
 /// leaves are host huge pages (THP needs host alignment; KVM maps a large
-/// page only where guest and host addresses agree modulo 2 MiB).
+/// page only where guest and host addresses agree modulo 2 MiB), with
+/// [`GUARD`] bytes of `PROT_NONE` reservation left on both sides (unmapped
+/// by [`unmap_guarded`]).
 fn map_aligned(
     len: usize,
     prot: libc::c_int,
@@ -400,7 +409,8 @@ fn map_aligned(
     fd: RawFd,
 ) -> std::io::Result<*mut libc::c_void> {
     let align = to_usize(SIZE_2M);
-    let span = len + align;
+    let guard = to_usize(GUARD);
+    let span = len + align + 2 * guard;
     // SAFETY: reserves fresh address space (no access) at a kernel-chosen
     // address; no existing mapping is affected.
     let base = unsafe {
@@ -416,10 +426,10 @@ fn map_aligned(
     if base == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
-    let start = (base as usize).next_multiple_of(align);
-    // SAFETY: [start, start+len) lies inside the reservation made above,
-    // which we own; MAP_FIXED replaces only that part of it. fd is valid or
-    // -1 for anonymous memory.
+    let start = (base as usize + guard).next_multiple_of(align);
+    // SAFETY: [start, start+len) lies inside the reservation made above
+    // (start + len + guard <= base + span), which we own; MAP_FIXED
+    // replaces only that part of it. fd is valid or -1 for anonymous memory.
     let addr = unsafe {
         libc::mmap(
             start as *mut libc::c_void,
@@ -431,23 +441,38 @@ fn map_aligned(
         )
     };
     let err = std::io::Error::last_os_error();
-    let head = start - base as usize;
-    let tail = span - head - len;
-    // SAFETY: the head and tail are the unused ends of our own reservation.
+    // What is left of the reservation beyond the guards.
+    let head = start - guard - base as usize;
+    let tail = span - head - len - 2 * guard;
+    // SAFETY: the head and tail are the unused ends of our own reservation;
+    // the guards next to [start, start+len) stay reserved.
     unsafe {
         if head > 0 {
             libc::munmap(base, head);
         }
         if tail > 0 {
-            libc::munmap((start + len) as *mut libc::c_void, tail);
+            libc::munmap((start + len + guard) as *mut libc::c_void, tail);
         }
     }
     if addr == libc::MAP_FAILED {
-        // SAFETY: the middle of our reservation, still ours.
-        unsafe { libc::munmap(start as *mut libc::c_void, len) };
+        // SAFETY: the middle of our reservation and its guards, still ours.
+        unsafe { unmap_guarded(start, len) };
         return Err(err);
     }
     Ok(addr)
+}
+
+/// Unmaps a mapping made by [`map_aligned`] at `start` of `len` bytes,
+/// with its guards; whether `munmap` succeeded.
+///
+/// # Safety
+///
+/// `[start - GUARD, start + len + GUARD)` must be a reservation made by
+/// `map_aligned` that nothing uses any more.
+unsafe fn unmap_guarded(start: usize, len: usize) -> bool {
+    let guard = to_usize(GUARD);
+    // SAFETY: the caller's contract: the range is ours and unused.
+    unsafe { libc::munmap((start - guard) as *mut libc::c_void, len + 2 * guard) == 0 }
 }
 
 pub(super) fn to_usize(v: u64) -> usize {
@@ -501,8 +526,9 @@ struct Mapping {
 }
 
 /// Guest RAM: its host mappings, their files and a vm-memory view of them
-/// (owned by [`super::VmMemory`], nobody else).
-pub(crate) struct GuestRam {
+/// (owned by [`super::VmMemory`] in a VM; alone, with no stage-2 table, by
+/// the boot loader's fuzz target and tests).
+pub struct GuestRam {
     // Dropped before `mappings` are unmapped (see `unmap_all`).
     guest_mem: Option<GuestMemoryMmap>,
     /// Still mapped: all of them until `unmap_all`, then those whose
@@ -747,13 +773,14 @@ impl GuestRam {
                 if faults.munmap.should_fail() {
                     continue;
                 }
-                // SAFETY: the mapping is owned by us; our view of it
-                // (guest_mem) was dropped above, and the clones of that
-                // view the vCPU threads held went when Vm joined them. KVM
-                // slots referring to it must already be gone (Vm drops the
-                // VM first). A clone of `guest_memory()` kept past this
-                // point would dangle: callers must not keep one.
-                if unsafe { libc::munmap(addr as *mut libc::c_void, len) } == 0 {
+                // SAFETY: the mapping (map_aligned's, with its guards) is
+                // owned by us; our view of it (guest_mem) was dropped
+                // above, and the clones of that view the vCPU threads held
+                // went when Vm joined them. KVM slots referring to it must
+                // already be gone (Vm drops the VM first). A clone of
+                // `guest_memory()` kept past this point would dangle:
+                // callers must not keep one.
+                if unsafe { unmap_guarded(addr, len) } {
                     total += m.desc.len;
                     // Dropping `m` closes the file (and with it a memfd's
                     // pages) after the mapping.
@@ -787,6 +814,30 @@ impl Drop for GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `[addr, addr + 4096)` is mapped at all (any protection).
+    fn mapped(addr: usize) -> bool {
+        let mut v = [0u8; 1];
+        // SAFETY: mincore only reports residency into `v` (one page); it
+        // fails with ENOMEM where nothing is mapped.
+        unsafe { libc::mincore(addr as *mut libc::c_void, 4096, v.as_mut_ptr()) == 0 }
+    }
+
+    #[test]
+    fn guest_ram_has_guards_on_both_sides_and_unmaps_them() {
+        let mut ram =
+            GuestRam::new("4M".parse().unwrap(), Backing::Anon, PageSize::Size4K, None).unwrap();
+        let r = ram.regions()[0];
+        let (lo, hi) = (r.host_addr, r.host_addr + to_usize(r.len));
+        let g = to_usize(GUARD);
+        for a in [lo - g, lo - 4096, hi, hi + g - 4096] {
+            assert!(mapped(a), "guard page at {a:#x} missing");
+        }
+        ram.unmap_all();
+        for a in [lo - g, lo, hi - 4096, hi + g - 4096] {
+            assert!(!mapped(a), "{a:#x} still mapped after unmap_all");
+        }
+    }
 
     #[test]
     fn parses_sizes() {
