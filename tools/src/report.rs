@@ -1130,6 +1130,32 @@ impl Section {
         }
         s
     }
+
+    /// The result of an optional bench's step, typed, with the start of
+    /// its section (title, and a warning if the bench exited with an
+    /// error); or the section that says why there is none.
+    fn read_optional<R: DeserializeOwned>(
+        bench: &'static str,
+        title: &str,
+        d: &StepData,
+        file: &str,
+        targets: &[&str],
+    ) -> std::result::Result<(R, String), Section> {
+        let Some(v) = &d.result else {
+            return Err(Section::absent_or_not_measured(bench, title, d, targets));
+        };
+        let r = parse::<R>(v, file)
+            .map_err(|e| Section::not_measured(bench, title, &format!("{e:#}"), targets))?;
+        let mut md = format!("## {title}\n\n");
+        if let Some(e) = &d.error {
+            let _ = writeln!(
+                md,
+                "Warning: the run exited with an error ({}); the figures are shown as it printed them.\n",
+                md_cell(e)
+            );
+        }
+        Ok((r, md))
+    }
 }
 
 /// Where plots go and how the markdown links to them.
@@ -2773,21 +2799,16 @@ const FAULT_TARGETS: [&str; 1] = ["demand-fault p99 under an unmap storm ≤ 2×
 fn fault_section(d: &StepData) -> Section {
     const B: &str = "fault";
     const T: &str = "Demand faults, quiet and under an unmap storm (`gmm bench fault`)";
-    let Some(v) = &d.result else {
-        return Section::absent_or_not_measured(B, T, d, &FAULT_TARGETS);
-    };
-    let f = match parse::<schema::FaultResult>(v, "fault.json") {
+    let (f, mut md) = match Section::read_optional::<schema::FaultResult>(
+        B,
+        T,
+        d,
+        "fault.json",
+        &FAULT_TARGETS,
+    ) {
         Ok(x) => x,
-        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &FAULT_TARGETS),
+        Err(s) => return s,
     };
-    let mut md = format!("## {T}\n\n");
-    if let Some(e) = &d.error {
-        let _ = writeln!(
-            md,
-            "Warning: the bench exited with an error ({}); the figures are shown as it printed them.\n",
-            md_cell(e)
-        );
-    }
     md += "Latency of a VM's userfaultfd demand faults on released guest pages, alone (*quiet*) and while another thread releases other ranges of the same VM (discard, balloon + deflate) and refills them (*storm*). The ratio and its verdict are computed here from the two p99s.\n\n";
     let _ = writeln!(
         md,
@@ -2865,21 +2886,16 @@ const INTERFERENCE_TARGETS: [&str; 2] = [
 fn interference_section(d: &StepData) -> Section {
     const B: &str = "interference";
     const T: &str = "Interference between VMs (`gmm bench interference`)";
-    let Some(v) = &d.result else {
-        return Section::absent_or_not_measured(B, T, d, &INTERFERENCE_TARGETS);
-    };
-    let r = match parse::<schema::InterferenceResult>(v, "interference.json") {
+    let (r, mut md) = match Section::read_optional::<schema::InterferenceResult>(
+        B,
+        T,
+        d,
+        "interference.json",
+        &INTERFERENCE_TARGETS,
+    ) {
         Ok(x) => x,
-        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &INTERFERENCE_TARGETS),
+        Err(s) => return s,
     };
-    let mut md = format!("## {T}\n\n");
-    if let Some(e) = &d.error {
-        let _ = writeln!(
-            md,
-            "Warning: the bench exited with an error ({}); the figures are shown as it printed them.\n",
-            md_cell(e)
-        );
-    }
     md += "A victim VM measured alone and beside a noisy neighbour VM (balloon and unmap churn): the relative increase of the victim's demand-fault p99 and the relative drop of its compute loop's rate.\n\n";
     md += "| figure | change with the neighbour | ≤ 10 % |\n|---|---:|---|\n";
     let (v1, v2) = interference_verdicts(&r);
@@ -3053,22 +3069,12 @@ const SOAK_TARGETS: [&str; 1] = [
 fn soak_section(d: &StepData) -> Section {
     const B: &str = "soak";
     const T: &str = "Soak: VMs launched, ballooned and torn down in a loop (`gmm soak`)";
-    let Some(v) = &d.result else {
-        return Section::absent_or_not_measured(B, T, d, &SOAK_TARGETS);
-    };
-    let r = match parse::<schema::SoakResult>(v, "soak.json") {
-        Ok(x) => x,
-        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &SOAK_TARGETS),
-    };
+    let (r, mut md) =
+        match Section::read_optional::<schema::SoakResult>(B, T, d, "soak.json", &SOAK_TARGETS) {
+            Ok(x) => x,
+            Err(s) => return s,
+        };
     let mut errors: Vec<String> = d.error.iter().cloned().collect();
-    let mut md = format!("## {T}\n\n");
-    if let Some(e) = &d.error {
-        let _ = writeln!(
-            md,
-            "Warning: the run exited with an error ({}); the figures are shown as it printed them.\n",
-            md_cell(e)
-        );
-    }
     if let Some(k) = &r.inject_leak {
         let _ = writeln!(
             md,
