@@ -313,12 +313,10 @@ const MATRIX: &[(Rule, &[Claim])] = &[
     ),
     (
         Rule::BalloonBounds,
-        &[
-            fast(BAD_INPUT),
-            fast(BALLOON_FUZZ),
-            fast(VIRTIO_UNIT),
-            fast(FUZZ_PROPS),
-        ],
+        // Not the balloon_mmio fuzz property: a PFN past RAM that the
+        // broken check lets through is refused further down (the table
+        // does not map it), so its safety oracle sees nothing.
+        &[fast(BAD_INPUT), fast(BALLOON_FUZZ), fast(VIRTIO_UNIT)],
     ),
     (
         Rule::BalloonReservedLow,
