@@ -84,8 +84,20 @@ pub fn tiny_bzimage(payload: usize) -> Vec<u8> {
     b
 }
 
+/// This thread's scratch directory: one per thread, since tests of one
+/// process run in parallel threads and each rewrites its `kernel` and
+/// `initrd` between preparing a boot and loading it (a shared directory
+/// let one test's load read the other's kernel).
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-fuzz-loader-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    thread_local! {
+        static ID: u64 = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let d = std::env::temp_dir().join(format!(
+        "vmm-fuzz-loader-{}-{}",
+        std::process::id(),
+        ID.with(|i| *i)
+    ));
     let _ = std::fs::create_dir_all(&d);
     d
 }
