@@ -28,9 +28,9 @@ pub enum Rule {
     /// A walker empties its translation cache at pin when the table's
     /// invalidation sequence moved (broken: the cache is kept).
     CacheShootdown,
-    /// A walker forgets its cached leaf table pages at pin when the
-    /// table's unlink sequence moved (broken: it keeps using them, even
-    /// after they were freed).
+    /// A walker forgets its cached level-2 table pages (the directory
+    /// cache) at pin when the table's unlink sequence moved (broken: it
+    /// keeps using them, even after they were freed).
     LeafCacheUnlink,
     /// Unmappers, mappers and faults wait for older overlapping pending
     /// flushes (broken: nobody waits, pending ranges are ignored).

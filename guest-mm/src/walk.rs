@@ -8,24 +8,31 @@
 //!
 //! **The caches.** The *translation cache* ([`CACHE_SLOTS`] 4 KiB pages)
 //! answers a page it holds without reading the table: the hot-set case.
-//! The *leaf-table cache* ([`LEAF_SLOTS`] slots, one per 2 MiB of guest
-//! memory, so 1 GiB without conflicts) holds, for a 2 MiB region, the
-//! deepest table page a walk of it reached (the leaf table at 4 KiB
-//! leaves): a walk starts there and reads one live entry instead of four,
-//! so random access over a large guest costs one (likely cache-missing)
-//! entry load instead of a full walk. It caches *structure*, not
-//! translations: the entry itself is read live, with Acquire, so it is
-//! never stale. What must hold instead is that the cached page is still
-//! allocated: table pages are freed only after a grace period that starts
-//! after they were handed to deferred freeing, and that hand-over bumps
-//! the table's *unlink sequence* first (`Rcu::note_unlinked`). Each pin
-//! reads it after its fence and forgets every cached page if it moved (in
-//! O(1): slots are tagged with a walker-local generation). So a cached
-//! page is used only in a read section that a grace period freeing it
-//! would have to wait for. A page unlinked but not yet freed is empty
-//! (only empty table pages are unlinked), so a walk from it finds
-//! nothing, never a stale leaf; both caches are also emptied when the
-//! invalidation sequence moves.
+//! The *directory cache* ([`DIR_SLOTS`] slots, one per 1 GiB of guest
+//! memory, so 64 GiB without conflicts) holds, for a 1 GiB region, the
+//! level-2 table page a walk of it reached (the page whose entries each
+//! cover 2 MiB: a leaf-table pointer, a 2 MiB leaf or a marker). A walk
+//! starts there and reads two live entries instead of four: the level-2
+//! entry (one 4 KiB page per GiB, so it stays in the CPU's cache) and the
+//! leaf. It caches *structure*, not translations: both entries are read
+//! live, with Acquire, so neither is ever stale, and the leaf table is
+//! reached through a linked entry read in this read section, exactly as a
+//! walk from the root reaches it. What must hold instead is that the
+//! cached level-2 page is still allocated: table pages are freed only
+//! after a grace period that starts after they were unlinked, and a writer
+//! that unlinks a table page of level 2 or above bumps the table's
+//! *unlink sequence* right after the unhook, under the table lock
+//! (`Rcu::note_unlinked`; rule `leaf_cache_unlink`). Each pin reads it
+//! after its fence and forgets every cached page if it moved (in O(1):
+//! slots are tagged with a walker-local generation). So a cached page is
+//! used only in a read section that a grace period freeing it would have
+//! to wait for. A page unlinked but not yet freed is empty (only empty
+//! table pages are unlinked), so a walk from it finds nothing, never a
+//! stale leaf. Leaf tables come and go with every unmap of a whole 2 MiB
+//! (an unmap storm, a balloon): they are not cached, so unlinking them
+//! moves nothing and empties no walker's cache; level-2 pages go only
+//! when a whole GiB empties. An invalidation (entries cleared) empties
+//! the translation cache only: the directory holds no entry.
 //!
 //! **Protocol: the walker is waited for, never retried.** A walk reads the
 //! entries with Acquire loads inside its read section and takes no lock.
@@ -54,8 +61,8 @@ use thiserror::Error;
 
 use crate::addr::{Gpa, Hva, PageSize, Perms};
 use crate::entry::{
-    index, level_shift, level_size, Pte, ADDRESS_BITS, ADDRESS_LIMIT, LEVELS, PAGE_SHIFT,
-    PAGE_SIZE, POISON, SW_BALLOONED,
+    index, level_shift, level_size, Pte, ADDRESS_BITS, ADDRESS_LIMIT, PAGE_SHIFT, PAGE_SIZE,
+    POISON, SW_BALLOONED,
 };
 use crate::mutation::{broken, Rule};
 use crate::reclaim::{PagePtr, ReadGuard, Reader, TablePage};
@@ -65,21 +72,24 @@ use crate::table::{Lookup, Stage2Table};
 /// Entries in a walker's translation cache.
 pub const CACHE_SLOTS: usize = 64;
 
-/// Entries in a walker's leaf-table cache: one per 2 MiB region (at the
-/// production geometry), so 1 GiB of guest memory maps without conflicts.
+/// Entries in a walker's directory cache: one per 1 GiB region (at the
+/// production geometry), so 64 GiB of guest memory map without conflicts.
 #[cfg(not(loom))]
-pub const LEAF_SLOTS: usize = 512;
-/// Entries in a walker's leaf-table cache (tiny under loom).
+pub const DIR_SLOTS: usize = 64;
+/// Entries in a walker's directory cache (tiny under loom).
 #[cfg(loom)]
-pub const LEAF_SLOTS: usize = 2;
+pub const DIR_SLOTS: usize = 2;
 
-/// log2 of the guest bytes one leaf-table cache slot covers: one entry at
-/// level 2 (2 MiB; the whole leaf table below it).
-const LEAF_SHIFT: u32 = level_shift(2);
+/// The level of the table pages the directory cache holds.
+const DIR_LEVEL: u32 = 2;
 
-/// Where the generation starts in a leaf-cache tag (above every region
+/// log2 of the guest bytes one directory slot covers: one entry at level
+/// 3 (1 GiB; the whole level-2 page below it).
+const DIR_SHIFT: u32 = level_shift(DIR_LEVEL + 1);
+
+/// Where the generation starts in a directory tag (above every region
 /// number: guest addresses have [`ADDRESS_BITS`] bits).
-const GEN_SHIFT: u32 = ADDRESS_BITS - LEAF_SHIFT;
+const GEN_SHIFT: u32 = ADDRESS_BITS - DIR_SHIFT;
 
 /// The access a translation is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,10 +143,11 @@ pub struct WalkStats {
     pub shootdowns: u64,
     /// Walks that read poison.
     pub use_after_free: u64,
-    /// Walks that started at a cached leaf table page (part of `walks`).
+    /// Walks that started at a cached level-2 table page (part of
+    /// `walks`; the directory cache).
     pub leaf_hits: u64,
-    /// Leaf-table caches dropped at pin time because table pages were
-    /// unlinked (or an invalidation ran).
+    /// Directory caches dropped at pin time because table pages of level
+    /// 2 or above were unlinked.
     pub leaf_flushes: u64,
 }
 
@@ -183,32 +194,33 @@ impl TlbCache {
     }
 }
 
-/// One leaf-table cache slot.
+/// One directory cache slot.
 #[derive(Default)]
-struct LeafSlot {
-    /// Region number (`gpa >> LEAF_SHIFT`) | generation; valid only when
+struct DirSlot {
+    /// Region number (`gpa >> DIR_SHIFT`) | generation; valid only when
     /// the generation is the cache's current one (0 never is).
     tag: Cell<u64>,
-    /// The table page's address | its level (bits 0-2).
+    /// The level-2 table page's address.
     page: Cell<u64>,
 }
 
-/// A direct-mapped cache of table pages keyed by 2 MiB region (see the
-/// module documentation for why a cached page is always still allocated).
-struct LeafCache {
+/// A direct-mapped cache of level-2 table pages keyed by 1 GiB region (see
+/// the module documentation for why a cached page is always still
+/// allocated).
+struct DirCache {
     /// The current generation, shifted to [`GEN_SHIFT`] (never 0).
     gen: Cell<u64>,
     /// The unlink sequence the current generation was started under.
     unlink_seq: Cell<u64>,
-    slots: [LeafSlot; LEAF_SLOTS],
+    slots: [DirSlot; DIR_SLOTS],
 }
 
-impl LeafCache {
-    fn new(unlink_seq: u64) -> LeafCache {
-        LeafCache {
+impl DirCache {
+    fn new(unlink_seq: u64) -> DirCache {
+        DirCache {
             gen: Cell::new(1 << GEN_SHIFT),
             unlink_seq: Cell::new(unlink_seq),
-            slots: std::array::from_fn(|_| LeafSlot::default()),
+            slots: std::array::from_fn(|_| DirSlot::default()),
         }
     }
 
@@ -248,7 +260,7 @@ pub struct Walker {
     table: Arc<Stage2Table>,
     reader: Reader,
     cache: TlbCache,
-    leaf: LeafCache,
+    dir: DirCache,
     counters: Counters,
 }
 
@@ -267,7 +279,7 @@ impl Walker {
             table: table.clone(),
             reader: table.rcu.register(),
             cache: TlbCache::new(table.inval_seq.load(Ordering::Acquire)),
-            leaf: LeafCache::new(table.rcu.unlink_seq()),
+            dir: DirCache::new(table.rcu.unlink_seq()),
             counters: Counters::default(),
         }
     }
@@ -280,28 +292,23 @@ impl Walker {
         // After the pin's fence: an invalidation whose grace period does
         // not wait for us has bumped the sequence before we read it.
         let seq = self.table.inval_seq.load(Ordering::Acquire);
-        // Likewise: a grace period that frees table pages unlinked since
-        // our last pin starts after this sequence moved.
+        // Likewise: a grace period that frees a level-2 (or higher) page
+        // unlinked since our last pin starts after this sequence moved.
         let unlinks = self.table.rcu.unlink_seq();
-        let mut forget = false;
         if self.cache.seq.get() != seq && !broken(Rule::CacheShootdown) {
             self.cache.clear();
             self.cache.seq.set(seq);
             bump(&self.counters.shootdowns);
-            forget = true;
         }
-        if self.leaf.unlink_seq.get() != unlinks && !broken(Rule::LeafCacheUnlink) {
-            self.leaf.unlink_seq.set(unlinks);
-            forget = true;
-        }
-        if forget {
-            self.leaf.forget();
+        if self.dir.unlink_seq.get() != unlinks && !broken(Rule::LeafCacheUnlink) {
+            self.dir.unlink_seq.set(unlinks);
+            self.dir.forget();
             bump(&self.counters.leaf_flushes);
         }
         WalkGuard {
             table: &self.table,
             cache: &self.cache,
-            leaf: &self.leaf,
+            dir: &self.dir,
             counters: &self.counters,
             _rg: rg,
         }
@@ -353,7 +360,7 @@ impl Walker {
 pub struct WalkGuard<'w> {
     table: &'w Stage2Table,
     cache: &'w TlbCache,
-    leaf: &'w LeafCache,
+    dir: &'w DirCache,
     counters: &'w Counters,
     _rg: ReadGuard<'w>,
 }
@@ -381,10 +388,10 @@ impl<'w> WalkGuard<'w> {
     /// [`Access::Write`] if write was needed and missing, else
     /// [`Access::Read`].
     ///
-    /// The two common cases are inline and touch the table at most once:
-    /// a translation-cache hit, and a present 4 KiB leaf in the leaf table
-    /// cached for the 2 MiB region. Everything else (a walk from the root,
-    /// huge leaves, failures) is out of line.
+    /// The common cases are inline: a translation-cache hit, and a present
+    /// 4 KiB leaf reached from the level-2 page cached for the GiB (two
+    /// live entry loads). Everything else (a walk from the root, huge
+    /// leaves, failures) is out of line.
     #[inline(always)]
     pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
         // 1. The translation cache.
@@ -400,21 +407,26 @@ impl<'w> WalkGuard<'w> {
                 return Ok(translation(gpa, hva, perms, level));
             }
         }
-        // 2. The leaf table cached for the region: one live entry.
+        // 2. The level-2 page cached for the GiB: two live entries.
         if gpa.0 < ADDRESS_LIMIT {
-            let region = gpa.0 >> LEAF_SHIFT;
-            let slot = &self.leaf.slots[(region as usize) & (LEAF_SLOTS - 1)];
-            let v = slot.page.get();
-            if slot.tag.get() == region | self.leaf.gen.get() && v & 7 == 1 {
+            let region = gpa.0 >> DIR_SHIFT;
+            let slot = &self.dir.slots[(region as usize) & (DIR_SLOTS - 1)];
+            if slot.tag.get() == region | self.dir.gen.get() {
                 // SAFETY: see `cached_page`.
-                let page = unsafe { cached_page(v) };
-                let e = Pte(page.entries[index(gpa.0, 1)].load(Ordering::Acquire));
-                let perms = e.perms();
-                if e.is_present() && e.0 != POISON && perms.contains(need) {
-                    bump(&self.counters.leaf_hits);
-                    let hva = e.addr() + (gpa.0 & (PAGE_SIZE - 1));
-                    self.remember(gpa, hva, perms, 1);
-                    return Ok(translation(gpa, hva, perms, 1));
+                let dir = unsafe { cached_page(slot.page.get()) };
+                let e2 = Pte(dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire));
+                if e2.is_table(DIR_LEVEL) && e2.0 != POISON {
+                    // SAFETY: read from a linked entry inside this read
+                    // section: the page stays allocated until it ends.
+                    let leaf: &TablePage = unsafe { PagePtr::from_addr(e2.addr()) };
+                    let e = Pte(leaf.entries[index(gpa.0, 1)].load(Ordering::Acquire));
+                    let perms = e.perms();
+                    if e.is_present() && e.0 != POISON && perms.contains(need) {
+                        bump(&self.counters.leaf_hits);
+                        let hva = e.addr() + (gpa.0 & (PAGE_SIZE - 1));
+                        self.remember(gpa, hva, perms, 1);
+                        return Ok(translation(gpa, hva, perms, 1));
+                    }
                 }
             }
         }
@@ -500,29 +512,32 @@ impl<'w> WalkGuard<'w> {
         }
     }
 
-    /// A lookup that starts at the table page cached for `gpa`'s 2 MiB
-    /// region, else at the root (and then caches the deepest table page
-    /// the walk reached). `gpa` is below [`ADDRESS_LIMIT`].
+    /// A lookup that starts at the level-2 page cached for `gpa`'s GiB,
+    /// else at the root (and then caches the level-2 page the walk went
+    /// through, if it reached one). `gpa` is below [`ADDRESS_LIMIT`].
     #[inline(always)]
     fn lookup_cached(&self, gpa: Gpa) -> Lookup {
-        let region = gpa.0 >> LEAF_SHIFT;
-        let slot = &self.leaf.slots[(region as usize) & (LEAF_SLOTS - 1)];
-        let tag = region | self.leaf.gen.get();
+        let region = gpa.0 >> DIR_SHIFT;
+        let slot = &self.dir.slots[(region as usize) & (DIR_SLOTS - 1)];
+        let tag = region | self.dir.gen.get();
         if slot.tag.get() == tag {
             bump(&self.counters.leaf_hits);
-            let v = slot.page.get();
             // SAFETY: see `cached_page`.
-            let page = unsafe { cached_page(v) };
-            return self.table.lookup_from(page, (v & 7) as u32, gpa).0;
+            let page = unsafe { cached_page(slot.page.get()) };
+            return self.table.lookup_from(page, DIR_LEVEL, gpa).0;
         }
         bump(&self.counters.full_walks);
-        let (found, page, level) = self.table.lookup_from(self.table.root(), LEVELS, gpa);
-        if level < LEVELS && !matches!(found, Lookup::Poison) {
-            slot.tag.set(tag);
-            slot.page
-                .set(std::ptr::from_ref(page) as u64 | u64::from(level));
+        match self.table.lookup_to(gpa, DIR_LEVEL) {
+            Ok(page) => {
+                let found = self.table.lookup_from(page, DIR_LEVEL, gpa).0;
+                if !matches!(found, Lookup::Poison) {
+                    slot.tag.set(tag);
+                    slot.page.set(std::ptr::from_ref(page) as u64);
+                }
+                found
+            }
+            Err(found) => found,
         }
-        found
     }
 
     /// Call `f` with each host-contiguous segment of `[gpa, gpa + len)`
@@ -606,18 +621,19 @@ fn translation<'g>(gpa: Gpa, hva: u64, perms: Perms, level: u32) -> Translation<
     }
 }
 
-/// The table page of a leaf-table cache slot (`address | level`).
+/// The table page of a directory cache slot.
 ///
 /// # Safety
 /// The caller is inside a read section of the walker whose cache holds
 /// the slot, and the slot's tag carries the cache's current generation.
 /// Then the page was read from a linked entry in a read section of this
 /// walker with no unlink-sequence move seen since (each pin that sees one
-/// starts a new generation). Table pages are freed only by a grace period
-/// that starts after such a move (`Rcu::retire` bumps the sequence first),
-/// and every pin reads the sequence after its fence: so either the page is
-/// not freed yet, or that grace period waits for this read section. (If
-/// it was unlinked meanwhile, it is empty: a walk from it finds nothing.)
+/// starts a new generation). A level-2 table page is freed only by a grace
+/// period that starts after such a move (the writer that unlinks it bumps
+/// the sequence right after the unhook, under the table lock), and every
+/// pin reads the sequence after its fence: so either the page is not
+/// freed yet, or that grace period waits for this read section. (If it
+/// was unlinked meanwhile, it is empty: a walk from it finds nothing.)
 #[inline(always)]
 unsafe fn cached_page<'g>(v: u64) -> &'g TablePage {
     // SAFETY: forwarded contract: the page is allocated for the section.

@@ -12,6 +12,8 @@
 //! - `cache_shootdown_vs_release`: `cache_shootdown` (and `grace_period`,
 //!   `unhook_order`);
 //! - `leaf_cache_vs_unlink_and_free`: `leaf_cache_unlink`;
+//! - `dir_cache_vs_leaf_unlink_and_free`: `deferred_free`, for a leaf
+//!   table reached through a cached level-2 page;
 //! - `split_is_atomic_for_walkers`: no switch (invariant 4);
 //! - `fault_commit_vs_unmap`: `fault_cas` (and `deferred_free`);
 //! - `fault_commit_vs_split`: `fault_cas`.
@@ -198,16 +200,18 @@ fn cache_shootdown_vs_release() {
     });
 }
 
-/// A leaf table that a walker cached in an earlier read section is
-/// unlinked by a flush that invalidates nothing (it holds only markers)
-/// and then freed by a grace period, while the walker pins again and
-/// translates through its cache: it never reads the freed page. Only the
-/// unlink sequence (bumped when the page is retired, before any grace
-/// period can free it) tells the walker; no invalidation happens.
+/// A leaf table that a walker reaches through its cached level-2 page
+/// (cached in an earlier read section) is unlinked by a flush that
+/// invalidates nothing (it holds only markers) and then freed by a grace
+/// period, while the walker pins again and translates through the cached
+/// level-2 page: the level-2 entry is read live, so the walker either
+/// sees the leaf table (and the grace period waits for it) or nothing;
+/// it never reads the freed page. Leaf tables move no unlink sequence:
+/// this is the unmap storm's case, with the walker's cache kept.
 #[test]
-fn leaf_cache_vs_unlink_and_free() {
+fn dir_cache_vs_leaf_unlink_and_free() {
     loom::model(|| {
-        // Pages 0-1: leaf table A (keeps the upper levels); pages 2-3:
+        // Pages 0-1: leaf table A (keeps the level-2 page); pages 2-3:
         // leaf table B, discarded (markers only).
         let (t, _) = setup(4, PageSize::Size4K);
         let mut g = t.gather();
@@ -216,7 +220,7 @@ fn leaf_cache_vs_unlink_and_free() {
         g.finish().unwrap();
         let mut walker = Walker::new(&t);
         {
-            // Caches B.
+            // Caches the level-2 page.
             let g = walker.pin();
             let r = g.translate(Gpa(2 * PAGE), Access::Read);
             assert_eq!(r.map(|t| t.hva), Err(WalkError::Discarded(Gpa(2 * PAGE))));
@@ -226,12 +230,57 @@ fn leaf_cache_vs_unlink_and_free() {
             for a in [Gpa(2 * PAGE), Gpa(3 * PAGE)] {
                 match g.translate(a, Access::Read) {
                     Err(WalkError::Discarded(_) | WalkError::NotMapped(_)) => {}
-                    other => panic!("translating {a} through the cached leaf table: {other:?}"),
+                    other => panic!("translating {a} through the cached level-2 page: {other:?}"),
                 }
             }
         });
         let mut g = t.gather();
         t.unmap(&mut g, Gpa(2 * PAGE), 2 * PAGE, UnmapMode::Remove)
+            .unwrap();
+        g.finish().unwrap();
+        t.rcu_barrier();
+        w.join().unwrap();
+        assert_eq!(t.stats().use_after_free, 0);
+    });
+}
+
+/// A level-2 page that a walker cached in an earlier read section is
+/// unlinked (its whole range emptied, by a flush that invalidates
+/// nothing: it held only a marker) and then freed by a grace period,
+/// while the walker pins again and translates through its cache: it
+/// never reads the freed page. Only the unlink sequence (bumped right
+/// after the unhook, before any grace period can free the page) tells
+/// the walker; no invalidation happens.
+#[test]
+fn leaf_cache_vs_unlink_and_free() {
+    loom::model(|| {
+        // Page 0 keeps the level-3 page; page 4 (the second level-2
+        // page's range) is discarded: a marker, all that range holds.
+        let (t, _) = setup(8, PageSize::Size4K);
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(PAGE), 3 * PAGE, UnmapMode::Remove)
+            .unwrap();
+        t.unmap(&mut g, Gpa(5 * PAGE), 3 * PAGE, UnmapMode::Remove)
+            .unwrap();
+        t.unmap(&mut g, Gpa(4 * PAGE), PAGE, UnmapMode::Discard)
+            .unwrap();
+        g.finish().unwrap();
+        let mut walker = Walker::new(&t);
+        {
+            // Caches the second level-2 page.
+            let g = walker.pin();
+            let r = g.translate(Gpa(4 * PAGE), Access::Read);
+            assert_eq!(r.map(|t| t.hva), Err(WalkError::Discarded(Gpa(4 * PAGE))));
+        }
+        let w = thread::spawn(move || {
+            let g = walker.pin();
+            match g.translate(Gpa(4 * PAGE), Access::Read) {
+                Err(WalkError::Discarded(_) | WalkError::NotMapped(_)) => {}
+                other => panic!("translating through the cached level-2 page: {other:?}"),
+            }
+        });
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(4 * PAGE), PAGE, UnmapMode::Remove)
             .unwrap();
         g.finish().unwrap();
         t.rcu_barrier();

@@ -1,10 +1,11 @@
-//! The fast walk's leaf-table cache (`guest-mm/src/walk.rs`): a cached
-//! table page is never used after it could have been freed, and the
-//! cached walk answers what a walk from the root answers.
+//! The fast walk's directory cache (`guest-mm/src/walk.rs`): a cached
+//! level-2 table page is never used after it could have been freed, a
+//! leaf table unlinked under it empties no cache and is never read once
+//! freed, and the cached walk answers what a walk from the root answers.
 //!
 //! `leaf_cache_forgets_freed_pages` is the detector of the `mutation` rule
 //! `leaf_cache_unlink` (`GMM_BREAK_RULE=leaf_cache_unlink`): it fails when
-//! a walker keeps its cached leaf tables across an unlink-sequence move.
+//! a walker keeps its cached level-2 pages across an unlink-sequence move.
 
 use guest_mm::{
     Access, BackingKind, BackingRegion, Gpa, Hva, PageSize, Perms, Stage2Table, TableConfig,
@@ -14,30 +15,32 @@ use guest_mm::{
 const FAKE: u64 = 0x1000_0000_0000;
 const PAGE: u64 = 4096;
 const TWO_M: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
 
 fn table() -> std::sync::Arc<Stage2Table> {
     let t = Stage2Table::new(TableConfig::default()).expect("table");
     t.register_backing(BackingRegion {
         hva: Hva(FAKE),
-        len: 1 << 30,
+        len: 2 << 30,
         kind: BackingKind::Simulated { hook: None },
     })
     .expect("backing");
     t
 }
 
-/// A leaf table that a walker cached is unlinked by a flush that
-/// invalidates nothing (it held only a marker), then freed (poisoned) by a
-/// grace period. No invalidation-sequence move tells the walker; only the
-/// unlink sequence does. Its next translation there must walk from the
-/// root and find nothing, never read the freed page.
+/// A level-2 table page that a walker cached is unlinked (its whole GiB
+/// emptied) by a flush that invalidates nothing (it held only a marker),
+/// then freed (poisoned) by a grace period. No invalidation-sequence move
+/// tells the walker; only the unlink sequence does. Its next translation
+/// there must walk from the root and find nothing, never read the freed
+/// page.
 #[test]
 fn leaf_cache_forgets_freed_pages() {
     let t = table();
-    // Keep the upper levels alive: a neighbour 2 MiB region stays mapped.
+    // Keep the level-3 page alive: GiB 0 stays mapped.
     t.map(Gpa(0), Hva(FAKE), PAGE, Perms::RW, PageSize::Size4K)
         .expect("map neighbour");
-    let gpa = Gpa(5 * TWO_M + 7 * PAGE);
+    let gpa = Gpa(GIB + 5 * TWO_M + 7 * PAGE);
     t.map(gpa, Hva(FAKE + gpa.0), PAGE, Perms::RW, PageSize::Size4K)
         .expect("map");
     let mut g = t.gather();
@@ -47,13 +50,13 @@ fn leaf_cache_forgets_freed_pages() {
 
     let mut w = t.walker();
     {
-        // The walk reaches the leaf table (a marker): it is cached.
+        // The walk goes through GiB 1's level-2 page: it is cached.
         let g = w.pin();
         assert_eq!(
             g.translate(gpa, Access::Read).map(|t| t.hva),
             Err(WalkError::Discarded(gpa))
         );
-        // Another page of the region: answered from the cached leaf table.
+        // Another page of the GiB: answered from the cached page.
         assert_eq!(
             g.translate(Gpa(gpa.0 + PAGE), Access::Read).map(|t| t.hva),
             Err(WalkError::NotMapped(Gpa(gpa.0 + PAGE)))
@@ -62,11 +65,11 @@ fn leaf_cache_forgets_freed_pages() {
     let before = w.stats();
     assert!(
         before.leaf_hits >= 1,
-        "the leaf table was not cached: {before:?}"
+        "the level-2 page was not cached: {before:?}"
     );
 
-    // Remove the marker: the leaf table empties and is unlinked, in a
-    // flush with nothing to invalidate; then free it.
+    // Remove the marker: the leaf table and the level-2 page empty and
+    // are unlinked, in a flush with nothing to invalidate; then free them.
     let seq = t.invalidate_seq();
     let mut g = t.gather();
     t.unmap(&mut g, gpa, PAGE, UnmapMode::Remove)
@@ -80,16 +83,16 @@ fn leaf_cache_forgets_freed_pages() {
     t.rcu_barrier();
 
     let g = w.pin();
-    for a in [gpa, Gpa(gpa.0 + PAGE), Gpa(gpa.0 + 100 * PAGE)] {
+    for a in [gpa, Gpa(gpa.0 + PAGE), Gpa(gpa.0 + 100 * TWO_M)] {
         assert_eq!(
             g.translate(a, Access::Read).map(|t| t.hva),
             Err(WalkError::NotMapped(a)),
-            "a translation in the removed region read {}",
+            "a translation in the removed GiB read {}",
             if matches!(
                 g.translate(a, Access::Read),
                 Err(WalkError::UseAfterFree(_))
             ) {
-                "the freed leaf table (use-after-free)"
+                "the freed level-2 page (use-after-free)"
             } else {
                 "something else"
             }
@@ -100,6 +103,61 @@ fn leaf_cache_forgets_freed_pages() {
     assert_eq!(after.use_after_free, 0, "{after:?}");
     assert_eq!(t.stats().use_after_free, 0);
     assert!(after.leaf_flushes > before.leaf_flushes, "{after:?}");
+}
+
+/// The unmap storm's case: a whole 2 MiB is removed and its leaf table
+/// unlinked and freed while other pages of the GiB stay mapped. The
+/// walker keeps its cached level-2 page (nothing it caches was unlinked:
+/// no flush), reads the cleared level-2 entry live, and finds nothing;
+/// it never reads the freed leaf table, and the rest of the GiB still
+/// translates from the cache.
+#[test]
+fn leaf_table_unlink_keeps_the_directory() {
+    let t = table();
+    t.map(Gpa(0), Hva(FAKE), 4 * TWO_M, Perms::RW, PageSize::Size4K)
+        .expect("map");
+    let mut w = t.walker();
+    {
+        let g = w.pin();
+        for r in 0..4 {
+            let a = Gpa(r * TWO_M + 3 * PAGE);
+            assert_eq!(
+                g.translate(a, Access::Read).map(|t| t.hva),
+                Ok(Hva(FAKE + a.0))
+            );
+        }
+    }
+    let before = w.stats();
+    let mut g = t.gather();
+    t.unmap(&mut g, Gpa(TWO_M), TWO_M, UnmapMode::Remove)
+        .expect("remove 2 MiB");
+    g.finish().expect("flush");
+    t.rcu_barrier();
+    assert_eq!(t.stats().use_after_free, 0);
+
+    let g = w.pin();
+    for p in [0, 3, 511] {
+        let a = Gpa(TWO_M + p * PAGE);
+        assert_eq!(
+            g.translate(a, Access::Read).map(|t| t.hva),
+            Err(WalkError::NotMapped(a))
+        );
+    }
+    for r in [0, 2, 3] {
+        let a = Gpa(r * TWO_M + 9 * PAGE);
+        assert_eq!(
+            g.translate(a, Access::Read).map(|t| t.hva),
+            Ok(Hva(FAKE + a.0))
+        );
+    }
+    drop(g);
+    let after = w.stats();
+    assert_eq!(after.use_after_free, 0, "{after:?}");
+    assert_eq!(
+        after.leaf_flushes, before.leaf_flushes,
+        "a leaf-table unlink emptied the directory cache: {after:?}"
+    );
+    assert!(after.leaf_hits > before.leaf_hits, "{after:?}");
 }
 
 /// The cached walk agrees with the walk from the root, page by page, for

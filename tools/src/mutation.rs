@@ -173,6 +173,13 @@ const LOOM_LEAF_CACHE: Detector = Detector {
     },
     stochastic: false,
 };
+const LOOM_DIR_CACHE_LEAF: Detector = Detector {
+    name: "loom dir_cache_vs_leaf_unlink_and_free",
+    run: Run::Loom {
+        test: "dir_cache_vs_leaf_unlink_and_free",
+    },
+    stochastic: false,
+};
 const GM_REGISTER: Detector = Detector {
     name: "guest-mm register_unblocked",
     run: Run::Test {
@@ -309,7 +316,12 @@ const MATRIX: &[(Rule, &[Claim])] = &[
     ),
     (
         Rule::DeferredFree,
-        &[fast(LOOM_WALKER), fast(GM_STRESS), full(LOOM_FAULT_UNMAP)],
+        &[
+            fast(LOOM_WALKER),
+            fast(GM_STRESS),
+            full(LOOM_FAULT_UNMAP),
+            full(LOOM_DIR_CACHE_LEAF),
+        ],
     ),
     (
         Rule::BalloonBounds,

@@ -16,11 +16,11 @@
 //! (the `call_rcu` analogue); they are freed at the end of the next grace
 //! period that *starts* after the hand-over. If the list cannot grow, the
 //! caller waits for a grace period itself and frees synchronously (the
-//! kernel's `tlb_remove_table_one` fallback). Before anything it is given
-//! can be freed, `retire` bumps the *unlink sequence*
-//! ([`Rcu::note_unlinked`]), which walkers that keep table-page pointers
-//! across read sections (the fast walk's leaf-table cache) compare at
-//! every pin. [`Rcu::barrier`] is the
+//! kernel's `tlb_remove_table_one` fallback). A writer that unlinks a
+//! table page of level 2 or above bumps the *unlink sequence*
+//! ([`Rcu::note_unlinked`]) right after the unhook, before it can be
+//! retired: walkers that keep such pages across read sections (the fast
+//! walk's directory cache) compare it at every pin. [`Rcu::barrier`] is the
 //! `rcu_barrier` analogue: it returns when everything retired before the
 //! call has been freed. The `mutation` rule `deferred_free` makes
 //! `retire` free at once.
@@ -48,9 +48,9 @@ pub(crate) struct ReaderSlot {
 /// The reclamation domain of one table: readers, epochs, retired pages.
 pub(crate) struct Rcu {
     epoch: AtomicU64,
-    /// Bumped whenever table pages are handed over for freeing (and by
-    /// [`Rcu::note_unlinked`]): walkers that keep table-page pointers
-    /// across read sections drop them at pin when it moved.
+    /// Bumped by [`Rcu::note_unlinked`] whenever a table page of level 2
+    /// or above is unlinked: walkers that keep such pages across read
+    /// sections drop them at pin when it moved.
     unlink_seq: AtomicU64,
     slots: Mutex<Vec<crate::sync::Arc<ReaderSlot>>>,
     retired: Mutex<Vec<PagePtr>>,
@@ -196,10 +196,6 @@ impl Rcu {
         if pages.is_empty() {
             return;
         }
-        // Before the pages can be freed: a grace period that frees them
-        // starts after this, so a reader that pins before it is waited
-        // for, and one that pins after it sees the new sequence.
-        self.note_unlinked();
         if broken(Rule::DeferredFree) {
             for &p in pages {
                 // SAFETY: this is the bug the `DeferredFree` switch injects
@@ -225,12 +221,14 @@ impl Rcu {
         }
     }
 
-    /// Tell walkers that table pages were unlinked: bumps the unlink
-    /// sequence, which every pin of a [`crate::Walker`] compares with the
-    /// one its leaf-table cache was filled under. [`Rcu::retire`] calls it
-    /// before any page it is given can be freed, so no cached page pointer
-    /// is used past its page's grace period; a writer may also call it
-    /// right after an unlink (it only makes caches drop pages earlier).
+    /// Tell walkers that table pages they may cache were unlinked: bumps
+    /// the unlink sequence, which every pin of a [`crate::Walker`] compares
+    /// with the one its directory cache was filled under. The writer that
+    /// unlinks a page of level 2 or above calls it right after the unhook,
+    /// under the table lock, so before the grace period that frees the
+    /// page starts: a reader that pinned before the bump is waited for,
+    /// and one that pins after it sees the new sequence. Leaf tables are
+    /// never cached across read sections and move nothing.
     #[inline]
     pub(crate) fn note_unlinked(&self) {
         self.unlink_seq.fetch_add(1, Ordering::SeqCst);

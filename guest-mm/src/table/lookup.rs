@@ -97,14 +97,15 @@ impl Stage2Table {
 
     /// Walk to the entry for `gpa` (below [`ADDRESS_LIMIT`]) starting at
     /// table page `page` of `level` (the root at [`LEVELS`], or a page the
-    /// caller knows covers `gpa`: the fast walk's leaf-table cache).
+    /// caller knows covers `gpa`: the fast walk's directory cache).
     /// Returns what was found and the last table page read, with its level
     /// (the page holding the entry found).
     ///
     /// The caller must be inside a read section of this table's RCU domain
     /// (or hold the table lock), and `page` must still be allocated in it:
     /// the root, or a page read from a linked entry and not retired since
-    /// ([`crate::walk`] checks the unlink sequence at every pin for that).
+    /// ([`crate::walk`] checks the unlink sequence at every pin for that:
+    /// writers bump it when they unlink a page of level 2 or above).
     /// A page unlinked since it was read is empty (only empty pages are
     /// unlinked), so a walk from it finds nothing mapped, never a stale
     /// leaf.
@@ -137,6 +138,37 @@ impl Stage2Table {
             };
             return (found, page, level);
         }
+    }
+
+    /// Walk from the root to the table page of `level` that covers `gpa`
+    /// (below [`ADDRESS_LIMIT`]): `Ok(page)`, or `Err(found)` with what
+    /// the walk found above that level instead (a huge leaf, a marker,
+    /// nothing, poison). Same contract as [`Stage2Table::lookup_from`].
+    #[inline]
+    pub(crate) fn lookup_to(&self, gpa: Gpa, level: u32) -> Result<&TablePage, Lookup> {
+        let mut page = self.root();
+        let mut at = LEVELS;
+        while at > level {
+            let e = Pte(page.entries[index(gpa.0, at)].load(Ordering::Acquire));
+            if e.0 == POISON {
+                self.stats.use_after_free.fetch_add(1, Relaxed);
+                return Err(Lookup::Poison);
+            }
+            if !e.is_table(at) {
+                return Err(if e.is_present() {
+                    Lookup::Leaf { pte: e, level: at }
+                } else if e.is_marker() {
+                    Lookup::Marker { pte: e, level: at }
+                } else {
+                    Lookup::None
+                });
+            }
+            // SAFETY: read from a linked entry inside the caller's read
+            // section (or under the lock): the page stays allocated.
+            page = unsafe { PagePtr::from_addr(e.addr()) };
+            at -= 1;
+        }
+        Ok(page)
     }
 
     /// What the table says about the page at `gpa` right now.

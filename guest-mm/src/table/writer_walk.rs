@@ -214,6 +214,13 @@ impl Stage2Table {
                 if page_is_empty(child) {
                     // Unhook; the page is freed after a grace period.
                     slot.store(0, Ordering::Release);
+                    if level > 2 {
+                        // The child is of level 2 or above: walkers may
+                        // hold it across read sections (their directory
+                        // cache); tell them before the grace period that
+                        // frees it can start.
+                        self.rcu.note_unlinked();
+                    }
                     g.note_table(PagePtr(NonNull::from(child)));
                 }
                 if reached < stop {
