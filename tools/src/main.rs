@@ -86,6 +86,10 @@ enum Cmd {
     /// Benchmarks against baselines measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
+    /// A plain process that holds populated anonymous memory until it is
+    /// killed (`bench interference`'s kernel baseline; not for users).
+    #[command(hide = true)]
+    Neighbour(interference::NeighbourArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -159,5 +163,6 @@ fn main() -> Result<()> {
         Cmd::StressVm(a) => stress_vm::cmd(a),
         Cmd::Mutation(a) => mutation::cmd(a),
         Cmd::Soak(a) => soak::cmd(a),
+        Cmd::Neighbour(a) => interference::neighbour(a),
     }
 }

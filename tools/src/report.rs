@@ -2902,6 +2902,13 @@ fn interference_section(d: &StepData) -> Section {
     let pct = |x: Option<f64>| {
         x.map_or_else(|| "not measured".into(), |x| format!("{:+.1} %", x * 100.0))
     };
+    // The kernel baseline (no VM: a plain process freeing as much memory),
+    // when the run had it: the bound of both targets on this host.
+    let base = r.scenarios.iter().find(|s| s.verdict == "baseline");
+    let with_bound = |x: Option<f64>, b: Option<f64>| match base {
+        Some(_) => format!("{} (kernel baseline, no VM: {})", pct(x), pct(b)),
+        None => pct(x),
+    };
     let _ = writeln!(
         md,
         "| victim fault p99 increase | {} | {} |",
@@ -2935,6 +2942,14 @@ fn interference_section(d: &StepData) -> Section {
         }
         md += "\n(Loop rate: the change of the victim's rate; a drop is negative.)\n\n";
     }
+    if let Some(b) = base {
+        let _ = writeln!(
+            md,
+            "*Kernel baseline* (`{}`): {}. No monitor takes part, so what it costs the victim is what giving that much memory back costs any neighbour on this host (CPU time the kernel spends freeing pages, on cores the victim's threads share, and the kernel's locks): the bound of the targets here, shown beside them.\n",
+            b.scenario,
+            md_cell(&b.event)
+        );
+    }
     Section {
         bench: B,
         md,
@@ -2942,13 +2957,19 @@ fn interference_section(d: &StepData) -> Section {
             TargetRow {
                 bench: B,
                 target: INTERFERENCE_TARGETS[0].into(),
-                measured: pct(r.victim_fault_p99_increase),
+                measured: with_bound(
+                    r.victim_fault_p99_increase,
+                    base.and_then(|b| b.victim_fault_p99_increase),
+                ),
                 verdict: v1,
             },
             TargetRow {
                 bench: B,
                 target: INTERFERENCE_TARGETS[1].into(),
-                measured: pct(r.victim_loop_rate_drop),
+                measured: with_bound(
+                    r.victim_loop_rate_drop,
+                    base.and_then(|b| b.victim_loop_rate_drop),
+                ),
                 verdict: v2,
             },
         ],

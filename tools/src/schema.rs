@@ -975,6 +975,8 @@ pub struct ScenarioResult {
     pub event_ms: Spread,
     /// VM A's CPU time during the event window, ms.
     pub a_cpu_ms: Spread,
+    /// `met` or `missed` (every figure ≤ 10 %); `baseline` for the kernel
+    /// baseline (`munmap`: no VM), which is not judged.
     pub verdict: String,
 }
 

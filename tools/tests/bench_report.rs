@@ -341,6 +341,37 @@ fn fault_fixture(quiet: f64, storm: f64) -> Value {
     })
 }
 
+/// FIXTURE: one scenario of `gmm bench interference --json`.
+fn scenario_fixture(name: &str, fault: f64, loop_drop: f64, verdict: &str) -> Value {
+    let sp = |x: f64| json!({"median": x, "min": x, "max": x});
+    json!({
+        "scenario": name,
+        "event": format!("the {name} event"),
+        "rounds": 1,
+        "victim_fault_p99_increase": fault,
+        "victim_walk_p99_increase": 0.0,
+        "victim_loop_rate_drop": loop_drop,
+        "fault_p99_us_quiet": sp(10.0),
+        "fault_p99_us_event": sp(10.0 * (1.0 + fault)),
+        "fault_p50_us_quiet": 5.0,
+        "fault_p50_us_event": 6.0,
+        "fault_max_us_event": 90.0,
+        "fault_p99_us_pooled": [10.0, 10.0 * (1.0 + fault)],
+        "walk_p99_us_pooled": [2.0, 2.0],
+        "walk_p99_us_quiet": sp(2.0),
+        "walk_p99_us_event": sp(2.0),
+        "loop_mib_per_sec_quiet": sp(1000.0),
+        "loop_mib_per_sec_event": sp(1000.0 * (1.0 - loop_drop)),
+        "fault_samples_quiet": 100,
+        "fault_samples_event": 100,
+        "walk_samples_quiet": 100,
+        "walk_samples_event": 100,
+        "event_ms": sp(500.0),
+        "a_cpu_ms": sp(400.0),
+        "verdict": verdict
+    })
+}
+
 /// FIXTURE: `gmm bench interference --json` (fractions).
 fn interference_fixture(fault_p99_increase: f64, loop_rate_drop: f64) -> Value {
     json!({
@@ -1219,6 +1250,46 @@ fn service_and_linux_sections_and_their_verdicts() {
         ],
     );
     assert!(md.contains("Skipped: qemu: not found"), "{md}");
+}
+
+/// The kernel baseline scenario (no VM) is shown beside the interference
+/// targets as their bound, and judges nothing.
+#[test]
+fn interference_shows_the_kernel_baseline() {
+    let dir = scratch("interference-baseline");
+    let mut v = interference_fixture(2.0, 0.2);
+    v["scenarios"] = json!([
+        scenario_fixture("teardown", 2.0, 0.2, "missed"),
+        scenario_fixture("munmap", 3.4, 0.25, "baseline"),
+    ]);
+    write(&dir, "interference.json", &v);
+    let (out, md) = report_from(&dir, "interference");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_missed(
+        row(
+            &md,
+            &[
+                "interference",
+                "a noisy neighbour raises a victim's fault p99 by ≤ 10 %",
+            ],
+        ),
+        "+200.0 % (kernel baseline, no VM: +340.0 %)",
+    );
+    assert_missed(
+        row(
+            &md,
+            &[
+                "interference",
+                "a noisy neighbour slows a victim's loop by ≤ 10 %",
+            ],
+        ),
+        "+20.0 % (kernel baseline, no VM: +25.0 %)",
+    );
+    assert!(
+        md.contains("*Kernel baseline* (`munmap`): the munmap event."),
+        "{md}"
+    );
+    row(&md, &["munmap", "the munmap event", "+340.0 %"]);
 }
 
 #[test]
