@@ -28,10 +28,10 @@
 //! used only in a read section that a grace period freeing it would have
 //! to wait for. A page unlinked but not yet freed is empty (only empty
 //! table pages are unlinked), so a walk from it finds nothing, never a
-//! stale leaf. Leaf tables come and go with every unmap of a whole 2 MiB
-//! (an unmap storm, a balloon): they are not cached, so unlinking them
-//! moves nothing and empties no walker's cache; level-2 pages go only
-//! when a whole GiB empties. An invalidation (entries cleared) empties
+//! stale leaf. Leaf tables go with every removal of a whole 2 MiB (an
+//! unmap storm; a balloon leaves markers, which keep their tables): they
+//! are not cached, so unlinking them moves nothing and empties no
+//! walker's cache; level-2 pages go only when a whole GiB empties. An invalidation (entries cleared) empties
 //! the translation cache only: the directory holds no entry.
 //!
 //! **Protocol: the walker is waited for, never retried.** A walk reads the
