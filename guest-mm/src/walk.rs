@@ -31,8 +31,9 @@
 //! stale leaf. Leaf tables go with every removal of a whole 2 MiB (an
 //! unmap storm; a balloon leaves markers, which keep their tables): they
 //! are not cached, so unlinking them moves nothing and empties no
-//! walker's cache; level-2 pages go only when a whole GiB empties. An invalidation (entries cleared) empties
-//! the translation cache only: the directory holds no entry.
+//! walker's cache; level-2 pages go only when a whole GiB empties. An
+//! invalidation (entries cleared) empties the translation cache only: the
+//! directory holds no entry.
 //!
 //! **Protocol: the walker is waited for, never retried.** A walk reads the
 //! entries with Acquire loads inside its read section and takes no lock.

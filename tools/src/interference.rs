@@ -461,25 +461,10 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
     let (e0, ep0) = (Instant::now(), v.progress()?);
     let (e1, cpu1) = match sc {
         Scenario::Teardown => {
-            sigterm(&mut vm_a.w, "VM A")?;
-            // Last reading before the exit (the process's stat goes with it).
-            let mut cpu = cpu0;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let end = loop {
-                if let Some(c) = vmm::proc_stats::cpu_time_of(vm_a.w.pid) {
-                    cpu = cpu.max(c);
-                }
-                match vm_a.w.wait(Duration::from_millis(2)) {
-                    Ok((t, out)) => {
-                        if !out.status.success() {
-                            bail!("VM A exited with {}: {}", out.status, tail(&out.stderr));
-                        }
-                        break t;
-                    }
-                    Err(_) if Instant::now() < deadline => continue,
-                    Err(e) => return Err(e),
-                }
-            };
+            let (end, out, cpu) = sigterm_until_exit(&mut vm_a.w, cpu0, "VM A")?;
+            if !out.status.success() {
+                bail!("VM A exited with {}: {}", out.status, tail(&out.stderr));
+            }
             (end, cpu)
         }
         Scenario::Balloon => {
@@ -525,6 +510,29 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
     })
 }
 
+/// SIGTERM to `w`, then waits (up to 60 s) for its exit: when waitpid
+/// returned, the exit, and the process's CPU time at its last reading
+/// (from `cpu0`; the process's stat goes with it).
+fn sigterm_until_exit(
+    w: &mut crate::peer::Waited,
+    cpu0: Duration,
+    who: &str,
+) -> Result<(Instant, std::process::Output, Duration)> {
+    sigterm(w, who)?;
+    let mut cpu = cpu0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(c) = vmm::proc_stats::cpu_time_of(w.pid) {
+            cpu = cpu.max(c);
+        }
+        match w.wait(Duration::from_millis(2)) {
+            Ok((t, out)) => return Ok((t, out, cpu)),
+            Err(_) if Instant::now() < deadline => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The kernel baseline's round: a quiet window beside the idle neighbour,
 /// then SIGTERM to its exit.
 fn munmap_round(a: &Args, v: &Victim) -> Result<Round> {
@@ -537,21 +545,9 @@ fn munmap_round(a: &Args, v: &Victim) -> Result<Round> {
     std::thread::sleep(Duration::from_millis(a.quiet_ms));
     let (q1, qp1) = (Instant::now(), v.progress()?);
     let cpu0 = vmm::proc_stats::cpu_time_of(n.pid).unwrap_or_default();
-    let mut cpu = cpu0;
     let (e0, ep0) = (Instant::now(), v.progress()?);
-    sigterm(&mut n, "the neighbour process")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let e1 = loop {
-        if let Some(c) = vmm::proc_stats::cpu_time_of(n.pid) {
-            cpu = cpu.max(c);
-        }
-        match n.wait(Duration::from_millis(2)) {
-            // Killed by the signal, as intended.
-            Ok((t, _)) => break t,
-            Err(_) if Instant::now() < deadline => continue,
-            Err(e) => return Err(e),
-        }
-    };
+    // Killed by the signal, as intended: any exit status will do.
+    let (e1, _, cpu) = sigterm_until_exit(&mut n, cpu0, "the neighbour process")?;
     let ep1 = v.progress()?;
     Ok(Round {
         quiet: measure(v, q0, qp0, q1, qp1),

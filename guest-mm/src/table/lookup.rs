@@ -40,6 +40,20 @@ pub(crate) enum Lookup {
     Poison,
 }
 
+impl Lookup {
+    /// What the non-table, non-poison entry `e` at `level` holds.
+    #[inline(always)]
+    fn of(e: Pte, level: u32) -> Lookup {
+        if e.is_present() {
+            Lookup::Leaf { pte: e, level }
+        } else if e.is_marker() {
+            Lookup::Marker { pte: e, level }
+        } else {
+            Lookup::None
+        }
+    }
+}
+
 /// How `[start, end)` of the table is used right now ([`Stage2Table::census`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Census {
@@ -129,14 +143,7 @@ impl Stage2Table {
                 level -= 1;
                 continue;
             }
-            let found = if e.is_present() {
-                Lookup::Leaf { pte: e, level }
-            } else if e.is_marker() {
-                Lookup::Marker { pte: e, level }
-            } else {
-                Lookup::None
-            };
-            return (found, page, level);
+            return (Lookup::of(e, level), page, level);
         }
     }
 
@@ -155,13 +162,7 @@ impl Stage2Table {
                 return Err(Lookup::Poison);
             }
             if !e.is_table(at) {
-                return Err(if e.is_present() {
-                    Lookup::Leaf { pte: e, level: at }
-                } else if e.is_marker() {
-                    Lookup::Marker { pte: e, level: at }
-                } else {
-                    Lookup::None
-                });
+                return Err(Lookup::of(e, at));
             }
             // SAFETY: read from a linked entry inside the caller's read
             // section (or under the lock): the page stays allocated.
