@@ -12,7 +12,10 @@
 //! | simulated | nothing (tests, loom); the release is only reported to a hook |
 //!
 //! A gather's flush releases all its runs through one `ReleaseBatch`:
-//! anonymous runs are queued and handed to the kernel as one
+//! shared-file runs are queued and punched one by one (a large batch split
+//! across threads, one file per thread: see
+//! [`ReleaseBatch::submit_parallel`]); anonymous runs are queued and
+//! handed to the kernel as one
 //! `process_madvise(PIDFD_SELF, iov, n, MADV_DONTNEED)` per
 //! [`BATCH_RUNS`] runs (Linux 6.13 allows any advice on the caller itself,
 //! 6.14 added `PIDFD_SELF`, and 6.16 batches the TLB flushes of such a
@@ -284,9 +287,27 @@ pub(crate) struct BackingRegistry {
     unreleased_bytes: std::sync::atomic::AtomicU64,
 }
 
-/// Anonymous runs waiting for one `process_madvise` call, and the first
-/// release error of a flush. Lives on the flusher's stack: no allocation
-/// (only a parallel submit spawns its helper threads).
+/// One shared-file run waiting in a [`ReleaseBatch`]: the host range
+/// `[hva, hva + len)` is `[off, off + len)` of `fd`.
+#[derive(Clone, Copy)]
+struct Punch {
+    fd: RawFd,
+    off: u64,
+    hva: u64,
+    len: u64,
+}
+
+const NO_PUNCH: Punch = Punch {
+    fd: -1,
+    off: 0,
+    hva: 0,
+    len: 0,
+};
+
+/// Runs waiting to be released: anonymous ones for one `process_madvise`
+/// call, shared-file ones for their punch-holes; and the first release
+/// error of a flush. Lives on the flusher's stack: no allocation (only a
+/// parallel submit allocates, for its lanes and helper threads).
 pub(crate) struct ReleaseBatch<'a> {
     reg: &'a BackingRegistry,
     /// The table's injection points (`batch_release` forces the run-by-run
@@ -295,6 +316,10 @@ pub(crate) struct ReleaseBatch<'a> {
     iov: [libc::iovec; BATCH_RUNS],
     n: usize,
     bytes: u64,
+    /// Shared-file runs waiting for their punch-hole.
+    punches: [Punch; BATCH_RUNS],
+    np: usize,
+    punch_bytes: u64,
     first_err: Option<ReleaseError>,
     /// Threads a large submit may use, and the injection point that makes
     /// spawning one fail.
@@ -303,9 +328,127 @@ pub(crate) struct ReleaseBatch<'a> {
     parallel: u64,
 }
 
+/// How many different files `punches` punch.
+fn distinct_files(punches: &[Punch]) -> usize {
+    (0..punches.len())
+        .filter(|&i| punches[..i].iter().all(|p| p.fd != punches[i].fd))
+        .count()
+}
+
+/// A run of a [`Lane`]: anonymous, or `(fd, file offset)` of a shared file.
+#[derive(Clone, Copy)]
+struct Piece {
+    hva: u64,
+    len: u64,
+    file: Option<(RawFd, u64)>,
+}
+
+/// Runs a parallel release treats as one concatenated range, claimed
+/// [`PARALLEL_CHUNK`] at a time from `cursor` (plain std atomics: this is
+/// not part of the protocol loom models; loom's backings are simulated and
+/// never reach here).
+struct Lane {
+    pieces: Vec<Piece>,
+    bytes: u64,
+    cursor: std::sync::atomic::AtomicU64,
+}
+
+impl Lane {
+    fn new(pieces: Vec<Piece>) -> Lane {
+        Lane {
+            bytes: pieces.iter().map(|p| p.len).sum(),
+            pieces,
+            cursor: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// All anonymous runs in one lane, the punches of each file in one lane
+    /// per file, in the order they were queued.
+    fn sort(anon: impl Iterator<Item = Piece>, punches: &[Punch]) -> Vec<Lane> {
+        let mut lanes = Vec::new();
+        let anon: Vec<Piece> = anon.collect();
+        if !anon.is_empty() {
+            lanes.push(Lane::new(anon));
+        }
+        for (i, first) in punches.iter().enumerate() {
+            if punches[..i].iter().any(|p| p.fd == first.fd) {
+                continue;
+            }
+            let of_file = punches.iter().filter(|p| p.fd == first.fd);
+            lanes.push(Lane::new(
+                of_file
+                    .map(|p| Piece {
+                        hva: p.hva,
+                        len: p.len,
+                        file: Some((p.fd, p.off)),
+                    })
+                    .collect(),
+            ));
+        }
+        lanes
+    }
+
+    /// Whether no thread has claimed a chunk of the lane yet.
+    fn untouched(&self) -> bool {
+        self.cursor.load(Ordering::Relaxed) == 0
+    }
+
+    /// Whether a chunk of the lane is left to claim.
+    fn has_work(&self) -> bool {
+        self.cursor.load(Ordering::Relaxed) < self.bytes
+    }
+
+    /// Claims the lane's next chunk and releases it; `None` once nothing is
+    /// left to claim, else the first error of the chunk.
+    fn release_chunk(
+        &self,
+        reg: &BackingRegistry,
+        faults: &FaultInjection,
+    ) -> Option<Result<(), ReleaseError>> {
+        let lo = self.cursor.fetch_add(PARALLEL_CHUNK, Ordering::Relaxed);
+        if lo >= self.bytes {
+            return None;
+        }
+        let hi = (lo + PARALLEL_CHUNK).min(self.bytes);
+        let mut res = Ok(());
+        let mut at = 0u64;
+        for p in &self.pieces {
+            let (a, b) = (at.max(lo), (at + p.len).min(hi));
+            if a < b {
+                let s = p.hva + (a - at);
+                let one = match p.file {
+                    None => reg.madvise(s, b - a, faults),
+                    Some((fd, off)) => reg.punch(fd, off + (a - at), s, b - a, faults),
+                };
+                if res.is_ok() {
+                    res = one;
+                }
+            }
+            at += p.len;
+            if at >= hi {
+                break;
+            }
+        }
+        Some(res)
+    }
+}
+
 impl<'a> ReleaseBatch<'a> {
     /// Queue one run. The caller submits a full batch first, outside the
     /// registry lock ([`BackingRegistry::release_into`]).
+    /// Whether either queue is full (the next push must wait for a submit).
+    fn full(&self) -> bool {
+        self.n == BATCH_RUNS || self.np == BATCH_RUNS
+    }
+
+    /// Queue one shared-file run (see [`ReleaseBatch::push`]).
+    fn push_punch(&mut self, p: Punch) {
+        debug_assert!(self.np < BATCH_RUNS, "push into a full release batch");
+        self.punches[self.np] = p;
+        self.np += 1;
+        self.punch_bytes += p.len;
+    }
+
     fn push(&mut self, s: u64, len: u64) {
         debug_assert!(self.n < BATCH_RUNS, "push into a full release batch");
         self.iov[self.n] = libc::iovec {
@@ -327,19 +470,39 @@ impl<'a> ReleaseBatch<'a> {
         self.spawn_fail = Some(spawn_fail);
     }
 
-    /// Releases the queued runs: one `process_madvise`, or one `madvise`
-    /// per run where that is refused, fails, or is partial; a large amount
-    /// split across threads when allowed.
+    /// Releases the queued runs: the anonymous ones by one
+    /// `process_madvise`, or one `madvise` per run where that is refused,
+    /// fails, or is partial; the shared-file ones by one punch-hole each; a
+    /// large amount split across threads when allowed.
     fn submit(&mut self) {
-        let (n, bytes) = (self.n, self.bytes);
-        self.n = 0;
-        self.bytes = 0;
-        if n == 0 {
+        let (n, bytes, np, pbytes) = (self.n, self.bytes, self.np, self.punch_bytes);
+        (self.n, self.bytes, self.np, self.punch_bytes) = (0, 0, 0, 0);
+        if n + np == 0 {
             return;
         }
-        let k = (bytes / PARALLEL_SHARE_MIN).min(self.threads as u64) as usize;
-        if k > 1 && bytes >= PARALLEL_MIN_BYTES {
-            self.submit_parallel(n, bytes, k);
+        let total = bytes + pbytes;
+        let mut k = (total / PARALLEL_SHARE_MIN).min(self.threads as u64) as usize;
+        if n == 0 {
+            // Punches of one file serialise on its lock: one thread per file.
+            k = k.min(distinct_files(&self.punches[..np]));
+        }
+        if k > 1 && total >= PARALLEL_MIN_BYTES {
+            self.submit_parallel(n, np, k);
+            return;
+        }
+        self.submit_anonymous(n, bytes);
+        for i in 0..np {
+            let p = self.punches[i];
+            if let Err(e) = self.reg.punch(p.fd, p.off, p.hva, p.len, self.faults) {
+                self.error(e);
+            }
+        }
+    }
+
+    /// Releases the first `n` queued anonymous runs (`bytes` in all) on
+    /// this thread.
+    fn submit_anonymous(&mut self, n: usize, bytes: u64) {
+        if n == 0 {
             return;
         }
         let reg = self.reg;
@@ -392,13 +555,19 @@ impl<'a> ReleaseBatch<'a> {
         }
     }
 
-    /// Releases the `n` queued runs (`bytes` in all) with up to `k` threads:
-    /// the runs are seen as one concatenated range, cut into chunks of
-    /// [`PARALLEL_CHUNK`] (whole 2 MiB pieces), which the caller's thread
-    /// and `k - 1` helpers claim one at a time from a shared cursor and
-    /// `madvise`. The caller joins the helpers before returning, so the
-    /// flush order (release, then `invalidate_range_end`, then freeing
-    /// tables) is unchanged.
+    /// Releases the `n` queued anonymous runs and the `np` queued
+    /// shared-file runs with up to `k` threads. The runs are sorted into
+    /// *lanes*: one for all anonymous runs, one per file. Each lane is seen
+    /// as one concatenated range, cut into chunks of [`PARALLEL_CHUNK`]
+    /// (whole 2 MiB pieces), which the caller's thread and `k - 1` helpers
+    /// claim one at a time from the lane's cursor. A thread works on one
+    /// lane until it is empty, then picks the next: first a lane no thread
+    /// has started (from lane `i` on for thread `i`), only then one another
+    /// thread is still on. A file's punch-holes serialise on the file's
+    /// lock in the kernel, so threads on different files are what makes a
+    /// shared-file release parallel. The caller joins the helpers
+    /// before returning, so the flush order (release, then
+    /// `invalidate_range_end`, then freeing tables) is unchanged.
     ///
     /// Helpers are named `gmm-release` and run `SCHED_IDLE`: they only use
     /// a core nothing else wants (a running vCPU of another VM keeps its
@@ -406,35 +575,35 @@ impl<'a> ReleaseBatch<'a> {
     /// claimed chunk by chunk, a helper that gets no CPU only delays the
     /// caller by the chunk it holds (and an idle core pulls it over as soon
     /// as the caller waits); a helper that starts late finds nothing left.
-    fn submit_parallel(&mut self, n: usize, bytes: u64, k: usize) {
-        let mut runs = [(0u64, 0u64); BATCH_RUNS];
-        for (r, v) in runs.iter_mut().zip(&self.iov[..n]) {
-            *r = (v.iov_base as u64, v.iov_len as u64);
-        }
-        let runs = &runs[..n];
+    fn submit_parallel(&mut self, n: usize, np: usize, k: usize) {
+        let anon = self.iov[..n].iter().map(|v| Piece {
+            hva: v.iov_base as u64,
+            len: v.iov_len as u64,
+            file: None,
+        });
+        let lanes = Lane::sort(anon, &self.punches[..np]);
+        let lanes = &lanes[..];
         let reg = self.reg;
         let faults = self.faults;
-        // Plain std atomics: this is not part of the protocol loom models
-        // (loom's backings are simulated and never reach here).
-        let cursor = std::sync::atomic::AtomicU64::new(0);
-        // Claims chunks until none is left; returns the first error.
-        let work = || -> Option<ReleaseError> {
+        // Claims chunks until none is left in any lane; returns the first
+        // error. A thread picks a lane nobody has started yet (its file's
+        // lock is free), from its own index on, and only then one another
+        // thread is working on.
+        let work = |me: usize| -> Option<ReleaseError> {
             let mut first = None;
+            let order = |j: usize| (me + j) % lanes.len();
             loop {
-                let lo = cursor.fetch_add(PARALLEL_CHUNK, Ordering::Relaxed);
-                if lo >= bytes {
+                let pick = (0..lanes.len())
+                    .map(order)
+                    .find(|&l| lanes[l].untouched())
+                    .or_else(|| (0..lanes.len()).map(order).find(|&l| lanes[l].has_work()));
+                let Some(l) = pick else {
                     return first;
-                }
-                let hi = (lo + PARALLEL_CHUNK).min(bytes);
-                let mut at = 0u64;
-                for &(s, l) in runs {
-                    let (a, b) = (at.max(lo), (at + l).min(hi));
-                    if a < b {
-                        if let Err(e) = reg.madvise(s + (a - at), b - a, faults) {
-                            first.get_or_insert(e);
-                        }
+                };
+                while let Some(e) = lanes[l].release_chunk(reg, faults) {
+                    if let Err(e) = e {
+                        first.get_or_insert(e);
                     }
-                    at += l;
                 }
             }
         };
@@ -443,7 +612,7 @@ impl<'a> ReleaseBatch<'a> {
         std::thread::scope(|sc| {
             let mut helpers: [Option<std::thread::ScopedJoinHandle<'_, Option<ReleaseError>>>;
                 MAX_RELEASE_THREADS] = Default::default();
-            for (h, tid) in helpers.iter_mut().zip(&tids).take(k).skip(1) {
+            for (i, (h, tid)) in helpers.iter_mut().zip(&tids).enumerate().take(k).skip(1) {
                 let injected = self.spawn_fail.is_some_and(|f| f.should_fail());
                 // No thread: the caller claims its chunks instead.
                 *h = if injected {
@@ -456,14 +625,14 @@ impl<'a> ReleaseBatch<'a> {
                             set_idle_priority();
                             // SAFETY: gettid has no preconditions.
                             tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
-                            let r = work();
+                            let r = work(i);
                             retire_tid(tid);
                             r
                         })
                         .ok()
                 };
             }
-            errs[0] = work();
+            errs[0] = work(0);
             // Nothing is left to claim: what a helper still holds is now on
             // the flusher's critical path, so it gets the flusher's policy
             // (an idle-priority thread preempted mid-chunk can wait 100+ ms
@@ -479,8 +648,10 @@ impl<'a> ReleaseBatch<'a> {
                     // it did, the chunk it held is released here instead
                     // (`MADV_DONTNEED` is idempotent).
                     errs[i] = t.join().unwrap_or_else(|_| {
-                        cursor.store(0, Ordering::Relaxed);
-                        work()
+                        for lane in lanes {
+                            lane.cursor.store(0, Ordering::Relaxed);
+                        }
+                        work(0)
                     });
                 }
             }
@@ -613,6 +784,9 @@ impl BackingRegistry {
             }; BATCH_RUNS],
             n: 0,
             bytes: 0,
+            punches: [NO_PUNCH; BATCH_RUNS],
+            np: 0,
+            punch_bytes: 0,
             first_err: None,
             threads: 1,
             spawn_fail: None,
@@ -621,9 +795,10 @@ impl BackingRegistry {
     }
 
     /// Release `[hva, hva + len)`, clipped to registered regions, through
-    /// `batch`: anonymous runs are queued there, other kinds are released
-    /// at once (under the registry lock, which guards their partial
-    /// huge-page bookkeeping). Errors are counted and kept in the batch.
+    /// `batch`: anonymous and shared-file runs are queued there, other
+    /// kinds are released at once (under the registry lock, which guards
+    /// their partial huge-page bookkeeping). Errors are counted and kept in
+    /// the batch.
     ///
     /// A full batch is submitted with the registry lock dropped: a submit
     /// may take long (a parallel release of gigabytes), and maps and faults
@@ -633,7 +808,7 @@ impl BackingRegistry {
         let mut at = hva;
         let mut covered = 0u64;
         loop {
-            if batch.n == BATCH_RUNS {
+            if batch.full() {
                 batch.submit();
             }
             let mut regions = lock(&self.regions);
@@ -644,14 +819,27 @@ impl BackingRegistry {
                 if s >= e {
                     continue;
                 }
-                if let BackingKind::Anonymous = r.kind {
-                    if batch.n == BATCH_RUNS {
-                        full = true;
-                        break;
+                let queued = matches!(
+                    r.kind,
+                    BackingKind::Anonymous | BackingKind::SharedFile { .. }
+                );
+                if queued && batch.full() {
+                    full = true;
+                    break;
+                }
+                match r.kind {
+                    BackingKind::Anonymous => batch.push(s, e - s),
+                    BackingKind::SharedFile { fd, offset } => batch.push_punch(Punch {
+                        fd,
+                        off: offset + (s - r.start),
+                        hva: s,
+                        len: e - s,
+                    }),
+                    _ => {
+                        if let Err(err) = self.release_in(r, s, e, batch.faults) {
+                            batch.error(err);
+                        }
                     }
-                    batch.push(s, e - s);
-                } else if let Err(err) = self.release_in(r, s, e, batch.faults) {
-                    batch.error(err);
                 }
                 covered += e - s;
                 at = e;

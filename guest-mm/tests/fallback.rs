@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use guest_mm::*;
+use std::sync::Arc;
 
 const M2: u64 = 2 << 20;
 
@@ -232,4 +233,159 @@ fn parallel_release_frees_everything_and_falls_back_inline() {
     assert_eq!((resident, st.parallel_releases), (0, 0));
     let (st, resident, _) = teardown_with_threads(64 << 20, 4, false);
     assert_eq!((resident, st.parallel_releases), (0, 0));
+}
+
+/// `files` memfds of `file_len` bytes each, every page written, mapped one
+/// after the other in one reservation and registered as one shared-file
+/// region each; a table maps them at GPA 0 with 4 KiB leaves.
+fn memfd_table(files: usize, file_len: u64) -> (Vec<i32>, u64, Arc<Stage2Table>) {
+    let len = files as u64 * file_len;
+    // SAFETY: reserves fresh address space, checked.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    let t = Stage2Table::new(TableConfig::default()).unwrap();
+    let mut fds = Vec::new();
+    for i in 0..files as u64 {
+        let at = base as u64 + i * file_len;
+        // SAFETY: a fresh memfd mapped over our own reservation, checked.
+        let fd = unsafe {
+            let fd = libc::memfd_create(c"gmm-fallback".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            assert_eq!(libc::ftruncate(fd, file_len as i64), 0);
+            let p = libc::mmap(
+                at as *mut libc::c_void,
+                file_len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd,
+                0,
+            );
+            assert_eq!(p as u64, at);
+            fd
+        };
+        for off in (0..file_len).step_by(4096) {
+            // SAFETY: inside the mapping just made.
+            unsafe { ((at + off) as *mut u8).write_volatile(1) };
+        }
+        t.register_backing(BackingRegion {
+            hva: Hva(at),
+            len: file_len,
+            kind: BackingKind::SharedFile { fd, offset: 0 },
+        })
+        .unwrap();
+        fds.push(fd);
+    }
+    t.map(Gpa(0), Hva(base as u64), len, Perms::RW, PageSize::Size4K)
+        .unwrap();
+    (fds, base as u64, t)
+}
+
+/// Bytes the file `fd` holds.
+fn file_bytes(fd: i32) -> u64 {
+    // SAFETY: fstat into a zeroed struct of our fd, checked.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and out-pointer.
+    assert_eq!(unsafe { libc::fstat(fd, &mut st) }, 0);
+    st.st_blocks as u64 * 512
+}
+
+/// A full-mm teardown of `files` memfds of `file_len` bytes released with
+/// `threads` threads: its stats, the bytes the files still hold, and the
+/// helper spawns that were made to fail.
+fn memfd_teardown(
+    files: usize,
+    file_len: u64,
+    threads: usize,
+    fail_spawn: bool,
+) -> (GatherStats, u64, u64) {
+    let (fds, base, t) = memfd_table(files, file_len);
+    assert_eq!(
+        fds.iter().map(|&fd| file_bytes(fd)).sum::<u64>(),
+        files as u64 * file_len
+    );
+    if fail_spawn {
+        t.faults.release_thread.fail_always();
+    }
+    let mut g = t.gather_full_mm();
+    g.set_release_threads(threads);
+    t.teardown(&mut g).unwrap();
+    let st = g.finish().unwrap();
+    let held = fds.iter().map(|&fd| file_bytes(fd)).sum();
+    let injected = t.faults.release_thread.injected();
+    drop(t);
+    // SAFETY: our mapping and files; the table that borrowed them is gone.
+    unsafe {
+        libc::munmap(base as *mut libc::c_void, files * file_len as usize);
+        for fd in fds {
+            libc::close(fd);
+        }
+    }
+    (st, held, injected)
+}
+
+#[test]
+fn parallel_release_punches_files_side_by_side_and_falls_back_inline() {
+    let len = 256 << 20;
+    // Four files, four threads: each file's holes punched once, in full.
+    let (st, held, injected) = memfd_teardown(4, len / 4, 4, false);
+    assert_eq!(held, 0, "every file emptied");
+    assert_eq!(st.released_bytes, len);
+    assert_eq!((st.parallel_releases, injected), (1, 0));
+    // Helpers that cannot be spawned: the caller punches every file.
+    let (st, held, injected) = memfd_teardown(4, len / 4, 4, true);
+    assert_eq!((held, st.released_bytes), (0, len));
+    assert_eq!((st.parallel_releases, injected), (1, 3));
+    // Fewer files than threads: one thread per file.
+    let (st, held, injected) = memfd_teardown(2, len / 2, 4, true);
+    assert_eq!((held, st.released_bytes), (0, len));
+    assert_eq!((st.parallel_releases, injected), (1, 1));
+    // One file: its punches would only queue on the file's lock, so the
+    // release is never split.
+    let (st, held, _) = memfd_teardown(1, len, 4, false);
+    assert_eq!((held, st.released_bytes, st.parallel_releases), (0, len, 0));
+    // One thread (the default) and small releases are never split.
+    let (st, held, _) = memfd_teardown(4, len / 4, 1, false);
+    assert_eq!((held, st.parallel_releases), (0, 0));
+    let (st, held, _) = memfd_teardown(4, 16 << 20, 4, false);
+    assert_eq!((held, st.parallel_releases), (0, 0));
+}
+
+#[test]
+fn parallel_punches_the_kernel_refuses_are_all_kept_accounted() {
+    let (files, file_len) = (4, 64u64 << 20);
+    let len = files as u64 * file_len;
+    let (fds, base, t) = memfd_table(files, file_len);
+    t.faults.punch_hole.fail_always();
+    let mut g = t.gather_full_mm();
+    g.set_release_threads(4);
+    t.teardown(&mut g).unwrap();
+    let e = g.finish().expect_err("every punch-hole failed");
+    assert!(
+        e.to_string().contains("fallocate(PUNCH_HOLE|KEEP_SIZE)"),
+        "{e}"
+    );
+    // Every chunk of every lane was attempted and recorded once: the
+    // unreleased list covers the whole memory, without overlap.
+    let list = t.unreleased();
+    assert_eq!(list.iter().map(|&(_, l)| l).sum::<u64>(), len);
+    assert_eq!((list[0].0 .0, list.len()), (base, list.len()));
+    assert!(list.windows(2).all(|w| w[0].0 .0 + w[0].1 <= w[1].0 .0));
+    assert_eq!(fds.iter().map(|&fd| file_bytes(fd)).sum::<u64>(), len);
+    drop(t);
+    // SAFETY: our mapping and files; the table that borrowed them is gone.
+    unsafe {
+        libc::munmap(base as *mut libc::c_void, len as usize);
+        for fd in fds {
+            libc::close(fd);
+        }
+    }
 }
