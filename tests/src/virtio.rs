@@ -299,13 +299,18 @@ pub fn resident_pages(host: usize, len: u64) -> u64 {
     v.iter().filter(|b| **b & 1 == 1).count() as u64
 }
 
-/// Bytes allocated to file `fd` (st_blocks * 512).
-pub fn file_bytes(fd: std::os::fd::RawFd) -> u64 {
-    // SAFETY: fstat writes into a zeroed stat we own; fd is the VM's memfd,
-    // alive while the VM is.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let r = unsafe { libc::fstat(fd, &mut st) };
-    assert_eq!(r, 0, "fstat: {}", std::io::Error::last_os_error());
-    u64::try_from(st.st_blocks).unwrap_or(0) * 512
+/// Bytes allocated to a region's files (their st_blocks * 512, summed).
+pub fn file_bytes(files: &vmm::memory::RegionFiles) -> u64 {
+    files
+        .spans()
+        .map(|f| {
+            // SAFETY: fstat writes into a zeroed stat we own; the fd is one
+            // of the VM's memfds, alive while the VM is.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let r = unsafe { libc::fstat(f.fd, &mut st) };
+            assert_eq!(r, 0, "fstat: {}", std::io::Error::last_os_error());
+            u64::try_from(st.st_blocks).unwrap_or(0) * 512
+        })
+        .sum()
 }

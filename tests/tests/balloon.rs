@@ -115,10 +115,9 @@ fn inflate_then_deflate(name: &str, backing: Backing, page: PageSize) {
     d.mem.write(at, &vec![0xa5; (MIB / 2) as usize]).unwrap();
     // guest_memfd does not count its pages in st_blocks: mincore is its
     // proof (`resident_*`).
-    let fd = vm.memory().regions()[0]
-        .fd
-        .filter(|_| backing != Backing::GuestMemfd);
-    let blocks0 = fd.map(file_bytes);
+    let files = Some(vm.memory().regions()[0].files)
+        .filter(|f| f.first().is_some() && backing != Backing::GuestMemfd);
+    let blocks0 = files.as_ref().map(file_bytes);
     let r = inflate(&vm, &mut d, gpa, len, 256);
     let c = d.dev().counters();
     assert_eq!(c.errors, 0, "{:?}", d.dev().lock().device().recent_errors());
@@ -129,8 +128,8 @@ fn inflate_then_deflate(name: &str, backing: Backing, page: PageSize) {
     assert_eq!(r.resident_after, 0, "ballooned pages are gone");
     let t = vm.stage2().table().stats();
     assert_eq!(t.release_outside_bytes, 0);
-    if let (Some(fd), Some(b0)) = (fd, blocks0) {
-        let b1 = file_bytes(fd);
+    if let (Some(files), Some(b0)) = (files, blocks0) {
+        let b1 = file_bytes(&files);
         assert!(
             b0 - b1 >= len,
             "memfd blocks dropped by {} bytes only",
@@ -359,8 +358,8 @@ fn inflate_half_of_1g(name: &str, backing: Backing) {
     d.mem
         .write(at, &vec![0xa5; (AREA_BYTES / 2) as usize])
         .unwrap();
-    let fd = vm.memory().regions()[0].fd;
-    let blocks0 = fd.map(file_bytes);
+    let files = Some(vm.memory().regions()[0].files).filter(|f| f.first().is_some());
+    let blocks0 = files.as_ref().map(file_bytes);
     let r = inflate(&vm, &mut d, gpa, len, 1024);
     let dropped = (r.resident_before - r.resident_after) * 4096;
     assert!(dropped >= 480 * MIB, "resident drop {} MiB", dropped / MIB);
@@ -371,8 +370,8 @@ fn inflate_half_of_1g(name: &str, backing: Backing) {
         dropped / MIB,
         r.rss_drop / MIB as i64
     );
-    if let (Some(fd), Some(b0)) = (fd, blocks0) {
-        let freed = b0 - file_bytes(fd);
+    if let (Some(files), Some(b0)) = (files, blocks0) {
+        let freed = b0 - file_bytes(&files);
         assert!(
             freed >= 480 * MIB,
             "memfd blocks dropped {} MiB",

@@ -64,9 +64,9 @@ fn guest_balloon(name: &str, backing: Backing, page: PageSize) {
     let (start, end) = vmm::guest::share(vm.config().mem.bytes(), 1, 0);
     let lo = end - BALLOON;
     let host = host_of(&vm, lo);
-    let fd = vm.memory().regions()[0].fd;
+    let files = Some(vm.memory().regions()[0].files).filter(|f| f.first().is_some());
     assert_eq!(resident_pages(host, BALLOON), PAGES, "the guest wrote them");
-    let blocks0 = fd.map(file_bytes);
+    let blocks0 = files.as_ref().map(file_bytes);
     let rss0 = vmm::proc_stats::rss().rss;
     let dev = vm.balloon().expect("balloon configured").clone();
 
@@ -95,8 +95,8 @@ fn guest_balloon(name: &str, backing: Backing, page: PageSize) {
         rss0 / MIB,
         rss1 / MIB
     );
-    if let (Some(fd), Some(b0)) = (fd, blocks0) {
-        let b1 = file_bytes(fd);
+    if let (Some(files), Some(b0)) = (files, blocks0) {
+        let b1 = file_bytes(&files);
         assert!(
             b0.saturating_sub(b1) >= BALLOON,
             "memfd blocks dropped by {} MiB",

@@ -58,7 +58,7 @@ use vm_memory::GuestMemoryMmap;
 
 pub use backing::{
     check_backing, check_guest_memfd, free_huge_pages, Backing, GuestRam, MemSize, MemoryError,
-    PageSize, RegionDesc, GUARD, MAX_MEM_BYTES, SIZE_2M, SIZE_4K,
+    PageSize, RegionDesc, RegionFiles, GUARD, MAX_MEM_BYTES, SIZE_2M, SIZE_4K,
 };
 pub use faults::{leaked_ram_bytes, MemoryFaults};
 pub use release::{ReleaseError, ReleaseMode};

@@ -99,17 +99,49 @@ pub enum ReleaseError {
 ///   and splitting those zaps across threads cost more than it saved
 ///   (1 GiB of THP: one `MADV_DONTNEED` 2.6 ms, two threads 8.0 ms, median
 ///   of 9, on the 2 loaded cores of the development machine).
-/// - memfd and guest_memfd are released by punching holes, which the
-///   kernel serialises on the file's lock; guest-mm never splits them.
-pub fn teardown_release_threads(page: PageSize) -> usize {
+/// - memfd: every core unless the file's pages are huge (2 MiB leaves
+///   with shmem THP enabled, `shmem_enabled` other than `never`/`deny`).
+///   Holes are punched, which the kernel serialises on each file's lock,
+///   so guest-mm gives each file its own lane; memfd RAM is split into
+///   several files for this ([`super::backing::RegionFiles`]).
+/// - guest_memfd is one file: its punches are never split (guest-mm runs
+///   one thread per file), whatever this says.
+pub fn teardown_release_threads(backing: Backing, page: PageSize) -> usize {
     static CORES: OnceLock<usize> = OnceLock::new();
-    match page {
-        // Read once: `available_parallelism` reads cgroup files.
-        PageSize::Size4K => *CORES.get_or_init(|| {
+    static SHMEM_THP: OnceLock<bool> = OnceLock::new();
+    // Read once: `available_parallelism` reads cgroup files.
+    let cores = || {
+        *CORES.get_or_init(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        }),
-        PageSize::Size2M => 1,
+        })
+    };
+    let huge = match (backing, page) {
+        (_, PageSize::Size4K) => false,
+        (Backing::Memfd, PageSize::Size2M) => *SHMEM_THP.get_or_init(shmem_thp),
+        (_, PageSize::Size2M) => true,
+    };
+    if huge {
+        1
+    } else {
+        cores()
     }
+}
+
+/// Whether shmem (memfd) may get transparent huge pages: the selected
+/// value of `/sys/kernel/mm/transparent_hugepage/shmem_enabled` is neither
+/// `never` nor `deny` (unreadable: assume it may).
+fn shmem_thp() -> bool {
+    let Ok(s) = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled") else {
+        return true;
+    };
+    shmem_thp_in(&s)
+}
+
+fn shmem_thp_in(setting: &str) -> bool {
+    let selected = setting
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'));
+    !matches!(selected, Some("never" | "deny"))
 }
 
 impl VmMemory {
@@ -166,8 +198,8 @@ impl VmMemory {
     }
 
     /// Releases all guest memory: a full-mm gather over the whole table
-    /// (every backing released, one invalidation; 4 KiB-backed anonymous
-    /// RAM split across all cores by idle-priority helpers, see
+    /// (every backing released, one invalidation; 4 KiB pages, anonymous
+    /// or memfd, split across all cores by idle-priority helpers, see
     /// [`teardown_release_threads`]), then the grace period that frees the
     /// table pages. The
     /// table is dying from then on: nothing maps, unmaps or faults any
@@ -181,7 +213,10 @@ impl VmMemory {
             }
         }
         let mut g = table.gather_full_mm();
-        g.set_release_threads(teardown_release_threads(self.ram.page_size()));
+        g.set_release_threads(teardown_release_threads(
+            self.ram.backing(),
+            self.ram.page_size(),
+        ));
         table.teardown(&mut g).map_err(Stage2Error::from)?;
         let st = g.finish().map_err(Stage2Error::from)?;
         let gather_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -238,5 +273,43 @@ impl VmMemory {
             .iter()
             .filter(|&&l| table.fault_in(Gpa(l)).is_ok())
             .count() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shmem_thp_reads_the_selected_setting() {
+        assert!(!shmem_thp_in(
+            "always within_size advise [never] deny force\n"
+        ));
+        assert!(!shmem_thp_in(
+            "always within_size advise never [deny] force\n"
+        ));
+        assert!(shmem_thp_in(
+            "always within_size [advise] never deny force\n"
+        ));
+        assert!(shmem_thp_in(
+            "[always] within_size advise never deny force\n"
+        ));
+        assert!(shmem_thp_in("garbage"));
+    }
+
+    #[test]
+    fn teardown_splits_4k_pages_and_memfd_without_shmem_thp() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            teardown_release_threads(Backing::Anon, PageSize::Size4K),
+            cores
+        );
+        assert_eq!(
+            teardown_release_threads(Backing::Memfd, PageSize::Size4K),
+            cores
+        );
+        assert_eq!(teardown_release_threads(Backing::Anon, PageSize::Size2M), 1);
+        let memfd_2m = teardown_release_threads(Backing::Memfd, PageSize::Size2M);
+        assert_eq!(memfd_2m, if shmem_thp() { 1 } else { cores });
     }
 }

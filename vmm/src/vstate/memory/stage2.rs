@@ -132,24 +132,40 @@ impl Stage2 {
     pub fn mirror(regions: &[RegionDesc]) -> Result<Stage2, Stage2Error> {
         let table = Stage2Table::new(TableConfig::default())?;
         for r in regions {
-            let kind = match (r.backing, r.fd) {
-                (Backing::Anon, _) | (_, None) => BackingKind::Anonymous,
-                // A guest_memfd gives memory back like a memfd: punch a hole.
-                (Backing::Memfd | Backing::GuestMemfd, Some(fd)) => BackingKind::SharedFile {
-                    fd,
-                    offset: r.fd_offset,
-                },
-                (Backing::Hugetlb, Some(fd)) => BackingKind::Hugetlb {
-                    page_size: SIZE_2M,
-                    file: Some((fd, r.fd_offset)),
-                },
-            };
-            let hva = Hva(r.host_addr as u64);
-            table.register_backing(BackingRegion {
-                hva,
-                len: r.len,
-                kind,
-            })?;
+            let host = r.host_addr as u64;
+            let mut backing = Vec::new();
+            match (r.backing, r.files.first()) {
+                (Backing::Anon, _) | (_, None) => {
+                    backing.push((host, r.len, BackingKind::Anonymous));
+                }
+                // A guest_memfd gives memory back like a memfd: punch a
+                // hole. A memfd region may be split across files: one
+                // backing region each.
+                (Backing::Memfd | Backing::GuestMemfd, Some(_)) => {
+                    for f in r.files.spans() {
+                        let kind = BackingKind::SharedFile {
+                            fd: f.fd,
+                            offset: 0,
+                        };
+                        backing.push((host + f.region_offset, f.len, kind));
+                    }
+                }
+                (Backing::Hugetlb, Some(fd)) => {
+                    let kind = BackingKind::Hugetlb {
+                        page_size: SIZE_2M,
+                        file: Some((fd, 0)),
+                    };
+                    backing.push((host, r.len, kind));
+                }
+            }
+            for (hva, len, kind) in backing {
+                table.register_backing(BackingRegion {
+                    hva: Hva(hva),
+                    len,
+                    kind,
+                })?;
+            }
+            let hva = Hva(host);
             let leaf = match r.page_size {
                 PageSize::Size2M => guest_mm::PageSize::Size2M,
                 PageSize::Size4K => guest_mm::PageSize::Size4K,
