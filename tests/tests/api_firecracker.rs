@@ -31,6 +31,7 @@
 //! | `cpu_template: "T2"` (any but `None`) | 204 | 400 | no CPU templates |
 //! | `huge_pages: "2M"` | 204 | 400 unless the host's hugetlb pool holds the guest | we back the guest with hugetlb pages at once and say how to raise `vm.nr_hugepages`; Firecracker fails later, at `InstanceStart` |
 //! | `PUT /balloon` `free_page_hinting: true` | 204 | 400 | no free page hinting (free page reporting is supported) |
+//! | `PUT`/`PATCH /balloon` `amount_mib` above vCPU 0's share, no boot source | 204 | 400 | the embedded guest's driver runs on vCPU 0 and gives only its share of the workload memory: the target could never be reached (a Linux guest may ask up to all its RAM) |
 //! | `PATCH /balloon`, `PATCH /balloon/statistics` before the start | 400 "not supported before starting" | 204 | the spec says "before or after machine startup"; we follow the spec |
 //! | `PUT /actions` with a method other than `PUT` (`POST`) | 400 with micro_http's non-JSON body | 400 with an `Error` body | the spec's 400 answers are `Error` |
 //! | `GET /vm/config` `logger`, `metrics` | `null` even when configured | the configuration | the spec types them `Logger`/`Metrics`; we report what was set |
@@ -730,6 +731,14 @@ fn pre_boot_answers_match_firecracker() {
         json!({"amount_mib": 8, "deflate_on_oom": true, "free_page_hinting": true}),
         "free_page_hinting",
         "no free page hinting (free page reporting is supported)",
+    );
+    p.deliberate(
+        "PUT",
+        "/balloon",
+        json!({"amount_mib": 200, "deflate_on_oom": false}),
+        "vCPU 0's share",
+        "without a boot source the embedded guest's driver (vCPU 0) gives only vCPU 0's share \
+         of the workload memory, 126 MiB of 256 MiB with 2 vCPUs",
     );
     p.same("PUT", "/balloon", Some(balloon));
     p.same("GET", "/balloon", None);

@@ -179,18 +179,44 @@ pub fn check_machine(m: &MachineConfig) -> Result<MemSize, ApiFault> {
     Ok(size)
 }
 
-fn check_balloon(b: &Balloon, mem_mib: u64) -> Result<(), ApiFault> {
+/// Checks a balloon configuration against the VM it is for: hinting is not
+/// offered, and the target must fit what the guest's driver can give. A
+/// Linux guest (a boot source is set) may give all its RAM; the default
+/// guest's driver runs on vCPU 0 and inflates only vCPU 0's share of the
+/// workload memory, so a larger target could never be reached.
+fn check_balloon(b: &Balloon, cfg: &VmConfigFile) -> Result<(), ApiFault> {
     if b.free_page_hinting {
         return Err(bad(
             "free_page_hinting is not supported by this monitor (free_page_reporting is): \
              set it to false",
         ));
     }
+    let m = &cfg.machine_config;
+    let mem_mib = m.mem_size_mib;
     if u64::from(b.amount_mib) > mem_mib {
         return Err(bad(format!(
             "amount_mib {} is more than the guest's {mem_mib} MiB of RAM",
             b.amount_mib
         )));
+    }
+    if cfg.boot_source.is_none() {
+        let mem = mem_mib << 20;
+        let vcpus = u32::from(m.vcpu_count.max(1));
+        let share_mib = if mem > crate::guest::layout::WORKLOAD_START {
+            let (s, e) = crate::guest::share(mem, vcpus, 0);
+            (e - s) >> 20
+        } else {
+            0
+        };
+        if u64::from(b.amount_mib) > share_mib {
+            return Err(bad(format!(
+                "amount_mib {} does not fit the default guest's balloon: its driver (vCPU 0) \
+                 gives only vCPU 0's share of the workload memory, {share_mib} MiB of {mem_mib} \
+                 MiB with {vcpus} vCPU(s); ask for at most {share_mib}, or set a boot source \
+                 (a Linux guest may give all its RAM)",
+                b.amount_mib
+            )));
+        }
     }
     Ok(())
 }
@@ -458,6 +484,11 @@ impl Service {
         let t0 = Instant::now();
         let m = &g.cfg.machine_config;
         let size = check_machine(m)?;
+        if let Some(b) = &g.cfg.balloon {
+            // The machine or boot source may have changed since PUT /balloon.
+            check_balloon(b, &g.cfg)
+                .map_err(|e| bad(format!("InstanceStart failed: {}", e.message)))?;
+        }
         let (backing, page_size) = backing_of(m.huge_pages);
         let mut config = VmConfig::new(size);
         config.vcpus = u32::from(m.vcpu_count);
@@ -553,7 +584,6 @@ impl Service {
     }
 
     fn dispatch(&self, g: &mut Inner, req: Request) -> Result<Reply, ApiFault> {
-        let mem_mib = g.cfg.machine_config.mem_size_mib;
         match req {
             Request::GetInstance => Reply::json(&InstanceInfo {
                 app_name: "vmm".into(),
@@ -597,7 +627,7 @@ impl Service {
                 )),
             },
             Request::PutBalloon(b) => {
-                check_balloon(&b, mem_mib)?;
+                check_balloon(&b, &g.cfg)?;
                 g.cfg.balloon = Some(b);
                 Ok(Reply::NoContent)
             }
@@ -611,7 +641,7 @@ impl Service {
                     amount_mib: u.amount_mib,
                     ..cfg
                 };
-                check_balloon(&next, mem_mib)?;
+                check_balloon(&next, &g.cfg)?;
                 if let Some(vm) = &g.vm {
                     // Through the VM: it also wakes an idle default guest.
                     vm.set_balloon_target(u.amount_mib << 8)
@@ -1057,6 +1087,76 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         assert_eq!(text, "[t] Error shown\n");
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn the_default_guests_balloon_holds_at_most_vcpu_0s_share() {
+        let s = svc();
+        let m = MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 66,
+            ..MachineConfig::default()
+        };
+        assert_eq!(s.handle(Request::PutMachineConfig(m)), Ok(Reply::NoContent));
+        // 64 MiB of workload memory after the first 2 MiB: 32 MiB each.
+        let b = |amount_mib| Balloon {
+            amount_mib,
+            deflate_on_oom: false,
+            stats_polling_interval_s: 0,
+            free_page_hinting: false,
+            free_page_reporting: false,
+        };
+        let e = s.handle(Request::PutBalloon(b(33))).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("vCPU 0's share"), "{}", e.message);
+        assert!(e.message.contains("at most 32"), "{}", e.message);
+        assert!(
+            s.handle(Request::GetBalloon).is_err(),
+            "a refused PUT changes nothing"
+        );
+        assert_eq!(s.handle(Request::PutBalloon(b(32))), Ok(Reply::NoContent));
+        let e = s
+            .handle(Request::PatchBalloon(BalloonUpdate { amount_mib: 40 }))
+            .unwrap_err();
+        assert!(e.message.contains("at most 32"), "{}", e.message);
+        assert_eq!(s.handle(Request::GetBalloon), Reply::json(&b(32)));
+        // More vCPUs shrink the share: the start refuses what no longer fits.
+        let m4 = MachineConfig {
+            vcpu_count: 4,
+            mem_size_mib: 66,
+            ..MachineConfig::default()
+        };
+        assert_eq!(
+            s.handle(Request::PutMachineConfig(m4)),
+            Ok(Reply::NoContent)
+        );
+        let e = s
+            .handle(Request::Action(ActionType::InstanceStart))
+            .unwrap_err();
+        assert!(
+            e.message.starts_with("InstanceStart failed"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("at most 16"), "{}", e.message);
+        // A Linux guest's driver may give all its RAM.
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(
+            s.handle(Request::PutBootSource(BootSource {
+                kernel_image_path: exe.display().to_string(),
+                initrd_path: None,
+                boot_args: None,
+            })),
+            Ok(Reply::NoContent)
+        );
+        assert_eq!(
+            s.handle(Request::PatchBalloon(BalloonUpdate { amount_mib: 66 })),
+            Ok(Reply::NoContent)
+        );
+        let e = s
+            .handle(Request::PatchBalloon(BalloonUpdate { amount_mib: 67 }))
+            .unwrap_err();
+        assert!(e.message.contains("66 MiB of RAM"), "{}", e.message);
     }
 
     #[test]
