@@ -200,6 +200,18 @@ fn batched_release_is_one_call_per_batch_and_falls_back_per_run() {
 /// bytes still resident.
 fn teardown_with_threads(len: u64, threads: usize, fail_spawn: bool) -> (GatherStats, u64, u64) {
     let (mem, t) = anon_table_4k(len);
+    let (st, injected) = full_teardown(&t, threads, fail_spawn);
+    (
+        st,
+        guest_mm::stress::resident_bytes(mem.addr, len),
+        injected,
+    )
+}
+
+/// Tears `t` down with one full-mm gather that may release with `threads`
+/// threads (every helper spawn failing if `fail_spawn`); returns its stats
+/// and the helper spawns that were made to fail.
+fn full_teardown(t: &Stage2Table, threads: usize, fail_spawn: bool) -> (GatherStats, u64) {
     if fail_spawn {
         t.faults.release_thread.fail_always();
     }
@@ -207,12 +219,7 @@ fn teardown_with_threads(len: u64, threads: usize, fail_spawn: bool) -> (GatherS
     g.set_release_threads(threads);
     t.teardown(&mut g).unwrap();
     let st = g.finish().unwrap();
-    let injected = t.faults.release_thread.injected();
-    (
-        st,
-        guest_mm::stress::resident_bytes(mem.addr, len),
-        injected,
-    )
+    (st, t.faults.release_thread.injected())
 }
 
 #[test]
@@ -312,15 +319,8 @@ fn memfd_teardown(
         fds.iter().map(|&fd| file_bytes(fd)).sum::<u64>(),
         files as u64 * file_len
     );
-    if fail_spawn {
-        t.faults.release_thread.fail_always();
-    }
-    let mut g = t.gather_full_mm();
-    g.set_release_threads(threads);
-    t.teardown(&mut g).unwrap();
-    let st = g.finish().unwrap();
+    let (st, injected) = full_teardown(&t, threads, fail_spawn);
     let held = fds.iter().map(|&fd| file_bytes(fd)).sum();
-    let injected = t.faults.release_thread.injected();
     drop(t);
     // SAFETY: our mapping and files; the table that borrowed them is gone.
     unsafe {
