@@ -328,10 +328,15 @@ pub(crate) struct ReleaseBatch<'a> {
     parallel: u64,
 }
 
+/// Whether `punches[i]` is the first punch of its file.
+fn first_of_file(punches: &[Punch], i: usize) -> bool {
+    punches[..i].iter().all(|p| p.fd != punches[i].fd)
+}
+
 /// How many different files `punches` punch.
 fn distinct_files(punches: &[Punch]) -> usize {
     (0..punches.len())
-        .filter(|&i| punches[..i].iter().all(|p| p.fd != punches[i].fd))
+        .filter(|&i| first_of_file(punches, i))
         .count()
 }
 
@@ -371,7 +376,7 @@ impl Lane {
             lanes.push(Lane::new(anon));
         }
         for (i, first) in punches.iter().enumerate() {
-            if punches[..i].iter().any(|p| p.fd == first.fd) {
+            if !first_of_file(punches, i) {
                 continue;
             }
             let of_file = punches.iter().filter(|p| p.fd == first.fd);
@@ -827,19 +832,8 @@ impl BackingRegistry {
                     full = true;
                     break;
                 }
-                match r.kind {
-                    BackingKind::Anonymous => batch.push(s, e - s),
-                    BackingKind::SharedFile { fd, offset } => batch.push_punch(Punch {
-                        fd,
-                        off: offset + (s - r.start),
-                        hva: s,
-                        len: e - s,
-                    }),
-                    _ => {
-                        if let Err(err) = self.release_in(r, s, e, batch.faults) {
-                            batch.error(err);
-                        }
-                    }
+                if let Err(err) = self.release_in(r, s, e, batch) {
+                    batch.error(err);
                 }
                 covered += e - s;
                 at = e;
@@ -855,17 +849,30 @@ impl BackingRegistry {
         }
     }
 
+    /// Releases `[s, e)` of region `r`: anonymous and shared-file runs are
+    /// queued in `batch` (which has room: the caller checked), the other
+    /// kinds released now.
     fn release_in(
         &self,
         r: &mut Region,
         s: u64,
         e: u64,
-        faults: &FaultInjection,
+        batch: &mut ReleaseBatch<'_>,
     ) -> Result<(), ReleaseError> {
+        let faults = batch.faults;
         match r.kind.clone() {
-            BackingKind::Anonymous => self.madvise(s, e - s, faults),
+            BackingKind::Anonymous => {
+                batch.push(s, e - s);
+                Ok(())
+            }
             BackingKind::SharedFile { fd, offset } => {
-                self.punch(fd, offset + (s - r.start), s, e - s, faults)
+                batch.push_punch(Punch {
+                    fd,
+                    off: offset + (s - r.start),
+                    hva: s,
+                    len: e - s,
+                });
+                Ok(())
             }
             BackingKind::Simulated { hook } => {
                 self.count(e - s);

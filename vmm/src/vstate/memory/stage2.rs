@@ -133,10 +133,16 @@ impl Stage2 {
         let table = Stage2Table::new(TableConfig::default())?;
         for r in regions {
             let host = r.host_addr as u64;
-            let mut backing = Vec::new();
+            let register = |hva: u64, len: u64, kind: BackingKind| {
+                table.register_backing(BackingRegion {
+                    hva: Hva(hva),
+                    len,
+                    kind,
+                })
+            };
             match (r.backing, r.files.first()) {
                 (Backing::Anon, _) | (_, None) => {
-                    backing.push((host, r.len, BackingKind::Anonymous));
+                    register(host, r.len, BackingKind::Anonymous)?;
                 }
                 // A guest_memfd gives memory back like a memfd: punch a
                 // hole. A memfd region may be split across files: one
@@ -147,7 +153,7 @@ impl Stage2 {
                             fd: f.fd,
                             offset: 0,
                         };
-                        backing.push((host + f.region_offset, f.len, kind));
+                        register(host + f.region_offset, f.len, kind)?;
                     }
                 }
                 (Backing::Hugetlb, Some(fd)) => {
@@ -155,15 +161,8 @@ impl Stage2 {
                         page_size: SIZE_2M,
                         file: Some((fd, 0)),
                     };
-                    backing.push((host, r.len, kind));
+                    register(host, r.len, kind)?;
                 }
-            }
-            for (hva, len, kind) in backing {
-                table.register_backing(BackingRegion {
-                    hva: Hva(hva),
-                    len,
-                    kind,
-                })?;
             }
             let hva = Hva(host);
             let leaf = match r.page_size {
