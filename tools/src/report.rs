@@ -2247,7 +2247,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
         Some(q) => {
             let _ = writeln!(
                 md,
-                "QEMU: {} {} (`-accel {}`, {} RAM backend, `-S`: the guest never runs).\n",
+                "QEMU: {} {} (`-accel {}`, {} RAM backend, `-S`: the guest never runs). QEMU advises transparent huge pages on all its RAM, so at 4 KiB rows it is started with them disabled for the process (`PR_SET_THP_DISABLE`): like with like, and a row fails if its RAM got huge pages anyway.\n",
                 md_cell(&q.path),
                 md_cell(&q.version),
                 md_cell(&q.accel),

@@ -322,6 +322,11 @@ pub struct TeardownSize {
     pub qemu_ms: Option<f64>,
     /// QEMU's VmRSS once ready, before quit (median).
     pub qemu_rss_bytes: Option<u64>,
+    /// QEMU's `AnonHugePages` once ready (median): all of its RAM at 2 MiB
+    /// anonymous rows (QEMU advises huge pages), none at 4 KiB rows (started
+    /// with `PR_SET_THP_DISABLE`).
+    #[serde(default)]
+    pub qemu_thp_bytes: Option<u64>,
     /// `vmm` shutdown request sent → process exited (waitpid).
     pub process_exit_ms: Option<f64>,
     /// `vmm` shutdown request sent → API answered.

@@ -27,7 +27,9 @@
 //!   `fallocate(PUNCH_HOLE)` per page for memfd), then the `munmap` (and
 //!   `close`) of the emptied mapping, all timed.
 //! - **qemu** (peer, when `qemu-system-x86_64` is found): QEMU with a
-//!   preallocated RAM backend and `-S` (the guest never runs); once QMP
+//!   preallocated RAM backend and `-S` (the guest never runs), at 4 KiB
+//!   rows with transparent huge pages disabled for the process (QEMU
+//!   advises huge pages on all its RAM; see `qemu_command`); once QMP
 //!   answered `qmp_capabilities` and the process's RSS reached the size,
 //!   `quit` is sent and the time until the process has exited (waitpid) is
 //!   `qemu_ms`.
@@ -48,6 +50,7 @@
 //! gone sooner than QEMU.
 
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -460,8 +463,25 @@ fn ready_budget(size: u64) -> Duration {
     Duration::from_secs(30) + READY_PER_GIB * u32::try_from(size.div_ceil(1 << 30)).unwrap_or(64)
 }
 
-fn qemu_command(q: &QemuInfo, size: u64, sock: &Path) -> Command {
+/// QEMU advises huge pages on all its RAM (`MADV_HUGEPAGE`), so at 4 KiB
+/// leaves it runs with transparent huge pages disabled for the process
+/// (`PR_SET_THP_DISABLE`, kept across `execve`): like with like, 4 KiB
+/// pages against 4 KiB pages. `qemu_once` checks what the kernel gave it.
+fn qemu_command(q: &QemuInfo, size: u64, sock: &Path, leaf: Leaf) -> Command {
     let mut c = Command::new(&q.path);
+    if leaf == Leaf::Size4K {
+        // SAFETY: the closure runs in the forked child before `execve` and
+        // makes one system call (async-signal-safe); it touches no memory
+        // of the parent and allocates nothing.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     c.args([
         "-machine",
         "none",
@@ -479,16 +499,27 @@ fn qemu_command(q: &QemuInfo, size: u64, sock: &Path) -> Command {
     c
 }
 
-/// One QEMU run: (quit sent → process exited ms, RSS when ready).
-fn qemu_once(q: &QemuInfo, size: u64) -> Result<(f64, u64)> {
+/// One QEMU run: (quit sent → process exited ms, RSS when ready, its
+/// `AnonHugePages` when ready). Fails if QEMU's RAM got huge pages at 4 KiB
+/// leaves: the row would compare unlike memory.
+fn qemu_once(q: &QemuInfo, size: u64, leaf: Leaf) -> Result<(f64, u64, u64)> {
     let sock = SockFile(sock_path("qmp"));
     let _ = std::fs::remove_file(&sock.0);
-    let mut w = Waited::spawn(qemu_command(q, size, &sock.0))?;
+    let mut w = Waited::spawn(qemu_command(q, size, &sock.0, leaf))?;
     let budget = ready_budget(size);
     let deadline = Instant::now() + budget;
     let mut qmp = qmp_ready(&mut w, &sock.0, deadline)?;
     let rss = wait_rss(w.pid, size, deadline, "QEMU")?;
     std::thread::sleep(SETTLE);
+    let thp = vmm::proc_stats::kib_field(format!("/proc/{}/smaps_rollup", w.pid), "AnonHugePages:")
+        .unwrap_or(0);
+    if leaf == Leaf::Size4K && thp > 0 {
+        bail!(
+            "QEMU's RAM has {} of transparent huge pages although it was started with \
+             PR_SET_THP_DISABLE for a 4 KiB row: the comparison would not be like with like",
+            human_bytes(thp)
+        );
+    }
     let t = Instant::now();
     if let Err(e) = qmp.send("{\"execute\":\"quit\"}") {
         let why = match w.wait(Duration::from_secs(5)) {
@@ -501,7 +532,7 @@ fn qemu_once(q: &QemuInfo, size: u64) -> Result<(f64, u64)> {
     if !out.status.success() {
         bail!("QEMU exited with {}: {}", out.status, tail(&out.stderr));
     }
-    Ok((ms(end.saturating_duration_since(t)), rss))
+    Ok((ms(end.saturating_duration_since(t)), rss, thp))
 }
 
 /// QEMU's RAM backend object for `b`.
@@ -534,7 +565,7 @@ fn probe_qemu(a: &Args) -> std::result::Result<QemuInfo, String> {
             accel: accel.to_string(),
             backend: backend.to_string(),
         };
-        match qemu_once(&q, 2 << 20) {
+        match qemu_once(&q, 2 << 20, Leaf::Size4K) {
             Ok(_) => return Ok(q),
             Err(e) => errors.push(format!("-accel {accel}: {e:#}")),
         }
@@ -770,6 +801,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         let (mut rb, mut rp, mut ra, mut resd, mut ret, mut shm) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut rmb: Vec<f64> = vec![];
+        let mut qthp: Vec<f64> = vec![];
         let (mut qrss, mut pack, mut pdes, mut prec, mut prss) =
             (vec![], vec![], vec![], vec![], vec![]);
         for rep in 0..a.reps {
@@ -837,10 +869,11 @@ pub fn cmd(a: &Args) -> Result<()> {
                     }
                     Strategy::Qemu => {
                         if let Some(q) = &qemu {
-                            let (el, rss) = qemu_once(q, size)
+                            let (el, rss, thp) = qemu_once(q, size, case.page)
                                 .with_context(|| format!("QEMU peer at {}", human_bytes(size)))?;
                             res.qemu_ms_all.push(el);
                             qrss.push(rss as f64);
+                            qthp.push(thp as f64);
                         }
                     }
                     Strategy::Service => {
@@ -892,6 +925,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         };
         res.qemu_ms = med_opt(&res.qemu_ms_all);
         res.qemu_rss_bytes = (!qrss.is_empty()).then(|| median(&qrss) as u64);
+        res.qemu_thp_bytes = (!qthp.is_empty()).then(|| median(&qthp) as u64);
         res.process_exit_ms = med_opt(&res.process_exit_ms_all);
         res.process_ack_ms = med_opt(&pack);
         res.process_destroy_ms = med_opt(&pdes);
