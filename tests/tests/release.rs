@@ -267,6 +267,8 @@ fn destroy_stops_a_spinning_guest() {
     let (c, _) = config("64M", 1, Backing::Anon, PageSize::Size2M, Workload::Probe);
     let vm = started_probe_vm(c);
     let (t, _) = destroy_and_check(vm);
+    // Running: `destroy` joins the vCPU itself.
+    assert!(!t.handed_over);
     assert_eq!(t.outcomes, vec![VcpuOutcome::Stopped]);
 }
 
@@ -307,6 +309,8 @@ fn destroy_of_a_paused_vm() {
     assert_eq!(vm.memory().resident_bytes(), 64 << 20);
     let before: Vec<_> = vm.outcomes();
     let (t, r) = destroy_and_check(vm);
+    // Paused: the vCPU threads go to the reclaim thread unjoined.
+    assert!(t.handed_over, "destroy joined the vCPUs of a paused VM");
     assert_eq!(t.outcomes[0], VcpuOutcome::Stopped, "{:?}", t.outcomes);
     for (i, o) in before {
         assert_eq!(&t.outcomes[i as usize], &o, "vCPU {i}");

@@ -191,12 +191,16 @@ impl RunControl {
         self.cv.notify_all();
     }
 
-    /// Called by a vCPU thread: returns false if it must stop. Blocks while
-    /// paused.
-    fn check(&self) -> bool {
+    /// Called by a vCPU thread: blocks while paused, then says whether to
+    /// run on. A thread stopped while parked stays counted as parked
+    /// ([`Go::StopParked`]): it never enters the guest again, and leaving
+    /// the count on its way out would let a `destroy` that looks in that
+    /// moment take the VM for a running one and join every thread itself,
+    /// where it could hand them to the reclaim thread unjoined.
+    fn check(&self) -> Go {
         match self.get() {
-            Request::Run => true,
-            Request::Stop => false,
+            Request::Run => Go::Run,
+            Request::Stop => Go::Stop,
             Request::Pause => {
                 let mut g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
                 *g += 1;
@@ -204,11 +208,24 @@ impl RunControl {
                 while self.get() == Request::Pause {
                     g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
+                if self.get() == Request::Stop {
+                    return Go::StopParked;
+                }
                 *g -= 1;
-                self.get() == Request::Run
+                Go::Run
             }
         }
     }
+}
+
+/// What [`RunControl::check`] tells a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Go {
+    Run,
+    Stop,
+    /// Stop, and the thread is still counted as parked: it must not be
+    /// counted again when it finishes.
+    StopParked,
 }
 
 /// Why a vCPU thread ended.
@@ -311,6 +328,23 @@ pub struct VcpuContext {
     pub mmio: Arc<MmioBus>,
     /// The port devices of a Linux guest; `Some` selects the Linux loop.
     pub legacy: Option<Arc<LegacyIo>>,
+    /// Set when the thread was stopped while parked: it is counted as
+    /// parked already ([`Go::StopParked`]).
+    pub counted: std::cell::Cell<bool>,
+}
+
+impl VcpuContext {
+    /// [`RunControl::check`] for this thread: false if it must stop.
+    fn go_on(&self) -> bool {
+        match self.control.check() {
+            Go::Run => true,
+            Go::Stop => false,
+            Go::StopParked => {
+                self.counted.set(true);
+                false
+            }
+        }
+    }
 }
 
 enum Exit {
@@ -339,7 +373,9 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuOutcome {
     KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
     ctx.board
         .update(|r| r.outcomes.push((ctx.index, outcome.clone())));
-    ctx.control.park_forever();
+    if !ctx.counted.get() {
+        ctx.control.park_forever();
+    }
     outcome
 }
 
@@ -347,7 +383,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
     // The work epoch the guest last looked for work at (see OP_IDLE).
     let mut seen = ctx.control.epoch.load(Ordering::SeqCst);
     loop {
-        if !ctx.control.check() {
+        if !ctx.go_on() {
             return VcpuOutcome::Stopped;
         }
         let exit = match vcpu.run() {
@@ -426,7 +462,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
 /// ports read 0xff, unknown MMIO reads 0xff, writes to either are dropped.
 fn linux_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, io: &LegacyIo) -> VcpuOutcome {
     loop {
-        if !ctx.control.check() {
+        if !ctx.go_on() {
             return VcpuOutcome::Stopped;
         }
         if io.reset_requested() {
@@ -572,5 +608,37 @@ fn exception(vcpu: &VcpuFd, ctx: &VcpuContext, vector: u32) -> GuestException {
         vector,
         rip,
         cr2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread parked in `check`, then told `req`: what `check` returned
+    /// and whether it is still counted as parked once it has returned.
+    fn parked_then(req: Request) -> (Go, bool) {
+        let c = Arc::new(RunControl::default());
+        c.set(Request::Pause);
+        let t = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || c.check())
+        };
+        assert!(c.wait_parked(1, Duration::from_secs(10)), "never parked");
+        c.set(req);
+        let go = t.join().expect("check panicked");
+        (go, c.wait_parked(1, Duration::ZERO))
+    }
+
+    #[test]
+    fn a_thread_stopped_while_parked_stays_counted() {
+        // The thread has left `check` for good: a `destroy` looking now
+        // must still find every vCPU parked and hand them over unjoined.
+        assert_eq!(parked_then(Request::Stop), (Go::StopParked, true));
+    }
+
+    #[test]
+    fn a_resumed_thread_leaves_the_count() {
+        assert_eq!(parked_then(Request::Run), (Go::Run, false));
     }
 }

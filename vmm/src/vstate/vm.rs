@@ -222,6 +222,10 @@ pub struct Teardown {
     pub teardown_ms: f64,
     /// Of which stopping and joining the vCPUs, ms.
     pub stop_vcpus_ms: f64,
+    /// The VM was paused: its vCPU threads (and the device thread) were
+    /// handed to the reclaim thread unjoined, and `destroy` did not wait for
+    /// them.
+    pub handed_over: bool,
     /// Outcome of each vCPU, by index.
     pub outcomes: Vec<VcpuOutcome>,
     reclaim: Option<JoinHandle<Option<Reclaimed>>>,
@@ -695,6 +699,7 @@ impl Vm {
                 access: std::cell::OnceCell::new(),
                 mmio: Arc::clone(&self.mmio),
                 legacy: self.linux.as_ref().map(|p| Arc::clone(&p.io)),
+                counted: std::cell::Cell::new(false),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
@@ -1106,6 +1111,7 @@ impl Vm {
         Teardown {
             teardown_ms: ms(t0.elapsed()),
             stop_vcpus_ms,
+            handed_over: paused,
             outcomes,
             reclaim,
             done,
