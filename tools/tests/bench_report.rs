@@ -20,12 +20,28 @@ use common::{gmm, kvm_or_skip, loud};
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
-/// A fresh, empty directory for one test.
-fn scratch(name: &str) -> PathBuf {
+/// A fresh, empty directory for one test, removed when the test ends
+/// (passed or not).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("gmm-bench-report-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("creating a scratch directory");
-    d
+    Scratch(d)
 }
 
 fn write(dir: &Path, name: &str, v: &Value) {
@@ -834,7 +850,6 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
         md.contains("target/release/vmm run --mem 1G --balloon-target 512M --backing memfd --json")
     );
     assert!(!md.contains("--quick"), "not a quick run: {md}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -870,7 +885,6 @@ fn missing_field_is_a_clear_error_and_the_rest_is_still_reported() {
     // The other benches are still there.
     row(&md, &["1 GiB", "96.0", "80.0", "1.20×"]);
     assert!(dir.join("inflate.svg").exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `gmm bench report --from DIR --only ONLY`: its status and markdown.
@@ -978,7 +992,6 @@ fn stress_violations_and_balloon_rss_verdicts_flip() {
         ],
     );
     assert_missed(r, "2 guest errors, 0 stale translations");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1047,7 +1060,6 @@ fn quick_balloon_rss_threshold_is_scaled_and_a_missing_vmm_is_not_measured() {
     let (_, md) = report_from(&dir, "balloon-rss");
     let r = row(&md, &["balloon-rss", &format!("{quick}, anon backing")]);
     assert_missed(r, "RSS dropped by 119 MiB");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1095,7 +1107,6 @@ fn recorded_failure_and_missing_file_are_not_measured() {
         !md.contains("## Unmap"),
         "--only must leave unmap out: {md}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1198,7 +1209,6 @@ fn quick_run_smoke() {
         }
         assert!(md.contains("--quick: 15/16 of the target"), "{md}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1377,7 +1387,6 @@ fn fault_and_interference_verdict_boundaries() {
         md.contains("not measured: fault.json: missing field `p99_us_storm`"),
         "{md}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1401,7 +1410,6 @@ fn a_bench_missing_from_gmm_is_reported_as_absent_not_failed() {
             "not measured: `gmm bench interference` is not in this gmm binary (results saved by an older gmm); rerun the bench to measure",
         ],
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// FIXTURE: a `gmm soak --json` line (figures typed in for the test).
@@ -1457,5 +1465,4 @@ fn soak_section_and_its_verdict() {
     let (out, md) = report_from(&dir, "soak");
     assert!(out.status.success(), "{}", text(&out));
     assert!(md.contains("`gmm soak` is not in this gmm binary"), "{md}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
