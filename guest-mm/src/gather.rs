@@ -336,6 +336,7 @@ impl<'t> Gather<'t> {
     fn invalidate(&mut self, inv: &Invalidation) {
         let t = self.table;
         t.inval_seq.fetch_add(1, Ordering::Release);
+        t.fault_seqs.bump(inv.start, inv.end, inv.full_mm);
         t.subscribers.start(inv);
         if !broken(Rule::GracePeriod) {
             t.rcu.synchronize();

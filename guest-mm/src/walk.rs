@@ -334,7 +334,7 @@ impl Walker {
         &mut self,
         gpa: Gpa,
         len: u64,
-        seq: u64,
+        seq: crate::FaultSnapshot,
     ) -> Result<u64, crate::FaultError> {
         self.table
             .fault_in_range_with(&mut self.reader, gpa, len, seq)

@@ -97,7 +97,7 @@ fn fault_commits_never_lose_a_release() {
                 let restored_now = if x & 1 == 0 {
                     matches!(w.fault_in(Gpa(p * PAGE)), Ok(FaultOutcome::Restored { .. }))
                 } else {
-                    let seq = t.invalidate_seq();
+                    let seq = t.fault_seq(Gpa(p * PAGE), PAGE);
                     w.fault_in_range_if_unchanged(Gpa(p * PAGE), PAGE, seq) == Ok(1)
                 };
                 if restored_now {

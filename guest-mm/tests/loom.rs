@@ -370,6 +370,45 @@ fn fault_commit_vs_unmap() {
     });
 }
 
+/// The handler's commit against a snapshot, racing another fault and a
+/// new discard of the same page (the marker comes back identical: ABA).
+/// A commit that restores the page after the new discard must have taken
+/// its snapshot after it too: one taken before must be refused (rule
+/// `fault_seq`), or the handler keeps backing it installed before the
+/// discard released it.
+#[test]
+fn fault_commit_vs_rediscard() {
+    loom::model(|| {
+        let (t, _) = setup_counting(2, PageSize::Size4K);
+        let discard = |t: &Stage2Table| {
+            let mut g = t.gather();
+            t.unmap(&mut g, Gpa(0), PAGE, UnmapMode::Discard).unwrap();
+            g.finish().unwrap();
+        };
+        discard(&t);
+        let t2 = t.clone();
+        let f = thread::spawn(move || {
+            let mut w = Walker::new(&t2);
+            let snap = t2.fault_seq(Gpa(0), PAGE);
+            (snap, w.fault_in_range_if_unchanged(Gpa(0), PAGE, snap))
+        });
+        let restored = t.fault_in(Gpa(0));
+        discard(&t);
+        let (snap, r) = f.join().unwrap();
+        if r == Ok(1) && matches!(t.query(Gpa(0)), PageState::Present { .. }) {
+            // The commit came after the discard (the only one since the
+            // setup); so must the snapshot.
+            assert_eq!(
+                snap.value(),
+                t.fault_seq(Gpa(0), PAGE).value(),
+                "a commit restored the page with a snapshot from before its discard \
+                 (other fault: {restored:?})"
+            );
+        }
+        assert_eq!(t.stats().use_after_free, 0);
+    });
+}
+
 /// A lock-free fault commit racing the split of the huge marker it
 /// restores: a protect of one half splits the discarded 8 KiB ("2M")
 /// marker while a fault restores the other half. Whichever order, the

@@ -163,7 +163,7 @@ fn fault_waits_for_pending_release() {
     assert!(released_before);
     assert!(matches!(r, Ok(FaultOutcome::Restored { .. })), "{r:?}");
     // and with a sequence snapshot taken before, the fault must retry
-    let seq = t.invalidate_seq();
+    let seq = t.fault_seq(Gpa(4096), 4096);
     let mut g = t.gather();
     t.unmap(&mut g, Gpa(4096), 4096, UnmapMode::Discard)
         .unwrap();

@@ -159,6 +159,13 @@ const LOOM_FAULT_UNMAP: Detector = Detector {
     },
     stochastic: false,
 };
+const LOOM_FAULT_REDISCARD: Detector = Detector {
+    name: "loom fault_commit_vs_rediscard",
+    run: Run::Loom {
+        test: "fault_commit_vs_rediscard",
+    },
+    stochastic: false,
+};
 const LOOM_FAULT_SPLIT: Detector = Detector {
     name: "loom fault_commit_vs_split",
     run: Run::Loom {
@@ -357,6 +364,10 @@ const MATRIX: &[(Rule, &[Claim])] = &[
     ),
     (Rule::RegisterUnblocked, &[fast(GM_REGISTER)]),
     (Rule::UnreleasedRecord, &[fast(GM_FAILINJ)]),
+    (
+        Rule::FaultSeq,
+        &[fast(GM_BASIC), fast(LOOM_FAULT_REDISCARD)],
+    ),
 ];
 
 /// One (rule, detector) row of the JSON.

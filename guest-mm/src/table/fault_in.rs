@@ -48,7 +48,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::writer_walk::is_restorable;
-use super::{FaultError, Stage2Table};
+use super::{FaultError, FaultSnapshot, Stage2Table};
 use crate::addr::{Gpa, Hva, PageSize};
 use crate::entry::{
     index, level_size, Pte, ADDRESS_LIMIT, LEVELS, PAGE_SIZE, POISON, SW_BALLOONED,
@@ -101,11 +101,15 @@ impl Stage2Table {
     }
 
     /// Like [`Stage2Table::fault_in`], but fails with `Retry` if an
-    /// invalidation ran since `seq` was read with
-    /// [`Stage2Table::invalidate_seq`] (the caller resolved the page with
-    /// stale knowledge and must resolve it again) or a flush is pending
-    /// over the page.
-    pub fn fault_in_if_unchanged(&self, gpa: Gpa, seq: u64) -> Result<FaultOutcome, FaultError> {
+    /// invalidation touched the range of `seq` since it was read with
+    /// [`Stage2Table::fault_seq`] (the caller resolved the page with stale
+    /// knowledge and must resolve it again) or a flush is pending over the
+    /// page.
+    pub fn fault_in_if_unchanged(
+        &self,
+        gpa: Gpa,
+        seq: FaultSnapshot,
+    ) -> Result<FaultOutcome, FaultError> {
         let mut r = self.rcu.register();
         let _g = r.pin(&self.rcu);
         match self.fault_attempt(gpa, Some(seq)) {
@@ -124,7 +128,7 @@ impl Stage2Table {
         &self,
         gpa: Gpa,
         len: u64,
-        seq: u64,
+        seq: FaultSnapshot,
     ) -> Result<u64, FaultError> {
         let mut r = self.rcu.register();
         self.fault_in_range_with(&mut r, gpa, len, seq)
@@ -160,7 +164,7 @@ impl Stage2Table {
         r: &mut Reader,
         gpa: Gpa,
         len: u64,
-        seq: u64,
+        seq: FaultSnapshot,
     ) -> Result<u64, FaultError> {
         let end = gpa.0.saturating_add(len.max(1)).min(ADDRESS_LIMIT);
         let mut a = gpa.0 & !(PAGE_SIZE - 1);
@@ -185,21 +189,41 @@ impl Stage2Table {
     /// Whether a commit at `[page, page_end)` must not happen now: a
     /// pending flush covers it, or (with `seq`) an invalidation ran since.
     #[inline]
-    fn fault_blocked(&self, page: Gpa, page_end: Gpa, seq: Option<u64>) -> Option<Attempt> {
+    fn fault_blocked(
+        &self,
+        page: Gpa,
+        page_end: Gpa,
+        seq: Option<FaultSnapshot>,
+    ) -> Option<Attempt> {
         if self.pending_overlaps_lockless(page, page_end) {
             return Some(Attempt::Pending);
         }
         match seq {
-            Some(s) if self.inval_seq.load(Ordering::Acquire) != s => {
+            Some(s) if self.invalidated_since(s, page, page_end) => {
                 Some(Attempt::Failed(FaultError::Retry(page)))
             }
             _ => None,
         }
     }
 
+    /// Whether an invalidation touched `[page, page_end)` since `s`: one
+    /// that touched the snapshot's range, which contains the page (the
+    /// fault handler's leaf); for a page outside it, any invalidation.
+    #[inline]
+    fn invalidated_since(&self, s: FaultSnapshot, page: Gpa, page_end: Gpa) -> bool {
+        if broken(Rule::FaultSeq) {
+            return false;
+        }
+        if s.start <= page.0 && page_end.0 <= s.end {
+            self.fault_seqs.value(s.start, s.end) != s.value
+        } else {
+            self.inval_seq.load(Ordering::Acquire) != s.global
+        }
+    }
+
     /// One lock-free attempt at `gpa`. The caller is pinned in this
     /// table's RCU domain.
-    pub(crate) fn fault_attempt(&self, gpa: Gpa, seq: Option<u64>) -> Attempt {
+    pub(crate) fn fault_attempt(&self, gpa: Gpa, seq: Option<FaultSnapshot>) -> Attempt {
         if gpa.0 >= ADDRESS_LIMIT {
             return Attempt::Failed(FaultError::OutOfRange(gpa));
         }

@@ -39,6 +39,7 @@
 
 mod error;
 mod fault_in;
+mod fault_seq;
 mod lookup;
 mod ops;
 mod pending;
@@ -49,6 +50,7 @@ use std::sync::atomic::{AtomicU64 as StatU64, Ordering::Relaxed};
 
 pub use error::{FaultError, MapError, RangeError, UnmapError};
 pub use fault_in::FaultOutcome;
+pub use fault_seq::FaultSnapshot;
 pub(crate) use lookup::{state_of, Lookup};
 pub use lookup::{Census, PageState};
 pub use ops::UnmapMode;
@@ -58,6 +60,7 @@ pub use stats::TableStats;
 
 use crate::addr::Gpa;
 use crate::backing::{BackingError, BackingId, BackingRegion, BackingRegistry};
+use crate::entry::ADDRESS_LIMIT;
 use crate::fault::FaultInjection;
 use crate::gather::Gather;
 use crate::notify::{InvalidationSubscriber, SubscribeError, SubscriberId, Subscribers};
@@ -93,6 +96,9 @@ pub struct Stage2Table {
     pub(crate) subscribers: Subscribers,
     /// Bumped by every invalidation; translation caches compare against it.
     pub(crate) inval_seq: AtomicU64,
+    /// Bumped per window by every invalidation; fault commits compare
+    /// against it (see `fault_seq.rs`).
+    pub(crate) fault_seqs: fault_seq::FaultSeqs,
     pub(crate) next_gather_id: StatU64,
     pub(crate) stats: Counters,
     /// Injectable failures, for tests of every fallback path.
@@ -122,6 +128,7 @@ impl Stage2Table {
             backing: BackingRegistry::new(),
             subscribers: Subscribers::new(),
             inval_seq: AtomicU64::new(0),
+            fault_seqs: fault_seq::FaultSeqs::default(),
             next_gather_id: StatU64::new(1),
             stats: Counters::default(),
             faults,
@@ -160,11 +167,28 @@ impl Stage2Table {
         Gather::new(self, true)
     }
 
-    /// The invalidation sequence (`mmu_invalidate_seq`): read it before
-    /// resolving a fault outside the lock, pass it to
-    /// [`Stage2Table::fault_in_if_unchanged`].
+    /// The invalidation sequence: bumped by every invalidation anywhere in
+    /// the table.
     pub fn invalidate_seq(&self) -> u64 {
         self.inval_seq.load(Ordering::Acquire)
+    }
+
+    /// What a fault handler reads before it resolves `[gpa, gpa + len)`
+    /// outside the lock (`mmu_invalidate_seq`, per range): pass it to
+    /// [`Stage2Table::fault_in_if_unchanged`] or
+    /// [`Stage2Table::fault_in_range_if_unchanged`], which fail with
+    /// `Retry` if an invalidation touched the range since.
+    pub fn fault_seq(&self, gpa: Gpa, len: u64) -> FaultSnapshot {
+        let start = gpa.0.min(ADDRESS_LIMIT - 1);
+        let end = start.saturating_add(len.max(1)).min(ADDRESS_LIMIT);
+        // The global count, for a commit outside the range.
+        let global = self.inval_seq.load(Ordering::Acquire);
+        FaultSnapshot {
+            value: self.fault_seqs.value(start, end),
+            global,
+            start,
+            end,
+        }
     }
 
     /// Threads blocked right now waiting for another gather's pending flush

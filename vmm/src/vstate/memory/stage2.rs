@@ -29,9 +29,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use guest_mm::{
-    Access, BackingError, BackingKind, BackingRegion, FaultError, Gpa, GuestMemoryView, Hva,
-    Invalidation, InvalidationSubscriber, MapError, PageState, Perms, ReleaseError, Stage2Table,
-    SubscribeError, TableConfig, UnmapError, WalkError, Walker,
+    Access, BackingError, BackingKind, BackingRegion, FaultError, FaultSnapshot, Gpa,
+    GuestMemoryView, Hva, Invalidation, InvalidationSubscriber, MapError, PageState, Perms,
+    ReleaseError, Stage2Table, SubscribeError, TableConfig, UnmapError, WalkError, Walker,
 };
 
 use super::backing::{Backing, PageSize, RegionDesc, SIZE_2M};
@@ -214,6 +214,12 @@ impl Stage2 {
     }
 }
 
+thread_local! {
+    /// The table's snapshot of the fault this thread is resolving, from
+    /// `fault_begin` to `fault_commit` (a `Copy` value: no allocation).
+    static SNAPSHOT: std::cell::Cell<Option<FaultSnapshot>> = const { std::cell::Cell::new(None) };
+}
+
 /// The userfaultfd handler's view of the table.
 struct TableFaultHook {
     table: Arc<Stage2Table>,
@@ -258,13 +264,21 @@ impl FaultHook for TableFaultHook {
     fn fault_begin(&self, gpa: u64, len: u64) -> u64 {
         self.user_seq
             .store(self.user.fault_begin(gpa, len), Ordering::Relaxed);
-        self.table.invalidate_seq()
+        // The range's snapshot: only an invalidation that touches this
+        // leaf fails its commit, not every unmap anywhere in the VM.
+        SNAPSHOT.set(Some(self.table.fault_seq(Gpa(gpa), len)));
+        0
     }
 
-    fn fault_commit(&self, gpa: u64, len: u64, seq: u64) -> bool {
+    fn fault_commit(&self, gpa: u64, len: u64, _seq: u64) -> bool {
+        // The snapshot of this thread's fault in progress (the handler
+        // begins and commits one fault at a time); none: begin again.
+        let Some(snap) = SNAPSHOT.take() else {
+            return false;
+        };
         // Lock-free: a compare-and-swap in a read section of the handler's
         // walker, never behind a writer's table-lock hold.
-        let commit = self.with_walker(|w| w.fault_in_range_if_unchanged(Gpa(gpa), len, seq));
+        let commit = self.with_walker(|w| w.fault_in_range_if_unchanged(Gpa(gpa), len, snap));
         let ok = match commit {
             Ok(_) => true,
             // An invalidation ran, or a release is pending over the page:
