@@ -159,6 +159,18 @@ impl RunControl {
         *seen = self.epoch.load(Ordering::SeqCst);
     }
 
+    /// Publishes [`Request::Stop`] (the caller then kicks the threads) and
+    /// says whether `n` threads were parked at that moment, under the same
+    /// lock: each of them is waiting in `check` or has finished, and leaves
+    /// without entering the guest. Read after the stop instead, the count
+    /// could miss a parked thread already woken by it, on its way out.
+    pub fn stop(&self, n: u32) -> bool {
+        let g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.request.store(Request::Stop as u8, Ordering::SeqCst);
+        self.cv.notify_all();
+        *g >= n
+    }
+
     /// Publishes a request (the caller then kicks the threads).
     pub fn set(&self, r: Request) {
         let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
@@ -191,16 +203,12 @@ impl RunControl {
         self.cv.notify_all();
     }
 
-    /// Called by a vCPU thread: blocks while paused, then says whether to
-    /// run on. A thread stopped while parked stays counted as parked
-    /// ([`Go::StopParked`]): it never enters the guest again, and leaving
-    /// the count on its way out would let a `destroy` that looks in that
-    /// moment take the VM for a running one and join every thread itself,
-    /// where it could hand them to the reclaim thread unjoined.
-    fn check(&self) -> Go {
+    /// Called by a vCPU thread: returns false if it must stop. Blocks while
+    /// paused.
+    fn check(&self) -> bool {
         match self.get() {
-            Request::Run => Go::Run,
-            Request::Stop => Go::Stop,
+            Request::Run => true,
+            Request::Stop => false,
             Request::Pause => {
                 let mut g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
                 *g += 1;
@@ -208,24 +216,11 @@ impl RunControl {
                 while self.get() == Request::Pause {
                     g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
-                if self.get() == Request::Stop {
-                    return Go::StopParked;
-                }
                 *g -= 1;
-                Go::Run
+                self.get() == Request::Run
             }
         }
     }
-}
-
-/// What [`RunControl::check`] tells a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Go {
-    Run,
-    Stop,
-    /// Stop, and the thread is still counted as parked: it must not be
-    /// counted again when it finishes.
-    StopParked,
 }
 
 /// Why a vCPU thread ended.
@@ -328,23 +323,6 @@ pub struct VcpuContext {
     pub mmio: Arc<MmioBus>,
     /// The port devices of a Linux guest; `Some` selects the Linux loop.
     pub legacy: Option<Arc<LegacyIo>>,
-    /// Set when the thread was stopped while parked: it is counted as
-    /// parked already ([`Go::StopParked`]).
-    pub counted: std::cell::Cell<bool>,
-}
-
-impl VcpuContext {
-    /// [`RunControl::check`] for this thread: false if it must stop.
-    fn go_on(&self) -> bool {
-        match self.control.check() {
-            Go::Run => true,
-            Go::Stop => false,
-            Go::StopParked => {
-                self.counted.set(true);
-                false
-            }
-        }
-    }
 }
 
 enum Exit {
@@ -373,9 +351,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuOutcome {
     KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
     ctx.board
         .update(|r| r.outcomes.push((ctx.index, outcome.clone())));
-    if !ctx.counted.get() {
-        ctx.control.park_forever();
-    }
+    ctx.control.park_forever();
     outcome
 }
 
@@ -383,7 +359,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
     // The work epoch the guest last looked for work at (see OP_IDLE).
     let mut seen = ctx.control.epoch.load(Ordering::SeqCst);
     loop {
-        if !ctx.go_on() {
+        if !ctx.control.check() {
             return VcpuOutcome::Stopped;
         }
         let exit = match vcpu.run() {
@@ -462,7 +438,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
 /// ports read 0xff, unknown MMIO reads 0xff, writes to either are dropped.
 fn linux_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, io: &LegacyIo) -> VcpuOutcome {
     loop {
-        if !ctx.go_on() {
+        if !ctx.control.check() {
             return VcpuOutcome::Stopped;
         }
         if io.reset_requested() {
@@ -615,9 +591,10 @@ fn exception(vcpu: &VcpuFd, ctx: &VcpuContext, vector: u32) -> GuestException {
 mod tests {
     use super::*;
 
-    /// A thread parked in `check`, then told `req`: what `check` returned
-    /// and whether it is still counted as parked once it has returned.
-    fn parked_then(req: Request) -> (Go, bool) {
+    /// A thread parked in `check`; `stop` counts it as parked, whenever
+    /// the thread then leaves.
+    #[test]
+    fn stop_counts_a_parked_thread_as_parked() {
         let c = Arc::new(RunControl::default());
         c.set(Request::Pause);
         let t = {
@@ -625,20 +602,25 @@ mod tests {
             std::thread::spawn(move || c.check())
         };
         assert!(c.wait_parked(1, Duration::from_secs(10)), "never parked");
-        c.set(req);
-        let go = t.join().expect("check panicked");
-        (go, c.wait_parked(1, Duration::ZERO))
-    }
-
-    #[test]
-    fn a_thread_stopped_while_parked_stays_counted() {
-        // The thread has left `check` for good: a `destroy` looking now
-        // must still find every vCPU parked and hand them over unjoined.
-        assert_eq!(parked_then(Request::Stop), (Go::StopParked, true));
+        assert!(c.stop(1), "a parked thread was not counted at the stop");
+        assert!(
+            !t.join().expect("check panicked"),
+            "a stopped thread ran on"
+        );
+        assert!(!c.stop(2), "two threads counted where one parked");
     }
 
     #[test]
     fn a_resumed_thread_leaves_the_count() {
-        assert_eq!(parked_then(Request::Run), (Go::Run, false));
+        let c = Arc::new(RunControl::default());
+        c.set(Request::Pause);
+        let t = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || c.check())
+        };
+        assert!(c.wait_parked(1, Duration::from_secs(10)), "never parked");
+        c.set(Request::Run);
+        assert!(t.join().expect("check panicked"));
+        assert!(!c.wait_parked(1, Duration::ZERO));
     }
 }

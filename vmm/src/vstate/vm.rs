@@ -699,7 +699,6 @@ impl Vm {
                 access: std::cell::OnceCell::new(),
                 mmio: Arc::clone(&self.mmio),
                 legacy: self.linux.as_ref().map(|p| Arc::clone(&p.io)),
-                counted: std::cell::Cell::new(false),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
@@ -1034,7 +1033,10 @@ impl Vm {
     fn teardown(&mut self, background: bool) -> Teardown {
         let t0 = Instant::now();
         self.destroyed = true;
-        self.control.set(Request::Stop);
+        // Whether every vCPU was parked when the stop was published (see
+        // the hand-over below).
+        let vcpus = u32::try_from(self.threads.len()).unwrap_or(u32::MAX);
+        let all_parked = self.control.stop(vcpus);
         self.kick_all();
         // Synchronous on drop; otherwise the VM's reclaim thread (or a new
         // one if it could not be made with the VM, or this thread if no
@@ -1045,15 +1047,14 @@ impl Vm {
             None
         };
         // A paused VM gives its memory back while its threads are joined,
-        // and the joins leave `destroy` too: a vCPU counted as parked
-        // (under the count's lock, after `Stop` was set) is waiting in
+        // and the joins leave `destroy` too: a vCPU counted as parked when
+        // `Stop` was published (under the count's lock) is waiting in
         // `check` or has finished; it leaves without entering the guest or
         // touching its memory again, with `Stopped` unless it reported an
         // outcome already. The reclaim thread stops the device thread
         // before it releases. A running VM's vCPUs are joined here first.
-        let vcpus = u32::try_from(self.threads.len()).unwrap_or(u32::MAX);
         let mut outcomes = vec![VcpuOutcome::Stopped; self.config.vcpus as usize];
-        let paused = reclaimer.is_some() && self.control.wait_parked(vcpus, Duration::ZERO);
+        let paused = reclaimer.is_some() && all_parked;
         let mut remains = Remains {
             device_thread: None,
             vcpu_threads: Vec::new(),
