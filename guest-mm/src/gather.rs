@@ -148,7 +148,8 @@ impl<'t> Gather<'t> {
 
     /// Let a flush release a large amount of anonymous memory (at least
     /// [`crate::backing::PARALLEL_MIN_BYTES`]) with up to `n` threads that
-    /// claim 16 MiB chunks from a shared cursor and `MADV_DONTNEED` them
+    /// claim shrinking shares of it from a shared cursor (a `2n`th of what
+    /// is left, at least 16 MiB) and `MADV_DONTNEED` them
     /// (the kernel takes `mmap_lock` for reading there, so chunks free
     /// their pages in parallel); helpers run `SCHED_IDLE`, the flushing
     /// thread takes whatever they do not get to. Off (1) by default; meant

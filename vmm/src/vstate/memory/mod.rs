@@ -125,6 +125,10 @@ impl VmMemory {
         faults: Arc<MemoryFaults>,
     ) -> Result<Self, MemoryError> {
         let mut ram = GuestRam::new(cfg.size, cfg.backing, cfg.page_size, vm)?;
+        // Reads the cores and the shmem THP setting now (sysfs and cgroup
+        // files), so that the teardown, which the memory-back time counts,
+        // does not.
+        release::teardown_release_threads(cfg.backing, cfg.page_size, cfg.size.bytes());
         ram.set_faults(Arc::clone(&faults));
         if let Some(vm) = vm {
             ram.register_slots(vm)?;

@@ -86,45 +86,52 @@ pub enum ReleaseError {
     Stage2(#[from] Stage2Error),
 }
 
-/// Threads of the teardown's release (the caller plus `SCHED_IDLE`
-/// helpers named [`guest_mm::backing::RELEASE_THREAD_NAME`], which claim
-/// 16 MiB chunks; guest-mm `backing.rs`).
+/// Huge-page-backed RAM below this is released by the caller alone.
+pub const HUGE_PARALLEL_MIN_BYTES: u64 = 2 << 30;
+
+/// Threads of the teardown's release of `bytes` of guest RAM (the caller
+/// plus `SCHED_IDLE` helpers named [`guest_mm::backing::RELEASE_THREAD_NAME`],
+/// which claim a shrinking share of what is left; guest-mm `backing.rs`).
 ///
-/// - 4 KiB leaves: every core. Freeing 4 KiB pages costs ~0.1 s per GiB,
-///   which a second core halves; the helpers run only on cores no normal
-///   thread wants (a running vCPU of another VM keeps its core, goal 4 of
-///   issue 12), and the caller, at its own priority, claims whatever they
-///   do not get to.
-/// - 2 MiB leaves (THP): one, the caller. A huge page is freed in ~5 µs,
-///   and splitting those zaps across threads cost more than it saved
-///   (1 GiB of THP: one `MADV_DONTNEED` 2.6 ms, two threads 8.0 ms, median
-///   of 9, on the 2 loaded cores of the development machine).
-/// - memfd: every core unless the file's pages are huge (2 MiB leaves
-///   with shmem THP enabled, `shmem_enabled` other than `never`/`deny`).
-///   Holes are punched, which the kernel serialises on each file's lock,
-///   so guest-mm gives each file its own lane; memfd RAM is split into
-///   several files for this ([`super::backing::RegionFiles`]).
+/// - 4 KiB pages: every core. Freeing 4 KiB pages costs ~70 ms per GiB,
+///   which a second core nearly halves; the helpers run only on cores no
+///   normal thread wants (a running vCPU of another VM keeps its core,
+///   goal 4 of issue 12), and the caller, at its own priority, claims
+///   whatever they do not get to.
+/// - Huge pages (THP, or memfd with shmem THP enabled: `shmem_enabled`
+///   other than `never`/`deny`): every core from
+///   [`HUGE_PARALLEL_MIN_BYTES`], the caller alone below. A huge page is
+///   freed in ~6 µs (~3 ms per GiB), so a helper's fixed costs (its spawn,
+///   and here, on a virtual machine, up to milliseconds before an idle
+///   core runs it) are a large part of a small release: with two threads,
+///   `gmm bench teardown --page-size 2M` went from 1.07-1.21x munmap to
+///   0.78-0.91x at 2-4 GiB, but from 1.13-1.48x to 1.45-1.6x at 256 MiB
+///   and no better at 1 GiB (3 same-run rounds each).
+/// - memfd: holes are punched, which the kernel serialises on each file's
+///   lock, so guest-mm gives each file its own lane; memfd RAM is split
+///   into several files for this ([`super::backing::RegionFiles`]).
 /// - guest_memfd is one file: its punches are never split (guest-mm runs
 ///   one thread per file), whatever this says.
-pub fn teardown_release_threads(backing: Backing, page: PageSize) -> usize {
-    static CORES: OnceLock<usize> = OnceLock::new();
+pub fn teardown_release_threads(backing: Backing, page: PageSize, bytes: u64) -> usize {
     static SHMEM_THP: OnceLock<bool> = OnceLock::new();
-    // Read once: `available_parallelism` reads cgroup files.
-    let cores = || {
-        *CORES.get_or_init(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        })
-    };
     let huge = match (backing, page) {
         (_, PageSize::Size4K) => false,
         (Backing::Memfd, PageSize::Size2M) => *SHMEM_THP.get_or_init(shmem_thp),
         (_, PageSize::Size2M) => true,
     };
-    if huge {
+    if huge && bytes < HUGE_PARALLEL_MIN_BYTES {
         1
     } else {
         cores()
     }
+}
+
+/// This process's usable cores, read once (`available_parallelism` reads
+/// cgroup files: [`VmMemory::new`] reads it so that a teardown does not).
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES
+        .get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
 }
 
 /// Whether shmem (memfd) may get transparent huge pages: the selected
@@ -216,6 +223,7 @@ impl VmMemory {
         g.set_release_threads(teardown_release_threads(
             self.ram.backing(),
             self.ram.page_size(),
+            self.ram.size().bytes(),
         ));
         table.teardown(&mut g).map_err(Stage2Error::from)?;
         let st = g.finish().map_err(Stage2Error::from)?;
@@ -298,18 +306,30 @@ mod tests {
     }
 
     #[test]
-    fn teardown_splits_4k_pages_and_memfd_without_shmem_thp() {
+    fn teardown_splits_4k_pages_and_large_huge_page_ram() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (small, large) = (HUGE_PARALLEL_MIN_BYTES - (2 << 20), HUGE_PARALLEL_MIN_BYTES);
+        for bytes in [256 << 20, small, large] {
+            for backing in [Backing::Anon, Backing::Memfd] {
+                assert_eq!(
+                    teardown_release_threads(backing, PageSize::Size4K, bytes),
+                    cores
+                );
+            }
+        }
         assert_eq!(
-            teardown_release_threads(Backing::Anon, PageSize::Size4K),
-            cores
+            teardown_release_threads(Backing::Anon, PageSize::Size2M, small),
+            1
         );
         assert_eq!(
-            teardown_release_threads(Backing::Memfd, PageSize::Size4K),
+            teardown_release_threads(Backing::Anon, PageSize::Size2M, large),
             cores
         );
-        assert_eq!(teardown_release_threads(Backing::Anon, PageSize::Size2M), 1);
-        let memfd_2m = teardown_release_threads(Backing::Memfd, PageSize::Size2M);
+        let memfd_2m = teardown_release_threads(Backing::Memfd, PageSize::Size2M, small);
         assert_eq!(memfd_2m, if shmem_thp() { 1 } else { cores });
+        assert_eq!(
+            teardown_release_threads(Backing::Memfd, PageSize::Size2M, large),
+            cores
+        );
     }
 }
