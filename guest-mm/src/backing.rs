@@ -268,7 +268,7 @@ fn set_idle_priority() {
 }
 
 /// `PIDFD_SELF_THREAD_GROUP` (Linux 6.14): the calling process.
-const PIDFD_SELF: libc::c_int = -10001;
+pub const PIDFD_SELF: libc::c_int = -10001;
 
 /// Batching state: not tried yet, works, refused by this kernel.
 const BATCH_UNKNOWN: u64 = 0;

@@ -259,15 +259,20 @@ pub fn no_clone3_program() -> Result<BpfProgram, SeccompError> {
 
 /// The BPF program of `kind` for this architecture.
 pub fn program(kind: ThreadKind, mismatch: Mismatch) -> Result<BpfProgram, SeccompError> {
-    let err = |e: &dyn std::fmt::Display| SeccompError::Build(kind.name(), e.to_string());
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| err(&e))?;
     let action = match mismatch {
         Mismatch::KillProcess => SeccompAction::KillProcess,
         Mismatch::Trap => SeccompAction::Trap,
     };
+    compile(kind, action)
+}
+
+/// The BPF program of `kind` with `mismatch` for what it does not allow.
+fn compile(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    let err = |e: &dyn std::fmt::Display| SeccompError::Build(kind.name(), e.to_string());
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| err(&e))?;
     let filter = SeccompFilter::new(
         rules(kind).map_err(|e| err(&e))?,
-        action,
+        mismatch,
         SeccompAction::Allow,
         arch,
     )
@@ -302,6 +307,42 @@ fn allow_arg(
     }
     Ok(())
 }
+
+/// Allows `nr` when the `int` argument `arg` (32-bit compare: the upper
+/// half of the register is not the kernel's) equals one of `values`.
+fn allow_int_arg(
+    r: &mut Rules,
+    nr: i64,
+    arg: u8,
+    values: &[i32],
+) -> Result<(), seccompiler::BackendError> {
+    let e = r.entry(nr).or_default();
+    for &v in values {
+        e.push(SeccompRule::new(vec![int_is(arg, v)?])?);
+    }
+    Ok(())
+}
+
+/// `int` argument `arg` equals `v` (32-bit compare).
+fn int_is(arg: u8, v: i32) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(arg, Len::Dword, Op::Eq, u64::from(v as u32))
+}
+
+/// The `madvise` advice this process gives: releasing memory (`DONTNEED`,
+/// `REMOVE` for a file's pages: the fault handler's undo), THP advice on
+/// guest RAM and guest-mm's table-page pool, populating guest RAM. glibc's
+/// own calls (a thread's stack at exit, trimming malloc's heaps) use
+/// `DONTNEED` too.
+pub const MADVISE_ADVICE: [i32; 5] = [
+    libc::MADV_DONTNEED,
+    libc::MADV_REMOVE,
+    libc::MADV_HUGEPAGE,
+    libc::MADV_NOHUGEPAGE,
+    libc::MADV_POPULATE_WRITE,
+];
+
+/// The only `fallocate` mode: punching a hole without changing the size.
+pub const FALLOCATE_MODE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 
 /// Allows `ioctl` with these request numbers.
 fn allow_ioctls(r: &mut Rules, reqs: &[u64]) -> Result<(), seccompiler::BackendError> {
@@ -372,7 +413,6 @@ fn base(r: &mut Rules) -> Result<(), seccompiler::BackendError> {
             SYS_brk,
             SYS_munmap,
             SYS_mremap,
-            SYS_madvise,
             SYS_futex,
             SYS_rt_sigprocmask,
             SYS_rt_sigreturn,
@@ -401,6 +441,7 @@ fn base(r: &mut Rules) -> Result<(), seccompiler::BackendError> {
             )?])?],
         );
     }
+    allow_int_arg(r, SYS_madvise, 2, &MADVISE_ADVICE)?;
     // Signals only to this process's own threads (the vCPU kick, abort).
     let pid = u64::from(std::process::id());
     r.insert(
@@ -451,12 +492,26 @@ fn spawner(r: &mut Rules) -> Result<(), seccompiler::BackendError> {
 }
 
 /// Releasing guest memory (a gather's flush): `madvise` (base),
-/// `process_madvise` batches, punch-hole for file backings, arming demand
-/// faults on the userfaultfd first.
+/// `process_madvise` batches (`MADV_DONTNEED` on this process only, no
+/// flags), punch-hole for file backings, arming demand faults on the
+/// userfaultfd first.
 fn releaser(r: &mut Rules) -> Result<(), seccompiler::BackendError> {
-    allow(r, &[libc::SYS_process_madvise, libc::SYS_fallocate]);
+    r.insert(
+        libc::SYS_process_madvise,
+        vec![SeccompRule::new(vec![
+            int_is(0, guest_mm::backing::PIDFD_SELF)?,
+            int_is(3, libc::MADV_DONTNEED)?,
+            int_is(4, 0)?,
+        ])?],
+    );
+    punch_hole(r)?;
     allow_ioctls(r, &[ioctls::UFFDIO_REGISTER])?;
     Ok(())
+}
+
+/// `fallocate` that punches a hole ([`FALLOCATE_MODE`]) and nothing else.
+fn punch_hole(r: &mut Rules) -> Result<(), seccompiler::BackendError> {
+    allow_int_arg(r, libc::SYS_fallocate, 1, &[FALLOCATE_MODE])
 }
 
 /// Reads files without being able to write or create any (`/proc`,
@@ -503,7 +558,8 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
             allow_arg(&mut r, SYS_sched_setscheduler, 0, &[0])?;
         }
         ThreadKind::Uffd => {
-            allow(&mut r, &[SYS_poll, SYS_ppoll, SYS_read, SYS_fallocate]);
+            allow(&mut r, &[SYS_poll, SYS_ppoll, SYS_read]);
+            punch_hole(&mut r)?;
             allow_ioctls(
                 &mut r,
                 &[
@@ -723,6 +779,134 @@ mod tests {
             ] {
                 assert!(!r.contains_key(&nr), "{k:?} allows {nr}");
             }
+        }
+    }
+
+    /// Runs `f` in a new thread confined by `kind`'s rules, with `EPERM`
+    /// instead of a kill for what they do not allow.
+    fn confined<T: Send>(kind: ThreadKind, f: impl FnOnce() -> T + Send) -> T {
+        let p = compile(kind, SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                seccompiler::apply_filter(&p).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// The errno of a failed call, 0 for success.
+    fn errno_of(rc: i64) -> i32 {
+        if rc < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn memory_calls_are_allowed_only_with_the_arguments_the_monitor_uses() {
+        const LEN: usize = 2 << 20;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(mem, libc::MAP_FAILED);
+        let addr = mem as usize;
+        // SAFETY: creates a file descriptor owned below.
+        let fd = unsafe { libc::memfd_create(c"seccomp-test".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: sizes the memfd just created.
+        assert_eq!(unsafe { libc::ftruncate(fd, LEN as i64) }, 0);
+        // SAFETY: pidfd_open of this process takes no pointers.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) } as i32;
+        for kind in [
+            ThreadKind::Reclaim,
+            ThreadKind::Vcpu,
+            ThreadKind::Device,
+            ThreadKind::Uffd,
+            ThreadKind::Signals,
+        ] {
+            let releases = !matches!(kind, ThreadKind::Uffd | ThreadKind::Signals);
+            let punches = kind != ThreadKind::Signals;
+            let got = confined(kind, || {
+                let madvise = |advice: i32| {
+                    // SAFETY: advice on the test's own mapping; the
+                    // allowed ones only drop or advise its contents.
+                    errno_of(unsafe { libc::madvise(addr as *mut _, LEN, advice) }.into())
+                };
+                let iov = libc::iovec {
+                    iov_base: addr as *mut _,
+                    iov_len: LEN,
+                };
+                let process_madvise = |pidfd: i32, advice: i32| {
+                    // SAFETY: one iovec of the test's own mapping.
+                    errno_of(unsafe {
+                        libc::syscall(libc::SYS_process_madvise, pidfd, &iov, 1, advice, 0)
+                    })
+                };
+                let fallocate = |mode: i32| {
+                    // SAFETY: the test's own memfd.
+                    errno_of(unsafe { libc::fallocate(fd, mode, 0, 4096) }.into())
+                };
+                [
+                    madvise(libc::MADV_DONTNEED),
+                    madvise(libc::MADV_HUGEPAGE),
+                    madvise(libc::MADV_FREE),
+                    madvise(libc::MADV_DONTFORK),
+                    madvise(libc::MADV_DONTNEED | (1 << 8)),
+                    process_madvise(guest_mm::backing::PIDFD_SELF, libc::MADV_DONTNEED),
+                    process_madvise(guest_mm::backing::PIDFD_SELF, libc::MADV_COLD),
+                    process_madvise(pidfd, libc::MADV_DONTNEED),
+                    fallocate(FALLOCATE_MODE),
+                    fallocate(0),
+                    fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE),
+                ]
+            });
+            let eperm = libc::EPERM;
+            let [dontneed, huge, free, dontfork, bad, pm_self, pm_cold, pm_other, punch, grow, zero] =
+                got;
+            assert_eq!(
+                (dontneed, huge),
+                (0, 0),
+                "{kind:?}: the advice the monitor gives"
+            );
+            assert_eq!(
+                (free, dontfork, bad),
+                (eperm, eperm, eperm),
+                "{kind:?}: other advice"
+            );
+            // The kernel may refuse PIDFD_SELF (before 6.14): not EPERM.
+            assert_eq!(
+                pm_self == eperm,
+                !releases,
+                "{kind:?}: batched release ({pm_self})"
+            );
+            assert_eq!(
+                (pm_cold, pm_other),
+                (eperm, eperm),
+                "{kind:?}: other process_madvise"
+            );
+            assert_eq!(punch == 0, punches, "{kind:?}: punch-hole ({punch})");
+            assert_eq!(
+                (grow, zero),
+                (eperm, eperm),
+                "{kind:?}: other fallocate modes"
+            );
+        }
+        // SAFETY: closes the fds and unmaps the mapping made above.
+        unsafe {
+            libc::close(pidfd);
+            libc::close(fd);
+            libc::munmap(mem, LEN);
         }
     }
 
