@@ -97,6 +97,10 @@ pub struct GatherStats {
     /// Releases split across helper threads (see
     /// [`Gather::set_release_threads`]).
     pub parallel_releases: u64,
+    /// 4 KiB pages a balloon unmap newly marked *ballooned* (present or
+    /// discarded before; a page already in the balloon is not counted
+    /// again).
+    pub ballooned_pages: u64,
 }
 
 /// An owned batch of cleared translations awaiting invalidation and free.

@@ -183,9 +183,17 @@ fn duplicates_are_released_once() {
     let c = d.dev().counters();
     assert_eq!((c.duplicate_pfns, c.pages_inflated, c.errors), (300, 8, 0));
     assert_eq!(c.bytes_released, 8 * 4096);
-    // Inflating ballooned pages again releases nothing more.
+    // Inflating ballooned pages again releases and counts nothing more:
+    // the device's count of ballooned pages stays what the guest gave.
     d.send_pfns(Q::Inflate, &pfns(GOOD, 8 * 4096), 256);
-    assert_eq!(d.dev().counters().bytes_released, 8 * 4096);
+    let c = d.dev().counters();
+    assert_eq!((c.bytes_released, c.pages_inflated), (8 * 4096, 8));
+    assert_eq!(d.dev().lock().device().ballooned_pages(), 8);
+    // Half of them again with 8 new ones: only the new ones count.
+    d.send_pfns(Q::Inflate, &pfns(GOOD + 4 * 4096, 12 * 4096), 256);
+    let c = d.dev().counters();
+    assert_eq!((c.bytes_released, c.pages_inflated), (16 * 4096, 16));
+    assert_eq!(d.dev().lock().device().ballooned_pages(), 16);
     still_works(&vm, &mut d, GOOD + MIB);
 }
 

@@ -1014,7 +1014,7 @@ impl<'v> Fuzz<'v> {
             want.pages_deflated += was(BALLOONED);
         } else if !unique.is_empty() {
             want.inflates += 1;
-            want.pages_inflated += unique.len() as u64;
+            want.pages_inflated += unique.len() as u64 - was(BALLOONED);
             want.bytes_released += was(PRESENT) * PAGE;
             want.runs += 1 + unique.windows(2).filter(|w| w[1] != w[0] + 1).count() as u64;
         }

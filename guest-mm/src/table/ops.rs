@@ -304,6 +304,9 @@ fn zap_leaf(
     if !replace_entry(slot, e, new) {
         return false;
     }
+    if mode == UnmapMode::Balloon {
+        g.stats.ballooned_pages += size / PAGE_SIZE;
+    }
     if present {
         let release = mode != UnmapMode::Detach;
         g.note_invalidate(base, size, release);

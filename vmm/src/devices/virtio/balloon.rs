@@ -184,7 +184,8 @@ pub struct BalloonCounters {
     pub duplicate_pfns: u64,
     /// Inflate notifications that released something.
     pub inflates: u64,
-    /// Distinct 4 KiB pages put in the balloon.
+    /// 4 KiB pages put in the balloon (a PFN already in it, sent again,
+    /// is not counted again).
     pub pages_inflated: u64,
     /// Pages taken out of the balloon.
     pub pages_deflated: u64,
@@ -456,12 +457,12 @@ impl Balloon {
                     let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     let c = &mut self.counters;
                     c.inflates += 1;
-                    c.pages_inflated += pages.len() as u64;
+                    c.pages_inflated += st.ballooned_pages;
                     c.bytes_released += st.released_bytes;
                     c.runs += runs.len() as u64;
                     c.last_inflate_ns = ns;
                     c.inflate_ns_total += ns;
-                    self.ballooned += pages.len() as u64;
+                    self.ballooned += st.ballooned_pages;
                 }
                 Err(e) => self.error(e),
             }
