@@ -577,8 +577,11 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
             // guest-mm's release helpers (children of this thread) make
             // themselves SCHED_IDLE, and the releasing thread raises a
             // helper still busy at the end back to its own policy: a
-            // thread id of this process, which BPF cannot check.
+            // thread id of this process, which BPF cannot check. A helper
+            // that starts on the releasing thread's CPU moves itself to
+            // another one (its own affinity only).
             allow(&mut r, &[SYS_sched_setscheduler, SYS_sched_getscheduler]);
+            allow_arg(&mut r, SYS_sched_setaffinity, 0, &[0])?;
         }
         ThreadKind::Main => {
             // What the reclaim thread (its child) needs, and teardown.
@@ -586,6 +589,7 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
             releaser(&mut r)?;
             allow_ioctls(&mut r, &[ioctls::UFFDIO_UNREGISTER])?;
             allow(&mut r, &[SYS_sched_setscheduler, SYS_sched_getscheduler]);
+            allow_arg(&mut r, SYS_sched_setaffinity, 0, &[0])?;
             // Metrics and log files (append), /proc, the API socket's
             // removal.
             allow(
@@ -907,6 +911,31 @@ mod tests {
             libc::close(pidfd);
             libc::close(fd);
             libc::munmap(mem, LEN);
+        }
+    }
+
+    #[test]
+    fn only_release_helpers_set_an_affinity_and_only_their_own() {
+        // SAFETY: gettid has no preconditions.
+        let other = unsafe { libc::gettid() };
+        for kind in ThreadKind::ALL {
+            let (own, others) = confined(kind, || {
+                // SAFETY: an all-zero cpu_set_t is a valid empty set.
+                let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                let size = std::mem::size_of_val(&set);
+                // SAFETY: reads this thread's affinity into `set`, then sets
+                // it (unchanged) on this thread and on the test's thread.
+                unsafe {
+                    libc::sched_getaffinity(0, size, &mut set);
+                    (
+                        errno_of(libc::sched_setaffinity(0, size, &set).into()),
+                        errno_of(libc::sched_setaffinity(other, size, &set).into()),
+                    )
+                }
+            });
+            let allowed = matches!(kind, ThreadKind::Reclaim | ThreadKind::Main);
+            assert_eq!(own == 0, allowed, "{kind:?}: own affinity ({own})");
+            assert_eq!(others, libc::EPERM, "{kind:?}: another thread's affinity");
         }
     }
 

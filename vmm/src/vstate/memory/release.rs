@@ -87,7 +87,7 @@ pub enum ReleaseError {
 }
 
 /// Huge-page-backed RAM below this is released by the caller alone.
-pub const HUGE_PARALLEL_MIN_BYTES: u64 = 2 << 30;
+pub const HUGE_PARALLEL_MIN_BYTES: u64 = 512 << 20;
 
 /// Threads of the teardown's release of `bytes` of guest RAM (the caller
 /// plus `SCHED_IDLE` helpers named [`guest_mm::backing::RELEASE_THREAD_NAME`],
@@ -101,12 +101,11 @@ pub const HUGE_PARALLEL_MIN_BYTES: u64 = 2 << 30;
 /// - Huge pages (THP, or memfd with shmem THP enabled: `shmem_enabled`
 ///   other than `never`/`deny`): every core from
 ///   [`HUGE_PARALLEL_MIN_BYTES`], the caller alone below. A huge page is
-///   freed in ~6 µs (~3 ms per GiB), so a helper's fixed costs (its spawn,
-///   and here, on a virtual machine, up to milliseconds before an idle
-///   core runs it) are a large part of a small release: with two threads,
-///   `gmm bench teardown --page-size 2M` went from 1.07-1.21x munmap to
-///   0.78-0.91x at 2-4 GiB, but from 1.13-1.48x to 1.45-1.6x at 256 MiB
-///   and no better at 1 GiB (3 same-run rounds each).
+///   freed in ~6 µs (~3 ms per GiB), so a helper's fixed costs (its spawn
+///   and start, ~0.1 ms) are a large part of a small release. With two
+///   threads (`gmm bench teardown --page-size 2M`, 3 same-run rounds):
+///   512 MiB 0.88-0.91x munmap (one thread 0.96-1.18x), 1 GiB 0.68-0.69x
+///   (0.94-1.10x), 2-4 GiB 0.61-0.71x (1.07-1.21x); 256 MiB no better.
 /// - memfd: holes are punched, which the kernel serialises on each file's
 ///   lock, so guest-mm gives each file its own lane; memfd RAM is split
 ///   into several files for this ([`super::backing::RegionFiles`]).
