@@ -732,6 +732,9 @@ impl<'a> ReleaseBatch<'a> {
                     std::thread::Builder::new()
                         .name(RELEASE_THREAD_NAME.into())
                         .spawn_scoped(sc, move || {
+                            // Leave first, at the flusher's priority: made
+                            // SCHED_IDLE on the flusher's CPU, it would not
+                            // run again to leave it.
                             if let Some(f) = flusher {
                                 f.leave();
                             }
