@@ -579,17 +579,24 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
             // helper still busy at the end back to its own policy: a
             // thread id of this process, which BPF cannot check. A helper
             // that starts on the releasing thread's CPU moves itself to
-            // another one (its own affinity only).
-            allow(&mut r, &[SYS_sched_setscheduler, SYS_sched_getscheduler]);
-            allow_arg(&mut r, SYS_sched_setaffinity, 0, &[0])?;
+            // another one (its own affinity only; `sched_getcpu` is a
+            // vDSO call, or `getcpu` where there is none).
+            allow(
+                &mut r,
+                &[SYS_sched_setscheduler, SYS_sched_getscheduler, SYS_getcpu],
+            );
+            allow_int_arg(&mut r, SYS_sched_setaffinity, 0, &[0])?;
         }
         ThreadKind::Main => {
             // What the reclaim thread (its child) needs, and teardown.
             spawner(&mut r)?;
             releaser(&mut r)?;
             allow_ioctls(&mut r, &[ioctls::UFFDIO_UNREGISTER])?;
-            allow(&mut r, &[SYS_sched_setscheduler, SYS_sched_getscheduler]);
-            allow_arg(&mut r, SYS_sched_setaffinity, 0, &[0])?;
+            allow(
+                &mut r,
+                &[SYS_sched_setscheduler, SYS_sched_getscheduler, SYS_getcpu],
+            );
+            allow_int_arg(&mut r, SYS_sched_setaffinity, 0, &[0])?;
             // Metrics and log files (append), /proc, the API socket's
             // removal.
             allow(
