@@ -301,11 +301,7 @@ fn allow_arg(
     arg: u8,
     values: &[u64],
 ) -> Result<(), seccompiler::BackendError> {
-    let e = r.entry(nr).or_default();
-    for &v in values {
-        e.push(SeccompRule::new(vec![cond(arg, Op::Eq, v)?])?);
-    }
-    Ok(())
+    allow_any(r, nr, values.iter().map(|&v| cond(arg, Op::Eq, v)))
 }
 
 /// Allows `nr` when the `int` argument `arg` (32-bit compare: the upper
@@ -316,9 +312,18 @@ fn allow_int_arg(
     arg: u8,
     values: &[i32],
 ) -> Result<(), seccompiler::BackendError> {
+    allow_any(r, nr, values.iter().map(|&v| int_is(arg, v)))
+}
+
+/// Allows `nr` when any one of `conds` holds.
+fn allow_any(
+    r: &mut Rules,
+    nr: i64,
+    conds: impl Iterator<Item = Result<SeccompCondition, seccompiler::BackendError>>,
+) -> Result<(), seccompiler::BackendError> {
     let e = r.entry(nr).or_default();
-    for &v in values {
-        e.push(SeccompRule::new(vec![int_is(arg, v)?])?);
+    for c in conds {
+        e.push(SeccompRule::new(vec![c?])?);
     }
     Ok(())
 }
