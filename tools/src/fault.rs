@@ -56,6 +56,7 @@ use serde::Serialize;
 use vmm::guest::layout::WORKLOAD_START;
 use vmm::{Backing, Console, MemSize, PageSize, ReleaseMode, Vm, VmConfig, VmMemory, Workload};
 
+use crate::cpu::pin;
 use crate::mem::AnonRegion;
 use crate::rng::{median, round, Rng};
 use crate::schema::{FaultResult, Spread};
@@ -153,18 +154,6 @@ pub(crate) fn spread(v: &[f64]) -> Spread {
         min: round(v.iter().copied().fold(f64::INFINITY, f64::min), 2),
         max: round(v.iter().copied().fold(f64::NEG_INFINITY, f64::max), 2),
     }
-}
-
-/// Pins the calling thread (`tid` 0) or thread `tid` to `cpu`; false if
-/// the kernel refused (fewer CPUs, a cpuset).
-pub(crate) fn pin(tid: libc::pid_t, cpu: usize) -> bool {
-    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes one bit of `set`; callers pass CPU 0 or 1,
-    // far below CPU_SETSIZE.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a live cpu_set_t of the size passed.
-    unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
 }
 
 /// The thread ids of this process's threads named `name`.

@@ -31,6 +31,7 @@
 //! same run.
 
 mod balloon;
+mod cpu;
 mod fault;
 mod interference;
 mod launch;

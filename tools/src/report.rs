@@ -1398,7 +1398,7 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     }
     let _ = writeln!(
         md,
-        "A populated anonymous region is unmapped through guest-mm's gather (table at {page} leaves) and, on equally populated memory, by one `madvise` over the whole region (the limit), one `madvise` per 4 KiB page under a mutex, and one per coalesced run. Median of {reps} repetition(s), strategies interleaved.\n"
+        "A populated anonymous region is unmapped through guest-mm's gather (table at {page} leaves) and, on equally populated memory, by one `madvise` over the whole region (the limit), one `madvise` per 4 KiB page under a mutex, and one per coalesced run. Median of {reps} repetition(s), strategies interleaved; each strategy touches its region and releases it on the same CPU (on this 2-core VM a release on the other CPU took 5-25 % longer, which made the comparison a matter of where each thread woke).\n"
     );
     let unreleased: Vec<String> = rows
         .iter()

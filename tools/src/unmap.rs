@@ -15,7 +15,11 @@
 //!   (Firecracker's pattern); the sort and merge are timed too.
 //!
 //! Strategies are interleaved (rotated each repetition) and the median of
-//! the repetitions is reported. After every strategy `mincore` must show
+//! the repetitions is reported. Each strategy touches its region, waits
+//! the same settle and releases it on one CPU ([`StayOnCpu`]): a release
+//! on another CPU than the touch's is 5-25 % slower on a 2-core VM, and
+//! which strategy woke where was chance (and the gather, which slept once
+//! more, the likelier loser). After every strategy `mincore` must show
 //! the region fully released.
 //!
 //! Table-lock holds are reported as maximum (wall and on CPU), p99 and
@@ -31,6 +35,7 @@ use guest_mm::{
     BackingKind, BackingRegion, Gpa, Hva, PageSize, Perms, Stage2Table, TableConfig, UnmapMode,
 };
 
+use crate::cpu::StayOnCpu;
 use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
 use crate::rng::{median, ms, round, Rng};
 use crate::schema::{UnmapMulti, UnmapResult, UnmapTargets};
@@ -128,7 +133,16 @@ fn involuntary_switches() -> u64 {
     u64::try_from(ru.ru_nivcsw).unwrap_or(0)
 }
 
-fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<GatherRun> {
+/// A region mapped in a table of its own, ready for a timed gather.
+struct MappedTable {
+    table: std::sync::Arc<Stage2Table>,
+    len: u64,
+    map_ms: f64,
+}
+
+/// Registers `r` as anonymous backing of a new table and maps it at
+/// `leaf` (untimed set-up, done before the settle every strategy waits).
+fn map_table(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<MappedTable> {
     let table = Stage2Table::new(TableConfig { yield_entries }).context("creating the table")?;
     table
         .register_backing(BackingRegion {
@@ -141,9 +155,17 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
     table
         .map(Gpa(0), Hva(r.base), r.len, Perms::RW, leaf)
         .context("mapping the region")?;
-    let map_ms = ms(t.elapsed());
+    Ok(MappedTable {
+        table,
+        len: r.len,
+        map_ms: ms(t.elapsed()),
+    })
+}
+
+/// Unmaps the whole of `m` through one gather, timed.
+fn run_gather(m: MappedTable) -> Result<GatherRun> {
+    let MappedTable { table, len, map_ms } = m;
     let table_bytes = table.table_bytes();
-    std::thread::sleep(SETTLE);
     table.reset_lock_stats();
     table.set_cpu_lock_stats(true);
     let before = table.stats();
@@ -151,7 +173,7 @@ fn run_gather(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<Gath
     let t = Instant::now();
     let mut g = table.gather();
     table
-        .unmap(&mut g, Gpa(0), r.len, UnmapMode::Remove)
+        .unmap(&mut g, Gpa(0), len, UnmapMode::Remove)
         .context("unmapping the region")?;
     let gs = g.finish().context("releasing the region's backing")?;
     let gather_ms = ms(t.elapsed());
@@ -283,6 +305,8 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
             // A fresh mapping each time: a per-page release splits huge
             // pages and their page tables, which would slow whoever ran next.
             let region = AnonRegion::new(size, leaf)?;
+            // Touch and release on one CPU, for every strategy alike.
+            let _stay = StayOnCpu::here();
             let t = Instant::now();
             region.touch();
             touch.push(ms(t.elapsed()));
@@ -299,29 +323,37 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
                     huge = Some(huge.map_or(h, |x| x.min(h)));
                 }
             }
+            // The gather's table is built before the settle: every strategy
+            // goes from the touch through the same sleep to its timed
+            // release.
+            let mapped = match s {
+                Strategy::Gather => Some(map_table(&region, leaf, yield_entries)?),
+                _ => None,
+            };
             // Let the kernel finish deferred work of the previous strategy
             // (RCU callbacks freeing page tables after a large munmap run in
             // softirq on this CPU and would land inside the timed section).
             std::thread::sleep(SETTLE);
-            let idx = match s {
-                Strategy::Gather => {
-                    gathers.push(run_gather(&region, leaf, yield_entries)?);
+            let idx = match (s, mapped) {
+                (Strategy::Gather, m) => {
+                    let m = m.context("the gather's table was not mapped")?;
+                    gathers.push(run_gather(m)?);
                     0
                 }
-                Strategy::Limit => {
+                (Strategy::Limit, _) => {
                     let t = Instant::now();
                     region.release_whole()?;
                     limit.push(ms(t.elapsed()));
                     1
                 }
-                Strategy::PerPage => {
+                (Strategy::PerPage, _) => {
                     let t = Instant::now();
                     let held = region.release_per_page(&lock)?;
                     per_page.push(ms(t.elapsed()));
                     per_page_hold.push(held as f64 / 1e6);
                     2
                 }
-                Strategy::PerRun => {
+                (Strategy::PerRun, _) => {
                     let list = pfns.clone();
                     let t = Instant::now();
                     let (n, sort_ns) = region.release_per_run(list)?;
@@ -440,7 +472,7 @@ fn human(r: &UnmapResult) -> String {
     let mut s = String::new();
     let size = human_bytes(r.size_bytes);
     s += &format!(
-        "unmap {size} at {} leaves, median of {} (strategies interleaved):\n",
+        "unmap {size} at {} leaves, median of {} (strategies interleaved, each touched and released on one CPU):\n",
         r.page_size, r.reps
     );
     s += &format!(
