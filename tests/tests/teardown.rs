@@ -67,6 +67,38 @@ fn memfd_rss_returns() {
     rss_returns("memfd_rss_returns", Backing::Memfd, PageSize::Size2M);
 }
 
+/// A caller that does not wait still gets the memory back: the VM's
+/// reclaim thread takes the remains (a caller that waits at once usually
+/// releases them itself, see `vmm::Vm::destroy`).
+#[test]
+fn memory_comes_back_with_nobody_waiting() {
+    let name = "memory_comes_back_with_nobody_waiting";
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let before = rss().rss;
+    let vm = boot_and_verify("128M", 2, Backing::Anon, PageSize::Size4K);
+    let mut t = vm.destroy();
+    let t0 = std::time::Instant::now();
+    while rss().rss > before + 4 * MIB {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "{name}: RSS still {} MiB (before {} MiB) 10 s after destroy, with nobody waiting",
+            rss().rss / MIB,
+            before / MIB
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let r = t.wait_reclaim();
+    loud!(
+        "{name}: memory back {:.2} ms after destroy, in the background",
+        r.memory_back_ms
+    );
+    assert!(!r.by_waiter, "{name}: the memory came back before the wait");
+    assert_eq!(r.unmapped_bytes, 128 * MIB);
+}
+
 #[test]
 fn hugetlb_pages_return() {
     let name = "hugetlb_pages_return";

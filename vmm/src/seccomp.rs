@@ -75,7 +75,9 @@ pub enum SeccompError {
 #[repr(u8)]
 pub enum ThreadKind {
     /// The main thread, once the VM runs: waits, API of `vmm run`, metrics,
-    /// teardown (and, through inheritance, what the reclaim thread does).
+    /// teardown: the release itself when it waits for it before the
+    /// reclaim thread begins (and, through inheritance, what the reclaim
+    /// thread does).
     Main = 0,
     /// A vCPU: `KVM_RUN` and its exits, including the devices a vCPU runs
     /// (serial, i8042, virtio-mmio registers, the balloon's fallback path).
