@@ -62,11 +62,9 @@ const PATHS: &[&str] = &[
     "/memory",
 ];
 
-/// Where sandboxed paths go (created once per process).
+/// Where sandboxed paths go (one per process, see [`super::scratch`]).
 fn sandbox() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-fuzz-api-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&d);
-    d
+    super::scratch::dir("api", None)
 }
 
 /// `p` mapped into the sandbox: the empty path stays empty (an open

@@ -93,13 +93,7 @@ fn dir() -> PathBuf {
     thread_local! {
         static ID: u64 = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    let d = std::env::temp_dir().join(format!(
-        "vmm-fuzz-loader-{}-{}",
-        std::process::id(),
-        ID.with(|i| *i)
-    ));
-    let _ = std::fs::create_dir_all(&d);
-    d
+    super::scratch::dir("loader", Some(ID.with(|i| *i)))
 }
 
 fn file(name: &str, bytes: &[u8], sparse: u64) -> PathBuf {

@@ -23,6 +23,7 @@ pub mod api;
 pub mod balloon;
 pub mod layout;
 pub mod loader;
+pub mod scratch;
 
 /// Reads fuzz input front to back; reads past the end return zeros, so any
 /// input decodes.
