@@ -34,7 +34,8 @@ use crate::units::human_bytes;
 /// Options of `gmm bench launch`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Launch + teardown cycles.
+    /// Launch + teardown cycles (the rate is cycles / wall time: with few
+    /// cycles one slow cycle weighs much; the report runs 100).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub count: u32,
     /// Guest RAM of each VM (a multiple of 2M, at least 2M + 2M per vCPU).

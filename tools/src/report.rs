@@ -208,7 +208,7 @@ fn steps(quick: bool, soak_minutes: f64) -> Vec<Step> {
         s(
             BenchName::Launch,
             "launch",
-            &["--count", "20"],
+            &["--count", "100"],
             &["--count", "3", "--alive", "1"],
         ),
         s(
