@@ -424,9 +424,9 @@ pub struct Vm {
 /// is woken runs soon. Named `reclaim`, `SCHED_BATCH`: its wake-up never
 /// preempts the thread in `destroy` (which, preempted, returned only after
 /// the whole release: 3-8 ms at 1 GiB on the busy development host); it
-/// runs on an idle core, or as soon as the destroying thread waits, at
-/// normal weight: the release it drives is the teardown's critical path.
-/// Its release helpers are `SCHED_IDLE` (see `memory/release.rs`).
+/// runs on an idle core, or once the destroying thread blocks, at normal
+/// weight: the release it drives is the teardown's critical path. Its
+/// release helpers are `SCHED_IDLE` (see `memory/release.rs`).
 ///
 /// **Whoever comes first.** The remains wait in a slot that the woken
 /// thread and [`Teardown::wait_reclaim`] both try to take: a caller that
