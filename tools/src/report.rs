@@ -2519,10 +2519,11 @@ fn launch_section(d: &StepData) -> Section {
     }
     let _ = writeln!(
         md,
-        "{} launch + teardown cycles, one VM at a time, of a microVM with {} of guest RAM and {} vCPU(s): create, boot, every vCPU verifies its RAM, destroy, wait until the RAM is back with the host. Per core = the lower of launches/s and launches per CPU-second.\n",
+        "{} launch + teardown cycles, one VM at a time, of a microVM with {} of guest RAM and {} vCPU(s): create, boot, every vCPU verifies its RAM, destroy, wait until the RAM is back with the host. Per core = the lower of launches/s and launches per CPU-second.{}\n",
         l.count,
         human_bytes(l.mem_bytes),
         l.vcpus,
+        rounds_note(&l),
     );
     let verdict = Verdict::of(per_core >= LAUNCHES_PER_CORE);
     md += "| launches/s | launches per CPU-second | CPU ms per launch | per core | RSS overhead per live VM | ≥ 20/s per core |\n";
@@ -2567,6 +2568,26 @@ fn launch_section(d: &StepData) -> Section {
         }],
         errors,
     }
+}
+
+/// How the launch rates were taken: the median of rounds, their spread
+/// and the rate over all cycles (empty for a result without rounds).
+fn rounds_note(l: &schema::LaunchResult) -> String {
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.1} .. {hi:.1}")
+    };
+    if l.launches_per_sec_rounds.is_empty() {
+        return String::new();
+    }
+    format!(
+        " The cycles ran in {} rounds; each rate is the median of the rounds' (rounds: {} launches/s, {} per CPU-second; {:.1} launches/s over all cycles). On the development machine, itself a VM, slow cycles (up to ~15× the median) were its hypervisor's: its kernel reports free memory to the hypervisor (virtio-balloon free page reporting), and a guest's first touch of such memory is refaulted there (perf: a 358 ms cycle spent 93 % of its samples zeroing huge pages; with the reporting off, no cycle of 200 took over 33 ms).",
+        l.rounds,
+        spread(&l.launches_per_sec_rounds),
+        spread(&l.launches_per_cpu_sec_rounds),
+        l.launches_per_sec_overall,
+    )
 }
 
 // --- service: the Firecracker API ---

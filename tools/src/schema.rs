@@ -457,10 +457,23 @@ pub struct LaunchResult {
     pub vcpus: u32,
     pub cores: usize,
     pub kvm_modules: Vec<String>,
-    /// Cycles / wall time of all cycles (one VM at a time).
+    /// Rounds the cycles ran in (the rates are their medians).
+    #[serde(default)]
+    pub rounds: u32,
+    /// Cycles / wall time (one VM at a time), median of the rounds.
     pub launches_per_sec: f64,
-    /// Cycles / CPU time (user + system, all threads) spent in them.
+    /// Cycles / CPU time (user + system, all threads) spent in them,
+    /// median of the rounds.
     pub launches_per_cpu_sec: f64,
+    /// Each round's cycles / wall time.
+    #[serde(default)]
+    pub launches_per_sec_rounds: Vec<f64>,
+    /// Each round's cycles / CPU time.
+    #[serde(default)]
+    pub launches_per_cpu_sec_rounds: Vec<f64>,
+    /// All cycles / wall time of all of them.
+    #[serde(default)]
+    pub launches_per_sec_overall: f64,
     /// CPU time per cycle, ms.
     pub cpu_ms_per_launch: f64,
     pub wall_s: f64,
