@@ -292,9 +292,13 @@ pub struct TeardownSize {
     /// From the start of `destroy` until `wait_reclaim` returned (also the
     /// KVM VM dropped, the fault handler stopped, RAM unmapped).
     pub reclaim_done_ms: f64,
-    /// This process's VmRSS sampled by the reclaim thread the moment guest
-    /// RAM was back (median).
+    /// This process's VmRSS sampled by the releasing thread the moment
+    /// guest RAM was back (median).
     pub rss_at_memory_back_bytes: u64,
+    /// Repetitions in which the thread waiting in `wait_reclaim` released
+    /// the memory itself (the VM's reclaim thread had not begun yet).
+    #[serde(default)]
+    pub reclaims_by_waiter: u32,
     /// Parts of destroy and reclaim as the VM measured them: stopping and
     /// joining the vCPUs, the reclaim thread's own end-to-end time, dropping
     /// the KVM VM, the stage-2 gather (zap + release), its final grace

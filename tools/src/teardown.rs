@@ -12,9 +12,10 @@
 //!   `destroy_ms` is the `Vm::destroy` call (stop and join the vCPUs, hand
 //!   off reclamation); `reclaim_ms` runs from the same start until the
 //!   memory is back with the host: the whole-VM stage-2 gather released
-//!   all guest RAM (`Reclaimed::memory_back_ms`; the reclaim thread samples
-//!   RSS right then, and `rss_back` requires it back near its starting
-//!   level). `reclaim_done_ms` runs until `Teardown::wait_reclaim` returns:
+//!   all guest RAM (`Reclaimed::memory_back_ms`; the thread that released
+//!   it, the waiting one or the VM's reclaim thread (`reclaims_by_waiter`
+//!   counts the former), samples RSS right then, and `rss_back` requires
+//!   it back near its starting level). `reclaim_done_ms` runs until `Teardown::wait_reclaim` returns:
 //!   also the KVM VM dropped, the fault handler stopped, the emptied RAM
 //!   unmapped (for memfd the file closed). RSS before launch, once
 //!   populated, at memory-back and after reclaim shows the memory coming
@@ -232,6 +233,9 @@ struct VmRun {
     resident: u64,
     thp: u64,
     shmem_freed: u64,
+    /// The thread in `wait_reclaim` released the memory, not the VM's
+    /// reclaim thread (`Reclaimed::by_waiter`).
+    by_waiter: bool,
 }
 
 fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
@@ -320,6 +324,7 @@ fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
         resident,
         thp,
         shmem_freed: shmem0.saturating_sub(shmem1),
+        by_waiter: r.by_waiter,
     })
 }
 
@@ -833,6 +838,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                                 - r.unmap_ms,
                         );
                         res.reclaim_internal_ms_all.push(r.internal_ms);
+                        res.reclaims_by_waiter += u32::from(r.by_waiter);
                         vthp.push(r.thp as f64);
                         barrier.push(r.barrier_ms);
                         vmdrop.push(r.vm_drop_ms);
@@ -973,7 +979,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             crate::say(
                 a.json,
                 &format!(
-                    "{} {} {}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (memory back; all done {:.3} ms, in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}, other {:.3}); populate {:.0} ms\n  \
+                    "{} {} {}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (memory back, released by the waiting thread in {} of {}; all done {:.3} ms, in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}, other {:.3}); populate {:.0} ms\n  \
                      munmap   {:>9.3} ms   reclaim/munmap x{:.3} (target <= 1.1: {})\n  \
                      naive    {:>9.3} ms   naive/reclaim x{:.2}\n  \
                      qemu     {} (quit -> exit)\n  \
@@ -988,6 +994,8 @@ pub fn cmd(a: &Args) -> Result<()> {
                     res.destroy_ms,
                     res.destroy_stop_vcpus_ms,
                     res.reclaim_ms,
+                    res.reclaims_by_waiter,
+                    res.reclaim_ms_all.len(),
                     res.reclaim_done_ms,
                     res.reclaim_internal_ms,
                     res.reclaim_vm_drop_ms,
