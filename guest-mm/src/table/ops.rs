@@ -98,15 +98,17 @@ impl Stage2Table {
             let mut budget = self.cfg.yield_entries;
             while addr < end && budget > 0 {
                 let at = Hva(hva.0 + (addr.0 - start.0));
-                match self.install(addr, at, end.0 - addr.0, max_level, perms) {
-                    Ok(size) => addr = Gpa(addr.0 + size),
+                match self.install(addr, at, end.0 - addr.0, max_level, perms, budget) {
+                    Ok((size, entries)) => {
+                        addr = Gpa(addr.0 + size);
+                        budget = budget.saturating_sub(entries.max(1));
+                    }
                     Err(e) => {
                         drop(l);
                         self.rollback(start, addr);
                         return Err(e);
                     }
                 }
-                budget -= 1;
             }
             drop(l);
             if addr >= end {

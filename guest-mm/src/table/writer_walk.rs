@@ -1,8 +1,8 @@
 //! The locked writer walks: how writers find, create, split and unlink
 //! entries while they hold the table lock.
 //!
-//! - [`Stage2Table::install`]: map's walk down to one new leaf, creating
-//!   table pages on the way;
+//! - [`Stage2Table::install`]: map's walk down to a new leaf, creating
+//!   table pages on the way, and the empty slots after it in its page;
 //! - [`Stage2Table::visit_range`]: the loop shared by unmap, protect,
 //!   teardown and deflate, which visits every leaf and marker of a range
 //!   in bounded lock holds, splitting huge leaves that are only partly
@@ -43,7 +43,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::{MapError, Stage2Table, UnmapError};
 use crate::addr::{Gpa, Hva, Perms};
-use crate::entry::{index, level_size, Pte, LEVELS, SW_BALLOONED, SW_DISCARDED};
+use crate::entry::{index, level_size, Pte, ENTRIES, LEVELS, SW_BALLOONED, SW_DISCARDED};
 use crate::gather::Gather;
 use crate::mutation::{broken, Rule};
 use crate::reclaim::{PagePtr, TablePage};
@@ -76,9 +76,11 @@ fn page_is_empty(p: &TablePage) -> bool {
 }
 
 impl Stage2Table {
-    /// Install one leaf for `addr` (mapped to `hva`), the largest up to
+    /// Install a leaf for `addr` (mapped to `hva`), the largest up to
     /// `max_level` that the alignment of both and the `remaining` length
-    /// allow. Returns the leaf's size. Table lock held.
+    /// allow, and after it leaves of that size in the following empty
+    /// slots of the same table page, at most `budget` in all. Returns the
+    /// bytes and the entries installed (at least one). Table lock held.
     pub(super) fn install(
         &self,
         addr: Gpa,
@@ -86,13 +88,15 @@ impl Stage2Table {
         remaining: u64,
         max_level: u32,
         perms: Perms,
-    ) -> Result<u64, MapError> {
+        budget: u32,
+    ) -> Result<(u64, u32), MapError> {
         let (addr, hva) = (addr.0, hva.0);
         let mut page = self.root();
         let mut level = LEVELS;
         loop {
             let size = level_size(level);
-            let slot = &page.entries[index(addr, level)];
+            let first = index(addr, level);
+            let slot = &page.entries[first];
             let e = Pte(slot.load(Ordering::Relaxed));
             let fits = level <= max_level
                 && level < LEVELS
@@ -100,8 +104,25 @@ impl Stage2Table {
                 && hva.is_multiple_of(size)
                 && remaining >= size;
             if fits && e.is_none() {
-                slot.store(Pte::leaf(hva, perms, level).0, Ordering::Release);
-                return Ok(size);
+                // The following slots of this page fit as this one does
+                // (still aligned, inside `remaining`): fill them too while
+                // they are empty, each with its own store, as separate
+                // calls would, without walking down again for each.
+                let mut n = 0usize;
+                let mut left = remaining;
+                while first + n < ENTRIES && (n as u64) < u64::from(budget.max(1)) && left >= size {
+                    let s = &page.entries[first + n];
+                    if n > 0 && !Pte(s.load(Ordering::Relaxed)).is_none() {
+                        break;
+                    }
+                    s.store(
+                        Pte::leaf(hva + n as u64 * size, perms, level).0,
+                        Ordering::Release,
+                    );
+                    n += 1;
+                    left -= size;
+                }
+                return Ok((n as u64 * size, n as u32));
             }
             if e.is_none() {
                 let child = self
