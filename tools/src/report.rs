@@ -2750,9 +2750,21 @@ fn linux_section(d: &StepData) -> Section {
         );
     }
     let setup = l.monitor_setup_ms;
+    let starts = if l.monitor_setup_ms_all.is_empty() {
+        String::new()
+    } else {
+        let mut v = l.monitor_setup_ms_all.clone();
+        v.sort_by(f64::total_cmp);
+        format!(
+            " (median of {} starts through the API, {} .. {} ms)",
+            v.len(),
+            ms(v[0]),
+            ms(v[v.len() - 1])
+        )
+    };
     let _ = writeln!(
         md,
-        "\nOurs: `InstanceStart` → first `KVM_RUN` {}.\n",
+        "\nOurs: `InstanceStart` → first `KVM_RUN` {}{starts}.\n",
         opt_ms(setup)
     );
     if !l.teardown.is_empty() {

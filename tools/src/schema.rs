@@ -582,7 +582,13 @@ pub struct LinuxResult {
     pub mem_mib: u64,
     pub vcpus: u32,
     pub inflate_mib: u64,
+    /// `InstanceStart` → first `KVM_RUN` of ours: the median of
+    /// `monitor_setup_ms_all`.
     pub monitor_setup_ms: Option<f64>,
+    /// The boot session's figure and those of `--setup-starts` starts
+    /// stopped right after their first `KVM_RUN`.
+    #[serde(default)]
+    pub monitor_setup_ms_all: Vec<f64>,
     pub ours_init_s: Option<f64>,
     pub qemu_init_s: Option<f64>,
     pub fc_init_s: Option<f64>,
