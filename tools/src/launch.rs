@@ -39,7 +39,7 @@ use crate::schema::{Dist, LaunchResult};
 use anyhow::{bail, Context, Result};
 use vmm::{Console, MemSize, Vm, VmConfig, Workload};
 
-use crate::rng::{ms, round};
+use crate::rng::{median, ms, round};
 use crate::units::human_bytes;
 
 /// Options of `gmm bench launch`.
@@ -106,26 +106,6 @@ fn per_sec(n: u32, d: Duration) -> f64 {
     } else {
         0.0
     }
-}
-
-/// The median of a sample (the mean of the middle two for an even
-/// length; 0 for none).
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
 }
 
 /// User + system CPU time of this process (all threads, finished ones
@@ -273,6 +253,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         ready_ms_all: ready.iter().map(|x| round(*x, 3)).collect(),
     };
     let d = |x: &Dist| format!("p50 {:.3}  p90 {:.3}  max {:.3} ms", x.p50, x.p90, x.max);
+    let rounds = crate::fault::spread(&r.launches_per_sec_rounds);
     crate::say(
         a.json,
         &format!(
@@ -284,8 +265,8 @@ pub fn cmd(a: &Args) -> Result<()> {
              RSS: base {}, {} VMs alive {} (guest RAM resident {}, stage-2 tables {}), after {}; VMM overhead per VM {}\n",
             r.launches_per_sec,
             r.rounds,
-            min(&r.launches_per_sec_rounds),
-            max(&r.launches_per_sec_rounds),
+            rounds.min,
+            rounds.max,
             r.launches_per_sec_overall,
             r.meets_20_per_sec,
             r.launches_per_cpu_sec,

@@ -513,19 +513,6 @@ fn quick_start(s: &Setup, mem: u64) -> Result<Option<f64>> {
     Ok(setup_ms(summary.as_ref()))
 }
 
-/// The median of a sample (the mean of the middle two for an even
-/// length), `None` for none.
-fn median(v: &[f64]) -> Option<f64> {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(s[n / 2]),
-        _ => Some((s[n / 2 - 1] + s[n / 2]) / 2.0),
-    }
-}
-
 pub fn cmd(a: &Args) -> Result<()> {
     let dir = a.guest_dir.clone().unwrap_or_else(default_guest_dir);
     let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd.cpio"));
@@ -644,7 +631,8 @@ pub fn cmd(a: &Args) -> Result<()> {
                     Err(e) => r.skipped.push(format!("ours: a start failed: {e:#}")),
                 }
             }
-            r.monitor_setup_ms = median(&r.monitor_setup_ms_all);
+            let all = &r.monitor_setup_ms_all;
+            r.monitor_setup_ms = (!all.is_empty()).then(|| crate::rng::median(all));
             say(
                 a.json,
                 &format!(

@@ -2574,9 +2574,8 @@ fn launch_section(d: &StepData) -> Section {
 /// and the rate over all cycles (empty for a result without rounds).
 fn rounds_note(l: &schema::LaunchResult) -> String {
     let spread = |v: &[f64]| {
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        format!("{lo:.1} .. {hi:.1}")
+        let s = crate::fault::spread(v);
+        format!("{:.1} .. {:.1}", s.min, s.max)
     };
     if l.launches_per_sec_rounds.is_empty() {
         return String::new();

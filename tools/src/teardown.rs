@@ -15,9 +15,10 @@
 //!   all guest RAM (`Reclaimed::memory_back_ms`; the thread that released
 //!   it, the waiting one or the VM's reclaim thread (`reclaims_by_waiter`
 //!   counts the former), samples RSS right then, and `rss_back` requires
-//!   it back near its starting level). `reclaim_done_ms` runs until `Teardown::wait_reclaim` returns:
-//!   also the KVM VM dropped, the fault handler stopped, the emptied RAM
-//!   unmapped (for memfd the file closed). RSS before launch, once
+//!   it back near its starting level). `reclaim_done_ms` runs until
+//!   `Teardown::wait_reclaim` returns: also the KVM VM dropped, the fault
+//!   handler stopped, the emptied RAM unmapped (for memfd the file
+//!   closed). RSS before launch, once
 //!   populated, at memory-back and after reclaim shows the memory coming
 //!   back.
 //! - **munmap**: the limit. Anonymous: an equally populated private mapping
