@@ -225,6 +225,9 @@ fn addr(rng: &mut Rng, len: u64) -> u64 {
     (((rng.next() as u128 * len as u128) >> 64) as u64) & !7
 }
 
+/// One walker thread of a `Walk` phase. Always inlined, so that each
+/// phase's closure gets a loop compiled for its constant `mode`.
+#[inline(always)]
 fn walk_loop(
     table: &Arc<Stage2Table>,
     i: usize,
@@ -527,7 +530,39 @@ impl Bench<'_> {
         let (t, s, b, len) = (self.threads, self.secs, self.batch, self.len);
         let table = self.table;
         let (c, e, ops) = match p {
-            Phase::Walk(m) => phase(t, s, |i, stop| walk_loop(table, i, stop, len, b, m), none)?,
+            // One closure per mode, so that each loop is compiled for its
+            // mode (as the baselines' loops are) rather than testing it
+            // per translation.
+            Phase::Walk(Mode::Cached) => phase(
+                t,
+                s,
+                |i, stop| walk_loop(table, i, stop, len, b, Mode::Cached),
+                none,
+            )?,
+            Phase::Walk(Mode::Uncached) => phase(
+                t,
+                s,
+                |i, stop| walk_loop(table, i, stop, len, b, Mode::Uncached),
+                none,
+            )?,
+            Phase::Walk(Mode::Hot) => phase(
+                t,
+                s,
+                |i, stop| walk_loop(table, i, stop, len, b, Mode::Hot),
+                none,
+            )?,
+            Phase::Walk(Mode::Sequential) => phase(
+                t,
+                s,
+                |i, stop| walk_loop(table, i, stop, len, b, Mode::Sequential),
+                none,
+            )?,
+            Phase::Walk(Mode::PinEach) => phase(
+                t,
+                s,
+                |i, stop| walk_loop(table, i, stop, len, b, Mode::PinEach),
+                none,
+            )?,
             Phase::View => phase(t, s, |i, stop| view_loop(table, i, stop, len, b), none)?,
             Phase::Busy => phase(
                 t,
