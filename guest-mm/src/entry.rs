@@ -69,7 +69,10 @@ const SW_MARKERS: u64 = SW_DISCARDED | SW_BALLOONED;
 
 /// What a freed table page is filled with. Present-looking on purpose, with a
 /// frame no allocator hands out, so that only the equality check tells.
-pub const POISON: u64 = 0x000d_ead0_dead_0007;
+/// LARGE is set with R|W|X, which no table pointer and no 4 KiB leaf has:
+/// the fast walk's one-compare tests of those two reject it, and the slow
+/// walk reports it.
+pub const POISON: u64 = 0x000d_ead0_dead_0087;
 
 /// The index of `addr` in a table page at `level`.
 #[inline(always)]

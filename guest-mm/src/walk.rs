@@ -7,8 +7,10 @@
 //! so no host pointer is held across an invalidation.
 //!
 //! **The caches.** The *translation cache* ([`CACHE_SLOTS`] 4 KiB pages)
-//! answers a page it holds without reading the table: the hot-set case.
-//! The *directory cache* ([`DIR_SLOTS`] slots, one per 1 GiB of guest
+//! holds what the slow path found (2 MiB leaves, pages reached by a walk
+//! from the root) and answers them without reading the table; a 4 KiB
+//! leaf under a cached directory page is answered first, by the
+//! directory path, and never enters it. The *directory cache* ([`DIR_SLOTS`] slots, one per 1 GiB of guest
 //! memory, so 64 GiB without conflicts) holds, for a 1 GiB region, the
 //! level-2 table page a walk of it reached (the page whose entries each
 //! cover 2 MiB: a leaf-table pointer, a 2 MiB leaf or a marker). A walk
@@ -62,8 +64,8 @@ use thiserror::Error;
 
 use crate::addr::{Gpa, Hva, PageSize, Perms};
 use crate::entry::{
-    index, level_shift, level_size, Pte, ADDRESS_BITS, ADDRESS_LIMIT, PAGE_SHIFT, PAGE_SIZE,
-    POISON, SW_BALLOONED,
+    index, level_shift, level_size, Pte, ADDRESS_LIMIT, FRAME_MASK, LARGE, PAGE_SHIFT, PAGE_SIZE,
+    PERM_MASK, SW_BALLOONED,
 };
 use crate::mutation::{broken, Rule};
 use crate::reclaim::{PagePtr, ReadGuard, Reader, TablePage};
@@ -88,9 +90,11 @@ const DIR_LEVEL: u32 = 2;
 /// 3 (1 GiB; the whole level-2 page below it).
 const DIR_SHIFT: u32 = level_shift(DIR_LEVEL + 1);
 
-/// Where the generation starts in a directory tag (above every region
-/// number: guest addresses have [`ADDRESS_BITS`] bits).
-const GEN_SHIFT: u32 = ADDRESS_BITS - DIR_SHIFT;
+/// Where the generation starts in a directory tag: above every region
+/// number of any 64-bit address, so that an address at or above
+/// [`ADDRESS_LIMIT`] (whose region no slot ever holds) matches no tag and
+/// the inline path needs no range check.
+const GEN_SHIFT: u32 = u64::BITS - DIR_SHIFT;
 
 /// The access a translation is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -310,6 +314,7 @@ impl Walker {
             table: &self.table,
             cache: &self.cache,
             dir: &self.dir,
+            dir_gen: self.dir.gen.get(),
             counters: &self.counters,
             _rg: rg,
         }
@@ -362,6 +367,9 @@ pub struct WalkGuard<'w> {
     table: &'w Stage2Table,
     cache: &'w TlbCache,
     dir: &'w DirCache,
+    /// The directory cache's generation, fixed for the section (only a
+    /// pin changes it): a copy the compiler may keep in a register.
+    dir_gen: u64,
     counters: &'w Counters,
     _rg: ReadGuard<'w>,
 }
@@ -389,13 +397,39 @@ impl<'w> WalkGuard<'w> {
     /// [`Access::Write`] if write was needed and missing, else
     /// [`Access::Read`].
     ///
-    /// The common cases are inline: a translation-cache hit, and a present
-    /// 4 KiB leaf reached from the level-2 page cached for the GiB (two
-    /// live entry loads). Everything else (a walk from the root, huge
-    /// leaves, failures) is out of line.
+    /// The common cases are inline, in this order: a present 4 KiB leaf
+    /// reached from the level-2 page cached for the GiB (two live entry
+    /// loads), then a translation-cache hit. Everything else (a walk from
+    /// the root, huge leaves, failures) is out of line.
     #[inline(always)]
     pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
-        // 1. The translation cache.
+        // 1. A 4 KiB leaf under the level-2 page cached for the GiB: two
+        //    live entries. Each is tested with one mask and compare: a
+        //    table pointer is written as exactly R|W|X in its low byte, a
+        //    4 KiB leaf has the needed permissions and no LARGE bit, and
+        //    POISON (LARGE set) passes neither, so a freed page goes to
+        //    the slow path, which reports it.
+        let region = gpa.0 >> DIR_SHIFT;
+        let slot = &self.dir.slots[(region as usize) & (DIR_SLOTS - 1)];
+        let want = u64::from(need.bits());
+        if want != 0 && slot.tag.get() == region | self.dir_gen {
+            // SAFETY: see `cached_page`.
+            let dir = unsafe { cached_page(slot.page.get()) };
+            let e2 = dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire);
+            if e2 & (PERM_MASK | LARGE) == PERM_MASK {
+                // SAFETY: read from a linked entry inside this read
+                // section: the page stays allocated until it ends.
+                let leaf: &TablePage = unsafe { PagePtr::from_addr(e2 & FRAME_MASK) };
+                let e = leaf.entries[index(gpa.0, 1)].load(Ordering::Acquire);
+                if e & (LARGE | want) == want {
+                    bump(&self.counters.leaf_hits);
+                    let hva = (e & FRAME_MASK) + (gpa.0 & (PAGE_SIZE - 1));
+                    return Ok(translation(gpa, hva, Pte(e).perms(), 1));
+                }
+            }
+        }
+        // 2. The translation cache: what the slow path filled (2 MiB
+        //    leaves, pages of a GiB not in the directory cache).
         let gfn = gpa.0 >> PAGE_SHIFT;
         let i = (gfn as usize) & (CACHE_SLOTS - 1);
         if self.cache.tags[i].get() == gfn + 1 {
@@ -406,29 +440,6 @@ impl<'w> WalkGuard<'w> {
                 let level = ((v >> 3) & 7) as u32;
                 let hva = (v & !(PAGE_SIZE - 1)) + (gpa.0 & (PAGE_SIZE - 1));
                 return Ok(translation(gpa, hva, perms, level));
-            }
-        }
-        // 2. The level-2 page cached for the GiB: two live entries.
-        if gpa.0 < ADDRESS_LIMIT {
-            let region = gpa.0 >> DIR_SHIFT;
-            let slot = &self.dir.slots[(region as usize) & (DIR_SLOTS - 1)];
-            if slot.tag.get() == region | self.dir.gen.get() {
-                // SAFETY: see `cached_page`.
-                let dir = unsafe { cached_page(slot.page.get()) };
-                let e2 = Pte(dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire));
-                if e2.is_table(DIR_LEVEL) && e2.0 != POISON {
-                    // SAFETY: read from a linked entry inside this read
-                    // section: the page stays allocated until it ends.
-                    let leaf: &TablePage = unsafe { PagePtr::from_addr(e2.addr()) };
-                    let e = Pte(leaf.entries[index(gpa.0, 1)].load(Ordering::Acquire));
-                    let perms = e.perms();
-                    if e.is_present() && e.0 != POISON && perms.contains(need) {
-                        bump(&self.counters.leaf_hits);
-                        let hva = e.addr() + (gpa.0 & (PAGE_SIZE - 1));
-                        self.remember(gpa, hva, perms, 1);
-                        return Ok(translation(gpa, hva, perms, 1));
-                    }
-                }
             }
         }
         self.translate_slow(gpa, need)
@@ -520,7 +531,7 @@ impl<'w> WalkGuard<'w> {
     fn lookup_cached(&self, gpa: Gpa) -> Lookup {
         let region = gpa.0 >> DIR_SHIFT;
         let slot = &self.dir.slots[(region as usize) & (DIR_SLOTS - 1)];
-        let tag = region | self.dir.gen.get();
+        let tag = region | self.dir_gen;
         if slot.tag.get() == tag {
             bump(&self.counters.leaf_hits);
             // SAFETY: see `cached_page`.
@@ -637,8 +648,9 @@ fn translation<'g>(gpa: Gpa, hva: u64, perms: Perms, level: u32) -> Translation<
 /// was unlinked meanwhile, it is empty: a walk from it finds nothing.)
 #[inline(always)]
 unsafe fn cached_page<'g>(v: u64) -> &'g TablePage {
-    // SAFETY: forwarded contract: the page is allocated for the section.
-    unsafe { PagePtr::from_addr(v & !(PAGE_SIZE - 1)) }
+    // SAFETY: forwarded contract: the page is allocated for the section
+    // (and `v` is its address as stored, page-aligned).
+    unsafe { PagePtr::from_addr(v) }
 }
 
 impl Access {
