@@ -1761,6 +1761,12 @@ fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
                 w.walk_sequential_per_s,
                 true,
             ),
+            (
+                "fast walk, 2 MiB leaves",
+                "2 MiB leaves",
+                w.walk_2m_per_s,
+                true,
+            ),
             ("RwLock<Vec> page map", "RwLock", w.rwlock_per_s, false),
             (
                 "RwLock<Vec>, under storm",

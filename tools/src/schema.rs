@@ -1100,6 +1100,10 @@ pub struct WalkResult {
     /// wrapping at the end of the table).
     #[serde(default)]
     pub walk_sequential_per_s: f64,
+    /// Cached path, random addresses over the same memory mapped at
+    /// 2 MiB leaves (a second table).
+    #[serde(default)]
+    pub walk_2m_per_s: f64,
     /// One pin per translation (cached path).
     #[serde(default)]
     pub walk_pin_each_per_s: f64,

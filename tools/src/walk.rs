@@ -33,7 +33,9 @@
 //! dereferences it, and the view's slices point at memory that exists.
 //! Each walker pins once per batch of translations of pseudo-random
 //! addresses (xorshift), or of consecutive pages (`sequential`); a
-//! pin-per-translation figure is reported too.
+//! pin-per-translation figure is reported too. A second table maps the same
+//! memory at 2 MiB leaves (THP-backed guest RAM): its random cached walk is
+//! `walk_2m_per_s`.
 //!
 //! The machine may have few cores: the storm thread competes with the
 //! walkers for them. The JSON reports the core count and whether the
@@ -71,7 +73,7 @@ pub struct WalkArgs {
     /// Walker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
-    /// Seconds per measurement phase (thirteen phases per round).
+    /// Seconds per measurement phase (fourteen phases per round).
     #[arg(long, default_value = "0.5", value_parser = crate::units::parse_seconds)]
     pub seconds: f64,
     /// Rounds: every phase runs once per round, in a rotated order; the
@@ -117,6 +119,9 @@ fn spread_of(v: &[f64], digits: i32) -> Spread {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Walk(Mode),
+    /// The cached path over a second table of the same memory mapped at
+    /// 2 MiB leaves (THP-backed guest RAM).
+    Walk2M,
     View,
     Busy,
     Storm,
@@ -127,8 +132,9 @@ enum Phase {
     VmMemory4,
 }
 
-const PHASES: [Phase; 13] = [
+const PHASES: [Phase; 14] = [
     Phase::Walk(Mode::Cached),
+    Phase::Walk2M,
     Phase::View,
     Phase::Walk(Mode::Uncached),
     Phase::Walk(Mode::Hot),
@@ -512,6 +518,8 @@ struct Measured {
 /// What every phase needs.
 struct Bench<'a> {
     table: &'a Arc<Stage2Table>,
+    /// The same memory mapped at 2 MiB leaves.
+    table_2m: &'a Arc<Stage2Table>,
     host: u64,
     len: u64,
     threads: u32,
@@ -561,6 +569,12 @@ impl Bench<'_> {
                 t,
                 s,
                 |i, stop| walk_loop(table, i, stop, len, b, Mode::PinEach),
+                none,
+            )?,
+            Phase::Walk2M => phase(
+                t,
+                s,
+                |i, stop| walk_loop(self.table_2m, i, stop, len, b, Mode::Cached),
                 none,
             )?,
             Phase::View => phase(t, s, |i, stop| view_loop(table, i, stop, len, b), none)?,
@@ -621,6 +635,7 @@ fn rate_key(p: Phase) -> &'static str {
         Phase::Walk(Mode::Hot) => "walk_hot_per_s",
         Phase::Walk(Mode::Sequential) => "walk_sequential_per_s",
         Phase::Walk(Mode::PinEach) => "walk_pin_each_per_s",
+        Phase::Walk2M => "walk_2m_per_s",
         Phase::View => "guest_memory_view_per_s",
         Phase::Busy => "walk_busy_neighbour_per_s",
         Phase::Storm => "walk_under_unmap_per_s",
@@ -683,7 +698,8 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Reserved, never touched: no RSS, nothing released (simulated).
-    let backing = AnonRegion::new(len, PageSize::Size4K).context("reserving the backing")?;
+    // 2 MiB-aligned, so that the second table can map it at 2 MiB leaves.
+    let backing = AnonRegion::new(len, PageSize::Size2M).context("reserving the backing")?;
     let host = backing.base;
     let table = Stage2Table::new(TableConfig::default()).context("creating the table")?;
     table
@@ -696,6 +712,25 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     table
         .map(Gpa(0), Hva(host), len, Perms::RW, PageSize::Size4K)
         .context("mapping the table")?;
+    let table_2m = Stage2Table::new(TableConfig::default()).context("creating the 2 MiB table")?;
+    table_2m
+        .register_backing(BackingRegion {
+            hva: Hva(host),
+            len,
+            kind: BackingKind::Simulated { hook: None },
+        })
+        .context("registering simulated backing (2 MiB table)")?;
+    table_2m
+        .map(Gpa(0), Hva(host), len, Perms::RW, PageSize::Size2M)
+        .context("mapping the 2 MiB table")?;
+    {
+        let mut w = table_2m.walker();
+        let g = w.pin();
+        let leaf = g.translate(Gpa(0), Access::Read).map(|t| t.size);
+        if leaf != Ok(PageSize::Size2M) {
+            bail!("the 2 MiB table translates guest address 0 as {leaf:?}, not a 2 MiB leaf");
+        }
+    }
     let rw = RwTable::new(len);
     let vm_regions = |n: u64| -> Result<GuestMemoryMmap> {
         let rlen = len / n;
@@ -710,6 +745,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     let vm4 = vm_regions(4)?;
     let bench = Bench {
         table: &table,
+        table_2m: &table_2m,
         host,
         len,
         threads: a.threads,
@@ -808,6 +844,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     log += &line("fast walk, uncached", "walk_uncached_per_s");
     log += &line("fast walk, hot (64 pages)", "walk_hot_per_s");
     log += &line("fast walk, sequential pages", "walk_sequential_per_s");
+    log += &line("fast walk, 2 MiB leaves", "walk_2m_per_s");
     log += &line("fast walk, pin each", "walk_pin_each_per_s");
     log += &line("vm-memory view of the walk", "guest_memory_view_per_s");
     log += &line("fast walk, busy neighbour", "walk_busy_neighbour_per_s");
@@ -870,6 +907,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         walk_uncached_per_s: med("walk_uncached_per_s"),
         walk_hot_per_s: med("walk_hot_per_s"),
         walk_sequential_per_s: med("walk_sequential_per_s"),
+        walk_2m_per_s: med("walk_2m_per_s"),
         walk_pin_each_per_s: med("walk_pin_each_per_s"),
         walk_under_unmap_per_s: under,
         walk_busy_neighbour_per_s: med("walk_busy_neighbour_per_s"),
