@@ -7,10 +7,10 @@
 //! so no host pointer is held across an invalidation.
 //!
 //! **The caches.** The *translation cache* ([`CACHE_SLOTS`] 4 KiB pages)
-//! holds what the slow path found (2 MiB leaves, pages reached by a walk
-//! from the root) and answers them without reading the table; a 4 KiB
-//! leaf under a cached directory page is answered first, by the
-//! directory path, and never enters it. The *directory cache* ([`DIR_SLOTS`] slots, one per 1 GiB of guest
+//! holds huge-leaf pages and pages reached by a walk from the root, and
+//! answers them without reading the table; a 4 KiB leaf under a cached
+//! directory page is answered first, by the directory path, and never
+//! enters it. The *directory cache* ([`DIR_SLOTS`] slots, one per 1 GiB of guest
 //! memory, so 64 GiB without conflicts) holds, for a 1 GiB region, the
 //! level-2 table page a walk of it reached (the page whose entries each
 //! cover 2 MiB: a leaf-table pointer, a 2 MiB leaf or a marker). A walk
@@ -65,7 +65,7 @@ use thiserror::Error;
 use crate::addr::{Gpa, Hva, PageSize, Perms};
 use crate::entry::{
     index, level_shift, level_size, Pte, ADDRESS_LIMIT, FRAME_MASK, LARGE, PAGE_SHIFT, PAGE_SIZE,
-    PERM_MASK, SW_BALLOONED,
+    PERM_MASK, POISON, SW_BALLOONED,
 };
 use crate::mutation::{broken, Rule};
 use crate::reclaim::{PagePtr, ReadGuard, Reader, TablePage};
@@ -399,8 +399,9 @@ impl<'w> WalkGuard<'w> {
     ///
     /// The common cases are inline, in this order: a present 4 KiB leaf
     /// reached from the level-2 page cached for the GiB (two live entry
-    /// loads), then a translation-cache hit. Everything else (a walk from
-    /// the root, huge leaves, failures) is out of line.
+    /// loads), a translation-cache hit, a 2 MiB leaf in the level-2 entry
+    /// already read (which fills the translation cache). Everything else
+    /// (a walk from the root, 1 GiB leaves, failures) is out of line.
     #[inline(always)]
     pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
         // 1. A 4 KiB leaf under the level-2 page cached for the GiB: two
@@ -412,10 +413,12 @@ impl<'w> WalkGuard<'w> {
         let region = gpa.0 >> DIR_SHIFT;
         let slot = &self.dir.slots[(region as usize) & (DIR_SLOTS - 1)];
         let want = u64::from(need.bits());
+        // The level-2 entry, if the directory path read one (0: none).
+        let mut e2 = 0;
         if want != 0 && slot.tag.get() == region | self.dir_gen {
             // SAFETY: see `cached_page`.
             let dir = unsafe { cached_page(slot.page.get()) };
-            let e2 = dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire);
+            e2 = dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire);
             if e2 & (PERM_MASK | LARGE) == PERM_MASK {
                 // SAFETY: read from a linked entry inside this read
                 // section: the page stays allocated until it ends.
@@ -428,8 +431,8 @@ impl<'w> WalkGuard<'w> {
                 }
             }
         }
-        // 2. The translation cache: what the slow path filled (2 MiB
-        //    leaves, pages of a GiB not in the directory cache).
+        // 2. The translation cache: what the paths below filled (2 MiB
+        //    leaves, pages reached by a walk from the root).
         let gfn = gpa.0 >> PAGE_SHIFT;
         let i = (gfn as usize) & (CACHE_SLOTS - 1);
         if self.cache.tags[i].get() == gfn + 1 {
@@ -441,6 +444,15 @@ impl<'w> WalkGuard<'w> {
                 let hva = (v & !(PAGE_SIZE - 1)) + (gpa.0 & (PAGE_SIZE - 1));
                 return Ok(translation(gpa, hva, perms, level));
             }
+        }
+        // 3. A 2 MiB leaf with the needed permissions in the level-2 entry
+        //    read above (POISON has LARGE too: only here is it compared).
+        if e2 & (LARGE | want) == LARGE | want && e2 != POISON {
+            bump(&self.counters.leaf_hits);
+            let hva = (e2 & FRAME_MASK) + (gpa.0 & (level_size(DIR_LEVEL) - 1));
+            let perms = Pte(e2).perms();
+            self.remember(gpa, hva, perms, DIR_LEVEL);
+            return Ok(translation(gpa, hva, perms, DIR_LEVEL));
         }
         self.translate_slow(gpa, need)
     }
