@@ -690,6 +690,24 @@ const RATIOS: [(&str, &str, &str); 11] = [
     ),
 ];
 
+/// A table over `len` bytes of simulated backing at `host`, all of it
+/// mapped at `leaf` leaves.
+fn simulated_table(host: u64, len: u64, leaf: PageSize) -> Result<Arc<Stage2Table>> {
+    let table = Stage2Table::new(TableConfig::default())
+        .with_context(|| format!("creating the table ({leaf} leaves)"))?;
+    table
+        .register_backing(BackingRegion {
+            hva: Hva(host),
+            len,
+            kind: BackingKind::Simulated { hook: None },
+        })
+        .with_context(|| format!("registering simulated backing ({leaf} leaves)"))?;
+    table
+        .map(Gpa(0), Hva(host), len, Perms::RW, leaf)
+        .with_context(|| format!("mapping the table at {leaf} leaves"))?;
+    Ok(table)
+}
+
 /// Run `gmm bench walk`.
 pub fn cmd(a: &WalkArgs) -> Result<()> {
     let len = a.mem;
@@ -701,28 +719,8 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     // 2 MiB-aligned, so that the second table can map it at 2 MiB leaves.
     let backing = AnonRegion::new(len, PageSize::Size2M).context("reserving the backing")?;
     let host = backing.base;
-    let table = Stage2Table::new(TableConfig::default()).context("creating the table")?;
-    table
-        .register_backing(BackingRegion {
-            hva: Hva(host),
-            len,
-            kind: BackingKind::Simulated { hook: None },
-        })
-        .context("registering simulated backing")?;
-    table
-        .map(Gpa(0), Hva(host), len, Perms::RW, PageSize::Size4K)
-        .context("mapping the table")?;
-    let table_2m = Stage2Table::new(TableConfig::default()).context("creating the 2 MiB table")?;
-    table_2m
-        .register_backing(BackingRegion {
-            hva: Hva(host),
-            len,
-            kind: BackingKind::Simulated { hook: None },
-        })
-        .context("registering simulated backing (2 MiB table)")?;
-    table_2m
-        .map(Gpa(0), Hva(host), len, Perms::RW, PageSize::Size2M)
-        .context("mapping the 2 MiB table")?;
+    let table = simulated_table(host, len, PageSize::Size4K)?;
+    let table_2m = simulated_table(host, len, PageSize::Size2M)?;
     {
         let mut w = table_2m.walker();
         let g = w.pin();
