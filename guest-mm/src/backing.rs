@@ -43,6 +43,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -185,6 +186,16 @@ pub const MAX_RELEASE_THREADS: usize = 8;
 /// The least the threads of a parallel release claim at a time (16 MiB of
 /// 4 KiB pages is about 2 ms of work, of 2 MiB pages about 40 µs).
 pub const PARALLEL_CHUNK: u64 = 16 << 20;
+
+/// The most one thread of a background release claims at a time (about
+/// 4.5 ms of work at 4 KiB pages): what a helper that gets no CPU can hold
+/// back from the flushing thread once that joins in
+/// ([`crate::Gather::set_release_background`]).
+pub const BACKGROUND_CLAIM_MAX: u64 = 64 << 20;
+
+/// The least a background release waits for its helpers before the
+/// flushing thread joins in.
+pub const BACKGROUND_PATIENCE_MIN: Duration = Duration::from_millis(10);
 
 /// What one of `k` threads claims next from a lane with `left` bytes not
 /// yet claimed: a `2k`th of what is left (guided self-scheduling), in
@@ -409,7 +420,14 @@ pub(crate) struct ReleaseBatch<'a> {
     /// spawning one fail.
     threads: usize,
     spawn_fail: Option<&'a crate::fault::FailPoint>,
+    /// Makes background helpers behave as if starved (tests).
+    stall: Option<&'a crate::fault::FailPoint>,
+    /// A parallel submit runs in the background, with this patience per
+    /// GiB ([`crate::Gather::set_release_background`]).
+    background: Option<Duration>,
     parallel: u64,
+    /// Background submits whose caller joined in.
+    joins: u64,
 }
 
 /// Whether `punches[i]` is the first punch of its file.
@@ -440,15 +458,18 @@ struct Lane {
     pieces: Vec<Piece>,
     bytes: u64,
     k: usize,
+    /// The most one claim takes.
+    max_claim: u64,
     cursor: std::sync::atomic::AtomicU64,
 }
 
 impl Lane {
-    /// A lane that `k` threads claim from.
-    fn new(pieces: Vec<Piece>, k: usize) -> Lane {
+    /// A lane that `k` threads claim from, at most `max_claim` at a time.
+    fn new(pieces: Vec<Piece>, k: usize, max_claim: u64) -> Lane {
         Lane {
             bytes: pieces.iter().map(|p| p.len).sum(),
             k,
+            max_claim,
             pieces,
             cursor: std::sync::atomic::AtomicU64::new(0),
         }
@@ -461,7 +482,7 @@ impl Lane {
             if lo >= self.bytes {
                 return None;
             }
-            let hi = lo + claim_size(self.bytes - lo, self.k);
+            let hi = lo + claim_size(self.bytes - lo, self.k).min(self.max_claim);
             match self
                 .cursor
                 .compare_exchange_weak(lo, hi, Ordering::Relaxed, Ordering::Relaxed)
@@ -474,12 +495,17 @@ impl Lane {
 
     /// All anonymous runs in one lane, the punches of each file in one lane
     /// per file, in the order they were queued; `k` threads claim from
-    /// them.
-    fn sort(anon: impl Iterator<Item = Piece>, punches: &[Punch], k: usize) -> Vec<Lane> {
+    /// them, at most `max_claim` at a time.
+    fn sort(
+        anon: impl Iterator<Item = Piece>,
+        punches: &[Punch],
+        k: usize,
+        max_claim: u64,
+    ) -> Vec<Lane> {
         let mut lanes = Vec::new();
         let anon: Vec<Piece> = anon.collect();
         if !anon.is_empty() {
-            lanes.push(Lane::new(anon, k));
+            lanes.push(Lane::new(anon, k, max_claim));
         }
         for (i, first) in punches.iter().enumerate() {
             if !first_of_file(punches, i) {
@@ -495,6 +521,7 @@ impl Lane {
                     })
                     .collect(),
                 k,
+                max_claim,
             ));
         }
         lanes
@@ -573,9 +600,17 @@ impl<'a> ReleaseBatch<'a> {
     }
 
     /// Let large submits use up to `threads` threads.
-    pub(crate) fn set_threads(&mut self, threads: usize, spawn_fail: &'a crate::fault::FailPoint) {
+    pub(crate) fn set_threads(&mut self, threads: usize, faults: &'a FaultInjection) {
         self.threads = threads.clamp(1, MAX_RELEASE_THREADS);
-        self.spawn_fail = Some(spawn_fail);
+        self.spawn_fail = Some(&faults.release_thread);
+        self.stall = Some(&faults.release_helper_stall);
+    }
+
+    /// Run parallel submits in the background (see
+    /// [`ReleaseBatch::submit_parallel`]), joining in after `per_gib` per
+    /// GiB submitted.
+    pub(crate) fn set_background(&mut self, per_gib: Option<Duration>) {
+        self.background = per_gib;
     }
 
     /// Releases the queued runs: the anonymous ones by one
@@ -684,14 +719,40 @@ impl<'a> ReleaseBatch<'a> {
     /// caller by the chunk it holds, at most a `2k`th of what was left when
     /// it claimed it (and an idle core pulls it over as soon as the caller
     /// waits); a helper that starts late finds little or nothing left.
+    ///
+    /// **In the background** ([`ReleaseBatch::set_background`]) the caller
+    /// does not work at first: `k` helpers do, all `SCHED_IDLE`, claiming
+    /// at most [`BACKGROUND_CLAIM_MAX`] at a time, while the caller sleeps.
+    /// So on a host whose cores are busy (another VM's vCPUs) the release
+    /// takes only CPU time nobody else wants; on an idle host both cores
+    /// still work. The caller's *patience* bounds the wait: once the
+    /// submit has taken its patience (per GiB, at least
+    /// [`BACKGROUND_PATIENCE_MIN`]), the caller claims what is left at its
+    /// own priority, as in a foreground release, so a starved release
+    /// still ends (no privilege is needed for that: a thread made
+    /// `SCHED_IDLE` could not return to normal priority unprivileged). The
+    /// caller also joins at once if any helper could not be spawned.
     fn submit_parallel(&mut self, n: usize, np: usize, k: usize) {
         let anon = self.iov[..n].iter().map(|v| Piece {
             hva: v.iov_base as u64,
             len: v.iov_len as u64,
             file: None,
         });
-        let lanes = Lane::sort(anon, &self.punches[..np], k);
+        let started = Instant::now();
+        let max_claim = if self.background.is_some() {
+            BACKGROUND_CLAIM_MAX
+        } else {
+            u64::MAX
+        };
+        let lanes = Lane::sort(anon, &self.punches[..np], k, max_claim);
         let lanes = &lanes[..];
+        let bytes: u64 = lanes.iter().map(|l| l.bytes).sum();
+        let deadline = self.background.map(|per_gib| {
+            let patience = per_gib
+                .mul_f64(bytes as f64 / (1u64 << 30) as f64)
+                .max(BACKGROUND_PATIENCE_MIN);
+            started + patience
+        });
         let reg = self.reg;
         let faults = self.faults;
         // Claims chunks until none is left in any lane; returns the first
@@ -716,19 +777,31 @@ impl<'a> ReleaseBatch<'a> {
                 }
             }
         };
-        let mut errs: [Option<ReleaseError>; MAX_RELEASE_THREADS] = Default::default();
+        let mut errs: [Option<ReleaseError>; MAX_RELEASE_THREADS + 1] = Default::default();
         let tids: [std::sync::atomic::AtomicI32; MAX_RELEASE_THREADS] = Default::default();
         let flusher = FlusherCpu::of_caller();
-        std::thread::scope(|sc| {
+        // Helpers done so far, for a background caller's wait.
+        let finished = (std::sync::Mutex::new(0usize), std::sync::Condvar::new());
+        // In the background every worker is a helper, helper 0 included.
+        let first_helper = usize::from(deadline.is_none());
+        errs[MAX_RELEASE_THREADS] = std::thread::scope(|sc| {
             let mut helpers: [Option<std::thread::ScopedJoinHandle<'_, Option<ReleaseError>>>;
                 MAX_RELEASE_THREADS] = Default::default();
-            for (i, (h, tid)) in helpers.iter_mut().zip(&tids).enumerate().take(k).skip(1) {
+            for (i, (h, tid)) in helpers
+                .iter_mut()
+                .zip(&tids)
+                .enumerate()
+                .take(k)
+                .skip(first_helper)
+            {
                 let injected = self.spawn_fail.is_some_and(|f| f.should_fail());
                 // No thread: the caller claims its chunks instead.
                 *h = if injected {
                     None
                 } else {
                     let work = &work;
+                    let finished = &finished;
+                    let stall = deadline.is_some() && self.stall.is_some_and(|f| f.should_fail());
                     std::thread::Builder::new()
                         .name(RELEASE_THREAD_NAME.into())
                         .spawn_scoped(sc, move || {
@@ -741,18 +814,47 @@ impl<'a> ReleaseBatch<'a> {
                             set_idle_priority();
                             // SAFETY: gettid has no preconditions.
                             tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                            if stall {
+                                // Injected starvation: no CPU until the
+                                // caller has claimed everything.
+                                while lanes.iter().any(Lane::has_work) {
+                                    std::thread::sleep(Duration::from_millis(1));
+                                }
+                            }
                             let r = work(i);
                             retire_tid(tid);
+                            *finished.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                            finished.1.notify_one();
                             r
                         })
                         .ok()
                 };
             }
-            // Let a helper queued on this CPU run and leave it (above).
-            if helpers.iter().any(Option::is_some) {
-                std::thread::yield_now();
+            let spawned = helpers.iter().filter(|h| h.is_some()).count();
+            match deadline {
+                // Background: sleep while the helpers work, until they are
+                // done or the patience is spent (then join in below).
+                Some(d) if spawned == k => {
+                    let mut done = finished.0.lock().unwrap_or_else(|e| e.into_inner());
+                    while *done < spawned {
+                        let Some(left) = d.checked_duration_since(Instant::now()) else {
+                            self.joins += 1;
+                            break;
+                        };
+                        done = finished
+                            .1
+                            .wait_timeout(done, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                }
+                // A helper is missing: its share is the caller's at once.
+                Some(_) => self.joins += 1,
+                // Let a helper queued on this CPU run and leave it (above).
+                None if spawned > 0 => std::thread::yield_now(),
+                None => {}
             }
-            errs[0] = work(0);
+            let mine = work(0);
             // Nothing is left to claim: what a helper still holds is now on
             // the flusher's critical path, so it gets the flusher's policy
             // (an idle-priority thread preempted mid-chunk can wait 100+ ms
@@ -775,6 +877,7 @@ impl<'a> ReleaseBatch<'a> {
                     });
                 }
             }
+            mine
         });
         self.parallel += 1;
         for e in errs.into_iter().flatten() {
@@ -783,11 +886,12 @@ impl<'a> ReleaseBatch<'a> {
     }
 
     /// Releases what is queued; returns the first error of the whole batch,
-    /// after everything was attempted, and how many submits were split
-    /// across threads.
-    pub(crate) fn finish(mut self) -> (Result<(), ReleaseError>, u64) {
+    /// after everything was attempted, how many submits were split across
+    /// threads and in how many background ones the caller joined in.
+    pub(crate) fn finish(mut self) -> (Result<(), ReleaseError>, u64, u64) {
         self.submit();
-        (self.first_err.take().map_or(Ok(()), Err), self.parallel)
+        let r = self.first_err.take().map_or(Ok(()), Err);
+        (r, self.parallel, self.joins)
     }
 }
 
@@ -910,7 +1014,10 @@ impl BackingRegistry {
             first_err: None,
             threads: 1,
             spawn_fail: None,
+            stall: None,
+            background: None,
             parallel: 0,
+            joins: 0,
         }
     }
 
@@ -1303,7 +1410,9 @@ mod tests {
             4 << 30,
             64 << 30,
         ] {
-            for k in 1..=MAX_RELEASE_THREADS {
+            for (k, max) in
+                (1..=MAX_RELEASE_THREADS).flat_map(|k| [(k, u64::MAX), (k, BACKGROUND_CLAIM_MAX)])
+            {
                 let lane = Lane::new(
                     vec![Piece {
                         hva: 0,
@@ -1311,10 +1420,12 @@ mod tests {
                         file: None,
                     }],
                     k,
+                    max,
                 );
                 let (mut at, mut last, mut claims) = (0, u64::MAX, 0);
                 while let Some((lo, hi)) = lane.claim() {
                     let c = hi - lo;
+                    assert!(c <= max, "{bytes} {k}: {c} is over the cap {max}");
                     assert_eq!(lo, at, "{bytes} {k}: claims are contiguous");
                     assert!(c <= last, "{bytes} {k}: claims never grow");
                     assert_eq!(c % (2 << 20), 0, "{bytes} {k}: {c} is not whole pieces");
@@ -1337,6 +1448,7 @@ mod tests {
                 file: None,
             }],
             2,
+            u64::MAX,
         );
         assert_eq!(lane.claim(), Some((0, 256 << 20)));
         assert_eq!(lane.claim(), Some((256 << 20, 448 << 20)));

@@ -107,6 +107,10 @@ pub struct FaultInjection {
     /// Spawning a helper thread of a parallel release (its share is then
     /// released inline).
     pub release_thread: FailPoint,
+    /// A helper of a background release gets no CPU until every chunk is
+    /// claimed (a starved `SCHED_IDLE` helper): the flushing thread must
+    /// claim them all once its patience is spent.
+    pub release_helper_stall: FailPoint,
     /// One `madvise(MADV_DONTNEED)` of a release (anonymous runs, anonymous
     /// hugetlb pages): retried, then recorded as unreleased.
     pub madvise: FailPoint,

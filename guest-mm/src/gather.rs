@@ -97,6 +97,10 @@ pub struct GatherStats {
     /// Releases split across helper threads (see
     /// [`Gather::set_release_threads`]).
     pub parallel_releases: u64,
+    /// Background releases ([`Gather::set_release_background`]) whose
+    /// flushing thread joined in: its patience was spent before the
+    /// helpers were done, or a helper could not be spawned.
+    pub background_joins: u64,
     /// 4 KiB pages a balloon unmap newly marked *ballooned* (present or
     /// discarded before; a page already in the balloon is not counted
     /// again).
@@ -121,6 +125,8 @@ pub struct Gather<'t> {
     first_error: Option<ReleaseError>,
     /// Threads a large anonymous release may be split across.
     release_threads: usize,
+    /// A split release runs in the background, with this patience per GiB.
+    release_background: Option<std::time::Duration>,
     pub(crate) stats: GatherStats,
 }
 
@@ -146,6 +152,7 @@ impl<'t> Gather<'t> {
             full: false,
             first_error: None,
             release_threads: 1,
+            release_background: None,
             stats: GatherStats::default(),
         }
     }
@@ -162,6 +169,18 @@ impl<'t> Gather<'t> {
     /// the chunks itself.
     pub fn set_release_threads(&mut self, n: usize) {
         self.release_threads = n.clamp(1, crate::backing::MAX_RELEASE_THREADS);
+    }
+
+    /// Make a release split across threads ([`Gather::set_release_threads`])
+    /// a *background* one: only `SCHED_IDLE` helpers work on it, while the
+    /// flushing thread sleeps, until it has taken `patience_per_gib` per
+    /// GiB released (at least [`crate::backing::BACKGROUND_PATIENCE_MIN`]);
+    /// then the flushing thread claims what is left at its own priority.
+    /// So a release beside busy cores (another VM's vCPUs) takes only the
+    /// CPU time nobody else wants, and still ends when nothing is idle.
+    /// `None` (the default): the flushing thread works from the start.
+    pub fn set_release_background(&mut self, patience_per_gib: Option<std::time::Duration>) {
+        self.release_background = patience_per_gib;
     }
 
     /// Whether this gather tears down the whole table (`fullmm`).
@@ -369,7 +388,8 @@ impl<'t> Gather<'t> {
         let mut bytes = 0u64;
         let mut first_err = self.first_error.take();
         let mut batch = t.backing.batch(&t.faults);
-        batch.set_threads(self.release_threads, &t.faults.release_thread);
+        batch.set_threads(self.release_threads, &t.faults);
+        batch.set_background(self.release_background);
         let mut release = |hva: u64, len: u64| {
             runs += 1;
             bytes += len;
@@ -383,8 +403,9 @@ impl<'t> Gather<'t> {
         if let Some((hva, len)) = self.run.take() {
             release(hva, len);
         }
-        let (res, parallel) = batch.finish();
+        let (res, parallel, joins) = batch.finish();
         self.stats.parallel_releases += parallel;
+        self.stats.background_joins += joins;
         if let Err(e) = res {
             first_err.get_or_insert(e);
         }
