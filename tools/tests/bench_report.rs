@@ -1172,7 +1172,16 @@ fn quick_run_smoke() {
     let steps = all["steps"].as_array().expect("steps");
     // balloon-rss: anon, memfd and guest-memfd.
     assert_eq!(steps.len(), if vmm.is_file() { 10 } else { 7 }, "{all}");
-    assert!(steps.iter().all(|s| s["ok"] == json!(true)), "{all}");
+    for s in steps.iter().filter(|s| s["ok"] != json!(true)) {
+        // Only a run this host's KVM cannot do may be left out (guest-memfd
+        // without KVM_CAP_GUEST_MEMFD), and it says so.
+        let e = s["error"].as_str().unwrap_or_default();
+        assert!(
+            s["absent"] == json!(true) && e.contains("this host cannot run it"),
+            "{s}"
+        );
+        loud(&format!("SKIPPED on this host: {}: {e}", s["name"]));
+    }
     for f in [
         "unmap.json",
         "walk.json",
@@ -1199,13 +1208,19 @@ fn quick_run_smoke() {
         ],
     );
     if vmm.is_file() {
+        let skipped = |stem: &str| {
+            steps
+                .iter()
+                .any(|s| s["name"] == json!(stem) && s["absent"] == json!(true))
+        };
         for f in [
             "balloon-rss-anon.json",
             "balloon-rss-memfd.json",
             "balloon-rss-guest-memfd.json",
             "balloon-rss.svg",
         ] {
-            assert!(dir.join(f).exists(), "{f} missing");
+            let stem = f.trim_end_matches(".json");
+            assert!(dir.join(f).exists() || skipped(stem), "{f} missing");
         }
         assert!(md.contains("--quick: 15/16 of the target"), "{md}");
     }
