@@ -426,11 +426,16 @@ pub fn cmd(a: &Args) -> Result<()> {
             }
             pb.finish_and_clear();
             for (st, d) in &data {
+                let p = out.join(format!("{}.json", st.stem));
                 if let Some(v) = &d.result {
-                    let p = out.join(format!("{}.json", st.stem));
                     let text = serde_json::to_string_pretty(v)?;
                     std::fs::write(&p, text + "\n")
                         .with_context(|| format!("writing {}", p.display()))?;
+                } else if p.is_file() {
+                    // An earlier run's result must not pass for this run's
+                    // (`--from` reads the directory back).
+                    std::fs::remove_file(&p)
+                        .with_context(|| format!("removing the stale {}", p.display()))?;
                 }
             }
             Some(machine)
