@@ -96,8 +96,10 @@ pub const HUGE_PARALLEL_MIN_BYTES: u64 = 512 << 20;
 /// - 4 KiB pages: every core. Freeing 4 KiB pages costs ~70 ms per GiB,
 ///   which a second core nearly halves; the helpers run only on cores no
 ///   normal thread wants (a running vCPU of another VM keeps its core,
-///   goal 4 of issue 12), and the caller, at its own priority, claims
-///   whatever they do not get to.
+///   goal 4 of issue 12): all of them, in the background, while the
+///   caller sleeps, until its patience is spent
+///   ([`TEARDOWN_PATIENCE_PER_GIB`]); then the caller, at its own
+///   priority, claims whatever they have not got to.
 /// - Huge pages (THP, or memfd with shmem THP enabled: `shmem_enabled`
 ///   other than `never`/`deny`): every core from
 ///   [`HUGE_PARALLEL_MIN_BYTES`], the caller alone below. A huge page is
@@ -131,8 +133,10 @@ pub fn teardown_release_threads(backing: Backing, page: PageSize, bytes: u64) ->
 /// other VM. `gmm bench interference --only teardown` (3 rounds, 4 GiB of
 /// 4 KiB pages torn down beside a looping VM on 2 cores): the victim's
 /// demand-fault p99 rose by +1246-1345 % with the releasing thread at
-/// normal priority, and by +16-128 % with the whole release at idle
-/// priority; its loop rate dropped 17.7-25.1 % against 9.8-11.5 %.
+/// normal priority, by +16-128 % with the whole release at idle priority
+/// (an experiment with no patience: unbounded on a busy host), and by
+/// +24 % with this background release; its loop rate dropped 17.7-25.1 %
+/// in the foreground, not at all in the background.
 ///
 /// Huge pages (~3 ms per GiB) are released in the foreground: the releasing
 /// thread's wake-up when its helpers finish (0.15-0.6 ms on a VM host,
