@@ -244,16 +244,21 @@ fn parallel_release_frees_everything_and_falls_back_inline() {
 
 /// A full-mm teardown of `len` bytes of touched anonymous memory as a
 /// background release with 4 threads and `per_gib` patience, every helper
-/// starved if `stall`: its stats, the bytes still resident and the helpers
-/// that were starved.
+/// starved if `stall`, every helper spawn failing if `fail_spawn`: its
+/// stats, the bytes still resident, and the helpers starved and not
+/// spawned.
 fn background_teardown(
     len: u64,
     per_gib: std::time::Duration,
     stall: bool,
-) -> (GatherStats, u64, u64) {
+    fail_spawn: bool,
+) -> (GatherStats, u64, u64, u64) {
     let (mem, t) = anon_table_4k(len);
     if stall {
         t.faults.release_helper_stall.fail_always();
+    }
+    if fail_spawn {
+        t.faults.release_thread.fail_always();
     }
     let mut g = t.gather_full_mm();
     g.set_release_threads(4);
@@ -264,21 +269,24 @@ fn background_teardown(
         st,
         guest_mm::stress::resident_bytes(mem.addr, len),
         t.faults.release_helper_stall.injected(),
+        t.faults.release_thread.injected(),
     )
 }
 
 #[test]
 fn background_release_frees_everything_and_its_caller_joins_starved_helpers() {
     let len = 256 << 20;
+    let long = std::time::Duration::from_secs(240);
     // Helpers that get CPU release it all; the caller only waits (its
     // patience, a minute per GiB, is never spent).
-    let (st, resident, _) = background_teardown(len, std::time::Duration::from_secs(240), false);
+    let (st, resident, _, _) = background_teardown(len, long, false, false);
     assert_eq!((resident, st.released_bytes), (0, len));
     assert_eq!((st.parallel_releases, st.background_joins), (1, 0));
     // Every helper starved: once its patience (the 10 ms minimum) is spent
     // the caller claims and releases everything itself.
     let t = std::time::Instant::now();
-    let (st, resident, starved) = background_teardown(len, std::time::Duration::ZERO, true);
+    let (st, resident, starved, _) =
+        background_teardown(len, std::time::Duration::ZERO, true, false);
     assert_eq!((resident, st.released_bytes), (0, len));
     assert_eq!(
         (st.parallel_releases, st.background_joins, starved),
@@ -290,16 +298,10 @@ fn background_release_frees_everything_and_its_caller_joins_starved_helpers() {
         t.elapsed()
     );
     // Helpers that cannot be spawned: the caller joins at once.
-    let (mem, t) = anon_table_4k(len);
-    t.faults.release_thread.fail_always();
-    let mut g = t.gather_full_mm();
-    g.set_release_threads(4);
-    g.set_release_background(Some(std::time::Duration::from_secs(240)));
-    t.teardown(&mut g).unwrap();
-    let st = g.finish().unwrap();
-    assert_eq!(guest_mm::stress::resident_bytes(mem.addr, len), 0);
+    let (st, resident, _, unspawned) = background_teardown(len, long, false, true);
+    assert_eq!((resident, st.released_bytes), (0, len));
     assert_eq!((st.parallel_releases, st.background_joins), (1, 1));
-    assert_eq!(t.faults.release_thread.injected(), 4);
+    assert_eq!(unspawned, 4);
 }
 
 /// `files` memfds of `file_len` bytes each, every page written, mapped one
