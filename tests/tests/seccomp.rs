@@ -11,7 +11,9 @@
 //! `api_firecracker.rs`, the tools' benchmarks) runs it confined, which is
 //! what shows the filters allow what the monitor needs.
 //!
-//! Also: the API socket is owner-only, an existing path is refused and
+//! Also: a confined thread can free heap memory (glibc's heap trimming,
+//! which opens a file, is off; `--seccomp-test-heap-trim`); the API socket
+//! is owner-only, an existing path is refused and
 //! `--replace-api-sock` replaces a stale socket but never another file.
 
 use std::os::unix::fs::PermissionsExt;
@@ -93,6 +95,37 @@ fn a_forbidden_call_in_a_run_thread_kills_the_process_with_sigsys() {
     // And a normal confined run succeeds.
     let o = run(&bin, &[]);
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// glibc opens a file the first time it trims a thread arena's heap: a
+/// confined thread that frees enough died of SIGSYS in `free` (the
+/// balloon's device thread did). With trimming off (what `vmm` does) the
+/// device thread's heap-trim exercise passes; with trimming left on (the
+/// test-only switch) the same run must die of SIGSYS, which shows the
+/// exercise reaches the trim.
+#[test]
+fn a_confined_thread_can_free_its_heap() {
+    let name = "a_confined_thread_can_free_its_heap";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let Some(bin) = vmm_bin(name) else {
+        return;
+    };
+    let o = run(&bin, &["--seccomp-test-heap-trim", "trimming-off"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the device thread's heap trim passed"),
+        "the exercise did not run: {}",
+        text(&o)
+    );
+    let o = run(&bin, &["--seccomp-test-heap-trim", "trimming-on"]);
+    assert_eq!(
+        o.status.signal(),
+        Some(libc::SIGSYS),
+        "with glibc's heap trimming on, the exercise must die in free(): {}",
+        text(&o)
+    );
 }
 
 /// Asks our child `pid` to stop.

@@ -72,6 +72,11 @@ struct Confine {
     /// right after installing its filter.
     #[arg(long, hide = true, value_name = "KIND")]
     seccomp_test_violation: Option<String>,
+    /// Test mode: the first device thread frees enough heap for glibc to
+    /// trim it, once confined; `trimming-on` also leaves glibc's heap
+    /// trimming on (the fix undone: the run must die of SIGSYS).
+    #[arg(long, hide = true, value_name = "MODE", value_parser = ["trimming-off", "trimming-on"])]
+    seccomp_test_heap_trim: Option<String>,
 }
 
 impl Confine {
@@ -86,6 +91,9 @@ impl Confine {
                 )
             })?;
             seccomp::set_test_violation(kind);
+        }
+        if let Some(m) = &self.seccomp_test_heap_trim {
+            seccomp::set_test_heap_trim(m == "trimming-on");
         }
         if self.no_seccomp {
             return Ok(());

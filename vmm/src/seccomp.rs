@@ -34,6 +34,16 @@
 //!   `clone` only for threads (`CLONE_THREAD`); `clone3`, whose flags BPF
 //!   cannot read, fails with `ENOSYS` in the kinds that create threads (a
 //!   second filter stacked under their allow-list), so glibc uses `clone`.
+//! - **No file opened behind our back.** glibc's `free` opens
+//!   `/proc/sys/vm/overcommit_memory` the first time it shrinks the heap of
+//!   a thread's arena (`heap_trim` → `shrink_heap`), in whichever thread
+//!   frees; no filter allows `openat`, so a confined thread died of
+//!   `SIGSYS` in `free` (seen: the balloon's device thread dropping a
+//!   request's buffer). [`enable`] turns heap trimming off
+//!   (`M_TRIM_THRESHOLD` at its maximum) before any filter exists: freed
+//!   heap memory stays with the process for reuse (the monitor's heap is
+//!   small; guest RAM is never on it). The hidden
+//!   `--seccomp-test-heap-trim` mode checks it (`tests/seccomp.rs`).
 //! - A filter that cannot be installed once confinement was asked for is
 //!   fatal (the process aborts with a message): running unconfined when
 //!   the user asked otherwise is worse than not running.
@@ -162,6 +172,11 @@ static PROGRAMS: OnceLock<Programs> = OnceLock::new();
 /// filter is installed (0: none). Test mode only.
 static VIOLATE: AtomicU8 = AtomicU8::new(0);
 
+/// Test mode of the heap-trim rule: 0 off; 1: the first device thread
+/// frees enough for glibc to trim its arena, after its filter; 2: the
+/// same, and [`enable`] leaves trimming on (the rule broken).
+static HEAP_TRIM_TEST: AtomicU8 = AtomicU8::new(0);
+
 /// The call the test mode makes: `getpgid(0)`, harmless, and allowed by no
 /// filter (a unit test checks that).
 pub const FORBIDDEN_TEST_SYSCALL: i64 = libc::SYS_getpgid;
@@ -185,6 +200,9 @@ pub fn enable(mismatch: Mismatch) -> Result<(), SeccompError> {
         .map(|k| program(k, mismatch))
         .collect::<Result<Vec<_>, _>>()?;
     let no_clone3 = no_clone3_program()?;
+    if HEAP_TRIM_TEST.load(Ordering::SeqCst) != 2 {
+        no_heap_trim();
+    }
     if mismatch == Mismatch::Trap {
         install_trap_handler();
     }
@@ -204,6 +222,38 @@ pub fn enabled() -> bool {
 #[doc(hidden)]
 pub fn set_test_violation(kind: ThreadKind) {
     VIOLATE.store(kind as u8 + 1, Ordering::SeqCst);
+}
+
+/// Test mode: the first device thread, once confined, allocates and frees
+/// enough heap for glibc to trim its arena (see the module documentation);
+/// with `trimming_on` [`enable`] also leaves trimming on, so that the run
+/// must die of `SIGSYS` (the test's proof that it would catch the bug).
+/// Call before [`enable`].
+#[doc(hidden)]
+pub fn set_test_heap_trim(trimming_on: bool) {
+    HEAP_TRIM_TEST.store(1 + u8::from(trimming_on), Ordering::SeqCst);
+}
+
+/// Turns glibc's heap trimming off for the whole process (see the module
+/// documentation: trimming a thread arena opens a file the first time).
+fn no_heap_trim() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt takes two integers; it only sets an allocator
+        // parameter (returns 0 on failure, which leaves trimming on).
+        if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } == 0 {
+            eprintln!("vmm: mallopt(M_TRIM_THRESHOLD) failed: a confined thread may die in free()");
+        }
+    }
+}
+
+/// The heap-trim test mode's work: 64 blocks of 64 KiB (under glibc's
+/// mmap threshold, so from this thread's arena) allocated, then freed: the
+/// arena's top then exceeds the default trim threshold.
+fn exercise_heap_trim() {
+    let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 64 << 10]).collect();
+    std::hint::black_box(&blocks);
+    drop(blocks);
 }
 
 /// Applies the filter of `kind` to the calling thread (nothing if
@@ -235,6 +285,11 @@ pub fn install(kind: ThreadKind) {
         );
         // SAFETY: getpgid(0) takes no pointer and changes nothing.
         let _ = unsafe { libc::syscall(FORBIDDEN_TEST_SYSCALL, 0) };
+    }
+    if kind == ThreadKind::Device && HEAP_TRIM_TEST.swap(0, Ordering::SeqCst) != 0 {
+        eprintln!("vmm: test mode: a device thread frees enough heap for glibc to trim it");
+        exercise_heap_trim();
+        eprintln!("vmm: test mode: the device thread's heap trim passed");
     }
 }
 
