@@ -478,8 +478,21 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
             .context("VM A: PATCH /balloon")?;
             let deadline = Instant::now() + Duration::from_secs(120);
             loop {
-                let s = vmm::api::call(&vm_a.sock.0, "GET", "/balloon/statistics", None)
-                    .context("VM A: GET /balloon/statistics")?;
+                let s = match vmm::api::call(&vm_a.sock.0, "GET", "/balloon/statistics", None) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Say why if VM A died (give it a moment to be reaped).
+                        std::thread::sleep(Duration::from_millis(200));
+                        if let Some(o) = vm_a.w.exited() {
+                            bail!(
+                                "VM A: GET /balloon/statistics: {e}; VM A exited ({}): {}",
+                                o.status,
+                                tail(&o.stderr)
+                            );
+                        }
+                        return Err(e).context("VM A: GET /balloon/statistics");
+                    }
+                };
                 if s["actual_mib"].as_u64().unwrap_or(0) >= mib {
                     break;
                 }
