@@ -4,7 +4,9 @@
 //! own balloon driver ([`Workload::Balloon`]) inflates and deflates 32 MiB
 //! either way. The device thread's own count tells which path ran each
 //! notify (all of them, or none); the transport's count and the guest's own
-//! timing of its notify writes (`balloon_notify_times`) see every one.
+//! timing of its notify writes (`balloon_notify_times`) see every one. On
+//! the device thread's path the driver waits for each request in the VMM
+//! (`OP_IDLE`) and the device's return of the buffer wakes it.
 
 use std::sync::Mutex;
 
@@ -12,11 +14,36 @@ use tests::{
     balloon_driver_config, destroy_and_check, kvm_or_skip, start_balloon_driver, GUEST_TIMEOUT,
 };
 use vmm::devices::virtio::thread::NotifyPath;
+use vmm::guest::balloon::MAX_PFNS;
 use vmm::Backing;
 
 const PAGES: u64 = (32 << 20) / 4096;
 
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The nice values of this process's `virtio-balloon` threads
+/// (`/proc/self/task/*/stat`, field 19).
+fn balloon_thread_nice() -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "virtio-balloon" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis start at field 3.
+        let after = stat.rsplit_once(')').map_or("", |x| x.1);
+        let nice = after
+            .split_whitespace()
+            .nth(19 - 3)
+            .and_then(|v| v.parse().ok());
+        out.push(nice.expect("a nice value in /proc/self/task/*/stat"));
+    }
+    out
+}
 
 fn inflate_deflate(name: &str, device_threads: bool) {
     if !kvm_or_skip(name) {
@@ -34,6 +61,10 @@ fn inflate_deflate(name: &str, device_threads: bool) {
     assert_eq!(vm.balloon_notify_path(), want);
     let dev = vm.balloon().expect("balloon configured").clone();
     let before = vm.balloon_notify_times().expect("timing block");
+    let (st0, _) = vm
+        .wait_balloon_driver(GUEST_TIMEOUT, |_| true)
+        .expect("status");
+    let (_, backstops0) = vm.idle_waits();
     let vcpu_notifies0 = dev.lock().notifies();
     let thread0 = vm.balloon_thread_notifies();
 
@@ -54,9 +85,9 @@ fn inflate_deflate(name: &str, device_threads: bool) {
     assert_eq!((c.pages_inflated, c.errors), (PAGES, 0));
     assert_eq!(dev.lock().errors(), 0, "{:?}", dev.lock().recent_errors());
     let after = vm.balloon_notify_times().expect("timing block");
-    // 1024 PFNs per request: 8 inflate and 8 deflate notifies.
+    // MAX_PFNS per request each way.
     let sent = (after[0].count - before[0].count) + (after[1].count - before[1].count);
-    assert_eq!(sent, 2 * PAGES / 1024, "{before:?} {after:?}");
+    assert_eq!(sent, 2 * PAGES / MAX_PFNS, "{before:?} {after:?}");
     assert!(after[0].since(before[0].count).iter().all(|&c| c > 0));
     assert!(after[0].max_cycles > 0);
     // Every notify ran the device once, on either path.
@@ -64,6 +95,25 @@ fn inflate_deflate(name: &str, device_threads: bool) {
     assert_eq!(served, sent, "notifies served by the transport");
     let on_thread = vm.balloon_thread_notifies() - thread0;
     assert_eq!(on_thread, if device_threads { sent } else { 0 });
+    // The driver waits for the device in the VMM (OP_IDLE) instead of
+    // spinning, and the device wakes it when it returns the buffer: no
+    // wait ends on the backstop (without the wake-up each would). On the
+    // vCPU path the buffer is back when the notify write returns.
+    let backstops = vm.idle_waits().1 - backstops0;
+    if device_threads {
+        // Its releases yield the CPU to vCPUs and fault handlers.
+        assert_eq!(
+            balloon_thread_nice(),
+            vec![vmm::devices::virtio::balloon::THREAD_NICE]
+        );
+        assert!(st.send_waits > st0.send_waits, "{st0:?} {st:?}");
+        assert!(
+            backstops < sent,
+            "{backstops} waits of {sent} requests ended on the backstop: the device did not wake the driver"
+        );
+    } else {
+        assert_eq!(st.send_waits, st0.send_waits, "{st:?}");
+    }
     drop(dev);
     destroy_and_check(vm);
 }

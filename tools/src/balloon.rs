@@ -29,7 +29,8 @@
 //! `vcpu_notify_*`: a second VM runs the embedded guest's own balloon
 //! driver, which times each of its `QueueNotify` writes with `rdtsc`
 //! ([`vmm::guest::balloon::notify_timing`]); the host inflates `--size`
-//! (clamped to 64-256 MiB, 4 MiB per notify) and deflates it again.
+//! (clamped to 16-64 notifies of the driver's request size, 16 MiB:
+//! 256 MiB-1 GiB) and deflates it again.
 //! `vcpu_notify_p99_us` is over the inflate's notifies (each one a
 //! release), `vcpu_notify_p99_us_idle` over the deflate's (nothing to
 //! release); cycles are converted with the TSC rate calibrated against
@@ -550,12 +551,13 @@ fn percentile_us(cycles: &[u64], p: f64, khz: u64) -> f64 {
 }
 
 /// Boots a guest running its own balloon driver, inflates `bytes` (clamped
-/// to 64-256 MiB: the driver keeps the last 64 samples per queue, 64 notifies
-/// of 4 MiB) and deflates again, and reads the driver's timing of its
+/// to 16-64 requests of the driver's size: it keeps the last 64 samples per
+/// queue) and deflates again, and reads the driver's timing of its
 /// notify writes: inflate notifies carry releases, deflate ones do not.
 fn guest_notify(a: &BalloonArgs) -> Result<GuestNotify> {
     use vmm::guest::balloon::DriverState;
-    let bytes = a.size.clamp(64 * MIB, 256 * MIB);
+    let request = vmm::guest::balloon::MAX_PFNS * PAGE;
+    let bytes = a.size.clamp(16 * request, 64 * request);
     let pages = bytes / PAGE;
     let mut c = vm_config(a, bytes + 128 * MIB, Workload::Balloon)?;
     c.console = vmm::Console::Null;

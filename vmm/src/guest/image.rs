@@ -654,18 +654,47 @@ vmm_guest_entry:
     pop rcx
     pop rdx
     pop rax
+    // Poll the used ring for IDLE_SPIN_CYCLES TSC cycles (memory reads
+    // only: no exit), then wait in the VMM (OP_IDLE) between looks: the
+    // device thread wakes the vCPU whenever it returns a buffer (the
+    // transport's waker), so the vCPU does not spin on a host core while
+    // the device releases. rcx = the spin's end; rax (the index waited
+    // for) is kept.
+    push rcx
+    push rax
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    lea rcx, [rax + {idle_spin}]
+    pop rax
 .Lb_wait:
     cmp ax, word ptr [r10 + {used} + 2]
     je .Lb_sent
-    mov edx, dword ptr [r9 + 0x070]
-    test edx, 64
-    jnz .Lb_send_reset
     pause
-    jmp .Lb_wait
-.Lb_sent:
+    push rax
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    cmp rax, rcx
+    pop rax
+    jb .Lb_wait
+.Lb_wait_idle:
+    inc qword ptr [rbx + {st_send_waits}]
+    push rax
+    mov eax, {op_idle}
+    call .Lreport_op
+    pop rax
+    cmp ax, word ptr [r10 + {used} + 2]
+    je .Lb_sent
+    // Woken (or the backstop passed) and still not returned: a device
+    // that gave up (NEEDS_RESET) ignores the notify; it woke the vCPU when
+    // it set the bit, or the backstop does.
     mov edx, dword ptr [r9 + 0x070]
     test edx, 64
     jnz .Lb_send_reset
+    jmp .Lb_wait_idle
+.Lb_sent:
+    pop rcx
     ret
 .Lb_send_reset:
     mov esi, edx
@@ -844,6 +873,7 @@ vmm_guest_image_end:
     idle_spin = const super::IDLE_SPIN_CYCLES,
     st_idle_until = const super::balloon::status::IDLE_UNTIL,
     st_idle_waits = const super::balloon::status::IDLE_WAITS,
+    st_send_waits = const super::balloon::status::SEND_WAITS,
     st_state = const super::balloon::status::STATE,
     st_pages = const super::balloon::status::PAGES,
     st_inflated = const super::balloon::status::INFLATED,

@@ -63,10 +63,10 @@ pub mod layout {
     /// The balloon driver's three queue pages (inflate, deflate, free page
     /// reporting), used only by [`super::Workload::Balloon`] on vCPU 0.
     pub const BALLOON_QUEUES: u64 = 0x46000;
-    /// The balloon driver's PFN array (one page).
+    /// The balloon driver's PFN array (four pages: `balloon::MAX_PFNS`).
     pub const BALLOON_PFNS: u64 = 0x49000;
     /// End of the balloon driver's pages.
-    pub const BALLOON_END: u64 = 0x4A000;
+    pub const BALLOON_END: u64 = 0x4D000;
     /// The guest image.
     pub const IMAGE: u64 = 0x50000;
     /// Space for the image.

@@ -607,8 +607,16 @@ impl Vm {
                 reserved_below,
             )))
         });
+        let control = Arc::new(RunControl::default());
         let (mut balloon_thread, mut balloon_notify) = (None, NotifyPath::Vcpu);
         if let Some(b) = &balloon {
+            if prepared.is_none() {
+                // The default guest's driver polls (no interrupt
+                // controller) and waits in OP_IDLE while the device works:
+                // every buffer the device returns wakes it.
+                let c = Arc::clone(&control);
+                b.lock().set_waker(Box::new(move || c.wake()));
+            }
             mmio.insert(BALLOON_MMIO_BASE, MMIO_WINDOW, b.clone());
             let queues = b.lock().queues().len();
             let reg = thread::register(
@@ -619,8 +627,13 @@ impl Vm {
                 config.device_threads,
             );
             balloon_notify = reg.path();
-            balloon_thread = DeviceThread::spawn("virtio-balloon", Arc::clone(b), reg)
-                .map_err(VmError::Thread)?;
+            balloon_thread = DeviceThread::spawn(
+                "virtio-balloon",
+                Arc::clone(b),
+                reg,
+                crate::devices::virtio::balloon::THREAD_NICE,
+            )
+            .map_err(VmError::Thread)?;
         }
         let platform = match &prepared {
             Some(p) => Some(linux::LinuxPlatform::new(
@@ -686,7 +699,7 @@ impl Vm {
             balloon_thread,
             balloon_notify,
             mmio: Arc::new(mmio),
-            control: Arc::new(RunControl::default()),
+            control,
             board: Arc::new(ReportBoard::default()),
             vcpu_fds,
             threads: Vec::new(),

@@ -38,7 +38,11 @@
 //! `vm_interrupt`), so it sees what was added meanwhile, and an interrupt
 //! that finds the status empty would be counted as unhandled. Without a
 //! trigger (the embedded test guest polls `InterruptStatus` or the used
-//! ring), bit 0 is set whenever used buffers are returned.
+//! ring), bit 0 is set whenever used buffers are returned, and a *waker*
+//! ([`MmioTransport::set_waker`]) is called each time a bit is raised,
+//! whether or not it was already set: the polling driver, which never
+//! acknowledges, waits in the VMM between looks (the default guest's
+//! `OP_IDLE`) instead of spinning on a host core while the device works.
 //!
 //! **Linux's driver** (`drivers/virtio/virtio_mmio.c`, version 2) works as
 //! is: 32-bit register accesses, `QueueSel` of a queue the device does not
@@ -262,7 +266,14 @@ pub struct MmioTransport<D> {
     notifies: u64,
     interrupt: Option<EventFd>,
     interrupts: u64,
+    waker: Option<Waker>,
 }
+
+/// What a transport without an interrupt trigger calls when it raises an
+/// `InterruptStatus` bit (see [`MmioTransport::set_waker`]). It runs on
+/// the device's thread with the transport locked: it must not block on
+/// anything that waits for the transport.
+pub type Waker = Box<dyn Fn() + Send + Sync>;
 
 impl<D: std::fmt::Debug> std::fmt::Debug for MmioTransport<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -271,6 +282,7 @@ impl<D: std::fmt::Debug> std::fmt::Debug for MmioTransport<D> {
             .field("status", &self.status)
             .field("errors", &self.errors)
             .field("interrupt", &self.interrupt.is_some())
+            .field("waker", &self.waker.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -317,7 +329,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
             notifies: 0,
             interrupt: None,
             interrupts: 0,
+            waker: None,
         }
+    }
+
+    /// For a driver that polls instead of taking interrupts (no trigger):
+    /// `waker` is called whenever the transport raises an
+    /// `InterruptStatus` bit (used buffers returned, configuration changed,
+    /// `NEEDS_RESET`), set before or not, so that a driver waiting for the
+    /// device between its looks is told to look again. The default guest's
+    /// VM passes the wake-up of the vCPUs' `OP_IDLE` wait.
+    pub fn set_waker(&mut self, waker: Waker) {
+        self.waker = Some(waker);
     }
 
     /// Signals `evt` whenever an `InterruptStatus` bit goes from 0 to 1
@@ -350,11 +373,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.interrupts
     }
 
-    /// Sets `bit` of `InterruptStatus`; signals the trigger if it was clear.
-    /// One `write(2)` of a stack value: no allocation, no blocking.
+    /// Sets `bit` of `InterruptStatus`; signals the trigger if it was clear
+    /// (one `write(2)` of a stack value: no allocation, no blocking), and
+    /// calls the waker, if any, in any case.
     fn raise(&mut self, bit: u32) {
         let was = self.interrupt_status & bit;
         self.interrupt_status |= bit;
+        if let Some(wake) = &self.waker {
+            wake();
+        }
         if was != 0 {
             return;
         }
@@ -1095,6 +1122,38 @@ mod tests {
         assert_eq!(signals(&evt), 1, "config change");
         assert_eq!(r(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 1);
         assert_eq!(t.interrupts(), 3);
+        assert_eq!(t.errors(), 0, "{:?}", t.recent_errors());
+    }
+
+    #[test]
+    fn waker_is_called_for_every_used_return_and_config_change() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let (vmem, _, layout) = ram();
+        let mut t = MmioTransport::new(Echo::default(), vmem.access(), layout);
+        let woken = Arc::new(AtomicU64::new(0));
+        let w2 = Arc::clone(&woken);
+        t.set_waker(Box::new(move || {
+            w2.fetch_add(1, Ordering::SeqCst);
+        }));
+        negotiate(&mut t, F_VERSION_1);
+        setup_queue(&mut t, DESC);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0b1111);
+        let mut mem = vmem.access();
+        desc(&mut mem, DESC, 0, 0x40_0000, 8, 0, 0);
+        publish(&mut mem, AVAIL, 8, 0, &[0]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(woken.load(Ordering::SeqCst), 1, "used buffer");
+        // The polling driver never acknowledges: each return wakes it.
+        publish(&mut mem, AVAIL, 8, 1, &[0]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(woken.load(Ordering::SeqCst), 2, "bit already set");
+        // A notify that returns nothing does not.
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(woken.load(Ordering::SeqCst), 2, "nothing used");
+        t.config_changed();
+        assert_eq!(woken.load(Ordering::SeqCst), 3, "config change");
+        assert_eq!(t.interrupts(), 0, "no trigger, no signal");
         assert_eq!(t.errors(), 0, "{:?}", t.recent_errors());
     }
 

@@ -13,6 +13,11 @@
 //! handler through the MMIO bus; any other value written to `QueueNotify`
 //! (a bad queue index) also still exits and is counted there.
 //!
+//! **Priority.** The thread first lowers its nice value to what the VM
+//! asks for (the balloon: [`super::balloon::THREAD_NICE`], so its releases
+//! yield a core to any vCPU or fault handler that wants it), then installs
+//! its seccomp filter and makes itself `SCHED_BATCH`.
+//!
 //! **Lifetime.** The thread holds the device (and through it guest memory);
 //! [`DeviceThread::stop`] (also on drop) signals the stop eventfd and joins
 //! it. The VM stops it after joining the vCPUs and before guest memory is
@@ -98,14 +103,17 @@ pub struct DeviceThread {
 }
 
 impl DeviceThread {
-    /// Starts the thread serving `fds` for `dev`; `None` if there is nothing
-    /// to serve. If the thread cannot be spawned, the error is returned and
+    /// Starts the thread serving `fds` for `dev` at nice value `nice` (0:
+    /// as created; the balloon's is
+    /// [`THREAD_NICE`](super::balloon::THREAD_NICE)); `None` if there is
+    /// nothing to serve. If the thread cannot be spawned, the error is returned and
     /// the registrations stay (their notifies would be lost: the caller
     /// fails the VM).
     pub fn spawn<D: VirtioDevice + 'static>(
         name: &str,
         dev: Arc<VirtioMmio<D>>,
         reg: Registered,
+        nice: i32,
     ) -> std::io::Result<Option<Self>> {
         if reg.fds.is_empty() {
             return Ok(None);
@@ -115,7 +123,7 @@ impl DeviceThread {
         let (stop2, served2) = (Arc::clone(&stop), Arc::clone(&served));
         let handle = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || serve(&dev, &reg.fds, &stop2, &served2))?;
+            .spawn(move || serve(&dev, &reg.fds, &stop2, &served2, nice))?;
         Ok(Some(Self {
             stop,
             served,
@@ -145,6 +153,18 @@ impl Drop for DeviceThread {
     }
 }
 
+/// Sets the calling thread's nice value to `nice` when that lowers its
+/// priority (0: leave it; raising it would need privilege). Best effort: a
+/// refusal leaves the thread as it was.
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    // SAFETY: PRIO_PROCESS with `who` 0 is the calling thread on Linux
+    // (each thread has its own nice value); no memory is passed.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+}
+
 /// Makes the calling thread `SCHED_BATCH`: a wake-up of this thread never
 /// preempts the running thread (CFS skips wake-up preemption for batch
 /// tasks), so the vCPU whose `QueueNotify` woke it goes back to the guest
@@ -166,7 +186,11 @@ fn serve<D: VirtioDevice>(
     fds: &[(u32, EventFd)],
     stop: &EventFd,
     served: &AtomicU64,
+    nice: i32,
 ) {
+    // Before the filter (which does not allow setpriority): nothing the
+    // guest controls has been read yet.
+    lower_priority(nice);
     crate::seccomp::install(crate::seccomp::ThreadKind::Device);
     batch_priority();
     let mut pfds: Vec<libc::pollfd> = std::iter::once(stop.as_raw_fd())
