@@ -21,28 +21,20 @@ const PAGES: u64 = (32 << 20) / 4096;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// The nice values of this process's `virtio-balloon` threads
-/// (`/proc/self/task/*/stat`, field 19).
-fn balloon_thread_nice() -> Vec<i32> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir("/proc/self/task")
+/// The nice values of this process's `virtio-balloon` threads.
+fn balloon_thread_nice() -> Vec<Option<i32>> {
+    std::fs::read_dir("/proc/self/task")
         .expect("/proc/self/task")
         .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "virtio-balloon" {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        // Fields after the command's closing parenthesis start at field 3.
-        let after = stat.rsplit_once(')').map_or("", |x| x.1);
-        let nice = after
-            .split_whitespace()
-            .nth(19 - 3)
-            .and_then(|v| v.parse().ok());
-        out.push(nice.expect("a nice value in /proc/self/task/*/stat"));
-    }
-    out
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "virtio-balloon")
+        })
+        .map(|t| {
+            let tid = t.file_name().to_string_lossy().parse().ok()?;
+            vmm::proc_stats::thread_nice(tid)
+        })
+        .collect()
 }
 
 fn inflate_deflate(name: &str, device_threads: bool) {
@@ -61,9 +53,7 @@ fn inflate_deflate(name: &str, device_threads: bool) {
     assert_eq!(vm.balloon_notify_path(), want);
     let dev = vm.balloon().expect("balloon configured").clone();
     let before = vm.balloon_notify_times().expect("timing block");
-    let (st0, _) = vm
-        .wait_balloon_driver(GUEST_TIMEOUT, |_| true)
-        .expect("status");
+    let st0 = vm.balloon_driver_status().expect("status");
     let (_, backstops0) = vm.idle_waits();
     let vcpu_notifies0 = dev.lock().notifies();
     let thread0 = vm.balloon_thread_notifies();
@@ -104,7 +94,7 @@ fn inflate_deflate(name: &str, device_threads: bool) {
         // Its releases yield the CPU to vCPUs and fault handlers.
         assert_eq!(
             balloon_thread_nice(),
-            vec![vmm::devices::virtio::balloon::THREAD_NICE]
+            vec![Some(vmm::devices::virtio::balloon::THREAD_NICE)]
         );
         assert!(st.send_waits > st0.send_waits, "{st0:?} {st:?}");
         assert!(

@@ -93,14 +93,29 @@ pub fn set_nr_hugepages(pages: u64) -> std::io::Result<()> {
     std::fs::write(NR_HUGEPAGES, pages.to_string())
 }
 
+/// The fields of the `stat` file at `path` from field 3 on (index 0 is
+/// field 3 of proc(5)), or `None` if it cannot be read.
+fn stat_fields(path: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) may hold spaces: count after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The nice value of thread `tid` of this process (`/proc/self/task/TID/stat`
+/// field 19).
+pub fn thread_nice(tid: u32) -> Option<i32> {
+    stat_fields(&format!("/proc/self/task/{tid}/stat"))?
+        .get(19 - 3)?
+        .parse()
+        .ok()
+}
+
 /// User + system CPU time of process `pid` so far (`/proc/PID/stat`
 /// fields 14 and 15, in clock ticks), or `None` if it is gone.
 pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces: count after its ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let f = stat_fields(&format!("/proc/{pid}/stat"))?;
+    let ticks = f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
