@@ -19,7 +19,9 @@
 //! `FEATURES_OK` and activates the device. `NEEDS_RESET` is set by the
 //! device when the driver broke the protocol in a way the device cannot
 //! recover from (an invalid queue made ready, a corrupt ring): from then on
-//! notifications are ignored until the driver resets.
+//! notifications are ignored until the driver resets, and each one raises
+//! the configuration-change bit again (a driver waiting for a buffer
+//! learns at once that none will come).
 //!
 //! **Errors.** Every driver mistake is counted and kept in a short log
 //! ([`MmioTransport::errors`], [`MmioTransport::recent_errors`]); none of
@@ -677,6 +679,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn queue_notify(&mut self, v: u32) {
         if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
             self.error(TransportError::NotifyNeedsReset { queue: v });
+            // Tell the driver again: one that notifies now waits for a
+            // buffer this device will not return, and may have
+            // acknowledged the first configuration change, or (polling)
+            // have been idle when it came. The guest sets the rate: one
+            // bit, one `write(2)` at most.
+            self.raise(VIRTIO_MMIO_INT_CONFIG);
             return;
         }
         let index = usize::try_from(v).unwrap_or(usize::MAX);
@@ -1155,6 +1163,35 @@ mod tests {
         assert_eq!(woken.load(Ordering::SeqCst), 3, "config change");
         assert_eq!(t.interrupts(), 0, "no trigger, no signal");
         assert_eq!(t.errors(), 0, "{:?}", t.recent_errors());
+        // A corrupt ring: NEEDS_RESET wakes the driver, and so does every
+        // notify the device then ignores (a driver that went idle before
+        // the first wake-up and now waits for its buffer must not wait
+        // for its backstop).
+        mem.write(AVAIL + 2, &100u16.to_le_bytes()).unwrap();
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 64, 0, "NEEDS_RESET");
+        assert_eq!(woken.load(Ordering::SeqCst), 4, "NEEDS_RESET");
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(woken.load(Ordering::SeqCst), 5, "ignored notify");
+    }
+
+    #[test]
+    fn an_ignored_notify_signals_the_configuration_change_again() {
+        let (vmem, _, layout) = ram();
+        let (mut t, evt) = live_with_trigger(&vmem, layout);
+        let mut mem = vmem.access();
+        mem.write(AVAIL + 2, &100u16.to_le_bytes()).unwrap();
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 64, 0, "NEEDS_RESET");
+        assert_eq!(signals(&evt), 1, "the configuration change");
+        // Still pending: a second notify adds no interrupt.
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(signals(&evt), 0, "bit still set");
+        // Acknowledged, then a notify the device ignores: signalled again.
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 2);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(signals(&evt), 1, "signalled again");
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS) & 2, 2);
     }
 
     #[test]
