@@ -299,6 +299,11 @@ pub struct TeardownSize {
     /// the memory itself (the VM's reclaim thread had not begun yet).
     #[serde(default)]
     pub reclaims_by_waiter: u32,
+    /// Repetitions in which the releasing thread joined its idle-priority
+    /// release helpers before they were done (its patience ran out, or a
+    /// helper could not be spawned): `TeardownStats::background_joins`.
+    #[serde(default)]
+    pub background_joins: u32,
     /// Parts of destroy and reclaim as the VM measured them: stopping and
     /// joining the vCPUs, the reclaim thread's own end-to-end time, dropping
     /// the KVM VM, the stage-2 gather (zap + release), its final grace

@@ -15,7 +15,9 @@
 //!   all guest RAM (`Reclaimed::memory_back_ms`; the thread that released
 //!   it, the waiting one or the VM's reclaim thread (`reclaims_by_waiter`
 //!   counts the former), samples RSS right then, and `rss_back` requires
-//!   it back near its starting level). `reclaim_done_ms` runs until
+//!   it back near its starting level; `background_joins` counts the
+//!   repetitions in which the release's idle-priority helpers were not
+//!   done within its patience and the releasing thread joined in). `reclaim_done_ms` runs until
 //!   `Teardown::wait_reclaim` returns: also the KVM VM dropped, the fault
 //!   handler stopped, the emptied RAM unmapped (for memfd the file
 //!   closed). RSS before launch, once
@@ -237,6 +239,9 @@ struct VmRun {
     /// The thread in `wait_reclaim` released the memory, not the VM's
     /// reclaim thread (`Reclaimed::by_waiter`).
     by_waiter: bool,
+    /// The releasing thread joined its background helpers
+    /// (`TeardownStats::background_joins`).
+    joined: bool,
 }
 
 fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
@@ -326,6 +331,7 @@ fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
         thp,
         shmem_freed: shmem0.saturating_sub(shmem1),
         by_waiter: r.by_waiter,
+        joined: r.stage2.background_joins > 0,
     })
 }
 
@@ -840,6 +846,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                         );
                         res.reclaim_internal_ms_all.push(r.internal_ms);
                         res.reclaims_by_waiter += u32::from(r.by_waiter);
+                        res.background_joins += u32::from(r.joined);
                         vthp.push(r.thp as f64);
                         barrier.push(r.barrier_ms);
                         vmdrop.push(r.vm_drop_ms);
@@ -980,7 +987,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             crate::say(
                 a.json,
                 &format!(
-                    "{} {} {}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (memory back, released by the waiting thread in {} of {}; all done {:.3} ms, in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}, other {:.3}); populate {:.0} ms\n  \
+                    "{} {} {}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (memory back, released by the waiting thread in {} of {}, helpers joined in {}; all done {:.3} ms, in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}, other {:.3}); populate {:.0} ms\n  \
                      munmap   {:>9.3} ms   reclaim/munmap x{:.3} (target <= 1.1: {})\n  \
                      naive    {:>9.3} ms   naive/reclaim x{:.2}\n  \
                      qemu     {} (quit -> exit)\n  \
@@ -997,6 +1004,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                     res.reclaim_ms,
                     res.reclaims_by_waiter,
                     res.reclaim_ms_all.len(),
+                    res.background_joins,
                     res.reclaim_done_ms,
                     res.reclaim_internal_ms,
                     res.reclaim_vm_drop_ms,

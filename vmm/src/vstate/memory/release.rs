@@ -273,6 +273,7 @@ impl VmMemory {
             released_bytes: st.released_bytes,
             release_calls: ts.release_calls,
             parallel_releases: st.parallel_releases,
+            background_joins: st.background_joins,
             table_pages_left: ts.table_pages,
             max_lock_hold_us: ts.lock_hold_max_ns as f64 / 1e3,
         })
