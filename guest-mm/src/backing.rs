@@ -271,6 +271,23 @@ fn boost_tid(tid: &std::sync::atomic::AtomicI32) {
 /// Makes the calling thread `SCHED_IDLE`: it runs only on a core that no
 /// normal thread wants. Lowering one's own policy needs no privilege; if
 /// the kernel refuses anyway, the thread keeps its priority.
+/// Run when a release helper ends, by return or by panic: retires its
+/// tid (so no boost can reach a reused one) and counts it done for a
+/// background caller waiting on `finished` (which would otherwise wait
+/// its whole patience for a helper that panicked).
+struct HelperDone<'a> {
+    tid: &'a std::sync::atomic::AtomicI32,
+    finished: &'a (std::sync::Mutex<usize>, std::sync::Condvar),
+}
+
+impl Drop for HelperDone<'_> {
+    fn drop(&mut self) {
+        retire_tid(self.tid);
+        *self.finished.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.finished.1.notify_one();
+    }
+}
+
 fn set_idle_priority() {
     let p = libc::sched_param { sched_priority: 0 };
     // SAFETY: changes only the calling thread's (pid 0) policy; `p` is a
@@ -422,6 +439,8 @@ pub(crate) struct ReleaseBatch<'a> {
     spawn_fail: Option<&'a crate::fault::FailPoint>,
     /// Makes background helpers behave as if starved (tests).
     stall: Option<&'a crate::fault::FailPoint>,
+    /// Makes a helper panic holding a claimed chunk (tests).
+    helper_panic: Option<&'a crate::fault::FailPoint>,
     /// A parallel submit runs in the background, with this patience per
     /// GiB ([`crate::Gather::set_release_background`]).
     background: Option<Duration>,
@@ -604,6 +623,7 @@ impl<'a> ReleaseBatch<'a> {
         self.threads = threads.clamp(1, MAX_RELEASE_THREADS);
         self.spawn_fail = Some(&faults.release_thread);
         self.stall = Some(&faults.release_helper_stall);
+        self.helper_panic = Some(&faults.release_helper_panic);
     }
 
     /// Run parallel submits in the background (see
@@ -802,6 +822,7 @@ impl<'a> ReleaseBatch<'a> {
                     let work = &work;
                     let finished = &finished;
                     let stall = deadline.is_some() && self.stall.is_some_and(|f| f.should_fail());
+                    let panic = self.helper_panic.is_some_and(|f| f.should_fail());
                     std::thread::Builder::new()
                         .name(RELEASE_THREAD_NAME.into())
                         .spawn_scoped(sc, move || {
@@ -814,6 +835,10 @@ impl<'a> ReleaseBatch<'a> {
                             set_idle_priority();
                             // SAFETY: gettid has no preconditions.
                             tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                            // From here on, however the helper ends (a
+                            // panic included), its tid is retired and the
+                            // background caller is told it is done.
+                            let _done = HelperDone { tid, finished };
                             if stall {
                                 // Injected starvation: no CPU until the
                                 // caller has claimed everything.
@@ -821,11 +846,11 @@ impl<'a> ReleaseBatch<'a> {
                                     std::thread::sleep(Duration::from_millis(1));
                                 }
                             }
-                            let r = work(i);
-                            retire_tid(tid);
-                            *finished.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-                            finished.1.notify_one();
-                            r
+                            if panic {
+                                let held = lanes.iter().find_map(Lane::claim);
+                                panic!("injected: a release helper panics holding {held:?}");
+                            }
+                            work(i)
                         })
                         .ok()
                 };
@@ -866,9 +891,10 @@ impl<'a> ReleaseBatch<'a> {
             }
             for (i, h) in helpers.iter_mut().enumerate() {
                 if let Some(t) = h.take() {
-                    // A panicking helper cannot happen (madvise only); if
-                    // it did, the chunk it held is released here instead
-                    // (`MADV_DONTNEED` is idempotent).
+                    // A panicking helper should not happen (madvise only);
+                    // if it does, the chunk it held is released here
+                    // instead (`MADV_DONTNEED` is idempotent; fault point
+                    // `release_helper_panic`).
                     errs[i] = t.join().unwrap_or_else(|_| {
                         for lane in lanes {
                             lane.cursor.store(0, Ordering::Relaxed);
@@ -1015,6 +1041,7 @@ impl BackingRegistry {
             threads: 1,
             spawn_fail: None,
             stall: None,
+            helper_panic: None,
             background: None,
             parallel: 0,
             joins: 0,

@@ -111,6 +111,11 @@ pub struct FaultInjection {
     /// claimed (a starved `SCHED_IDLE` helper): the flushing thread must
     /// claim them all once its patience is spent.
     pub release_helper_stall: FailPoint,
+    /// A helper of a parallel release panics right after claiming its
+    /// first chunk, before releasing it: the flushing thread must not wait
+    /// for it (a background caller's patience) and must release the chunk
+    /// it held.
+    pub release_helper_panic: FailPoint,
     /// One `madvise(MADV_DONTNEED)` of a release (anonymous runs, anonymous
     /// hugetlb pages): retried, then recorded as unreleased.
     pub madvise: FailPoint,

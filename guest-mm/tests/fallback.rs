@@ -304,6 +304,29 @@ fn background_release_frees_everything_and_its_caller_joins_starved_helpers() {
     assert_eq!(unspawned, 4);
 }
 
+#[test]
+fn a_panicking_release_helper_neither_holds_up_nor_loses_its_chunk() {
+    let len = 256 << 20;
+    let (mem, t) = anon_table_4k(len);
+    // The first helper panics holding a claimed chunk; the others work.
+    t.faults.release_helper_panic.fail_next(1);
+    let mut g = t.gather_full_mm();
+    g.set_release_threads(4);
+    // A patience of a minute for this quarter GiB: the caller must not
+    // spend it waiting for the helper that is gone.
+    g.set_release_background(Some(std::time::Duration::from_secs(240)));
+    let start = std::time::Instant::now();
+    t.teardown(&mut g).unwrap();
+    let st = g.finish().unwrap();
+    let took = start.elapsed();
+    assert_eq!(t.faults.release_helper_panic.injected(), 1);
+    assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+    // The chunk the helper held was released by the caller.
+    let resident = guest_mm::stress::resident_bytes(mem.addr, len);
+    assert_eq!((resident, st.released_bytes), (0, len));
+    assert_eq!(st.parallel_releases, 1);
+}
+
 /// `files` memfds of `file_len` bytes each, every page written, mapped one
 /// after the other in one reservation and registered as one shared-file
 /// region each; a table maps them at GPA 0 with 4 KiB leaves.
