@@ -268,9 +268,6 @@ fn boost_tid(tid: &std::sync::atomic::AtomicI32) {
     tid.store(t, Ordering::SeqCst);
 }
 
-/// Makes the calling thread `SCHED_IDLE`: it runs only on a core that no
-/// normal thread wants. Lowering one's own policy needs no privilege; if
-/// the kernel refuses anyway, the thread keeps its priority.
 /// Run when a release helper ends, by return or by panic: retires its
 /// tid (so no boost can reach a reused one) and counts it done for a
 /// background caller waiting on `finished` (which would otherwise wait
@@ -288,6 +285,9 @@ impl Drop for HelperDone<'_> {
     }
 }
 
+/// Makes the calling thread `SCHED_IDLE`: it runs only on a core that no
+/// normal thread wants. Lowering one's own policy needs no privilege; if
+/// the kernel refuses anyway, the thread keeps its priority.
 fn set_idle_priority() {
     let p = libc::sched_param { sched_priority: 0 };
     // SAFETY: changes only the calling thread's (pid 0) policy; `p` is a

@@ -13,8 +13,14 @@
 //!   process's exit (`waitpid`): its whole RAM goes back through the
 //!   stage-2 teardown gather;
 //! - `balloon`: `PATCH /balloon` to `--a-balloon` MiB; the window runs until
-//!   `GET /balloon/statistics` shows the guest's driver has inflated it all
-//!   (polled every 2 ms). VM A is then stopped outside any window.
+//!   `GET /balloon/statistics` shows the guest's driver has inflated it all.
+//!   The API is asked every 25 ms until VM A's RSS (read every 2 ms from
+//!   `/proc`, which wakes no thread of VM A) has fallen by all but 32 MiB
+//!   of the inflate, then every 2 ms: each request wakes three threads
+//!   (the bench's, VM A's API thread and its handler) on cores that VM B's
+//!   vCPU and VM A's release already fill, and asked every 2 ms throughout
+//!   they were part of what VM B saw (`a_api_polls`: requests per event
+//!   window). VM A is then stopped outside any window.
 //!
 //! **VM B** is in this process ([`vmm::Vm`]), `--b-mem` of 4 KiB-page RAM,
 //! one vCPU running the default guest's [`Workload::BalloonStress`] loop:
@@ -86,6 +92,16 @@ const PROBE_PAUSE: Duration = Duration::from_millis(1);
 /// Pages a device thread reads per burst, and its pause between bursts.
 const WALK_BURST: usize = 16;
 const WALK_PAUSE: Duration = Duration::from_micros(200);
+/// How often the balloon scenario reads VM A's RSS (`/proc`, no thread of
+/// VM A woken) while it waits for the inflate to end.
+const RSS_POLL: Duration = Duration::from_millis(2);
+/// How often it asks VM A's API whether the inflate ended while VM A's RSS
+/// has not fallen by all but [`NEAR_END`] of the inflate yet; from then on
+/// at every RSS poll.
+const SLOW_API_POLL: Duration = Duration::from_millis(25);
+/// What VM A's RSS may still have to lose when the API is asked at every
+/// RSS poll: two of the default guest driver's 16 MiB requests.
+const NEAR_END: u64 = 32 * MIB;
 
 /// Options of `gmm bench interference`.
 #[derive(clap::Args, Debug)]
@@ -446,6 +462,8 @@ struct Round {
     event: Window,
     /// VM A's CPU time in the event window, ms (clock ticks).
     a_cpu_ms: f64,
+    /// API requests the bench sent VM A during the event window.
+    a_api_polls: u64,
 }
 
 fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
@@ -459,6 +477,7 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
     let (q1, qp1) = (Instant::now(), v.progress()?);
     let cpu0 = vmm::proc_stats::cpu_time_of(vm_a.w.pid).unwrap_or_default();
     let (e0, ep0) = (Instant::now(), v.progress()?);
+    let mut polls = 0u64;
     let (e1, cpu1) = match sc {
         Scenario::Teardown => {
             let (end, out, cpu) = sigterm_until_exit(&mut vm_a.w, cpu0, "VM A")?;
@@ -477,7 +496,28 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
             )
             .context("VM A: PATCH /balloon")?;
             let deadline = Instant::now() + Duration::from_secs(120);
+            // Each API request wakes three threads (this one, VM A's API
+            // thread and its handler) on a host whose cores VM B's vCPU
+            // and VM A's release already fill: asked every few ms it was
+            // part of what VM B saw. VM A's RSS tells, for the price of a
+            // /proc read here, when the end is near.
+            let rss0 = vmm::proc_stats::rss_of(vm_a.w.pid);
+            let near = |rss: Option<u64>| match (rss0, rss) {
+                (Some(r0), Some(r)) => r + a.a_balloon <= r0 + NEAR_END,
+                _ => true,
+            };
+            let mut asked: Option<Instant> = None;
             loop {
+                let slow = asked.is_some_and(|t| t.elapsed() < SLOW_API_POLL);
+                if slow && !near(vmm::proc_stats::rss_of(vm_a.w.pid)) {
+                    if Instant::now() > deadline {
+                        bail!("VM A's balloon did not reach {mib} MiB in time");
+                    }
+                    std::thread::sleep(RSS_POLL);
+                    continue;
+                }
+                asked = Some(Instant::now());
+                polls += 1;
                 let s = match vmm::api::call(&vm_a.sock.0, "GET", "/balloon/statistics", None) {
                     Ok(s) => s,
                     Err(e) => {
@@ -499,7 +539,7 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
                 if Instant::now() > deadline {
                     bail!("VM A's balloon did not reach {mib} MiB in time: {s}");
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(RSS_POLL);
             }
             let t = Instant::now();
             let cpu = vmm::proc_stats::cpu_time_of(vm_a.w.pid).unwrap_or(cpu0);
@@ -520,6 +560,7 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
         quiet: measure(v, q0, qp0, q1, qp1),
         event: measure(v, e0, ep0, e1, ep1),
         a_cpu_ms: cpu1.saturating_sub(cpu0).as_secs_f64() * 1e3,
+        a_api_polls: polls,
     })
 }
 
@@ -566,6 +607,7 @@ fn munmap_round(a: &Args, v: &Victim) -> Result<Round> {
         quiet: measure(v, q0, qp0, q1, qp1),
         event: measure(v, e0, ep0, e1, ep1),
         a_cpu_ms: cpu.saturating_sub(cpu0).as_secs_f64() * 1e3,
+        a_api_polls: 0,
     })
 }
 
@@ -635,6 +677,7 @@ fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
         walk_samples_event: rs.iter().map(|r| r.event.walk.n).sum(),
         event_ms: spread(&col(&|r| r.event.secs * 1e3)),
         a_cpu_ms: spread(&col(&|r| r.a_cpu_ms)),
+        a_api_polls: spread(&col(&|r| r.a_api_polls as f64)),
         verdict: verdict.into(),
     }
 }
@@ -676,7 +719,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                 a.json,
                 &format!(
                     "round {r} {:>8}: fault p99 {:.0} -> {:.0} µs ({} / {} samples), walk p99 \
-                     {:.1} -> {:.1} µs, loop {:.0} -> {:.0} MiB/s, event {:.0} ms, VM A CPU {:.0} ms\n",
+                     {:.1} -> {:.1} µs, loop {:.0} -> {:.0} MiB/s, event {:.0} ms, VM A CPU {:.0} ms, API requests {}\n",
                     sc.name(),
                     x.quiet.fault.p99,
                     x.event.fault.p99,
@@ -687,7 +730,8 @@ pub fn cmd(a: &Args) -> Result<()> {
                     x.quiet.loop_mib_s,
                     x.event.loop_mib_s,
                     x.event.secs * 1e3,
-                    x.a_cpu_ms
+                    x.a_cpu_ms,
+                    x.a_api_polls
                 ),
             );
             per[i].push(x);

@@ -1008,6 +1008,10 @@ pub struct ScenarioResult {
     pub event_ms: Spread,
     /// VM A's CPU time during the event window, ms.
     pub a_cpu_ms: Spread,
+    /// API requests the bench sent VM A during the event window (the
+    /// balloon scenario's wait for the inflate's end; 0 otherwise).
+    #[serde(default)]
+    pub a_api_polls: Spread,
     /// `met` or `missed` (every figure ≤ 10 %); `baseline` for the kernel
     /// baseline (`munmap`: no VM), which is not judged.
     pub verdict: String,
