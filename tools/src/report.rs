@@ -2957,7 +2957,7 @@ fn interference_section(d: &StepData) -> Section {
         Ok(x) => x,
         Err(s) => return s,
     };
-    md += "A victim VM measured alone and beside a noisy neighbour VM (balloon and unmap churn): the relative increase of the victim's demand-fault p99 and the relative drop of its compute loop's rate.\n\n";
+    md += "VM B (the victim: a guest looping over its RAM, a prober taking demand faults, a device thread walking the stage-2 table) is measured in a quiet window and while VM A, another `vmm` process, tears down its populated RAM or inflates its balloon: the relative increase of VM B's demand-fault and device-walk p99 and the relative drop of its guest's loop rate (medians over rounds). The balloon's event window ends when VM A's API says the inflate is done; the bench reads VM A's RSS from `/proc` meanwhile and asks the API only every 25 ms until the end is near (each request wakes three threads on cores that are already full), so that its own polling stays out of what VM B sees (*API requests* per window).\n\n";
     md += "| figure | change with the neighbour | ≤ 10 % |\n|---|---:|---|\n";
     let (v1, v2) = interference_verdicts(&r);
     let pct = |x: Option<f64>| {
@@ -2988,16 +2988,25 @@ fn interference_section(d: &StepData) -> Section {
         pct(r.victim_walk_p99_increase)
     );
     if !r.scenarios.is_empty() {
-        md += "| scenario | event | fault p99 | walk p99 | loop rate | rounds |\n|---|---|---:|---:|---:|---:|\n";
+        md += "| scenario | event | fault p99 | walk p99 | loop rate | event ms | VM A CPU ms | API requests | rounds |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
         for sc in &r.scenarios {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} |",
                 sc.scenario,
                 md_cell(&sc.event),
                 pct(sc.victim_fault_p99_increase),
                 pct(sc.victim_walk_p99_increase),
                 pct(sc.victim_loop_rate_drop.map(|x| -x)),
+                sc.event_ms.median,
+                sc.a_cpu_ms.median,
+                // None in a window that waits on no API (and in results
+                // saved before the figure existed).
+                if sc.a_api_polls.median > 0.0 {
+                    format!("{:.0}", sc.a_api_polls.median)
+                } else {
+                    "—".into()
+                },
                 sc.rounds
             );
         }

@@ -115,6 +115,13 @@ fn bench_interference_json() {
         .fold(f64::MIN, f64::max);
     assert_eq!(num(&v, "victim_fault_p99_increase"), worst, "{v}");
     assert_eq!(sc[2]["verdict"], "baseline", "{v}");
+    // Only the balloon's window waits on VM A's API (at least the request
+    // that saw the inflate done).
+    let polls: Vec<f64> = sc
+        .iter()
+        .map(|s| num(&s["a_api_polls"], "median"))
+        .collect();
+    assert!(polls[1] >= 1.0 && polls[0] == 0.0 && polls[2] == 0.0, "{v}");
     for s in sc {
         assert!(num(s, "fault_samples_quiet") > 0.0, "{s}");
         assert!(num(s, "walk_samples_quiet") > 0.0, "{s}");
