@@ -69,8 +69,10 @@ pub const MAX_PFNS_PER_CHAIN: u64 = 4096;
 /// waits for on a busy host, and at normal priority it delayed a
 /// neighbour VM's demand faults: `gmm bench interference --only balloon`
 /// (2 GiB inflated beside a looping VM, 2 cores) measured the neighbour's
-/// fault p99 +678 % at nice 0 and +53 % at 19 (`SCHED_IDLE`: +105 %, and a
-/// thread cannot leave it without privilege). Under a saturated host it
+/// fault p99 +678 % at nice 0 and +53 % at 19 (3 rounds). `SCHED_IDLE` is
+/// no better (three runs of 5 rounds each: +29/+28/+50 % against
+/// +32/+55/+27 % at nice 19), and a thread cannot leave it without
+/// privilege. Under a saturated host it
 /// still gets its fair share of a nice-19 thread (about 1.5 % of a core
 /// beside one busy normal thread), so an inflate slows down but ends.
 pub const THREAD_NICE: i32 = 19;
