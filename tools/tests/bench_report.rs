@@ -1260,6 +1260,8 @@ fn service_and_linux_sections_and_their_verdicts() {
         &["linux", "Linux: an idle guest costs ≤ 1 % of a host core"],
     );
     assert!(r.contains("0.60 %") && r.ends_with("| met |"), "{r}");
+    // The peers that ran are shown beside ours (QEMU did not run here).
+    assert!(r.contains("(the same guest in this run: fc 0.70 %)"), "{r}");
     row(&md, &["ours", "27.0", "0.60", "8.90"]);
     row(&md, &["qemu", "—", "—", "—"]);
     row(

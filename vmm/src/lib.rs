@@ -38,6 +38,12 @@ pub mod seccomp;
 pub mod service;
 pub mod vstate;
 
+/// `vmm`'s exit status when this host cannot run what was asked as it
+/// stands (no usable `/dev/kvm`, a KVM capability missing, too few free
+/// huge pages; [`VmError::host_cannot`]): nothing ran. Other errors exit
+/// with 2, a guest that failed with 1.
+pub const EXIT_HOST_CANNOT: u8 = 3;
+
 pub use devices::serial::Console;
 pub use guest::Workload;
 pub use vstate::memory;

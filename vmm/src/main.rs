@@ -1006,6 +1006,23 @@ fn serve(cli: &Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The exit status of a run that ended in `e`:
+/// [`vmm::EXIT_HOST_CANNOT`] if any cause says this host cannot run what was
+/// asked ([`vmm::VmError::host_cannot`]), else 2.
+fn error_status(e: &anyhow::Error) -> u8 {
+    let host = e.chain().any(|c| {
+        c.downcast_ref::<vmm::VmError>()
+            .is_some_and(vmm::VmError::host_cannot)
+            || c.downcast_ref::<vmm::MemoryError>()
+                .is_some_and(vmm::MemoryError::host_cannot)
+    });
+    if host {
+        vmm::EXIT_HOST_CANNOT
+    } else {
+        2
+    }
+}
+
 fn main() -> ExitCode {
     PROCESS_START.get_or_init(Instant::now);
     let cli = Cli::parse();
@@ -1023,7 +1040,7 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("vmm: error: {e:#}");
-                ExitCode::from(2)
+                ExitCode::from(error_status(&e))
             }
         };
     };
@@ -1040,7 +1057,7 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
                 eprintln!("vmm: error: {e:#}");
-                ExitCode::from(2)
+                ExitCode::from(error_status(&e))
             }
         },
     }
@@ -1048,7 +1065,34 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_balloon_target;
+    use super::{error_status, parse_balloon_target};
+    use anyhow::Context;
+    use vmm::{MemoryError, VmError};
+
+    #[test]
+    fn a_host_that_cannot_is_told_apart_by_the_exit_status() {
+        let missing = || MemoryError::GuestMemfdUnsupported("KVM_CAP_GUEST_MEMFD".into());
+        let wrapped: Result<(), VmError> = Err(VmError::Memory(missing()));
+        let e = wrapped.context("creating the microVM").unwrap_err();
+        assert_eq!(error_status(&e), vmm::EXIT_HOST_CANNOT);
+        let direct = anyhow::Error::new(missing()).context("parsing");
+        assert_eq!(error_status(&direct), vmm::EXIT_HOST_CANNOT);
+        let pages = VmError::Memory(MemoryError::NoHugePages { needed: 8, free: 0 });
+        assert_eq!(
+            error_status(&anyhow::Error::new(pages)),
+            vmm::EXIT_HOST_CANNOT
+        );
+        // Mistakes of the request, and failures that are not the host's
+        // fixed state, keep status 2.
+        for e in [
+            anyhow::Error::new(VmError::AlreadyStarted),
+            anyhow::Error::new(VmError::Memory(MemoryError::ZeroSize)),
+            anyhow::Error::new(VmError::TooManyVcpus(300, 255)),
+            anyhow::anyhow!("is not supported by this host's KVM"),
+        ] {
+            assert_eq!(error_status(&e), 2, "{e:#}");
+        }
+    }
 
     #[test]
     fn balloon_target_sizes() {

@@ -107,6 +107,20 @@ pub enum VmError {
     NoBalloon(&'static str),
 }
 
+impl VmError {
+    /// Whether this host cannot run what was asked as it stands: no usable
+    /// `/dev/kvm`, or guest RAM the host cannot provide
+    /// ([`MemoryError::host_cannot`]). `vmm` exits with
+    /// [`crate::EXIT_HOST_CANNOT`] for these.
+    pub fn host_cannot(&self) -> bool {
+        match self {
+            VmError::Kvm(_) => true,
+            VmError::Memory(e) => e.host_cannot(),
+            _ => false,
+        }
+    }
+}
+
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, VmError>;
 

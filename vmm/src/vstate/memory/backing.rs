@@ -146,6 +146,19 @@ pub enum MemoryError {
     Populate(std::io::Error),
 }
 
+impl MemoryError {
+    /// Whether the request was sound but this host cannot serve it as it
+    /// stands (a KVM capability missing, too few free huge pages): `vmm`
+    /// exits with [`crate::EXIT_HOST_CANNOT`] for these, so scripts and
+    /// tests can tell "not on this host" from a mistake.
+    pub fn host_cannot(&self) -> bool {
+        matches!(
+            self,
+            MemoryError::GuestMemfdUnsupported(_) | MemoryError::NoHugePages { .. }
+        )
+    }
+}
+
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, MemoryError>;
 
