@@ -44,6 +44,13 @@ struct Cli {
     /// benchmarks of a populated guest's teardown).
     #[arg(long)]
     populate: bool,
+    /// What guest RAM is made of: anon, memfd (shared file memory) or
+    /// guest-memfd (a KVM guest_memfd, Linux 6.18+). Firecracker's
+    /// `huge_pages` then picks only the leaf size (`None`: 4 KiB,
+    /// `Transparent`: 2 MiB; "2M", hugetlbfs, is refused). Without it
+    /// `huge_pages` decides, as in Firecracker.
+    #[arg(long, value_name = "KIND", value_parser = ["anon", "memfd", "guest-memfd"])]
+    backing: Option<String>,
     #[command(flatten)]
     confine: Confine,
     #[command(subcommand)]
@@ -975,10 +982,12 @@ fn serve(cli: &Cli) -> anyhow::Result<ExitCode> {
         .map(service::read_config_file)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let backing = cli.backing.as_deref().map(str::parse).transpose()?;
     let svc = Service::new(ServiceOptions {
         id: cli.id.clone(),
         console: Console::Stdout,
         populate: cli.populate,
+        backing,
     });
     // This thread makes the VM (svc.run below), also for an InstanceStart
     // that reaches the API before it gets there.

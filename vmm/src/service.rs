@@ -92,6 +92,11 @@ pub struct ServiceOptions {
     /// Populate all guest RAM host-side before the vCPUs start (benchmarks
     /// of a populated guest's teardown).
     pub populate: bool,
+    /// What guest RAM is made of, for every VM of this service (`vmm
+    /// --backing`): anon, memfd or guest-memfd, with 4 KiB leaves, or 2 MiB
+    /// ones where `huge_pages` is `Transparent`. `None`: `huge_pages`
+    /// alone decides, as in Firecracker ([`backing_of`]).
+    pub backing: Option<Backing>,
 }
 
 struct Inner {
@@ -148,8 +153,27 @@ pub fn backing_of(h: HugePages) -> (Backing, PageSize) {
     }
 }
 
-/// Checks a machine configuration as `PUT /machine-config` does.
-pub fn check_machine(m: &MachineConfig) -> Result<MemSize, ApiFault> {
+/// The backing and leaf size of guest RAM: `huge_pages` as in Firecracker
+/// ([`backing_of`]), unless the service was given a backing kind
+/// ([`ServiceOptions::backing`]): then that kind, with 2 MiB leaves for
+/// `Transparent` and 4 KiB for `None`; `2M` (hugetlbfs) is refused with
+/// it, since the two name different memory.
+pub fn backing_for(h: HugePages, kind: Option<Backing>) -> Result<(Backing, PageSize), ApiFault> {
+    match (kind, h) {
+        (None, h) => Ok(backing_of(h)),
+        (Some(k), HugePages::None) => Ok((k, PageSize::Size4K)),
+        (Some(k), HugePages::Transparent) => Ok((k, PageSize::Size2M)),
+        (Some(k), HugePages::Size2M) => Err(bad(format!(
+            "huge_pages \"2M\" means hugetlbfs, but this monitor was started with \
+             --backing {k}: leave huge_pages out (4 KiB leaves) or set it to \"Transparent\" \
+             (2 MiB leaves)"
+        ))),
+    }
+}
+
+/// Checks a machine configuration as `PUT /machine-config` does, for a
+/// service whose backing kind is `kind` ([`ServiceOptions::backing`]).
+pub fn check_machine(m: &MachineConfig, kind: Option<Backing>) -> Result<MemSize, ApiFault> {
     if !(1..=32).contains(&m.vcpu_count) {
         return Err(bad(format!(
             "vcpu_count {} is out of range: give 1 to 32 vCPUs",
@@ -174,7 +198,7 @@ pub fn check_machine(m: &MachineConfig) -> Result<MemSize, ApiFault> {
         .checked_mul(1 << 20)
         .ok_or_else(|| bad("mem_size_mib is too large"))?;
     let size = MemSize::from_bytes(bytes).map_err(|e| bad(format!("mem_size_mib: {e}")))?;
-    let (backing, page) = backing_of(m.huge_pages);
+    let (backing, page) = backing_for(m.huge_pages, kind)?;
     check_backing(size, backing, page).map_err(|e| bad(format!("huge_pages: {e}")))?;
     Ok(size)
 }
@@ -483,13 +507,13 @@ impl Service {
     fn start(&self, g: &mut Inner) -> Result<(), ApiFault> {
         let t0 = Instant::now();
         let m = &g.cfg.machine_config;
-        let size = check_machine(m)?;
+        let size = check_machine(m, self.opts.backing)?;
         if let Some(b) = &g.cfg.balloon {
             // The machine or boot source may have changed since PUT /balloon.
             check_balloon(b, &g.cfg)
                 .map_err(|e| bad(format!("InstanceStart failed: {}", e.message)))?;
         }
-        let (backing, page_size) = backing_of(m.huge_pages);
+        let (backing, page_size) = backing_for(m.huge_pages, self.opts.backing)?;
         let mut config = VmConfig::new(size);
         config.vcpus = u32::from(m.vcpu_count);
         config.backing = backing;
@@ -596,13 +620,13 @@ impl Service {
             }),
             Request::GetMachineConfig => Reply::json(&g.cfg.machine_config),
             Request::PutMachineConfig(m) => {
-                check_machine(&m)?;
+                check_machine(&m, self.opts.backing)?;
                 g.cfg.machine_config = m;
                 Ok(Reply::NoContent)
             }
             Request::PatchMachineConfig(u) => {
                 let m = g.cfg.machine_config.updated(&u);
-                check_machine(&m)?;
+                check_machine(&m, self.opts.backing)?;
                 g.cfg.machine_config = m;
                 Ok(Reply::NoContent)
             }
@@ -893,7 +917,49 @@ mod tests {
             id: "t".into(),
             console: Console::Null,
             populate: false,
+            backing: None,
         })
+    }
+
+    #[test]
+    fn a_backing_kind_keeps_huge_pages_for_the_leaf_size_only() {
+        use HugePages::{Size2M, Transparent};
+        assert_eq!(
+            backing_for(HugePages::None, None).ok(),
+            Some((Backing::Anon, PageSize::Size4K))
+        );
+        assert_eq!(
+            backing_for(Size2M, None).ok(),
+            Some((Backing::Hugetlb, PageSize::Size2M))
+        );
+        for k in [Backing::Anon, Backing::Memfd, Backing::GuestMemfd] {
+            assert_eq!(
+                backing_for(HugePages::None, Some(k)).ok(),
+                Some((k, PageSize::Size4K))
+            );
+            assert_eq!(
+                backing_for(Transparent, Some(k)).ok(),
+                Some((k, PageSize::Size2M))
+            );
+            let e = backing_for(Size2M, Some(k)).expect_err("hugetlbfs with a backing kind");
+            assert!(e.message.contains("hugetlbfs"), "{}", e.message);
+        }
+        // PUT /machine-config refuses the pair and keeps what it had.
+        let s = Service::new(ServiceOptions {
+            id: "t".into(),
+            console: Console::Null,
+            populate: false,
+            backing: Some(Backing::Memfd),
+        });
+        let before = s.inner.lock().unwrap().cfg.machine_config.clone();
+        let mut m = before.clone();
+        m.huge_pages = Size2M;
+        let e = s.handle(Request::PutMachineConfig(m)).unwrap_err();
+        assert!(e.message.contains("--backing memfd"), "{}", e.message);
+        assert_eq!(s.inner.lock().unwrap().cfg.machine_config, before);
+        let mut m = before.clone();
+        m.huge_pages = Transparent;
+        assert_eq!(s.handle(Request::PutMachineConfig(m)), Ok(Reply::NoContent));
     }
 
     /// An `InstanceStart` that reaches the API before the main thread is

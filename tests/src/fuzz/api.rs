@@ -115,6 +115,7 @@ fn service() -> Arc<Sandboxed> {
         id: "fuzz".into(),
         console: Console::Null,
         populate: false,
+        backing: None,
     })))
 }
 
@@ -139,7 +140,7 @@ fn check_state(s: &Sandboxed) {
     // (other processes change it), not the service's: left out.
     let mut m = cfg.machine_config;
     m.huge_pages = HugePages::None;
-    check_machine(&m).expect("stored machine config passes its check");
+    check_machine(&m, None).expect("stored machine config passes its check");
 }
 
 thread_local! {
