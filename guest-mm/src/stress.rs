@@ -243,6 +243,7 @@ impl Drop for Region {
 
 const PAGE: u64 = 4096;
 const TWO_M: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
 const STAMP_TAG: u64 = 0x5eed << 48;
 /// `hot` value: no block is being churned.
 const NO_BLOCK: u64 = u64::MAX;
@@ -337,6 +338,9 @@ impl Rng {
 /// What all threads of a run share.
 struct Shared {
     geo: Geo,
+    /// Where the GiB churns start: the first GiB past both banks' host
+    /// addresses, backed by simulated memory (see [`Mutator::churn_gib`]).
+    gib_churn: u64,
     stop: AtomicBool,
     stale: AtomicU64,
     view_stale: AtomicU64,
@@ -496,17 +500,20 @@ fn walker_thread(sh: &Shared, table: &Arc<Stage2Table>, w: usize) {
             ws = rng.below(pages - ws_len + 1);
         }
         // One read section in four: random pages; one: the last pages of
-        // a block being churned (walks through its leaf table); the rest:
-        // the working set.
+        // a block being churned (walks through its leaf table, or a GiB
+        // churn's level-2 page); the rest: the working set.
         let hot = sh.hot[(pins / 4) as usize % sh.hot.len()].load(Ordering::Relaxed);
         let (random, first) = match pins % 4 {
             0 => (true, 0),
             1 if hot != NO_BLOCK => (false, (hot + TWO_M) / PAGE - ws_len),
             _ => (false, ws),
         };
+        // A GiB churn's block (`Mutator::churn_gib`) has simulated backing:
+        // its translations are checked, never read through.
+        let simulated = !random && first * PAGE >= sh.gib_churn;
         let g = walker.pin();
         // Every other read section (at random): through the vm-memory view.
-        let view = (rng.below(2) == 0).then(|| g.memory());
+        let view = (!simulated && rng.below(2) == 0).then(|| g.memory());
         for i in 0..ws_len {
             let page = if random { rng.below(pages) } else { first + i };
             walks += 1;
@@ -521,7 +528,14 @@ fn walker_thread(sh: &Shared, table: &Arc<Stage2Table>, w: usize) {
             match g.translate(Gpa(gpa), Access::Read) {
                 Ok(t) => {
                     ok += 1;
-                    check_read(sh, gpa, t.hva.0);
+                    if !simulated {
+                        check_read(sh, gpa, t.hva.0);
+                    } else if t.hva.0 != sh.geo.hva(0, gpa) {
+                        let h = t.hva.0;
+                        sh.stale(|| {
+                            format!("walker translated {gpa:#x} to {h:#x}, not its backing")
+                        });
+                    }
                 }
                 // Counted by the table (with scans and queries); described here.
                 Err(WalkError::UseAfterFree(_)) => {
@@ -860,6 +874,74 @@ impl Mutator<'_> {
         }
     }
 
+    /// Churn a level-2 table page: as [`Mutator::churn`], but the block
+    /// is the last 2 MiB of a GiB where nothing else is mapped, and its
+    /// sentinel the first page of the next GiB. So each remove empties
+    /// the block's leaf page (which stays in the leaf arena) and the GiB's
+    /// level-2 page, which is unlinked and retired in a flush that waits
+    /// for no grace period, while the scanner walks it: only deferred
+    /// freeing keeps it alive for readers still inside it. (Leaf pages
+    /// are never freed, so [`Mutator::churn`] no longer tests that.)
+    fn churn_gib(&mut self) {
+        let sh = self.sh;
+        let b = sh.gib_churn + (2 * self.m as u64 + 1) * GIB - TWO_M;
+        let sentinel = b + TWO_M;
+        let map = |gpa: u64| {
+            self.table.map(
+                Gpa(gpa),
+                Hva(sh.geo.hva(0, gpa)),
+                PAGE,
+                Perms::RW,
+                PageSize::Size4K,
+            )
+        };
+        let unmap = |gpa: u64, mode: UnmapMode| {
+            let mut g = self.table.gather();
+            let r = self.table.unmap_existing(&mut g, Gpa(gpa), PAGE, mode);
+            sh.finish(g, "GiB churn");
+            r
+        };
+        if let Err(e) = map(sentinel) {
+            return sh.op_error("GiB churn: map of the sentinel", &e);
+        }
+        sh.hot[self.m].store(b, Ordering::SeqCst);
+        self.scanner.unpark();
+        let last = sentinel - PAGE;
+        for _ in 0..CHURN_CYCLES {
+            if let Err(e) = map(last) {
+                sh.op_error("GiB churn: map", &e);
+                break;
+            }
+            if let Err(e) = unmap(last, UnmapMode::Discard) {
+                sh.op_error("GiB churn: discard", &e);
+                break;
+            }
+            while sh.scanning[self.m].load(Ordering::SeqCst) != b
+                && !sh.stop.load(Ordering::Relaxed)
+            {
+                std::thread::yield_now();
+            }
+            if let Err(e) = unmap(last, UnmapMode::Remove) {
+                sh.op_error("GiB churn: remove", &e);
+                break;
+            }
+            self.churns += 1;
+        }
+        sh.hot[self.m].store(NO_BLOCK, Ordering::SeqCst);
+        while sh.scanning[self.m].load(Ordering::SeqCst) == b {
+            std::thread::yield_now();
+        }
+        // Leave the GiBs empty, as found: a later churn starts the same.
+        let mut g = self.table.gather();
+        let r = self
+            .table
+            .unmap_existing(&mut g, Gpa(last), TWO_M, UnmapMode::Remove);
+        sh.finish(g, "GiB churn: clean-up");
+        if let Err(e) = r {
+            sh.op_error("GiB churn: clean-up", &e);
+        }
+    }
+
     fn run(&mut self, slice: u64) {
         let sh = self.sh;
         let npages = (slice / PAGE) as usize;
@@ -872,7 +954,11 @@ impl Mutator<'_> {
             if slice > TWO_M && self.rng.below(8) == 0 {
                 // Any block but the last: its sentinel is in the slice.
                 let b = self.lo + self.rng.below(slice / TWO_M - 1) * TWO_M;
-                self.churn(b);
+                if self.rng.below(2) == 0 {
+                    self.churn(b);
+                } else {
+                    self.churn_gib();
+                }
                 continue;
             }
             let p = self.rng.below(npages as u64) as usize;
@@ -1009,6 +1095,17 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
     if cfg.fail_batch_every > 0 {
         table.faults.batch_alloc.fail_every(cfg.fail_batch_every);
     }
+    // The GiB churns' guest memory: two GiB per mutator past both banks,
+    // simulated (never touched: the churn maps one page at a time and
+    // only the scanner's refused maps walk it).
+    let gib_churn = (host_len + GIB - 1) & !(GIB - 1);
+    table
+        .register_backing(BackingRegion {
+            hva: Hva(base + gib_churn),
+            len: 2 * GIB * cfg.mutators.max(1) as u64,
+            kind: BackingKind::Simulated { hook: None },
+        })
+        .map_err(|e| StressError::Table(e.to_string()))?;
     // Start fully mapped in bank 0 (2 MiB leaves where possible), stamped
     // with generation 0.
     geo.stamp(0, 0, len, 0);
@@ -1018,6 +1115,7 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
 
     let sh = Arc::new(Shared {
         geo,
+        gib_churn,
         stop: AtomicBool::new(false),
         stale: AtomicU64::new(0),
         view_stale: AtomicU64::new(0),

@@ -66,37 +66,44 @@ fn setup(pages: u64, leaf: PageSize) -> (Arc<Stage2Table>, Arc<AtomicUsize>) {
     (t, released)
 }
 
-/// A walker racing two unmaps that unlink and free every table page.
+/// A walker racing two unmaps that unlink and free table pages.
 ///
-/// Pages 0-1 are mapped (4 KiB leaves, one leaf table A); pages 2-3 were
-/// mapped and discarded (leaf table B holds only markers). The main thread
-/// first removes pages 2-3: B is unlinked by a gather that invalidates
-/// nothing, so no grace period runs in that flush and only deferred
-/// freeing keeps B allocated for a walker already inside it. Then it
-/// removes pages 0-1 (invalidation, grace period, release). The walker,
-/// in one read section, walks into B and translates page 1: it never
-/// reads a freed (poisoned) page, and page 1's backing stays until it
-/// unpins.
+/// Pages 0-1 are mapped (4 KiB leaves, leaf table A, under level-2 page
+/// P0); pages 4-5 were mapped and discarded (leaf table B holds only
+/// markers, under level-2 page P1, which maps nothing else: pages 2-3 and
+/// 6-7 were removed). The main thread first removes pages 4-5: B (a leaf
+/// page: it stays in the leaf arena) and P1 are unlinked by a gather that
+/// invalidates nothing, so no grace period runs in that flush and only
+/// deferred freeing keeps P1 allocated for a walker already inside it.
+/// Then it removes pages 0-1 (invalidation, grace period, release). The
+/// walker, in one read section, walks through P1 into B and translates
+/// page 1: it never reads a freed (poisoned) page, and page 1's backing
+/// stays until it unpins.
 #[test]
 fn walker_vs_unmap_vs_deferred_free() {
     loom::model(|| {
-        let (t, released) = setup(4, PageSize::Size4K);
-        let mut g = t.gather();
-        t.unmap(&mut g, Gpa(2 * PAGE), 2 * PAGE, UnmapMode::Discard)
-            .unwrap();
-        g.finish().unwrap();
-        assert_eq!(released.load(Ordering::Relaxed), 0b1100);
+        let (t, released) = setup(8, PageSize::Size4K);
+        for (first, mode) in [
+            (2, UnmapMode::Remove),
+            (6, UnmapMode::Remove),
+            (4, UnmapMode::Discard),
+        ] {
+            let mut g = t.gather();
+            t.unmap(&mut g, Gpa(first * PAGE), 2 * PAGE, mode).unwrap();
+            g.finish().unwrap();
+        }
+        assert_eq!(released.load(Ordering::Relaxed), 0b1111_1100);
         let t2 = t.clone();
         let rel = released.clone();
         let w = thread::spawn(move || {
             let mut walker = Walker::new(&t2);
             let g = walker.pin();
-            match g.translate(Gpa(3 * PAGE), Access::Read) {
+            match g.translate(Gpa(5 * PAGE), Access::Read) {
                 Err(WalkError::Discarded(_) | WalkError::NotMapped(_)) => {}
                 Err(WalkError::UseAfterFree(_)) => {
                     panic!("walked a table page freed under a reader")
                 }
-                r => panic!("page 3 is discarded or gone, the walk said {r:?}"),
+                r => panic!("page 5 is discarded or gone, the walk said {r:?}"),
             }
             match g.translate(Gpa(PAGE), Access::Read) {
                 Ok(tr) => {
@@ -112,7 +119,7 @@ fn walker_vs_unmap_vs_deferred_free() {
             }
         });
         let mut g = t.gather();
-        t.unmap(&mut g, Gpa(2 * PAGE), 2 * PAGE, UnmapMode::Remove)
+        t.unmap(&mut g, Gpa(4 * PAGE), 2 * PAGE, UnmapMode::Remove)
             .unwrap();
         let st = g.finish().unwrap();
         assert_eq!(st.release_runs, 0, "markers have nothing to release");
@@ -121,7 +128,7 @@ fn walker_vs_unmap_vs_deferred_free() {
             .unwrap();
         g.finish().unwrap();
         t.rcu_barrier();
-        assert_eq!(released.load(Ordering::Relaxed), 0b1111);
+        assert_eq!(released.load(Ordering::Relaxed), 0b1111_1111);
         w.join().unwrap();
         assert_eq!(t.stats().use_after_free, 0);
     });
