@@ -70,11 +70,18 @@ pub enum Rule {
     /// range since the snapshot (broken: it never does, so a fault whose
     /// page was released and discarded again in between restores it).
     FaultSeq,
+    /// A leaf table page is unlinked only once every entry of it is
+    /// cleared, so a present entry in the leaf arena is always one a walk
+    /// from the root would find (broken: a leaf table whose whole range is
+    /// removed is unhooked with its entries left in place, its leaves
+    /// still invalidated and released: the fast walk's one load keeps
+    /// finding them).
+    LeafClear,
 }
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 14] = [
+    pub const ALL: [Rule; 15] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
         Rule::LeafCacheUnlink,
@@ -89,6 +96,7 @@ impl Rule {
         Rule::RegisterUnblocked,
         Rule::UnreleasedRecord,
         Rule::FaultSeq,
+        Rule::LeafClear,
     ];
 
     /// The name used in [`ENV`] and in the mutation runner's output.
@@ -108,6 +116,7 @@ impl Rule {
             Rule::RegisterUnblocked => "register_unblocked",
             Rule::UnreleasedRecord => "unreleased_record",
             Rule::FaultSeq => "fault_seq",
+            Rule::LeafClear => "leaf_clear",
         }
     }
 

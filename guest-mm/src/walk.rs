@@ -6,6 +6,17 @@
 //! ([`WalkGuard`]); translations borrowed from the guard cannot outlive it,
 //! so no host pointer is held across an invalidation.
 //!
+//! **The one-load path.** A 4 KiB leaf entry lives at a place computed
+//! from the guest address alone: leaf table pages are the table's leaf
+//! arena ([`crate::reclaim`]'s `arena`), page `gpa >> 21` each. So a
+//! translation in a GiB whose level-2 page the directory cache holds (see
+//! below: the arena is readable there) loads that one entry, with
+//! Acquire, and depends on no other load: a present 4 KiB leaf there is
+//! always one a walk from the root would find (only emptied leaf pages
+//! are unlinked, a split fills one with leaves equal to the huge leaf it
+//! replaces before it links it; rule `leaf_clear`). The level-2 entry is
+//! read only when that entry is not a present 4 KiB leaf (2 MiB leaves).
+//!
 //! **The caches.** The *translation cache* ([`CACHE_SLOTS`] 4 KiB pages)
 //! holds huge-leaf pages and pages reached by a walk from the root, and
 //! answers them without reading the table; a 4 KiB leaf under a cached
@@ -30,10 +41,11 @@
 //! used only in a read section that a grace period freeing it would have
 //! to wait for. A page unlinked but not yet freed is empty (only empty
 //! table pages are unlinked), so a walk from it finds nothing, never a
-//! stale leaf. Leaf tables go with every removal of a whole 2 MiB (an
-//! unmap storm; a balloon leaves markers, which keep their tables): they
-//! are not cached, so unlinking them moves nothing and empties no
-//! walker's cache; level-2 pages go only when a whole GiB empties. An
+//! stale leaf. Leaf tables are unlinked with every removal of a whole
+//! 2 MiB (an unmap storm; a balloon leaves markers, which keep their
+//! tables), but they stay in the leaf arena and are never freed, so
+//! unlinking them moves nothing and empties no walker's cache; level-2
+//! pages go only when a whole GiB empties. An
 //! invalidation (entries cleared) empties the translation cache only: the
 //! directory holds no entry.
 //!
@@ -65,10 +77,10 @@ use thiserror::Error;
 use crate::addr::{Gpa, Hva, PageSize, Perms};
 use crate::entry::{
     index, level_shift, level_size, Pte, ADDRESS_LIMIT, FRAME_MASK, LARGE, PAGE_SHIFT, PAGE_SIZE,
-    PERM_MASK, POISON, SW_BALLOONED,
+    POISON, SW_BALLOONED,
 };
 use crate::mutation::{broken, Rule};
-use crate::reclaim::{PagePtr, ReadGuard, Reader, TablePage};
+use crate::reclaim::{ArenaView, PagePtr, ReadGuard, Reader, TablePage};
 use crate::sync::{Arc, Ordering};
 use crate::table::{Lookup, Stage2Table};
 
@@ -315,6 +327,7 @@ impl Walker {
             cache: &self.cache,
             dir: &self.dir,
             dir_gen: self.dir.gen.get(),
+            arena: self.table.arena.view(),
             counters: &self.counters,
             _rg: rg,
         }
@@ -370,6 +383,8 @@ pub struct WalkGuard<'w> {
     /// The directory cache's generation, fixed for the section (only a
     /// pin changes it): a copy the compiler may keep in a register.
     dir_gen: u64,
+    /// The leaf arena, for the one-load path.
+    arena: ArenaView<'w>,
     counters: &'w Counters,
     _rg: ReadGuard<'w>,
 }
@@ -398,38 +413,34 @@ impl<'w> WalkGuard<'w> {
     /// [`Access::Read`].
     ///
     /// The common cases are inline, in this order: a present 4 KiB leaf
-    /// reached from the level-2 page cached for the GiB (two live entry
-    /// loads), a translation-cache hit, a 2 MiB leaf in the level-2 entry
-    /// already read (which fills the translation cache). Everything else
-    /// (a walk from the root, 1 GiB leaves, failures) is out of line.
+    /// in a GiB whose level-2 page is cached (one live load, in the leaf
+    /// arena), a translation-cache hit, a 2 MiB leaf in the level-2 entry
+    /// of the cached page (which fills the translation cache). Everything
+    /// else (a walk from the root, 1 GiB leaves, failures) is out of line.
     #[inline(always)]
     pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
-        // 1. A 4 KiB leaf under the level-2 page cached for the GiB: two
-        //    live entries. Each is tested with one mask and compare: a
-        //    table pointer is written as exactly R|W|X in its low byte, a
-        //    4 KiB leaf has the needed permissions and no LARGE bit, and
-        //    POISON (LARGE set) passes neither, so a freed page goes to
-        //    the slow path, which reports it.
+        // 1. A 4 KiB leaf in a GiB whose level-2 page is cached: one live
+        //    entry at its place in the leaf arena, tested with one mask
+        //    and compare (the needed permissions and no LARGE bit).
         let region = gpa.0 >> DIR_SHIFT;
         let slot = &self.dir.slots[(region as usize) & (DIR_SLOTS - 1)];
         let want = u64::from(need.bits());
         // The level-2 entry, if the directory path read one (0: none).
         let mut e2 = 0;
         if want != 0 && slot.tag.get() == region | self.dir_gen {
+            // SAFETY: the slot holds a level-2 page of this GiB, reached
+            // by a walk, so the arena is open there (`reclaim::arena`:
+            // readable before reachable); a tag never matches an address
+            // at or past ADDRESS_LIMIT (see `GEN_SHIFT`).
+            let e = unsafe { self.arena.entry(gpa.0) }.load(Ordering::Acquire);
+            if e & (LARGE | want) == want {
+                bump(&self.counters.leaf_hits);
+                let hva = (e & FRAME_MASK) + (gpa.0 & (PAGE_SIZE - 1));
+                return Ok(translation(gpa, hva, Pte(e).perms(), 1));
+            }
             // SAFETY: see `cached_page`.
             let dir = unsafe { cached_page(slot.page.get()) };
             e2 = dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire);
-            if e2 & (PERM_MASK | LARGE) == PERM_MASK {
-                // SAFETY: read from a linked entry inside this read
-                // section: the page stays allocated until it ends.
-                let leaf: &TablePage = unsafe { PagePtr::from_addr(e2 & FRAME_MASK) };
-                let e = leaf.entries[index(gpa.0, 1)].load(Ordering::Acquire);
-                if e & (LARGE | want) == want {
-                    bump(&self.counters.leaf_hits);
-                    let hva = (e & FRAME_MASK) + (gpa.0 & (PAGE_SIZE - 1));
-                    return Ok(translation(gpa, hva, Pte(e).perms(), 1));
-                }
-            }
         }
         // 2. The translation cache: what the paths below filled (2 MiB
         //    leaves, pages reached by a walk from the root).

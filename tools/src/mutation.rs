@@ -368,6 +368,10 @@ const MATRIX: &[(Rule, &[Claim])] = &[
         Rule::FaultSeq,
         &[fast(GM_BASIC), fast(LOOM_FAULT_REDISCARD)],
     ),
+    (
+        Rule::LeafClear,
+        &[fast(GM_STRESS), fast(GM_WALK_CACHE), fast(GM_ORACLE)],
+    ),
 ];
 
 /// One (rule, detector) row of the JSON.

@@ -263,6 +263,31 @@ fn unmap_chunk(addr: usize, bytes: usize) -> Result<(), i32> {
     Err(errno)
 }
 
+/// Count `n` more table pages in use in [`live_table_pages`] (pages that
+/// come from elsewhere than a pool: the leaf arena).
+pub(super) fn gauge_add(n: u64) {
+    LIVE_TABLE_PAGES.fetch_add(n, GaugeOrder);
+}
+
+/// Count `n` fewer table pages in use in [`live_table_pages`].
+pub(super) fn gauge_sub(n: u64) {
+    LIVE_TABLE_PAGES.fetch_sub(n, GaugeOrder);
+}
+
+/// `munmap` of a reservation that is not a pool chunk (no injected
+/// failure); on failure it joins the leaked chunks, to be unmapped again
+/// by [`retry_leaked_table_chunks`].
+#[cfg(not(loom))]
+pub(super) fn unmap_or_leak(addr: usize, bytes: usize) {
+    for _ in 0..MUNMAP_ATTEMPTS {
+        // SAFETY: the caller owns the mapping and nothing uses it any more.
+        if unsafe { libc::munmap(addr as *mut libc::c_void, bytes) } == 0 {
+            return;
+        }
+    }
+    lock(&LEAKED).push((addr, bytes));
+}
+
 /// Bytes of table-page chunks that dropped tables could not unmap (a
 /// failed `munmap`, retried [`MUNMAP_ATTEMPTS`] times): still mapped and
 /// counted, see [`retry_leaked_table_chunks`]. Process wide.

@@ -64,7 +64,7 @@ use crate::entry::ADDRESS_LIMIT;
 use crate::fault::FaultInjection;
 use crate::gather::Gather;
 use crate::notify::{InvalidationSubscriber, SubscribeError, SubscriberId, Subscribers};
-use crate::reclaim::{PagePtr, Rcu, TablePage};
+use crate::reclaim::{LeafArena, PagePtr, Rcu, TablePage};
 use crate::sync::{AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 
 /// Tunables of a table.
@@ -85,6 +85,8 @@ impl Default for TableConfig {
 /// The stage-2 table of one guest.
 pub struct Stage2Table {
     root: PagePtr,
+    /// Where the leaf table pages live (`reclaim::arena`).
+    pub(crate) arena: LeafArena,
     lock: Mutex<()>,
     pending: Mutex<PendingSet>,
     pending_ranges: PendingRanges,
@@ -110,12 +112,14 @@ impl Stage2Table {
     pub fn new(cfg: TableConfig) -> Result<crate::sync::Arc<Stage2Table>, MapError> {
         let rcu = Rcu::new();
         let faults = FaultInjection::default();
+        let arena = LeafArena::new().ok_or(MapError::OutOfMemory(Gpa(0)))?;
         let root = rcu
             .pool
             .alloc(&faults.table_alloc)
             .ok_or(MapError::OutOfMemory(Gpa(0)))?;
         Ok(crate::sync::Arc::new(Stage2Table {
             root,
+            arena,
             lock: Mutex::new(()),
             pending: Mutex::new(PendingSet::default()),
             pending_ranges: PendingRanges::default(),
@@ -213,9 +217,9 @@ impl Stage2Table {
         self.backing.unreleased()
     }
 
-    /// Bytes of table pages allocated now.
+    /// Bytes of table pages in use now (`TableStats::table_pages`).
     pub fn table_bytes(&self) -> u64 {
-        self.rcu.pool.in_use() as u64 * 4096
+        (self.rcu.pool.in_use() as u64 + self.arena.in_use()) * 4096
     }
 
     /// The `rcu_barrier` analogue: every table page unlinked so far is freed.

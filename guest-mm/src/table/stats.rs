@@ -37,11 +37,14 @@ pub struct TableStats {
     pub lock_hold_cpu_max_ns: u64,
     /// Histogram of on-CPU hold times, buckets as `lock_hold_hist`.
     pub lock_hold_cpu_hist: Vec<u64>,
-    /// Table pages allocated now (including ones awaiting a grace period).
+    /// Table pages in use now: linked, or awaiting a grace period (leaf
+    /// pages need none: unlinked, they stay in the leaf arena, see
+    /// `reclaim::arena`).
     pub table_pages: u64,
-    /// Peak of `table_pages`.
+    /// Peak of `table_pages` (the sum of the peaks of leaf and other
+    /// pages: an upper bound).
     pub table_pages_peak: u64,
-    /// Table pages freed after a grace period.
+    /// Table pages (of level 2 and above) freed after a grace period.
     pub tables_freed: u64,
     /// Table pages waiting for a grace period.
     pub tables_retired_pending: u64,
@@ -202,8 +205,8 @@ impl Stage2Table {
             lock_hold_hist: hist,
             lock_hold_cpu_max_ns: l(&s.lock_cpu_max_ns),
             lock_hold_cpu_hist: s.lock_cpu_hist.iter().map(l).collect(),
-            table_pages: self.rcu.pool.in_use() as u64,
-            table_pages_peak: self.rcu.pool.peak() as u64,
+            table_pages: self.rcu.pool.in_use() as u64 + self.arena.in_use(),
+            table_pages_peak: self.rcu.pool.peak() as u64 + self.arena.peak(),
             tables_freed: self.rcu.pool.freed_total(),
             tables_retired_pending: self.rcu.retired_len() as u64,
             grace_periods: self.rcu.grace_periods(),

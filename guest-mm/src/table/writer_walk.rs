@@ -126,9 +126,7 @@ impl Stage2Table {
             }
             if e.is_none() {
                 let child = self
-                    .rcu
-                    .pool
-                    .alloc(&self.faults.table_alloc)
+                    .new_table_page(level - 1, addr)
                     .ok_or(MapError::OutOfMemory(Gpa(addr)))?;
                 // Publish the zeroed page; readers that see it see zeros.
                 slot.store(Pte::table(child.addr()).0, Ordering::Release);
@@ -231,10 +229,45 @@ impl Stage2Table {
             if e.is_table(level) {
                 // SAFETY: linked table page, table lock held.
                 let child = unsafe { PagePtr::from_addr(e.addr()) };
+                if level == 2 && addr == base && end >= ent_end && broken(Rule::LeafClear) {
+                    // The bug this switch injects: each leaf is changed in
+                    // a copy (recorded for invalidation and release as
+                    // usual); what becomes a marker is stored, what is
+                    // cleared is left in place, and a table whose leaves
+                    // were all cleared is unhooked with them still there.
+                    let mut cleared = true;
+                    for (i, le) in child.entries.iter().enumerate() {
+                        let v = Pte(le.load(Relaxed));
+                        if !v.is_none() {
+                            let copy = AtomicU64::new(v.0);
+                            f(&copy, v, 1, Gpa(base + i as u64 * level_size(1)), g);
+                            let n = copy.load(Relaxed);
+                            if n != 0 {
+                                le.store(n, Ordering::Release);
+                                cleared = false;
+                            }
+                        }
+                    }
+                    if cleared {
+                        slot.store(0, Ordering::Release);
+                        self.arena.put_back(PagePtr(NonNull::from(child)));
+                    }
+                    addr = stop;
+                    continue;
+                }
                 let reached = self.visit(child, level - 1, addr, stop, g, budget, f)?;
                 if page_is_empty(child) {
-                    // Unhook; the page is freed after a grace period.
+                    // Unhook; the page is freed after a grace period, or
+                    // stays in the leaf arena.
                     slot.store(0, Ordering::Release);
+                    if level == 2 {
+                        self.arena.put_back(PagePtr(NonNull::from(child)));
+                        if reached < stop {
+                            return Ok(reached);
+                        }
+                        addr = stop;
+                        continue;
+                    }
                     if level > 2 {
                         // The child is of level 2 or above: walkers may
                         // hold it across read sections (their directory
@@ -255,8 +288,8 @@ impl Stage2Table {
                 if !replace_entry(slot, e, Pte::table(child.addr())) {
                     // A fault restored the marker first: split again from
                     // the present leaf. This sub-table was never linked.
-                    // SAFETY: no reader or writer ever saw its address.
-                    unsafe { self.rcu.pool.free(child) };
+                    // SAFETY: no walk from the root ever reached it.
+                    unsafe { self.drop_unlinked_page(level - 1, child) };
                 }
                 continue;
             }
@@ -267,11 +300,46 @@ impl Stage2Table {
         Ok(end)
     }
 
+    /// A zeroed table page of `level` for the guest range of `addr`: the
+    /// leaf arena's page of that 2 MiB for level 1 (after the fault point
+    /// `table_alloc`, so that injected failures reach every level), else
+    /// a pool page; a level-2 page first opens the arena for its GiB
+    /// (`reclaim::arena`: readable before reachable). `None`: out of
+    /// memory. Table lock held.
+    pub(super) fn new_table_page(&self, level: u32, addr: u64) -> Option<PagePtr> {
+        if level == 1 {
+            if self.faults.table_alloc.should_fail() {
+                return None;
+            }
+            return Some(self.arena.take(addr));
+        }
+        if level == 2 && !self.arena.open(addr) {
+            return None;
+        }
+        self.rcu.pool.alloc(&self.faults.table_alloc)
+    }
+
+    /// Give back `page` of `level`, taken by [`Stage2Table::new_table_page`]
+    /// and never linked. Table lock held.
+    ///
+    /// # Safety
+    /// No walk from the root can have reached `page`, and it must not be
+    /// used again.
+    unsafe fn drop_unlinked_page(&self, level: u32, page: PagePtr) {
+        if level == 1 {
+            // It may hold the markers of a split that lost its race.
+            self.arena.put_back_unused(page);
+        } else {
+            // SAFETY: forwarded: never reachable, so no reader holds it.
+            unsafe { self.rcu.pool.free(page) };
+        }
+    }
+
     /// Build the sub-table equivalent to huge leaf (or marker) `e` at
     /// `level` mapping `base`, off-line. The caller swaps it in with one
     /// store.
     fn split(&self, e: Pte, level: u32, base: u64, g: &mut Gather<'_>) -> Option<PagePtr> {
-        let child = self.rcu.pool.alloc(&self.faults.table_alloc)?;
+        let child = self.new_table_page(level - 1, base)?;
         // SAFETY: freshly allocated, not yet linked; table lock held.
         let cp = unsafe { child.get() };
         let sub = level_size(level - 1);

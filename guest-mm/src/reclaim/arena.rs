@@ -1,0 +1,271 @@
+//! The leaf arena: where a table's leaf table pages (level 1) live. Each
+//! has a fixed place, chosen by the 2 MiB of guest memory it maps: page
+//! `gpa >> 21` of one reservation. So the entry of a 4 KiB guest page is
+//! at an address computed from the guest address alone, and the fast walk
+//! reads it with one load that depends on no other entry
+//! ([`LeafArena::entry`]), as a flat page map would, while the table stays
+//! a radix tree (level-2 entries still link the page, writers still walk
+//! from the root).
+//!
+//! **Invariants.**
+//! - *A leaf page is the same 2 MiB forever.* Its place is its region: it
+//!   is never freed to another use while the table lives, so reclamation
+//!   has nothing to wait for. An unlinked leaf page simply stays where it
+//!   is, empty, and is linked again when its region is mapped again. It
+//!   costs RSS until the table is dropped (at most 1/512 of the guest
+//!   memory ever mapped at 4 KiB leaves).
+//! - *A present leaf entry means a reachable entry.* Only empty leaf pages
+//!   are unlinked ([`super`]'s writers clear entries first), one taken but
+//!   never linked is zeroed when given back, and a split fills one, before the
+//!   link, with leaves equivalent to the linked huge leaf it replaces. So
+//!   a lockless reader that finds a present leaf at `entry(gpa)` finds what
+//!   a walk from the root would find, at the same moment or within the
+//!   same split: the protocol of [`crate::walk`] needs no other check.
+//! - *Readable before reachable.* The reservation is inaccessible
+//!   (`PROT_NONE`) except for the parts that cover a GiB of guest memory
+//!   that has had a level-2 table page: [`LeafArena::open`] makes that
+//!   part readable and writable before the level-2 page is linked, and it
+//!   never closes again. A walker reads the arena only for a GiB whose
+//!   level-2 page it reached, so it never faults on a closed part, and a
+//!   guest that asks for addresses where nothing is mapped makes the host
+//!   read nothing new.
+//!
+//! **Concurrency.** `open`, `take` and the `put_back`s run under the table lock;
+//! readers load entries with Acquire and take no lock. Under `cfg(loom)`
+//! the arena is a boxed array of the tiny geometry's pages, always open.
+
+use std::ptr::NonNull;
+
+use super::pool::{self, PagePtr, TablePage};
+#[cfg(loom)]
+use crate::entry::index;
+use crate::entry::{level_shift, ADDRESS_LIMIT};
+use crate::sync::{AtomicU64, Ordering};
+
+/// log2 of the guest bytes one leaf page maps (2 MiB).
+const LEAF_SHIFT: u32 = level_shift(2);
+/// Leaf pages of the whole guest address space.
+const LEAF_PAGES: usize = (ADDRESS_LIMIT >> LEAF_SHIFT) as usize;
+/// log2 of the guest bytes a level-2 page covers (1 GiB): the unit `open`
+/// makes accessible.
+#[cfg(not(loom))]
+const OPEN_SHIFT: u32 = level_shift(3);
+/// Arena bytes that cover one GiB of guest memory.
+#[cfg(not(loom))]
+const OPEN_BYTES: usize = (1usize << (OPEN_SHIFT - LEAF_SHIFT)) * 4096;
+
+/// The leaf table pages of one table (see the module documentation).
+pub(crate) struct LeafArena {
+    #[cfg(not(loom))]
+    base: usize,
+    #[cfg(loom)]
+    pages: Box<[TablePage]>,
+    /// Leaf pages linked into the table now.
+    linked: AtomicU64,
+    /// Peak of `linked`.
+    peak: AtomicU64,
+}
+
+// SAFETY: the arena is memory owned by the table; it is accessed through
+// atomics only, and mapped or unmapped only by its owner.
+#[cfg(not(loom))]
+unsafe impl Send for LeafArena {}
+// SAFETY: as above.
+#[cfg(not(loom))]
+unsafe impl Sync for LeafArena {}
+
+impl LeafArena {
+    /// Reserve the arena (address space only: nothing is accessible yet).
+    /// `None` if the host refuses the reservation.
+    #[cfg(not(loom))]
+    pub(crate) fn new() -> Option<LeafArena> {
+        // SAFETY: an anonymous private reservation with no address hint;
+        // the result is checked against MAP_FAILED.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEAF_PAGES * 4096,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return None;
+        }
+        // Leaf pages are touched one by one: keep THP from charging 2 MiB
+        // for the first. Failure only costs RSS.
+        // SAFETY: the range was just mapped by us.
+        unsafe { libc::madvise(addr, LEAF_PAGES * 4096, libc::MADV_NOHUGEPAGE) };
+        Some(LeafArena {
+            base: addr as usize,
+            linked: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        })
+    }
+
+    /// The arena of the tiny loom geometry.
+    #[cfg(loom)]
+    pub(crate) fn new() -> Option<LeafArena> {
+        Some(LeafArena {
+            pages: (0..LEAF_PAGES)
+                .map(|_| TablePage {
+                    entries: std::array::from_fn(|_| AtomicU64::new(0)),
+                })
+                .collect(),
+            linked: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        })
+    }
+
+    /// Make the part of the arena that covers the GiB of `gpa` accessible,
+    /// before a level-2 page for that GiB is linked; `false` if the host
+    /// refuses. Table lock held.
+    #[cfg(not(loom))]
+    pub(crate) fn open(&self, gpa: u64) -> bool {
+        let at = self.base + ((gpa >> OPEN_SHIFT) as usize) * OPEN_BYTES;
+        // SAFETY: inside our reservation (gpa < ADDRESS_LIMIT); nothing in
+        // the process maps there but us, and making it accessible cannot
+        // invalidate any reference.
+        let r = unsafe {
+            libc::mprotect(
+                at as *mut libc::c_void,
+                OPEN_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        r == 0
+    }
+
+    /// Always open under loom.
+    #[cfg(loom)]
+    pub(crate) fn open(&self, _gpa: u64) -> bool {
+        true
+    }
+
+    /// The leaf page of the 2 MiB of `gpa`.
+    fn page(&self, gpa: u64) -> PagePtr {
+        let i = (gpa >> LEAF_SHIFT) as usize;
+        #[cfg(not(loom))]
+        let p = (self.base + i * 4096) as *mut TablePage;
+        #[cfg(loom)]
+        let p = &self.pages[i] as *const TablePage as *mut TablePage;
+        // SAFETY: an address inside a reservation (or a boxed slice),
+        // neither of which starts at null.
+        let p = unsafe { NonNull::new_unchecked(p) };
+        PagePtr(p)
+    }
+
+    /// The leaf page for the 2 MiB of `gpa`, to be linked (or filled by a
+    /// split, then linked). It is empty: pages are unlinked only empty,
+    /// and one taken but never linked is zeroed when given back. The GiB
+    /// must be open. Table lock held.
+    pub(crate) fn take(&self, gpa: u64) -> PagePtr {
+        let p = self.page(gpa);
+        let n = self.linked.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(n, Ordering::Relaxed);
+        pool::gauge_add(1);
+        p
+    }
+
+    /// `page`, unlinked now because it became empty: it stays where it is
+    /// (see the module documentation). Table lock held.
+    pub(crate) fn put_back(&self, page: PagePtr) {
+        debug_assert!(self.contains(page));
+        self.linked.fetch_sub(1, Ordering::Relaxed);
+        pool::gauge_sub(1);
+    }
+
+    /// `page`, taken but never linked (a split that lost its race to a
+    /// fault): zeroed, then given back. Table lock held.
+    pub(crate) fn put_back_unused(&self, page: PagePtr) {
+        // SAFETY: an arena page, open (it was taken), owned by the table;
+        // the lock makes us its only writer. Readers may load it
+        // meanwhile: unlinked, it holds the split's markers (never a
+        // present leaf), and zeroes are empty too.
+        let entries = unsafe { &page.get().entries };
+        for e in entries {
+            e.store(0, Ordering::Relaxed);
+        }
+        self.put_back(page);
+    }
+
+    /// Whether `page` is one of this arena's pages.
+    pub(crate) fn contains(&self, page: PagePtr) -> bool {
+        let first = self.page(0).addr();
+        page.addr().wrapping_sub(first) < (LEAF_PAGES as u64) * 4096
+    }
+
+    /// Leaf pages linked now.
+    pub(crate) fn in_use(&self) -> u64 {
+        self.linked.load(Ordering::Relaxed)
+    }
+
+    /// Peak of [`LeafArena::in_use`].
+    pub(crate) fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// The arena as a walker reads it: a copy a read section may keep
+    /// in a register.
+    #[inline(always)]
+    pub(crate) fn view(&self) -> ArenaView<'_> {
+        ArenaView {
+            #[cfg(not(loom))]
+            base: self.base,
+            #[cfg(loom)]
+            arena: self,
+            _arena: std::marker::PhantomData,
+        }
+    }
+}
+
+/// A reader's copy of a [`LeafArena`]'s address.
+#[derive(Clone, Copy)]
+pub(crate) struct ArenaView<'a> {
+    #[cfg(not(loom))]
+    base: usize,
+    #[cfg(loom)]
+    arena: &'a LeafArena,
+    _arena: std::marker::PhantomData<&'a LeafArena>,
+}
+
+impl<'a> ArenaView<'a> {
+    /// The leaf entry of the 4 KiB page at `gpa`.
+    ///
+    /// # Safety
+    /// `gpa < ADDRESS_LIMIT`, and the GiB of `gpa` must be open: the caller
+    /// read a linked level-2 page of that GiB (possibly in an earlier read
+    /// section: the arena never closes).
+    #[inline(always)]
+    pub(crate) unsafe fn entry(self, gpa: u64) -> &'a AtomicU64 {
+        #[cfg(not(loom))]
+        {
+            let a = self.base + ((gpa >> 12) as usize) * 8;
+            // SAFETY: by the contract the word is inside an open part of
+            // the reservation, which lives as long as the arena; it is
+            // read and written only as an atomic.
+            unsafe { &*(a as *const AtomicU64) }
+        }
+        #[cfg(loom)]
+        {
+            &self.arena.pages[(gpa >> LEAF_SHIFT) as usize].entries[index(gpa, 1)]
+        }
+    }
+}
+
+#[cfg(not(loom))]
+impl Drop for LeafArena {
+    fn drop(&mut self) {
+        pool::gauge_sub(self.in_use());
+        pool::unmap_or_leak(self.base, LEAF_PAGES * 4096);
+    }
+}
+
+#[cfg(loom)]
+impl Drop for LeafArena {
+    fn drop(&mut self) {
+        pool::gauge_sub(self.in_use());
+    }
+}
