@@ -20,9 +20,12 @@
 //!   through the walker. Now and then a mutator *churns* a 2 MiB block:
 //!   with the rest of the block unmapped, it maps the block's last page
 //!   with a 4 KiB leaf (a fresh leaf table), discards it and removes it,
-//!   several times; the removal unlinks the leaf table in a flush that
-//!   invalidates nothing, so only deferred freeing keeps that page alive
-//!   for readers still inside it.
+//!   several times; the removal unlinks the leaf table (which stays in the
+//!   leaf arena) in a flush that invalidates nothing. Or it churns the
+//!   last 2 MiB of a GiB where nothing else is mapped (simulated backing,
+//!   past both banks): then the removal also unlinks the GiB's level-2
+//!   page, and only deferred freeing keeps that page alive for readers
+//!   still inside it.
 //! - *Walker* threads translate through the fast walk and read the page
 //!   through the translation: three read sections in four re-translate a
 //!   working set of 64 consecutive pages (one per cache slot, so the cache

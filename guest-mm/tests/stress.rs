@@ -7,7 +7,9 @@
 //! `cache_shootdown` (walkers' and mutators' caches keep translations
 //! across unmaps; a mutator's cached translation of a range it just
 //! unmapped is found at once), `deferred_free` (the scanner's and walkers'
-//! pinned walks of a churned block read its freed leaf table: poison).
+//! pinned walks of a GiB churn read its freed level-2 page: poison),
+//! `leaf_clear` (walkers read released pages through leaf entries left in
+//! the leaf arena).
 //! Half the walkers' read sections go through the vm-memory view
 //! (`read_slice`, `get_slices`), so the same rules guard that path:
 //! `view_stale_reads` counts what it caught.

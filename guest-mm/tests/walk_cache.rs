@@ -1,7 +1,11 @@
 //! The fast walk's directory cache (`guest-mm/src/walk.rs`): a cached
 //! level-2 table page is never used after it could have been freed, a
-//! leaf table unlinked under it empties no cache and is never read once
-//! freed, and the cached walk answers what a walk from the root answers.
+//! leaf table unlinked under it empties no cache and no page of it
+//! translates any more (its page stays in the leaf arena, empty), and the
+//! cached walk answers what a walk from the root answers.
+//!
+//! `leaf_table_unlink_keeps_the_directory` is also a detector of the rule
+//! `leaf_clear`: with it broken the removed pages still translate.
 //!
 //! `leaf_cache_forgets_freed_pages` is the detector of the `mutation` rule
 //! `leaf_cache_unlink` (`GMM_BREAK_RULE=leaf_cache_unlink`): it fails when
@@ -106,11 +110,11 @@ fn leaf_cache_forgets_freed_pages() {
 }
 
 /// The unmap storm's case: a whole 2 MiB is removed and its leaf table
-/// unlinked and freed while other pages of the GiB stay mapped. The
-/// walker keeps its cached level-2 page (nothing it caches was unlinked:
-/// no flush), reads the cleared level-2 entry live, and finds nothing;
-/// it never reads the freed leaf table, and the rest of the GiB still
-/// translates from the cache.
+/// unlinked while other pages of the GiB stay mapped. The walker keeps
+/// its cached level-2 page (nothing it caches was unlinked: no flush),
+/// reads the unlinked leaf page's cleared entries in the leaf arena (or
+/// the cleared level-2 entry) live, and finds nothing; the rest of the
+/// GiB still translates from the cache.
 #[test]
 fn leaf_table_unlink_keeps_the_directory() {
     let t = table();
