@@ -15,6 +15,8 @@
 //! - `dir_cache_vs_leaf_unlink_and_free`: `deferred_free`, for a leaf
 //!   table reached through a cached level-2 page;
 //! - `split_is_atomic_for_walkers`: no switch (invariant 4);
+//! - `arena_walk_vs_remove_and_remap`: `grace_period` (and `leaf_clear`,
+//!   which leaves the entries the map then refuses to overwrite);
 //! - `fault_commit_vs_unmap`: `fault_cas` (and `deferred_free`);
 //! - `fault_commit_vs_split`: `fault_cas`.
 #![cfg(loom)]
@@ -293,6 +295,66 @@ fn leaf_cache_vs_unlink_and_free() {
         t.rcu_barrier();
         w.join().unwrap();
         assert_eq!(t.stats().use_after_free, 0);
+    });
+}
+
+/// The leaf arena's one load against the reuse of its page: a walker
+/// whose directory cache holds the level-2 page translates page 1 through
+/// the arena while the main thread removes pages 0-1 (their leaf page is
+/// unlinked, and stays where it is) and maps them again to other backing
+/// (the same leaf page is linked again). The walker sees the old backing,
+/// still not released while it is pinned, the new one, or nothing; and a
+/// later read section, with the directory still cached (only a leaf page
+/// was unlinked), sees the new backing.
+#[test]
+fn arena_walk_vs_remove_and_remap() {
+    loom::model(|| {
+        let (t, released) = setup(4, PageSize::Size4K);
+        let mut walker = Walker::new(&t);
+        {
+            // Caches the level-2 page (pages 0-3).
+            let g = walker.pin();
+            let r = g.translate(Gpa(2 * PAGE), Access::Read);
+            assert_eq!(r.map(|t| t.hva), Ok(Hva(FAKE + 2 * PAGE)));
+        }
+        let rel = released.clone();
+        let w = thread::spawn(move || {
+            {
+                let g = walker.pin();
+                match g.translate(Gpa(PAGE), Access::Read).map(|t| t.hva) {
+                    Ok(h) if h == Hva(FAKE + PAGE) => assert_eq!(
+                        rel.load(Ordering::Relaxed) & 2,
+                        0,
+                        "backing released under a reader"
+                    ),
+                    Ok(h) => assert_eq!(h, Hva(FAKE + 9 * PAGE)),
+                    Err(e) => assert_eq!(e, WalkError::NotMapped(Gpa(PAGE))),
+                }
+            }
+            walker
+        });
+        let mut g = t.gather();
+        t.unmap(&mut g, Gpa(0), 2 * PAGE, UnmapMode::Remove)
+            .unwrap();
+        g.finish().unwrap();
+        t.map(
+            Gpa(0),
+            Hva(FAKE + 8 * PAGE),
+            2 * PAGE,
+            Perms::RW,
+            PageSize::Size4K,
+        )
+        .unwrap();
+        let mut walker = w.join().unwrap();
+        assert_eq!(released.load(Ordering::Relaxed) & 3, 3);
+        let hits = walker.stats().leaf_hits;
+        let r = {
+            let g = walker.pin();
+            g.translate(Gpa(PAGE), Access::Read).map(|t| t.hva)
+        };
+        assert_eq!(r, Ok(Hva(FAKE + 9 * PAGE)));
+        let st = walker.stats();
+        assert_eq!(st.leaf_hits, hits + 1, "not through the arena: {st:?}");
     });
 }
 

@@ -129,6 +129,13 @@ const LOOM_WALKER: Detector = Detector {
     },
     stochastic: false,
 };
+const LOOM_ARENA: Detector = Detector {
+    name: "loom arena_walk_vs_remove_and_remap",
+    run: Run::Loom {
+        test: "arena_walk_vs_remove_and_remap",
+    },
+    stochastic: false,
+};
 const LOOM_RACING: Detector = Detector {
     name: "loom racing_unmappers_complete_only_after_release",
     run: Run::Loom {
@@ -293,6 +300,7 @@ const MATRIX: &[(Rule, &[Claim])] = &[
         Rule::GracePeriod,
         &[
             fast(LOOM_WALKER),
+            fast(LOOM_ARENA),
             fast(GM_STRESS),
             fast(GM_ORACLE),
             fast(STRESS_VM),
@@ -318,6 +326,7 @@ const MATRIX: &[(Rule, &[Claim])] = &[
             fast(GM_ORACLE),
             fast(GM_STRESS),
             full(LOOM_WALKER),
+            full(LOOM_ARENA),
             full(GM_BASIC),
         ],
     ),
@@ -370,7 +379,12 @@ const MATRIX: &[(Rule, &[Claim])] = &[
     ),
     (
         Rule::LeafClear,
-        &[fast(GM_STRESS), fast(GM_WALK_CACHE), fast(GM_ORACLE)],
+        &[
+            fast(GM_STRESS),
+            fast(GM_WALK_CACHE),
+            fast(GM_ORACLE),
+            full(LOOM_ARENA),
+        ],
     ),
 ];
 
