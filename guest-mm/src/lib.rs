@@ -48,8 +48,8 @@ pub use fault::{FailPoint, FaultInjection};
 pub use gather::{Gather, GatherStats};
 pub use notify::{Invalidation, InvalidationSubscriber, SubscribeError, SubscriberId};
 pub use table::{
-    Census, FaultError, FaultOutcome, FaultSnapshot, MapError, PageState, RangeError, Stage2Table,
-    TableConfig, TableStats, UnmapError, UnmapMode,
+    Census, FaultError, FaultOutcome, FaultSnapshot, MapError, NewTableError, PageState,
+    RangeError, Stage2Table, TableConfig, TableStats, UnmapError, UnmapMode,
 };
 pub use view::{GuestMemoryView, ViewSlices};
 pub use walk::{Access, Translation, WalkError, WalkGuard, WalkStats, Walker};

@@ -1086,6 +1086,7 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
     let geo = Geo { base, len };
     let table = Stage2Table::new(TableConfig {
         yield_entries: cfg.yield_entries,
+        ..TableConfig::default()
     })
     .map_err(|e| StressError::Table(e.to_string()))?;
     table

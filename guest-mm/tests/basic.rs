@@ -111,7 +111,10 @@ fn partial_unmap_splits_huge_leaf_and_keeps_the_rest() {
 
 #[test]
 fn unmap_releases_one_coalesced_run_and_frees_tables() {
-    let (t, log) = simulated_table(TableConfig { yield_entries: 64 });
+    let (t, log) = simulated_table(TableConfig {
+        yield_entries: 64,
+        ..TableConfig::default()
+    });
     let base_pages = t.stats().table_pages;
     t.map(Gpa(0), Hva(FAKE_HVA), 64 * M2, Perms::RW, PageSize::Size4K)
         .unwrap();

@@ -64,6 +64,7 @@ fn batch_allocation_failure_uses_on_stack_array_and_frees_everything_in_order() 
 fn batch_cap_forces_a_flush() {
     let (t, log) = simulated_table(TableConfig {
         yield_entries: 1 << 20,
+        ..TableConfig::default()
     });
     let pages = 12_000;
     map_scattered(&t, pages);
@@ -93,7 +94,10 @@ fn deferred_free_failure_falls_back_to_synchronous_grace_period() {
 
 #[test]
 fn table_page_allocation_failure_in_map_leaves_nothing_mapped() {
-    let (t, log) = simulated_table(TableConfig { yield_entries: 16 });
+    let (t, log) = simulated_table(TableConfig {
+        yield_entries: 16,
+        ..TableConfig::default()
+    });
     t.faults.table_alloc.fail_next(0);
     // first few pages allocate fine, then fail mid-way
     t.faults.table_alloc.fail_every(6);

@@ -31,7 +31,11 @@ struct Counts {
 }
 
 fn table() -> (Arc<Stage2Table>, Counts) {
-    let t = Stage2Table::new(TableConfig { yield_entries: 8 }).unwrap();
+    let t = Stage2Table::new(TableConfig {
+        yield_entries: 8,
+        ..TableConfig::default()
+    })
+    .unwrap();
     let downs: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
     let d2 = downs.clone();
     t.register_backing(BackingRegion {

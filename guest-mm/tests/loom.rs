@@ -38,7 +38,11 @@ fn table_with(
     leaf: PageSize,
     released: impl Fn(u64) + Send + Sync + 'static,
 ) -> Arc<Stage2Table> {
-    let t = Stage2Table::new(TableConfig { yield_entries: 64 }).unwrap();
+    let t = Stage2Table::new(TableConfig {
+        yield_entries: 64,
+        ..TableConfig::default()
+    })
+    .unwrap();
     t.register_backing(BackingRegion {
         hva: Hva(FAKE),
         len: 1 << 20,

@@ -367,7 +367,10 @@ fn op_range(op: &Op) -> (u64, u64) {
 }
 
 fn run_case(ops: Vec<Op>, seed: u64) -> Result<(usize, u64, u64), TestCaseError> {
-    let (t, log) = simulated_table(TableConfig { yield_entries: 97 });
+    let (t, log) = simulated_table(TableConfig {
+        yield_entries: 97,
+        ..TableConfig::default()
+    });
     let mut o = Oracle::default();
     let mut rng = seed | 1;
     let mut effective = 0usize;

@@ -143,7 +143,11 @@ struct MappedTable {
 /// Registers `r` as anonymous backing of a new table and maps it at
 /// `leaf` (untimed set-up, done before the settle every strategy waits).
 fn map_table(r: &AnonRegion, leaf: PageSize, yield_entries: u32) -> Result<MappedTable> {
-    let table = Stage2Table::new(TableConfig { yield_entries }).context("creating the table")?;
+    let table = Stage2Table::new(TableConfig {
+        yield_entries,
+        ..TableConfig::default()
+    })
+    .context("creating the table")?;
     table
         .register_backing(BackingRegion {
             hva: Hva(r.base),

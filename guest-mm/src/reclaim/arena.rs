@@ -7,6 +7,12 @@
 //! a radix tree (level-2 entries still link the page, writers still walk
 //! from the root).
 //!
+//! The reservation covers the table's guest address limit
+//! (`TableConfig::guest_address_limit`, at most [`ADDRESS_LIMIT`]): 1/512
+//! of it, so 512 GiB of address space (not memory) for the full 48-bit
+//! width, 8 MiB for a 4 GiB guest. The table maps nothing at or past its
+//! limit, so no level-2 page, and no walk, ever reaches past the end.
+//!
 //! **Invariants.**
 //! - *A leaf page is the same 2 MiB forever.* Its place is its region: it
 //!   is never freed to another use while the table lives, so reclamation
@@ -45,6 +51,7 @@ use crate::sync::{AtomicU64, Ordering};
 /// log2 of the guest bytes one leaf page maps (2 MiB).
 const LEAF_SHIFT: u32 = level_shift(2);
 /// Leaf pages of the whole guest address space.
+#[cfg(loom)]
 const LEAF_PAGES: usize = (ADDRESS_LIMIT >> LEAF_SHIFT) as usize;
 /// log2 of the guest bytes a level-2 page covers (1 GiB): the unit `open`
 /// makes accessible.
@@ -58,6 +65,9 @@ const OPEN_BYTES: usize = (1usize << (OPEN_SHIFT - LEAF_SHIFT)) * 4096;
 pub(crate) struct LeafArena {
     #[cfg(not(loom))]
     base: usize,
+    /// Leaf pages the reservation holds (one per 2 MiB below the limit).
+    #[cfg(not(loom))]
+    pages: usize,
     #[cfg(loom)]
     pages: Box<[TablePage]>,
     /// Leaf pages linked into the table now.
@@ -75,16 +85,26 @@ unsafe impl Send for LeafArena {}
 unsafe impl Sync for LeafArena {}
 
 impl LeafArena {
-    /// Reserve the arena (address space only: nothing is accessible yet).
-    /// `None` if the host refuses the reservation.
+    /// Bytes of address space the arena of a table with guest address
+    /// limit `limit` reserves.
+    pub(crate) const fn reservation(limit: u64) -> u64 {
+        (limit >> LEAF_SHIFT) * 4096
+    }
+
+    /// Reserve the arena for guest addresses below `limit` (a multiple of
+    /// 1 GiB, at most [`ADDRESS_LIMIT`]): address space only, nothing is
+    /// accessible yet. The host's error if it refuses the reservation
+    /// (typically `ENOMEM` under an address-space limit, `ulimit -v`).
     #[cfg(not(loom))]
-    pub(crate) fn new() -> Option<LeafArena> {
+    pub(crate) fn new(limit: u64) -> std::io::Result<LeafArena> {
+        debug_assert!(limit <= ADDRESS_LIMIT && limit.is_multiple_of(1 << OPEN_SHIFT));
+        let pages = (limit >> LEAF_SHIFT) as usize;
         // SAFETY: an anonymous private reservation with no address hint;
         // the result is checked against MAP_FAILED.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                LEAF_PAGES * 4096,
+                pages * 4096,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -92,23 +112,25 @@ impl LeafArena {
             )
         };
         if addr == libc::MAP_FAILED {
-            return None;
+            return Err(std::io::Error::last_os_error());
         }
         // Leaf pages are touched one by one: keep THP from charging 2 MiB
         // for the first. Failure only costs RSS.
         // SAFETY: the range was just mapped by us.
-        unsafe { libc::madvise(addr, LEAF_PAGES * 4096, libc::MADV_NOHUGEPAGE) };
-        Some(LeafArena {
+        unsafe { libc::madvise(addr, pages * 4096, libc::MADV_NOHUGEPAGE) };
+        Ok(LeafArena {
             base: addr as usize,
+            pages,
             linked: AtomicU64::new(0),
             peak: AtomicU64::new(0),
         })
     }
 
-    /// The arena of the tiny loom geometry.
+    /// The arena of the tiny loom geometry (the whole width, whatever the
+    /// limit).
     #[cfg(loom)]
-    pub(crate) fn new() -> Option<LeafArena> {
-        Some(LeafArena {
+    pub(crate) fn new(_limit: u64) -> std::io::Result<LeafArena> {
+        Ok(LeafArena {
             pages: (0..LEAF_PAGES)
                 .map(|_| TablePage {
                     entries: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -121,11 +143,16 @@ impl LeafArena {
 
     /// Make the part of the arena that covers the GiB of `gpa` accessible,
     /// before a level-2 page for that GiB is linked; `false` if the host
-    /// refuses. Table lock held.
+    /// refuses or `gpa` is past the reservation (the table's limit keeps
+    /// maps below it). Table lock held.
     #[cfg(not(loom))]
     pub(crate) fn open(&self, gpa: u64) -> bool {
+        if (gpa >> LEAF_SHIFT) as usize >= self.pages {
+            return false;
+        }
         let at = self.base + ((gpa >> OPEN_SHIFT) as usize) * OPEN_BYTES;
-        // SAFETY: inside our reservation (gpa < ADDRESS_LIMIT); nothing in
+        // SAFETY: inside our reservation (checked above; it is whole
+        // GiBs); nothing in
         // the process maps there but us, and making it accessible cannot
         // invalidate any reference.
         let r = unsafe {
@@ -193,8 +220,12 @@ impl LeafArena {
 
     /// Whether `page` is one of this arena's pages.
     pub(crate) fn contains(&self, page: PagePtr) -> bool {
+        #[cfg(not(loom))]
+        let pages = self.pages;
+        #[cfg(loom)]
+        let pages = LEAF_PAGES;
         let first = self.page(0).addr();
-        page.addr().wrapping_sub(first) < (LEAF_PAGES as u64) * 4096
+        page.addr().wrapping_sub(first) < (pages as u64) * 4096
     }
 
     /// Leaf pages linked now.
@@ -235,7 +266,8 @@ impl<'a> ArenaView<'a> {
     /// The leaf entry of the 4 KiB page at `gpa`.
     ///
     /// # Safety
-    /// `gpa < ADDRESS_LIMIT`, and the GiB of `gpa` must be open: the caller
+    /// The GiB of `gpa` must be open (so it is below the table's limit and
+    /// inside the reservation): the caller
     /// read a linked level-2 page of that GiB (possibly in an earlier read
     /// section: the arena never closes).
     #[inline(always)]
@@ -259,7 +291,7 @@ impl<'a> ArenaView<'a> {
 impl Drop for LeafArena {
     fn drop(&mut self) {
         pool::gauge_sub(self.in_use());
-        pool::unmap_or_leak(self.base, LEAF_PAGES * 4096);
+        pool::unmap_or_leak(self.base, self.pages * 4096);
     }
 }
 

@@ -41,6 +41,36 @@ pub enum RangeError {
     },
 }
 
+/// Errors of [`Stage2Table::new`](super::Stage2Table::new). Nothing is
+/// left behind.
+#[derive(Debug, Error)]
+pub enum NewTableError {
+    /// The guest address limit is zero or past the table's width.
+    #[error(
+        "guest address limit {0:#x} is not usable: give TableConfig::guest_address_limit \
+         between 1 and {max:#x} (one past the highest guest-physical address to map)",
+        max = ADDRESS_LIMIT
+    )]
+    BadLimit(u64),
+    /// The host refused the leaf arena's address-space reservation.
+    #[error(
+        "cannot reserve {bytes:#x} bytes of address space for the leaf table pages of guest \
+         addresses up to {limit:#x}: {source}; raise the process's address-space limit \
+         (ulimit -v) or lower TableConfig::guest_address_limit to the guest's highest address"
+    )]
+    Reserve {
+        /// Bytes asked for (1/512 of `limit`).
+        bytes: u64,
+        /// The table's guest address limit.
+        limit: u64,
+        /// What the host said.
+        source: std::io::Error,
+    },
+    /// The root table page could not be allocated.
+    #[error("out of memory for the table's root page; free host memory and retry")]
+    OutOfMemory,
+}
+
 /// Errors of [`Stage2Table::map`](super::Stage2Table::map).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum MapError {

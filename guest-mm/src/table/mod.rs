@@ -48,7 +48,7 @@ mod writer_walk;
 
 use std::sync::atomic::{AtomicU64 as StatU64, Ordering::Relaxed};
 
-pub use error::{FaultError, MapError, RangeError, UnmapError};
+pub use error::{FaultError, MapError, NewTableError, RangeError, UnmapError};
 pub use fault_in::FaultOutcome;
 pub use fault_seq::FaultSnapshot;
 pub(crate) use lookup::{state_of, Lookup};
@@ -60,7 +60,7 @@ pub use stats::TableStats;
 
 use crate::addr::Gpa;
 use crate::backing::{BackingError, BackingId, BackingRegion, BackingRegistry};
-use crate::entry::ADDRESS_LIMIT;
+use crate::entry::{level_size, ADDRESS_LIMIT};
 use crate::fault::FaultInjection;
 use crate::gather::Gather;
 use crate::notify::{InvalidationSubscriber, SubscribeError, SubscriberId, Subscribers};
@@ -72,12 +72,30 @@ use crate::sync::{AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 pub struct TableConfig {
     /// Entries a writer may visit before it drops and retakes the table lock.
     pub yield_entries: u32,
+    /// One past the highest guest-physical address the table may map
+    /// (rounded up to 1 GiB; default and maximum [`ADDRESS_LIMIT`]): a map
+    /// past it is refused with [`RangeError::OutOfRange`]. It sizes the
+    /// leaf arena's reservation of address space, 1/512 of it: 512 GiB
+    /// (never memory) at the default, which counts against an
+    /// address-space limit (`ulimit -v`); a VMM sets its guest's top.
+    pub guest_address_limit: u64,
 }
 
 impl Default for TableConfig {
     fn default() -> Self {
         TableConfig {
             yield_entries: 2048,
+            guest_address_limit: ADDRESS_LIMIT,
+        }
+    }
+}
+
+impl TableConfig {
+    /// The default configuration for guest addresses below `limit`.
+    pub fn with_limit(limit: u64) -> TableConfig {
+        TableConfig {
+            guest_address_limit: limit,
+            ..TableConfig::default()
         }
     }
 }
@@ -108,15 +126,25 @@ pub struct Stage2Table {
 }
 
 impl Stage2Table {
-    /// A new, empty table.
-    pub fn new(cfg: TableConfig) -> Result<crate::sync::Arc<Stage2Table>, MapError> {
+    /// A new, empty table for guest addresses below
+    /// `cfg.guest_address_limit`.
+    pub fn new(cfg: TableConfig) -> Result<crate::sync::Arc<Stage2Table>, NewTableError> {
+        let lim = cfg.guest_address_limit;
+        if lim == 0 || lim > ADDRESS_LIMIT {
+            return Err(NewTableError::BadLimit(lim));
+        }
+        let limit = lim.next_multiple_of(level_size(3)).min(ADDRESS_LIMIT);
         let rcu = Rcu::new();
         let faults = FaultInjection::default();
-        let arena = LeafArena::new().ok_or(MapError::OutOfMemory(Gpa(0)))?;
+        let arena = LeafArena::new(limit).map_err(|source| NewTableError::Reserve {
+            bytes: LeafArena::reservation(limit),
+            limit,
+            source,
+        })?;
         let root = rcu
             .pool
             .alloc(&faults.table_alloc)
-            .ok_or(MapError::OutOfMemory(Gpa(0)))?;
+            .ok_or(NewTableError::OutOfMemory)?;
         Ok(crate::sync::Arc::new(Stage2Table {
             root,
             arena,
@@ -127,6 +155,7 @@ impl Stage2Table {
             dying: AtomicBool::new(false),
             cfg: TableConfig {
                 yield_entries: cfg.yield_entries.max(1),
+                guest_address_limit: limit,
             },
             rcu,
             backing: BackingRegistry::new(),
@@ -143,6 +172,12 @@ impl Stage2Table {
         // SAFETY: the root is allocated in new() and freed only with the table.
         unsafe { self.root.get() }
     }
+    /// One past the highest guest-physical address this table maps: the
+    /// configured limit rounded up to 1 GiB.
+    pub fn guest_address_limit(&self) -> u64 {
+        self.cfg.guest_address_limit
+    }
+
     /// Register host memory that guest pages may be mapped to.
     pub fn register_backing(&self, region: BackingRegion) -> Result<BackingId, BackingError> {
         self.backing.register(region)

@@ -51,8 +51,8 @@ pub enum UnmapMode {
 impl Stage2Table {
     /// Map `[gpa, gpa + len)` to `[hva, hva + len)` with `perms`, using the
     /// largest leaves up to `max_leaf` that alignment allows. The whole
-    /// range must be unmapped and the host range registered backing. On
-    /// error nothing stays mapped.
+    /// range must be below the table's guest address limit, unmapped, and
+    /// the host range registered backing. On error nothing stays mapped.
     pub fn map(
         &self,
         gpa: Gpa,
@@ -62,6 +62,14 @@ impl Stage2Table {
         max_leaf: PageSize,
     ) -> Result<(), MapError> {
         let (start, end) = check_range(gpa, len)?;
+        if end.0 > self.cfg.guest_address_limit {
+            return Err(RangeError::OutOfRange {
+                start,
+                len,
+                limit: self.cfg.guest_address_limit,
+            }
+            .into());
+        }
         if !hva.0.is_multiple_of(PAGE_SIZE) {
             return Err(RangeError::Unaligned {
                 what: "host address",
