@@ -422,18 +422,27 @@ fn config_file_boots_at_once_and_bad_files_are_refused() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
     let (status, _) = s.0.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}\n{}", s.tail(20));
-    // Bad files: exit 2 at once with the reason, no VM.
-    for (body, has) in [
+    // Bad files: exit 2 at once with the reason, no VM (3 for a host limit).
+    for (body, has, code) in [
         (
             r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "ram": 1}}"#,
             "unknown field",
+            2,
         ),
         (
             r#"{"machine-config": {"vcpu_count": 0, "mem_size_mib": 64}}"#,
             "1 to 32",
+            2,
         ),
-        (r#"{"drives": [{"drive_id": "root"}]}"#, "drives"),
-        ("{", "not a valid VM configuration"),
+        (r#"{"drives": [{"drive_id": "root"}]}"#, "drives", 2),
+        ("{", "not a valid VM configuration", 2),
+        // What the host lacks (here 32768 free huge pages) exits with 3,
+        // as `vmm run` does.
+        (
+            r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 65536, "huge_pages": "2M"}}"#,
+            "vm.nr_hugepages",
+            vmm::EXIT_HOST_CANNOT,
+        ),
     ] {
         let bad = dir.join(format!("gmm-svc-bad-{}.json", std::process::id()));
         std::fs::write(&bad, body).expect("write config");
@@ -444,7 +453,7 @@ fn config_file_boots_at_once_and_bad_files_are_refused() {
             .output()
             .expect("run vmm");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{body}: {err}");
+        assert_eq!(out.status.code(), Some(i32::from(code)), "{body}: {err}");
         assert!(err.contains(has), "{body}: {err:?} lacks {has:?}");
         assert!(t.elapsed() < Duration::from_secs(5));
         let _ = std::fs::remove_file(&bad);

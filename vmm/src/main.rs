@@ -1003,8 +1003,13 @@ fn serve(cli: &Cli) -> anyhow::Result<ExitCode> {
         None => None,
     };
     if let Some(cfg) = config {
-        svc.configure_and_start(cfg)
-            .map_err(|f| anyhow::anyhow!("{}", f.message))?;
+        if let Err(f) = svc.configure_and_start(cfg) {
+            if f.host_cannot {
+                eprintln!("vmm: error: {}", f.message);
+                return Ok(ExitCode::from(vmm::EXIT_HOST_CANNOT));
+            }
+            anyhow::bail!("{}", f.message);
+        }
     }
     let how = svc.run();
     eprintln!("vmm: {how:?}");
@@ -1032,6 +1037,24 @@ fn error_status(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// `e` and its causes, joined by ": ", leaving out a cause whose text the
+/// message so far already ends with (an error that prints its source
+/// inside its own message, as most of ours do).
+fn chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if msg.ends_with(&c) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&c);
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     PROCESS_START.get_or_init(Instant::now);
     let cli = Cli::parse();
@@ -1041,14 +1064,14 @@ fn main() -> ExitCode {
         Some(Cmd::Ctl(_)) => None,
     };
     if let Some(Err(e)) = confine.map(Confine::apply) {
-        eprintln!("vmm: error: {e:#}");
+        eprintln!("vmm: error: {}", chain(&e));
         return ExitCode::from(2);
     }
     let Some(cmd) = cli.cmd else {
         return match serve(&cli) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("vmm: error: {e:#}");
+                eprintln!("vmm: error: {}", chain(&e));
                 ExitCode::from(error_status(&e))
             }
         };
@@ -1057,7 +1080,7 @@ fn main() -> ExitCode {
         Cmd::Ctl(args) => match ctl(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("vmm ctl: error: {e:#}");
+                eprintln!("vmm ctl: error: {}", chain(&e));
                 ExitCode::from(2)
             }
         },
@@ -1065,7 +1088,7 @@ fn main() -> ExitCode {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
-                eprintln!("vmm: error: {e:#}");
+                eprintln!("vmm: error: {}", chain(&e));
                 ExitCode::from(error_status(&e))
             }
         },
@@ -1074,7 +1097,7 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{error_status, parse_balloon_target};
+    use super::{chain, error_status, parse_balloon_target};
     use anyhow::Context;
     use vmm::{MemoryError, VmError};
 
@@ -1101,6 +1124,30 @@ mod tests {
         ] {
             assert_eq!(error_status(&e), 2, "{e:#}");
         }
+    }
+
+    #[test]
+    fn a_table_the_host_cannot_reserve_exits_with_3_and_is_said_once() {
+        let reserve = guest_mm::NewTableError::Reserve {
+            bytes: 512 << 30,
+            limit: 1 << 48,
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        };
+        let e = Err::<(), _>(VmError::Stage2(vmm::Stage2Error::NewTable(reserve)))
+            .context("creating the microVM")
+            .unwrap_err();
+        assert_eq!(error_status(&e), vmm::EXIT_HOST_CANNOT);
+        // The table error prints its cause inside its own message: the
+        // chain says it once.
+        let msg = chain(&e);
+        assert_eq!(msg.matches("ulimit -v").count(), 1, "{msg}");
+        assert!(msg.starts_with("creating the microVM: creating the stage-2 table failed: "));
+        // Causes that add something are kept.
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(chain(&e), "outer: middle: inner");
+        let bad = guest_mm::NewTableError::BadLimit(0);
+        let e = anyhow::Error::new(VmError::Stage2(vmm::Stage2Error::NewTable(bad)));
+        assert_eq!(error_status(&e), 2);
     }
 
     #[test]

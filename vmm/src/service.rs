@@ -199,7 +199,8 @@ pub fn check_machine(m: &MachineConfig, kind: Option<Backing>) -> Result<MemSize
         .ok_or_else(|| bad("mem_size_mib is too large"))?;
     let size = MemSize::from_bytes(bytes).map_err(|e| bad(format!("mem_size_mib: {e}")))?;
     let (backing, page) = backing_for(m.huge_pages, kind)?;
-    check_backing(size, backing, page).map_err(|e| bad(format!("huge_pages: {e}")))?;
+    check_backing(size, backing, page)
+        .map_err(|e| bad(format!("huge_pages: {e}")).host_cannot_if(e.host_cannot()))?;
     Ok(size)
 }
 
@@ -536,7 +537,7 @@ impl Service {
             }
             config.linux = Some(spec);
         }
-        let mut vm = Vm::new(config).map_err(|e| bad(format!("InstanceStart failed: {e}")))?;
+        let mut vm = Vm::new(config).map_err(|e| ApiFault::vm_failed("InstanceStart", &e))?;
         if self.opts.populate {
             vm.memory()
                 .populate()
@@ -546,7 +547,7 @@ impl Service {
             dev.set_target_pages(b.amount_mib << 8);
         }
         vm.start()
-            .map_err(|e| bad(format!("InstanceStart failed: {e}")))?;
+            .map_err(|e| ApiFault::vm_failed("InstanceStart", &e))?;
         g.waiter = Some(vm.end_waiter());
         g.vm = Some(vm);
         g.started_at = Some(t0);

@@ -95,6 +95,33 @@ fn run_human_output() {
     assert!(stdout.contains("vmm: guest OK"), "{stdout}");
 }
 
+/// A VM runs under an address-space limit (`ulimit -v`) that fits its
+/// guest: the stage-2 table reserves address space for the guest's RAM
+/// only, not for the table's whole 48-bit width (512 GiB, which failed
+/// here under this limit).
+#[test]
+fn runs_under_an_address_space_limit_its_guest_fits() {
+    if !kvm() {
+        return;
+    }
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 33554432 && exec \"$0\" run --mem 1G --vcpus 2 --json")
+        .arg(env!("CARGO_BIN_EXE_vmm"))
+        .output()
+        .expect("run vmm under sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?} under ulimit -v 32 GiB\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("output");
+    let v: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(v["guest_ok"], true, "{last}");
+}
+
 #[test]
 fn bad_config_exits_with_a_clear_message_and_its_status() {
     for (args, needle, status) in [

@@ -79,6 +79,11 @@ pub struct ApiFault {
     pub status: u16,
     /// What went wrong and what to do.
     pub message: String,
+    /// The host cannot do what was asked as it stands (no usable KVM, no
+    /// guest_memfd, too few huge pages, too little address space:
+    /// [`crate::VmError::host_cannot`]). Not sent: `vmm --config-file`
+    /// exits with [`crate::EXIT_HOST_CANNOT`] for it.
+    pub host_cannot: bool,
 }
 
 impl ApiFault {
@@ -87,6 +92,7 @@ impl ApiFault {
         Self {
             status: 400,
             message: message.into(),
+            host_cannot: false,
         }
     }
 
@@ -95,7 +101,20 @@ impl ApiFault {
         Self {
             status: 500,
             message: message.into(),
+            host_cannot: false,
         }
+    }
+
+    /// A 400 for a VM that could not be made or started, marked
+    /// [`ApiFault::host_cannot`] if that is why.
+    pub fn vm_failed(what: &str, e: &crate::VmError) -> Self {
+        Self::bad(format!("{what} failed: {e}")).host_cannot_if(e.host_cannot())
+    }
+
+    /// This fault, marked [`ApiFault::host_cannot`] if `host_cannot`.
+    pub fn host_cannot_if(mut self, host_cannot: bool) -> Self {
+        self.host_cannot |= host_cannot;
+        self
     }
 }
 

@@ -109,13 +109,15 @@ pub enum VmError {
 
 impl VmError {
     /// Whether this host cannot run what was asked as it stands: no usable
-    /// `/dev/kvm`, or guest RAM the host cannot provide
-    /// ([`MemoryError::host_cannot`]). `vmm` exits with
+    /// `/dev/kvm`, guest RAM the host cannot provide
+    /// ([`MemoryError::host_cannot`]) or address space the stage-2 table
+    /// cannot reserve ([`Stage2Error::host_cannot`]). `vmm` exits with
     /// [`crate::EXIT_HOST_CANNOT`] for these.
     pub fn host_cannot(&self) -> bool {
         match self {
             VmError::Kvm(_) => true,
             VmError::Memory(e) => e.host_cannot(),
+            VmError::Stage2(e) => e.host_cannot(),
             _ => false,
         }
     }

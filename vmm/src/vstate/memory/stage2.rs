@@ -30,8 +30,8 @@ use std::sync::Arc;
 
 use guest_mm::{
     Access, BackingError, BackingKind, BackingRegion, FaultError, FaultSnapshot, Gpa,
-    GuestMemoryView, Hva, Invalidation, InvalidationSubscriber, MapError, PageState, Perms,
-    ReleaseError, Stage2Table, SubscribeError, TableConfig, UnmapError, WalkError, Walker,
+    GuestMemoryView, Hva, Invalidation, InvalidationSubscriber, MapError, NewTableError, PageState,
+    Perms, ReleaseError, Stage2Table, SubscribeError, TableConfig, UnmapError, WalkError, Walker,
 };
 
 use super::backing::{Backing, PageSize, RegionDesc, SIZE_2M};
@@ -40,7 +40,10 @@ use super::uffd::FaultHook;
 /// Errors of the stage-2 layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Stage2Error {
-    /// Creating or filling the table failed.
+    /// Creating the table failed.
+    #[error("creating the stage-2 table failed: {0}")]
+    NewTable(#[from] NewTableError),
+    /// Filling the table failed.
     #[error("building the stage-2 table failed: {0}")]
     Map(#[from] MapError),
     /// A region could not be registered as backing.
@@ -61,6 +64,14 @@ pub enum Stage2Error {
     /// The fault path refused.
     #[error("faulting guest memory back in failed: {0}")]
     Fault(#[from] FaultError),
+}
+
+impl Stage2Error {
+    /// Whether the host refused what the table needs as it stands: the
+    /// leaf arena's address-space reservation (an address-space limit).
+    pub fn host_cannot(&self) -> bool {
+        matches!(self, Stage2Error::NewTable(NewTableError::Reserve { .. }))
+    }
 }
 
 /// The KVM side of invalidation. Releasing backing (`madvise`, punch-hole)
@@ -134,7 +145,15 @@ impl Stage2 {
     /// size. The registry borrows the regions' files: their owner must make
     /// the table dying (tear it down) before it closes them.
     pub fn mirror(regions: &[RegionDesc]) -> Result<Stage2, Stage2Error> {
-        let table = Stage2Table::new(TableConfig::default())?;
+        // The table maps nothing past guest RAM: its leaf arena reserves
+        // address space for that much only (1/512 of it).
+        let top = regions
+            .iter()
+            .map(|r| r.gpa.0.saturating_add(r.len))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let table = Stage2Table::new(TableConfig::with_limit(top))?;
         for r in regions {
             let host = r.host_addr as u64;
             let register = |hva: u64, len: u64, kind: BackingKind| {
