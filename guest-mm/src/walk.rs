@@ -15,7 +15,10 @@
 //! always one a walk from the root would find (only emptied leaf pages
 //! are unlinked, a split fills one with leaves equal to the huge leaf it
 //! replaces before it links it; rule `leaf_clear`). The level-2 entry is
-//! read only when that entry is not a present 4 KiB leaf (2 MiB leaves).
+//! read only when that entry is not a present 4 KiB leaf (2 MiB leaves),
+//! or first, when the directory slot's hint says its last lookup found a
+//! 2 MiB leaf (both entries are live and either answers correctly: the
+//! hint only orders the loads).
 //!
 //! **The caches.** The *translation cache* ([`CACHE_SLOTS`] 4 KiB pages)
 //! holds huge-leaf pages and pages reached by a walk from the root, and
@@ -103,10 +106,18 @@ const DIR_LEVEL: u32 = 2;
 const DIR_SHIFT: u32 = level_shift(DIR_LEVEL + 1);
 
 /// Where the generation starts in a directory tag: above every region
-/// number of any 64-bit address, so that an address at or above
-/// [`ADDRESS_LIMIT`] (whose region no slot ever holds) matches no tag and
-/// the inline path needs no range check.
-const GEN_SHIFT: u32 = u64::BITS - DIR_SHIFT;
+/// number of any 64-bit address and [`HUGE_HINT`], so that an address at
+/// or above [`ADDRESS_LIMIT`] (whose region no slot ever holds) matches no
+/// tag and the inline path needs no range check.
+const GEN_SHIFT: u32 = u64::BITS - DIR_SHIFT + 1;
+
+/// A directory tag bit that no region number has: set, it says the slot's
+/// last lookup found a 2 MiB leaf, so the next one reads the level-2 entry
+/// first (a GiB of 2 MiB leaves has no linked leaf pages: the arena load
+/// would find nothing). A hint, never a translation: the entry is read
+/// live either way. In the tag, so the 4 KiB path's one compare (a tag
+/// without it) is unchanged.
+const HUGE_HINT: u64 = 1 << (u64::BITS - DIR_SHIFT);
 
 /// The access a translation is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,8 +225,9 @@ impl TlbCache {
 /// One directory cache slot.
 #[derive(Default)]
 struct DirSlot {
-    /// Region number (`gpa >> DIR_SHIFT`) | generation; valid only when
-    /// the generation is the cache's current one (0 never is).
+    /// Region number (`gpa >> DIR_SHIFT`) | generation, and
+    /// [`HUGE_HINT`] if set; valid only when the generation is the cache's
+    /// current one (0 never is).
     tag: Cell<u64>,
     /// The level-2 table page's address.
     page: Cell<u64>,
@@ -415,8 +427,10 @@ impl<'w> WalkGuard<'w> {
     /// The common cases are inline, in this order: a present 4 KiB leaf
     /// in a GiB whose level-2 page is cached (one live load, in the leaf
     /// arena), a translation-cache hit, a 2 MiB leaf in the level-2 entry
-    /// of the cached page (which fills the translation cache). Everything
-    /// else (a walk from the root, 1 GiB leaves, failures) is out of line.
+    /// of the cached page (which fills the translation cache). A slot whose
+    /// last lookup found a 2 MiB leaf reads its level-2 entry first
+    /// ([`HUGE_HINT`]). Everything else (a walk from the root, 1 GiB
+    /// leaves, failures) is out of line.
     #[inline(always)]
     pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
         // 1. A 4 KiB leaf in a GiB whose level-2 page is cached: one live
@@ -427,7 +441,9 @@ impl<'w> WalkGuard<'w> {
         let want = u64::from(need.bits());
         // The level-2 entry, if the directory path read one (0: none).
         let mut e2 = 0;
-        if want != 0 && slot.tag.get() == region | self.dir_gen {
+        let key = region | self.dir_gen;
+        let tag = slot.tag.get();
+        if want != 0 && tag == key {
             // SAFETY: the slot holds a level-2 page of this GiB, reached
             // by a walk, so the arena is open there (`reclaim::arena`:
             // readable before reachable); a tag never matches an address
@@ -441,6 +457,20 @@ impl<'w> WalkGuard<'w> {
             // SAFETY: see `cached_page`.
             let dir = unsafe { cached_page(slot.page.get()) };
             e2 = dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire);
+        } else if want != 0 && tag == key | HUGE_HINT {
+            // 1b. The slot's last lookup found a 2 MiB leaf: its level-2
+            //     entry first (live, as in 3 below; anything else goes on
+            //     without the hint). Laid out apart from path 1.
+            std::hint::cold_path();
+            // SAFETY: see `cached_page`.
+            let dir = unsafe { cached_page(slot.page.get()) };
+            e2 = dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire);
+            if e2 & (LARGE | want) == LARGE | want && e2 != POISON {
+                bump(&self.counters.leaf_hits);
+                let hva = (e2 & FRAME_MASK) + (gpa.0 & (level_size(DIR_LEVEL) - 1));
+                return Ok(translation(gpa, hva, Pte(e2).perms(), DIR_LEVEL));
+            }
+            slot.tag.set(key);
         }
         // 2. The translation cache: what the paths below filled (2 MiB
         //    leaves, pages reached by a walk from the root).
@@ -460,6 +490,7 @@ impl<'w> WalkGuard<'w> {
         //    read above (POISON has LARGE too: only here is it compared).
         if e2 & (LARGE | want) == LARGE | want && e2 != POISON {
             bump(&self.counters.leaf_hits);
+            slot.tag.set(key | HUGE_HINT);
             let hva = (e2 & FRAME_MASK) + (gpa.0 & (level_size(DIR_LEVEL) - 1));
             let perms = Pte(e2).perms();
             self.remember(gpa, hva, perms, DIR_LEVEL);
@@ -555,7 +586,7 @@ impl<'w> WalkGuard<'w> {
         let region = gpa.0 >> DIR_SHIFT;
         let slot = &self.dir.slots[(region as usize) & (DIR_SLOTS - 1)];
         let tag = region | self.dir_gen;
-        if slot.tag.get() == tag {
+        if slot.tag.get() & !HUGE_HINT == tag {
             bump(&self.counters.leaf_hits);
             // SAFETY: see `cached_page`.
             let page = unsafe { cached_page(slot.page.get()) };

@@ -170,7 +170,8 @@ fn leaf_table_unlink_keeps_the_directory() {
 fn cached_walk_agrees_with_uncached() {
     let t = table();
     // Region 0: 4 KiB leaves with holes; region 1: one 2 MiB leaf;
-    // region 2: discarded 4 KiB pages; region 3: nothing.
+    // region 2: discarded 4 KiB pages; region 3: nothing; region 4: a
+    // 2 MiB leaf replaced by another (other backing, other permissions).
     for p in (0..512).filter(|p| p % 3 != 0) {
         t.map(
             Gpa(p * PAGE),
@@ -197,6 +198,14 @@ fn cached_walk_agrees_with_uncached() {
         PageSize::Size4K,
     )
     .expect("map region 2");
+    t.map(
+        Gpa(4 * TWO_M),
+        Hva(FAKE + 4 * TWO_M),
+        TWO_M,
+        Perms::R,
+        PageSize::Size2M,
+    )
+    .expect("map region 4");
     let mut g = t.gather();
     t.unmap(&mut g, Gpa(2 * TWO_M), 32 * PAGE, UnmapMode::Discard)
         .expect("discard");
@@ -206,7 +215,7 @@ fn cached_walk_agrees_with_uncached() {
     let check = |w: &mut guest_mm::Walker, round: u32| {
         for pass in 0..2 {
             let g = w.pin();
-            for p in 0..(4 * TWO_M / PAGE) {
+            for p in 0..(5 * TWO_M / PAGE) {
                 let a = Gpa(p * PAGE + (p % 8) * 8);
                 for access in [Access::Read, Access::Write] {
                     let cached = g.translate(a, access);
@@ -223,7 +232,26 @@ fn cached_walk_agrees_with_uncached() {
         .expect("remove region 0 (with its holes)");
     t.unmap(&mut g, Gpa(TWO_M + 4 * PAGE), PAGE, UnmapMode::Remove)
         .expect("split region 1");
+    t.unmap(&mut g, Gpa(4 * TWO_M), TWO_M, UnmapMode::Remove)
+        .expect("remove region 4");
     g.finish().expect("flush");
+    t.map(
+        Gpa(4 * TWO_M),
+        Hva(FAKE + 8 * TWO_M),
+        TWO_M,
+        Perms::RW,
+        PageSize::Size2M,
+    )
+    .expect("map region 4 again");
+    // The walker's last lookups (round 0 ends in region 4) found the old
+    // 2 MiB leaf there: the first one now must find the new one.
+    {
+        let g = w.pin();
+        let a = Gpa(4 * TWO_M + 3 * PAGE + 8);
+        let got = g.translate(a, Access::Write).expect("new 2 MiB leaf");
+        assert_eq!(got.hva, Hva(FAKE + 8 * TWO_M + 3 * PAGE + 8));
+        assert_eq!(Ok(got), g.translate_uncached(a, Access::Write));
+    }
     t.map(
         Gpa(8 * PAGE),
         Hva(FAKE + 8 * PAGE),
