@@ -98,7 +98,7 @@ impl LeafArena {
     #[cfg(not(loom))]
     pub(crate) fn new(limit: u64) -> std::io::Result<LeafArena> {
         debug_assert!(limit <= ADDRESS_LIMIT && limit.is_multiple_of(1 << OPEN_SHIFT));
-        let pages = (limit >> LEAF_SHIFT) as usize;
+        let pages = (Self::reservation(limit) / 4096) as usize;
         // SAFETY: an anonymous private reservation with no address hint;
         // the result is checked against MAP_FAILED.
         let addr = unsafe {
@@ -152,9 +152,8 @@ impl LeafArena {
         }
         let at = self.base + ((gpa >> OPEN_SHIFT) as usize) * OPEN_BYTES;
         // SAFETY: inside our reservation (checked above; it is whole
-        // GiBs); nothing in
-        // the process maps there but us, and making it accessible cannot
-        // invalidate any reference.
+        // GiBs); nothing in the process maps there but us, and making it
+        // accessible cannot invalidate any reference.
         let r = unsafe {
             libc::mprotect(
                 at as *mut libc::c_void,
