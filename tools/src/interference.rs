@@ -45,9 +45,13 @@
 //! Before each event a *quiet window* of the same kind (`--quiet-ms`, VM A
 //! alive, populated and idle) is measured, so quiet and event windows
 //! alternate. Per window: p99 of faults and walks, loop rate. Reported per
-//! scenario: medians over rounds, and `*_increase` = median event p99 /
-//! median quiet p99 − 1, `victim_loop_rate_drop` = 1 − median event rate /
-//! median quiet rate (fractions; the target is <= 0.10 each). The
+//! scenario: each round's event window against its own quiet window,
+//! `*_increase` = event p99 / quiet p99 − 1 and `victim_loop_rate_drop` =
+//! 1 − event rate / quiet rate (fractions; the target is <= 0.10 each), as
+//! the median over rounds with the rounds' spread beside it
+//! (`*_rounds`); the windows' own figures as medians with their spread.
+//! The pairing cancels the host's drift between rounds, which on a noisy
+//! host moves a ratio of medians by more than the effect measured. The
 //! top-level figures are the worse scenario's.
 //!
 //! - `munmap` (the kernel's share, no verdict): the same event without a
@@ -617,6 +621,15 @@ fn pooled<'a>(w: impl Iterator<Item = &'a Vec<f64>>) -> f64 {
     round(pct(&mut all).p99, 2)
 }
 
+/// The per-round figures' spread, or `None` when no round measured one.
+fn spread_of(v: &[f64]) -> Option<crate::schema::Spread> {
+    (!v.is_empty()).then(|| crate::schema::Spread {
+        median: round(median(v), 3),
+        min: round(v.iter().copied().fold(f64::INFINITY, f64::min), 3),
+        max: round(v.iter().copied().fold(f64::NEG_INFINITY, f64::max), 3),
+    })
+}
+
 /// event / quiet − 1; `None` without quiet samples (no prober).
 fn increase(quiet: f64, event: f64) -> Option<f64> {
     (quiet > 0.0).then(|| round(event / quiet - 1.0, 3))
@@ -625,15 +638,25 @@ fn increase(quiet: f64, event: f64) -> Option<f64> {
 fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
     let col = |f: &dyn Fn(&Round) -> f64| rs.iter().map(f).collect::<Vec<f64>>();
     let med = |f: &dyn Fn(&Round) -> f64| median(&col(f));
-    let fq = med(&|r| r.quiet.fault.p99);
-    let fe = med(&|r| r.event.fault.p99);
-    let wq = med(&|r| r.quiet.walk.p99);
-    let we = med(&|r| r.event.walk.p99);
-    let lq = med(&|r| r.quiet.loop_mib_s);
-    let le = med(&|r| r.event.loop_mib_s);
-    let fi = increase(fq, fe);
-    let wi = increase(wq, we);
-    let drop = (lq > 0.0).then(|| round(1.0 - le / lq, 3));
+    // Each round's event window is judged against its own quiet window,
+    // measured just before it (the pair shares the host's state of the
+    // moment); the figure is the median of those per-round changes.
+    let fault_rounds: Vec<f64> = rs
+        .iter()
+        .filter_map(|r| increase(r.quiet.fault.p99, r.event.fault.p99))
+        .collect();
+    let walk_rounds: Vec<f64> = rs
+        .iter()
+        .filter_map(|r| increase(r.quiet.walk.p99, r.event.walk.p99))
+        .collect();
+    let drop_rounds: Vec<f64> = rs
+        .iter()
+        .filter_map(|r| increase(r.quiet.loop_mib_s, r.event.loop_mib_s).map(|x| -x))
+        .collect();
+    let paired = |v: &[f64]| (!v.is_empty()).then(|| round(median(v), 3));
+    let fi = paired(&fault_rounds);
+    let wi = paired(&walk_rounds);
+    let drop = paired(&drop_rounds);
     let met = [fi, wi, drop].iter().all(|x| x.is_some_and(|x| x <= 0.10));
     let verdict = match (sc.judged(), met) {
         (false, _) => "baseline",
@@ -654,6 +677,9 @@ fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
         victim_fault_p99_increase: fi,
         victim_walk_p99_increase: wi,
         victim_loop_rate_drop: drop,
+        victim_fault_p99_increase_rounds: spread_of(&fault_rounds),
+        victim_walk_p99_increase_rounds: spread_of(&walk_rounds),
+        victim_loop_rate_drop_rounds: spread_of(&drop_rounds),
         fault_p99_us_quiet: spread(&col(&|r| r.quiet.fault.p99)),
         fault_p99_us_event: spread(&col(&|r| r.event.fault.p99)),
         fault_p50_us_quiet: round(med(&|r| r.quiet.fault.p50), 2),

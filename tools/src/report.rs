@@ -2969,11 +2969,28 @@ fn interference_section(d: &StepData) -> Section {
         Ok(x) => x,
         Err(s) => return s,
     };
-    md += "VM B (the victim: a guest looping over its RAM, a prober taking demand faults, a device thread walking the stage-2 table) is measured in a quiet window and while VM A, another `vmm` process, tears down its populated RAM or inflates its balloon: the relative increase of VM B's demand-fault and device-walk p99 and the relative drop of its guest's loop rate (medians over rounds). The balloon's event window ends when VM A's API says the inflate is done; the bench reads VM A's RSS from `/proc` meanwhile and asks the API only every 25 ms until the end is near (each request wakes three threads on cores that are already full), so that its own polling stays out of what VM B sees (*API requests* per window).\n\n";
+    md += "VM B (the victim: a guest looping over its RAM, a prober taking demand faults, a device thread walking the stage-2 table) is measured in a quiet window and while VM A, another `vmm` process, tears down its populated RAM or inflates its balloon: the relative increase of VM B's demand-fault and device-walk p99 and the relative drop of its guest's loop rate. Each round's event window is compared with the quiet window measured just before it; a figure is the median of those per-round changes, with the lowest and highest round in brackets. The balloon's event window ends when VM A's API says the inflate is done; the bench reads VM A's RSS from `/proc` meanwhile and asks the API only every 25 ms until the end is near (each request wakes three threads on cores that are already full), so that its own polling stays out of what VM B sees (*API requests* per window).\n\n";
     md += "| figure | change with the neighbour | ≤ 10 % |\n|---|---:|---|\n";
     let (v1, v2) = interference_verdicts(&r);
     let pct = |x: Option<f64>| {
         x.map_or_else(|| "not measured".into(), |x| format!("{:+.1} %", x * 100.0))
+    };
+    // A per-round figure with its rounds' range (`sign` -1: a drop shown
+    // as a negative change); results saved before the range existed show
+    // the figure alone.
+    let pct_rounds = |x: Option<f64>, rounds: Option<schema::Spread>, sign: f64| {
+        let x = x.map(|x| x * sign);
+        match rounds {
+            Some(s) => {
+                let (lo, hi) = if sign < 0.0 {
+                    (-s.max, -s.min)
+                } else {
+                    (s.min, s.max)
+                };
+                format!("{} [{:+.1} .. {:+.1}]", pct(x), lo * 100.0, hi * 100.0)
+            }
+            None => pct(x),
+        }
     };
     // The kernel baseline (no VM: a plain process freeing as much memory),
     // when the run had it: the bound of both targets on this host.
@@ -3007,9 +3024,21 @@ fn interference_section(d: &StepData) -> Section {
                 "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} |",
                 sc.scenario,
                 md_cell(&sc.event),
-                pct(sc.victim_fault_p99_increase),
-                pct(sc.victim_walk_p99_increase),
-                pct(sc.victim_loop_rate_drop.map(|x| -x)),
+                pct_rounds(
+                    sc.victim_fault_p99_increase,
+                    sc.victim_fault_p99_increase_rounds,
+                    1.0
+                ),
+                pct_rounds(
+                    sc.victim_walk_p99_increase,
+                    sc.victim_walk_p99_increase_rounds,
+                    1.0
+                ),
+                pct_rounds(
+                    sc.victim_loop_rate_drop,
+                    sc.victim_loop_rate_drop_rounds,
+                    -1.0
+                ),
                 sc.event_ms.median,
                 sc.a_cpu_ms.median,
                 // None in a window that waits on no API (and in results

@@ -987,6 +987,14 @@ pub struct ScenarioResult {
     pub victim_fault_p99_increase: Option<f64>,
     pub victim_walk_p99_increase: Option<f64>,
     pub victim_loop_rate_drop: Option<f64>,
+    /// The per-round figures behind the three above (their median is the
+    /// figure): the lowest, median and highest round.
+    #[serde(default)]
+    pub victim_fault_p99_increase_rounds: Option<Spread>,
+    #[serde(default)]
+    pub victim_walk_p99_increase_rounds: Option<Spread>,
+    #[serde(default)]
+    pub victim_loop_rate_drop_rounds: Option<Spread>,
     pub fault_p99_us_quiet: Spread,
     pub fault_p99_us_event: Spread,
     pub fault_p50_us_quiet: f64,

@@ -133,6 +133,18 @@ fn bench_interference_json() {
             "the guest's loop did not advance: {s}"
         );
         assert!(num(s, "victim_fault_p99_increase") >= -1.0, "{s}");
+        // Each figure is the median of its per-round changes, shown with
+        // their range (one round here: all three are that round's).
+        for k in [
+            "victim_fault_p99_increase",
+            "victim_walk_p99_increase",
+            "victim_loop_rate_drop",
+        ] {
+            let r = &s[format!("{k}_rounds")];
+            let (lo, med, hi) = (num(r, "min"), num(r, "median"), num(r, "max"));
+            assert!(lo <= med && med <= hi, "{k}: {s}");
+            assert_eq!(med, num(s, k), "{k}: {s}");
+        }
         assert!(
             matches!(s["verdict"].as_str(), Some("met" | "missed" | "baseline")),
             "{s}"

@@ -1319,6 +1319,33 @@ fn interference_shows_the_kernel_baseline() {
     row(&md, &["munmap", "the munmap event", "+340.0 %"]);
 }
 
+/// A scenario's figures are shown with the range of their rounds; a loop
+/// rate drop is shown as a negative change, its range turned with it.
+#[test]
+fn interference_shows_the_rounds_range() {
+    let dir = scratch("interference-rounds");
+    let mut v = interference_fixture(0.2, 0.05);
+    let mut sc = scenario_fixture("teardown", 0.2, 0.05, "missed");
+    sc["victim_fault_p99_increase_rounds"] = json!({"median": 0.2, "min": 0.05, "max": 0.5});
+    sc["victim_loop_rate_drop_rounds"] = json!({"median": 0.05, "min": 0.01, "max": 0.08});
+    v["scenarios"] = json!([sc, scenario_fixture("balloon", 0.1, 0.0, "met")]);
+    write(&dir, "interference.json", &v);
+    let (out, md) = report_from(&dir, "interference");
+    assert!(out.status.success(), "{}", text(&out));
+    row(
+        &md,
+        &[
+            "teardown",
+            "the teardown event",
+            "+20.0 % [+5.0 .. +50.0]",
+            "+0.0 %",
+            "-5.0 % [-8.0 .. -1.0]",
+        ],
+    );
+    // A result saved before the ranges existed shows the figures alone.
+    row(&md, &["balloon", "the balloon event", "+10.0 %", "+0.0 %"]);
+}
+
 #[test]
 fn fault_and_interference_verdict_boundaries() {
     let dir = scratch("fault-interference");
