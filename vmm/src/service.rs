@@ -95,7 +95,7 @@ pub struct ServiceOptions {
     /// What guest RAM is made of, for every VM of this service (`vmm
     /// --backing`): anon, memfd or guest-memfd, with 4 KiB leaves, or 2 MiB
     /// ones where `huge_pages` is `Transparent`. `None`: `huge_pages`
-    /// alone decides, as in Firecracker ([`backing_of`]).
+    /// alone decides, as in Firecracker (see [`backing_for`]).
     pub backing: Option<Backing>,
 }
 
@@ -145,7 +145,7 @@ fn bad(msg: impl Into<String>) -> ApiFault {
 }
 
 /// The backing and leaf size Firecracker's `huge_pages` stands for.
-pub fn backing_of(h: HugePages) -> (Backing, PageSize) {
+fn backing_of(h: HugePages) -> (Backing, PageSize) {
     match h {
         HugePages::None => (Backing::Anon, PageSize::Size4K),
         HugePages::Transparent => (Backing::Anon, PageSize::Size2M),
@@ -154,7 +154,8 @@ pub fn backing_of(h: HugePages) -> (Backing, PageSize) {
 }
 
 /// The backing and leaf size of guest RAM: `huge_pages` as in Firecracker
-/// ([`backing_of`]), unless the service was given a backing kind
+/// (none: anon with 4 KiB leaves; `Transparent`: anon with 2 MiB leaves;
+/// `2M`: hugetlbfs), unless the service was given a backing kind
 /// ([`ServiceOptions::backing`]): then that kind, with 2 MiB leaves for
 /// `Transparent` and 4 KiB for `None`; `2M` (hugetlbfs) is refused with
 /// it, since the two name different memory.
