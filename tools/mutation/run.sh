@@ -5,7 +5,7 @@
 #
 # Builds `gmm` normally and runs `gmm mutation`, which builds the detectors
 # with the test-only `mutation` feature into target/mutation (loom models into
-# target/mutation-loom), checks that every detector passes with nothing
+# target/loom), checks that every detector passes with nothing
 # broken, then breaks each rule (GMM_BREAK_RULE) and counts the detectors that
 # fail. Prints a table on stderr and, with --json, one JSON line on stdout:
 #   {"rules": N, "undetected": K, "results": [{"rule", "detector", "runs", "caught"}, ...], ...}

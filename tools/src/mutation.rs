@@ -616,7 +616,10 @@ fn slug(name: &str) -> String {
 }
 
 /// Build what `detectors` need, with the feature, into `target/mutation`
-/// (loom: `target/mutation-loom`), and find the executables.
+/// (loom: `target/loom`, beside the loom models CI and the README build
+/// there: a test binary is not copied out of `deps/`, so the two builds
+/// share every dependency without overwriting each other), and find the
+/// executables.
 fn build(ws: &Path, detectors: &[Detector]) -> Result<Built> {
     let mut built = Built::default();
     let mut packages: Vec<&str> = Vec::new();
@@ -684,7 +687,7 @@ fn build(ws: &Path, detectors: &[Detector]) -> Result<Built> {
             "guest-mm/mutation",
         ];
         let env = [("RUSTFLAGS", "--cfg loom")];
-        built.loom = cargo(ws, &ws.join("target/mutation-loom"), &args, &env)?
+        built.loom = cargo(ws, &ws.join("target/loom"), &args, &env)?
             .into_iter()
             .find(|a| a.target == "loom" && a.test)
             .map(|a| a.executable);
