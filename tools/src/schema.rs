@@ -1169,6 +1169,19 @@ pub struct WalkResult {
     /// page-granular map costs on this machine, the bound of the walk.
     #[serde(default)]
     pub page_map_unlocked_per_s: f64,
+    /// The same lock-free page map while another thread, paced to the
+    /// guest-mm storm's rate, clears and sets again a random 2 MiB of it
+    /// per operation (`page_map_storm_ops_per_s`): the bound of the walk
+    /// under the storm on this machine.
+    #[serde(default)]
+    pub page_map_under_unmap_per_s: f64,
+    #[serde(default)]
+    pub page_map_storm_ops_per_s: f64,
+    /// `page_map_under_unmap_per_s / page_map_unlocked_per_s`: the share
+    /// of its rate any page-granular map keeps under the storm (the bound
+    /// of `under_unmap_ratio`).
+    #[serde(default)]
+    pub page_map_under_unmap_ratio: f64,
     /// `walk_per_s / rwlock_per_s` (target ≥ 1.2).
     #[serde(default)]
     pub walk_vs_rwlock: f64,

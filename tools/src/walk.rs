@@ -9,9 +9,16 @@
 //! - an `RwLock<Vec<u64>>` page map read-locked per translation, with a
 //!   writer storm paced to the guest-mm storm's measured rate (so both
 //!   tables suffer the same number of unmap/remap operations per second);
-//! - the same page map read with no lock (`page_map_unlocked_per_s`): one
-//!   random load from 2 MiB per GiB, the footprint of the stage-2 leaf
-//!   entries, so the memory bound of any page-granular translation.
+//! - a lock-free page map of the same size (`page_map_unlocked_per_s`), one
+//!   word per 4 KiB page read with one relaxed load: one random load from
+//!   2 MiB per GiB, the footprint of the stage-2 leaf entries, so the
+//!   memory bound of any page-granular translation. Under a storm paced
+//!   to the guest-mm storm's rate, writing the same 4 KiB of entries per
+//!   operation (cleared, then set again) with nothing else to do
+//!   (`page_map_under_unmap_per_s`), it is the bound of the walk under
+//!   the storm: the walker's loads of lines another core just wrote are
+//!   served from that core's cache instead of a shared one, whatever the
+//!   table's protocol;
 //!
 //! Beside the direct fast walk, the same translations go through guest-mm's
 //! vm-memory view of a read section (`WalkGuard::memory`, vm-memory's
@@ -44,7 +51,7 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, RwLock};
 use std::time::{Duration, Instant};
 
@@ -128,11 +135,12 @@ enum Phase {
     RwLock,
     RwLockStorm,
     PageMap,
+    PageMapStorm,
     VmMemory1,
     VmMemory4,
 }
 
-const PHASES: [Phase; 14] = [
+const PHASES: [Phase; 15] = [
     Phase::Walk(Mode::Cached),
     Phase::Walk2M,
     Phase::View,
@@ -145,6 +153,7 @@ const PHASES: [Phase; 14] = [
     Phase::RwLock,
     Phase::RwLockStorm,
     Phase::PageMap,
+    Phase::PageMapStorm,
     Phase::VmMemory1,
     Phase::VmMemory4,
 ];
@@ -427,21 +436,66 @@ impl RwTable {
     }
 }
 
-/// The `RwLock` baseline's page map read without the lock (unsound with a
-/// writer; no storm runs in this phase): one random load from a 2 MiB
-/// array per translation at 1 GiB, the same footprint as the stage-2 leaf
-/// entries, so the bound of any page-granular map on this machine.
-fn page_map_loop(t: &RwTable, i: usize, stop: &AtomicBool, len: u64, batch: u32) -> Count {
-    let m = t.map.read().unwrap_or_else(|e| e.into_inner());
-    let map: &[u64] = &m;
+/// The lock-free page map: one word per 4 KiB page, `hva | perms`, 0 =
+/// unmapped, read and written with relaxed atomics (plain loads and
+/// stores on x86-64).
+struct FlatMap {
+    map: Vec<AtomicU64>,
+}
+
+impl FlatMap {
+    fn new(len: u64) -> FlatMap {
+        let map = (0..len / PAGE)
+            .map(|p| AtomicU64::new((FAKE_HVA + p * PAGE) | 3))
+            .collect();
+        FlatMap { map }
+    }
+
+    /// Clears, then sets again, the entries of `[gpa, gpa + len)`: the
+    /// stores an unmap and a remap make to the leaf entries.
+    fn cycle(&self, gpa: u64, len: u64) {
+        let pages = gpa / PAGE..(gpa + len) / PAGE;
+        for p in pages.clone() {
+            self.map[p as usize].store(0, Ordering::Relaxed);
+        }
+        for p in pages {
+            self.map[p as usize].store((FAKE_HVA + p * PAGE) | 3, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The lock-free page map's storm, paced at `rate` operations per second:
+/// a random 2 MiB cleared and set again per operation.
+fn page_map_storm(t: &FlatMap, stop: &AtomicBool, len: u64, rate: f64) -> u64 {
+    let mut rng = Rng::new(0xfeed);
+    let mut ops = 0u64;
+    let pacer = Pacer::new(Some(rate));
+    while !stop.load(Ordering::Relaxed) {
+        if !pacer.due(ops) {
+            continue;
+        }
+        t.cycle(rng.below(len / HUGE) * HUGE, HUGE);
+        ops += 1;
+    }
+    ops
+}
+
+/// One random relaxed load from a 2 MiB array per translation at 1 GiB,
+/// the same footprint as the stage-2 leaf entries, so the bound of any
+/// page-granular map on this machine (alone, and under its storm).
+fn page_map_loop(t: &FlatMap, i: usize, stop: &AtomicBool, len: u64, batch: u32) -> Count {
+    let map: &[AtomicU64] = &t.map;
     let mut rng = Rng::new(0x1234_5678 + i as u64 * 0x9e37_79b9);
     let mut c = Count::default();
     let mut sink = 0u64;
     while !stop.load(Ordering::Relaxed) {
         for _ in 0..batch {
             let gpa = addr(&mut rng, len);
-            match map.get((gpa / PAGE) as usize) {
-                Some(&e) if e & 1 != 0 => sink ^= (e & !(PAGE - 1)) + (gpa & (PAGE - 1)),
+            match map
+                .get((gpa / PAGE) as usize)
+                .map(|e| e.load(Ordering::Relaxed))
+            {
+                Some(e) if e & 1 != 0 => sink ^= (e & !(PAGE - 1)) + (gpa & (PAGE - 1)),
                 _ => c.failed += 1,
             }
         }
@@ -527,12 +581,13 @@ struct Bench<'a> {
     batch: u32,
     storm_rate: Option<f64>,
     rw: &'a RwTable,
+    flat: &'a FlatMap,
     vm1: &'a GuestMemoryMmap,
     vm4: &'a GuestMemoryMmap,
 }
 
 impl Bench<'_> {
-    /// Run one phase; `rw_rate` paces the `RwLock` storm.
+    /// Run one phase; `rw_rate` paces the baselines' storms.
     fn run(&self, p: Phase, rw_rate: f64) -> Result<Measured> {
         let none = None::<fn(&AtomicBool) -> Result<u64>>;
         let (t, s, b, len) = (self.threads, self.secs, self.batch, self.len);
@@ -600,8 +655,14 @@ impl Bench<'_> {
             Phase::PageMap => phase(
                 t,
                 s,
-                |i, stop| page_map_loop(self.rw, i, stop, len, b),
+                |i, stop| page_map_loop(self.flat, i, stop, len, b),
                 none,
+            )?,
+            Phase::PageMapStorm => phase(
+                t,
+                s,
+                |i, stop| page_map_loop(self.flat, i, stop, len, b),
+                Some(|stop: &AtomicBool| Ok(page_map_storm(self.flat, stop, len, rw_rate))),
             )?,
             Phase::VmMemory1 => phase(
                 t,
@@ -642,13 +703,14 @@ fn rate_key(p: Phase) -> &'static str {
         Phase::RwLock => "rwlock_per_s",
         Phase::RwLockStorm => "rwlock_under_unmap_per_s",
         Phase::PageMap => "page_map_unlocked_per_s",
+        Phase::PageMapStorm => "page_map_under_unmap_per_s",
         Phase::VmMemory1 => "vm_memory_per_s",
         Phase::VmMemory4 => "vm_memory_4_regions_per_s",
     }
 }
 
 /// Ratios computed within each round: (JSON name, numerator, denominator).
-const RATIOS: [(&str, &str, &str); 11] = [
+const RATIOS: [(&str, &str, &str); 12] = [
     ("walk_vs_vm_memory", "walk_per_s", "vm_memory_per_s"),
     (
         "walk_vs_vm_memory_4_regions",
@@ -686,6 +748,11 @@ const RATIOS: [(&str, &str, &str); 11] = [
     (
         "walk_vs_page_map_unlocked",
         "walk_per_s",
+        "page_map_unlocked_per_s",
+    ),
+    (
+        "page_map_under_unmap_ratio",
+        "page_map_under_unmap_per_s",
         "page_map_unlocked_per_s",
     ),
 ];
@@ -730,6 +797,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         }
     }
     let rw = RwTable::new(len);
+    let flat = FlatMap::new(len);
     let vm_regions = |n: u64| -> Result<GuestMemoryMmap> {
         let rlen = len / n;
         let ranges: Vec<(GuestAddress, usize)> = (0..n)
@@ -751,6 +819,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         batch: a.batch,
         storm_rate: a.storm_rate,
         rw: &rw,
+        flat: &flat,
         vm1: &vm1,
         vm4: &vm4,
     };
@@ -766,6 +835,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     let mut per: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     let mut storm_rates: Vec<f64> = Vec::new();
     let mut rw_rates: Vec<f64> = Vec::new();
+    let mut flat_rates: Vec<f64> = Vec::new();
     let (mut uaf, mut storm_failed, mut storm_total, mut shootdowns) = (0u64, 0u64, 0u64, 0u64);
     for r in 0..a.rounds as usize {
         let mut round_rates: BTreeMap<&'static str, f64> = BTreeMap::new();
@@ -790,6 +860,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
                     shootdowns += m.shootdowns;
                 }
                 Phase::RwLockStorm => rw_rates.push(m.storm_ops_per_s),
+                Phase::PageMapStorm => flat_rates.push(m.storm_ops_per_s),
                 _ => {}
             }
             round_rates.insert(rate_key(p), m.rate);
@@ -850,6 +921,10 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     log += &line("RwLock<Vec>", "rwlock_per_s");
     log += &line("RwLock<Vec>, under storm", "rwlock_under_unmap_per_s");
     log += &line("page map, no lock (load bound)", "page_map_unlocked_per_s");
+    log += &line(
+        "page map, no lock, under storm",
+        "page_map_under_unmap_per_s",
+    );
     log += &line("vm-memory get_host_address (1)", "vm_memory_per_s");
     log += &line(
         "vm-memory get_host_address (4)",
@@ -870,6 +945,10 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         "under_unmap_vs_rwlock_under_unmap",
     );
     log += &rline("RwLock under storm / alone", "rwlock_under_unmap_ratio");
+    log += &rline(
+        "page map storm / alone (bound)",
+        "page_map_under_unmap_ratio",
+    );
     log += &rline("view / walk", "guest_memory_view_vs_walk");
     log += &rline(
         "view / vm-memory (1 region)",
@@ -877,9 +956,10 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     );
     let storm_rate = median(&storm_rates);
     let rw_rate = median(&rw_rates);
+    let flat_rate = median(&flat_rates);
     let unmapped_pct = storm_failed as f64 * 100.0 / storm_total.max(1) as f64;
     log += &format!(
-        "  storm: {storm_rate:.0} unmap+remap/s (median round), {unmapped_pct:.2}% unmapped hits, {shootdowns} shootdowns; RwLock storm paced at {rw_rate:.0}/s\n",
+        "  storm: {storm_rate:.0} unmap+remap/s (median round), {unmapped_pct:.2}% unmapped hits, {shootdowns} shootdowns; RwLock storm paced at {rw_rate:.0}/s, page map storm at {flat_rate:.0}/s\n",
     );
     log += &format!("  view op: {VIEW_OP}\n");
     if t as usize + 1 > cores {
@@ -923,6 +1003,9 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         vm_memory_regions: 1,
         vm_memory_4_regions_per_s: med("vm_memory_4_regions_per_s"),
         page_map_unlocked_per_s: med("page_map_unlocked_per_s"),
+        page_map_under_unmap_per_s: med("page_map_under_unmap_per_s"),
+        page_map_storm_ops_per_s: round(flat_rate, 1),
+        page_map_under_unmap_ratio: med("page_map_under_unmap_ratio"),
         walk_vs_rwlock: med("walk_vs_rwlock"),
         walk_vs_page_map_unlocked: med("walk_vs_page_map_unlocked"),
         walk_vs_vm_memory: med("walk_vs_vm_memory"),

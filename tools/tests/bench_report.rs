@@ -1433,6 +1433,29 @@ fn fault_and_interference_verdict_boundaries() {
     );
 }
 
+/// The storm target shows its bound, the lock-free page map's own share
+/// under the same storm, beside the walk's; the verdict stays the walk's.
+#[test]
+fn walk_storm_target_shows_the_page_map_bound() {
+    let dir = scratch("walk-bound");
+    let mut w = walk_fixture();
+    w["page_map_under_unmap_per_s"] = json!(180e6);
+    w["page_map_under_unmap_ratio"] = json!(0.75);
+    write(&dir, "walk.json", &w);
+    let (out, md) = report_from(&dir, "walk");
+    assert!(out.status.success(), "{}", text(&out));
+    row(
+        &md,
+        &[
+            "walk",
+            "fast walk under an unmap storm ≥ 0.9× alone",
+            "0.70× (bound: a lock-free flat page map under the same storm keeps 0.75×)",
+            "**missed**",
+        ],
+    );
+    row(&md, &["page map, no lock, under storm", "180.0"]);
+}
+
 #[test]
 fn a_bench_missing_from_gmm_is_reported_as_absent_not_failed() {
     // --from a directory without fault.json / interference.json (results
