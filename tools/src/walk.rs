@@ -464,9 +464,10 @@ impl FlatMap {
     }
 }
 
-/// The lock-free page map's storm, paced at `rate` operations per second:
-/// a random 2 MiB cleared and set again per operation.
-fn page_map_storm(t: &FlatMap, stop: &AtomicBool, len: u64, rate: f64) -> u64 {
+/// A baseline's storm: `op` on a random 2 MiB of `[0, len)`, paced at
+/// `rate` operations per second (the guest-mm storm's sequence of ranges);
+/// returns the operations done.
+fn paced_storm(stop: &AtomicBool, len: u64, rate: f64, mut op: impl FnMut(u64)) -> u64 {
     let mut rng = Rng::new(0xfeed);
     let mut ops = 0u64;
     let pacer = Pacer::new(Some(rate));
@@ -474,10 +475,16 @@ fn page_map_storm(t: &FlatMap, stop: &AtomicBool, len: u64, rate: f64) -> u64 {
         if !pacer.due(ops) {
             continue;
         }
-        t.cycle(rng.below(len / HUGE) * HUGE, HUGE);
+        op(rng.below(len / HUGE) * HUGE);
         ops += 1;
     }
     ops
+}
+
+/// The lock-free page map's storm: a random 2 MiB cleared and set again
+/// per operation.
+fn page_map_storm(t: &FlatMap, stop: &AtomicBool, len: u64, rate: f64) -> u64 {
+    paced_storm(stop, len, rate, |r| t.cycle(r, HUGE))
 }
 
 /// One random relaxed load from a 2 MiB array per translation at 1 GiB,
@@ -522,21 +529,13 @@ fn rwlock_loop(t: &RwTable, i: usize, stop: &AtomicBool, len: u64, batch: u32) -
     c
 }
 
-/// The baseline storm, paced at `rate` unmap+remap operations per second.
+/// The `RwLock` baseline's storm: a random 2 MiB unmapped and mapped
+/// again per operation, each under the write lock.
 fn rwlock_storm(t: &RwTable, stop: &AtomicBool, len: u64, rate: f64) -> u64 {
-    let mut rng = Rng::new(0xfeed);
-    let mut ops = 0u64;
-    let pacer = Pacer::new(Some(rate));
-    while !stop.load(Ordering::Relaxed) {
-        if !pacer.due(ops) {
-            continue;
-        }
-        let r = rng.below(len / HUGE) * HUGE;
+    paced_storm(stop, len, rate, |r| {
         t.set_range(r, HUGE, false);
         t.set_range(r, HUGE, true);
-        ops += 1;
-    }
-    ops
+    })
 }
 
 fn vm_memory_loop(m: &GuestMemoryMmap, i: usize, stop: &AtomicBool, len: u64, batch: u32) -> Count {
