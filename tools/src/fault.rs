@@ -145,15 +145,9 @@ pub(crate) fn pct(v: &mut [f64]) -> Pct {
     }
 }
 
+/// The spread of latencies or rates over rounds, to 2 decimals.
 pub(crate) fn spread(v: &[f64]) -> Spread {
-    if v.is_empty() {
-        return Spread::default();
-    }
-    Spread {
-        median: round(median(v), 2),
-        min: round(v.iter().copied().fold(f64::INFINITY, f64::min), 2),
-        max: round(v.iter().copied().fold(f64::NEG_INFINITY, f64::max), 2),
-    }
+    crate::rng::spread(v, 2)
 }
 
 /// The thread ids of this process's threads named `name`.

@@ -621,15 +621,6 @@ fn pooled<'a>(w: impl Iterator<Item = &'a Vec<f64>>) -> f64 {
     round(pct(&mut all).p99, 2)
 }
 
-/// The per-round figures' spread, or `None` when no round measured one.
-fn spread_of(v: &[f64]) -> Option<crate::schema::Spread> {
-    (!v.is_empty()).then(|| crate::schema::Spread {
-        median: round(median(v), 3),
-        min: round(v.iter().copied().fold(f64::INFINITY, f64::min), 3),
-        max: round(v.iter().copied().fold(f64::NEG_INFINITY, f64::max), 3),
-    })
-}
-
 /// event / quiet − 1; `None` without quiet samples (no prober).
 fn increase(quiet: f64, event: f64) -> Option<f64> {
     (quiet > 0.0).then(|| round(event / quiet - 1.0, 3))
@@ -641,22 +632,19 @@ fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
     // Each round's event window is judged against its own quiet window,
     // measured just before it (the pair shares the host's state of the
     // moment); the figure is the median of those per-round changes.
-    let fault_rounds: Vec<f64> = rs
-        .iter()
-        .filter_map(|r| increase(r.quiet.fault.p99, r.event.fault.p99))
-        .collect();
-    let walk_rounds: Vec<f64> = rs
-        .iter()
-        .filter_map(|r| increase(r.quiet.walk.p99, r.event.walk.p99))
-        .collect();
-    let drop_rounds: Vec<f64> = rs
-        .iter()
-        .filter_map(|r| increase(r.quiet.loop_mib_s, r.event.loop_mib_s).map(|x| -x))
-        .collect();
-    let paired = |v: &[f64]| (!v.is_empty()).then(|| round(median(v), 3));
-    let fi = paired(&fault_rounds);
-    let wi = paired(&walk_rounds);
-    let drop = paired(&drop_rounds);
+    // `None` when no round measured the figure (no prober).
+    let per_round = |f: &dyn Fn(&Round) -> Option<f64>| {
+        let v: Vec<f64> = rs.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| crate::rng::spread(&v, 3))
+    };
+    let fault_rounds = per_round(&|r| increase(r.quiet.fault.p99, r.event.fault.p99));
+    let walk_rounds = per_round(&|r| increase(r.quiet.walk.p99, r.event.walk.p99));
+    let drop_rounds = per_round(&|r| increase(r.quiet.loop_mib_s, r.event.loop_mib_s).map(|x| -x));
+    let (fi, wi, drop) = (
+        fault_rounds.map(|s| s.median),
+        walk_rounds.map(|s| s.median),
+        drop_rounds.map(|s| s.median),
+    );
     let met = [fi, wi, drop].iter().all(|x| x.is_some_and(|x| x <= 0.10));
     let verdict = match (sc.judged(), met) {
         (false, _) => "baseline",
@@ -677,9 +665,9 @@ fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
         victim_fault_p99_increase: fi,
         victim_walk_p99_increase: wi,
         victim_loop_rate_drop: drop,
-        victim_fault_p99_increase_rounds: spread_of(&fault_rounds),
-        victim_walk_p99_increase_rounds: spread_of(&walk_rounds),
-        victim_loop_rate_drop_rounds: spread_of(&drop_rounds),
+        victim_fault_p99_increase_rounds: fault_rounds,
+        victim_walk_p99_increase_rounds: walk_rounds,
+        victim_loop_rate_drop_rounds: drop_rounds,
         fault_p99_us_quiet: spread(&col(&|r| r.quiet.fault.p99)),
         fault_p99_us_event: spread(&col(&|r| r.event.fault.p99)),
         fault_p50_us_quiet: round(med(&|r| r.quiet.fault.p50), 2),

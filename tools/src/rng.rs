@@ -56,6 +56,19 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The lowest, median and highest of `v`, each rounded to `digits`
+/// decimals; all 0 for an empty sample.
+pub fn spread(v: &[f64], digits: i32) -> crate::schema::Spread {
+    if v.is_empty() {
+        return crate::schema::Spread::default();
+    }
+    crate::schema::Spread {
+        median: round(median(v), digits),
+        min: round(v.iter().copied().fold(f64::INFINITY, f64::min), digits),
+        max: round(v.iter().copied().fold(f64::NEG_INFINITY, f64::max), digits),
+    }
+}
+
 /// A duration in milliseconds.
 pub fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3

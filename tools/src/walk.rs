@@ -111,17 +111,6 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-/// The lowest, median and highest round of one figure.
-fn spread_of(v: &[f64], digits: i32) -> Spread {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    Spread {
-        min: round(if min.is_finite() { min } else { 0.0 }, digits),
-        median: round(median(v), digits),
-        max: round(if max.is_finite() { max } else { 0.0 }, digits),
-    }
-}
-
 /// The phases of one round, in their unrotated order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -408,14 +397,20 @@ fn spin(stop: &AtomicBool) -> Result<u64> {
     Ok(n)
 }
 
-/// The baseline page map: one word per 4 KiB page, `hva | perms`, 0 = unmapped.
+/// A baseline page map's word for mapped page `p`: `hva | perms` (0 is
+/// unmapped).
+fn mapped_entry(p: u64) -> u64 {
+    (FAKE_HVA + p * PAGE) | 3
+}
+
+/// The baseline page map: one word per 4 KiB page ([`mapped_entry`]).
 struct RwTable {
     map: RwLock<Vec<u64>>,
 }
 
 impl RwTable {
     fn new(len: u64) -> RwTable {
-        let v = (0..len / PAGE).map(|p| (FAKE_HVA + p * PAGE) | 3).collect();
+        let v = (0..len / PAGE).map(mapped_entry).collect();
         RwTable {
             map: RwLock::new(v),
         }
@@ -431,7 +426,7 @@ impl RwTable {
     fn set_range(&self, gpa: u64, len: u64, mapped: bool) {
         let mut m = self.map.write().unwrap_or_else(|e| e.into_inner());
         for p in gpa / PAGE..(gpa + len) / PAGE {
-            m[p as usize] = if mapped { (FAKE_HVA + p * PAGE) | 3 } else { 0 };
+            m[p as usize] = if mapped { mapped_entry(p) } else { 0 };
         }
     }
 }
@@ -446,7 +441,7 @@ struct FlatMap {
 impl FlatMap {
     fn new(len: u64) -> FlatMap {
         let map = (0..len / PAGE)
-            .map(|p| AtomicU64::new((FAKE_HVA + p * PAGE) | 3))
+            .map(|p| AtomicU64::new(mapped_entry(p)))
             .collect();
         FlatMap { map }
     }
@@ -459,7 +454,7 @@ impl FlatMap {
             self.map[p as usize].store(0, Ordering::Relaxed);
         }
         for p in pages {
-            self.map[p as usize].store((FAKE_HVA + p * PAGE) | 3, Ordering::Relaxed);
+            self.map[p as usize].store(mapped_entry(p), Ordering::Relaxed);
         }
     }
 }
@@ -879,7 +874,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     let mut spread: BTreeMap<&'static str, Spread> = BTreeMap::new();
     for (k, v) in &per {
         let digits = if k.ends_with("_per_s") { 0 } else { 3 };
-        spread.insert(k, spread_of(v, digits));
+        spread.insert(k, crate::rng::spread(v, digits));
     }
     let med = |k: &str| spread.get(k).map_or(0.0, |s| s.median);
     let m = |x: f64| x / 1e6;
