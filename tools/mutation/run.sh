@@ -4,7 +4,8 @@
 #   tools/mutation/run.sh [--quick] [--json] [--rules grace_period,...] [--runs N]
 #
 # Builds `gmm` normally and runs `gmm mutation`, which builds the detectors
-# with the test-only `mutation` feature into target/mutation (loom models into
+# with the test-only `mutation` feature into target/mutation (seeded with a
+# copy of the normal release build's dependencies; loom models into
 # target/loom), checks that every detector passes with nothing
 # broken, then breaks each rule (GMM_BREAK_RULE) and counts the detectors that
 # fail. Prints a table on stderr and, with --json, one JSON line on stdout:
