@@ -637,33 +637,25 @@ impl Vm {
             })?;
             Ok((Some(loaded?), rest?))
         })?;
-        let Devices {
-            balloon,
-            balloon_thread,
-            balloon_notify,
-            platform,
-            mmio,
-            control,
-        } = devices;
         if let Some(entry) = entry {
             for fd in &mut vcpu_fds {
                 boot::cpu::setup_vcpu(fd, entry.protocol, entry.entry)?;
             }
         }
         Ok(Self {
-            serial: platform.as_ref().map_or_else(
+            serial: devices.platform.as_ref().map_or_else(
                 || Arc::new(SerialDevice::new(config.console.clone())),
                 |p| Arc::clone(&p.io.serial),
             ),
-            linux: platform,
+            linux: devices.platform,
             config,
             vm_fd: Some(vm_fd),
             memory: Some(memory),
-            balloon,
-            balloon_thread,
-            balloon_notify,
-            mmio: Arc::new(mmio),
-            control,
+            balloon: devices.balloon,
+            balloon_thread: devices.balloon_thread,
+            balloon_notify: devices.balloon_notify,
+            mmio: Arc::new(devices.mmio),
+            control: devices.control,
             board: Arc::new(ReportBoard::default()),
             vcpu_fds,
             threads: Vec::new(),
