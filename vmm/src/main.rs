@@ -1002,8 +1002,9 @@ fn serve(cli: &Cli) -> anyhow::Result<ExitCode> {
         )?),
         None => None,
     };
-    // What KVM answers the same for every VM, asked before InstanceStart
-    // can come (the API is up: a start now waits for it).
+    // What does not depend on the configuration (the supported CPUID, an
+    // empty KVM VM), made while InstanceStart has not come (the API is up:
+    // a start that comes now waits for it).
     vmm::vstate::vm::warm_up();
     if let Some(cfg) = config {
         if let Err(f) = svc.configure_and_start(cfg) {
