@@ -372,6 +372,33 @@ impl Prepared {
     /// Writes kernel, initrd, command line, boot parameters, MP table, GDT
     /// and (64-bit protocol) page tables into `gm`; returns the entry.
     pub fn load(&self, gm: &GuestMemoryMmap) -> Result<BootEntry, BootError> {
+        let entry = self.load_kernel(gm)?;
+        self.load_initrd(gm)?;
+        Ok(entry)
+    }
+
+    /// The initrd's part of [`Prepared::load`]: its bytes at the address
+    /// `prepare` chose (nothing else is written there, so it may run
+    /// beside [`Prepared::load_kernel`]).
+    pub fn load_initrd(&self, gm: &GuestMemoryMmap) -> Result<(), BootError> {
+        if let Some((file, size, addr)) = &self.initrd {
+            let w = |e: vm_memory::GuestMemoryError| BootError::Write("the initrd", e.to_string());
+            // Straight from the file into guest memory (no heap copy).
+            let mut f = file;
+            f.seek(SeekFrom::Start(0))
+                .map_err(|e| BootError::Write("the initrd", e.to_string()))?;
+            let n = usize::try_from(*size)
+                .map_err(|e| BootError::Write("the initrd", e.to_string()))?;
+            gm.read_exact_volatile_from(GuestAddress(*addr), &mut f, n)
+                .map_err(w)?;
+        }
+        Ok(())
+    }
+
+    /// [`Prepared::load`] but the initrd: kernel, command line, boot
+    /// parameters (which point at where the initrd goes), MP table, GDT
+    /// and page tables; returns the entry.
+    pub fn load_kernel(&self, gm: &GuestMemoryMmap) -> Result<BootEntry, BootError> {
         let w = |what: &'static str| {
             move |e: vm_memory::GuestMemoryError| BootError::Write(what, e.to_string())
         };
@@ -440,16 +467,6 @@ impl Prepared {
                 start: HIMEM_START,
                 end: self.kernel.end,
             });
-        }
-        if let Some((file, size, addr)) = &self.initrd {
-            // Straight from the file into guest memory (no heap copy).
-            let mut f = file;
-            f.seek(SeekFrom::Start(0))
-                .map_err(|e| BootError::Write("the initrd", e.to_string()))?;
-            let n = usize::try_from(*size)
-                .map_err(|e| BootError::Write("the initrd", e.to_string()))?;
-            gm.read_exact_volatile_from(GuestAddress(*addr), &mut f, n)
-                .map_err(w("the initrd"))?;
         }
         load_cmdline(gm, GuestAddress(CMDLINE_START), &self.cmdline)
             .map_err(|e| BootError::Write("the command line", e.to_string()))?;
