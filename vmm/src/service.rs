@@ -116,6 +116,10 @@ struct Inner {
     /// any other thread waits for it even before its loop is reached.
     runner: Option<std::thread::ThreadId>,
     start_asked: bool,
+    /// When the API thread received the `InstanceStart` it handed over:
+    /// the start of `monitor_setup_ms` (the hand-over's wake-up is the
+    /// monitor's too).
+    start_received: Option<Instant>,
     start_answer: Option<Result<Reply, ApiFault>>,
 }
 
@@ -271,6 +275,7 @@ impl Service {
                 runner_waiting: false,
                 runner: None,
                 start_asked: false,
+                start_received: None,
                 start_answer: None,
             }),
             cv: Condvar::new(),
@@ -507,7 +512,7 @@ impl Service {
     }
 
     fn start(&self, g: &mut Inner) -> Result<(), ApiFault> {
-        let t0 = Instant::now();
+        let t0 = g.start_received.take().unwrap_or_else(Instant::now);
         let m = &g.cfg.machine_config;
         let size = check_machine(m, self.opts.backing)?;
         if let Some(b) = &g.cfg.balloon {
@@ -572,6 +577,7 @@ impl Service {
     /// Hands an `InstanceStart` to the thread in [`Service::run`] and waits
     /// for its answer.
     fn start_on_runner(&self) -> Result<Reply, ApiFault> {
+        let received = Instant::now();
         let _one = self.start_gate.lock().unwrap_or_else(|e| e.into_inner());
         let mut g = self.lock();
         if g.ended || self.stop_requested() {
@@ -581,6 +587,7 @@ impl Service {
             return Err(bad(AFTER_START));
         }
         g.start_asked = true;
+        g.start_received = Some(received);
         self.cv.notify_all();
         loop {
             if let Some(a) = g.start_answer.take() {
@@ -982,6 +989,12 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(s.lock().vm.is_none(), "the API thread made the VM itself");
+        // The runner's `monitor_setup_ms` starts when the API thread got
+        // the request, not when the runner woke.
+        assert!(
+            s.lock().start_received.is_some_and(|r| r <= Instant::now()),
+            "the receipt time was not handed to the runner"
+        );
         // No runner comes in this test: end the service; the handler's wait
         // ends with "shutting down".
         {
