@@ -382,15 +382,13 @@ impl Prepared {
     /// beside [`Prepared::load_kernel`]).
     pub fn load_initrd(&self, gm: &GuestMemoryMmap) -> Result<(), BootError> {
         if let Some((file, size, addr)) = &self.initrd {
-            let w = |e: vm_memory::GuestMemoryError| BootError::Write("the initrd", e.to_string());
+            let err = |e: &dyn std::fmt::Display| BootError::Write("the initrd", e.to_string());
             // Straight from the file into guest memory (no heap copy).
             let mut f = file;
-            f.seek(SeekFrom::Start(0))
-                .map_err(|e| BootError::Write("the initrd", e.to_string()))?;
-            let n = usize::try_from(*size)
-                .map_err(|e| BootError::Write("the initrd", e.to_string()))?;
+            f.seek(SeekFrom::Start(0)).map_err(|e| err(&e))?;
+            let n = usize::try_from(*size).map_err(|e| err(&e))?;
             gm.read_exact_volatile_from(GuestAddress(*addr), &mut f, n)
-                .map_err(w)?;
+                .map_err(|e| err(&e))?;
         }
         Ok(())
     }
