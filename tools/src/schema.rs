@@ -325,6 +325,18 @@ pub struct TeardownSize {
     pub naive_ms: f64,
     /// reclaim_ms / munmap_ms.
     pub ratio_vs_munmap: f64,
+    /// The *split* baseline (4 KiB rows on 2+ cores; null elsewhere): the
+    /// same release done at once by `split_threads` plain threads, no VM
+    /// (anon: one `madvise(MADV_DONTNEED)` of a share each; memfd: the
+    /// VM's files punched whole, one thread each), then munmap (+ close).
+    #[serde(default)]
+    pub split_ms: Option<f64>,
+    #[serde(default)]
+    pub split_threads: Option<u32>,
+    /// split_ms / munmap_ms: the kernel's bound of a release split that
+    /// many ways in this run (medians).
+    #[serde(default)]
+    pub split_ratio_vs_munmap: Option<f64>,
     /// naive_ms / reclaim_ms (how much faster the VM teardown is).
     pub ratio_naive_vs_reclaim: f64,
     /// QEMU quit → process exited (waitpid), when measured.
@@ -404,6 +416,8 @@ pub struct TeardownSize {
     pub munmap_ms_all: Vec<f64>,
     #[serde(default)]
     pub naive_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub split_ms_all: Vec<f64>,
     #[serde(default)]
     pub qemu_ms_all: Vec<f64>,
     #[serde(default)]

@@ -30,6 +30,17 @@
 //!   Hypervisor's pattern; `MADV_DONTNEED` for anonymous memory, a
 //!   `fallocate(PUNCH_HOLE)` per page for memfd), then the `munmap` (and
 //!   `close`) of the emptied mapping, all timed.
+//! - **split** (4 KiB rows, 2+ cores: the kernel's bound of the 0.6x
+//!   target): the release the VM splits across its cores, done by plain
+//!   threads with nothing else: no VM, no table, no KVM memslot, no
+//!   hand-off. Anonymous: an equally populated mapping, `split_threads`
+//!   threads each `madvise(MADV_DONTNEED)` one contiguous share at once,
+//!   then the `munmap` of the emptied mapping. memfd: the files the VM's
+//!   RAM is split into ([`vmm::memory::backing::memfd_files`]), each populated
+//!   through its mapping and punched whole by one of the threads, then
+//!   `munmap` + `close`. All timed, thread start included (the VM starts
+//!   its helpers too). Where even this takes more than 0.6x the munmap,
+//!   no teardown split as many ways can reach 0.6x in that run.
 //! - **qemu** (peer, when `qemu-system-x86_64` is found): QEMU with a
 //!   preallocated RAM backend and `-S` (the guest never runs), at 4 KiB
 //!   rows with transparent huge pages disabled for the process (QEMU
@@ -170,6 +181,7 @@ enum Strategy {
     Vm,
     Munmap,
     Naive,
+    Split,
     Qemu,
     Process,
     Service,
@@ -418,6 +430,26 @@ impl MemfdRegion {
         Ok(())
     }
 
+    /// One hole punched over the whole file.
+    fn punch_all(&self) -> Result<()> {
+        let fd = self.file.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let len = libc::off_t::try_from(self.len).context("memfd too large")?;
+        // SAFETY: our own memfd; punching drops only its pages.
+        let rc = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("fallocate(PUNCH_HOLE) of the whole memfd failed");
+        }
+        Ok(())
+    }
+
     /// munmap, then close (the file's pages are freed).
     fn release(&mut self) {
         if self.mapped {
@@ -466,6 +498,101 @@ fn baseline_once(a: &Case, size: u64, naive: bool) -> Result<(f64, u64, u64)> {
             }
             r.release();
             Ok((ms(t.elapsed()), resident, thp))
+        }
+    }
+}
+
+/// Threads of the *split* baseline at `size`: what the VM's teardown
+/// uses at 4 KiB leaves (every core), or `None` where the row has no split
+/// baseline (2 MiB leaves, one core).
+fn split_threads(case: &Case, cores: usize) -> Option<usize> {
+    (case.page == Leaf::Size4K && cores > 1).then_some(cores)
+}
+
+/// `len` cut into `k` shares on 2 MiB boundaries: `(offset, len)`, the
+/// last share taking what is left; empty shares are left out.
+fn shares(len: u64, k: usize) -> Vec<(u64, u64)> {
+    const PIECE: u64 = 2 << 20;
+    let k = k.max(1) as u64;
+    let each = len.div_ceil(k).next_multiple_of(PIECE);
+    (0..k)
+        .map(|i| ((i * each).min(len), each.min(len.saturating_sub(i * each))))
+        .filter(|&(_, l)| l > 0)
+        .collect()
+}
+
+/// One *split* baseline (see the module doc) with `threads` threads:
+/// (ms, resident before).
+fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
+    match a.backing {
+        BackingArg::Anon => {
+            let r = AnonRegion::new(size, a.page)?;
+            // SAFETY: our own fresh mapping; nothing else accesses it.
+            unsafe { populate_range(r.base, r.len)? };
+            let resident = r.resident();
+            let parts = shares(size, threads);
+            std::thread::sleep(SETTLE);
+            let t = Instant::now();
+            let res: Vec<Result<()>> = std::thread::scope(|sc| {
+                let r = &r;
+                let helpers: Vec<_> = parts[1..]
+                    .iter()
+                    .map(|&(off, len)| sc.spawn(move || r.dontneed(off, len)))
+                    .collect();
+                let mine = parts.first().map_or(Ok(()), |&(o, l)| r.dontneed(o, l));
+                std::iter::once(mine)
+                    .chain(helpers.into_iter().map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("a split thread panicked")))
+                    }))
+                    .collect()
+            });
+            drop(r);
+            let el = ms(t.elapsed());
+            res.into_iter().collect::<Result<()>>()?;
+            Ok((el, resident))
+        }
+        BackingArg::Memfd => {
+            let (n, file_len) = vmm::memory::backing::memfd_files(size);
+            let mut files = Vec::with_capacity(n);
+            let mut left = size;
+            for _ in 0..n {
+                let len = file_len.min(left);
+                left -= len;
+                let f = MemfdRegion::new(len, a.page)?;
+                f.populate()?;
+                files.push(f);
+            }
+            let resident: u64 = files.iter().map(MemfdRegion::resident).sum();
+            let k = threads.clamp(1, n.max(1));
+            std::thread::sleep(SETTLE);
+            let t = Instant::now();
+            let punch_from = |i: usize, files: &[MemfdRegion]| -> Result<()> {
+                files
+                    .iter()
+                    .skip(i)
+                    .step_by(k)
+                    .try_for_each(MemfdRegion::punch_all)
+            };
+            let res: Vec<Result<()>> = std::thread::scope(|sc| {
+                let files = &files[..];
+                let helpers: Vec<_> = (1..k)
+                    .map(|i| sc.spawn(move || punch_from(i, files)))
+                    .collect();
+                let mine = punch_from(0, files);
+                std::iter::once(mine)
+                    .chain(helpers.into_iter().map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("a split thread panicked")))
+                    }))
+                    .collect()
+            });
+            for f in &mut files {
+                f.release();
+            }
+            let el = ms(t.elapsed());
+            res.into_iter().collect::<Result<()>>()?;
+            Ok((el, resident))
         }
     }
 }
@@ -716,10 +843,15 @@ pub fn cmd(a: &Args) -> Result<()> {
     } else {
         Some(vmm_binary()?)
     };
-    let strategies_of = |b: BackingArg| {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let strategies_of = |c: &Case| {
+        let b = c.backing;
         let mut v = vec![Strategy::Vm, Strategy::Munmap];
         if !a.no_naive {
             v.push(Strategy::Naive);
+        }
+        if split_threads(c, cores).is_some() {
+            v.push(Strategy::Split);
         }
         if qemu.is_some() {
             v.push(Strategy::Qemu);
@@ -790,12 +922,12 @@ pub fn cmd(a: &Args) -> Result<()> {
     }
     let total: u64 = cases
         .iter()
-        .map(|(_, c)| u64::from(a.reps) * strategies_of(c.backing).len() as u64)
+        .map(|(_, c)| u64::from(a.reps) * strategies_of(c).len() as u64)
         .sum();
     let pb = crate::progress::bar(total, "teardown");
     let mut sizes = Vec::new();
     for &(size, case) in &cases {
-        let strategies = strategies_of(case.backing);
+        let strategies = strategies_of(&case);
         let qemu = qemu.clone().map(|mut q| {
             q.backend = qemu_backend(case.backing).to_string();
             q
@@ -881,6 +1013,19 @@ pub fn cmd(a: &Args) -> Result<()> {
                             mthp.push(thp as f64);
                         }
                     }
+                    Strategy::Split => {
+                        let k = split_threads(&case, cores).unwrap_or(1);
+                        let (el, resident) = split_once(&case, size, k)?;
+                        if resident < size {
+                            bail!(
+                                "the split baseline was populated to only {} of {}",
+                                human_bytes(resident),
+                                human_bytes(size)
+                            );
+                        }
+                        res.split_ms_all.push(el);
+                        res.split_threads = Some(k as u32);
+                    }
                     Strategy::Qemu => {
                         if let Some(q) = &qemu {
                             let (el, rss, thp) = qemu_once(q, size, case.page)
@@ -937,6 +1082,11 @@ pub fn cmd(a: &Args) -> Result<()> {
         } else {
             0.0
         };
+        res.split_ms = med_opt(&res.split_ms_all);
+        res.split_ratio_vs_munmap = res
+            .split_ms
+            .filter(|_| res.munmap_ms > 0.0)
+            .map(|_| round(median(&res.split_ms_all) / median(&res.munmap_ms_all), 3));
         res.qemu_ms = med_opt(&res.qemu_ms_all);
         res.qemu_rss_bytes = (!qrss.is_empty()).then(|| median(&qrss) as u64);
         res.qemu_thp_bytes = (!qthp.is_empty()).then(|| median(&qthp) as u64);
@@ -976,6 +1126,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             &mut res.reclaim_stage2_gather_ms_all,
             &mut res.munmap_ms_all,
             &mut res.naive_ms_all,
+            &mut res.split_ms_all,
             &mut res.qemu_ms_all,
             &mut res.process_exit_ms_all,
             &mut res.service_sigterm_ms_all,
@@ -990,6 +1141,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                     "{} {} {}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (memory back, released by the waiting thread in {} of {}, helpers joined in {}; all done {:.3} ms, in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}, other {:.3}); populate {:.0} ms\n  \
                      munmap   {:>9.3} ms   reclaim/munmap x{:.3} (target <= 1.1: {})\n  \
                      naive    {:>9.3} ms   naive/reclaim x{:.2}\n  \
+                     split    {} (kernel bound: {})\n  \
                      qemu     {} (quit -> exit)\n  \
                      vmm      {} (shutdown -> exit; API ack {}, its destroy {}, its reclaim {})  faster than qemu: {}\n  \
                      service  {} (SIGTERM -> exit)\n  \
@@ -1018,6 +1170,11 @@ pub fn cmd(a: &Args) -> Result<()> {
                     res.reclaim_within_1_10x_munmap,
                     res.naive_ms,
                     res.ratio_naive_vs_reclaim,
+                    opt(res.split_ms),
+                    res.split_ratio_vs_munmap.map_or("n/a".to_string(), |x| format!(
+                        "{} threads, x{x:.3} munmap",
+                        res.split_threads.unwrap_or(0)
+                    )),
                     opt(res.qemu_ms),
                     opt(res.process_exit_ms),
                     opt(res.process_ack_ms),
@@ -1173,5 +1330,42 @@ mod verdict_tests {
         assert_eq!(v(0.9, 0.3, None, Some(3.0)).faster_than_qemu, None);
         assert_eq!(v(0.9, 0.3, Some(3.0), None).faster_than_qemu, None);
         assert!(v(0.5, 0.0, None, None).reclaim_within_1_10x_munmap);
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::shares;
+
+    const M2: u64 = 2 << 20;
+
+    /// The split baseline's shares cover the region exactly, in order, on
+    /// 2 MiB boundaries, and none is empty.
+    #[test]
+    fn shares_cover_the_region_on_2m_boundaries() {
+        for (len, k) in [
+            (1u64 << 30, 2usize),
+            (1 << 30, 3),
+            (256 << 20, 8),
+            (6 * M2, 4),
+            (M2, 2),
+            (4 << 30, 1),
+        ] {
+            let s = shares(len, k);
+            assert!(!s.is_empty() && s.len() <= k, "{len} {k}: {s:?}");
+            let mut at = 0;
+            for &(off, l) in &s {
+                assert_eq!(off, at, "{len} {k}: {s:?}");
+                assert!(l > 0 && off % M2 == 0, "{len} {k}: {s:?}");
+                at += l;
+            }
+            assert_eq!(at, len, "{len} {k}: {s:?}");
+        }
+        assert_eq!(
+            shares(1 << 30, 2),
+            vec![(0, 512 << 20), (512 << 20, 512 << 20)]
+        );
+        // 6 pieces over 4 threads: 4 MiB each, the last share empty.
+        assert_eq!(shares(6 * M2, 4).len(), 3);
     }
 }

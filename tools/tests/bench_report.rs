@@ -1533,3 +1533,106 @@ fn soak_section_and_its_verdict() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(md.contains("`gmm soak` is not in this gmm binary"), "{md}");
 }
+
+/// One 4 KiB row of `gmm bench teardown` for the 0.6× target: the VM's
+/// memory back at `ratio` × munmap (100 ms), its split baseline (two
+/// plain threads, no VM) at `split` × munmap.
+fn teardown_4k_size(size: u64, backing: &str, ratio: f64, split: Option<f64>) -> Value {
+    let mut r = teardown_size(size, 0.1, 100.0 * ratio, 100.0, None);
+    r["backing"] = json!(backing);
+    r["page_size"] = json!("4K");
+    r["memory_back_within_0_6x_munmap"] = json!(ratio <= 0.6);
+    r["split_ms"] = json!(split.map(|s| 100.0 * s));
+    r["split_threads"] = json!(split.map(|_| 2));
+    r["split_ratio_vs_munmap"] = json!(split);
+    r
+}
+
+/// The 0.6× target at 4 KiB leaves is judged row by row against its
+/// kernel bound, the split baseline of the same row: a row whose split
+/// itself took more than 0.6× munmap is retired, one whose split stayed
+/// under it keeps its verdict, and one without a split is judged as is.
+#[test]
+fn teardown_4k_target_is_judged_against_its_split_bound() {
+    let dir = scratch("teardown-bound");
+    let mut td = teardown_fixture();
+    td["sizes"] = json!([
+        // The VM at 0.70×, the split at 0.65×: out of reach, retired.
+        teardown_4k_size(GIB, "anon", 0.70, Some(0.65)),
+        // The split at 0.55×: 0.6× was reachable; the VM at 0.72× missed.
+        teardown_4k_size(2 * GIB, "anon", 0.72, Some(0.55)),
+    ]);
+    write(&dir, "teardown.json", &td);
+    let (out, md) = report_from(&dir, "teardown");
+    assert!(out.status.success(), "{}", text(&out));
+    let r = row(&md, &["1 GiB", "anon 4K"]);
+    assert!(
+        r.contains("| 65.0 (2) | 0.65× |") && r.contains("| retired: kernel bound |"),
+        "{r}"
+    );
+    let r = row(&md, &["2 GiB", "anon 4K"]);
+    assert!(
+        r.contains("| 55.0 (2) | 0.55× |") && r.contains("| **missed** | met |"),
+        "{r}"
+    );
+    // One missed row is enough for the target to be missed.
+    row(
+        &md,
+        &[
+            "teardown",
+            "memory back ≤ 0.6× munmap at 4 KiB leaves from 1 GiB (2+ cores)",
+            "worst 0.72× at 2 GiB anon; kernel bound (plain threads, no VM: *split*) 0.55× .. 0.65× at those rows",
+            "**missed**",
+        ],
+    );
+    assert!(
+        md.contains("**\"≤ 0.6× munmap\" against its kernel bound.**")
+            && md.contains("1 GiB anon: the VM 0.70×, the split 0.65×")
+            && !md.contains("2 GiB anon: the VM"),
+        "{md}"
+    );
+
+    // Every row's split above 0.6×: the target is retired, not missed.
+    td["sizes"] = json!([
+        teardown_4k_size(GIB, "anon", 0.70, Some(0.65)),
+        teardown_4k_size(GIB, "memfd", 0.62, Some(0.61)),
+    ]);
+    write(&dir, "teardown.json", &td);
+    let (out, md) = report_from(&dir, "teardown");
+    assert!(out.status.success(), "{}", text(&out));
+    row(
+        &md,
+        &[
+            "teardown",
+            "memory back ≤ 0.6× munmap at 4 KiB leaves from 1 GiB (2+ cores)",
+            "worst 0.70× at 1 GiB anon; kernel bound (plain threads, no VM: *split*) 0.61× .. 0.65× at those rows",
+            "retired: kernel bound",
+        ],
+    );
+
+    // A VM within 0.6× is met whatever the split did; a row without a
+    // split (one core) is judged on its own figure.
+    td["sizes"] = json!([
+        teardown_4k_size(GIB, "anon", 0.58, Some(0.65)),
+        teardown_4k_size(2 * GIB, "anon", 0.66, None),
+    ]);
+    write(&dir, "teardown.json", &td);
+    let (out, md) = report_from(&dir, "teardown");
+    assert!(out.status.success(), "{}", text(&out));
+    let r = row(&md, &["1 GiB", "anon 4K"]);
+    assert!(r.contains("| met | met |"), "{r}");
+    let r = row(&md, &["2 GiB", "anon 4K"]);
+    assert!(
+        r.contains("| — | — |") && r.contains("| **missed** | met |"),
+        "{r}"
+    );
+    row(
+        &md,
+        &[
+            "teardown",
+            "memory back ≤ 0.6× munmap at 4 KiB leaves from 1 GiB (2+ cores)",
+            "worst 0.66× at 2 GiB anon; kernel bound (plain threads, no VM: *split*) 0.65× .. 0.65× at those rows",
+            "**missed**",
+        ],
+    );
+}
