@@ -54,6 +54,19 @@ pub const FIXTURE_CMDLINE: &str = "console=ttyS0 noxsave \
     nopti mitigations=off tsc=reliable no_timer_check reboot=k panic=-1 \
     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
+/// Whether a thread named `name` (its `comm`, at most 15 bytes) is one of
+/// monitor `m`'s vCPU threads: ours `vcpu0`, `vcpu1`, ...; QEMU
+/// `CPU 0/KVM`; Firecracker `fc_vcpu 0`.
+pub fn is_vcpu_thread(m: Monitor, name: &str) -> bool {
+    match m {
+        Monitor::Ours => name
+            .strip_prefix("vcpu")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        Monitor::Qemu => name.starts_with("CPU ") && name.ends_with("/KVM"),
+        Monitor::Fc => name.starts_with("fc_vcpu"),
+    }
+}
+
 /// How long a boot to `INIT-REACHED` may take.
 const BOOT_BUDGET: Duration = Duration::from_secs(180);
 /// How long the balloon may take to reach its target.
@@ -331,11 +344,23 @@ impl Running {
         }
     }
 
-    /// The process's CPU over `secs` of the guest idling, % of one core
-    /// (`None` if it could not be read).
-    fn idle_cpu_pct(&mut self, secs: f64) -> Option<f64> {
+    /// The process's CPU over `secs` of the guest idling, % of one core,
+    /// and the part of it its vCPU threads used ([`is_vcpu_thread`]: the
+    /// guest's own kernel, run or emulated inside `KVM_RUN`); `None` where
+    /// it could not be read.
+    fn idle_cpu_pct(&mut self, secs: f64) -> (Option<f64>, Option<f64>) {
         let pid = self.child.pid;
-        let before = vmm::proc_stats::cpu_time_of(pid)?;
+        let vcpus = |m: Monitor| {
+            vmm::proc_stats::thread_cpu_times(pid)
+                .into_iter()
+                .filter(|(_, name, _)| is_vcpu_thread(m, name))
+                .map(|(tid, _, cpu)| (tid, cpu))
+                .collect::<Vec<_>>()
+        };
+        let Some(before) = vmm::proc_stats::cpu_time_of(pid) else {
+            return (None, None);
+        };
+        let vcpu_before = vcpus(self.monitor);
         let t = Instant::now();
         let end = t + Duration::from_secs_f64(secs);
         while Instant::now() < end {
@@ -344,11 +369,23 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let used = vmm::proc_stats::cpu_time_of(pid)?.saturating_sub(before);
-        Some(round(
-            used.as_secs_f64() / t.elapsed().as_secs_f64() * 100.0,
-            3,
-        ))
+        let vcpu_after = vcpus(self.monitor);
+        let Some(after) = vmm::proc_stats::cpu_time_of(pid) else {
+            return (None, None);
+        };
+        let el = t.elapsed().as_secs_f64();
+        let pct = |d: Duration| round(d.as_secs_f64() / el * 100.0, 3);
+        // The same threads at both ends (a vCPU thread is never replaced
+        // while the guest idles; one missing at either end is not counted).
+        let vcpu: Duration = vcpu_after
+            .iter()
+            .filter_map(|(tid, a)| {
+                let (_, b) = vcpu_before.iter().find(|(t, _)| t == tid)?;
+                Some(a.saturating_sub(*b))
+            })
+            .sum();
+        let vcpu = (!vcpu_before.is_empty() && !vcpu_after.is_empty()).then(|| pct(vcpu));
+        (Some(pct(after.saturating_sub(before))), vcpu)
     }
 
     /// Bytes in the balloon now.
@@ -578,31 +615,37 @@ pub fn cmd(a: &Args) -> Result<()> {
             let init = run.wait_line("INIT-REACHED", BOOT_BUDGET)?;
             let init_s = init.saturating_duration_since(run.started).as_secs_f64();
             run.wait_line("NPROC", Duration::from_secs(60))?;
-            let idle = run.idle_cpu_pct(a.idle_seconds);
+            let (idle, idle_vcpu) = run.idle_cpu_pct(a.idle_seconds);
             let inflate_s = run.inflate(a.inflate)?;
             let (_, summary) = run.stop(false, Stop::Sigterm)?;
-            Ok((init_s, idle, inflate_s, summary))
+            Ok((init_s, (idle, idle_vcpu), inflate_s, summary))
         })();
         match session {
-            Ok((init_s, idle, inflate_s, summary)) => {
+            Ok((init_s, (idle, idle_vcpu), inflate_s, summary)) => {
                 let rate = round(a.inflate as f64 / inflate_s, 3);
                 say(a.json, &format!("  INIT-REACHED after {init_s:.1} s; balloon +{} MiB in {inflate_s:.2} s ({rate} MiB/s)\n", a.inflate));
                 let init_s = Some(round(init_s, 3));
-                say(a.json, &format!("  idle: {idle:?} % of a core\n"));
+                say(
+                    a.json,
+                    &format!("  idle: {idle:?} % of a core, vCPU threads {idle_vcpu:?} %\n"),
+                );
                 match m {
                     Monitor::Ours => {
                         r.ours_idle_cpu_pct = idle;
+                        r.ours_idle_vcpu_cpu_pct = idle_vcpu;
                         r.ours_init_s = init_s;
                         r.ours_inflate_mib_per_s = Some(rate);
                         r.monitor_setup_ms_all.extend(setup_ms(summary.as_ref()));
                     }
                     Monitor::Qemu => {
                         r.qemu_idle_cpu_pct = idle;
+                        r.qemu_idle_vcpu_cpu_pct = idle_vcpu;
                         r.qemu_init_s = init_s;
                         r.qemu_inflate_mib_per_s = Some(rate);
                     }
                     Monitor::Fc => {
                         r.fc_idle_cpu_pct = idle;
+                        r.fc_idle_vcpu_cpu_pct = idle_vcpu;
                         r.fc_init_s = init_s;
                         r.fc_inflate_mib_per_s = Some(rate);
                     }
@@ -700,4 +743,39 @@ pub fn cmd(a: &Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod vcpu_thread_tests {
+    use super::{is_vcpu_thread, Monitor};
+
+    /// Each monitor's vCPU threads by the names they give them, and
+    /// nothing else (API, device, I/O and helper threads).
+    #[test]
+    fn vcpu_threads_by_monitor() {
+        for (m, yes, no) in [
+            (
+                Monitor::Ours,
+                &["vcpu0", "vcpu1", "vcpu31"][..],
+                &["vcpu", "vcpu-setup", "vmm", "api"][..],
+            ),
+            (
+                Monitor::Qemu,
+                &["CPU 0/KVM", "CPU 1/KVM"][..],
+                &["qemu-system-x86", "IO mon_iothread", "CPU 0/TCG"][..],
+            ),
+            (
+                Monitor::Fc,
+                &["fc_vcpu 0", "fc_vcpu 1"][..],
+                &["fc_api", "firecracker", "fc_vmm"][..],
+            ),
+        ] {
+            for n in yes {
+                assert!(is_vcpu_thread(m, n), "{m:?} {n}");
+            }
+            for n in no {
+                assert!(!is_vcpu_thread(m, n), "{m:?} {n}");
+            }
+        }
+    }
 }

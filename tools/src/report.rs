@@ -2842,10 +2842,10 @@ fn linux_section(d: &StepData) -> Section {
     let mut md = format!("## {T}\n\n");
     let _ = writeln!(
         md,
-        "The Linux fixture (`../shared/linux-guest/`, {} vCPUs, {} MiB) under each monitor in turn, ours and Firecracker driven by the same API calls, QEMU as `-M microvm` with QMP. *init*: spawn → the console line `INIT-REACHED`; *idle*: the process's CPU while the booted guest waits; *inflate*: the guest's own virtio-balloon driver, target raised by {} MiB until the device reports it. This host emulates guest ring 0, so boots take tens of seconds for every monitor alike.\n",
+        "The Linux fixture (`../shared/linux-guest/`, {} vCPUs, {} MiB) under each monitor in turn, ours and Firecracker driven by the same API calls, QEMU as `-M microvm` with QMP. *init*: spawn → the console line `INIT-REACHED`; *idle*: the process's CPU while the booted guest waits (ours and Firecracker poll the balloon's statistics every second, QEMU does not), and the part of it the monitor's vCPU threads used: the guest's own kernel, which runs inside `KVM_RUN` (here emulated); the rest is the monitor's other threads; *inflate*: the guest's own virtio-balloon driver, target raised by {} MiB until the device reports it. This host emulates guest ring 0, so boots take tens of seconds for every monitor alike.\n",
         l.vcpus, l.mem_mib, l.inflate_mib
     );
-    md += "| monitor | init s | idle CPU % of a core | inflate MiB/s |\n|---|---:|---:|---:|\n";
+    md += "| monitor | init s | idle CPU % of a core | of which vCPU threads % | other threads % | inflate MiB/s |\n|---|---:|---:|---:|---:|---:|\n";
     for m in [
         schema::Monitor::Ours,
         schema::Monitor::Qemu,
@@ -2853,12 +2853,15 @@ fn linux_section(d: &StepData) -> Section {
     ] {
         let (init, idle, inflate) = l.of(m);
         let f = |x: Option<f64>, p: usize| x.map_or_else(|| "—".into(), |x| format!("{x:.p$}"));
+        let vcpu = l.idle_vcpu_of(m);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             monitor_name(m),
             f(init, 1),
             f(idle, 2),
+            f(vcpu, 2),
+            f(idle.zip(vcpu).map(|(a, b)| (a - b).max(0.0)), 2),
             f(inflate, 2),
         );
     }
@@ -2917,6 +2920,13 @@ fn linux_section(d: &StepData) -> Section {
     // The peers' idle cost of the same guest in the same run, beside ours:
     // what this host's guest costs any monitor (here ring 0 is emulated).
     let mut idle_row = row(1, idle, IDLE_CPU_PCT, "%");
+    if let (Some(a), Some(v)) = (idle, l.ours_idle_vcpu_cpu_pct) {
+        let _ = write!(
+            idle_row.measured,
+            " (vCPU threads {v:.2} %, the monitor's other threads {:.2} %)",
+            (a - v).max(0.0)
+        );
+    }
     let peers: Vec<String> = [schema::Monitor::Qemu, schema::Monitor::Fc]
         .into_iter()
         .filter_map(|m| Some(format!("{} {:.2} %", monitor_name(m), l.of(m).1?)))

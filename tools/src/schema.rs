@@ -619,6 +619,15 @@ pub struct LinuxResult {
     pub ours_idle_cpu_pct: Option<f64>,
     pub qemu_idle_cpu_pct: Option<f64>,
     pub fc_idle_cpu_pct: Option<f64>,
+    /// The part of `*_idle_cpu_pct` the monitor's vCPU threads used (the
+    /// guest's own kernel, run or emulated inside `KVM_RUN`), % of one
+    /// core; the rest is the monitor's other threads.
+    #[serde(default)]
+    pub ours_idle_vcpu_cpu_pct: Option<f64>,
+    #[serde(default)]
+    pub qemu_idle_vcpu_cpu_pct: Option<f64>,
+    #[serde(default)]
+    pub fc_idle_vcpu_cpu_pct: Option<f64>,
     /// ours_init_s / qemu_init_s and / fc_init_s.
     pub init_vs_qemu: Option<f64>,
     pub init_vs_fc: Option<f64>,
@@ -631,6 +640,15 @@ pub struct LinuxResult {
 }
 
 impl LinuxResult {
+    /// The part of one monitor's idle CPU its vCPU threads used, %.
+    pub fn idle_vcpu_of(&self, m: Monitor) -> Option<f64> {
+        match m {
+            Monitor::Ours => self.ours_idle_vcpu_cpu_pct,
+            Monitor::Qemu => self.qemu_idle_vcpu_cpu_pct,
+            Monitor::Fc => self.fc_idle_vcpu_cpu_pct,
+        }
+    }
+
     /// `(init s, idle CPU %, inflate MiB/s)` of one monitor.
     pub fn of(&self, m: Monitor) -> (Option<f64>, Option<f64>, Option<f64>) {
         match m {

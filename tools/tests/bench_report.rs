@@ -338,6 +338,7 @@ fn linux_fixture(setup_ms: f64) -> Value {
         "monitor_setup_ms": setup_ms, "ours_init_s": 27.0, "fc_init_s": 28.0,
         "ours_inflate_mib_per_s": 8.9, "fc_inflate_mib_per_s": 9.6,
         "ours_idle_cpu_pct": 0.6, "fc_idle_cpu_pct": 0.7,
+        "ours_idle_vcpu_cpu_pct": 0.5, "fc_idle_vcpu_cpu_pct": 0.45,
         "teardown": [{"monitor": "ours", "stop": "ctrl-alt-del", "mem_mib": 1024, "populated": true,
                       "rss_at_stop_bytes": GIB, "stop_to_memory_back_ms": 9.0,
                       "stop_to_exit_ms": 12.0, "exit_status": 0}],
@@ -1260,10 +1261,16 @@ fn service_and_linux_sections_and_their_verdicts() {
         &["linux", "Linux: an idle guest costs ≤ 1 % of a host core"],
     );
     assert!(r.contains("0.60 %") && r.ends_with("| met |"), "{r}");
+    // Where the idle CPU went: the guest's vCPU threads, the rest.
+    assert!(
+        r.contains("(vCPU threads 0.50 %, the monitor's other threads 0.10 %)"),
+        "{r}"
+    );
     // The peers that ran are shown beside ours (QEMU did not run here).
     assert!(r.contains("(the same guest in this run: fc 0.70 %)"), "{r}");
-    row(&md, &["ours", "27.0", "0.60", "8.90"]);
-    row(&md, &["qemu", "—", "—", "—"]);
+    row(&md, &["ours", "27.0", "0.60", "0.50", "0.10", "8.90"]);
+    row(&md, &["fc", "28.0", "0.70", "0.45", "0.25", "9.60"]);
+    row(&md, &["qemu", "—", "—", "—", "—", "—"]);
     row(
         &md,
         &[

@@ -124,6 +124,46 @@ pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
     ))
 }
 
+/// Every thread of process `pid` now: its name (`comm`, as
+/// `/proc/PID/task/TID/stat` gives it) and its user + system CPU time so
+/// far, by tid. Threads that end while the directory is read are left
+/// out; empty if the process is gone.
+pub fn thread_cpu_times(pid: u32) -> Vec<(u32, String, std::time::Duration)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let Some(hz) = u64::try_from(hz).ok().filter(|&h| h > 0) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        if let Some((name, ticks)) = parse_thread_stat(&stat) {
+            let cpu = std::time::Duration::from_nanos(ticks.saturating_mul(1_000_000_000 / hz));
+            out.push((tid, name, cpu));
+        }
+    }
+    out
+}
+
+/// A thread's `stat` line: its name (between the first `(` and the last
+/// `)`: the name may hold both) and utime + stime in clock ticks.
+fn parse_thread_stat(stat: &str) -> Option<(String, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_string();
+    let f: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    let ticks = f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?;
+    Some((name, ticks))
+}
+
 /// The running kernel's release (`/proc/sys/kernel/osrelease`).
 pub fn kernel_release() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -171,6 +211,36 @@ fn parse_cpuinfo(text: &str) -> CpuInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name with spaces and parentheses (QEMU's `CPU 0/KVM`, any
+    /// `prctl` name) is read whole; a truncated line is refused.
+    #[test]
+    fn thread_stat_names_and_ticks() {
+        let l = "4242 (CPU 0/KVM (x)) S 1 2 3 4 5 6 7 8 9 10 70 30 0 0 20 0 1 0";
+        assert_eq!(parse_thread_stat(l), Some(("CPU 0/KVM (x)".into(), 100)));
+        assert_eq!(parse_thread_stat("4242 (vcpu0) S 1 2 3"), None);
+        assert_eq!(parse_thread_stat("no parentheses"), None);
+    }
+
+    /// This process's threads are listed by name, the caller's among them.
+    #[test]
+    fn thread_cpu_times_lists_named_threads() {
+        let h = std::thread::Builder::new()
+            .name("stat-probe".into())
+            .spawn(|| {
+                let me = std::process::id();
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() } as u32;
+                let all = thread_cpu_times(me);
+                assert!(
+                    all.iter().any(|(t, n, _)| *t == tid && n == "stat-probe"),
+                    "{all:?}"
+                );
+            })
+            .expect("spawn");
+        h.join().expect("the probe thread");
+        assert!(thread_cpu_times(u32::MAX).is_empty());
+    }
 
     #[test]
     fn parses_kib_and_counts() {
