@@ -67,6 +67,24 @@ pub fn is_vcpu_thread(m: Monitor, name: &str) -> bool {
     }
 }
 
+/// Seconds between the guest's idle reports (`guest.period`): each
+/// report reads `/proc/meminfo` a byte per system call, seconds of
+/// emulated guest kernel here, so an idle window must fit between two.
+const GUEST_PERIOD_S: u32 = 600;
+
+/// `--idle-seconds`: more than 0, less than half of [`GUEST_PERIOD_S`].
+fn parse_idle_seconds(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let max = f64::from(GUEST_PERIOD_S) / 2.0;
+    if v > 0.0 && v <= max {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{s}: the idle window must be more than 0 and at most {max} s (the guest reports every {GUEST_PERIOD_S} s)"
+        ))
+    }
+}
+
 /// How long a boot to `INIT-REACHED` may take.
 const BOOT_BUDGET: Duration = Duration::from_secs(180);
 /// How long the balloon may take to reach its target.
@@ -104,8 +122,9 @@ pub struct Args {
     #[arg(long, default_value = "Transparent")]
     pub huge_pages: String,
     /// Idle window after boot, over which each monitor's CPU time is
-    /// counted (the guest's init waits; clock-tick resolution).
-    #[arg(long, default_value_t = 10.0)]
+    /// counted (the guest's init waits; clock-tick resolution). It starts
+    /// at init's first idle report and must end before its next one.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_idle_seconds)]
     pub idle_seconds: f64,
     /// Extra starts of ours, each stopped (SIGTERM) right after its first
     /// `KVM_RUN`, for `monitor_setup_ms` (the median of them and the
@@ -182,7 +201,7 @@ impl Running {
     fn spawn(s: &Setup, monitor: Monitor, mem: u64, populate: bool, mode: &str) -> Result<Self> {
         let sock = SockFile(sock_path(monitor.name()));
         let _ = std::fs::remove_file(&sock.0);
-        let cmdline = format!("{FIXTURE_CMDLINE} guest.mode={mode} guest.period=60");
+        let cmdline = format!("{FIXTURE_CMDLINE} guest.mode={mode} guest.period={GUEST_PERIOD_S}");
         let mib = mem >> 20;
         let started = Instant::now();
         let cmd = match monitor {
@@ -615,6 +634,10 @@ pub fn cmd(a: &Args) -> Result<()> {
             let init = run.wait_line("INIT-REACHED", BOOT_BUDGET)?;
             let init_s = init.saturating_duration_since(run.started).as_secs_f64();
             run.wait_line("NPROC", Duration::from_secs(60))?;
+            // The idle loop's first report: init has read /proc/meminfo
+            // (busybox `read` takes it a byte per system call: ~2 s of
+            // emulated guest kernel here) and now sleeps for a period.
+            run.wait_line("MEMTOTAL", Duration::from_secs(60))?;
             let (idle, idle_vcpu) = run.idle_cpu_pct(a.idle_seconds);
             let inflate_s = run.inflate(a.inflate)?;
             let (_, summary) = run.stop(false, Stop::Sigterm)?;
@@ -747,7 +770,20 @@ pub fn cmd(a: &Args) -> Result<()> {
 
 #[cfg(test)]
 mod vcpu_thread_tests {
-    use super::{is_vcpu_thread, Monitor};
+    use super::{is_vcpu_thread, parse_idle_seconds, Monitor, GUEST_PERIOD_S};
+
+    /// The idle window fits between two of the guest's reports; anything
+    /// else is refused with the reason.
+    #[test]
+    fn idle_window_is_bounded_by_the_guest_period() {
+        assert_eq!(parse_idle_seconds("10"), Ok(10.0));
+        let max = f64::from(GUEST_PERIOD_S) / 2.0;
+        assert_eq!(parse_idle_seconds(&max.to_string()), Ok(max));
+        for bad in ["0", "-1", "nan", "x", &(max + 1.0).to_string()] {
+            let e = parse_idle_seconds(bad).expect_err(bad);
+            assert!(e.contains(bad), "{e}");
+        }
+    }
 
     /// Each monitor's vCPU threads by the names they give them, and
     /// nothing else (API, device, I/O and helper threads).
