@@ -180,7 +180,7 @@ pub const BATCH_RUNS: usize = 128;
 /// threads ([`crate::Gather::set_release_threads`]).
 pub const PARALLEL_MIN_BYTES: u64 = 128 << 20;
 /// Least bytes per thread of a parallel release.
-const PARALLEL_SHARE_MIN: u64 = 64 << 20;
+pub const PARALLEL_SHARE_MIN: u64 = 64 << 20;
 /// Most threads of a parallel release.
 pub const MAX_RELEASE_THREADS: usize = 8;
 /// The least the threads of a parallel release claim at a time (16 MiB of

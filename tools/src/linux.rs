@@ -231,6 +231,9 @@ impl Running {
                 ))
                 .args(["-m", &format!("{mib}M"), "-machine", "memory-backend=m0"])
                 .args(["-nodefaults", "-no-user-config", "-nographic"])
+                // Thread names (`CPU 0/KVM`): the idle window counts the
+                // vCPU threads apart.
+                .args(["-name", "gmm-linux,debug-threads=on"])
                 .args(["-serial", "stdio", "-no-reboot", "-kernel"])
                 .arg(&s.kernel)
                 .arg("-initrd")

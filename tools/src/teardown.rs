@@ -72,6 +72,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use guest_mm::backing::{MAX_RELEASE_THREADS, PARALLEL_SHARE_MIN};
 use guest_mm::PageSize as Leaf;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
@@ -502,11 +503,15 @@ fn baseline_once(a: &Case, size: u64, naive: bool) -> Result<(f64, u64, u64)> {
     }
 }
 
-/// Threads of the *split* baseline at `size`: what the VM's teardown
-/// uses at 4 KiB leaves (every core), or `None` where the row has no split
-/// baseline (2 MiB leaves, one core).
-fn split_threads(case: &Case, cores: usize) -> Option<usize> {
-    (case.page == Leaf::Size4K && cores > 1).then_some(cores)
+/// Threads of the *split* baseline of `size` bytes: as many as the VM's
+/// teardown splits its release of 4 KiB pages across (every core, at most
+/// guest-mm's [`MAX_RELEASE_THREADS`], at least [`PARALLEL_SHARE_MIN`]
+/// each), or `None` where the row has no split baseline (2 MiB leaves, a
+/// release on one thread).
+fn split_threads(case: &Case, size: u64, cores: usize) -> Option<usize> {
+    let by_size = usize::try_from(size / PARALLEL_SHARE_MIN).unwrap_or(usize::MAX);
+    let k = cores.min(MAX_RELEASE_THREADS).min(by_size);
+    (case.page == Leaf::Size4K && k > 1).then_some(k)
 }
 
 /// `len` cut into `k` shares on 2 MiB boundaries: `(offset, len)`, the
@@ -844,13 +849,13 @@ pub fn cmd(a: &Args) -> Result<()> {
         Some(vmm_binary()?)
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let strategies_of = |c: &Case| {
+    let strategies_of = |c: &Case, size: u64| {
         let b = c.backing;
         let mut v = vec![Strategy::Vm, Strategy::Munmap];
         if !a.no_naive {
             v.push(Strategy::Naive);
         }
-        if split_threads(c, cores).is_some() {
+        if split_threads(c, size, cores).is_some() {
             v.push(Strategy::Split);
         }
         if qemu.is_some() {
@@ -922,12 +927,12 @@ pub fn cmd(a: &Args) -> Result<()> {
     }
     let total: u64 = cases
         .iter()
-        .map(|(_, c)| u64::from(a.reps) * strategies_of(c).len() as u64)
+        .map(|&(size, c)| u64::from(a.reps) * strategies_of(&c, size).len() as u64)
         .sum();
     let pb = crate::progress::bar(total, "teardown");
     let mut sizes = Vec::new();
     for &(size, case) in &cases {
-        let strategies = strategies_of(&case);
+        let strategies = strategies_of(&case, size);
         let qemu = qemu.clone().map(|mut q| {
             q.backend = qemu_backend(case.backing).to_string();
             q
@@ -1014,7 +1019,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                         }
                     }
                     Strategy::Split => {
-                        let k = split_threads(&case, cores).unwrap_or(1);
+                        let k = split_threads(&case, size, cores).unwrap_or(1);
                         let (el, resident) = split_once(&case, size, k)?;
                         if resident < size {
                             bail!(
