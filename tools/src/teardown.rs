@@ -526,6 +526,22 @@ fn shares(len: u64, k: usize) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Runs `f(0)` on the calling thread and `f(1)` .. `f(k - 1)` on as many
+/// new threads, all at once; the first error once all have returned.
+fn on_threads(k: usize, f: impl Fn(usize) -> Result<()> + Sync) -> Result<()> {
+    std::thread::scope(|sc| {
+        let f = &f;
+        let helpers: Vec<_> = (1..k).map(|i| sc.spawn(move || f(i))).collect();
+        let mine = if k > 0 { f(0) } else { Ok(()) };
+        helpers.into_iter().fold(mine, |acc, h| {
+            let one = h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a split thread panicked")));
+            acc.and(one)
+        })
+    })
+}
+
 /// One *split* baseline (see the module doc) with `threads` threads:
 /// (ms, resident before).
 fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
@@ -538,23 +554,13 @@ fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
             let parts = shares(size, threads);
             std::thread::sleep(SETTLE);
             let t = Instant::now();
-            let res: Vec<Result<()>> = std::thread::scope(|sc| {
-                let r = &r;
-                let helpers: Vec<_> = parts[1..]
-                    .iter()
-                    .map(|&(off, len)| sc.spawn(move || r.dontneed(off, len)))
-                    .collect();
-                let mine = parts.first().map_or(Ok(()), |&(o, l)| r.dontneed(o, l));
-                std::iter::once(mine)
-                    .chain(helpers.into_iter().map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(anyhow::anyhow!("a split thread panicked")))
-                    }))
-                    .collect()
+            let res = on_threads(parts.len(), |i| {
+                let (off, len) = parts[i];
+                r.dontneed(off, len)
             });
             drop(r);
             let el = ms(t.elapsed());
-            res.into_iter().collect::<Result<()>>()?;
+            res?;
             Ok((el, resident))
         }
         BackingArg::Memfd => {
@@ -572,31 +578,18 @@ fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
             let k = threads.clamp(1, n.max(1));
             std::thread::sleep(SETTLE);
             let t = Instant::now();
-            let punch_from = |i: usize, files: &[MemfdRegion]| -> Result<()> {
+            let res = on_threads(k, |i| {
                 files
                     .iter()
                     .skip(i)
                     .step_by(k)
                     .try_for_each(MemfdRegion::punch_all)
-            };
-            let res: Vec<Result<()>> = std::thread::scope(|sc| {
-                let files = &files[..];
-                let helpers: Vec<_> = (1..k)
-                    .map(|i| sc.spawn(move || punch_from(i, files)))
-                    .collect();
-                let mine = punch_from(0, files);
-                std::iter::once(mine)
-                    .chain(helpers.into_iter().map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(anyhow::anyhow!("a split thread panicked")))
-                    }))
-                    .collect()
             });
             for f in &mut files {
                 f.release();
             }
             let el = ms(t.elapsed());
-            res.into_iter().collect::<Result<()>>()?;
+            res?;
             Ok((el, resident))
         }
     }
@@ -1340,7 +1333,30 @@ mod verdict_tests {
 
 #[cfg(test)]
 mod split_tests {
-    use super::shares;
+    use super::{on_threads, shares};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Every share runs once, each on its own thread but the first; the
+    /// first error in share order is returned after all have run.
+    #[test]
+    fn on_threads_runs_every_share_and_keeps_the_first_error() {
+        let ran = AtomicUsize::new(0);
+        let main = std::thread::current().id();
+        on_threads(3, |i| {
+            ran.fetch_add(1 << (8 * i), Ordering::Relaxed);
+            assert_eq!(i == 0, std::thread::current().id() == main);
+            Ok(())
+        })
+        .expect("no share fails");
+        assert_eq!(ran.load(Ordering::Relaxed), 0x01_01_01);
+        let e = on_threads(4, |i| match i {
+            1 | 3 => Err(anyhow::anyhow!("share {i}")),
+            _ => Ok(()),
+        })
+        .expect_err("shares 1 and 3 fail");
+        assert_eq!(e.to_string(), "share 1");
+        assert!(on_threads(0, |_| Ok(())).is_ok());
+    }
 
     const M2: u64 = 2 << 20;
 
