@@ -115,7 +115,18 @@ pub fn thread_nice(tid: u32) -> Option<i32> {
 /// fields 14 and 15, in clock ticks), or `None` if it is gone.
 pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
     let f = stat_fields(&format!("/proc/{pid}/stat"))?;
-    let ticks = f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?;
+    ticks_as_time(cpu_ticks(&f)?)
+}
+
+/// User + system clock ticks (fields 14 and 15) of a `stat` line's fields
+/// from field 3 on.
+fn cpu_ticks<S: AsRef<str>>(f: &[S]) -> Option<u64> {
+    let field = |n: usize| f.get(n - 3)?.as_ref().parse::<u64>().ok();
+    Some(field(14)? + field(15)?)
+}
+
+/// `ticks` clock ticks as time (`None` if the tick rate cannot be read).
+fn ticks_as_time(ticks: u64) -> Option<std::time::Duration> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
@@ -132,25 +143,14 @@ pub fn thread_cpu_times(pid: u32) -> Vec<(u32, String, std::time::Duration)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let Some(hz) = u64::try_from(hz).ok().filter(|&h| h > 0) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in dir.flatten() {
-        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        if let Some((name, ticks)) = parse_thread_stat(&stat) {
-            let cpu = std::time::Duration::from_nanos(ticks.saturating_mul(1_000_000_000 / hz));
-            out.push((tid, name, cpu));
-        }
-    }
-    out
+    dir.flatten()
+        .filter_map(|e| {
+            let tid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (name, ticks) = parse_thread_stat(&stat)?;
+            Some((tid, name, ticks_as_time(ticks)?))
+        })
+        .collect()
 }
 
 /// A thread's `stat` line: its name (between the first `(` and the last
@@ -160,8 +160,7 @@ fn parse_thread_stat(stat: &str) -> Option<(String, u64)> {
     let close = stat.rfind(')')?;
     let name = stat.get(open + 1..close)?.to_string();
     let f: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
-    let ticks = f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?;
-    Some((name, ticks))
+    Some((name, cpu_ticks(&f)?))
 }
 
 /// The running kernel's release (`/proc/sys/kernel/osrelease`).
