@@ -371,8 +371,8 @@ impl Running {
     /// guest's own kernel, run or emulated inside `KVM_RUN`); `None` where
     /// it could not be read.
     fn idle_cpu_pct(&mut self, secs: f64) -> (Option<f64>, Option<f64>) {
-        let pid = self.child.pid;
-        let vcpus = |m: Monitor| {
+        let (pid, m) = (self.child.pid, self.monitor);
+        let vcpus = || {
             vmm::proc_stats::thread_cpu_times(pid)
                 .into_iter()
                 .filter(|(_, name, _)| is_vcpu_thread(m, name))
@@ -382,7 +382,7 @@ impl Running {
         let Some(before) = vmm::proc_stats::cpu_time_of(pid) else {
             return (None, None);
         };
-        let vcpu_before = vcpus(self.monitor);
+        let vcpu_before = vcpus();
         let t = Instant::now();
         let end = t + Duration::from_secs_f64(secs);
         while Instant::now() < end {
@@ -391,7 +391,7 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let vcpu_after = vcpus(self.monitor);
+        let vcpu_after = vcpus();
         let Some(after) = vmm::proc_stats::cpu_time_of(pid) else {
             return (None, None);
         };

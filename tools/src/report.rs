@@ -2233,9 +2233,9 @@ impl TeardownRow {
         self.within_0_6x.map(|m| match self.split_ratio {
             _ if m => Verdict::Met,
             Some(b) if b > TEARDOWN_4K_VS_MUNMAP => Verdict::Retired(format!(
-                "{} plain threads released the same memory in {}× munmap",
-                self.split_threads.unwrap_or(0),
-                b
+                "the VM {}, the split {}",
+                ratio(self.ratio),
+                ratio(b)
             )),
             _ => Verdict::Missed,
         })
@@ -2496,15 +2496,11 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     };
     let retired_rows: Vec<String> = fourk
         .iter()
-        .filter(|r| matches!(r.within_0_6x(), Some(Verdict::Retired(_))))
-        .map(|r| {
-            format!(
-                "{} {}: the VM {}, the split {}",
-                human_bytes(r.size),
-                r.backing,
-                ratio(r.ratio),
-                r.split_ratio.map_or_else(|| "—".into(), ratio)
-            )
+        .filter_map(|r| match r.within_0_6x() {
+            Some(Verdict::Retired(why)) => {
+                Some(format!("{} {}: {why}", human_bytes(r.size), r.backing))
+            }
+            _ => None,
         })
         .collect();
     if !retired_rows.is_empty() {
