@@ -390,9 +390,14 @@ pub(crate) fn start_service_vm(spec: &ServiceSpec<'_>, deadline: Instant) -> Res
 
 /// Sends SIGTERM to a child that has not exited (`who` in errors).
 pub(crate) fn sigterm(w: &mut Waited, who: &str) -> Result<()> {
+    signal(w, libc::SIGTERM, who)
+}
+
+/// Sends `sig` to `w`, which must not have exited yet.
+pub(crate) fn signal(w: &mut Waited, sig: libc::c_int, who: &str) -> Result<()> {
     let pid = libc::pid_t::try_from(w.pid)?;
     // SAFETY: our own child, not reaped (its waiter has not reported).
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+    if unsafe { libc::kill(pid, sig) } != 0 {
         let why = std::io::Error::last_os_error();
         match w.exited() {
             Some(o) => bail!(
@@ -400,7 +405,7 @@ pub(crate) fn sigterm(w: &mut Waited, who: &str) -> Result<()> {
                 o.status,
                 tail(&o.stderr)
             ),
-            None => bail!("SIGTERM to {who} failed: {why}"),
+            None => bail!("signal {sig} to {who} failed: {why}"),
         }
     }
     Ok(())
