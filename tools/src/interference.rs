@@ -68,8 +68,9 @@
 //!   one cursor), checks that its RSS fell by all of it, and exits; the
 //!   event window runs from the signal to the exit. No monitor, no table,
 //!   no KVM: what remains is what the kernel's freeing costs VM B when
-//!   it only runs on otherwise idle cores. The report retires a target
-//!   this baseline alone missed in the same run. Other ways of releasing
+//!   it only runs on otherwise idle cores. The report does not judge the
+//!   teardown's figure against a target this baseline alone missed in the
+//!   same run (the balloon's still is). Other ways of releasing
 //!   were measured worse (`--release-pause-us`, `--release-threads`; 10
 //!   rounds each, 4 GiB of 4 KiB pages, 2 cores): fault p99 +12.2 % and
 //!   +14.5 % as VM A does it, +39.3 % pausing 1 ms after each chunk,

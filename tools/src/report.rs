@@ -3203,34 +3203,62 @@ fn interference_section(d: &StepData) -> Section {
 
 /// The scenario of the idle-priority release baseline.
 const IDLE_RELEASE: &str = "idle-release";
+/// The VM scenario whose release the idle-priority baseline repeats.
+const TEARDOWN_SCENARIO: &str = "teardown";
 
 /// Why the idle-priority release bounds the interference targets.
-const IDLE_RELEASE_BOUND: &str = "No monitor takes part: the release VM A's teardown makes (as many `SCHED_IDLE` threads, claiming chunks of the same sizes from one cursor), made by a plain process with nothing else to do, which then exits. Giving memory back at idle priority is how a teardown keeps off the cores a victim's threads want; what this release alone costs the victim is what the kernel's work of freeing that memory costs a neighbour even when it only runs on otherwise idle cores (a woken thread waits for the releasing thread's next preemption point; the page allocator's locks). Where it alone raised a victim figure by more than 10 % in the same run, that target is shown retired, with the VM's figure and the baseline's.";
+const IDLE_RELEASE_BOUND: &str = "No monitor takes part: the release VM A's teardown makes (as many `SCHED_IDLE` threads, claiming chunks of the same sizes from one cursor), made by a plain process with nothing else to do, which then exits. Giving memory back at idle priority is how a teardown keeps off the cores a victim's threads want; what this release alone costs the victim is what the kernel's work of freeing that memory costs a neighbour even when it only runs on otherwise idle cores (a woken thread waits for the releasing thread's next preemption point; the page allocator's locks). Where it alone raised a victim figure by more than 10 % in the same run, the teardown's figure is not judged against that target (the release is the same); the balloon's inflate, a different release, still is, so a target is shown retired only where the teardown alone missed it.";
 
-/// The two interference verdicts: each fraction ≤ 0.10 (a NaN misses);
-/// retired where the idle-priority release baseline (`idle`) alone moved
-/// the same figure by more than that in the same run.
+/// The two interference verdicts: each fraction ≤ 0.10 (a NaN misses),
+/// judged per VM scenario where the run has them. The teardown's is
+/// retired where the idle-priority release baseline (`idle`: the same
+/// release with no VM) alone moved the same figure by more than that in
+/// the same run; the balloon's inflate is no such release and keeps its
+/// verdict. A target is retired only if every scenario that missed it is.
 fn interference_verdicts(
     r: &schema::InterferenceResult,
     idle: Option<&schema::ScenarioResult>,
 ) -> (Verdict, Verdict) {
-    let v = |x: Option<f64>, f: fn(&schema::ScenarioResult) -> Option<f64>| {
-        match x {
-        Some(x) if x <= INTERFERENCE_MAX => Verdict::Met,
-        Some(x) => match idle.and_then(f) {
-            Some(b) if b > INTERFERENCE_MAX => Verdict::Retired(format!(
-                "the VMs {:+.1} %; an idle-priority release with no VM alone {:+.1} % in the same run",
-                x * 100.0,
-                b * 100.0
-            )),
-            _ => Verdict::Missed,
-        },
-        None => Verdict::NotMeasured("no quiet baseline in the run".into()),
-    }
+    let judge = |top: Option<f64>, f: fn(&schema::ScenarioResult) -> Option<f64>| {
+        let plain = |x: Option<f64>| match x {
+            Some(x) => Verdict::of(x <= INTERFERENCE_MAX),
+            None => Verdict::NotMeasured("no quiet baseline in the run".into()),
+        };
+        let judged: Vec<&schema::ScenarioResult> = r
+            .scenarios
+            .iter()
+            .filter(|s| s.verdict != "baseline")
+            .collect();
+        if judged.is_empty() {
+            return plain(top);
+        }
+        let bound = idle.and_then(f).filter(|b| *b > INTERFERENCE_MAX);
+        let each: Vec<Verdict> = judged
+            .iter()
+            .map(|s| match (f(s), bound) {
+                (Some(x), Some(b)) if x > INTERFERENCE_MAX && s.scenario == TEARDOWN_SCENARIO => {
+                    Verdict::Retired(format!(
+                        "the {} {:+.1} %; an idle-priority release with no VM alone {:+.1} % in the same run",
+                        s.scenario,
+                        x * 100.0,
+                        b * 100.0
+                    ))
+                }
+                (x, _) => plain(x),
+            })
+            .collect();
+        let missed_all_retired = each.iter().any(|v| matches!(v, Verdict::Retired(_)))
+            && each
+                .iter()
+                .all(|v| matches!(v, Verdict::Retired(_) | Verdict::Met));
+        match each.iter().find(|v| matches!(v, Verdict::Retired(_))) {
+            Some(v) if missed_all_retired => v.clone(),
+            _ => Verdict::all(&each),
+        }
     };
     (
-        v(r.victim_fault_p99_increase, |s| s.victim_fault_p99_increase),
-        v(r.victim_loop_rate_drop, |s| s.victim_loop_rate_drop),
+        judge(r.victim_fault_p99_increase, |s| s.victim_fault_p99_increase),
+        judge(r.victim_loop_rate_drop, |s| s.victim_loop_rate_drop),
     )
 }
 
