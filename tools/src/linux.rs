@@ -21,8 +21,14 @@
 //!   (`--stops`: SIGTERM, or `PUT /actions SendCtrlAltDel` for ours and
 //!   Firecracker; QEMU: QMP `quit` either way) starts the clock;
 //!   `stop_to_memory_back_ms` runs until the process's RSS fell below a
-//!   tenth of what it was (polled every ms), `stop_to_exit_ms` until
-//!   `waitpid` returned.
+//!   tenth of what it was (polled every ms; with `--backing memfd` also
+//!   until the host's `Shmem` fell by nine tenths of that RSS: a file's
+//!   pages come back when they are punched or the file is closed, not
+//!   when they leave the RSS), `stop_to_exit_ms` until `waitpid`
+//!   returned.
+//! - **backing** (`--backing`): anonymous guest RAM, or memfd for ours
+//!   (`--backing memfd`) and QEMU (`memory-backend-memfd,share=on`);
+//!   Firecracker has no memfd-backed guest RAM and is then skipped.
 //!
 //! Ours and Firecracker get the same API calls (`PUT /boot-source`,
 //! `/machine-config`, `/balloon`, `/actions`). `monitor_setup_ms` is our
@@ -43,7 +49,7 @@ use serde_json::json;
 
 use crate::peer::{rss_of, sock_path, tail, vmm_binary, which, Qmp, SockFile, Waited};
 use crate::rng::{ms, round};
-use crate::schema::{LinuxResult, LinuxTeardownRow as TeardownRow};
+use crate::schema::{LinuxBacking, LinuxResult, LinuxTeardownRow as TeardownRow};
 pub use crate::schema::{Monitor, Stop};
 use crate::units::{human_bytes, parse_size, parse_size_list, SizeList};
 use crate::{emit_json, say};
@@ -121,6 +127,12 @@ pub struct Args {
     /// pages) or `Transparent` (THP, what QEMU's RAM gets by default).
     #[arg(long, default_value = "Transparent")]
     pub huge_pages: String,
+    /// What guest RAM is made of, for ours and QEMU: anonymous memory, or
+    /// memfd (shared file memory: ours `--backing memfd`, QEMU
+    /// `memory-backend-memfd`). Firecracker has no memfd-backed guest RAM:
+    /// with memfd it is skipped, and the result says why.
+    #[arg(long, value_enum, default_value = "anon")]
+    pub backing: LinuxBacking,
     /// Idle window after boot, over which each monitor's CPU time is
     /// counted (the guest's init waits; clock-tick resolution). It starts
     /// at init's first idle report and must end before its next one.
@@ -159,6 +171,7 @@ impl Monitor {
 /// The fixture and how to start each monitor.
 struct Setup {
     huge_pages: String,
+    backing: LinuxBacking,
     kernel: PathBuf,
     initrd: PathBuf,
     vcpus: u32,
@@ -177,6 +190,7 @@ struct Running {
     qmp: Option<Qmp>,
     started: Instant,
     mem: u64,
+    backing: LinuxBacking,
     /// Console lines seen, for error messages and our JSON summary.
     seen: Vec<String>,
 }
@@ -211,6 +225,9 @@ impl Running {
                 if populate {
                     c.arg("--populate");
                 }
+                if s.backing == LinuxBacking::Memfd {
+                    c.args(["--backing", "memfd"]);
+                }
                 c
             }
             Monitor::Qemu => {
@@ -226,7 +243,11 @@ impl Running {
                 .arg(s.vcpus.to_string())
                 .arg("-object")
                 .arg(format!(
-                    "memory-backend-ram,id=m0,size={mib}M,prealloc={}",
+                    "{},id=m0,size={mib}M,prealloc={}",
+                    match s.backing {
+                        LinuxBacking::Anon => "memory-backend-ram",
+                        LinuxBacking::Memfd => "memory-backend-memfd,share=on",
+                    },
                     if populate { "on" } else { "off" }
                 ))
                 .args(["-m", &format!("{mib}M"), "-machine", "memory-backend=m0"])
@@ -263,6 +284,7 @@ impl Running {
             qmp: None,
             started,
             mem,
+            backing: s.backing,
             seen: Vec::new(),
         };
         match monitor {
@@ -479,6 +501,21 @@ impl Running {
             self.seen.push(l);
         }
         let rss = rss_of(self.child.pid);
+        // memfd: the guest's pages live in the file, whose pages the
+        // host gets back only once they are punched or the file is
+        // closed: a process can drop them from its RSS (munmap) and still
+        // hold them. Memory is back once the host's `Shmem` fell too.
+        let shmem0 = match self.backing {
+            LinuxBacking::Memfd => {
+                Some(vmm::proc_stats::meminfo("Shmem:").context("reading Shmem in /proc/meminfo")?)
+            }
+            LinuxBacking::Anon => None,
+        };
+        let shmem_back = || {
+            shmem0.is_none_or(|s0| {
+                vmm::proc_stats::meminfo("Shmem:").is_some_and(|s| s + rss / 10 * 9 <= s0)
+            })
+        };
         let t = Instant::now();
         match self.monitor {
             Monitor::Qemu => {
@@ -504,8 +541,10 @@ impl Running {
             }
         }
         let mut back = None;
+        let mut rss_low = false;
         let exit = loop {
-            if back.is_none() && rss_of(self.child.pid) < rss / 10 {
+            rss_low = rss_low || rss_of(self.child.pid) < rss / 10;
+            if back.is_none() && rss_low && shmem_back() {
                 back = Some(ms(t.elapsed()));
             }
             if let Some(o) = self.child.exited() {
@@ -521,6 +560,13 @@ impl Running {
             std::thread::sleep(Duration::from_millis(1));
         };
         let exit_ms = ms(t.elapsed());
+        // memfd: the file may be freed only by the exit (its last close).
+        while back.is_none() && shmem0.is_some() && t.elapsed() < EXIT_BUDGET {
+            if shmem_back() {
+                back = Some(ms(t.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         while let Ok((_, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
             self.seen.push(l);
         }
@@ -586,11 +632,13 @@ pub fn cmd(a: &Args) -> Result<()> {
         kernel: kernel.display().to_string(),
         mem_mib: a.mem >> 20,
         vcpus: a.vcpus,
+        backing: a.backing,
         inflate_mib: a.inflate,
         ..LinuxResult::default()
     };
     let mut s = Setup {
         huge_pages: a.huge_pages.clone(),
+        backing: a.backing,
         kernel,
         initrd,
         vcpus: a.vcpus,
@@ -607,6 +655,9 @@ pub fn cmd(a: &Args) -> Result<()> {
             Monitor::Qemu => which(&a.qemu)
                 .map(|p| s.qemu = Some(p))
                 .ok_or_else(|| format!("{} not found (apt-get install qemu-system-x86)", a.qemu)),
+            Monitor::Fc if a.backing == LinuxBacking::Memfd => {
+                Err("Firecracker has no memfd-backed guest RAM (--backing memfd)".to_string())
+            }
             Monitor::Fc => {
                 let fc = a.firecracker.clone().unwrap_or_else(default_fc);
                 which(&fc)

@@ -2838,8 +2838,11 @@ fn linux_section(d: &StepData) -> Section {
     let mut md = format!("## {T}\n\n");
     let _ = writeln!(
         md,
-        "The Linux fixture (`../shared/linux-guest/`, {} vCPUs, {} MiB) under each monitor in turn, ours and Firecracker driven by the same API calls, QEMU as `-M microvm` with QMP. *init*: spawn → the console line `INIT-REACHED`; *idle*: the process's CPU while the booted guest waits (ours and Firecracker poll the balloon's statistics every second, QEMU does not), and the part of it the monitor's vCPU threads used: the guest's own kernel, which runs inside `KVM_RUN` (here emulated); the rest is the monitor's other threads; *inflate*: the guest's own virtio-balloon driver, target raised by {} MiB until the device reports it. This host emulates guest ring 0, so boots take tens of seconds for every monitor alike.\n",
-        l.vcpus, l.mem_mib, l.inflate_mib
+        "The Linux fixture (`../shared/linux-guest/`, {} vCPUs, {} MiB, {} guest RAM) under each monitor in turn, ours and Firecracker driven by the same API calls, QEMU as `-M microvm` with QMP. *init*: spawn → the console line `INIT-REACHED`; *idle*: the process's CPU while the booted guest waits (ours and Firecracker poll the balloon's statistics every second, QEMU does not), and the part of it the monitor's vCPU threads used: the guest's own kernel, which runs inside `KVM_RUN` (here emulated); the rest is the monitor's other threads; *inflate*: the guest's own virtio-balloon driver, target raised by {} MiB until the device reports it. This host emulates guest ring 0, so boots take tens of seconds for every monitor alike.\n",
+        l.vcpus,
+        l.mem_mib,
+        l.backing.name(),
+        l.inflate_mib
     );
     md += "| monitor | init s | idle CPU % of a core | of which vCPU threads % | other threads % | inflate MiB/s |\n|---|---:|---:|---:|---:|---:|\n";
     for m in [
@@ -2880,7 +2883,15 @@ fn linux_section(d: &StepData) -> Section {
         opt_ms(setup)
     );
     if !l.teardown.is_empty() {
-        md += "Teardown of a running guest (ours and Firecracker: SIGTERM or `SendCtrlAltDel`, as *stop* says; QEMU: `quit`; RAM populated host-side where the monitor can):\n\n| monitor | stop | RAM | populated | RSS at stop | stop → memory back ms | stop → exit ms |\n|---|---|---:|---|---:|---:|---:|\n";
+        let back = match l.backing {
+            schema::LinuxBacking::Anon => "the process's RSS fell below a tenth of what it was",
+            schema::LinuxBacking::Memfd => "the process's RSS fell below a tenth of what it was and the host's `Shmem` by nine tenths of it (a memfd's pages come back when punched or when the file is closed, not when they leave the RSS)",
+        };
+        let _ = write!(
+            md,
+            "Teardown of a running guest (ours and Firecracker: SIGTERM or `SendCtrlAltDel`, as *stop* says; QEMU: `quit`; RAM populated host-side where the monitor can); memory is back once {back}:\n\n"
+        );
+        md += "| monitor | stop | RAM | populated | RSS at stop | stop → memory back ms | stop → exit ms |\n|---|---|---:|---|---:|---:|---:|\n";
         for r in &l.teardown {
             let _ = writeln!(
                 md,

@@ -569,6 +569,28 @@ pub enum Monitor {
     Fc,
 }
 
+/// What guest RAM is made of in `gmm bench linux`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinuxBacking {
+    /// Anonymous private memory (every monitor's default).
+    #[default]
+    Anon,
+    /// Shared file memory: ours `--backing memfd`, QEMU
+    /// `memory-backend-memfd` (Firecracker has none).
+    Memfd,
+}
+
+impl LinuxBacking {
+    /// The name used in options, JSON and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinuxBacking::Anon => "anon",
+            LinuxBacking::Memfd => "memfd",
+        }
+    }
+}
+
 /// How a running guest is stopped.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -600,6 +622,9 @@ pub struct LinuxResult {
     pub kernel: String,
     pub mem_mib: u64,
     pub vcpus: u32,
+    /// What guest RAM was made of (results saved before it existed: anon).
+    #[serde(default)]
+    pub backing: LinuxBacking,
     pub inflate_mib: u64,
     /// `InstanceStart` → first `KVM_RUN` of ours: the median of
     /// `monitor_setup_ms_all`.

@@ -1284,6 +1284,14 @@ fn service_and_linux_sections_and_their_verdicts() {
         ],
     );
     assert!(md.contains("Skipped: qemu: not found"), "{md}");
+    // Results saved before the backing was recorded were anonymous RAM.
+    assert!(md.contains("2 vCPUs, 256 MiB, anon guest RAM)"), "{md}");
+    let mut l = linux_fixture(20.0);
+    l["backing"] = json!("memfd");
+    write(&dir, "linux.json", &l);
+    let (out, md) = report_from(&dir, "linux");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(md.contains("2 vCPUs, 256 MiB, memfd guest RAM)"), "{md}");
 }
 
 /// The kernel baseline scenario (no VM) is shown beside the interference
