@@ -213,7 +213,10 @@ pub const BACKGROUND_PATIENCE_MIN: Duration = Duration::from_millis(10);
 /// the end keep a thread that got a CPU late (a `SCHED_IDLE` helper beside
 /// a busy core, or one that started late: [`FlusherCpu`]) from holding the
 /// others up with a large claim of its own.
-fn claim_size(left: u64, k: usize) -> u64 {
+///
+/// Public so that a baseline outside guest-mm (`gmm bench interference`'s
+/// idle-priority release) claims exactly as a release here does.
+pub fn claim_size(left: u64, k: usize) -> u64 {
     const PIECE: u64 = 2 << 20;
     let guided = (left / (2 * k.max(1) as u64)) & !(PIECE - 1);
     guided.max(PARALLEL_CHUNK).min(left)

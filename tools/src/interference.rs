@@ -278,21 +278,14 @@ pub fn neighbour(a: &NeighbourArgs) -> Result<()> {
 const RSS_SLACK: u64 = 16 * MIB;
 
 /// Gives `r` back with `a.release_threads` threads claiming chunks from
-/// one cursor: a `2k`th of what is left, in whole 2 MiB pieces, between
-/// [`guest_mm::backing::PARALLEL_CHUNK`] and `a.claim` (the VM's
-/// background release claims the same way, up to
-/// [`guest_mm::backing::BACKGROUND_CLAIM_MAX`]).
+/// one cursor, sized as guest-mm's releases size them
+/// ([`guest_mm::backing::claim_size`]), at most `a.claim` (the VM's
+/// background release: [`guest_mm::backing::BACKGROUND_CLAIM_MAX`]).
 fn release_claimed(r: &crate::mem::AnonRegion, a: &NeighbourArgs) -> Result<()> {
     use std::sync::atomic::AtomicU64;
-    let k = u64::from(a.release_threads);
+    let k = a.release_threads as usize;
     let cursor = AtomicU64::new(0);
-    let claim = |left: u64| {
-        let guided = (left / (2 * k)) & !(2 * MIB - 1);
-        guided
-            .max(guest_mm::backing::PARALLEL_CHUNK)
-            .min(a.claim.max(2 * MIB))
-            .min(left)
-    };
+    let claim = |left: u64| guest_mm::backing::claim_size(left, k).min(a.claim.max(2 * MIB));
     let pause = Duration::from_micros(a.pause_us);
     std::thread::scope(|sc| -> Result<()> {
         let hs: Vec<_> = (0..k)
@@ -348,18 +341,14 @@ fn release_claimed(r: &crate::mem::AnonRegion, a: &NeighbourArgs) -> Result<()> 
     })
 }
 
-/// Threads of VM A's teardown release of `a.a_mem`: every core, at most
-/// [`guest_mm::backing::MAX_RELEASE_THREADS`], at least
-/// [`guest_mm::backing::PARALLEL_SHARE_MIN`] each.
+/// Threads of the idle-release baseline: `--release-threads`, else as
+/// many as VM A's teardown splits its release of `a.a_mem` across.
 fn release_threads(a: &Args) -> u32 {
     if a.release_threads > 0 {
         return a.release_threads;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let by_size = (a.a_mem / guest_mm::backing::PARALLEL_SHARE_MIN).max(1);
-    cores
-        .min(guest_mm::backing::MAX_RELEASE_THREADS)
-        .min(by_size as usize) as u32
+    u32::try_from(crate::teardown::vm_release_threads(a.a_mem, cores)).unwrap_or(u32::MAX)
 }
 
 /// A started `gmm neighbour` holding `a.a_mem` populated; with `release`,
@@ -793,11 +782,12 @@ fn neighbour_round(a: &Args, v: &Victim, sc: Scenario) -> Result<Round> {
     let (q1, qp1) = (Instant::now(), v.progress()?);
     let cpu0 = vmm::proc_stats::cpu_time_of(n.pid).unwrap_or_default();
     let (e0, ep0) = (Instant::now(), v.progress()?);
-    let (e1, out, cpu) = if sc == Scenario::IdleRelease {
-        signal_until_exit(&mut n, libc::SIGUSR1, cpu0, "the neighbour process")?
+    let sig = if sc == Scenario::IdleRelease {
+        libc::SIGUSR1
     } else {
-        signal_until_exit(&mut n, libc::SIGTERM, cpu0, "the neighbour process")?
+        libc::SIGTERM
     };
+    let (e1, out, cpu) = signal_until_exit(&mut n, sig, cpu0, "the neighbour process")?;
     // Killed by SIGTERM, as intended: any exit status will do; a release
     // must have ended well.
     if sc == Scenario::IdleRelease && !out.status.success() {

@@ -509,9 +509,17 @@ fn baseline_once(a: &Case, size: u64, naive: bool) -> Result<(f64, u64, u64)> {
 /// each), or `None` where the row has no split baseline (2 MiB leaves, a
 /// release on one thread).
 fn split_threads(case: &Case, size: u64, cores: usize) -> Option<usize> {
-    let by_size = usize::try_from(size / PARALLEL_SHARE_MIN).unwrap_or(usize::MAX);
-    let k = cores.min(MAX_RELEASE_THREADS).min(by_size);
+    let k = vm_release_threads(size, cores);
     (case.page == Leaf::Size4K && k > 1).then_some(k)
+}
+
+/// Threads a VM's teardown splits its release of `size` bytes of 4 KiB
+/// pages across on `cores` cores: every core, at most guest-mm's
+/// [`MAX_RELEASE_THREADS`], at least [`PARALLEL_SHARE_MIN`] each (at
+/// least one).
+pub(crate) fn vm_release_threads(size: u64, cores: usize) -> usize {
+    let by_size = usize::try_from(size / PARALLEL_SHARE_MIN).unwrap_or(usize::MAX);
+    cores.min(MAX_RELEASE_THREADS).min(by_size).max(1)
 }
 
 /// `len` cut into `k` shares on 2 MiB boundaries: `(offset, len)`, the
