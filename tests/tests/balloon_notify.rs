@@ -17,7 +17,7 @@ use vmm::devices::virtio::thread::NotifyPath;
 use vmm::guest::balloon::MAX_PFNS;
 use vmm::Backing;
 
-const PAGES: u64 = (32 << 20) / 4096;
+const PAGES: u64 = 2 * MAX_PFNS;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -42,7 +42,7 @@ fn inflate_deflate(name: &str, device_threads: bool) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (mut c, console) = balloon_driver_config("128M", 1, Backing::Anon);
+    let (mut c, console) = balloon_driver_config("256M", 1, Backing::Anon);
     c.device_threads = device_threads;
     let (vm, _) = start_balloon_driver(c, &console);
     let want = if device_threads {

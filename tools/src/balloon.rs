@@ -29,8 +29,8 @@
 //! `vcpu_notify_*`: a second VM runs the embedded guest's own balloon
 //! driver, which times each of its `QueueNotify` writes with `rdtsc`
 //! ([`vmm::guest::balloon::notify_timing`]); the host inflates `--size`
-//! (clamped to 16-64 notifies of the driver's request size, 16 MiB:
-//! 256 MiB-1 GiB) and deflates it again.
+//! (clamped to 16-64 notifies of the driver's request size, 64 MiB:
+//! 1-4 GiB) and deflates it again.
 //! `vcpu_notify_p99_us` is over the inflate's notifies (each one a
 //! release), `vcpu_notify_p99_us_idle` over the deflate's (nothing to
 //! release); cycles are converted with the TSC rate calibrated against
@@ -617,8 +617,9 @@ pub fn cmd(a: &BalloonArgs) -> Result<()> {
     if a.size == 0 || !a.size.is_multiple_of(2 * MIB) {
         bail!("--size must be a positive multiple of 2M");
     }
-    // The inflated range starts at 16 MiB (the driver's area is at 4 MiB).
-    let base = 16 * MIB;
+    // The inflated range starts at 32 MiB (the driver's area is at 4 MiB,
+    // AREA long).
+    let base = 32 * MIB;
     let pages = a.size / PAGE;
     let first_pfn = base / PAGE;
     let (pfns, span) = pattern_pfns(a, first_pfn, pages)?;

@@ -8,7 +8,7 @@
 //! balloon, a chunk between two polls of the target), counting passes and
 //! bad words in the control page. vCPU 0's ring-3 virtio-balloon driver
 //! follows the target the host sets, inflating and deflating at most
-//! `MAX_PFNS` (1024) pages per request, going down from the end of its
+//! `MAX_PFNS` pages (64 MiB) per request, going down from the end of its
 //! share (each request is one gather: clear, invalidate, grace period,
 //! release); after a deflate it rewrites and verifies the pages that came
 //! back (each first touch faults in through the userfaultfd handler).

@@ -55,11 +55,16 @@ use super::layout;
 
 /// Entries per virtqueue (a power of two; the device offers more).
 pub const QUEUE_SIZE: u16 = 8;
-/// Most PFNs per request: 16 MiB, in four 4 KiB pages of little-endian
+/// Most PFNs per request: 64 MiB, in sixteen 4 KiB pages of little-endian
 /// `u32`s (one descriptor). Linux sends 256; a larger request costs the
-/// vCPU fewer exits per MiB (the notify, the wait, `actual`, `num_pages`):
-/// 4 MiB requests had the vCPU busy ~30 % of a 2 GiB inflate here.
-pub const MAX_PFNS: u64 = 4096;
+/// vCPU fewer exits per MiB (the notify, the wait, `actual`, `num_pages`;
+/// on this host each return to the VMM costs the vCPU thread ~50 µs of
+/// its own CPU at normal priority): 4 MiB requests had the vCPU busy ~30 %
+/// of a 2 GiB inflate here, and with 16 MiB requests its 20-30 ms in a
+/// 2 GiB inflate raised a neighbour VM's fault p99 by +44/+51 % where 64
+/// MiB gave +27/+28 % (`gmm bench interference --only balloon`, 5 rounds
+/// each).
+pub const MAX_PFNS: u64 = 16384;
 /// Offset of the descriptor table in a queue page.
 pub const DESC_OFFSET: u64 = 0;
 /// Offset of the available (driver) ring in a queue page.

@@ -253,13 +253,21 @@ vmm_guest_entry:
     jnz .Ldone
     movabs r9, {mmio}
     mov qword ptr [rbx + {st_state}], 1
+    // Zero the queue pages and the PFN array (all of the driver's pages
+    // are then resident before its first request).
     mov rdi, {queues}
     xor eax, eax
 .Lb_zero:
     mov qword ptr [rdi], rax
     add rdi, 8
-    cmp rdi, {area_end}
+    cmp rdi, {queues_end}
     jb .Lb_zero
+    mov rdi, {pfns}
+.Lb_zero_pfns:
+    mov qword ptr [rdi], rax
+    add rdi, 8
+    cmp rdi, {area_end}
+    jb .Lb_zero_pfns
     // MagicValue, Version, DeviceID.
     mov eax, dword ptr [r9 + 0x000]
     mov esi, eax
@@ -861,8 +869,9 @@ vmm_guest_image_end:
 "#,
     mmio = const crate::devices::virtio::BALLOON_MMIO_BASE,
     queues = const super::layout::BALLOON_QUEUES,
-    pfns = const super::layout::BALLOON_PFNS,
+    queues_end = const super::layout::BALLOON_QUEUES_END,
     area_end = const super::layout::BALLOON_END,
+    pfns = const super::layout::BALLOON_PFNS,
     qsize = const super::balloon::QUEUE_SIZE,
     max_pfns = const super::balloon::MAX_PFNS,
     desc = const super::balloon::DESC_OFFSET,

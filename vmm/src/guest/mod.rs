@@ -19,11 +19,11 @@
 //! | `0x46000` | balloon driver: inflate queue (descriptors, avail, used) |
 //! | `0x47000` | balloon driver: deflate queue |
 //! | `0x48000` | balloon driver: free page reporting queue |
-//! | `0x49000` | balloon driver: PFN array (1024 × le32) |
 //! | `0x50000` | the image (code) |
 //! | `0x60000 + 4K*i` | vCPU i: GDT at +0, TSS at +0x80 |
 //! | `0xA0000 + 4K*i` | vCPU i: ring-0 stack (exceptions) |
 //! | `0x100000 + 4K*i` | vCPU i: ring-3 stack |
+//! | `0x140000` | balloon driver: PFN array (16384 × le32, 64 KiB) |
 //!
 //! The workload RAM, `[2 MiB, mem)`, is split into 2 MiB-aligned shares, one
 //! per vCPU; each vCPU writes `gpa ^ seed` to every 8-byte word of its share,
@@ -31,8 +31,8 @@
 //! doing so (see [`stress`]) while vCPU 0's balloon driver follows the
 //! host's target.
 //!
-//! Free below 2 MiB: `0x4A000..0x50000`, `0xE0000..0x100000`,
-//! `0x140000..0x200000`.
+//! Free below 2 MiB: `0x49000..0x50000`, `0xE0000..0x100000`,
+//! `0x150000..0x200000`.
 
 pub mod balloon;
 pub mod image;
@@ -63,10 +63,13 @@ pub mod layout {
     /// The balloon driver's three queue pages (inflate, deflate, free page
     /// reporting), used only by [`super::Workload::Balloon`] on vCPU 0.
     pub const BALLOON_QUEUES: u64 = 0x46000;
-    /// The balloon driver's PFN array (four pages: `balloon::MAX_PFNS`).
-    pub const BALLOON_PFNS: u64 = 0x49000;
+    /// End of the balloon driver's queue pages.
+    pub const BALLOON_QUEUES_END: u64 = 0x49000;
+    /// The balloon driver's PFN array (16 pages: `balloon::MAX_PFNS`), above
+    /// the ring-3 stacks of the most vCPUs.
+    pub const BALLOON_PFNS: u64 = 0x140000;
     /// End of the balloon driver's pages.
-    pub const BALLOON_END: u64 = 0x4D000;
+    pub const BALLOON_END: u64 = 0x150000;
     /// The guest image.
     pub const IMAGE: u64 = 0x50000;
     /// Space for the image.
@@ -522,7 +525,7 @@ mod tests {
             (
                 "balloon queues",
                 layout::BALLOON_QUEUES,
-                layout::BALLOON_PFNS - layout::BALLOON_QUEUES,
+                layout::BALLOON_QUEUES_END - layout::BALLOON_QUEUES,
             ),
             (
                 "balloon PFNs",
@@ -555,7 +558,7 @@ mod tests {
             );
         }
         assert_eq!(
-            layout::BALLOON_PFNS - layout::BALLOON_QUEUES,
+            layout::BALLOON_QUEUES_END - layout::BALLOON_QUEUES,
             3 * 0x1000,
             "three queue pages"
         );

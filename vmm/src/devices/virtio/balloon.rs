@@ -62,8 +62,9 @@ pub const F_REPORTING: u64 = 1 << 5;
 pub const PFN_SHIFT: u32 = 12;
 /// Entries of each queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Most PFNs one inflate/deflate chain may carry (Linux sends 256).
-pub const MAX_PFNS_PER_CHAIN: u64 = 4096;
+/// Most PFNs one inflate/deflate chain may carry: 64 KiB of PFNs (Linux
+/// sends 256; the default guest 16384, [`crate::guest::balloon::MAX_PFNS`]).
+pub const MAX_PFNS_PER_CHAIN: u64 = 16384;
 /// Nice value of the balloon's device thread: the lowest priority a thread
 /// can give itself (19). Its work is giving memory back, which no vCPU
 /// waits for on a busy host, and at normal priority it delayed a
