@@ -12,7 +12,9 @@
 use guest_mm::{Gpa, PageState};
 use tests::kvm_or_skip;
 use tests::virtio::{balloon_vm, pfns, Driver, F_NEXT, F_WRITE, Q};
-use vmm::devices::virtio::balloon::{BalloonError, F_REPORTING, F_STATS_VQ, MAX_PFNS_PER_CHAIN};
+use vmm::devices::virtio::balloon::{
+    BalloonError, F_REPORTING, F_STATS_VQ, MAX_PFNS_PER_BATCH, MAX_PFNS_PER_CHAIN,
+};
 use vmm::devices::virtio::mmio::{ConfigError, TransportError};
 use vmm::devices::virtio::queue::{ChainError, ChainReadError, LayoutError, QueueError, RingArea};
 use vmm::devices::virtio::BusDevice;
@@ -228,6 +230,45 @@ fn huge_pfn_counts_are_refused() {
     );
     assert_eq!(d.dev().counters().errors, 2);
     still_works(&vm, &mut d, GOOD + MIB);
+}
+
+/// A driver that queues more PFNs than one batch holds (five of the
+/// largest chains) is served in bounded batches, and all of it: four
+/// chains, then the fifth, each batch de-duplicated on its own, every
+/// chain returned. (What the device holds at once does not grow with
+/// the queue.)
+#[test]
+fn many_large_chains_are_served_in_bounded_batches() {
+    let Some((vm, mut d)) = setup("many_large_chains_are_served_in_bounded_batches") else {
+        return;
+    };
+    // 16 MiB of releasable pages, listed over and over.
+    let unique = 16 * MIB / 4096;
+    let p: Vec<u32> = (0..5 * MAX_PFNS_PER_CHAIN)
+        .map(|i| ((GOOD >> 12) + i % unique) as u32)
+        .collect();
+    let used = d.used_idx(Q::Inflate);
+    let per_chain = usize::try_from(MAX_PFNS_PER_CHAIN).expect("fits");
+    assert_eq!(d.send_pfns(Q::Inflate, &p, per_chain), 5);
+    let c = d.dev().counters();
+    assert_eq!(c.errors, 0, "{:?}", last_error(&d));
+    assert_eq!(
+        d.used_idx(Q::Inflate),
+        used.wrapping_add(5),
+        "every chain returned"
+    );
+    assert_eq!(c.pages_inflated, unique);
+    assert_eq!(MAX_PFNS_PER_BATCH, 4 * MAX_PFNS_PER_CHAIN);
+    // One batch of all five would have found 5 * 16384 - 4096 duplicates.
+    assert_eq!(
+        c.duplicate_pfns,
+        (MAX_PFNS_PER_BATCH - unique) + (MAX_PFNS_PER_CHAIN - unique),
+        "two batches: four chains, then one"
+    );
+    for a in (GOOD..GOOD + 16 * MIB).step_by(4096) {
+        assert!(matches!(state(&vm, a), PageState::Ballooned { .. }));
+    }
+    still_works(&vm, &mut d, GOOD + 20 * MIB);
 }
 
 #[test]

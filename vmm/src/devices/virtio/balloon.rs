@@ -1,8 +1,9 @@
 //! virtio-balloon (virtio 1.2 §5.5): inflate is a stage-2 unmap through the
 //! guest-mm gather.
 //!
-//! **Inflate.** All chains available on the inflate queue are read (device-
-//! readable arrays of little-endian `u32` PFNs of 4 KiB pages), every PFN is
+//! **Inflate.** The chains available on the inflate queue are read, in
+//! batches that stop at [`MAX_PFNS_PER_BATCH`] PFNs (device-readable arrays
+//! of little-endian `u32` PFNs of 4 KiB pages), every PFN is
 //! checked (inside guest RAM, not below [`RamLayout::reserved_below`], where
 //! the guest's page tables live), the valid ones are sorted, de-duplicated
 //! and coalesced into runs, and the runs go through the VM memory's one
@@ -65,6 +66,14 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Most PFNs one inflate/deflate chain may carry: 64 KiB of PFNs (Linux
 /// sends 256; the default guest 16384, [`crate::guest::balloon::MAX_PFNS`]).
 pub const MAX_PFNS_PER_CHAIN: u64 = 16384;
+/// PFNs after which a batch of inflate or deflate requests stops: the
+/// device pops chains until their buffers hold this many (so a batch
+/// holds less than this plus one chain), releases what they list,
+/// returns them, and pops again while a batch ended that way. So what a
+/// driver makes the device hold at once (PFN arrays read, pages sorted:
+/// 12 bytes per PFN, under 1 MiB) does not grow with the queue's size (a
+/// queue's worth of the largest chains would be 48 MiB).
+pub const MAX_PFNS_PER_BATCH: u64 = 4 * MAX_PFNS_PER_CHAIN;
 /// Nice value of the balloon's device thread: the lowest priority a thread
 /// can give itself (19). Its work is giving memory back, which no vCPU
 /// waits for on a busy host, and at normal priority it delayed a
@@ -334,16 +343,19 @@ impl Balloon {
         self.recent.push_back(e);
     }
 
-    /// Pops up to one queue's worth of chains, then reads their PFN
-    /// arrays, in one read section (no release may run inside it); returns
-    /// their heads and the PFN pages (validated, unsorted) they carried.
+    /// Pops chains until their buffers hold [`MAX_PFNS_PER_BATCH`] PFNs
+    /// or more (at most a queue's worth), then reads their PFN arrays, in one read
+    /// section (no release may run inside it); returns their heads, the
+    /// PFN pages (validated, unsorted) they carried, and whether the batch
+    /// ended full (more requests may be waiting).
     fn pfn_requests(
         &mut self,
         q: &mut Queue,
         mem: &mut GuestAccess,
         ram: &RamLayout,
-    ) -> Result<(Vec<u16>, Vec<u64>), QueueError> {
+    ) -> Result<(Vec<u16>, Vec<u64>, bool), QueueError> {
         let (mut heads, mut chains, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+        let mut full = false;
         let mut popped = false;
         let (mut next, mut faults) = (0, 0);
         let rounds = fault_rounds(q);
@@ -353,7 +365,8 @@ impl Balloon {
                 // All pops first (their errors are logged before the
                 // reads'); a retry after a fault-in resumes where it was.
                 if !popped {
-                    self.pop_all(q, m, ram, &mut heads, &mut chains)?;
+                    let budget = MAX_PFNS_PER_BATCH * 4;
+                    full = self.pop_all(q, m, ram, budget, &mut heads, &mut chains)?;
                     popped = true;
                 }
                 while let Some(c) = chains.get(next) {
@@ -374,30 +387,40 @@ impl Balloon {
             },
             QueueError::discarded_at,
         )?;
-        Ok((heads, pages))
+        Ok((heads, pages, full))
     }
 
-    /// Pops every available request (at most a queue's worth) inside a
-    /// read section: the heads to give back, and the chains that validated
-    /// (a broken chain is counted and only given back). A retry after a
-    /// fault-in continues after what was popped.
+    /// Pops the available requests (at most a queue's worth) inside a
+    /// read section, until the chains popped hold `budget` bytes: the
+    /// heads to give back, and the chains that validated (a broken chain
+    /// is counted and only given back). Returns whether the budget ended
+    /// it. A retry after a fault-in continues after what was popped.
     fn pop_all(
         &mut self,
         q: &mut Queue,
         m: &GuestMemoryView<'_>,
         ram: &RamLayout,
+        budget: u64,
         heads: &mut Vec<u16>,
         chains: &mut Vec<Vec<Desc>>,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
+        let bytes = |c: &[Desc]| c.iter().map(|d| u64::from(d.len)).sum::<u64>();
+        let mut taken: u64 = chains.iter().map(|c| bytes(c)).sum();
         while heads.len() < usize::from(q.size) {
+            if taken >= budget {
+                return Ok(true);
+            }
             let Some(p) = q.pop(m, ram)? else { break };
             heads.push(p.head);
             match p.chain {
-                Ok(c) => chains.push(c),
+                Ok(c) => {
+                    taken = taken.saturating_add(bytes(&c));
+                    chains.push(c);
+                }
                 Err(e) => self.error(e.into()),
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The releasable pages of one PFN array, appended to `pages`.
@@ -431,7 +454,10 @@ impl Balloon {
         let rounds = fault_rounds(q);
         mem.with_view(
             rounds,
-            |m| self.pop_all(q, m, ram, &mut heads, &mut chains),
+            |m| {
+                self.pop_all(q, m, ram, u64::MAX, &mut heads, &mut chains)
+                    .map(|_| ())
+            },
             QueueError::discarded_at,
         )?;
         Ok((heads, chains))
@@ -453,14 +479,34 @@ impl Balloon {
             .map_err(|e| BalloonError::Release(e.to_string()))
     }
 
+    /// Serves the inflate queue batch by batch (see [`MAX_PFNS_PER_BATCH`]);
+    /// whether any buffer was returned.
     fn inflate(
         &mut self,
         q: &mut Queue,
         mem: &mut GuestAccess,
         ram: &RamLayout,
     ) -> Result<bool, QueueError> {
+        let mut returned = false;
+        loop {
+            let (r, full) = self.inflate_batch(q, mem, ram)?;
+            returned |= r;
+            if !full {
+                return Ok(returned);
+            }
+        }
+    }
+
+    /// One batch of inflate requests; whether any buffer was returned and
+    /// whether the batch ended full.
+    fn inflate_batch(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<(bool, bool), QueueError> {
         let t0 = Instant::now();
-        let (heads, pages) = self.pfn_requests(q, mem, ram)?;
+        let (heads, pages, full) = self.pfn_requests(q, mem, ram)?;
         let pages = self.sorted_unique(pages);
         let runs = runs_of(pages.iter().copied(), PAGE);
         if !runs.is_empty() {
@@ -485,16 +531,36 @@ impl Balloon {
             self.counters.last_inflate_request_ns =
                 u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         }
-        r
+        r.map(|r| (r, full))
     }
 
+    /// Serves the deflate queue batch by batch (see [`MAX_PFNS_PER_BATCH`]);
+    /// whether any buffer was returned.
     fn deflate(
         &mut self,
         q: &mut Queue,
         mem: &mut GuestAccess,
         ram: &RamLayout,
     ) -> Result<bool, QueueError> {
-        let (heads, pages) = self.pfn_requests(q, mem, ram)?;
+        let mut returned = false;
+        loop {
+            let (r, full) = self.deflate_batch(q, mem, ram)?;
+            returned |= r;
+            if !full {
+                return Ok(returned);
+            }
+        }
+    }
+
+    /// One batch of deflate requests; whether any buffer was returned and
+    /// whether the batch ended full.
+    fn deflate_batch(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut GuestAccess,
+        ram: &RamLayout,
+    ) -> Result<(bool, bool), QueueError> {
+        let (heads, pages, full) = self.pfn_requests(q, mem, ram)?;
         let pages = self.sorted_unique(pages);
         let mut done = 0u64;
         for (s, l) in runs_of(pages.iter().copied(), PAGE) {
@@ -510,7 +576,7 @@ impl Balloon {
         }
         self.ballooned = after;
         self.counters.pages_deflated += done;
-        give_back(q, mem, &heads)
+        give_back(q, mem, &heads).map(|r| (r, full))
     }
 
     fn report(
