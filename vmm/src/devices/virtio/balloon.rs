@@ -106,6 +106,11 @@ fn fault_rounds(q: &Queue) -> usize {
     usize::from(q.size) * FAULTS_PER_CHAIN as usize + 16
 }
 
+/// One batch of inflate or deflate requests: whether any buffer was
+/// returned, and whether the batch ended full ([`MAX_PFNS_PER_BATCH`]).
+type BatchFn =
+    fn(&mut Balloon, &mut Queue, &mut GuestAccess, &RamLayout) -> Result<(bool, bool), QueueError>;
+
 /// Returns `heads` with 0 bytes used, in one read section; a retry after a
 /// fault-in resumes after the ones already returned.
 fn give_back(q: &mut Queue, mem: &mut GuestAccess, heads: &[u16]) -> Result<bool, QueueError> {
@@ -479,17 +484,18 @@ impl Balloon {
             .map_err(|e| BalloonError::Release(e.to_string()))
     }
 
-    /// Serves the inflate queue batch by batch (see [`MAX_PFNS_PER_BATCH`]);
-    /// whether any buffer was returned.
-    fn inflate(
+    /// Serves an inflate or deflate queue with `batch` until a batch ends
+    /// short of [`MAX_PFNS_PER_BATCH`]; whether any buffer was returned.
+    fn batches(
         &mut self,
         q: &mut Queue,
         mem: &mut GuestAccess,
         ram: &RamLayout,
+        batch: BatchFn,
     ) -> Result<bool, QueueError> {
         let mut returned = false;
         loop {
-            let (r, full) = self.inflate_batch(q, mem, ram)?;
+            let (r, full) = batch(self, q, mem, ram)?;
             returned |= r;
             if !full {
                 return Ok(returned);
@@ -532,24 +538,6 @@ impl Balloon {
                 u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         }
         r.map(|r| (r, full))
-    }
-
-    /// Serves the deflate queue batch by batch (see [`MAX_PFNS_PER_BATCH`]);
-    /// whether any buffer was returned.
-    fn deflate(
-        &mut self,
-        q: &mut Queue,
-        mem: &mut GuestAccess,
-        ram: &RamLayout,
-    ) -> Result<bool, QueueError> {
-        let mut returned = false;
-        loop {
-            let (r, full) = self.deflate_batch(q, mem, ram)?;
-            returned |= r;
-            if !full {
-                return Ok(returned);
-            }
-        }
     }
 
     /// One batch of deflate requests; whether any buffer was returned and
@@ -810,8 +798,8 @@ impl VirtioDevice for Balloon {
             return Ok(false);
         };
         match role {
-            Role::Inflate => self.inflate(q, mem, ram),
-            Role::Deflate => self.deflate(q, mem, ram),
+            Role::Inflate => self.batches(q, mem, ram, Self::inflate_batch),
+            Role::Deflate => self.batches(q, mem, ram, Self::deflate_batch),
             Role::Stats => self.stats(index, q, mem, ram),
             Role::Reporting => self.report(q, mem, ram),
         }
