@@ -13,7 +13,10 @@
 //!   the whole amount (`GET /balloon/statistics` `actual_mib`; QMP
 //!   `query-balloon` `actual`) gives `*_inflate_mib_per_s`.
 //!   Before the inflate, the process's CPU time over `--idle-seconds` of
-//!   the guest idling is `*_idle_cpu_pct` (% of one core).
+//!   the guest idling is `*_idle_cpu_pct` (% of one core). Every monitor
+//!   asks the guest for its balloon statistics every
+//!   `idle_stats_polling_s` meanwhile (QEMU through QMP), so each window
+//!   holds the same guest work.
 //! - **teardown** (each of `--teardown-sizes`, guest RAM populated
 //!   host-side where the monitor can: ours `--populate`, QEMU
 //!   `prealloc=on`; Firecracker has no such option, so its RSS at the stop
@@ -42,7 +45,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::Receiver;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -77,6 +80,11 @@ pub fn is_vcpu_thread(m: Monitor, name: &str) -> bool {
 /// report reads `/proc/meminfo` a byte per system call, seconds of
 /// emulated guest kernel here, so an idle window must fit between two.
 const GUEST_PERIOD_S: u32 = 600;
+
+/// Seconds between the balloon statistics each monitor asks its guest
+/// for, all three alike (`LinuxResult::idle_stats_polling_s`): every idle
+/// window then holds the same guest work.
+const STATS_POLLING_S: u32 = 1;
 
 /// `--idle-seconds`: more than 0, less than half of [`GUEST_PERIOD_S`].
 fn parse_idle_seconds(s: &str) -> std::result::Result<f64, String> {
@@ -261,7 +269,7 @@ impl Running {
                 .arg(&s.initrd)
                 .args([
                     "-device",
-                    "virtio-balloon-device",
+                    "virtio-balloon-device,id=balloon0",
                     "-append",
                     &cmdline,
                     "-qmp",
@@ -293,6 +301,20 @@ impl Running {
                 let mut q = Qmp::connect(&r.sock.0).context("connecting to QMP")?;
                 q.line()?;
                 q.execute(r#"{"execute":"qmp_capabilities"}"#)?;
+                // The guest's balloon statistics every second, as ours and
+                // Firecracker are asked for below: the same guest work in
+                // every monitor's idle window.
+                q.execute(
+                    &json!({
+                        "execute": "qom-set",
+                        "arguments": {
+                            "path": "/machine/peripheral/balloon0",
+                            "property": "guest-stats-polling-interval",
+                            "value": STATS_POLLING_S,
+                        },
+                    })
+                    .to_string(),
+                )?;
                 r.qmp = Some(q);
             }
             // The same Firecracker API calls to both.
@@ -316,7 +338,7 @@ impl Running {
                     "PUT",
                     "/balloon",
                     &json!({
-                        "amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1,
+                        "amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": STATS_POLLING_S,
                     }),
                 )?;
                 r.api(
@@ -430,6 +452,53 @@ impl Running {
             .sum();
         let vcpu = (!vcpu_before.is_empty() && !vcpu_after.is_empty()).then(|| pct(vcpu));
         (Some(pct(after.saturating_sub(before))), vcpu)
+    }
+
+    /// Fails unless the guest kept sending its balloon statistics through
+    /// an idle window that began at `since` (the work each window must
+    /// hold alike, [`STATS_POLLING_S`]): QEMU's last update came in the
+    /// window (the guest also sends one when its driver starts); ours and
+    /// Firecracker have statistics and poll them at that interval.
+    fn stats_arrived(&mut self, since: SystemTime) -> Result<()> {
+        let since = since
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let why = match self.monitor {
+            Monitor::Qemu => {
+                let q = self.qmp.as_mut().context("no QMP")?;
+                let l = q.execute(
+                    r#"{"execute":"qom-get","arguments":{"path":"/machine/peripheral/balloon0","property":"guest-stats"}}"#,
+                )?;
+                let v: serde_json::Value = serde_json::from_str(&l)?;
+                match v["return"]["last-update"].as_u64() {
+                    Some(t) if t >= since => None,
+                    t => Some(format!(
+                        "its last update (s) {t:?} came before the window began ({since})"
+                    )),
+                }
+            }
+            _ => {
+                let b = vmm::api::call(&self.sock.0, "GET", "/balloon", None)
+                    .with_context(|| format!("{}: GET /balloon", self.who()))?;
+                let st = vmm::api::call(&self.sock.0, "GET", "/balloon/statistics", None)
+                    .with_context(|| format!("{}: GET /balloon/statistics", self.who()))?;
+                if b["stats_polling_interval_s"].as_u64() != Some(u64::from(STATS_POLLING_S)) {
+                    Some(format!("the balloon is {b}"))
+                } else if !st["free_memory"].is_u64() {
+                    Some(format!("the statistics are {st}"))
+                } else {
+                    None
+                }
+            }
+        };
+        match why {
+            None => Ok(()),
+            Some(why) => bail!(
+                "{}: the guest was not polled for its balloon statistics every {STATS_POLLING_S} s in the idle window ({why}), so it did not do the work the other monitors' guests do",
+                self.who()
+            ),
+        }
     }
 
     /// Bytes in the balloon now.
@@ -634,6 +703,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         vcpus: a.vcpus,
         backing: a.backing,
         inflate_mib: a.inflate,
+        idle_stats_polling_s: Some(STATS_POLLING_S),
         ..LinuxResult::default()
     };
     let mut s = Setup {
@@ -692,7 +762,9 @@ pub fn cmd(a: &Args) -> Result<()> {
             // (busybox `read` takes it a byte per system call: ~2 s of
             // emulated guest kernel here) and now sleeps for a period.
             run.wait_line("MEMTOTAL", Duration::from_secs(60))?;
+            let window = SystemTime::now();
             let (idle, idle_vcpu) = run.idle_cpu_pct(a.idle_seconds);
+            run.stats_arrived(window)?;
             let inflate_s = run.inflate(a.inflate)?;
             let (_, summary) = run.stop(false, Stop::Sigterm)?;
             Ok((init_s, (idle, idle_vcpu), inflate_s, summary))

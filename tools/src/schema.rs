@@ -653,6 +653,13 @@ pub struct LinuxResult {
     pub qemu_idle_vcpu_cpu_pct: Option<f64>,
     #[serde(default)]
     pub fc_idle_vcpu_cpu_pct: Option<f64>,
+    /// Seconds between the balloon statistics every monitor asked the
+    /// guest for during the idle window (ours and Firecracker:
+    /// `stats_polling_interval_s`; QEMU: `guest-stats-polling-interval`
+    /// through QMP), so that each idle guest did the same work. `None` in
+    /// results saved before QEMU was asked too (it then did not poll).
+    #[serde(default)]
+    pub idle_stats_polling_s: Option<u32>,
     /// ours_init_s / qemu_init_s and / fc_init_s.
     pub init_vs_qemu: Option<f64>,
     pub init_vs_fc: Option<f64>,

@@ -1294,6 +1294,65 @@ fn service_and_linux_sections_and_their_verdicts() {
     assert!(md.contains("2 vCPUs, 256 MiB, memfd guest RAM)"), "{md}");
 }
 
+/// The Linux idle target is judged against the cheapest peer that ran the
+/// same guest with the same statistics polling (the guest bound): retired
+/// within the target's 1 % of it, missed above it or when the monitor's own
+/// threads exceed 1 %; QEMU counts only where it was asked to poll too.
+#[test]
+fn linux_idle_is_judged_against_the_guest_bound() {
+    const T: &str = "Linux: an idle guest costs ≤ 1 % of a host core";
+    let dir = scratch("linux-guest-bound");
+    let idle = |ours: f64, ours_vcpu: f64, qemu: f64, fc: f64, polled: bool| {
+        let mut l = linux_fixture(3.0);
+        l["ours_idle_cpu_pct"] = json!(ours);
+        l["ours_idle_vcpu_cpu_pct"] = json!(ours_vcpu);
+        l["qemu_idle_cpu_pct"] = json!(qemu);
+        l["qemu_idle_vcpu_cpu_pct"] = json!(qemu);
+        l["fc_idle_cpu_pct"] = json!(fc);
+        l["fc_idle_vcpu_cpu_pct"] = json!(fc);
+        if polled {
+            l["idle_stats_polling_s"] = json!(1);
+        }
+        write(&dir, "linux.json", &l);
+        let (out, md) = report_from(&dir, "linux");
+        assert!(out.status.success(), "{}", text(&out));
+        (row(&md, &["linux", T]).to_string(), md)
+    };
+    // Within 1 point of the cheapest peer (QEMU, which polled too).
+    let (r, md) = idle(6.4, 6.4, 7.3, 7.8, true);
+    assert!(
+        r.contains("guest bound: qemu 7.30 %") && r.ends_with("| retired: guest bound |"),
+        "{r}"
+    );
+    assert!(md.contains("**Retired: \"an idle guest costs"), "{md}");
+    assert!(
+        md.contains("every monitor asks for the balloon's statistics every 1 s"),
+        "{md}"
+    );
+    // More than 1 point above it: what is above is ours.
+    let (r, md) = idle(8.5, 8.5, 7.3, 7.8, true);
+    assert_missed(&r, "guest bound: qemu 7.30 %");
+    assert!(!md.contains("**Retired"), "{md}");
+    // The monitor's own threads over 1 %: missed, however close the total.
+    let (r, _) = idle(7.4, 6.0, 7.3, 7.8, true);
+    assert_missed(&r, "guest bound: qemu 7.30 %");
+    // Results from before QEMU polled: QEMU's lower figure did less guest
+    // work and is no bound; Firecracker's is.
+    let (r, md) = idle(7.39, 7.39, 4.19, 6.69, false);
+    assert!(
+        r.contains("guest bound: fc 6.69 %") && r.ends_with("| retired: guest bound |"),
+        "{r}"
+    );
+    assert!(md.contains("QEMU does not"), "{md}");
+    // Peers within the target: no bound, ours missed.
+    let (r, _) = idle(2.0, 2.0, 0.8, 0.7, true);
+    assert_missed(&r, "2.00 %");
+    assert!(!r.contains("guest bound"), "{r}");
+    // Ours within the target: met, whatever the peers.
+    let (r, _) = idle(0.6, 0.5, 7.3, 7.8, true);
+    assert!(r.ends_with("| met |") && !r.contains("guest bound"), "{r}");
+}
+
 /// The kernel baseline scenario (no VM) is shown beside the interference
 /// targets as their bound, and judges nothing.
 #[test]
