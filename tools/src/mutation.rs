@@ -858,6 +858,7 @@ fn run_once(
     };
     let f = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     c.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
+    crate::peer::die_with_parent(&mut c);
     let mut child = c.spawn().with_context(|| format!("starting {}", d.name))?;
     let start = Instant::now();
     loop {

@@ -611,12 +611,15 @@ fn run_step(exe: &Path, st: &Step, timeout: Duration) -> StepData {
     } else {
         exe.to_path_buf()
     };
-    let child = Command::new(&prog)
-        .args(&command[1..])
+    let mut cmd = Command::new(&prog);
+    cmd.args(&command[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+        .stderr(Stdio::piped());
+    // Killed with the report: a bench left running would skew the next
+    // run's figures (and its own children die with it in turn).
+    crate::peer::die_with_parent(&mut cmd);
+    let child = cmd.spawn();
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {

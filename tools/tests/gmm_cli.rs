@@ -249,3 +249,102 @@ fn bench_balloon_json() {
         assert_eq!(num(&v, "resident_after_inflate"), 0.0, "{v}");
     }
 }
+
+/// The children of `pid` (from `/proc/*/stat`): `(pid, comm, start time)`.
+fn children_of(pid: u32) -> Vec<(u32, String, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let p: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // `pid (comm) state ppid ...`; comm may hold spaces and ')'.
+        let (head, rest) = stat.rsplit_once(") ")?;
+        let comm = head.split_once(" (")?.1.to_string();
+        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == pid).then(|| Some((p, comm, start_time(&stat)?)))?
+    })
+    .collect()
+}
+
+/// A process's start time (clock ticks after boot, `/proc/PID/stat` field
+/// 22): with the pid, it names one process even if the pid is reused.
+fn start_time(stat: &str) -> Option<u64> {
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Whether the process `pid` that started at `start` is gone (or a zombie
+/// waiting for its reaper).
+fn gone(pid: u32, start: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => {
+            start_time(&s) != Some(start)
+                || s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        }
+    }
+}
+
+/// A bench killed outright (SIGKILL: no `Drop` runs) leaves no VM behind:
+/// its `vmm` children die with it (`PR_SET_PDEATHSIG`). Without that, a
+/// `vmm --api-sock` started by `gmm bench service` keeps running forever.
+#[test]
+fn a_killed_bench_leaves_no_vm_running() {
+    use std::time::{Duration, Instant};
+    if !kvm_or_skip("a_killed_bench_leaves_no_vm_running") {
+        return;
+    }
+    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_gmm"))
+        .args([
+            "bench",
+            "service",
+            "--vms",
+            "1",
+            "--mem",
+            "64M",
+            "--seconds",
+            "60",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("gmm runs");
+    let t = Instant::now();
+    let (vmm, start) = loop {
+        if let Some((p, _, st)) = children_of(bench.id())
+            .into_iter()
+            .find(|(_, c, _)| c == "vmm")
+        {
+            break (p, st);
+        }
+        if let Ok(Some(st)) = bench.try_wait() {
+            panic!("gmm bench service ended ({st}) before a vmm child was seen");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no vmm child of gmm bench service within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    bench.kill().expect("SIGKILL to gmm");
+    let _ = bench.wait();
+    let t = Instant::now();
+    while !gone(vmm, start) {
+        if t.elapsed() > Duration::from_secs(10) {
+            // Clean up the orphan before failing: the same process (pid
+            // and start time) we saw as gmm's child.
+            if let Ok(p) = libc::pid_t::try_from(vmm) {
+                // SAFETY: signals one process by pid; no memory involved.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            panic!("vmm {vmm} still runs 10 s after its gmm was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
