@@ -250,45 +250,10 @@ fn bench_balloon_json() {
     }
 }
 
-/// The children of `pid` (from `/proc/*/stat`): `(pid, comm, start time)`.
-fn children_of(pid: u32) -> Vec<(u32, String, u64)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let p: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        // `pid (comm) state ppid ...`; comm may hold spaces and ')'.
-        let (head, rest) = stat.rsplit_once(") ")?;
-        let comm = head.split_once(" (")?.1.to_string();
-        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-        (ppid == pid).then(|| Some((p, comm, start_time(&stat)?)))?
-    })
-    .collect()
-}
-
-/// A process's start time (clock ticks after boot, `/proc/PID/stat` field
-/// 22): with the pid, it names one process even if the pid is reused.
-fn start_time(stat: &str) -> Option<u64> {
-    stat.rsplit_once(") ")?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
 /// Whether the process `pid` that started at `start` is gone (or a zombie
 /// waiting for its reaper).
 fn gone(pid: u32, start: u64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => {
-            start_time(&s) != Some(start)
-                || s.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('Z'))
-        }
-    }
+    vmm::proc_stats::process(pid).is_none_or(|p| p.start_ticks != start || p.is_zombie())
 }
 
 /// A bench killed outright (SIGKILL: no `Drop` runs) leaves no VM behind:
@@ -317,11 +282,11 @@ fn a_killed_bench_leaves_no_vm_running() {
         .expect("gmm runs");
     let t = Instant::now();
     let (vmm, start) = loop {
-        if let Some((p, _, st)) = children_of(bench.id())
+        if let Some((p, child)) = vmm::proc_stats::children_of(bench.id())
             .into_iter()
-            .find(|(_, c, _)| c == "vmm")
+            .find(|(_, c)| c.comm == "vmm")
         {
-            break (p, st);
+            break (p, child.start_ticks);
         }
         if let Ok(Some(st)) = bench.try_wait() {
             panic!("gmm bench service ended ({st}) before a vmm child was seen");

@@ -97,9 +97,75 @@ pub fn set_nr_hugepages(pages: u64) -> std::io::Result<()> {
 /// field 3 of proc(5)), or `None` if it cannot be read.
 fn stat_fields(path: &str) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(path).ok()?;
-    // The command name (field 2) may hold spaces: count after its ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_string).collect())
+    Some(
+        split_stat(&stat)?
+            .1
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// The command name (field 2, without its parentheses) and the fields
+/// from field 3 on of a `stat` line.
+fn split_stat(stat: &str) -> Option<(&str, Vec<&str>)> {
+    // The command name may hold spaces and ')': it ends at the last ')'.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    Some((comm, stat.get(close + 1..)?.split_whitespace().collect()))
+}
+
+/// Who a process is, from `/proc/PID/stat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessId {
+    /// Its command name (field 2).
+    pub comm: String,
+    /// Its state letter (field 3): `R`, `S`, `Z` for a zombie, ...
+    pub state: char,
+    /// Its parent's pid (field 4).
+    pub ppid: u32,
+    /// When it started, in clock ticks after boot (field 22): with the
+    /// pid, it names one process even once the pid is reused.
+    pub start_ticks: u64,
+}
+
+impl ProcessId {
+    /// Whether this is a zombie waiting for its reaper.
+    pub fn is_zombie(&self) -> bool {
+        self.state == 'Z'
+    }
+}
+
+/// Process `pid` as `/proc/PID/stat` shows it now; `None` once it is gone.
+pub fn process(pid: u32) -> Option<ProcessId> {
+    parse_process_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_process_stat(stat: &str) -> Option<ProcessId> {
+    let (comm, f) = split_stat(stat)?;
+    let field = |n: usize| f.get(n - 3).copied();
+    Some(ProcessId {
+        comm: comm.to_string(),
+        state: field(3)?.chars().next()?,
+        ppid: field(4)?.parse().ok()?,
+        start_ticks: field(22)?.parse().ok()?,
+    })
+}
+
+/// Every process whose parent is `pid` now, with its pid. Processes that
+/// end while `/proc` is read are left out.
+pub fn children_of(pid: u32) -> Vec<(u32, ProcessId)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let p = process(child)?;
+            (p.ppid == pid).then_some((child, p))
+        })
+        .collect()
 }
 
 /// The nice value of thread `tid` of this process (`/proc/self/task/TID/stat`
@@ -156,11 +222,8 @@ pub fn thread_cpu_times(pid: u32) -> Vec<(u32, String, std::time::Duration)> {
 /// A thread's `stat` line: its name (between the first `(` and the last
 /// `)`: the name may hold both) and utime + stime in clock ticks.
 fn parse_thread_stat(stat: &str) -> Option<(String, u64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let name = stat.get(open + 1..close)?.to_string();
-    let f: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
-    Some((name, cpu_ticks(&f)?))
+    let (name, f) = split_stat(stat)?;
+    Some((name.to_string(), cpu_ticks(&f)?))
 }
 
 /// The running kernel's release (`/proc/sys/kernel/osrelease`).
@@ -219,6 +282,34 @@ mod tests {
         assert_eq!(parse_thread_stat(l), Some(("CPU 0/KVM (x)".into(), 100)));
         assert_eq!(parse_thread_stat("4242 (vcpu0) S 1 2 3"), None);
         assert_eq!(parse_thread_stat("no parentheses"), None);
+    }
+
+    /// A process's identity: its name whole, state, parent and start time;
+    /// a line cut before field 22 is refused; this process is found with
+    /// its real parent, and is not a zombie.
+    #[test]
+    fn process_identity() {
+        let l = "77 (a b) c)) Z 5 77 77 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 123456 0";
+        let p = parse_process_stat(l).expect("parsed");
+        assert_eq!(
+            p,
+            ProcessId {
+                comm: "a b) c)".into(),
+                state: 'Z',
+                ppid: 5,
+                start_ticks: 123_456,
+            }
+        );
+        assert!(p.is_zombie());
+        assert_eq!(parse_process_stat("77 (x) S 5 77 77 0"), None);
+        let me = process(std::process::id()).expect("this process");
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        assert_eq!(i64::from(me.ppid), i64::from(parent));
+        assert!(!me.is_zombie());
+        assert!(children_of(me.ppid)
+            .iter()
+            .any(|(pid, c)| *pid == std::process::id() && c.start_ticks == me.start_ticks));
     }
 
     /// This process's threads are listed by name, the caller's among them.
