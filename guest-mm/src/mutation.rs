@@ -77,11 +77,17 @@ pub enum Rule {
     /// still invalidated and released: the fast walk's one load keeps
     /// finding them).
     LeafClear,
+    /// Every part of the leaf arena below its readable end is readable:
+    /// opening a GiB makes the closed parts below it readable before it
+    /// raises the end (broken: only the GiB itself is opened, so the fast
+    /// walk's one load faults in a GiB below the end that was never
+    /// opened).
+    ArenaReadable,
 }
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 15] = [
+    pub const ALL: [Rule; 16] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
         Rule::LeafCacheUnlink,
@@ -97,6 +103,7 @@ impl Rule {
         Rule::UnreleasedRecord,
         Rule::FaultSeq,
         Rule::LeafClear,
+        Rule::ArenaReadable,
     ];
 
     /// The name used in [`ENV`] and in the mutation runner's output.
@@ -117,6 +124,7 @@ impl Rule {
             Rule::UnreleasedRecord => "unreleased_record",
             Rule::FaultSeq => "fault_seq",
             Rule::LeafClear => "leaf_clear",
+            Rule::ArenaReadable => "arena_readable",
         }
     }
 

@@ -9,16 +9,23 @@
 //! **The one-load path.** A 4 KiB leaf entry lives at a place computed
 //! from the guest address alone: leaf table pages are the table's leaf
 //! arena ([`crate::reclaim`]'s `arena`), page `gpa >> 21` each. So a
-//! translation in a GiB whose level-2 page the directory cache holds (see
-//! below: the arena is readable there) loads that one entry, with
-//! Acquire, and depends on no other load: a present 4 KiB leaf there is
-//! always one a walk from the root would find (only emptied leaf pages
-//! are unlinked, a split fills one with leaves equal to the huge leaf it
-//! replaces before it links it; rule `leaf_clear`). The level-2 entry is
-//! read only when that entry is not a present 4 KiB leaf (2 MiB leaves),
-//! or first, when the directory slot's hint says its last lookup found a
-//! 2 MiB leaf (both entries are live and either answers correctly: the
-//! hint only orders the loads).
+//! translation of an address below the arena's *readable end* (the end of
+//! the highest GiB that ever had a level-2 page: everything below it is
+//! readable, rule `arena_readable`; read once per pin) loads that one
+//! entry, with Acquire, after one compare, and depends on no other load:
+//! a present 4 KiB leaf there is always one a walk from the root would
+//! find (only emptied leaf pages are unlinked, a split fills one with
+//! leaves equal to the huge leaf it replaces before it links it; rule
+//! `leaf_clear`), and an arena page never linked reads as empty. The
+//! level-2 entry is read only when that entry is not a present 4 KiB leaf
+//! (2 MiB leaves), or first, in two cases that only order the loads (both
+//! entries are live and either answers correctly): a directory slot whose
+//! last lookup found a 2 MiB leaf reads its level-2 entry before the
+//! translation cache, and a walker whose last leaf found outside the
+//! one-load path was a 2 MiB one skips the arena in its next read
+//! sections, until it finds a 4 KiB leaf again (a GiB of 2 MiB leaves has
+//! no linked leaf pages: the load would find nothing, at the cost of a
+//! TLB miss on the zero page).
 //!
 //! **The caches.** The *translation cache* ([`CACHE_SLOTS`] 4 KiB pages)
 //! holds huge-leaf pages and pages reached by a walk from the root, and
@@ -108,7 +115,7 @@ const DIR_SHIFT: u32 = level_shift(DIR_LEVEL + 1);
 /// Where the generation starts in a directory tag: above every region
 /// number of any 64-bit address and [`HUGE_HINT`], so that an address at
 /// or above [`ADDRESS_LIMIT`] (whose region no slot ever holds) matches no
-/// tag and the inline path needs no range check.
+/// tag and the directory path needs no range check.
 const GEN_SHIFT: u32 = u64::BITS - DIR_SHIFT + 1;
 
 /// A directory tag bit that no region number has: set, it says the slot's
@@ -171,8 +178,9 @@ pub struct WalkStats {
     pub shootdowns: u64,
     /// Walks that read poison.
     pub use_after_free: u64,
-    /// Walks that started at a cached level-2 table page (part of
-    /// `walks`; the directory cache).
+    /// Walks that needed no walk from the root: the leaf arena's one
+    /// load, or a start at a cached level-2 table page (the directory
+    /// cache). Part of `walks`.
     pub leaf_hits: u64,
     /// Directory caches dropped at pin time because table pages of level
     /// 2 or above were unlinked.
@@ -241,6 +249,12 @@ struct DirCache {
     gen: Cell<u64>,
     /// The unlink sequence the current generation was started under.
     unlink_seq: Cell<u64>,
+    /// The last leaf this walker found outside the one-load path was a
+    /// 2 MiB one: its next read sections skip the leaf arena and start at
+    /// the directory (a GiB of 2 MiB leaves has no linked leaf pages: the
+    /// arena load would find nothing, and cost a TLB miss). Cleared by
+    /// the next 4 KiB leaf found another way. Only orders the loads.
+    huge_first: Cell<bool>,
     slots: [DirSlot; DIR_SLOTS],
 }
 
@@ -249,6 +263,7 @@ impl DirCache {
         DirCache {
             gen: Cell::new(1 << GEN_SHIFT),
             unlink_seq: Cell::new(unlink_seq),
+            huge_first: Cell::new(false),
             slots: std::array::from_fn(|_| DirSlot::default()),
         }
     }
@@ -339,7 +354,11 @@ impl Walker {
             cache: &self.cache,
             dir: &self.dir,
             dir_gen: self.dir.gen.get(),
-            arena: self.table.arena.view(),
+            arena: if self.dir.huge_first.get() {
+                self.table.arena.view().below(0)
+            } else {
+                self.table.arena.view()
+            },
             counters: &self.counters,
             _rg: rg,
         }
@@ -425,35 +444,37 @@ impl<'w> WalkGuard<'w> {
     /// [`Access::Read`].
     ///
     /// The common cases are inline, in this order: a present 4 KiB leaf
-    /// in a GiB whose level-2 page is cached (one live load, in the leaf
-    /// arena), a translation-cache hit, a 2 MiB leaf in the level-2 entry
-    /// of the cached page (which fills the translation cache). A slot whose
-    /// last lookup found a 2 MiB leaf reads its level-2 entry first
-    /// ([`HUGE_HINT`]). Everything else (a walk from the root, 1 GiB
+    /// below the arena's readable end (one compare, one live load in the
+    /// leaf arena; skipped while the walker is in its 2 MiB mode), a
+    /// translation-cache hit, a 2 MiB leaf in the level-2 entry of the
+    /// GiB's cached level-2 page (which fills the translation cache). A
+    /// slot whose last lookup found a 2 MiB leaf reads its level-2 entry
+    /// first ([`HUGE_HINT`]). Everything else (a walk from the root, 1 GiB
     /// leaves, failures) is out of line.
     #[inline(always)]
     pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
-        // 1. A 4 KiB leaf in a GiB whose level-2 page is cached: one live
-        //    entry at its place in the leaf arena, tested with one mask
-        //    and compare (the needed permissions and no LARGE bit).
+        let want = u64::from(need.bits());
+        // 1. A 4 KiB leaf: one live entry at its place in the leaf arena,
+        //    below the arena's readable end (one compare), tested with one
+        //    mask and compare (the needed permissions and no LARGE bit).
+        if want != 0 {
+            if let Some(entry) = self.arena.entry(gpa.0) {
+                let e = entry.load(Ordering::Acquire);
+                if e & (LARGE | want) == want {
+                    bump(&self.counters.leaf_hits);
+                    let hva = (e & FRAME_MASK) + (gpa.0 & (PAGE_SIZE - 1));
+                    return Ok(translation(gpa, hva, Pte(e).perms(), 1));
+                }
+            }
+        }
+        // The directory: the level-2 page cached for the GiB, if any.
         let region = gpa.0 >> DIR_SHIFT;
         let slot = &self.dir.slots[(region as usize) & (DIR_SLOTS - 1)];
-        let want = u64::from(need.bits());
         // The level-2 entry, if the directory path read one (0: none).
         let mut e2 = 0;
         let key = region | self.dir_gen;
         let tag = slot.tag.get();
         if want != 0 && tag == key {
-            // SAFETY: the slot holds a level-2 page of this GiB, reached
-            // by a walk, so the arena is open there (`reclaim::arena`:
-            // readable before reachable); a tag never matches an address
-            // at or past ADDRESS_LIMIT (see `GEN_SHIFT`).
-            let e = unsafe { self.arena.entry(gpa.0) }.load(Ordering::Acquire);
-            if e & (LARGE | want) == want {
-                bump(&self.counters.leaf_hits);
-                let hva = (e & FRAME_MASK) + (gpa.0 & (PAGE_SIZE - 1));
-                return Ok(translation(gpa, hva, Pte(e).perms(), 1));
-            }
             // SAFETY: see `cached_page`.
             let dir = unsafe { cached_page(slot.page.get()) };
             e2 = dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire);
@@ -467,6 +488,7 @@ impl<'w> WalkGuard<'w> {
             e2 = dir.entries[index(gpa.0, DIR_LEVEL)].load(Ordering::Acquire);
             if e2 & (LARGE | want) == LARGE | want && e2 != POISON {
                 bump(&self.counters.leaf_hits);
+                self.dir.huge_first.set(true);
                 let hva = (e2 & FRAME_MASK) + (gpa.0 & (level_size(DIR_LEVEL) - 1));
                 return Ok(translation(gpa, hva, Pte(e2).perms(), DIR_LEVEL));
             }
@@ -482,6 +504,9 @@ impl<'w> WalkGuard<'w> {
             if perms.contains(need) {
                 bump(&self.counters.cache_hits);
                 let level = ((v >> 3) & 7) as u32;
+                if level == 1 {
+                    self.dir.huge_first.set(false);
+                }
                 let hva = (v & !(PAGE_SIZE - 1)) + (gpa.0 & (PAGE_SIZE - 1));
                 return Ok(translation(gpa, hva, perms, level));
             }
@@ -491,6 +516,7 @@ impl<'w> WalkGuard<'w> {
         if e2 & (LARGE | want) == LARGE | want && e2 != POISON {
             bump(&self.counters.leaf_hits);
             slot.tag.set(key | HUGE_HINT);
+            self.dir.huge_first.set(true);
             let hva = (e2 & FRAME_MASK) + (gpa.0 & (level_size(DIR_LEVEL) - 1));
             let perms = Pte(e2).perms();
             self.remember(gpa, hva, perms, DIR_LEVEL);
@@ -503,8 +529,10 @@ impl<'w> WalkGuard<'w> {
     #[inline(never)]
     fn translate_slow(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
         let r = self.walk(gpa, need, true);
-        if r.is_err() {
-            bump(&self.counters.failures);
+        match r {
+            Ok(t) if t.size == PageSize::Size4K => self.dir.huge_first.set(false),
+            Ok(_) => {}
+            Err(_) => bump(&self.counters.failures),
         }
         r
     }

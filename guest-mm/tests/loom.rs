@@ -12,8 +12,11 @@
 //! - `cache_shootdown_vs_release`: `cache_shootdown` (and `grace_period`,
 //!   `unhook_order`);
 //! - `leaf_cache_vs_unlink_and_free`: `leaf_cache_unlink`;
-//! - `dir_cache_vs_leaf_unlink_and_free`: `deferred_free`, for a leaf
-//!   table reached through a cached level-2 page;
+//! - `dir_cache_vs_leaf_unlink_and_free`: no switch (a leaf table
+//!   reached through a cached level-2 page is unlinked; leaf pages live in
+//!   the leaf arena and are never freed, so `deferred_free`, which it
+//!   guarded before the arena, cannot reach it: seen in the full
+//!   `gmm mutation` run of 2026-12-05);
 //! - `split_is_atomic_for_walkers`: no switch (invariant 4);
 //! - `arena_walk_vs_remove_and_remap`: `grace_period` (and `leaf_clear`,
 //!   which leaves the entries the map then refuses to overwrite);
@@ -177,40 +180,48 @@ fn racing_unmappers_complete_only_after_release() {
 }
 
 /// A translation cached before an unmap is never used after the backing
-/// is released.
+/// is released. The translation cache holds huge-leaf pages and pages
+/// reached by a walk from the root, never a 4 KiB leaf the leaf arena's
+/// one load answers: so the walker's first translation is of a huge
+/// ("2M", two pages here) leaf, which walks from the root and fills the
+/// cache, and the unmap discards the whole leaf. The 4 KiB case runs the
+/// same race through the one-load path.
 #[test]
 fn cache_shootdown_vs_release() {
-    loom::model(|| {
-        let (t, released) = setup(1, PageSize::Size4K);
-        let t2 = t.clone();
-        let rel = released.clone();
-        let w = thread::spawn(move || {
-            let mut walker = Walker::new(&t2);
-            {
+    for (pages, leaf) in [(2, PageSize::Size2M), (1, PageSize::Size4K)] {
+        loom::model(move || {
+            let (t, released) = setup(pages, leaf);
+            let t2 = t.clone();
+            let rel = released.clone();
+            let w = thread::spawn(move || {
+                let mut walker = Walker::new(&t2);
+                {
+                    let g = walker.pin();
+                    match g.translate(Gpa(0), Access::Read) {
+                        Ok(tr) => assert_eq!(tr.hva, Hva(FAKE)),
+                        Err(e) => assert!(matches!(e, WalkError::Discarded(_)), "{e:?}"),
+                    }
+                }
                 let g = walker.pin();
                 match g.translate(Gpa(0), Access::Read) {
-                    Ok(tr) => assert_eq!(tr.hva, Hva(FAKE)),
+                    Ok(tr) => {
+                        assert_eq!(tr.hva, Hva(FAKE));
+                        assert_eq!(
+                            rel.load(Ordering::Relaxed),
+                            0,
+                            "cached translation used after release ({leaf:?} leaf)"
+                        );
+                    }
                     Err(e) => assert!(matches!(e, WalkError::Discarded(_)), "{e:?}"),
                 }
-            }
-            let g = walker.pin();
-            match g.translate(Gpa(0), Access::Read) {
-                Ok(tr) => {
-                    assert_eq!(tr.hva, Hva(FAKE));
-                    assert_eq!(
-                        rel.load(Ordering::Relaxed),
-                        0,
-                        "cached translation used after release"
-                    );
-                }
-                Err(e) => assert!(matches!(e, WalkError::Discarded(_)), "{e:?}"),
-            }
+            });
+            let mut g = t.gather();
+            t.unmap(&mut g, Gpa(0), pages * PAGE, UnmapMode::Discard)
+                .unwrap();
+            g.finish().unwrap();
+            w.join().unwrap();
         });
-        let mut g = t.gather();
-        t.unmap(&mut g, Gpa(0), PAGE, UnmapMode::Discard).unwrap();
-        g.finish().unwrap();
-        w.join().unwrap();
-    });
+    }
 }
 
 /// A leaf table that a walker reaches through its cached level-2 page

@@ -292,3 +292,124 @@ fn translation_cache_answers_a_gib_leaf() {
     let s = w.stats();
     assert_eq!(s.cache_hits, 1, "{s:?}");
 }
+
+/// The one-load path reads the leaf arena anywhere below its readable end
+/// (the end of the highest GiB opened), so every GiB below that end must
+/// be readable, opened or not: a GiB that never had a level-2 page, between
+/// two that did, reads as empty entries, and past the end nothing is read.
+///
+/// The detector of the `mutation` rule `arena_readable`
+/// (`GMM_BREAK_RULE=arena_readable`): with the GiB between left closed,
+/// the translation there faults (the test process dies of SIGSEGV).
+#[test]
+fn arena_is_readable_below_its_end() {
+    let t = table();
+    // GiB 2 first, then GiB 0: opening GiB 2 makes GiBs 0 and 1 readable,
+    // opening GiB 0 then finds it readable already.
+    for base in [2 * GIB, 0] {
+        t.map(
+            Gpa(base + TWO_M),
+            Hva(FAKE + (base >> 4) + TWO_M),
+            4 * PAGE,
+            Perms::RW,
+            PageSize::Size4K,
+        )
+        .expect("map");
+    }
+    let mut w = t.walker();
+    let g = w.pin();
+    for base in [2 * GIB, 0] {
+        let a = Gpa(base + TWO_M + PAGE + 8);
+        assert_eq!(
+            g.translate(a, Access::Read).map(|t| t.hva),
+            Ok(Hva(FAKE + (base >> 4) + TWO_M + PAGE + 8))
+        );
+    }
+    // GiB 1 (never opened, below the end), GiB 3 and far past the end.
+    for a in [
+        GIB,
+        GIB + TWO_M + PAGE,
+        2 * GIB - PAGE,
+        3 * GIB + TWO_M,
+        40 * GIB,
+    ] {
+        let a = Gpa(a);
+        assert_eq!(
+            g.translate(a, Access::Read).map(|t| t.hva),
+            Err(WalkError::NotMapped(a))
+        );
+        assert_eq!(
+            g.translate(a, Access::Read),
+            g.translate_uncached(a, Access::Read)
+        );
+    }
+    drop(g);
+    assert_eq!(w.stats().use_after_free, 0);
+}
+
+/// A walker that last found a 2 MiB leaf starts its next read sections at
+/// the directory instead of the leaf arena, until it finds a 4 KiB leaf
+/// again: an order of loads only. Sections alternating between a GiB of
+/// 2 MiB leaves and one of 4 KiB leaves (and both in one section) answer
+/// what the walk from the root answers, and the 4 KiB GiB goes back to the
+/// one-load path.
+#[test]
+fn sections_alternating_leaf_sizes_agree_with_the_root() {
+    let t = table();
+    t.map(Gpa(0), Hva(FAKE), 8 * TWO_M, Perms::RW, PageSize::Size2M)
+        .expect("map 2 MiB leaves");
+    t.map(
+        Gpa(GIB),
+        Hva(FAKE + GIB),
+        2 * TWO_M,
+        Perms::R,
+        PageSize::Size4K,
+    )
+    .expect("map 4 KiB leaves");
+    let mut w = t.walker();
+    let huge = |i: u64| Gpa(i * TWO_M + 5 * PAGE + 16);
+    let small = |i: u64| Gpa(GIB + i * 7 * PAGE + 8);
+    for round in 0..4u64 {
+        for (pick, n) in [(0u64, 8u64), (1, 64), (2, 16)] {
+            let g = w.pin();
+            for i in 0..n {
+                let a = match pick {
+                    0 => huge(i),
+                    1 => small(i),
+                    _ if i % 2 == 0 => huge(i / 2),
+                    _ => small(i),
+                };
+                assert_eq!(
+                    g.translate(a, Access::Read),
+                    g.translate_uncached(a, Access::Read),
+                    "round {round}, section {pick}, at {a}"
+                );
+            }
+        }
+    }
+    // After a section of 2 MiB leaves, then one 4 KiB leaf: the next
+    // section reads the arena again. Each translation there is one leaf
+    // hit, twice over: a walk that started at the directory would have
+    // filled the translation cache, which would answer the second time.
+    {
+        let g = w.pin();
+        g.translate(huge(1), Access::Read).expect("2 MiB");
+    }
+    {
+        let g = w.pin();
+        g.translate(small(1), Access::Read).expect("4 KiB");
+    }
+    let before = w.stats();
+    {
+        let g = w.pin();
+        for _ in 0..2 {
+            for i in 2..34 {
+                g.translate(small(i), Access::Read).expect("4 KiB");
+            }
+        }
+    }
+    let after = w.stats();
+    assert_eq!(after.leaf_hits - before.leaf_hits, 64, "{after:?}");
+    assert_eq!(after.cache_hits, before.cache_hits, "{after:?}");
+    assert_eq!(after.use_after_free, 0);
+}

@@ -27,14 +27,20 @@
 //!   a lockless reader that finds a present leaf at `entry(gpa)` finds what
 //!   a walk from the root would find, at the same moment or within the
 //!   same split: the protocol of [`crate::walk`] needs no other check.
-//! - *Readable before reachable.* The reservation is inaccessible
-//!   (`PROT_NONE`) except for the parts that cover a GiB of guest memory
-//!   that has had a level-2 table page: [`LeafArena::open`] makes that
-//!   part readable and writable before the level-2 page is linked, and it
-//!   never closes again. A walker reads the arena only for a GiB whose
-//!   level-2 page it reached, so it never faults on a closed part, and a
-//!   guest that asks for addresses where nothing is mapped makes the host
-//!   read nothing new.
+//! - *Readable below the readable end.* The reservation starts
+//!   inaccessible (`PROT_NONE`). [`LeafArena::open`] makes the part that
+//!   covers a GiB of guest memory readable and writable before a level-2
+//!   table page of that GiB is linked, and first makes every part below
+//!   it that is still closed readable (`PROT_READ`: never written, it
+//!   reads as the kernel's shared zero page, so as empty entries). Only
+//!   then does it raise the *readable end* (the end of the highest GiB
+//!   opened, Release). Nothing ever closes again. So every entry below the
+//!   readable end a reader loaded (Acquire) is readable, and the fast walk
+//!   reads a 4 KiB page's entry after one compare with that end, with no
+//!   other check (rule `arena_readable`). What a guest that asks for
+//!   addresses where nothing is mapped can make the host do is bounded by
+//!   the guest memory mapped: below the readable end, the zero page mapped
+//!   into at most one page-table page per GiB; past it, nothing is read.
 //!
 //! **Concurrency.** `open`, `take` and the `put_back`s run under the table lock;
 //! readers load entries with Acquire and take no lock. Under `cfg(loom)`
@@ -46,6 +52,8 @@ use super::pool::{self, PagePtr, TablePage};
 #[cfg(loom)]
 use crate::entry::index;
 use crate::entry::{level_shift, ADDRESS_LIMIT};
+#[cfg(not(loom))]
+use crate::mutation::{broken, Rule};
 use crate::sync::{AtomicU64, Ordering};
 
 /// log2 of the guest bytes one leaf page maps (2 MiB).
@@ -70,6 +78,10 @@ pub(crate) struct LeafArena {
     pages: usize,
     #[cfg(loom)]
     pages: Box<[TablePage]>,
+    /// Guest addresses below this have readable entries (see the module
+    /// documentation); raised only by `open`, under the table lock.
+    /// Always the whole width under loom.
+    readable_end: AtomicU64,
     /// Leaf pages linked into the table now.
     linked: AtomicU64,
     /// Peak of `linked`.
@@ -121,6 +133,7 @@ impl LeafArena {
         Ok(LeafArena {
             base: addr as usize,
             pages,
+            readable_end: AtomicU64::new(0),
             linked: AtomicU64::new(0),
             peak: AtomicU64::new(0),
         })
@@ -136,21 +149,45 @@ impl LeafArena {
                     entries: std::array::from_fn(|_| AtomicU64::new(0)),
                 })
                 .collect(),
+            readable_end: AtomicU64::new(ADDRESS_LIMIT),
             linked: AtomicU64::new(0),
             peak: AtomicU64::new(0),
         })
     }
 
     /// Make the part of the arena that covers the GiB of `gpa` accessible,
-    /// before a level-2 page for that GiB is linked; `false` if the host
-    /// refuses or `gpa` is past the reservation (the table's limit keeps
-    /// maps below it). Table lock held.
+    /// before a level-2 page for that GiB is linked, every closed part
+    /// below it readable, then raise the readable end; `false` if the host
+    /// refuses (nothing is raised then) or `gpa` is past the reservation
+    /// (the table's limit keeps maps below it). Table lock held.
     #[cfg(not(loom))]
     pub(crate) fn open(&self, gpa: u64) -> bool {
         if (gpa >> LEAF_SHIFT) as usize >= self.pages {
             return false;
         }
-        let at = self.base + ((gpa >> OPEN_SHIFT) as usize) * OPEN_BYTES;
+        let gib = (gpa >> OPEN_SHIFT) as usize;
+        let end = self.readable_end.load(Ordering::Relaxed);
+        let readable_to = self.base + ((end >> OPEN_SHIFT) as usize) * OPEN_BYTES;
+        let at = self.base + gib * OPEN_BYTES;
+        // Everything from the readable end up to this GiB is closed (the
+        // end is the end of the highest GiB opened): readable, it reads as
+        // empty entries. Broken (rule `arena_readable`): left closed, so a
+        // fast walk there faults.
+        if at > readable_to && !broken(Rule::ArenaReadable) {
+            // SAFETY: inside our reservation, below this GiB's part;
+            // nothing maps there but us, and it was inaccessible, so no
+            // reference into it exists.
+            let r = unsafe {
+                libc::mprotect(
+                    readable_to as *mut libc::c_void,
+                    at - readable_to,
+                    libc::PROT_READ,
+                )
+            };
+            if r != 0 {
+                return false;
+            }
+        }
         // SAFETY: inside our reservation (checked above; it is whole
         // GiBs); nothing in the process maps there but us, and making it
         // accessible cannot invalidate any reference.
@@ -161,7 +198,16 @@ impl LeafArena {
                 libc::PROT_READ | libc::PROT_WRITE,
             )
         };
-        r == 0
+        if r != 0 {
+            return false;
+        }
+        let opened_end = ((gib + 1) as u64) << OPEN_SHIFT;
+        if opened_end > end {
+            // Release: a reader that loads the new end (Acquire) reads the
+            // arena after the mprotects above made it readable.
+            self.readable_end.store(opened_end, Ordering::Release);
+        }
+        true
     }
 
     /// Always open under loom.
@@ -246,42 +292,57 @@ impl LeafArena {
             base: self.base,
             #[cfg(loom)]
             arena: self,
+            end: self.readable_end.load(Ordering::Acquire),
             _arena: std::marker::PhantomData,
         }
     }
 }
 
-/// A reader's copy of a [`LeafArena`]'s address.
+/// A reader's copy of a [`LeafArena`]'s address and readable end.
 #[derive(Clone, Copy)]
 pub(crate) struct ArenaView<'a> {
     #[cfg(not(loom))]
     base: usize,
     #[cfg(loom)]
     arena: &'a LeafArena,
+    /// The readable end when the view was taken (it only rises).
+    end: u64,
     _arena: std::marker::PhantomData<&'a LeafArena>,
 }
 
 impl<'a> ArenaView<'a> {
-    /// The leaf entry of the 4 KiB page at `gpa`.
-    ///
-    /// # Safety
-    /// The GiB of `gpa` must be open (so it is below the table's limit and
-    /// inside the reservation): the caller
-    /// read a linked level-2 page of that GiB (possibly in an earlier read
-    /// section: the arena never closes).
+    /// The same view, reading no entry at or above `end` (a lower end
+    /// only makes the fast walk take its other paths).
     #[inline(always)]
-    pub(crate) unsafe fn entry(self, gpa: u64) -> &'a AtomicU64 {
+    pub(crate) fn below(self, end: u64) -> ArenaView<'a> {
+        ArenaView {
+            end: self.end.min(end),
+            ..self
+        }
+    }
+
+    /// The leaf entry of the 4 KiB page at `gpa`, if `gpa` is below the
+    /// readable end the view was taken with (else `None`: no leaf page
+    /// there was ever linked).
+    #[inline(always)]
+    pub(crate) fn entry(self, gpa: u64) -> Option<&'a AtomicU64> {
+        if gpa >= self.end {
+            return None;
+        }
         #[cfg(not(loom))]
         {
             let a = self.base + ((gpa >> 12) as usize) * 8;
-            // SAFETY: by the contract the word is inside an open part of
-            // the reservation, which lives as long as the arena; it is
-            // read and written only as an atomic.
-            unsafe { &*(a as *const AtomicU64) }
+            // SAFETY: below the readable end, loaded with Acquire after
+            // the mprotects that made every part of the reservation below
+            // it readable (`open`); that end is at most the table's limit,
+            // which the reservation covers, and nothing closes again while
+            // the arena lives (as long as 'a). The word is read and
+            // written only as an atomic.
+            Some(unsafe { &*(a as *const AtomicU64) })
         }
         #[cfg(loom)]
         {
-            &self.arena.pages[(gpa >> LEAF_SHIFT) as usize].entries[index(gpa, 1)]
+            Some(&self.arena.pages[(gpa >> LEAF_SHIFT) as usize].entries[index(gpa, 1)])
         }
     }
 }

@@ -304,8 +304,8 @@ impl Stage2Table {
     /// leaf arena's page of that 2 MiB for level 1 (after the fault point
     /// `table_alloc`, so that injected failures reach every level), else
     /// a pool page; a level-2 page first opens the arena for its GiB
-    /// (`reclaim::arena`: readable before reachable). `None`: out of
-    /// memory. Table lock held.
+    /// (`reclaim::arena`: readable before reachable, and every GiB below
+    /// it readable). `None`: out of memory. Table lock held.
     pub(super) fn new_table_page(&self, level: u32, addr: u64) -> Option<PagePtr> {
         if level == 1 {
             if self.faults.table_alloc.should_fail() {
