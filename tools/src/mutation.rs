@@ -215,19 +215,17 @@ const GM_WALK_CACHE: Detector = Detector {
     },
     stochastic: false,
 };
+/// `gmm stress-vm`'s arguments as a detector: a short run, with `extra`
+/// before `--json`.
+macro_rules! stress_vm_args {
+    ($($extra:literal),*) => {
+        &["stress-vm", "--seconds", "3", "--mem", "64M", "--vcpus", "2", $($extra,)* "--json"]
+    };
+}
 const STRESS_VM: Detector = Detector {
     name: "stress-vm",
     run: Run::Gmm {
-        args: &[
-            "stress-vm",
-            "--seconds",
-            "3",
-            "--mem",
-            "64M",
-            "--vcpus",
-            "2",
-            "--json",
-        ],
+        args: stress_vm_args!(),
     },
     stochastic: true,
 };
@@ -238,18 +236,7 @@ const STRESS_VM: Detector = Detector {
 const STRESS_VM_2M: Detector = Detector {
     name: "stress-vm 2M",
     run: Run::Gmm {
-        args: &[
-            "stress-vm",
-            "--seconds",
-            "3",
-            "--mem",
-            "64M",
-            "--vcpus",
-            "2",
-            "--page-size",
-            "2M",
-            "--json",
-        ],
+        args: stress_vm_args!("--page-size", "2M"),
     },
     stochastic: true,
 };
