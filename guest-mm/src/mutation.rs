@@ -83,11 +83,16 @@ pub enum Rule {
     /// walk's one load faults in a GiB below the end that was never
     /// opened).
     ArenaReadable,
+    /// A process the tools or the tests start (a `vmm`, a peer, a
+    /// detector run) dies with the thread that started it, so a bench or
+    /// test run killed outright leaves no VM running (broken: the child is
+    /// not asked to die with its parent, `PR_SET_PDEATHSIG` is not set).
+    ChildDiesWithParent,
 }
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 16] = [
+    pub const ALL: [Rule; 17] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
         Rule::LeafCacheUnlink,
@@ -104,6 +109,7 @@ impl Rule {
         Rule::FaultSeq,
         Rule::LeafClear,
         Rule::ArenaReadable,
+        Rule::ChildDiesWithParent,
     ];
 
     /// The name used in [`ENV`] and in the mutation runner's output.
@@ -125,6 +131,7 @@ impl Rule {
             Rule::FaultSeq => "fault_seq",
             Rule::LeafClear => "leaf_clear",
             Rule::ArenaReadable => "arena_readable",
+            Rule::ChildDiesWithParent => "child_dies_with_parent",
         }
     }
 

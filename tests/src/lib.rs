@@ -16,10 +16,24 @@ macro_rules! loud {
     }};
 }
 
+use std::ffi::OsStr;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
+
+/// A command for a process a test starts (`vmm`, Firecracker, a wrapper
+/// around them) that dies with the test's thread, however the test run
+/// ends: a run killed outright (a CI timeout) runs no `Drop`, and a VM it
+/// left behind would hold its memory and CPU time through every test
+/// after it ([`vmm::child::die_with_parent`]). Spawn it from the test's
+/// own thread, which waits for or kills it.
+pub fn child(program: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new(program);
+    vmm::child::die_with_parent(&mut c);
+    c
+}
 
 /// True if `/dev/kvm` can be opened read-write; otherwise prints why the
 /// calling test is skipped.
@@ -349,11 +363,11 @@ impl ApiProcess {
     /// waits until the socket accepts connections.
     pub fn spawn(name: &str, bin: &std::path::Path, tag: &str, extra: &[&str]) -> ApiProcess {
         use std::io::{BufRead, Read};
-        use std::process::{Command, Stdio};
+        use std::process::Stdio;
         let sock =
             std::env::temp_dir().join(format!("gmm-{tag}-{name}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&sock);
-        let mut child = Command::new(bin)
+        let mut child = child(bin)
             .arg("--api-sock")
             .arg(&sock)
             .args(extra)

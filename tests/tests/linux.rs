@@ -16,7 +16,6 @@
 //! `GMM_VMM_BIN`).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::{
@@ -230,7 +229,7 @@ fn vmm_run_kernel_two_vcpus_reboot_exits_zero() {
     };
     let _slot = boot_slot();
     let t0 = Instant::now();
-    let out = Command::new(bin)
+    let out = tests::child(bin)
         .args([
             "run",
             "--json",
@@ -270,7 +269,7 @@ fn vmm_run_kernel_two_vcpus_reboot_exits_zero() {
 fn bad(test: &str, args: &[&str], kernel: &std::path::Path, expect: &str) {
     let Some(bin) = vmm_bin(test) else { return };
     let t0 = Instant::now();
-    let out = Command::new(bin)
+    let out = tests::child(bin)
         .args(["run", "--mem", "256M", "--kernel"])
         .arg(kernel)
         .args(args)
@@ -339,7 +338,7 @@ fn bad_kernels_fail_fast_with_a_clear_message() {
     );
     // Kernel larger than RAM (it loads at 16 MiB), RAM above 3 GiB.
     let k = dir.join("vmlinux");
-    let out = Command::new(vmm_bin(name).unwrap_or_default())
+    let out = tests::child(vmm_bin(name).unwrap_or_default())
         .args(["run", "--mem", "16M", "--kernel"])
         .arg(&k)
         .output();
@@ -347,7 +346,7 @@ fn bad_kernels_fail_fast_with_a_clear_message() {
         let e = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && e.contains("raise --mem"), "{e}");
     }
-    let out = Command::new(vmm_bin(name).unwrap_or_default())
+    let out = tests::child(vmm_bin(name).unwrap_or_default())
         .args(["run", "--mem", "4G", "--kernel"])
         .arg(&k)
         .output();
@@ -358,7 +357,7 @@ fn bad_kernels_fail_fast_with_a_clear_message() {
     // An initrd that does not fit between the kernel and the end of RAM.
     let big = t.join("big-initrd");
     std::fs::write(&big, vec![0u8; 40 << 20]).expect("write");
-    let out = Command::new(vmm_bin(name).unwrap_or_default())
+    let out = tests::child(vmm_bin(name).unwrap_or_default())
         .args(["run", "--mem", "32M", "--kernel"])
         .arg(&k)
         .arg("--initrd")

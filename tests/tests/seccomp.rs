@@ -28,7 +28,7 @@ use tests::{kvm_or_skip, loud, vmm_bin, ApiProcess};
 /// kind of a run exists: vCPU, device (the balloon's thread), uffd (anon
 /// RAM), reclaim (teardown), main.
 fn run(bin: &Path, extra: &[&str]) -> Output {
-    Command::new(bin)
+    tests::child(bin)
         .args([
             "run",
             "--mem",
@@ -143,7 +143,7 @@ fn sock(tag: &str) -> PathBuf {
 /// `vmm --api-sock` (service) or `vmm run --api-sock` with `extra`,
 /// stdout/stderr captured.
 fn spawn(bin: &Path, service: bool, path: &Path, extra: &[&str]) -> std::process::Child {
-    let mut c = Command::new(bin);
+    let mut c = tests::child(bin);
     if !service {
         c.args(["run", "--mem", "64M"]);
     }
@@ -348,7 +348,7 @@ fn a_forbidden_call_in_the_console_input_thread_kills_the_process() {
             dir.join("vmlinux").display(),
             dir.join("initrd.cpio").display()
         );
-        let o = Command::new("script")
+        let o = tests::child("script")
             .args(["-qec", &cmd, "/dev/null"])
             .stdin(Stdio::null())
             .output()

@@ -447,7 +447,7 @@ fn config_file_boots_at_once_and_bad_files_are_refused() {
         let bad = dir.join(format!("gmm-svc-bad-{}.json", std::process::id()));
         std::fs::write(&bad, body).expect("write config");
         let t = Instant::now();
-        let out = std::process::Command::new(&bin)
+        let out = tests::child(&bin)
             .arg("--config-file")
             .arg(&bad)
             .output()
@@ -459,4 +459,65 @@ fn config_file_boots_at_once_and_bad_files_are_refused() {
         let _ = std::fs::remove_file(&bad);
     }
     let _ = std::fs::remove_file(&good);
+}
+
+/// Set in the run of [`a_killed_test_run_leaves_no_vmm_running`] that plays
+/// the killed test: it starts a `vmm` the way every test here does, then
+/// waits to be killed.
+const HOLDER: &str = "GMM_TEST_HOLD_A_VMM";
+
+/// A test run killed outright (a CI timeout: no `Drop` runs) leaves no
+/// `vmm` behind: the processes tests start die with them
+/// ([`tests::child`]). The test runs its own binary again as the run to
+/// kill, finds the `vmm` that run started, kills the run with `SIGKILL`
+/// and waits for the `vmm` to end. Without `PR_SET_PDEATHSIG` the `vmm`
+/// keeps running, and this fails.
+#[test]
+fn a_killed_test_run_leaves_no_vmm_running() {
+    let name = "a_killed_test_run_leaves_no_vmm_running";
+    let Some(bin) = setup(name) else { return };
+    if std::env::var_os(HOLDER).is_some() {
+        // The run to kill: killed long before this ends (and the service
+        // is killed on drop if not).
+        let _s = Svc::spawn(&bin, "held", &[]);
+        std::thread::sleep(Duration::from_secs(60));
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut run = tests::child(exe)
+        .args([name, "--exact", "--test-threads=1"])
+        .env(HOLDER, "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run the test binary again");
+    // The vmm is a child of the run's test thread, so of the run's process.
+    let t = Instant::now();
+    let (vmm, start) = loop {
+        if let Some((p, c)) = vmm::proc_stats::children_of(run.id())
+            .into_iter()
+            .find(|(_, c)| c.comm == "vmm")
+        {
+            break (p, c.start_ticks);
+        }
+        if let Ok(Some(st)) = run.try_wait() {
+            panic!("the run to kill ended ({st}) before a vmm child was seen");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no vmm child of the run to kill within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    run.kill().expect("SIGKILL to the run");
+    let _ = run.wait();
+    if !vmm::proc_stats::wait_gone(vmm, start, Duration::from_secs(10)) {
+        if let Ok(p) = libc::pid_t::try_from(vmm) {
+            // SAFETY: signals one process by pid (the one seen above, by
+            // pid and start time); no memory involved.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        panic!("vmm {vmm} still runs 10 s after the test run that started it was killed");
+    }
+    loud!("{name}: the killed run's vmm ended with it");
 }

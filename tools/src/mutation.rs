@@ -215,6 +215,26 @@ const GM_WALK_CACHE: Detector = Detector {
     },
     stochastic: false,
 };
+/// A test run killed outright: the `vmm` its test started must die too.
+const KILLED_TEST_RUN: Detector = Detector {
+    name: "tests service a_killed_test_run",
+    run: Run::Test {
+        package: "tests",
+        target: "service",
+        filter: "a_killed_test_run_leaves_no_vmm_running",
+    },
+    stochastic: false,
+};
+/// `gmm bench service` killed outright: its `vmm` must die too.
+const KILLED_BENCH: Detector = Detector {
+    name: "tools gmm_cli a_killed_bench",
+    run: Run::Test {
+        package: "tools",
+        target: "gmm_cli",
+        filter: "a_killed_bench_leaves_no_vm_running",
+    },
+    stochastic: false,
+};
 /// `gmm stress-vm`'s arguments as a detector: a short run, with `extra`
 /// before `--json`.
 macro_rules! stress_vm_args {
@@ -390,6 +410,10 @@ const MATRIX: &[(Rule, &[Claim])] = &[
         ],
     ),
     (Rule::ArenaReadable, &[fast(GM_WALK_CACHE)]),
+    (
+        Rule::ChildDiesWithParent,
+        &[fast(KILLED_TEST_RUN), fast(KILLED_BENCH)],
+    ),
 ];
 
 /// One (rule, detector) row of the JSON.
@@ -663,6 +687,10 @@ fn build(ws: &Path, detectors: &[Detector]) -> Result<Built> {
         if gmm {
             args.extend(["--bin", "gmm"]);
         }
+        if !tests.is_empty() {
+            // End-to-end tests start the `vmm` binary beside them.
+            args.extend(["--bin", "vmm"]);
+        }
         for t in &tests {
             args.extend(["--test", t]);
         }
@@ -862,7 +890,7 @@ fn run_once(
     };
     let f = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     c.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
-    crate::peer::die_with_parent(&mut c);
+    vmm::child::die_with_parent(&mut c);
     let mut child = c.spawn().with_context(|| format!("starting {}", d.name))?;
     let start = Instant::now();
     loop {

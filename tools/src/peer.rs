@@ -5,12 +5,11 @@
 //!
 //! Invariant: no child outlives its [`Waited`] (dropped unreaped = killed),
 //! so a failing bench never leaves a populated VM behind; nor the thread
-//! that spawned it ([`die_with_parent`]), so neither does a bench killed
+//! that spawned it ([`vmm::child::die_with_parent`]), so neither does a bench killed
 //! outright, which runs no `Drop`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -39,33 +38,6 @@ pub(crate) fn sock_path(what: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     std::env::temp_dir().join(format!("gmm-{what}-{}-{n}.sock", std::process::id()))
-}
-
-/// Makes the child of `cmd` get `SIGKILL` when the thread that spawns it
-/// exits (`PR_SET_PDEATHSIG`). A bench killed outright (`SIGKILL`, a CI
-/// timeout, the terminal closed) runs no `Drop`: without this its VMs and
-/// peers would keep running, holding their memory and their vCPUs' CPU
-/// time, and skew every measurement made after them. Spawn only from a
-/// thread that outlives the child (the benches spawn from their main
-/// thread, which also waits for or kills what it spawned).
-pub(crate) fn die_with_parent(cmd: &mut Command) {
-    let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
-    // SAFETY: the closure runs in the forked child before `execve`; it makes
-    // two async-signal-safe system calls, touches no memory the parent's
-    // other threads may have left locked, and allocates nothing (an OS
-    // error code is stored inline in `io::Error`).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent died before the prctl: no signal would come.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
 }
 
 /// Removes a socket file on drop.
@@ -103,7 +75,7 @@ impl Waited {
         if lines {
             cmd.stdout(Stdio::piped());
         }
-        die_with_parent(&mut cmd);
+        vmm::child::die_with_parent(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stderr(Stdio::piped())

@@ -618,7 +618,7 @@ fn run_step(exe: &Path, st: &Step, timeout: Duration) -> StepData {
         .stderr(Stdio::piped());
     // Killed with the report: a bench left running would skew the next
     // run's figures (and its own children die with it in turn).
-    crate::peer::die_with_parent(&mut cmd);
+    vmm::child::die_with_parent(&mut cmd);
     let child = cmd.spawn();
     let mut child = match child {
         Ok(c) => c,

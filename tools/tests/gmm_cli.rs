@@ -250,12 +250,6 @@ fn bench_balloon_json() {
     }
 }
 
-/// Whether the process `pid` that started at `start` is gone (or a zombie
-/// waiting for its reaper).
-fn gone(pid: u32, start: u64) -> bool {
-    vmm::proc_stats::process(pid).is_none_or(|p| p.start_ticks != start || p.is_zombie())
-}
-
 /// A bench killed outright (SIGKILL: no `Drop` runs) leaves no VM behind:
 /// its `vmm` children die with it (`PR_SET_PDEATHSIG`). Without that, a
 /// `vmm --api-sock` started by `gmm bench service` keeps running forever.
@@ -299,17 +293,13 @@ fn a_killed_bench_leaves_no_vm_running() {
     };
     bench.kill().expect("SIGKILL to gmm");
     let _ = bench.wait();
-    let t = Instant::now();
-    while !gone(vmm, start) {
-        if t.elapsed() > Duration::from_secs(10) {
-            // Clean up the orphan before failing: the same process (pid
-            // and start time) we saw as gmm's child.
-            if let Ok(p) = libc::pid_t::try_from(vmm) {
-                // SAFETY: signals one process by pid; no memory involved.
-                unsafe { libc::kill(p, libc::SIGKILL) };
-            }
-            panic!("vmm {vmm} still runs 10 s after its gmm was killed");
+    if !vmm::proc_stats::wait_gone(vmm, start, Duration::from_secs(10)) {
+        // Clean up the orphan before failing: the same process (pid and
+        // start time) we saw as gmm's child.
+        if let Ok(p) = libc::pid_t::try_from(vmm) {
+            // SAFETY: signals one process by pid; no memory involved.
+            unsafe { libc::kill(p, libc::SIGKILL) };
         }
-        std::thread::sleep(Duration::from_millis(20));
+        panic!("vmm {vmm} still runs 10 s after its gmm was killed");
     }
 }

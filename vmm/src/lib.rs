@@ -31,6 +31,7 @@
 
 pub mod api;
 pub mod boot;
+pub mod child;
 pub mod devices;
 pub mod guest;
 pub mod proc_stats;

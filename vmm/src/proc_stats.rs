@@ -153,6 +153,25 @@ fn parse_process_stat(stat: &str) -> Option<ProcessId> {
     })
 }
 
+/// Whether process `pid`, which started at `start_ticks`
+/// ([`ProcessId::start_ticks`]), has ended: gone, a zombie waiting for its
+/// reaper, or its pid reused by a process that started later.
+pub fn is_gone(pid: u32, start_ticks: u64) -> bool {
+    process(pid).is_none_or(|p| p.start_ticks != start_ticks || p.is_zombie())
+}
+
+/// Waits up to `timeout` for [`is_gone`]; whether it ended in time.
+pub fn wait_gone(pid: u32, start_ticks: u64, timeout: std::time::Duration) -> bool {
+    let t = std::time::Instant::now();
+    while !is_gone(pid, start_ticks) {
+        if t.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
 /// Every process whose parent is `pid` now, with its pid. Processes that
 /// end while `/proc` is read are left out.
 pub fn children_of(pid: u32) -> Vec<(u32, ProcessId)> {
