@@ -492,32 +492,14 @@ fn a_killed_test_run_leaves_no_vmm_running() {
         .spawn()
         .expect("run the test binary again");
     // The vmm is a child of the run's test thread, so of the run's process.
-    let t = Instant::now();
-    let (vmm, start) = loop {
-        if let Some((p, c)) = vmm::proc_stats::children_of(run.id())
-            .into_iter()
-            .find(|(_, c)| c.comm == "vmm")
-        {
-            break (p, c.start_ticks);
-        }
-        if let Ok(Some(st)) = run.try_wait() {
-            panic!("the run to kill ended ({st}) before a vmm child was seen");
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no vmm child of the run to kill within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    run.kill().expect("SIGKILL to the run");
-    let _ = run.wait();
-    if !vmm::proc_stats::wait_gone(vmm, start, Duration::from_secs(10)) {
-        if let Ok(p) = libc::pid_t::try_from(vmm) {
-            // SAFETY: signals one process by pid (the one seen above, by
-            // pid and start time); no memory involved.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
-        panic!("vmm {vmm} still runs 10 s after the test run that started it was killed");
+    match vmm::child::kill_and_check_orphan(
+        &mut run,
+        "vmm",
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+    ) {
+        vmm::child::Orphan::Ended => {}
+        other => panic!("the killed test run's vmm: {other:?}"),
     }
     loud!("{name}: the killed run's vmm ended with it");
 }

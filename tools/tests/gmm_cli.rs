@@ -255,7 +255,7 @@ fn bench_balloon_json() {
 /// `vmm --api-sock` started by `gmm bench service` keeps running forever.
 #[test]
 fn a_killed_bench_leaves_no_vm_running() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     if !kvm_or_skip("a_killed_bench_leaves_no_vm_running") {
         return;
     }
@@ -274,32 +274,13 @@ fn a_killed_bench_leaves_no_vm_running() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("gmm runs");
-    let t = Instant::now();
-    let (vmm, start) = loop {
-        if let Some((p, child)) = vmm::proc_stats::children_of(bench.id())
-            .into_iter()
-            .find(|(_, c)| c.comm == "vmm")
-        {
-            break (p, child.start_ticks);
-        }
-        if let Ok(Some(st)) = bench.try_wait() {
-            panic!("gmm bench service ended ({st}) before a vmm child was seen");
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "no vmm child of gmm bench service within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    bench.kill().expect("SIGKILL to gmm");
-    let _ = bench.wait();
-    if !vmm::proc_stats::wait_gone(vmm, start, Duration::from_secs(10)) {
-        // Clean up the orphan before failing: the same process (pid and
-        // start time) we saw as gmm's child.
-        if let Ok(p) = libc::pid_t::try_from(vmm) {
-            // SAFETY: signals one process by pid; no memory involved.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
-        panic!("vmm {vmm} still runs 10 s after its gmm was killed");
+    match vmm::child::kill_and_check_orphan(
+        &mut bench,
+        "vmm",
+        Duration::from_secs(60),
+        Duration::from_secs(10),
+    ) {
+        vmm::child::Orphan::Ended => {}
+        other => panic!("the killed gmm bench service's vmm: {other:?}"),
     }
 }

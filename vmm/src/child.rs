@@ -46,3 +46,62 @@ pub fn die_with_parent(cmd: &mut Command) {
         });
     }
 }
+
+/// What became of the first child named `comm` of a process that was
+/// killed outright ([`kill_and_check_orphan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Orphan {
+    /// It ended with its parent.
+    Ended,
+    /// It was still running `grace` after its parent was killed (it has
+    /// been killed now): this pid.
+    Outlived(u32),
+    /// The parent never had such a child (ended first, or none within the
+    /// wait): why.
+    NeverSeen(String),
+}
+
+/// Waits up to `wait` for `parent` to have a child named `comm`, kills
+/// `parent` with `SIGKILL` (no `Drop`, no handler runs: what a CI timeout
+/// does) and reaps it, then waits up to `grace` for that child to end.
+/// A child that outlives the grace is killed, so a failing check leaves
+/// nothing running either. For the tests that hold [`die_with_parent`] to
+/// its word.
+pub fn kill_and_check_orphan(
+    parent: &mut std::process::Child,
+    comm: &str,
+    wait: std::time::Duration,
+    grace: std::time::Duration,
+) -> Orphan {
+    use crate::proc_stats::{children_of, wait_gone};
+    let t = std::time::Instant::now();
+    let (pid, start) = loop {
+        if let Some((p, c)) = children_of(parent.id())
+            .into_iter()
+            .find(|(_, c)| c.comm == comm)
+        {
+            break (p, c.start_ticks);
+        }
+        if let Ok(Some(st)) = parent.try_wait() {
+            return Orphan::NeverSeen(format!("the parent ended ({st}) before a {comm} child"));
+        }
+        if t.elapsed() > wait {
+            let _ = parent.kill();
+            let _ = parent.wait();
+            return Orphan::NeverSeen(format!("no {comm} child within {wait:?}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = parent.kill();
+    let _ = parent.wait();
+    if wait_gone(pid, start, grace) {
+        return Orphan::Ended;
+    }
+    if let Ok(p) = libc::pid_t::try_from(pid) {
+        // SAFETY: signals one process by pid, the one seen above as the
+        // parent's child (same pid and start time a moment ago); no memory
+        // is involved.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    Orphan::Outlived(pid)
+}
