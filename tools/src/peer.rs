@@ -5,8 +5,8 @@
 //!
 //! Invariant: no child outlives its [`Waited`] (dropped unreaped = killed),
 //! so a failing bench never leaves a populated VM behind; nor the thread
-//! that spawned it ([`vmm::child::die_with_parent`]), so neither does a bench killed
-//! outright, which runs no `Drop`.
+//! that spawned it ([`vmm::child::die_with_parent`]), so neither does a
+//! bench killed outright, which runs no `Drop`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
