@@ -221,6 +221,23 @@ pub fn claim_size(left: u64, k: usize) -> u64 {
     let guided = (left / (2 * k.max(1) as u64)) & !(PIECE - 1);
     guided.max(PARALLEL_CHUNK).min(left)
 }
+/// How long the caller of a foreground parallel release waits for its
+/// helpers to be through their thread start before it claims its first
+/// chunk. A new thread's start maps memory (Rust's signal stack: `mmap`
+/// and `mprotect`; glibc's malloc arena: `mmap`), which takes the mmap
+/// lock for writing, and the caller's `madvise` holds it for reading for
+/// a whole claim (a quarter of the release, with two threads): a helper
+/// whose start came after the caller's first `madvise` began waited that
+/// long (`perf` on `sched_switch`: the helper in
+/// `rwsem_down_write_slowpath` under `do_mprotect_pkey`), and the
+/// `madvise` calls of both waited behind its queued write in turn. With
+/// the wait, alternated same-run pairs of `gmm bench teardown --sizes
+/// 512M,1G --page-size 2M --reps 12 --no-process`, slowest memory back of
+/// each run: 1 GiB 2.07-3.01 -> 2.11-2.29 ms (five pairs), 512 MiB
+/// 1.66-2.43 -> 1.37-1.58 ms (three); medians unchanged (1 GiB 1.75-2.20
+/// -> 1.76-2.11 ms, 512 MiB 1.12-1.23 -> 1.12-1.23 ms).
+const HELPER_START_WAIT: Duration = Duration::from_micros(200);
+
 /// The name of a parallel release's helper threads (they run
 /// `SCHED_IDLE`).
 pub const RELEASE_THREAD_NAME: &str = "gmm-release";
@@ -308,7 +325,8 @@ fn set_idle_priority() {
 /// while the other core idled. Wake-ups do not help on a virtual machine
 /// either: an idle vCPU looks preempted to the guest's scheduler, which
 /// then keeps a woken thread on the waker's CPU. So the flusher yields its
-/// CPU once after making its helpers, and a helper that finds itself on
+/// CPU after making its helpers (until they are through their thread
+/// start: [`HELPER_START_WAIT`]), and a helper that finds itself on
 /// the flusher's CPU moves to another one ([`FlusherCpu::leave`]): in the
 /// same test the helper was running on the other CPU 33-170 µs after it
 /// was made, and the creator had its CPU back after 16-149 µs.
@@ -805,6 +823,9 @@ impl<'a> ReleaseBatch<'a> {
         let flusher = FlusherCpu::of_caller();
         // Helpers done so far, for a background caller's wait.
         let finished = (std::sync::Mutex::new(0usize), std::sync::Condvar::new());
+        // Helpers past their thread start, for a foreground caller's wait
+        // ([`HELPER_START_WAIT`]).
+        let started = std::sync::atomic::AtomicUsize::new(0);
         // In the background every worker is a helper, helper 0 included.
         let first_helper = usize::from(deadline.is_none());
         errs[MAX_RELEASE_THREADS] = std::thread::scope(|sc| {
@@ -824,11 +845,14 @@ impl<'a> ReleaseBatch<'a> {
                 } else {
                     let work = &work;
                     let finished = &finished;
+                    let started = &started;
                     let stall = deadline.is_some() && self.stall.is_some_and(|f| f.should_fail());
                     let panic = self.helper_panic.is_some_and(|f| f.should_fail());
                     std::thread::Builder::new()
                         .name(RELEASE_THREAD_NAME.into())
                         .spawn_scoped(sc, move || {
+                            // The thread start (its mappings) is behind us.
+                            started.fetch_add(1, Ordering::Release);
                             // Leave first, at the flusher's priority: made
                             // SCHED_IDLE on the flusher's CPU, it would not
                             // run again to leave it.
@@ -878,8 +902,20 @@ impl<'a> ReleaseBatch<'a> {
                 }
                 // A helper is missing: its share is the caller's at once.
                 Some(_) => self.joins += 1,
-                // Let a helper queued on this CPU run and leave it (above).
-                None if spawned > 0 => std::thread::yield_now(),
+                // Let a helper queued on this CPU run and leave it (above),
+                // and let every helper through its thread start before the
+                // first claim (bounded: [`HELPER_START_WAIT`]).
+                None if spawned > 0 => {
+                    let t = Instant::now();
+                    loop {
+                        std::thread::yield_now();
+                        if started.load(Ordering::Acquire) >= spawned
+                            || t.elapsed() >= HELPER_START_WAIT
+                        {
+                            break;
+                        }
+                    }
+                }
                 None => {}
             }
             let mine = work(0);
