@@ -221,22 +221,39 @@ pub fn claim_size(left: u64, k: usize) -> u64 {
     let guided = (left / (2 * k.max(1) as u64)) & !(PIECE - 1);
     guided.max(PARALLEL_CHUNK).min(left)
 }
-/// How long the caller of a foreground parallel release waits for its
-/// helpers to be through their thread start before it claims its first
-/// chunk. A new thread's start maps memory (Rust's signal stack: `mmap`
-/// and `mprotect`; glibc's malloc arena: `mmap`), which takes the mmap
-/// lock for writing, and the caller's `madvise` holds it for reading for
-/// a whole claim (a quarter of the release, with two threads): a helper
-/// whose start came after the caller's first `madvise` began waited that
-/// long (`perf` on `sched_switch`: the helper in
-/// `rwsem_down_write_slowpath` under `do_mprotect_pkey`), and the
-/// `madvise` calls of both waited behind its queued write in turn. With
-/// the wait, alternated same-run pairs of `gmm bench teardown --sizes
-/// 512M,1G --page-size 2M --reps 12 --no-process`, slowest memory back of
-/// each run: 1 GiB 2.07-3.01 -> 2.11-2.29 ms (five pairs), 512 MiB
-/// 1.66-2.43 -> 1.37-1.58 ms (three); medians unchanged (1 GiB 1.75-2.20
-/// -> 1.76-2.11 ms, 512 MiB 1.12-1.23 -> 1.12-1.23 ms).
+/// How long the workers of a parallel release (the caller of a foreground
+/// one, and every helper) wait for the helpers to be through their thread
+/// start before they claim their first chunk. A new thread's start maps
+/// memory (Rust's signal stack: `mmap` and `mprotect`; glibc's malloc
+/// arena: `mmap`), which takes the mmap lock for writing, and a worker's
+/// `madvise` holds it for reading for a whole claim (a quarter of the
+/// release, with two threads): a helper whose start came after another
+/// worker's first `madvise` began waited that long (`perf` on
+/// `sched_switch`: the helper in `rwsem_down_write_slowpath` under
+/// `do_mprotect_pkey`), and the next `madvise` calls of the others waited
+/// behind its queued write in turn. With the wait, alternated same-run
+/// pairs of `gmm bench teardown --sizes 512M,1G --page-size 2M --reps 12
+/// --no-process`, slowest memory back of each run: 1 GiB 2.07-3.01 ->
+/// 2.11-2.29 ms (five pairs), 512 MiB 1.66-2.43 -> 1.37-1.58 ms (three);
+/// medians unchanged (1 GiB 1.75-2.20 -> 1.76-2.11 ms, 512 MiB 1.12-1.23
+/// -> 1.12-1.23 ms). In the background (4 KiB pages, `SCHED_IDLE` helpers
+/// only), where the second helper's start and its spawn waited for the
+/// first helper's first 64 MiB claim: four pairs of `--sizes 1G,2G
+/// --page-size 4K --reps 5`, 1 GiB medians 37.0-49.3 -> 31.9-38.1 ms.
 const HELPER_START_WAIT: Duration = Duration::from_micros(200);
+
+/// Yields until `n` helpers are through their thread start (`started`),
+/// or for [`HELPER_START_WAIT`] at most (a helper whose spawn failed never
+/// comes).
+fn wait_started(started: &std::sync::atomic::AtomicUsize, n: usize) {
+    let t = Instant::now();
+    loop {
+        std::thread::yield_now();
+        if started.load(Ordering::Acquire) >= n || t.elapsed() >= HELPER_START_WAIT {
+            return;
+        }
+    }
+}
 
 /// The name of a parallel release's helper threads (they run
 /// `SCHED_IDLE`).
@@ -828,6 +845,7 @@ impl<'a> ReleaseBatch<'a> {
         let started = std::sync::atomic::AtomicUsize::new(0);
         // In the background every worker is a helper, helper 0 included.
         let first_helper = usize::from(deadline.is_none());
+        let helpers_wanted = k - first_helper;
         errs[MAX_RELEASE_THREADS] = std::thread::scope(|sc| {
             let mut helpers: [Option<std::thread::ScopedJoinHandle<'_, Option<ReleaseError>>>;
                 MAX_RELEASE_THREADS] = Default::default();
@@ -877,6 +895,9 @@ impl<'a> ReleaseBatch<'a> {
                                 let held = lanes.iter().find_map(Lane::claim);
                                 panic!("injected: a release helper panics holding {held:?}");
                             }
+                            // No claim before the other helpers are through
+                            // their thread start either.
+                            wait_started(started, helpers_wanted);
                             work(i)
                         })
                         .ok()
@@ -905,17 +926,7 @@ impl<'a> ReleaseBatch<'a> {
                 // Let a helper queued on this CPU run and leave it (above),
                 // and let every helper through its thread start before the
                 // first claim (bounded: [`HELPER_START_WAIT`]).
-                None if spawned > 0 => {
-                    let t = Instant::now();
-                    loop {
-                        std::thread::yield_now();
-                        if started.load(Ordering::Acquire) >= spawned
-                            || t.elapsed() >= HELPER_START_WAIT
-                        {
-                            break;
-                        }
-                    }
-                }
+                None if spawned > 0 => wait_started(&started, spawned),
                 None => {}
             }
             let mine = work(0);
