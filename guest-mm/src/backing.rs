@@ -240,12 +240,13 @@ pub fn claim_size(left: u64, k: usize) -> u64 {
 /// only), where the second helper's start and its spawn waited for the
 /// first helper's first 64 MiB claim: four pairs of `--sizes 1G,2G
 /// --page-size 4K --reps 5`, 1 GiB medians 37.0-49.3 -> 31.9-38.1 ms.
-const HELPER_START_WAIT: Duration = Duration::from_micros(200);
+pub const HELPER_START_WAIT: Duration = Duration::from_micros(200);
 
-/// Yields until `n` helpers are through their thread start (`started`),
-/// or for [`HELPER_START_WAIT`] at most (a helper whose spawn failed never
-/// comes).
-fn wait_started(started: &std::sync::atomic::AtomicUsize, n: usize) {
+/// Yields until `n` threads are through their thread start (each adds 1
+/// to `started` first thing), or for [`HELPER_START_WAIT`] at most (a
+/// helper whose spawn failed never comes). Also the teardown bench's
+/// plain-thread baseline waits with it, so both release the same way.
+pub fn wait_started(started: &std::sync::atomic::AtomicUsize, n: usize) {
     let t = Instant::now();
     loop {
         std::thread::yield_now();
@@ -840,8 +841,8 @@ impl<'a> ReleaseBatch<'a> {
         let flusher = FlusherCpu::of_caller();
         // Helpers done so far, for a background caller's wait.
         let finished = (std::sync::Mutex::new(0usize), std::sync::Condvar::new());
-        // Helpers past their thread start, for a foreground caller's wait
-        // ([`HELPER_START_WAIT`]).
+        // Helpers past their thread start, for every worker's wait before
+        // its first claim ([`HELPER_START_WAIT`]).
         let started = std::sync::atomic::AtomicUsize::new(0);
         // In the background every worker is a helper, helper 0 included.
         let first_helper = usize::from(deadline.is_none());

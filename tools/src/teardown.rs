@@ -40,11 +40,10 @@
 //!   through its mapping and punched whole by one of the threads, then
 //!   `munmap` + `close`. All timed, thread start included (the VM starts
 //!   its helpers too); no thread releases before every thread is through
-//!   its start (at most 200 µs, as in guest-mm's parallel release: a
-//!   thread start takes the mmap lock for writing, and would otherwise
-//!   wait for another thread's whole `madvise`). Where even this takes
-//!   more than 0.6x the munmap,
-//!   no teardown split as many ways can reach 0.6x in that run.
+//!   its start (guest-mm's `wait_started`, at most 200 µs: a thread start
+//!   takes the mmap lock for writing, and would otherwise wait for another
+//!   thread's whole `madvise`). Where even this takes more than 0.6x the
+//!   munmap, no teardown split as many ways can reach 0.6x in that run.
 //! - **qemu** (peer, when `qemu-system-x86_64` is found): QEMU with a
 //!   preallocated RAM backend and `-S` (the guest never runs), at 4 KiB
 //!   rows with transparent huge pages disabled for the process (QEMU
@@ -539,18 +538,15 @@ fn shares(len: u64, k: usize) -> Vec<(u64, u64)> {
 }
 
 /// Runs `f(0)` on the calling thread and `f(1)` .. `f(k - 1)` on as many
-/// new threads, all at once (each first waits, at most 200 µs, until every
-/// thread is through its start: see the module doc); the first error once
-/// all have returned.
+/// new threads, all at once (each first waits until every thread is
+/// through its start, as guest-mm's release does:
+/// [`guest_mm::backing::wait_started`]); the first error once all have
+/// returned.
 fn on_threads(k: usize, f: impl Fn(usize) -> Result<()> + Sync) -> Result<()> {
     let started = std::sync::atomic::AtomicUsize::new(0);
     let go = |i: usize| {
-        use std::sync::atomic::Ordering;
-        started.fetch_add(1, Ordering::Release);
-        let t = Instant::now();
-        while started.load(Ordering::Acquire) < k && t.elapsed() < Duration::from_micros(200) {
-            std::thread::yield_now();
-        }
+        started.fetch_add(1, std::sync::atomic::Ordering::Release);
+        guest_mm::backing::wait_started(&started, k);
         f(i)
     };
     std::thread::scope(|sc| {
