@@ -193,9 +193,54 @@ pub const PARALLEL_CHUNK: u64 = 16 << 20;
 /// ([`crate::Gather::set_release_background`]).
 pub const BACKGROUND_CLAIM_MAX: u64 = 64 << 20;
 
-/// The least a background release waits for its helpers before the
-/// flushing thread joins in.
-pub const BACKGROUND_PATIENCE_MIN: Duration = Duration::from_millis(10);
+/// What a helper made slow by the fault point `release_helper_slow` waits
+/// before each claim: a helper that gets a share of a core, not none.
+pub const SLOW_HELPER_PAUSE: Duration = Duration::from_millis(20);
+
+/// The shortest window over which a background release's pace is judged
+/// ([`Pace`]).
+pub const BACKGROUND_WINDOW_MIN: Duration = Duration::from_millis(20);
+
+/// How a background release's caller judges its helpers: every `window`
+/// it looks at how much they released in it, and joins in if that was
+/// less than `floor` (or than all that was left). So it joins when the
+/// helpers are *starved* (they get less CPU than the slowest pace it
+/// accepts), not when they are merely sharing the cores: idle-priority
+/// helpers beside a busy neighbour that still leaves them a quarter of a
+/// core release at their own pace and take nothing from it, while on a
+/// host with no idle CPU at all the caller joins after one window, where
+/// a fixed deadline (the rule before) made it wait the whole deadline
+/// there and join needlessly beside a neighbour that left the helpers
+/// just under half a core (`gmm bench interference --only teardown`: in
+/// about half the rounds, then 60+ ms of release at normal priority).
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    window: Duration,
+    floor: u64,
+}
+
+impl Pace {
+    /// The pace of a release of `bytes` whose `k` helpers must release at
+    /// least a GiB per `per_gib`: a window holds two claims per helper at
+    /// that pace (claims complete whole, so a shorter window would now and
+    /// then see none at a good pace), but no more than the whole release
+    /// at that pace, and at least [`BACKGROUND_WINDOW_MIN`]. `per_gib`
+    /// zero: no pace is slow enough (the caller joins after the first
+    /// window unless all is released by then).
+    fn new(per_gib: Duration, k: usize, bytes: u64) -> Pace {
+        const GIB: f64 = (1u64 << 30) as f64;
+        let claims = (2 * k.max(1) as u64 * BACKGROUND_CLAIM_MAX).min(bytes);
+        let window = per_gib
+            .mul_f64(claims as f64 / GIB)
+            .clamp(BACKGROUND_WINDOW_MIN, Duration::from_secs(3600));
+        let floor = if per_gib.is_zero() {
+            u64::MAX
+        } else {
+            (window.as_secs_f64() / per_gib.as_secs_f64() * GIB) as u64
+        };
+        Pace { window, floor }
+    }
+}
 
 /// What one of `k` threads claims next from a lane with `left` bytes not
 /// yet claimed: a `2k`th of what is left (guided self-scheduling), in
@@ -309,7 +354,7 @@ fn boost_tid(tid: &std::sync::atomic::AtomicI32) {
 /// Run when a release helper ends, by return or by panic: retires its
 /// tid (so no boost can reach a reused one) and counts it done for a
 /// background caller waiting on `finished` (which would otherwise wait
-/// its whole patience for a helper that panicked).
+/// for a helper that panicked until its pace showed it starved).
 struct HelperDone<'a> {
     tid: &'a std::sync::atomic::AtomicI32,
     finished: &'a (std::sync::Mutex<usize>, std::sync::Condvar),
@@ -478,10 +523,12 @@ pub(crate) struct ReleaseBatch<'a> {
     spawn_fail: Option<&'a crate::fault::FailPoint>,
     /// Makes background helpers behave as if starved (tests).
     stall: Option<&'a crate::fault::FailPoint>,
+    /// Makes background helpers slow but not starved (tests).
+    slow: Option<&'a crate::fault::FailPoint>,
     /// Makes a helper panic holding a claimed chunk (tests).
     helper_panic: Option<&'a crate::fault::FailPoint>,
-    /// A parallel submit runs in the background, with this patience per
-    /// GiB ([`crate::Gather::set_release_background`]).
+    /// A parallel submit runs in the background, at a GiB per this or
+    /// faster ([`crate::Gather::set_release_background`]).
     background: Option<Duration>,
     parallel: u64,
     /// Background submits whose caller joined in.
@@ -519,6 +566,9 @@ struct Lane {
     /// The most one claim takes.
     max_claim: u64,
     cursor: std::sync::atomic::AtomicU64,
+    /// Bytes of claims released so far (a background caller's measure of
+    /// its helpers' pace: [`Pace`]).
+    released: std::sync::atomic::AtomicU64,
 }
 
 impl Lane {
@@ -530,6 +580,7 @@ impl Lane {
             max_claim,
             pieces,
             cursor: std::sync::atomic::AtomicU64::new(0),
+            released: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -622,6 +673,7 @@ impl Lane {
                 break;
             }
         }
+        self.released.fetch_add(hi - lo, Ordering::Relaxed);
         Some(res)
     }
 }
@@ -662,12 +714,13 @@ impl<'a> ReleaseBatch<'a> {
         self.threads = threads.clamp(1, MAX_RELEASE_THREADS);
         self.spawn_fail = Some(&faults.release_thread);
         self.stall = Some(&faults.release_helper_stall);
+        self.slow = Some(&faults.release_helper_slow);
         self.helper_panic = Some(&faults.release_helper_panic);
     }
 
     /// Run parallel submits in the background (see
-    /// [`ReleaseBatch::submit_parallel`]), joining in after `per_gib` per
-    /// GiB submitted.
+    /// [`ReleaseBatch::submit_parallel`]), joining in once the helpers
+    /// release less than a GiB per `per_gib` ([`Pace`]).
     pub(crate) fn set_background(&mut self, per_gib: Option<Duration>) {
         self.background = per_gib;
     }
@@ -784,20 +837,20 @@ impl<'a> ReleaseBatch<'a> {
     /// at most [`BACKGROUND_CLAIM_MAX`] at a time, while the caller sleeps.
     /// So on a host whose cores are busy (another VM's vCPUs) the release
     /// takes only CPU time nobody else wants; on an idle host both cores
-    /// still work. The caller's *patience* bounds the wait: once the
-    /// submit has taken its patience (per GiB, at least
-    /// [`BACKGROUND_PATIENCE_MIN`]), the caller claims what is left at its
+    /// still work. The caller's *pace* bounds the wait: once a window
+    /// shows the helpers releasing slower than the slowest pace it accepts
+    /// ([`Pace`]: they are starved), the caller claims what is left at its
     /// own priority, as in a foreground release, so a starved release
     /// still ends (no privilege is needed for that: a thread made
-    /// `SCHED_IDLE` could not return to normal priority unprivileged). The
-    /// caller also joins at once if any helper could not be spawned.
+    /// `SCHED_IDLE` could not return to normal priority unprivileged), at
+    /// that pace or faster. The caller also joins at once if any helper
+    /// could not be spawned.
     fn submit_parallel(&mut self, n: usize, np: usize, k: usize) {
         let anon = self.iov[..n].iter().map(|v| Piece {
             hva: v.iov_base as u64,
             len: v.iov_len as u64,
             file: None,
         });
-        let started = Instant::now();
         let max_claim = if self.background.is_some() {
             BACKGROUND_CLAIM_MAX
         } else {
@@ -806,19 +859,16 @@ impl<'a> ReleaseBatch<'a> {
         let lanes = Lane::sort(anon, &self.punches[..np], k, max_claim);
         let lanes = &lanes[..];
         let bytes: u64 = lanes.iter().map(|l| l.bytes).sum();
-        let deadline = self.background.map(|per_gib| {
-            let patience = per_gib
-                .mul_f64(bytes as f64 / (1u64 << 30) as f64)
-                .max(BACKGROUND_PATIENCE_MIN);
-            started + patience
-        });
+        let pace = self.background.map(|per_gib| Pace::new(per_gib, k, bytes));
         let reg = self.reg;
         let faults = self.faults;
         // Claims chunks until none is left in any lane; returns the first
         // error. A thread picks a lane nobody has started yet (its file's
         // lock is free), from its own index on, and only then one another
         // thread is working on.
-        let work = |me: usize| -> Option<ReleaseError> {
+        // A helper made slow (`release_helper_slow`) pauses before each
+        // claim.
+        let work = |me: usize, pause: Option<Duration>| -> Option<ReleaseError> {
             let mut first = None;
             let order = |j: usize| (me + j) % lanes.len();
             loop {
@@ -829,7 +879,12 @@ impl<'a> ReleaseBatch<'a> {
                 let Some(l) = pick else {
                     return first;
                 };
-                while let Some(e) = lanes[l].release_chunk(reg, faults) {
+                while let Some(e) = {
+                    if let Some(p) = pause {
+                        std::thread::sleep(p);
+                    }
+                    lanes[l].release_chunk(reg, faults)
+                } {
                     if let Err(e) = e {
                         first.get_or_insert(e);
                     }
@@ -845,7 +900,7 @@ impl<'a> ReleaseBatch<'a> {
         // its first claim ([`HELPER_START_WAIT`]).
         let started = std::sync::atomic::AtomicUsize::new(0);
         // In the background every worker is a helper, helper 0 included.
-        let first_helper = usize::from(deadline.is_none());
+        let first_helper = usize::from(pace.is_none());
         let helpers_wanted = k - first_helper;
         errs[MAX_RELEASE_THREADS] = std::thread::scope(|sc| {
             let mut helpers: [Option<std::thread::ScopedJoinHandle<'_, Option<ReleaseError>>>;
@@ -865,7 +920,8 @@ impl<'a> ReleaseBatch<'a> {
                     let work = &work;
                     let finished = &finished;
                     let started = &started;
-                    let stall = deadline.is_some() && self.stall.is_some_and(|f| f.should_fail());
+                    let stall = pace.is_some() && self.stall.is_some_and(|f| f.should_fail());
+                    let slow = pace.is_some() && self.slow.is_some_and(|f| f.should_fail());
                     let panic = self.helper_panic.is_some_and(|f| f.should_fail());
                     std::thread::Builder::new()
                         .name(RELEASE_THREAD_NAME.into())
@@ -899,21 +955,30 @@ impl<'a> ReleaseBatch<'a> {
                             // No claim before the other helpers are through
                             // their thread start either.
                             wait_started(started, helpers_wanted);
-                            work(i)
+                            work(i, slow.then_some(SLOW_HELPER_PAUSE))
                         })
                         .ok()
                 };
             }
             let spawned = helpers.iter().filter(|h| h.is_some()).count();
-            match deadline {
+            match pace {
                 // Background: sleep while the helpers work, until they are
-                // done or the patience is spent (then join in below).
-                Some(d) if spawned == k => {
+                // done or a window shows them starved (then join in below).
+                Some(p) if spawned == k => {
+                    let released = || lanes.iter().map(|l| l.released.load(Ordering::Relaxed));
                     let mut done = finished.0.lock().unwrap_or_else(|e| e.into_inner());
+                    let (mut end, mut at) = (Instant::now() + p.window, 0u64);
                     while *done < spawned {
-                        let Some(left) = d.checked_duration_since(Instant::now()) else {
-                            self.joins += 1;
-                            break;
+                        let now = Instant::now();
+                        let Some(left) = end.checked_duration_since(now).filter(|d| !d.is_zero())
+                        else {
+                            let r: u64 = released().sum();
+                            if r.saturating_sub(at) < p.floor.min(bytes.saturating_sub(at)) {
+                                self.joins += 1;
+                                break;
+                            }
+                            (end, at) = (now + p.window, r);
+                            continue;
                         };
                         done = finished
                             .1
@@ -930,7 +995,7 @@ impl<'a> ReleaseBatch<'a> {
                 None if spawned > 0 => wait_started(&started, spawned),
                 None => {}
             }
-            let mine = work(0);
+            let mine = work(0, None);
             // Nothing is left to claim: what a helper still holds is now on
             // the flusher's critical path, so it gets the flusher's policy
             // (an idle-priority thread preempted mid-chunk can wait 100+ ms
@@ -950,7 +1015,7 @@ impl<'a> ReleaseBatch<'a> {
                         for lane in lanes {
                             lane.cursor.store(0, Ordering::Relaxed);
                         }
-                        work(0)
+                        work(0, None)
                     });
                 }
             }
@@ -1092,6 +1157,7 @@ impl BackingRegistry {
             threads: 1,
             spawn_fail: None,
             stall: None,
+            slow: None,
             helper_panic: None,
             background: None,
             parallel: 0,

@@ -109,11 +109,16 @@ pub struct FaultInjection {
     pub release_thread: FailPoint,
     /// A helper of a background release gets no CPU until every chunk is
     /// claimed (a starved `SCHED_IDLE` helper): the flushing thread must
-    /// claim them all once its patience is spent.
+    /// claim them all once a window shows its helpers starved.
     pub release_helper_stall: FailPoint,
+    /// A helper of a background release pauses before each claim
+    /// ([`crate::backing::SLOW_HELPER_PAUSE`]: a helper that gets only a
+    /// share of a core): the flushing thread must not join helpers that
+    /// keep the slowest pace it accepts.
+    pub release_helper_slow: FailPoint,
     /// A helper of a parallel release panics right after claiming its
     /// first chunk, before releasing it: the flushing thread must not wait
-    /// for it (a background caller's patience) and must release the chunk
+    /// for it (a background caller's window) and must release the chunk
     /// it held.
     pub release_helper_panic: FailPoint,
     /// One `madvise(MADV_DONTNEED)` of a release (anonymous runs, anonymous

@@ -98,8 +98,9 @@ pub struct GatherStats {
     /// [`Gather::set_release_threads`]).
     pub parallel_releases: u64,
     /// Background releases ([`Gather::set_release_background`]) whose
-    /// flushing thread joined in: its patience was spent before the
-    /// helpers were done, or a helper could not be spawned.
+    /// flushing thread joined in: a window showed the helpers starved
+    /// (slower than the slowest pace accepted), or a helper could not be
+    /// spawned.
     pub background_joins: u64,
     /// 4 KiB pages a balloon unmap newly marked *ballooned* (present or
     /// discarded before; a page already in the balloon is not counted
@@ -125,7 +126,7 @@ pub struct Gather<'t> {
     first_error: Option<ReleaseError>,
     /// Threads a large anonymous release may be split across.
     release_threads: usize,
-    /// A split release runs in the background, with this patience per GiB.
+    /// A split release runs in the background, at a GiB per this or faster.
     release_background: Option<std::time::Duration>,
     pub(crate) stats: GatherStats,
 }
@@ -173,14 +174,16 @@ impl<'t> Gather<'t> {
 
     /// Make a release split across threads ([`Gather::set_release_threads`])
     /// a *background* one: only `SCHED_IDLE` helpers work on it, while the
-    /// flushing thread sleeps, until it has taken `patience_per_gib` per
-    /// GiB released (at least [`crate::backing::BACKGROUND_PATIENCE_MIN`]);
-    /// then the flushing thread claims what is left at its own priority.
-    /// So a release beside busy cores (another VM's vCPUs) takes only the
-    /// CPU time nobody else wants, and still ends when nothing is idle.
-    /// `None` (the default): the flushing thread works from the start.
-    pub fn set_release_background(&mut self, patience_per_gib: Option<std::time::Duration>) {
-        self.release_background = patience_per_gib;
+    /// flushing thread sleeps and watches their pace, window by window
+    /// (at least [`crate::backing::BACKGROUND_WINDOW_MIN`]); once a window
+    /// shows them releasing less than a GiB per `slowest_per_gib` (they
+    /// are starved), the flushing thread claims what is left at its own
+    /// priority. So a release beside busy cores (another VM's vCPUs) takes
+    /// only the CPU time nobody else wants, and still ends, at that pace or
+    /// faster, when nothing is idle. `None` (the default): the flushing
+    /// thread works from the start.
+    pub fn set_release_background(&mut self, slowest_per_gib: Option<std::time::Duration>) {
+        self.release_background = slowest_per_gib;
     }
 
     /// Whether this gather tears down the whole table (`fullmm`).

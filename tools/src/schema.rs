@@ -300,8 +300,9 @@ pub struct TeardownSize {
     #[serde(default)]
     pub reclaims_by_waiter: u32,
     /// Repetitions in which the releasing thread joined its idle-priority
-    /// release helpers before they were done (its patience ran out, or a
-    /// helper could not be spawned): `TeardownStats::background_joins`.
+    /// release helpers before they were done (they fell below its slowest
+    /// pace, or a helper could not be spawned):
+    /// `TeardownStats::background_joins`.
     #[serde(default)]
     pub background_joins: u32,
     /// Parts of destroy and reclaim as the VM measured them: stopping and

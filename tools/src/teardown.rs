@@ -16,8 +16,8 @@
 //!   it, the waiting one or the VM's reclaim thread (`reclaims_by_waiter`
 //!   counts the former), samples RSS right then, and `rss_back` requires
 //!   it back near its starting level; `background_joins` counts the
-//!   repetitions in which the release's idle-priority helpers were not
-//!   done within its patience and the releasing thread joined in). `reclaim_done_ms` runs until
+//!   repetitions in which the release's idle-priority helpers fell below
+//!   its slowest pace and the releasing thread joined in). `reclaim_done_ms` runs until
 //!   `Teardown::wait_reclaim` returns: also the KVM VM dropped, the fault
 //!   handler stopped, the emptied RAM unmapped (for memfd the file
 //!   closed). RSS before launch, once

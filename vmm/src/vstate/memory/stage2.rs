@@ -115,8 +115,9 @@ pub struct TeardownStats {
     /// Releases split across threads (all cores help at teardown).
     pub parallel_releases: u64,
     /// Of those, releases in which the releasing thread joined its
-    /// idle-priority helpers before they were done: its patience ran out
-    /// (the host's cores were busy) or a helper could not be spawned.
+    /// idle-priority helpers before they were done: they fell below its
+    /// slowest pace (the host's cores were busy) or a helper could not be
+    /// spawned.
     pub background_joins: u64,
     /// Table pages left (the root only: 1).
     pub table_pages_left: u64,
