@@ -207,9 +207,21 @@ impl Stage2Table {
     ) -> Result<(), UnmapError> {
         g.note_requested(start, end);
         let pending = register && !g.full_mm;
-        self.visit_range(g, start, end, pending, &mut |slot, e, level, base, g| {
-            zap_leaf(slot, e, level, base, g, mode)
-        })
+        // One closure per mode, each with `zap_leaf` inlined and its mode a
+        // constant: the walk's per-entry work is then only that mode's.
+        macro_rules! visit_as {
+            ($m:expr) => {
+                self.visit_range(g, start, end, pending, &mut |slot, e, level, base, g| {
+                    zap_leaf(slot, e, level, base, g, $m)
+                })
+            };
+        }
+        match mode {
+            UnmapMode::Remove => visit_as!(UnmapMode::Remove),
+            UnmapMode::Detach => visit_as!(UnmapMode::Detach),
+            UnmapMode::Discard => visit_as!(UnmapMode::Discard),
+            UnmapMode::Balloon => visit_as!(UnmapMode::Balloon),
+        }
     }
     /// Change the permissions of `[gpa, gpa + len)` (every page must be
     /// mapped). Lost permissions are invalidated through `g`.
@@ -292,7 +304,9 @@ impl Stage2Table {
 }
 
 /// The unmap's action on one leaf or marker at `level` mapping `base`;
-/// `false` if a fault restored the entry first (read it again).
+/// `false` if a fault restored the entry first (read it again). Inlined
+/// into each mode's walk ([`Stage2Table::unmap_inner`]).
+#[inline(always)]
 fn zap_leaf(
     slot: &AtomicU64,
     e: Pte,
