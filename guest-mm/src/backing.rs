@@ -208,11 +208,12 @@ pub const BACKGROUND_WINDOW_MIN: Duration = Duration::from_millis(20);
 /// accepts), not when they are merely sharing the cores: idle-priority
 /// helpers beside a busy neighbour that still leaves them a quarter of a
 /// core release at their own pace and take nothing from it, while on a
-/// host with no idle CPU at all the caller joins after one window, where
-/// a fixed deadline (the rule before) made it wait the whole deadline
-/// there and join needlessly beside a neighbour that left the helpers
-/// just under half a core (`gmm bench interference --only teardown`: in
-/// about half the rounds, then 60+ ms of release at normal priority).
+/// host with no idle CPU at all the caller joins after one window. A
+/// fixed deadline for the whole release (the rule before) waited all of
+/// it there, and passed needlessly beside a neighbour that left the
+/// helpers just under half a core (`gmm bench interference --only
+/// teardown`: in one of two rounds traced with `perf sched`, then 60+ ms
+/// of release at normal priority).
 #[derive(Clone, Copy, Debug)]
 struct Pace {
     window: Duration,
