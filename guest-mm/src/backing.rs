@@ -14,7 +14,7 @@
 //! A gather's flush releases all its runs through one `ReleaseBatch`:
 //! shared-file runs are queued and punched one by one (a large batch split
 //! across threads, one file per thread: see
-//! [`ReleaseBatch::submit_parallel`]); anonymous runs are queued and
+//! `ReleaseBatch::submit_parallel`); anonymous runs are queued and
 //! handed to the kernel as one
 //! `process_madvise(PIDFD_SELF, iov, n, MADV_DONTNEED)` per
 //! [`BATCH_RUNS`] runs (Linux 6.13 allows any advice on the caller itself,
@@ -198,7 +198,7 @@ pub const BACKGROUND_CLAIM_MAX: u64 = 64 << 20;
 pub const SLOW_HELPER_PAUSE: Duration = Duration::from_millis(20);
 
 /// The shortest window over which a background release's pace is judged
-/// ([`Pace`]).
+/// (`Pace`, below).
 pub const BACKGROUND_WINDOW_MIN: Duration = Duration::from_millis(20);
 
 /// How a background release's caller judges its helpers: every `window`
@@ -257,7 +257,7 @@ impl Pace {
 /// memslot over it; at 4 KiB pages the claim size made no measurable
 /// difference). Large claims first keep those flushes few; small claims at
 /// the end keep a thread that got a CPU late (a `SCHED_IDLE` helper beside
-/// a busy core, or one that started late: [`FlusherCpu`]) from holding the
+/// a busy core, or one that started late: `FlusherCpu`) from holding the
 /// others up with a large claim of its own.
 ///
 /// Public so that a baseline outside guest-mm (`gmm bench interference`'s

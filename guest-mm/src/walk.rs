@@ -449,7 +449,7 @@ impl<'w> WalkGuard<'w> {
     /// translation-cache hit, a 2 MiB leaf in the level-2 entry of the
     /// GiB's cached level-2 page (which fills the translation cache). A
     /// slot whose last lookup found a 2 MiB leaf reads its level-2 entry
-    /// first ([`HUGE_HINT`]). Everything else (a walk from the root, 1 GiB
+    /// first (`HUGE_HINT`). Everything else (a walk from the root, 1 GiB
     /// leaves, failures) is out of line.
     #[inline(always)]
     pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {

@@ -20,7 +20,7 @@
 //!
 //! Every figure in the markdown and every met/missed verdict is computed
 //! from the saved JSON; nothing is typed in. A bench that fails is
-//! recorded ("not measured: <error>") and the others still run; the
+//! recorded ("not measured: `<error>`") and the others still run; the
 //! command then exits non-zero. A missed target is a result, not a
 //! failure.
 

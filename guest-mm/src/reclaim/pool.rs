@@ -289,7 +289,7 @@ pub(super) fn unmap_or_leak(addr: usize, bytes: usize) {
 }
 
 /// Bytes of table-page chunks that dropped tables could not unmap (a
-/// failed `munmap`, retried [`MUNMAP_ATTEMPTS`] times): still mapped and
+/// failed `munmap`, retried `MUNMAP_ATTEMPTS` times): still mapped and
 /// counted, see [`retry_leaked_table_chunks`]. Process wide.
 #[cfg(not(loom))]
 pub fn leaked_table_bytes() -> u64 {

@@ -18,7 +18,7 @@
 //! - the [`Handler`] runs on a blocking-pool thread, so a handler that
 //!   waits (for the VM thread) never stalls the other connections;
 //! - every answer is a typed body serialized by serde, or a
-//!   [`Fault`](super::models::Fault);
+//!   [`super::models::Fault`];
 //! - the socket file is created owner-only (0600) and removed on stop; an
 //!   existing path is refused, never silently replaced (the binary's
 //!   `--replace-api-sock` removes a stale socket before it starts us);

@@ -279,7 +279,7 @@ pub struct Reclaimed {
 impl Teardown {
     /// Waits until guest RAM is back with the host: releases it on the
     /// calling thread if the reclaim thread has not begun yet (see
-    /// [`Reclaimer`]).
+    /// `Reclaimer`).
     pub fn wait_reclaim(&mut self) -> Reclaimed {
         if let Some(f) = self.reclaim.take() {
             self.done = Some(f.finish());
@@ -577,7 +577,7 @@ fn new_kvm_vm() -> Result<(Kvm, VmFd)> {
 /// Does now what the next [`Vm::new`] of this process would start with
 /// and needs nothing of its configuration for: asks KVM for the
 /// supported CPUID (kept for every VM) and creates an empty KVM VM
-/// ([`SPARE_VM`]; `KVM_CREATE_VM` took 0.38 ms here). The service calls it
+/// (`SPARE_VM`; `KVM_CREATE_VM` took 0.38 ms here). The service calls it
 /// while it waits for `InstanceStart`, whose latency is then that much
 /// shorter. Best effort: a failure here is met again, and reported, by
 /// `Vm::new`.

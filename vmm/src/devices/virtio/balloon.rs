@@ -22,7 +22,7 @@
 //! back, the memory is gone.
 //!
 //! **Deflate** turns ballooned markers of the listed pages into *discarded*
-//! ones ([`Stage2Table::deflate`]): they fault back in (zeros) on touch.
+//! ones ([`guest_mm::Stage2Table::deflate`]): they fault back in (zeros) on touch.
 //! **Free page reporting** takes the inflate path with
 //! [`ReleaseMode::Discard`]. **Stats**: the last buffer is parsed and kept;
 //! the device holds the buffer until the host asks for fresh statistics

@@ -23,7 +23,7 @@
 //!   handler taking back its own install when the table refused the commit
 //!   (`uffd.rs`, `undo`): memory the table never saw, so no gather applies.
 //! - The files are [`std::os::fd::OwnedFd`]s owned here; the stage-2
-//!   backing registry and [`RegionDesc::fd`] only borrow their numbers. The
+//!   backing registry and [`RegionDesc::files`] only borrow their numbers. The
 //!   table is made dying ([`VmMemory::release_all`], also run on drop if
 //!   nobody did) before the files are closed, so a table someone still
 //!   holds can never release through a closed (or reused) descriptor.

@@ -19,7 +19,7 @@
 //! without it. On top of that a [`FaultHook`] (the stage-2 table) sees
 //! every resolution as begin → install (without waking the faulting
 //! thread) → commit; if commit says an unmap raced, the installed page is
-//! dropped again ([`Shared::undo`]) and the fault is retried, so a fault
+//! dropped again (`Shared::undo`) and the fault is retried, so a fault
 //! never resurrects a page an in-flight unmap released.
 //!
 //! Granularity: a fault installs the whole leaf the mirror holds around the
