@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the table and gather primitives: map/unmap of one
-//! entry, translate (cached and uncached), and the flush of a full batch.
+//! entry, translate (cached and uncached), the flush of a full batch, and
+//! the writer walk over a whole GiB of 4 KiB leaves (teardown, unmap).
 //! Backing is simulated (nothing is dereferenced or released), so these
 //! measure the table itself.
 
@@ -104,9 +105,48 @@ fn flush_full_batch(c: &mut Criterion) {
     });
 }
 
+/// The writer walk's cost per entry (`zap_leaf` in `table/ops.rs`): a
+/// full-mm teardown and a `Remove` unmap of 1 GiB mapped at 4 KiB leaves
+/// to contiguous backing (one coalesced release run, which the simulated
+/// backing does not perform), a fresh table each time.
+fn walk_one_gib(c: &mut Criterion) {
+    const GIB: u64 = 1 << 30;
+    let mapped = || {
+        let t = table();
+        t.map(Gpa(0), Hva(FAKE), GIB, Perms::RW, PageSize::Size4K)
+            .expect("map");
+        t
+    };
+    c.bench_function("teardown_1g_4k_leaves", |b| {
+        b.iter_batched(
+            mapped,
+            |t| {
+                let mut g = t.gather_full_mm();
+                t.teardown(&mut g).expect("teardown");
+                black_box(g.finish().expect("flush"));
+                t
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    c.bench_function("unmap_1g_4k_leaves", |b| {
+        b.iter_batched(
+            mapped,
+            |t| {
+                let mut g = t.gather();
+                t.unmap(&mut g, Gpa(0), GIB, UnmapMode::Remove)
+                    .expect("unmap");
+                black_box(g.finish().expect("flush"));
+                t
+            },
+            BatchSize::PerIteration,
+        )
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(2));
-    targets = map_unmap, translate, flush_full_batch
+    targets = map_unmap, translate, flush_full_batch, walk_one_gib
 }
 criterion_main!(benches);
