@@ -880,14 +880,16 @@ impl<'a> ReleaseBatch<'a> {
                 let Some(l) = pick else {
                     return first;
                 };
-                while let Some(e) = {
+                loop {
                     if let Some(p) = pause {
                         std::thread::sleep(p);
                     }
-                    lanes[l].release_chunk(reg, faults)
-                } {
-                    if let Err(e) = e {
-                        first.get_or_insert(e);
+                    match lanes[l].release_chunk(reg, faults) {
+                        None => break,
+                        Some(Err(e)) => {
+                            first.get_or_insert(e);
+                        }
+                        Some(Ok(())) => {}
                     }
                 }
             }

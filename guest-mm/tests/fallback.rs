@@ -247,9 +247,9 @@ fn parallel_release_frees_everything_and_falls_back_inline() {
 }
 
 /// A full-mm teardown of `len` bytes of touched anonymous memory as a
-/// background release with `threads` threads that must keep a GiB per
-/// `per_gib`, every helper starved if `stall`, every helper spawn failing
-/// if `fail_spawn`: its stats, the bytes still resident, and the helpers
+/// background release with 4 threads that must keep a GiB per `per_gib`,
+/// every helper starved if `stall`, every helper spawn failing if
+/// `fail_spawn`: its stats, the bytes still resident, and the helpers
 /// starved and not spawned.
 fn background_teardown(
     len: u64,
@@ -257,32 +257,20 @@ fn background_teardown(
     stall: bool,
     fail_spawn: bool,
 ) -> (GatherStats, u64, u64, u64) {
-    background_teardown_with(len, 4, per_gib, |t| {
+    let (st, resident, starved, unspawned, _) = timed_background_teardown(len, 4, per_gib, |t| {
         if stall {
             t.faults.release_helper_stall.fail_always();
         }
         if fail_spawn {
             t.faults.release_thread.fail_always();
         }
-    })
-}
-
-/// [`background_teardown`] with `threads` threads and `arm` arming the
-/// table's fault points; also how long the teardown took (the memory
-/// touched before it not counted).
-fn background_teardown_with(
-    len: u64,
-    threads: usize,
-    per_gib: std::time::Duration,
-    arm: impl FnOnce(&Stage2Table),
-) -> (GatherStats, u64, u64, u64) {
-    let (st, resident, starved, unspawned, _) =
-        timed_background_teardown(len, threads, per_gib, arm);
+    });
     (st, resident, starved, unspawned)
 }
 
-/// [`background_teardown_with`], and how long the teardown took (not the
-/// touching of the memory before it).
+/// [`background_teardown`] with `threads` threads and `arm` arming the
+/// table's fault points, and how long the teardown took (not the touching
+/// of the memory before it).
 fn timed_background_teardown(
     len: u64,
     threads: usize,
@@ -352,7 +340,7 @@ fn background_release_joins_starved_helpers_after_one_window_and_leaves_slow_one
     // per GiB: 0.6 s for this half GiB, in windows of 0.3 s, two claims
     // per helper).
     let slowest = std::time::Duration::from_millis(1200);
-    let (st, resident, _, _) = background_teardown_with(len, 2, slowest, |t| {
+    let (st, resident, _, _, _) = timed_background_teardown(len, 2, slowest, |t| {
         t.faults.release_helper_slow.fail_always();
     });
     assert_eq!((resident, st.released_bytes), (0, len));
