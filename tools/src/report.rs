@@ -2853,10 +2853,18 @@ fn linux_section(d: &StepData) -> Section {
     let mut md = format!("## {T}\n\n");
     let _ = writeln!(
         md,
-        "The Linux fixture (`../shared/linux-guest/`, {} vCPUs, {} MiB, {} guest RAM) under each monitor in turn, ours and Firecracker driven by the same API calls, QEMU as `-M microvm` with QMP. *init*: spawn → the console line `INIT-REACHED`; *idle*: the process's CPU while the booted guest waits ({}), and the part of it the monitor's vCPU threads used: the guest's own kernel, which runs inside `KVM_RUN` (here emulated); the rest is the monitor's other threads; *inflate*: the guest's own virtio-balloon driver, target raised by {} MiB until the device reports it. This host emulates guest ring 0, so boots take tens of seconds for every monitor alike.\n",
+        "The Linux fixture (`../shared/linux-guest/`, {} vCPUs, {} MiB, {} guest RAM) under each monitor, ours and Firecracker driven by the same API calls, QEMU as `-M microvm` with QMP. *init*: spawn → the console line `INIT-REACHED`, one monitor at a time; *idle*: the process's CPU while the booted guest waits ({}; {}), and the part of it the monitor's vCPU threads used: the guest's own kernel, which runs inside `KVM_RUN` (here emulated); the rest is the monitor's other threads; *inflate*: the guest's own virtio-balloon driver, target raised by {} MiB until the device reports it. This host emulates guest ring 0, so boots take tens of seconds for every monitor alike.\n",
         l.vcpus,
         l.mem_mib,
         l.backing.name(),
+        match l.idle_windows.first() {
+            Some(w) if l.idle_side_by_side => format!(
+                "every monitor's guest booted and idling side by side, counted over the same {} windows of {} s: the median window, the range in brackets",
+                w.cpu_pct.len(),
+                w.seconds
+            ),
+            _ => "one monitor at a time, one window each".into(),
+        },
         match l.idle_stats_polling_s {
             Some(n) => format!("every monitor asks for the balloon's statistics every {n} s: the same guest work"),
             None => "ours and Firecracker poll the balloon's statistics every second, QEMU does not".into(),
@@ -2872,9 +2880,20 @@ fn linux_section(d: &StepData) -> Section {
         let (init, idle, inflate) = l.of(m);
         let f = |x: Option<f64>, p: usize| x.map_or_else(|| "—".into(), |x| format!("{x:.p$}"));
         let vcpu = l.idle_vcpu_of(m);
+        let range = l
+            .idle_windows_of(m)
+            .filter(|w| w.cpu_pct.len() > 1)
+            .map(|w| {
+                let (lo, hi) = w
+                    .cpu_pct
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                format!(" ({lo:.2} .. {hi:.2})")
+            })
+            .unwrap_or_default();
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {}{range} | {} | {} | {} |",
             monitor_name(m),
             f(init, 1),
             f(idle, 2),
@@ -2960,7 +2979,12 @@ fn linux_section(d: &StepData) -> Section {
     if idle.is_some() && !peers.is_empty() {
         let _ = write!(
             idle_row.measured,
-            " (the same guest in this run: {})",
+            " (the same guest {}: {})",
+            if l.idle_side_by_side {
+                "idling beside ours in the same windows"
+            } else {
+                "in this run"
+            },
             peers.join(", ")
         );
     }

@@ -617,6 +617,19 @@ pub struct LinuxTeardownRow {
     pub exit_status: Option<i32>,
 }
 
+/// One monitor's idle windows in `gmm bench linux` (side by side: window
+/// `i` of every monitor is the same span of time).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct LinuxIdleWindows {
+    pub monitor: Monitor,
+    /// Length of each window, s.
+    pub seconds: f64,
+    /// The whole process's CPU in each window, % of one core.
+    pub cpu_pct: Vec<f64>,
+    /// The vCPU threads' part of it, window by window.
+    pub vcpu_cpu_pct: Vec<f64>,
+}
+
 /// `gmm bench linux --json`.
 #[derive(Serialize, Deserialize, Debug, Default, Clone)]
 pub struct LinuxResult {
@@ -641,7 +654,8 @@ pub struct LinuxResult {
     pub qemu_inflate_mib_per_s: Option<f64>,
     pub fc_inflate_mib_per_s: Option<f64>,
     /// Host CPU of the whole monitor process while the booted guest idles,
-    /// % of one core.
+    /// % of one core: with `idle_side_by_side`, the median of the
+    /// monitor's `idle_windows`.
     pub ours_idle_cpu_pct: Option<f64>,
     pub qemu_idle_cpu_pct: Option<f64>,
     pub fc_idle_cpu_pct: Option<f64>,
@@ -661,6 +675,15 @@ pub struct LinuxResult {
     /// results saved before QEMU was asked too (it then did not poll).
     #[serde(default)]
     pub idle_stats_polling_s: Option<u32>,
+    /// Whether every monitor's guest idled at the same time, counted over
+    /// the same windows (`idle_windows`), so that host noise falls on all
+    /// alike; `false` in results saved before, when each monitor's guest
+    /// idled in its own boot session, minutes apart.
+    #[serde(default)]
+    pub idle_side_by_side: bool,
+    /// Each window's idle CPU, per monitor (side by side only).
+    #[serde(default)]
+    pub idle_windows: Vec<LinuxIdleWindows>,
     /// ours_init_s / qemu_init_s and / fc_init_s.
     pub init_vs_qemu: Option<f64>,
     pub init_vs_fc: Option<f64>,
@@ -673,6 +696,11 @@ pub struct LinuxResult {
 }
 
 impl LinuxResult {
+    /// One monitor's idle windows, if measured side by side.
+    pub fn idle_windows_of(&self, m: Monitor) -> Option<&LinuxIdleWindows> {
+        self.idle_windows.iter().find(|w| w.monitor == m)
+    }
+
     /// The part of one monitor's idle CPU its vCPU threads used, %.
     pub fn idle_vcpu_of(&self, m: Monitor) -> Option<f64> {
         match m {

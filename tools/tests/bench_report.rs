@@ -1294,6 +1294,44 @@ fn service_and_linux_sections_and_their_verdicts() {
     assert!(md.contains("2 vCPUs, 256 MiB, memfd guest RAM)"), "{md}");
 }
 
+/// Idle figures counted side by side (every monitor's guest idling in the
+/// same windows) say so, and show each monitor's spread of windows.
+#[test]
+fn linux_idle_side_by_side_shows_the_windows() {
+    let dir = scratch("linux-side-by-side");
+    let mut l = linux_fixture(3.0);
+    l["idle_side_by_side"] = json!(true);
+    l["idle_windows"] = json!([
+        {"monitor": "ours", "seconds": 10.0, "cpu_pct": [0.5, 0.6, 0.8], "vcpu_cpu_pct": [0.4, 0.5, 0.7]},
+        {"monitor": "fc", "seconds": 10.0, "cpu_pct": [0.7, 0.9, 0.65], "vcpu_cpu_pct": [0.45, 0.5, 0.4]},
+    ]);
+    write(&dir, "linux.json", &l);
+    let (out, md) = report_from(&dir, "linux");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        md.contains("idling side by side, counted over the same 3 windows of 10 s"),
+        "{md}"
+    );
+    row(&md, &["ours", "27.0", "0.60 (0.50 .. 0.80)", "0.50"]);
+    row(&md, &["fc", "28.0", "0.70 (0.65 .. 0.90)", "0.45"]);
+    let r = row(
+        &md,
+        &["linux", "Linux: an idle guest costs ≤ 1 % of a host core"],
+    );
+    assert!(
+        r.contains("(the same guest idling beside ours in the same windows: fc 0.70 %)"),
+        "{r}"
+    );
+    // Saved before: one monitor at a time, and said so.
+    write(&dir, "linux.json", &linux_fixture(3.0));
+    let (out, md) = report_from(&dir, "linux");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        md.contains("one monitor at a time, one window each"),
+        "{md}"
+    );
+}
+
 /// The Linux idle target is judged against the cheapest peer that ran the
 /// same guest with the same statistics polling (the guest bound): retired
 /// within the target's 1 % of it, missed above it or when the monitor's own
