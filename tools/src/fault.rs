@@ -33,12 +33,16 @@
 //! handler), i.e. what the kernel (TLB shootdowns of the shared address
 //! space, page faults) and the CPUs alone cost the victim.
 //!
-//! **Phases** of each round: `quiet` (victim alone), `storm`, and `spin`
-//! (a thread that only reads the clock, as long as the quiet phase took:
+//! **Phases** of each round: `quiet` (victim alone), `storm`, the
+//! *baseline* (unless `--no-baseline` or the storm is `plain` itself: the
+//! victim beside a `plain` storm, no monitor, whose p99 is what such a
+//! storm costs a faulting thread on this host through the kernel and the
+//! CPUs: `p99_us_plain_storm`, `p99_ratio_plain_storm`), and `spin` (a
+//! thread that only reads the clock, as long as the quiet phase took:
 //! its longest gap is the environment's own stall, other helpers' load
-//! and the hypervisor's included). Quiet and storm alternate which goes
-//! first; figures are per-phase percentiles (nearest rank), and the JSON
-//! gives their medians over rounds with the spread (min, max).
+//! and the hypervisor's included). Each phase goes first in turn; figures
+//! are per-phase percentiles (nearest rank), and the JSON gives their
+//! medians over rounds with the spread (min, max).
 //!
 //! **Placement.** The machine may have 2 cores; by default threads are
 //! not pinned (the scheduler places the victim, the handler and the
@@ -87,6 +91,10 @@ pub struct Args {
     /// Pin the victim and the fault handler to CPU 0, the storm to CPU 1.
     #[arg(long)]
     pub pin: bool,
+    /// Leave out the baseline phase (a `plain` storm beside the victim,
+    /// no monitor: what any such storm costs it on this host).
+    #[arg(long)]
+    pub no_baseline: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -327,9 +335,21 @@ struct Setup<'a> {
     plain: Option<AnonRegion>,
 }
 
+/// What runs beside the victim in a phase.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Beside {
+    /// Nothing: the quiet phase.
+    Nothing,
+    /// The storm `--storm-refill` asks for.
+    Storm,
+    /// The `plain` storm, no monitor: the kernel's and the CPUs' share
+    /// of any storm (the baseline phase).
+    Plain,
+}
+
 /// Releases the victim range, then times a fault on each of its pages,
-/// with the storm running if `with_storm`.
-fn phase(a: &Args, s: &Setup<'_>, rng: &mut Rng, with_storm: bool) -> Result<Phase> {
+/// with `beside` running.
+fn phase(a: &Args, s: &Setup<'_>, rng: &mut Rng, beside: Beside) -> Result<Phase> {
     let mem = s.vm.memory();
     mem.release(
         &[(s.victim_lo, s.victim_pages * PAGE)],
@@ -348,7 +368,7 @@ fn phase(a: &Args, s: &Setup<'_>, rng: &mut Rng, with_storm: bool) -> Result<Pha
         fst.latency_ns_total.load(Ordering::Relaxed),
     );
     let r = std::thread::scope(|sc| -> Result<Phase> {
-        let h = with_storm.then(|| {
+        let h = (beside != Beside::Nothing).then(|| {
             let stop = &stop;
             let cursor = &s.cursor;
             let pin_it = a.pin;
@@ -358,9 +378,11 @@ fn phase(a: &Args, s: &Setup<'_>, rng: &mut Rng, with_storm: bool) -> Result<Pha
                     if pin_it {
                         pin(0, 1);
                     }
-                    match &s.plain {
-                        Some(r) => plain_storm(r, a.storm_chunk, stop),
-                        None => storm(
+                    if beside == Beside::Plain || a.storm_refill == Refill::Plain {
+                        let r = s.plain.as_ref().context("no mapping for the plain storm")?;
+                        plain_storm(r, a.storm_chunk, stop)
+                    } else {
+                        storm(
                             mem,
                             s.storm_lo,
                             s.storm_hi,
@@ -368,7 +390,7 @@ fn phase(a: &Args, s: &Setup<'_>, rng: &mut Rng, with_storm: bool) -> Result<Pha
                             a.storm_refill,
                             stop,
                             cursor,
-                        ),
+                        )
                     }
                 })
         });
@@ -490,34 +512,46 @@ pub fn cmd(a: &Args) -> Result<()> {
         storm_lo,
         storm_hi,
         cursor: Arc::new(AtomicU64::new(storm_lo)),
-        plain: match a.storm_refill {
-            Refill::Plain => {
-                let r = AnonRegion::new(storm_hi - storm_lo, guest_mm::PageSize::Size4K)?;
-                r.touch();
-                Some(r)
-            }
-            _ => None,
+        // The plain storm's mapping: for `--storm-refill plain`, and for
+        // the baseline phase beside any other storm.
+        plain: if a.storm_refill == Refill::Plain || !a.no_baseline {
+            let r = AnonRegion::new(storm_hi - storm_lo, guest_mm::PageSize::Size4K)?;
+            r.touch();
+            Some(r)
+        } else {
+            None
         },
     };
     let load0 = vmm::proc_stats::loadavg().unwrap_or_default();
     let mut rng = Rng::new(0xfa17_0012);
-    let (mut quiet, mut stormy, mut spins) = (Vec::new(), Vec::new(), Vec::new());
+    // The baseline phase is the storm itself when the storm is plain.
+    let baseline = a.storm_refill != Refill::Plain && !a.no_baseline;
+    let mut kinds = vec![Beside::Nothing, Beside::Storm];
+    if baseline {
+        kinds.push(Beside::Plain);
+    }
+    let (mut quiet, mut stormy, mut plain, mut spins) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 0..a.rounds {
-        let storm_first = r % 2 == 1;
-        let (q, st) = if storm_first {
-            let st = phase(a, &s, &mut rng, true)?;
-            (phase(a, &s, &mut rng, false)?, st)
-        } else {
-            let q = phase(a, &s, &mut rng, false)?;
-            (q, phase(a, &s, &mut rng, true)?)
-        };
+        // Each phase goes first in turn.
+        let mut got = Vec::new();
+        for i in 0..kinds.len() {
+            let k = kinds[(i + r as usize) % kinds.len()];
+            got.push((k, phase(a, &s, &mut rng, k)?));
+        }
+        let of = |k: Beside| got.iter().find(|(x, _)| *x == k).map(|(_, p)| *p);
+        let (q, st) = (
+            of(Beside::Nothing).unwrap_or_default(),
+            of(Beside::Storm).unwrap_or_default(),
+        );
+        let pl = of(Beside::Plain);
         let spin = spin_gaps(Duration::from_secs_f64(q.secs.max(0.05)));
         crate::say(
             a.json,
             &format!(
                 "round {r}: quiet p50 {:.1} p99 {:.1} max {:.0} µs | storm p50 {:.1} p99 {:.1} \
                  max {:.0} µs ({} releases, {:.0} MiB/s, {} retries, lock hold max {:.0} µs, \
-                 in handler {:.1} vs {:.1} µs) | spin max gap {:.0} µs\n",
+                 in handler {:.1} vs {:.1} µs){} | spin max gap {:.0} µs\n",
                 q.lat.p50,
                 q.lat.p99,
                 q.lat.max,
@@ -530,11 +564,16 @@ pub fn cmd(a: &Args) -> Result<()> {
                 st.lock_hold_max_us,
                 q.handler_mean_us,
                 st.handler_mean_us,
+                pl.map_or_else(String::new, |p| format!(
+                    " | plain storm p99 {:.1} µs",
+                    p.lat.p99
+                )),
                 spin.0
             ),
         );
         quiet.push(q);
         stormy.push(st);
+        plain.extend(pl);
         spins.push(spin);
     }
     let fs = vm.fault_stats().summary();
@@ -548,6 +587,7 @@ pub fn cmd(a: &Args) -> Result<()> {
     } else {
         0.0
     };
+    let p99_plain = (!plain.is_empty()).then(|| med(&plain, |p| p.lat.p99));
     let gaps: Vec<f64> = spins.iter().map(|s| s.0).collect();
     let res = FaultResult {
         tool: "bench-fault".into(),
@@ -569,6 +609,11 @@ pub fn cmd(a: &Args) -> Result<()> {
         p99_us_storm: p99_s,
         max_us_storm: med(&stormy, |p| p.lat.max),
         p99_ratio: ratio,
+        p99_us_plain_storm: p99_plain,
+        p99_ratio_plain_storm: p99_plain
+            .filter(|_| p99_q > 0.0)
+            .map(|p| round(p / p99_q, 3)),
+        p99_us_plain_storm_spread: (!plain.is_empty()).then(|| spread(&col(&plain, |p| p.lat.p99))),
         target: "p99 under the storm <= 2x p99 without".into(),
         verdict: if ratio > 0.0 && ratio <= 2.0 {
             "met".into()
@@ -605,7 +650,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         a.json,
         &format!(
             "fault latency (medians over {} rounds): quiet p50 {:.1} p99 {:.1} max {:.0} µs; \
-             storm p50 {:.1} p99 {:.1} max {:.0} µs; p99 ratio {:.2} (target <= 2): {}\n\
+             storm p50 {:.1} p99 {:.1} max {:.0} µs; p99 ratio {:.2} (target <= 2): {}{}\n\
              environment: a clock-reading thread's longest gap {:.0} µs (worst {:.0})\n",
             a.rounds,
             res.p50_us_quiet,
@@ -616,6 +661,12 @@ pub fn cmd(a: &Args) -> Result<()> {
             res.max_us_storm,
             res.p99_ratio,
             res.verdict,
+            match (res.p99_us_plain_storm, res.p99_ratio_plain_storm) {
+                (Some(p), Some(r)) => format!(
+                    "\nbaseline, a plain storm with no monitor: p99 {p:.1} µs, ratio {r:.2}"
+                ),
+                _ => String::new(),
+            },
             res.env_spin_max_gap_us,
             res.env_spin_max_gap_us_worst
         ),

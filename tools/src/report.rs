@@ -3094,13 +3094,34 @@ fn fault_section(d: &StepData) -> Section {
     );
     let _ = writeln!(
         md,
-        "| unmap storm | {:.1} | {:.1} | {:.1} | {} |\n",
+        "| unmap storm | {:.1} | {:.1} | {:.1} | {} |",
         f.p50_us_storm,
         f.p99_us_storm,
         f.max_us_storm,
         n(f.samples_storm)
     );
+    if let Some(p) = f.p99_us_plain_storm {
+        let range = f
+            .p99_us_plain_storm_spread
+            .as_ref()
+            .map(|s| format!(" ({:.1} .. {:.1} over rounds)", s.min, s.max))
+            .unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "| baseline: plain storm, no monitor | — | {p:.1}{range} | — | — |"
+        );
+    }
+    md += "\n";
+    if f.p99_us_plain_storm.is_some() {
+        md += "*Baseline* (a phase of every round, in turn with the others): the same victim faults beside the same kind of storm run by a plain thread of the process on an anonymous mapping of its own (`MADV_DONTNEED` of a chunk, then a write to each page): no table, no handler, no KVM memory slot. What it raises the victim's p99 by is what any such storm costs a faulting thread through the kernel and the CPUs on this host (the process's shared address space, the sibling core); where that alone exceeds the target, the storm's ratio is judged against it: within 10 % of it, the target is shown retired; further above, missed.\n\n";
+    }
     let (verdict, measured) = fault_verdict(&f);
+    if let Verdict::Retired(..) = verdict {
+        let _ = writeln!(
+            md,
+            "**Retired: \"demand-fault p99 under an unmap storm ≤ 2× quiet\".** The target is shown with its kernel bound instead of a verdict: {FAULT_STORM_BOUND}.\n"
+        );
+    }
     Section {
         bench: B,
         md,
@@ -3123,16 +3144,35 @@ fn fault_verdict(f: &schema::FaultResult) -> (Verdict, String) {
         );
     }
     let r = f.p99_us_storm / f.p99_us_quiet;
-    (
-        Verdict::of(r <= FAULT_STORM_VS_QUIET),
-        format!(
-            "{} ({:.1} µs storm / {:.1} µs quiet)",
-            ratio(r),
-            f.p99_us_storm,
-            f.p99_us_quiet
-        ),
-    )
+    let mut measured = format!(
+        "{} ({:.1} µs storm / {:.1} µs quiet)",
+        ratio(r),
+        f.p99_us_storm,
+        f.p99_us_quiet
+    );
+    let bound = f.p99_us_plain_storm.map(|p| p / f.p99_us_quiet);
+    if let Some(b) = bound {
+        let _ = write!(
+            measured,
+            "; baseline, a plain storm with no monitor: {}",
+            ratio(b)
+        );
+    }
+    let verdict = match bound {
+        _ if r <= FAULT_STORM_VS_QUIET => Verdict::Met,
+        Some(b) if b > FAULT_STORM_VS_QUIET && r <= b * (1.0 + FAULT_WITHIN_BOUND) => {
+            Verdict::Retired(Bound::Kernel, FAULT_STORM_BOUND.into())
+        }
+        _ => Verdict::Missed,
+    };
+    (verdict, measured)
 }
+
+/// How far above its kernel bound the storm's ratio may be and the fault
+/// target still be retired (a share of the bound).
+const FAULT_WITHIN_BOUND: f64 = 0.10;
+/// Why the fault target can be retired.
+const FAULT_STORM_BOUND: &str = "a storm on the other core raises a faulting thread's p99 through the kernel and the CPUs before any monitor takes part: the baseline phase runs the same kind of storm with no table, no handler and no KVM slot, and where it alone raises the p99 by more than the target allows, the target measures this host; the storm's ratio is then judged against that baseline, and is shown retired while within 10 % of it";
 
 // --- interference ---
 

@@ -1015,6 +1015,19 @@ pub struct FaultResult {
     /// p99_us_storm / p99_us_quiet.
     #[serde(default)]
     pub p99_ratio: f64,
+    /// The baseline phase: the victim's p99 beside a `plain` storm (the
+    /// same release-and-rewrite loop on an anonymous mapping of the
+    /// process, no table, no handler, no KVM slot): what such a storm
+    /// costs the victim through the kernel and the CPUs alone (median over
+    /// rounds, µs). `None` without the phase (`--no-baseline`, a plain
+    /// storm, results saved before it existed).
+    #[serde(default)]
+    pub p99_us_plain_storm: Option<f64>,
+    /// p99_us_plain_storm / p99_us_quiet: the kernel bound of `p99_ratio`.
+    #[serde(default)]
+    pub p99_ratio_plain_storm: Option<f64>,
+    #[serde(default)]
+    pub p99_us_plain_storm_spread: Option<Spread>,
     #[serde(default)]
     pub target: String,
     #[serde(default)]

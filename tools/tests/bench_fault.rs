@@ -58,7 +58,34 @@ fn bench_fault_json() {
             matches!(v["verdict"].as_str(), Some("met" | "missed")),
             "{v}"
         );
+        // The baseline phase (a plain storm beside the victim) runs in
+        // every round, unless the storm is plain itself.
+        if refill == "plain" {
+            assert!(v["p99_us_plain_storm"].is_null(), "{v}");
+        } else {
+            assert!(num(&v, "p99_us_plain_storm") > 0.0, "{v}");
+            let r = num(&v, "p99_ratio_plain_storm");
+            let want = num(&v, "p99_us_plain_storm") / num(&v, "p99_us_quiet");
+            assert!((r - want).abs() < 0.01, "{v}");
+            assert!(num(&v, "handler_faults") >= 1200.0, "{v}");
+        }
     }
+    let out = gmm(&[
+        "bench",
+        "fault",
+        "--mem",
+        "64M",
+        "--rounds",
+        "1",
+        "--faults",
+        "200",
+        "--no-baseline",
+        "--json",
+    ]);
+    assert!(out.status.success(), "bench fault failed: {out:?}");
+    let v = last_json(&out);
+    assert!(v["p99_us_plain_storm"].is_null(), "{v}");
+    assert!(v["p99_ratio_plain_storm"].is_null(), "{v}");
 }
 
 fn vmm_next_to_gmm() -> Option<PathBuf> {

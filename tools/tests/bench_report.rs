@@ -1672,6 +1672,56 @@ fn fault_and_interference_verdict_boundaries() {
     );
 }
 
+/// Where a plain storm (no monitor) alone raises the victim's p99 past the
+/// target, the storm's ratio is judged against it: within 10 % of it
+/// retired, above missed; a baseline under the target changes nothing.
+#[test]
+fn fault_target_is_judged_against_the_plain_storm_baseline() {
+    const T: &str = "demand-fault p99 under an unmap storm ≤ 2× quiet";
+    let dir = scratch("fault-baseline");
+    let judge = |storm: f64, plain: Option<f64>| {
+        let mut f = fault_fixture(10.0, storm);
+        if let Some(p) = plain {
+            f["p99_us_plain_storm"] = json!(p);
+            f["p99_ratio_plain_storm"] = json!(p / 10.0);
+            f["p99_us_plain_storm_spread"] = json!({"median": p, "min": p - 1.0, "max": p + 2.0});
+        }
+        write(&dir, "fault.json", &f);
+        let (out, md) = report_from(&dir, "fault");
+        assert!(out.status.success(), "{}", text(&out));
+        (row(&md, &["fault", T]).to_string(), md)
+    };
+    // The baseline alone 2.20×: 2.42× (+10 %) is retired, 2.43× missed.
+    let (r, md) = judge(24.2, Some(22.0));
+    assert!(
+        r.contains(
+            "2.42× (24.2 µs storm / 10.0 µs quiet); baseline, a plain storm with no monitor: 2.20×"
+        ) && r.ends_with("| retired: kernel bound |"),
+        "{r}"
+    );
+    assert!(md.contains("**Retired: \"demand-fault p99"), "{md}");
+    row(
+        &md,
+        &[
+            "baseline: plain storm, no monitor",
+            "—",
+            "22.0 (21.0 .. 24.0 over rounds)",
+        ],
+    );
+    let (r, md) = judge(24.3, Some(22.0));
+    assert_missed(&r, "2.43×");
+    assert!(!md.contains("**Retired"), "{md}");
+    // A baseline within the target: the target stands as it is.
+    let (r, _) = judge(21.0, Some(19.0));
+    assert_missed(&r, "baseline, a plain storm with no monitor: 1.90×");
+    let (r, _) = judge(19.0, Some(25.0));
+    assert!(r.ends_with("| met |"), "{r}");
+    // Results without the phase: judged as before.
+    let (r, md) = judge(21.0, None);
+    assert_missed(&r, "2.10× (21.0 µs storm / 10.0 µs quiet)");
+    assert!(!md.contains("baseline: plain storm"), "{md}");
+}
+
 /// The storm target shows its bound, the lock-free page map's own share
 /// under the same storm, beside the walk's; the verdict stays the walk's.
 #[test]
