@@ -531,9 +531,7 @@ impl Running {
         }
         loop {
             // Keep the console drained (and the child's pipe from filling).
-            while let Ok((_, l)) = self.lines.try_recv() {
-                self.seen.push(l);
-            }
+            self.drain();
             if self.ballooned()? >= target {
                 return Ok(t.elapsed().as_secs_f64());
             }
@@ -555,9 +553,7 @@ impl Running {
         populated: bool,
         how: Stop,
     ) -> Result<(TeardownRow, Option<serde_json::Value>)> {
-        while let Ok((_, l)) = self.lines.try_recv() {
-            self.seen.push(l);
-        }
+        self.drain();
         let rss = rss_of(self.child.pid);
         // memfd: the guest's pages live in the file, whose pages the
         // host gets back only once they are punched or the file is
@@ -961,7 +957,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                 a.json,
                 &format!(
                     "  InstanceStart -> first KVM_RUN: median {} ms of {:?}\n",
-                    crate::rng::median(&r.monitor_setup_ms_all),
+                    round(crate::rng::median(&r.monitor_setup_ms_all), 3),
                     r.monitor_setup_ms_all
                 ),
             );
@@ -1018,7 +1014,7 @@ pub fn cmd(a: &Args) -> Result<()> {
     }
     // The boot session's figure counts with `--setup-starts 0` too.
     let all = &r.monitor_setup_ms_all;
-    r.monitor_setup_ms = (!all.is_empty()).then(|| crate::rng::median(all));
+    r.monitor_setup_ms = (!all.is_empty()).then(|| round(crate::rng::median(all), 3));
     r.init_vs_qemu = ratio(r.ours_init_s, r.qemu_init_s);
     r.init_vs_fc = ratio(r.ours_init_s, r.fc_init_s);
     r.inflate_vs_qemu = ratio(r.ours_inflate_mib_per_s, r.qemu_inflate_mib_per_s);

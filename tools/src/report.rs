@@ -2884,11 +2884,8 @@ fn linux_section(d: &StepData) -> Section {
             .idle_windows_of(m)
             .filter(|w| w.cpu_pct.len() > 1)
             .map(|w| {
-                let (lo, hi) = w
-                    .cpu_pct
-                    .iter()
-                    .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-                format!(" ({lo:.2} .. {hi:.2})")
+                let s = crate::fault::spread(&w.cpu_pct);
+                format!(" ({:.2} .. {:.2})", s.min, s.max)
             })
             .unwrap_or_default();
         let _ = writeln!(

@@ -14,21 +14,7 @@ fn bench_fault_json() {
         return;
     }
     for refill in ["touch", "table", "plain"] {
-        let out = gmm(&[
-            "bench",
-            "fault",
-            "--mem",
-            "64M",
-            "--rounds",
-            "2",
-            "--faults",
-            "200",
-            "--storm-refill",
-            refill,
-            "--json",
-        ]);
-        assert!(out.status.success(), "bench fault failed: {out:?}");
-        let v = last_json(&out);
+        let v = short_fault_run(&["--rounds", "2", "--storm-refill", refill]);
         assert_eq!(v["tool"], "bench-fault");
         assert_eq!(v["storm_refill"], refill);
         for k in [
@@ -70,22 +56,23 @@ fn bench_fault_json() {
             assert!(num(&v, "handler_faults") >= 1200.0, "{v}");
         }
     }
-    let out = gmm(&[
-        "bench",
-        "fault",
-        "--mem",
-        "64M",
-        "--rounds",
-        "1",
-        "--faults",
-        "200",
-        "--no-baseline",
-        "--json",
-    ]);
-    assert!(out.status.success(), "bench fault failed: {out:?}");
-    let v = last_json(&out);
+    let v = short_fault_run(&["--rounds", "1", "--no-baseline"]);
     assert!(v["p99_us_plain_storm"].is_null(), "{v}");
     assert!(v["p99_ratio_plain_storm"].is_null(), "{v}");
+}
+
+/// `gmm bench fault` on 64 MiB, 200 faults a phase, with `extra`: its JSON.
+fn short_fault_run(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "bench", "fault", "--mem", "64M", "--faults", "200", "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = gmm(&args);
+    assert!(
+        out.status.success(),
+        "bench fault {extra:?} failed: {out:?}"
+    );
+    last_json(&out)
 }
 
 fn vmm_next_to_gmm() -> Option<PathBuf> {
