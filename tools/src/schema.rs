@@ -846,7 +846,13 @@ pub struct StressVmResult {
     pub stalls: u64,
     /// Device threads blocked inside one read section.
     pub stuck_readers: u64,
+    /// The longest table-lock hold, wall clock (a holder descheduled
+    /// while it held the lock counts the time it waited).
     pub max_lock_hold_us: f64,
+    /// The longest hold in the holder's own CPU time: the work done under
+    /// the lock.
+    #[serde(default)]
+    pub max_lock_hold_cpu_us: f64,
     pub rss_min_bytes: u64,
     pub rss_max_bytes: u64,
     pub rss_after_reclaim_bytes: u64,
