@@ -1095,7 +1095,8 @@ fn recorded_failure_and_missing_file_are_not_measured() {
                         "kernel": "6.0-fixture", "dev_kvm": true, "kvm_backend": "kvm_pvm",
                         "virtualized": true, "date_utc": "2026-01-01 00:00 UTC",
                         "git_commit": "abc1234", "gmm_version": "0.1.0",
-                        "fences": "SeqCst (no membarrier)", "loadavg_at_start": "0.00 0.00 0.00"},
+                        "fences": "SeqCst (no membarrier)", "loadavg_at_start": "0.00 0.00 0.00",
+                        "free_page_reporting_order": 9},
             "steps": [{"name": "launch", "bench": "launch",
                        "command": ["gmm", "bench", "launch", "--count", "20", "--json"],
                        "elapsed_s": 0.1, "ok": false, "error": "exited with exit status: 1: Error: no /dev/kvm (fixture)",
@@ -1123,10 +1124,57 @@ fn recorded_failure_and_missing_file_are_not_measured() {
     assert!(md.contains("not measured: no "), "missing walk.json: {md}");
     row(&md, &["CPU", "Fixture CPU"]);
     row(&md, &["KVM", "/dev/kvm (kvm_pvm)"]);
+    row(
+        &md,
+        &[
+            "free page reporting",
+            "on: free blocks of 2 MiB and larger (order 9) go back to the hypervisor, which refaults them at their next touch",
+        ],
+    );
     assert!(
         !md.contains("## Unmap"),
         "--only must leave unmap out: {md}"
     );
+    // An order above the largest free block reports nothing; a result
+    // saved without the order has no row.
+    let mut r: Value = serde_json::from_str(&read(&dir.join("results.json"))).expect("json");
+    r["machine"]["free_page_reporting_order"] = json!(11);
+    write(&dir, "results.json", &r);
+    let _ = gmm(&[
+        "bench",
+        "report",
+        "--from",
+        dir.to_str().expect("utf-8"),
+        "--markdown",
+        md_path.to_str().expect("utf-8"),
+        "--only",
+        "launch",
+    ]);
+    row(
+        &read(&md_path),
+        &[
+            "free page reporting",
+            "off (order 11, above the largest free block)",
+        ],
+    );
+    r["machine"]
+        .as_object_mut()
+        .expect("object")
+        .remove("free_page_reporting_order");
+    write(&dir, "results.json", &r);
+    let _ = gmm(&[
+        "bench",
+        "report",
+        "--from",
+        dir.to_str().expect("utf-8"),
+        "--markdown",
+        md_path.to_str().expect("utf-8"),
+        "--only",
+        "launch",
+    ]);
+    let md = read(&md_path);
+    assert!(md.contains("| CPU | Fixture CPU |"), "{md}");
+    assert!(!md.contains("free page reporting"), "{md}");
 }
 
 #[test]
