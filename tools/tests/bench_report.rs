@@ -1140,18 +1140,9 @@ fn recorded_failure_and_missing_file_are_not_measured() {
     let mut r: Value = serde_json::from_str(&read(&dir.join("results.json"))).expect("json");
     r["machine"]["free_page_reporting_order"] = json!(11);
     write(&dir, "results.json", &r);
-    let _ = gmm(&[
-        "bench",
-        "report",
-        "--from",
-        dir.to_str().expect("utf-8"),
-        "--markdown",
-        md_path.to_str().expect("utf-8"),
-        "--only",
-        "launch",
-    ]);
+    let (_, md) = report_from(&dir, "launch");
     row(
-        &read(&md_path),
+        &md,
         &[
             "free page reporting",
             "off (order 11, above the largest free block)",
@@ -1162,17 +1153,7 @@ fn recorded_failure_and_missing_file_are_not_measured() {
         .expect("object")
         .remove("free_page_reporting_order");
     write(&dir, "results.json", &r);
-    let _ = gmm(&[
-        "bench",
-        "report",
-        "--from",
-        dir.to_str().expect("utf-8"),
-        "--markdown",
-        md_path.to_str().expect("utf-8"),
-        "--only",
-        "launch",
-    ]);
-    let md = read(&md_path);
+    let (_, md) = report_from(&dir, "launch");
     assert!(md.contains("| CPU | Fixture CPU |"), "{md}");
     assert!(!md.contains("free page reporting"), "{md}");
 }
