@@ -160,11 +160,14 @@ fn record_hold(max: &StatU64, hist: &[StatU64; 32], ns: u64) {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
+        // The CPU-time window is read inside the wall-clock one (started
+        // after it, ended before it), so a hold's CPU time never exceeds
+        // its wall time by the clock reads' own cost.
+        let cpu = self.cpu_since.map(|c0| thread_cpu_ns().saturating_sub(c0));
         let ns = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let s = &self.t.stats;
         record_hold(&s.lock_max_ns, &s.lock_hist, ns);
-        if let Some(c0) = self.cpu_since {
-            let cpu = thread_cpu_ns().saturating_sub(c0);
+        if let Some(cpu) = cpu {
             record_hold(&s.lock_cpu_max_ns, &s.lock_cpu_hist, cpu);
         }
     }
@@ -176,11 +179,12 @@ impl Stage2Table {
     pub(crate) fn lock(&self) -> Locked<'_> {
         let g = lock(&self.lock);
         self.stats.lock_acq.fetch_add(1, Relaxed);
+        let since = Instant::now();
         let cpu_since = self.stats.cpu_lock_stats.load(Relaxed).then(thread_cpu_ns);
         Locked {
             t: self,
             _g: g,
-            since: Instant::now(),
+            since,
             cpu_since,
         }
     }
