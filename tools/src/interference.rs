@@ -40,7 +40,15 @@
 //!   ([`vmm::GuestAccess::read`]), timing each, then sleeps 200 µs;
 //! - *guest loop rate*: bytes the guest rewrote and verified per second,
 //!   from its pass count and chunk cursor in the control page, read at the
-//!   window's ends.
+//!   window's ends;
+//! - *run-queue wait* (a diagnostic, judged by no target): the mean time a
+//!   wake-up of VM B's prober, device thread or fault handler waited for a
+//!   CPU, from their `schedstat` (run-queue wait and timeslices) read at
+//!   the window's ends. The CPU is how VM A reaches VM B on shared cores;
+//!   this counts every wake-up of the window, where a p99 counts the
+//!   slowest 1 % (15-round run, 2026-12-05, quiet -> event medians:
+//!   teardown 3.7 -> 7.4 µs, idle-release 4.3 -> 8.0, killed process
+//!   3.7 -> 18.4, balloon 3.7 -> 7.1, balloon-release 3.8 -> 7.7).
 //!
 //! Before each event a *quiet window* of the same kind (`--quiet-ms`, VM A
 //! alive, populated and idle) is measured, so quiet and event windows
@@ -627,6 +635,34 @@ impl Victim {
         bail!("VM B's pass count kept moving while it was read")
     }
 
+    /// Run-queue wait so far of VM B's threads that sleep and wake: the
+    /// prober, the device thread and the userfaultfd handler (not the
+    /// vCPU, which never sleeps), from `/proc/self/task/*/schedstat`;
+    /// `None` where the kernel keeps no such accounting.
+    fn runq(&self) -> Option<RunQueue> {
+        let mut sum = RunQueue::default();
+        let mut seen = false;
+        for e in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let dir = e.path();
+            let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+                continue;
+            };
+            if !VICTIM_SLEEPERS.contains(&comm.trim()) {
+                continue;
+            }
+            let Some(r) = std::fs::read_to_string(dir.join("schedstat"))
+                .ok()
+                .and_then(|s| RunQueue::parse(&s))
+            else {
+                continue;
+            };
+            sum.wait_ns += r.wait_ns;
+            sum.slices += r.slices;
+            seen = true;
+        }
+        seen.then_some(sum)
+    }
+
     /// The window's fault and walk p99 (µs) and sample counts.
     fn window(&self, from: Instant, to: Instant) -> (Vec<f64>, Vec<f64>) {
         let pick = |s: &Samples| {
@@ -671,9 +707,62 @@ struct VictimEnd {
     errors: u64,
 }
 
+/// VM B's threads that sleep and wake (thread names), whose run-queue
+/// wait [`Victim::runq`] sums.
+const VICTIM_SLEEPERS: [&str; 3] = ["prober", "device-walk", "uffd"];
+
+/// A thread's (or a sum of threads') time spent runnable but waiting for
+/// a CPU, and its timeslices: `schedstat`'s second and third fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct RunQueue {
+    wait_ns: u64,
+    slices: u64,
+}
+
+impl RunQueue {
+    /// `/proc/.../schedstat`: on-CPU ns, run-queue wait ns, timeslices.
+    fn parse(s: &str) -> Option<RunQueue> {
+        let mut f = s.split_whitespace().skip(1).map(|x| x.parse::<u64>().ok());
+        Some(RunQueue {
+            wait_ns: f.next()??,
+            slices: f.next()??,
+        })
+    }
+
+    /// Mean wait per timeslice from `self` to `later`, µs (`None` without
+    /// a slice in between, or if the set of threads changed).
+    fn mean_wait_us(self, later: RunQueue) -> Option<f64> {
+        let slices = later.slices.checked_sub(self.slices)?;
+        let wait = later.wait_ns.checked_sub(self.wait_ns)?;
+        (slices > 0).then(|| wait as f64 / slices as f64 / 1e3)
+    }
+}
+
+/// A window's boundary: when, the guest loop's progress, VM B's
+/// run-queue wait.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    at: Instant,
+    progress: u64,
+    runq: Option<RunQueue>,
+}
+
+impl Victim {
+    fn mark(&self) -> Result<Mark> {
+        let runq = self.runq();
+        Ok(Mark {
+            at: Instant::now(),
+            progress: self.progress()?,
+            runq,
+        })
+    }
+}
+
 /// One window's figures.
 #[derive(Debug, Clone, Default)]
 struct Window {
+    /// Mean run-queue wait per timeslice of VM B's sleeping threads, µs.
+    runq_wait_us: Option<f64>,
     fault: crate::fault::Pct,
     walk: crate::fault::Pct,
     /// The samples (µs, sorted), for the pooled percentiles.
@@ -684,10 +773,12 @@ struct Window {
     secs: f64,
 }
 
-fn measure(v: &Victim, t0: Instant, p0: u64, t1: Instant, p1: u64) -> Window {
+fn measure(v: &Victim, m0: Mark, m1: Mark) -> Window {
+    let (t0, p0, t1, p1) = (m0.at, m0.progress, m1.at, m1.progress);
     let (mut fault_raw, mut walk_raw) = v.window(t0, t1);
     let secs = (t1 - t0).as_secs_f64();
     Window {
+        runq_wait_us: m0.runq.zip(m1.runq).and_then(|(a, b)| a.mean_wait_us(b)),
         fault: pct(&mut fault_raw),
         walk: pct(&mut walk_raw),
         fault_raw,
@@ -743,11 +834,11 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
     }
     let mut vm_a = start_a(a, vmm)?;
     v.trim(Instant::now());
-    let (q0, qp0) = (Instant::now(), v.progress()?);
+    let q0 = v.mark()?;
     std::thread::sleep(Duration::from_millis(a.quiet_ms));
-    let (q1, qp1) = (Instant::now(), v.progress()?);
+    let q1 = v.mark()?;
     let cpu0 = vmm::proc_stats::cpu_time_of(vm_a.w.pid).unwrap_or_default();
-    let (e0, ep0) = (Instant::now(), v.progress()?);
+    let e0 = v.mark()?;
     let mut polls = 0u64;
     let (e1, cpu1) = match sc {
         Scenario::Teardown => {
@@ -821,7 +912,12 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
             bail!("the {} scenario runs without a VM A", sc.name())
         }
     };
-    let ep1 = v.progress()?;
+    // The event ends at VM A's exit (or the inflate's end); the loop's
+    // progress and the run-queue wait are read right after.
+    let e1 = Mark {
+        at: e1,
+        ..v.mark()?
+    };
     if sc == Scenario::Balloon {
         sigterm(&mut vm_a.w, "VM A")?;
         let (_, out) = vm_a.w.wait(Duration::from_secs(60))?;
@@ -830,8 +926,8 @@ fn round_of(a: &Args, vmm: &Path, v: &Victim, sc: Scenario) -> Result<Round> {
         }
     }
     Ok(Round {
-        quiet: measure(v, q0, qp0, q1, qp1),
-        event: measure(v, e0, ep0, e1, ep1),
+        quiet: measure(v, q0, q1),
+        event: measure(v, e0, e1),
         a_cpu_ms: cpu1.saturating_sub(cpu0).as_secs_f64() * 1e3,
         a_api_polls: polls,
     })
@@ -881,11 +977,11 @@ fn neighbour_round(a: &Args, v: &Victim, sc: Scenario) -> Result<Round> {
     // populate's aftermath settles before the quiet window.
     std::thread::sleep(Duration::from_millis(200));
     v.trim(Instant::now());
-    let (q0, qp0) = (Instant::now(), v.progress()?);
+    let q0 = v.mark()?;
     std::thread::sleep(Duration::from_millis(a.quiet_ms));
-    let (q1, qp1) = (Instant::now(), v.progress()?);
+    let q1 = v.mark()?;
     let cpu0 = vmm::proc_stats::cpu_time_of(n.pid).unwrap_or_default();
-    let (e0, ep0) = (Instant::now(), v.progress()?);
+    let e0 = v.mark()?;
     let sig = if sc.release().is_some() {
         libc::SIGUSR1
     } else {
@@ -901,10 +997,13 @@ fn neighbour_round(a: &Args, v: &Victim, sc: Scenario) -> Result<Round> {
             tail(&out.stderr)
         );
     }
-    let ep1 = v.progress()?;
+    let e1 = Mark {
+        at: e1,
+        ..v.mark()?
+    };
     Ok(Round {
-        quiet: measure(v, q0, qp0, q1, qp1),
-        event: measure(v, e0, ep0, e1, ep1),
+        quiet: measure(v, q0, q1),
+        event: measure(v, e0, e1),
         a_cpu_ms: cpu.saturating_sub(cpu0).as_secs_f64() * 1e3,
         a_api_polls: 0,
     })
@@ -935,6 +1034,11 @@ fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
     let fault_rounds = per_round(&|r| increase(r.quiet.fault.p99, r.event.fault.p99));
     let walk_rounds = per_round(&|r| increase(r.quiet.walk.p99, r.event.walk.p99));
     let drop_rounds = per_round(&|r| increase(r.quiet.loop_mib_s, r.event.loop_mib_s).map(|x| -x));
+    let runq_rounds = per_round(&|r| increase(r.quiet.runq_wait_us?, r.event.runq_wait_us?));
+    let runq = |f: &dyn Fn(&Round) -> Option<f64>| {
+        let v: Vec<f64> = rs.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| spread(&v))
+    };
     let (fi, wi, drop) = (
         fault_rounds.map(|s| s.median),
         walk_rounds.map(|s| s.median),
@@ -999,8 +1103,17 @@ fn summarise(a: &Args, sc: Scenario, rs: &[Round]) -> ScenarioResult {
         event_ms: spread(&col(&|r| r.event.secs * 1e3)),
         a_cpu_ms: spread(&col(&|r| r.a_cpu_ms)),
         a_api_polls: spread(&col(&|r| r.a_api_polls as f64)),
+        victim_runq_wait_increase: runq_rounds.map(|s| s.median),
+        victim_runq_wait_increase_rounds: runq_rounds,
+        runq_wait_us_quiet: runq(&|r| r.quiet.runq_wait_us),
+        runq_wait_us_event: runq(&|r| r.event.runq_wait_us),
         verdict: verdict.into(),
     }
+}
+
+/// A time in µs to 0.1 µs, or "n/a".
+fn micros(x: Option<f64>) -> String {
+    x.map_or_else(|| "n/a".into(), |x| format!("{x:.1}"))
 }
 
 /// A fraction as a signed percentage, or "not measured".
@@ -1046,7 +1159,8 @@ pub fn cmd(a: &Args) -> Result<()> {
                 a.json,
                 &format!(
                     "round {r} {:>8}: fault p99 {:.1} -> {:.1} µs ({} / {} samples), walk p99 \
-                     {:.1} -> {:.1} µs, loop {:.0} -> {:.0} MiB/s, event {:.0} ms, VM A CPU {:.0} ms, API requests {}\n",
+                     {:.1} -> {:.1} µs, loop {:.0} -> {:.0} MiB/s, run-queue wait {} -> {} µs, \
+                     event {:.0} ms, VM A CPU {:.0} ms, API requests {}\n",
                     sc.name(),
                     x.quiet.fault.p99,
                     x.event.fault.p99,
@@ -1056,6 +1170,8 @@ pub fn cmd(a: &Args) -> Result<()> {
                     x.event.walk.p99,
                     x.quiet.loop_mib_s,
                     x.event.loop_mib_s,
+                    micros(x.quiet.runq_wait_us),
+                    micros(x.event.runq_wait_us),
                     x.event.secs * 1e3,
                     x.a_cpu_ms,
                     x.a_api_polls
@@ -1082,12 +1198,13 @@ pub fn cmd(a: &Args) -> Result<()> {
             a.json,
             &format!(
                 "{}: fault p99 {}, walk p99 {}, loop rate drop {} (target <= 10 % each; the \
-                 kernel baseline is their bound): {}\n",
+                 kernel baseline is their bound): {}; run-queue wait {}\n",
                 s.event,
                 percent(s.victim_fault_p99_increase),
                 percent(s.victim_walk_p99_increase),
                 percent(s.victim_loop_rate_drop),
-                s.verdict
+                s.verdict,
+                percent(s.victim_runq_wait_increase)
             ),
         );
     }
@@ -1126,4 +1243,31 @@ pub fn cmd(a: &Args) -> Result<()> {
         bail!("VM B's fault handler failed {} installs", end.errors);
     }
     crate::emit_json(a.json, &res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunQueue;
+
+    #[test]
+    fn schedstat_is_read_and_differenced() {
+        let a = RunQueue::parse("333139204 93924050 1121\n").expect("three fields");
+        assert_eq!(
+            a,
+            RunQueue {
+                wait_ns: 93_924_050,
+                slices: 1121
+            }
+        );
+        let b = RunQueue {
+            wait_ns: a.wait_ns + 50_000,
+            slices: a.slices + 10,
+        };
+        assert_eq!(a.mean_wait_us(b), Some(5.0));
+        // No slice in between, or a thread gone (the sums went down).
+        assert_eq!(a.mean_wait_us(a), None);
+        assert_eq!(b.mean_wait_us(a), None);
+        assert_eq!(RunQueue::parse("12 x 3"), None);
+        assert_eq!(RunQueue::parse("12"), None);
+    }
 }

@@ -3297,11 +3297,11 @@ fn interference_section(d: &StepData) -> Section {
         pct(r.victim_walk_p99_increase)
     );
     if !r.scenarios.is_empty() {
-        md += "| scenario | event | fault p99 | walk p99 | loop rate | event ms | VM A CPU ms | API requests | rounds |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
+        md += "| scenario | event | fault p99 | walk p99 | loop rate | run-queue wait | event ms | VM A CPU ms | API requests | rounds |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         for sc in &r.scenarios {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} |",
                 sc.scenario,
                 md_cell(&sc.event),
                 pct_rounds(
@@ -3319,6 +3319,20 @@ fn interference_section(d: &StepData) -> Section {
                     sc.victim_loop_rate_drop_rounds,
                     -1.0
                 ),
+                // Absent from results saved before the figure existed.
+                match (&sc.runq_wait_us_quiet, &sc.runq_wait_us_event) {
+                    (Some(q), Some(e)) => format!(
+                        "{:.1} → {:.1} µs, {}",
+                        q.median,
+                        e.median,
+                        pct_rounds(
+                            sc.victim_runq_wait_increase,
+                            sc.victim_runq_wait_increase_rounds,
+                            1.0
+                        )
+                    ),
+                    _ => "not measured".into(),
+                },
                 sc.event_ms.median,
                 sc.a_cpu_ms.median,
                 // None in a window that waits on no API (and in results
@@ -3331,7 +3345,7 @@ fn interference_section(d: &StepData) -> Section {
                 sc.rounds
             );
         }
-        md += "\n(Loop rate: the change of the victim's rate; a drop is negative.)\n\n";
+        md += "\n(Loop rate: the change of the victim's rate; a drop is negative. Run-queue wait, a diagnostic that no target judges: the mean time a wake-up of the victim's prober, device or fault-handler thread waited for a CPU (`schedstat`), quiet → event window (medians), and its change per round; it counts every wake-up of the window, where a p99 counts the slowest 1 %.)\n\n";
     }
     if let Some(b) = killed {
         let _ = writeln!(

@@ -1132,6 +1132,21 @@ pub struct ScenarioResult {
     /// balloon scenario's wait for the inflate's end; 0 otherwise).
     #[serde(default)]
     pub a_api_polls: Spread,
+    /// A diagnostic, not judged: the mean run-queue wait per timeslice of
+    /// VM B's threads that sleep and wake (prober, device thread, fault
+    /// handler; `schedstat`), event window against quiet window, per round
+    /// (fraction; median, and the rounds' spread). It measures the one way
+    /// VM A reaches VM B on shared cores, the CPU, over every wake-up of
+    /// the window rather than its slowest 1 %. `None`: no such accounting.
+    #[serde(default)]
+    pub victim_runq_wait_increase: Option<f64>,
+    #[serde(default)]
+    pub victim_runq_wait_increase_rounds: Option<Spread>,
+    /// That wait per window, µs (quiet, event).
+    #[serde(default)]
+    pub runq_wait_us_quiet: Option<Spread>,
+    #[serde(default)]
+    pub runq_wait_us_event: Option<Spread>,
     /// `met` or `missed` (every figure ≤ 10 %); `baseline` for the kernel
     /// baseline (`munmap`: no VM), which is not judged.
     pub verdict: String,

@@ -166,6 +166,17 @@ fn bench_interference_json() {
         polls[1] >= 1.0 && [0, 2, 3, 4].iter().all(|&i| polls[i] == 0.0),
         "{v}"
     );
+    // The run-queue wait diagnostic is measured wherever the kernel keeps
+    // scheduler statistics per thread (every window has wake-ups).
+    if std::path::Path::new("/proc/self/schedstat").exists() {
+        for s in sc {
+            assert!(num(&s["runq_wait_us_quiet"], "median") > 0.0, "{s}");
+            assert!(num(&s["runq_wait_us_event"], "median") > 0.0, "{s}");
+            num(s, "victim_runq_wait_increase");
+        }
+    } else {
+        loud("bench_interference_json: no /proc/self/schedstat: run-queue wait not checked");
+    }
     for s in sc {
         assert!(num(s, "fault_samples_quiet") > 0.0, "{s}");
         assert!(num(s, "walk_samples_quiet") > 0.0, "{s}");

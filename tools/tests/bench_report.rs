@@ -1479,6 +1479,40 @@ fn interference_shows_the_kernel_baseline() {
     row(&md, &["munmap", "the munmap event", "+340.0 %"]);
 }
 
+/// The run-queue wait diagnostic shows in the scenario table with its
+/// quiet and event means and its per-round change; a result saved before
+/// it existed shows it as not measured, and it judges nothing.
+#[test]
+fn interference_shows_the_run_queue_wait_diagnostic() {
+    let dir = scratch("interference-runq");
+    let mut v = interference_fixture(0.05, 0.02);
+    let mut teardown = scenario_fixture("teardown", 0.05, 0.02, "met");
+    teardown["victim_runq_wait_increase"] = json!(3.0);
+    teardown["victim_runq_wait_increase_rounds"] = json!({"median": 3.0, "min": 2.5, "max": 3.5});
+    teardown["runq_wait_us_quiet"] = json!({"median": 3.0, "min": 2.9, "max": 3.1});
+    teardown["runq_wait_us_event"] = json!({"median": 12.0, "min": 10.0, "max": 14.0});
+    v["scenarios"] = json!([teardown, scenario_fixture("munmap", 3.4, 0.25, "baseline"),]);
+    write(&dir, "interference.json", &v);
+    let (out, md) = report_from(&dir, "interference");
+    assert!(out.status.success(), "{}", text(&out));
+    let t = row(&md, &["teardown", "the teardown event"]);
+    assert!(
+        t.contains("| 3.0 → 12.0 µs, +300.0 % [+250.0 .. +350.0] |"),
+        "{t}"
+    );
+    let m = row(&md, &["munmap", "the munmap event"]);
+    assert!(m.contains("| not measured |"), "{m}");
+    // A diagnostic: the fault target stays met on the fault figure alone.
+    let f = row(
+        &md,
+        &[
+            "interference",
+            "a noisy neighbour raises a victim's fault p99 by ≤ 10 %",
+        ],
+    );
+    assert!(!f.contains("missed"), "{f}");
+}
+
 /// The idle-priority release baseline (no VM: the teardown's release by a
 /// plain process) bounds the teardown scenario: a figure it alone raised
 /// by more than 10 % is retired for the teardown; the balloon's inflate,
