@@ -117,7 +117,7 @@ use vmm::guest::balloon::DriverState;
 use vmm::guest::layout::CONTROL;
 use vmm::{Backing, Console, MemSize, PageSize, ReleaseMode, Vm, VmConfig, Workload};
 
-use crate::fault::{host_of, pct, spread, touch_timed};
+use crate::fault::{host_of, pct, spread, threads_named, touch_timed};
 use crate::peer::{sigterm, start_service_vm, tail, vmm_binary, ServiceSpec, ServiceVm};
 use crate::rng::{median, round, Rng};
 use crate::schema::{InterferenceResult, ScenarioResult};
@@ -507,6 +507,8 @@ struct Victim {
     threads: Vec<std::thread::JoinHandle<Result<()>>>,
     share: (u64, u64),
     probe_batch: u64,
+    /// The thread ids [`Victim::runq`] reads.
+    sleepers: std::sync::OnceLock<Vec<libc::pid_t>>,
 }
 
 impl Victim {
@@ -542,6 +544,7 @@ impl Victim {
             threads: Vec::new(),
             share,
             probe_batch: a.probe_batch,
+            sleepers: std::sync::OnceLock::new(),
         };
         v.spawn_threads()?;
         Ok(v)
@@ -637,30 +640,39 @@ impl Victim {
 
     /// Run-queue wait so far of VM B's threads that sleep and wake: the
     /// prober, the device thread and the userfaultfd handler (not the
-    /// vCPU, which never sleeps), from `/proc/self/task/*/schedstat`;
+    /// vCPU, which never sleeps), from their `schedstat` (the threads are
+    /// found by name at the first call, once they are all running);
     /// `None` where the kernel keeps no such accounting.
     fn runq(&self) -> Option<RunQueue> {
-        let mut sum = RunQueue::default();
-        let mut seen = false;
-        for e in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-            let dir = e.path();
-            let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-                continue;
-            };
-            if !VICTIM_SLEEPERS.contains(&comm.trim()) {
-                continue;
-            }
-            let Some(r) = std::fs::read_to_string(dir.join("schedstat"))
+        let tids = self.sleepers.get_or_init(|| {
+            VICTIM_SLEEPERS
+                .iter()
+                .flat_map(|n| threads_named(n))
+                .collect()
+        });
+        let mut sum: Option<RunQueue> = None;
+        for tid in tids {
+            let Some(r) = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
                 .ok()
                 .and_then(|s| RunQueue::parse(&s))
             else {
                 continue;
             };
-            sum.wait_ns += r.wait_ns;
-            sum.slices += r.slices;
-            seen = true;
+            let s = sum.get_or_insert_default();
+            s.wait_ns += r.wait_ns;
+            s.slices += r.slices;
         }
-        seen.then_some(sum)
+        sum
+    }
+
+    /// A window's boundary: now, the loop's progress, the run-queue wait.
+    fn mark(&self) -> Result<Mark> {
+        let runq = self.runq();
+        Ok(Mark {
+            at: Instant::now(),
+            progress: self.progress()?,
+            runq,
+        })
     }
 
     /// The window's fault and walk p99 (µs) and sample counts.
@@ -745,17 +757,6 @@ struct Mark {
     at: Instant,
     progress: u64,
     runq: Option<RunQueue>,
-}
-
-impl Victim {
-    fn mark(&self) -> Result<Mark> {
-        let runq = self.runq();
-        Ok(Mark {
-            at: Instant::now(),
-            progress: self.progress()?,
-            runq,
-        })
-    }
 }
 
 /// One window's figures.
