@@ -2264,6 +2264,10 @@ struct TeardownRow {
     split: Option<f64>,
     split_ratio: Option<f64>,
     split_threads: Option<u32>,
+    /// The split beside the VM's KVM (release only): ms and its ratio to
+    /// munmap; `None` where not measured (older results too).
+    split_kvm: Option<f64>,
+    split_kvm_ratio: Option<f64>,
     naive: Option<f64>,
     qemu: Option<f64>,
     exit: Option<f64>,
@@ -2317,6 +2321,8 @@ fn parse_teardown(v: &Value) -> Result<(Vec<TeardownRow>, schema::TeardownResult
             split: e.split_ms,
             split_ratio: e.split_ratio_vs_munmap,
             split_threads: e.split_threads,
+            split_kvm: e.split_kvm_ms,
+            split_kvm_ratio: e.split_kvm_ratio_vs_munmap,
             naive: Some(e.naive_ms),
             qemu: e.qemu_ms,
             exit: e.process_exit_ms,
@@ -2352,7 +2358,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     }
     let _ = writeln!(
         md,
-        "Populated microVMs ({} backing, {} leaves, RAM populated by the {}) are destroyed; median of {} repetition(s), strategies rotated. *destroy* is the `Vm::destroy` call the caller waits for. *reclaim* runs from its start until all guest RAM is back with the host: the whole-VM stage-2 gather (issued while the VM still exists, its vCPUs joined) has released it; the process RSS is sampled right then (*RSS at memory back*) and must be within 16 MiB of the RSS before launch (`rss_back`), so the figure is checked against the kernel's own count. *all done* runs until `wait_reclaim` returned: also the KVM VM dropped, the fault handler stopped and the emptied RAM unmapped (for memfd, the file closed). The ratio to munmap and its target are on *reclaim* (memory back). Baseline *munmap*: {}. *naive*: one release per 4 KiB page under one lock, then the munmap. *split* (4 KiB rows, 2+ cores): the kernel's bound of the 0.6× target: the release the VM splits across its cores done by as many plain threads at once, with no VM, no table and no KVM memslot (anonymous: one `madvise(MADV_DONTNEED)` of a contiguous share each; memfd: the files the VM's RAM is split into, each punched whole by one thread), then the munmap (and close), thread start included. Peers: the `vmm` process (shutdown request → process exited) and QEMU (`quit` → process exited).\n",
+        "Populated microVMs ({} backing, {} leaves, RAM populated by the {}) are destroyed; median of {} repetition(s), strategies rotated. *destroy* is the `Vm::destroy` call the caller waits for. *reclaim* runs from its start until all guest RAM is back with the host: the whole-VM stage-2 gather (issued while the VM still exists, its vCPUs joined) has released it; the process RSS is sampled right then (*RSS at memory back*) and must be within 16 MiB of the RSS before launch (`rss_back`), so the figure is checked against the kernel's own count. *all done* runs until `wait_reclaim` returned: also the KVM VM dropped, the fault handler stopped and the emptied RAM unmapped (for memfd, the file closed). The ratio to munmap and its target are on *reclaim* (memory back). Baseline *munmap*: {}. *naive*: one release per 4 KiB page under one lock, then the munmap. *split* (4 KiB rows, 2+ cores): the kernel's bound of the 0.6× target: the release the VM splits across its cores done by as many plain threads at once, with no VM, no table and no KVM memslot (anonymous: one `madvise(MADV_DONTNEED)` of a contiguous share each; memfd: the files the VM's RAM is split into, each punched whole by one thread), then the munmap (and close), thread start included. *split beside KVM* (where *split* is measured): the same release by as many plain threads, of a VM's own guest RAM (populated as the row's VM, its vCPUs stopped) while its KVM VM exists, so KVM's MMU notifier zaps in every release what the guest's run left mapped; release only. Its gap from *split* is KVM's cost, its gap from *reclaim* the monitor's. Peers: the `vmm` process (shutdown request → process exited) and QEMU (`quit` → process exited).\n",
         top.backing,
         top.page_size,
         top.populate,
@@ -2381,8 +2387,9 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             );
         }
     }
-    md += "| guest size | backing, leaf | destroy ms | reclaim ms (memory back) | all done ms | RSS before launch → at memory back | munmap ms | reclaim / munmap | split ms (threads) | kernel bound: split / munmap | naive ms | vmm process exit ms | QEMU quit→exit ms | reclaim ≤ 1.0× munmap | ≤ 0.6× (4 KiB, ≥ 1 GiB) | destroy ≤ 1 ms | faster than QEMU |\n";
-    md += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n";
+    md += "| guest size | backing, leaf | destroy ms | reclaim ms (memory back) | all done ms | RSS before launch → at memory back | munmap ms | reclaim / munmap | split ms (threads) | kernel bound: split / munmap | split beside KVM ms (/ munmap) | naive ms | vmm process exit ms | QEMU quit→exit ms | reclaim ≤ 1.0× munmap | ≤ 0.6× (4 KiB, ≥ 1 GiB) | destroy ≤ 1 ms | faster than QEMU |\n";
+    md +=
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n";
     let no_qemu = qemu_skipped.unwrap_or_else(|| "QEMU not measured".into());
     let qemu_v = |r: &TeardownRow| match (r.exit, r.qemu) {
         (Some(e), Some(q)) => Verdict::of(e < q),
@@ -2392,7 +2399,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     for r in &rows {
         let _ = writeln!(
             md,
-            "| {} | {} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             human_bytes(r.size),
             r.backing,
             r.page,
@@ -2415,6 +2422,11 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
                 |x| format!("{} ({})", ms(x), r.split_threads.unwrap_or(0))
             ),
             r.split_ratio.map_or_else(|| "—".into(), ratio),
+            match (r.split_kvm, r.split_kvm_ratio) {
+                (Some(x), Some(q)) => format!("{} ({})", ms(x), ratio(q)),
+                (Some(x), None) => ms(x),
+                _ => "—".into(),
+            },
             opt_ms(r.naive),
             opt_ms(r.exit),
             r.qemu.map_or_else(|| "not measured".into(), ms),

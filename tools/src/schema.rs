@@ -338,6 +338,19 @@ pub struct TeardownSize {
     /// many ways in this run (medians).
     #[serde(default)]
     pub split_ratio_vs_munmap: Option<f64>,
+    /// The *split with KVM* baseline (where `split_ms` is measured): a VM
+    /// populated as this row's VM (same `populate`), its vCPUs stopped,
+    /// whose guest RAM as many plain threads release at once (anon: a
+    /// share each; memfd: its files, punched whole) while the KVM VM
+    /// exists, so KVM's MMU notifier (zapping whatever shadow or TDP
+    /// entries the guest's run left) runs in every release: the bound of a
+    /// release split that many ways beside KVM. Release only (the VM's
+    /// teardown afterwards is not timed).
+    #[serde(default)]
+    pub split_kvm_ms: Option<f64>,
+    /// split_kvm_ms / munmap_ms (medians).
+    #[serde(default)]
+    pub split_kvm_ratio_vs_munmap: Option<f64>,
     /// naive_ms / reclaim_ms (how much faster the VM teardown is).
     pub ratio_naive_vs_reclaim: f64,
     /// QEMU quit → process exited (waitpid), when measured.
@@ -419,6 +432,8 @@ pub struct TeardownSize {
     pub naive_ms_all: Vec<f64>,
     #[serde(default)]
     pub split_ms_all: Vec<f64>,
+    #[serde(default)]
+    pub split_kvm_ms_all: Vec<f64>,
     #[serde(default)]
     pub qemu_ms_all: Vec<f64>,
     #[serde(default)]

@@ -44,6 +44,17 @@
 //!   takes the mmap lock for writing, and would otherwise wait for another
 //!   thread's whole `madvise`). Where even this takes more than 0.6x the
 //!   munmap, no teardown split as many ways can reach 0.6x in that run.
+//! - **split with KVM** (where *split* is measured): the same release by
+//!   as many plain threads, of a VM's own guest RAM while its KVM VM
+//!   exists: a VM made and populated as the row's VM is (`--populate`),
+//!   its vCPUs stopped; anonymous: each thread `madvise(MADV_DONTNEED)`s
+//!   its share of every region; memfd: the VM's files, each punched whole
+//!   by one thread. Only the release is timed (the VM's teardown after it
+//!   is not). KVM's MMU notifier runs in every release and zaps what the
+//!   guest's run left mapped (shadow or TDP entries): after `--populate
+//!   guest` that is every page, and on this shadow-paging host a cost the
+//!   VM's teardown pays too whatever it does; the gap from *split* is
+//!   KVM's, the gap from the VM's own figure is the monitor's.
 //! - **qemu** (peer, when `qemu-system-x86_64` is found): QEMU with a
 //!   preallocated RAM backend and `-S` (the guest never runs), at 4 KiB
 //!   rows with transparent huge pages disabled for the process (QEMU
@@ -186,6 +197,7 @@ enum Strategy {
     Munmap,
     Naive,
     Split,
+    SplitKvm,
     Qemu,
     Process,
     Service,
@@ -260,7 +272,19 @@ struct VmRun {
     joined: bool,
 }
 
-fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
+/// A VM of the row's kind, populated as `--populate` says, its vCPUs
+/// stopped (paused, or finished with their pass), with what was measured
+/// on the way.
+struct ReadyVm {
+    vm: Vm,
+    populate_ms: f64,
+    rss_before: u64,
+    rss_populated: u64,
+    resident: u64,
+    thp: u64,
+}
+
+fn ready_vm(a: &Case, size: u64) -> Result<ReadyVm> {
     let mut c = VmConfig::new(MemSize::from_bytes(size).context("guest RAM size")?);
     c.backing = match a.backing {
         BackingArg::Anon => Backing::Anon,
@@ -311,14 +335,37 @@ fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
         }
     }
     let populate_ms = ms(t.elapsed());
-    let resident: u64 = vm
-        .memory()
+    let resident = guest_resident(&vm);
+    let rss_populated = vmm::proc_stats::rss().rss;
+    let thp = anon_huge_bytes().unwrap_or(0);
+    Ok(ReadyVm {
+        vm,
+        populate_ms,
+        rss_before,
+        rss_populated,
+        resident,
+        thp,
+    })
+}
+
+/// Guest RAM resident in host memory (`mincore` over every region).
+fn guest_resident(vm: &Vm) -> u64 {
+    vm.memory()
         .regions()
         .iter()
         .map(|r| guest_mm::stress::resident_bytes(r.host_addr as u64, r.len))
-        .sum();
-    let rss_populated = vmm::proc_stats::rss().rss;
-    let thp = anon_huge_bytes().unwrap_or(0);
+        .sum()
+}
+
+fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
+    let ReadyVm {
+        vm,
+        populate_ms,
+        rss_before,
+        rss_populated,
+        resident,
+        thp,
+    } = ready_vm(a, size)?;
     let shmem0 = host_shmem();
     std::thread::sleep(SETTLE);
     let t = Instant::now();
@@ -615,6 +662,82 @@ fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
     }
 }
 
+/// One *split with KVM* baseline (see the module doc): a VM populated as
+/// the row's VM is, its vCPUs stopped, whose guest RAM `threads` plain
+/// threads release at once (anon: a share of each region each,
+/// `madvise(MADV_DONTNEED)`; memfd: the VM's files, each punched whole by
+/// one thread) while the KVM VM and its memory slots still exist; then
+/// the VM is torn down, untimed. Returns (ms, resident before).
+fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
+    let ready = ready_vm(a, size)?;
+    let regions = ready.vm.memory().regions();
+    let k = threads.max(1);
+    // Every thread's work: (host address, bytes) to advise, or (fd, bytes)
+    // to punch from offset 0.
+    let mut work: Vec<Vec<(u64, u64, Option<std::os::fd::RawFd>)>> = vec![Vec::new(); k];
+    match a.backing {
+        BackingArg::Anon => {
+            for r in &regions {
+                for (i, (off, len)) in shares(r.len, k).into_iter().enumerate() {
+                    work[i].push((r.host_addr as u64 + off, len, None));
+                }
+            }
+        }
+        BackingArg::Memfd => {
+            let spans = regions
+                .iter()
+                .flat_map(|r| r.files.spans().collect::<Vec<_>>());
+            for (i, f) in spans.enumerate() {
+                work[i % k].push((0, f.len, Some(f.fd)));
+            }
+        }
+    }
+    work.retain(|w| !w.is_empty());
+    std::thread::sleep(SETTLE);
+    let t = Instant::now();
+    let res = on_threads(work.len(), |i| {
+        work[i].iter().try_for_each(|&(addr, len, fd)| {
+            let n = usize::try_from(len).context("share too large")?;
+            let rc = match fd {
+                // SAFETY: a part of the VM's guest RAM mapping, which lives
+                // until `ready.vm` is dropped below; its vCPUs are stopped
+                // and no device runs, so nothing holds a reference into it.
+                None => unsafe {
+                    libc::madvise(addr as usize as *mut libc::c_void, n, libc::MADV_DONTNEED)
+                },
+                // SAFETY: one of the VM's memfds, open while `ready.vm`
+                // lives; punching drops only its pages.
+                Some(fd) => unsafe {
+                    libc::fallocate(
+                        fd,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        0,
+                        libc::off_t::try_from(len).context("file too large")?,
+                    )
+                },
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("the split-with-KVM release failed");
+            }
+            Ok(())
+        })
+    });
+    let el = ms(t.elapsed());
+    let left = guest_resident(&ready.vm);
+    let mut td = ready.vm.destroy();
+    td.wait_reclaim();
+    res?;
+    if left > size / 64 {
+        bail!(
+            "the split-with-KVM baseline left {} of {} resident",
+            human_bytes(left),
+            human_bytes(size)
+        );
+    }
+    Ok((el, ready.resident))
+}
+
 /// Time a child may take to become ready with `size` bytes populated.
 fn ready_budget(size: u64) -> Duration {
     Duration::from_secs(30) + READY_PER_GIB * u32::try_from(size.div_ceil(1 << 30)).unwrap_or(64)
@@ -870,6 +993,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         }
         if split_threads(c, size, cores).is_some() {
             v.push(Strategy::Split);
+            v.push(Strategy::SplitKvm);
         }
         if qemu.is_some() {
             v.push(Strategy::Qemu);
@@ -1044,6 +1168,18 @@ pub fn cmd(a: &Args) -> Result<()> {
                         res.split_ms_all.push(el);
                         res.split_threads = Some(k as u32);
                     }
+                    Strategy::SplitKvm => {
+                        let k = split_threads(&case, size, cores).unwrap_or(1);
+                        let (el, resident) = split_kvm_once(&case, size, k)?;
+                        if resident < size {
+                            bail!(
+                                "the split-with-KVM baseline was populated to only {} of {}",
+                                human_bytes(resident),
+                                human_bytes(size)
+                            );
+                        }
+                        res.split_kvm_ms_all.push(el);
+                    }
                     Strategy::Qemu => {
                         if let Some(q) = &qemu {
                             let (el, rss, thp) = qemu_once(q, size, case.page)
@@ -1105,6 +1241,14 @@ pub fn cmd(a: &Args) -> Result<()> {
             .split_ms
             .filter(|_| res.munmap_ms > 0.0)
             .map(|_| round(median(&res.split_ms_all) / median(&res.munmap_ms_all), 3));
+        res.split_kvm_ms = med_opt(&res.split_kvm_ms_all);
+        res.split_kvm_ratio_vs_munmap =
+            res.split_kvm_ms.filter(|_| res.munmap_ms > 0.0).map(|_| {
+                round(
+                    median(&res.split_kvm_ms_all) / median(&res.munmap_ms_all),
+                    3,
+                )
+            });
         res.qemu_ms = med_opt(&res.qemu_ms_all);
         res.qemu_rss_bytes = (!qrss.is_empty()).then(|| median(&qrss) as u64);
         res.qemu_thp_bytes = (!qthp.is_empty()).then(|| median(&qthp) as u64);
@@ -1145,6 +1289,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             &mut res.munmap_ms_all,
             &mut res.naive_ms_all,
             &mut res.split_ms_all,
+            &mut res.split_kvm_ms_all,
             &mut res.qemu_ms_all,
             &mut res.process_exit_ms_all,
             &mut res.service_sigterm_ms_all,
@@ -1160,6 +1305,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                      munmap   {:>9.3} ms   reclaim/munmap x{:.3} (target <= 1.1: {})\n  \
                      naive    {:>9.3} ms   naive/reclaim x{:.2}\n  \
                      split    {} (kernel bound: {})\n  \
+                     splitkvm {} (the same beside the VM's KVM: {})\n  \
                      qemu     {} (quit -> exit)\n  \
                      vmm      {} (shutdown -> exit; API ack {}, its destroy {}, its reclaim {})  faster than qemu: {}\n  \
                      service  {} (SIGTERM -> exit)\n  \
@@ -1193,6 +1339,9 @@ pub fn cmd(a: &Args) -> Result<()> {
                         "{} threads, x{x:.3} munmap",
                         res.split_threads.unwrap_or(0)
                     )),
+                    opt(res.split_kvm_ms),
+                    res.split_kvm_ratio_vs_munmap
+                        .map_or("n/a".to_string(), |x| format!("x{x:.3} munmap")),
                     opt(res.qemu_ms),
                     opt(res.process_exit_ms),
                     opt(res.process_ack_ms),

@@ -1946,6 +1946,8 @@ fn teardown_4k_target_is_judged_against_its_split_bound() {
         r.contains("| 55.0 (2) | 0.55× |") && r.contains("| **missed** | met |"),
         "{r}"
     );
+    // Results saved before the split beside KVM existed show a dash.
+    assert!(r.contains("| 0.55× | — |"), "{r}");
     // One missed row is enough for the target to be missed.
     row(
         &md,
@@ -2005,5 +2007,43 @@ fn teardown_4k_target_is_judged_against_its_split_bound() {
             "worst 0.66× at 2 GiB anon; kernel bound (plain threads, no VM: *split*) 0.65× .. 0.65× at those rows",
             "**missed**",
         ],
+    );
+}
+
+/// The split beside KVM (a VM's own RAM released by plain threads while
+/// its KVM VM exists) is shown beside the split, with its ratio to munmap,
+/// and is a figure only: the 0.6× verdict stays judged against the split
+/// without a VM.
+#[test]
+fn teardown_shows_the_split_beside_kvm() {
+    let dir = scratch("teardown-split-kvm");
+    let mut td = teardown_fixture();
+    let mut one = teardown_4k_size(GIB, "anon", 0.72, Some(0.55));
+    one["split_kvm_ms"] = json!(70.0);
+    one["split_kvm_ratio_vs_munmap"] = json!(0.70);
+    td["sizes"] = json!([one]);
+    write(&dir, "teardown.json", &td);
+    let (out, md) = report_from(&dir, "teardown");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        md.contains("| split ms (threads) | kernel bound: split / munmap | split beside KVM ms (/ munmap) |"),
+        "{md}"
+    );
+    let r = row(&md, &["1 GiB", "anon 4K"]);
+    assert!(
+        r.contains("| 55.0 (2) | 0.55× | 70.0 (0.70×) |") && r.contains("| **missed** | met |"),
+        "{r}"
+    );
+    // Every table row has as many cells as the header.
+    let cells = |l: &str| l.matches('|').count();
+    let table: Vec<&str> = md
+        .lines()
+        .skip_while(|l| !l.starts_with("| guest size |"))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert!(table.len() >= 3, "{md}");
+    assert!(
+        table.iter().all(|l| cells(l) == cells(table[0])),
+        "{table:#?}"
     );
 }

@@ -120,6 +120,58 @@ fn bench_teardown_json() {
     }
 }
 
+/// The split baselines of a 4 KiB row after the guest populated its RAM:
+/// the split without a VM and the split beside the VM's KVM are both
+/// measured and consistent with munmap (two threads need two cores).
+#[test]
+fn bench_teardown_split_beside_kvm() {
+    if !kvm_or_skip("bench_teardown_split_beside_kvm") {
+        return;
+    }
+    let out = gmm(&[
+        "bench",
+        "teardown",
+        "--sizes",
+        "128M",
+        "--page-size",
+        "4K",
+        "--populate",
+        "guest",
+        "--reps",
+        "1",
+        "--no-naive",
+        "--no-qemu",
+        "--no-process",
+        "--json",
+    ]);
+    assert!(out.status.success(), "bench teardown failed: {out:?}");
+    let v = last_json(&out);
+    assert_eq!(v["populate"], "guest");
+    let s = &v["sizes"][0];
+    if v["cores"].as_u64().unwrap_or(1) < 2 {
+        loud("SKIPPED (part): bench_teardown_split_beside_kvm: one core, no split baselines");
+        assert!(
+            s["split_ms"].is_null() && s["split_kvm_ms"].is_null(),
+            "{s}"
+        );
+        return;
+    }
+    for k in ["split_ms", "split_kvm_ms", "munmap_ms"] {
+        assert!(num(s, k) > 0.0, "{k} must be positive: {s}");
+    }
+    assert_eq!(
+        s["split_kvm_ms_all"].as_array().map(Vec::len),
+        Some(1),
+        "{s}"
+    );
+    let q = num(s, "split_kvm_ms") / num(s, "munmap_ms");
+    assert!(
+        (num(s, "split_kvm_ratio_vs_munmap") - q).abs() <= 0.01 * q + 0.01,
+        "split_kvm_ratio_vs_munmap is split_kvm/munmap: {s}"
+    );
+    assert!(boolean(s, "rss_back"), "{s}");
+}
+
 #[test]
 fn bench_teardown_bad_size_fails() {
     let out = gmm(&["bench", "teardown", "--sizes", "3M", "--json"]);
