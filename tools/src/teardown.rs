@@ -47,10 +47,15 @@
 //! - **split with KVM** (where *split* is measured): the same release by
 //!   as many plain threads, of a VM's own guest RAM while its KVM VM
 //!   exists: a VM made and populated as the row's VM is (`--populate`),
-//!   its vCPUs stopped; anonymous: each thread `madvise(MADV_DONTNEED)`s
-//!   its share of every region; memfd: the VM's files, each punched whole
-//!   by one thread. Only the release is timed (the VM's teardown after it
-//!   is not). KVM's MMU notifier runs in every release and zaps what the
+//!   its vCPUs stopped; anonymous: the threads claim chunks from one
+//!   cursor, sized as the VM's own release sizes them (guest-mm's
+//!   `claim_size`, at most `BACKGROUND_CLAIM_MAX`), and
+//!   `madvise(MADV_DONTNEED)` each; memfd: the VM's files, each punched
+//!   whole by one thread. Only the release is timed (the VM's teardown
+//!   after it is not). The claims matter here and not in *split*: KVM's
+//!   notifier zaps a release's whole range under KVM's MMU lock, so two
+//!   threads releasing one half each took turns (4 GiB after `--populate
+//!   guest`: 174-180 ms, against 160-165 ms for the VM's own release). KVM's MMU notifier runs in every release and zaps what the
 //!   guest's run left mapped (shadow or TDP entries): after `--populate
 //!   guest` that is every page, and on this shadow-paging host a cost the
 //!   VM's teardown pays too whatever it does; the gap from *split* is
@@ -86,7 +91,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use guest_mm::backing::{MAX_RELEASE_THREADS, PARALLEL_SHARE_MIN};
+use guest_mm::backing::{BACKGROUND_CLAIM_MAX, MAX_RELEASE_THREADS, PARALLEL_SHARE_MIN};
 use guest_mm::PageSize as Leaf;
 use vmm::{Backing, Console, MemSize, PageSize, Vm, VmConfig, Workload};
 
@@ -664,64 +669,84 @@ fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
 
 /// One *split with KVM* baseline (see the module doc): a VM populated as
 /// the row's VM is, its vCPUs stopped, whose guest RAM `threads` plain
-/// threads release at once (anon: a share of each region each,
-/// `madvise(MADV_DONTNEED)`; memfd: the VM's files, each punched whole by
-/// one thread) while the KVM VM and its memory slots still exist; then
-/// the VM is torn down, untimed. Returns (ms, resident before).
+/// threads release at once while the KVM VM and its memory slots still
+/// exist (anon: chunks claimed from one cursor over the regions, sized as
+/// the VM's own release sizes them, each `madvise(MADV_DONTNEED)`d; memfd:
+/// the VM's files, each punched whole by one thread); then the VM is torn
+/// down, untimed. Returns (ms, resident before).
 fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
     let ready = ready_vm(a, size)?;
     let regions = ready.vm.memory().regions();
     let k = threads.max(1);
-    // Every thread's work: (host address, bytes) to advise, or (fd, bytes)
-    // to punch from offset 0.
-    let mut work: Vec<Vec<(u64, u64, Option<std::os::fd::RawFd>)>> = vec![Vec::new(); k];
-    match a.backing {
-        BackingArg::Anon => {
-            for r in &regions {
-                for (i, (off, len)) in shares(r.len, k).into_iter().enumerate() {
-                    work[i].push((r.host_addr as u64 + off, len, None));
-                }
-            }
+    let files: Vec<_> = regions
+        .iter()
+        .flat_map(|r| r.files.spans().collect::<Vec<_>>())
+        .collect();
+    // anon: (region index, offset in it, bytes left in all regions).
+    let cursor = Mutex::new((0usize, 0u64, regions.iter().map(|r| r.len).sum::<u64>()));
+    let next = || -> Option<(u64, u64)> {
+        let mut c = cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let (i, off, left) = *c;
+        let r = regions.get(i)?;
+        let take = guest_mm::backing::claim_size(left, k)
+            .min(BACKGROUND_CLAIM_MAX)
+            .min(r.len - off);
+        *c = if off + take == r.len {
+            (i + 1, 0, left - take)
+        } else {
+            (i, off + take, left - take)
+        };
+        Some((r.host_addr as u64 + off, take))
+    };
+    let dontneed = |addr: u64, len: u64| -> Result<()> {
+        let n = usize::try_from(len).context("claim too large")?;
+        // SAFETY: a part of the VM's guest RAM mapping, which lives until
+        // `ready.vm` is torn down below; its vCPUs are stopped and no
+        // device runs, so nothing holds a reference into it.
+        let rc =
+            unsafe { libc::madvise(addr as usize as *mut libc::c_void, n, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("madvise(MADV_DONTNEED) at {addr:#x} + {len:#x}"));
         }
-        BackingArg::Memfd => {
-            let spans = regions
-                .iter()
-                .flat_map(|r| r.files.spans().collect::<Vec<_>>());
-            for (i, f) in spans.enumerate() {
-                work[i % k].push((0, f.len, Some(f.fd)));
-            }
+        Ok(())
+    };
+    let punch = |fd: std::os::fd::RawFd, len: u64| -> Result<()> {
+        let len = libc::off_t::try_from(len).context("file too large")?;
+        // SAFETY: one of the VM's memfds, open while `ready.vm` lives;
+        // punching drops only its pages.
+        let rc = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("fallocate(PUNCH_HOLE) of a VM file");
         }
-    }
-    work.retain(|w| !w.is_empty());
+        Ok(())
+    };
+    let n = match a.backing {
+        BackingArg::Anon => k,
+        BackingArg::Memfd => k.clamp(1, files.len().max(1)),
+    };
     std::thread::sleep(SETTLE);
     let t = Instant::now();
-    let res = on_threads(work.len(), |i| {
-        work[i].iter().try_for_each(|&(addr, len, fd)| {
-            let n = usize::try_from(len).context("share too large")?;
-            let rc = match fd {
-                // SAFETY: a part of the VM's guest RAM mapping, which lives
-                // until `ready.vm` is dropped below; its vCPUs are stopped
-                // and no device runs, so nothing holds a reference into it.
-                None => unsafe {
-                    libc::madvise(addr as usize as *mut libc::c_void, n, libc::MADV_DONTNEED)
-                },
-                // SAFETY: one of the VM's memfds, open while `ready.vm`
-                // lives; punching drops only its pages.
-                Some(fd) => unsafe {
-                    libc::fallocate(
-                        fd,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        0,
-                        libc::off_t::try_from(len).context("file too large")?,
-                    )
-                },
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .context("the split-with-KVM release failed");
+    let res = on_threads(n, |i| match a.backing {
+        BackingArg::Anon => {
+            while let Some((addr, len)) = next() {
+                dontneed(addr, len)?;
             }
             Ok(())
-        })
+        }
+        BackingArg::Memfd => files
+            .iter()
+            .skip(i)
+            .step_by(n)
+            .try_for_each(|f| punch(f.fd, f.len)),
     });
     let el = ms(t.elapsed());
     let left = guest_resident(&ready.vm);
