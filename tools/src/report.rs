@@ -84,6 +84,11 @@ pub enum BenchName {
     Balloon,
     /// `gmm bench teardown`: VM destroy and reclaim vs. munmap and QEMU.
     Teardown,
+    /// `gmm bench teardown --populate guest`: the same after each VM's
+    /// guest wrote all its RAM (KVM maps every page), 4 KiB leaves, with
+    /// the split beside KVM (results saved before it existed read as
+    /// "not measured in that run", no error).
+    TeardownGuest,
     /// `gmm bench launch`: launch+teardown cycles per second.
     Launch,
     /// `gmm stress-vm`: a real guest under balloon churn; violations.
@@ -117,6 +122,7 @@ impl BenchName {
             BenchName::Walk => "walk",
             BenchName::Balloon => "balloon",
             BenchName::Teardown => "teardown",
+            BenchName::TeardownGuest => "teardown-guest",
             BenchName::Launch => "launch",
             BenchName::StressVm => "stress-vm",
             BenchName::BalloonRss => "balloon-rss",
@@ -135,7 +141,7 @@ impl BenchName {
     fn optional(self) -> bool {
         matches!(
             self,
-            BenchName::Fault | BenchName::Interference | BenchName::Soak
+            BenchName::Fault | BenchName::Interference | BenchName::Soak | BenchName::TeardownGuest
         )
     }
 
@@ -146,6 +152,7 @@ impl BenchName {
             BenchName::StressVm => vec!["gmm", "stress-vm"],
             BenchName::Soak => vec!["gmm", "soak"],
             BenchName::BalloonRss => vec!["vmm", "run"],
+            BenchName::TeardownGuest => vec!["gmm", "bench", "teardown"],
             b => vec!["gmm", "bench", b.name()],
         }
     }
@@ -206,6 +213,36 @@ fn steps(quick: bool, soak_minutes: f64) -> Vec<Step> {
             "teardown",
             &["--matrix", "--reps", "5"],
             &["--sizes", "64M", "--reps", "1"],
+        ),
+        s(
+            BenchName::TeardownGuest,
+            "teardown-guest",
+            &[
+                "--sizes",
+                "1G,4G",
+                "--page-size",
+                "4K",
+                "--populate",
+                "guest",
+                "--reps",
+                "5",
+                "--no-naive",
+                "--no-qemu",
+                "--no-process",
+            ],
+            &[
+                "--sizes",
+                "128M",
+                "--page-size",
+                "4K",
+                "--populate",
+                "guest",
+                "--reps",
+                "1",
+                "--no-naive",
+                "--no-qemu",
+                "--no-process",
+            ],
         ),
         s(
             BenchName::Launch,
@@ -459,6 +496,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         BenchName::Walk,
         BenchName::Balloon,
         BenchName::Teardown,
+        BenchName::TeardownGuest,
         BenchName::Launch,
         BenchName::StressVm,
         BenchName::BalloonRss,
@@ -477,7 +515,8 @@ pub fn cmd(a: &Args) -> Result<()> {
             BenchName::Unmap => unmap_section(&ctx, &steps[0].1),
             BenchName::Walk => walk_section(&ctx, &steps[0].1),
             BenchName::Balloon => balloon_section(&ctx, &steps),
-            BenchName::Teardown => teardown_section(&ctx, &steps[0].1),
+            BenchName::Teardown => teardown_section(&ctx, &steps[0].1, false),
+            BenchName::TeardownGuest => teardown_section(&ctx, &steps[0].1, true),
             BenchName::Launch => launch_section(&steps[0].1),
             BenchName::StressVm => stress_vm_section(&steps[0].1),
             BenchName::BalloonRss => balloon_rss_section(&ctx, quick, &steps),
@@ -725,6 +764,9 @@ fn is_unknown_subcommand(stderr: &str) -> bool {
 
 /// The "not measured" reason of an optional bench this gmm lacks.
 fn absent_text(b: BenchName) -> String {
+    if b == BenchName::TeardownGuest {
+        return "not measured in that run: the suite had no guest-populated teardown step when these results were saved; rerun the bench to measure".into();
+    }
     format!(
         "`{}` is not in this gmm binary (results saved by an older gmm); rerun the bench to measure",
         b.prefix().join(" ")
@@ -2336,23 +2378,44 @@ fn parse_teardown(v: &Value) -> Result<(Vec<TeardownRow>, schema::TeardownResult
 }
 
 /// The teardown section: table per size, reclaim-time plot.
-fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
-    const B: &str = "teardown";
-    const T: &str = "VM teardown (`gmm bench teardown`)";
+/// The teardown section: the host-populated matrix, or (`guest`) the
+/// rows whose guest wrote its own RAM, which have no peers and so no
+/// "faster than QEMU" target.
+fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
+    let (b, t, plot_file) = if guest {
+        (
+            "teardown-guest",
+            "VM teardown after the guest wrote its RAM (`gmm bench teardown --populate guest`)",
+            "reclaim-teardown-guest.svg",
+        )
+    } else {
+        (
+            "teardown",
+            "VM teardown (`gmm bench teardown`)",
+            "reclaim-teardown.svg",
+        )
+    };
+    let target_names: Vec<&str> = if guest {
+        TEARDOWN_TARGETS
+            .iter()
+            .copied()
+            .filter(|t| *t != TEARDOWN_TARGETS[2])
+            .collect()
+    } else {
+        TEARDOWN_TARGETS.to_vec()
+    };
     let Some(v) = &d.result else {
-        return Section::not_measured(
-            B,
-            T,
-            d.error.as_deref().unwrap_or("no result"),
-            &TEARDOWN_TARGETS,
-        );
+        return Section::absent_or_not_measured(b, t, d, &target_names);
     };
     let (rows, top) = match parse_teardown(v) {
         Ok(x) => x,
-        Err(e) => return Section::not_measured(B, T, &format!("{e:#}"), &TEARDOWN_TARGETS),
+        Err(e) => return Section::not_measured(b, t, &format!("{e:#}"), &target_names),
     };
     let mut errors: Vec<String> = d.error.iter().cloned().collect();
-    let mut md = format!("## {T}\n\n");
+    let mut md = format!("## {t}\n\n");
+    if guest {
+        md += "The same bench after each VM's guest wrote and verified all its RAM itself (`--populate guest`, ~5 s per GiB here): KVM then maps every page (on this host in shadow page tables), and its MMU notifier zaps those entries in every release of that memory, a cost the host-populated rows above do not have (there KVM maps almost nothing). The figure to read beside the VM's is *split beside KVM*: the same release by plain threads while the same kind of VM exists. No peers here: QEMU and the `vmm` process never run their guests in this bench.\n\n";
+    }
     if let Some(e) = &d.error {
         let _ = writeln!(md, "Warning: the bench exited with an error ({}); the figures are shown as it printed them.\n", md_cell(e));
     }
@@ -2367,6 +2430,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     );
     let qemu_skipped = top.qemu_skipped.clone();
     match &top.qemu {
+        _ if guest => {}
         Some(q) => {
             let _ = writeln!(
                 md,
@@ -2447,7 +2511,9 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             human_bytes(r.size)
         );
     }
-    md += "\"Faster than QEMU\" compares the `vmm` process's shutdown → exit with QEMU's quit → exit at the same size.\n\n";
+    if !guest {
+        md += "\"Faster than QEMU\" compares the `vmm` process's shutdown → exit with QEMU's quit → exit at the same size.\n\n";
+    }
     let missed: Vec<String> = rows
         .iter()
         .filter(|r| r.ratio > TEARDOWN_VS_MUNMAP)
@@ -2565,32 +2631,35 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             retired_rows.join("; ")
         );
     }
-    let targets = vec![
+    let mut targets = vec![
         TargetRow {
-            bench: B,
+            bench: b,
             target: TEARDOWN_TARGETS[0].into(),
             measured: m1,
             verdict: v1,
         },
         TargetRow {
-            bench: B,
+            bench: b,
             target: TEARDOWN_TARGETS[3].into(),
             measured: m4,
             verdict: v4,
         },
         TargetRow {
-            bench: B,
+            bench: b,
             target: TEARDOWN_TARGETS[1].into(),
             measured: m2,
             verdict: v2,
         },
         TargetRow {
-            bench: B,
+            bench: b,
             target: TEARDOWN_TARGETS[2].into(),
             measured: m3,
             verdict: v3,
         },
     ];
+    if guest {
+        targets.retain(|r| r.target != TEARDOWN_TARGETS[2]);
+    }
     let gib = |r: &TeardownRow| r.size as f64 / GIB;
     let line = |name: &str, color, f: &dyn Fn(&TeardownRow) -> Option<f64>| Series {
         name: name.into(),
@@ -2617,7 +2686,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     ];
     series.retain(|s| !s.points.is_empty());
     md += &ctx.plot(
-        "reclaim-teardown.svg",
+        plot_file,
         "VM teardown: reclaim time vs. guest size per strategy",
         &mut errors,
         |p| {
@@ -2637,7 +2706,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
         },
     );
     Section {
-        bench: B,
+        bench: b,
         md,
         targets,
         errors,

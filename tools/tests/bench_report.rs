@@ -2047,3 +2047,58 @@ fn teardown_shows_the_split_beside_kvm() {
         "{table:#?}"
     );
 }
+
+/// The guest-populated teardown (`teardown-guest`) is its own section with
+/// its own plot and targets, without the QEMU target (no peers run there);
+/// results saved before the step existed read as not measured in that
+/// run, without failing the report.
+#[test]
+fn teardown_guest_is_its_own_section() {
+    let dir = scratch("teardown-guest");
+    let (out, md) = report_from(&dir, "teardown-guest");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        md.contains("## VM teardown after the guest wrote its RAM")
+            && md.contains("not measured in that run"),
+        "{md}"
+    );
+
+    let mut td = teardown_fixture();
+    td["populate"] = json!("guest");
+    td["page_size"] = json!("4K");
+    td["qemu"] = json!(null);
+    td["qemu_skipped"] = json!("--no-qemu");
+    td["process_measured"] = json!(false);
+    let mut one = teardown_4k_size(GIB, "anon", 0.72, Some(0.55));
+    one["split_kvm_ms"] = json!(66.0);
+    one["split_kvm_ratio_vs_munmap"] = json!(0.66);
+    td["sizes"] = json!([one]);
+    write(&dir, "teardown-guest.json", &td);
+    let (out, md) = report_from(&dir, "teardown-guest");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        md.contains(
+            "## VM teardown after the guest wrote its RAM (`gmm bench teardown --populate guest`)"
+        ) && md.contains("RAM populated by the guest")
+            && md.contains("its MMU notifier zaps those entries"),
+        "{md}"
+    );
+    let r = row(&md, &["1 GiB", "anon 4K"]);
+    assert!(r.contains("| 55.0 (2) | 0.55× | 66.0 (0.66×) |"), "{r}");
+    row(
+        &md,
+        &[
+            "teardown-guest",
+            "memory back ≤ 0.6× munmap at 4 KiB leaves from 1 GiB (2+ cores)",
+            "worst 0.72× at 1 GiB anon; kernel bound (plain threads, no VM: *split*) 0.55× .. 0.55× at those rows",
+            "**missed**",
+        ],
+    );
+    assert!(
+        !md.contains("| teardown-guest | vmm process exits sooner than QEMU")
+            && !md.contains("QEMU: not measured"),
+        "{md}"
+    );
+    let svg = read(&dir.join("reclaim-teardown-guest.svg"));
+    assert!(svg.contains("<svg"), "{svg}");
+}
