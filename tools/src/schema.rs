@@ -340,9 +340,9 @@ pub struct TeardownSize {
     pub split_ratio_vs_munmap: Option<f64>,
     /// The *split with KVM* baseline (where `split_ms` is measured): a VM
     /// populated as this row's VM (same `populate`), its vCPUs stopped,
-    /// whose guest RAM as many plain threads release at once (anon:
-    /// chunks claimed as the VM's release claims them; memfd: its files,
-    /// punched whole) while the KVM VM
+    /// whose guest RAM as many plain threads release at once (in chunks
+    /// sized as the VM's release sizes them; memfd: one thread per file)
+    /// while the KVM VM
     /// exists, so KVM's MMU notifier (zapping whatever shadow or TDP
     /// entries the guest's run left) runs in every release: the bound of a
     /// release split that many ways beside KVM. Release only (the VM's

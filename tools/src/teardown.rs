@@ -47,19 +47,19 @@
 //! - **split with KVM** (where *split* is measured): the same release by
 //!   as many plain threads, of a VM's own guest RAM while its KVM VM
 //!   exists: a VM made and populated as the row's VM is (`--populate`),
-//!   its vCPUs stopped; anonymous: the threads claim chunks from one
-//!   cursor, sized as the VM's own release sizes them (guest-mm's
-//!   `claim_size`, at most `BACKGROUND_CLAIM_MAX`), and
-//!   `madvise(MADV_DONTNEED)` each; memfd: the VM's files, each punched
-//!   whole by one thread. Only the release is timed (the VM's teardown
-//!   after it is not). The claims matter here and not in *split*: KVM's
-//!   notifier zaps a release's whole range under KVM's MMU lock, so two
-//!   threads releasing one half each took turns (4 GiB after `--populate
-//!   guest`: 174-180 ms, against 160-165 ms for the VM's own release). KVM's MMU notifier runs in every release and zaps what the
-//!   guest's run left mapped (shadow or TDP entries): after `--populate
-//!   guest` that is every page, and on this shadow-paging host a cost the
-//!   VM's teardown pays too whatever it does; the gap from *split* is
-//!   KVM's, the gap from the VM's own figure is the monitor's.
+//!   its vCPUs stopped. KVM's MMU notifier runs in every release and zaps
+//!   what the guest's run left mapped (shadow or TDP entries): after
+//!   `--populate guest` that is every page, a cost the VM's teardown pays
+//!   too. The gap from *split* is KVM's, the gap from the VM's own figure
+//!   the monitor's. The threads claim chunks as the VM's release does
+//!   (guest-mm's `claim_size`, at most `BACKGROUND_CLAIM_MAX`): anonymous,
+//!   from one cursor over the regions, `madvise(MADV_DONTNEED)` each;
+//!   memfd, the VM's files, one thread per file, punched a chunk at a
+//!   time. Only the release is timed (the VM's teardown after it is not).
+//!   The claims matter here and not in *split*: KVM's notifier zaps a
+//!   release's whole range under KVM's MMU lock, so two threads releasing
+//!   one half each took turns (4 GiB after `--populate guest`: 174-180
+//!   ms, against 160-165 ms for the VM's own release).
 //! - **qemu** (peer, when `qemu-system-x86_64` is found): QEMU with a
 //!   preallocated RAM backend and `-S` (the guest never runs), at 4 KiB
 //!   rows with transparent huge pages disabled for the process (QEMU
@@ -670,10 +670,10 @@ fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
 /// One *split with KVM* baseline (see the module doc): a VM populated as
 /// the row's VM is, its vCPUs stopped, whose guest RAM `threads` plain
 /// threads release at once while the KVM VM and its memory slots still
-/// exist (anon: chunks claimed from one cursor over the regions, sized as
-/// the VM's own release sizes them, each `madvise(MADV_DONTNEED)`d; memfd:
-/// the VM's files, each punched whole by one thread); then the VM is torn
-/// down, untimed. Returns (ms, resident before).
+/// exist (chunks sized as the VM's own release sizes them; anon: claimed
+/// from one cursor over the regions, each `madvise(MADV_DONTNEED)`d;
+/// memfd: the VM's files, one thread per file, punched chunk by chunk);
+/// then the VM is torn down, untimed. Returns (ms, resident before).
 fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
     let ready = ready_vm(a, size)?;
     let regions = ready.vm.memory().regions();
@@ -711,21 +711,30 @@ fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
         }
         Ok(())
     };
+    // A file is punched in chunks sized as a lane's of the VM's release.
     let punch = |fd: std::os::fd::RawFd, len: u64| -> Result<()> {
-        let len = libc::off_t::try_from(len).context("file too large")?;
-        // SAFETY: one of the VM's memfds, open while `ready.vm` lives;
-        // punching drops only its pages.
-        let rc = unsafe {
-            libc::fallocate(
-                fd,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                0,
-                len,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("fallocate(PUNCH_HOLE) of a VM file");
+        let mut off = 0;
+        while off < len {
+            let take = guest_mm::backing::claim_size(len - off, k).min(BACKGROUND_CLAIM_MAX);
+            let (o, l) = (
+                libc::off_t::try_from(off).context("file too large")?,
+                libc::off_t::try_from(take).context("file too large")?,
+            );
+            // SAFETY: one of the VM's memfds, open while `ready.vm` lives;
+            // punching drops only its pages.
+            let rc = unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    o,
+                    l,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("fallocate(PUNCH_HOLE) of a VM file at {off:#x}"));
+            }
+            off += take;
         }
         Ok(())
     };
