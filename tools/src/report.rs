@@ -2365,7 +2365,8 @@ fn parse_teardown(v: &Value) -> Result<(Vec<TeardownRow>, schema::TeardownResult
             split_threads: e.split_threads,
             split_kvm: e.split_kvm_ms,
             split_kvm_ratio: e.split_kvm_ratio_vs_munmap,
-            naive: Some(e.naive_ms),
+            // `--no-naive` leaves 0 and no repetitions: not measured.
+            naive: (e.naive_ms > 0.0).then_some(e.naive_ms),
             qemu: e.qemu_ms,
             exit: e.process_exit_ms,
         })
