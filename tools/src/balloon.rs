@@ -410,22 +410,6 @@ enum On {
     Plain,
 }
 
-/// `MADV_DONTNEED` on `[host, host + len)`.
-///
-/// # Safety
-///
-/// The range must lie inside a mapping the caller owns and no reference
-/// into it may be live.
-unsafe fn dontneed(host: u64, len: u64) -> Result<()> {
-    // SAFETY: guaranteed by the caller.
-    let rc = unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("madvise(MADV_DONTNEED) at {host:#x} + {len:#x}"));
-    }
-    Ok(())
-}
-
 /// One madvise per run (`per_page` false) or per page, on equally touched
 /// memory. Returns (ms, resident inflated bytes after).
 #[allow(clippy::too_many_arguments)]
@@ -464,7 +448,7 @@ fn baseline_once(
         // first RAM region (checked by touched_vm) or our plain mapping,
         // both alive until the end of this function; nothing else uses
         // them (the VM's vCPUs never ran).
-        unsafe { dontneed(host + (s - first_pfn) * PAGE, n * PAGE)? };
+        unsafe { crate::mem::dontneed(host + (s - first_pfn) * PAGE, n * PAGE)? };
     }
     let took = ms(t.elapsed());
     let resident = resident_in(host, first_pfn, &runs);

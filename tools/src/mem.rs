@@ -155,6 +155,22 @@ impl AnonRegion {
     }
 }
 
+/// `MADV_DONTNEED` on `[host, host + len)`.
+///
+/// # Safety
+///
+/// The range must lie inside a mapping the caller owns and no reference
+/// into it may be live.
+pub unsafe fn dontneed(host: u64, len: u64) -> Result<()> {
+    // SAFETY: guaranteed by the caller.
+    let rc = unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("madvise(MADV_DONTNEED) at {host:#x} + {len:#x}"));
+    }
+    Ok(())
+}
+
 /// Page numbers → `(first, count)` runs: sorted, de-duplicated, adjacent
 /// pages merged (guest-mm's one coalescer).
 pub fn runs_of(pfns: Vec<u64>) -> Vec<(u64, u64)> {

@@ -698,19 +698,6 @@ fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
         };
         Some((r.host_addr as u64 + off, take))
     };
-    let dontneed = |addr: u64, len: u64| -> Result<()> {
-        let n = usize::try_from(len).context("claim too large")?;
-        // SAFETY: a part of the VM's guest RAM mapping, which lives until
-        // `ready.vm` is torn down below; its vCPUs are stopped and no
-        // device runs, so nothing holds a reference into it.
-        let rc =
-            unsafe { libc::madvise(addr as usize as *mut libc::c_void, n, libc::MADV_DONTNEED) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("madvise(MADV_DONTNEED) at {addr:#x} + {len:#x}"));
-        }
-        Ok(())
-    };
     // A file is punched in chunks sized as a lane's of the VM's release.
     let punch = |fd: std::os::fd::RawFd, len: u64| -> Result<()> {
         let mut off = 0;
@@ -747,7 +734,10 @@ fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
     let res = on_threads(n, |i| match a.backing {
         BackingArg::Anon => {
             while let Some((addr, len)) = next() {
-                dontneed(addr, len)?;
+                // SAFETY: a part of the VM's guest RAM mapping, which lives
+                // until `ready.vm` is torn down below; its vCPUs are stopped
+                // and no device runs, so nothing holds a reference into it.
+                unsafe { crate::mem::dontneed(addr, len)? };
             }
             Ok(())
         }
@@ -1189,30 +1179,28 @@ pub fn cmd(a: &Args) -> Result<()> {
                             mthp.push(thp as f64);
                         }
                     }
-                    Strategy::Split => {
+                    Strategy::Split | Strategy::SplitKvm => {
                         let k = split_threads(&case, size, cores).unwrap_or(1);
-                        let (el, resident) = split_once(&case, size, k)?;
+                        let kvm = s == Strategy::SplitKvm;
+                        let (el, resident) = if kvm {
+                            split_kvm_once(&case, size, k)?
+                        } else {
+                            split_once(&case, size, k)?
+                        };
                         if resident < size {
                             bail!(
-                                "the split baseline was populated to only {} of {}",
+                                "the {} baseline was populated to only {} of {}",
+                                if kvm { "split-with-KVM" } else { "split" },
                                 human_bytes(resident),
                                 human_bytes(size)
                             );
                         }
-                        res.split_ms_all.push(el);
-                        res.split_threads = Some(k as u32);
-                    }
-                    Strategy::SplitKvm => {
-                        let k = split_threads(&case, size, cores).unwrap_or(1);
-                        let (el, resident) = split_kvm_once(&case, size, k)?;
-                        if resident < size {
-                            bail!(
-                                "the split-with-KVM baseline was populated to only {} of {}",
-                                human_bytes(resident),
-                                human_bytes(size)
-                            );
+                        if kvm {
+                            res.split_kvm_ms_all.push(el);
+                        } else {
+                            res.split_ms_all.push(el);
+                            res.split_threads = Some(k as u32);
                         }
-                        res.split_kvm_ms_all.push(el);
                     }
                     Strategy::Qemu => {
                         if let Some(q) = &qemu {
