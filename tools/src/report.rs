@@ -2454,9 +2454,17 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
     if let Some(e) = &d.error {
         let _ = writeln!(md, "Warning: the bench exited with an error ({}); the figures are shown as it printed them.\n", md_cell(e));
     }
+    let (naive, peers) = if guest {
+        ("", "")
+    } else {
+        (
+            "*naive*: one release per 4 KiB page under one lock, then the munmap. ",
+            " Peers: the `vmm` process (shutdown request → process exited) and QEMU (`quit` → process exited).",
+        )
+    };
     let _ = writeln!(
         md,
-        "Populated microVMs ({} backing, {} leaves, RAM populated by the {}) are destroyed; median of {} repetition(s), strategies rotated. *destroy* is the `Vm::destroy` call the caller waits for. *reclaim* runs from its start until all guest RAM is back with the host: the whole-VM stage-2 gather (issued while the VM still exists, its vCPUs joined) has released it; the process RSS is sampled right then (*RSS at memory back*) and must be within 16 MiB of the RSS before launch (`rss_back`), so the figure is checked against the kernel's own count. *all done* runs until `wait_reclaim` returned: also the KVM VM dropped, the fault handler stopped and the emptied RAM unmapped (for memfd, the file closed). The ratio to munmap and its target are on *reclaim* (memory back). Baseline *munmap*: {}. *naive*: one release per 4 KiB page under one lock, then the munmap. *split* (4 KiB rows, 2+ cores): the kernel's bound of the 0.6× target: the release the VM splits across its cores done by as many plain threads at once, with no VM, no table and no KVM memslot (anonymous: one `madvise(MADV_DONTNEED)` of a contiguous share each; memfd: the files the VM's RAM is split into, each punched whole by one thread), then the munmap (and close), thread start included. *split beside KVM* (where *split* is measured): the same release by as many plain threads, of a VM's own guest RAM (populated as the row's VM, its vCPUs stopped) while its KVM VM exists, so KVM's MMU notifier zaps in every release what the guest's run left mapped; release only. Its gap from *split* is KVM's cost, its gap from *reclaim* the monitor's. Peers: the `vmm` process (shutdown request → process exited) and QEMU (`quit` → process exited).\n",
+        "Populated microVMs ({} backing, {} leaves, RAM populated by the {}) are destroyed; median of {} repetition(s), strategies rotated. *destroy* is the `Vm::destroy` call the caller waits for. *reclaim* runs from its start until all guest RAM is back with the host: the whole-VM stage-2 gather (issued while the VM still exists, its vCPUs joined) has released it; the process RSS is sampled right then (*RSS at memory back*) and must be within 16 MiB of the RSS before launch (`rss_back`), so the figure is checked against the kernel's own count. *all done* runs until `wait_reclaim` returned: also the KVM VM dropped, the fault handler stopped and the emptied RAM unmapped (for memfd, the file closed). The ratio to munmap and its target are on *reclaim* (memory back). Baseline *munmap*: {}. {naive}*split* (4 KiB rows, 2+ cores): the kernel's bound of the 0.6× target: the release the VM splits across its cores done by as many plain threads at once, with no VM, no table and no KVM memslot (anonymous: one `madvise(MADV_DONTNEED)` of a contiguous share each; memfd: the files the VM's RAM is split into, each punched whole by one thread), then the munmap (and close), thread start included. *split beside KVM* (where *split* is measured): the same release by as many plain threads, of a VM's own guest RAM (populated as the row's VM, its vCPUs stopped) while its KVM VM exists, so KVM's MMU notifier zaps in every release what the guest's run left mapped; release only. Its gap from *split* is KVM's cost, its gap from *reclaim* the monitor's.{peers}\n",
         top.backing,
         top.page_size,
         top.populate,
@@ -2486,9 +2494,39 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
             );
         }
     }
-    md += "| guest size | backing, leaf | destroy ms | reclaim ms (memory back) | all done ms | RSS before launch → at memory back | munmap ms | reclaim / munmap | split ms (threads) | kernel bound: split / munmap | split beside KVM ms (/ munmap) | naive ms | vmm process exit ms | QEMU quit→exit ms | reclaim ≤ 1.0× munmap | ≤ 0.6× (4 KiB, ≥ 1 GiB) | destroy ≤ 1 ms | faster than QEMU |\n";
-    md +=
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n";
+    // (header, alignment, shown): the guest section has no naive strategy
+    // and no peers, so it leaves their columns out.
+    let columns: [(&str, &str, bool); 18] = [
+        ("guest size", "---:", true),
+        ("backing, leaf", "---", true),
+        ("destroy ms", "---:", true),
+        ("reclaim ms (memory back)", "---:", true),
+        ("all done ms", "---:", true),
+        ("RSS before launch → at memory back", "---:", true),
+        ("munmap ms", "---:", true),
+        ("reclaim / munmap", "---:", true),
+        ("split ms (threads)", "---:", true),
+        ("kernel bound: split / munmap", "---:", true),
+        ("split beside KVM ms (/ munmap)", "---:", true),
+        ("naive ms", "---:", !guest),
+        ("vmm process exit ms", "---:", !guest),
+        ("QEMU quit→exit ms", "---:", !guest),
+        ("reclaim ≤ 1.0× munmap", "---", true),
+        ("≤ 0.6× (4 KiB, ≥ 1 GiB)", "---", true),
+        ("destroy ≤ 1 ms", "---", true),
+        ("faster than QEMU", "---", !guest),
+    ];
+    let table_row = |cells: &mut dyn Iterator<Item = String>| {
+        let shown: Vec<String> = cells
+            .zip(&columns)
+            .filter(|(_, c)| c.2)
+            .map(|(x, _)| x)
+            .collect();
+        format!("| {} |\n", shown.join(" | "))
+    };
+    md += &table_row(&mut columns.iter().map(|c| c.0.to_string()));
+    let align: Vec<&str> = columns.iter().filter(|c| c.2).map(|c| c.1).collect();
+    let _ = writeln!(md, "|{}|", align.join("|"));
     let no_qemu = qemu_skipped.unwrap_or_else(|| "QEMU not measured".into());
     let qemu_v = |r: &TeardownRow| match (r.exit, r.qemu) {
         (Some(e), Some(q)) => Verdict::of(e < q),
@@ -2496,12 +2534,9 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
         (_, None) => Verdict::NotMeasured(no_qemu.clone()),
     };
     for r in &rows {
-        let _ = writeln!(
-            md,
-            "| {} | {} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        let cells: [String; 18] = [
             human_bytes(r.size),
-            r.backing,
-            r.page,
+            format!("{} {}", r.backing, r.page),
             ms(r.destroy),
             ms(r.reclaim),
             opt_ms(r.reclaim_done),
@@ -2518,7 +2553,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
             ratio(r.ratio),
             r.split.map_or_else(
                 || "—".into(),
-                |x| format!("{} ({})", ms(x), r.split_threads.unwrap_or(0))
+                |x| format!("{} ({})", ms(x), r.split_threads.unwrap_or(0)),
             ),
             r.split_ratio.map_or_else(|| "—".into(), ratio),
             match (r.split_kvm, r.split_kvm_ratio) {
@@ -2535,8 +2570,9 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
             match qemu_v(r) {
                 Verdict::NotMeasured(_) => "—".into(),
                 v => v.cell(),
-            }
-        );
+            },
+        ];
+        md += &table_row(&mut cells.into_iter());
     }
     md += "\n";
     for r in rows.iter().filter(|r| r.rss_back == Some(false)) {

@@ -2083,6 +2083,15 @@ fn teardown_shows_the_split_beside_kvm() {
         table.iter().all(|l| cells(l) == cells(table[0])),
         "{table:#?}"
     );
+    // The host-populated section keeps the naive and peer columns.
+    for kept in [
+        "naive ms",
+        "vmm process exit ms",
+        "QEMU quit→exit ms",
+        "faster than QEMU",
+    ] {
+        assert!(table[0].contains(kept), "{}", table[0]);
+    }
 }
 
 /// The guest-populated teardown (`teardown-guest`) is its own section with
@@ -2123,11 +2132,26 @@ fn teardown_guest_is_its_own_section() {
             && md.contains("its MMU notifier zaps those entries"),
         "{md}"
     );
+    // No naive strategy and no peers ran: the section leaves their columns
+    // and their sentences out, and every row has the header's cells.
     let r = row(&md, &["1 GiB", "anon 4K"]);
     assert!(
-        r.contains("| 55.0 (2) | 0.55× | 66.0 (0.66×) |") && !r.contains("| 0.000 |"),
+        r.ends_with("| 55.0 (2) | 0.55× | 66.0 (0.66×) | met | **missed** | met |"),
         "{r}"
     );
+    let header = md
+        .lines()
+        .find(|l| l.starts_with("| guest size |"))
+        .expect("the teardown table's header");
+    for gone in ["naive", "vmm process exit", "QEMU"] {
+        assert!(!header.contains(gone), "{header}");
+    }
+    assert_eq!(
+        header.matches(" | ").count(),
+        r.matches(" | ").count(),
+        "{header}\n{r}"
+    );
+    assert!(!md.contains("*naive*") && !md.contains("Peers:"), "{md}");
     row(
         &md,
         &[
