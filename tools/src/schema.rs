@@ -1351,9 +1351,26 @@ pub struct WalkResult {
     /// `guest_memory_view_per_s / walk_per_s` (target ≥ 0.8).
     #[serde(default)]
     pub guest_memory_view_vs_walk: f64,
-    /// `guest_memory_view_per_s / vm_memory_per_s` (one region).
+    /// `guest_memory_view_per_s / vm_memory_per_s` (one region; issue 12
+    /// goal 1 for the `GuestMemory` path: target ≥ 0.8).
     #[serde(default)]
     pub guest_memory_view_vs_vm_memory: f64,
+    /// vm-memory's own `GuestMemoryMmap` (one region) through the view's
+    /// call, `get_slices(addr, 8, Read)`: the `GuestMemory` path with no
+    /// table at all (0: results saved before it was measured).
+    #[serde(default)]
+    pub vm_memory_slices_per_s: f64,
+    /// `guest_memory_view_per_s / vm_memory_slices_per_s`.
+    #[serde(default)]
+    pub guest_memory_view_vs_vm_memory_slices: f64,
+    /// `guest_memory_view_per_s / rwlock_per_s` (target ≥ 1.2).
+    #[serde(default)]
+    pub guest_memory_view_vs_rwlock: f64,
+    /// `vm_memory_slices_per_s / vm_memory_per_s`: what vm-memory's own
+    /// `GuestMemory` path keeps of its bare lookup (the bound of
+    /// `guest_memory_view_vs_vm_memory`).
+    #[serde(default)]
+    pub vm_memory_slices_vs_vm_memory: f64,
     /// Lowest, median and highest round of every figure and ratio above.
     #[serde(default)]
     pub spread: std::collections::BTreeMap<String, Spread>,

@@ -25,6 +25,10 @@
 //! `GuestMemory`): `get_slices(addr, 8, Permissions::Read)` taking the
 //! first slice's host pointer (no memory is read, as in the other loops),
 //! reported as `guest_memory_view_per_s` and its ratio to the direct walk.
+//! Its baseline is vm-memory's own `GuestMemoryMmap` over one region
+//! through the same call for the same addresses (`vm_memory_slices_per_s`):
+//! the `GuestMemory` path with no table, which costs more than the bare
+//! `get_host_address` before any table takes part.
 //!
 //! **Trustworthy figures on a noisy machine.** Every phase runs once per
 //! round, `--rounds` rounds (default 5), and the order of the phases is
@@ -80,7 +84,7 @@ pub struct WalkArgs {
     /// Walker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
-    /// Seconds per measurement phase (fourteen phases per round).
+    /// Seconds per measurement phase (sixteen phases per round).
     #[arg(long, default_value = "0.5", value_parser = crate::units::parse_seconds)]
     pub seconds: f64,
     /// Rounds: every phase runs once per round, in a rotated order; the
@@ -127,9 +131,12 @@ enum Phase {
     PageMapStorm,
     VmMemory1,
     VmMemory4,
+    /// vm-memory's own `GuestMemory` path over its one region: the view's
+    /// call (`get_slices`) with no table at all.
+    VmMemorySlices,
 }
 
-const PHASES: [Phase; 15] = [
+const PHASES: [Phase; 16] = [
     Phase::Walk(Mode::Cached),
     Phase::Walk2M,
     Phase::View,
@@ -145,6 +152,7 @@ const PHASES: [Phase; 15] = [
     Phase::PageMapStorm,
     Phase::VmMemory1,
     Phase::VmMemory4,
+    Phase::VmMemorySlices,
 ];
 
 /// Which walk loop a phase runs.
@@ -550,6 +558,33 @@ fn vm_memory_loop(m: &GuestMemoryMmap, i: usize, stop: &AtomicBool, len: u64, ba
     c
 }
 
+/// vm-memory's own `GuestMemoryMmap` through the view's call: one
+/// `get_slices(addr, 8, Read)` per address, keeping the first slice's host
+/// pointer (as [`view_loop`] does through the table).
+fn vm_memory_slices_loop(
+    m: &GuestMemoryMmap,
+    i: usize,
+    stop: &AtomicBool,
+    len: u64,
+    batch: u32,
+) -> Count {
+    let mut rng = Rng::new(0x1234_5678 + i as u64 * 0x9e37_79b9);
+    let mut c = Count::default();
+    let mut sink = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..batch {
+            let a = GuestAddress(addr(&mut rng, len));
+            match GuestMemory::get_slices(m, a, 8, Permissions::Read).map(|mut s| s.next()) {
+                Ok(Some(Ok(s))) => sink ^= s.ptr_guard().as_ptr() as u64,
+                _ => c.failed += 1,
+            }
+        }
+        c.n += u64::from(batch);
+    }
+    black_box(sink);
+    c
+}
+
 /// What one phase of one round measured (all walkers together).
 #[derive(Default, Clone, Copy)]
 struct Measured {
@@ -670,6 +705,12 @@ impl Bench<'_> {
                 |i, stop| vm_memory_loop(self.vm4, i, stop, len, b),
                 none,
             )?,
+            Phase::VmMemorySlices => phase(
+                t,
+                s,
+                |i, stop| vm_memory_slices_loop(self.vm1, i, stop, len, b),
+                none,
+            )?,
         };
         Ok(Measured {
             rate: per_thread(&c, e),
@@ -700,11 +741,12 @@ fn rate_key(p: Phase) -> &'static str {
         Phase::PageMapStorm => "page_map_under_unmap_per_s",
         Phase::VmMemory1 => "vm_memory_per_s",
         Phase::VmMemory4 => "vm_memory_4_regions_per_s",
+        Phase::VmMemorySlices => "vm_memory_slices_per_s",
     }
 }
 
 /// Ratios computed within each round: (JSON name, numerator, denominator).
-const RATIOS: [(&str, &str, &str); 12] = [
+const RATIOS: [(&str, &str, &str); 15] = [
     ("walk_vs_vm_memory", "walk_per_s", "vm_memory_per_s"),
     (
         "walk_vs_vm_memory_4_regions",
@@ -736,6 +778,21 @@ const RATIOS: [(&str, &str, &str); 12] = [
     (
         "guest_memory_view_vs_vm_memory",
         "guest_memory_view_per_s",
+        "vm_memory_per_s",
+    ),
+    (
+        "guest_memory_view_vs_vm_memory_slices",
+        "guest_memory_view_per_s",
+        "vm_memory_slices_per_s",
+    ),
+    (
+        "guest_memory_view_vs_rwlock",
+        "guest_memory_view_per_s",
+        "rwlock_per_s",
+    ),
+    (
+        "vm_memory_slices_vs_vm_memory",
+        "vm_memory_slices_per_s",
         "vm_memory_per_s",
     ),
     ("walk_vs_walk_uncached", "walk_per_s", "walk_uncached_per_s"),
@@ -924,6 +981,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         "vm-memory get_host_address (4)",
         "vm_memory_4_regions_per_s",
     );
+    log += &line("vm-memory get_slices (1)", "vm_memory_slices_per_s");
     log += "  ratios, median of the rounds' ratios [lowest .. highest]\n";
     log += &rline("walk / vm-memory (1 region)", "walk_vs_vm_memory");
     log += &rline(
@@ -947,6 +1005,15 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     log += &rline(
         "view / vm-memory (1 region)",
         "guest_memory_view_vs_vm_memory",
+    );
+    log += &rline(
+        "view / vm-memory get_slices (1)",
+        "guest_memory_view_vs_vm_memory_slices",
+    );
+    log += &rline("view / RwLock", "guest_memory_view_vs_rwlock");
+    log += &rline(
+        "vm-memory slices / host_addr",
+        "vm_memory_slices_vs_vm_memory",
     );
     let storm_rate = median(&storm_rates);
     let rw_rate = median(&rw_rates);
@@ -1009,6 +1076,10 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         guest_memory_view_op: VIEW_OP.into(),
         guest_memory_view_vs_walk: med("guest_memory_view_vs_walk"),
         guest_memory_view_vs_vm_memory: med("guest_memory_view_vs_vm_memory"),
+        vm_memory_slices_per_s: med("vm_memory_slices_per_s"),
+        guest_memory_view_vs_vm_memory_slices: med("guest_memory_view_vs_vm_memory_slices"),
+        guest_memory_view_vs_rwlock: med("guest_memory_view_vs_rwlock"),
+        vm_memory_slices_vs_vm_memory: med("vm_memory_slices_vs_vm_memory"),
         use_after_free: uaf,
         targets: WalkTargets {
             walk_ge_50m_per_s: walk >= 50e6,

@@ -1864,6 +1864,86 @@ fn walk_storm_target_is_judged_against_the_page_map_bound() {
     row(&md, &["walk", target, "0.70×", "**missed**"]);
 }
 
+/// The vm-memory view has goal 1's targets too. Against vm-memory's bare
+/// lookup it is judged like for like where vm-memory's own `get_slices`
+/// (no table) keeps less than 0.8× of that lookup: retired while the view
+/// keeps 0.8× of vm-memory's own `get_slices`, missed below.
+#[test]
+fn walk_view_targets_are_judged_against_vm_memory_own_get_slices() {
+    let judge = |name: &str, vs_vm: f64, slices: Option<(f64, f64)>| {
+        let dir = scratch(name);
+        let mut w = walk_fixture();
+        w["guest_memory_view_vs_vm_memory"] = json!(vs_vm);
+        w["guest_memory_view_vs_rwlock"] = json!(1.3);
+        if let Some((bound, vs_slices)) = slices {
+            w["vm_memory_slices_per_s"] = json!(110e6);
+            w["vm_memory_slices_vs_vm_memory"] = json!(bound);
+            w["guest_memory_view_vs_vm_memory_slices"] = json!(vs_slices);
+        }
+        write(&dir, "walk.json", &w);
+        let (out, md) = report_from(&dir, "walk");
+        assert!(out.status.success(), "{}", text(&out));
+        md
+    };
+    let target =
+        "vm-memory view (GuestMemory::get_slices) ≥ 0.8× vm-memory's get_host_address (one region)";
+    let bound = |a: &str, b: &str, c: &str| {
+        format!("{a} (bound: vm-memory's own get_slices keeps {b} of its get_host_address; the view {c} of vm-memory's get_slices)")
+    };
+    let md = judge("view-retired", 0.43, Some((0.49, 0.86)));
+    row(
+        &md,
+        &[
+            "walk",
+            target,
+            &bound("0.43×", "0.49×", "0.86×"),
+            "retired: vm-memory bound",
+        ],
+    );
+    assert!(md.contains("**Retired: \"vm-memory view"), "{md}");
+    row(&md, &["vm-memory get_slices, one region", "110.0"]);
+    row(
+        &md,
+        &[
+            "walk",
+            "vm-memory view ≥ 1.2× the RwLock<Vec> page map",
+            "1.30×",
+            "met",
+        ],
+    );
+    // The view loses more than vm-memory's own call explains.
+    let md = judge("view-missed", 0.43, Some((0.49, 0.70)));
+    row(
+        &md,
+        &[
+            "walk",
+            target,
+            &bound("0.43×", "0.49×", "0.70×"),
+            "**missed**",
+        ],
+    );
+    assert!(!md.contains("**Retired: \"vm-memory view"), "{md}");
+    // A bound within the target: the target stands.
+    let md = judge("view-bound-high", 0.75, Some((0.85, 0.88)));
+    row(
+        &md,
+        &[
+            "walk",
+            target,
+            &bound("0.75×", "0.85×", "0.88×"),
+            "**missed**",
+        ],
+    );
+    let md = judge("view-met", 0.82, Some((0.70, 1.17)));
+    row(
+        &md,
+        &["walk", target, &bound("0.82×", "0.70×", "1.17×"), "met"],
+    );
+    // Results saved before vm-memory's own get_slices was measured.
+    let md = judge("view-no-bound", 0.43, None);
+    row(&md, &["walk", target, "0.43×", "**missed**"]);
+}
+
 #[test]
 fn a_bench_missing_from_gmm_is_reported_as_absent_not_failed() {
     // --from a directory without fault.json / interference.json (results

@@ -136,6 +136,11 @@ fn bench_walk_json() {
         "walk_vs_rwlock",
         "under_unmap_ratio",
         "under_unmap_vs_rwlock_under_unmap",
+        "guest_memory_view_per_s",
+        "vm_memory_slices_per_s",
+        "guest_memory_view_vs_vm_memory_slices",
+        "guest_memory_view_vs_rwlock",
+        "vm_memory_slices_vs_vm_memory",
         "threads",
     ] {
         assert!(num(&v, k) > 0.0, "{k} should be positive in {v}");
