@@ -1,5 +1,6 @@
 //! Where a benchmark's threads run: pinning to one CPU, and a guard that
-//! keeps the calling thread on the CPU it is on for a timed section.
+//! keeps the calling thread on the CPU it is on for a timed section; and
+//! how much CPU the process used.
 //!
 //! Pinning is best effort everywhere: a refusal (a cpuset, one CPU)
 //! leaves the thread where the scheduler puts it, and the measurement
@@ -60,6 +61,22 @@ impl Drop for StayOnCpu {
                 unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
         }
     }
+}
+
+/// User + system CPU time of this process (all threads, finished ones
+/// included).
+pub(crate) fn process_cpu_time() -> std::time::Duration {
+    // SAFETY: getrusage writes one rusage struct, which we own.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| {
+        std::time::Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + std::time::Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 #[cfg(test)]

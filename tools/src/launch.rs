@@ -108,22 +108,6 @@ fn per_sec(n: u32, d: Duration) -> f64 {
     }
 }
 
-/// User + system CPU time of this process (all threads, finished ones
-/// included).
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage writes one rusage struct, which we own.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
-            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
-    };
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
 fn config(a: &Args) -> Result<VmConfig> {
     let mut c = VmConfig::new(MemSize::from_bytes(a.mem).context("--mem")?);
     c.vcpus = a.vcpus;
@@ -169,10 +153,10 @@ pub fn cmd(a: &Args) -> Result<()> {
     let pb = crate::progress::bar(u64::from(a.count) + u64::from(a.alive), "launch");
     let (mut boot, mut ready, mut td, mut rec) = (vec![], vec![], vec![], vec![]);
     let (mut rates, mut cpu_rates) = (vec![], vec![]);
-    let cpu0 = cpu_time();
+    let cpu0 = crate::cpu::process_cpu_time();
     let t_all = Instant::now();
     for cycles in round_sizes(a.count, a.rounds) {
-        let (cpu_r, t_r) = (cpu_time(), Instant::now());
+        let (cpu_r, t_r) = (crate::cpu::process_cpu_time(), Instant::now());
         for _ in 0..cycles {
             let (vm, b, r) = launch(a)?;
             let t = Instant::now();
@@ -185,10 +169,13 @@ pub fn cmd(a: &Args) -> Result<()> {
             pb.inc(1);
         }
         rates.push(per_sec(cycles, t_r.elapsed()));
-        cpu_rates.push(per_sec(cycles, cpu_time().saturating_sub(cpu_r)));
+        cpu_rates.push(per_sec(
+            cycles,
+            crate::cpu::process_cpu_time().saturating_sub(cpu_r),
+        ));
     }
     let wall = t_all.elapsed();
-    let cpu = cpu_time().saturating_sub(cpu0);
+    let cpu = crate::cpu::process_cpu_time().saturating_sub(cpu0);
     let launches_per_sec = median(&rates);
     let launches_per_cpu_sec = median(&cpu_rates);
     let cpu_ms_per_launch = ms(cpu) / f64::from(a.count);

@@ -2431,6 +2431,9 @@ struct TeardownRow {
     /// munmap; `None` where not measured (older results too).
     split_kvm: Option<f64>,
     split_kvm_ratio: Option<f64>,
+    /// CPUs kept busy by the VM's teardown, the split and the split beside
+    /// KVM (`None`: not measured, older results too).
+    cores: [Option<f64>; 3],
     naive: Option<f64>,
     qemu: Option<f64>,
     exit: Option<f64>,
@@ -2486,6 +2489,7 @@ fn parse_teardown(v: &Value) -> Result<(Vec<TeardownRow>, schema::TeardownResult
             split_threads: e.split_threads,
             split_kvm: e.split_kvm_ms,
             split_kvm_ratio: e.split_kvm_ratio_vs_munmap,
+            cores: [e.reclaim_cores, e.split_cores, e.split_kvm_cores],
             // `--no-naive` leaves 0 and no repetitions: not measured.
             naive: (e.naive_ms > 0.0).then_some(e.naive_ms),
             qemu: e.qemu_ms,
@@ -2551,7 +2555,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
     };
     let _ = writeln!(
         md,
-        "Populated microVMs ({} backing, {} leaves, RAM populated by the {}) are destroyed; median of {} repetition(s), strategies rotated. *destroy* is the `Vm::destroy` call the caller waits for. *reclaim* runs from its start until all guest RAM is back with the host: the whole-VM stage-2 gather (issued while the VM still exists, its vCPUs joined) has released it; the process RSS is sampled right then (*RSS at memory back*) and must be within 16 MiB of the RSS before launch (`rss_back`), so the figure is checked against the kernel's own count. *all done* runs until `wait_reclaim` returned: also the KVM VM dropped, the fault handler stopped and the emptied RAM unmapped (for memfd, the file closed). The ratio to munmap and its target are on *reclaim* (memory back). Baseline *munmap*: {}. {naive}*split* (4 KiB rows, 2+ cores): the kernel's bound of the 0.6× target: the release the VM splits across its cores done by as many plain threads at once, with no VM, no table and no KVM memslot (anonymous: one `madvise(MADV_DONTNEED)` of a contiguous share each; memfd: the files the VM's RAM is split into, each punched whole by one thread), then the munmap (and close), thread start included. *split beside KVM* (where *split* is measured): the same release by as many plain threads, of a VM's own guest RAM (populated as the row's VM, its vCPUs stopped) while its KVM VM exists, so KVM's MMU notifier zaps in every release what the guest's run left mapped; release only. Its gap from *split* is KVM's cost, its gap from *reclaim* the monitor's.{peers}\n",
+        "Populated microVMs ({} backing, {} leaves, RAM populated by the {}) are destroyed; median of {} repetition(s), strategies rotated. *destroy* is the `Vm::destroy` call the caller waits for. *reclaim* runs from its start until all guest RAM is back with the host: the whole-VM stage-2 gather (issued while the VM still exists, its vCPUs joined) has released it; the process RSS is sampled right then (*RSS at memory back*) and must be within 16 MiB of the RSS before launch (`rss_back`), so the figure is checked against the kernel's own count. *all done* runs until `wait_reclaim` returned: also the KVM VM dropped, the fault handler stopped and the emptied RAM unmapped (for memfd, the file closed). The ratio to munmap and its target are on *reclaim* (memory back). Baseline *munmap*: {}. {naive}*split* (4 KiB rows, 2+ cores): the kernel's bound of the 0.6× target: the release the VM splits across its cores done by as many plain threads at once, with no VM, no table and no KVM memslot (anonymous: one `madvise(MADV_DONTNEED)` of a contiguous share each; memfd: the files the VM's RAM is split into, each punched whole by one thread), then the munmap (and close), thread start included. *split beside KVM* (where *split* is measured): the same release by as many plain threads, of a VM's own guest RAM (populated as the row's VM, its vCPUs stopped) while its KVM VM exists, so KVM's MMU notifier zaps in every release what the guest's run left mapped; release only. Its gap from *split* is KVM's cost, its gap from *reclaim* the monitor's. *CPUs busy*: the process's CPU time over the wall time of the VM's teardown (destroy to `wait_reclaim`) and of each split's timed release: the teardown's helpers run at idle priority and take only CPUs nothing else wants, so a teardown with fewer CPUs busy than its split met a busy host, and a split with well under its threads met one too.{peers}\n",
         top.backing,
         top.page_size,
         top.populate,
@@ -2583,7 +2587,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
     }
     // (header, alignment, shown): the guest section has no naive strategy
     // and no peers, so it leaves their columns out.
-    let columns: [(&str, &str, bool); 18] = [
+    let columns: [(&str, &str, bool); 19] = [
         ("guest size", "---:", true),
         ("backing, leaf", "---", true),
         ("destroy ms", "---:", true),
@@ -2595,6 +2599,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
         ("split ms (threads)", "---:", true),
         ("kernel bound: split / munmap", "---:", true),
         ("split beside KVM ms (/ munmap)", "---:", true),
+        ("CPUs busy: VM / split / beside KVM", "---:", true),
         ("naive ms", "---:", !guest),
         ("vmm process exit ms", "---:", !guest),
         ("QEMU quit→exit ms", "---:", !guest),
@@ -2621,7 +2626,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
         (_, None) => Verdict::NotMeasured(no_qemu.clone()),
     };
     for r in &rows {
-        let cells: [String; 18] = [
+        let cells: [String; 19] = [
             human_bytes(r.size),
             format!("{} {}", r.backing, r.page),
             ms(r.destroy),
@@ -2647,6 +2652,15 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
                 (Some(x), Some(q)) => format!("{} ({})", ms(x), ratio(q)),
                 (Some(x), None) => ms(x),
                 _ => "—".into(),
+            },
+            match r.cores {
+                [None, ..] => "—".into(),
+                [Some(v), None, None] => format!("{v:.2}"),
+                [v, s, k] => [v, s, k]
+                    .iter()
+                    .map(|c| c.map_or_else(|| "—".into(), |c| format!("{c:.2}")))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
             },
             opt_ms(r.naive),
             opt_ms(r.exit),

@@ -305,6 +305,26 @@ pub struct TeardownSize {
     /// `TeardownStats::background_joins`.
     #[serde(default)]
     pub background_joins: u32,
+    /// CPUs the VM's teardown kept busy: the process's CPU time from the
+    /// start of `destroy` until `wait_reclaim` returned, over that wall
+    /// time (median). Its idle-priority helpers only get idle CPUs, so
+    /// beside busy cores it falls below `split_cores`. Null in results
+    /// saved before it was measured.
+    #[serde(default)]
+    pub reclaim_cores: Option<f64>,
+    #[serde(default)]
+    pub reclaim_cores_all: Vec<f64>,
+    /// The same over the *split* baseline's timed release (plain threads at
+    /// normal priority).
+    #[serde(default)]
+    pub split_cores: Option<f64>,
+    #[serde(default)]
+    pub split_cores_all: Vec<f64>,
+    /// The same over the *split beside KVM* baseline's timed release.
+    #[serde(default)]
+    pub split_kvm_cores: Option<f64>,
+    #[serde(default)]
+    pub split_kvm_cores_all: Vec<f64>,
     /// Parts of destroy and reclaim as the VM measured them: stopping and
     /// joining the vCPUs, the reclaim thread's own end-to-end time, dropping
     /// the KVM VM, the stage-2 gather (zap + release), its final grace

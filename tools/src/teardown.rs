@@ -17,7 +17,12 @@
 //!   counts the former), samples RSS right then, and `rss_back` requires
 //!   it back near its starting level; `background_joins` counts the
 //!   repetitions in which the release's idle-priority helpers fell below
-//!   its slowest pace and the releasing thread joined in). `reclaim_done_ms` runs until
+//!   its slowest pace and the releasing thread joined in). `reclaim_cores`
+//!   is how many CPUs the teardown kept busy (the process's CPU time over
+//!   the wall time, destroy to `wait_reclaim`; `split_cores` and
+//!   `split_kvm_cores` the same over the baselines' timed release): with
+//!   idle-priority helpers, a teardown beside busy cores gets fewer than
+//!   the plain threads of the split do. `reclaim_done_ms` runs until
 //!   `Teardown::wait_reclaim` returns: also the KVM VM dropped, the fault
 //!   handler stopped, the emptied RAM unmapped (for memfd the file
 //!   closed). RSS before launch, once
@@ -90,6 +95,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::cpu::process_cpu_time;
 use anyhow::{bail, Context, Result};
 use guest_mm::backing::{BACKGROUND_CLAIM_MAX, MAX_RELEASE_THREADS, PARALLEL_SHARE_MIN};
 use guest_mm::PageSize as Leaf;
@@ -275,6 +281,9 @@ struct VmRun {
     /// The releasing thread joined its background helpers
     /// (`TeardownStats::background_joins`).
     joined: bool,
+    /// CPUs the teardown kept busy: this process's CPU time from the
+    /// start of `destroy` until `wait_reclaim` returned, over that time.
+    cores: f64,
 }
 
 /// A VM of the row's kind, populated as `--populate` says, its vCPUs
@@ -362,6 +371,16 @@ fn guest_resident(vm: &Vm) -> u64 {
         .sum()
 }
 
+/// CPUs this process kept busy since `cpu0` (its CPU time then) and `t`.
+fn cores(cpu0: Duration, t: Instant) -> f64 {
+    let wall = t.elapsed().as_secs_f64();
+    if wall > 0.0 {
+        process_cpu_time().saturating_sub(cpu0).as_secs_f64() / wall
+    } else {
+        0.0
+    }
+}
+
 fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
     let ReadyVm {
         vm,
@@ -373,7 +392,7 @@ fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
     } = ready_vm(a, size)?;
     let shmem0 = host_shmem();
     std::thread::sleep(SETTLE);
-    let t = Instant::now();
+    let (cpu0, t) = (process_cpu_time(), Instant::now());
     let mut td = vm.destroy();
     let destroy_ms = ms(t.elapsed());
     let r = td.wait_reclaim();
@@ -400,6 +419,7 @@ fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
         shmem_freed: shmem0.saturating_sub(shmem1),
         by_waiter: r.by_waiter,
         joined: r.stage2.background_joins > 0,
+        cores: cores(cpu0, t),
     })
 }
 
@@ -614,9 +634,17 @@ fn on_threads(k: usize, f: impl Fn(usize) -> Result<()> + Sync) -> Result<()> {
     })
 }
 
-/// One *split* baseline (see the module doc) with `threads` threads:
-/// (ms, resident before).
-fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
+/// What one run of a split baseline measured.
+struct SplitRun {
+    ms: f64,
+    /// Bytes resident before the release.
+    resident: u64,
+    /// CPUs the timed release kept busy (see [`cores`]).
+    cores: f64,
+}
+
+/// One *split* baseline (see the module doc) with `threads` threads.
+fn split_once(a: &Case, size: u64, threads: usize) -> Result<SplitRun> {
     match a.backing {
         BackingArg::Anon => {
             let r = AnonRegion::new(size, a.page)?;
@@ -625,15 +653,19 @@ fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
             let resident = r.resident();
             let parts = shares(size, threads);
             std::thread::sleep(SETTLE);
-            let t = Instant::now();
+            let (cpu0, t) = (process_cpu_time(), Instant::now());
             let res = on_threads(parts.len(), |i| {
                 let (off, len) = parts[i];
                 r.dontneed(off, len)
             });
             drop(r);
-            let el = ms(t.elapsed());
+            let (el, cores) = (ms(t.elapsed()), cores(cpu0, t));
             res?;
-            Ok((el, resident))
+            Ok(SplitRun {
+                ms: el,
+                resident,
+                cores,
+            })
         }
         BackingArg::Memfd => {
             let (n, file_len) = vmm::memory::backing::memfd_files(size);
@@ -649,7 +681,7 @@ fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
             let resident: u64 = files.iter().map(MemfdRegion::resident).sum();
             let k = threads.clamp(1, n.max(1));
             std::thread::sleep(SETTLE);
-            let t = Instant::now();
+            let (cpu0, t) = (process_cpu_time(), Instant::now());
             let res = on_threads(k, |i| {
                 files
                     .iter()
@@ -660,9 +692,13 @@ fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
             for f in &mut files {
                 f.release();
             }
-            let el = ms(t.elapsed());
+            let (el, cores) = (ms(t.elapsed()), cores(cpu0, t));
             res?;
-            Ok((el, resident))
+            Ok(SplitRun {
+                ms: el,
+                resident,
+                cores,
+            })
         }
     }
 }
@@ -673,8 +709,8 @@ fn split_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
 /// exist (chunks sized as the VM's own release sizes them; anon: claimed
 /// from one cursor over the regions, each `madvise(MADV_DONTNEED)`d;
 /// memfd: the VM's files, one thread per file, punched chunk by chunk);
-/// then the VM is torn down, untimed. Returns (ms, resident before).
-fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
+/// then the VM is torn down, untimed.
+fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<SplitRun> {
     let ready = ready_vm(a, size)?;
     let regions = ready.vm.memory().regions();
     let k = threads.max(1);
@@ -730,7 +766,7 @@ fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
         BackingArg::Memfd => k.clamp(1, files.len().max(1)),
     };
     std::thread::sleep(SETTLE);
-    let t = Instant::now();
+    let (cpu0, t) = (process_cpu_time(), Instant::now());
     let res = on_threads(n, |i| match a.backing {
         BackingArg::Anon => {
             while let Some((addr, len)) = next() {
@@ -747,7 +783,7 @@ fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
             .step_by(n)
             .try_for_each(|f| punch(f.fd, f.len)),
     });
-    let el = ms(t.elapsed());
+    let (el, busy) = (ms(t.elapsed()), cores(cpu0, t));
     let left = guest_resident(&ready.vm);
     let mut td = ready.vm.destroy();
     td.wait_reclaim();
@@ -759,7 +795,11 @@ fn split_kvm_once(a: &Case, size: u64, threads: usize) -> Result<(f64, u64)> {
             human_bytes(size)
         );
     }
-    Ok((el, ready.resident))
+    Ok(SplitRun {
+        ms: el,
+        resident: ready.resident,
+        cores: busy,
+    })
 }
 
 /// Time a child may take to become ready with `size` bytes populated.
@@ -1145,6 +1185,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                         res.reclaim_internal_ms_all.push(r.internal_ms);
                         res.reclaims_by_waiter += u32::from(r.by_waiter);
                         res.background_joins += u32::from(r.joined);
+                        res.reclaim_cores_all.push(round(r.cores, 2));
                         vthp.push(r.thp as f64);
                         barrier.push(r.barrier_ms);
                         vmdrop.push(r.vm_drop_ms);
@@ -1182,7 +1223,11 @@ pub fn cmd(a: &Args) -> Result<()> {
                     Strategy::Split | Strategy::SplitKvm => {
                         let k = split_threads(&case, size, cores).unwrap_or(1);
                         let kvm = s == Strategy::SplitKvm;
-                        let (el, resident) = if kvm {
+                        let SplitRun {
+                            ms: el,
+                            resident,
+                            cores,
+                        } = if kvm {
                             split_kvm_once(&case, size, k)?
                         } else {
                             split_once(&case, size, k)?
@@ -1197,8 +1242,10 @@ pub fn cmd(a: &Args) -> Result<()> {
                         }
                         if kvm {
                             res.split_kvm_ms_all.push(el);
+                            res.split_kvm_cores_all.push(round(cores, 2));
                         } else {
                             res.split_ms_all.push(el);
+                            res.split_cores_all.push(round(cores, 2));
                             res.split_threads = Some(k as u32);
                         }
                     }
@@ -1239,6 +1286,10 @@ pub fn cmd(a: &Args) -> Result<()> {
         res.reclaim_done_ms = round(median(&res.reclaim_done_ms_all), 3);
         res.rss_at_memory_back_bytes = median(&rmb) as u64;
         res.destroy_stop_vcpus_ms = round(median(&stopv), 3);
+        let cores_of = |v: &Vec<f64>| (!v.is_empty()).then(|| round(median(v), 2));
+        res.reclaim_cores = cores_of(&res.reclaim_cores_all);
+        res.split_cores = cores_of(&res.split_cores_all);
+        res.split_kvm_cores = cores_of(&res.split_kvm_cores_all);
         res.reclaim_internal_ms = round(median(&res.reclaim_internal_ms_all), 3);
         res.reclaim_other_ms = round(median(&other), 3);
         res.reclaim_stage2_barrier_ms = round(median(&barrier), 3);
@@ -1323,7 +1374,7 @@ pub fn cmd(a: &Args) -> Result<()> {
             crate::say(
                 a.json,
                 &format!(
-                    "{} {} {}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (memory back, released by the waiting thread in {} of {}, helpers joined in {}; all done {:.3} ms, in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}, other {:.3}); populate {:.0} ms\n  \
+                    "{} {} {}:\n  vm       destroy {:.3} ms (vCPUs {:.3}), reclaim {:>9.3} ms (memory back, released by the waiting thread in {} of {}, helpers joined in {}, CPUs busy {}; all done {:.3} ms, in thread {:.3}: drop VM {:.3}, stage-2 gather {:.3} + grace period {:.3}, unmap {:.3}, other {:.3}); populate {:.0} ms\n  \
                      munmap   {:>9.3} ms   reclaim/munmap x{:.3} (target <= 1.1: {})\n  \
                      naive    {:>9.3} ms   naive/reclaim x{:.2}\n  \
                      split    {} (kernel bound: {})\n  \
@@ -1343,6 +1394,8 @@ pub fn cmd(a: &Args) -> Result<()> {
                     res.reclaims_by_waiter,
                     res.reclaim_ms_all.len(),
                     res.background_joins,
+                    res.reclaim_cores
+                        .map_or("n/a".to_string(), |c| format!("{c:.2}")),
                     res.reclaim_done_ms,
                     res.reclaim_internal_ms,
                     res.reclaim_vm_drop_ms,
@@ -1358,12 +1411,15 @@ pub fn cmd(a: &Args) -> Result<()> {
                     res.ratio_naive_vs_reclaim,
                     opt(res.split_ms),
                     res.split_ratio_vs_munmap.map_or("n/a".to_string(), |x| format!(
-                        "{} threads, x{x:.3} munmap",
-                        res.split_threads.unwrap_or(0)
+                        "{} threads, x{x:.3} munmap, CPUs busy {:.2}",
+                        res.split_threads.unwrap_or(0),
+                        res.split_cores.unwrap_or(0.0)
                     )),
                     opt(res.split_kvm_ms),
-                    res.split_kvm_ratio_vs_munmap
-                        .map_or("n/a".to_string(), |x| format!("x{x:.3} munmap")),
+                    res.split_kvm_ratio_vs_munmap.map_or("n/a".to_string(), |x| format!(
+                        "x{x:.3} munmap, CPUs busy {:.2}",
+                        res.split_kvm_cores.unwrap_or(0.0)
+                    )),
                     opt(res.qemu_ms),
                     opt(res.process_exit_ms),
                     opt(res.process_ack_ms),

@@ -2198,6 +2198,9 @@ fn teardown_guest_is_its_own_section() {
     let mut one = teardown_4k_size(GIB, "anon", 0.72, Some(0.55));
     one["split_kvm_ms"] = json!(66.0);
     one["split_kvm_ratio_vs_munmap"] = json!(0.66);
+    one["reclaim_cores"] = json!(1.21);
+    one["split_cores"] = json!(1.9);
+    one["split_kvm_cores"] = json!(1.85);
     // `--no-naive`, as the report runs this step.
     one["naive_ms"] = json!(0.0);
     one["naive_ms_all"] = json!([]);
@@ -2216,7 +2219,9 @@ fn teardown_guest_is_its_own_section() {
     // and their sentences out, and every row has the header's cells.
     let r = row(&md, &["1 GiB", "anon 4K"]);
     assert!(
-        r.ends_with("| 55.0 (2) | 0.55× | 66.0 (0.66×) | met | **missed** | met |"),
+        r.ends_with(
+            "| 55.0 (2) | 0.55× | 66.0 (0.66×) | 1.21 / 1.90 / 1.85 | met | **missed** | met |"
+        ),
         "{r}"
     );
     let header = md

@@ -170,6 +170,15 @@ fn bench_teardown_split_beside_kvm() {
         "split_kvm_ratio_vs_munmap is split_kvm/munmap: {s}"
     );
     assert!(boolean(s, "rss_back"), "{s}");
+    // CPUs busy: some CPU for every release, no more than the machine has.
+    let cores = num(&v, "cores");
+    for k in ["reclaim_cores", "split_cores", "split_kvm_cores"] {
+        let c = num(s, k);
+        assert!(
+            c > 0.0 && c <= cores + 0.25,
+            "{k} must be in (0, {cores}]: {s}"
+        );
+    }
 }
 
 #[test]
