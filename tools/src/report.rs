@@ -2024,11 +2024,8 @@ fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
     // `GuestMemory` path), the first with its bound: what vm-memory's own
     // `get_slices` keeps of its bare lookup (older files lack it).
     let view = w.guest_memory_view_per_s;
-    let mut view_vm = row(
-        4,
-        or(w.guest_memory_view_vs_vm_memory, view, w.vm_memory_per_s),
-        VIEW_VS_VM_MEMORY,
-    );
+    let view_vs_vm = or(w.guest_memory_view_vs_vm_memory, view, w.vm_memory_per_s);
+    let mut view_vm = row(4, view_vs_vm, VIEW_VS_VM_MEMORY);
     if w.vm_memory_slices_per_s > 0.0 {
         let vs_slices = or(
             w.guest_memory_view_vs_vm_memory_slices,
@@ -2046,11 +2043,7 @@ fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             ratio(bound),
             ratio(vs_slices)
         );
-        view_vm.verdict = view_vm_memory_verdict(
-            or(w.guest_memory_view_vs_vm_memory, view, w.vm_memory_per_s),
-            bound,
-            vs_slices,
-        );
+        view_vm.verdict = view_vm_memory_verdict(view_vs_vm, bound, vs_slices);
     }
     let view_retired = matches!(view_vm.verdict, Verdict::Retired(..));
     let view_rw = row(
@@ -2656,7 +2649,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
             match r.cores {
                 [None, ..] => "—".into(),
                 [Some(v), None, None] => format!("{v:.2}"),
-                [v, s, k] => [v, s, k]
+                all => all
                     .iter()
                     .map(|c| c.map_or_else(|| "—".into(), |c| format!("{c:.2}")))
                     .collect::<Vec<_>>()

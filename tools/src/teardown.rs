@@ -396,7 +396,7 @@ fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
     let mut td = vm.destroy();
     let destroy_ms = ms(t.elapsed());
     let r = td.wait_reclaim();
-    let reclaim_ms = ms(t.elapsed());
+    let (reclaim_ms, busy) = (ms(t.elapsed()), cores(cpu0, t));
     let shmem1 = host_shmem();
     let rss_after = vmm::proc_stats::rss().rss;
     Ok(VmRun {
@@ -419,7 +419,7 @@ fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
         shmem_freed: shmem0.saturating_sub(shmem1),
         by_waiter: r.by_waiter,
         joined: r.stage2.background_joins > 0,
-        cores: cores(cpu0, t),
+        cores: busy,
     })
 }
 

@@ -311,18 +311,7 @@ fn view_loop(table: &Arc<Stage2Table>, i: usize, stop: &AtomicBool, len: u64, ba
     let mut sink = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let g = w.pin();
-        let mem = g.memory();
-        for _ in 0..batch {
-            let a = GuestAddress(addr(&mut rng, len));
-            match mem
-                .get_slices(a, 8, Permissions::Read)
-                .map(|mut s| s.next())
-            {
-                Ok(Some(Ok(s))) => sink ^= s.ptr_guard().as_ptr() as u64,
-                _ => c.failed += 1,
-            }
-        }
-        c.n += u64::from(batch);
+        slices_batch(&g.memory(), &mut rng, len, batch, &mut c, &mut sink);
     }
     black_box(sink);
     let s = w.stats();
@@ -572,17 +561,32 @@ fn vm_memory_slices_loop(
     let mut c = Count::default();
     let mut sink = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        for _ in 0..batch {
-            let a = GuestAddress(addr(&mut rng, len));
-            match GuestMemory::get_slices(m, a, 8, Permissions::Read).map(|mut s| s.next()) {
-                Ok(Some(Ok(s))) => sink ^= s.ptr_guard().as_ptr() as u64,
-                _ => c.failed += 1,
-            }
-        }
-        c.n += u64::from(batch);
+        slices_batch(m, &mut rng, len, batch, &mut c, &mut sink);
     }
     black_box(sink);
     c
+}
+
+/// `batch` translations through `m`'s `GuestMemory::get_slices(addr, 8,
+/// Read)` of random addresses, each keeping the first slice's host
+/// pointer: the loop of [`view_loop`] and [`vm_memory_slices_loop`].
+#[inline(always)]
+fn slices_batch<M: GuestMemory>(
+    m: &M,
+    rng: &mut Rng,
+    len: u64,
+    batch: u32,
+    c: &mut Count,
+    sink: &mut u64,
+) {
+    for _ in 0..batch {
+        let a = GuestAddress(addr(rng, len));
+        match GuestMemory::get_slices(m, a, 8, Permissions::Read).map(|mut s| s.next()) {
+            Ok(Some(Ok(s))) => *sink ^= s.ptr_guard().as_ptr() as u64,
+            _ => c.failed += 1,
+        }
+    }
+    c.n += u64::from(batch);
 }
 
 /// What one phase of one round measured (all walkers together).
