@@ -107,18 +107,7 @@ impl AnonRegion {
         // SAFETY: `[base + off, base + off + len)` lies inside our mapping
         // (checked above); dropping its contents is what the benchmark asks
         // for, and no reference into the memory is held across the call.
-        let rc = unsafe {
-            libc::madvise(
-                (self.base + off) as usize as *mut libc::c_void,
-                len as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("madvise(MADV_DONTNEED) at offset {off:#x} failed"));
-        }
-        Ok(())
+        unsafe { dontneed(self.base + off, len) }
     }
 
     /// The limit: one `madvise` over the whole region.

@@ -1829,16 +1829,16 @@ const VIEW_VS_VM_MEMORY: f64 = 0.8;
 /// Why the view's vm-memory target can be retired.
 const VIEW_VM_MEMORY_BOUND: &str = "a `GuestMemory::get_slices` call costs more than the bare lookup it is compared with before any table takes part: vm-memory's own `GuestMemoryMmap`, one region and no table, asked the same call for the same addresses in the same rounds, keeps only that share of its own `get_host_address` rate. Where that bound is below 0.8×, the target is judged like for like: the view must keep 0.8× of vm-memory's own `get_slices`; then it is shown retired, below that missed";
 
-/// The view's target against vm-memory's bare lookup: met at
-/// [`VIEW_VS_VM_MEMORY`]; where vm-memory's own `get_slices` keeps less
-/// of that lookup (`bound`), retired while the view keeps
-/// [`VIEW_VS_VM_MEMORY`] of vm-memory's own `get_slices`
-/// (`vs_slices`), missed below.
-fn view_vm_memory_verdict(vs_vm: f64, bound: f64, vs_slices: f64) -> Verdict {
-    if vs_vm >= VIEW_VS_VM_MEMORY {
+/// A "keep at least `target`" ratio judged with its bound: met at
+/// `target`; where the bound itself keeps less than `target`, retired
+/// (`kind`, `why`) while `vs_bound` (the figure relative to the bound)
+/// keeps `target` of it, missed below. The walk-under-storm and the view
+/// targets share it.
+fn keep_verdict(x: f64, target: f64, bound: f64, vs_bound: f64, kind: Bound, why: &str) -> Verdict {
+    if x >= target {
         Verdict::Met
-    } else if bound > 0.0 && bound < VIEW_VS_VM_MEMORY && vs_slices >= VIEW_VS_VM_MEMORY {
-        Verdict::Retired(Bound::Library, VIEW_VM_MEMORY_BOUND.into())
+    } else if bound > 0.0 && bound < target && vs_bound >= target {
+        Verdict::Retired(kind, why.into())
     } else {
         Verdict::Missed
     }
@@ -1849,20 +1849,6 @@ const WALK_STORM_KEEP: f64 = 0.9;
 
 /// Why the walk's storm target can be retired.
 const WALK_STORM_BOUND: &str = "the storm's writes cost any reader of the same memory before a table takes part: the lock-free flat page map (one load per translation, no lock, no table) keeps only that share of its rate under a storm paced to the same rate, since every line the storm wrote must come to the reader's core again. Where that bound itself keeps less than 0.9×, the target (lose at most a tenth to the storm) is judged against it instead: a walk that keeps at least 0.9× of the bound's share is shown retired; below that, missed";
-
-/// The storm target's verdict: met at [`WALK_STORM_KEEP`] of the walk's
-/// own rate; where the lock-free page map under the same storm (`bound`,
-/// its share of its own rate) keeps less, retired while the walk keeps at
-/// least [`WALK_STORM_KEEP`] of that share, missed below.
-fn walk_storm_verdict(alone: f64, bound: f64) -> Verdict {
-    if alone >= WALK_STORM_KEEP {
-        Verdict::Met
-    } else if bound < WALK_STORM_KEEP && alone >= WALK_STORM_KEEP * bound {
-        Verdict::Retired(Bound::Hardware, WALK_STORM_BOUND.into())
-    } else {
-        Verdict::Missed
-    }
-}
 
 /// The walk section: translations/s per path, with a bar chart.
 fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
@@ -2017,7 +2003,15 @@ fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             under.measured,
             ratio(w.page_map_under_unmap_ratio)
         );
-        under.verdict = walk_storm_verdict(alone, w.page_map_under_unmap_ratio);
+        let bound = w.page_map_under_unmap_ratio;
+        under.verdict = keep_verdict(
+            alone,
+            WALK_STORM_KEEP,
+            bound,
+            alone / bound,
+            Bound::Hardware,
+            WALK_STORM_BOUND,
+        );
     }
     let storm_retired = matches!(under.verdict, Verdict::Retired(..));
     // The same two targets for the vm-memory view (goal 1 for the
@@ -2043,7 +2037,14 @@ fn walk_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
             ratio(bound),
             ratio(vs_slices)
         );
-        view_vm.verdict = view_vm_memory_verdict(view_vs_vm, bound, vs_slices);
+        view_vm.verdict = keep_verdict(
+            view_vs_vm,
+            VIEW_VS_VM_MEMORY,
+            bound,
+            vs_slices,
+            Bound::Library,
+            VIEW_VM_MEMORY_BOUND,
+        );
     }
     let view_retired = matches!(view_vm.verdict, Verdict::Retired(..));
     let view_rw = row(

@@ -964,61 +964,71 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         )
     };
     log += "  per walker thread, median round [lowest .. highest round]\n";
-    log += &line("fast walk, cached path", "walk_per_s");
-    log += &line("fast walk, uncached", "walk_uncached_per_s");
-    log += &line("fast walk, hot (64 pages)", "walk_hot_per_s");
-    log += &line("fast walk, sequential pages", "walk_sequential_per_s");
-    log += &line("fast walk, 2 MiB leaves", "walk_2m_per_s");
-    log += &line("fast walk, pin each", "walk_pin_each_per_s");
-    log += &line("vm-memory view of the walk", "guest_memory_view_per_s");
-    log += &line("fast walk, busy neighbour", "walk_busy_neighbour_per_s");
-    log += &line("fast walk, under storm", "walk_under_unmap_per_s");
-    log += &line("RwLock<Vec>", "rwlock_per_s");
-    log += &line("RwLock<Vec>, under storm", "rwlock_under_unmap_per_s");
-    log += &line("page map, no lock (load bound)", "page_map_unlocked_per_s");
-    log += &line(
-        "page map, no lock, under storm",
-        "page_map_under_unmap_per_s",
-    );
-    log += &line("vm-memory get_host_address (1)", "vm_memory_per_s");
-    log += &line(
-        "vm-memory get_host_address (4)",
-        "vm_memory_4_regions_per_s",
-    );
-    log += &line("vm-memory get_slices (1)", "vm_memory_slices_per_s");
+    const RATES: [(&str, &str); 16] = [
+        ("fast walk, cached path", "walk_per_s"),
+        ("fast walk, uncached", "walk_uncached_per_s"),
+        ("fast walk, hot (64 pages)", "walk_hot_per_s"),
+        ("fast walk, sequential pages", "walk_sequential_per_s"),
+        ("fast walk, 2 MiB leaves", "walk_2m_per_s"),
+        ("fast walk, pin each", "walk_pin_each_per_s"),
+        ("vm-memory view of the walk", "guest_memory_view_per_s"),
+        ("fast walk, busy neighbour", "walk_busy_neighbour_per_s"),
+        ("fast walk, under storm", "walk_under_unmap_per_s"),
+        ("RwLock<Vec>", "rwlock_per_s"),
+        ("RwLock<Vec>, under storm", "rwlock_under_unmap_per_s"),
+        ("page map, no lock (load bound)", "page_map_unlocked_per_s"),
+        (
+            "page map, no lock, under storm",
+            "page_map_under_unmap_per_s",
+        ),
+        ("vm-memory get_host_address (1)", "vm_memory_per_s"),
+        (
+            "vm-memory get_host_address (4)",
+            "vm_memory_4_regions_per_s",
+        ),
+        ("vm-memory get_slices (1)", "vm_memory_slices_per_s"),
+    ];
+    const RATIO_LINES: [(&str, &str); 14] = [
+        ("walk / vm-memory (1 region)", "walk_vs_vm_memory"),
+        (
+            "walk / vm-memory (4 regions)",
+            "walk_vs_vm_memory_4_regions",
+        ),
+        ("walk / RwLock", "walk_vs_rwlock"),
+        ("walk / page map, no lock", "walk_vs_page_map_unlocked"),
+        ("under storm / alone", "under_unmap_ratio"),
+        ("under storm / busy neighbour", "under_unmap_vs_busy_ratio"),
+        (
+            "under storm / RwLock under storm",
+            "under_unmap_vs_rwlock_under_unmap",
+        ),
+        ("RwLock under storm / alone", "rwlock_under_unmap_ratio"),
+        (
+            "page map storm / alone (bound)",
+            "page_map_under_unmap_ratio",
+        ),
+        ("view / walk", "guest_memory_view_vs_walk"),
+        (
+            "view / vm-memory (1 region)",
+            "guest_memory_view_vs_vm_memory",
+        ),
+        (
+            "view / vm-memory get_slices (1)",
+            "guest_memory_view_vs_vm_memory_slices",
+        ),
+        ("view / RwLock", "guest_memory_view_vs_rwlock"),
+        (
+            "vm-memory slices / host_addr",
+            "vm_memory_slices_vs_vm_memory",
+        ),
+    ];
+    for (name, k) in RATES {
+        log += &line(name, k);
+    }
     log += "  ratios, median of the rounds' ratios [lowest .. highest]\n";
-    log += &rline("walk / vm-memory (1 region)", "walk_vs_vm_memory");
-    log += &rline(
-        "walk / vm-memory (4 regions)",
-        "walk_vs_vm_memory_4_regions",
-    );
-    log += &rline("walk / RwLock", "walk_vs_rwlock");
-    log += &rline("walk / page map, no lock", "walk_vs_page_map_unlocked");
-    log += &rline("under storm / alone", "under_unmap_ratio");
-    log += &rline("under storm / busy neighbour", "under_unmap_vs_busy_ratio");
-    log += &rline(
-        "under storm / RwLock under storm",
-        "under_unmap_vs_rwlock_under_unmap",
-    );
-    log += &rline("RwLock under storm / alone", "rwlock_under_unmap_ratio");
-    log += &rline(
-        "page map storm / alone (bound)",
-        "page_map_under_unmap_ratio",
-    );
-    log += &rline("view / walk", "guest_memory_view_vs_walk");
-    log += &rline(
-        "view / vm-memory (1 region)",
-        "guest_memory_view_vs_vm_memory",
-    );
-    log += &rline(
-        "view / vm-memory get_slices (1)",
-        "guest_memory_view_vs_vm_memory_slices",
-    );
-    log += &rline("view / RwLock", "guest_memory_view_vs_rwlock");
-    log += &rline(
-        "vm-memory slices / host_addr",
-        "vm_memory_slices_vs_vm_memory",
-    );
+    for (name, k) in RATIO_LINES {
+        log += &rline(name, k);
+    }
     let storm_rate = median(&storm_rates);
     let rw_rate = median(&rw_rates);
     let flat_rate = median(&flat_rates);
