@@ -42,6 +42,7 @@ mod peer;
 mod plot;
 mod progress;
 mod report;
+mod reporting;
 mod rng;
 mod schema;
 mod service;

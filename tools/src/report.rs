@@ -35,6 +35,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
 use crate::plot::{self, colors, BarChart, LineChart, Scale, Series};
+use crate::reporting::Overlap;
 use crate::schema;
 use crate::units::human_bytes;
 
@@ -1395,6 +1396,10 @@ const UNMAP_VS_LIMIT: f64 = 1.10;
 /// Longest table-lock hold (`gmm bench unmap`'s own target).
 const LOCK_HOLD_US: f64 = 100.0;
 
+/// What the host's free page reporting does to a benchmark, after the
+/// figures of [`Overlap::text`].
+const REPORTING_NOTE: &str = "This host's kernel hands free memory back to its hypervisor in blocks of 2^order pages (the machine table's *free page reporting*), about two seconds after a release frees it, in a kernel worker of normal priority; a timed section that overlaps that work shares the CPUs with it and, on the development VM, met stalls that no guest-kernel event explains (DESIGN, \"Free page reporting in the benchmarks\"). Counted from the host kernel's own `reported_kib` counter around each timed section; hosts without the counter show nothing here";
+
 /// One size of `gmm bench unmap`.
 struct UnmapRow {
     size: u64,
@@ -1426,6 +1431,9 @@ struct UnmapRow {
     overhead_pct: f64,
     released_ok: bool,
     hist: Vec<(f64, f64)>,
+    /// The repetitions' longest holds, split by the host's free page
+    /// reporting during them (`None`: not recorded).
+    reporting: Option<Overlap>,
 }
 
 impl From<&schema::UnmapResult> for UnmapRow {
@@ -1454,6 +1462,7 @@ impl From<&schema::UnmapResult> for UnmapRow {
                 .iter()
                 .map(|&(b, n)| (b, n as f64))
                 .collect(),
+            reporting: Overlap::split(&r.max_lock_hold_us_all, &r.host_reported_mib_all),
         }
     }
 }
@@ -1596,6 +1605,22 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
         "**Retired: \"≥ 10× per-page\".** The target is shown with its kernel bound instead of a verdict: {UNMAP_PER_PAGE_BOUND} ({}).\n",
         bound_each.join("; ")
     );
+    if let Some(o) = rows
+        .iter()
+        .filter_map(|r| r.reporting.as_ref())
+        .cloned()
+        .reduce(Overlap::merge)
+    {
+        let _ = writeln!(
+            md,
+            "**The host's free page reporting.** {}. {REPORTING_NOTE}\n",
+            o.text(
+                "timed gathers (all sizes)",
+                "their longest lock hold was",
+                "µs"
+            )
+        );
+    }
     let per = |f: fn(&UnmapRow) -> f64| rows.iter().map(|r| (r.size, f(r))).collect::<Vec<_>>();
     let (v1, m1) = worst(
         &per(|r| r.gather / r.limit),
@@ -2704,6 +2729,18 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
             md,
             "**What limits \"≤ 1.0× munmap\".** At {}. A VM's teardown has costs a bare munmap has not: stopping and joining the vCPUs, a thread hand-off, and, because the KVM VM still exists while its memory is released, KVM's MMU notifier on every release call. They are roughly constant, so they weigh most where munmap itself is fastest (THP-backed RAM); the release is split across all cores, which wins back more than those costs only at the larger sizes.\n",
             missed.join("; at ")
+        );
+    }
+    if let Some(o) = top
+        .sizes
+        .iter()
+        .filter_map(|e| Overlap::split(&e.destroy_ms_all, &e.host_reported_mib_all))
+        .reduce(Overlap::merge)
+    {
+        let _ = writeln!(
+            md,
+            "**The host's free page reporting.** {}. {REPORTING_NOTE}\n",
+            o.text("VM teardowns (all rows)", "`destroy` took", "ms")
         );
     }
     let per =

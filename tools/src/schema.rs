@@ -128,6 +128,12 @@ pub struct UnmapResult {
     /// Each repetition's longest table-lock hold (µs).
     #[serde(default)]
     pub max_lock_hold_us_all: Vec<f64>,
+    /// Per gather repetition: MiB the host kernel reported to its
+    /// hypervisor (free page reporting) during the timed unmap. Empty
+    /// where the kernel has no counter, and in results saved before it
+    /// was measured.
+    #[serde(default)]
+    pub host_reported_mib_all: Vec<f64>,
     /// Each repetition's involuntary context switches of the unmapping
     /// thread during the timed unmap: a hold that spans one is wall time
     /// the holder spent descheduled (other load on the machine).
@@ -439,6 +445,12 @@ pub struct TeardownSize {
     /// Every repetition, in run order.
     #[serde(default)]
     pub destroy_ms_all: Vec<f64>,
+    /// Per VM repetition, in run order: MiB the host kernel reported to
+    /// its hypervisor (free page reporting) from the start of `destroy`
+    /// until `wait_reclaim` returned. Empty where the kernel has no
+    /// counter, and in results saved before it was measured.
+    #[serde(default)]
+    pub host_reported_mib_all: Vec<f64>,
     #[serde(default)]
     pub reclaim_ms_all: Vec<f64>,
     #[serde(default)]

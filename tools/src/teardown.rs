@@ -96,6 +96,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::cpu::process_cpu_time;
+use crate::reporting::{mib_since, Overlap, Reported};
 use anyhow::{bail, Context, Result};
 use guest_mm::backing::{BACKGROUND_CLAIM_MAX, MAX_RELEASE_THREADS, PARALLEL_SHARE_MIN};
 use guest_mm::PageSize as Leaf;
@@ -284,6 +285,9 @@ struct VmRun {
     /// CPUs the teardown kept busy: this process's CPU time from the
     /// start of `destroy` until `wait_reclaim` returned, over that time.
     cores: f64,
+    /// MiB the host kernel reported to its hypervisor in that window
+    /// (`None`: it has no counter).
+    host_reported_mib: Option<f64>,
 }
 
 /// A VM of the row's kind, populated as `--populate` says, its vCPUs
@@ -392,11 +396,13 @@ fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
     } = ready_vm(a, size)?;
     let shmem0 = host_shmem();
     std::thread::sleep(SETTLE);
+    let reported = Reported::start();
     let (cpu0, t) = (process_cpu_time(), Instant::now());
     let mut td = vm.destroy();
     let destroy_ms = ms(t.elapsed());
     let r = td.wait_reclaim();
     let (reclaim_ms, busy) = (ms(t.elapsed()), cores(cpu0, t));
+    let host_reported_mib = mib_since(reported);
     let shmem1 = host_shmem();
     let rss_after = vmm::proc_stats::rss().rss;
     Ok(VmRun {
@@ -420,6 +426,7 @@ fn vm_once(a: &Case, size: u64) -> Result<VmRun> {
         by_waiter: r.by_waiter,
         joined: r.stage2.background_joins > 0,
         cores: busy,
+        host_reported_mib,
     })
 }
 
@@ -1186,6 +1193,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                         res.reclaims_by_waiter += u32::from(r.by_waiter);
                         res.background_joins += u32::from(r.joined);
                         res.reclaim_cores_all.push(round(r.cores, 2));
+                        res.host_reported_mib_all.extend(r.host_reported_mib);
                         vthp.push(r.thp as f64);
                         barrier.push(r.barrier_ms);
                         vmdrop.push(r.vm_drop_ms);
@@ -1370,6 +1378,15 @@ pub fn cmd(a: &Args) -> Result<()> {
             *v = r3(v);
         }
         let opt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.3} ms"));
+        let host = Overlap::split(&res.destroy_ms_all, &res.host_reported_mib_all).map_or(
+            String::new(),
+            |o| {
+                format!(
+                    "  host     {}\n",
+                    o.text("teardowns", "`destroy` took", "ms")
+                )
+            },
+        );
         pb.suspend(|| {
             crate::say(
                 a.json,
@@ -1384,7 +1401,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                      service  {} (SIGTERM -> exit)\n  \
                      rss {} -> {} -> {} (returned {}), guest resident {}, rss back: {}{}\n  \
                      THP when populated: vm {}, munmap {}, naive {}\n  \
-                     goal 3: memory back <= 1.0x munmap: {}, <= 0.6x (4K, >= 1 GiB): {}, destroy <= 1 ms: {} => {}\n",
+                     goal 3: memory back <= 1.0x munmap: {}, <= 0.6x (4K, >= 1 GiB): {}, destroy <= 1 ms: {} => {}\n{}",
                     human_bytes(size),
                     case.backing.name(),
                     case.page,
@@ -1444,6 +1461,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                         .map_or("n/a".to_string(), |b| b.to_string()),
                     res.destroy_within_1ms,
                     if res.targets_met { "met" } else { "MISSED" },
+                    host,
                 ),
             );
         });

@@ -37,6 +37,7 @@ use guest_mm::{
 
 use crate::cpu::StayOnCpu;
 use crate::mem::{anon_huge_bytes, AnonRegion, PAGE};
+use crate::reporting::{mib_since, Overlap, Reported};
 use crate::rng::{median, ms, round, Rng};
 use crate::schema::{UnmapMulti, UnmapResult, UnmapTargets};
 use crate::units::human_bytes;
@@ -95,6 +96,9 @@ struct GatherRun {
     tables_retired: u64,
     hist: Vec<u64>,
     preempted: u64,
+    /// MiB the host kernel reported to its hypervisor during the timed
+    /// unmap (`None`: it has no counter).
+    host_reported_mib: Option<f64>,
 }
 
 /// Upper bound (µs) of the histogram bucket holding the `q` quantile of
@@ -174,6 +178,7 @@ fn run_gather(m: MappedTable) -> Result<GatherRun> {
     table.set_cpu_lock_stats(true);
     let before = table.stats();
     let switches = involuntary_switches();
+    let reported = Reported::start();
     let t = Instant::now();
     let mut g = table.gather();
     table
@@ -181,6 +186,7 @@ fn run_gather(m: MappedTable) -> Result<GatherRun> {
         .context("unmapping the region")?;
     let gs = g.finish().context("releasing the region's backing")?;
     let gather_ms = ms(t.elapsed());
+    let host_reported_mib = mib_since(reported);
     let preempted = involuntary_switches() - switches;
     let after = table.stats();
     table.rcu_barrier();
@@ -199,6 +205,7 @@ fn run_gather(m: MappedTable) -> Result<GatherRun> {
         tables_retired: gs.tables_retired,
         hist: after.lock_hold_hist,
         preempted,
+        host_reported_mib,
     })
 }
 
@@ -461,6 +468,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         per_page_ms_all: all(&per_page),
         per_run_ms_all: all(&per_run),
         max_lock_hold_us_all: all(&rep_max),
+        host_reported_mib_all: gathers.iter().filter_map(|g| g.host_reported_mib).collect(),
         preempted_during_unmap_all: gathers.iter().map(|g| g.preempted).collect(),
         targets: UnmapTargets {
             gather_within_1_10x_limit: ratio_vs_limit <= 1.10,
@@ -508,6 +516,12 @@ fn human(r: &UnmapResult) -> String {
         r.env_hold_p999_us_upper.unwrap_or(0.0),
         r.env_hold_max_us.unwrap_or(0.0),
     );
+    if let Some(o) = Overlap::split(&r.max_lock_hold_us_all, &r.host_reported_mib_all) {
+        s += &format!(
+            "  host: {}\n",
+            o.text("gathers", "their longest lock hold was", "us")
+        );
+    }
     if let Some(h) = r.anon_huge_bytes_after_touch {
         s += &format!("  THP after touch (lowest): {}\n", human_bytes(h));
         if h < r.size_bytes / 2 {

@@ -2254,3 +2254,47 @@ fn teardown_guest_is_its_own_section() {
     let svg = read(&dir.join("reclaim-teardown-guest.svg"));
     assert!(svg.contains("<svg"), "{svg}");
 }
+
+/// The teardown and unmap sections split their timed repetitions by the
+/// host's free page reporting during them, where the bench recorded it,
+/// and say nothing where it did not (older results, or a kernel without
+/// the counter).
+#[test]
+fn host_free_page_reporting_is_read_against_the_timed_sections() {
+    let dir = scratch("host-reporting");
+    let mut td = teardown_fixture();
+    let mut one = teardown_size(GIB, 0.05, 90.0, 85.0, None);
+    one["destroy_ms_all"] = json!([0.05, 0.6, 0.04]);
+    one["host_reported_mib_all"] = json!([0.0, 512.0, 0.0]);
+    let mut two = teardown_size(2 * GIB, 0.05, 180.0, 170.0, None);
+    two["destroy_ms_all"] = json!([0.8, 0.06]);
+    two["host_reported_mib_all"] = json!([512.0, 0.0]);
+    td["sizes"] = json!([one, two]);
+    write(&dir, "teardown.json", &td);
+    let (out, md) = report_from(&dir, "teardown");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        md.contains("**The host's free page reporting.** 2 of 5 VM teardowns (all rows) overlapped the host kernel's free page reporting (1.00 GiB reported in them): `destroy` took a median of 0.700 ms (max 0.800) in those, against a median of 0.050 ms (max 0.060) in the others."),
+        "{md}"
+    );
+
+    let mut un = unmap_fixture();
+    un["runs"][1]["max_lock_hold_us_all"] = json!([40.0, 240.0]);
+    un["runs"][1]["host_reported_mib_all"] = json!([0.0, 2048.0]);
+    write(&dir, "unmap.json", &un);
+    let (out, md) = report_from(&dir, "unmap");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        md.contains("1 of 2 timed gathers (all sizes) overlapped the host kernel's free page reporting (2.00 GiB reported in them): their longest lock hold was a median of 240.000 µs (max 240.000) in those, against a median of 40.000 µs (max 40.000) in the others."),
+        "{md}"
+    );
+
+    // Results without the field: no paragraph.
+    write(&dir, "teardown.json", &teardown_fixture());
+    write(&dir, "unmap.json", &unmap_fixture());
+    for only in ["teardown", "unmap"] {
+        let (out, md) = report_from(&dir, only);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(!md.contains("free page reporting.**"), "{md}");
+    }
+}
