@@ -95,9 +95,9 @@ impl Overlap {
         self
     }
 
-    /// "N of M <what> overlapped the host's reporting (X GiB reported in
-    /// them): <measure> a median of A <unit> (max B) in those, against C
-    /// (max D) in the others", or "none of the M <what> overlapped ...".
+    /// "N of M `what` overlapped the host's reporting (X GiB reported in
+    /// them): `measure` a median of A `unit` (max B) in those, against C
+    /// (max D) in the others", or "none of the M `what` overlapped ...".
     pub(crate) fn text(&self, what: &str, measure: &str, unit: &str) -> String {
         let n = self.with.len() + self.without.len();
         let stat = |v: &[f64]| {
