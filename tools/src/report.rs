@@ -1398,7 +1398,25 @@ const LOCK_HOLD_US: f64 = 100.0;
 
 /// What the host's free page reporting does to a benchmark, after the
 /// figures of [`Overlap::text`].
-const REPORTING_NOTE: &str = "This host's kernel hands free memory back to its hypervisor in blocks of 2^order pages (the machine table's *free page reporting*), about two seconds after a release frees it, in a kernel worker of normal priority; a timed section that overlaps that work shares the CPUs with it and, on the development VM, met stalls that no guest-kernel event explains (DESIGN, \"Free page reporting in the benchmarks\"). Counted from the host kernel's own `reported_kib` counter around each timed section; hosts without the counter show nothing here";
+const REPORTING_NOTE: &str = "This host's kernel hands free memory back to its hypervisor in blocks of 2^order pages (the machine table's *free page reporting*), about two seconds after a release frees it, in a kernel worker of normal priority. Counted here from that kernel's own `reported_kib` counter around each timed section (hosts without the counter show nothing): the counter moves once a batch is reported, while what the hypervisor then does with it is not seen from here and may come later, so a window where it stood still can still meet that work. In paired runs by hand on the development VM, turning reporting off removed the slowest `destroy` calls and lock holds (DESIGN, \"Free page reporting in the benchmarks\")";
+
+/// The paragraph on the host's free page reporting during a bench: what
+/// the host kernel reported while it ran (`total_mib`), what its counter
+/// did in the timed windows ([`Overlap::text`]); empty where neither was
+/// recorded (older results, kernels without the counter).
+fn reporting_paragraph(total_mib: Option<f64>, windows: Option<String>) -> String {
+    if total_mib.is_none() && windows.is_none() {
+        return String::new();
+    }
+    let total = total_mib.map_or_else(String::new, |m| {
+        format!(
+            "While this bench ran, the host kernel reported {:.1} GiB of free memory to its hypervisor. ",
+            m / 1024.0
+        )
+    });
+    let windows = windows.map_or_else(String::new, |w| format!("{w}. "));
+    format!("**The host's free page reporting.** {total}{windows}{REPORTING_NOTE}.\n\n")
+}
 
 /// One size of `gmm bench unmap`.
 struct UnmapRow {
@@ -1434,6 +1452,8 @@ struct UnmapRow {
     /// The repetitions' longest holds, split by the host's free page
     /// reporting during them (`None`: not recorded).
     reporting: Option<Overlap>,
+    /// MiB the host kernel reported while this size was measured.
+    reported_mib: Option<f64>,
 }
 
 impl From<&schema::UnmapResult> for UnmapRow {
@@ -1463,6 +1483,7 @@ impl From<&schema::UnmapResult> for UnmapRow {
                 .map(|&(b, n)| (b, n as f64))
                 .collect(),
             reporting: Overlap::split(&r.max_lock_hold_us_all, &r.host_reported_mib_all),
+            reported_mib: r.host_reported_mib,
         }
     }
 }
@@ -1605,22 +1626,21 @@ fn unmap_section(ctx: &Ctx<'_>, d: &StepData) -> Section {
         "**Retired: \"≥ 10× per-page\".** The target is shown with its kernel bound instead of a verdict: {UNMAP_PER_PAGE_BOUND} ({}).\n",
         bound_each.join("; ")
     );
-    if let Some(o) = rows
-        .iter()
-        .filter_map(|r| r.reporting.as_ref())
-        .cloned()
-        .reduce(Overlap::merge)
-    {
-        let _ = writeln!(
-            md,
-            "**The host's free page reporting.** {}. {REPORTING_NOTE}\n",
-            o.text(
-                "timed gathers (all sizes)",
-                "their longest lock hold was",
-                "µs"
-            )
-        );
-    }
+    md += &reporting_paragraph(
+        rows.iter()
+            .filter_map(|r| r.reported_mib)
+            .reduce(|a, b| a + b),
+        rows.iter()
+            .filter_map(|r| r.reporting.clone())
+            .reduce(Overlap::merge)
+            .map(|o| {
+                o.text(
+                    "timed gathers (all sizes)",
+                    "their longest lock hold was",
+                    "µs",
+                )
+            }),
+    );
     let per = |f: fn(&UnmapRow) -> f64| rows.iter().map(|r| (r.size, f(r))).collect::<Vec<_>>();
     let (v1, m1) = worst(
         &per(|r| r.gather / r.limit),
@@ -2731,18 +2751,14 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
             missed.join("; at ")
         );
     }
-    if let Some(o) = top
-        .sizes
-        .iter()
-        .filter_map(|e| Overlap::split(&e.destroy_ms_all, &e.host_reported_mib_all))
-        .reduce(Overlap::merge)
-    {
-        let _ = writeln!(
-            md,
-            "**The host's free page reporting.** {}. {REPORTING_NOTE}\n",
-            o.text("VM teardowns (all rows)", "`destroy` took", "ms")
-        );
-    }
+    md += &reporting_paragraph(
+        top.host_reported_mib,
+        top.sizes
+            .iter()
+            .filter_map(|e| Overlap::split(&e.destroy_ms_all, &e.host_reported_mib_all))
+            .reduce(Overlap::merge)
+            .map(|o| o.text("VM teardowns (all rows)", "`destroy` took", "ms")),
+    );
     let per =
         |f: &dyn Fn(&TeardownRow) -> f64| rows.iter().map(|r| (r.size, f(r))).collect::<Vec<_>>();
     let (v1, m1) = worst(&per(&|r| r.ratio), |x| x <= TEARDOWN_VS_MUNMAP, true, ratio);

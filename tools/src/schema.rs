@@ -125,6 +125,12 @@ pub struct UnmapResult {
     pub per_page_ms_all: Vec<f64>,
     #[serde(default)]
     pub per_run_ms_all: Vec<f64>,
+    /// MiB the host kernel reported to its hypervisor (free page
+    /// reporting) while this size was measured (all strategies, set-up
+    /// included); null where the kernel has no counter, and in results
+    /// saved before it was measured.
+    #[serde(default)]
+    pub host_reported_mib: Option<f64>,
     /// Each repetition's longest table-lock hold (µs).
     #[serde(default)]
     pub max_lock_hold_us_all: Vec<f64>,
@@ -505,6 +511,11 @@ pub struct TeardownResult {
     pub process_measured: bool,
     /// What the munmap baseline is and whether it is like with like.
     pub munmap_baseline: String,
+    /// MiB the host kernel reported to its hypervisor (free page
+    /// reporting) while the whole bench ran; null where the kernel has no
+    /// counter, and in results saved before it was measured.
+    #[serde(default)]
+    pub host_reported_mib: Option<f64>,
     #[serde(default)]
     pub sizes: Vec<TeardownSize>,
 }

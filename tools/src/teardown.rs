@@ -1030,6 +1030,7 @@ fn r3(v: &[f64]) -> Vec<f64> {
 
 /// Run the command.
 pub fn cmd(a: &Args) -> Result<()> {
+    let run_reported = Reported::start();
     let (sizes_arg, pages, backings) = if a.matrix {
         (
             vec![256 << 20, 1 << 30, 2 << 30, 4 << 30],
@@ -1483,6 +1484,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         qemu_skipped,
         process_measured: vmm_bin.is_some(),
         munmap_baseline: like.split_whitespace().collect::<Vec<_>>().join(" "),
+        host_reported_mib: mib_since(run_reported),
         sizes,
     };
     crate::emit_json(a.json, &out)?;

@@ -297,6 +297,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
             human_bytes(size)
         );
     }
+    let run_reported = Reported::start();
     let npages = size / PAGE;
     let lock = Mutex::new(());
     let mut rng = Rng::new(0x5eed_0000 ^ size);
@@ -467,6 +468,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         limit_ms_all: all(&limit),
         per_page_ms_all: all(&per_page),
         per_run_ms_all: all(&per_run),
+        host_reported_mib: mib_since(run_reported),
         max_lock_hold_us_all: all(&rep_max),
         host_reported_mib_all: gathers.iter().filter_map(|g| g.host_reported_mib).collect(),
         preempted_during_unmap_all: gathers.iter().map(|g| g.preempted).collect(),

@@ -191,6 +191,7 @@ fn bench_teardown_split_beside_kvm() {
         mib.iter().all(|m| m.as_f64().is_some_and(|m| m >= 0.0)),
         "{s}"
     );
+    assert_eq!(v["host_reported_mib"].is_f64(), counted, "{v}");
 }
 
 #[test]

@@ -96,6 +96,7 @@ fn bench_unmap_json() {
         .as_array()
         .expect("host_reported_mib_all");
     assert_eq!(mib.len(), usize::from(counted), "{v}");
+    assert_eq!(v["host_reported_mib"].is_f64(), counted, "{v}");
 }
 
 #[test]
