@@ -1473,7 +1473,7 @@ impl From<&schema::UnmapResult> for UnmapRow {
             env_work_us: r.env_hold_work_us,
             median_max_hold_us: r.median_rep_max_lock_hold_us,
             preempted: r.preempted_during_unmap_all.iter().sum(),
-            p99_us: r.lock_hold_p99_us_upper,
+            p99_us: r.lock_hold_p99_us_upper.min(r.max_lock_hold_us),
             p999_us: r.lock_hold_p999_us_upper,
             overhead_pct: r.table_overhead_pct,
             released_ok: r.released_ok,

@@ -70,7 +70,9 @@ pub struct UnmapResult {
     pub env_max_stall_us: f64,
     /// Gaps over 50 µs in that loop.
     pub env_stalls_over_50us: u64,
-    /// Upper bound of the 99th percentile lock hold (power-of-two histogram).
+    /// Upper bound of the 99th percentile lock hold (power-of-two
+    /// histogram, capped at the maximum; results saved before the cap can
+    /// hold a bucket's bound above the maximum, which the report caps).
     pub lock_hold_p99_us_upper: f64,
     /// Upper bound of the 99.9th percentile lock hold (same histogram,
     /// capped at the maximum).

@@ -436,7 +436,7 @@ pub fn measure(size: u64, leaf: PageSize, reps: u32, yield_entries: u32) -> Resu
         max_lock_hold_cpu_us: r3(gathers.iter().map(|g| g.lock_cpu_max_ns).max().unwrap_or(0)
             as f64
             / 1e3),
-        lock_hold_p99_us_upper: hist_quantile_us(&hist, 0.99),
+        lock_hold_p99_us_upper: r3(hist_quantile_us(&hist, 0.99).min(max_lock_hold_us)),
         lock_hold_p999_us_upper: Some(r3(hist_quantile_us(&hist, 0.999).min(max_lock_hold_us))),
         lock_hold_hist_us: hist
             .iter()
