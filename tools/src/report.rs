@@ -943,7 +943,7 @@ fn machine_info() -> Value {
         .find(|m| Path::new("/sys/module").join(m).exists());
     let loadavg = vmm::proc_stats::loadavg();
     json!({
-        "free_page_reporting_order": free_page_reporting_order(),
+        "free_page_reporting_order": crate::reporting::order(),
         "cpu_model": cpu.model,
         "cores": cores,
         "memory_bytes": mem,
@@ -957,19 +957,6 @@ fn machine_info() -> Value {
         "fences": if crate::membarrier() { "membarrier" } else { "SeqCst (no membarrier)" },
         "loadavg_at_start": loadavg,
     })
-}
-
-/// The order of the free blocks this kernel reports to its hypervisor
-/// (virtio-balloon free page reporting), `None` where nothing reports.
-/// The hypervisor takes reported memory back and refaults it at its next
-/// touch, which a first touch here pays: the launch cycles and, at 4 GiB,
-/// some teardowns' `destroy` calls ran several times slower with it on.
-fn free_page_reporting_order() -> Option<u32> {
-    std::fs::read_to_string("/sys/module/page_reporting/parameters/page_reporting_order")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// The free page reporting row of the machine table: on from blocks of

@@ -7,10 +7,12 @@
 //! of `2^page_reporting_order` pages a release frees is reported about
 //! two seconds later, by a kworker of normal priority, and the hypervisor
 //! takes it back. That work lands inside whatever the benchmark times
-//! next: on the development VM it slowed `destroy` (its vCPU threads
-//! waited for a CPU) and made the longest table-lock holds (DESIGN, "Free
-//! page reporting in the benchmarks"). Benchmarks record it per timed
-//! section so that a slow repetition can be read against it.
+//! next: in paired runs on the development VM, turning it off removed the
+//! slowest `destroy` calls and table-lock holds (DESIGN, "Free page
+//! reporting in the benchmarks"). Benchmarks record what was reported
+//! while they ran and in each timed section, so that a run and a slow
+//! repetition can be read against it; the report's machine table shows
+//! the order.
 //!
 //! Invariants: reading is best effort and never fails a benchmark. The
 //! cumulative counter (`reported_kib`) is not in every kernel (mainline
@@ -20,6 +22,18 @@
 use std::path::Path;
 
 const PARAMS: &str = "/sys/module/page_reporting/parameters";
+
+/// The order of the free blocks this kernel reports to its hypervisor,
+/// `None` where nothing reports (no `page_reporting` module). The
+/// hypervisor refaults reported memory at its next touch, which a first
+/// touch here pays: the launch cycles ran slower with it on.
+pub(crate) fn order() -> Option<u32> {
+    std::fs::read_to_string(Path::new(PARAMS).join("page_reporting_order"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
 
 /// KiB this kernel has reported to its hypervisor since boot, where it
 /// exposes the counter.
