@@ -28,17 +28,19 @@ const PARAMS: &str = "/sys/module/page_reporting/parameters";
 /// hypervisor refaults reported memory at its next touch, which a first
 /// touch here pays: the launch cycles ran slower with it on.
 pub(crate) fn order() -> Option<u32> {
-    std::fs::read_to_string(Path::new(PARAMS).join("page_reporting_order"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    param("page_reporting_order")
 }
 
 /// KiB this kernel has reported to its hypervisor since boot, where it
 /// exposes the counter.
 fn reported_kib() -> Option<u64> {
-    std::fs::read_to_string(Path::new(PARAMS).join("reported_kib"))
+    param("reported_kib")
+}
+
+/// One of the module's parameters, `None` where it is missing or not a
+/// number.
+fn param<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::fs::read_to_string(Path::new(PARAMS).join(name))
         .ok()?
         .trim()
         .parse()

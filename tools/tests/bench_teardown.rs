@@ -179,19 +179,8 @@ fn bench_teardown_split_beside_kvm() {
             "{k} must be in (0, {cores}]: {s}"
         );
     }
-    // The host's free page reporting: one window per VM repetition where
-    // the kernel counts what it reported, none where it does not.
-    let counted =
-        std::path::Path::new("/sys/module/page_reporting/parameters/reported_kib").exists();
-    let mib = s["host_reported_mib_all"]
-        .as_array()
-        .expect("host_reported_mib_all");
-    assert_eq!(mib.len(), usize::from(counted), "{s}");
-    assert!(
-        mib.iter().all(|m| m.as_f64().is_some_and(|m| m >= 0.0)),
-        "{s}"
-    );
-    assert_eq!(v["host_reported_mib"].is_f64(), counted, "{v}");
+    // The host's free page reporting: one window per VM repetition.
+    assert_host_reported(&v, s, 1);
 }
 
 #[test]

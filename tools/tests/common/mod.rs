@@ -63,3 +63,21 @@ pub fn num(v: &Value, k: &str) -> f64 {
         .and_then(Value::as_f64)
         .unwrap_or_else(|| panic!("field {k} missing or not a number in {v}"))
 }
+
+/// The host's free page reporting in a bench result: where this host's
+/// kernel counts what it reported (`reported_kib`), `total` carries the
+/// run's MiB and `row` one non-negative window per timed repetition
+/// (`reps`); where it does not, neither carries anything.
+pub fn assert_host_reported(total: &Value, row: &Value, reps: usize) {
+    let counted =
+        std::path::Path::new("/sys/module/page_reporting/parameters/reported_kib").exists();
+    let mib = row["host_reported_mib_all"]
+        .as_array()
+        .expect("host_reported_mib_all");
+    assert_eq!(mib.len(), if counted { reps } else { 0 }, "{row}");
+    assert!(
+        mib.iter().all(|m| m.as_f64().is_some_and(|m| m >= 0.0)),
+        "{row}"
+    );
+    assert_eq!(total["host_reported_mib"].is_f64(), counted, "{total}");
+}
