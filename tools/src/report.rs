@@ -2734,7 +2734,7 @@ fn teardown_section(ctx: &Ctx<'_>, d: &StepData, guest: bool) -> Section {
     if !missed.is_empty() {
         let _ = writeln!(
             md,
-            "**What limits \"≤ 1.0× munmap\".** At {}. A VM's teardown has costs a bare munmap has not: stopping and joining the vCPUs, a thread hand-off, and, because the KVM VM still exists while its memory is released, KVM's MMU notifier on every release call (on this host it walks the slot's reverse maps over the whole range released, even where KVM mapped nothing: a few percent of a THP release). They weigh most where munmap itself is fastest (THP-backed RAM); the release is split across all cores (THP: from 256 MiB of RAM, where a helper's start costs less than it saves), which wins back more than those costs only at the larger sizes.\n",
+            "**What limits \"≤ 1.0× munmap\".** At {}. A VM's teardown has costs a bare munmap has not: stopping and joining the vCPUs, a thread hand-off, and, because the KVM VM still exists while its memory is released, KVM's MMU notifier on every release call (on this host it walks the slot's reverse maps over the whole range released, even where KVM mapped nothing: a few percent of a THP release). They weigh most where munmap itself is fastest (THP-backed RAM); the release is split across all cores (THP: from 512 MiB of RAM; below, a helper that waits for a CPU costs more than it saves), which wins back more than those costs only at the larger sizes.\n",
             missed.join("; at ")
         );
     }

@@ -87,7 +87,7 @@ pub enum ReleaseError {
 }
 
 /// Huge-page-backed RAM below this is released by the caller alone.
-pub const HUGE_PARALLEL_MIN_BYTES: u64 = 256 << 20;
+pub const HUGE_PARALLEL_MIN_BYTES: u64 = 512 << 20;
 
 /// Threads of the teardown's release of `bytes` of guest RAM (the caller
 /// plus `SCHED_IDLE` helpers named [`guest_mm::backing::RELEASE_THREAD_NAME`],
@@ -108,13 +108,18 @@ pub const HUGE_PARALLEL_MIN_BYTES: u64 = 256 << 20;
 ///   are a large part of a small release. With two threads (`gmm bench
 ///   teardown --page-size 2M`, 3 same-run rounds): 512 MiB 0.88-0.91x
 ///   munmap (one thread 0.96-1.18x), 1 GiB 0.68-0.69x (0.94-1.10x),
-///   2-4 GiB 0.61-0.71x (1.07-1.21x). The bound was 512 MiB until six
-///   alternated pairs of builds (2026-12-06, `--sizes 256M --reps 9
-///   --no-naive --no-qemu --no-process`) gave 256 MiB 0.92-1.07x munmap
-///   (median of the six 1.01x; CPUs busy 1.44-1.50) with two threads
-///   against 0.97-1.39x (median 1.19x; CPUs busy 1.02-1.06) with one;
-///   at 128 MiB five pairs gave 1.15-1.49x with two threads against
-///   1.12-1.30x with one, so below 256 MiB the caller stays alone.
+///   2-4 GiB 0.61-0.71x (1.07-1.21x). At 256 MiB two threads win only
+///   on an idle host (2026-12-06, Intel host, six alternated pairs of
+///   builds, `--sizes 256M --reps 9 --no-naive --no-qemu --no-process`:
+///   0.92-1.07x munmap, median 1.01x, against 0.97-1.39x, median 1.19x);
+///   with the bench's peers in the rotation (naive, QEMU, the `vmm`
+///   process: three pairs, and one `gmm bench report`) the helper got no
+///   CPU in time in two of the pairs and in the report (CPUs busy
+///   0.87-0.94), and the two-thread runs
+///   read 0.91-1.65x against 1.00-1.49x with one. A helper that gets no
+///   CPU costs the caller its start wait and its claim (a quarter of the
+///   release), which at ~1 ms of work is a gamble on the host's
+///   idleness, so below 512 MiB the caller stays alone.
 /// - memfd: holes are punched, which the kernel serialises on each file's
 ///   lock, so guest-mm gives each file its own lane; memfd RAM is split
 ///   into several files for this ([`super::backing::RegionFiles`]).
