@@ -103,23 +103,23 @@ pub const HUGE_PARALLEL_MIN_BYTES: u64 = 512 << 20;
 /// - Huge pages (THP, or memfd with shmem THP enabled: `shmem_enabled`
 ///   other than `never`/`deny`): every core from
 ///   [`HUGE_PARALLEL_MIN_BYTES`], the caller alone below. A huge page is
-///   freed in ~6 µs (~3 ms per GiB), so a helper's fixed costs (its spawn
-///   and start, ~0.1 ms, and the wait for it: [`guest_mm::backing::HELPER_START_WAIT`])
-///   are a large part of a small release. With two threads (`gmm bench
-///   teardown --page-size 2M`, 3 same-run rounds): 512 MiB 0.88-0.91x
-///   munmap (one thread 0.96-1.18x), 1 GiB 0.68-0.69x (0.94-1.10x),
-///   2-4 GiB 0.61-0.71x (1.07-1.21x). At 256 MiB two threads win only
-///   on an idle host (2026-12-06, Intel host, six alternated pairs of
-///   builds, `--sizes 256M --reps 9 --no-naive --no-qemu --no-process`:
-///   0.92-1.07x munmap, median 1.01x, against 0.97-1.39x, median 1.19x);
-///   with the bench's peers in the rotation (naive, QEMU, the `vmm`
-///   process: three pairs, and one `gmm bench report`) the helper got no
-///   CPU in time in two of the pairs and in the report (CPUs busy
-///   0.87-0.94), and the two-thread runs
-///   read 0.91-1.65x against 1.00-1.49x with one. A helper that gets no
-///   CPU costs the caller its start wait and its claim (a quarter of the
-///   release), which at ~1 ms of work is a gamble on the host's
-///   idleness, so below 512 MiB the caller stays alone.
+///   freed in ~6 µs (~3 ms per GiB), so a helper's fixed costs (its
+///   spawn and start, ~0.1 ms, and the wait for it:
+///   [`guest_mm::backing::HELPER_START_WAIT`]) are a large part of a
+///   small release. With two threads (`gmm bench teardown --page-size
+///   2M`, 3 same-run rounds): 512 MiB 0.88-0.91x munmap (one thread
+///   0.96-1.18x), 1 GiB 0.68-0.69x (0.94-1.10x), 2-4 GiB 0.61-0.71x
+///   (1.07-1.21x). At 256 MiB two threads win only on an idle host
+///   (2026-12-06, Intel host, six alternated pairs of builds, `--sizes
+///   256M --reps 9 --no-naive --no-qemu --no-process`: 0.92-1.07x munmap,
+///   median 1.01x, against 0.97-1.39x, median 1.19x); with the bench's
+///   peers in the rotation (naive, QEMU, the `vmm` process: three pairs,
+///   and one `gmm bench report`) the helper got no CPU in time in two of
+///   the pairs and in the report (CPUs busy 0.87-0.94), and the
+///   two-thread runs read 0.91-1.65x against 1.00-1.49x with one. A
+///   helper that gets no CPU costs the caller its start wait and its
+///   claim (a quarter of the release), which at ~1 ms of work is a gamble
+///   on the host's idleness, so below 512 MiB the caller stays alone.
 /// - memfd: holes are punched, which the kernel serialises on each file's
 ///   lock, so guest-mm gives each file its own lane; memfd RAM is split
 ///   into several files for this ([`super::backing::RegionFiles`]).
