@@ -72,7 +72,7 @@ pub struct BalloonArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=MAX_PFNS_PER_CHAIN))]
     pub per_chain: u64,
     /// Repetitions of each strategy (the median is reported).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub reps: u32,
     /// Seed of the scattered order.
     #[arg(long, default_value_t = 0xba11_0011)]

@@ -194,19 +194,19 @@ fn steps(quick: bool, soak_minutes: f64) -> Vec<Step> {
         s(
             BenchName::Balloon,
             "balloon-contiguous",
-            &["--size", "512M", "--pattern", "contiguous", "--reps", "3"],
+            &["--size", "512M", "--pattern", "contiguous", "--reps", "7"],
             &["--size", "16M", "--pattern", "contiguous", "--reps", "1"],
         ),
         s(
             BenchName::Balloon,
             "balloon-scattered",
-            &["--size", "512M", "--pattern", "scattered", "--reps", "3"],
+            &["--size", "512M", "--pattern", "scattered", "--reps", "7"],
             &["--size", "16M", "--pattern", "scattered", "--reps", "1"],
         ),
         s(
             BenchName::Balloon,
             "balloon-fragmented",
-            &["--size", "512M", "--pattern", "fragmented", "--reps", "3"],
+            &["--size", "512M", "--pattern", "fragmented", "--reps", "7"],
             &["--size", "16M", "--pattern", "fragmented", "--reps", "1"],
         ),
         s(

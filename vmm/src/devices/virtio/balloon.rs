@@ -42,7 +42,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use guest_mm::runs::{merge_runs, runs_of};
+use guest_mm::runs::{merge_runs, runs_of_sorted};
 use guest_mm::{GatherStats, Gpa, GuestMemoryView};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 
@@ -468,12 +468,14 @@ impl Balloon {
         Ok((heads, chains))
     }
 
-    fn sorted_unique(&mut self, mut pages: Vec<u64>) -> Vec<u64> {
+    /// The maximal runs of `pages`, which are sorted here in place (linear
+    /// when a guest lists them in order): a repeated PFN joins its run once
+    /// and is counted in [`BalloonCounters::duplicate_pfns`].
+    fn runs(&mut self, pages: &mut [u64]) -> Vec<(u64, u64)> {
         pages.sort_unstable();
-        let before = pages.len();
-        pages.dedup();
-        self.counters.duplicate_pfns += (before - pages.len()) as u64;
-        pages
+        let mut runs = Vec::new();
+        self.counters.duplicate_pfns += runs_of_sorted(pages, PAGE, &mut runs);
+        runs
     }
 
     /// Releases `runs` through the VM memory's one entry point (demand
@@ -512,9 +514,8 @@ impl Balloon {
         ram: &RamLayout,
     ) -> Result<(bool, bool), QueueError> {
         let t0 = Instant::now();
-        let (heads, pages, full) = self.pfn_requests(q, mem, ram)?;
-        let pages = self.sorted_unique(pages);
-        let runs = runs_of(pages.iter().copied(), PAGE);
+        let (heads, mut pages, full) = self.pfn_requests(q, mem, ram)?;
+        let runs = self.runs(&mut pages);
         if !runs.is_empty() {
             let t = Instant::now();
             match self.release(&runs, ReleaseMode::Balloon) {
@@ -548,10 +549,9 @@ impl Balloon {
         mem: &mut GuestAccess,
         ram: &RamLayout,
     ) -> Result<(bool, bool), QueueError> {
-        let (heads, pages, full) = self.pfn_requests(q, mem, ram)?;
-        let pages = self.sorted_unique(pages);
+        let (heads, mut pages, full) = self.pfn_requests(q, mem, ram)?;
         let mut done = 0u64;
-        for (s, l) in runs_of(pages.iter().copied(), PAGE) {
+        for (s, l) in self.runs(&mut pages) {
             match self.memory.stage2().table().deflate(Gpa(s), l) {
                 Ok(n) => done += n,
                 Err(e) => self.error(BalloonError::Release(e.to_string())),
