@@ -77,6 +77,11 @@ pub struct KernelImage {
     /// First byte above everything the kernel occupies once loaded (for a
     /// bzImage, its decompression footprint `init_size` included).
     pub end: u64,
+    /// The guest ranges `(start, len)` the load copies file bytes to: each
+    /// loadable segment's file part (ELF), the protected-mode kernel
+    /// (bzImage). What else lies below `end` (bss, a bzImage's room to
+    /// decompress) is not written by the load.
+    pub loads: Vec<(u64, u64)>,
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
@@ -121,27 +126,34 @@ pub fn inspect_file(
                 .map_err(io)?;
         }
     }
-    let (format, end) = check(path, &head, len, mem)?;
+    let (format, end, loads) = check(path, &head, len, mem)?;
     Ok(KernelImage {
         source: Source::File(file),
         format,
         end,
+        loads,
     })
 }
 
 /// Checks an image held in memory (tests).
 pub fn inspect(path: &str, bytes: Vec<u8>, mem: u64) -> Result<KernelImage, BootError> {
-    let (format, end) = check(path, &bytes, bytes.len() as u64, mem)?;
+    let (format, end, loads) = check(path, &bytes, bytes.len() as u64, mem)?;
     Ok(KernelImage {
         source: Source::Bytes(bytes),
         format,
         end,
+        loads,
     })
 }
 
+/// The format, end and load ranges ([`KernelImage`]) of a checked image.
+type Checked = (KernelFormat, u64, Vec<(u64, u64)>);
+/// A checked image's end and load ranges.
+type Extent = (u64, Vec<(u64, u64)>);
+
 /// Checks `bytes`, the first bytes of a `len`-byte file at `path`.
-fn check(path: &str, bytes: &[u8], len: u64, mem: u64) -> Result<(KernelFormat, u64), BootError> {
-    let (format, end) = if bytes.starts_with(b"\x7fELF") {
+fn check(path: &str, bytes: &[u8], len: u64, mem: u64) -> Result<Checked, BootError> {
+    let (format, (end, loads)) = if bytes.starts_with(b"\x7fELF") {
         (KernelFormat::Elf, check_elf(path, bytes, len)?)
     } else if u32_at(bytes, BZ_HEADER) == Some(BZ_MAGIC)
         && u16_at(bytes, BZ_BOOT_FLAG) == Some(0xaa55)
@@ -157,12 +169,13 @@ fn check(path: &str, bytes: &[u8], len: u64, mem: u64) -> Result<(KernelFormat, 
             mem,
         });
     }
-    Ok((format, end))
+    Ok((format, end, loads))
 }
 
-/// Returns the end of the highest loadable segment. `b` holds at least the
-/// headers and the program header table of a `len`-byte file.
-fn check_elf(path: &str, b: &[u8], len: u64) -> Result<u64, BootError> {
+/// Returns the end of the highest loadable segment and the ranges the
+/// segments' file bytes load to. `b` holds at least the headers and the
+/// program header table of a `len`-byte file.
+fn check_elf(path: &str, b: &[u8], len: u64) -> Result<Extent, BootError> {
     let truncated = |what: &str| BootError::Truncated {
         path: path.to_string(),
         what: what.to_string(),
@@ -203,6 +216,7 @@ fn check_elf(path: &str, b: &[u8], len: u64) -> Result<u64, BootError> {
         return Err(truncated("the program header table"));
     }
     let mut end = 0u64;
+    let mut loads = Vec::new();
     for i in 0..u64::from(phnum) {
         let at = usize::try_from(phoff + i * PHDR_LEN as u64).unwrap_or(usize::MAX);
         let field = |o: usize| u64_at(b, at + o).unwrap_or(u64::MAX);
@@ -215,7 +229,12 @@ fn check_elf(path: &str, b: &[u8], len: u64) -> Result<u64, BootError> {
         }
         let seg_end = paddr.checked_add(memsz.max(filesz));
         match seg_end {
-            Some(e) if paddr >= HIMEM_START => end = end.max(e),
+            Some(e) if paddr >= HIMEM_START => {
+                end = end.max(e);
+                if filesz != 0 {
+                    loads.push((paddr, filesz));
+                }
+            }
             _ => {
                 return Err(BootError::BadElf {
                     path: path.to_string(),
@@ -243,10 +262,10 @@ fn check_elf(path: &str, b: &[u8], len: u64) -> Result<u64, BootError> {
             end,
         });
     }
-    Ok(end)
+    Ok((end, loads))
 }
 
-fn check_bzimage(path: &str, b: &[u8], len: u64) -> Result<(KernelFormat, u64), BootError> {
+fn check_bzimage(path: &str, b: &[u8], len: u64) -> Result<(KernelFormat, Extent), BootError> {
     let field32 = |o| u64::from(u32_at(b, o).unwrap_or(0));
     let version = u16_at(b, BZ_VERSION).unwrap_or(0);
     let xloadflags = u16_at(b, BZ_XLOADFLAGS).unwrap_or(0);
@@ -296,7 +315,8 @@ fn check_bzimage(path: &str, b: &[u8], len: u64) -> Result<(KernelFormat, u64), 
         initrd_addr_max: field32(BZ_INITRD_ADDR_MAX),
         cmdline_size: usize::try_from(field32(BZ_CMDLINE_SIZE)).unwrap_or(0),
     };
-    Ok((format, code32 + footprint))
+    // linux-loader copies the protected-mode kernel to code32_start.
+    Ok((format, (code32 + footprint, vec![(code32, len - setup)])))
 }
 
 #[cfg(test)]
@@ -346,7 +366,9 @@ pub(crate) mod tests {
     fn accepts_small_elf_and_bzimage() {
         let k = inspect("k", tiny_elf(4096), 64 << 20).unwrap();
         assert_eq!((k.format, k.end), (KernelFormat::Elf, (16 << 20) + 4096));
+        assert_eq!(k.loads, vec![(16 << 20, 16)]); // filesz 16, memsz 4096
         let k = inspect("k", tiny_bzimage(4096), 64 << 20).unwrap();
+        assert_eq!(k.loads, vec![(0x10_0000, 4096)]);
         assert!(matches!(
             k.format,
             KernelFormat::BzImage {

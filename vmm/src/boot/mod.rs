@@ -369,6 +369,12 @@ impl Prepared {
         self.initrd.as_ref().map(|(_, size, a)| (*a, *size))
     }
 
+    /// The guest ranges [`Prepared::load_kernel`] copies the kernel's file
+    /// bytes to (see [`image::KernelImage::loads`]).
+    pub fn kernel_loads(&self) -> &[(u64, u64)] {
+        &self.kernel.loads
+    }
+
     /// Writes kernel, initrd, command line, boot parameters, MP table, GDT
     /// and (64-bit protocol) page tables into `gm`; returns the entry.
     pub fn load(&self, gm: &GuestMemoryMmap) -> Result<BootEntry, BootError> {

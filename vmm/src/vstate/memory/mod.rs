@@ -368,6 +368,34 @@ mod tests {
         release_then_touch(Backing::Memfd, PageSize::Size2M);
     }
 
+    /// The boot's prefault makes exactly the pages of its ranges resident
+    /// (whole 4 KiB pages, clipped to RAM), keeps their contents, and
+    /// skips what lies outside RAM.
+    #[test]
+    fn prefault_populates_only_its_ranges_in_ram() {
+        for backing in [Backing::Anon, Backing::Memfd] {
+            let m = memory(backing, PageSize::Size4K);
+            let gm = m.guest_memory();
+            gm.write_obj(0xfeed_u64, GuestAddress(1 << 20)).unwrap();
+            let before = m.resident_bytes();
+            let ranges = [(1 << 20, 100), ((2 << 20) + 10, 8192), (7 << 20, 4 << 20)];
+            let done = m.prefault(&ranges);
+            // 1 page, 3 pages (the range straddles two page boundaries),
+            // and the 1 MiB of the last range inside 8 MiB of RAM.
+            assert_eq!(done, (4 << 12) + (1 << 20), "{backing}");
+            assert_eq!(m.resident_bytes_of(2 << 20, 3 << 12), 3 << 12, "{backing}");
+            assert_eq!(m.resident_bytes_of(7 << 20, 1 << 20), 1 << 20, "{backing}");
+            assert_eq!(m.resident_bytes_of(3 << 20, 1 << 20), 0, "{backing}");
+            assert_eq!(
+                m.resident_bytes(),
+                before + (3 << 12) + (1 << 20),
+                "{backing}"
+            );
+            assert_eq!(gm.read_obj::<u64>(GuestAddress(1 << 20)).unwrap(), 0xfeed);
+            assert_eq!(m.prefault(&[(8 << 20, 4096), (u64::MAX - 10, 100)]), 0);
+        }
+    }
+
     #[test]
     fn release_refuses_runs_outside_ram() {
         let m = memory(Backing::Anon, PageSize::Size4K);

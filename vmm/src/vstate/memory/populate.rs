@@ -6,6 +6,9 @@
 //! page), contents unchanged: `vmm run --populate` and `gmm bench teardown`
 //! use it to start from fully resident RAM. It must run before the vCPUs
 //! start (or after they finished): the fallback rewrites every byte.
+//! [`VmMemory::prefault`] populates chosen ranges only, best effort and
+//! without a fallback (safe at any time): the boot calls it on where the
+//! kernel and initrd are about to be copied.
 //!
 //! [`VmMemory::resident_bytes`] is `mincore` over the mappings: for a file
 //! backing it reports the file's pages (in the page cache), whether or not
@@ -48,6 +51,44 @@ impl VmMemory {
             }
         }
         Ok(())
+    }
+
+    /// Populates the guest ranges `(gpa, len)` for writing, whole 4 KiB
+    /// pages, before something copies into them (the boot's kernel and
+    /// initrd): one `MADV_POPULATE_WRITE` per range takes the page faults
+    /// the copy would take one by one (for the fixture kernel's 5.9 MiB,
+    /// ~0.3 ms of a ~5 ms start here). Best effort, safe while vCPUs run:
+    /// contents are unchanged, parts outside RAM are skipped, and where
+    /// the kernel refuses (no `MADV_POPULATE_WRITE` before Linux 5.14, or
+    /// a backing it cannot populate) the copy faults the pages in as it
+    /// would have. Returns the bytes populated.
+    pub fn prefault(&self, ranges: &[(u64, u64)]) -> u64 {
+        let mut done = 0;
+        for &(gpa, len) in ranges {
+            let end = gpa.saturating_add(len);
+            for r in self.ram.regions() {
+                let lo = (gpa.max(r.gpa.0)) & !(SIZE_4K - 1);
+                let hi = end.min(r.gpa.0 + r.len).next_multiple_of(SIZE_4K);
+                if lo >= hi {
+                    continue;
+                }
+                // SAFETY: [lo, hi) lies inside the region, so its host
+                // range is part of a live guest RAM mapping owned by
+                // `self`; populating it for writing does not change its
+                // contents, whoever accesses it meanwhile.
+                let rc = unsafe {
+                    libc::madvise(
+                        r.host_of(lo) as *mut libc::c_void,
+                        to_usize(hi - lo),
+                        libc::MADV_POPULATE_WRITE,
+                    )
+                };
+                if rc == 0 {
+                    done += hi - lo;
+                }
+            }
+        }
+        done
     }
 
     /// Bytes of guest RAM resident in host memory (`mincore` over every
