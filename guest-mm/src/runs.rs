@@ -5,9 +5,9 @@
 //! sorts runs and merges every pair that overlaps or touches, so its output
 //! is sorted, disjoint and non-adjacent; [`runs_of`] does the same for
 //! single items of a fixed size (page addresses, PFNs), and
-//! [`runs_of_sorted`] for items already sorted, into a caller's buffer
-//! (the balloon's inflate path: no sort of pairs, nothing allocated per
-//! request once the buffer has grown). Balloon requests,
+//! [`runs_of_sorted`] for items already sorted, in one pass into a
+//! caller's buffer (the balloon's inflate and deflate paths, which sort
+//! their PFNs in place: no second sort, no pair per item). Balloon requests,
 //! userfaultfd windows and the benchmarks' release patterns all go through
 //! here, so a PFN list is coalesced the same way wherever it is.
 //!
