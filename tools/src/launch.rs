@@ -35,8 +35,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::schema::{Dist, LaunchResult};
+use crate::schema::{Dist, LaunchBound, LaunchResult};
 use anyhow::{bail, Context, Result};
+use guest_mm::PageSize;
 use vmm::{Console, MemSize, Vm, VmConfig, Workload};
 
 use crate::rng::{median, ms, round};
@@ -62,6 +63,10 @@ pub struct Args {
     /// VMs kept alive at once for the RSS-per-VM figure (0: skip it).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub alive: u32,
+    /// Skip the bound (the guest's work by plain threads after every
+    /// cycle, see `guest_work.rs`): half the time, no ratio to judge by.
+    #[arg(long)]
+    pub no_bound: bool,
     /// Give up on a guest after this many seconds.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout_secs: u64,
@@ -96,6 +101,35 @@ fn round_sizes(count: u32, rounds: u32) -> Vec<u32> {
         .map(|i| count / rounds + u32::from(i < count % rounds))
         .filter(|&n| n > 0)
         .collect()
+}
+
+/// Wall and CPU time (the whole process's) spent in a set of cycles.
+#[derive(Default, Clone, Copy)]
+struct Spent {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// The start of one timed cycle.
+#[derive(Clone, Copy)]
+struct Started {
+    at: Instant,
+    cpu: Duration,
+}
+
+impl Spent {
+    fn start() -> Started {
+        Started {
+            at: Instant::now(),
+            cpu: crate::cpu::process_cpu_time(),
+        }
+    }
+
+    /// Adds the time since `s`.
+    fn add(&mut self, s: Started) {
+        self.wall += s.at.elapsed();
+        self.cpu += crate::cpu::process_cpu_time().saturating_sub(s.cpu);
+    }
 }
 
 /// `n` events in `d`, per second (0 for no time at all).
@@ -153,29 +187,48 @@ pub fn cmd(a: &Args) -> Result<()> {
     let pb = crate::progress::bar(u64::from(a.count) + u64::from(a.alive), "launch");
     let (mut boot, mut ready, mut td, mut rec) = (vec![], vec![], vec![], vec![]);
     let (mut rates, mut cpu_rates) = (vec![], vec![]);
-    let cpu0 = crate::cpu::process_cpu_time();
+    let leaf = match config(a)?.page_size {
+        vmm::memory::PageSize::Size4K => PageSize::Size4K,
+        vmm::memory::PageSize::Size2M => PageSize::Size2M,
+    };
+    let (mut bound_rates, mut bound_cpu_rates) = (vec![], vec![]);
+    let (mut cpu, mut bound_cpu, mut vm_wall) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let t_all = Instant::now();
     for cycles in round_sizes(a.count, a.rounds) {
-        let (cpu_r, t_r) = (crate::cpu::process_cpu_time(), Instant::now());
+        let mut vm_side = Spent::default();
+        let mut bound_side = Spent::default();
         for _ in 0..cycles {
+            let s = Spent::start();
             let (vm, b, r) = launch(a)?;
             let t = Instant::now();
             let mut teardown = vm.destroy();
             td.push(ms(t.elapsed()));
             teardown.wait_reclaim();
             rec.push(ms(t.elapsed()));
+            vm_side.add(s);
             boot.push(b);
             ready.push(r);
+            if !a.no_bound {
+                // The guest's work alone, right after the VM that did it
+                // (the host's slow and fast phases hit both alike).
+                let s = Spent::start();
+                crate::guest_work::cycle(a.mem, a.vcpus, leaf)
+                    .context("the bound: the guest's work by plain threads")?;
+                bound_side.add(s);
+            }
             pb.inc(1);
         }
-        rates.push(per_sec(cycles, t_r.elapsed()));
-        cpu_rates.push(per_sec(
-            cycles,
-            crate::cpu::process_cpu_time().saturating_sub(cpu_r),
-        ));
+        rates.push(per_sec(cycles, vm_side.wall));
+        cpu_rates.push(per_sec(cycles, vm_side.cpu));
+        cpu += vm_side.cpu;
+        vm_wall += vm_side.wall;
+        if !a.no_bound {
+            bound_rates.push(per_sec(cycles, bound_side.wall));
+            bound_cpu_rates.push(per_sec(cycles, bound_side.cpu));
+            bound_cpu += bound_side.cpu;
+        }
     }
     let wall = t_all.elapsed();
-    let cpu = crate::cpu::process_cpu_time().saturating_sub(cpu0);
     let launches_per_sec = median(&rates);
     let launches_per_cpu_sec = median(&cpu_rates);
     let cpu_ms_per_launch = ms(cpu) / f64::from(a.count);
@@ -220,7 +273,7 @@ pub fn cmd(a: &Args) -> Result<()> {
         launches_per_cpu_sec: round(launches_per_cpu_sec, 2),
         launches_per_sec_rounds: rates.iter().map(|x| round(*x, 2)).collect(),
         launches_per_cpu_sec_rounds: cpu_rates.iter().map(|x| round(*x, 2)).collect(),
-        launches_per_sec_overall: round(per_sec(a.count, wall), 2),
+        launches_per_sec_overall: round(per_sec(a.count, vm_wall), 2),
         cpu_ms_per_launch: round(cpu_ms_per_launch, 3),
         wall_s: round(wall.as_secs_f64(), 3),
         boot_ms_is: "Vm::new -> first guest report (a vCPU reached ring 3); ready_ms: -> every vCPU verified its RAM".into(),
@@ -236,6 +289,26 @@ pub fn cmd(a: &Args) -> Result<()> {
         rss_overhead_per_vm_bytes: overhead,
         rss_after_bytes: rss_after,
         meets_20_per_sec: launches_per_sec >= 20.0,
+        bound: (!a.no_bound).then(|| {
+            let per_sec = median(&bound_rates);
+            let per_cpu_sec = median(&bound_cpu_rates);
+            let per_core = per_sec.min(per_cpu_sec);
+            let vm_per_core = launches_per_sec.min(launches_per_cpu_sec);
+            let bound_cpu_ms = ms(bound_cpu) / f64::from(a.count);
+            LaunchBound {
+                launches_per_sec: round(per_sec, 2),
+                launches_per_cpu_sec: round(per_cpu_sec, 2),
+                per_core: round(per_core, 2),
+                launches_per_sec_rounds: bound_rates.iter().map(|x| round(*x, 2)).collect(),
+                cpu_ms_per_launch: round(bound_cpu_ms, 3),
+                ratio_vs_bound: if per_core > 0.0 {
+                    round(vm_per_core / per_core, 3)
+                } else {
+                    0.0
+                },
+                monitor_cpu_ms_per_launch: round(cpu_ms_per_launch - bound_cpu_ms, 3),
+            }
+        }),
         boot_ms_all: boot.iter().map(|x| round(*x, 3)).collect(),
         ready_ms_all: ready.iter().map(|x| round(*x, 3)).collect(),
     };
@@ -271,6 +344,19 @@ pub fn cmd(a: &Args) -> Result<()> {
             overhead.map_or("n/a".to_string(), human_bytes),
         ),
     );
+    if let Some(b) = &r.bound {
+        crate::say(
+            a.json,
+            &format!(
+                "  bound (the guest's work by plain threads, no VM): {:.2}/s, {:.2} per CPU-second ({:.1} ms CPU); the VMs keep {:.2}x of it per core, the monitor and KVM add {:.1} ms CPU per launch\n",
+                b.launches_per_sec,
+                b.launches_per_cpu_sec,
+                b.cpu_ms_per_launch,
+                b.ratio_vs_bound,
+                b.monitor_cpu_ms_per_launch
+            ),
+        );
+    }
     crate::emit_json(a.json, &r)?;
     Ok(())
 }

@@ -33,6 +33,7 @@
 mod balloon;
 mod cpu;
 mod fault;
+mod guest_work;
 mod interference;
 mod launch;
 mod linux;

@@ -589,6 +589,32 @@ pub struct LaunchResult {
     pub boot_ms_all: Vec<f64>,
     #[serde(default)]
     pub ready_ms_all: Vec<f64>,
+    /// The guest's work alone, done by plain threads after every cycle
+    /// (`guest_work.rs`); `None` with `--no-bound`.
+    #[serde(default)]
+    pub bound: Option<LaunchBound>,
+}
+
+/// The launch bench's bound: the default guest's write-and-verify of its
+/// RAM by one plain thread per vCPU on anonymous memory mapped like guest
+/// RAM, no VM (`gmm bench launch`, `bound`).
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct LaunchBound {
+    /// Cycles / wall time, median of the rounds.
+    pub launches_per_sec: f64,
+    /// Cycles / CPU time, median of the rounds.
+    pub launches_per_cpu_sec: f64,
+    /// The lower of the two (the launch's own per-core rule).
+    pub per_core: f64,
+    /// Each round's cycles / wall time.
+    pub launches_per_sec_rounds: Vec<f64>,
+    /// CPU time per cycle, ms.
+    pub cpu_ms_per_launch: f64,
+    /// The VMs' per-core rate over the bound's.
+    pub ratio_vs_bound: f64,
+    /// The VMs' CPU time per launch minus the bound's: what the monitor
+    /// and KVM add to the guest's own work, ms.
+    pub monitor_cpu_ms_per_launch: f64,
 }
 
 // ---------------------------------------------------------------------

@@ -768,7 +768,17 @@ fn report_from_fixtures_computes_verdicts_and_draws_plots() {
     );
     row(
         &md,
-        &["25.0", "30.0", "33.3", "25.0", "12 KiB (4 alive)", "met"],
+        &[
+            "25.0",
+            "30.0",
+            "33.3",
+            "25.0",
+            "not measured",
+            "—",
+            "—",
+            "12 KiB (4 alive)",
+            "met",
+        ],
     );
     row(
         &md,
@@ -1437,6 +1447,66 @@ fn linux_idle_is_judged_against_the_guest_bound() {
     // Ours within the target: met, whatever the peers.
     let (r, _) = idle(0.6, 0.5, 7.3, 7.8, true);
     assert!(r.ends_with("| met |") && !r.contains("guest bound"), "{r}");
+}
+
+/// The launch target against the guest's work alone: met at 20/s per
+/// core; retired where the bound itself is below 20/s and the VMs keep
+/// 0.9x of it; missed below that, or where the bound reaches 20/s.
+#[test]
+fn launch_is_judged_against_the_guest_work_bound() {
+    const T: &str = "≥ 20 launch+teardown cycles/s per core";
+    let dir = scratch("launch-bound");
+    let launch = |wall: f64, cpu: f64, bound: Option<f64>| {
+        let mut l = launch_fixture();
+        l["launches_per_sec"] = json!(wall);
+        l["launches_per_cpu_sec"] = json!(cpu);
+        if let Some(b) = bound {
+            l["bound"] = json!({
+                "launches_per_sec": b, "launches_per_cpu_sec": b + 1.0, "per_core": b,
+                "launches_per_sec_rounds": [b - 0.5, b, b + 0.5],
+                "cpu_ms_per_launch": 1000.0 / b,
+                "ratio_vs_bound": wall.min(cpu) / b,
+                "monitor_cpu_ms_per_launch": 1000.0 / cpu - 1000.0 / b
+            });
+        }
+        write(&dir, "launch.json", &l);
+        let (out, md) = report_from(&dir, "launch");
+        assert!(out.status.success(), "{}", text(&out));
+        (row(&md, &["launch", T]).to_string(), md)
+    };
+    // Per core is the lower rate: 25/s wall but 19 per CPU-second.
+    let (r, md) = launch(25.0, 19.0, Some(20.0));
+    assert_missed(
+        &r,
+        "19.0/s per core; the guest's work alone 20.0/s (0.95× of it)",
+    );
+    assert!(md.contains("The bound: every cycle's guest writes"), "{md}");
+    assert!(
+        md.contains("The bound's rounds: 19.5 .. 20.5 cycles/s."),
+        "{md}"
+    );
+    // The bound below 20/s and 0.9x of it kept: retired.
+    let (r, md) = launch(15.0, 14.5, Some(16.0));
+    assert!(
+        r.contains("14.5/s per core; the guest's work alone 16.0/s (0.91× of it)")
+            && r.ends_with("| retired: guest bound |"),
+        "{r}"
+    );
+    assert!(md.contains("**Retired: \"≥ 20 launch+teardown"), "{md}");
+    // Under 0.9x of it: the monitor's own cost, missed.
+    let (r, md) = launch(14.0, 14.3, Some(16.0));
+    assert_missed(&r, "(0.88× of it)");
+    assert!(!md.contains("**Retired"), "{md}");
+    // Met at 20/s, whatever the bound.
+    let (r, _) = launch(21.0, 20.5, Some(16.0));
+    assert!(r.ends_with("| met |"), "{r}");
+    // No bound (an older result): judged on the rate alone.
+    let (r, md) = launch(15.0, 14.5, None);
+    assert_missed(&r, "14.5/s per core");
+    assert!(
+        !r.contains("guest's work") && !md.contains("The bound"),
+        "{r}"
+    );
 }
 
 /// The kernel baseline scenario (no VM) is shown beside the interference
