@@ -372,10 +372,12 @@ pub struct TeardownSize {
     /// many ways in this run (medians).
     #[serde(default)]
     pub split_ratio_vs_munmap: Option<f64>,
-    /// The *split with KVM* baseline (where `split_ms` is measured): a VM
+    /// The *split with KVM* baseline (every row): a VM
     /// populated as this row's VM (same `populate`), its vCPUs stopped,
-    /// whose guest RAM as many plain threads release at once (in chunks
-    /// sized as the VM's release sizes them; memfd: one thread per file)
+    /// whose guest RAM as many plain threads as the VM's own teardown uses
+    /// (`split_kvm_threads`) release at once (in chunks sized as the VM's
+    /// release sizes them, whole regions on one thread; memfd: one thread
+    /// per file)
     /// while the KVM VM
     /// exists, so KVM's MMU notifier (zapping whatever shadow or TDP
     /// entries the guest's run left) runs in every release: the bound of a
@@ -386,6 +388,9 @@ pub struct TeardownSize {
     /// split_kvm_ms / munmap_ms (medians).
     #[serde(default)]
     pub split_kvm_ratio_vs_munmap: Option<f64>,
+    /// Threads of the split beside KVM (the VM's own release's).
+    #[serde(default)]
+    pub split_kvm_threads: Option<u32>,
     /// naive_ms / reclaim_ms (how much faster the VM teardown is).
     pub ratio_naive_vs_reclaim: f64,
     /// QEMU quit → process exited (waitpid), when measured.

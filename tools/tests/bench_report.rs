@@ -2197,6 +2197,101 @@ fn teardown_4k_target_is_judged_against_its_split_bound() {
     );
 }
 
+/// One 2 MiB row whose reclaim took `ratio` × munmap (1 ms) and, if
+/// given, whose release beside KVM (one plain thread) took `kvm` × munmap.
+fn teardown_thp_size(size: u64, ratio: f64, kvm: Option<f64>) -> Value {
+    let mut r = teardown_size(size, 0.03, ratio, 1.0, None);
+    r["page_size"] = json!("2M");
+    r["split_kvm_ms"] = json!(kvm);
+    r["split_kvm_ratio_vs_munmap"] = json!(kvm);
+    r["split_kvm_threads"] = json!(kvm.map(|_| 1));
+    r
+}
+
+/// "≤ 1.0× munmap" is judged row by row against the release beside KVM:
+/// where that alone took more than munmap and the VM kept within 1.1× of
+/// it, the row is retired; a VM further above it, or a row whose release
+/// beside KVM stayed under munmap, is missed; a VM within 1.0× is met.
+#[test]
+fn teardown_1x_target_is_judged_against_the_release_beside_kvm() {
+    const T: &str = "memory back ≤ 1.0× bare munmap (every size, backing and leaf)";
+    let dir = scratch("teardown-kvm-bound");
+    let mut td = teardown_fixture();
+    let judge = |td: &mut Value, sizes: Value| {
+        td["sizes"] = sizes;
+        write(&dir, "teardown.json", td);
+        let (out, md) = report_from(&dir, "teardown");
+        assert!(out.status.success(), "{}", text(&out));
+        md
+    };
+    // 1.20× against 1.25× beside KVM: retired; 0.8× at 1 GiB: met.
+    let md = judge(
+        &mut td,
+        json!([
+            teardown_thp_size(256 * MIB, 1.20, Some(1.25)),
+            teardown_thp_size(GIB, 0.80, Some(0.85)),
+        ]),
+    );
+    let r = row(&md, &["256 MiB", "anon 2M"]);
+    assert!(
+        r.contains("| 1.25 (1.25×, 1 thr.) |") && r.contains("| retired: kernel bound | — |"),
+        "{r}"
+    );
+    let r = row(&md, &["1 GiB", "anon 2M"]);
+    assert!(r.contains("| met | — |"), "{r}");
+    let t = row(&md, &["teardown", T]);
+    assert!(
+        t.contains("worst 1.20× at 256 MiB; retired (kernel bound) at 256 MiB anon 2M: the VM 1.20×, the release beside KVM 1.25×")
+            && t.ends_with("| met |"),
+        "{t}"
+    );
+    assert!(
+        md.contains("**\"≤ 1.0× munmap\" against its kernel bound.**")
+            && md.contains(
+                "the same release by plain threads beside KVM took 1.25 ms (1.25× munmap)"
+            ),
+        "{md}"
+    );
+    // Every row retired: the target is retired.
+    let md = judge(
+        &mut td,
+        json!([teardown_thp_size(256 * MIB, 1.10, Some(1.05))]),
+    );
+    assert!(
+        row(&md, &["teardown", T]).ends_with("| retired: kernel bound |"),
+        "{md}"
+    );
+    // The VM more than 1.1× the release beside KVM: the monitor's, missed.
+    let md = judge(
+        &mut td,
+        json!([teardown_thp_size(256 * MIB, 1.30, Some(1.10))]),
+    );
+    let r = row(&md, &["256 MiB", "anon 2M"]);
+    assert!(
+        r.contains("| 1.30× |") && r.contains("| **missed** | — |"),
+        "{r}"
+    );
+    assert_missed(row(&md, &["teardown", T]), "worst 1.30× at 256 MiB");
+    assert!(!md.contains("against its kernel bound"), "{md}");
+    // The release beside KVM under munmap: 1.0× was reachable, missed;
+    // without one (older results) the row is judged on its own figure.
+    let md = judge(
+        &mut td,
+        json!([
+            teardown_thp_size(256 * MIB, 1.05, Some(0.95)),
+            teardown_thp_size(GIB, 1.05, None),
+        ]),
+    );
+    assert!(
+        row(&md, &["256 MiB", "anon 2M"]).contains("| **missed** | — |"),
+        "{md}"
+    );
+    assert!(
+        row(&md, &["1 GiB", "anon 2M"]).contains("| **missed** | — |"),
+        "{md}"
+    );
+}
+
 /// The split beside KVM (a VM's own RAM released by plain threads while
 /// its KVM VM exists) is shown beside the split, with its ratio to munmap,
 /// and is a figure only: the 0.6× verdict stays judged against the split
