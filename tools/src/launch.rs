@@ -27,6 +27,14 @@
 //!   off (`page_reporting_order` 11, after a warm-up run), two runs had
 //!   none over 33 ms.
 //!
+//! The bound (`bound`, skipped with `--no-bound`): after every cycle the
+//! guest's own work alone, by one plain thread per vCPU on anonymous
+//! memory mapped like guest RAM, no VM ([`crate::guest_work`]), timed the
+//! same way (wall and process CPU per cycle, rates per round, medians).
+//! The VM's cycles are timed on their own, so the bound's time is in
+//! neither rate; `ratio_vs_bound` is the VMs' per-core rate over the
+//! bound's, `monitor_cpu_ms_per_launch` what the monitor and KVM add.
+//!
 //! RSS overhead per VM: `--alive K` VMs are launched and kept alive at once
 //! (each has verified all of its RAM); `(VmRSS with them − VmRSS before −
 //! guest RAM resident (mincore)) / K` is what the VMM itself costs per VM
