@@ -209,6 +209,16 @@ fn check_elf(path: &str, b: &[u8], len: u64) -> Result<Extent, BootError> {
             what: format!("{phnum} program headers of {phentsize} bytes"),
         });
     }
+    // The table cannot overlap the ELF header (linux-loader refuses it
+    // too, only when it loads).
+    if phoff < EHDR_LEN as u64 {
+        return Err(BootError::BadElf {
+            path: path.to_string(),
+            what: format!(
+                "a program header table at offset {phoff}, inside the {EHDR_LEN}-byte ELF header"
+            ),
+        });
+    }
     let table_end = u64::from(phnum)
         .checked_mul(PHDR_LEN as u64)
         .and_then(|l| l.checked_add(phoff));
@@ -377,6 +387,28 @@ pub(crate) mod tests {
             }
         ));
         assert_eq!(k.end, 0x10_0000 + (4 << 20));
+    }
+
+    /// A program header table that overlaps the ELF header is refused
+    /// here, as linux-loader refuses it when it loads (found by the
+    /// `loader` fuzz target: prepare accepted what load then refused).
+    #[test]
+    fn rejects_a_program_header_table_inside_the_elf_header() {
+        let mut b = tiny_elf(4096);
+        // The table at 56: its entry's type is e_phnum (1, PT_LOAD) and
+        // its fields are written where that entry puts them.
+        b[32..40].copy_from_slice(&56u64.to_le_bytes());
+        b[64..72].copy_from_slice(&((EHDR_LEN + PHDR_LEN) as u64).to_le_bytes()); // p_offset
+        b[80..88].copy_from_slice(&(16u64 << 20).to_le_bytes()); // p_paddr
+        b[88..96].copy_from_slice(&16u64.to_le_bytes()); // p_filesz
+        b[96..104].copy_from_slice(&4096u64.to_le_bytes()); // p_memsz
+        let e = inspect("k", b, 64 << 20).unwrap_err();
+        assert!(
+            matches!(e, BootError::BadElf { .. })
+                && e.to_string()
+                    .contains("at offset 56, inside the 64-byte ELF header"),
+            "{e}"
+        );
     }
 
     #[test]
