@@ -62,7 +62,7 @@
 //!   the monitor's; where it alone takes more than the munmap, no
 //!   teardown that releases beside KVM gets under 1.0x in that run (on
 //!   this host 256 MiB of THP: 0.75-0.94 ms beside KVM against 0.66-0.78
-//!   for munmap, three runs of 9). The threads claim chunks as the VM's release does
+//!   for munmap, four runs of 5-9). The threads claim chunks as the VM's release does
 //!   (guest-mm's `claim_size`, at most `BACKGROUND_CLAIM_MAX`): anonymous,
 //!   from one cursor over the regions, `madvise(MADV_DONTNEED)` each;
 //!   memfd, the VM's files, one thread per file, punched a chunk at a
