@@ -77,6 +77,14 @@ pub enum Rule {
     /// still invalidated and released: the fast walk's one load keeps
     /// finding them).
     LeafClear,
+    /// What an unmap's visitor keeps back over a leaf table page (the
+    /// invalidation range and the release run of the leaves it cleared
+    /// there) reaches the gather before the page's visit returns, also
+    /// when it stops early for the lock's yield or a full gather (broken:
+    /// an early stop leaves it with the visitor, recorded only when the
+    /// walk goes on, after the flush that should have covered those
+    /// cleared leaves).
+    LeafNotes,
     /// Every part of the leaf arena below its readable end is readable:
     /// opening a GiB makes the closed parts below it readable before it
     /// raises the end (broken: only the GiB itself is opened, so the fast
@@ -92,7 +100,7 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 17] = [
+    pub const ALL: [Rule; 18] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
         Rule::LeafCacheUnlink,
@@ -108,6 +116,7 @@ impl Rule {
         Rule::UnreleasedRecord,
         Rule::FaultSeq,
         Rule::LeafClear,
+        Rule::LeafNotes,
         Rule::ArenaReadable,
         Rule::ChildDiesWithParent,
     ];
@@ -130,6 +139,7 @@ impl Rule {
             Rule::UnreleasedRecord => "unreleased_record",
             Rule::FaultSeq => "fault_seq",
             Rule::LeafClear => "leaf_clear",
+            Rule::LeafNotes => "leaf_notes",
             Rule::ArenaReadable => "arena_readable",
             Rule::ChildDiesWithParent => "child_dies_with_parent",
         }

@@ -1,10 +1,14 @@
 //! Fault injection: every fallback path still frees everything, in order.
+//!
+//! [`every_flush_covers_every_leaf_cleared_before_it`] guards `leaf_notes`
+//! (an unmap visitor's notes kept back over a leaf table page reach the
+//! gather before a flush that follows the page's visit).
 
 mod common;
 
 use common::*;
 use guest_mm::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 const M2: u64 = 2 << 20;
 
@@ -535,4 +539,82 @@ fn parallel_punches_the_kernel_refuses_are_all_kept_accounted() {
             libc::close(fd);
         }
     }
+}
+
+/// At every invalidation start, looks at each page of `[0, pages)`: one the
+/// table no longer maps must be in this invalidation or released already
+/// (by an earlier flush, as the log shows). Records those that are
+/// neither.
+struct ClearedCovered {
+    table: Weak<Stage2Table>,
+    log: Log,
+    pages: u64,
+    hva_to_gpa: fn(u64, u64) -> u64,
+    stray: Mutex<Vec<u64>>,
+}
+
+impl InvalidationSubscriber for ClearedCovered {
+    fn invalidate_range_start(&self, inv: &Invalidation) {
+        let Some(t) = self.table.upgrade() else {
+            return;
+        };
+        let released: std::collections::HashSet<u64> = self
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match *e {
+                Ev::Release(h, _) => Some((self.hva_to_gpa)(h, self.pages)),
+                _ => None,
+            })
+            .collect();
+        let mut stray = self.stray.lock().unwrap();
+        for i in 0..self.pages {
+            let gpa = i * 4096;
+            let cleared = t.query(Gpa(gpa)) == PageState::Unmapped;
+            let here = inv.start.0 <= gpa && gpa < inv.end.0;
+            if cleared && !here && !released.contains(&gpa) {
+                stray.push(gpa);
+            }
+        }
+    }
+}
+
+/// An unmap whose gather fills every few leaves (no batch page can be
+/// allocated, and no two leaves coalesce), so its walk stops early in the
+/// middle of leaf table pages again and again: every flush must cover
+/// every leaf the walk cleared before it. (Rule `leaf_notes`: with it
+/// broken, the last leaves cleared before each early stop are recorded
+/// only after that stop's flush.)
+#[test]
+fn every_flush_covers_every_leaf_cleared_before_it() {
+    let (t, log) = simulated_table(TableConfig::default());
+    let pages = 2 * 512 + 100;
+    map_scattered(&t, pages);
+    let check = Arc::new(ClearedCovered {
+        table: Arc::downgrade(&t),
+        log: log.clone(),
+        pages,
+        hva_to_gpa: |h, pages| (pages - 1 - (h - FAKE_HVA) / 8192) * 4096,
+        stray: Mutex::new(Vec::new()),
+    });
+    t.register_subscriber(check.clone()).unwrap();
+    t.faults.batch_alloc.fail_always();
+    let mut g = t.gather();
+    t.unmap(&mut g, Gpa(0), pages * 4096, UnmapMode::Remove)
+        .unwrap();
+    let st = g.finish().unwrap();
+    assert!(st.flushes > pages / 8, "flushes {}", st.flushes);
+    let stray = check.stray.lock().unwrap().clone();
+    assert!(
+        stray.is_empty(),
+        "{} cleared leaves (over {} flushes) were neither in the next flush's \
+         invalidation nor released before it (first at {:#x})",
+        stray.len(),
+        st.flushes,
+        stray.first().copied().unwrap_or(0)
+    );
+    let log = log.lock().unwrap().clone();
+    assert_eq!(released(&log).len() as u64, pages);
+    check_order(&log, |h| (pages - 1 - (h - FAKE_HVA) / 8192) * 4096);
 }

@@ -206,6 +206,15 @@ const GM_FAILINJ: Detector = Detector {
     stochastic: false,
 };
 
+const GM_FALLBACK: Detector = Detector {
+    name: "guest-mm fallback",
+    run: Run::Test {
+        package: "guest-mm",
+        target: "fallback",
+        filter: "",
+    },
+    stochastic: false,
+};
 const GM_WALK_CACHE: Detector = Detector {
     name: "guest-mm walk_cache",
     run: Run::Test {
@@ -409,6 +418,7 @@ const MATRIX: &[(Rule, &[Claim])] = &[
             full(LOOM_ARENA),
         ],
     ),
+    (Rule::LeafNotes, &[fast(GM_FALLBACK), fast(GM_ORACLE)]),
     (Rule::ArenaReadable, &[fast(GM_WALK_CACHE)]),
     (
         Rule::ChildDiesWithParent,

@@ -233,23 +233,30 @@ impl Stage2Table {
         f: &mut impl FnMut(Gpa, Lookup) -> bool,
     ) -> bool {
         let size = level_size(level);
+        if level == 1 {
+            // A leaf table page: 4 KiB leaves, markers and holes only, in
+            // one loop over its entries (`end` is at most the page's end).
+            let page_base = addr & !(level_size(2) - 1);
+            let (first, last) = (index(addr, 1), index(end - 1, 1));
+            for (i, slot) in page.entries[first..=last].iter().enumerate() {
+                let at = Gpa(addr.max(page_base + (first + i) as u64 * size));
+                let e = Pte(slot.load(Ordering::Acquire));
+                if !f(at, self.scanned(e, level)) {
+                    return false;
+                }
+            }
+            return true;
+        }
         while addr < end {
             let ent_end = (addr & !(size - 1)) + size;
             let stop = ent_end.min(end);
             let e = Pte(page.entries[index(addr, level)].load(Ordering::Acquire));
-            let ok = if e.0 == POISON {
-                self.stats.use_after_free.fetch_add(1, Relaxed);
-                f(Gpa(addr), Lookup::Poison)
-            } else if e.is_table(level) {
+            let ok = if e.0 != POISON && e.is_table(level) {
                 // SAFETY: linked entry read inside our read section.
                 let child = unsafe { PagePtr::from_addr(e.addr()) };
                 self.scan_page(child, level - 1, addr, stop, f)
-            } else if e.is_present() {
-                f(Gpa(addr), Lookup::Leaf { pte: e, level })
-            } else if e.is_marker() {
-                f(Gpa(addr), Lookup::Marker { pte: e, level })
             } else {
-                f(Gpa(addr), Lookup::None)
+                f(Gpa(addr), self.scanned(e, level))
             };
             if !ok {
                 return false;
@@ -257,6 +264,22 @@ impl Stage2Table {
             addr = stop;
         }
         true
+    }
+
+    /// What a scan found in `e` at `level`, not a table pointer (a poisoned
+    /// entry is counted as a use after free).
+    #[inline(always)]
+    fn scanned(&self, e: Pte, level: u32) -> Lookup {
+        if e.0 == POISON {
+            self.stats.use_after_free.fetch_add(1, Relaxed);
+            Lookup::Poison
+        } else if e.is_present() {
+            Lookup::Leaf { pte: e, level }
+        } else if e.is_marker() {
+            Lookup::Marker { pte: e, level }
+        } else {
+            Lookup::None
+        }
     }
 
     /// The first page of `[start, end)` with no leaf or marker.

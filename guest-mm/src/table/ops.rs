@@ -26,7 +26,7 @@
 //! to refuse, and the locked walk re-checks what it changes.
 
 use super::error::check_range;
-use super::writer_walk::replace_entry;
+use super::writer_walk::{each, replace_entry, Visitor};
 use super::{MapError, RangeError, Stage2Table, UnmapError};
 use crate::addr::{Gpa, Hva, PageSize, Perms};
 use crate::entry::{level_size, Pte, ADDRESS_LIMIT, PAGE_SIZE, SW_BALLOONED, SW_DISCARDED};
@@ -207,20 +207,21 @@ impl Stage2Table {
     ) -> Result<(), UnmapError> {
         g.note_requested(start, end);
         let pending = register && !g.full_mm;
-        // One closure per mode, each with `zap_leaf` inlined and its mode a
-        // constant: the walk's per-entry work is then only that mode's.
-        macro_rules! visit_as {
-            ($m:expr) => {
-                self.visit_range(g, start, end, pending, &mut |slot, e, level, base, g| {
-                    zap_leaf(slot, e, level, base, g, $m)
-                })
-            };
-        }
+        // One visitor per mode, each with its mode a constant: the walk's
+        // per-entry work is then only that mode's.
         match mode {
-            UnmapMode::Remove => visit_as!(UnmapMode::Remove),
-            UnmapMode::Detach => visit_as!(UnmapMode::Detach),
-            UnmapMode::Discard => visit_as!(UnmapMode::Discard),
-            UnmapMode::Balloon => visit_as!(UnmapMode::Balloon),
+            UnmapMode::Remove => {
+                self.visit_range(g, start, end, pending, &mut Zap::<REMOVE>::new())
+            }
+            UnmapMode::Detach => {
+                self.visit_range(g, start, end, pending, &mut Zap::<DETACH>::new())
+            }
+            UnmapMode::Discard => {
+                self.visit_range(g, start, end, pending, &mut Zap::<DISCARD>::new())
+            }
+            UnmapMode::Balloon => {
+                self.visit_range(g, start, end, pending, &mut Zap::<BALLOON>::new())
+            }
         }
     }
     /// Change the permissions of `[gpa, gpa + len)` (every page must be
@@ -244,7 +245,7 @@ impl Stage2Table {
             start,
             end,
             false,
-            &mut |slot, e: Pte, level, base, g: &mut Gather<'_>| {
+            &mut each(|slot, e: Pte, level, base, g: &mut Gather<'_>| {
                 if e.is_present() {
                     if e.perms() != perms {
                         if !replace_entry(slot, e, e.with_perms(perms)) {
@@ -258,7 +259,7 @@ impl Stage2Table {
                 } else {
                     replace_entry(slot, e, Pte::marker(e.addr(), perms, level, e.markers()))
                 }
-            },
+            }),
         )
     }
 
@@ -287,7 +288,7 @@ impl Stage2Table {
             start,
             end,
             false,
-            &mut |slot, e: Pte, level, _base, _g: &mut Gather<'_>| {
+            &mut each(|slot, e: Pte, level, _base, _g: &mut Gather<'_>| {
                 if e.markers() & SW_BALLOONED != 0 {
                     let m = Pte::marker(e.addr(), e.saved_perms(), level, SW_DISCARDED);
                     if !replace_entry(slot, e, m) {
@@ -296,47 +297,142 @@ impl Stage2Table {
                     pages += level_size(level) / PAGE_SIZE;
                 }
                 true
-            },
+            }),
         )?;
         let _ = g.flush();
         Ok(pages)
     }
 }
 
-/// The unmap's action on one leaf or marker at `level` mapping `base`;
-/// `false` if a fault restored the entry first (read it again). Inlined
-/// into each mode's walk ([`Stage2Table::unmap_inner`]).
+/// [`Zap`]'s modes, as constants ([`UnmapMode`] cannot be a const
+/// parameter).
+const REMOVE: u8 = 0;
+const DETACH: u8 = 1;
+const DISCARD: u8 = 2;
+const BALLOON: u8 = 3;
+
+/// The unmap's visitor in mode `M` (one of the constants above).
+///
+/// On a leaf table page it keeps the invalidation range and the current
+/// run of host memory to release itself, and hands them to the gather
+/// when the run breaks (the one gather entry a leaf may record) and when
+/// the page's visit ends ([`Visitor::leaves_done`]), so that the common
+/// case, the next 4 KiB of the same run, updates two fields of its own
+/// instead of the gather's range, run and flags.
+struct Zap<const M: u8> {
+    /// Guest range cleared on this leaf page and not yet noted (empty:
+    /// `start == end`).
+    inv: (u64, u64),
+    /// Host run released on this leaf page and not yet noted (`len` 0:
+    /// none).
+    run: (u64, u64),
+}
+
+impl<const M: u8> Zap<M> {
+    const MODE: UnmapMode = match M {
+        REMOVE => UnmapMode::Remove,
+        DETACH => UnmapMode::Detach,
+        DISCARD => UnmapMode::Discard,
+        _ => UnmapMode::Balloon,
+    };
+
+    fn new() -> Self {
+        Zap {
+            inv: (0, 0),
+            run: (0, 0),
+        }
+    }
+}
+
+impl<const M: u8> Visitor for Zap<M> {
+    #[inline(always)]
+    fn entry(
+        &mut self,
+        slot: &AtomicU64,
+        e: Pte,
+        level: u32,
+        base: Gpa,
+        g: &mut Gather<'_>,
+    ) -> bool {
+        let Some(present) = zap_entry(slot, e, level, g, Self::MODE) else {
+            return false;
+        };
+        if present {
+            let size = level_size(level);
+            let release = Self::MODE != UnmapMode::Detach;
+            g.note_invalidate(base, size, release);
+            if release {
+                g.note_release(Hva(e.addr()), size);
+            }
+        }
+        true
+    }
+
+    #[inline(always)]
+    fn leaf(&mut self, slot: &AtomicU64, e: Pte, base: Gpa, g: &mut Gather<'_>) -> bool {
+        let Some(present) = zap_entry(slot, e, 1, g, Self::MODE) else {
+            return false;
+        };
+        if present {
+            // Leaves come in address order: the range only grows at its end.
+            if self.inv.0 == self.inv.1 {
+                self.inv.0 = base.0;
+            }
+            self.inv.1 = base.0 + PAGE_SIZE;
+            if Self::MODE != UnmapMode::Detach {
+                let hva = e.addr();
+                if self.run.1 != 0 && self.run.0 + self.run.1 == hva {
+                    self.run.1 += PAGE_SIZE;
+                } else {
+                    if self.run.1 != 0 {
+                        g.note_release(Hva(self.run.0), self.run.1);
+                    }
+                    self.run = (hva, PAGE_SIZE);
+                }
+            }
+        }
+        true
+    }
+
+    #[inline(always)]
+    fn leaves_done(&mut self, g: &mut Gather<'_>) {
+        if self.inv.0 != self.inv.1 {
+            let release = Self::MODE != UnmapMode::Detach;
+            g.note_invalidate(Gpa(self.inv.0), self.inv.1 - self.inv.0, release);
+            self.inv = (0, 0);
+        }
+        if self.run.1 != 0 {
+            g.note_release(Hva(self.run.0), self.run.1);
+            self.run = (0, 0);
+        }
+    }
+}
+
+/// The unmap's change of one leaf or marker at `level`: `None` if a fault
+/// restored the entry first (read it again), else whether it was present
+/// (its range is then to invalidate, and unless detached, to release).
 #[inline(always)]
-fn zap_leaf(
+fn zap_entry(
     slot: &AtomicU64,
     e: Pte,
     level: u32,
-    base: Gpa,
     g: &mut Gather<'_>,
     mode: UnmapMode,
-) -> bool {
-    let size = level_size(level);
+) -> Option<bool> {
     let present = e.is_present();
     let new = match mode {
         UnmapMode::Remove | UnmapMode::Detach => Pte::NONE,
         UnmapMode::Discard if present => Pte::marker(e.addr(), e.perms(), level, SW_DISCARDED),
-        UnmapMode::Discard => return true,
+        UnmapMode::Discard => return Some(false),
         UnmapMode::Balloon if present => Pte::marker(e.addr(), e.perms(), level, SW_BALLOONED),
-        UnmapMode::Balloon if e.markers() & SW_BALLOONED != 0 => return true,
+        UnmapMode::Balloon if e.markers() & SW_BALLOONED != 0 => return Some(false),
         UnmapMode::Balloon => Pte::marker(e.addr(), e.saved_perms(), level, SW_BALLOONED),
     };
     if !replace_entry(slot, e, new) {
-        return false;
+        return None;
     }
     if mode == UnmapMode::Balloon {
-        g.stats.ballooned_pages += size / PAGE_SIZE;
+        g.stats.ballooned_pages += level_size(level) / PAGE_SIZE;
     }
-    if present {
-        let release = mode != UnmapMode::Detach;
-        g.note_invalidate(base, size, release);
-        if release {
-            g.note_release(Hva(e.addr()), size);
-        }
-    }
-    true
+    Some(present)
 }

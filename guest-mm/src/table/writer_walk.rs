@@ -21,6 +21,10 @@
 //! - A writer visits at most `yield_entries` entries per lock hold, then
 //!   drops the lock and resumes where it stopped; a full gather is flushed
 //!   with the lock dropped (forward progress, bounded holds).
+//! - What a [`Visitor`] keeps back over a leaf table page (the unmap's
+//!   invalidation range and release run) reaches the gather before that
+//!   page's visit returns, early stops included, so a flush always covers
+//!   every entry cleared before it (rule `leaf_notes`).
 //!
 //! - A *discarded* marker is the one entry that changes without the table
 //!   lock: the fault commit ([`super::fault_in`]) swaps it for a present
@@ -73,6 +77,70 @@ pub(super) fn replace_entry(slot: &AtomicU64, old: Pte, new: Pte) -> bool {
 
 fn page_is_empty(p: &TablePage) -> bool {
     p.entries.iter().all(|e| e.load(Relaxed) == 0)
+}
+
+/// What [`Stage2Table::visit_range`] does to each leaf and marker of its
+/// range.
+///
+/// A visitor changes the entry with [`replace_entry`] before any other
+/// effect and returns whether the change took (`false`: a fault restored
+/// the entry first; it is read again and the visitor called on what is
+/// there now). What it records for the gather (an invalidation, a
+/// release) must reach the gather before the visit of the table page it
+/// is in ends: a flush may follow, and it must see every entry cleared
+/// before it. Closures with the shape of [`Visitor::entry`] are visitors.
+pub(super) trait Visitor {
+    /// Visit `e` in `slot`, at `level`, mapping guest memory from `base`.
+    fn entry(
+        &mut self,
+        slot: &AtomicU64,
+        e: Pte,
+        level: u32,
+        base: Gpa,
+        g: &mut Gather<'_>,
+    ) -> bool;
+
+    /// Visit `e`, a 4 KiB leaf or marker of a leaf table page, in address
+    /// order within the page. May keep what it records back until
+    /// [`Visitor::leaves_done`], and must record at most one gather entry
+    /// per call (the gather's reserve counts on it).
+    #[inline(always)]
+    fn leaf(&mut self, slot: &AtomicU64, e: Pte, base: Gpa, g: &mut Gather<'_>) -> bool {
+        self.entry(slot, e, 1, base, g)
+    }
+
+    /// The visit of a leaf table page is over (called before every return
+    /// from it): record in `g` what [`Visitor::leaf`] kept back, at most
+    /// one gather entry.
+    #[inline(always)]
+    fn leaves_done(&mut self, _g: &mut Gather<'_>) {}
+}
+
+impl<F> Visitor for F
+where
+    F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>) -> bool,
+{
+    #[inline(always)]
+    fn entry(
+        &mut self,
+        slot: &AtomicU64,
+        e: Pte,
+        level: u32,
+        base: Gpa,
+        g: &mut Gather<'_>,
+    ) -> bool {
+        self(slot, e, level, base, g)
+    }
+}
+
+/// `f` as a [`Visitor`]: gives a closure the signature a visitor needs
+/// (closures passed straight to a generic parameter get no higher-ranked
+/// lifetimes).
+pub(super) fn each<F>(f: F) -> F
+where
+    F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>) -> bool,
+{
+    f
 }
 
 impl Stage2Table {
@@ -154,17 +222,14 @@ impl Stage2Table {
     /// entry with [`replace_entry`] before any other effect and returns
     /// whether the change took (`false`: a fault restored the entry first;
     /// it is read again and `f` called on what is there now).
-    pub(super) fn visit_range<F>(
+    pub(super) fn visit_range<F: Visitor>(
         &self,
         g: &mut Gather<'_>,
         start: Gpa,
         end: Gpa,
         pending: bool,
         f: &mut F,
-    ) -> Result<(), UnmapError>
-    where
-        F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>) -> bool,
-    {
+    ) -> Result<(), UnmapError> {
         let mut addr = start.0;
         while addr < end.0 {
             let l = self.lock();
@@ -198,7 +263,7 @@ impl Stage2Table {
     /// gather is full; returns the address reached, or `Err(addr)` if a
     /// split could not allocate. Table lock held.
     #[allow(clippy::too_many_arguments)]
-    fn visit<F>(
+    fn visit<F: Visitor>(
         &self,
         page: &TablePage,
         level: u32,
@@ -207,11 +272,11 @@ impl Stage2Table {
         g: &mut Gather<'_>,
         budget: &mut u32,
         f: &mut F,
-    ) -> Result<u64, u64>
-    where
-        F: FnMut(&AtomicU64, Pte, u32, Gpa, &mut Gather<'_>) -> bool,
-    {
+    ) -> Result<u64, u64> {
         let size = level_size(level);
+        if level == 1 {
+            return Ok(self.visit_leaves(page, addr, end, g, budget, f));
+        }
         while addr < end {
             if *budget == 0 || g.is_full() {
                 return Ok(addr);
@@ -240,7 +305,7 @@ impl Stage2Table {
                         let v = Pte(le.load(Relaxed));
                         if !v.is_none() {
                             let copy = AtomicU64::new(v.0);
-                            f(&copy, v, 1, Gpa(base + i as u64 * level_size(1)), g);
+                            f.entry(&copy, v, 1, Gpa(base + i as u64 * level_size(1)), g);
                             let n = copy.load(Relaxed);
                             if n != 0 {
                                 le.store(n, Ordering::Release);
@@ -293,11 +358,59 @@ impl Stage2Table {
                 }
                 continue;
             }
-            if f(slot, e, level, Gpa(base), g) {
+            if f.entry(slot, e, level, Gpa(base), g) {
                 addr = stop;
             }
         }
         Ok(end)
+    }
+
+    /// [`Stage2Table::visit`] on a leaf table page (level 1): every entry
+    /// is a 4 KiB leaf, a marker or empty, so there is nothing to split or
+    /// descend into; the loop reads the entries and hands those that are
+    /// not empty to [`Visitor::leaf`], then calls [`Visitor::leaves_done`]
+    /// before it returns, so nothing a visitor keeps back outlives the
+    /// page's visit. Returns the address reached. Table lock held.
+    #[inline(always)]
+    fn visit_leaves<F: Visitor>(
+        &self,
+        page: &TablePage,
+        addr: u64,
+        end: u64,
+        g: &mut Gather<'_>,
+        budget: &mut u32,
+        f: &mut F,
+    ) -> u64 {
+        let size = level_size(1);
+        let page_base = addr & !(level_size(2) - 1);
+        let first = index(addr, 1);
+        // `end` is past `addr` and at most the page's end.
+        let last = index(end - 1, 1);
+        let mut reached = end;
+        // The budget in a register, written back once.
+        let mut left = *budget;
+        for (i, slot) in page.entries[first..=last].iter().enumerate() {
+            let i = first + i;
+            if left == 0 || g.is_full() {
+                reached = page_base + i as u64 * size;
+                break;
+            }
+            left -= 1;
+            let mut e = Pte(slot.load(Ordering::Relaxed));
+            while !e.is_none() && !f.leaf(slot, e, Gpa(page_base + i as u64 * size), g) {
+                e = Pte(slot.load(Ordering::Relaxed));
+            }
+        }
+        *budget = left;
+        if reached < end && broken(Rule::LeafNotes) {
+            // Broken on purpose: stopped early (the lock's yield, a full
+            // gather), the visit leaves what the visitor kept back with it,
+            // to be recorded when a later visit goes on: after the flush
+            // that should have covered it.
+            return reached;
+        }
+        f.leaves_done(g);
+        reached
     }
 
     /// A zeroed table page of `level` for the guest range of `addr`: the
