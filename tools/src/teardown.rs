@@ -167,6 +167,25 @@ struct Case {
     populate: Populate,
 }
 
+impl Case {
+    /// The row's backing, as the monitor names it.
+    fn vm_backing(&self) -> Backing {
+        match self.backing {
+            BackingArg::Anon => Backing::Anon,
+            BackingArg::Memfd => Backing::Memfd,
+        }
+    }
+
+    /// The row's leaf size, as the monitor names it.
+    fn vm_page(&self) -> PageSize {
+        if self.page == Leaf::Size4K {
+            PageSize::Size4K
+        } else {
+            PageSize::Size2M
+        }
+    }
+}
+
 /// Options of `gmm bench teardown`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -310,15 +329,8 @@ struct ReadyVm {
 
 fn ready_vm(a: &Case, size: u64) -> Result<ReadyVm> {
     let mut c = VmConfig::new(MemSize::from_bytes(size).context("guest RAM size")?);
-    c.backing = match a.backing {
-        BackingArg::Anon => Backing::Anon,
-        BackingArg::Memfd => Backing::Memfd,
-    };
-    c.page_size = if a.page == Leaf::Size4K {
-        PageSize::Size4K
-    } else {
-        PageSize::Size2M
-    };
+    c.backing = a.vm_backing();
+    c.page_size = a.vm_page();
     c.workload = Workload::Verify;
     c.console = Console::Null;
     let rss_before = vmm::proc_stats::rss().rss;
@@ -606,16 +618,8 @@ fn split_threads(case: &Case, size: u64, cores: usize) -> Option<usize> {
 /// release frees huge pages below vmm's `HUGE_PARALLEL_MIN_BYTES`
 /// (`teardown_release_threads`), else as [`vm_release_threads`].
 fn kvm_release_threads(case: &Case, size: u64, cores: usize) -> usize {
-    let backing = match case.backing {
-        BackingArg::Anon => Backing::Anon,
-        BackingArg::Memfd => Backing::Memfd,
-    };
-    let page = if case.page == Leaf::Size4K {
-        PageSize::Size4K
-    } else {
-        PageSize::Size2M
-    };
-    if vmm::memory::release::teardown_release_threads(backing, page, size) <= 1 {
+    if vmm::memory::release::teardown_release_threads(case.vm_backing(), case.vm_page(), size) <= 1
+    {
         1
     } else {
         vm_release_threads(size, cores)
