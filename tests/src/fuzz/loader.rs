@@ -12,8 +12,8 @@
 //!
 //! **Properties:** `prepare` returns an error or a boot, never panics;
 //! a prepared boot loads without error into guest memory of the size it
-//! was prepared for (the module invariant of `vmm::boot`; the one refusal
-//! left is a PVH note's entry outside the kernel), with the entry
+//! was prepared for (the module invariant of `vmm::boot`, notes
+//! included), with the entry
 //! point at or above 1 MiB and below the end of RAM, the initrd
 //! page-aligned above the kernel and below the end of RAM, holding the
 //! file's bytes, the command line at `CMDLINE_START` as prepared, and the
@@ -25,7 +25,7 @@ use std::path::PathBuf;
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::layout::{CMDLINE_START, EBDA_START, HIMEM_START};
-use vmm::boot::{prepare, BootError, LinuxSpec, MmioDeviceInfo};
+use vmm::boot::{prepare, LinuxSpec, MmioDeviceInfo};
 use vmm::memory::GuestRam;
 use vmm::{Backing, MemSize, PageSize};
 
@@ -177,8 +177,6 @@ pub fn run(data: &[u8]) {
     let gm = ram.guest_memory();
     let entry = match boot.load(gm) {
         Ok(e) => e,
-        // Only a PVH note (read by the loader alone) may still be refused.
-        Err(BootError::BadEntry { how: "PVH", .. }) => return,
         Err(e) => panic!("a prepared boot failed to load: {e}"),
     };
     assert!(

@@ -3,13 +3,21 @@
 //! else through its 64-bit entry) or a bzImage (64-bit boot protocol).
 //!
 //! **Invariants.**
-//! - [`inspect`] reads only the headers it needs (the first 64 KiB, and
-//!   the ELF program header table wherever it is), never the whole kernel,
-//!   never panics on any input, and accepts an image only if every byte
-//!   linux-loader will later copy lies inside the file and every load
-//!   address lies in `[HIMEM_START, mem)`: loading an accepted image cannot
-//!   fail for want of bytes or RAM (unless the file changes in between,
-//!   which the load then reports).
+//! - [`inspect`] reads only the headers it needs (the first 64 KiB, the
+//!   ELF program header table and note segments wherever they are), never
+//!   the whole kernel, never panics on any input, and accepts an image only
+//!   if every byte linux-loader will later copy or read lies inside the
+//!   file, every note linux-loader will walk is one it can read, every load
+//!   address lies in `[HIMEM_START, mem)` and the entry the vCPU will start
+//!   at (the PVH note's if the loader will find one, else `e_entry`) lies
+//!   in what the kernel loads: loading an accepted image cannot fail
+//!   (unless the file changes in between, which the load then reports).
+//! - The note walk is linux-loader 0.14's `parse_elf_note`, step for step:
+//!   from each `PT_NOTE` segment's start, while fewer than `p_filesz` bytes
+//!   are walked, a 12-byte header; a `"Xen"` note of type 18 ends the walk
+//!   (its 4-byte entry must be readable); any other note is skipped by its
+//!   4-aligned name and descriptor sizes. The last `PT_NOTE` decides, as
+//!   in the loader.
 //! - The kernel is copied once, by linux-loader, from the file straight
 //!   into guest memory: no heap copy (on a host whose page faults are slow,
 //!   faulting in a 12 MiB buffer cost tens of ms of the start).
@@ -22,6 +30,17 @@ use super::BootError;
 const EM_X86_64: u16 = 62;
 /// ELF program header type of a loadable segment.
 const PT_LOAD: u32 = 1;
+/// ELF program header type of a note segment.
+const PT_NOTE: u32 = 4;
+/// Type and owner of the note holding the PVH entry
+/// (`XEN_ELFNOTE_PHYS32_ENTRY`).
+const PVH_NOTE_TYPE: u32 = 18;
+const PVH_NOTE_NAME: &[u8] = b"Xen\0";
+/// Size of an ELF note header (name size, descriptor size, type).
+const NHDR_LEN: u64 = 12;
+/// Most bytes of one note segment read to check it (a vmlinux has a few
+/// hundred).
+const NOTES_MAX: u64 = 1 << 20;
 /// Size of an ELF64 header and of one program header.
 const EHDR_LEN: usize = 64;
 const PHDR_LEN: usize = 56;
@@ -126,7 +145,22 @@ pub fn inspect_file(
                 .map_err(io)?;
         }
     }
-    let (format, end, loads) = check(path, &head, len, mem)?;
+    let mut read_at = |at: u64, n: usize| -> Result<Vec<u8>, BootError> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; n];
+        let mut got = 0;
+        while got < n {
+            match file.read_at(&mut buf[got..], at.saturating_add(got as u64)) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    };
+    let (format, end, loads) = check(path, &head, len, mem, &mut read_at)?;
     Ok(KernelImage {
         source: Source::File(file),
         format,
@@ -137,7 +171,11 @@ pub fn inspect_file(
 
 /// Checks an image held in memory (tests).
 pub fn inspect(path: &str, bytes: Vec<u8>, mem: u64) -> Result<KernelImage, BootError> {
-    let (format, end, loads) = check(path, &bytes, bytes.len() as u64, mem)?;
+    let mut read_at = |at: u64, n: usize| -> Result<Vec<u8>, BootError> {
+        let from = usize::try_from(at).map_or(&[][..], |a| bytes.get(a..).unwrap_or(&[]));
+        Ok(from[..n.min(from.len())].to_vec())
+    };
+    let (format, end, loads) = check(path, &bytes, bytes.len() as u64, mem, &mut read_at)?;
     Ok(KernelImage {
         source: Source::Bytes(bytes),
         format,
@@ -150,11 +188,21 @@ pub fn inspect(path: &str, bytes: Vec<u8>, mem: u64) -> Result<KernelImage, Boot
 type Checked = (KernelFormat, u64, Vec<(u64, u64)>);
 /// A checked image's end and load ranges.
 type Extent = (u64, Vec<(u64, u64)>);
+/// Reads up to `n` bytes at a file offset (fewer only at the end of the
+/// file).
+type ReadAt<'a> = &'a mut dyn FnMut(u64, usize) -> Result<Vec<u8>, BootError>;
 
-/// Checks `bytes`, the first bytes of a `len`-byte file at `path`.
-fn check(path: &str, bytes: &[u8], len: u64, mem: u64) -> Result<Checked, BootError> {
+/// Checks `bytes`, the first bytes of a `len`-byte file at `path` whose
+/// other bytes `read_at` reads.
+fn check(
+    path: &str,
+    bytes: &[u8],
+    len: u64,
+    mem: u64,
+    read_at: ReadAt<'_>,
+) -> Result<Checked, BootError> {
     let (format, (end, loads)) = if bytes.starts_with(b"\x7fELF") {
-        (KernelFormat::Elf, check_elf(path, bytes, len)?)
+        (KernelFormat::Elf, check_elf(path, bytes, len, read_at)?)
     } else if u32_at(bytes, BZ_HEADER) == Some(BZ_MAGIC)
         && u16_at(bytes, BZ_BOOT_FLAG) == Some(0xaa55)
     {
@@ -174,8 +222,8 @@ fn check(path: &str, bytes: &[u8], len: u64, mem: u64) -> Result<Checked, BootEr
 
 /// Returns the end of the highest loadable segment and the ranges the
 /// segments' file bytes load to. `b` holds at least the headers and the
-/// program header table of a `len`-byte file.
-fn check_elf(path: &str, b: &[u8], len: u64) -> Result<Extent, BootError> {
+/// program header table of a `len`-byte file; `read_at` reads its notes.
+fn check_elf(path: &str, b: &[u8], len: u64, read_at: ReadAt<'_>) -> Result<Extent, BootError> {
     let truncated = |what: &str| BootError::Truncated {
         path: path.to_string(),
         what: what.to_string(),
@@ -227,9 +275,15 @@ fn check_elf(path: &str, b: &[u8], len: u64) -> Result<Extent, BootError> {
     }
     let mut end = 0u64;
     let mut loads = Vec::new();
+    // The PVH entry the loader will find (the last note segment decides).
+    let mut pvh = None;
     for i in 0..u64::from(phnum) {
         let at = usize::try_from(phoff + i * PHDR_LEN as u64).unwrap_or(usize::MAX);
         let field = |o: usize| u64_at(b, at + o).unwrap_or(u64::MAX);
+        if u32_at(b, at) == Some(PT_NOTE) {
+            pvh = check_notes(path, i, field(8), field(32), len, read_at)?;
+            continue;
+        }
         if u32_at(b, at) != Some(PT_LOAD) {
             continue;
         }
@@ -262,17 +316,101 @@ fn check_elf(path: &str, b: &[u8], len: u64) -> Result<Extent, BootError> {
         });
     }
     // The 64-bit protocol starts at e_entry (a physical address in a
-    // vmlinux): it must lie in what the segments load.
+    // vmlinux), PVH at the note's entry: each must lie in what the
+    // segments load.
     let entry = u64_at(b, 24).unwrap_or(0);
-    if !(HIMEM_START..end).contains(&entry) {
-        return Err(BootError::BadEntry {
-            how: "64-bit",
-            entry,
-            start: HIMEM_START,
-            end,
-        });
+    for (how, entry) in [("64-bit", Some(entry)), ("PVH", pvh)] {
+        match entry {
+            Some(entry) if !(HIMEM_START..end).contains(&entry) => {
+                return Err(BootError::BadEntry {
+                    how,
+                    entry,
+                    start: HIMEM_START,
+                    end,
+                })
+            }
+            _ => {}
+        }
     }
     Ok((end, loads))
+}
+
+/// Walks note segment `i` (`filesz` bytes at `offset` of a `len`-byte
+/// file) as linux-loader will; returns the PVH entry it finds, if any.
+fn check_notes(
+    path: &str,
+    i: u64,
+    offset: u64,
+    filesz: u64,
+    len: u64,
+    read_at: ReadAt<'_>,
+) -> Result<Option<u64>, BootError> {
+    if filesz == 0 {
+        return Ok(None);
+    }
+    let bad = |what: String| BootError::BadElf {
+        path: path.to_string(),
+        what: format!("note segment {i} (at offset {offset:#x}): {what}"),
+    };
+    // Every read of the walk starts before `offset + filesz` and is at
+    // most a header, a 4-byte name and a 4-byte entry long.
+    let window_end = offset
+        .saturating_add(filesz)
+        .saturating_add(NHDR_LEN + 8)
+        .min(len);
+    let window = window_end.saturating_sub(offset);
+    if window > NOTES_MAX {
+        return Err(bad(format!(
+            "{filesz} bytes of notes, more than the {} MiB read to check them",
+            NOTES_MAX >> 20
+        )));
+    }
+    // `window` <= NOTES_MAX, so it fits a usize and a read of it is small.
+    let w = read_at(offset, window as usize)?;
+    let past_end = |what: &str, at: u64| {
+        bad(format!(
+            "{what} at offset {:#x} lies past the end of the file ({len} bytes)",
+            offset.saturating_add(at)
+        ))
+    };
+    let get = |at: u64, n: u64| {
+        let at = usize::try_from(at).ok()?;
+        w.get(at..at.checked_add(usize::try_from(n).ok()?)?)
+    };
+    let mut walked = 0u64;
+    while walked < filesz {
+        let h = get(walked, NHDR_LEN).ok_or_else(|| past_end("a note header", walked))?;
+        let (namesz, descsz, kind) = (
+            u32_at(h, 0).unwrap_or(0),
+            u32_at(h, 4).unwrap_or(0),
+            u32_at(h, 8).unwrap_or(0),
+        );
+        if kind == PVH_NOTE_TYPE && namesz as usize == PVH_NOTE_NAME.len() {
+            let name_at = walked + NHDR_LEN;
+            let name = get(name_at, 4).ok_or_else(|| past_end("a note name", name_at))?;
+            if name == PVH_NOTE_NAME {
+                if descsz < 4 {
+                    return Err(bad(format!(
+                        "the PVH entry note has a {descsz}-byte descriptor (4 needed)"
+                    )));
+                }
+                let at = name_at + 4;
+                let entry = get(at, 4).ok_or_else(|| past_end("the PVH entry", at))?;
+                return Ok(u32_at(entry, 0).map(u64::from));
+            }
+        }
+        let (name, desc) = (
+            u64::from(namesz).next_multiple_of(4),
+            u64::from(descsz).next_multiple_of(4),
+        );
+        if name > u64::from(u32::MAX) || desc > u64::from(u32::MAX) {
+            return Err(bad(format!(
+                "a note of {namesz}+{descsz} bytes overflows 32 bits once 4-aligned"
+            )));
+        }
+        walked += NHDR_LEN + name + desc;
+    }
+    Ok(None)
 }
 
 fn check_bzimage(path: &str, b: &[u8], len: u64) -> Result<(KernelFormat, Extent), BootError> {
@@ -476,6 +614,178 @@ pub(crate) mod tests {
         bz[BZ_INIT_SIZE..BZ_INIT_SIZE + 4].copy_from_slice(&0u32.to_le_bytes());
         let e = inspect("k", bz, 64 << 20).unwrap_err();
         assert!(matches!(e, BootError::BadEntry { .. }), "{e}");
+    }
+
+    /// One ELF note: `name` (NUL included), type, descriptor.
+    fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+        let mut n = Vec::new();
+        n.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+        n.extend_from_slice(&kind.to_le_bytes());
+        n.extend_from_slice(name);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n.extend_from_slice(desc);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n
+    }
+
+    /// [`tiny_elf`] with a second program header: a `PT_NOTE` of `filesz`
+    /// bytes over `notes`, which end the file.
+    fn elf_with_notes(notes: &[u8], filesz: u64) -> Vec<u8> {
+        let mut b = tiny_elf(4096);
+        b[56..58].copy_from_slice(&2u16.to_le_bytes());
+        // Move the load's 16 bytes past the second header.
+        let data = (EHDR_LEN + 2 * PHDR_LEN) as u64;
+        b[EHDR_LEN + 8..EHDR_LEN + 16].copy_from_slice(&data.to_le_bytes());
+        let mut ph = vec![0u8; PHDR_LEN];
+        ph[..4].copy_from_slice(&PT_NOTE.to_le_bytes());
+        ph[8..16].copy_from_slice(&(data + 16).to_le_bytes());
+        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+        b.splice(EHDR_LEN + PHDR_LEN..EHDR_LEN + PHDR_LEN, ph);
+        b.extend_from_slice(notes);
+        b
+    }
+
+    /// What linux-loader makes of `image`: the PVH entry it finds, or
+    /// its refusal.
+    fn loader(image: &[u8]) -> Result<Option<u64>, String> {
+        use linux_loader::loader::elf::{Elf, PvhBootCapability};
+        use linux_loader::loader::KernelLoader;
+        use vm_memory::{GuestAddress, GuestMemoryMmap};
+        let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mut f = std::io::Cursor::new(image);
+        let r = Elf::load(&gm, None, &mut f, Some(GuestAddress(HIMEM_START)))
+            .map_err(|e| e.to_string())?;
+        Ok(match r.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(a) => Some(a.0),
+            _ => None,
+        })
+    }
+
+    /// Note segments are accepted exactly when linux-loader can walk them
+    /// (found by the `loader` fuzz target: a note header past the end of
+    /// the file was accepted, and the load failed with "Unable to read
+    /// note header"), read from a file as from memory.
+    #[test]
+    fn note_segments_are_accepted_exactly_when_the_loader_reads_them() {
+        let entry = ((16u32 << 20) + 8).to_le_bytes();
+        let pvh = note(b"Xen\0", PVH_NOTE_TYPE, &entry);
+        let gnu = note(b"GNU\0", 3, &[0xab; 20]);
+        let both = [gnu.clone(), pvh.clone()].concat();
+        let len = |n: &[u8]| n.len() as u64;
+        let mut huge_name = gnu.clone();
+        huge_name[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        // (what, note bytes, p_filesz, None if refused else the PVH entry)
+        type Case = (&'static str, Vec<u8>, u64, Option<Option<u64>>);
+        let cases: Vec<Case> = vec![
+            (
+                "a PVH note",
+                pvh.clone(),
+                len(&pvh),
+                Some(Some((16 << 20) + 8)),
+            ),
+            (
+                "another note, then PVH",
+                both.clone(),
+                len(&both),
+                Some(Some((16 << 20) + 8)),
+            ),
+            ("another note only", gnu.clone(), len(&gnu), Some(None)),
+            ("an empty segment", Vec::new(), 0, Some(None)),
+            // The walk stops once p_filesz bytes are walked, even inside a note.
+            (
+                "p_filesz ends inside the header",
+                pvh.clone(),
+                1,
+                Some(Some((16 << 20) + 8)),
+            ),
+            (
+                "p_filesz past the end of the file",
+                gnu.clone(),
+                len(&gnu) + 1,
+                None,
+            ),
+            (
+                "a header cut by the end of the file",
+                pvh[..8].to_vec(),
+                8,
+                None,
+            ),
+            (
+                "a PVH entry cut by the end of the file",
+                pvh[..18].to_vec(),
+                20,
+                None,
+            ),
+            (
+                "a 2-byte PVH descriptor",
+                note(b"Xen\0", PVH_NOTE_TYPE, &[1, 2]),
+                16,
+                None,
+            ),
+            ("a name size that overflows", huge_name, len(&gnu), None),
+        ];
+        for (what, notes, filesz, want) in cases {
+            let image = elf_with_notes(&notes, filesz);
+            let loaded = loader(&image);
+            assert_eq!(
+                loaded.clone().ok(),
+                want,
+                "{what}: linux-loader says {loaded:?}"
+            );
+            let mem = inspect("k", image.clone(), 64 << 20);
+            assert_eq!(mem.is_ok(), want.is_some(), "{what}: {mem:?}");
+            let path = std::env::temp_dir().join(format!("vmm-notes-{}", std::process::id()));
+            std::fs::write(&path, &image).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            let from_file = inspect_file("k", file, 64 << 20);
+            std::fs::remove_file(&path).unwrap();
+            assert_eq!(from_file.is_ok(), want.is_some(), "{what}: {from_file:?}");
+            if let Err(e) = mem {
+                assert!(
+                    matches!(e, BootError::BadElf { .. })
+                        && e.to_string().contains("note segment 1"),
+                    "{what}: {e}"
+                );
+            }
+        }
+    }
+
+    /// Note segments over 1 MiB are refused, though the loader would walk
+    /// them: the check reads no more (a vmlinux has a few hundred bytes).
+    #[test]
+    fn refuses_note_segments_over_a_mib() {
+        // Empty notes (12 bytes each) that end the file.
+        let notes = vec![0u8; (NOTES_MAX as usize).next_multiple_of(12)];
+        let image = elf_with_notes(&notes, notes.len() as u64);
+        assert_eq!(loader(&image), Ok(None));
+        let e = inspect("k", image, 64 << 20).unwrap_err();
+        assert!(e.to_string().contains("more than the 1 MiB"), "{e}");
+        let notes = vec![0u8; NOTES_MAX as usize / 12 * 12];
+        let image = elf_with_notes(&notes, notes.len() as u64);
+        assert_eq!(loader(&image), Ok(None));
+        assert!(inspect("k", image, 64 << 20).is_ok());
+    }
+
+    /// The PVH entry a note gives must lie in the kernel, as `e_entry`
+    /// must: the vCPU starts there.
+    #[test]
+    fn rejects_a_pvh_entry_outside_the_kernel() {
+        let pvh = note(b"Xen\0", PVH_NOTE_TYPE, &0x1000u32.to_le_bytes());
+        let image = elf_with_notes(&pvh, pvh.len() as u64);
+        assert_eq!(loader(&image), Ok(Some(0x1000)));
+        let e = inspect("k", image, 64 << 20).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BootError::BadEntry {
+                    how: "PVH",
+                    entry: 0x1000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -20,9 +20,8 @@
 //!   entry point lies inside the kernel, that kernel and initrd fit in RAM
 //!   without overlapping, command line length, RAM and vCPU limits); it
 //!   touches nothing else. A [`Prepared`] boot therefore loads without
-//!   error into a guest memory of the size it was prepared for, unless
-//!   the kernel has a PVH note whose entry lies outside it (only the loader
-//!   reads notes): [`BootError::BadEntry`].
+//!   error into a guest memory of the size it was prepared for (the
+//!   kernel's notes included: [`image`] walks them as the loader will).
 //! - [`Prepared::load`] writes only guest memory below the end of RAM: the
 //!   kernel (at or above 1 MiB), the initrd (page-aligned, above the kernel,
 //!   below end of RAM and the kernel's initrd limit), the fixed structures of
@@ -459,8 +458,8 @@ impl Prepared {
                 )
             }
         };
-        // `prepare` checked the 64-bit entries against the image; a PVH
-        // note is only read by the loader.
+        // `prepare` checked both entries against the image; checked again
+        // here in case the file changed since.
         if !(HIMEM_START..self.kernel.end).contains(&entry.entry) {
             return Err(BootError::BadEntry {
                 how: match entry.protocol {
