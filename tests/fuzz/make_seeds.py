@@ -118,13 +118,14 @@ def loader(kind, klen, shift=0, initrd=b"", initrd_kind=1, sparse=0, cmdline=b"c
     for i in range(devices):
         b += u64(0xd000_0000 + 0x1000 * i) + u64(0x1000) + u32(5 + i)
     b += u8(len(cmdline)) + cmdline + u8(kind)
-    b += u16(klen) + (u8(shift) if kind == 1 else b"")
+    b += u16(klen) + (u8(shift) if kind % 3 == 1 else b"")
     b += u8(0)  # no patches
     b += u8(initrd_kind) + u8(len(initrd)) + initrd + u32(sparse)
     return b
 
 
 write("loader", "elf", loader(1, 4096))
+write("loader", "elf_pvh", loader(130, 4096))  # 130 % 3 == 1 with bit 7: the ELF with a PVH note
 write("loader", "elf_initrd", loader(1, 4096, initrd=b"\x07" * 200))
 write("loader", "elf_sparse_initrd", loader(1, 64, 4, initrd=b"07070", initrd_kind=2, sparse=1 << 20))
 write("loader", "bzimage", loader(2, 4096, initrd=b"initrd" * 10))

@@ -2,8 +2,9 @@
 //! loader ([`vmm::boot::Prepared::load`]) on arbitrary files, into guest
 //! memory of arbitrary (bounded) size.
 //!
-//! The kernel is raw bytes, or a minimal valid x86-64 ELF or bzImage
-//! ([`tiny_elf`], [`tiny_bzimage`]) with input-chosen bytes patched in (so
+//! The kernel is raw bytes, or a minimal valid x86-64 ELF (with or
+//! without a PVH note) or bzImage ([`tiny_elf`], [`tiny_elf_pvh`],
+//! [`tiny_bzimage`]) with input-chosen bytes patched in (so
 //! the fuzzer starts past the magic numbers); the initrd is absent, input
 //! bytes, or a sparse file of an input-chosen size; the RAM size, vCPU
 //! count, command line and virtio-mmio devices come from the input too.
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::layout::{CMDLINE_START, EBDA_START, HIMEM_START};
-use vmm::boot::{prepare, LinuxSpec, MmioDeviceInfo};
+use vmm::boot::{prepare, LinuxSpec, MmioDeviceInfo, Protocol};
 use vmm::memory::GuestRam;
 use vmm::{Backing, MemSize, PageSize};
 
@@ -64,6 +65,27 @@ pub fn tiny_elf(len: u64) -> Vec<u8> {
     b[p + 24..p + 32].copy_from_slice(&(16 * MIB).to_le_bytes());
     b[p + 32..p + 40].copy_from_slice(&16u64.to_le_bytes());
     b[p + 40..p + 48].copy_from_slice(&len.to_le_bytes());
+    b
+}
+
+/// [`tiny_elf`] with a second program header: a `PT_NOTE` holding the
+/// PVH entry note (`"Xen"`, type 18) whose entry is the load address, as
+/// a vmlinux has.
+pub fn tiny_elf_pvh(len: u64) -> Vec<u8> {
+    let mut b = tiny_elf(len);
+    b[56..58].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
+    let data = (EHDR_LEN + 2 * PHDR_LEN) as u64;
+    b[EHDR_LEN + 8..EHDR_LEN + 16].copy_from_slice(&data.to_le_bytes());
+    let mut ph = [0u8; PHDR_LEN];
+    ph[..4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+    ph[8..16].copy_from_slice(&(data + 16).to_le_bytes());
+    ph[32..40].copy_from_slice(&20u64.to_le_bytes());
+    b.splice(EHDR_LEN + PHDR_LEN..EHDR_LEN + PHDR_LEN, ph);
+    for v in [4, 4, 18] {
+        b.extend_from_slice(&u32::to_le_bytes(v));
+    }
+    b.extend_from_slice(b"Xen\0");
+    b.extend_from_slice(&(16 * MIB as u32).to_le_bytes());
     b
 }
 
@@ -136,10 +158,14 @@ pub fn run(data: &[u8]) {
     let k = inp.u8();
     let mut kernel = match k % 3 {
         0 => Vec::new(),
-        1 => tiny_elf(u64::from(inp.u16()) << (inp.u8() % 12)),
+        1 if k & 0x80 == 0 => tiny_elf(u64::from(inp.u16()) << (inp.u8() % 12)),
+        1 => tiny_elf_pvh(u64::from(inp.u16()) << (inp.u8() % 12)),
         _ => tiny_bzimage(usize::from(inp.u16() % 8192)),
     };
-    for _ in 0..inp.u8() % 8 {
+    let patches = inp.u8() % 8;
+    // An unpatched vmlinux with a PVH note boots through it.
+    let want_pvh = k % 3 == 1 && k & 0x80 != 0 && patches == 0;
+    for _ in 0..patches {
         if kernel.is_empty() {
             break;
         }
@@ -179,6 +205,13 @@ pub fn run(data: &[u8]) {
         Ok(e) => e,
         Err(e) => panic!("a prepared boot failed to load: {e}"),
     };
+    if want_pvh {
+        assert_eq!(
+            (entry.protocol, entry.entry),
+            (Protocol::Pvh, 16 * MIB),
+            "the PVH note's entry"
+        );
+    }
     assert!(
         (HIMEM_START..mem).contains(&entry.entry),
         "entry {:#x} outside [1 MiB, {mem:#x})",
