@@ -217,7 +217,16 @@ fn embedded_guest_through_the_api() {
     assert!(status.success(), "{status:?}\n{err}");
     loud!("{name}: SendCtrlAltDel -> exit in {took:?}");
     let lines = std::fs::read_to_string(&metrics).unwrap_or_default();
-    assert!(lines.contains("\"event\":\"exit\""), "{lines}");
+    let exit: Value = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["event"] == "exit")
+        .unwrap_or_else(|| panic!("no exit line in {lines}"));
+    // What guest memory held before the teardown (taken for this line).
+    assert!(
+        exit["memory"]["guest_ram_bytes"].as_u64().unwrap_or(0) > 0,
+        "{exit}"
+    );
     let _ = std::fs::remove_file(&metrics);
 }
 
