@@ -145,19 +145,14 @@ pub fn inspect_file(
                 .map_err(io)?;
         }
     }
+    // The notes, read as the head is (the load seeks back to 0 itself).
     let mut read_at = |at: u64, n: usize| -> Result<Vec<u8>, BootError> {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; n];
-        let mut got = 0;
-        while got < n {
-            match file.read_at(&mut buf[got..], at.saturating_add(got as u64)) {
-                Ok(0) => break,
-                Ok(k) => got += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io(e)),
-            }
-        }
-        buf.truncate(got);
+        let mut buf = Vec::with_capacity(n);
+        file.seek(SeekFrom::Start(at)).map_err(io)?;
+        (&mut file)
+            .take(n as u64)
+            .read_to_end(&mut buf)
+            .map_err(io)?;
         Ok(buf)
     };
     let (format, end, loads) = check(path, &head, len, mem, &mut read_at)?;
