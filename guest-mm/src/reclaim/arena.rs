@@ -13,6 +13,17 @@
 //! width, 8 MiB for a 4 GiB guest. The table maps nothing at or past its
 //! limit, so no level-2 page, and no walk, ever reaches past the end.
 //!
+//! **Pages.** The reservation starts on a 2 MiB boundary, so the *part*
+//! that covers one GiB of guest memory (512 leaf pages, 2 MiB) can be one
+//! transparent huge page. It is, only where a map covers that GiB whole
+//! at 4 KiB leaves before anything opened it
+//! ([`LeafArena::prefer_huge`]): those 512 pages are all used then, so the
+//! huge page costs no RSS they would not, and the fast walk's random
+//! loads there need one TLB entry. Every other part keeps 4 KiB pages
+//! (`MADV_NOHUGEPAGE`), each charged when first written: a small guest, or
+//! a guest of 2 MiB leaves that splits a few, pays 4 KiB per leaf page,
+//! not 2 MiB per GiB.
+//!
 //! **Invariants.**
 //! - *A leaf page is the same 2 MiB forever.* Its place is its region: it
 //!   is never freed to another use while the table lives, so reclamation
@@ -111,12 +122,16 @@ impl LeafArena {
     pub(crate) fn new(limit: u64) -> std::io::Result<LeafArena> {
         debug_assert!(limit <= ADDRESS_LIMIT && limit.is_multiple_of(1 << OPEN_SHIFT));
         let pages = (Self::reservation(limit) / 4096) as usize;
+        let bytes = pages * 4096;
+        // One part more than asked, so that the parts can start on a
+        // 2 MiB boundary (a part can then be one huge page: `prefer_huge`).
+        let slack = OPEN_BYTES - 4096;
         // SAFETY: an anonymous private reservation with no address hint;
         // the result is checked against MAP_FAILED.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                pages * 4096,
+                bytes + slack,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -126,12 +141,24 @@ impl LeafArena {
         if addr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
+        let start = addr as usize;
+        let base = start.next_multiple_of(OPEN_BYTES);
+        // The slack around the aligned reservation goes back (a failed
+        // munmap only leaves address space reserved, never memory).
+        for (at, len) in [(start, base - start), (base + bytes, start + slack - base)] {
+            if len > 0 {
+                // SAFETY: inside the reservation just made, outside the
+                // part kept; nothing refers to it.
+                unsafe { libc::munmap(at as *mut libc::c_void, len) };
+            }
+        }
         // Leaf pages are touched one by one: keep THP from charging 2 MiB
-        // for the first. Failure only costs RSS.
+        // for the first (`prefer_huge` lifts this where a whole GiB is
+        // mapped at 4 KiB leaves). Failure only costs RSS.
         // SAFETY: the range was just mapped by us.
-        unsafe { libc::madvise(addr, pages * 4096, libc::MADV_NOHUGEPAGE) };
+        unsafe { libc::madvise(base as *mut libc::c_void, bytes, libc::MADV_NOHUGEPAGE) };
         Ok(LeafArena {
-            base: addr as usize,
+            base,
             pages,
             readable_end: AtomicU64::new(0),
             linked: AtomicU64::new(0),
@@ -208,6 +235,44 @@ impl LeafArena {
             self.readable_end.store(opened_end, Ordering::Release);
         }
         true
+    }
+
+    /// Let the part of the arena that covers the GiB at `gpa` (a multiple
+    /// of 1 GiB) be one transparent huge page, if that part was never
+    /// opened: called by a map that covers the whole GiB at 4 KiB leaves,
+    /// before it links any of its 512 leaf pages. Those pages then cost
+    /// the RSS they would have cost one by one (2 MiB), the kernel zeroes
+    /// them in one fault instead of 512, and the fast walk's random loads
+    /// there need one TLB entry instead of one per 2 MiB of guest memory
+    /// (issue 12, goal 1: `gmm bench walk`'s `walk_vs_small_arena`,
+    /// DESIGN 3b). A hint: `false` if the part was opened already (it may
+    /// hold entries; it keeps its 4 KiB pages), THP is unavailable, or the
+    /// host refuses; nothing else changes then. Where the first touch gets
+    /// no huge page (fragmented host memory), `khugepaged` may collapse
+    /// the part later: a copy the kernel makes with the part unmapped, so
+    /// a reader or writer that touches it meanwhile waits in a page fault
+    /// and then finds the same entries (no entry is lost or torn). Does
+    /// not need the table lock: a race with an `open` only loses the
+    /// hint.
+    #[cfg(not(loom))]
+    pub(crate) fn prefer_huge(&self, gpa: u64) -> bool {
+        debug_assert!(gpa.is_multiple_of(1 << OPEN_SHIFT));
+        if (gpa >> LEAF_SHIFT) as usize >= self.pages
+            || gpa < self.readable_end.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        let at = self.base + ((gpa >> OPEN_SHIFT) as usize) * OPEN_BYTES;
+        // SAFETY: one part inside our reservation, still `PROT_NONE`
+        // (never opened): nothing refers to it, and the advice changes no
+        // content.
+        unsafe { libc::madvise(at as *mut libc::c_void, OPEN_BYTES, libc::MADV_HUGEPAGE) == 0 }
+    }
+
+    /// No huge pages under loom (the arena is a boxed array).
+    #[cfg(loom)]
+    pub(crate) fn prefer_huge(&self, _gpa: u64) -> bool {
+        false
     }
 
     /// Always open under loom.
@@ -359,5 +424,79 @@ impl Drop for LeafArena {
 impl Drop for LeafArena {
     fn drop(&mut self) {
         pool::gauge_sub(self.in_use());
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::{BackingKind, BackingRegion, Gpa, Hva, PageSize, Perms, Stage2Table, TableConfig};
+
+    const GIB: u64 = 1 << 30;
+
+    /// The `VmFlags` of the mapping of this process that holds `addr`.
+    fn vm_flags(addr: u64) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("reading /proc/self/smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            // A mapping's first line starts with its range, `lo-hi` in hex.
+            let range = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'));
+            if let Some((Ok(lo), Ok(hi))) =
+                range.map(|(lo, hi)| (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)))
+            {
+                inside = (lo..hi).contains(&addr);
+                continue;
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.split_whitespace().map(str::to_owned).collect();
+                }
+            }
+        }
+        panic!("no mapping of this process holds {addr:#x}");
+    }
+
+    #[test]
+    fn whole_gibs_at_4k_leaves_get_a_huge_page_part_and_others_do_not() {
+        let table = Stage2Table::new(TableConfig::default()).expect("table");
+        let host = 0x7000_0000_0000u64;
+        table
+            .register_backing(BackingRegion {
+                hva: Hva(host),
+                len: 4 * GIB,
+                kind: BackingKind::Simulated { hook: None },
+            })
+            .expect("backing");
+        let part = |gpa: u64| table.arena.page(gpa).addr();
+        assert!(
+            part(0).is_multiple_of(2 << 20),
+            "the arena's parts start on 2 MiB boundaries"
+        );
+        // GiB 1 whole at 4 KiB leaves; GiB 2 whole at 2 MiB leaves; 128 MiB
+        // of GiB 3 at 4 KiB leaves; GiB 0 (made readable by the opens
+        // above it) whole at 4 KiB leaves afterwards.
+        let map = |gpa: u64, len: u64, leaf| {
+            table
+                .map(Gpa(gpa), Hva(host + gpa), len, Perms::RW, leaf)
+                .expect("map");
+        };
+        map(GIB, GIB, PageSize::Size4K);
+        map(2 * GIB, GIB, PageSize::Size2M);
+        map(3 * GIB, 128 << 20, PageSize::Size4K);
+        map(0, GIB, PageSize::Size4K);
+        let huge = |gpa: u64| vm_flags(part(gpa)).iter().any(|f| f == "hg");
+        assert!(huge(GIB), "a GiB mapped whole at 4 KiB leaves");
+        assert!(!huge(2 * GIB), "a GiB of 2 MiB leaves links no leaf page");
+        assert!(!huge(3 * GIB), "a part of a GiB keeps 4 KiB pages");
+        assert!(!huge(0), "a part opened before its map keeps 4 KiB pages");
+        // Every 4 KiB leaf still translates through the arena.
+        let mut w = table.walker();
+        let g = w.pin();
+        for gpa in [GIB, GIB + 12345 * 4096, 3 * GIB + 4096, 4096] {
+            let t = g.translate(Gpa(gpa), crate::Access::Read).expect("mapped");
+            assert_eq!((t.hva.0, t.size), (host + gpa, PageSize::Size4K));
+        }
     }
 }

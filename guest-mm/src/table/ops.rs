@@ -90,6 +90,15 @@ impl Stage2Table {
             return Err(MapError::AlreadyMapped(a));
         }
         let max_level = max_leaf.level();
+        if max_level == 1 {
+            // Whole GiBs at 4 KiB leaves fill their part of the leaf arena:
+            // let it be one huge page (a hint, see `LeafArena::prefer_huge`).
+            let mut gib = start.0.next_multiple_of(1 << 30);
+            while gib + (1 << 30) <= end.0 {
+                self.arena.prefer_huge(gib);
+                gib += 1 << 30;
+            }
+        }
         let mut addr = start;
         loop {
             let l = self.lock();
