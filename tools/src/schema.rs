@@ -1340,6 +1340,14 @@ pub struct WalkResult {
     /// 2 MiB leaves (a second table).
     #[serde(default)]
     pub walk_2m_per_s: f64,
+    /// Cached path, random addresses, over a third table at 4 KiB leaves
+    /// whose first GiB's leaf arena part keeps 4 KiB pages (guest-mm puts
+    /// a GiB mapped whole at 4 KiB leaves in one huge page).
+    #[serde(default)]
+    pub walk_small_arena_per_s: f64,
+    /// `walk_per_s / walk_small_arena_per_s`: what the huge arena page wins.
+    #[serde(default)]
+    pub walk_vs_small_arena: f64,
     /// One pin per translation (cached path).
     #[serde(default)]
     pub walk_pin_each_per_s: f64,

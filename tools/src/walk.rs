@@ -46,7 +46,13 @@
 //! addresses (xorshift), or of consecutive pages (`sequential`); a
 //! pin-per-translation figure is reported too. A second table maps the same
 //! memory at 2 MiB leaves (THP-backed guest RAM): its random cached walk is
-//! `walk_2m_per_s`.
+//! `walk_2m_per_s`. A third maps the same memory at 4 KiB leaves but
+//! opens its first GiB with a 2 MiB map first, so that the leaf arena's
+//! part for that GiB keeps 4 KiB pages (guest-mm puts a GiB mapped whole
+//! at 4 KiB leaves in one huge page: `LeafArena::prefer_huge`): its random
+//! cached walk, `walk_small_arena_per_s`, is what the huge page wins
+//! (`walk_vs_small_arena`), measured in the same rounds. With `--mem` past
+//! 1 GiB only the first GiB differs.
 //!
 //! The machine may have few cores: the storm thread competes with the
 //! walkers for them. The JSON reports the core count and whether the
@@ -84,7 +90,7 @@ pub struct WalkArgs {
     /// Walker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
-    /// Seconds per measurement phase (sixteen phases per round).
+    /// Seconds per measurement phase (seventeen phases per round).
     #[arg(long, default_value = "0.5", value_parser = crate::units::parse_seconds)]
     pub seconds: f64,
     /// Rounds: every phase runs once per round, in a rotated order; the
@@ -122,6 +128,9 @@ enum Phase {
     /// The cached path over a second table of the same memory mapped at
     /// 2 MiB leaves (THP-backed guest RAM).
     Walk2M,
+    /// The cached path over a third table at 4 KiB leaves whose first
+    /// GiB's leaf arena part keeps 4 KiB pages.
+    WalkSmallArena,
     View,
     Busy,
     Storm,
@@ -136,9 +145,10 @@ enum Phase {
     VmMemorySlices,
 }
 
-const PHASES: [Phase; 16] = [
+const PHASES: [Phase; 17] = [
     Phase::Walk(Mode::Cached),
     Phase::Walk2M,
+    Phase::WalkSmallArena,
     Phase::View,
     Phase::Walk(Mode::Uncached),
     Phase::Walk(Mode::Hot),
@@ -607,6 +617,9 @@ struct Bench<'a> {
     table: &'a Arc<Stage2Table>,
     /// The same memory mapped at 2 MiB leaves.
     table_2m: &'a Arc<Stage2Table>,
+    /// The same memory at 4 KiB leaves, the first GiB's arena part in
+    /// 4 KiB pages.
+    table_small_arena: &'a Arc<Stage2Table>,
     host: u64,
     len: u64,
     threads: u32,
@@ -663,6 +676,12 @@ impl Bench<'_> {
                 t,
                 s,
                 |i, stop| walk_loop(self.table_2m, i, stop, len, b, Mode::Cached),
+                none,
+            )?,
+            Phase::WalkSmallArena => phase(
+                t,
+                s,
+                |i, stop| walk_loop(self.table_small_arena, i, stop, len, b, Mode::Cached),
                 none,
             )?,
             Phase::View => phase(t, s, |i, stop| view_loop(table, i, stop, len, b), none)?,
@@ -736,6 +755,7 @@ fn rate_key(p: Phase) -> &'static str {
         Phase::Walk(Mode::Sequential) => "walk_sequential_per_s",
         Phase::Walk(Mode::PinEach) => "walk_pin_each_per_s",
         Phase::Walk2M => "walk_2m_per_s",
+        Phase::WalkSmallArena => "walk_small_arena_per_s",
         Phase::View => "guest_memory_view_per_s",
         Phase::Busy => "walk_busy_neighbour_per_s",
         Phase::Storm => "walk_under_unmap_per_s",
@@ -750,8 +770,13 @@ fn rate_key(p: Phase) -> &'static str {
 }
 
 /// Ratios computed within each round: (JSON name, numerator, denominator).
-const RATIOS: [(&str, &str, &str); 15] = [
+const RATIOS: [(&str, &str, &str); 16] = [
     ("walk_vs_vm_memory", "walk_per_s", "vm_memory_per_s"),
+    (
+        "walk_vs_small_arena",
+        "walk_per_s",
+        "walk_small_arena_per_s",
+    ),
     (
         "walk_vs_vm_memory_4_regions",
         "walk_per_s",
@@ -830,6 +855,28 @@ fn simulated_table(host: u64, len: u64, leaf: PageSize) -> Result<Arc<Stage2Tabl
     Ok(table)
 }
 
+/// [`simulated_table`] at 4 KiB leaves, mapped in two steps (the first
+/// 2 MiB, then the rest), so that no map covers the first GiB whole and
+/// its leaf arena part keeps 4 KiB pages.
+fn small_arena_table(host: u64, len: u64) -> Result<Arc<Stage2Table>> {
+    let table = Stage2Table::new(TableConfig::default()).context("creating the third table")?;
+    table
+        .register_backing(BackingRegion {
+            hva: Hva(host),
+            len,
+            kind: BackingKind::Simulated { hook: None },
+        })
+        .context("registering simulated backing (third table)")?;
+    for (at, n) in [(0, HUGE.min(len)), (HUGE, len.saturating_sub(HUGE))] {
+        if n > 0 {
+            table
+                .map(Gpa(at), Hva(host + at), n, Perms::RW, PageSize::Size4K)
+                .context("mapping the third table")?;
+        }
+    }
+    Ok(table)
+}
+
 /// Run `gmm bench walk`.
 pub fn cmd(a: &WalkArgs) -> Result<()> {
     let len = a.mem;
@@ -843,6 +890,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     let host = backing.base;
     let table = simulated_table(host, len, PageSize::Size4K)?;
     let table_2m = simulated_table(host, len, PageSize::Size2M)?;
+    let table_small_arena = small_arena_table(host, len)?;
     {
         let mut w = table_2m.walker();
         let g = w.pin();
@@ -867,6 +915,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     let bench = Bench {
         table: &table,
         table_2m: &table_2m,
+        table_small_arena: &table_small_arena,
         host,
         len,
         threads: a.threads,
@@ -964,8 +1013,9 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         )
     };
     log += "  per walker thread, median round [lowest .. highest round]\n";
-    const RATES: [(&str, &str); 16] = [
+    const RATES: [(&str, &str); 17] = [
         ("fast walk, cached path", "walk_per_s"),
+        ("fast walk, arena in 4 KiB pages", "walk_small_arena_per_s"),
         ("fast walk, uncached", "walk_uncached_per_s"),
         ("fast walk, hot (64 pages)", "walk_hot_per_s"),
         ("fast walk, sequential pages", "walk_sequential_per_s"),
@@ -988,8 +1038,9 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         ),
         ("vm-memory get_slices (1)", "vm_memory_slices_per_s"),
     ];
-    const RATIO_LINES: [(&str, &str); 14] = [
+    const RATIO_LINES: [(&str, &str); 15] = [
         ("walk / vm-memory (1 region)", "walk_vs_vm_memory"),
+        ("walk / arena in 4 KiB pages", "walk_vs_small_arena"),
         (
             "walk / vm-memory (4 regions)",
             "walk_vs_vm_memory_4_regions",
@@ -1061,6 +1112,8 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         walk_hot_per_s: med("walk_hot_per_s"),
         walk_sequential_per_s: med("walk_sequential_per_s"),
         walk_2m_per_s: med("walk_2m_per_s"),
+        walk_small_arena_per_s: med("walk_small_arena_per_s"),
+        walk_vs_small_arena: med("walk_vs_small_arena"),
         walk_pin_each_per_s: med("walk_pin_each_per_s"),
         walk_under_unmap_per_s: under,
         walk_busy_neighbour_per_s: med("walk_busy_neighbour_per_s"),
