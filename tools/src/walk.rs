@@ -840,6 +840,31 @@ const RATIOS: [(&str, &str, &str); 16] = [
 /// A table over `len` bytes of simulated backing at `host`, all of it
 /// mapped at `leaf` leaves.
 fn simulated_table(host: u64, len: u64, leaf: PageSize) -> Result<Arc<Stage2Table>> {
+    simulated_table_in(host, len, leaf, &[(0, len)])
+}
+
+/// [`simulated_table`] at 4 KiB leaves, mapped in two steps (the first
+/// 2 MiB, then the rest), so that no map covers the first GiB whole and
+/// its leaf arena part keeps 4 KiB pages.
+fn small_arena_table(host: u64, len: u64) -> Result<Arc<Stage2Table>> {
+    let first = HUGE.min(len);
+    simulated_table_in(
+        host,
+        len,
+        PageSize::Size4K,
+        &[(0, first), (first, len - first)],
+    )
+}
+
+/// A table over `len` bytes of simulated backing at `host`, mapped at
+/// `leaf` leaves by one map per `(offset, length)` step (empty ones
+/// skipped).
+fn simulated_table_in(
+    host: u64,
+    len: u64,
+    leaf: PageSize,
+    steps: &[(u64, u64)],
+) -> Result<Arc<Stage2Table>> {
     let table = Stage2Table::new(TableConfig::default())
         .with_context(|| format!("creating the table ({leaf} leaves)"))?;
     table
@@ -849,30 +874,10 @@ fn simulated_table(host: u64, len: u64, leaf: PageSize) -> Result<Arc<Stage2Tabl
             kind: BackingKind::Simulated { hook: None },
         })
         .with_context(|| format!("registering simulated backing ({leaf} leaves)"))?;
-    table
-        .map(Gpa(0), Hva(host), len, Perms::RW, leaf)
-        .with_context(|| format!("mapping the table at {leaf} leaves"))?;
-    Ok(table)
-}
-
-/// [`simulated_table`] at 4 KiB leaves, mapped in two steps (the first
-/// 2 MiB, then the rest), so that no map covers the first GiB whole and
-/// its leaf arena part keeps 4 KiB pages.
-fn small_arena_table(host: u64, len: u64) -> Result<Arc<Stage2Table>> {
-    let table = Stage2Table::new(TableConfig::default()).context("creating the third table")?;
-    table
-        .register_backing(BackingRegion {
-            hva: Hva(host),
-            len,
-            kind: BackingKind::Simulated { hook: None },
-        })
-        .context("registering simulated backing (third table)")?;
-    for (at, n) in [(0, HUGE.min(len)), (HUGE, len.saturating_sub(HUGE))] {
-        if n > 0 {
-            table
-                .map(Gpa(at), Hva(host + at), n, Perms::RW, PageSize::Size4K)
-                .context("mapping the third table")?;
-        }
+    for &(at, n) in steps.iter().filter(|s| s.1 > 0) {
+        table
+            .map(Gpa(at), Hva(host + at), n, Perms::RW, leaf)
+            .with_context(|| format!("mapping the table at {leaf} leaves"))?;
     }
     Ok(table)
 }
