@@ -263,9 +263,9 @@ impl LeafArena {
             return false;
         }
         let at = self.base + ((gpa >> OPEN_SHIFT) as usize) * OPEN_BYTES;
-        // SAFETY: one part inside our reservation, still `PROT_NONE`
-        // (never opened): nothing refers to it, and the advice changes no
-        // content.
+        // SAFETY: one part inside our reservation. The advice changes
+        // neither its content nor its protection, so nothing that reads it
+        // (if an `open` racing this call made it readable) is affected.
         unsafe { libc::madvise(at as *mut libc::c_void, OPEN_BYTES, libc::MADV_HUGEPAGE) == 0 }
     }
 
