@@ -21,9 +21,10 @@
 //!    the virtio rules and the state before the step: the exact page state
 //!    of every page after it (where a page the step's device-readable
 //!    buffers cover was discarded, present is right too: the device's read
-//!    of it faults it back in, as a guest's read would), every counter (bad and duplicate PFNs, pages,
-//!    runs, bytes released and reported), every error the device logs (its
-//!    kind and fields, in order), the used ring, and the device status.
+//!    of it faults it back in, as a guest's read would), every counter
+//!    (bad and duplicate PFNs, pages, runs, bytes released and reported),
+//!    every error the device logs (its kind and fields, in order), the used
+//!    ring, and the device status.
 //!
 //! After each case every ballooned or discarded page must be one of the
 //! case's valid PFNs or inside one of its releasable reported ranges.

@@ -18,10 +18,10 @@
 //! publishes the work before it bumps the epoch.
 //!
 //! **Standby.** A VM's vCPU threads are started with it, before its vCPUs
-//! exist ([`Standby`]): each makes its heap arena, installs its seccomp
+//! exist (`Standby`): each makes its heap arena, installs its seccomp
 //! filter and waits; the start hands each its vCPU. A thread's start-up
-//! (stack, signal stack, arena, the kernel's check of its filter: about
-//! half a millisecond here) so overlaps the VM's set-up instead of
+//! (stack, signal stack, arena, installing its filter: about half a
+//! millisecond here) so overlaps the VM's set-up instead of
 //! delaying the first `KVM_RUN`. A thread runs no guest code unconfined.
 //!
 //! Two loops: the default guest's (`run_loop`: report device, exceptions,
@@ -56,7 +56,7 @@ use crate::guest::balloon::{DriverError, OP_BALLOON_ERROR};
 /// not handed a vCPU end and are joined when this is dropped (a failed VM
 /// creation, a VM destroyed before its start).
 #[derive(Debug, Default)]
-pub struct Standby {
+pub(crate) struct Standby {
     /// In vCPU index order; the next start takes the first.
     waiting: Vec<(JoinHandle<VcpuOutcome>, SyncSender<Handover>)>,
 }
@@ -67,7 +67,7 @@ type Handover = (VcpuFd, VcpuContext);
 impl Standby {
     /// Starts `n` threads named `vcpu0`..: each allocates (so that its
     /// heap arena exists), applies the vCPU seccomp filter, then waits.
-    pub fn spawn(n: u32) -> std::io::Result<Self> {
+    pub(crate) fn spawn(n: u32) -> std::io::Result<Self> {
         let mut s = Standby::default();
         for i in 0..n {
             let (tx, rx) = sync_channel::<Handover>(1);
@@ -89,7 +89,7 @@ impl Standby {
     }
 
     /// Hands the next waiting thread its vCPU; returns the thread.
-    pub fn start(
+    pub(crate) fn start(
         &mut self,
         fd: VcpuFd,
         ctx: VcpuContext,

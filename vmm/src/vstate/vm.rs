@@ -700,13 +700,14 @@ impl Vm {
         // (~2 MiB); the vCPUs' registers wait for the entry point. The
         // kernel's copy goes to the new thread because this thread's part
         // sleeps (creating KVM's interrupt controller and PIT took 5-20x
-        // their CPU time in wall time here): with the roles the other way round the loader, often
-        // placed on this thread's CPU at its creation, waited there until
-        // the kernel's copy was done (1.5-3 ms of a 5 ms start). The loader
-        // also moves itself off this thread's CPU if it starts there
-        // (`leave_cpu`: a hint, its whole affinity mask is given back at
-        // once). Starts with the Linux fixture, InstanceStart to first
-        // `KVM_RUN`: median 4.95 -> 3.95 ms (24 alternated starts each).
+        // their CPU time in wall time here): with the roles the other way
+        // round, the helper, often placed on this thread's CPU at its
+        // creation, waited there until the kernel's copy was done (1.5-3
+        // ms of a 5 ms start). The loader also moves itself off this
+        // thread's CPU if it starts there (`leave_cpu`: a hint, its whole
+        // affinity mask is given back at once). Starts with the Linux
+        // fixture, InstanceStart to first `KVM_RUN`: median 4.95 -> 3.95
+        // ms (24 alternated starts each; DESIGN, *Platform*).
         let (entry, (devices, mut vcpu_fds, standby)) = std::thread::scope(|s| -> Result<_> {
             let (cfg, fd, kvm, memory, p) = (&config, &vm_fd, &kvm, &memory, prepared.as_ref());
             let helper = move || -> Result<(Devices, Vec<VcpuFd>, vcpu::Standby)> {
