@@ -1384,3 +1384,83 @@ pub fn guest_ok(r: &Reports, vcpus: u32) -> bool {
         && r.outcomes.len() == n
         && r.outcomes.iter().all(|(_, o)| *o == VcpuOutcome::Done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn affinity() -> libc::cpu_set_t {
+        // SAFETY: an all-zero cpu_set_t is a valid empty set; the kernel
+        // writes at most its size.
+        unsafe {
+            let mut s: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut s),
+                0
+            );
+            s
+        }
+    }
+
+    fn set_affinity(s: &libc::cpu_set_t) {
+        // SAFETY: `s` is a valid cpu_set_t of the size passed.
+        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), s) };
+        assert_eq!(rc, 0, "sched_setaffinity");
+    }
+
+    /// A thread that runs on the CPU it is told to leave ends up on
+    /// another one with its whole affinity mask back; one told to leave
+    /// a CPU it is not on, or with no other CPU in its mask, stays.
+    #[test]
+    fn leave_cpu_moves_off_the_given_cpu_and_keeps_the_mask() {
+        std::thread::spawn(|| {
+            let all = affinity();
+            // SAFETY: CPU_ISSET only reads the set.
+            let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| unsafe { libc::CPU_ISSET(c, &all) })
+                .collect();
+            if cpus.len() < 2 {
+                eprintln!(
+                    "SKIPPED: leave_cpu_moves_off_the_given_cpu_and_keeps_the_mask: \
+                     this thread may run on {} CPU(s), 2 are needed",
+                    cpus.len()
+                );
+                return;
+            }
+            // Onto cpus[0], then the whole mask back: it stays there until
+            // the scheduler moves it.
+            // SAFETY: an all-zero cpu_set_t is a valid empty set.
+            let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: cpus[0] is below CPU_SETSIZE.
+            unsafe { libc::CPU_SET(cpus[0], &mut one) };
+            set_affinity(&one);
+            assert_eq!(current_cpu(), Some(cpus[0]));
+            set_affinity(&all);
+            // (The scheduler may have moved it meanwhile: leave where it is.)
+            let was = current_cpu();
+            leave_cpu(was);
+            let now = current_cpu();
+            assert!(now.is_some() && now != was, "still on CPU {now:?}");
+            // SAFETY: CPU_EQUAL only reads the sets.
+            assert!(
+                unsafe { libc::CPU_EQUAL(&affinity(), &all) },
+                "mask not given back"
+            );
+
+            // Told to leave a CPU it is not on: no change of mask either.
+            let here = current_cpu();
+            leave_cpu(cpus.iter().copied().find(|&c| Some(c) != here));
+            // SAFETY: as above.
+            assert!(unsafe { libc::CPU_EQUAL(&affinity(), &all) });
+
+            // A mask of one CPU: nowhere to go.
+            set_affinity(&one);
+            leave_cpu(Some(cpus[0]));
+            assert_eq!(current_cpu(), Some(cpus[0]));
+            // SAFETY: as above.
+            assert!(unsafe { libc::CPU_EQUAL(&affinity(), &one) });
+        })
+        .join()
+        .expect("the test thread");
+    }
+}
