@@ -1402,6 +1402,11 @@ mod tests {
         }
     }
 
+    fn same(a: &libc::cpu_set_t, b: &libc::cpu_set_t) -> bool {
+        // SAFETY: CPU_EQUAL only reads the two sets.
+        unsafe { libc::CPU_EQUAL(a, b) }
+    }
+
     fn set_affinity(s: &libc::cpu_set_t) {
         // SAFETY: `s` is a valid cpu_set_t of the size passed.
         let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), s) };
@@ -1441,24 +1446,18 @@ mod tests {
             leave_cpu(was);
             let now = current_cpu();
             assert!(now.is_some() && now != was, "still on CPU {now:?}");
-            // SAFETY: CPU_EQUAL only reads the sets.
-            assert!(
-                unsafe { libc::CPU_EQUAL(&affinity(), &all) },
-                "mask not given back"
-            );
+            assert!(same(&affinity(), &all), "mask not given back");
 
             // Told to leave a CPU it is not on: no change of mask either.
             let here = current_cpu();
             leave_cpu(cpus.iter().copied().find(|&c| Some(c) != here));
-            // SAFETY: as above.
-            assert!(unsafe { libc::CPU_EQUAL(&affinity(), &all) });
+            assert!(same(&affinity(), &all));
 
             // A mask of one CPU: nowhere to go.
             set_affinity(&one);
             leave_cpu(Some(cpus[0]));
             assert_eq!(current_cpu(), Some(cpus[0]));
-            // SAFETY: as above.
-            assert!(unsafe { libc::CPU_EQUAL(&affinity(), &one) });
+            assert!(same(&affinity(), &one));
         })
         .join()
         .expect("the test thread");
