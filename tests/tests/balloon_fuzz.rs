@@ -797,9 +797,10 @@ impl<'v> Fuzz<'v> {
         // The good descriptors before the defect. Those the device reads
         // are written first, as `data_descs` writes a good chain's: a
         // driver's buffer holds what it wrote, so a page a free page report
-        // discarded is faulted back in here, not by the device's read of
-        // it before the defect stops the chain (which the oracle, expecting
-        // no page to change state, would count against the device).
+        // discarded is faulted back in here, as a real driver's write
+        // would, rather than by the device's read before the defect stops
+        // the chain (which the exact steps' oracle also accepts:
+        // `step_reads`).
         let prefix = |n: u8, me: &mut Self| -> Vec<(u64, u32, u16, Link)> {
             (0..n)
                 .map(|_| {

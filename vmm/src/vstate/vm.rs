@@ -609,26 +609,33 @@ fn leave_cpu(cpu: Option<usize>) {
     if current_cpu() != Some(cpu) {
         return;
     }
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: `all` is a cpu_set_t of `size` bytes the kernel writes.
-    if unsafe { libc::sched_getaffinity(0, size, &mut all) } != 0 {
-        return;
-    }
+    let Some(all) = affinity() else { return };
     let mut others = all;
     // SAFETY: `cpu` is below CPU_SETSIZE (the kernel numbered it).
     unsafe { libc::CPU_CLR(cpu, &mut others) };
-    // SAFETY: CPU_COUNT reads the set.
+    // SAFETY: CPU_COUNT only reads the set.
     if unsafe { libc::CPU_COUNT(&others) } == 0 {
         return;
     }
-    // SAFETY: both sets are valid cpu_set_t of `size` bytes.
-    unsafe {
-        if libc::sched_setaffinity(0, size, &others) == 0 {
-            libc::sched_setaffinity(0, size, &all);
-        }
+    if set_affinity(&others) {
+        set_affinity(&all);
     }
+}
+
+/// The calling thread's affinity mask (`None` if the kernel refused).
+fn affinity() -> Option<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a cpu_set_t of the size passed; the kernel writes
+    // at most that.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    (rc == 0).then_some(set)
+}
+
+/// Sets the calling thread's affinity mask; whether the kernel took it.
+fn set_affinity(set: &libc::cpu_set_t) -> bool {
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(set), set) == 0 }
 }
 
 /// What [`Vm::new`] creates beside the memory and the vCPUs.
@@ -1389,17 +1396,8 @@ pub fn guest_ok(r: &Reports, vcpus: u32) -> bool {
 mod tests {
     use super::*;
 
-    fn affinity() -> libc::cpu_set_t {
-        // SAFETY: an all-zero cpu_set_t is a valid empty set; the kernel
-        // writes at most its size.
-        unsafe {
-            let mut s: libc::cpu_set_t = std::mem::zeroed();
-            assert_eq!(
-                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut s),
-                0
-            );
-            s
-        }
+    fn mask() -> libc::cpu_set_t {
+        affinity().expect("sched_getaffinity")
     }
 
     fn same(a: &libc::cpu_set_t, b: &libc::cpu_set_t) -> bool {
@@ -1407,10 +1405,8 @@ mod tests {
         unsafe { libc::CPU_EQUAL(a, b) }
     }
 
-    fn set_affinity(s: &libc::cpu_set_t) {
-        // SAFETY: `s` is a valid cpu_set_t of the size passed.
-        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), s) };
-        assert_eq!(rc, 0, "sched_setaffinity");
+    fn pin(set: &libc::cpu_set_t) {
+        assert!(set_affinity(set), "sched_setaffinity");
     }
 
     /// A thread that runs on the CPU it is told to leave ends up on
@@ -1419,7 +1415,7 @@ mod tests {
     #[test]
     fn leave_cpu_moves_off_the_given_cpu_and_keeps_the_mask() {
         std::thread::spawn(|| {
-            let all = affinity();
+            let all = mask();
             // SAFETY: CPU_ISSET only reads the set.
             let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
                 .filter(|&c| unsafe { libc::CPU_ISSET(c, &all) })
@@ -1438,26 +1434,26 @@ mod tests {
             let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
             // SAFETY: cpus[0] is below CPU_SETSIZE.
             unsafe { libc::CPU_SET(cpus[0], &mut one) };
-            set_affinity(&one);
+            pin(&one);
             assert_eq!(current_cpu(), Some(cpus[0]));
-            set_affinity(&all);
+            pin(&all);
             // (The scheduler may have moved it meanwhile: leave where it is.)
             let was = current_cpu();
             leave_cpu(was);
             let now = current_cpu();
             assert!(now.is_some() && now != was, "still on CPU {now:?}");
-            assert!(same(&affinity(), &all), "mask not given back");
+            assert!(same(&mask(), &all), "mask not given back");
 
             // Told to leave a CPU it is not on: no change of mask either.
             let here = current_cpu();
             leave_cpu(cpus.iter().copied().find(|&c| Some(c) != here));
-            assert!(same(&affinity(), &all));
+            assert!(same(&mask(), &all));
 
             // A mask of one CPU: nowhere to go.
-            set_affinity(&one);
+            pin(&one);
             leave_cpu(Some(cpus[0]));
             assert_eq!(current_cpu(), Some(cpus[0]));
-            assert!(same(&affinity(), &one));
+            assert!(same(&mask(), &one));
         })
         .join()
         .expect("the test thread");
