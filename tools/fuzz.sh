@@ -6,7 +6,7 @@
 #   tools/fuzz.sh [--minutes N] [--jobs J] [--json FILE] [--cmin] [target...]
 #
 # Targets (tests/fuzz/fuzz_targets/, properties in tests/src/fuzz/):
-# balloon_mmio, api, loader, layout; all of them by default. Each runs
+# balloon_mmio, api, loader, layout, legacy_io; all of them by default. Each runs
 # N minutes (default 10) as
 #   cargo +nightly fuzz run --fuzz-dir tests/fuzz <t> tests/fuzz/corpus/<t> \
 #       tests/fuzz/seeds/<t> -- -max_total_time=... -timeout=...
@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-ALL=(balloon_mmio api loader layout)
+ALL=(balloon_mmio api loader layout legacy_io)
 MINUTES=10
 JOBS=2
 JSON=""

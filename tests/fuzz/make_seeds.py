@@ -138,3 +138,62 @@ write("layout", "256m_2cpus", u8(3 | 1 << 2) + u16(256) + u8(2) + u8(0))
 write("layout", "16m_1cpu", u8(3 | 1 << 2) + u16(16) + u8(1) + u8(7))
 write("layout", "3g_32cpus", u8(3 | 1 << 2) + u16(3072) + u8(32) + u8(3))
 write("layout", "bad", u8(0) + u64(0x9fc00) + u32(33) + u8(1))
+
+# ---------------------------------------------------------------- legacy_io
+# Ops (tests/src/fuzz/legacy.rs): 0 out (port, length - 1, bytes), 1 in
+# (port, length - 1), 2 host input, 3 Ctrl-Alt-Del, 4 check the counts.
+# Ports: 0-7 the console's registers, 8 i8042 data, 10 i8042 command,
+# 16 then a u16: any port.
+def out(sel, *bs):
+    return u8(0) + u8(sel) + u8(len(bs) - 1) + b"".join(u8(b) for b in bs)
+
+
+def inb(sel, n=1):
+    return u8(1) + u8(sel) + u8(n - 1)
+
+
+def host(data):
+    return u8(2) + u8(len(data)) + data
+
+
+# A driver's UART set-up (divisor latch, 8N1, modem lines, interrupts),
+# a line of output, then typed input read back.
+write(
+    "legacy_io",
+    "uart_console",
+    out(3, 0x80) + out(0, 0x01) + out(1, 0x00) + out(3, 0x03) + out(4, 0x0B)
+    + out(1, 0x01) + inb(2) + inb(5)
+    + b"".join(out(0, c) for c in b"Linux\n")
+    + u8(0) + u8(0) + u8(4) + b"boot\n"
+    + host(b"ls\n") + inb(5) + inb(0) + inb(0) + inb(0) + inb(5) + inb(0)
+    + out(7, 0x5A) + inb(7) + inb(3) + inb(4) + u8(4),
+)
+# Linux 8250 autoconfig's loopback test, then loopback off and input.
+write(
+    "legacy_io",
+    "uart_loopback",
+    out(4, 0x1F) + out(0, 0x55) + inb(5) + inb(0) + inb(6) + host(b"x")
+    + out(4, 0x0B) + host(b"yz") + inb(0) + inb(0) + inb(0, 4)
+    + b"".join(out(0, 0x41) for _ in range(2)) + u8(4),
+)
+# Linux's i8042 probe: read and write the control byte, enable the
+# keyboard (acknowledged), Ctrl-Alt-Del read back, then the reset command.
+write(
+    "legacy_io",
+    "i8042_probe_and_reset",
+    out(10, 0x20) + inb(10) + inb(8) + out(10, 0x60) + out(8, 0x47)
+    + out(10, 0xD0) + inb(8) + out(10, 0xD1) + out(8, 0x03) + out(10, 0xD0) + inb(8)
+    + out(8, 0xF4) + inb(10) + inb(8) + u8(3) + inb(10)
+    + inb(8) + inb(8) + inb(8) + inb(8) + inb(8) + inb(10) + u8(4)
+    + out(10, 0xFE) + u8(4),
+)
+# Ctrl-Alt-Del while nobody reads: the buffer fills and says so; keyboard
+# interrupt off and on; ports nobody claims.
+write(
+    "legacy_io",
+    "i8042_full_and_unclaimed",
+    u8(3) * 5 + u8(4) + out(10, 0x60) + out(8, 0x04) + u8(3) + u8(4)
+    + u8(1) + u8(16) + u16(0x80) + u8(1) + u8(0) + u8(16) + u16(0x80) + u8(0) + u8(0x12)
+    + u8(1) + u8(16) + u16(0x70) + u8(3) + inb(12) + inb(13) + inb(14) + inb(15)
+    + out(13, 0x20) + out(10, 0xFE, 0x20) + inb(8) + u8(4),
+)

@@ -2,7 +2,7 @@
 //! short runs with a fixed seed, so CI checks on every change what
 //! `tools/fuzz.sh` checks for minutes under libFuzzer and AddressSanitizer.
 //! Each property is the same function the fuzz target calls
-//! (`tests::fuzz::{balloon,api,loader,layout}::run`), which panics when
+//! (`tests::fuzz::{balloon,api,loader,layout,legacy}::run`), which panics when
 //! the property fails; none needs `/dev/kvm`.
 //!
 //! Inputs are made the way a fuzzer makes them: a committed seed
@@ -323,4 +323,14 @@ fn layout_properties() {
 #[test]
 fn layout_corpus_replays() {
     replay("layout", tests::fuzz::layout::run);
+}
+
+#[test]
+fn legacy_io_properties() {
+    check("legacy_io", 256, 256, tests::fuzz::legacy::run);
+}
+
+#[test]
+fn legacy_io_corpus_replays() {
+    replay("legacy_io", tests::fuzz::legacy::run);
 }

@@ -12,6 +12,7 @@
 //! | `api` | [`api`] | raw HTTP/1.1 through the API server's connection handling, routing and the service's handlers (no VM) |
 //! | `loader` | [`loader`] | the kernel/initrd checks and loader on arbitrary files, into guest memory of arbitrary (bounded) size |
 //! | `layout` | [`layout`] | the e820 memory map and MP table builders on arbitrary RAM sizes and vCPU counts |
+//! | `legacy_io` | [`legacy`] | the I/O port bus of a Linux guest (8250 console, i8042) as vCPU exits drive it, with host input and Ctrl-Alt-Del between |
 //!
 //! No target needs `/dev/kvm`. Guest memory is the monitor's own
 //! ([`vmm::VmMemory`] with no VM, or [`vmm::memory::GuestRam`]), whose
@@ -22,6 +23,7 @@
 pub mod api;
 pub mod balloon;
 pub mod layout;
+pub mod legacy;
 pub mod loader;
 pub mod scratch;
 
