@@ -96,11 +96,17 @@ pub enum Rule {
     /// test run killed outright leaves no VM running (broken: the child is
     /// not asked to die with its parent, `PR_SET_PDEATHSIG` is not set).
     ChildDiesWithParent,
+    /// The i8042's output buffer holds at most 16 bytes and refuses what
+    /// does not fit, so a key sequence the host sends (Ctrl-Alt-Del) is
+    /// delivered whole or reported as not sent (broken: a full buffer
+    /// overwrites its oldest byte and reports success, so the guest reads
+    /// a cut sequence and the host never hears of it).
+    KbdBufferBound,
 }
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 18] = [
+    pub const ALL: [Rule; 19] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
         Rule::LeafCacheUnlink,
@@ -119,6 +125,7 @@ impl Rule {
         Rule::LeafNotes,
         Rule::ArenaReadable,
         Rule::ChildDiesWithParent,
+        Rule::KbdBufferBound,
     ];
 
     /// The name used in [`ENV`] and in the mutation runner's output.
@@ -142,6 +149,7 @@ impl Rule {
             Rule::LeafNotes => "leaf_notes",
             Rule::ArenaReadable => "arena_readable",
             Rule::ChildDiesWithParent => "child_dies_with_parent",
+            Rule::KbdBufferBound => "kbd_buffer_bound",
         }
     }
 

@@ -296,6 +296,23 @@ const FUZZ_PROPS: Detector = Detector {
     },
     stochastic: false,
 };
+const LEGACY_FUZZ_PROPS: Detector = Detector {
+    name: "legacy_io fuzz property",
+    run: Run::Test {
+        package: "tests",
+        target: "fuzz_props",
+        filter: "legacy_io_properties",
+    },
+    stochastic: false,
+};
+const LEGACY_UNIT: Detector = Detector {
+    name: "vmm legacy device unit tests",
+    run: Run::Lib {
+        package: "vmm",
+        filter: "devices::legacy",
+    },
+    stochastic: false,
+};
 const VIRTIO_UNIT: Detector = Detector {
     name: "vmm virtio unit tests",
     run: Run::Lib {
@@ -423,6 +440,10 @@ const MATRIX: &[(Rule, &[Claim])] = &[
     (
         Rule::ChildDiesWithParent,
         &[fast(KILLED_TEST_RUN), fast(KILLED_BENCH)],
+    ),
+    (
+        Rule::KbdBufferBound,
+        &[fast(LEGACY_FUZZ_PROPS), fast(LEGACY_UNIT)],
     ),
 ];
 

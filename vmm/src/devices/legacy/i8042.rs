@@ -10,9 +10,10 @@
 //!
 //! **Invariants.** Nothing the guest writes can panic or grow memory: the
 //! output buffer is a fixed ring of 16 bytes (a full buffer drops
-//! the key and says so); the reset and interrupt lines are triggers whose
+//! the key and says so: rule `kbd_buffer_bound`); the reset and interrupt lines are triggers whose
 //! errors are returned, never unwrapped.
 
+use guest_mm::mutation::{broken, Rule};
 use vm_superio::Trigger;
 
 use super::serial::IrqLine;
@@ -83,6 +84,13 @@ impl<R: Trigger> I8042<R> {
 
     fn push(&mut self, b: u8) -> Result<(), I8042Error> {
         if self.len == BUF_SIZE {
+            if broken(Rule::KbdBufferBound) {
+                // Broken on purpose: the oldest byte is overwritten and
+                // the push reports success.
+                self.buf[self.head] = b;
+                self.head = (self.head + 1) % BUF_SIZE;
+                return Ok(());
+            }
             return Err(I8042Error::BufferFull);
         }
         self.buf[(self.head + self.len) % BUF_SIZE] = b;
