@@ -275,7 +275,7 @@ fn drain(evt: &EventFd) -> u64 {
 
 /// Runs the operations `data` encodes and checks every property.
 ///
-/// Format: operations until the input ends (at most [`MAX_OPS`]), each an
+/// Format: operations until the input ends (at most 4096), each an
 /// opcode byte (mod 5): 0 a guest `out` (port, then a length byte, 1 to 8,
 /// then that many bytes), 1 a guest `in` (port, length byte), 2 host
 /// input (a length-prefixed slice), 3 Ctrl-Alt-Del, 4 the reset and
