@@ -13,8 +13,8 @@
 //! code path. With the feature, the variable is read once per process and
 //! cached in an atomic (a relaxed load per check afterwards).
 //!
-//! The rules of the monitor's devices (balloon bounds, descriptor checks)
-//! live here too, so that there is one list of rules and one switch.
+//! The rules of the monitor's devices (balloon bounds, descriptor checks,
+//! the i8042's buffer bound) live here too, so that there is one list of rules and one switch.
 
 /// The environment variable that names the rule to break (feature `mutation`).
 pub const ENV: &str = "GMM_BREAK_RULE";

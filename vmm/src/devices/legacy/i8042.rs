@@ -9,9 +9,9 @@
 //! device keeps its reset behaviour and adds the rest.
 //!
 //! **Invariants.** Nothing the guest writes can panic or grow memory: the
-//! output buffer is a fixed ring of 16 bytes (a full buffer drops
-//! the key and says so: rule `kbd_buffer_bound`); the reset and interrupt lines are triggers whose
-//! errors are returned, never unwrapped.
+//! output buffer is a fixed ring of 16 bytes (a full buffer drops the key
+//! and says so: rule `kbd_buffer_bound`); the reset and interrupt lines
+//! are triggers whose errors are returned, never unwrapped.
 
 use guest_mm::mutation::{broken, Rule};
 use vm_superio::Trigger;
