@@ -14,7 +14,8 @@
 //! cached in an atomic (a relaxed load per check afterwards).
 //!
 //! The rules of the monitor's devices (balloon bounds, descriptor checks,
-//! the i8042's buffer bound) live here too, so that there is one list of rules and one switch.
+//! the i8042's buffer bound) live here too, so that there is one list of
+//! rules and one switch.
 
 /// The environment variable that names the rule to break (feature `mutation`).
 pub const ENV: &str = "GMM_BREAK_RULE";
