@@ -252,6 +252,17 @@ pub struct BalloonResult {
     pub madvise_ms_all: Vec<f64>,
     #[serde(default)]
     pub per_page_ms_all: Vec<f64>,
+    /// The guest's own driver's notify timing; absent with
+    /// `--no-guest-notify` (its fields are then left out of the JSON).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub guest_notify: Option<BalloonGuestNotify>,
+}
+
+/// `gmm bench balloon`'s second VM: the embedded guest's own balloon
+/// driver timing its `QueueNotify` writes (flattened into
+/// [`BalloonResult`]: the field names are the bench's JSON names).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BalloonGuestNotify {
     /// The guest's own driver: p50/p99/max of its `QueueNotify` writes
     /// (rdtsc around the write) during an inflate of `vcpu_notify_bytes`,
     /// whose notifies release memory, µs.
