@@ -3,7 +3,7 @@
 #
 #   tools/mutation/run.sh [--quick] [--json] [--rules grace_period,...] [--runs N]
 #
-# Builds `gmm` normally and runs `gmm mutation`, which builds the detectors
+# Builds `gmm` normally (with the workspace's binaries) and runs `gmm mutation`, which builds the detectors
 # with the test-only `mutation` feature into target/mutation (seeded with a
 # copy of the normal release build's dependencies; loom models into
 # target/loom), checks that every detector passes with nothing
@@ -13,5 +13,8 @@
 # Exits non-zero if any detector fails unbroken or any rule goes undetected.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release -q -p tools --bin gmm
+# `--workspace`: the same features as the README's `cargo test --workspace
+# --release`, so after it (as in .ci/run) nothing is compiled again; `-p
+# tools` alone resolves other features and rebuilt gmm (~1 min).
+cargo build --release -q --workspace --bins
 exec target/release/gmm mutation --workspace "$PWD" "$@"
