@@ -38,6 +38,10 @@ fn boot_slot() -> std::sync::MutexGuard<'static, ()> {
     ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What boot 1 inflates: Linux's driver moves ~1-4 MiB/s here (emulated
+/// ring 0), and the deflate waits as long again.
+const INFLATE_MIB: u32 = 16;
+
 /// The guest's last `MEMTOTAL <kB> MEMFREE <kB>` line (idle mode prints one
 /// per period): MemTotal in kB.
 fn last_memtotal(text: &str) -> Option<u64> {
@@ -65,8 +69,9 @@ fn wait_memtotal(
 
 /// Boot 1: library API, 1 vCPU, guest RAM populated host-side, a balloon
 /// (statistics, no DEFLATE_ON_OOM, no reporting) driven by Linux's own
-/// driver: inflating 32 MiB takes 32 MiB off the guest's MemTotal and at
-/// least 28 MiB off the process's RSS (the stage-2 gather released it),
+/// driver: inflating [`INFLATE_MIB`] takes as much off the guest's MemTotal
+/// and at least 7/8 of it off the process's RSS (the stage-2 gather
+/// released it),
 /// deflating gives MemTotal back; statistics arrive; Ctrl-Alt-Del through
 /// the i8042 ends the VM.
 #[test]
@@ -100,7 +105,7 @@ fn host_memory(vm: &Vm, backing: Backing) -> u64 {
 }
 
 /// A library boot of the fixture with 1 vCPU, a balloon and
-/// `guest.mode=idle` on `backing`: statistics, an inflate of 32 MiB that
+/// `guest.mode=idle` on `backing`: statistics, an inflate of [`INFLATE_MIB`] that
 /// must come back to the host, a deflate, then Ctrl-Alt-Del ends it.
 fn balloon_boot(name: &str, backing: Backing) {
     use vmm::devices::virtio::balloon::BalloonConfig;
@@ -166,14 +171,14 @@ fn balloon_boot(name: &str, backing: Backing) {
         "the guest's total memory (tag 5) is missing or wrong: {stats:?}"
     );
 
-    // Inflate 32 MiB.
+    // Inflate INFLATE_MIB.
     let before = wait_memtotal(&console, |_| true, Duration::from_secs(30)).expect("MEMTOTAL");
     let rss0 = host_memory(&vm, backing);
     let t = Instant::now();
-    balloon.set_target_pages(32 << 8);
+    balloon.set_target_pages(INFLATE_MIB << 8);
     let after = wait_memtotal(
         &console,
-        |m| m <= before - 32 * 1024,
+        |m| m <= before - u64::from(INFLATE_MIB) * 1024,
         Duration::from_secs(240),
     );
     let took = t.elapsed();
@@ -181,18 +186,22 @@ fn balloon_boot(name: &str, backing: Backing) {
     let report = vm.memory().report();
     assert_eq!(
         after,
-        Some(before - 32 * 1024),
-        "MemTotal did not drop by exactly 32 MiB\n{}",
+        Some(before - u64::from(INFLATE_MIB) * 1024),
+        "MemTotal did not drop by exactly {INFLATE_MIB} MiB\n{}",
         console_text(&console)
     );
-    assert_eq!(report.ballooned_bytes, 32 << 20, "{report:?}");
+    assert_eq!(
+        report.ballooned_bytes,
+        u64::from(INFLATE_MIB) << 20,
+        "{report:?}"
+    );
     assert!(
-        rss0.saturating_sub(rss1) >= 28 << 20,
+        rss0.saturating_sub(rss1) >= (u64::from(INFLATE_MIB) << 20) / 8 * 7,
         "host memory ({backing:?}) fell only {} KiB ({rss0} -> {rss1})",
         rss0.saturating_sub(rss1) >> 10
     );
     loud!(
-        "{name}: inflated 32 MiB in {:.1} s, host memory ({backing:?}) -{} MiB",
+        "{name}: inflated {INFLATE_MIB} MiB in {:.1} s, host memory ({backing:?}) -{} MiB",
         took.as_secs_f64(),
         rss0.saturating_sub(rss1) >> 20
     );
