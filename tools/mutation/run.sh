@@ -13,8 +13,9 @@
 # Exits non-zero if any detector fails unbroken or any rule goes undetected.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# `--workspace`: the same features as the README's `cargo test --workspace
-# --release`, so after it (as in .ci/run) nothing is compiled again; `-p
-# tools` alone resolves other features and rebuilt gmm (~1 min).
-cargo build --release -q --workspace --bins
+# `--workspace --tests`: the features the README's `cargo test --workspace
+# --release` resolves (dev-dependencies included), so after it (as in
+# .ci/run) nothing is compiled again; `-p tools --bin gmm` (or `--bins`
+# alone) resolves other features and rebuilt gmm and vmm (~1 min).
+cargo build --release -q --workspace --bins --tests
 exec target/release/gmm mutation --workspace "$PWD" "$@"
