@@ -10,6 +10,13 @@
 //! - 0x40000000 says "KVMKVMKVM" and 0x40000001 carries the features KVM
 //!   reported (kvm-clock etc.); if KVM did not report them they are added
 //!   with no features.
+//! - Leaf 1 ECX bit 24 (TSC-deadline timer) is set exactly when KVM has
+//!   `KVM_CAP_TSC_DEADLINE_TIMER` (the mode lives in the in-kernel LAPIC,
+//!   which a Linux guest always gets). Older kernels' (before 6.x)
+//!   `KVM_GET_SUPPORTED_CPUID` always reports the bit clear, and a monitor
+//!   that does not add it leaves the guest on the LAPIC's count-down timer;
+//!   QEMU and Firecracker add it the same way. This host's KVM already
+//!   reports it.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -17,6 +24,8 @@ use super::BootError;
 
 /// Hypervisor present (leaf 1 ECX bit 31).
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// TSC-deadline mode of the LAPIC timer (leaf 1 ECX bit 24).
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Multi-threading / several logical processors (leaf 1 EDX bit 28).
 const EDX_HTT: u32 = 1 << 28;
 const KVM_SIGNATURE: &[u8; 12] = b"KVMKVMKVM\0\0\0";
@@ -46,8 +55,14 @@ fn topology_leaf(function: u32, index: u32, vcpus: u32, apic_id: u32) -> kvm_cpu
     }
 }
 
-/// The CPUID of vCPU `index` of `vcpus`, from KVM's supported set.
-pub fn for_vcpu(supported: &CpuId, index: u32, vcpus: u32) -> Result<CpuId, BootError> {
+/// The CPUID of vCPU `index` of `vcpus`, from KVM's supported set;
+/// `tsc_deadline`: KVM has `KVM_CAP_TSC_DEADLINE_TIMER`.
+pub fn for_vcpu(
+    supported: &CpuId,
+    index: u32,
+    vcpus: u32,
+    tsc_deadline: bool,
+) -> Result<CpuId, BootError> {
     let mut out: Vec<kvm_cpuid_entry2> = Vec::new();
     let mut has_sig = false;
     let mut has_feat = false;
@@ -57,6 +72,11 @@ pub fn for_vcpu(supported: &CpuId, index: u32, vcpus: u32) -> Result<CpuId, Boot
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | ((vcpus.min(255)) << 16);
                 e.ecx |= ECX_HYPERVISOR;
+                if tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                } else {
+                    e.ecx &= !ECX_TSC_DEADLINE;
+                }
                 if vcpus > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -142,12 +162,16 @@ mod tests {
     fn apic_ids_topology_and_signature() {
         for vcpus in [1u32, 2, 5] {
             for idx in 0..vcpus {
-                let c = for_vcpu(&supported(), idx, vcpus).unwrap();
+                let c = for_vcpu(&supported(), idx, vcpus, true).unwrap();
                 let s = c.as_slice();
                 let l1 = s.iter().find(|e| e.function == 1).unwrap();
                 assert_eq!(l1.ebx >> 24, idx);
                 assert_eq!((l1.ebx >> 16) & 0xff, vcpus);
                 assert!(l1.ecx & ECX_HYPERVISOR != 0);
+                assert!(l1.ecx & ECX_TSC_DEADLINE != 0);
+                let without = for_vcpu(&supported(), idx, vcpus, false).unwrap();
+                let l1 = without.as_slice().iter().find(|e| e.function == 1).unwrap();
+                assert_eq!(l1.ecx & ECX_TSC_DEADLINE, 0);
                 for f in [0xb, 0x1f] {
                     let core = s.iter().find(|e| e.function == f && e.index == 1).unwrap();
                     assert_eq!((core.ebx, core.edx), (vcpus, idx));

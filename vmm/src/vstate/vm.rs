@@ -861,13 +861,14 @@ impl Vm {
     fn vcpu_fds(kvm: &Kvm, vm_fd: &VmFd, config: &VmConfig, linux: bool) -> Result<Vec<VcpuFd>> {
         let mem = config.mem.bytes();
         let cpuid = supported_cpuid(kvm)?;
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let mut vcpu_fds = Vec::new();
         for i in 0..config.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
             if linux {
-                let id = boot::cpuid::for_vcpu(&cpuid, i, config.vcpus)?;
+                let id = boot::cpuid::for_vcpu(&cpuid, i, config.vcpus, tsc_deadline)?;
                 fd.set_cpuid2(&id)
                     .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
                 vcpu_fds.push(fd);
