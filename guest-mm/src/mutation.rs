@@ -103,11 +103,19 @@ pub enum Rule {
     /// overwrites its oldest byte and reports success, so the guest reads
     /// a cut sequence and the host never hears of it).
     KbdBufferBound,
+    /// A port access wider than a byte, or a string one, to the legacy
+    /// devices is split into byte accesses as a PC's bus splits it: byte
+    /// `j` of each element at `port + j`, each its own register access
+    /// (broken: the bytes of an `in` all take one read of `port`, those of
+    /// an `out` all go to `port`, so `rep insb` duplicates one received
+    /// byte and `outw` sends both bytes instead of setting the register
+    /// after).
+    PortSplit,
 }
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 19] = [
+    pub const ALL: [Rule; 20] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
         Rule::LeafCacheUnlink,
@@ -127,6 +135,7 @@ impl Rule {
         Rule::ArenaReadable,
         Rule::ChildDiesWithParent,
         Rule::KbdBufferBound,
+        Rule::PortSplit,
     ];
 
     /// The name used in [`ENV`] and in the mutation runner's output.
@@ -151,6 +160,7 @@ impl Rule {
             Rule::ArenaReadable => "arena_readable",
             Rule::ChildDiesWithParent => "child_dies_with_parent",
             Rule::KbdBufferBound => "kbd_buffer_bound",
+            Rule::PortSplit => "port_split",
         }
     }
 

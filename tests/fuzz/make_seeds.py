@@ -156,6 +156,19 @@ def host(data):
     return u8(2) + u8(len(data)) + data
 
 
+# Accesses of `size` bytes per element (length byte bits 3-4: 1, 2, 4, or
+# 3, a size KVM never reports).
+SIZE_BITS = {1: 0, 2: 1, 4: 2, 3: 3}
+
+
+def outs(sel, size, *bs):
+    return u8(0) + u8(sel) + u8(SIZE_BITS[size] << 3 | (len(bs) - 1)) + b"".join(u8(b) for b in bs)
+
+
+def ins(sel, size, n):
+    return u8(1) + u8(sel) + u8(SIZE_BITS[size] << 3 | (n - 1))
+
+
 # A driver's UART set-up (divisor latch, 8N1, modem lines, interrupts),
 # a line of output, then typed input read back.
 write(
@@ -196,4 +209,15 @@ write(
     + u8(1) + u8(16) + u16(0x80) + u8(1) + u8(0) + u8(16) + u16(0x80) + u8(0) + u8(0x12)
     + u8(1) + u8(16) + u16(0x70) + u8(3) + inb(12) + inb(13) + inb(14) + inb(15)
     + out(13, 0x20) + out(10, 0xFE, 0x20) + inb(8) + u8(4),
+)
+# Wide and string accesses, split into bytes at port, port + 1, ... as a
+# PC's bus does: outw to the data register (THR, then IER), inw back (RBR,
+# IER), rep insb from RBR (two received bytes), outl/inw on the i8042's
+# ports and their unclaimed neighbours, and a size of 3.
+write(
+    "legacy_io",
+    "wide_and_string_io",
+    outs(0, 2, 0x41, 0x05) + host(b"hi!") + ins(0, 2, 2) + ins(0, 1, 2) + ins(5, 2, 2)
+    + outs(8, 4, 0xF4, 0x00, 0x11, 0x22) + ins(10, 2, 2) + ins(8, 4, 8)
+    + outs(0, 3, 0x42, 0x43, 0x44) + ins(0, 3, 3) + u8(4),
 )

@@ -445,6 +445,10 @@ const MATRIX: &[(Rule, &[Claim])] = &[
         Rule::KbdBufferBound,
         &[fast(LEGACY_FUZZ_PROPS), fast(LEGACY_UNIT)],
     ),
+    (
+        Rule::PortSplit,
+        &[fast(LEGACY_FUZZ_PROPS), fast(LEGACY_UNIT)],
+    ),
 ];
 
 /// One (rule, detector) row of the JSON.

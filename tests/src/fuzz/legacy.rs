@@ -1,16 +1,20 @@
 //! `legacy_io`: the I/O port bus of a Linux guest
 //! ([`vmm::devices::legacy::LegacyIo`]: the 8250 console of vm-superio
 //! behind our port decoding, and our i8042), driven as a vCPU's `in` and
-//! `out` exits drive it (any port, 1 to 8 bytes: a `rep ins`/`rep outs`
-//! delivers every byte in one exit), with the host's side in between:
+//! `out` exits drive it (any port, accesses of 1, 2 or 4 bytes, up to 8
+//! bytes in all: a `rep ins`/`rep outs` delivers every element in one
+//! exit), with the host's side in between:
 //! terminal input queued into the UART, Ctrl-Alt-Del sent through the
 //! i8042.
 //!
 //! **Properties**, checked after every operation against a model of what
 //! the guest may see (the registers a driver reads back, not the devices'
 //! internals):
-//! - no operation panics or blocks; an `in` of several bytes reads one
-//!   value into all of them (one register read per exit);
+//! - no operation panics or blocks; every byte of an access is its own
+//!   register access, byte `j` of each element at port `port + j` (a PC
+//!   splits a wide access to a byte-wide device so), so a `rep insb` from
+//!   the console's data register takes that many received bytes; a size
+//!   that is not 2 or 4 dividing the length counts as bytes;
 //! - a port no device claims reads 0xff and a write to it changes nothing
 //!   (every later read still matches the model);
 //! - console: a byte written to the data register with the divisor latch
@@ -268,6 +272,27 @@ fn port(inp: &mut Input<'_>) -> u16 {
     }
 }
 
+/// An access from its length byte: (size, bytes in all).
+fn access(b: u8) -> (usize, usize) {
+    let n = usize::from(b % 8) + 1;
+    match (b >> 3) & 3 {
+        0 => (1, n),
+        1 => (2, 2 * (n / 2).max(1)),
+        2 => (4, 4 * (n / 4).max(1)),
+        _ => (3, n),
+    }
+}
+
+/// The bytes per element of an access: `size` when it is 2 or 4 and
+/// divides the length (a PC's bus), else single bytes.
+fn element(size: usize, len: usize) -> usize {
+    if (size == 2 || size == 4) && len.is_multiple_of(size) {
+        size
+    } else {
+        1
+    }
+}
+
 /// Reads all of `eventfd`'s count (0 if none).
 fn drain(evt: &EventFd) -> u64 {
     evt.read().unwrap_or(0)
@@ -276,12 +301,15 @@ fn drain(evt: &EventFd) -> u64 {
 /// Runs the operations `data` encodes and checks every property.
 ///
 /// Format: operations until the input ends (at most 4096), each an
-/// opcode byte (mod 5): 0 a guest `out` (port, then a length byte, 1 to 8,
-/// then that many bytes), 1 a guest `in` (port, length byte), 2 host
+/// opcode byte (mod 5): 0 a guest `out` (port, then a length byte, then
+/// the bytes), 1 a guest `in` (port, length byte), 2 host
 /// input (a length-prefixed slice), 3 Ctrl-Alt-Del, 4 the reset and
 /// interrupt counts checked. A port is a selector byte: 0-7 the console's
 /// registers, 8-11 the i8042's data and command ports, 12-15 their
-/// neighbours, else a little-endian u16 that follows.
+/// neighbours, else a little-endian u16 that follows. A length byte's
+/// bits 0-2 are a length `n - 1` (1 to 8), bits 3-4 the access size (1,
+/// 2, 4, or 3: not a size KVM reports); a size of 2 or 4 takes `n / size`
+/// elements (at least one).
 pub fn run(data: &[u8]) {
     let out = Arc::new(Mutex::new(Vec::new()));
     let serial = Arc::new(SerialDevice::new(Console::Capture(out.clone())));
@@ -302,37 +330,39 @@ pub fn run(data: &[u8]) {
         match inp.u8() % 5 {
             0 => {
                 let p = port(&mut inp);
-                let n = usize::from(inp.u8() % 8) + 1;
+                let (size, n) = access(inp.u8());
                 let mut bytes = [0u8; 8];
                 for b in &mut bytes[..n] {
                     *b = inp.u8();
                 }
-                io.write(p, &bytes[..n]);
-                for &b in &bytes[..n] {
-                    if (COM1_BASE..COM1_END).contains(&p) {
-                        uart.write(p - COM1_BASE, b);
-                    } else if p == I8042_DATA || p == I8042_CMD {
-                        kbd.write(p, b);
+                io.write(p, size, &bytes[..n]);
+                for chunk in bytes[..n].chunks(element(size, n)) {
+                    for (j, &b) in (0u16..).zip(chunk) {
+                        let q = p.wrapping_add(j);
+                        if (COM1_BASE..COM1_END).contains(&q) {
+                            uart.write(q - COM1_BASE, b);
+                        } else if q == I8042_DATA || q == I8042_CMD {
+                            kbd.write(q, b);
+                        }
                     }
                 }
             }
             1 => {
                 let p = port(&mut inp);
-                let n = usize::from(inp.u8() % 8) + 1;
+                let (size, n) = access(inp.u8());
                 let mut got = [0x5au8; 8];
-                io.read(p, &mut got[..n]);
-                let v = got[0];
-                assert!(
-                    got[..n].iter().all(|&b| b == v),
-                    "an in of {n} bytes from port {p:#x} read {:x?}: one register read fills them all",
-                    &got[..n]
-                );
-                if (COM1_BASE..COM1_END).contains(&p) {
-                    uart.read(p - COM1_BASE, v);
-                } else if p == I8042_DATA || p == I8042_CMD {
-                    kbd.read(p, v);
-                } else {
-                    assert_eq!(v, 0xff, "port {p:#x}, which no device claims");
+                io.read(p, size, &mut got[..n]);
+                for chunk in got[..n].chunks(element(size, n)) {
+                    for (j, &v) in (0u16..).zip(chunk) {
+                        let q = p.wrapping_add(j);
+                        if (COM1_BASE..COM1_END).contains(&q) {
+                            uart.read(q - COM1_BASE, v);
+                        } else if q == I8042_DATA || q == I8042_CMD {
+                            kbd.read(q, v);
+                        } else {
+                            assert_eq!(v, 0xff, "port {q:#x}, which no device claims");
+                        }
+                    }
                 }
             }
             2 => {

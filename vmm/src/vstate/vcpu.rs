@@ -26,8 +26,10 @@
 //!
 //! Two loops: the default guest's (`run_loop`: report device, exceptions,
 //! `hlt` ends the vCPU) and a Linux guest's (`linux_loop`: port I/O to
-//! [`LegacyIo`], MMIO to the bus, KVM's in-kernel irqchip handles `hlt`, a
-//! reset request or a KVM shutdown/system event ends the VM).
+//! [`LegacyIo`] with its access size, which it reads from `kvm_run`
+//! beside kvm-ioctls' exit (`pio_size`), MMIO to the bus, KVM's in-kernel
+//! irqchip handles `hlt`, a reset request or a KVM shutdown/system event
+//! ends the VM).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -511,6 +513,25 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
     }
 }
 
+/// Why a port exit could not be handled (no kernel does this).
+const PIO_OVERLAP: &str = "KVM_EXIT_IO with its data inside the kvm_run struct";
+
+/// The access size (1, 2 or 4 bytes) of the `KVM_EXIT_IO` that `vcpu`'s
+/// last `KVM_RUN` returned: kvm-ioctls' `IoIn`/`IoOut` give the port and
+/// `size * count` bytes, not how they divide (`inw` and a two-byte `rep
+/// insb` look alike). `None` if the exit's data would overlap the
+/// `kvm_run` struct (the kernel puts it on the page after it,
+/// `KVM_PIO_PAGE_OFFSET`).
+fn pio_size(vcpu: &mut VcpuFd) -> Option<usize> {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the last KVM_RUN returned KVM_EXIT_IO (kvm-ioctls decoded it
+    // as IoIn/IoOut), for which the kernel fills the union's `io` member:
+    // plain integers.
+    let pio = unsafe { run.__bindgen_anon_1.io };
+    let past = usize::try_from(pio.data_offset).ok()? >= std::mem::size_of_val(run);
+    past.then_some(usize::from(pio.size))
+}
+
 /// The `KVM_RUN` loop of a Linux guest. Never panics on guest data: unknown
 /// ports read 0xff, unknown MMIO reads 0xff, writes to either are dropped.
 fn linux_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, io: &LegacyIo) -> VcpuOutcome {
@@ -522,9 +543,28 @@ fn linux_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, io: &LegacyIo) -> VcpuOutcom
             return VcpuOutcome::Reset;
         }
         match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => io.read(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                let (ptr, len) = (data.as_mut_ptr(), data.len());
+                let Some(size) = pio_size(vcpu) else {
+                    return VcpuOutcome::KvmError(PIO_OVERLAP.into());
+                };
+                // SAFETY: `ptr` and `len` are kvm-ioctls' slice of this
+                // exit's data, in the vCPU's `kvm_run` mapping, which lives
+                // as long as `vcpu`. `pio_size` checked that the data lies
+                // past the `kvm_run` struct, so the reference it made to
+                // the struct did not cover it; nothing else touches the
+                // mapping until this thread's next KVM_RUN.
+                let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+                io.read(port, size, data);
+            }
             Ok(VcpuExit::IoOut(port, data)) => {
-                io.write(port, data);
+                let (ptr, len) = (data.as_ptr(), data.len());
+                let Some(size) = pio_size(vcpu) else {
+                    return VcpuOutcome::KvmError(PIO_OVERLAP.into());
+                };
+                // SAFETY: as for `IoIn` above (read-only here).
+                let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+                io.write(port, size, data);
                 if io.reset_requested() {
                     return VcpuOutcome::Reset;
                 }

@@ -6,6 +6,12 @@
 //! - Every port that no device claims reads as 0xff and ignores writes
 //!   (Linux probes 0x80, 0x70/0x71, the PIC, ...; the in-kernel irqchip and
 //!   PIT take theirs before they reach us).
+//! - A port access is split into byte accesses as a PC's bus splits one
+//!   to byte-wide devices: byte `j` of each element (an `inw`/`outw` has
+//!   one, a `rep ins`/`rep outs` several) at `port + j`, each its own
+//!   register access, so a `rep insb` from the console takes as many
+//!   received bytes and an `outw` to it sets the register after (rule
+//!   `port_split`).
 //! - A guest reset request only sets [`LegacyIo::reset_requested`] (and
 //!   wakes whoever waits on its eventfd); the vCPU that sees it ends the VM.
 //!   No device call blocks on guest data.
@@ -16,6 +22,7 @@ pub mod serial;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use guest_mm::mutation::{broken, Rule};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -84,9 +91,44 @@ impl LegacyIo {
             .ctrl_alt_del()
     }
 
-    /// A guest `in` of `data.len()` bytes from `port`.
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        let v = if SerialDevice::handles(port) {
+    /// A guest `in` from `port` of `size` bytes (1, 2 or 4) per element,
+    /// `data.len() / size` elements (a `rep ins` delivers them all in one
+    /// exit). As on a PC's bus, a wide access to these byte-wide devices
+    /// is split into bytes at `port`, `port + 1`, ...: each byte is its own
+    /// register read, so a `rep insb` from the console's data register
+    /// takes that many received bytes. A `size` that does not divide the
+    /// data is treated as 1.
+    pub fn read(&self, port: u16, size: usize, data: &mut [u8]) {
+        if broken(Rule::PortSplit) {
+            let v = self.read_byte(port);
+            data.fill(v);
+            return;
+        }
+        for chunk in data.chunks_mut(element(size, data.len())) {
+            for (p, b) in (port..=u16::MAX).chain(0..port).zip(chunk) {
+                *b = self.read_byte(p);
+            }
+        }
+    }
+
+    /// A guest `out` to `port` of `size` bytes per element, split like
+    /// [`Self::read`]: byte `j` of each element goes to `port + j`.
+    pub fn write(&self, port: u16, size: usize, data: &[u8]) {
+        if broken(Rule::PortSplit) {
+            for &b in data {
+                self.write_byte(port, b);
+            }
+            return;
+        }
+        for chunk in data.chunks(element(size, data.len())) {
+            for (p, &b) in (port..=u16::MAX).chain(0..port).zip(chunk) {
+                self.write_byte(p, b);
+            }
+        }
+    }
+
+    fn read_byte(&self, port: u16) -> u8 {
+        if SerialDevice::handles(port) {
             self.serial.read(port)
         } else if port == I8042_DATA || port == I8042_CMD {
             self.i8042
@@ -95,23 +137,30 @@ impl LegacyIo {
                 .read(port)
         } else {
             0xff
-        };
-        data.fill(v);
+        }
     }
 
-    /// A guest `out` of `data` to `port` (string I/O: every byte).
-    pub fn write(&self, port: u16, data: &[u8]) {
+    fn write_byte(&self, port: u16, b: u8) {
         if SerialDevice::handles(port) {
-            for &b in data {
-                self.serial.write(port, b);
-            }
+            self.serial.write(port, b);
         } else if port == I8042_DATA || port == I8042_CMD {
-            let mut k = self.i8042.lock().unwrap_or_else(|e| e.into_inner());
-            for &b in data {
-                // A failed eventfd write still set the flag the vCPU checks.
-                let _ = k.write(port, b);
-            }
+            // A failed eventfd write still set the flag the vCPU checks.
+            let _ = self
+                .i8042
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(port, b);
         }
+    }
+}
+
+/// The element size of a port access of `len` bytes said to be `size`
+/// wide: `size` if it is 1, 2 or 4 and divides `len`, else 1.
+fn element(size: usize, len: usize) -> usize {
+    if matches!(size, 2 | 4) && len.is_multiple_of(size) {
+        size
+    } else {
+        1
     }
 }
 
@@ -126,13 +175,41 @@ mod tests {
         let io = LegacyIo::new(s, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
         for port in [0x80u16, 0x70, 0x71, 0x21, 0xa1, 0x3fff] {
             let mut d = [0u8; 2];
-            io.read(port, &mut d);
+            io.read(port, 2, &mut d);
             assert_eq!(d, [0xff, 0xff], "port {port:#x}");
-            io.write(port, &[1]);
+            io.write(port, 1, &[1]);
         }
         assert!(!io.reset_requested());
-        io.write(I8042_CMD, &[0xfe]);
+        io.write(I8042_CMD, 1, &[0xfe]);
         assert!(io.reset_requested());
         assert_eq!(io.reset_evt().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn wide_and_string_accesses_split_into_bytes() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::new(SerialDevice::new(Console::Capture(out.clone())));
+        let io = LegacyIo::new(s.clone(), EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
+        // outw to the data register: the low byte is sent, the high one
+        // goes to the interrupt enable register at the next port.
+        io.write(0x3f8, 2, &[b'A', 0x05]);
+        assert_eq!(*out.lock().unwrap(), b"A");
+        let mut ier = [0u8; 1];
+        io.read(0x3f9, 1, &mut ier);
+        assert_eq!(ier, [0x05]);
+        // rep insb from the receive buffer: one FIFO read per byte.
+        assert_eq!(s.enqueue(b"hi!"), 3);
+        let mut two = [0u8; 2];
+        io.read(0x3f8, 1, &mut two);
+        assert_eq!(&two, b"hi");
+        // inw: the receive buffer, then the interrupt enable register.
+        io.read(0x3f8, 2, &mut two);
+        assert_eq!(two, [b'!', 0x05]);
+        // inw at the i8042's status port: its status, then 0x65, unclaimed.
+        io.read(I8042_CMD, 2, &mut two);
+        assert_eq!(two[1], 0xff);
+        // A size that does not divide the data counts as bytes.
+        io.write(0x3f8, 4, b"xy");
+        assert_eq!(*out.lock().unwrap(), b"Axy");
     }
 }
