@@ -105,8 +105,8 @@ impl LegacyIo {
             return;
         }
         for chunk in data.chunks_mut(element(size, data.len())) {
-            for (p, b) in (port..=u16::MAX).chain(0..port).zip(chunk) {
-                *b = self.read_byte(p);
+            for (j, b) in (0u16..).zip(chunk) {
+                *b = self.read_byte(port.wrapping_add(j));
             }
         }
     }
@@ -121,8 +121,8 @@ impl LegacyIo {
             return;
         }
         for chunk in data.chunks(element(size, data.len())) {
-            for (p, &b) in (port..=u16::MAX).chain(0..port).zip(chunk) {
-                self.write_byte(p, b);
+            for (j, &b) in (0u16..).zip(chunk) {
+                self.write_byte(port.wrapping_add(j), b);
             }
         }
     }
@@ -155,7 +155,7 @@ impl LegacyIo {
 }
 
 /// The element size of a port access of `len` bytes said to be `size`
-/// wide: `size` if it is 1, 2 or 4 and divides `len`, else 1.
+/// wide: `size` if it is 2 or 4 and divides `len`, else 1.
 fn element(size: usize, len: usize) -> usize {
     if matches!(size, 2 | 4) && len.is_multiple_of(size) {
         size
