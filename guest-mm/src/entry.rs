@@ -14,7 +14,11 @@
 //! | 54-56  | software: the permissions to restore when a marker is faulted back |
 //!
 //! A present entry at level > 1 without the large bit points to a table
-//! page. A non-present entry with a software bit is a *marker*: the guest
+//! page. A present entry has no bit at or above 52 (every constructor
+//! masks the frame; the software bits are markers' only): the fast walk's
+//! one-load path takes a 4 KiB leaf's frame as the entry without its low
+//! 12 bits, and the oracle test (`tests/oracle.rs`) compares its host
+//! addresses. A non-present entry with a software bit is a *marker*: the guest
 //! page exists but has no backing right now; it keeps its table page alive.
 //! [`POISON`] is written over every freed table page: a walker that ever
 //! reads it has read freed memory, which the stress tests count.

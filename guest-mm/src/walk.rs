@@ -462,7 +462,11 @@ impl<'w> WalkGuard<'w> {
                 let e = entry.load(Ordering::Acquire);
                 if e & (LARGE | want) == want {
                     bump(&self.counters.leaf_hits);
-                    let hva = (e & FRAME_MASK) + (gpa.0 & (PAGE_SIZE - 1));
+                    // A present leaf has no bit at or above the frame's
+                    // (`Pte::leaf`; software bits are markers' only): the
+                    // frame is the entry without its low 12 bits, a mask
+                    // that fits an instruction's immediate.
+                    let hva = (e & !(PAGE_SIZE - 1)) + (gpa.0 & (PAGE_SIZE - 1));
                     return Ok(translation(gpa, hva, Pte(e).perms(), 1));
                 }
             }
