@@ -92,6 +92,14 @@ pub enum Rule {
     /// walk's one load faults in a GiB below the end that was never
     /// opened).
     ArenaReadable,
+    /// A leaf table page is never freed while its table lives, so it is
+    /// never poisoned: every entry of the leaf arena is a level-1 leaf, a
+    /// level-1 marker or zero, none with LARGE, and the fast walk's one
+    /// load tests the needed permissions alone (broken: a leaf page given
+    /// back when it became empty is poisoned, as a freed pool page is, and
+    /// zeroed when taken again; the one load finds POISON, which has
+    /// R|W|X, and translates it).
+    LeafKept,
     /// A process the tools or the tests start (a `vmm`, a peer, a
     /// detector run) dies with the thread that started it, so a bench or
     /// test run killed outright leaves no VM running (broken: the child is
@@ -115,7 +123,7 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule, in a stable order.
-    pub const ALL: [Rule; 20] = [
+    pub const ALL: [Rule; 21] = [
         Rule::GracePeriod,
         Rule::CacheShootdown,
         Rule::LeafCacheUnlink,
@@ -133,6 +141,7 @@ impl Rule {
         Rule::LeafClear,
         Rule::LeafNotes,
         Rule::ArenaReadable,
+        Rule::LeafKept,
         Rule::ChildDiesWithParent,
         Rule::KbdBufferBound,
         Rule::PortSplit,
@@ -158,6 +167,7 @@ impl Rule {
             Rule::LeafClear => "leaf_clear",
             Rule::LeafNotes => "leaf_notes",
             Rule::ArenaReadable => "arena_readable",
+            Rule::LeafKept => "leaf_kept",
             Rule::ChildDiesWithParent => "child_dies_with_parent",
             Rule::KbdBufferBound => "kbd_buffer_bound",
             Rule::PortSplit => "port_split",

@@ -455,12 +455,17 @@ impl<'w> WalkGuard<'w> {
     pub fn translate_for(&self, gpa: Gpa, need: Perms) -> Result<Translation<'_>, WalkError> {
         let want = u64::from(need.bits());
         // 1. A 4 KiB leaf: one live entry at its place in the leaf arena,
-        //    below the arena's readable end (one compare), tested with one
-        //    mask and compare (the needed permissions and no LARGE bit).
+        //    below the arena's readable end (one compare), tested for the
+        //    needed permissions only. Every entry of a leaf page is a
+        //    level-1 leaf, a level-1 marker or empty, none with LARGE
+        //    (`Pte::leaf`, `Pte::marker`); POISON, the one level-1 pattern
+        //    with LARGE, is written only into pool pages being freed, and
+        //    a leaf page is never freed while its table lives
+        //    ([`crate::reclaim::arena`]).
         if want != 0 {
             if let Some(entry) = self.arena.entry(gpa.0) {
                 let e = entry.load(Ordering::Acquire);
-                if e & (LARGE | want) == want {
+                if e & want == want {
                     bump(&self.counters.leaf_hits);
                     // A present leaf has no bit at or above the frame's
                     // (`Pte::leaf`; software bits are markers' only): the

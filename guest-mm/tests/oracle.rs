@@ -4,7 +4,8 @@
 //! Rules guarded (`GMM_BREAK_RULE`, feature `mutation`): `unhook_order` (the
 //! order log sees a release outside its invalidation) and `grace_period`
 //! (the log sees a release with no grace period completed since its
-//! invalidation started); plus the table/oracle agreement itself.
+//! invalidation started); plus the table/oracle agreement itself, which
+//! also catches `leaf_clear` and `leaf_kept` (a removed page translates).
 
 mod common;
 

@@ -5,7 +5,10 @@
 //! cached walk answers what a walk from the root answers.
 //!
 //! `leaf_table_unlink_keeps_the_directory` is also a detector of the rule
-//! `leaf_clear`: with it broken the removed pages still translate.
+//! `leaf_clear`: with it broken the removed pages still translate. It and
+//! `leaf_cache_forgets_freed_pages` are detectors of `leaf_kept`: with a
+//! leaf page poisoned when it goes back to the arena, the one-load path
+//! translates the poison in the removed range.
 //!
 //! `leaf_cache_forgets_freed_pages` is the detector of the `mutation` rule
 //! `leaf_cache_unlink` (`GMM_BREAK_RULE=leaf_cache_unlink`): it fails when

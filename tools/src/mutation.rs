@@ -437,6 +437,9 @@ const MATRIX: &[(Rule, &[Claim])] = &[
     ),
     (Rule::LeafNotes, &[fast(GM_FALLBACK), fast(GM_ORACLE)]),
     (Rule::ArenaReadable, &[fast(GM_WALK_CACHE)]),
+    // With the old one-load test (LARGE too), both pass with the rule
+    // broken: the poisoned entry went to the slow walk.
+    (Rule::LeafKept, &[fast(GM_WALK_CACHE), fast(GM_ORACLE)]),
     (
         Rule::ChildDiesWithParent,
         &[fast(KILLED_TEST_RUN), fast(KILLED_BENCH)],

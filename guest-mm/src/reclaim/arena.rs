@@ -30,7 +30,10 @@
 //!   has nothing to wait for. An unlinked leaf page simply stays where it
 //!   is, empty, and is linked again when its region is mapped again. It
 //!   costs RSS until the table is dropped (at most 1/512 of the guest
-//!   memory ever mapped at 4 KiB leaves).
+//!   memory ever mapped at 4 KiB leaves). Nor is it ever poisoned: every
+//!   entry it holds is a level-1 leaf, a level-1 marker or zero, none with
+//!   LARGE, which is why the fast walk's one-load path tests the needed
+//!   permissions alone ([`crate::walk`]).
 //! - *A present leaf entry means a reachable entry.* Only empty leaf pages
 //!   are unlinked ([`super`]'s writers clear entries first), one taken but
 //!   never linked is zeroed when given back, and a split fills one, before the
@@ -300,6 +303,18 @@ impl LeafArena {
     /// must be open. Table lock held.
     pub(crate) fn take(&self, gpa: u64) -> PagePtr {
         let p = self.page(gpa);
+        #[cfg(not(loom))]
+        if broken(Rule::LeafKept) {
+            // Broken: a page poisoned when given back is zeroed when
+            // taken again, as the pool zeroes a page it hands out.
+            // SAFETY: an arena page, open (the caller opened its GiB),
+            // not linked (it is being taken), table lock held: we are its
+            // only writer.
+            let entries = unsafe { &p.get().entries };
+            for e in entries {
+                e.store(0, Ordering::Relaxed);
+            }
+        }
         let n = self.linked.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak.fetch_max(n, Ordering::Relaxed);
         pool::gauge_add(1);
@@ -310,6 +325,16 @@ impl LeafArena {
     /// (see the module documentation). Table lock held.
     pub(crate) fn put_back(&self, page: PagePtr) {
         debug_assert!(self.contains(page));
+        #[cfg(not(loom))]
+        if broken(Rule::LeafKept) {
+            // Broken: poisoned, as a freed pool page is (`pool::free`).
+            // SAFETY: an arena page, open (it was linked), unlinked now,
+            // table lock held: we are its only writer; readers only load.
+            let entries = unsafe { &page.get().entries };
+            for e in entries {
+                e.store(crate::entry::POISON, Ordering::Relaxed);
+            }
+        }
         self.linked.fetch_sub(1, Ordering::Relaxed);
         pool::gauge_sub(1);
     }
