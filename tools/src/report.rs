@@ -165,11 +165,17 @@ struct Step {
     bench: BenchName,
     stem: &'static str,
     args: Vec<String>,
+    /// How long the step may run before the report kills it and shows
+    /// it as not measured.
+    timeout: Duration,
 }
 
 /// The suite, in run order. The full run takes a few minutes on a 2-core
 /// machine (plus the soak's `soak_minutes`); `quick` a few seconds.
 fn steps(quick: bool, soak_minutes: f64) -> Vec<Step> {
+    // Each step's own budget: a few times what it takes on this 2-core
+    // host, so a slow day is measured rather than cut off.
+    let timeout = Duration::from_secs(if quick { 300 } else { 1800 });
     let s = |bench, stem, full: &[&'static str], q: &[&'static str]| Step {
         bench,
         stem,
@@ -177,6 +183,7 @@ fn steps(quick: bool, soak_minutes: f64) -> Vec<Step> {
             .iter()
             .map(|x| x.to_string())
             .collect(),
+        timeout,
     };
     // The report does not use the guest driver's notify timing (a second
     // VM, ~20 s per GiB here): `--no-guest-notify`. 15 repetitions: the
@@ -201,6 +208,7 @@ fn steps(quick: bool, soak_minutes: f64) -> Vec<Step> {
             .iter()
             .map(|x| x.to_string())
             .collect(),
+            timeout,
         }
     };
     let mut all = vec![
@@ -359,13 +367,20 @@ fn steps(quick: bool, soak_minutes: f64) -> Vec<Step> {
             &["--rounds", "1", "--a-mem", "512M", "--a-balloon", "256M"],
         ),
     ];
+    // The soak runs for as long as it is told (up to a day), plus the
+    // usual budget for its setup and final checks.
     all.push(Step {
         bench: BenchName::Soak,
         stem: "soak",
         args: vec!["--minutes".into(), soak_minutes.to_string()],
+        timeout: timeout + Duration::from_secs_f64(soak_minutes.max(0.0) * 60.0),
     });
     if !quick {
-        all.push(s(
+        // Some 18 Linux boots (three monitors, each for the idle and
+        // balloon sessions and the four teardown rows) at 50-80 s each to
+        // init: 1670 s of a 1800 s budget on one day, killed on a slower
+        // one. Twice the usual budget.
+        let mut linux = s(
             BenchName::Linux,
             "linux",
             &[
@@ -375,7 +390,9 @@ fn steps(quick: bool, soak_minutes: f64) -> Vec<Step> {
                 "sigterm,ctrl-alt-del",
             ],
             &[],
-        ));
+        );
+        linux.timeout = 2 * timeout;
+        all.push(linux);
     }
     all
 }
@@ -444,7 +461,6 @@ pub fn cmd(a: &Args) -> Result<()> {
         None => {
             let machine = machine_info();
             let exe = std::env::current_exe().context("finding the gmm executable")?;
-            let timeout = Duration::from_secs(if quick { 300 } else { 1800 });
             let pb = crate::progress::bar(selected.len() as u64, "bench report");
             // Keep the elapsed time moving during long steps.
             pb.enable_steady_tick(Duration::from_millis(500));
@@ -470,7 +486,7 @@ pub fn cmd(a: &Args) -> Result<()> {
                     continue;
                 }
                 pb.suspend(|| crate::say(a.json, &format!("[{}/{n}] {}\n", i + 1, c.join(" "))));
-                let d = run_step(&exe, st, timeout);
+                let d = run_step(&exe, st);
                 pb.suspend(|| crate::say(a.json, &step_log(st, &d)));
                 pb.inc(1);
                 data.push((st, d));
@@ -645,7 +661,8 @@ pub fn cmd(a: &Args) -> Result<()> {
 // Running and loading
 
 /// Runs one step as a subprocess, capturing its output.
-fn run_step(exe: &Path, st: &Step, timeout: Duration) -> StepData {
+fn run_step(exe: &Path, st: &Step) -> StepData {
+    let timeout = st.timeout;
     let command = command_of(st);
     let t = Instant::now();
     let mut d = StepData {
@@ -4623,4 +4640,37 @@ fn markdown(m: &MdInput<'_>) -> String {
         md += &s.md;
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(all: &[Step], bench: BenchName) -> &Step {
+        all.iter()
+            .find(|s| s.bench == bench)
+            .expect("the suite has this step")
+    }
+
+    #[test]
+    fn linux_step_gets_twice_the_usual_budget() {
+        let all = steps(false, 10.0);
+        let usual = step(&all, BenchName::Unmap).timeout;
+        assert_eq!(step(&all, BenchName::Linux).timeout, 2 * usual);
+        assert!(usual >= Duration::from_secs(1800));
+        // The quick suite has no Linux step.
+        assert!(!steps(true, 0.5).iter().any(|s| s.bench == BenchName::Linux));
+    }
+
+    #[test]
+    fn soak_budget_covers_its_minutes() {
+        for minutes in [0.5, 10.0, 120.0, 1440.0] {
+            for quick in [false, true] {
+                let all = steps(quick, minutes);
+                let usual = step(&all, BenchName::Unmap).timeout;
+                let soak = step(&all, BenchName::Soak).timeout;
+                assert_eq!(soak, usual + Duration::from_secs_f64(minutes * 60.0));
+            }
+        }
+    }
 }

@@ -310,10 +310,7 @@ impl LeafArena {
             // SAFETY: an arena page, open (the caller opened its GiB),
             // not linked (it is being taken), table lock held: we are its
             // only writer.
-            let entries = unsafe { &p.get().entries };
-            for e in entries {
-                e.store(0, Ordering::Relaxed);
-            }
+            unsafe { fill(p, 0) };
         }
         let n = self.linked.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak.fetch_max(n, Ordering::Relaxed);
@@ -330,10 +327,7 @@ impl LeafArena {
             // Broken: poisoned, as a freed pool page is (`pool::free`).
             // SAFETY: an arena page, open (it was linked), unlinked now,
             // table lock held: we are its only writer; readers only load.
-            let entries = unsafe { &page.get().entries };
-            for e in entries {
-                e.store(crate::entry::POISON, Ordering::Relaxed);
-            }
+            unsafe { fill(page, crate::entry::POISON) };
         }
         self.linked.fetch_sub(1, Ordering::Relaxed);
         pool::gauge_sub(1);
@@ -346,10 +340,7 @@ impl LeafArena {
         // the lock makes us its only writer. Readers may load it
         // meanwhile: unlinked, it holds the split's markers (never a
         // present leaf), and zeroes are empty too.
-        let entries = unsafe { &page.get().entries };
-        for e in entries {
-            e.store(0, Ordering::Relaxed);
-        }
+        unsafe { fill(page, 0) };
         self.put_back(page);
     }
 
@@ -385,6 +376,20 @@ impl LeafArena {
             end: self.readable_end.load(Ordering::Acquire),
             _arena: std::marker::PhantomData,
         }
+    }
+}
+
+/// Stores `value` in every entry of `page` (relaxed: readers load
+/// entries one at a time and accept any value a writer left).
+///
+/// # Safety
+/// `page` is an open arena page and the caller is its only writer (table
+/// lock held); readers may load it meanwhile.
+unsafe fn fill(page: PagePtr, value: u64) {
+    // SAFETY: the caller's contract: the page is mapped and readable.
+    let entries = unsafe { &page.get().entries };
+    for e in entries {
+        e.store(value, Ordering::Relaxed);
     }
 }
 
