@@ -3,8 +3,9 @@
 //! memory of arbitrary (bounded) size.
 //!
 //! The kernel is raw bytes, or a minimal valid x86-64 ELF (with or
-//! without a PVH note) or bzImage ([`tiny_elf`], [`tiny_elf_pvh`],
-//! [`tiny_bzimage`]) with input-chosen bytes patched in (so
+//! without a PVH note) or bzImage (the image checks' own fixtures:
+//! [`tiny_elf`], [`tiny_elf_pvh`], [`tiny_bzimage`]) with input-chosen
+//! bytes patched in (so
 //! the fuzzer starts past the magic numbers); the initrd is absent, input
 //! bytes, or a sparse file of an input-chosen size; the RAM size, vCPU
 //! count, command line and virtio-mmio devices come from the input too.
@@ -25,6 +26,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use vm_memory::{Bytes, GuestAddress};
+use vmm::boot::image::fixtures::{tiny_bzimage, tiny_elf, tiny_elf_pvh};
 use vmm::boot::layout::{CMDLINE_START, EBDA_START, HIMEM_START};
 use vmm::boot::{prepare, LinuxSpec, MmioDeviceInfo, Protocol};
 use vmm::memory::GuestRam;
@@ -37,74 +39,6 @@ const MIB: u64 = 1 << 20;
 const MAX_GM: u64 = 64 * MIB;
 /// Largest sparse initrd.
 const MAX_SPARSE: u64 = 8 * MIB;
-
-const EHDR_LEN: usize = 64;
-const PHDR_LEN: usize = 56;
-
-/// A minimal x86-64 ELF with one `PT_LOAD` of `len` bytes (16 file bytes)
-/// at 16 MiB, entry there, no PVH note.
-pub fn tiny_elf(len: u64) -> Vec<u8> {
-    let mut b = vec![0u8; EHDR_LEN + PHDR_LEN + 16];
-    b[..4].copy_from_slice(b"\x7fELF");
-    b[4] = 2;
-    b[5] = 1;
-    b[6] = 1;
-    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    b[20..24].copy_from_slice(&1u32.to_le_bytes());
-    b[24..32].copy_from_slice(&(16 * MIB).to_le_bytes()); // e_entry
-    b[32..40].copy_from_slice(&(EHDR_LEN as u64).to_le_bytes()); // e_phoff
-    b[52..54].copy_from_slice(&(EHDR_LEN as u16).to_le_bytes());
-    b[54..56].copy_from_slice(&(PHDR_LEN as u16).to_le_bytes());
-    b[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let p = EHDR_LEN;
-    b[p..p + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    b[p + 4..p + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-    b[p + 8..p + 16].copy_from_slice(&((EHDR_LEN + PHDR_LEN) as u64).to_le_bytes());
-    b[p + 16..p + 24].copy_from_slice(&(16 * MIB).to_le_bytes());
-    b[p + 24..p + 32].copy_from_slice(&(16 * MIB).to_le_bytes());
-    b[p + 32..p + 40].copy_from_slice(&16u64.to_le_bytes());
-    b[p + 40..p + 48].copy_from_slice(&len.to_le_bytes());
-    b
-}
-
-/// [`tiny_elf`] with a second program header: a `PT_NOTE` holding the
-/// PVH entry note (`"Xen"`, type 18) whose entry is the load address, as
-/// a vmlinux has.
-pub fn tiny_elf_pvh(len: u64) -> Vec<u8> {
-    let mut b = tiny_elf(len);
-    b[56..58].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
-    let data = (EHDR_LEN + 2 * PHDR_LEN) as u64;
-    b[EHDR_LEN + 8..EHDR_LEN + 16].copy_from_slice(&data.to_le_bytes());
-    let mut ph = [0u8; PHDR_LEN];
-    ph[..4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
-    ph[8..16].copy_from_slice(&(data + 16).to_le_bytes());
-    ph[32..40].copy_from_slice(&20u64.to_le_bytes());
-    b.splice(EHDR_LEN + PHDR_LEN..EHDR_LEN + PHDR_LEN, ph);
-    for v in [4, 4, 18] {
-        b.extend_from_slice(&u32::to_le_bytes(v));
-    }
-    b.extend_from_slice(b"Xen\0");
-    b.extend_from_slice(&(16 * MIB as u32).to_le_bytes());
-    b
-}
-
-/// A bzImage header (boot protocol 2.15, 64-bit, loaded high) with
-/// `payload` bytes after 4+1 setup sectors.
-pub fn tiny_bzimage(payload: usize) -> Vec<u8> {
-    let mut b = vec![0u8; 5 * 512 + payload];
-    b[0x1f1] = 4;
-    b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
-    b[0x202..0x206].copy_from_slice(b"HdrS");
-    b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    b[0x211] = 1;
-    b[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
-    b[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-    b[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
-    b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
-    b[0x260..0x264].copy_from_slice(&(4u32 << 20).to_le_bytes());
-    b
-}
 
 /// This thread's scratch directory: one per thread, since tests of one
 /// process run in parallel threads and each rewrites its `kernel` and

@@ -26,6 +26,9 @@
 use super::layout::HIMEM_START;
 use super::BootError;
 
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
+
 /// ELF machine number of x86-64.
 const EM_X86_64: u16 = 62;
 /// ELF program header type of a loadable segment.
@@ -463,46 +466,24 @@ fn check_bzimage(path: &str, b: &[u8], len: u64) -> Result<(KernelFormat, Extent
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
+    use super::fixtures::{elf_with_notes, note, tiny_bzimage, tiny_elf, tiny_elf_pvh, ELF_LOAD};
     use super::*;
 
-    /// A minimal x86-64 ELF with one PT_LOAD of `len` bytes at 16 MiB.
-    pub(crate) fn tiny_elf(len: u64) -> Vec<u8> {
-        let mut b = vec![0u8; EHDR_LEN + PHDR_LEN + 16];
-        b[..4].copy_from_slice(b"\x7fELF");
-        b[4] = 2;
-        b[5] = 1;
-        b[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
-        b[24..32].copy_from_slice(&(16u64 << 20).to_le_bytes()); // e_entry
-        b[32..40].copy_from_slice(&(EHDR_LEN as u64).to_le_bytes());
-        b[54..56].copy_from_slice(&(PHDR_LEN as u16).to_le_bytes());
-        b[56..58].copy_from_slice(&1u16.to_le_bytes());
-        let p = EHDR_LEN;
-        b[p..p + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
-        b[p + 8..p + 16].copy_from_slice(&((EHDR_LEN + PHDR_LEN) as u64).to_le_bytes());
-        b[p + 16..p + 24].copy_from_slice(&(16u64 << 20).to_le_bytes());
-        b[p + 24..p + 32].copy_from_slice(&(16u64 << 20).to_le_bytes());
-        b[p + 32..p + 40].copy_from_slice(&16u64.to_le_bytes());
-        b[p + 40..p + 48].copy_from_slice(&len.to_le_bytes());
-        b
-    }
-
-    /// A bzImage header (protocol 2.15, 64-bit) with `payload` bytes after
-    /// 4+1 setup sectors.
-    pub(crate) fn tiny_bzimage(payload: usize) -> Vec<u8> {
-        let mut b = vec![0u8; 5 * 512 + payload];
-        b[BZ_SETUP_SECTS] = 4;
-        b[BZ_BOOT_FLAG..BZ_BOOT_FLAG + 2].copy_from_slice(&0xaa55u16.to_le_bytes());
-        b[BZ_HEADER..BZ_HEADER + 4].copy_from_slice(&BZ_MAGIC.to_le_bytes());
-        b[BZ_VERSION..BZ_VERSION + 2].copy_from_slice(&0x020fu16.to_le_bytes());
-        b[BZ_LOADFLAGS] = 1;
-        b[BZ_CODE32_START..BZ_CODE32_START + 4].copy_from_slice(&0x10_0000u32.to_le_bytes());
-        b[BZ_INITRD_ADDR_MAX..BZ_INITRD_ADDR_MAX + 4]
-            .copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-        b[BZ_XLOADFLAGS..BZ_XLOADFLAGS + 2].copy_from_slice(&1u16.to_le_bytes());
-        b[BZ_CMDLINE_SIZE..BZ_CMDLINE_SIZE + 4].copy_from_slice(&2047u32.to_le_bytes());
-        b[BZ_INIT_SIZE..BZ_INIT_SIZE + 4].copy_from_slice(&(4u32 << 20).to_le_bytes());
-        b
+    /// The fixtures' own invariant: each is accepted as built, and
+    /// linux-loader loads the ELF ones (finding the PVH note where there
+    /// is one).
+    #[test]
+    fn fixtures_are_accepted_as_built() {
+        for len in [4096, 48 << 20] {
+            let k = inspect("k", tiny_elf(len), 64 << 20).unwrap();
+            assert_eq!(k.end, ELF_LOAD + len);
+            let k = inspect("k", tiny_elf_pvh(len), 64 << 20).unwrap();
+            assert_eq!(k.end, ELF_LOAD + len);
+        }
+        assert_eq!(loader(&tiny_elf(4096)), Ok(None));
+        assert_eq!(loader(&tiny_elf_pvh(4096)), Ok(Some(ELF_LOAD)));
+        inspect("k", tiny_bzimage(4096), 64 << 20).unwrap();
     }
 
     #[test]
@@ -611,36 +592,6 @@ pub(crate) mod tests {
         assert!(matches!(e, BootError::BadEntry { .. }), "{e}");
     }
 
-    /// One ELF note: `name` (NUL included), type, descriptor.
-    fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
-        let mut n = Vec::new();
-        n.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
-        n.extend_from_slice(&kind.to_le_bytes());
-        n.extend_from_slice(name);
-        n.resize(n.len().next_multiple_of(4), 0);
-        n.extend_from_slice(desc);
-        n.resize(n.len().next_multiple_of(4), 0);
-        n
-    }
-
-    /// [`tiny_elf`] with a second program header: a `PT_NOTE` of `filesz`
-    /// bytes over `notes`, which end the file.
-    fn elf_with_notes(notes: &[u8], filesz: u64) -> Vec<u8> {
-        let mut b = tiny_elf(4096);
-        b[56..58].copy_from_slice(&2u16.to_le_bytes());
-        // Move the load's 16 bytes past the second header.
-        let data = (EHDR_LEN + 2 * PHDR_LEN) as u64;
-        b[EHDR_LEN + 8..EHDR_LEN + 16].copy_from_slice(&data.to_le_bytes());
-        let mut ph = vec![0u8; PHDR_LEN];
-        ph[..4].copy_from_slice(&PT_NOTE.to_le_bytes());
-        ph[8..16].copy_from_slice(&(data + 16).to_le_bytes());
-        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
-        b.splice(EHDR_LEN + PHDR_LEN..EHDR_LEN + PHDR_LEN, ph);
-        b.extend_from_slice(notes);
-        b
-    }
-
     /// What linux-loader makes of `image`: the PVH entry it finds, or
     /// its refusal.
     fn loader(image: &[u8]) -> Result<Option<u64>, String> {
@@ -721,7 +672,7 @@ pub(crate) mod tests {
             ("a name size that overflows", huge_name, len(&gnu), None),
         ];
         for (what, notes, filesz, want) in cases {
-            let image = elf_with_notes(&notes, filesz);
+            let image = elf_with_notes(4096, &notes, filesz);
             let loaded = loader(&image);
             assert_eq!(
                 loaded.clone().ok(),
@@ -752,12 +703,12 @@ pub(crate) mod tests {
     fn refuses_note_segments_over_a_mib() {
         // Empty notes (12 bytes each) that end the file.
         let notes = vec![0u8; (NOTES_MAX as usize).next_multiple_of(12)];
-        let image = elf_with_notes(&notes, notes.len() as u64);
+        let image = elf_with_notes(4096, &notes, notes.len() as u64);
         assert_eq!(loader(&image), Ok(None));
         let e = inspect("k", image, 64 << 20).unwrap_err();
         assert!(e.to_string().contains("more than the 1 MiB"), "{e}");
         let notes = vec![0u8; NOTES_MAX as usize / 12 * 12];
-        let image = elf_with_notes(&notes, notes.len() as u64);
+        let image = elf_with_notes(4096, &notes, notes.len() as u64);
         assert_eq!(loader(&image), Ok(None));
         assert!(inspect("k", image, 64 << 20).is_ok());
     }
@@ -767,7 +718,7 @@ pub(crate) mod tests {
     #[test]
     fn rejects_a_pvh_entry_outside_the_kernel() {
         let pvh = note(b"Xen\0", PVH_NOTE_TYPE, &0x1000u32.to_le_bytes());
-        let image = elf_with_notes(&pvh, pvh.len() as u64);
+        let image = elf_with_notes(4096, &pvh, pvh.len() as u64);
         assert_eq!(loader(&image), Ok(Some(0x1000)));
         let e = inspect("k", image, 64 << 20).unwrap_err();
         assert!(

@@ -604,7 +604,7 @@ mod tests {
         let e = prepare(&spec, 64 << 20, 1, &[]).unwrap_err();
         assert!(matches!(e, BootError::Read { .. }), "{e}");
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
-        let k = tmp("k1", &image::tests::tiny_elf(4096));
+        let k = tmp("k1", &image::fixtures::tiny_elf(4096));
         let mut spec = LinuxSpec::new(&k);
         assert!(matches!(
             prepare(&spec, 4 << 30, 1, &[]),
@@ -642,7 +642,7 @@ mod tests {
 
     #[test]
     fn bzimage_cmdline_limit_comes_from_its_header() {
-        let mut bz = image::tests::tiny_bzimage(4096);
+        let mut bz = image::fixtures::tiny_bzimage(4096);
         bz[0x238..0x23c].copy_from_slice(&100u32.to_le_bytes());
         let mut spec = LinuxSpec::new(tmp("bz", &bz));
         spec.cmdline = "y".repeat(101);
@@ -655,7 +655,7 @@ mod tests {
 
     #[test]
     fn loads_elf_initrd_and_cmdline() {
-        let mut spec = LinuxSpec::new(tmp("k2", &image::tests::tiny_elf(4096)));
+        let mut spec = LinuxSpec::new(tmp("k2", &image::fixtures::tiny_elf(4096)));
         spec.initrd = Some(tmp("initrd", &[7u8; 10000]));
         let dev = MmioDeviceInfo {
             base: 0x10_0000_1000,
