@@ -60,7 +60,13 @@ fn bench_teardown_json() {
     for k in ["destroy_ms", "reclaim_ms", "munmap_ms", "naive_ms"] {
         assert!(num(s, k) > 0.0, "{k} must be positive: {s}");
     }
-    assert!(num(s, "destroy_ms") <= num(s, "reclaim_ms"), "{s}");
+    // Memory can be back before `destroy` returns (the reclaim thread
+    // releases it while the destroying thread waits for a CPU: 0.62 ms
+    // against a 1.00 ms destroy in one CI run), so neither bounds the
+    // other; both end before `wait_reclaim` returns.
+    for k in ["destroy_ms", "reclaim_ms"] {
+        assert!(num(s, k) <= num(s, "reclaim_done_ms"), "{k}: {s}");
+    }
     let ratio = num(s, "reclaim_ms") / num(s, "munmap_ms");
     assert!(
         (num(s, "ratio_vs_munmap") - ratio).abs() <= 0.01 * ratio + 0.01,
