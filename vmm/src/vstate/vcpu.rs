@@ -25,11 +25,12 @@
 //! delaying the first `KVM_RUN`. A thread runs no guest code unconfined.
 //!
 //! Two loops: the default guest's (`run_loop`: report device, exceptions,
-//! `hlt` ends the vCPU) and a Linux guest's (`linux_loop`: port I/O to
-//! [`LegacyIo`] with its access size, which it reads from `kvm_run`
-//! beside kvm-ioctls' exit (`pio_size`), MMIO to the bus, KVM's in-kernel
-//! irqchip handles `hlt`, a reset request or a KVM shutdown/system event
-//! ends the VM).
+//! the console alone on the port bus, `hlt` ends the vCPU) and a Linux
+//! guest's (`linux_loop`: port I/O to [`LegacyIo`], MMIO to the bus, KVM's
+//! in-kernel irqchip handles `hlt`, a reset request or a KVM
+//! shutdown/system event ends the VM). Both split a port access into bytes
+//! by its access size, which they read from `kvm_run` beside kvm-ioctls'
+//! exit (`pio_in`, `pio_out`).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -44,7 +45,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::vstate::memory::{GuestAccess, VmMemory};
 
-use crate::devices::legacy::LegacyIo;
+use crate::devices::legacy::{split_in, split_out, LegacyIo};
 use crate::devices::report::{
     has_error_code, GuestException, PatternReport, ProbeReport, EXC_PORT, OP_DONE, OP_HELLO,
     OP_IDLE, OP_PROBE, OP_RESULT, REPORT_MMIO,
@@ -443,11 +444,18 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
         }
         let exit = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) if SerialDevice::handles(port) => {
-                // String I/O (`rep outsb`) delivers every byte in one exit.
-                for &b in data {
-                    ctx.serial.write(port, b);
+                let (ptr, len) = (data.as_ptr(), data.len());
+                // SAFETY: `ptr` and `len` are the data of this exit, as
+                // kvm-ioctls returned it; `data` is not used again.
+                match unsafe { pio_out(vcpu, ptr, len) } {
+                    // String I/O (`rep outsb`) delivers every byte in one
+                    // exit; a wide `out` sets the registers after `port`.
+                    Some((size, data)) => {
+                        split_out(port, size, data, |p, b| ctx.serial.write(p, b));
+                        Exit::None
+                    }
+                    None => Exit::Stop(VcpuOutcome::KvmError(PIO_OVERLAP.into())),
                 }
-                Exit::None
             }
             Ok(VcpuExit::IoOut(port, data)) => Exit::Out(port, le_u32(data)),
             Ok(VcpuExit::MmioWrite(addr, data)) => match ctx.mmio.find(addr) {
@@ -465,13 +473,15 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> VcpuOutcome {
                 Exit::None
             }
             Ok(VcpuExit::IoIn(port, data)) => {
-                let v = if SerialDevice::handles(port) {
-                    ctx.serial.read(port)
-                } else {
-                    0xff
-                };
-                data.fill(v);
-                Exit::None
+                let (ptr, len) = (data.as_mut_ptr(), data.len());
+                // SAFETY: as for `IoOut` above.
+                match unsafe { pio_in(vcpu, ptr, len) } {
+                    Some((size, data)) => {
+                        split_in(port, size, data, |p| ctx.serial.read(p));
+                        Exit::None
+                    }
+                    None => Exit::Stop(VcpuOutcome::KvmError(PIO_OVERLAP.into())),
+                }
             }
             Ok(VcpuExit::Hlt) => Exit::Stop(VcpuOutcome::Halted),
             Ok(VcpuExit::Shutdown) => Exit::Stop(VcpuOutcome::Shutdown),
@@ -532,6 +542,34 @@ fn pio_size(vcpu: &mut VcpuFd) -> Option<usize> {
     past.then_some(usize::from(pio.size))
 }
 
+/// The data of the port `in` exit that `vcpu`'s last `KVM_RUN` returned,
+/// writable, and its element size (see [`pio_size`]); `None` if the data
+/// would overlap the `kvm_run` struct. The slice borrows `vcpu`, so it is
+/// gone before the next `KVM_RUN`.
+///
+/// # Safety
+/// `ptr` and `len` must be the data slice kvm-ioctls' `VcpuExit::IoIn`
+/// gave for that exit (a pointer into the vCPU's `kvm_run` mapping, which
+/// lives as long as `vcpu`), and that slice must not be used again.
+unsafe fn pio_in(vcpu: &mut VcpuFd, ptr: *mut u8, len: usize) -> Option<(usize, &mut [u8])> {
+    let size = pio_size(vcpu)?;
+    // SAFETY: per the caller, `ptr..ptr + len` is this exit's data in the
+    // live mapping, with no other reference to it. `pio_size` checked that
+    // it lies past the `kvm_run` struct, so the reference it made to the
+    // struct (now gone) did not cover it.
+    Some((size, unsafe { std::slice::from_raw_parts_mut(ptr, len) }))
+}
+
+/// As [`pio_in`], for an `out` exit (read-only data).
+///
+/// # Safety
+/// As for [`pio_in`], with the slice of `VcpuExit::IoOut`.
+unsafe fn pio_out(vcpu: &mut VcpuFd, ptr: *const u8, len: usize) -> Option<(usize, &[u8])> {
+    let size = pio_size(vcpu)?;
+    // SAFETY: as in `pio_in`, read-only.
+    Some((size, unsafe { std::slice::from_raw_parts(ptr, len) }))
+}
+
 /// The `KVM_RUN` loop of a Linux guest. Never panics on guest data: unknown
 /// ports read 0xff, unknown MMIO reads 0xff, writes to either are dropped.
 fn linux_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, io: &LegacyIo) -> VcpuOutcome {
@@ -545,25 +583,19 @@ fn linux_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, io: &LegacyIo) -> VcpuOutcom
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 let (ptr, len) = (data.as_mut_ptr(), data.len());
-                let Some(size) = pio_size(vcpu) else {
+                // SAFETY: `ptr` and `len` are the data of this exit, as
+                // kvm-ioctls returned it; `data` is not used again.
+                let Some((size, data)) = (unsafe { pio_in(vcpu, ptr, len) }) else {
                     return VcpuOutcome::KvmError(PIO_OVERLAP.into());
                 };
-                // SAFETY: `ptr` and `len` are kvm-ioctls' slice of this
-                // exit's data, in the vCPU's `kvm_run` mapping, which lives
-                // as long as `vcpu`. `pio_size` checked that the data lies
-                // past the `kvm_run` struct, so the reference it made to
-                // the struct did not cover it; nothing else touches the
-                // mapping until this thread's next KVM_RUN.
-                let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
                 io.read(port, size, data);
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 let (ptr, len) = (data.as_ptr(), data.len());
-                let Some(size) = pio_size(vcpu) else {
+                // SAFETY: as for `IoIn` above.
+                let Some((size, data)) = (unsafe { pio_out(vcpu, ptr, len) }) else {
                     return VcpuOutcome::KvmError(PIO_OVERLAP.into());
                 };
-                // SAFETY: as for `IoIn` above (read-only here).
-                let data = unsafe { std::slice::from_raw_parts(ptr, len) };
                 io.write(port, size, data);
                 if io.reset_requested() {
                     return VcpuOutcome::Reset;

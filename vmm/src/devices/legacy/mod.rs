@@ -11,7 +11,8 @@
 //!   one, a `rep ins`/`rep outs` several) at `port + j`, each its own
 //!   register access, so a `rep insb` from the console takes as many
 //!   received bytes and an `outw` to it sets the register after (rule
-//!   `port_split`).
+//!   `port_split`). [`split_in`] and [`split_out`] do the split; the
+//!   default guest's loop, which has the console alone, uses them too.
 //! - A guest reset request only sets [`LegacyIo::reset_requested`] (and
 //!   wakes whoever waits on its eventfd); the vCPU that sees it ends the VM.
 //!   No device call blocks on guest data.
@@ -99,32 +100,13 @@ impl LegacyIo {
     /// takes that many received bytes. A `size` that does not divide the
     /// data is treated as 1.
     pub fn read(&self, port: u16, size: usize, data: &mut [u8]) {
-        if broken(Rule::PortSplit) {
-            let v = self.read_byte(port);
-            data.fill(v);
-            return;
-        }
-        for chunk in data.chunks_mut(element(size, data.len())) {
-            for (j, b) in (0u16..).zip(chunk) {
-                *b = self.read_byte(port.wrapping_add(j));
-            }
-        }
+        split_in(port, size, data, |p| self.read_byte(p));
     }
 
     /// A guest `out` to `port` of `size` bytes per element, split like
     /// [`Self::read`]: byte `j` of each element goes to `port + j`.
     pub fn write(&self, port: u16, size: usize, data: &[u8]) {
-        if broken(Rule::PortSplit) {
-            for &b in data {
-                self.write_byte(port, b);
-            }
-            return;
-        }
-        for chunk in data.chunks(element(size, data.len())) {
-            for (j, &b) in (0u16..).zip(chunk) {
-                self.write_byte(port.wrapping_add(j), b);
-            }
-        }
+        split_out(port, size, data, |p, b| self.write_byte(p, b));
     }
 
     fn read_byte(&self, port: u16) -> u8 {
@@ -150,6 +132,39 @@ impl LegacyIo {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .write(port, b);
+        }
+    }
+}
+
+/// Splits a guest `in` from `port` of `size`-byte elements into byte reads
+/// as a PC's bus does for byte-wide devices: byte `j` of each element is
+/// `read(port + j)`. A `size` other than 2 or 4, or one that does not
+/// divide the data, counts as 1 (rule `port_split`).
+pub fn split_in(port: u16, size: usize, data: &mut [u8], mut read: impl FnMut(u16) -> u8) {
+    if broken(Rule::PortSplit) {
+        let v = read(port);
+        data.fill(v);
+        return;
+    }
+    for chunk in data.chunks_mut(element(size, data.len())) {
+        for (j, b) in (0u16..).zip(chunk) {
+            *b = read(port.wrapping_add(j));
+        }
+    }
+}
+
+/// Splits a guest `out` to `port` like [`split_in`]: byte `j` of each
+/// element is `write(port + j, byte)`.
+pub fn split_out(port: u16, size: usize, data: &[u8], mut write: impl FnMut(u16, u8)) {
+    if broken(Rule::PortSplit) {
+        for &b in data {
+            write(port, b);
+        }
+        return;
+    }
+    for chunk in data.chunks(element(size, data.len())) {
+        for (j, &b) in (0u16..).zip(chunk) {
+            write(port.wrapping_add(j), b);
         }
     }
 }
@@ -211,5 +226,30 @@ mod tests {
         // A size that does not divide the data counts as bytes.
         io.write(0x3f8, 4, b"xy");
         assert_eq!(*out.lock().unwrap(), b"Axy");
+    }
+
+    /// The default guest's loop drives the console alone, through the same
+    /// split: a wide access that runs past the UART's last port reaches
+    /// the UART for its first byte only (the rest reads 0xff, and writes
+    /// to it are dropped, not sent to the data register).
+    #[test]
+    fn console_alone_splits_and_ends_at_its_last_port() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let s = SerialDevice::new(Console::Capture(out.clone()));
+        // outw at the scratch register (0x3ff): 0x5a there, 0x11 to 0x400.
+        split_out(0x3ff, 2, &[0x5a, 0x11], |p, b| s.write(p, b));
+        let mut two = [0u8; 2];
+        split_in(0x3ff, 2, &mut two, |p| s.read(p));
+        assert_eq!(two, [0x5a, 0xff]);
+        // outw to the data register sends its low byte and sets the
+        // interrupt enable register with the high one.
+        split_out(0x3f8, 2, &[b'A', 0x05], |p, b| s.write(p, b));
+        assert_eq!(*out.lock().unwrap(), b"A");
+        assert_eq!(s.read(0x3f9), 0x05);
+        // Ports outside the UART: reads 0xff, writes change nothing.
+        s.write(0x3f7, b'x');
+        s.write(0x400, b'y');
+        assert_eq!((s.read(0x3f7), s.read(0x400)), (0xff, 0xff));
+        assert_eq!(*out.lock().unwrap(), b"A");
     }
 }

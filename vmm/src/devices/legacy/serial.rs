@@ -124,21 +124,35 @@ impl SerialDevice {
         (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port)
     }
 
-    /// A guest `out` to `port`.
+    /// A guest `out` to `port`; dropped if `port` is not this device's.
     pub fn write(&self, port: u16, value: u8) {
-        let off = u8::try_from(port.wrapping_sub(COM1_BASE)).unwrap_or(0);
+        let Some(off) = Self::offset(port) else {
+            return;
+        };
         let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
         // A console write error must not stop the guest.
         let _ = uart.write(off, value);
     }
 
-    /// A guest `in` from `port`.
+    /// A guest `in` from `port`; 0xff, as an unclaimed port reads, if
+    /// `port` is not this device's.
     pub fn read(&self, port: u16) -> u8 {
-        let off = u8::try_from(port.wrapping_sub(COM1_BASE)).unwrap_or(0);
+        let Some(off) = Self::offset(port) else {
+            return 0xff;
+        };
         self.uart
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .read(off)
+    }
+
+    /// The register offset of `port`, if it is this device's.
+    fn offset(port: u16) -> Option<u8> {
+        if Self::handles(port) {
+            u8::try_from(port - COM1_BASE).ok()
+        } else {
+            None
+        }
     }
 }
 
