@@ -5,6 +5,10 @@
 //! `RLIMIT_AS` is process wide, hence a test binary of its own whose tests
 //! take turns.
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 mod common;
 
 use std::sync::Mutex;

@@ -1,5 +1,9 @@
 //! Behaviour of the table's public API: leaves, splits, errors, faults.
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 mod common;
 
 use std::sync::Arc;

@@ -1,5 +1,9 @@
 //! `Stage2Table::census` against what was mapped, discarded and ballooned.
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 use guest_mm::{
     BackingKind, BackingRegion, Census, Gpa, Hva, PageSize, Perms, Stage2Table, TableConfig,
     UnmapMode,

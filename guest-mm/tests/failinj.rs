@@ -11,6 +11,10 @@
 //! The tests run one at a time (a lock): RSS is read per mapping, and
 //! nothing else in the process should map or unmap meanwhile.
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 use std::sync::{Mutex, MutexGuard};
 
 use guest_mm::*;

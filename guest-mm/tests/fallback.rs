@@ -4,6 +4,10 @@
 //! (an unmap visitor's notes kept back over a leaf table page reach the
 //! gather before a flush that follows the page's visit).
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 mod common;
 
 use common::*;

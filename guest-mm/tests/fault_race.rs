@@ -13,6 +13,10 @@
 //! (More releases than ups is allowed: a fault that lost its second check
 //! to a writer leaves its leaf to that writer, which releases it once more.)
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -4,6 +4,10 @@
 //! soak` can require it back at its baseline after every VM. One test in
 //! its own binary: the gauge counts every table of the process.
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 mod common;
 
 use common::*;

@@ -7,6 +7,10 @@
 //! invalidation started); plus the table/oracle agreement itself, which
 //! also catches `leaf_clear` and `leaf_kept` (a removed page translates).
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -7,6 +7,10 @@
 //! resident as `mincore` and the process's RSS show, and unmapped by a
 //! later [`guest_mm::reclaim::retry_leaked_table_chunks`].
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 use guest_mm::reclaim::{leaked_table_bytes, leaked_table_chunks, retry_leaked_table_chunks};
 use guest_mm::*;
 

@@ -6,6 +6,10 @@
 //! The second thread is seen blocked through the table's gauge of threads
 //! waiting for a pending flush, never by sleeping and hoping.
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};

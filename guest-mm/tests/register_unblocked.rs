@@ -12,6 +12,10 @@
 //! Rule guarded (`GMM_BREAK_RULE`, feature `mutation`): `register_unblocked`
 //! (the grace period waits with the slot lock held).
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 mod common;
 
 use std::sync::mpsc;

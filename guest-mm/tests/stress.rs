@@ -14,6 +14,10 @@
 //! (`read_slice`, `get_slices`), so the same rules guard that path:
 //! `view_stale_reads` counts what it caught.
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 use std::time::Duration;
 
 use guest_mm::stress::{run, StressConfig, StressReport};

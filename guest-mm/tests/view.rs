@@ -7,6 +7,10 @@
 //! backing after its release) is checked by the stress harness
 //! (`tests/stress.rs`), whose walkers read through the view half the time.
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 use guest_mm::*;
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};

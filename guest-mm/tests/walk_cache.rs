@@ -14,6 +14,10 @@
 //! `leaf_cache_unlink` (`GMM_BREAK_RULE=leaf_cache_unlink`): it fails when
 //! a walker keeps its cached level-2 pages across an unlink-sequence move.
 
+// These tests use real threads and memory and the full geometry; under
+// `--cfg loom` (tiny geometry, loom's primitives) only `tests/loom.rs` runs.
+#![cfg(not(loom))]
+
 use guest_mm::{
     Access, BackingKind, BackingRegion, Gpa, Hva, PageSize, Perms, Stage2Table, TableConfig,
     UnmapMode, WalkError,
