@@ -1420,6 +1420,12 @@ pub struct WalkResult {
     /// of `under_unmap_ratio`).
     #[serde(default)]
     pub page_map_under_unmap_ratio: f64,
+    /// The median over rounds of `under_unmap_ratio` over
+    /// `page_map_under_unmap_ratio`, each round's pair measured back to
+    /// back: how much of the bound's share the walk kept (0 in files saved
+    /// before it was measured).
+    #[serde(default)]
+    pub under_unmap_vs_page_map_bound: f64,
     /// `walk_per_s / rwlock_per_s` (target ≥ 1.2).
     #[serde(default)]
     pub walk_vs_rwlock: f64,

@@ -31,12 +31,16 @@
 //! `get_host_address` before any table takes part.
 //!
 //! **Trustworthy figures on a noisy machine.** Every phase runs once per
-//! round, `--rounds` rounds (default 5), and the order of the phases is
-//! rotated every round, so a slow stretch of the machine (other processes,
-//! frequency changes) lands on a different phase each time. Each figure is
-//! the median of its rounds, with the lowest and highest round beside it
-//! (`spread`); each ratio is the median of the per-round ratios (the two
-//! phases of a ratio share a round's conditions), with its spread too.
+//! round, `--rounds` rounds (default 5). The phases a target compares run
+//! back to back in one unit (the walk alone, under the storm, and the
+//! page map under a storm paced to the same rate and alone; vm-memory's
+//! lookups beside the walk; the `RwLock` map alone and under its storm),
+//! and the order of the units is rotated every round, so a slow stretch
+//! of the machine (other processes, frequency changes, the hypervisor
+//! moving the vCPUs) lands on a different unit each time and on both
+//! sides of a comparison alike. Each figure is the median of its rounds,
+//! with the lowest and highest round beside it (`spread`); each ratio is
+//! the median of the per-round ratios, with its spread too.
 //!
 //! The stage-2 table is mapped at 4 KiB leaves over reserved anonymous
 //! memory that is never touched (`MAP_NORESERVE`), registered as simulated
@@ -93,8 +97,9 @@ pub struct WalkArgs {
     /// Seconds per measurement phase (seventeen phases per round).
     #[arg(long, default_value = "0.5", value_parser = crate::units::parse_seconds)]
     pub seconds: f64,
-    /// Rounds: every phase runs once per round, in a rotated order; the
-    /// median round is reported, with the spread.
+    /// Rounds: every phase runs once per round, the units of phases that
+    /// are compared in a rotated order; the median round is reported, with
+    /// the spread.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub rounds: u32,
     /// Guest memory mapped (at 4 KiB leaves); a multiple of 2 MiB.
@@ -145,25 +150,46 @@ enum Phase {
     VmMemorySlices,
 }
 
-const PHASES: [Phase; 17] = [
-    Phase::Walk(Mode::Cached),
-    Phase::Walk2M,
-    Phase::WalkSmallArena,
-    Phase::View,
-    Phase::Walk(Mode::Uncached),
-    Phase::Walk(Mode::Hot),
-    Phase::Walk(Mode::Sequential),
-    Phase::Walk(Mode::PinEach),
-    Phase::Busy,
-    Phase::Storm,
-    Phase::RwLock,
-    Phase::RwLockStorm,
-    Phase::PageMap,
-    Phase::PageMapStorm,
-    Phase::VmMemory1,
-    Phase::VmMemory4,
-    Phase::VmMemorySlices,
+/// The phases of one round in units, in their unrotated order: a unit's
+/// phases run back to back in the order given, and the units' order is
+/// rotated every round. The figures a target compares share a unit, each
+/// next to or near its counterpart, so that they meet the same stretch
+/// of the machine: on this host the cost of another core's writes to a
+/// reader swung from a tenth to a half within a run (the hypervisor moves
+/// the vCPUs), and the walk under the storm, nine phases away from the
+/// walk alone when every phase rotated on its own, read 0.41-1.01x of
+/// it while the page map's bound, measured back to back, read 0.50-0.94x.
+/// The storm comes before the baselines paced to its rate.
+const UNITS: [&[Phase]; 10] = [
+    &[
+        Phase::VmMemorySlices,
+        Phase::View,
+        Phase::VmMemory1,
+        Phase::Walk(Mode::Cached),
+        Phase::Storm,
+        Phase::PageMapStorm,
+        Phase::PageMap,
+    ],
+    &[Phase::RwLock, Phase::RwLockStorm],
+    &[Phase::Walk2M],
+    &[Phase::WalkSmallArena],
+    &[Phase::Walk(Mode::Uncached)],
+    &[Phase::Walk(Mode::Hot)],
+    &[Phase::Walk(Mode::Sequential)],
+    &[Phase::Walk(Mode::PinEach)],
+    &[Phase::Busy],
+    &[Phase::VmMemory4],
 ];
+
+/// Round `r`'s phases: the units rotated by `r`, each unit in its order.
+fn round_phases(r: usize) -> impl Iterator<Item = Phase> {
+    (0..UNITS.len()).flat_map(move |k| UNITS[(k + r) % UNITS.len()].iter().copied())
+}
+
+/// How many phases a round runs.
+fn phase_count() -> usize {
+    UNITS.iter().map(|u| u.len()).sum()
+}
 
 /// Which walk loop a phase runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -837,6 +863,10 @@ const RATIOS: [(&str, &str, &str); 16] = [
     ),
 ];
 
+/// The per-round ratio of the walk's share under the storm to the page
+/// map's (`under_unmap_ratio / page_map_under_unmap_ratio`, round by round).
+const VS_BOUND: &str = "under_unmap_vs_page_map_bound";
+
 /// A table over `len` bytes of simulated backing at `host`, all of it
 /// mapped at `leaf` leaves.
 fn simulated_table(host: u64, len: u64, leaf: PageSize) -> Result<Arc<Stage2Table>> {
@@ -934,11 +964,11 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     };
     let (t, s, b) = (a.threads, a.seconds, a.batch);
     let mut log = format!(
-        "walk: {} walker thread(s) on {cores} cores, {} at 4 KiB leaves, {} rounds of {} phases of {s} s (order rotated each round), {b} translations per pin, {}\n",
+        "walk: {} walker thread(s) on {cores} cores, {} at 4 KiB leaves, {} rounds of {} phases of {s} s (units of phases that are compared run back to back; the units' order rotated each round), {b} translations per pin, {}\n",
         t,
         human_bytes(len),
         a.rounds,
-        PHASES.len(),
+        phase_count(),
         if crate::membarrier() { "membarrier fences" } else { "SeqCst fences (no membarrier)" }
     );
     let mut per: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
@@ -949,11 +979,10 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
     for r in 0..a.rounds as usize {
         let mut round_rates: BTreeMap<&'static str, f64> = BTreeMap::new();
         let mut this_storm: Option<f64> = None;
-        for k in 0..PHASES.len() {
-            let p = PHASES[(k + r) % PHASES.len()];
-            // The RwLock storm is paced at the guest-mm storm's rate: this
-            // round's if measured already, else the median so far (round 0
-            // runs the phases unrotated, the guest-mm storm first).
+        for p in round_phases(r) {
+            // The baselines' storms are paced at the guest-mm storm's rate:
+            // this round's if measured already, else the median so far
+            // (round 0 runs the units unrotated, the guest-mm storm first).
             let rw_rate = a
                 .storm_rate
                 .or(this_storm)
@@ -978,6 +1007,14 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
             let (n, d) = (round_rates[num], round_rates[den]);
             per.entry(name).or_default().push(n / d.max(1.0));
         }
+        // The storm target against its bound, per round: the share the
+        // walk kept over the share the page map kept, both measured in the
+        // same unit.
+        let share = |num: &str, den: &str| round_rates[num] / round_rates[den].max(1.0);
+        let bound = share("page_map_under_unmap_per_s", "page_map_unlocked_per_s");
+        per.entry(VS_BOUND)
+            .or_default()
+            .push(share("walk_under_unmap_per_s", "walk_per_s") / bound.max(f64::MIN_POSITIVE));
         for (k, v) in round_rates {
             per.entry(k).or_default().push(v);
         }
@@ -1043,7 +1080,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         ),
         ("vm-memory get_slices (1)", "vm_memory_slices_per_s"),
     ];
-    const RATIO_LINES: [(&str, &str); 15] = [
+    const RATIO_LINES: [(&str, &str); 16] = [
         ("walk / vm-memory (1 region)", "walk_vs_vm_memory"),
         ("walk / arena in 4 KiB pages", "walk_vs_small_arena"),
         (
@@ -1063,6 +1100,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
             "page map storm / alone (bound)",
             "page_map_under_unmap_ratio",
         ),
+        ("walk's storm share / bound's", VS_BOUND),
         ("view / walk", "guest_memory_view_vs_walk"),
         (
             "view / vm-memory (1 region)",
@@ -1139,6 +1177,7 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         page_map_under_unmap_per_s: med("page_map_under_unmap_per_s"),
         page_map_storm_ops_per_s: round(flat_rate, 1),
         page_map_under_unmap_ratio: med("page_map_under_unmap_ratio"),
+        under_unmap_vs_page_map_bound: med(VS_BOUND),
         walk_vs_rwlock: med("walk_vs_rwlock"),
         walk_vs_page_map_unlocked: med("walk_vs_page_map_unlocked"),
         walk_vs_vm_memory: med("walk_vs_vm_memory"),
@@ -1168,4 +1207,38 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
         bail!("{uaf} walks read a freed table page");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every round runs every phase once, the storm before the baselines
+    /// paced to its rate, and the four figures of the storm target back to
+    /// back, whatever the rotation.
+    #[test]
+    fn every_round_runs_each_phase_once_with_the_storm_target_back_to_back() {
+        let all: Vec<&str> = round_phases(0).map(rate_key).collect();
+        assert_eq!(all.len(), phase_count());
+        let mut keys = all.clone();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), all.len(), "a phase runs twice: {all:?}");
+        for (_, num, den) in RATIOS {
+            assert!(keys.contains(&num) && keys.contains(&den), "{num} / {den}");
+        }
+        for r in 0..2 * UNITS.len() {
+            let order: Vec<&str> = round_phases(r).map(rate_key).collect();
+            let at = |k: &str| order.iter().position(|&o| o == k).unwrap();
+            let storm = at("walk_under_unmap_per_s");
+            assert_eq!(at("walk_per_s") + 1, storm, "round {r}: {order:?}");
+            assert_eq!(at("page_map_under_unmap_per_s"), storm + 1);
+            assert_eq!(at("page_map_unlocked_per_s"), storm + 2);
+            assert_eq!(at("vm_memory_per_s") + 2, storm);
+            assert_eq!(at("rwlock_per_s") + 1, at("rwlock_under_unmap_per_s"));
+            if r == 0 {
+                assert!(storm < at("rwlock_under_unmap_per_s"));
+            }
+        }
+    }
 }

@@ -134,6 +134,7 @@ fn bench_walk_json() {
         "page_map_under_unmap_per_s",
         "page_map_storm_ops_per_s",
         "page_map_under_unmap_ratio",
+        "under_unmap_vs_page_map_bound",
         "walk_vs_vm_memory",
         "walk_vs_rwlock",
         "under_unmap_ratio",
