@@ -29,11 +29,13 @@
 //!   (`--stops`: SIGTERM, or `PUT /actions SendCtrlAltDel` for ours and
 //!   Firecracker; QEMU: QMP `quit` either way) starts the clock;
 //!   `stop_to_memory_back_ms` runs until the process's RSS fell below a
-//!   tenth of what it was (polled every ms; with `--backing memfd` also
-//!   until the host's `Shmem` fell by nine tenths of that RSS: a file's
-//!   pages come back when they are punched or the file is closed, not
-//!   when they leave the RSS), `stop_to_exit_ms` until `waitpid`
-//!   returned.
+//!   tenth of what it was and the host has the memory: its `MemFree`
+//!   rose by eight tenths of that RSS (polled every ms; an exiting
+//!   process's RSS reads 0 once its main thread left the address space,
+//!   before its last thread freed it); with `--backing memfd` until the
+//!   host's `Shmem` fell by nine tenths of it instead (a file's pages come
+//!   back when they are punched or the file is closed, not when they
+//!   leave the RSS); `stop_to_exit_ms` until `waitpid` returned.
 //! - **backing** (`--backing`): anonymous guest RAM, or memfd for ours
 //!   (`--backing memfd`) and QEMU (`memory-backend-memfd,share=on`);
 //!   Firecracker has no memfd-backed guest RAM and is then skipped.
@@ -110,6 +112,8 @@ const BOOT_BUDGET: Duration = Duration::from_secs(180);
 const INFLATE_BUDGET: Duration = Duration::from_secs(120);
 /// How long a stopped monitor may take to exit.
 const EXIT_BUDGET: Duration = Duration::from_secs(60);
+/// How long after its exit a monitor's memory may take to reach the host.
+const BACK_AFTER_EXIT: Duration = Duration::from_secs(10);
 
 /// Options of `gmm bench linux`.
 #[derive(clap::Args, Debug)]
@@ -558,19 +562,26 @@ impl Running {
     ) -> Result<(TeardownRow, Option<serde_json::Value>)> {
         self.drain();
         let rss = rss_of(self.child.pid);
-        // memfd: the guest's pages live in the file, whose pages the
-        // host gets back only once they are punched or the file is
-        // closed: a process can drop them from its RSS (munmap) and still
-        // hold them. Memory is back once the host's `Shmem` fell too.
-        let shmem0 = match self.backing {
-            LinuxBacking::Memfd => {
-                Some(vmm::proc_stats::meminfo("Shmem:").context("reading Shmem in /proc/meminfo")?)
-            }
-            LinuxBacking::Anon => None,
+        // Memory is back once the host has it, not once the RSS says so:
+        // `/proc/<pid>/statm` reads 0 as soon as the process's main thread
+        // has left the address space on its way out, while another of its
+        // threads may still be freeing it (QEMU at 1 GiB: the RSS gone
+        // 1.5-3 ms after `quit`, the host's MemFree up only after 8-10).
+        // Anon: the host's `MemFree` must have risen by eight tenths of
+        // that RSS (the rest: the binary, libraries, page cache). memfd:
+        // the guest's pages live in the file, whose pages the host gets
+        // back only once they are punched or the file is closed: a
+        // process can drop them from its RSS (munmap) and still hold
+        // them; the host's `Shmem` must have fallen by nine tenths of it.
+        let (key, host0) = match self.backing {
+            LinuxBacking::Memfd => ("Shmem:", vmm::proc_stats::meminfo("Shmem:")),
+            LinuxBacking::Anon => ("MemFree:", vmm::proc_stats::meminfo("MemFree:")),
         };
-        let shmem_back = || {
-            shmem0.is_none_or(|s0| {
-                vmm::proc_stats::meminfo("Shmem:").is_some_and(|s| s + rss / 10 * 9 <= s0)
+        let host0 = host0.with_context(|| format!("reading {key} in /proc/meminfo"))?;
+        let host_back = || {
+            vmm::proc_stats::meminfo(key).is_some_and(|now| match self.backing {
+                LinuxBacking::Memfd => now + rss / 10 * 9 <= host0,
+                LinuxBacking::Anon => now >= host0 + rss / 10 * 8,
             })
         };
         let t = Instant::now();
@@ -601,7 +612,7 @@ impl Running {
         let mut rss_low = false;
         let exit = loop {
             rss_low = rss_low || rss_of(self.child.pid) < rss / 10;
-            if back.is_none() && rss_low && shmem_back() {
+            if back.is_none() && rss_low && host_back() {
                 back = Some(ms(t.elapsed()));
             }
             if let Some(o) = self.child.exited() {
@@ -617,9 +628,13 @@ impl Running {
             std::thread::sleep(Duration::from_millis(1));
         };
         let exit_ms = ms(t.elapsed());
-        // memfd: the file may be freed only by the exit (its last close).
-        while back.is_none() && shmem0.is_some() && t.elapsed() < EXIT_BUDGET {
-            if shmem_back() {
+        // The memory may be freed only by the exit (a memfd's last close,
+        // the last thread of a process that releases nothing itself): that
+        // takes milliseconds; a host whose free memory others took in the
+        // meantime leaves the figure out after `BACK_AFTER_EXIT`.
+        let exited = Instant::now();
+        while back.is_none() && exited.elapsed() < BACK_AFTER_EXIT {
+            if host_back() {
                 back = Some(ms(t.elapsed()));
             }
             std::thread::sleep(Duration::from_millis(1));

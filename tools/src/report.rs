@@ -3435,7 +3435,7 @@ fn linux_section(d: &StepData) -> Section {
     );
     if !l.teardown.is_empty() {
         let back = match l.backing {
-            schema::LinuxBacking::Anon => "the process's RSS fell below a tenth of what it was",
+            schema::LinuxBacking::Anon => "the process's RSS fell below a tenth of what it was and the host's `MemFree` rose by eight tenths of it (an exiting process's RSS reads 0 as soon as its main thread has left the address space, while its last thread may still be freeing it: QEMU's did at 1.5-3 ms of a 1 GiB `quit` whose memory reached the host after 8-10 ms)",
             schema::LinuxBacking::Memfd => "the process's RSS fell below a tenth of what it was and the host's `Shmem` by nine tenths of it (a memfd's pages come back when punched or when the file is closed, not when they leave the RSS)",
         };
         let _ = write!(
