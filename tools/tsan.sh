@@ -5,8 +5,9 @@
 #   tools/tsan.sh [--rule R] [--json FILE] [binary...]
 #
 # Builds the test binaries below with -Zsanitizer=thread (std rebuilt with
-# it, so std's own synchronisation is seen too) into target/tsan and runs
-# each, two test threads at a time, 15 minutes at most. Prints per binary:
+# it, so std's own synchronisation is seen too) into target/tsan, one
+# cargo call per package, and runs each, two test threads at a time, 15
+# minutes at most. Prints per binary:
 # its exit status, the tests passed and failed, the ThreadSanitizer
 # reports and the seconds it took; with --json, writes them as one JSON
 # object to FILE. Logs go to target/tsan/logs/<binary>.log. Exits
@@ -62,23 +63,38 @@ mkdir -p "$LOGS"
 export RUSTFLAGS="-Zsanitizer=thread" CARGO_TARGET_DIR=$TARGET_DIR
 
 # Builds one binary and prints its path.
-build() {
-  local pkg=${1%%:*} t=${1#*:} sel
-  if [ "$t" = lib ]; then sel=(--lib); else sel=(--test "$t"); fi
-  cargo +nightly test -Zbuild-std --target "$TRIPLE" -p "$pkg" "${sel[@]}" \
-    "${FEATURES[@]}" --no-run --message-format=json 2>"$LOGS/build.log" |
-    python3 -c 'import json,sys
+# Builds the binaries of each package named in BINS with one cargo call
+# (one dependency check and link step per package, not per binary) and
+# prints "<package>:<target> <executable>" per test binary built.
+build_all() {
+  local pkgs pkg b t sel
+  pkgs=$(printf '%s\n' "${BINS[@]}" | cut -d: -f1 | sort -u)
+  for pkg in $pkgs; do
+    sel=()
+    for b in "${BINS[@]}"; do
+      [ "${b%%:*}" = "$pkg" ] || continue
+      t=${b#*:}
+      if [ "$t" = lib ]; then sel+=(--lib); else sel+=(--test "$t"); fi
+    done
+    cargo +nightly test -Zbuild-std --target "$TRIPLE" -p "$pkg" "${sel[@]}" \
+      "${FEATURES[@]}" --no-run --message-format=json 2>>"$LOGS/build.log" |
+      PKG=$pkg python3 -c 'import json, os, sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["executable"])' | tail -1
+        kind = m["target"]["kind"]
+        name = "lib" if "lib" in kind or "rlib" in kind else m["target"]["name"]
+        print(os.environ["PKG"] + ":" + name, m["executable"])' || true
+  done
 }
 
+: >"$LOGS/build.log"
+EXES=$(build_all)
 fail=0
 rows=()
 printf '%-30s %4s %7s %7s %8s %8s\n' binary rc passed failed reports seconds >&2
 for b in "${BINS[@]}"; do
-  exe=$(build "$b") || true
+  exe=$(printf '%s\n' "$EXES" | awk -v b="$b" '$1 == b { print $2 }' | tail -1)
   name=${b/:/-}
   if [ -z "$exe" ]; then
     echo "$b: build failed (see $LOGS/build.log)" >&2
