@@ -36,9 +36,9 @@
 //! page map under a storm paced to the same rate and alone; vm-memory's
 //! lookups beside the walk; the `RwLock` map alone and under its storm),
 //! and the order of the units is rotated every round, so a slow stretch
-//! of the machine (other processes, frequency changes, the hypervisor
-//! moving the vCPUs) lands on a different unit each time and on both
-//! sides of a comparison alike. Each figure is the median of its rounds,
+//! of the machine (other processes, frequency changes, the host under
+//! this VM) lands on a different unit each time and on both sides of a
+//! comparison alike. Each figure is the median of its rounds,
 //! with the lowest and highest round beside it (`spread`); each ratio is
 //! the median of the per-round ratios, with its spread too.
 //!
@@ -154,11 +154,12 @@ enum Phase {
 /// phases run back to back in the order given, and the units' order is
 /// rotated every round. The figures a target compares share a unit, each
 /// next to or near its counterpart, so that they meet the same stretch
-/// of the machine: on this host the cost of another core's writes to a
-/// reader swung from a tenth to a half within a run (the hypervisor moves
-/// the vCPUs), and the walk under the storm, nine phases away from the
-/// walk alone when every phase rotated on its own, read 0.41-1.01x of
-/// it while the page map's bound, measured back to back, read 0.50-0.94x.
+/// of the machine: on this host what another core's writes cost a
+/// reader swung from under a tenth to a half of its rate within a run
+/// (the walker kept its CPU throughout), and the walk under the storm,
+/// nine phases away from the walk alone when every phase rotated on its
+/// own, read 0.41-1.01x of it while the page map's bound, measured back
+/// to back, read 0.50-0.94x.
 /// The storm comes before the baselines paced to its rate.
 const UNITS: [&[Phase]; 10] = [
     &[
