@@ -356,6 +356,9 @@ pub struct ApiProcess {
     /// Its API socket.
     pub sock: std::path::PathBuf,
     out: Arc<Mutex<String>>,
+    /// The threads copying stdout and stderr into `out`; each ends at its
+    /// pipe's end of file.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ApiProcess {
@@ -387,16 +390,20 @@ impl ApiProcess {
                 .take()
                 .map(|p| Box::new(p) as Box<dyn Read + Send>),
         ];
-        for pipe in pipes.into_iter().flatten() {
-            let o = Arc::clone(&out);
-            std::thread::spawn(move || {
-                for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut g = o.lock().unwrap_or_else(|e| e.into_inner());
-                    g.push_str(&l);
-                    g.push('\n');
-                }
-            });
-        }
+        let readers = pipes
+            .into_iter()
+            .flatten()
+            .map(|pipe| {
+                let o = Arc::clone(&out);
+                std::thread::spawn(move || {
+                    for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                        let mut g = o.lock().unwrap_or_else(|e| e.into_inner());
+                        g.push_str(&l);
+                        g.push('\n');
+                    }
+                })
+            })
+            .collect();
         let t = Instant::now();
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             assert!(
@@ -411,6 +418,7 @@ impl ApiProcess {
             child,
             sock,
             out,
+            readers,
         }
     }
 
@@ -439,12 +447,23 @@ impl ApiProcess {
     }
 
     /// Waits for the exit (killed, and the test failed, after `timeout`):
-    /// its status and how long it took.
+    /// its status and how long it took. Returns once [`Self::output`]
+    /// holds everything it printed (at most 5 s after the exit).
     pub fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, Duration) {
         let t = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
-                return (s, t.elapsed());
+                let took = t.elapsed();
+                // What it printed last may still be on its way from the
+                // pipes: wait (a little) for the readers to reach the end,
+                // so that `output` holds all of it.
+                let drained = Instant::now();
+                while !self.readers.iter().all(|r| r.is_finished())
+                    && drained.elapsed() < Duration::from_secs(5)
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                return (s, took);
             }
             if t.elapsed() > timeout {
                 let _ = self.child.kill();
