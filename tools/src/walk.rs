@@ -1004,18 +1004,19 @@ pub fn cmd(a: &WalkArgs) -> Result<()> {
             }
             round_rates.insert(rate_key(p), m.rate);
         }
+        let mut round_ratios: BTreeMap<&'static str, f64> = BTreeMap::new();
         for (name, num, den) in RATIOS {
             let (n, d) = (round_rates[num], round_rates[den]);
-            per.entry(name).or_default().push(n / d.max(1.0));
+            round_ratios.insert(name, n / d.max(1.0));
         }
         // The storm target against its bound, per round: the share the
         // walk kept over the share the page map kept, both measured in the
         // same unit.
-        let share = |num: &str, den: &str| round_rates[num] / round_rates[den].max(1.0);
-        let bound = share("page_map_under_unmap_per_s", "page_map_unlocked_per_s");
-        per.entry(VS_BOUND)
-            .or_default()
-            .push(share("walk_under_unmap_per_s", "walk_per_s") / bound.max(f64::MIN_POSITIVE));
+        let bound = round_ratios["page_map_under_unmap_ratio"].max(f64::MIN_POSITIVE);
+        round_ratios.insert(VS_BOUND, round_ratios["under_unmap_ratio"] / bound);
+        for (k, v) in round_ratios {
+            per.entry(k).or_default().push(v);
+        }
         for (k, v) in round_rates {
             per.entry(k).or_default().push(v);
         }
